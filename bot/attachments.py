@@ -1,0 +1,77 @@
+"""Reading image attachments from Discord, with every check done before a job starts.
+
+`check_attachment` looks only at what Discord tells us (size, content type,
+name) and is instant, so a command can refuse bad input before it defers.
+`read_image` downloads and decodes (in a thread), and hands the worker a
+clean single-frame PNG, never the user's original bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import PurePath
+
+import discord
+from PIL import Image
+
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.imaging import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS, decode_image, encode_png
+
+MAX_ATTACHMENT_BYTES = 25 * 1024 * 1024
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
+
+
+@dataclass
+class ReceivedImage:
+    filename: str
+    png: bytes
+    size: tuple[int, int]
+    animated: bool
+
+
+def looks_like_image(attachment: discord.Attachment) -> bool:
+    if attachment.content_type:
+        return attachment.content_type.split(";")[0].strip().startswith("image/")
+    return PurePath(attachment.filename).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def check_attachment(attachment: discord.Attachment, max_bytes: int = MAX_ATTACHMENT_BYTES) -> None:
+    """Instant checks on Discord's metadata; raises INVALID_INPUT."""
+    name = f"`{discord.utils.escape_markdown(attachment.filename)}`"
+    if not looks_like_image(attachment):
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"{name} is not an image. Send a {ACCEPTED_FORMATS} file.")
+    if attachment.size == 0:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"{name} is empty (0 bytes).")
+    if attachment.size > max_bytes:
+        raise ToolboxError(
+            ErrorCode.INVALID_INPUT,
+            f"{name} is {attachment.size / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB.",
+        )
+
+
+def image_attachments(message: discord.Message) -> list[discord.Attachment]:
+    images = [attachment for attachment in message.attachments if looks_like_image(attachment)]
+    if not images:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, "That message has no image attachments.")
+    return images
+
+
+async def read_image(
+    attachment: discord.Attachment, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
+) -> ReceivedImage:
+    """Download and decode; `max_side` shrinks the image for engines that never use more."""
+    name = f"`{discord.utils.escape_markdown(attachment.filename)}`"
+    try:
+        data = await attachment.read()
+    except discord.HTTPException:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"{name} could not be downloaded from Discord; try again.") from None
+    return await asyncio.to_thread(_decode_for_worker, data, attachment.filename, name, max_pixels, max_side)
+
+
+def _decode_for_worker(data: bytes, filename: str, name: str, max_pixels: int, max_side: int | None) -> ReceivedImage:
+    decoded = decode_image(data, max_pixels=max_pixels, name=name)
+    image = decoded.image
+    if max_side and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return ReceivedImage(filename=filename, png=encode_png(image), size=decoded.size, animated=decoded.animated)

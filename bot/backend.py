@@ -1,0 +1,154 @@
+"""The seam between the bot and where the work runs.
+
+The bot talks to one `Backend`: it submits a job (a kind and its payload),
+reads the job record for progress, and awaits the result.
+
+- `LocalBackend` runs the engines in this process, one worker thread per job
+  kind (one model in memory per kind, one job at a time on it), with state in
+  SQLite under the data dir. Engines are imported only when a job first needs
+  one, so the bot alone never imports torch.
+- `ModalBackend` spawns the deployed Modal classes and shares their state
+  through the Modal Dict; every Modal call is `.aio`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+from bot.settings import Settings
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs import Job, JobStatus, create_job, load_job, run_job, update_job
+from modal_services.services import SERVICES, Engine, ServiceSpec, run_on_engine
+from modal_services.state import ModalDictStore, SqliteStore, StateStore
+
+log = logging.getLogger(__name__)
+
+
+class Backend(ABC):
+    store: StateStore
+
+    @abstractmethod
+    async def submit(self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None) -> Job:
+        """Create `job:<id>` (queued) and start the work; returns at once."""
+
+    @abstractmethod
+    async def result(self, job_id: str) -> Any:
+        """Wait for the job's result; a failed job raises its `ToolboxError`."""
+
+    async def job(self, job_id: str) -> Job | None:
+        return await load_job(self.store, job_id)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    @staticmethod
+    def _spec(kind: str) -> ServiceSpec:
+        try:
+            return SERVICES[kind]
+        except KeyError:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Unknown job kind {kind!r}.") from None
+
+
+class LocalBackend(Backend):
+    def __init__(self, settings: Settings):
+        self.store = SqliteStore(settings.state_path)
+        self.models_dir = settings.models_dir
+        self._engines: dict[str, Engine] = {}
+        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._turns: dict[str, asyncio.Lock] = {}
+        self._tasks: dict[str, asyncio.Task] = {}
+
+    async def submit(self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None) -> Job:
+        spec = self._spec(kind)
+        job = await create_job(self.store, kind, owner)
+        self._tasks[job.id] = asyncio.create_task(self._run(spec, job.id, payload), name=f"job-{job.id}")
+        return job
+
+    async def _run(self, spec: ServiceSpec, job_id: str, payload: dict[str, Any]) -> Any:
+        if spec.kind not in self._engines:
+            self._engines[spec.kind] = spec.make_engine(self.models_dir)
+            self._executors[spec.kind] = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{spec.kind}")
+            self._turns[spec.kind] = asyncio.Lock()
+        # The job stays "queued" until its engine is free.
+        async with self._turns[spec.kind]:
+            work = partial(run_on_engine, self._engines[spec.kind], spec, payload)
+            return await run_job(self.store, job_id, work, self._executors[spec.kind])
+
+    async def result(self, job_id: str) -> Any:
+        task = self._tasks.get(job_id)
+        if task is None:
+            raise ToolboxError(ErrorCode.INTERNAL, "That job is not running in this bot any more.")
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._tasks.pop(job_id, None)
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        for executor in self._executors.values():
+            executor.shutdown(wait=False, cancel_futures=True)
+        await super().close()
+
+
+def call_key(job_id: str) -> str:
+    """Where the Modal FunctionCall id of a job is kept (apart from the record the worker writes)."""
+    return f"call:{job_id}"
+
+
+class ModalBackend(Backend):
+    def __init__(self, settings: Settings):
+        self.app_name = settings.modal_app
+        self.store = ModalDictStore.from_name(settings.state_dict)
+
+    async def submit(self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None) -> Job:
+        import modal
+
+        spec = self._spec(kind)
+        job = await create_job(self.store, kind, owner)
+        try:
+            service = modal.Cls.from_name(self.app_name, spec.modal_class)()
+            call = await getattr(service, spec.method).spawn.aio(job.id, payload)
+        except modal.exception.Error as exc:
+            log.warning("spawning %s.%s failed: %s", spec.modal_class, spec.method, type(exc).__name__)
+            error = ToolboxError(
+                ErrorCode.BACKEND_UNAVAILABLE,
+                f"The Modal app {self.app_name!r} could not be reached. Is it deployed "
+                "(`modal deploy -m modal_services.app`)?",
+            )
+            await update_job(
+                self.store, job.id, status=JobStatus.ERROR, stage="error",
+                error_code=error.code.value, error_message=error.message,
+            )
+            raise error from exc
+        await self.store.put(call_key(job.id), call.object_id)
+        return job
+
+    async def result(self, job_id: str) -> Any:
+        import modal
+
+        call_id = await self.store.get(call_key(job_id))
+        if call_id is None:
+            raise ToolboxError(ErrorCode.INTERNAL, "That job was never started.")
+        try:
+            return await modal.FunctionCall.from_id(call_id).get.aio()
+        except ToolboxError:
+            raise
+        except modal.exception.Error as exc:
+            log.warning("job %s: Modal call failed: %s", job_id, type(exc).__name__)
+            job = await self.job(job_id)
+            if job is not None and job.error() is not None:
+                raise job.error() from exc
+            raise ToolboxError(ErrorCode.INTERNAL, "The worker running this job stopped unexpectedly.") from exc
+
+
+def make_backend(settings: Settings) -> Backend:
+    if settings.backend == "modal":
+        return ModalBackend(settings)
+    return LocalBackend(settings)

@@ -1,0 +1,53 @@
+"""The Discord client: loads the cogs, syncs the commands, handles their errors."""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.backend import Backend
+from bot.replies import as_toolbox_error, send_error
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = ("cogs.caption",)
+
+
+class ToolboxBot(commands.Bot):
+    def __init__(self, settings: Settings, backend: Backend):
+        # Slash commands and context menus need no privileged intents: the
+        # message a context menu targets arrives with the interaction.
+        super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents.default())
+        self.settings = settings
+        self.backend = backend
+        self.tree.on_error = self.on_app_command_error
+
+    async def setup_hook(self) -> None:
+        for extension in EXTENSIONS:
+            await self.load_extension(extension)
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        if self.settings.guild_ids:
+            # Guild sync is instant; global sync can take up to an hour to show.
+            for guild_id in self.settings.guild_ids:
+                guild = discord.Object(id=guild_id)
+                self.tree.copy_global_to(guild=guild)
+                await self.tree.sync(guild=guild)
+            log.info("commands synced to guilds %s", ", ".join(map(str, self.settings.guild_ids)))
+        else:
+            await self.tree.sync()
+            log.info("commands synced globally")
+
+    async def on_app_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        await send_error(interaction, as_toolbox_error(error))
+
+    async def close(self) -> None:
+        await self.backend.close()
+        await super().close()

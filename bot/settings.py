@@ -1,0 +1,83 @@
+"""Settings from the environment, or a `.env` file in the working directory.
+
+The environment wins over `.env`. Secrets are kept out of `repr` so that a
+logged Settings object shows no token.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from dotenv import dotenv_values
+
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.layout import local_loras_dir, local_models_dir, local_state_path, state_dict_name
+
+BACKENDS = ("local", "modal")
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "ai-toolbox"
+
+
+@dataclass(frozen=True)
+class Settings:
+    backend: str = "local"
+    data_dir: Path = field(default_factory=default_data_dir)
+    modal_app: str = "ai-toolbox"
+    guild_ids: tuple[int, ...] = ()
+    civitai_api_base: str = "https://civitai.com"
+    discord_token: str | None = field(default=None, repr=False)
+    civitai_token: str | None = field(default=None, repr=False)
+    hf_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, env_file: str | Path = ".env") -> "Settings":
+        values: dict[str, str | None] = {}
+        if Path(env_file).is_file():
+            values.update(dotenv_values(env_file))
+        values.update(os.environ if environ is None else environ)
+
+        def get(name: str) -> str | None:
+            value = values.get(name)
+            return value.strip() if value and value.strip() else None
+
+        backend = (get("TOOLBOX_BACKEND") or "local").lower()
+        if backend not in BACKENDS:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"TOOLBOX_BACKEND must be one of {', '.join(BACKENDS)}, not {backend!r}.")
+        try:
+            guild_ids = tuple(int(part) for part in (get("TOOLBOX_GUILD_IDS") or "").split(",") if part.strip())
+        except ValueError:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "TOOLBOX_GUILD_IDS must be comma-separated numeric ids.") from None
+        data_dir = get("TOOLBOX_DATA_DIR")
+        return cls(
+            backend=backend,
+            data_dir=Path(data_dir).expanduser() if data_dir else default_data_dir(),
+            modal_app=get("TOOLBOX_MODAL_APP") or "ai-toolbox",
+            guild_ids=guild_ids,
+            civitai_api_base=(get("CIVITAI_API_BASE") or "https://civitai.com").rstrip("/"),
+            discord_token=get("DISCORD_TOKEN"),
+            civitai_token=get("CIVITAI_TOKEN"),
+            hf_token=get("HF_TOKEN"),
+        )
+
+    @property
+    def models_dir(self) -> Path:
+        return local_models_dir(self.data_dir)
+
+    @property
+    def loras_dir(self) -> Path:
+        return local_loras_dir(self.data_dir)
+
+    @property
+    def state_path(self) -> Path:
+        return local_state_path(self.data_dir)
+
+    @property
+    def state_dict(self) -> str:
+        return state_dict_name(self.modal_app)
+

@@ -1,0 +1,84 @@
+"""The Modal app: `modal deploy -m modal_services.app`.
+
+Reads top to bottom: settings read at deploy time, the images, the volumes
+and the state Dict, then one class per service. Each class is a thin shell:
+`@modal.enter` loads its engine once per container, and each method runs one
+job through the same `run_job` / `run_on_engine` path the local backend uses.
+
+Deploy-time settings (environment variables of the `modal deploy` command):
+TOOLBOX_MODAL_APP (app name), TOOLBOX_CAPTION_GPU (T4 or L4),
+TOOLBOX_SCALEDOWN_SECONDS (idle time before a GPU container stops),
+TOOLBOX_CAPTION_MAX_CONTAINERS.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import partial
+
+import modal
+
+from modal_services.errors import ToolboxError
+from modal_services.jobs import run_job
+from modal_services.layout import MODELS_MOUNT, MODELS_VOLUME, state_dict_name
+from modal_services.services import SERVICES, run_on_engine
+from modal_services.state import ModalDictStore
+
+log = logging.getLogger(__name__)
+
+APP_NAME = os.environ.get("TOOLBOX_MODAL_APP", "ai-toolbox")
+CAPTION_GPU = os.environ.get("TOOLBOX_CAPTION_GPU", "L4")
+SCALEDOWN_SECONDS = int(os.environ.get("TOOLBOX_SCALEDOWN_SECONDS", "300"))
+CAPTION_MAX_CONTAINERS = int(os.environ.get("TOOLBOX_CAPTION_MAX_CONTAINERS", "4"))
+
+app = modal.App(APP_NAME)
+
+# The GPU image: the ML stack with the CUDA build of torch (right on Modal).
+GPU_PACKAGES = (
+    "torch==2.9.1",
+    "torchvision==0.24.1",
+    "transformers>=4.57",
+    "accelerate>=1.0",
+    "safetensors>=0.4",
+    "huggingface_hub>=0.34",
+    "pillow>=10.0",
+)
+gpu_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install(*GPU_PACKAGES)
+    .env({"HF_HUB_OFFLINE": "1"})  # models come from the volume, never from the hub at run time
+    .add_local_python_source("modal_services")
+)
+
+models_volume = modal.Volume.from_name(MODELS_VOLUME, create_if_missing=True)
+state_dict = modal.Dict.from_name(state_dict_name(APP_NAME), create_if_missing=True)
+
+
+@app.cls(
+    image=gpu_image,
+    gpu=CAPTION_GPU,
+    volumes={str(MODELS_MOUNT): models_volume},
+    scaledown_window=SCALEDOWN_SECONDS,
+    max_containers=CAPTION_MAX_CONTAINERS,
+    timeout=600,
+)
+class CaptionService:
+    @modal.enter()
+    def load(self) -> None:
+        self.spec = SERVICES["caption"]
+        self.store = ModalDictStore(state_dict)
+        self.engine = self.spec.make_engine(MODELS_MOUNT)
+        try:
+            self.engine.load()
+        except ToolboxError as error:
+            # Stay up: each job reports the problem, and the next job retries
+            # after /setup has put the files on the volume.
+            log.warning("caption engine not loaded: %s", error.code.value)
+
+    @modal.method()
+    async def caption(self, job_id: str, payload: dict) -> list[str]:
+        if not self.engine.loaded:
+            await models_volume.reload.aio()
+        work = partial(run_on_engine, self.engine, self.spec, payload)
+        return await run_job(self.store, job_id, work)

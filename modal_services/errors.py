@@ -1,0 +1,47 @@
+"""The one list of error codes, shared by the services, the bot and the CLI.
+
+A `ToolboxError` carries a code and a message meant for the person who ran the
+command. Messages must never contain secrets (tokens, signed URLs).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    INVALID_INPUT = "INVALID_INPUT"
+    MODELS_MISSING = "MODELS_MISSING"
+    MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
+    LORA_LOAD_FAILED = "LORA_LOAD_FAILED"
+    LORA_DOWNLOAD_FAILED = "LORA_DOWNLOAD_FAILED"
+    GENERATION_FAILED = "GENERATION_FAILED"
+    CUDA_OOM = "CUDA_OOM"
+    TIMEOUT = "TIMEOUT"
+    CIVITAI_AUTH_REQUIRED = "CIVITAI_AUTH_REQUIRED"
+    CIVITAI_NOT_FOUND = "CIVITAI_NOT_FOUND"
+    CIVITAI_UNAVAILABLE = "CIVITAI_UNAVAILABLE"
+    INCOMPATIBLE_MODEL = "INCOMPATIBLE_MODEL"
+    CHECKSUM_MISMATCH = "CHECKSUM_MISMATCH"
+    STORAGE_FULL = "STORAGE_FULL"
+    RATE_LIMITED = "RATE_LIMITED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    CANCELLED = "CANCELLED"
+    BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+class ToolboxError(Exception):
+    """An expected failure with a code and a user-facing message."""
+
+    def __init__(self, code: ErrorCode | str, message: str):
+        self.code = ErrorCode(code)
+        self.message = message
+        super().__init__(f"{self.code.value}: {message}")
+
+    def __reduce__(self):
+        # Keeps the error intact when it crosses a process or Modal boundary.
+        return (type(self), (self.code.value, self.message))
+
+    def to_dict(self) -> dict:
+        return {"code": self.code.value, "message": self.message}

@@ -1,0 +1,204 @@
+"""Job records (`job:<id>`) and the worker-side progress reporter.
+
+A job record is written by whoever runs the job (a Modal container or the
+local backend's worker) and read by the bot, which turns it into a progress
+reply. Only the worker writes a running job, so a read-modify-write of its own
+record races with nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, Callable, TypeVar
+
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.state import StateStore
+
+log = logging.getLogger(__name__)
+
+# What an engine calls to say how far it is: (fraction 0..1, stage text).
+ProgressFn = Callable[[float, str], None]
+
+T = TypeVar("T")
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobStatus.DONE, JobStatus.ERROR, JobStatus.CANCELLED)
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    status: JobStatus = JobStatus.QUEUED
+    progress: float = 0.0
+    stage: str = "queued"
+    error_code: str | None = None
+    error_message: str | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    updated_at: float | None = None
+    finished_at: float | None = None
+    # Who asked and where to report: user, guild, channel, message ids.
+    owner: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return job_key(self.id)
+
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["status"] = self.status.value
+        return record
+
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> "Job":
+        known = {name: record[name] for name in cls.__dataclass_fields__ if name in record}
+        known["status"] = JobStatus(known.get("status", JobStatus.QUEUED))
+        return cls(**known)
+
+    def error(self) -> ToolboxError | None:
+        if self.status is not JobStatus.ERROR:
+            return None
+        return ToolboxError(self.error_code or ErrorCode.INTERNAL, self.error_message or "The job failed.")
+
+
+def job_key(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+async def create_job(store: StateStore, kind: str, owner: dict[str, Any] | None = None) -> Job:
+    job = Job(id=new_job_id(), kind=kind, owner=dict(owner or {}))
+    await store.put(job.key, job.to_dict())
+    return job
+
+
+async def load_job(store: StateStore, job_id: str) -> Job | None:
+    record = await store.get(job_key(job_id))
+    return None if record is None else Job.from_dict(record)
+
+
+async def update_job(store: StateStore, job_id: str, **fields: Any) -> Job:
+    job = await load_job(store, job_id) or Job(id=job_id, kind=fields.get("kind", "unknown"))
+    for name, value in fields.items():
+        setattr(job, name, value)
+    job.updated_at = time.time()
+    await store.put(job.key, job.to_dict())
+    return job
+
+
+class ProgressReporter:
+    """Turns an engine's progress calls into throttled job-record writes.
+
+    Engines run in worker threads and may report hundreds of times a second;
+    the record is written at most once per `min_interval` (with the latest
+    state), and the final state is always written.
+    """
+
+    def __init__(self, store: StateStore, job_id: str, min_interval: float = 0.5):
+        self.store = store
+        self.job_id = job_id
+        self.min_interval = min_interval
+        self.writes = 0
+        self._loop = asyncio.get_running_loop()
+        self._latest: tuple[float, str] | None = None
+        self._dirty = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._flusher: asyncio.Task | None = None
+
+    def __call__(self, progress: float, stage: str) -> None:
+        """Thread-safe: callable from the engine's worker thread."""
+        self._loop.call_soon_threadsafe(self._set, progress, stage)
+
+    def _set(self, progress: float, stage: str) -> None:
+        self._latest = (min(max(float(progress), 0.0), 1.0), stage)
+        self._dirty.set()
+
+    async def start(self) -> None:
+        await self._write(status=JobStatus.RUNNING, started_at=time.time(), stage="starting")
+        self._flusher = asyncio.create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        while not self._closing.is_set():
+            await self._dirty.wait()
+            self._dirty.clear()
+            if self._closing.is_set():
+                return
+            progress, stage = self._latest
+            await self._write(progress=progress, stage=stage)
+            try:
+                await asyncio.wait_for(self._closing.wait(), timeout=self.min_interval)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _stop_flusher(self) -> None:
+        # Let an in-flight write finish rather than cancelling it, so that it
+        # cannot land after (and overwrite) the final state.
+        self._closing.set()
+        self._dirty.set()
+        if self._flusher is not None:
+            await self._flusher
+
+    async def _write(self, **fields: Any) -> None:
+        self.writes += 1
+        await update_job(self.store, self.job_id, **fields)
+
+    async def succeed(self) -> None:
+        await self._stop_flusher()
+        await self._write(status=JobStatus.DONE, progress=1.0, stage="done", finished_at=time.time())
+
+    async def fail(self, error: ToolboxError) -> None:
+        await self._stop_flusher()
+        status = JobStatus.CANCELLED if error.code is ErrorCode.CANCELLED else JobStatus.ERROR
+        await self._write(
+            status=status,
+            stage=status.value,
+            error_code=error.code.value,
+            error_message=error.message,
+            finished_at=time.time(),
+        )
+
+
+async def run_job(
+    store: StateStore,
+    job_id: str,
+    work: Callable[[ProgressFn], T],
+    executor=None,
+) -> T:
+    """Run blocking `work(progress)` in a thread, keeping `job:<id>` up to date.
+
+    Any failure ends as a `ToolboxError` both in the record and raised to the
+    caller; an unexpected exception is logged in full here and reported to the
+    user without its internals.
+    """
+    reporter = ProgressReporter(store, job_id)
+    await reporter.start()
+    try:
+        result = await asyncio.get_running_loop().run_in_executor(executor, work, reporter)
+    except ToolboxError as error:
+        await reporter.fail(error)
+        raise
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        error = ToolboxError(ErrorCode.INTERNAL, "Something went wrong while running this job.")
+        await reporter.fail(error)
+        raise error from exc
+    await reporter.succeed()
+    return result

@@ -1,0 +1,49 @@
+"""The job kinds, and how one job runs on an engine.
+
+A `ServiceSpec` ties a job kind to the Modal class that serves it and to the
+engine method that does the work. The Modal classes and the local backend
+both run a job through `run_on_engine`, so they behave the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from modal_services.jobs import ProgressFn
+from modal_services.layout import CAPTION_MODEL
+
+
+class Engine(Protocol):
+    loaded: bool
+
+    def load(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    kind: str
+    modal_class: str
+    method: str
+    # (models_dir) -> engine; imports the engine module only when called.
+    make_engine: Callable[[Path], Engine]
+
+
+def _caption_engine(models_dir: Path) -> Engine:
+    from modal_services.caption import CaptionEngine
+
+    return CaptionEngine(models_dir / CAPTION_MODEL)
+
+
+SERVICES: dict[str, ServiceSpec] = {
+    "caption": ServiceSpec("caption", "CaptionService", "caption", _caption_engine),
+}
+
+
+def run_on_engine(engine: Engine, spec: ServiceSpec, payload: dict[str, Any], progress: ProgressFn) -> Any:
+    """Blocking: load the engine if needed (a missing model fails the job, not the worker), then run."""
+    if not engine.loaded:
+        progress(0.0, "loading model")
+        engine.load()
+    return getattr(engine, spec.method)(progress=progress, **payload)
