@@ -13,7 +13,21 @@ LORAS_VOLUME = "ai-toolbox-loras"
 MODELS_MOUNT = Path("/vol/models")
 LORAS_MOUNT = Path("/vol/loras")
 
+# Base models on the models volume, relative to its root (seed 000's layout).
+# The keys double as the registry keys and `toolbox setup --only` names.
 CAPTION_MODEL = "qwen3-vl-2b"
+ILLUSTRIOUS_CHECKPOINT = "illustrious-xl/Illustrious-XL-v2.0.safetensors"
+CONTROLNET_TILE_DIR = "controlnet-tile"
+SDXL_VAE_DIR = "sdxl-vae"
+IP_ADAPTER_FILE = "ip-adapter/ip-adapter-plus_sdxl_vit-h.safetensors"
+CLIP_VIT_H_DIR = "clip-vit-h"
+# SDXL's diffusers configs and tokenizers (no weights): what loading a
+# single-file checkpoint needs offline (`from_single_file(..., config=...)`).
+SDXL_CONFIG_DIR = "sdxl-base"
+
+# On the LoRA volume (seed 001's layout).
+LORAS_SUBDIR = "loras"
+CHECKPOINTS_SUBDIR = "checkpoints"
 
 
 def state_dict_name(app_name: str) -> str:
