@@ -1,0 +1,1 @@
+"""Fakes of the outside world (Modal, Hugging Face, CivitAI) for offline tests."""

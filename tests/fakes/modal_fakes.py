@@ -1,0 +1,98 @@
+"""In-memory stand-ins for the Modal objects the bot touches, faithful at the seam.
+
+`FakeModalDict` follows `modal.Dict`'s documented behaviour: values are
+serialised (a caller never shares an object with the store), `put` with
+`skip_if_exists=True` is an atomic create that returns whether it stored,
+`pop` without a default raises KeyError, `keys`/`items` are async iterators
+through `.aio`, and every method has the blocking form and `.aio`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import threading
+from typing import Any
+
+
+class _Method:
+    """A blocking callable with an `.aio` twin, like Modal's synchronised methods."""
+
+    def __init__(self, function, aio):
+        self._function = function
+        self.aio = aio
+
+    def __call__(self, *args, **kwargs):
+        return self._function(*args, **kwargs)
+
+
+_MISSING = object()
+
+
+class FakeModalDict:
+    def __init__(self):
+        self._data: dict[Any, bytes] = {}
+        self._lock = threading.Lock()
+        self.calls: list[str] = []
+        for name in ("get", "put", "pop", "contains"):
+            blocking = getattr(self, f"_{name}")
+            self.__dict__[name] = _Method(blocking, self._aio(name, blocking))
+        self.keys = _Method(lambda: list(self._snapshot()), self._aiter(lambda: list(self._snapshot())))
+        self.items = _Method(
+            lambda: [(k, pickle.loads(v)) for k, v in self._snapshot().items()],
+            self._aiter(lambda: [(k, pickle.loads(v)) for k, v in self._snapshot().items()]),
+        )
+
+    def _aio(self, name, blocking):
+        async def call(*args, **kwargs):
+            self.calls.append(name)
+            await asyncio.sleep(0)  # a real call always yields to the event loop
+            return blocking(*args, **kwargs)
+
+        return call
+
+    def _aiter(self, listing):
+        async def iterate():
+            await asyncio.sleep(0)
+            for item in listing():
+                yield item
+
+        return iterate
+
+    def _snapshot(self) -> dict[Any, bytes]:
+        with self._lock:
+            return dict(self._data)
+
+    @staticmethod
+    def _check_key(key) -> None:
+        if not isinstance(key, (str, int, float, bytes, bool, tuple)):
+            raise TypeError("modal.Dict keys must be primitive values")
+
+    def _get(self, key, default=None):
+        self._check_key(key)
+        with self._lock:
+            raw = self._data.get(key)
+        return default if raw is None else pickle.loads(raw)
+
+    def _put(self, key, value, *, skip_if_exists: bool = False) -> bool:
+        self._check_key(key)
+        raw = pickle.dumps(value)
+        with self._lock:
+            if skip_if_exists and key in self._data:
+                return False
+            self._data[key] = raw
+            return True
+
+    def _pop(self, key, default=_MISSING):
+        self._check_key(key)
+        with self._lock:
+            raw = self._data.pop(key, None)
+        if raw is None:
+            if default is _MISSING:
+                raise KeyError(key)
+            return default
+        return pickle.loads(raw)
+
+    def _contains(self, key) -> bool:
+        with self._lock:
+            return key in self._data
