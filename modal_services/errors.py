@@ -28,6 +28,9 @@ class ErrorCode(str, Enum):
     PERMISSION_DENIED = "PERMISSION_DENIED"
     CANCELLED = "CANCELLED"
     BACKEND_UNAVAILABLE = "BACKEND_UNAVAILABLE"
+    # A base-model download failed for a reason the other codes do not name
+    # (the source kept answering 5xx, refused access, or does not exist).
+    DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
     INTERNAL = "INTERNAL"
 
 
