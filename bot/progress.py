@@ -16,6 +16,9 @@ from bot.backend import Backend
 from modal_services.jobs import Job, JobStatus
 
 BAR_WIDTH = 14
+# About one edit per 1.5 s per message is safe under Discord's unpublished edit limits.
+MIN_EDIT_INTERVAL = 1.5
+POLL_INTERVAL = 0.5
 
 STAGE_LABELS = {
     "queued": "Queued, waiting for a worker…",
@@ -39,9 +42,9 @@ def render_job(job: Job, title: str) -> str:
 class ReplyEditor:
     """Edits one message, skipping repeats and spacing edits out."""
 
-    def __init__(self, edit: Callable[[str], Awaitable[Any]], min_interval: float = 1.5, clock=time.monotonic):
+    def __init__(self, edit: Callable[[str], Awaitable[Any]], min_interval: float | None = None, clock=time.monotonic):
         self._edit = edit
-        self._min_interval = min_interval
+        self._min_interval = MIN_EDIT_INTERVAL if min_interval is None else min_interval
         self._clock = clock
         self._shown: str | None = None
         self._last_edit = float("-inf")
@@ -62,7 +65,7 @@ async def follow_job(
     backend: Backend,
     job_id: str,
     on_update: Callable[[Job], Awaitable[Any]],
-    poll_interval: float = 0.5,
+    poll_interval: float | None = None,
 ) -> Any:
     """Wait for the job's result, calling `on_update` with the record while it runs."""
     result = asyncio.ensure_future(backend.result(job_id))
@@ -71,7 +74,7 @@ async def follow_job(
             job = await backend.job(job_id)
             if job is not None and not job.status.finished:
                 await on_update(job)
-            await asyncio.wait({result}, timeout=poll_interval)
+            await asyncio.wait({result}, timeout=POLL_INTERVAL if poll_interval is None else poll_interval)
         return result.result()
     finally:
         result.cancel()

@@ -76,7 +76,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
     except ToolboxError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ToolboxError(ErrorCode.INVALID_INPUT, f"{name} has too many pixels to open safely.") from None
+        raise ToolboxError(
+            ErrorCode.INVALID_INPUT,
+            f"{name} has too many pixels to open safely; the limit is {max_pixels / 1e6:.0f} MP.",
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
         raise ToolboxError(ErrorCode.INVALID_INPUT, f"{name} looks corrupt or truncated: it could not be decoded.") from None
     return DecodedImage(image=_to_rgb(image), format=kind, animated=bool(animated))

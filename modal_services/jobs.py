@@ -26,6 +26,9 @@ ProgressFn = Callable[[float, str], None]
 
 T = TypeVar("T")
 
+# Progress reaches the job record at most this often (about 2 writes/s).
+PROGRESS_WRITE_INTERVAL = 0.5
+
 
 class JobStatus(str, Enum):
     QUEUED = "queued"
@@ -112,10 +115,10 @@ class ProgressReporter:
     state), and the final state is always written.
     """
 
-    def __init__(self, store: StateStore, job_id: str, min_interval: float = 0.5):
+    def __init__(self, store: StateStore, job_id: str, min_interval: float | None = None):
         self.store = store
         self.job_id = job_id
-        self.min_interval = min_interval
+        self.min_interval = PROGRESS_WRITE_INTERVAL if min_interval is None else min_interval
         self.writes = 0
         self._loop = asyncio.get_running_loop()
         self._latest: tuple[float, str] | None = None

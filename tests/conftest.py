@@ -20,3 +20,22 @@ def _isolated_environment(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TOOLBOX_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    """A tiny random Qwen3-VL snapshot, built once per test run."""
+    from tests.fixtures.tiny_qwen import build_tiny_qwen3vl
+
+    return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny-qwen") / "qwen3-vl-2b")
+
+
+@pytest.fixture
+def installed_caption_model(tiny_qwen_dir, tmp_path):
+    """The tiny caption model placed where the local backend looks for it (the data dir's models/)."""
+    from modal_services.layout import CAPTION_MODEL
+
+    models_dir = tmp_path / "data" / "models"
+    models_dir.mkdir(parents=True, exist_ok=True)
+    (models_dir / CAPTION_MODEL).symlink_to(tiny_qwen_dir, target_is_directory=True)
+    return models_dir

@@ -1,0 +1,85 @@
+"""Fake Discord interactions and attachments for calling app-command callbacks directly.
+
+dpytest does not support app commands, so the interaction is a spec'd mock:
+every response method is an AsyncMock hung off one parent mock, so a test can
+read the order of calls (`interaction.calls`).
+"""
+
+from __future__ import annotations
+
+from unittest.mock import AsyncMock, MagicMock
+
+import discord
+from discord import app_commands
+
+
+RESPONSE_METHODS = ("defer", "send_message", "send_modal", "edit_message")
+
+
+def fake_interaction(user_id: int = 1001, guild_id: int = 2002, channel_id: int = 3003, admin: bool = False):
+    interaction = MagicMock(spec=discord.Interaction)
+    calls = MagicMock()
+    interaction.calls = calls
+    responded = {"done": False}
+
+    def mark_done(*args, **kwargs):
+        responded["done"] = True
+
+    interaction.response = MagicMock()
+    for name in RESPONSE_METHODS:
+        method = AsyncMock(side_effect=mark_done)
+        calls.attach_mock(method, name)
+        setattr(interaction.response, name, method)
+    interaction.response.is_done = lambda: responded["done"]
+    for name in ("edit_original_response", "delete_original_response"):
+        method = AsyncMock()
+        calls.attach_mock(method, name)
+        setattr(interaction, name, method)
+    interaction.followup = MagicMock()
+    interaction.followup.send = AsyncMock()
+    calls.attach_mock(interaction.followup.send, "followup_send")
+    interaction.user = MagicMock(spec=discord.Member)
+    interaction.user.id = user_id
+    interaction.user.guild_permissions = discord.Permissions.all() if admin else discord.Permissions.none()
+    interaction.guild_id = guild_id
+    interaction.channel_id = channel_id
+    interaction.filesize_limit = 10 * 1024 * 1024
+    return interaction
+
+
+def fake_attachment(data: bytes, filename: str = "image.png", content_type: str | None = "image/png", size=None):
+    attachment = MagicMock(spec=discord.Attachment)
+    attachment.filename = filename
+    attachment.content_type = content_type
+    attachment.size = len(data) if size is None else size
+    attachment.read = AsyncMock(return_value=data)
+    return attachment
+
+
+def fake_message(*attachments):
+    message = MagicMock(spec=discord.Message)
+    message.attachments = list(attachments)
+    return message
+
+
+async def invoke(bot, command, interaction, *args, **kwargs):
+    """Call an app command's callback the way the tree does, errors going to the bot's handler."""
+    try:
+        binding = getattr(command, "binding", None)
+        if binding is not None:
+            await command.callback(binding, interaction, *args, **kwargs)
+        else:
+            await command.callback(interaction, *args, **kwargs)
+    except app_commands.AppCommandError as error:
+        await bot.tree.on_error(interaction, error)
+    except Exception as error:  # the tree wraps anything else the same way
+        await bot.tree.on_error(interaction, app_commands.CommandInvokeError(command, error))
+
+
+def ephemeral_error(interaction) -> str | None:
+    """The text of the ephemeral error the user saw, if any."""
+    for mock in (interaction.calls.send_message, interaction.calls.followup_send):
+        for call in mock.await_args_list:
+            if call.kwargs.get("ephemeral"):
+                return call.args[0] if call.args else call.kwargs.get("content")
+    return None

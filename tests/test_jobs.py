@@ -1,0 +1,116 @@
+"""Job records, the throttled progress reporter and run_job's error handling."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs import JobStatus, ProgressReporter, create_job, load_job, run_job
+from modal_services.state import SqliteStore
+
+
+class CountingStore(SqliteStore):
+    def __init__(self, path):
+        super().__init__(path)
+        self.job_writes: list[dict] = []
+
+    async def put(self, key, value):
+        if key.startswith("job:"):
+            self.job_writes.append(value)
+        await super().put(key, value)
+
+
+@pytest.fixture
+async def store(tmp_path):
+    store = CountingStore(tmp_path / "state.sqlite3")
+    yield store
+    await store.close()
+
+
+async def test_job_record_round_trip(store):
+    job = await create_job(store, "caption", owner={"user_id": 42})
+    loaded = await load_job(store, job.id)
+    assert loaded == job
+    assert loaded.status is JobStatus.QUEUED and loaded.owner == {"user_id": 42}
+    assert await load_job(store, "missing") is None
+
+
+async def test_reporter_throttles_and_always_writes_the_final_state(store):
+    job = await create_job(store, "caption")
+    calls = 2000
+
+    def work(progress):
+        started = time.monotonic()
+        for i in range(calls):
+            progress(i / calls, f"step {i}")
+            time.sleep(0.0006)
+        return time.monotonic() - started
+
+    writes_before = len(store.job_writes)
+    elapsed = await run_job(store, job.id, work)
+    writes = store.job_writes[writes_before:]
+    # start + throttled progress (at most ~2/s) + final; never one per report
+    assert len(writes) <= 2 + elapsed / 0.5 + 2
+    assert len(writes) >= 3
+    assert writes[-1]["status"] == "done" and writes[-1]["progress"] == 1.0
+    running = [w for w in writes if w["status"] == "running" and w["stage"].startswith("step")]
+    assert running, "intermediate progress was never written"
+    assert all(0.0 <= w["progress"] <= 1.0 for w in writes)
+    final = await load_job(store, job.id)
+    assert final.status is JobStatus.DONE and final.finished_at >= final.started_at
+
+
+async def test_last_progress_before_finish_is_not_written_after_it(store):
+    job = await create_job(store, "caption")
+
+    def work(progress):
+        progress(0.9, "almost")
+        return "ok"
+
+    assert await run_job(store, job.id, work) == "ok"
+    assert store.job_writes[-1]["status"] == "done"
+
+
+async def test_toolbox_error_is_recorded_and_raised(store):
+    job = await create_job(store, "caption")
+
+    def work(progress):
+        raise ToolboxError(ErrorCode.MODELS_MISSING, "Run /setup.")
+
+    with pytest.raises(ToolboxError) as caught:
+        await run_job(store, job.id, work)
+    assert caught.value.code is ErrorCode.MODELS_MISSING
+    record = await load_job(store, job.id)
+    assert record.status is JobStatus.ERROR
+    assert (record.error_code, record.error_message) == ("MODELS_MISSING", "Run /setup.")
+    assert record.error().code is ErrorCode.MODELS_MISSING
+
+
+async def test_unexpected_exception_is_reported_without_its_text(store):
+    job = await create_job(store, "caption")
+
+    def work(progress):
+        raise RuntimeError("secret-token-abc123 at /internal/path")
+
+    with pytest.raises(ToolboxError) as caught:
+        await run_job(store, job.id, work)
+    record = await load_job(store, job.id)
+    assert caught.value.code is ErrorCode.INTERNAL
+    assert "secret-token" not in record.error_message and "secret-token" not in str(caught.value)
+
+
+async def test_cancelled_error_marks_the_job_cancelled(store):
+    job = await create_job(store, "caption")
+    reporter = ProgressReporter(store, job.id)
+    await reporter.start()
+    await reporter.fail(ToolboxError(ErrorCode.CANCELLED, "Stopped by the user."))
+    assert (await load_job(store, job.id)).status is JobStatus.CANCELLED
+
+
+def test_errors_survive_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(ToolboxError(ErrorCode.CUDA_OOM, "too big")))
+    assert (error.code, error.message) == (ErrorCode.CUDA_OOM, "too big")

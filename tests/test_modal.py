@@ -1,0 +1,203 @@
+"""The Modal side, offline: ModalBackend patched at the seam, and the app's wiring.
+
+Nothing here reaches Modal: `modal.Cls.from_name`, `modal.FunctionCall.from_id`
+and `modal.Dict.from_name` are replaced by fakes that behave like a deployed
+app whose container runs the real `run_job` path against the shared Dict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+import uuid
+from pathlib import Path
+from unittest.mock import MagicMock
+
+import modal
+import pytest
+
+import bot.progress
+from bot.backend import ModalBackend, call_key, make_backend
+from bot.client import ToolboxBot
+from bot.settings import Settings
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs import JobStatus, load_job, run_job
+from modal_services.state import ModalDictStore
+from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke
+from tests.fakes.modal_fakes import FakeModalDict
+from tests.images import png_bytes
+
+
+class FakeDeployment:
+    """A deployed app: spawning a method runs `work` as a container would, against the shared Dict."""
+
+    def __init__(self, state: FakeModalDict, work):
+        self.store = ModalDictStore(state)
+        self.work = work
+        self.calls: dict[str, asyncio.Task] = {}
+        self.spawned: list[tuple[str, str, tuple]] = []
+        self.missing = False
+
+    def cls_from_name(self, app_name: str, class_name: str):
+        if self.missing:
+            raise modal.exception.NotFoundError(f"Lookup failed for Cls '{class_name}' from the '{app_name}' app")
+        deployment = self
+
+        class Method:
+            def __init__(self, name):
+                self.spawn = MagicMock()
+                self.spawn.aio = self._spawn
+                self.name = name
+
+            async def _spawn(self, job_id, payload):
+                deployment.spawned.append((app_name, f"{class_name}.{self.name}", (job_id, payload)))
+                call_id = "fc-" + uuid.uuid4().hex[:8]
+                deployment.calls[call_id] = asyncio.create_task(
+                    run_job(deployment.store, job_id, lambda progress: deployment.work(payload, progress))
+                )
+                return MagicMock(object_id=call_id)
+
+        class Instance:
+            def __getattr__(self, name):
+                return Method(name)
+
+        return Instance
+
+    def call_from_id(self, call_id: str):
+        call = MagicMock()
+        task = self.calls[call_id]
+
+        async def get(timeout=None):
+            return await asyncio.shield(task)
+
+        call.get.aio = get
+        return call
+
+
+@pytest.fixture
+def deployment(monkeypatch):
+    state = FakeModalDict()
+
+    def work(payload, progress):
+        for step in range(3):
+            progress(step / 3, "captioning")
+        return [f"{payload['style']} caption {i}" for i, _ in enumerate(payload["images"])]
+
+    fake = FakeDeployment(state, work)
+    monkeypatch.setattr(modal.Dict, "from_name", lambda name, create_if_missing=False: state)
+    monkeypatch.setattr(modal.Cls, "from_name", fake.cls_from_name)
+    monkeypatch.setattr(modal.FunctionCall, "from_id", fake.call_from_id)
+    monkeypatch.setenv("TOOLBOX_BACKEND", "modal")
+    monkeypatch.setenv("TOOLBOX_MODAL_APP", "toolbox-test")
+    return fake
+
+
+async def test_settings_pick_the_modal_backend(deployment):
+    backend = make_backend(Settings.load())
+    assert isinstance(backend, ModalBackend) and backend.app_name == "toolbox-test"
+
+
+async def test_submit_spawns_the_deployed_class_and_result_comes_back(deployment):
+    backend = make_backend(Settings.load())
+    job = await backend.submit("caption", {"images": [b"x", b"y"], "style": "tags", "question": None}, owner={"user_id": 5})
+    [(app_name, method, (job_id, payload))] = deployment.spawned
+    assert (app_name, method, job_id) == ("toolbox-test", "CaptionService.caption", job.id)
+    assert await backend.result(job.id) == ["tags caption 0", "tags caption 1"]
+    record = await backend.job(job.id)
+    assert record.status is JobStatus.DONE and record.owner == {"user_id": 5}
+    assert (await backend.store.get(call_key(job.id))).startswith("fc-")
+
+
+async def test_a_failed_job_raises_its_error(deployment):
+    def failing(payload, progress):
+        raise ToolboxError(ErrorCode.MODELS_MISSING, "Run /setup first.")
+
+    deployment.work = failing
+    backend = make_backend(Settings.load())
+    job = await backend.submit("caption", {"images": [b"x"], "style": "short", "question": None})
+    with pytest.raises(ToolboxError) as caught:
+        await backend.result(job.id)
+    assert caught.value.code is ErrorCode.MODELS_MISSING
+    assert (await backend.job(job.id)).error().code is ErrorCode.MODELS_MISSING
+
+
+async def test_app_not_deployed_is_a_clear_error(deployment):
+    deployment.missing = True
+    backend = make_backend(Settings.load())
+    with pytest.raises(ToolboxError) as caught:
+        await backend.submit("caption", {"images": [b"x"], "style": "short", "question": None})
+    assert caught.value.code is ErrorCode.BACKEND_UNAVAILABLE and "modal deploy" in caught.value.message
+    [key] = await backend.store.keys("job:")
+    assert (await load_job(backend.store, key[4:])).status is JobStatus.ERROR
+
+
+async def test_caption_cog_over_modal(deployment, monkeypatch):
+    monkeypatch.setattr(bot.progress, "MIN_EDIT_INTERVAL", 0.01)
+    settings = Settings.load()
+    toolbox_bot = ToolboxBot(settings, make_backend(settings))
+    await toolbox_bot.load_extension("cogs.caption")
+    interaction = fake_interaction()
+    await invoke(toolbox_bot, toolbox_bot.tree.get_command("caption"), interaction, fake_attachment(png_bytes()), None, None)
+    assert ephemeral_error(interaction) is None
+    assert "descriptive caption 0" in interaction.calls.edit_original_response.await_args.kwargs["content"]
+
+
+# ---- the app's wiring -------------------------------------------------------
+
+
+@pytest.fixture
+def app_module(monkeypatch):
+    """modal_services.app imported afresh, with every @app.cls / @app.function call's options recorded."""
+    recorded: dict[str, dict] = {}
+    real_cls, real_function = modal.App.cls, modal.App.function
+
+    def recording(real):
+        def decorator_factory(self, *args, **kwargs):
+            decorator = real(self, *args, **kwargs)
+
+            def wrap(target):
+                recorded[getattr(target, "__name__", repr(target))] = kwargs
+                return decorator(target)
+
+            return wrap
+
+        return decorator_factory
+
+    monkeypatch.setattr(modal.App, "cls", recording(real_cls))
+    monkeypatch.setattr(modal.App, "function", recording(real_function))
+    monkeypatch.setenv("TOOLBOX_CAPTION_GPU", "T4")
+    sys.modules.pop("modal_services.app", None)
+    module = importlib.import_module("modal_services.app")
+    module.recorded_options = recorded
+    yield module
+    sys.modules.pop("modal_services.app", None)
+
+
+def test_caption_service_wiring(app_module):
+    from modal_services.layout import MODELS_MOUNT
+
+    options = app_module.recorded_options["CaptionService"]
+    assert options["gpu"] == "T4"  # a deploy-time setting
+    assert options["image"] is app_module.gpu_image
+    assert options["volumes"] == {str(MODELS_MOUNT): app_module.models_volume}
+    assert options["scaledown_window"] >= 60 and options["max_containers"] >= 1
+    spec = app_module.CaptionService._get_class_service_function()._spec_
+    assert spec.gpus == "T4" and str(MODELS_MOUNT) in spec.volumes
+    assert any(package.startswith("torch") for package in app_module.GPU_PACKAGES)
+    assert any(package.startswith("transformers") for package in app_module.GPU_PACKAGES)
+
+
+async def test_caption_service_runs_a_job_locally(app_module, monkeypatch, tiny_qwen_dir):
+    state = FakeModalDict()
+    monkeypatch.setattr(app_module, "state_dict", state)
+    monkeypatch.setattr(app_module, "MODELS_MOUNT", Path(tiny_qwen_dir).parent)
+    store = ModalDictStore(state)
+    from modal_services.jobs import create_job
+
+    job = await create_job(store, "caption")
+    service = app_module.CaptionService()
+    service._enter()  # modal's .local() skips sync @enter hooks before async methods
+    captions = await service.caption.local(job.id, {"images": [png_bytes()], "style": "tags", "question": None})
+    assert len(captions) == 1 and captions[0]
+    assert (await load_job(store, job.id)).status is JobStatus.DONE

@@ -1,0 +1,116 @@
+"""One conformance suite for both StateStore implementations."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from modal_services.state import ModalDictStore, SqliteStore
+from tests.fakes.modal_fakes import FakeModalDict
+
+
+@pytest.fixture(params=["sqlite", "modal"])
+async def store(request, tmp_path):
+    if request.param == "sqlite":
+        store = SqliteStore(tmp_path / "state.sqlite3")
+    else:
+        store = ModalDictStore(FakeModalDict())
+    yield store
+    await store.close()
+
+
+async def test_get_put_round_trip(store):
+    assert await store.get("job:1") is None
+    assert await store.get("job:1", "fallback") == "fallback"
+    record = {"status": "running", "progress": 0.5, "tags": ["a", "b"], "owner": {"user_id": 7}, "none": None}
+    await store.put("job:1", record)
+    assert await store.get("job:1") == record
+    await store.put("job:1", {"status": "done"})
+    assert await store.get("job:1") == {"status": "done"}
+
+
+async def test_values_are_copies(store):
+    record = {"items": [1]}
+    await store.put("k", record)
+    record["items"].append(2)
+    fetched = await store.get("k")
+    fetched["items"].append(3)
+    assert await store.get("k") == {"items": [1]}
+
+
+async def test_put_if_absent_is_a_create(store):
+    assert await store.put_if_absent("lock:x", {"owner": "a"}) is True
+    assert await store.put_if_absent("lock:x", {"owner": "b"}) is False
+    assert await store.get("lock:x") == {"owner": "a"}
+
+
+async def test_pop_and_contains(store):
+    await store.put("a", 1)
+    assert await store.contains("a")
+    assert await store.pop("a") == 1
+    assert not await store.contains("a")
+    assert await store.pop("a") is None
+    assert await store.pop("a", "gone") == "gone"
+    assert await store.put_if_absent("a", 2) is True
+
+
+async def test_keys_and_items_by_prefix(store):
+    for key in ("job:2", "job:1", "model:x.safetensors", "jobs-not-a-job", "j"):
+        await store.put(key, key.upper())
+    assert await store.keys("job:") == ["job:1", "job:2"]
+    assert await store.items("model:") == {"model:x.safetensors": "MODEL:X.SAFETENSORS"}
+    assert len(await store.keys()) == 5
+
+
+async def test_concurrent_creates_have_one_winner(store):
+    results = await asyncio.gather(*(store.put_if_absent("lock:download", i) for i in range(20)))
+    assert results.count(True) == 1
+    assert await store.get("lock:download") == results.index(True)
+
+
+def test_sqlite_threads_share_one_file(tmp_path):
+    store = SqliteStore(tmp_path / "state.sqlite3")
+
+    def create(i):
+        return asyncio.run(store.put_if_absent("lock:t", i))
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(create, range(32)))
+    assert outcomes.count(True) == 1
+
+
+def _create_in_process(path, barrier, results, index):
+    store = SqliteStore(path)
+    barrier.wait()
+    results[index] = asyncio.run(store.put_if_absent("lock:p", index))
+
+
+def test_sqlite_processes_share_one_file(tmp_path):
+    path = tmp_path / "state.sqlite3"
+    SqliteStore(path)  # create the table first, as the bot does at start
+    context = multiprocessing.get_context("spawn")
+    count = 4
+    barrier = context.Barrier(count)
+    results = context.Array("b", count)
+    workers = [context.Process(target=_create_in_process, args=(path, barrier, results, i)) for i in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    assert sum(results[:]) == 1
+    assert asyncio.run(SqliteStore(path).get("lock:p")) in range(count)
+
+
+async def test_modal_store_uses_aio_only():
+    fake = FakeModalDict()
+    store = ModalDictStore(fake)
+    await store.put("a", 1)
+    await store.get("a")
+    await store.put_if_absent("a", 2)
+    await store.contains("a")
+    await store.pop("a")
+    assert fake.calls == ["put", "get", "put", "contains", "pop"]
