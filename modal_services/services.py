@@ -36,8 +36,19 @@ def _caption_engine(models_dir: Path) -> Engine:
     return CaptionEngine(models_dir / CAPTION_MODEL)
 
 
+def _download_engine(models_dir: Path) -> Engine:
+    # The local backend's: the data dir holds models/, loras/ and the state
+    # file side by side (layout.py). The Modal DownloadService builds its own
+    # engine over the volumes and the state Dict.
+    from modal_services.downloads import DownloadEngine
+
+    return DownloadEngine.for_data_dir(models_dir.parent)
+
+
 SERVICES: dict[str, ServiceSpec] = {
     "caption": ServiceSpec("caption", "CaptionService", "caption", _caption_engine),
+    "download": ServiceSpec("download", "DownloadService", "download", _download_engine),
+    "verify": ServiceSpec("verify", "DownloadService", "verify", _download_engine),
 }
 
 

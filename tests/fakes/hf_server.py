@@ -132,7 +132,7 @@ class FakeHub:
             pass
 
         Handler.hub = hub
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -159,10 +159,19 @@ class FakeHub:
         return None
 
 
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        """Clients that hang up (the point of some tests) are not errors worth a traceback."""
+
+
 def etag_for(file: HubFile) -> str:
     # LFS files: the sha256 (what huggingface_hub treats as a content hash);
-    # regular files: a git-blob-like id.
-    return file.blob.sha256 if file.lfs else hashlib.sha1(b"blob %d\0" % file.blob.size).hexdigest()
+    # regular files: their git blob id, as the Hub serves them.
+    return file.blob.sha256 if file.lfs else git_blob_id(file.blob.data)
+
+
+def git_blob_id(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -182,7 +191,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method: str) -> None:
         hub = self.hub
         path = unquote(urlsplit(self.path).path)
-        hub.requests.append({"method": method, "path": path, "headers": dict(self.headers)})
+        # The headers object itself: its `get` ignores case, as HTTP does.
+        hub.requests.append({"method": method, "path": path, "headers": self.headers})
         fault = hub._take_fault(method, path)
         if fault is not None and fault.kind == "status":
             return self._json(fault.status, {"error": "fault"}, fault.headers)

@@ -1,0 +1,199 @@
+"""The base models: what to download, from where, and where it lives on the volumes.
+
+Seed 000's registry, one `ModelEntry` per model, plus `sdxl-base` (SDXL's
+diffusers configs and tokenizers, no weights) that loading a single-file
+checkpoint needs offline. Pure data: importing this module pulls in nothing
+heavy, so the bot can show the list.
+
+A source is data too. The download engine picks its fetcher by the
+source's `kind` (`modal_services.downloads.FETCHERS`), so a new kind of
+source (the CivitAI LoRAs of seed 000, once the importer exists) is one
+dataclass here plus one fetcher there, with no change to the engine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Mapping
+
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.layout import (
+    CAPTION_MODEL,
+    CLIP_VIT_H_DIR,
+    CONTROLNET_TILE_DIR,
+    ILLUSTRIOUS_CHECKPOINT,
+    IP_ADAPTER_FILE,
+    SDXL_CONFIG_DIR,
+    SDXL_VAE_DIR,
+)
+
+MODELS = "models"  # the models volume (`/vol/models`, `<data dir>/models`)
+LORAS = "loras"  # the LoRA volume (`/vol/loras`, `<data dir>/loras`)
+
+
+@dataclass(frozen=True)
+class PublishedFile:
+    """What a source publishes about one file; None where it publishes nothing.
+
+    Anything left None is taken from what the source reports at download time
+    (the Hub's LFS sha256 and sizes), and the manifest keeps what was verified.
+    """
+
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class HFSource:
+    """Files of a Hugging Face repo, fetched through huggingface_hub.
+
+    `include` holds repo paths or globs (`tokenizer/*`); empty means the
+    whole snapshot. `rename` moves a repo path to another path under the
+    model folder (IP-Adapter's weights live in `sdxl_models/` upstream).
+    """
+
+    repo_id: str
+    revision: str = "main"
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = (".gitattributes",)
+    rename: Mapping[str, str] = field(default_factory=dict)
+    kind: str = "huggingface"
+
+
+@dataclass(frozen=True)
+class URLSource:
+    """One file at a plain URL (`download_file`), saved as `filename` in the model folder."""
+
+    url: str
+    filename: str
+    kind: str = "url"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    key: str
+    name: str
+    source: HFSource | URLSource
+    # Folder relative to the volume root; the model's files live inside it.
+    folder: str
+    approx_bytes: int  # for the panel before the source has been asked
+    volume: str = MODELS
+    needed_by: tuple[str, ...] = ()
+    # Published sizes / sha256s, by path inside `folder`.
+    published: Mapping[str, PublishedFile] = field(default_factory=dict)
+
+    def dest_for(self, repo_path: str) -> str:
+        """Where a source file lands, relative to `folder`."""
+        rename = getattr(self.source, "rename", {})
+        return rename.get(repo_path, repo_path)
+
+
+def _folder_of(relative_file: str) -> str:
+    return str(PurePosixPath(relative_file).parent)
+
+
+# The SDXL configs that `from_single_file(path, config=<dir>)` reads offline.
+SDXL_CONFIG_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "text_encoder_2/config.json",
+    "tokenizer/*",
+    "tokenizer_2/*",
+)
+
+BASE_MODELS: dict[str, ModelEntry] = {
+    entry.key: entry
+    for entry in (
+        ModelEntry(
+            key="illustrious-xl",
+            name="Illustrious-XL v2.0",
+            source=HFSource("OnomaAIResearch/Illustrious-XL-v2.0", include=(PurePosixPath(ILLUSTRIOUS_CHECKPOINT).name,)),
+            folder=_folder_of(ILLUSTRIOUS_CHECKPOINT),
+            approx_bytes=6_938_000_000,
+            needed_by=("upscale",),
+        ),
+        ModelEntry(
+            key="controlnet-tile",
+            name="ControlNet Tile SDXL (xinsir)",
+            source=HFSource("xinsir/controlnet-tile-sdxl-1.0", include=("config.json", "diffusion_pytorch_model.safetensors")),
+            folder=CONTROLNET_TILE_DIR,
+            approx_bytes=2_502_000_000,
+            needed_by=("upscale",),
+        ),
+        ModelEntry(
+            key="sdxl-vae",
+            name="SDXL VAE fp16-fix",
+            source=HFSource("madebyollin/sdxl-vae-fp16-fix", include=("config.json", "diffusion_pytorch_model.safetensors")),
+            folder=SDXL_VAE_DIR,
+            approx_bytes=335_000_000,
+            needed_by=("upscale",),
+        ),
+        ModelEntry(
+            key="ip-adapter",
+            name="IP-Adapter Plus SDXL ViT-H",
+            source=HFSource(
+                "h94/IP-Adapter",
+                include=("sdxl_models/" + PurePosixPath(IP_ADAPTER_FILE).name,),
+                rename={"sdxl_models/" + PurePosixPath(IP_ADAPTER_FILE).name: PurePosixPath(IP_ADAPTER_FILE).name},
+            ),
+            folder=_folder_of(IP_ADAPTER_FILE),
+            approx_bytes=848_000_000,
+            needed_by=("upscale",),
+        ),
+        ModelEntry(
+            key="clip-vit-h",
+            name="CLIP ViT-H-14 image encoder",
+            source=HFSource(
+                "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                include=("config.json", "model.safetensors", "preprocessor_config.json"),
+            ),
+            folder=CLIP_VIT_H_DIR,
+            approx_bytes=3_944_000_000,
+            needed_by=("upscale",),
+        ),
+        ModelEntry(
+            key="qwen3-vl-2b",
+            name="Qwen3-VL-2B-Instruct",
+            source=HFSource("Qwen/Qwen3-VL-2B-Instruct", exclude=(".gitattributes", "README.md")),
+            folder=CAPTION_MODEL,
+            approx_bytes=4_260_000_000,
+            needed_by=("caption",),
+        ),
+        ModelEntry(
+            key="sdxl-base",
+            name="SDXL configs and tokenizers",
+            source=HFSource("stabilityai/stable-diffusion-xl-base-1.0", include=SDXL_CONFIG_FILES),
+            folder=SDXL_CONFIG_DIR,
+            approx_bytes=5_000_000,
+            needed_by=("upscale",),
+        ),
+    )
+}
+
+
+def get_entry(key: str, registry: Mapping[str, ModelEntry] | None = None) -> ModelEntry:
+    registry = BASE_MODELS if registry is None else registry
+    try:
+        return registry[key]
+    except KeyError:
+        raise ToolboxError(
+            ErrorCode.INVALID_INPUT, f"Unknown model {key!r}. Known: {', '.join(registry)}."
+        ) from None
+
+
+def resolve_keys(keys: list[str] | tuple[str, ...] | None, registry: Mapping[str, ModelEntry] | None = None) -> list[ModelEntry]:
+    """The entries for `keys` (all of them when empty), in registry order, each once."""
+    registry = BASE_MODELS if registry is None else registry
+    if not keys:
+        return list(registry.values())
+    wanted = {get_entry(key, registry).key for key in keys}
+    return [entry for key, entry in registry.items() if key in wanted]
+
+
+def models_for(purpose: str) -> list[str]:
+    """The keys a service needs (`caption`, `upscale`): what the bot checks before spawning GPU work."""
+    return [entry.key for entry in BASE_MODELS.values() if purpose in entry.needed_by]
