@@ -21,7 +21,8 @@ import modal
 
 from modal_services.errors import ToolboxError
 from modal_services.jobs import run_job
-from modal_services.layout import MODELS_MOUNT, MODELS_VOLUME, state_dict_name
+from modal_services.downloads import DownloadEngine
+from modal_services.layout import LORAS_MOUNT, LORAS_VOLUME, MODELS_MOUNT, MODELS_VOLUME, state_dict_name
 from modal_services.services import SERVICES, run_on_engine
 from modal_services.state import ModalDictStore
 
@@ -82,3 +83,51 @@ class CaptionService:
             await models_volume.reload.aio()
         work = partial(run_on_engine, self.engine, self.spec, payload)
         return await run_job(self.store, job_id, work)
+
+
+# The download image: CPU only, no torch. Network I/O never runs on a GPU.
+download_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install("huggingface_hub==2.4.0", "requests>=2.31")
+    .add_local_python_source("modal_services")
+)
+loras_volume = modal.Volume.from_name(LORAS_VOLUME, create_if_missing=True)
+DOWNLOAD_VOLUMES = (models_volume, loras_volume)
+
+
+def _commit_volumes() -> None:
+    for volume in DOWNLOAD_VOLUMES:
+        volume.commit()
+
+
+def _reload_volumes() -> None:
+    for volume in DOWNLOAD_VOLUMES:
+        volume.reload()
+
+
+@app.cls(
+    image=download_image,
+    volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
+    scaledown_window=60,
+    timeout=3 * 3600,  # ~17 GB of base models, with room for a slow source
+)
+class DownloadService:
+    @modal.enter()
+    def load(self) -> None:
+        self.store = ModalDictStore(state_dict)
+        # Called from the engine's worker threads (blocking forms): commit after
+        # each model so other containers see it, reload before checking files.
+        self.engine = DownloadEngine(MODELS_MOUNT, LORAS_MOUNT, self.store, commit=_commit_volumes, reload=_reload_volumes)
+        self.engine.load()
+
+    async def _run(self, kind: str, job_id: str, payload: dict):
+        work = partial(run_on_engine, self.engine, SERVICES[kind], payload)
+        return await run_job(self.store, job_id, work)
+
+    @modal.method()
+    async def download(self, job_id: str, payload: dict) -> dict:
+        return await self._run("download", job_id, payload)
+
+    @modal.method()
+    async def verify(self, job_id: str, payload: dict) -> dict:
+        return await self._run("verify", job_id, payload)
