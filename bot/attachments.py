@@ -9,6 +9,8 @@ clean single-frame PNG, never the user's original bytes.
 from __future__ import annotations
 
 import asyncio
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import PurePath
 
@@ -20,6 +22,10 @@ from modal_services.imaging import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS, decode_
 
 MAX_ATTACHMENT_BYTES = 25 * 1024 * 1024
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
+
+# Decoding is CPU-bound: more threads than cores add no speed, only more
+# threads contending with the event loop for the GIL.
+_DECODERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="image-decode")
 
 
 @dataclass
@@ -66,7 +72,9 @@ async def read_image(
         data = await attachment.read()
     except discord.HTTPException:
         raise ToolboxError(ErrorCode.INVALID_INPUT, f"{name} could not be downloaded from Discord; try again.") from None
-    return await asyncio.to_thread(_decode_for_worker, data, attachment.filename, name, max_pixels, max_side)
+    return await asyncio.get_running_loop().run_in_executor(
+        _DECODERS, _decode_for_worker, data, attachment.filename, name, max_pixels, max_side
+    )
 
 
 def _decode_for_worker(data: bytes, filename: str, name: str, max_pixels: int, max_side: int | None) -> ReceivedImage:
