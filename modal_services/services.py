@@ -45,10 +45,17 @@ def _download_engine(models_dir: Path) -> Engine:
     return DownloadEngine.for_data_dir(models_dir.parent)
 
 
+def _upscale_engine(models_dir: Path) -> Engine:
+    from modal_services.upscale import UpscaleEngine
+
+    return UpscaleEngine(models_dir)
+
+
 SERVICES: dict[str, ServiceSpec] = {
     "caption": ServiceSpec("caption", "CaptionService", "caption", _caption_engine),
     "download": ServiceSpec("download", "DownloadService", "download", _download_engine),
     "verify": ServiceSpec("verify", "DownloadService", "verify", _download_engine),
+    "upscale": ServiceSpec("upscale", "UpscaleService", "upscale", _upscale_engine),
 }
 
 
