@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,10 @@ T = TypeVar("T")
 
 # Progress reaches the job record at most this often (about 2 writes/s).
 PROGRESS_WRITE_INTERVAL = 0.5
+# A running job's record is touched at least this often, even with no progress
+# (a model loading, a long step), so a silent record means a dead worker.
+HEARTBEAT_INTERVAL = 10.0
+STALE_AFTER = 90.0
 
 
 class JobStatus(str, Enum):
@@ -55,6 +60,7 @@ class Job:
     started_at: float | None = None
     updated_at: float | None = None
     finished_at: float | None = None
+    heartbeat_at: float | None = None
     # Who asked and where to report: user, guild, channel, message ids.
     owner: dict[str, Any] = field(default_factory=dict)
 
@@ -73,6 +79,13 @@ class Job:
         known["status"] = JobStatus(known.get("status", JobStatus.QUEUED))
         return cls(**known)
 
+    def stale(self, now: float | None = None) -> bool:
+        """A running job whose worker has stopped writing: the container or process is gone."""
+        if self.status is not JobStatus.RUNNING:
+            return False
+        last_sign_of_life = self.heartbeat_at or self.started_at or self.created_at
+        return (now or time.time()) - last_sign_of_life > STALE_AFTER
+
     def error(self) -> ToolboxError | None:
         if self.status is not JobStatus.ERROR:
             return None
@@ -81,6 +94,11 @@ class Job:
 
 def job_key(job_id: str) -> str:
     return f"job:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    """Set by whoever asks a job to stop; the worker polls it (a key apart, so no write races the worker's)."""
+    return f"cancel:{job_id}"
 
 
 def new_job_id() -> str:
@@ -107,12 +125,31 @@ async def update_job(store: StateStore, job_id: str, **fields: Any) -> Job:
     return job
 
 
+async def request_cancel(store: StateStore, job_id: str) -> Job | None:
+    """Ask a job to stop: a queued job never starts, a running one stops at its next progress report.
+
+    Returns the job as it stood, or None if there is no such unfinished job.
+    """
+    job = await load_job(store, job_id)
+    if job is None or job.status.finished:
+        return None
+    await store.put(cancel_key(job_id), time.time())
+    if job.status is JobStatus.QUEUED:
+        # Shown at once; a worker picking it up meanwhile sees the cancel key and stops.
+        await update_job(store, job_id, status=JobStatus.CANCELLED, stage="cancelled",
+                         error_code=ErrorCode.CANCELLED.value, error_message="Cancelled before it started.",
+                         finished_at=time.time())
+    return job
+
+
 class ProgressReporter:
     """Turns an engine's progress calls into throttled job-record writes.
 
     Engines run in worker threads and may report hundreds of times a second;
     the record is written at most once per `min_interval` (with the latest
-    state), and the final state is always written.
+    state), at least once per heartbeat interval, and the final state is
+    always written. Each write also checks for a cancel request; the engine's
+    next progress call then raises CANCELLED, which stops it between steps.
     """
 
     def __init__(self, store: StateStore, job_id: str, min_interval: float | None = None):
@@ -125,27 +162,41 @@ class ProgressReporter:
         self._dirty = asyncio.Event()
         self._closing = asyncio.Event()
         self._flusher: asyncio.Task | None = None
+        self._cancelled = threading.Event()
 
     def __call__(self, progress: float, stage: str) -> None:
         """Thread-safe: callable from the engine's worker thread."""
+        if self._cancelled.is_set():
+            raise ToolboxError(ErrorCode.CANCELLED, "Stopped on request.")
         self._loop.call_soon_threadsafe(self._set, progress, stage)
 
     def _set(self, progress: float, stage: str) -> None:
         self._latest = (min(max(float(progress), 0.0), 1.0), stage)
         self._dirty.set()
 
+    async def cancel_requested(self) -> bool:
+        return await self.store.contains(cancel_key(self.job_id))
+
     async def start(self) -> None:
-        await self._write(status=JobStatus.RUNNING, started_at=time.time(), stage="starting")
+        now = time.time()
+        await self._write(status=JobStatus.RUNNING, started_at=now, heartbeat_at=now, stage="starting")
         self._flusher = asyncio.create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
         while not self._closing.is_set():
-            await self._dirty.wait()
+            try:
+                await asyncio.wait_for(self._dirty.wait(), timeout=HEARTBEAT_INTERVAL)
+            except asyncio.TimeoutError:
+                pass  # nothing new: the write below is a heartbeat
             self._dirty.clear()
             if self._closing.is_set():
                 return
-            progress, stage = self._latest
-            await self._write(progress=progress, stage=stage)
+            if await self.cancel_requested():
+                self._cancelled.set()
+            fields: dict[str, Any] = {"heartbeat_at": time.time()}
+            if self._latest is not None:
+                fields["progress"], fields["stage"] = self._latest
+            await self._write(**fields)
             try:
                 await asyncio.wait_for(self._closing.wait(), timeout=self.min_interval)
             except asyncio.TimeoutError:
@@ -166,9 +217,11 @@ class ProgressReporter:
     async def succeed(self) -> None:
         await self._stop_flusher()
         await self._write(status=JobStatus.DONE, progress=1.0, stage="done", finished_at=time.time())
+        await self.store.pop(cancel_key(self.job_id))
 
     async def fail(self, error: ToolboxError) -> None:
         await self._stop_flusher()
+        await self.store.pop(cancel_key(self.job_id))
         status = JobStatus.CANCELLED if error.code is ErrorCode.CANCELLED else JobStatus.ERROR
         await self._write(
             status=status,
@@ -192,6 +245,10 @@ async def run_job(
     user without its internals.
     """
     reporter = ProgressReporter(store, job_id)
+    if await reporter.cancel_requested():
+        error = ToolboxError(ErrorCode.CANCELLED, "Cancelled before it started.")
+        await reporter.fail(error)
+        raise error
     await reporter.start()
     try:
         result = await asyncio.get_running_loop().run_in_executor(executor, work, reporter)

@@ -114,3 +114,68 @@ def test_errors_survive_pickling():
 
     error = pickle.loads(pickle.dumps(ToolboxError(ErrorCode.CUDA_OOM, "too big")))
     assert (error.code, error.message) == (ErrorCode.CUDA_OOM, "too big")
+
+
+async def test_a_running_job_stops_at_its_next_step_when_cancelled(store, monkeypatch):
+    import asyncio
+
+    import modal_services.jobs as jobs
+
+    monkeypatch.setattr(jobs, "PROGRESS_WRITE_INTERVAL", 0.02)
+    job = await create_job(store, "caption")
+    steps_done = []
+
+    def work(progress):
+        for step in range(500):
+            progress(step / 500, "working")
+            steps_done.append(step)
+            time.sleep(0.005)
+        return "finished"
+
+    running = asyncio.create_task(run_job(store, job.id, work))
+    while (await load_job(store, job.id)).status is not JobStatus.RUNNING:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)
+    assert await jobs.request_cancel(store, job.id) is not None
+    with pytest.raises(ToolboxError) as caught:
+        await running
+    assert caught.value.code is ErrorCode.CANCELLED
+    assert len(steps_done) < 400
+    record = await load_job(store, job.id)
+    assert record.status is JobStatus.CANCELLED
+    assert not await store.contains(jobs.cancel_key(job.id))
+    assert await jobs.request_cancel(store, job.id) is None  # already finished
+
+
+async def test_a_queued_job_cancelled_never_runs(store):
+    from modal_services.jobs import request_cancel
+
+    job = await create_job(store, "caption")
+    assert (await request_cancel(store, job.id)).status is JobStatus.QUEUED
+    assert (await load_job(store, job.id)).status is JobStatus.CANCELLED
+    ran = []
+    with pytest.raises(ToolboxError) as caught:
+        await run_job(store, job.id, lambda progress: ran.append(1))
+    assert caught.value.code is ErrorCode.CANCELLED and ran == []
+    assert (await load_job(store, job.id)).status is JobStatus.CANCELLED
+
+
+async def test_heartbeats_while_the_engine_is_silent(store, monkeypatch):
+    import modal_services.jobs as jobs
+
+    monkeypatch.setattr(jobs, "HEARTBEAT_INTERVAL", 0.05)
+    monkeypatch.setattr(jobs, "PROGRESS_WRITE_INTERVAL", 0.01)
+    job = await create_job(store, "caption")
+    await run_job(store, job.id, lambda progress: time.sleep(0.4))
+    heartbeats = {write.get("heartbeat_at") for write in store.job_writes if write["status"] == "running"}
+    assert len(heartbeats) >= 4
+
+
+def test_stale_running_jobs():
+    from modal_services.jobs import STALE_AFTER, Job
+
+    now = time.time()
+    assert Job(id="1", kind="caption", status=JobStatus.RUNNING, heartbeat_at=now - STALE_AFTER - 1).stale(now)
+    assert not Job(id="1", kind="caption", status=JobStatus.RUNNING, heartbeat_at=now - 5).stale(now)
+    assert not Job(id="1", kind="caption", status=JobStatus.QUEUED, created_at=now - 10_000).stale(now)
+    assert not Job(id="1", kind="caption", status=JobStatus.DONE, heartbeat_at=0).stale(now)
