@@ -14,7 +14,7 @@ from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.caption",)
+EXTENSIONS = ("cogs.caption", "cogs.setup")
 
 
 class ToolboxBot(commands.Bot):

@@ -1,0 +1,258 @@
+"""/setup: base models and tokens, for server admins.
+
+An ephemeral panel lists every base model (size and state) and the token
+state (masked), with three buttons: Set tokens (a modal form; each token is
+checked against its service before it is kept), Download missing (one job
+for the whole server; the panel turns into live progress bars) and Verify.
+A download already running is attached to, never started twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.progress import ReplyEditor, progress_bar
+from bot.replies import error_text, send_error
+from modal_services.downloads import (
+    ModelState,
+    active_download,
+    model_states,
+    start_or_attach_download,
+    watch_job,
+)
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs import Job, JobStatus
+from modal_services.registry import BASE_MODELS
+from modal_services.tokens import LABELS, SERVICES, set_token, token_state
+
+log = logging.getLogger(__name__)
+
+# The interaction token dies at 15 min: stop editing a little before.
+LIVE_VIEW_SECONDS = 14 * 60
+PANEL_TIMEOUT = 14 * 60
+POLL_SECONDS = 1.0
+ICONS = {"present": "✅", "missing": "▫️", "downloading": "⬇️", "queued": "⏳", "failed": "❌"}
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def human_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def describe(state: ModelState) -> str:
+    if state.state == "downloading":
+        fraction = state.bytes_done / state.size_bytes if state.size_bytes else 0
+        return f"downloading {fraction * 100:.0f}%"
+    if state.state == "failed":
+        return f"failed: {state.detail}"
+    if state.state == "present":
+        return "present and verified"
+    if state.state == "missing" and state.detail:
+        return f"missing ({state.detail})"
+    return state.state
+
+
+def render_panel(states: list[ModelState], tokens: list, note: str | None = None) -> str:
+    present = sum(state.state == "present" for state in states)
+    total = sum(state.size_bytes for state in states)
+    lines = [f"**AI Toolbox setup** · base models {present}/{len(states)} present · {human_bytes(total)} in all"]
+    for state in states:
+        lines.append(f"{ICONS.get(state.state, '•')} **{state.name}** · {human_bytes(state.size_bytes)} · {describe(state)}")
+    lines.append("**Tokens** · " + " · ".join(token.describe() for token in tokens))
+    if note:
+        lines.append(note)
+    return "\n".join(lines)[:2000]
+
+
+def render_progress(job: Job, states: list[ModelState]) -> str:
+    """The live view: one bar per model (bytes, speed, ETA) and an overall bar."""
+    done = sum(s.size_bytes if s.state == "present" else s.bytes_done for s in states)
+    total = sum(s.size_bytes for s in states) or 1
+    title = {
+        JobStatus.QUEUED: "⏳ **Download queued**",
+        JobStatus.RUNNING: "⬇️ **Downloading base models**",
+        JobStatus.DONE: "✅ **Base models ready**",
+        JobStatus.ERROR: "❌ **Download stopped**",
+        JobStatus.CANCELLED: "⏹️ **Download cancelled**",
+    }[job.status]
+    lines = [title, f"Overall `{progress_bar(done / total)}` · {human_bytes(done)} / {human_bytes(total)}"]
+    for state in states:
+        if state.state == "downloading":
+            fraction = state.bytes_done / state.size_bytes if state.size_bytes else 0
+            speed = f"{human_bytes(state.rate)}/s" if state.rate else "–"
+            lines.append(
+                f"⬇️ **{state.name}** `{progress_bar(fraction)}` {human_bytes(state.bytes_done)} / "
+                f"{human_bytes(state.size_bytes)} · {speed} · ETA {human_seconds(state.eta)}"
+            )
+        else:
+            lines.append(f"{ICONS.get(state.state, '•')} **{state.name}** · {human_bytes(state.size_bytes)} · {describe(state)}")
+    if job.status is JobStatus.ERROR and job.error_message:
+        lines.append(error_text(job.error()))
+    return "\n".join(lines)[:2000]
+
+
+def is_admin(interaction: discord.Interaction) -> bool:
+    permissions = getattr(interaction.user, "guild_permissions", None)
+    return interaction.guild_id is not None and permissions is not None and permissions.administrator
+
+
+async def refuse_non_admin(interaction: discord.Interaction) -> bool:
+    """True (and an ephemeral refusal sent) when the user may not use /setup."""
+    if is_admin(interaction):
+        return False
+    await send_error(interaction, ToolboxError(ErrorCode.PERMISSION_DENIED, "Only server administrators can use /setup."))
+    return True
+
+
+class TokensForm(discord.ui.Modal, title="API tokens"):
+    civitai = discord.ui.TextInput(
+        label="CivitAI API key", placeholder="Leave empty to keep the current one", required=False, max_length=200
+    )
+    hf = discord.ui.TextInput(
+        label="Hugging Face token", placeholder="Leave empty to keep the current one", required=False, max_length=200
+    )
+
+    def __init__(self, cog: "Setup"):
+        super().__init__(timeout=PANEL_TIMEOUT)
+        self.cog = cog
+
+    async def on_submit(self, interaction: discord.Interaction) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        settings = self.cog.bot.settings
+        lines = []
+        for service, field in (("civitai", self.civitai), ("hf", self.hf)):
+            value = (field.value or "").strip()
+            if not value:
+                continue
+            try:
+                state = await set_token(self.cog.store, service, value, civitai_api_base=settings.civitai_api_base)
+                lines.append(f"✅ {state.describe()}: checked and saved.")
+            except ToolboxError as error:
+                lines.append(f"{LABELS[service]}: {error_text(error)}")
+        if not lines:
+            lines.append("Nothing changed: both fields were empty.")
+        await interaction.followup.send("\n".join(lines), ephemeral=True)
+
+
+class SetupPanel(discord.ui.View):
+    def __init__(self, cog: "Setup"):
+        super().__init__(timeout=PANEL_TIMEOUT)
+        self.cog = cog
+
+    @discord.ui.button(label="Set tokens", style=discord.ButtonStyle.secondary, emoji="🔑")
+    async def set_tokens(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        await interaction.response.send_modal(TokensForm(self.cog))
+
+    @discord.ui.button(label="Download missing", style=discord.ButtonStyle.primary, emoji="⬇️")
+    async def download(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        await interaction.response.defer()
+        try:
+            await self.cog.download_and_follow(interaction)
+        except ToolboxError as error:
+            await send_error(interaction, error)
+
+    @discord.ui.button(label="Verify", style=discord.ButtonStyle.secondary, emoji="🔍")
+    async def verify(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        await interaction.response.defer()
+        try:
+            await self.cog.verify_and_show(interaction)
+        except ToolboxError as error:
+            await send_error(interaction, error)
+
+
+class Setup(commands.Cog):
+    def __init__(self, bot: commands.Bot):
+        self.bot = bot
+
+    @property
+    def store(self):
+        return self.bot.backend.store
+
+    async def panel_text(self, note: str | None = None) -> str:
+        states = await model_states(self.store, BASE_MODELS.values())
+        tokens = [await token_state(self.store, service) for service in SERVICES]
+        return render_panel(states, tokens, note)
+
+    @app_commands.command(name="setup", description="Base models and API tokens (server admins)")
+    @app_commands.default_permissions(administrator=True)
+    @app_commands.guild_only()
+    async def setup(self, interaction: discord.Interaction) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        await interaction.response.defer(ephemeral=True, thinking=True)
+        job_id = await active_download(self.store)
+        if job_id is not None:
+            await self.follow(interaction, job_id)
+            return
+        await interaction.edit_original_response(content=await self.panel_text(), view=SetupPanel(self))
+
+    async def download_and_follow(self, interaction: discord.Interaction) -> None:
+        missing = [s.key for s in await model_states(self.store, BASE_MODELS.values()) if s.state != "present"]
+        if not missing:
+            note = "Everything is already downloaded. Use **Verify** to re-check the files."
+            await interaction.edit_original_response(content=await self.panel_text(note), view=SetupPanel(self))
+            return
+        owner = {"user_id": interaction.user.id, "guild_id": interaction.guild_id, "channel_id": interaction.channel_id}
+        job_id, started = await start_or_attach_download(
+            self.store, lambda: self.bot.backend.submit("download", {"keys": missing}, owner=owner)
+        )
+        log.info("setup download %s job %s", "started" if started else "attached to", job_id)
+        await self.follow(interaction, job_id)
+
+    async def follow(self, interaction: discord.Interaction, job_id: str) -> None:
+        """Edit the panel with live progress until the download ends (or the interaction token would)."""
+        editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, view=None))
+        entries = list(BASE_MODELS.values())
+
+        async def show(job: Job) -> None:
+            await editor.show(render_progress(job, await model_states(self.store, entries)), final=job.status.finished)
+
+        job = await watch_job(self.store, job_id, show, POLL_SECONDS, timeout=LIVE_VIEW_SECONDS)
+        if job.status.finished:
+            note = "✅ All base models are ready." if job.status is JobStatus.DONE else error_text(job.error())
+            await interaction.edit_original_response(content=await self.panel_text(note), view=SetupPanel(self))
+        else:
+            await interaction.edit_original_response(
+                content=render_progress(job, await model_states(self.store, entries))
+                + "\nStill going in the background: run /setup again to see it.", view=None)
+
+    async def verify_and_show(self, interaction: discord.Interaction) -> None:
+        await interaction.edit_original_response(content="🔍 Verifying the files on the volume…", view=None)
+        job = await self.bot.backend.submit("verify", {"keys": list(BASE_MODELS)}, owner={"user_id": interaction.user.id})
+        editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, view=None))
+
+        async def show(record: Job) -> None:
+            await editor.show(f"🔍 **Verifying** · {record.stage}\n`{progress_bar(record.progress)}`")
+
+        record = await watch_job(self.store, job.id, show, POLL_SECONDS)
+        note = "🔍 Verified: sizes and hashes checked." if record.status is JobStatus.DONE else error_text(record.error())
+        await interaction.edit_original_response(content=await self.panel_text(note), view=SetupPanel(self))
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Setup(bot))
