@@ -1,0 +1,72 @@
+"""`toolbox setup` and `toolbox status` against the fake hub, through the local backend."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bot.cli import main
+from modal_services import downloads
+from tests.fakes.hf_server import FakeHub, serve_registry
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    import huggingface_hub.constants
+
+    with FakeHub() as server:
+        serve_registry(server)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
+        monkeypatch.setattr(downloads, "_sleep", lambda seconds: None)
+        yield server
+
+
+def status(capsys) -> dict:
+    assert main(["status", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_setup_only_some_then_status(hub, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CIVITAI_TOKEN", "env-civitai-token-wxyz")
+    assert main(["setup", "--only", "sdxl-base", "ip-adapter"]) == 0
+    assert "Downloaded: ip-adapter, sdxl-base." in capsys.readouterr().out
+    data = tmp_path / "data" / "models"
+    assert (data / "ip-adapter" / "ip-adapter-plus_sdxl_vit-h.safetensors").is_file()
+    assert (data / "sdxl-base" / "tokenizer_2" / "merges.txt").is_file()
+
+    document = status(capsys)
+    states = {model["key"]: model["state"] for model in document["models"]}
+    assert states["sdxl-base"] == "present" and states["ip-adapter"] == "present"
+    assert states["illustrious-xl"] == "missing" and document["active_download"] is None
+    assert document["tokens"]["civitai"] == {"set": True, "masked": "••••wxyz", "source": "env", "user": None}
+    assert "env-civitai-token-wxyz" not in json.dumps(document)
+
+    # Present means the files too: a deleted file shows as missing again, and setup fetches it.
+    (data / "ip-adapter" / "ip-adapter-plus_sdxl_vit-h.safetensors").unlink()
+    states = {model["key"]: model for model in status(capsys)["models"]}
+    assert states["ip-adapter"]["state"] == "missing" and "missing" in states["ip-adapter"]["detail"]
+    assert main(["setup", "--only", "ip-adapter"]) == 0
+    assert main(["setup", "--only", "ip-adapter"]) == 0
+    assert "All requested base models are present." in capsys.readouterr().out
+
+
+def test_status_text(hub, capsys):
+    assert main(["status"]) == 0
+    out = capsys.readouterr().out
+    assert "illustrious-xl" in out and "missing" in out and "Hugging Face: not set" in out
+
+
+def test_unknown_key_is_usage_error(hub, capsys):
+    assert main(["setup", "--only", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: INVALID_INPUT: Unknown model 'nonsense'")
+
+
+def test_failed_download_exits_1_with_code(hub, capsys):
+    hub.fault("sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors", "corrupt")
+    assert main(["setup", "--only", "ip-adapter"]) == 1
+    err = capsys.readouterr().err
+    assert "error: CHECKSUM_MISMATCH: 1 of 1 models failed (ip-adapter)" in err
