@@ -92,6 +92,7 @@ def clean_token(service: str, token: str) -> str:
 
 def check_hf_token(token: str, endpoint: str | None = None) -> str:
     """Blocking: the user name Hugging Face knows this token by (`whoami` against HF_ENDPOINT)."""
+    import httpx2
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -110,7 +111,7 @@ def check_hf_token(token: str, endpoint: str | None = None) -> str:
             raise ToolboxError(ErrorCode.RATE_LIMITED, "Hugging Face is rate-limiting token checks; try again in a minute.") from None
         log.warning("Hugging Face token check failed with HTTP %s", status)
         raise ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"Hugging Face answered HTTP {status}; nothing was stored. Try again later.") from None
-    except OSError as exc:  # connection refused, DNS, timeouts (httpx errors are OSErrors here too)
+    except (OSError, httpx2.TransportError) as exc:  # connection refused, DNS, timeouts
         log.warning("Hugging Face token check could not connect (%s)", type(exc).__name__)
         raise ToolboxError(ErrorCode.DOWNLOAD_FAILED, "Hugging Face could not be reached to check the token; nothing was stored.") from None
     return str(info.get("name") or info.get("fullname") or "unknown user")

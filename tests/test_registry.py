@@ -1,0 +1,51 @@
+"""The base-model registry: the contract's keys, the layout's paths, extensible sources."""
+
+from __future__ import annotations
+
+import pytest
+
+from modal_services import layout
+from modal_services.downloads import FETCHERS
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.registry import BASE_MODELS, SDXL_CONFIG_FILES, get_entry, models_for, resolve_keys
+
+
+def test_keys_are_the_contract():
+    assert list(BASE_MODELS) == ["illustrious-xl", "controlnet-tile", "sdxl-vae", "ip-adapter", "clip-vit-h",
+                                 "qwen3-vl-2b", "sdxl-base"]
+
+
+def test_files_land_where_the_engines_look():
+    def dest(key: str, repo_path: str) -> str:
+        entry = BASE_MODELS[key]
+        return f"{entry.folder}/{entry.dest_for(repo_path)}"
+
+    assert dest("illustrious-xl", "Illustrious-XL-v2.0.safetensors") == layout.ILLUSTRIOUS_CHECKPOINT
+    assert dest("ip-adapter", "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors") == layout.IP_ADAPTER_FILE
+    assert BASE_MODELS["qwen3-vl-2b"].folder == layout.CAPTION_MODEL
+    assert BASE_MODELS["controlnet-tile"].folder == layout.CONTROLNET_TILE_DIR
+    assert BASE_MODELS["sdxl-vae"].folder == layout.SDXL_VAE_DIR
+    assert BASE_MODELS["clip-vit-h"].folder == layout.CLIP_VIT_H_DIR
+    assert BASE_MODELS["sdxl-base"].folder == layout.SDXL_CONFIG_DIR
+
+
+def test_sdxl_base_is_configs_and_tokenizers_only():
+    include = BASE_MODELS["sdxl-base"].source.include
+    assert include == SDXL_CONFIG_FILES
+    assert "unet/config.json" in include and "tokenizer_2/*" in include
+    assert not any(name.endswith((".safetensors", ".bin")) for name in include)
+
+
+def test_every_source_kind_has_a_fetcher():
+    for entry in BASE_MODELS.values():
+        assert entry.source.kind in FETCHERS and entry.volume == "models" and entry.approx_bytes > 0
+
+
+def test_resolve_and_purposes():
+    assert [e.key for e in resolve_keys(["sdxl-base", "illustrious-xl", "sdxl-base"])] == ["illustrious-xl", "sdxl-base"]
+    assert len(resolve_keys(None)) == 7
+    assert models_for("caption") == ["qwen3-vl-2b"]
+    assert "qwen3-vl-2b" not in models_for("upscale") and "sdxl-base" in models_for("upscale")
+    with pytest.raises(ToolboxError) as caught:
+        get_entry("flux")
+    assert caught.value.code is ErrorCode.INVALID_INPUT and "illustrious-xl" in caught.value.message
