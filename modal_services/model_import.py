@@ -1,0 +1,379 @@
+"""The model library's file work as jobs: import from CivitAI, upload, delete, scan and adopt.
+
+Job kinds (services.py): `model_import`, `model_upload`, `model_delete`,
+`model_scan`, all on one `ModelEngine`. Like the download engine, each method
+is blocking (it runs in the job's worker thread) and drives the async state
+store from an event loop of its own; transfers and tensor work run in threads.
+
+An import, step by step:
+
+1. metadata from CivitAI and the importer's rules (`civitai.plan_import`);
+2. already installed (same version, file present)? Then nothing is fetched;
+3. `lock:civitai:<version>` (atomic create, heartbeat-refreshed): a second
+   import of the same version waits for the first and then finds it installed;
+4. the download redirect is resolved and the file fetched by `download_file`
+   into `.incoming/` (resume, retries, sha256 against CivitAI's hash);
+5. a LoRA is checked against SDXL's layout and converted when diffusers
+   cannot load it (the original kept under `.original/`); a checkpoint must be
+   an SDXL single-file checkpoint;
+6. the file is renamed into place, the volume committed, *then* the entry written.
+
+Anything that fails leaves nothing behind: the incoming files are removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_from_metadata, plan_import
+from modal_services.downloads import (
+    HEARTBEAT_SECONDS,
+    DownloadError,
+    DownloadHTTPError,
+    download_file,
+    refresh_lock,
+    release_lock,
+    sha256_file,
+    try_lock,
+)
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs import ProgressFn
+from modal_services.library import (
+    ORIGINALS_DIR,
+    SUFFIX,
+    Library,
+    LibraryEntry,
+    clean_name,
+    parse_trigger_words,
+    safe_file_name,
+    unique_file_name,
+)
+from modal_services.state import StateStore
+
+log = logging.getLogger(__name__)
+
+INCOMING_DIR = ".incoming"
+WAIT_POLL_SECONDS = 1.0
+# An SDXL UNet in the original single-file layout has the size-conditioning MLP; SD 1.x has not.
+SDXL_CHECKPOINT_KEYS = ("model.diffusion_model.label_emb.0.0.weight",)
+Hook = Callable[[], object]
+
+
+def _lock_name(version_id: int) -> str:
+    return f"civitai:{version_id}"
+
+
+class ModelEngine:
+    def __init__(self, loras_dir: Path, models_dir: Path, store: StateStore, commit: Hook | None = None,
+                 reload: Hook | None = None, layout=None):
+        self.loras_dir = Path(loras_dir)
+        self.models_dir = Path(models_dir)
+        self.store = store
+        self.commit_hook = commit
+        self.reload_hook = reload
+        self.layout = layout  # None: SDXL's (lora_formats.ModelLayout.sdxl)
+        self.library = Library(store, self.loras_dir, self.models_dir)
+        self.wait_poll = WAIT_POLL_SECONDS
+        self.loaded = False
+
+    @classmethod
+    def for_data_dir(cls, data_dir: Path) -> "ModelEngine":
+        """The local backend's engine: folders and the SQLite state under one data dir (layout.py)."""
+        from modal_services.layout import local_loras_dir, local_models_dir, local_state_path
+        from modal_services.state import SqliteStore
+
+        return cls(local_loras_dir(data_dir), local_models_dir(data_dir), SqliteStore(local_state_path(data_dir)))
+
+    def load(self) -> None:
+        for kind in ("lora", "checkpoint"):
+            self.library.folder(kind).mkdir(parents=True, exist_ok=True)
+        self.loaded = True
+
+    # ------------------------------------------------------------ job methods (blocking)
+
+    def import_model(self, progress: ProgressFn, ref: str, api_base: str = "https://civitai.com") -> dict[str, Any]:
+        """Import the CivitAI model `ref` names; returns {"entry", "already_installed", "format"}."""
+        return asyncio.run(self._import(parse_reference(ref), api_base, progress))
+
+    def upload_model(self, progress: ProgressFn, url: str, filename: str, type: str, size_bytes: int | None = None,
+                     name: str | None = None, trigger_words: str | None = None,
+                     api_base: str = "https://civitai.com") -> dict[str, Any]:
+        """Add a file from a URL (a Discord attachment); CivitAI's metadata is looked up by its sha256."""
+        return asyncio.run(self._upload(url, filename, type, size_bytes, name, trigger_words, api_base, progress))
+
+    def delete_model(self, progress: ProgressFn, name: str) -> dict[str, Any]:
+        return asyncio.run(self._delete(name, progress))
+
+    def scan_library(self, progress: ProgressFn, adopt: bool = False, api_base: str = "https://civitai.com") -> dict[str, Any]:
+        """Untracked files and missing entries; with `adopt`, untracked files become entries."""
+        return asyncio.run(self._scan(adopt, api_base, progress))
+
+    # ------------------------------------------------------------ import
+
+    async def _client(self, api_base: str) -> CivitaiClient:
+        from modal_services.tokens import get_token
+
+        return CivitaiClient(api_base, await get_token(self.store, "civitai"))
+
+    async def _import(self, ref, api_base: str, progress: ProgressFn) -> dict[str, Any]:
+        progress(0.0, "reading CivitAI")
+        client = await self._client(api_base)
+        try:
+            plan = await asyncio.to_thread(plan_import, client, ref)
+            existing = await self.library.by_version(plan.version_id)
+            if existing is not None and not existing.missing:
+                return self._result(existing, already=True)
+            owner = uuid.uuid4().hex
+            async with self._locked(_lock_name(plan.version_id), owner, progress):
+                existing = await self.library.by_version(plan.version_id)
+                if existing is not None and not existing.missing:
+                    return self._result(existing, already=True)
+                entry = await self._fetch_and_install(client, plan, existing, owner, progress)
+        finally:
+            client.close()
+        return self._result(entry, already=False)
+
+    @contextlib.asynccontextmanager
+    async def _locked(self, name: str, owner: str, progress: ProgressFn):
+        while not await try_lock(self.store, name, owner):
+            progress(0.02, "waiting for another import of this version")
+            await asyncio.sleep(self.wait_poll)
+        beat = asyncio.create_task(self._heartbeat(name, owner))
+        try:
+            yield
+        finally:
+            beat.cancel()
+            await release_lock(self.store, name, owner)
+
+    async def _heartbeat(self, name: str, owner: str) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            await refresh_lock(self.store, name, owner)
+
+    async def _fetch_and_install(self, client: CivitaiClient, plan: ImportPlan, existing: LibraryEntry | None,
+                                 owner: str, progress: ProgressFn) -> LibraryEntry:
+        if existing is not None:
+            file_name = existing.file  # re-import of an entry whose file went missing
+        else:
+            fallback = f"civitai-{plan.version_id}"
+            file_name = unique_file_name(safe_file_name(plan.file_name, fallback), await self.library.taken_names())
+        incoming = self.loras_dir / INCOMING_DIR / f"{owner}-{file_name}"
+        try:
+            progress(0.03, f"downloading {file_name}")
+            resolved = await asyncio.to_thread(client.resolve_download, plan.download_url, plan.name)
+
+            def on_bytes(done: int, total: int | None) -> None:
+                total = total or plan.size_bytes or None
+                fraction = min(done / total, 1.0) if total else 0.0
+                progress(0.03 + 0.85 * fraction, f"downloading {file_name} · {_mib(done)}" + (f" / {_mib(total)}" if total else ""))
+
+            try:
+                downloaded = await asyncio.to_thread(
+                    download_file, resolved.url, incoming, headers=resolved.headers,
+                    expected_sha256=plan.sha256, progress=on_bytes,
+                )
+            except DownloadError as error:
+                raise _civitai_error(error, plan) from None
+            entry = LibraryEntry(
+                name=await self._free_name(plan.name, plan.version_name) if existing is None else existing.name,
+                file=file_name, type=plan.type, base_model=plan.base_model, trigger_words=plan.trigger_words,
+                weight=1.0 if plan.type == "lora" else None, size_bytes=downloaded.size, sha256=downloaded.sha256,
+                source="civitai", civitai_model_id=plan.model_id, civitai_version_id=plan.version_id,
+                tags=plan.tags, nsfw=plan.nsfw, thumbnail_url=plan.thumbnail(age_restricted_channel=False),
+            )
+            if existing is not None:
+                entry.trigger_words, entry.weight, entry.added_at = existing.trigger_words, existing.weight, existing.added_at
+            return await self._install(incoming, entry, progress)
+        finally:
+            _discard_incoming(incoming)
+
+    async def _install(self, incoming: Path, entry: LibraryEntry, progress: ProgressFn) -> LibraryEntry:
+        """Check (and convert) the file in `.incoming/`, rename it into place, commit, then write the entry."""
+        progress(0.9, "checking the file")
+        folder = self.library.folder(entry.type)
+        final = folder / entry.file
+        converted = incoming.with_name(incoming.name + ".converted")
+        try:
+            if entry.type == "lora":
+                from modal_services.lora_formats import normalize_lora
+
+                report = await asyncio.to_thread(normalize_lora, incoming, converted, self.layout)
+                entry.format = report.format
+            else:
+                await asyncio.to_thread(check_checkpoint, incoming)
+                report, entry.format = None, "checkpoint"
+            await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
+            if report is not None and report.converted:
+                original = folder / ORIGINALS_DIR / entry.file
+                await asyncio.to_thread(original.parent.mkdir, exist_ok=True)
+                await asyncio.to_thread(os.replace, incoming, original)
+                await asyncio.to_thread(os.replace, converted, final)
+                entry.original_file = f"{ORIGINALS_DIR}/{entry.file}"
+            else:
+                await asyncio.to_thread(os.replace, incoming, final)
+        finally:
+            converted.unlink(missing_ok=True)
+        await self._commit()
+        progress(0.98, "adding to the library")
+        return await self.library.add(entry)
+
+    async def _free_name(self, name: str, version_name: str) -> str:
+        """The model's name, with its version when another entry already has that name."""
+        taken = {entry.name.lower() for entry in await self.library.entries()}
+        if name.lower() not in taken:
+            return name
+        return clean_name(f"{name} {version_name}".strip()[:100])
+
+    def _result(self, entry: LibraryEntry, already: bool) -> dict[str, Any]:
+        return {"entry": self.library.to_json(entry), "already_installed": already}
+
+    async def _commit(self) -> None:
+        if self.commit_hook is not None:
+            await asyncio.to_thread(self.commit_hook)
+
+    # ------------------------------------------------------------ upload and adopt
+
+    async def _upload(self, url, filename, kind, size_bytes, name, trigger_words, api_base, progress) -> dict[str, Any]:
+        self.library.folder(kind)  # validates the type before any transfer
+        if not filename.lower().endswith(SUFFIX):
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "Only .safetensors files can be added (other formats run code when loaded).")
+        display = clean_name(name) if name else None
+        words = parse_trigger_words(trigger_words) if trigger_words else None
+        file_name = unique_file_name(safe_file_name(filename), await self.library.taken_names())
+        incoming = self.loras_dir / INCOMING_DIR / f"{uuid.uuid4().hex}-{file_name}"
+        try:
+            progress(0.0, f"receiving {file_name}")
+            try:
+                downloaded = await asyncio.to_thread(
+                    download_file, url, incoming, expected_size=size_bytes,
+                    progress=lambda done, total: progress(0.6 * done / total if total else 0.0, f"receiving {file_name}"),
+                )
+            except DownloadError as error:
+                raise ToolboxError(ErrorCode.INVALID_INPUT, f"The attachment could not be fetched ({error.message})") from None
+            same = await self.library.by_sha256(downloaded.sha256)
+            if same is not None and not same.missing:
+                return self._result(same, already=True)
+            entry = await self._describe(file_name, kind, downloaded.size, downloaded.sha256, api_base, progress)
+            if display:
+                entry.name = display
+            if words is not None:
+                entry.trigger_words = words
+            return self._result(await self._install(incoming, entry, progress), already=False)
+        finally:
+            _discard_incoming(incoming)
+
+    async def _describe(self, file_name: str, kind: str, size: int, sha256: str, api_base: str,
+                        progress: ProgressFn) -> LibraryEntry:
+        """An entry for a file, filled from CivitAI when it knows the hash (and agrees on the type)."""
+        progress(0.65, "looking the file up on CivitAI")
+        entry = LibraryEntry(name=file_name.removesuffix(SUFFIX), file=file_name, type=kind, size_bytes=size,
+                             sha256=sha256, source="upload", weight=1.0 if kind == "lora" else None)
+        client = await self._client(api_base)
+        try:
+            version = await asyncio.to_thread(client.version_by_hash, sha256)
+            model = await asyncio.to_thread(client.model, version["modelId"]) if version and version.get("modelId") else {}
+        except ToolboxError as error:
+            if error.code not in (ErrorCode.CIVITAI_UNAVAILABLE, ErrorCode.CIVITAI_AUTH_REQUIRED, ErrorCode.CIVITAI_NOT_FOUND):
+                raise
+            log.info("by-hash lookup skipped: %s", error.code.value)
+            return entry
+        finally:
+            client.close()
+        if not version:
+            return entry
+        plan = plan_from_metadata(version, model)  # SD 1.5, Flux, other types: refused here
+        if plan.type != kind:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"CivitAI knows this file as a {plan.civitai_type} ({plan.name}), not a {kind}.")
+        entry.name = await self._free_name(plan.name, plan.version_name)
+        entry.base_model, entry.trigger_words, entry.tags, entry.nsfw = plan.base_model, plan.trigger_words, plan.tags, plan.nsfw
+        entry.civitai_model_id, entry.civitai_version_id = plan.model_id, plan.version_id
+        entry.thumbnail_url = plan.thumbnail(age_restricted_channel=False)
+        return entry
+
+    async def _scan(self, adopt: bool, api_base: str, progress: ProgressFn) -> dict[str, Any]:
+        if self.reload_hook is not None:
+            await asyncio.to_thread(self.reload_hook)
+        progress(0.0, "scanning the library")
+        report = await self.library.scan()
+        adopted, failed = [], []
+        if adopt:
+            for index, item in enumerate(report.untracked):
+                progress(index / max(len(report.untracked), 1), f"adopting {item['file']}")
+                try:
+                    adopted.append(self.library.to_json(await self._adopt(item["file"], item["type"], api_base, progress)))
+                except ToolboxError as error:
+                    failed.append({"file": item["file"], "type": item["type"], **error.to_dict()})
+        return {**report.to_dict(), "adopted": adopted, "failed": failed}
+
+    async def _adopt(self, file_name: str, kind: str, api_base: str, progress: ProgressFn) -> LibraryEntry:
+        path = self.library.folder(kind) / file_name
+        incoming = self.loras_dir / INCOMING_DIR / f"{uuid.uuid4().hex}-{file_name}"
+        await asyncio.to_thread(incoming.parent.mkdir, parents=True, exist_ok=True)
+        # Moved aside while it is checked: a file that fails goes back untouched.
+        await asyncio.to_thread(os.replace, path, incoming)
+        try:
+            sha256 = await asyncio.to_thread(sha256_file, incoming)
+            entry = await self._describe(file_name, kind, incoming.stat().st_size, sha256, api_base, progress)
+            if entry.civitai_version_id is not None:
+                entry.source = "civitai"
+            return await self._install(incoming, entry, progress)
+        finally:
+            if incoming.exists():
+                await asyncio.to_thread(os.replace, incoming, path)
+
+    # ------------------------------------------------------------ delete
+
+    async def _delete(self, name: str, progress: ProgressFn) -> dict[str, Any]:
+        progress(0.0, "deleting")
+        entry = await self.library.delete(name)
+        await self._commit()
+        return {"entry": self.library.to_json(entry)}
+
+
+def check_checkpoint(path: Path) -> None:
+    """A single-file SDXL checkpoint: safetensors, with SDXL's UNet keys (read from the header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = set(handle.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ToolboxError(ErrorCode.MODEL_LOAD_FAILED, f"{path.name} is not a readable .safetensors file ({type(exc).__name__}).") from None
+    if not any(key.startswith("model.diffusion_model.") for key in keys):
+        raise ToolboxError(
+            ErrorCode.INCOMPATIBLE_MODEL,
+            "This file is not a single-file Stable Diffusion checkpoint (no `model.diffusion_model.` weights).",
+        )
+    if not all(key in keys for key in SDXL_CHECKPOINT_KEYS):
+        raise ToolboxError(ErrorCode.INCOMPATIBLE_MODEL, "This checkpoint is not SDXL (it looks like SD 1.x or 2.x).")
+
+
+def _civitai_error(error: DownloadError, plan: ImportPlan) -> ToolboxError:
+    """The downloader's failure in CivitAI's terms (its CHECKSUM_MISMATCH and STORAGE_FULL stay as they are)."""
+    if isinstance(error, DownloadHTTPError) and error.status in (401, 403):
+        return ToolboxError(ErrorCode.CIVITAI_AUTH_REQUIRED,
+                            f"CivitAI's storage refused the download of {plan.name} (HTTP {error.status}). "
+                            "If the model needs an account, an admin can set a CivitAI token with /setup; then retry.")
+    if isinstance(error, DownloadHTTPError) and error.status in (404, 410):
+        return ToolboxError(ErrorCode.CIVITAI_NOT_FOUND, f"The file of {plan.name} is gone from CivitAI's storage.")
+    if error.code in (ErrorCode.CHECKSUM_MISMATCH, ErrorCode.STORAGE_FULL):
+        return error
+    return ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, f"Downloading {plan.name} failed: {error.message} Try again later.")
+
+
+def _discard_incoming(path: Path) -> None:
+    for leftover in (path, path.with_name(path.name + ".partial"), path.with_name(path.name + ".converted")):
+        leftover.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()  # only when empty
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
