@@ -131,3 +131,53 @@ class DownloadService:
     @modal.method()
     async def verify(self, job_id: str, payload: dict) -> dict:
         return await self._run("verify", job_id, payload)
+
+
+# The model-library image: CPU only. LoRA checks and conversions need torch,
+# diffusers and transformers (layers built on the meta device: no weights, no GPU).
+model_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install("torch==2.9.1", index_url="https://download.pytorch.org/whl/cpu")
+    .pip_install("diffusers>=0.35", "transformers>=4.57", "safetensors>=0.4", "requests>=2.31", "huggingface_hub>=0.34")
+    .env({"HF_HUB_OFFLINE": "1"})
+    .add_local_python_source("modal_services")
+)
+
+
+@app.cls(
+    image=model_image,
+    volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
+    scaledown_window=60,
+    timeout=3 * 3600,  # a 7 GB checkpoint from a slow CivitAI storage node
+)
+class ModelService:
+    """/models file work: imports from CivitAI, uploads, deletes and scans of the LoRA volume."""
+
+    @modal.enter()
+    def load(self) -> None:
+        from modal_services.model_import import ModelEngine
+
+        self.store = ModalDictStore(state_dict)
+        self.engine = ModelEngine(LORAS_MOUNT, MODELS_MOUNT, self.store, commit=_commit_volumes, reload=_reload_volumes)
+        self.engine.load()
+
+    async def _run(self, kind: str, job_id: str, payload: dict):
+        await loras_volume.reload.aio()  # see files other containers committed
+        work = partial(run_on_engine, self.engine, SERVICES[kind], payload)
+        return await run_job(self.store, job_id, work)
+
+    @modal.method()
+    async def import_model(self, job_id: str, payload: dict) -> dict:
+        return await self._run("model_import", job_id, payload)
+
+    @modal.method()
+    async def upload_model(self, job_id: str, payload: dict) -> dict:
+        return await self._run("model_upload", job_id, payload)
+
+    @modal.method()
+    async def delete_model(self, job_id: str, payload: dict) -> dict:
+        return await self._run("model_delete", job_id, payload)
+
+    @modal.method()
+    async def scan_library(self, job_id: str, payload: dict) -> dict:
+        return await self._run("model_scan", job_id, payload)

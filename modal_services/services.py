@@ -45,6 +45,14 @@ def _download_engine(models_dir: Path) -> Engine:
     return DownloadEngine.for_data_dir(models_dir.parent)
 
 
+def _model_engine(models_dir: Path) -> Engine:
+    # The local backend's, like the download engine's; the Modal ModelService
+    # builds its own over the volumes and the state Dict.
+    from modal_services.model_import import ModelEngine
+
+    return ModelEngine.for_data_dir(models_dir.parent)
+
+
 def _upscale_engine(models_dir: Path) -> Engine:
     from modal_services.upscale import UpscaleEngine
 
@@ -56,6 +64,11 @@ SERVICES: dict[str, ServiceSpec] = {
     "download": ServiceSpec("download", "DownloadService", "download", _download_engine),
     "verify": ServiceSpec("verify", "DownloadService", "verify", _download_engine),
     "upscale": ServiceSpec("upscale", "UpscaleService", "upscale", _upscale_engine),
+    # The model library's file work (/models): CivitAI imports, uploads, deletes, scans.
+    "model_import": ServiceSpec("model_import", "ModelService", "import_model", _model_engine),
+    "model_upload": ServiceSpec("model_upload", "ModelService", "upload_model", _model_engine),
+    "model_delete": ServiceSpec("model_delete", "ModelService", "delete_model", _model_engine),
+    "model_scan": ServiceSpec("model_scan", "ModelService", "scan_library", _model_engine),
 }
 
 
