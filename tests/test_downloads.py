@@ -236,7 +236,6 @@ def test_helpers():
 # ---------------------------------------------------------------------------
 
 import asyncio
-import threading
 import time
 
 from modal_services.downloads import (
