@@ -163,7 +163,7 @@ class ModelEngine:
         else:
             fallback = f"civitai-{plan.version_id}"
             file_name = unique_file_name(safe_file_name(plan.file_name, fallback), await self.library.taken_names())
-        incoming = self.loras_dir / INCOMING_DIR / f"{owner}-{file_name}"
+        incoming = self.loras_dir / INCOMING_DIR / owner / file_name
         try:
             progress(0.03, f"downloading {file_name}")
             resolved = await asyncio.to_thread(client.resolve_download, plan.download_url, plan.name)
@@ -246,7 +246,7 @@ class ModelEngine:
         display = clean_name(name) if name else None
         words = parse_trigger_words(trigger_words) if trigger_words else None
         file_name = unique_file_name(safe_file_name(filename), await self.library.taken_names())
-        incoming = self.loras_dir / INCOMING_DIR / f"{uuid.uuid4().hex}-{file_name}"
+        incoming = self.loras_dir / INCOMING_DIR / uuid.uuid4().hex / file_name
         try:
             progress(0.0, f"receiving {file_name}")
             try:
@@ -313,7 +313,7 @@ class ModelEngine:
 
     async def _adopt(self, file_name: str, kind: str, api_base: str, progress: ProgressFn) -> LibraryEntry:
         path = self.library.folder(kind) / file_name
-        incoming = self.loras_dir / INCOMING_DIR / f"{uuid.uuid4().hex}-{file_name}"
+        incoming = self.loras_dir / INCOMING_DIR / uuid.uuid4().hex / file_name
         await asyncio.to_thread(incoming.parent.mkdir, parents=True, exist_ok=True)
         # Moved aside while it is checked: a file that fails goes back untouched.
         await asyncio.to_thread(os.replace, path, incoming)
@@ -326,6 +326,7 @@ class ModelEngine:
         finally:
             if incoming.exists():
                 await asyncio.to_thread(os.replace, incoming, path)
+            _discard_incoming(incoming)
 
     # ------------------------------------------------------------ delete
 
@@ -368,10 +369,12 @@ def _civitai_error(error: DownloadError, plan: ImportPlan) -> ToolboxError:
 
 
 def _discard_incoming(path: Path) -> None:
+    """Remove a job's staging folder (`.incoming/<job>/`) and whatever is left in it."""
     for leftover in (path, path.with_name(path.name + ".partial"), path.with_name(path.name + ".converted")):
         leftover.unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        path.parent.rmdir()  # only when empty
+    for folder in (path.parent, path.parent.parent):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty: another job may be using `.incoming/`
 
 
 def _mib(n: int) -> str:
