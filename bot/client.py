@@ -14,7 +14,7 @@ from bot.settings import Settings
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.caption", "cogs.setup")
+EXTENSIONS = ("cogs.caption", "cogs.setup", "cogs.models")
 
 
 class ToolboxBot(commands.Bot):

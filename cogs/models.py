@@ -1,0 +1,363 @@
+"""/models: import LoRAs and checkpoints from CivitAI, browse and edit the library, switch the checkpoint.
+
+`list` and `info` (and showing the active checkpoint) are open to everyone;
+`import`, `edit`, `delete`, `upload`, `checkpoint <name>` and `scan` are for
+server administrators, checked in code (Discord's default permissions are a
+hint that does not reach subcommands). Library reads come from the state
+store only, so autocomplete answers in milliseconds; file work (downloads,
+deletes, uploads) runs as jobs on the workers, which see the volume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import PurePath
+from typing import Any, Awaitable, Callable
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.progress import ReplyEditor, follow_job, render_job
+from bot.replies import as_toolbox_error, error_text, send_error
+from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_import
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.layout import LORAS_MOUNT, MODELS_MOUNT
+from modal_services.library import DEFAULT_CHECKPOINT, Library, LibraryEntry
+
+PAGE_SIZE = 8
+VIEW_TIMEOUT = 300.0
+TYPE_CHOICES = [app_commands.Choice(name="LoRA", value="lora"), app_commands.Choice(name="Checkpoint", value="checkpoint")]
+
+
+def is_admin(interaction: discord.Interaction) -> bool:
+    permissions = getattr(interaction.user, "guild_permissions", None)
+    return interaction.guild_id is not None and permissions is not None and permissions.administrator
+
+
+def require_admin(interaction: discord.Interaction, what: str) -> None:
+    if not is_admin(interaction):
+        raise ToolboxError(ErrorCode.PERMISSION_DENIED, f"Only server administrators can {what}.")
+
+
+def age_restricted(interaction: discord.Interaction) -> bool:
+    channel = interaction.channel
+    is_nsfw = getattr(channel, "is_nsfw", None)
+    return bool(is_nsfw()) if callable(is_nsfw) else False
+
+
+def size_text(n: int | None) -> str:
+    if not n:
+        return "unknown"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _escape(text: str) -> str:
+    return discord.utils.escape_markdown(text or "")
+
+
+def plan_embed(plan: ImportPlan, age_ok: bool) -> discord.Embed:
+    embed = discord.Embed(title=f"{plan.name} · {plan.version_name}"[:256], url=plan.page_url,
+                          description=(plan.description[:300] + ("…" if len(plan.description) > 300 else "")) or None)
+    embed.add_field(name="Type", value=f"{plan.civitai_type} → {plan.type}")
+    embed.add_field(name="Base model", value=plan.base_model or "unknown")
+    embed.add_field(name="Size", value=size_text(plan.size_bytes))
+    embed.add_field(name="File", value=f"`{_escape(plan.file_name)}`"[:1024])
+    embed.add_field(name="Format", value=f"{plan.format}" + (f" · {plan.precision}" if plan.precision else ""))
+    embed.add_field(name="Trigger words", value=(", ".join(plan.trigger_words) or "none")[:1024], inline=False)
+    thumbnail = plan.thumbnail(age_ok)
+    if thumbnail:
+        embed.set_thumbnail(url=thumbnail)
+    if plan.nsfw:
+        embed.set_footer(text="Marked NSFW on CivitAI")
+    return embed
+
+
+def entry_embed(entry: LibraryEntry | dict, age_ok: bool, title_prefix: str = "") -> discord.Embed:
+    entry = LibraryEntry.from_dict(entry) if isinstance(entry, dict) else entry
+    embed = discord.Embed(title=f"{title_prefix}{entry.name}"[:256])
+    embed.add_field(name="Type", value=entry.type + (f" · {entry.format}" if entry.format and entry.format != entry.type else ""))
+    embed.add_field(name="Base model", value=entry.base_model or "unknown")
+    embed.add_field(name="Size", value=size_text(entry.size_bytes))
+    embed.add_field(name="File", value=f"`{_escape(entry.file)}`"[:1024])
+    if entry.type == "lora":
+        embed.add_field(name="Weight", value=f"{entry.weight if entry.weight is not None else 1.0:g}")
+    embed.add_field(name="Source", value=entry.source + (
+        f" · [CivitAI](https://civitai.com/models/{entry.civitai_model_id}?modelVersionId={entry.civitai_version_id})"
+        if entry.civitai_model_id else ""))
+    embed.add_field(name="Trigger words", value=(", ".join(entry.trigger_words) or "none")[:1024], inline=False)
+    if entry.tags:
+        embed.add_field(name="Tags", value=", ".join(entry.tags)[:1024], inline=False)
+    if entry.missing:
+        embed.add_field(name="⚠️ Missing", value="The file is gone from the volume: import it again or delete the entry.", inline=False)
+    if entry.thumbnail_url and (age_ok or not entry.nsfw):
+        embed.set_thumbnail(url=entry.thumbnail_url)
+    embed.set_footer(text=f"added {entry.added_at}")
+    return embed
+
+
+def list_text(entries: list[LibraryEntry], page: int, heading: str) -> str:
+    pages = max(1, -(-len(entries) // PAGE_SIZE))
+    page = min(max(page, 0), pages - 1)
+    lines = [f"**{heading}** · {len(entries)} model{'s' if len(entries) != 1 else ''} · page {page + 1}/{pages}"]
+    for entry in entries[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]:
+        triggers = f" · triggers: {_escape(', '.join(entry.trigger_words))[:120]}" if entry.trigger_words else ""
+        flag = " ⚠️ missing" if entry.missing else ""
+        lines.append(f"• **{_escape(entry.name)}** ({entry.type}, {entry.base_model or '?'}, {size_text(entry.size_bytes)})"
+                     f"{triggers}{flag}\n  `{_escape(entry.file)}`")
+    if not entries:
+        lines.append("Nothing here yet. Admins can add models with `/models import`.")
+    return "\n".join(lines)[:2000]
+
+
+class OwnedView(discord.ui.View):
+    """Buttons only the person who ran the command can press."""
+
+    def __init__(self, owner_id: int, timeout: float = VIEW_TIMEOUT):
+        super().__init__(timeout=timeout)
+        self.owner_id = owner_id
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if interaction.user.id != self.owner_id:
+            await interaction.response.send_message("These buttons belong to whoever ran the command.", ephemeral=True)
+            return False
+        return True
+
+    def disable(self) -> None:
+        for item in self.children:
+            item.disabled = True
+
+
+class ConfirmView(OwnedView):
+    """A confirm/cancel pair; `on_confirm(interaction)` runs when the owner confirms."""
+
+    def __init__(self, owner_id: int, confirm_label: str, style: discord.ButtonStyle,
+                 on_confirm: Callable[[discord.Interaction], Awaitable[None]]):
+        super().__init__(owner_id)
+        self.on_confirm = on_confirm
+        self.confirm.label = confirm_label
+        self.confirm.style = style
+
+    @discord.ui.button(label="Confirm", style=discord.ButtonStyle.primary)
+    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        self.disable()
+        self.stop()
+        await interaction.response.edit_message(view=self)
+        try:
+            await self.on_confirm(interaction)
+        except Exception as exc:  # a button has no command error handler: show it in the message
+            await interaction.edit_original_response(content=error_text(as_toolbox_error(exc)), embed=None, view=None)
+
+    @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
+    async def cancel(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        self.disable()
+        self.stop()
+        await interaction.response.edit_message(content="Cancelled.", embed=None, view=None)
+
+
+class ListView(OwnedView):
+    def __init__(self, owner_id: int, entries: list[LibraryEntry], heading: str):
+        super().__init__(owner_id)
+        self.entries, self.heading, self.page = entries, heading, 0
+        self.pages = max(1, -(-len(entries) // PAGE_SIZE))
+        self._sync()
+
+    def text(self) -> str:
+        return list_text(self.entries, self.page, self.heading)
+
+    def _sync(self) -> None:
+        self.previous.disabled = self.page == 0
+        self.next.disabled = self.page >= self.pages - 1
+
+    async def _turn(self, interaction: discord.Interaction, step: int) -> None:
+        self.page = min(max(self.page + step, 0), self.pages - 1)
+        self._sync()
+        await interaction.response.edit_message(content=self.text(), view=self)
+
+    @discord.ui.button(label="◀ Previous", style=discord.ButtonStyle.secondary)
+    async def previous(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        await self._turn(interaction, -1)
+
+    @discord.ui.button(label="Next ▶", style=discord.ButtonStyle.secondary)
+    async def next(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        await self._turn(interaction, 1)
+
+
+class Models(commands.Cog):
+    models = app_commands.Group(name="models", description="LoRAs and checkpoints: import from CivitAI, browse, manage")
+
+    def __init__(self, bot: commands.Bot):
+        self.bot = bot
+        settings = bot.settings
+        local = settings.backend == "local"
+        # The bot of a Modal deployment does not see the volume: it reads entries only.
+        self.library = Library(bot.backend.store, settings.loras_dir if local else LORAS_MOUNT,
+                               settings.models_dir if local else MODELS_MOUNT, files_visible=local)
+
+    # ------------------------------------------------------------ helpers
+
+    async def civitai_client(self) -> CivitaiClient:
+        from modal_services.tokens import get_token
+
+        token = await get_token(self.bot.backend.store, "civitai") or self.bot.settings.civitai_token
+        return CivitaiClient(self.bot.settings.civitai_api_base, token)
+
+    async def run_job(self, interaction: discord.Interaction, kind: str, payload: dict[str, Any], title: str) -> Any:
+        """Submit a job and show its progress by editing the interaction's message until it ends."""
+        backend = self.bot.backend
+        job = await backend.submit(kind, payload, owner={"user_id": interaction.user.id, "guild_id": interaction.guild_id,
+                                                         "channel_id": interaction.channel_id}, meta={"title": title})
+        editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, embed=None, view=None))
+        return await follow_job(backend, job.id, lambda record: editor.show(render_job(record, title)))
+
+    async def name_autocomplete(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return [app_commands.Choice(name=label, value=value) for label, value in await self.library.choices(current)]
+
+    async def checkpoint_autocomplete(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return [app_commands.Choice(name=label, value=value) for label, value in await self.library.checkpoint_choices(current)]
+
+    # ------------------------------------------------------------ import
+
+    @models.command(name="import", description="Import a LoRA or checkpoint from CivitAI (admins)")
+    @app_commands.describe(source="A CivitAI link, model id, v:<version id>, download link or AIR URN")
+    async def import_(self, interaction: discord.Interaction, source: app_commands.Range[str, 1, 500]) -> None:
+        require_admin(interaction, "import models")
+        ref = parse_reference(source)
+        await interaction.response.defer(thinking=True)
+        client = await self.civitai_client()
+        try:
+            plan = await asyncio.to_thread(plan_import, client, ref)
+        finally:
+            client.close()
+        age_ok = age_restricted(interaction)
+        installed = await self.library.by_version(plan.version_id)
+        if installed is not None and not installed.missing:
+            await interaction.edit_original_response(content="Already installed:", embed=entry_embed(installed, age_ok))
+            return
+
+        async def download(button_interaction: discord.Interaction) -> None:
+            result = await self.run_job(button_interaction, "model_import",
+                                        {"ref": f"v:{plan.version_id}", "api_base": self.bot.settings.civitai_api_base},
+                                        f"Importing {plan.name}")
+            heading = "Already installed:" if result["already_installed"] else "✅ Imported:"
+            await button_interaction.edit_original_response(content=heading, embed=entry_embed(result["entry"], age_ok), view=None)
+
+        view = ConfirmView(interaction.user.id, "Download", discord.ButtonStyle.success, download)
+        await interaction.edit_original_response(content=f"Import this {plan.type} ({size_text(plan.size_bytes)})?",
+                                                 embed=plan_embed(plan, age_ok), view=view)
+
+    # ------------------------------------------------------------ browsing
+
+    @models.command(name="list", description="Browse the model library")
+    @app_commands.describe(type="Only LoRAs or only checkpoints", query="Search names, tags and trigger words")
+    @app_commands.choices(type=TYPE_CHOICES)
+    async def list_(self, interaction: discord.Interaction, type: app_commands.Choice[str] | None = None,
+                    query: app_commands.Range[str, 1, 100] | None = None) -> None:
+        found = await self.library.search(query, type.value if type else None)
+        heading = "Model library" + (f" · {type.name}s" if type else "") + (f" · “{_escape(query)}”" if query else "")
+        view = ListView(interaction.user.id, found, heading)
+        await interaction.response.send_message(view.text(), view=view if view.pages > 1 else discord.utils.MISSING,
+                                                ephemeral=True)
+
+    @models.command(name="info", description="Details of one model")
+    @app_commands.describe(name="The model")
+    @app_commands.autocomplete(name=name_autocomplete)
+    async def info(self, interaction: discord.Interaction, name: str) -> None:
+        entry = await self.library.find(name)
+        active = await self.library.active_checkpoint()
+        prefix = "⭐ " if active["file"] == entry.file else ""
+        await interaction.response.send_message(embed=entry_embed(entry, age_restricted(interaction), prefix), ephemeral=True)
+
+    # ------------------------------------------------------------ admin verbs
+
+    @models.command(name="edit", description="Rename a model, set its trigger words or default weight (admins)")
+    @app_commands.describe(name="The model", display_name="New name", trigger_words="Comma-separated",
+                           weight="Default LoRA weight")
+    @app_commands.autocomplete(name=name_autocomplete)
+    async def edit(self, interaction: discord.Interaction, name: str,
+                   display_name: app_commands.Range[str, 1, 100] | None = None,
+                   trigger_words: app_commands.Range[str, 0, 1000] | None = None,
+                   weight: app_commands.Range[float, -4.0, 4.0] | None = None) -> None:
+        require_admin(interaction, "edit models")
+        entry = await self.library.edit(name, display_name, trigger_words, weight)
+        await interaction.response.send_message("✅ Updated:", embed=entry_embed(entry, age_restricted(interaction)), ephemeral=True)
+
+    @models.command(name="delete", description="Delete a model and its file (admins)")
+    @app_commands.describe(name="The model")
+    @app_commands.autocomplete(name=name_autocomplete)
+    async def delete(self, interaction: discord.Interaction, name: str) -> None:
+        require_admin(interaction, "delete models")
+        entry = await self.library.find(name)
+        active = await self.library.active_checkpoint()
+        if active["file"] == entry.file:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"{entry.name} is the active checkpoint. Switch to another one first.")
+
+        async def confirmed(button_interaction: discord.Interaction) -> None:
+            result = await self.run_job(button_interaction, "model_delete", {"name": entry.file}, f"Deleting {entry.name}")
+            await button_interaction.edit_original_response(
+                content=f"🗑️ Deleted **{_escape(result['entry']['name'])}** (`{_escape(result['entry']['file'])}`).", view=None)
+
+        view = ConfirmView(interaction.user.id, "Delete", discord.ButtonStyle.danger, confirmed)
+        await interaction.response.send_message(f"Delete **{_escape(entry.name)}** and its file ({size_text(entry.size_bytes)})?",
+                                                embed=entry_embed(entry, age_restricted(interaction)), view=view)
+
+    @models.command(name="checkpoint", description="Show the active checkpoint, or switch to another (admins)")
+    @app_commands.describe(name="The checkpoint to use (leave empty to see the current one)")
+    @app_commands.autocomplete(name=checkpoint_autocomplete)
+    async def checkpoint(self, interaction: discord.Interaction, name: str | None = None) -> None:
+        if name is None:
+            active = await self.library.active_checkpoint()
+            await interaction.response.send_message(f"Active checkpoint: **{_escape(active['name'])}**", ephemeral=True)
+            return
+        require_admin(interaction, "switch the checkpoint")
+        active = await self.library.set_active_checkpoint(name)
+        note = "" if active["key"] == DEFAULT_CHECKPOINT else " The upscaler loads it on its next job."
+        await interaction.response.send_message(f"✅ Active checkpoint: **{_escape(active['name'])}**.{note}")
+
+    @models.command(name="upload", description="Add a .safetensors LoRA or checkpoint from an attachment (admins)")
+    @app_commands.describe(file="A .safetensors file", type="What it is", name="Display name",
+                           trigger_words="Comma-separated")
+    @app_commands.choices(type=TYPE_CHOICES)
+    async def upload(self, interaction: discord.Interaction, file: discord.Attachment, type: app_commands.Choice[str],
+                     name: app_commands.Range[str, 1, 100] | None = None,
+                     trigger_words: app_commands.Range[str, 0, 1000] | None = None) -> None:
+        require_admin(interaction, "upload models")
+        if PurePath(file.filename).suffix.lower() != ".safetensors":
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "Only .safetensors files can be added (.ckpt/.pt/.bin run code when loaded).")
+        if not file.size:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "That file is empty.")
+        await interaction.response.defer(thinking=True)
+        result = await self.run_job(interaction, "model_upload", {
+            "url": file.url, "filename": file.filename, "type": type.value, "size_bytes": file.size,
+            "name": name, "trigger_words": trigger_words, "api_base": self.bot.settings.civitai_api_base,
+        }, f"Adding {file.filename}")
+        heading = "Already in the library:" if result["already_installed"] else "✅ Added:"
+        await interaction.edit_original_response(content=heading, embed=entry_embed(result["entry"], age_restricted(interaction)))
+
+    @models.command(name="scan", description="Find files with no entry and entries with no file (admins)")
+    @app_commands.describe(adopt="Add the untracked files to the library")
+    async def scan(self, interaction: discord.Interaction, adopt: bool = False) -> None:
+        require_admin(interaction, "scan the library")
+        await interaction.response.defer(thinking=True, ephemeral=True)
+        report = await self.run_job(interaction, "model_scan", {"adopt": adopt, "api_base": self.bot.settings.civitai_api_base},
+                                    "Scanning the library")
+        await interaction.edit_original_response(content=scan_text(report))
+
+
+def scan_text(report: dict[str, Any]) -> str:
+    lines = ["**Library scan**"]
+    lines.append(f"Untracked files: {len(report['untracked'])}" + "".join(
+        f"\n• `{_escape(item['file'])}` ({item['type']}, {size_text(item['size_bytes'])})" for item in report["untracked"][:15]))
+    lines.append(f"Entries whose file is missing: {len(report['missing'])}" + "".join(
+        f"\n• `{_escape(file)}`" for file in report["missing"][:15]))
+    if report.get("adopted"):
+        lines.append("Adopted: " + ", ".join(f"`{_escape(e['file'])}`" for e in report["adopted"][:15]))
+    if report.get("failed"):
+        lines.append("Not adopted: " + "; ".join(f"`{_escape(f['file'])}`: {f['message']}" for f in report["failed"][:10]))
+    if report["untracked"] and not report.get("adopted") and not report.get("failed"):
+        lines.append("Run `/models scan adopt:True` to add the untracked files.")
+    return "\n".join(lines)[:2000]
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Models(bot))
