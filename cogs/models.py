@@ -56,13 +56,18 @@ def _escape(text: str) -> str:
     return discord.utils.escape_markdown(text or "")
 
 
+def _code(text: str) -> str:
+    # Markdown escapes show literally inside a code span: only backticks need care there.
+    return "`" + (text or "").replace("`", "'") + "`"
+
+
 def plan_embed(plan: ImportPlan, age_ok: bool) -> discord.Embed:
     embed = discord.Embed(title=f"{plan.name} · {plan.version_name}"[:256], url=plan.page_url,
                           description=(plan.description[:300] + ("…" if len(plan.description) > 300 else "")) or None)
     embed.add_field(name="Type", value=f"{plan.civitai_type} → {plan.type}")
     embed.add_field(name="Base model", value=plan.base_model or "unknown")
     embed.add_field(name="Size", value=size_text(plan.size_bytes))
-    embed.add_field(name="File", value=f"`{_escape(plan.file_name)}`"[:1024])
+    embed.add_field(name="File", value=_code(plan.file_name)[:1024])
     embed.add_field(name="Format", value=f"{plan.format}" + (f" · {plan.precision}" if plan.precision else ""))
     embed.add_field(name="Trigger words", value=(", ".join(plan.trigger_words) or "none")[:1024], inline=False)
     thumbnail = plan.thumbnail(age_ok)
@@ -79,7 +84,7 @@ def entry_embed(entry: LibraryEntry | dict, age_ok: bool, title_prefix: str = ""
     embed.add_field(name="Type", value=entry.type + (f" · {entry.format}" if entry.format and entry.format != entry.type else ""))
     embed.add_field(name="Base model", value=entry.base_model or "unknown")
     embed.add_field(name="Size", value=size_text(entry.size_bytes))
-    embed.add_field(name="File", value=f"`{_escape(entry.file)}`"[:1024])
+    embed.add_field(name="File", value=_code(entry.file)[:1024])
     if entry.type == "lora":
         embed.add_field(name="Weight", value=f"{entry.weight if entry.weight is not None else 1.0:g}")
     embed.add_field(name="Source", value=entry.source + (
@@ -104,7 +109,7 @@ def list_text(entries: list[LibraryEntry], page: int, heading: str) -> str:
         triggers = f" · triggers: {_escape(', '.join(entry.trigger_words))[:120]}" if entry.trigger_words else ""
         flag = " ⚠️ missing" if entry.missing else ""
         lines.append(f"• **{_escape(entry.name)}** ({entry.type}, {entry.base_model or '?'}, {size_text(entry.size_bytes)})"
-                     f"{triggers}{flag}\n  `{_escape(entry.file)}`")
+                     f"{triggers}{flag}\n  {_code(entry.file)}")
     if not entries:
         lines.append("Nothing here yet. Admins can add models with `/models import`.")
     return "\n".join(lines)[:2000]
@@ -295,7 +300,7 @@ class Models(commands.Cog):
         async def confirmed(button_interaction: discord.Interaction) -> None:
             result = await self.run_job(button_interaction, "model_delete", {"name": entry.file}, f"Deleting {entry.name}")
             await button_interaction.edit_original_response(
-                content=f"🗑️ Deleted **{_escape(result['entry']['name'])}** (`{_escape(result['entry']['file'])}`).", view=None)
+                content=f"🗑️ Deleted **{_escape(result['entry']['name'])}** ({_code(result['entry']['file'])}).", view=None)
 
         view = ConfirmView(interaction.user.id, "Delete", discord.ButtonStyle.danger, confirmed)
         await interaction.response.send_message(f"Delete **{_escape(entry.name)}** and its file ({size_text(entry.size_bytes)})?",
@@ -347,13 +352,13 @@ class Models(commands.Cog):
 def scan_text(report: dict[str, Any]) -> str:
     lines = ["**Library scan**"]
     lines.append(f"Untracked files: {len(report['untracked'])}" + "".join(
-        f"\n• `{_escape(item['file'])}` ({item['type']}, {size_text(item['size_bytes'])})" for item in report["untracked"][:15]))
+        f"\n• {_code(item['file'])} ({item['type']}, {size_text(item['size_bytes'])})" for item in report["untracked"][:15]))
     lines.append(f"Entries whose file is missing: {len(report['missing'])}" + "".join(
-        f"\n• `{_escape(file)}`" for file in report["missing"][:15]))
+        f"\n• {_code(file)}" for file in report["missing"][:15]))
     if report.get("adopted"):
-        lines.append("Adopted: " + ", ".join(f"`{_escape(e['file'])}`" for e in report["adopted"][:15]))
+        lines.append("Adopted: " + ", ".join(_code(e['file']) for e in report["adopted"][:15]))
     if report.get("failed"):
-        lines.append("Not adopted: " + "; ".join(f"`{_escape(f['file'])}`: {f['message']}" for f in report["failed"][:10]))
+        lines.append("Not adopted: " + "; ".join(f"{_code(f['file'])}: {f['message']}" for f in report["failed"][:10]))
     if report["untracked"] and not report.get("adopted") and not report.get("failed"):
         lines.append("Run `/models scan adopt:True` to add the untracked files.")
     return "\n".join(lines)[:2000]
