@@ -41,7 +41,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="base models, tokens and the running download")
     status.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    _add_models_parser(commands)
     return parser
+
+
+def _add_models_parser(commands) -> None:
+    models = commands.add_parser("models", help="the LoRA and checkpoint library (CivitAI imports)")
+    verbs = models.add_subparsers(dest="verb", required=True)
+    do_import = verbs.add_parser("import", help="import from CivitAI: URL, model id, v:<version id>, AIR")
+    do_import.add_argument("ref", metavar="REF")
+    do_import.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    do_import.add_argument("--json", action="store_true", help="print the library entry as JSON")
+    listing = verbs.add_parser("list", help="list the library")
+    listing.add_argument("--type", choices=("lora", "checkpoint"))
+    listing.add_argument("--query", help="search names, tags and trigger words")
+    listing.add_argument("--json", action="store_true")
+    info = verbs.add_parser("info", help="one model's details")
+    info.add_argument("name", metavar="NAME")
+    info.add_argument("--json", action="store_true")
+    edit = verbs.add_parser("edit", help="rename, set trigger words or default weight")
+    edit.add_argument("name", metavar="NAME")
+    edit.add_argument("--name", dest="display_name", metavar="N")
+    edit.add_argument("--triggers", metavar='"a, b"')
+    edit.add_argument("--weight", type=float, metavar="W")
+    delete = verbs.add_parser("delete", help="delete a model and its file")
+    delete.add_argument("name", metavar="NAME")
+    delete.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    use = verbs.add_parser("use", help="set the active checkpoint (illustrious-xl for the default)")
+    use.add_argument("checkpoint", metavar="CHECKPOINT")
+    scan = verbs.add_parser("scan", help="untracked files and entries whose file is missing")
+    scan.add_argument("--adopt", action="store_true", help="add the untracked files to the library")
+    scan.add_argument("--json", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(setup_models(settings, args.only))
         elif args.command == "status":
             asyncio.run(show_status(settings, args.json))
+        elif args.command == "models":
+            asyncio.run(models_command(settings, args))
     except ToolboxError as error:
         print(f"error: {error.code.value}: {error.message}", file=sys.stderr)
         return 2 if error.code is ErrorCode.INVALID_INPUT else 1
@@ -216,3 +248,114 @@ async def show_status(settings: Settings, as_json: bool) -> None:
         print(f"download running: job {document['active_download']}")
     if document["active_checkpoint"]:
         print(f"active checkpoint: {document['active_checkpoint']}")
+
+
+# -- toolbox models ------------------------------------------------------------------
+
+def _confirm(question: str, yes: bool) -> None:
+    """Ask on a terminal; refuse (no prompt to hang on) when stdin is not one and --yes is missing."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise ToolboxError(ErrorCode.INVALID_INPUT, "Confirmation needed: run again with --yes.")
+    if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+        raise ToolboxError(ErrorCode.CANCELLED, "Nothing was changed.")
+
+
+def _entry_lines(document: dict) -> str:
+    words = ", ".join(document["trigger_words"]) or "none"
+    weight = f", weight {document['weight']:g}" if document.get("weight") is not None else ""
+    missing = "  [file missing]" if document.get("missing") else ""
+    return (f"{document['name']}  ({document['type']}, {document.get('base_model') or '?'}{weight}){missing}\n"
+            f"  file: {document['path']}\n  triggers: {words}\n  size: {document['size_bytes'] / 2**20:.1f} MiB"
+            f"  sha256: {document.get('sha256') or '?'}  source: {document['source']}")
+
+
+async def _run_with_bar(backend: Backend, kind: str, payload: dict, title: str):
+    job = await backend.submit(kind, payload, meta={"title": title})
+    with tqdm(total=100, unit="%", desc=title, disable=None, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}") as bar:
+        async def show(record) -> None:
+            bar.n = round(record.progress * 100)
+            bar.set_postfix_str(record.stage[:60])
+            bar.refresh()
+
+        result = await follow_job(backend, job.id, show)
+        bar.n = 100
+        bar.refresh()
+    return result
+
+
+async def models_command(settings: Settings, args: argparse.Namespace) -> None:
+    import json
+
+    from modal_services.civitai import CivitaiClient, parse_reference, plan_import
+    from modal_services.library import Library
+    from modal_services.tokens import get_token
+
+    ref = parse_reference(args.ref) if args.verb == "import" else None  # bad input fails before anything starts
+    backend = make_backend(settings)
+    library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+    try:
+        if args.verb == "import":
+            client = CivitaiClient(settings.civitai_api_base,
+                                   await get_token(backend.store, "civitai") or settings.civitai_token)
+            try:
+                plan = await asyncio.to_thread(plan_import, client, ref)
+            finally:
+                client.close()
+            installed = await library.by_version(plan.version_id)
+            if installed is None or installed.missing:
+                print(f"{plan.name} · {plan.version_name}: {plan.civitai_type} for {plan.base_model}, "
+                      f"{plan.file_name} ({plan.size_bytes / 2**20:.1f} MiB, {plan.format})\n"
+                      f"  triggers: {', '.join(plan.trigger_words) or 'none'}\n  {plan.page_url}", file=sys.stderr)
+                _confirm("Download it?", args.yes)
+                result = await _run_with_bar(backend, "model_import",
+                                             {"ref": f"v:{plan.version_id}", "api_base": settings.civitai_api_base},
+                                             f"importing {plan.name}")
+                document = result["entry"]
+            else:
+                document = library.to_json(installed)
+                print("already installed", file=sys.stderr)
+            print(json.dumps(document, indent=2) if args.json else _entry_lines(document))
+        elif args.verb == "list":
+            found = await library.search(args.query, args.type)
+            if args.json:
+                print(json.dumps([library.to_json(entry) for entry in found], indent=2))
+            else:
+                active = (await library.active_checkpoint())["file"]
+                for entry in found:
+                    star = "*" if entry.file == active else " "
+                    missing = "  [file missing]" if entry.missing else ""
+                    print(f"{star} {entry.type:10} {entry.name[:40]:40} {entry.file}{missing}")
+                if not found:
+                    print("no models", file=sys.stderr)
+        elif args.verb == "info":
+            document = library.to_json(await library.find(args.name))
+            print(json.dumps(document, indent=2) if args.json else _entry_lines(document))
+        elif args.verb == "edit":
+            entry = await library.edit(args.name, args.display_name, args.triggers, args.weight)
+            print(_entry_lines(library.to_json(entry)))
+        elif args.verb == "delete":
+            entry = await library.find(args.name)
+            if (await library.active_checkpoint())["file"] == entry.file:
+                raise ToolboxError(ErrorCode.INVALID_INPUT, f"{entry.name} is the active checkpoint: `toolbox models use` another first.")
+            _confirm(f"Delete {entry.name} ({entry.file})?", args.yes)
+            await _run_with_bar(backend, "model_delete", {"name": entry.file}, f"deleting {entry.name}")
+            print(f"deleted {entry.file}")
+        elif args.verb == "use":
+            active = await library.set_active_checkpoint(args.checkpoint)
+            print(f"active checkpoint: {active['name']} ({active['path']})")
+        elif args.verb == "scan":
+            report = await _run_with_bar(backend, "model_scan",
+                                         {"adopt": args.adopt, "api_base": settings.civitai_api_base}, "scanning")
+            if args.json:
+                print(json.dumps(report, indent=2))
+            else:
+                for item in report["untracked"]:
+                    print(f"untracked {item['type']:10} {item['file']}")
+                for file in report["missing"]:
+                    print(f"missing            {file}")
+                for failed in report["failed"]:
+                    print(f"not adopted {failed['file']}: {failed['code']}: {failed['message']}")
+    finally:
+        await backend.close()

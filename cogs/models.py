@@ -22,7 +22,6 @@ from bot.progress import ReplyEditor, follow_job, render_job
 from bot.replies import as_toolbox_error, error_text, send_error
 from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_import
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.layout import LORAS_MOUNT, MODELS_MOUNT
 from modal_services.library import DEFAULT_CHECKPOINT, Library, LibraryEntry
 
 PAGE_SIZE = 8
@@ -194,10 +193,8 @@ class Models(commands.Cog):
     def __init__(self, bot: commands.Bot):
         self.bot = bot
         settings = bot.settings
-        local = settings.backend == "local"
-        # The bot of a Modal deployment does not see the volume: it reads entries only.
-        self.library = Library(bot.backend.store, settings.loras_dir if local else LORAS_MOUNT,
-                               settings.models_dir if local else MODELS_MOUNT, files_visible=local)
+        self.library = Library.for_backend(bot.backend.store, settings.backend == "local", settings.loras_dir,
+                                           settings.models_dir)
 
     # ------------------------------------------------------------ helpers
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.layout import CHECKPOINTS_SUBDIR, ILLUSTRIOUS_CHECKPOINT, LORAS_SUBDIR
+from modal_services.layout import CHECKPOINTS_SUBDIR, ILLUSTRIOUS_CHECKPOINT, LORAS_MOUNT, LORAS_SUBDIR, MODELS_MOUNT
 from modal_services.state import StateStore
 
 ENTRY_PREFIX = "model:"
@@ -174,6 +174,13 @@ class Library:
         self.loras_dir = Path(loras_dir)
         self.models_dir = Path(models_dir)
         self.files_visible = files_visible
+
+    @classmethod
+    def for_backend(cls, store: StateStore, local: bool, data_loras_dir: Path, data_models_dir: Path) -> "Library":
+        """The bot's and the CLI's view: the data dir's folders locally; on Modal the volume paths, unseen."""
+        if local:
+            return cls(store, data_loras_dir, data_models_dir, files_visible=True)
+        return cls(store, LORAS_MOUNT, MODELS_MOUNT, files_visible=False)
 
     # ------------------------------------------------------------ paths
 
