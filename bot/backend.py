@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -33,7 +34,9 @@ class Backend(ABC):
     store: StateStore
 
     @abstractmethod
-    async def submit(self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None) -> Job:
+    async def submit(
+        self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+    ) -> Job:
         """Create `job:<id>` (queued) and start the work; returns at once."""
 
     @abstractmethod
@@ -42,6 +45,12 @@ class Backend(ABC):
 
     async def job(self, job_id: str) -> Job | None:
         return await load_job(self.store, job_id)
+
+    async def cancel(self, job_id: str) -> None:
+        """Backend-specific help in stopping a job; the cooperative cancel flag is set by the caller."""
+
+    async def recover(self) -> None:
+        """After a bot restart: settle jobs that can no longer finish."""
 
     async def close(self) -> None:
         await self.store.close()
@@ -63,9 +72,11 @@ class LocalBackend(Backend):
         self._turns: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task] = {}
 
-    async def submit(self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None) -> Job:
+    async def submit(
+        self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+    ) -> Job:
         spec = self._spec(kind)
-        job = await create_job(self.store, kind, owner)
+        job = await create_job(self.store, kind, owner, meta)
         self._tasks[job.id] = asyncio.create_task(self._run(spec, job.id, payload), name=f"job-{job.id}")
         return job
 
@@ -82,12 +93,25 @@ class LocalBackend(Backend):
     async def result(self, job_id: str) -> Any:
         task = self._tasks.get(job_id)
         if task is None:
-            raise ToolboxError(ErrorCode.INTERNAL, "That job is not running in this bot any more.")
+            job = await self.job(job_id)
+            raise (job and job.error()) or ToolboxError(ErrorCode.INTERNAL, "That job is not running in this bot any more.")
         try:
             return await asyncio.shield(task)
         finally:
             if task.done():
                 self._tasks.pop(job_id, None)
+
+    async def recover(self) -> None:
+        # Local jobs ran in this process's threads: after a restart nothing is running them.
+        for record in (await self.store.items("job:")).values():
+            job = Job.from_dict(record)
+            if not job.status.finished and job.id not in self._tasks:
+                await update_job(
+                    self.store, job.id, status=JobStatus.ERROR, stage="error",
+                    error_code=ErrorCode.INTERNAL.value,
+                    error_message="The bot restarted while this job was waiting or running; please run it again.",
+                    finished_at=time.time(),
+                )
 
     async def close(self) -> None:
         for task in self._tasks.values():
@@ -107,11 +131,13 @@ class ModalBackend(Backend):
         self.app_name = settings.modal_app
         self.store = ModalDictStore.from_name(settings.state_dict)
 
-    async def submit(self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None) -> Job:
+    async def submit(
+        self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+    ) -> Job:
         import modal
 
         spec = self._spec(kind)
-        job = await create_job(self.store, kind, owner)
+        job = await create_job(self.store, kind, owner, meta)
         try:
             service = modal.Cls.from_name(self.app_name, spec.modal_class)()
             call = await getattr(service, spec.method).spawn.aio(job.id, payload)
@@ -130,6 +156,15 @@ class ModalBackend(Backend):
         await self.store.put(call_key(job.id), call.object_id)
         return job
 
+    async def cancel(self, job_id: str) -> None:
+        import modal
+
+        job = await self.job(job_id)
+        call_id = await self.store.get(call_key(job_id))
+        if job is not None and job.status is JobStatus.QUEUED and call_id:
+            # Not started yet: withdraw the input so no container spins up for it.
+            await modal.FunctionCall.from_id(call_id).cancel.aio()
+
     async def result(self, job_id: str) -> Any:
         import modal
 
@@ -140,6 +175,8 @@ class ModalBackend(Backend):
             return await modal.FunctionCall.from_id(call_id).get.aio()
         except ToolboxError:
             raise
+        except modal.exception.InputCancellation:  # a BaseException in modal, not an Error
+            raise ToolboxError(ErrorCode.CANCELLED, "This job was cancelled.") from None
         except modal.exception.Error as exc:
             log.warning("job %s: Modal call failed: %s", job_id, type(exc).__name__)
             job = await self.job(job_id)

@@ -11,6 +11,7 @@ from discord.ext import commands
 from bot.backend import Backend
 from bot.replies import as_toolbox_error, send_error
 from bot.settings import Settings
+from bot.tracker import CancelJobButton, JobTracker
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +25,22 @@ class ToolboxBot(commands.Bot):
         super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents.default())
         self.settings = settings
         self.backend = backend
+        self.tracker = JobTracker(self)
         self.tree.on_error = self.on_app_command_error
 
     async def setup_hook(self) -> None:
         for extension in EXTENSIONS:
             await self.load_extension(extension)
+        # Cancel buttons on replies sent before a restart keep working.
+        self.add_dynamic_items(CancelJobButton)
         await self.sync_commands()
+        self.loop.create_task(self._resume_jobs())
+
+    async def _resume_jobs(self) -> None:
+        await self.wait_until_ready()
+        resumed = await self.tracker.resume()
+        if resumed:
+            log.info("resumed reporting %d unfinished jobs", resumed)
 
     async def sync_commands(self) -> None:
         if self.settings.guild_ids:

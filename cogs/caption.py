@@ -8,9 +8,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.attachments import ReceivedImage, check_attachment, image_attachments, read_image
-from bot.progress import ReplyEditor, follow_job, render_job
+from bot.attachments import check_attachment, image_attachments, read_image
+from bot.tracker import ReplyTarget
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs import Job
 
 # The caption engine never looks at more than this many pixels a side, so the
 # bot shrinks images first: less to send to the worker.
@@ -25,11 +26,11 @@ STYLE_CHOICES = [
 ]
 
 
-def caption_blocks(images: list[ReceivedImage], captions: list[str], label: str) -> list[str]:
+def caption_blocks(files: list[dict], captions: list[str], label: str) -> list[str]:
     blocks = []
-    for index, (image, caption) in enumerate(zip(images, captions), start=1):
-        heading = f"**{label}**" if len(images) == 1 else f"**{index}. {discord.utils.escape_markdown(image.filename)}**"
-        if image.animated:
+    for index, (file, caption) in enumerate(zip(files, captions), start=1):
+        heading = f"**{label}**" if len(files) == 1 else f"**{index}. {discord.utils.escape_markdown(file['name'])}**"
+        if file["animated"]:
             heading += " (animated: first frame)"
         text = caption.replace("```", "'''") or "(the model returned no text)"
         room = MESSAGE_LIMIT - len(heading) - 10
@@ -55,14 +56,16 @@ class Caption(commands.Cog):
         self.bot = bot
         self.menu = app_commands.ContextMenu(name="Caption image", callback=self.caption_message)
         bot.tree.add_command(self.menu)
+        bot.tracker.presenters["caption"] = self.present
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.menu.name, type=self.menu.type)
+        self.bot.tracker.presenters.pop("caption", None)
 
     @app_commands.command(name="caption", description="Describe an image, or tag it for SDXL prompts")
     @app_commands.describe(
         image="The image to caption",
-        style="How to write the caption (default: descriptive)",
+        style="How to write the caption (default: the server's, usually descriptive)",
         question="Ask something about the image instead",
     )
     @app_commands.choices(style=STYLE_CHOICES)
@@ -73,44 +76,42 @@ class Caption(commands.Cog):
         style: app_commands.Choice[str] | None = None,
         question: app_commands.Range[str, 1, MAX_QUESTION_CHARS] | None = None,
     ) -> None:
-        await self.run_caption(interaction, [image], style.value if style else "descriptive", question)
+        await self.run_caption(interaction, [image], style.value if style else None, question)
 
     async def caption_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
-        await self.run_caption(interaction, image_attachments(message), "descriptive", None)
+        await self.run_caption(interaction, image_attachments(message), None, None)
 
     async def run_caption(
         self,
         interaction: discord.Interaction,
         attachments: list[discord.Attachment],
-        style: str,
+        style: str | None,
         question: str | None,
     ) -> None:
         for attachment in attachments:
             check_attachment(attachment)
         await interaction.response.defer(thinking=True)
+        settings = await self.bot.tracker.admit(interaction)
+        style = style or settings.default_caption_style
 
         images = await asyncio.gather(*(read_image(a, max_side=CAPTION_MAX_SIDE) for a in attachments))
-        backend = self.bot.backend
-        job = await backend.submit(
-            "caption",
-            {"images": [image.png for image in images], "style": style, "question": question},
-            owner={
-                "user_id": interaction.user.id,
-                "guild_id": interaction.guild_id,
-                "channel_id": interaction.channel_id,
-            },
-        )
-        title = "Caption" if len(images) == 1 else f"Captioning {len(images)} images"
-        editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text))
-        captions = await follow_job(backend, job.id, lambda record: editor.show(render_job(record, title)))
-        if len(captions) != len(images):
-            raise ToolboxError(ErrorCode.GENERATION_FAILED, "The caption worker returned the wrong number of captions.")
+        meta = {
+            "title": "Caption" if len(images) == 1 else f"Captioning {len(images)} images",
+            "label": f"Answer: {question[:200]}" if question else f"Caption ({style})",
+            "files": [{"name": image.filename, "animated": image.animated} for image in images],
+        }
+        payload = {"images": [image.png for image in images], "style": style, "question": question}
+        job, target = await self.bot.tracker.start(interaction, "caption", payload, meta)
+        await self.bot.tracker.run(job, target)
 
-        label = f"Answer: {question}" if question else f"Caption ({style})"
-        first, *rest = pack_messages(caption_blocks(images, captions, label))
-        await editor.show(first, final=True)
+    async def present(self, job: Job, captions: list[str], target: ReplyTarget) -> None:
+        files = job.meta["files"]
+        if len(captions) != len(files):
+            raise ToolboxError(ErrorCode.GENERATION_FAILED, "The caption worker returned the wrong number of captions.")
+        first, *rest = pack_messages(caption_blocks(files, captions, job.meta["label"]))
+        await target.edit(content=first, view=None)
         for text in rest:
-            await interaction.followup.send(text)
+            await target.send(content=text)
 
 
 async def setup(bot: commands.Bot) -> None:

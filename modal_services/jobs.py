@@ -63,6 +63,10 @@ class Job:
     heartbeat_at: float | None = None
     # Who asked and where to report: user, guild, channel, message ids.
     owner: dict[str, Any] = field(default_factory=dict)
+    # What the bot needs to present the result later (titles, file names), even after a restart.
+    meta: dict[str, Any] = field(default_factory=dict)
+    # Set by the bot once the result (or error) has been shown to the user.
+    delivered: bool = False
 
     @property
     def key(self) -> str:
@@ -87,6 +91,9 @@ class Job:
         return (now or time.time()) - last_sign_of_life > STALE_AFTER
 
     def error(self) -> ToolboxError | None:
+        """The failure a finished job ended with (a cancel counts), or None."""
+        if self.status is JobStatus.CANCELLED:
+            return ToolboxError(ErrorCode.CANCELLED, self.error_message or "This job was cancelled.")
         if self.status is not JobStatus.ERROR:
             return None
         return ToolboxError(self.error_code or ErrorCode.INTERNAL, self.error_message or "The job failed.")
@@ -105,8 +112,10 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
-async def create_job(store: StateStore, kind: str, owner: dict[str, Any] | None = None) -> Job:
-    job = Job(id=new_job_id(), kind=kind, owner=dict(owner or {}))
+async def create_job(
+    store: StateStore, kind: str, owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+) -> Job:
+    job = Job(id=new_job_id(), kind=kind, owner=dict(owner or {}), meta=dict(meta or {}))
     await store.put(job.key, job.to_dict())
     return job
 
@@ -202,9 +211,9 @@ class ProgressReporter:
             except asyncio.TimeoutError:
                 pass
 
-    async def _stop_flusher(self) -> None:
-        # Let an in-flight write finish rather than cancelling it, so that it
-        # cannot land after (and overwrite) the final state.
+    async def stop(self) -> None:
+        """Stop writing. An in-flight write is let finish rather than cancelled,
+        so that it cannot land after (and overwrite) a final state."""
         self._closing.set()
         self._dirty.set()
         if self._flusher is not None:
@@ -215,12 +224,12 @@ class ProgressReporter:
         await update_job(self.store, self.job_id, **fields)
 
     async def succeed(self) -> None:
-        await self._stop_flusher()
+        await self.stop()
         await self._write(status=JobStatus.DONE, progress=1.0, stage="done", finished_at=time.time())
         await self.store.pop(cancel_key(self.job_id))
 
     async def fail(self, error: ToolboxError) -> None:
-        await self._stop_flusher()
+        await self.stop()
         await self.store.pop(cancel_key(self.job_id))
         status = JobStatus.CANCELLED if error.code is ErrorCode.CANCELLED else JobStatus.ERROR
         await self._write(
@@ -254,6 +263,10 @@ async def run_job(
         result = await asyncio.get_running_loop().run_in_executor(executor, work, reporter)
     except ToolboxError as error:
         await reporter.fail(error)
+        raise
+    except asyncio.CancelledError:
+        # Our runner is going away (shutdown): stop writing, leave the verdict to recovery.
+        await reporter.stop()
         raise
     except Exception as exc:
         log.exception("job %s failed", job_id)

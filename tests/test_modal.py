@@ -7,12 +7,9 @@ app whose container runs the real `run_job` path against the shared Dict.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import sys
-import uuid
 from pathlib import Path
-from unittest.mock import MagicMock
 
 import modal
 import pytest
@@ -22,57 +19,11 @@ from bot.backend import ModalBackend, call_key, make_backend
 from bot.client import ToolboxBot
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs import JobStatus, load_job, run_job
+from modal_services.jobs import JobStatus, load_job
 from modal_services.state import ModalDictStore
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke
-from tests.fakes.modal_fakes import FakeModalDict
+from tests.fakes.modal_fakes import FakeDeployment, FakeModalDict
 from tests.images import png_bytes
-
-
-class FakeDeployment:
-    """A deployed app: spawning a method runs `work` as a container would, against the shared Dict."""
-
-    def __init__(self, state: FakeModalDict, work):
-        self.store = ModalDictStore(state)
-        self.work = work
-        self.calls: dict[str, asyncio.Task] = {}
-        self.spawned: list[tuple[str, str, tuple]] = []
-        self.missing = False
-
-    def cls_from_name(self, app_name: str, class_name: str):
-        if self.missing:
-            raise modal.exception.NotFoundError(f"Lookup failed for Cls '{class_name}' from the '{app_name}' app")
-        deployment = self
-
-        class Method:
-            def __init__(self, name):
-                self.spawn = MagicMock()
-                self.spawn.aio = self._spawn
-                self.name = name
-
-            async def _spawn(self, job_id, payload):
-                deployment.spawned.append((app_name, f"{class_name}.{self.name}", (job_id, payload)))
-                call_id = "fc-" + uuid.uuid4().hex[:8]
-                deployment.calls[call_id] = asyncio.create_task(
-                    run_job(deployment.store, job_id, lambda progress: deployment.work(payload, progress))
-                )
-                return MagicMock(object_id=call_id)
-
-        class Instance:
-            def __getattr__(self, name):
-                return Method(name)
-
-        return Instance
-
-    def call_from_id(self, call_id: str):
-        call = MagicMock()
-        task = self.calls[call_id]
-
-        async def get(timeout=None):
-            return await asyncio.shield(task)
-
-        call.get.aio = get
-        return call
 
 
 @pytest.fixture

@@ -7,11 +7,14 @@ read the order of calls (`interaction.calls`).
 
 from __future__ import annotations
 
+import itertools
 from unittest.mock import AsyncMock, MagicMock
 
 import discord
 from discord import app_commands
 
+
+_ids = itertools.count(900_000_000_000_000_001)
 
 RESPONSE_METHODS = ("defer", "send_message", "send_modal", "edit_message")
 
@@ -35,12 +38,15 @@ def fake_interaction(user_id: int = 1001, guild_id: int = 2002, channel_id: int 
         method = AsyncMock()
         calls.attach_mock(method, name)
         setattr(interaction, name, method)
+    interaction.original_response = AsyncMock(return_value=MagicMock(spec=discord.InteractionMessage, id=next(_ids)))
+    interaction.created_at = discord.utils.utcnow()
     interaction.followup = MagicMock()
     interaction.followup.send = AsyncMock()
     calls.attach_mock(interaction.followup.send, "followup_send")
     interaction.user = MagicMock(spec=discord.Member)
     interaction.user.id = user_id
     interaction.user.guild_permissions = discord.Permissions.all() if admin else discord.Permissions.none()
+    interaction.user.roles = []
     interaction.guild_id = guild_id
     interaction.channel_id = channel_id
     interaction.filesize_limit = 10 * 1024 * 1024

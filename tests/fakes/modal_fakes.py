@@ -12,7 +12,14 @@ from __future__ import annotations
 import asyncio
 import pickle
 import threading
+import uuid
 from typing import Any
+from unittest.mock import MagicMock
+
+import modal
+
+from modal_services.jobs import run_job
+from modal_services.state import ModalDictStore
 
 
 class _Method:
@@ -96,3 +103,56 @@ class FakeModalDict:
     def _contains(self, key) -> bool:
         with self._lock:
             return key in self._data
+
+
+class FakeDeployment:
+    """A deployed app: spawning a method runs `work` as a container would, against the shared Dict."""
+
+    def __init__(self, state: FakeModalDict, work):
+        self.store = ModalDictStore(state)
+        self.work = work
+        self.calls: dict[str, asyncio.Task] = {}
+        self.spawned: list[tuple[str, str, tuple]] = []
+        self.missing = False
+        self.cancelled: set[str] = set()
+
+    def cls_from_name(self, app_name: str, class_name: str):
+        if self.missing:
+            raise modal.exception.NotFoundError(f"Lookup failed for Cls '{class_name}' from the '{app_name}' app")
+        deployment = self
+
+        class Method:
+            def __init__(self, name):
+                self.spawn = MagicMock()
+                self.spawn.aio = self._spawn
+                self.name = name
+
+            async def _spawn(self, job_id, payload):
+                deployment.spawned.append((app_name, f"{class_name}.{self.name}", (job_id, payload)))
+                call_id = "fc-" + uuid.uuid4().hex[:8]
+                deployment.calls[call_id] = asyncio.create_task(
+                    run_job(deployment.store, job_id, lambda progress: deployment.work(payload, progress))
+                )
+                return MagicMock(object_id=call_id)
+
+        class Instance:
+            def __getattr__(self, name):
+                return Method(name)
+
+        return Instance
+
+    def call_from_id(self, call_id: str):
+        call = MagicMock()
+        task = self.calls[call_id]
+
+        async def get(timeout=None):
+            if call_id in self.cancelled:
+                raise modal.exception.InputCancellation("Input was cancelled by user")
+            return await asyncio.shield(task)
+
+        async def cancel(terminate_containers: bool = False):
+            self.cancelled.add(call_id)
+
+        call.get.aio = get
+        call.cancel.aio = cancel
+        return call

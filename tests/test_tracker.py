@@ -1,0 +1,287 @@
+"""Caps and queue positions, cancel buttons, the 15-minute token, restarts and dead workers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from unittest.mock import AsyncMock, MagicMock
+
+import modal
+import pytest
+
+import bot.progress
+import modal_services.jobs
+from bot.backend import LocalBackend, make_backend
+from bot.client import ToolboxBot
+from bot.guild_settings import GuildSettings, save_guild_settings
+from bot.settings import Settings
+from bot.tracker import INTERACTION_TOKEN_LIFETIME, CancelJobButton, ReplyTarget
+from modal_services import services
+from modal_services.jobs import STALE_AFTER, JobStatus, create_job, load_job, update_job
+from modal_services.services import ServiceSpec
+from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke
+from tests.fakes.modal_fakes import FakeDeployment, FakeModalDict
+from tests.images import png_bytes
+from tests.test_caption_cog import SlowCaptionEngine
+
+
+@pytest.fixture(autouse=True)
+def fast(monkeypatch):
+    monkeypatch.setattr(bot.progress, "MIN_EDIT_INTERVAL", 0.01)
+    monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.01)
+    monkeypatch.setattr(modal_services.jobs, "PROGRESS_WRITE_INTERVAL", 0.01)
+    monkeypatch.setattr("bot.tracker.SNAPSHOT_MAX_AGE", 0.0)
+
+
+def use_engine(monkeypatch, engine):
+    monkeypatch.setitem(services.SERVICES, "caption", ServiceSpec("caption", "CaptionService", "caption", lambda d: engine))
+
+
+async def make_bot(backend=None) -> ToolboxBot:
+    settings = Settings.load()
+    toolbox_bot = ToolboxBot(settings, backend or make_backend(settings))
+    await toolbox_bot.load_extension("cogs.caption")
+    return toolbox_bot
+
+
+@pytest.fixture
+async def toolbox_bot():
+    toolbox_bot = await make_bot()
+    yield toolbox_bot
+    await toolbox_bot.backend.close()
+
+
+async def caption(toolbox_bot, interaction, data=None):
+    await invoke(toolbox_bot, toolbox_bot.tree.get_command("caption"), interaction,
+                 fake_attachment(data or png_bytes()), None, None)
+
+
+def edits(interaction) -> list[str]:
+    return [call.kwargs.get("content") for call in interaction.calls.edit_original_response.await_args_list]
+
+
+async def test_user_cap_refuses_with_places_in_line(toolbox_bot, monkeypatch):
+    use_engine(monkeypatch, SlowCaptionEngine())
+    store = toolbox_bot.backend.store
+    await create_job(store, "caption", owner={"user_id": 1, "guild_id": 2002})  # someone else's, ahead
+    for _ in range(2):
+        await create_job(store, "caption", owner={"user_id": 7, "guild_id": 2002})
+    interaction = fake_interaction(user_id=7)
+    await caption(toolbox_bot, interaction)
+    error = ephemeral_error(interaction)
+    assert "You already have 2 jobs going" in error and "#2 in line" in error and "#3 in line" in error
+    assert len(await store.keys("job:")) == 3  # nothing new started
+
+
+async def test_guild_and_global_caps(toolbox_bot, monkeypatch):
+    use_engine(monkeypatch, SlowCaptionEngine())
+    store = toolbox_bot.backend.store
+    await save_guild_settings(store, 2002, GuildSettings(guild_cap=2))
+    for user in (1, 2):
+        await create_job(store, "caption", owner={"user_id": user, "guild_id": 2002})
+    interaction = fake_interaction(user_id=3)
+    await caption(toolbox_bot, interaction)
+    assert "This server has 2 jobs in line" in ephemeral_error(interaction)
+
+    monkeypatch.setenv("TOOLBOX_GLOBAL_CAP", "2")
+    interaction = fake_interaction(user_id=3, guild_id=999)
+    await caption(toolbox_bot, interaction)
+    assert "The bot is busy" in ephemeral_error(interaction)
+
+
+async def test_roles_and_channels_from_guild_settings(toolbox_bot, monkeypatch):
+    use_engine(monkeypatch, SlowCaptionEngine())
+    store = toolbox_bot.backend.store
+    await save_guild_settings(store, 2002, GuildSettings(allowed_channel_ids=[42]))
+    interaction = fake_interaction()
+    await caption(toolbox_bot, interaction)
+    assert "only in <#42>" in ephemeral_error(interaction)
+
+    await save_guild_settings(store, 2002, GuildSettings(allowed_role_ids=[77]))
+    interaction = fake_interaction()
+    await caption(toolbox_bot, interaction)
+    assert "<@&77>" in ephemeral_error(interaction)
+    interaction = fake_interaction()
+    interaction.user.roles = [MagicMock(id=77)]
+    await caption(toolbox_bot, interaction)
+    assert ephemeral_error(interaction) is None
+
+
+async def test_queue_position_is_shown_and_moves(toolbox_bot, monkeypatch):
+    engine = SlowCaptionEngine(steps=5, delay=0.06)
+    use_engine(monkeypatch, engine)
+    interactions = [fake_interaction(user_id=user) for user in (1, 2, 3)]
+    runs = []
+    for interaction in interactions:
+        runs.append(asyncio.create_task(caption(toolbox_bot, interaction)))
+        await asyncio.sleep(0.05)
+    await asyncio.gather(*runs)
+    last = edits(interactions[2])
+    assert any("position 2 in line" in text for text in last if text), last
+    assert any("position 1 in line" in text for text in last if text), last
+    assert "descriptive 96x64" in last[-1]
+    assert engine.batches == [1, 1, 1]
+
+
+async def test_cancel_button_owner_only_then_stops_the_job(toolbox_bot, monkeypatch):
+    engine = SlowCaptionEngine(steps=200, delay=0.01)
+    use_engine(monkeypatch, engine)
+    interaction = fake_interaction(user_id=5)
+    running = asyncio.create_task(caption(toolbox_bot, interaction))
+    while True:
+        await asyncio.sleep(0.02)
+        views = [call.kwargs.get("view") for call in interaction.calls.edit_original_response.await_args_list]
+        button = next((item for view in views if view for item in view.children), None)
+        if button is not None:
+            break
+    job_id = button.custom_id.rsplit(":", 1)[1]
+
+    stranger = fake_interaction(user_id=6)
+    item = CancelJobButton(job_id)
+    await item.callback(_bound(stranger, toolbox_bot))
+    assert "Only the person who started" in ephemeral_error(stranger)
+    assert (await load_job(toolbox_bot.backend.store, job_id)).status is JobStatus.RUNNING
+
+    owner_press = _bound(fake_interaction(user_id=5), toolbox_bot)
+    await item.callback(owner_press)
+    await running
+    assert (await load_job(toolbox_bot.backend.store, job_id)).status is JobStatus.CANCELLED
+    assert "Cancelled" in ephemeral_error(interaction)
+    assert sum(engine.batches) == 1
+
+
+def _bound(interaction, toolbox_bot):
+    interaction.client = toolbox_bot
+    return interaction
+
+
+async def test_reports_switch_to_the_bot_token_after_14_minutes(toolbox_bot):
+    interaction = fake_interaction()
+    channel = MagicMock()
+    message = MagicMock()
+    message.edit = AsyncMock()
+    channel.get_partial_message.return_value = message
+    channel.send = AsyncMock()
+    toolbox_bot.get_partial_messageable = MagicMock(return_value=channel)
+    now = [time.time()]
+    target = ReplyTarget(toolbox_bot, 3003, 555, interaction, clock=lambda: now[0])
+
+    await target.edit(content="early")
+    interaction.calls.edit_original_response.assert_awaited_once_with(content="early")
+    now[0] += INTERACTION_TOKEN_LIFETIME + 1
+    await target.edit(content="late")
+    await target.send(content="more")
+    toolbox_bot.get_partial_messageable.assert_called_with(3003)
+    channel.get_partial_message.assert_called_with(555)
+    message.edit.assert_awaited_once_with(content="late")
+    channel.send.assert_awaited_once_with(content="more")
+    assert interaction.calls.edit_original_response.await_count == 1
+
+
+async def test_a_dead_worker_becomes_a_clear_failure(toolbox_bot):
+    store = toolbox_bot.backend.store
+    job = await create_job(store, "caption", owner={"user_id": 1})
+    await update_job(store, job.id, status=JobStatus.RUNNING, started_at=time.time() - 500,
+                     heartbeat_at=time.time() - STALE_AFTER - 5)
+    never = asyncio.get_running_loop().create_future()
+    toolbox_bot.backend.result = lambda job_id: never  # the worker vanished without a word
+    interaction = fake_interaction()
+    target = ReplyTarget(toolbox_bot, 3003, 1, interaction)
+    with pytest.raises(Exception) as caught:
+        await asyncio.wait_for(toolbox_bot.tracker.run(job, target), timeout=5)
+    assert "stopped responding" in str(caught.value)
+    assert (await load_job(store, job.id)).status is JobStatus.ERROR
+
+
+@pytest.fixture
+def deployment(monkeypatch):
+    state = FakeModalDict()
+
+    def work(payload, progress):
+        for step in range(30):
+            progress(step / 30, "captioning")
+            time.sleep(0.01)
+        return ["a caption from modal"] * len(payload["images"])
+
+    fake = FakeDeployment(state, work)
+    monkeypatch.setattr(modal.Dict, "from_name", lambda name, create_if_missing=False: state)
+    monkeypatch.setattr(modal.Cls, "from_name", fake.cls_from_name)
+    monkeypatch.setattr(modal.FunctionCall, "from_id", fake.call_from_id)
+    monkeypatch.setenv("TOOLBOX_BACKEND", "modal")
+    return fake
+
+
+def channel_spy(toolbox_bot):
+    channel = MagicMock()
+    message = MagicMock()
+    message.edit = AsyncMock()
+    channel.get_partial_message.return_value = message
+    channel.send = AsyncMock()
+    toolbox_bot.get_partial_messageable = MagicMock(return_value=channel)
+    return message
+
+
+async def test_a_restart_resumes_and_delivers_modal_jobs(deployment):
+    first = await make_bot()
+    interaction = fake_interaction()
+    running = asyncio.create_task(caption(first, interaction))
+    while not deployment.calls:
+        await asyncio.sleep(0.01)
+    running.cancel()  # the bot goes down mid-job
+    await asyncio.gather(running, return_exceptions=True)
+    [job_key] = await first.backend.store.keys("job:")
+
+    second = await make_bot()
+    message = channel_spy(second)
+    assert await second.tracker.resume() == 1
+    await asyncio.gather(*deployment.calls.values())
+    for _ in range(500):
+        record = await load_job(second.backend.store, job_key[4:])
+        if record.delivered:
+            break
+        await asyncio.sleep(0.02)
+    assert record.delivered and record.status is JobStatus.DONE
+    assert "a caption from modal" in message.edit.await_args.kwargs["content"]
+    assert await second.tracker.resume() == 0  # delivered once
+
+
+async def test_a_job_that_finished_while_the_bot_was_down_is_delivered(deployment):
+    first = await make_bot()
+    interaction = fake_interaction()
+    running = asyncio.create_task(caption(first, interaction))
+    while not deployment.calls:
+        await asyncio.sleep(0.01)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await asyncio.gather(*deployment.calls.values())  # finishes with nobody watching
+
+    second = await make_bot()
+    message = channel_spy(second)
+    await second.tracker.resume()
+    for _ in range(500):
+        if message.edit.await_count:
+            break
+        await asyncio.sleep(0.02)
+    assert "a caption from modal" in message.edit.await_args.kwargs["content"]
+
+
+async def test_local_jobs_cut_by_a_restart_are_reported_as_such(monkeypatch):
+    use_engine(monkeypatch, SlowCaptionEngine(steps=100, delay=0.02))
+    first = await make_bot()
+    interaction = fake_interaction()
+    running = asyncio.create_task(caption(first, interaction))
+    while not await first.backend.store.keys("job:"):
+        await asyncio.sleep(0.01)
+    running.cancel()
+    await asyncio.gather(running, return_exceptions=True)
+    await first.backend.close()
+
+    second = await make_bot(LocalBackend(Settings.load()))
+    message = channel_spy(second)
+    await second.tracker.resume()
+    for _ in range(500):
+        if message.edit.await_count:
+            break
+        await asyncio.sleep(0.02)
+    assert "restarted" in message.edit.await_args.kwargs["content"]
+    await second.backend.close()
