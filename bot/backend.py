@@ -137,6 +137,7 @@ class ModalBackend(Backend):
         import modal
 
         spec = self._spec(kind)
+        await self._check_models(kind)
         job = await create_job(self.store, kind, owner, meta)
         try:
             service = modal.Cls.from_name(self.app_name, spec.modal_class)()
@@ -155,6 +156,19 @@ class ModalBackend(Backend):
             raise error from exc
         await self.store.put(call_key(job.id), call.object_id)
         return job
+
+    async def _check_models(self, kind: str) -> None:
+        """Refuse before a GPU container starts only to find its models missing."""
+        from modal_services.downloads import missing_models
+        from modal_services.registry import BASE_MODELS, models_for
+
+        missing = await missing_models(self.store, models_for(kind))
+        if missing:
+            names = ", ".join(BASE_MODELS[key].name for key in missing)
+            raise ToolboxError(
+                ErrorCode.MODELS_MISSING,
+                f"Not installed yet: {names}. An admin can download them with /setup (or `toolbox setup`).",
+            )
 
     async def cancel(self, job_id: str) -> None:
         import modal

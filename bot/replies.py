@@ -21,6 +21,7 @@ ERROR_TITLES = {
     ErrorCode.MODEL_LOAD_FAILED: "The model failed to load",
     ErrorCode.LORA_LOAD_FAILED: "A LoRA failed to load",
     ErrorCode.LORA_DOWNLOAD_FAILED: "A LoRA failed to download",
+    ErrorCode.DOWNLOAD_FAILED: "A download failed",
     ErrorCode.GENERATION_FAILED: "Generation failed",
     ErrorCode.CUDA_OOM: "The GPU ran out of memory",
     ErrorCode.TIMEOUT: "That took too long",

@@ -73,6 +73,18 @@ async def test_a_failed_job_raises_its_error(deployment):
     assert (await backend.job(job.id)).error().code is ErrorCode.MODELS_MISSING
 
 
+async def test_missing_models_are_refused_before_any_gpu_work(deployment):
+    from modal_services.downloads import manifest_key
+
+    deployment.store._dict.pop(manifest_key("qwen3-vl-2b"))
+    backend = make_backend(Settings.load())
+    with pytest.raises(ToolboxError) as caught:
+        await backend.submit("caption", {"images": [b"x"], "style": "short", "question": None})
+    assert caught.value.code is ErrorCode.MODELS_MISSING
+    assert "Qwen3-VL" in caught.value.message and "/setup" in caught.value.message
+    assert deployment.spawned == [] and await backend.store.keys("job:") == []
+
+
 async def test_app_not_deployed_is_a_clear_error(deployment):
     deployment.missing = True
     backend = make_backend(Settings.load())

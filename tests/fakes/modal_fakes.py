@@ -115,6 +115,15 @@ class FakeDeployment:
         self.spawned: list[tuple[str, str, tuple]] = []
         self.missing = False
         self.cancelled: set[str] = set()
+        self.install_models()
+
+    def install_models(self, keys=None) -> None:
+        """Manifests as /setup leaves them, so the bot believes the models are on the volume."""
+        from modal_services.downloads import manifest_key
+        from modal_services.registry import BASE_MODELS
+
+        for key in BASE_MODELS if keys is None else keys:
+            self.store._dict.put(manifest_key(key), {"complete": True})
 
     def cls_from_name(self, app_name: str, class_name: str):
         if self.missing:
