@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import discord
 
 from bot.guild_settings import GuildSettings, load_guild_settings
+from bot.permissions import is_admin
 from bot.progress import ReplyEditor, follow_job, render_job
 from bot.replies import error_text, send_error
 from modal_services.errors import ErrorCode, ToolboxError
@@ -238,9 +239,7 @@ class JobTracker:
         if job is None or job.status.finished:
             await interaction.response.send_message("That job has already finished.", ephemeral=True)
             return
-        is_owner = job.owner.get("user_id") == interaction.user.id
-        permissions = getattr(interaction.user, "guild_permissions", None)
-        if not is_owner and not (permissions and permissions.manage_guild):
+        if job.owner.get("user_id") != interaction.user.id and not is_admin(interaction):
             raise ToolboxError(ErrorCode.PERMISSION_DENIED, "Only the person who started this job (or an admin) can cancel it.")
         await self.bot.backend.cancel(job_id)  # first: it may withdraw a job that is still queued
         await request_cancel(self.store, job_id)

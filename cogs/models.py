@@ -18,6 +18,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.permissions import is_admin, require_admin
 from bot.progress import ReplyEditor, follow_job, render_job
 from bot.replies import as_toolbox_error, error_text, send_error
 from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_import
@@ -27,16 +28,6 @@ from modal_services.library import DEFAULT_CHECKPOINT, Library, LibraryEntry
 PAGE_SIZE = 8
 VIEW_TIMEOUT = 300.0
 TYPE_CHOICES = [app_commands.Choice(name="LoRA", value="lora"), app_commands.Choice(name="Checkpoint", value="checkpoint")]
-
-
-def is_admin(interaction: discord.Interaction) -> bool:
-    permissions = getattr(interaction.user, "guild_permissions", None)
-    return interaction.guild_id is not None and permissions is not None and permissions.administrator
-
-
-def require_admin(interaction: discord.Interaction, what: str) -> None:
-    if not is_admin(interaction):
-        raise ToolboxError(ErrorCode.PERMISSION_DENIED, f"Only server administrators can {what}.")
 
 
 def age_restricted(interaction: discord.Interaction) -> bool:

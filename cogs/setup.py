@@ -15,6 +15,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.permissions import is_admin
 from bot.progress import ReplyEditor, progress_bar
 from bot.replies import error_text, send_error
 from modal_services.downloads import (
@@ -106,11 +107,6 @@ def render_progress(job: Job, states: list[ModelState]) -> str:
     if job.status is JobStatus.ERROR and job.error_message:
         lines.append(error_text(job.error()))
     return "\n".join(lines)[:2000]
-
-
-def is_admin(interaction: discord.Interaction) -> bool:
-    permissions = getattr(interaction.user, "guild_permissions", None)
-    return interaction.guild_id is not None and permissions is not None and permissions.administrator
 
 
 async def refuse_non_admin(interaction: discord.Interaction) -> bool:
