@@ -64,11 +64,31 @@ def _read_chat_template(model_dir: Path, tokenizer) -> str | None:
     return tokenizer.chat_template
 
 
+def best_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dtype_for(device: str):
+    import torch
+
+    if device.startswith("cuda"):
+        # T4s have no bf16; L4 and newer do.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
 class CaptionEngine:
-    def __init__(self, model_dir: str | Path, max_side: int = 1024, device: str | None = None):
+    """Loading is two steps so that a Modal memory snapshot can capture the first:
+    `load_weights()` reads the files into CPU memory, `move_to(device)` puts the
+    model on the GPU after the snapshot is restored. `load()` does both."""
+
+    def __init__(self, model_dir: str | Path, max_side: int = 1024, device: str | None = None, dtype: str | None = None):
         self.model_dir = Path(model_dir)
         self.max_side = max_side
         self.device = device
+        self.dtype = dtype  # a torch dtype name; None: the best for the device
         self.loaded = False
         self.model = None
         self.processor = None
@@ -82,6 +102,14 @@ class CaptionEngine:
         return missing
 
     def load(self) -> None:
+        device = self.device or best_device()
+        self.load_weights(device)
+        self.move_to(device)
+
+    def load_weights(self, device_to_come: str = "cpu") -> None:
+        """Read tokenizer, processor and weights into CPU memory (in the dtype `device_to_come` wants)."""
+        if self.model is not None:
+            return
         missing = self.missing_files()
         if missing:
             raise ToolboxError(
@@ -92,12 +120,7 @@ class CaptionEngine:
         import torch
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device.startswith("cuda"):
-            # T4s have no bf16; L4 and newer do.
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        else:
-            dtype = torch.float32
+        dtype = getattr(torch, self.dtype) if self.dtype else dtype_for(device_to_come)
         try:
             tokenizer = AutoTokenizer.from_pretrained(self.model_dir, padding_side="left")
             image_processor = AutoImageProcessor.from_pretrained(self.model_dir)
@@ -107,14 +130,17 @@ class CaptionEngine:
                 video_processor=None,
                 chat_template=_read_chat_template(self.model_dir, tokenizer),
             )
-            self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype)
-            self.model.to(self.device).eval()
+            self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype).eval()
         except Exception as exc:
             log.exception("loading the caption model from %s failed", self.model_dir)
             raise ToolboxError(
                 ErrorCode.MODEL_LOAD_FAILED,
                 f"The caption model could not be loaded ({type(exc).__name__}). Try /setup → Verify.",
             ) from exc
+
+    def move_to(self, device: str) -> None:
+        self.model.to(device)
+        self.device = device
         self.loaded = True
 
     def caption(

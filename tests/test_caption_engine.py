@@ -99,3 +99,13 @@ def test_corrupt_weights_fail_to_load_clearly(tiny_qwen_dir, tmp_path):
 def test_tidy_caption():
     assert tidy_caption(" 1girl, Solo,\nsolo, smile. ,", "tags") == "1girl, solo, smile"
     assert tidy_caption("A  cat\n on a\x07 mat. ", "short") == "A cat on a mat."
+
+
+def test_two_step_loading_for_memory_snapshots(tiny_qwen_dir, engine):
+    staged = CaptionEngine(tiny_qwen_dir)
+    staged.load_weights()  # what a snapshot captures: CPU memory only
+    assert not staged.loaded and staged.model is not None
+    staged.move_to("cpu")  # after restore: onto the GPU (the CPU here)
+    assert staged.loaded
+    image = png_bytes(seed=9)
+    assert staged.caption([image], style="short") == engine.caption([image], style="short")
