@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import sys
+import threading
 from pathlib import Path
 
 from tqdm import tqdm
@@ -99,13 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 def run_bot(settings: Settings) -> None:
     import discord
 
-    from bot.client import ToolboxBot
+    from bot.runner import bot_supervisor
 
-    if not settings.discord_token:
-        raise ToolboxError(ErrorCode.INVALID_INPUT, "DISCORD_TOKEN is not set (environment or .env).")
+    supervisor = bot_supervisor(settings)
     discord.utils.setup_logging(level=logging.INFO)
-    bot = ToolboxBot(settings, make_backend(settings))
-    bot.run(settings.discord_token, log_handler=None)
+    supervisor.run(threading.Event())  # until Ctrl-C
 
 
 def _read_for_caption(path: Path) -> bytes:

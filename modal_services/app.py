@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from functools import partial
+from pathlib import Path
 
 import modal
 
@@ -237,3 +239,40 @@ class UpscaleService:
             return await run_job(self.store, job_id, work)
         finally:
             await previews.close()
+
+
+# The bot itself: one always-on container on a slim image (the package's base
+# dependencies: discord.py, modal, Pillow... never torch). It talks to the
+# services above through the same ModalBackend as a bot run elsewhere.
+bot_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install_from_pyproject(str(Path(__file__).resolve().parent.parent / "pyproject.toml"))
+    .add_local_python_source("bot", "cogs", "modal_services")
+)
+# DISCORD_TOKEN (required); optionally CIVITAI_TOKEN, HF_TOKEN, TOOLBOX_GUILD_IDS.
+bot_secret = modal.Secret.from_name(os.environ.get("TOOLBOX_BOT_SECRET", "ai-toolbox-discord"), required_keys=["DISCORD_TOKEN"])
+
+
+@app.cls(image=bot_image, secrets=[bot_secret], min_containers=1, max_containers=1)
+class DiscordBot:
+    """The gateway connection lives in a thread for the container's life; the supervisor
+    reconnects after crashes and before the 24-hour limit."""
+
+    @modal.enter()
+    def connect(self) -> None:
+        from bot.runner import bot_supervisor
+        from bot.settings import Settings
+
+        settings = Settings.load(environ={**os.environ, "TOOLBOX_BACKEND": "modal", "TOOLBOX_MODAL_APP": APP_NAME})
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=bot_supervisor(settings).run, args=(self.stop,), name="discord-bot")
+        self.thread.start()
+
+    @modal.exit()
+    def disconnect(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+
+    @modal.method()
+    def alive(self) -> bool:
+        return self.thread.is_alive()

@@ -129,6 +129,18 @@ def app_module(monkeypatch):
 
     monkeypatch.setattr(modal.App, "cls", recording(real_cls))
     monkeypatch.setattr(modal.App, "function", recording(real_function))
+    real_enter = modal.enter
+
+    def recording_enter(*args, **kwargs):
+        decorator = real_enter(*args, **kwargs)
+
+        def wrap(method):
+            recorded[method.__qualname__] = kwargs
+            return decorator(method)
+
+        return wrap
+
+    monkeypatch.setattr(modal, "enter", recording_enter)
     monkeypatch.setenv("TOOLBOX_CAPTION_GPU", "T4")
     sys.modules.pop("modal_services.app", None)
     module = importlib.import_module("modal_services.app")
@@ -149,6 +161,31 @@ def test_caption_service_wiring(app_module):
     assert spec.gpus == "T4" and str(MODELS_MOUNT) in spec.volumes
     assert any(package.startswith("torch") for package in app_module.GPU_PACKAGES)
     assert any(package.startswith("transformers") for package in app_module.GPU_PACKAGES)
+    # Cold starts: the CPU-side load is snapshotted, the GPU move runs after restore.
+    assert options["enable_memory_snapshot"] is True
+    assert app_module.recorded_options["CaptionService.load_weights"] == {"snap": True}
+    assert app_module.recorded_options["CaptionService.move_to_gpu"] == {"snap": False}
+
+
+def test_the_bot_runs_in_one_always_on_container_without_the_ml_stack(app_module):
+    import tomllib
+
+    options = app_module.recorded_options["DiscordBot"]
+    assert options["min_containers"] == 1 and options["max_containers"] == 1
+    assert options["image"] is app_module.bot_image and "gpu" not in options
+    assert options["secrets"] == [app_module.bot_secret]
+    pyproject = tomllib.loads((Path(app_module.__file__).parent.parent / "pyproject.toml").read_text())
+    bot_dependencies = " ".join(pyproject["project"]["dependencies"]).lower()
+    for heavy in ("torch", "diffusers", "transformers", "peft", "accelerate"):
+        assert heavy not in bot_dependencies
+
+
+def test_cpu_services_have_no_gpu(app_module):
+    for name in ("DownloadService", "ModelService"):
+        options = app_module.recorded_options[name]
+        assert "gpu" not in options
+        assert app_module.models_volume in options["volumes"].values()
+        assert app_module.loras_volume in options["volumes"].values()
 
 
 async def test_caption_service_runs_a_job_locally(app_module, monkeypatch, tiny_qwen_dir):

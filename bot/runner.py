@@ -1,0 +1,97 @@
+"""Keeping the bot connected: restart after crashes, rotate before hard time limits.
+
+`toolbox bot` and the Modal `DiscordBot` container both run the bot through
+`BotSupervisor.run`. One gateway session lasts until it crashes, until
+`stop` is set, or until `session_limit` (under Modal's 24-hour limit) when it
+closes cleanly and a fresh session starts at once. Crashes restart with an
+exponential backoff, so a bad token or a Discord outage never turns into a
+tight reconnect loop (Discord bans IPs that make too many failed requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Callable
+
+import discord
+
+from bot.settings import Settings
+from modal_services.errors import ErrorCode, ToolboxError
+
+log = logging.getLogger(__name__)
+
+SESSION_LIMIT = 23.5 * 3600
+FIRST_BACKOFF = 5.0
+MAX_BACKOFF = 300.0
+# A session that lived this long was healthy: the next crash starts the backoff afresh.
+HEALTHY_SESSION = 600.0
+
+
+class BotSupervisor:
+    def __init__(
+        self,
+        make_bot: Callable[[], discord.Client],
+        token: str,
+        session_limit: float = SESSION_LIMIT,
+        first_backoff: float = FIRST_BACKOFF,
+        max_backoff: float = MAX_BACKOFF,
+    ):
+        self.make_bot = make_bot
+        self._token = token
+        self.session_limit = session_limit
+        self.first_backoff = first_backoff
+        self.max_backoff = max_backoff
+        self.sessions = 0
+        self.crashes = 0
+
+    def run(self, stop: threading.Event) -> None:
+        """Blocking: sessions one after another until `stop` is set."""
+        backoff = self.first_backoff
+        while not stop.is_set():
+            started = time.monotonic()
+            self.sessions += 1
+            try:
+                asyncio.run(self._session(stop))
+                continue  # a clean end (rotation or stop): reconnect at once
+            except discord.LoginFailure:
+                log.error("Discord refused the bot token; not retrying")
+                return
+            except Exception:
+                self.crashes += 1
+                log.exception("bot session crashed")
+            if time.monotonic() - started > HEALTHY_SESSION:
+                backoff = self.first_backoff
+            log.info("reconnecting in %.0f s", backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, self.max_backoff)
+
+    async def _session(self, stop: threading.Event) -> None:
+        bot = self.make_bot()
+        async with bot:
+            gateway = asyncio.create_task(bot.start(self._token), name="gateway")
+            until = asyncio.create_task(self._wait_until_over(stop), name="session-timer")
+            done, _ = await asyncio.wait({gateway, until}, return_when=asyncio.FIRST_COMPLETED)
+            until.cancel()
+            if gateway in done:
+                gateway.result()  # raises what ended it
+                raise RuntimeError("the gateway connection ended on its own")
+            await bot.close()
+            await asyncio.gather(gateway, return_exceptions=True)
+
+    async def _wait_until_over(self, stop: threading.Event) -> None:
+        deadline = time.monotonic() + self.session_limit
+        while not stop.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+
+
+def bot_supervisor(settings: Settings) -> BotSupervisor:
+    """The supervisor of a ToolboxBot for these settings (a fresh bot and backend per session)."""
+    from bot.backend import make_backend
+    from bot.client import ToolboxBot
+
+    if not settings.discord_token:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, "DISCORD_TOKEN is not set (environment, .env or Modal secret).")
+    return BotSupervisor(lambda: ToolboxBot(settings, make_backend(settings)), settings.discord_token)

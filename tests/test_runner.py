@@ -1,0 +1,99 @@
+"""The bot supervisor: rotation before time limits, crash restarts with backoff, clean stops."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import discord
+
+from bot.runner import BotSupervisor
+
+
+class FakeBot:
+    def __init__(self, behaviour: str, log: list):
+        self.behaviour = behaviour
+        self.log = log
+        self._closed: asyncio.Event | None = None
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def start(self, token: str) -> None:
+        self.log.append(("start", token, time.monotonic()))
+        if self.behaviour == "crash":
+            raise RuntimeError("gateway lost")
+        if self.behaviour == "bad token":
+            raise discord.LoginFailure("Improper token has been passed.")
+        self._closed = asyncio.Event()
+        await self._closed.wait()
+
+    async def close(self) -> None:
+        if self._closed is not None and not self._closed.is_set():
+            self.log.append(("close",))
+            self._closed.set()
+
+
+def run_in_thread(supervisor: BotSupervisor, stop: threading.Event, timeout: float = 10) -> None:
+    thread = threading.Thread(target=supervisor.run, args=(stop,))
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), "the supervisor did not stop"
+
+
+def test_sessions_rotate_cleanly_before_the_limit():
+    log, stop = [], threading.Event()
+
+    def make_bot():
+        if len([entry for entry in log if entry[0] == "start"]) >= 3:
+            stop.set()
+        return FakeBot("healthy", log)
+
+    supervisor = BotSupervisor(make_bot, "token-123", session_limit=0.05)
+    run_in_thread(supervisor, stop)
+    starts = [entry for entry in log if entry[0] == "start"]
+    assert len(starts) >= 3 and supervisor.crashes == 0
+    assert [entry[0] for entry in log[:4]] == ["start", "close", "start", "close"]
+    gaps = [later[2] - earlier[2] for earlier, later in zip(starts, starts[1:])]
+    assert all(gap < 1.0 for gap in gaps)  # reconnects at once, no backoff after a clean rotation
+
+
+def test_crashes_restart_with_growing_backoff():
+    log, stop = [], threading.Event()
+
+    def make_bot():
+        if len(log) >= 4:
+            stop.set()
+        return FakeBot("crash", log)
+
+    supervisor = BotSupervisor(make_bot, "t", first_backoff=0.05, max_backoff=0.2)
+    run_in_thread(supervisor, stop)
+    starts = [entry[2] for entry in log]
+    gaps = [later - earlier for earlier, later in zip(starts, starts[1:])]
+    assert supervisor.crashes >= 4
+    assert gaps[0] >= 0.05 and gaps[1] >= 0.1 and gaps[2] >= 0.2
+    assert max(gaps) < 0.2 + 0.5  # capped
+
+
+def test_a_bad_token_is_not_retried():
+    log, stop = [], threading.Event()
+    supervisor = BotSupervisor(lambda: FakeBot("bad token", log), "wrong", first_backoff=0.01)
+    run_in_thread(supervisor, stop)
+    assert len(log) == 1 and supervisor.sessions == 1
+
+
+def test_stop_ends_a_running_session():
+    log, stop = [], threading.Event()
+    supervisor = BotSupervisor(lambda: FakeBot("healthy", log), "t")
+    thread = threading.Thread(target=supervisor.run, args=(stop,))
+    thread.start()
+    while not log:
+        time.sleep(0.01)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert log[-1] == ("close",) and supervisor.sessions == 1
