@@ -1,0 +1,61 @@
+"""UpscaleService's wiring and one job through it locally; live previews in the store."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+from PIL import Image
+
+from modal_services.jobs import JobStatus, create_job, load_job
+from modal_services.layout import LORAS_MOUNT, MODELS_MOUNT
+from modal_services.sdxl_previews import MAX_PREVIEW_BYTES, PreviewSink, decode_preview, preview_key
+from modal_services.state import ModalDictStore, SqliteStore
+from tests.fakes.modal_fakes import FakeModalDict
+from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
+from tests.images import png_bytes
+from tests.test_modal import app_module  # noqa: F401  (the recording fixture)
+
+
+def test_upscale_service_wiring(app_module, monkeypatch):  # noqa: F811
+    options = app_module.recorded_options["UpscaleService"]
+    assert options["gpu"] == "A10G"  # the default of TOOLBOX_UPSCALE_GPU
+    assert options["image"] is app_module.upscale_image
+    assert options["volumes"] == {str(MODELS_MOUNT): app_module.models_volume, str(LORAS_MOUNT): app_module.loras_volume}
+    assert options["timeout"] >= 600 and options["max_containers"] >= 1
+    spec = app_module.UpscaleService._get_class_service_function()._spec_
+    assert spec.gpus == "A10G"
+
+
+@pytest.mark.slow
+async def test_upscale_service_runs_a_job_locally_and_cleans_its_preview(app_module, monkeypatch, tmp_path):  # noqa: F811
+    volume = build_tiny_volume(tmp_path)
+    state = FakeModalDict()
+    monkeypatch.setattr(app_module, "state_dict", state)
+    monkeypatch.setattr(app_module, "MODELS_MOUNT", volume.models_dir)
+    store = ModalDictStore(state)
+    job = await create_job(store, "upscale")
+    service = app_module.UpscaleService()
+    service._enter()  # modal's .local() skips sync @enter hooks before async methods
+    service.engine.preview_interval = 0.0
+    result = await service.upscale.local(job.id, {"image": png_bytes(48, 40), "scale": 2.0, "steps": 4, "seed": 3})
+    assert Image.open(io.BytesIO(result)).size == (96, 80)
+    assert (await load_job(store, job.id)).status is JobStatus.DONE
+    assert not await store.contains(preview_key(job.id))
+
+
+async def test_preview_sink_keeps_the_latest_and_cleans_up(tmp_path):
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    sink = PreviewSink(store, "job1")
+    jpeg = b"\xff\xd8" + b"x" * 100
+    # Called from the engine's worker thread.
+    await asyncio.get_running_loop().run_in_executor(None, sink, jpeg)
+    await asyncio.wrap_future(sink._pending)
+    assert decode_preview(await store.get(preview_key("job1"))) == jpeg
+    sink(b"\xff\xd8" + b"y" * (MAX_PREVIEW_BYTES + 1))  # too big: dropped
+    assert decode_preview(await store.get(preview_key("job1"))) == jpeg
+    await sink.close()
+    assert not await store.contains(preview_key("job1"))
+    assert decode_preview({"jpeg": "not base64!"}) is None and decode_preview(None) is None
+    await store.close()
