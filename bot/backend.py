@@ -52,6 +52,10 @@ class Backend(ABC):
     async def recover(self) -> None:
         """After a bot restart: settle jobs that can no longer finish."""
 
+    @abstractmethod
+    async def service_status(self) -> dict[str, str]:
+        """Each service's state as a short phrase (warm, cold, loaded...), for /status."""
+
     async def close(self) -> None:
         await self.store.close()
 
@@ -81,14 +85,16 @@ class LocalBackend(Backend):
         return job
 
     async def _run(self, spec: ServiceSpec, job_id: str, payload: dict[str, Any]) -> Any:
-        if spec.kind not in self._engines:
-            self._engines[spec.kind] = spec.make_engine(self.models_dir)
-            self._executors[spec.kind] = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{spec.kind}")
-            self._turns[spec.kind] = asyncio.Lock()
+        # One engine per service, as one Modal container serves all of its class's methods.
+        service = spec.modal_class
+        if service not in self._engines:
+            self._engines[service] = spec.make_engine(self.models_dir)
+            self._executors[service] = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{service}")
+            self._turns[service] = asyncio.Lock()
         # The job stays "queued" until its engine is free.
-        async with self._turns[spec.kind]:
-            work = partial(run_on_engine, self._engines[spec.kind], spec, payload)
-            return await run_job(self.store, job_id, work, self._executors[spec.kind])
+        async with self._turns[service]:
+            work = partial(run_on_engine, self._engines[service], spec, payload)
+            return await run_job(self.store, job_id, work, self._executors[service])
 
     async def result(self, job_id: str) -> Any:
         task = self._tasks.get(job_id)
@@ -100,6 +106,12 @@ class LocalBackend(Backend):
         finally:
             if task.done():
                 self._tasks.pop(job_id, None)
+
+    async def service_status(self) -> dict[str, str]:
+        return {
+            service: "model loaded" if getattr(engine, "loaded", False) else "idle"
+            for service, engine in self._engines.items()
+        }
 
     async def recover(self) -> None:
         # Local jobs ran in this process's threads: after a restart nothing is running them.
@@ -156,6 +168,25 @@ class ModalBackend(Backend):
             raise error from exc
         await self.store.put(call_key(job.id), call.object_id)
         return job
+
+    async def service_status(self) -> dict[str, str]:
+        import modal
+
+        statuses = {}
+        for service in sorted({spec.modal_class for spec in SERVICES.values()}):
+            try:
+                # A class's containers are those of its service function, "<Class>.*".
+                function = modal.Function.from_name(self.app_name, f"{service}.*")
+                stats = await function.get_current_stats.aio()
+            except modal.exception.Error:
+                statuses[service] = "unknown"
+                continue
+            if stats.num_total_runners:
+                plural = "s" if stats.num_total_runners > 1 else ""
+                statuses[service] = f"warm ({stats.num_total_runners} container{plural}, {stats.backlog} waiting)"
+            else:
+                statuses[service] = "scaled to zero" + (f" ({stats.backlog} waiting)" if stats.backlog else "")
+        return statuses
 
     async def _check_models(self, kind: str) -> None:
         """Refuse before a GPU container starts only to find its models missing."""

@@ -15,7 +15,7 @@ from bot.tracker import CancelJobButton, JobTracker
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.caption", "cogs.setup", "cogs.models")
+EXTENSIONS = ("cogs.caption", "cogs.setup", "cogs.models", "cogs.jobs", "cogs.settings")
 
 
 class ToolboxBot(commands.Bot):

@@ -237,7 +237,7 @@ class JobTracker:
     async def cancel(self, interaction: discord.Interaction, job_id: str) -> None:
         job = await load_job(self.store, job_id)
         if job is None or job.status.finished:
-            await interaction.response.send_message("That job has already finished.", ephemeral=True)
+            await interaction.response.send_message("That job has already finished (or there is no such job).", ephemeral=True)
             return
         if job.owner.get("user_id") != interaction.user.id and not is_admin(interaction):
             raise ToolboxError(ErrorCode.PERMISSION_DENIED, "Only the person who started this job (or an admin) can cancel it.")

@@ -215,4 +215,4 @@ async def test_the_event_loop_stays_free_while_a_job_runs(toolbox_bot, fast_edit
     engine.caption = recording
     interaction = fake_interaction()
     await invoke(toolbox_bot, caption_command(toolbox_bot), interaction, fake_attachment(png_bytes()), None, None)
-    assert worker_threads and all(name.startswith("engine-caption") for name in worker_threads)
+    assert worker_threads and all(name.startswith("engine-CaptionService") for name in worker_threads)

@@ -1,0 +1,112 @@
+"""/settings: this server's defaults, caps and who may use the bot (admins only)."""
+
+from __future__ import annotations
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.guild_settings import GuildSettings, load_guild_settings, save_guild_settings
+from bot.permissions import require_admin
+from modal_services.errors import ErrorCode, ToolboxError
+
+STYLE_CHOICES = [app_commands.Choice(name=style, value=style) for style in ("descriptive", "tags", "short")]
+
+
+def describe(settings: GuildSettings) -> str:
+    roles = ", ".join(f"<@&{role}>" for role in settings.allowed_role_ids) or "everyone"
+    channels = ", ".join(f"<#{channel}>" for channel in settings.allowed_channel_ids) or "every channel"
+    return "\n".join([
+        "**Server settings**",
+        f"Caption style: {settings.default_caption_style}",
+        f"Upscale: {settings.default_upscale_scale:g}x, creativity {settings.default_creativity:g}",
+        f"Jobs at once: {settings.user_cap} per member, {settings.guild_cap} for the server",
+        f"Who: {roles} · Where: {channels}",
+    ])
+
+
+def _toggle(ids: list[int], add: int | None, remove: int | None) -> list[int]:
+    updated = [existing for existing in ids if existing != remove]
+    if add is not None and add not in updated:
+        updated.append(add)
+    return updated
+
+
+@app_commands.guild_only()
+@app_commands.default_permissions(administrator=True)
+class ServerSettings(commands.GroupCog, group_name="settings", group_description="This server's bot settings (admins)"):
+    def __init__(self, bot: commands.Bot):
+        self.bot = bot
+
+    async def _load(self, interaction: discord.Interaction) -> GuildSettings:
+        require_admin(interaction, "change the bot's settings")
+        return await load_guild_settings(self.bot.backend.store, interaction.guild_id)
+
+    async def _save(self, interaction: discord.Interaction, settings: GuildSettings) -> None:
+        await save_guild_settings(self.bot.backend.store, interaction.guild_id, settings)
+        await interaction.response.send_message(describe(settings), ephemeral=True)
+
+    @app_commands.command(name="show", description="Show this server's settings")
+    async def show(self, interaction: discord.Interaction) -> None:
+        await interaction.response.send_message(describe(await self._load(interaction)), ephemeral=True)
+
+    @app_commands.command(name="defaults", description="Defaults for /caption and /upscale, and job caps")
+    @app_commands.describe(
+        caption_style="Default /caption style",
+        upscale_scale="Default /upscale factor",
+        creativity="Default /upscale creativity (denoise strength)",
+        user_cap="Jobs one member may have waiting or running",
+        guild_cap="Jobs the whole server may have waiting or running",
+    )
+    @app_commands.choices(caption_style=STYLE_CHOICES)
+    async def defaults(
+        self,
+        interaction: discord.Interaction,
+        caption_style: app_commands.Choice[str] | None = None,
+        upscale_scale: app_commands.Range[float, 1.5, 4.0] | None = None,
+        creativity: app_commands.Range[float, 0.0, 1.0] | None = None,
+        user_cap: app_commands.Range[int, 1, 20] | None = None,
+        guild_cap: app_commands.Range[int, 1, 200] | None = None,
+    ) -> None:
+        settings = await self._load(interaction)
+        if caption_style is not None:
+            settings.default_caption_style = caption_style.value
+        for name, value in (("default_upscale_scale", upscale_scale), ("default_creativity", creativity),
+                            ("user_cap", user_cap), ("guild_cap", guild_cap)):
+            if value is not None:
+                setattr(settings, name, value)
+        if settings.user_cap > settings.guild_cap:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "A member's cap cannot be above the server's.")
+        await self._save(interaction, settings)
+
+    @app_commands.command(name="access", description="Keep the bot to some roles or channels (none set: everyone, everywhere)")
+    @app_commands.describe(
+        allow_role="Add a role that may use the bot",
+        remove_role="Remove a role from the list",
+        allow_channel="Add a channel where the bot works",
+        remove_channel="Remove a channel from the list",
+        reset="Open the bot to everyone, everywhere again",
+    )
+    async def access(
+        self,
+        interaction: discord.Interaction,
+        allow_role: discord.Role | None = None,
+        remove_role: discord.Role | None = None,
+        allow_channel: discord.TextChannel | None = None,
+        remove_channel: discord.TextChannel | None = None,
+        reset: bool = False,
+    ) -> None:
+        settings = await self._load(interaction)
+        if reset:
+            settings.allowed_role_ids, settings.allowed_channel_ids = [], []
+        settings.allowed_role_ids = _toggle(
+            settings.allowed_role_ids, allow_role and allow_role.id, remove_role and remove_role.id
+        )
+        settings.allowed_channel_ids = _toggle(
+            settings.allowed_channel_ids, allow_channel and allow_channel.id, remove_channel and remove_channel.id
+        )
+        await self._save(interaction, settings)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(ServerSettings(bot))
