@@ -56,6 +56,18 @@ async def caption(toolbox_bot, interaction, data=None):
                  fake_attachment(data or png_bytes()), None, None)
 
 
+async def eventually(check, timeout: float = 10.0):
+    """Poll an async or plain check until it is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(0.02)
+
+
 def edits(interaction) -> list[str]:
     return [call.kwargs.get("content") for call in interaction.calls.edit_original_response.await_args_list]
 
@@ -235,12 +247,13 @@ async def test_a_restart_resumes_and_delivers_modal_jobs(deployment):
     message = channel_spy(second)
     assert await second.tracker.resume() == 1
     await asyncio.gather(*deployment.calls.values())
-    for _ in range(500):
+
+    async def delivered():
         record = await load_job(second.backend.store, job_key[4:])
-        if record.delivered:
-            break
-        await asyncio.sleep(0.02)
-    assert record.delivered and record.status is JobStatus.DONE
+        return record if record.delivered else None
+
+    record = await eventually(delivered)
+    assert record and record.status is JobStatus.DONE
     assert "a caption from modal" in message.edit.await_args.kwargs["content"]
     assert await second.tracker.resume() == 0  # delivered once
 
@@ -258,10 +271,7 @@ async def test_a_job_that_finished_while_the_bot_was_down_is_delivered(deploymen
     second = await make_bot()
     message = channel_spy(second)
     await second.tracker.resume()
-    for _ in range(500):
-        if message.edit.await_count:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: message.edit.await_count)
     assert "a caption from modal" in message.edit.await_args.kwargs["content"]
 
 
@@ -279,9 +289,6 @@ async def test_local_jobs_cut_by_a_restart_are_reported_as_such(monkeypatch):
     second = await make_bot(LocalBackend(Settings.load()))
     message = channel_spy(second)
     await second.tracker.resume()
-    for _ in range(500):
-        if message.edit.await_count:
-            break
-        await asyncio.sleep(0.02)
+    await eventually(lambda: message.edit.await_count)
     assert "restarted" in message.edit.await_args.kwargs["content"]
     await second.backend.close()
