@@ -232,6 +232,7 @@ async def show_status(settings: Settings, as_json: bool) -> None:
             "tokens": {t.service: {"set": t.is_set, "masked": t.masked, "source": t.source, "user": t.user} for t in tokens},
             "active_download": await active_download(store),
             "active_checkpoint": await store.get("active_checkpoint"),
+            "jobs": await _job_counts(store),
         }
     finally:
         await backend.close()
@@ -247,6 +248,20 @@ async def show_status(settings: Settings, as_json: bool) -> None:
         print(f"download running: job {document['active_download']}")
     if document["active_checkpoint"]:
         print(f"active checkpoint: {document['active_checkpoint']}")
+    for kind, counts in document["jobs"].items():
+        print(f"jobs {kind}: {counts['running']} running, {counts['queued']} queued")
+
+
+async def _job_counts(store) -> dict[str, dict[str, int]]:
+    """Unfinished jobs per kind."""
+    from modal_services.jobs import Job, JobStatus
+
+    counts: dict[str, dict[str, int]] = {}
+    for record in (await store.items("job:")).values():
+        job = Job.from_dict(record)
+        if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+            counts.setdefault(job.kind, {"queued": 0, "running": 0})[job.status.value] += 1
+    return counts
 
 
 # -- toolbox models ------------------------------------------------------------------

@@ -70,3 +70,25 @@ def test_failed_download_exits_1_with_code(hub, capsys):
     assert main(["setup", "--only", "ip-adapter"]) == 1
     err = capsys.readouterr().err
     assert "error: CHECKSUM_MISMATCH: 1 of 1 models failed (ip-adapter)" in err
+
+
+def test_status_counts_unfinished_jobs(hub, capsys):
+    import asyncio
+
+    from bot.settings import Settings
+    from modal_services.jobs import JobStatus, create_job, update_job
+    from modal_services.state import SqliteStore
+
+    async def seed():
+        store = SqliteStore(Settings.load().state_path)
+        running = await create_job(store, "caption")
+        await update_job(store, running.id, status=JobStatus.RUNNING)
+        await create_job(store, "caption")
+        finished = await create_job(store, "upscale")
+        await update_job(store, finished.id, status=JobStatus.DONE)
+        await store.close()
+
+    asyncio.run(seed())
+    assert status(capsys)["jobs"] == {"caption": {"queued": 1, "running": 1}}
+    assert main(["status"]) == 0
+    assert "jobs caption: 1 running, 1 queued" in capsys.readouterr().out
