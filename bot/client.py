@@ -15,7 +15,7 @@ from bot.tracker import CancelJobButton, JobTracker
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.caption", "cogs.setup", "cogs.models", "cogs.jobs", "cogs.settings")
+EXTENSIONS = ("cogs.caption", "cogs.setup", "cogs.models", "cogs.jobs", "cogs.settings", "cogs.upscale")
 
 
 class ToolboxBot(commands.Bot):

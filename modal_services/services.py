@@ -56,7 +56,9 @@ def _model_engine(models_dir: Path) -> Engine:
 def _upscale_engine(models_dir: Path) -> Engine:
     from modal_services.upscale import UpscaleEngine
 
-    return UpscaleEngine(models_dir)
+    # models/ and loras/ sit side by side both locally (the data dir) and on
+    # Modal (/vol/models, /vol/loras): library files are found under loras/.
+    return UpscaleEngine(models_dir, loras_dir=models_dir.parent / "loras")
 
 
 SERVICES: dict[str, ServiceSpec] = {

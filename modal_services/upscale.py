@@ -41,10 +41,12 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
 from modal_services.jobs import ProgressFn
 from modal_services.layout import (
+    CHECKPOINTS_SUBDIR,
     CLIP_VIT_H_DIR,
     CONTROLNET_TILE_DIR,
     ILLUSTRIOUS_CHECKPOINT,
     IP_ADAPTER_FILE,
+    LORAS_SUBDIR,
     SDXL_CONFIG_DIR,
     SDXL_VAE_DIR,
 )
@@ -56,6 +58,8 @@ log = logging.getLogger(__name__)
 # What a preview callback receives: a small JPEG of the image as it stands.
 PreviewFn = Callable[[bytes], None]
 
+# The library's name for the base checkpoint (its `active_checkpoint` value when nothing else is chosen).
+DEFAULT_CHECKPOINT_KEY = "illustrious-xl"
 DEFAULT_STEPS = 30
 DEFAULT_CREATIVITY = 0.35
 DEFAULT_GUIDANCE = 5.0
@@ -102,13 +106,16 @@ class LoraSpec:
     trigger_words: tuple[str, ...] = ()
 
     @classmethod
-    def from_dict(cls, entry: dict[str, Any]) -> "LoraSpec":
+    def from_dict(cls, entry: dict[str, Any], lora_folder: Path | None = None) -> "LoraSpec":
+        """From {name, path | file, weight, trigger_words}; a `file` is looked up in `lora_folder`."""
         try:
             name = str(entry["name"])
-            path = Path(entry["path"])
-            weight = float(entry.get("weight", 1.0))
+            path = Path(entry["path"]) if entry.get("path") else _file_in(lora_folder, entry["file"])
+            weight = float(entry.get("weight") if entry.get("weight") is not None else 1.0)
         except (KeyError, TypeError, ValueError):
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"A LoRA needs a name, a path and a numeric weight: {entry!r}.") from None
+            raise ToolboxError(
+                ErrorCode.INVALID_INPUT, f"A LoRA needs a name, a path or file, and a numeric weight: {entry!r}."
+            ) from None
         if not -LORA_WEIGHT_LIMIT <= weight <= LORA_WEIGHT_LIMIT:
             raise ToolboxError(
                 ErrorCode.INVALID_INPUT,
@@ -116,6 +123,14 @@ class LoraSpec:
             )
         words = tuple(str(word).strip() for word in entry.get("trigger_words") or () if str(word).strip())
         return cls(name=name, path=path, weight=weight, trigger_words=words)
+
+
+def _file_in(folder: Path | None, file: str) -> Path:
+    """A library file name inside its folder; anything that could leave the folder is refused."""
+    name = str(file)
+    if folder is None or not name or Path(name).name != name or name in (".", ".."):
+        raise ValueError(f"not a file name: {name!r}")
+    return folder / name
 
 
 def with_trigger_words(prompt: str, loras: list[LoraSpec]) -> str:
@@ -154,6 +169,7 @@ class UpscaleEngine:
     def __init__(
         self,
         models_dir: str | Path,
+        loras_dir: str | Path | None = None,
         device: str | None = None,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
@@ -168,6 +184,9 @@ class UpscaleEngine:
         preview_interval: float = PREVIEW_INTERVAL,
     ):
         self.models_dir = Path(models_dir)
+        # The LoRA volume's root (seed 001's layout: loras/ and checkpoints/ inside),
+        # where library entries given by file name are found.
+        self.loras_dir = Path(loras_dir) if loras_dir is not None else None
         self.device = device
         self.max_input_pixels = max_input_pixels
         self.max_output_pixels = max_output_pixels
@@ -288,6 +307,17 @@ class UpscaleEngine:
         self.pipe = pipe
         self.checkpoint = path
 
+    def checkpoint_path(self, checkpoint: str | None) -> Path:
+        """None or the default's key -> Illustrious; a bare file name -> the library's checkpoints; else a path."""
+        if not checkpoint or checkpoint == DEFAULT_CHECKPOINT_KEY:
+            return self.default_checkpoint
+        if Path(checkpoint).is_absolute():
+            return Path(checkpoint)
+        try:
+            return _file_in(self.loras_dir / CHECKPOINTS_SUBDIR if self.loras_dir else None, checkpoint)
+        except ValueError:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"{checkpoint!r} is not a checkpoint file name.") from None
+
     # ------------------------------------------------------------------ planning
 
     def plan(self, width: int, height: int) -> TilePlan:
@@ -343,7 +373,8 @@ class UpscaleEngine:
         prompt, negative = (prompt or "").strip(), (negative or "").strip()
         if len(prompt) > MAX_PROMPT_CHARS or len(negative) > MAX_PROMPT_CHARS:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"Prompts are limited to {MAX_PROMPT_CHARS} characters.")
-        specs = [LoraSpec.from_dict(entry) for entry in loras or []]
+        lora_folder = self.loras_dir / LORAS_SUBDIR if self.loras_dir else None
+        specs = [LoraSpec.from_dict(entry, lora_folder) for entry in loras or []]
         if len(specs) > MAX_LORAS:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"At most {MAX_LORAS} LoRAs per job.")
         if len({spec.name for spec in specs}) != len(specs):
@@ -357,7 +388,7 @@ class UpscaleEngine:
             raise ToolboxError(
                 ErrorCode.INVALID_INPUT, f"Got {len(tile_prompts)} tile prompts for {len(plan)} tiles."
             )
-        checkpoint_path = Path(checkpoint) if checkpoint else self.default_checkpoint
+        checkpoint_path = self.checkpoint_path(checkpoint)
 
         # --- models for this job
         if checkpoint_path != self.checkpoint:

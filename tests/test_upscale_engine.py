@@ -28,7 +28,7 @@ def volume(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(volume):
-    engine = UpscaleEngine(volume.models_dir, **ENGINE_OPTIONS)
+    engine = UpscaleEngine(volume.models_dir, loras_dir=volume.loras_dir, **ENGINE_OPTIONS)
     engine.load()
     return engine
 
@@ -156,6 +156,19 @@ def test_lora_weights_and_two_loras(volume, engine, picture, base_output):
     # The cached adapters give the same result as the first load did.
     assert engine.upscale(picture, **JOB, loras=[lora(volume, "detail", 0.5)]) == half
     assert engine.upscale(picture, **JOB) == base_output
+
+
+def test_library_files_are_found_on_the_lora_volume(volume, engine, picture, base_output):
+    by_path = engine.upscale(picture, **JOB, loras=[lora(volume, "detail")])
+    by_file = engine.upscale(picture, **JOB, loras=[{"name": "detail", "file": "detail.safetensors", "weight": None}])
+    assert by_file == by_path
+    by_file_name = engine.upscale(picture, **JOB, checkpoint=volume.other_checkpoint.name)
+    assert by_file_name == engine.upscale(picture, **JOB, checkpoint=str(volume.other_checkpoint))
+    assert engine.upscale(picture, **JOB, checkpoint="illustrious-xl") == base_output
+    for bad in ({"loras": [{"name": "x", "file": "../../models/secret.safetensors"}]}, {"checkpoint": "../x.safetensors"}):
+        with pytest.raises(ToolboxError) as error:
+            engine.upscale(picture, **JOB, **bad)
+        assert error.value.code is ErrorCode.INVALID_INPUT
 
 
 def test_trigger_words_are_injected_once():

@@ -1,0 +1,274 @@
+"""/upscale, the "Upscale 2x" message menu, and the buttons under each result.
+
+The reply shows the job's progress (the tracker edits its text) and, every
+few seconds, the worker's latest low-resolution preview as an attachment.
+The result replaces the preview: the upscaled image fitted to the server's
+upload limit, beside the source image, with three buttons that survive
+restarts (dynamic items keyed by the job id; the job's parameters are kept
+under `upscale:<job id>` in the state store):
+
+- Upscale 2x again: the result, upscaled 2x with the same settings;
+- Vary seed: the source again with another seed;
+- Caption: the result through the caption cog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import random
+from typing import Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.attachments import check_attachment, image_attachments, looks_like_image, read_image
+from bot.replies import send_error
+from bot.result_images import fit_to_limit
+from bot.tracker import ReplyTarget
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs import Job
+from modal_services.library import Library
+from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, MAX_SCALE, check_upscale_size
+from modal_services.sdxl_previews import decode_preview, preview_key
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 500
+LORA_SLOTS = 3
+MAX_SEED = 2**32 - 1
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+# Discord's limit on one request with several files.
+MAX_REQUEST_BYTES = 25 * 1024 * 1024
+# Preview edits come on top of the tracker's text edits: one every few
+# seconds keeps the message well inside Discord's edit rate limit.
+PREVIEW_EDIT_INTERVAL = 6.0
+SOURCE_STEM = "source"
+
+
+def params_key(job_id: str) -> str:
+    return f"upscale:{job_id}"
+
+
+class UpscaleButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"toolbox:upscale:(?P<action>again|vary|caption):(?P<job_id>[0-9a-f]+)"
+):
+    LABELS = {"again": "Upscale 2x again", "vary": "Vary seed", "caption": "Caption"}
+
+    def __init__(self, action: str, job_id: str):
+        super().__init__(
+            discord.ui.Button(
+                label=self.LABELS[action], style=discord.ButtonStyle.secondary,
+                custom_id=f"toolbox:upscale:{action}:{job_id}",
+            )
+        )
+        self.action = action
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match) -> "UpscaleButton":
+        return cls(match["action"], match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        # Component errors do not reach the app-command error handler: answer here.
+        try:
+            await interaction.client.get_cog("Upscale").on_button(interaction, self.action, self.job_id)
+        except ToolboxError as error:
+            await send_error(interaction, error)
+
+
+def result_view(job_id: str, with_source: bool) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for action in ("again", "vary", "caption"):
+        if action != "vary" or with_source:
+            view.add_item(UpscaleButton(action, job_id))
+    return view
+
+
+def split_attachments(message: discord.Message) -> tuple[discord.Attachment | None, discord.Attachment | None]:
+    """(result, source) among a result message's attachments."""
+    result = source = None
+    for attachment in message.attachments:
+        if not looks_like_image(attachment):
+            continue
+        if attachment.filename.rsplit(".", 1)[0] == SOURCE_STEM:
+            source = attachment
+        elif result is None:
+            result = attachment
+    return result, source
+
+
+class Upscale(commands.Cog):
+    def __init__(self, bot: commands.Bot):
+        self.bot = bot
+        self.library = Library.for_backend(
+            bot.backend.store, bot.settings.backend == "local", bot.settings.loras_dir, bot.settings.models_dir
+        )
+        self.menu = app_commands.ContextMenu(name="Upscale 2x", callback=self.upscale_message)
+        bot.tree.add_command(self.menu)
+        bot.add_dynamic_items(UpscaleButton)
+        bot.tracker.presenters["upscale"] = self.present
+        self.preview_interval = PREVIEW_EDIT_INTERVAL
+        # Source images of running jobs, attached beside their results (for Vary seed).
+        self._sources: dict[str, tuple[bytes, str]] = {}
+
+    async def cog_unload(self) -> None:
+        self.bot.tree.remove_command(self.menu.name, type=self.menu.type)
+        self.bot.remove_dynamic_items(UpscaleButton)
+        self.bot.tracker.presenters.pop("upscale", None)
+
+    async def lora_autocomplete(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+        return [app_commands.Choice(name=label[:100], value=value) for label, value in await self.library.choices(current, kind="lora")]
+
+    @app_commands.command(name="upscale", description="Upscale an image 1.5x-4x with SDXL, optionally with LoRAs")
+    @app_commands.describe(
+        image="The image to upscale",
+        scale="How much larger (default: the server's, usually 2x)",
+        prompt="What the image shows, to guide new detail",
+        negative="What to avoid",
+        lora1="A LoRA from the library",
+        lora1_weight="Its weight (default: the library's recommendation)",
+        lora2="A second LoRA",
+        lora2_weight="Its weight",
+        lora3="A third LoRA",
+        lora3_weight="Its weight",
+        creativity="How much may change: 0.05 (faithful) to 1 (repaint); default about 0.35",
+        seed="For repeatable results (default: random)",
+    )
+    @app_commands.autocomplete(lora1=lora_autocomplete, lora2=lora_autocomplete, lora3=lora_autocomplete)
+    async def upscale(
+        self,
+        interaction: discord.Interaction,
+        image: discord.Attachment,
+        scale: app_commands.Range[float, 1.5, MAX_SCALE] | None = None,
+        prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS] | None = None,
+        negative: app_commands.Range[str, 1, MAX_PROMPT_CHARS] | None = None,
+        lora1: str | None = None,
+        lora1_weight: app_commands.Range[float, -2.0, 2.0] | None = None,
+        lora2: str | None = None,
+        lora2_weight: app_commands.Range[float, -2.0, 2.0] | None = None,
+        lora3: str | None = None,
+        lora3_weight: app_commands.Range[float, -2.0, 2.0] | None = None,
+        creativity: app_commands.Range[float, 0.05, 1.0] | None = None,
+        seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+    ) -> None:
+        loras = [{"name": name, "weight": weight} for name, weight in
+                 ((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight)) if name]
+        params = {"scale": scale, "prompt": prompt or "", "negative": negative or "", "loras": loras,
+                  "creativity": creativity, "seed": seed}
+        await self.run_upscale(interaction, image, params)
+
+    async def upscale_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
+        await self.run_upscale(interaction, image_attachments(message)[0], {"scale": 2.0})
+
+    async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
+        result, source = split_attachments(interaction.message)
+        params = await self.bot.backend.store.get(params_key(job_id)) or {}
+        if action == "caption":
+            if result is None:
+                raise ToolboxError(ErrorCode.INVALID_INPUT, "That message has no result image any more.")
+            await self.bot.get_cog("Caption").run_caption(interaction, [result], None, None)
+        elif action == "again":
+            if result is None:
+                raise ToolboxError(ErrorCode.INVALID_INPUT, "That message has no result image any more.")
+            await self.run_upscale(interaction, result, {**params, "scale": 2.0})
+        else:
+            if source is None:
+                raise ToolboxError(ErrorCode.INVALID_INPUT, "The source image is not attached to that message.")
+            await self.run_upscale(interaction, source, {**params, "seed": None})
+
+    # ------------------------------------------------------------ the job
+
+    async def run_upscale(self, interaction: discord.Interaction, attachment: discord.Attachment, params: dict[str, Any]) -> None:
+        check_attachment(attachment)
+        await interaction.response.defer(thinking=True)
+        settings = await self.bot.tracker.admit(interaction)
+        scale = params.get("scale") or settings.default_upscale_scale
+        creativity = params.get("creativity") or settings.default_creativity
+        seed = params.get("seed")
+        seed = random.randint(0, MAX_SEED) if seed is None else seed
+
+        received = await read_image(attachment, max_pixels=DEFAULT_MAX_INPUT_PIXELS)
+        # The same limits the worker applies, checked before anything is sent to it.
+        out_width, out_height = check_upscale_size(*received.size, scale)
+        loras = [await self._lora_entry(lora) for lora in params.get("loras") or []]
+        checkpoint = await self.library.active_checkpoint()
+        payload = {
+            "image": received.png, "scale": scale, "prompt": params.get("prompt") or "",
+            "negative": params.get("negative") or "", "loras": loras, "creativity": creativity, "seed": seed,
+            "checkpoint": checkpoint["file"],
+        }
+        kept = {key: payload[key] for key in ("scale", "prompt", "negative", "creativity", "seed")}
+        kept["loras"] = [{"name": lora["file"], "weight": lora["weight"]} for lora in loras]
+        meta = {
+            "title": f"Upscale {scale:g}x → {out_width}×{out_height}",
+            "summary": describe(kept, [lora["name"] for lora in loras], checkpoint["name"]),
+        }
+        job, target = await self.bot.tracker.start(interaction, "upscale", payload, meta)
+        await self.bot.backend.store.put(params_key(job.id), kept)
+        self._sources[job.id] = (received.png, f"{SOURCE_STEM}.png")
+        previews = asyncio.create_task(self._show_previews(job.id, target), name=f"previews-{job.id}")
+        try:
+            await self.bot.tracker.run(job, target)
+        finally:
+            previews.cancel()
+            self._sources.pop(job.id, None)
+
+    async def _lora_entry(self, lora: dict[str, Any]) -> dict[str, Any]:
+        """A library LoRA as the worker needs it: file, weight, trigger words (injected there)."""
+        entry = await self.library.find(lora["name"], kind="lora")
+        weight = lora.get("weight")
+        if weight is None:
+            weight = entry.weight if entry.weight is not None else 1.0
+        return {"name": entry.name, "file": entry.file, "weight": weight, "trigger_words": list(entry.trigger_words)}
+
+    async def _show_previews(self, job_id: str, target: ReplyTarget) -> None:
+        shown = None
+        while True:
+            await asyncio.sleep(self.preview_interval)
+            record = await self.bot.backend.store.get(preview_key(job_id))
+            jpeg = decode_preview(record)
+            if jpeg is None or record.get("n") == shown:
+                continue
+            try:
+                await target.edit(attachments=[discord.File(io.BytesIO(jpeg), "preview.jpg")])
+                shown = record.get("n")
+            except discord.HTTPException as exc:
+                log.info("preview edit for %s skipped: %s", job_id, exc.status)
+
+    async def present(self, job: Job, png: bytes, target: ReplyTarget) -> None:
+        limit = self._upload_limit(job, target)
+        fitted = await asyncio.to_thread(fit_to_limit, png, limit)
+        files = [discord.File(io.BytesIO(fitted.data), fitted.filename)]
+        source = self._sources.get(job.id)
+        # The source rides along for Vary seed when the request stays within Discord's limits.
+        with_source = (
+            source is not None and len(source[0]) <= limit and len(source[0]) + len(fitted.data) <= MAX_REQUEST_BYTES
+        )
+        if with_source:
+            files.append(discord.File(io.BytesIO(source[0]), source[1]))
+        lines = [f"✅ **{job.meta.get('title', 'Upscale')}**", job.meta.get("summary", "")]
+        if fitted.note:
+            lines.append(f"-# {fitted.note}")
+        await target.edit(content="\n".join(line for line in lines if line), attachments=files,
+                          view=result_view(job.id, with_source))
+
+    def _upload_limit(self, job: Job, target: ReplyTarget) -> int:
+        if target.interaction is not None:
+            return target.interaction.filesize_limit
+        guild = self.bot.get_guild(job.owner.get("guild_id") or 0)
+        return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
+
+
+def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str) -> str:
+    parts = [f"creativity {params['creativity']:g}", f"seed {params['seed']}", checkpoint]
+    parts += [f"{name} ({lora['weight']:g})" for name, lora in zip(lora_names, params["loras"])]
+    if params["prompt"]:
+        parts.append(f"“{params['prompt'][:120]}”")
+    return " · ".join(parts)
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Upscale(bot))

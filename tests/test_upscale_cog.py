@@ -1,0 +1,253 @@
+"""/upscale, the "Upscale 2x" menu and the result buttons, with fake interactions on the real LocalBackend."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+from unittest.mock import MagicMock
+
+import discord
+import pytest
+from PIL import Image
+
+import bot.progress
+import modal_services.jobs
+from bot.backend import LocalBackend
+from bot.client import ToolboxBot
+from bot.settings import Settings
+from cogs.upscale import UpscaleButton, params_key, split_attachments
+from modal_services import services
+from modal_services.library import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
+from modal_services.sdxl_previews import PreviewSink
+from modal_services.services import ServiceSpec
+from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
+from tests.images import png_bytes
+
+
+class FakeUpscaleEngine:
+    """Returns a PNG of the requested size after a few progress steps; remembers each payload."""
+
+    def __init__(self, delay: float = 0.05):
+        self.loaded = False
+        self.delay = delay
+        self.payloads: list[dict] = []
+
+    def load(self):
+        self.loaded = True
+
+    def upscale(self, image, scale, progress, **params):
+        self.payloads.append({"scale": scale, **params})
+        width, height = Image.open(io.BytesIO(image)).size
+        for step in range(4):
+            progress(step / 4, f"tile {step + 1}/4 · step 1/1")
+            time.sleep(self.delay)
+        buffer = io.BytesIO()
+        Image.new("RGB", (round(width * scale), round(height * scale)), (200, 10, 10)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+
+@pytest.fixture
+def fast_edits(monkeypatch):
+    monkeypatch.setattr(bot.progress, "MIN_EDIT_INTERVAL", 0.05)
+    monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.02)
+    monkeypatch.setattr(modal_services.jobs, "PROGRESS_WRITE_INTERVAL", 0.03)
+
+
+@pytest.fixture
+def engine(monkeypatch):
+    engine = FakeUpscaleEngine()
+    monkeypatch.setitem(services.SERVICES, "upscale", ServiceSpec("upscale", "UpscaleService", "upscale", lambda d: engine))
+    return engine
+
+
+@pytest.fixture
+async def toolbox_bot():
+    settings = Settings.load()
+    bot = ToolboxBot(settings, LocalBackend(settings))
+    await bot.load_extension("cogs.caption")
+    await bot.load_extension("cogs.upscale")
+    bot.get_cog("Upscale").preview_interval = 0.05
+    yield bot
+    await bot.backend.close()
+
+
+async def add_lora(bot, name, file, weight=0.8, triggers=("shiny",)):
+    entry = LibraryEntry(name=name, file=file, type="lora", weight=weight, trigger_words=list(triggers))
+    await bot.backend.store.put(entry_key(file), entry.to_dict())
+
+
+def upscale_command(bot):
+    return bot.tree.get_command("upscale")
+
+
+def final_edit(interaction) -> dict:
+    return interaction.calls.edit_original_response.await_args.kwargs
+
+
+def attachment_from(file: discord.File, content_type: str) -> MagicMock:
+    file.fp.seek(0)
+    return fake_attachment(file.fp.read(), file.filename, content_type)
+
+
+async def test_command_options_and_menu(toolbox_bot):
+    command = upscale_command(toolbox_bot)
+    assert [p.name for p in command.parameters] == [
+        "image", "scale", "prompt", "negative", "lora1", "lora1_weight", "lora2", "lora2_weight",
+        "lora3", "lora3_weight", "creativity", "seed",
+    ]
+    scale = command.parameters[1]
+    assert (scale.min_value, scale.max_value) == (1.5, 4.0)
+    assert all(command.parameters[i].autocomplete for i in (4, 6, 8))
+    assert toolbox_bot.get_cog("Upscale").menu.name == "Upscale 2x"
+
+
+async def test_lora_autocomplete_reads_the_library(toolbox_bot):
+    await add_lora(toolbox_bot, "Detail Tweaker", "detail.safetensors")
+    await add_lora(toolbox_bot, "Shiny Style", "shiny.safetensors")
+    await toolbox_bot.backend.store.put(entry_key("model.safetensors"), LibraryEntry(
+        name="Other Model", file="model.safetensors", type="checkpoint").to_dict())
+    cog = toolbox_bot.get_cog("Upscale")
+    choices = await cog.lora_autocomplete(fake_interaction(), "")
+    assert [c.value for c in choices] == ["detail.safetensors", "shiny.safetensors"]
+    assert [c.value for c in await cog.lora_autocomplete(fake_interaction(), "style")] == ["shiny.safetensors"]
+
+
+async def test_upscale_defers_shows_progress_and_previews_then_the_result_with_buttons(toolbox_bot, engine, fast_edits):
+    await add_lora(toolbox_bot, "Detail Tweaker", "detail.safetensors", weight=0.7, triggers=("shiny",))
+    store = toolbox_bot.backend.store
+
+    async def write_a_preview():
+        # What the worker's PreviewSink does while the job runs.
+        while not (keys := await store.keys("job:")):
+            await asyncio.sleep(0.01)
+        sink = PreviewSink(store, keys[0].split(":", 1)[1])
+        sink(b"\xff\xd8preview-jpeg")
+
+    engine.delay = 0.15
+    writer = asyncio.create_task(write_a_preview())
+    interaction = fake_interaction()
+    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(60, 40)),
+                 3.0, "a castle", None, "Detail Tweaker", None, None, None, None, None, 0.5, 1234)
+    await writer
+
+    names = [call[0] for call in interaction.calls.mock_calls]
+    assert names[0] == "defer"
+    edits = [call.kwargs for call in interaction.calls.edit_original_response.await_args_list]
+    assert any("▰" in edit.get("content", "") for edit in edits)
+    previews = [edit["attachments"][0].filename for edit in edits[:-1] if "attachments" in edit]
+    assert previews and set(previews) == {"preview.jpg"}
+    assert ephemeral_error(interaction) is None
+
+    payload = engine.payloads[0]
+    assert payload["scale"] == 3.0 and payload["creativity"] == 0.5 and payload["seed"] == 1234
+    assert payload["prompt"] == "a castle" and payload["checkpoint"] is None
+    assert payload["loras"] == [{"name": "Detail Tweaker", "file": "detail.safetensors", "weight": 0.7,
+                                 "trigger_words": ["shiny"]}]
+
+    final = final_edit(interaction)
+    result, source = final["attachments"]
+    assert result.filename == "upscaled.png" and source.filename == "source.png"
+    result.fp.seek(0)
+    assert Image.open(result.fp).size == (180, 120)
+    assert "seed 1234" in final["content"] and "180×120" in final["content"] and "Detail Tweaker (0.7)" in final["content"]
+    custom_ids = [item.custom_id for item in final["view"].children]
+    job_id = (await store.keys("job:"))[0].split(":", 1)[1]
+    assert custom_ids == [f"toolbox:upscale:{action}:{job_id}" for action in ("again", "vary", "caption")]
+    assert (await store.get(params_key(job_id)))["loras"] == [{"name": "detail.safetensors", "weight": 0.7}]
+
+
+async def test_a_big_result_is_fitted_to_the_upload_limit(toolbox_bot, engine, fast_edits, monkeypatch):
+    def noisy_result(image, scale, progress, **params):
+        import numpy as np
+
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    monkeypatch.setattr(engine, "upscale", noisy_result)
+    interaction = fake_interaction()
+    interaction.filesize_limit = 60_000
+    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(50, 50)),
+                 None, None, None, None, None, None, None, None, None, None, None)
+    final = final_edit(interaction)
+    result = final["attachments"][0]
+    result.fp.seek(0)
+    assert result.filename.endswith((".webp", ".jpg")) and len(result.fp.read()) <= 60_000
+    assert "upload limit" in final["content"]
+
+
+async def test_limits_and_unknown_loras_are_refused_before_a_job(toolbox_bot, engine, fast_edits):
+    interaction = fake_interaction()
+    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(2000, 2000)),
+                 4.0, None, None, None, None, None, None, None, None, None, None)
+    assert "limit is 16 MP" in ephemeral_error(interaction)
+    interaction = fake_interaction()
+    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(50, 50)),
+                 2.0, None, None, "nope", None, None, None, None, None, None, None)
+    assert "No lora named 'nope'" in ephemeral_error(interaction)
+    interaction = fake_interaction()
+    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(b"text", "a.txt", "text/plain"),
+                 2.0, None, None, None, None, None, None, None, None, None, None)
+    assert "not an image" in ephemeral_error(interaction)
+    assert engine.payloads == []
+
+
+async def test_server_defaults_and_active_checkpoint_reach_the_worker(toolbox_bot, engine, fast_edits):
+    await toolbox_bot.backend.store.put(entry_key("anime.safetensors"), LibraryEntry(
+        name="Anime XL", file="anime.safetensors", type="checkpoint").to_dict())
+    await toolbox_bot.backend.store.put(ACTIVE_CHECKPOINT_KEY, "anime.safetensors")
+    interaction = fake_interaction()
+    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(40, 40)),
+                 None, None, None, None, None, None, None, None, None, None, None)
+    payload = engine.payloads[0]
+    assert payload["scale"] == 2.0 and payload["creativity"] == 0.35 and 0 <= payload["seed"] <= 2**32 - 1
+    assert payload["checkpoint"] == "anime.safetensors"
+    assert "Anime XL" in final_edit(interaction)["content"]
+
+
+async def test_message_menu_upscales_the_first_image_2x(toolbox_bot, engine, fast_edits):
+    message = fake_message(fake_attachment(b"notes", "notes.txt", "text/plain"), fake_attachment(png_bytes(30, 20), "a.png"))
+    interaction = fake_interaction()
+    await invoke(toolbox_bot, toolbox_bot.get_cog("Upscale").menu, interaction, message)
+    result = final_edit(interaction)["attachments"][0]
+    result.fp.seek(0)
+    assert Image.open(result.fp).size == (60, 40)
+
+
+async def test_buttons_work_from_their_custom_ids_after_a_restart(toolbox_bot, engine, fast_edits):
+    interaction = fake_interaction()
+    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(40, 30)),
+                 2.0, "a fox", None, None, None, None, None, None, None, 0.4, 99)
+    final = final_edit(interaction)
+    job_id = (await toolbox_bot.backend.store.keys("job:"))[0].split(":", 1)[1]
+    result_file, source_file = final["attachments"]
+    message = fake_message(attachment_from(result_file, "image/png"), attachment_from(source_file, "image/png"))
+    assert split_attachments(message)[1].filename == "source.png"
+
+    async def press(action):
+        # What discord.py does with a dynamic item's custom_id on a bot that has just started.
+        button = await UpscaleButton.from_custom_id(None, None, {"action": action, "job_id": job_id})
+        click = fake_interaction()
+        click.message = message
+        click.client = toolbox_bot
+        await button.callback(click)
+        return click
+
+    await press("again")
+    assert engine.payloads[-1]["scale"] == 2.0 and engine.payloads[-1]["prompt"] == "a fox"
+    assert engine.payloads[-1]["seed"] == 99 and engine.payloads[-1]["creativity"] == 0.4
+    await press("vary")
+    assert engine.payloads[-1]["seed"] != 99 and engine.payloads[-1]["prompt"] == "a fox"
+
+    click = await press("caption")
+    assert click.calls.defer.await_count == 1  # handed to the caption cog, which started a caption job
+    kinds = {record["kind"] for record in (await toolbox_bot.backend.store.items("job:")).values()}
+    assert "caption" in kinds
+
+    empty = fake_message()
+    click = fake_interaction()
+    click.message, click.client = empty, toolbox_bot
+    button = await UpscaleButton.from_custom_id(None, None, {"action": "vary", "job_id": job_id})
+    await button.callback(click)
+    assert "source image" in ephemeral_error(click)
