@@ -31,6 +31,7 @@ from bot.tracker import ReplyTarget
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import Job
 from modal_services.library import Library
+from modal_services.sdxl_library import lora_for_job
 from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, MAX_SCALE, check_upscale_size
 from modal_services.sdxl_previews import decode_preview, preview_key
 
@@ -193,7 +194,7 @@ class Upscale(commands.Cog):
         received = await read_image(attachment, max_pixels=DEFAULT_MAX_INPUT_PIXELS)
         # The same limits the worker applies, checked before anything is sent to it.
         out_width, out_height = check_upscale_size(*received.size, scale)
-        loras = [await self._lora_entry(lora) for lora in params.get("loras") or []]
+        loras = [await lora_for_job(self.library, lora["name"], lora.get("weight")) for lora in params.get("loras") or []]
         checkpoint = await self.library.active_checkpoint()
         payload = {
             "image": received.png, "scale": scale, "prompt": params.get("prompt") or "",
@@ -215,14 +216,6 @@ class Upscale(commands.Cog):
         finally:
             previews.cancel()
             self._sources.pop(job.id, None)
-
-    async def _lora_entry(self, lora: dict[str, Any]) -> dict[str, Any]:
-        """A library LoRA as the worker needs it: file, weight, trigger words (injected there)."""
-        entry = await self.library.find(lora["name"], kind="lora")
-        weight = lora.get("weight")
-        if weight is None:
-            weight = entry.weight if entry.weight is not None else 1.0
-        return {"name": entry.name, "file": entry.file, "weight": weight, "trigger_words": list(entry.trigger_words)}
 
     async def _show_previews(self, job_id: str, target: ReplyTarget) -> None:
         shown = None
