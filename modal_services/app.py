@@ -9,7 +9,7 @@ Deploy-time settings (environment variables of the `modal deploy` command):
 TOOLBOX_MODAL_APP (app name), TOOLBOX_CAPTION_GPU (T4 or L4),
 TOOLBOX_SCALEDOWN_SECONDS (idle time before a GPU container stops),
 TOOLBOX_CAPTION_MAX_CONTAINERS, TOOLBOX_UPSCALE_GPU (default A10G),
-TOOLBOX_UPSCALE_MAX_CONTAINERS.
+TOOLBOX_UPSCALE_MAX_CONTAINERS, TOOLBOX_UPSCALE_MAX_MP (output limit, default 16).
 """
 
 from __future__ import annotations
@@ -197,7 +197,10 @@ class ModelService:
 # The upscaler: SDXL + ControlNet Tile + IP-Adapter need diffusers and peft on top of the GPU stack.
 UPSCALE_GPU = os.environ.get("TOOLBOX_UPSCALE_GPU", "A10G")
 UPSCALE_MAX_CONTAINERS = int(os.environ.get("TOOLBOX_UPSCALE_MAX_CONTAINERS", "2"))
-upscale_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17")
+upscale_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17").env(
+    # The output limit the bot checks too (sdxl_limits): the worker gets the deploy-time value.
+    {"TOOLBOX_UPSCALE_MAX_MP": os.environ.get("TOOLBOX_UPSCALE_MAX_MP", "16")}
+)
 
 
 @app.cls(

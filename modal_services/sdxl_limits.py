@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 from modal_services.errors import ErrorCode, ToolboxError
 
 MIN_SCALE = 1.0
 MAX_SCALE = 4.0
-# "16 MP": a 1024² image upscaled 4x (4096²) must fit.
-DEFAULT_MAX_OUTPUT_PIXELS = 4096 * 4096
+# "16 MP" (16 x 2^20: a 1024² image upscaled 4x, 4096², must fit). A deployment
+# with a bigger GPU can raise it with TOOLBOX_UPSCALE_MAX_MP, read by the bot
+# and the worker alike so that both refuse the same requests.
+DEFAULT_MAX_OUTPUT_PIXELS = int(float(os.environ.get("TOOLBOX_UPSCALE_MAX_MP", "16")) * 2**20)
 # Anything larger cannot be upscaled even 1.5x within the output limit.
 DEFAULT_MAX_INPUT_PIXELS = 8_000_000
 MIN_INPUT_SIDE = 16

@@ -59,3 +59,18 @@ async def test_preview_sink_keeps_the_latest_and_cleans_up(tmp_path):
     assert not await store.contains(preview_key("job1"))
     assert decode_preview({"jpeg": "not base64!"}) is None and decode_preview(None) is None
     await store.close()
+
+
+def test_the_output_limit_is_a_deploy_setting_shared_by_bot_and_worker(monkeypatch):
+    import importlib
+
+    import modal_services.sdxl_limits as limits
+
+    monkeypatch.setenv("TOOLBOX_UPSCALE_MAX_MP", "64")
+    try:
+        assert importlib.reload(limits).DEFAULT_MAX_OUTPUT_PIXELS == 8192 * 8192
+        assert limits.check_upscale_size(2048, 2048, 4.0) == (8192, 8192)
+    finally:
+        monkeypatch.delenv("TOOLBOX_UPSCALE_MAX_MP")
+        importlib.reload(limits)
+    assert limits.DEFAULT_MAX_OUTPUT_PIXELS == 4096 * 4096
