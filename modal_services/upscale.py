@@ -83,6 +83,8 @@ BYTES_PER_MEGAPIXEL_TILE = 1.5 * 2**30
 MAX_TILE_BATCH = 4
 CPU_TILE_BATCH = 4
 PREVIEW_SIDE = 256
+# Loaded once and kept across checkpoint switches.
+SHARED_MODELS = ("controlnet", "vae", "image_encoder")
 PREVIEW_INTERVAL = 3.0
 
 # ComfyUI's fixed linear map from SDXL's (scaled) latent channels to RGB in [-1, 1]:
@@ -201,6 +203,8 @@ class UpscaleEngine:
         self.lora_cache_size = lora_cache_size
         self.preview_interval = preview_interval
         self.loaded = False
+        # Where the weights are now: `device`, or host memory while staged for a snapshot.
+        self.placement: str | None = None
         self.pipe = None
         self.checkpoint: Path | None = None
         self.dtype = None
@@ -237,7 +241,9 @@ class UpscaleEngine:
 
     # ------------------------------------------------------------------ loading
 
-    def load(self) -> None:
+    def load(self, staging_device: str | None = None) -> None:
+        """Load every model onto `device`, or only into `staging_device` (host memory, for a memory
+        snapshot taken before the GPU is attached; the first job then moves them: `place()`)."""
         missing = self.missing_files()
         if missing:
             raise ToolboxError(
@@ -267,10 +273,20 @@ class UpscaleEngine:
                 ErrorCode.MODEL_LOAD_FAILED,
                 f"The upscaler's base models could not be loaded ({type(exc).__name__}). Try /setup → Verify.",
             ) from exc
-        for model in ("controlnet", "vae", "image_encoder"):
-            self._shared[model].to(self.device).eval()
+        self.placement = staging_device or self.device
+        for model in SHARED_MODELS:
+            self._shared[model].to(self.placement).eval()
         self._load_checkpoint(self.default_checkpoint)
         self.loaded = True
+
+    def place(self) -> None:
+        """Move staged models to `device` (a no-op once they are there)."""
+        if self.placement == self.device:
+            return
+        for model in SHARED_MODELS:
+            self._shared[model].to(self.device)
+        self.pipe.to(self.device)
+        self.placement = self.device
 
     def _load_checkpoint(self, path: Path) -> None:
         """Build the pipeline around a single-file checkpoint, reusing every other loaded part."""
@@ -288,7 +304,7 @@ class UpscaleEngine:
             self.pipe = None
             self.checkpoint = None
             self._adapters.clear()
-            if self.device.startswith("cuda"):
+            if self.placement.startswith("cuda"):
                 torch.cuda.empty_cache()
         try:
             pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_single_file(
@@ -302,7 +318,7 @@ class UpscaleEngine:
                 ErrorCode.MODEL_LOAD_FAILED,
                 f"The checkpoint {path.name} could not be loaded as an SDXL checkpoint ({type(exc).__name__}).",
             ) from exc
-        pipe.to(self.device)
+        pipe.to(self.placement)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         self.checkpoint = path
@@ -391,6 +407,9 @@ class UpscaleEngine:
         checkpoint_path = self.checkpoint_path(checkpoint)
 
         # --- models for this job
+        if self.placement != self.device:
+            progress(0.01, "moving the models to the GPU")
+            self.place()
         if checkpoint_path != self.checkpoint:
             progress(0.01, f"switching checkpoint to {checkpoint_path.stem}")
             self._load_checkpoint(checkpoint_path)

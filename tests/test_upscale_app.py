@@ -24,6 +24,7 @@ def test_upscale_service_wiring(app_module, monkeypatch):  # noqa: F811
     assert options["image"] is app_module.upscale_image
     assert options["volumes"] == {str(MODELS_MOUNT): app_module.models_volume, str(LORAS_MOUNT): app_module.loras_volume}
     assert options["timeout"] >= 600 and options["max_containers"] >= 1
+    assert options["enable_memory_snapshot"] is True
     spec = app_module.UpscaleService._get_class_service_function()._spec_
     assert spec.gpus == "A10G"
 
@@ -34,10 +35,12 @@ async def test_upscale_service_runs_a_job_locally_and_cleans_its_preview(app_mod
     state = FakeModalDict()
     monkeypatch.setattr(app_module, "state_dict", state)
     monkeypatch.setattr(app_module, "MODELS_MOUNT", volume.models_dir)
+    monkeypatch.setattr(app_module, "UPSCALE_DEVICE", "cpu")  # no GPU here
     store = ModalDictStore(state)
     job = await create_job(store, "upscale")
     service = app_module.UpscaleService()
-    service._enter()  # modal's .local() skips sync @enter hooks before async methods
+    service._enter()  # modal's .local() skips sync @enter hooks before async methods: both phases run here
+    assert service.engine.loaded and service.engine.placement == "cpu"
     service.engine.preview_interval = 0.0
     result = await service.upscale.local(job.id, {"image": png_bytes(48, 40), "scale": 2.0, "steps": 4, "seed": 3})
     assert Image.open(io.BytesIO(result)).size == (96, 80)
@@ -74,3 +77,18 @@ def test_the_output_limit_is_a_deploy_setting_shared_by_bot_and_worker(monkeypat
         monkeypatch.delenv("TOOLBOX_UPSCALE_MAX_MP")
         importlib.reload(limits)
     assert limits.DEFAULT_MAX_OUTPUT_PIXELS == 4096 * 4096
+
+
+@pytest.mark.slow
+def test_staged_weights_wait_in_host_memory_in_the_target_dtype(tmp_path):
+    import torch
+
+    from modal_services.upscale import UpscaleEngine
+
+    volume = build_tiny_volume(tmp_path)
+    engine = UpscaleEngine(volume.models_dir, device="cuda")  # the snapshot phase: no GPU attached yet
+    engine.load(staging_device="cpu")
+    assert engine.placement == "cpu" and engine.dtype == torch.float16
+    for model in (engine.pipe.unet, engine.pipe.controlnet, engine.pipe.vae, engine.pipe.text_encoder_2):
+        parameter = next(model.parameters())
+        assert parameter.device.type == "cpu" and parameter.dtype == torch.float16
