@@ -212,7 +212,7 @@ upscale_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17").env(
     scaledown_window=SCALEDOWN_SECONDS,
     max_containers=UPSCALE_MAX_CONTAINERS,
     timeout=1800,  # a 4x upscale to 16 MP on an A10G, with a checkpoint switch
-    # Cold starts: ~13 GB of weights read from the volume once, into host
+    # Cold starts: ~11 GB of fp16 weights read from the volume once, into host
     # memory, and restored from the snapshot afterwards; only the copy to the GPU remains.
     enable_memory_snapshot=True,
 )

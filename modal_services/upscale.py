@@ -384,8 +384,8 @@ class UpscaleEngine:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"Steps must be between 1 and {MAX_STEPS} (got {steps}).")
         if not 0.0 <= ip_adapter_scale <= 1.5:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"IP-Adapter scale must be between 0 and 1.5 (got {ip_adapter_scale:g}).")
-        if not 0 <= int(seed) < 2**63:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "The seed must be a non-negative 64-bit integer.")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "The seed must be a whole number from 0 to 2^63 - 1.")
         prompt, negative = (prompt or "").strip(), (negative or "").strip()
         if len(prompt) > MAX_PROMPT_CHARS or len(negative) > MAX_PROMPT_CHARS:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"Prompts are limited to {MAX_PROMPT_CHARS} characters.")
@@ -419,7 +419,7 @@ class UpscaleEngine:
             self._activate_loras(specs)
             prompt = with_trigger_words(prompt, specs)
             return self._run(
-                picture, plan, prompt, negative, tile_prompts, creativity, int(seed), steps, ip_adapter_scale,
+                picture, plan, prompt, negative, tile_prompts, creativity, seed, steps, ip_adapter_scale,
                 progress, preview,
             )
         finally:

@@ -233,6 +233,8 @@ def test_missing_checkpoint_file(volume, engine, picture):
         ({"scale": 4.0}, "limit is"),  # 320x384 > the test's 300x300 output limit
         ({"creativity": 0.0}, "Creativity"),
         ({"steps": 0}, "Steps"),
+        ({"seed": None}, "seed"),
+        ({"seed": -1}, "seed"),
         ({"ip_adapter_scale": 3.0}, "IP-Adapter"),
         ({"prompt": "x" * 2000}, "characters"),
         ({"loras": [{"name": "a", "path": "/x", "weight": 5}]}, "weight"),
