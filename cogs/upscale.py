@@ -23,17 +23,20 @@ from typing import Any
 import discord
 from discord import app_commands
 from discord.ext import commands
+from PIL import Image
 
 from bot.attachments import check_attachment, image_attachments, looks_like_image, read_image
 from bot.replies import send_error
 from bot.result_images import fit_to_limit
 from bot.tracker import ReplyTarget
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.imaging import encode_png
 from modal_services.jobs import Job
 from modal_services.library import Library
 from modal_services.sdxl_library import lora_for_job
 from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, MAX_SCALE, check_upscale_size
 from modal_services.sdxl_previews import decode_preview, preview_key
+from modal_services.tiling import plan_tiles, source_boxes
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,7 @@ class Upscale(commands.Cog):
         lora3_weight="Its weight",
         creativity="How much may change: 0.05 (faithful) to 1 (repaint); default about 0.35",
         seed="For repeatable results (default: random)",
+        tile_captions="Caption each tile (tags) and add that to its prompt: slower, more fitting detail",
     )
     @app_commands.autocomplete(lora1=lora_autocomplete, lora2=lora_autocomplete, lora3=lora_autocomplete)
     async def upscale(
@@ -154,11 +158,12 @@ class Upscale(commands.Cog):
         lora3_weight: app_commands.Range[float, -2.0, 2.0] | None = None,
         creativity: app_commands.Range[float, 0.05, 1.0] | None = None,
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        tile_captions: bool = False,
     ) -> None:
         loras = [{"name": name, "weight": weight} for name, weight in
                  ((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight)) if name]
         params = {"scale": scale, "prompt": prompt or "", "negative": negative or "", "loras": loras,
-                  "creativity": creativity, "seed": seed}
+                  "creativity": creativity, "seed": seed, "tile_captions": tile_captions}
         await self.run_upscale(interaction, image, params)
 
     async def upscale_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
@@ -196,12 +201,14 @@ class Upscale(commands.Cog):
         out_width, out_height = check_upscale_size(*received.size, scale)
         loras = [await lora_for_job(self.library, lora["name"], lora.get("weight")) for lora in params.get("loras") or []]
         checkpoint = await self.library.active_checkpoint()
+        regions = await self._caption_tiles(interaction, received, out_width, out_height) if params.get("tile_captions") else []
         payload = {
             "image": received.png, "scale": scale, "prompt": params.get("prompt") or "",
             "negative": params.get("negative") or "", "loras": loras, "creativity": creativity, "seed": seed,
-            "checkpoint": checkpoint["file"],
+            "checkpoint": checkpoint["file"], "region_prompts": regions,
         }
         kept = {key: payload[key] for key in ("scale", "prompt", "negative", "creativity", "seed")}
+        kept["tile_captions"] = bool(params.get("tile_captions"))
         kept["loras"] = [{"name": lora["file"], "weight": lora["weight"]} for lora in loras]
         meta = {
             "title": f"Upscale {scale:g}x → {out_width}×{out_height}",
@@ -216,6 +223,17 @@ class Upscale(commands.Cog):
         finally:
             previews.cancel()
             self._sources.pop(job.id, None)
+
+    async def _caption_tiles(self, interaction: discord.Interaction, received, out_width: int, out_height: int) -> list[dict]:
+        """Tags for each tile the worker will denoise (same plan), as region prompts in source pixels."""
+        boxes = source_boxes(plan_tiles(out_width, out_height), *received.size)
+        crops = await asyncio.to_thread(crop_pngs, received.png, boxes)
+        await interaction.edit_original_response(content=f"🏷️ Captioning {len(boxes)} tiles for their prompts…")
+        owner = {"user_id": interaction.user.id, "guild_id": interaction.guild_id, "channel_id": interaction.channel_id}
+        job = await self.bot.backend.submit("caption", {"images": crops, "style": "tags", "question": None},
+                                            owner=owner, meta={"title": "Tile captions"})
+        captions = await self.bot.backend.result(job.id)
+        return [{"box": list(box), "prompt": caption} for box, caption in zip(boxes, captions)]
 
     async def _show_previews(self, job_id: str, target: ReplyTarget) -> None:
         shown = None
@@ -255,8 +273,16 @@ class Upscale(commands.Cog):
         return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
 
 
+def crop_pngs(png: bytes, boxes: list[tuple[int, int, int, int]]) -> list[bytes]:
+    """Blocking: the source cut into `boxes`, each as PNG."""
+    image = Image.open(io.BytesIO(png))
+    return [encode_png(image.crop(box)) for box in boxes]
+
+
 def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str) -> str:
     parts = [f"creativity {params['creativity']:g}", f"seed {params['seed']}", checkpoint]
+    if params.get("tile_captions"):
+        parts.append("tile captions")
     parts += [f"{name} ({lora['weight']:g})" for name, lora in zip(lora_names, params["loras"])]
     if params["prompt"]:
         parts.append(f"“{params['prompt'][:120]}”")

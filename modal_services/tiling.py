@@ -37,8 +37,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
+
+# The geometry is plain Python, so the bot (which has no numpy) can plan the
+# same tiles, e.g. to caption them; numpy is imported where weights are made.
 
 # SDXL's native size, and how far a tile may be stretched beyond it: the tile
 # count is chosen so that tiles are at most MAX_TILE, then they grow to fit.
@@ -140,6 +145,8 @@ def axis_weights(axis: AxisPlan) -> list[np.ndarray]:
     pairwise), then all are normalised together so the sum is 1 even where
     more than two tiles meet.
     """
+    import numpy as np
+
     weights = []
     overlaps = axis.overlaps()
     positions = np.arange(axis.tile, dtype=np.float64) + 0.5
@@ -213,6 +220,8 @@ class TilePlan:
 
     def weights(self) -> list[np.ndarray]:
         """One (tile_height, tile_width) float64 weight map per tile; they sum to 1 over the covered area."""
+        import numpy as np
+
         column_weights = axis_weights(self.columns)
         row_weights = axis_weights(self.rows)
         return [np.outer(row_weights[r], column_weights[c]) for r in range(len(row_weights)) for c in range(len(column_weights))]
@@ -240,6 +249,8 @@ class TileBlender:
     """
 
     def __init__(self, plan: TilePlan, channels: int):
+        import numpy as np
+
         self.plan = plan
         self.canvas = np.zeros((plan.covered_height, plan.covered_width, channels), dtype=np.float32)
         self._weights = plan.weights()
@@ -256,8 +267,22 @@ class TileBlender:
 
 def pad_to_plan(image: np.ndarray, plan: TilePlan) -> np.ndarray:
     """Edge-replicate an (height, width, channels) image out to the plan's covered size."""
+    import numpy as np
+
     return np.pad(
         image,
         ((0, plan.covered_height - image.shape[0]), (0, plan.covered_width - image.shape[1]), (0, 0)),
         mode="edge",
     )
+
+
+def source_boxes(plan: TilePlan, width: int, height: int) -> list[tuple[int, int, int, int]]:
+    """Each tile's box mapped back onto the width x height source the output was scaled from."""
+    sx, sy = width / plan.width, height / plan.height
+    return [
+        (
+            min(width - 1, int(tile.x * sx)), min(height - 1, int(tile.y * sy)),
+            min(width, math.ceil((tile.x + tile.width) * sx)), min(height, math.ceil((tile.y + tile.height) * sy)),
+        )
+        for tile in plan.tiles
+    ]

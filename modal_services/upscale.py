@@ -147,6 +147,39 @@ def with_trigger_words(prompt: str, loras: list[LoraSpec]) -> str:
     return ", ".join(added + ([prompt] if prompt else []))
 
 
+MAX_REGIONS = 64
+MAX_REGION_PROMPT_CHARS = 400
+
+
+def check_regions(regions: list[dict[str, Any]], width: int, height: int) -> list[tuple[tuple[int, int, int, int], str]]:
+    """((left, top, right, bottom), prompt) pairs, each box inside the width x height input."""
+    if len(regions) > MAX_REGIONS:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"At most {MAX_REGIONS} region prompts.")
+    checked = []
+    for region in regions:
+        try:
+            left, top, right, bottom = (int(value) for value in region["box"])
+            text = str(region.get("prompt") or "").strip()
+        except (KeyError, TypeError, ValueError):
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"A region prompt needs a box of 4 numbers: {region!r}.") from None
+        if not (0 <= left < right <= width and 0 <= top < bottom <= height):
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Region {region['box']} is not inside the {width}×{height} image.")
+        if len(text) > MAX_REGION_PROMPT_CHARS:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Region prompts are limited to {MAX_REGION_PROMPT_CHARS} characters.")
+        checked.append(((left, top, right, bottom), text))
+    return checked
+
+
+def region_prompt(regions, tile, scale: float) -> str:
+    """The words of the first region holding the tile's centre (in input pixels), or ""."""
+    x = (tile.x + tile.width / 2) / scale
+    y = (tile.y + tile.height / 2) / scale
+    for (left, top, right, bottom), text in regions:
+        if left <= x < right and top <= y < bottom:
+            return text
+    return ""
+
+
 def latent_preview_jpeg(latents, max_side: int = PREVIEW_SIDE, quality: int = 70) -> bytes:
     """A small JPEG of (1, 4, h, w) SDXL latents through the fixed latent->RGB map."""
     import torch
@@ -341,18 +374,6 @@ class UpscaleEngine:
         factor = self.pipe.vae_scale_factor if self.pipe is not None else 8
         return plan_tiles(width, height, self.max_tile, self.min_overlap, multiple=8 * factor, align=factor)
 
-    def tile_boxes(self, width: int, height: int, scale: float) -> list[tuple[int, int, int, int]]:
-        """Each tile's box in the INPUT image, in tile order: what to caption for per-tile prompts."""
-        out_width, out_height = check_upscale_size(width, height, scale, self.max_input_pixels, self.max_output_pixels)
-        boxes = []
-        for tile in self.plan(out_width, out_height).tiles:
-            left, top, right, bottom = tile.box
-            boxes.append((
-                round(left * width / out_width), round(top * height / out_height),
-                min(width, round(right * width / out_width)), min(height, round(bottom * height / out_height)),
-            ))
-        return boxes
-
     # ------------------------------------------------------------------ the job
 
     def upscale(
@@ -367,14 +388,17 @@ class UpscaleEngine:
         checkpoint: str | None = None,
         steps: int = DEFAULT_STEPS,
         ip_adapter_scale: float = DEFAULT_IP_ADAPTER_SCALE,
-        tile_prompts: list[str] | None = None,
+        region_prompts: list[dict[str, Any]] | None = None,
         progress: ProgressFn | None = None,
         preview: PreviewFn | None = None,
     ) -> bytes:
         """Upscale `image` (encoded bytes) by `scale`; returns PNG bytes.
 
-        Everything about the request is checked before any model work:
-        sizes, numbers, prompts and LoRA entries.
+        `region_prompts` ([{"box": [left, top, right, bottom], "prompt": ...}]
+        in input pixels, e.g. per-tile captions) add words to the prompt of
+        each tile whose centre lies in the box: the regions need not match
+        this engine's tiles. Everything about the request is checked before
+        any model work: sizes, numbers, prompts, regions and LoRA entries.
         """
         progress = progress or (lambda fraction, stage: None)
         # --- checks, before any GPU work
@@ -400,10 +424,12 @@ class UpscaleEngine:
             picture.width, picture.height, scale, self.max_input_pixels, self.max_output_pixels
         )
         plan = self.plan(out_width, out_height)
-        if tile_prompts is not None and len(tile_prompts) != len(plan):
-            raise ToolboxError(
-                ErrorCode.INVALID_INPUT, f"Got {len(tile_prompts)} tile prompts for {len(plan)} tiles."
-            )
+        regions = check_regions(region_prompts or [], picture.width, picture.height)
+        prompt = with_trigger_words(prompt, specs)
+        tile_texts = [
+            ", ".join(part for part in (prompt, region_prompt(regions, tile, scale)) if part)
+            for tile in plan.tiles
+        ]
         checkpoint_path = self.checkpoint_path(checkpoint)
 
         # --- models for this job
@@ -417,10 +443,8 @@ class UpscaleEngine:
             progress(0.02, "loading LoRAs")
         try:
             self._activate_loras(specs)
-            prompt = with_trigger_words(prompt, specs)
             return self._run(
-                picture, plan, prompt, negative, tile_prompts, creativity, seed, steps, ip_adapter_scale,
-                progress, preview,
+                picture, plan, tile_texts, negative, creativity, seed, steps, ip_adapter_scale, progress, preview
             )
         finally:
             self._deactivate_loras()
@@ -481,7 +505,7 @@ class UpscaleEngine:
         per_tile = BYTES_PER_MEGAPIXEL_TILE * plan.tile_width * plan.tile_height / 2**20
         return int(max(1, min(MAX_TILE_BATCH, 0.8 * free // per_tile)))
 
-    def _run(self, picture, plan, prompt, negative, tile_prompts, creativity, seed, steps, ip_scale, progress, preview):
+    def _run(self, picture, plan, tile_texts, negative, creativity, seed, steps, ip_scale, progress, preview):
         import torch
         from PIL import Image
 
@@ -492,7 +516,7 @@ class UpscaleEngine:
         try:
             with torch.inference_mode():
                 return self._denoise_and_decode(
-                    picture, canvas, plan, prompt, negative, tile_prompts, creativity, seed, steps, ip_scale, batch,
+                    picture, canvas, plan, tile_texts, negative, creativity, seed, steps, ip_scale, batch,
                     progress, preview,
                 )
         except torch.cuda.OutOfMemoryError as exc:
@@ -506,7 +530,7 @@ class UpscaleEngine:
         try:
             with torch.inference_mode():
                 return self._denoise_and_decode(
-                    picture, canvas, plan, prompt, negative, tile_prompts, creativity, seed, steps, ip_scale, 1,
+                    picture, canvas, plan, tile_texts, negative, creativity, seed, steps, ip_scale, 1,
                     progress, preview,
                 )
         except torch.cuda.OutOfMemoryError as exc:
@@ -515,7 +539,7 @@ class UpscaleEngine:
             ) from exc
 
     def _denoise_and_decode(
-        self, picture, canvas, plan, prompt, negative, tile_prompts, creativity, seed, steps, ip_scale, batch,
+        self, picture, canvas, plan, tile_texts, negative, creativity, seed, steps, ip_scale, batch,
         progress, preview,
     ) -> bytes:
         import torch
@@ -529,7 +553,6 @@ class UpscaleEngine:
         do_cfg = self.guidance_scale > 1.0
 
         # Text: one encoding per distinct prompt (the user's, plus each tile's own words).
-        tile_texts = [", ".join(p for p in (prompt, (extra or "").strip()) if p) for extra in tile_prompts or [""] * len(tiles)]
         encoded = {}
         for text in dict.fromkeys(tile_texts):
             embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(

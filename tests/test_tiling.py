@@ -130,3 +130,29 @@ def test_bad_parameters_are_refused():
         plan_axis(100, max_tile=1000)
     with pytest.raises(ValueError):
         plan_axis(100, min_overlap=0)
+
+
+@pytest.mark.parametrize("width,height,scale", [(80, 96, 2.0), (1024, 1024, 4.0), (1000, 700, 1.5), (33, 17, 3.0)])
+def test_source_boxes_cover_the_source(width, height, scale):
+    from modal_services.tiling import source_boxes
+
+    plan = plan_tiles(round(width * scale), round(height * scale))
+    boxes = source_boxes(plan, width, height)
+    assert len(boxes) == len(plan)
+    covered = np.zeros((height, width), dtype=bool)
+    for left, top, right, bottom in boxes:
+        assert 0 <= left < right <= width and 0 <= top < bottom <= height
+        covered[top:bottom, left:right] = True
+    assert covered.all()
+
+
+def test_planning_needs_no_numpy():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['numpy'] = None\n"
+            "from modal_services.tiling import plan_tiles, source_boxes\n"
+            "print(len(source_boxes(plan_tiles(4096, 2048), 1024, 512)))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "8"

@@ -94,7 +94,7 @@ async def test_command_options_and_menu(toolbox_bot):
     command = upscale_command(toolbox_bot)
     assert [p.name for p in command.parameters] == [
         "image", "scale", "prompt", "negative", "lora1", "lora1_weight", "lora2", "lora2_weight",
-        "lora3", "lora3_weight", "creativity", "seed",
+        "lora3", "lora3_weight", "creativity", "seed", "tile_captions",
     ]
     scale = command.parameters[1]
     assert (scale.min_value, scale.max_value) == (1.5, 4.0)
@@ -251,3 +251,35 @@ async def test_buttons_work_from_their_custom_ids_after_a_restart(toolbox_bot, e
     button = await UpscaleButton.from_custom_id(None, None, {"action": "vary", "job_id": job_id})
     await button.callback(click)
     assert "source image" in ephemeral_error(click)
+
+
+class TagEngine:
+    """A caption engine that tags each image with its size."""
+
+    loaded = True
+
+    def load(self):
+        pass
+
+    def caption(self, images, style, question, progress):
+        assert style == "tags"
+        return [f"tile {Image.open(io.BytesIO(data)).size[0]}" for data in images]
+
+
+async def test_tile_captions_become_region_prompts(toolbox_bot, engine, fast_edits, monkeypatch):
+    from modal_services.tiling import plan_tiles
+
+    monkeypatch.setitem(services.SERVICES, "caption", ServiceSpec("caption", "CaptionService", "caption", lambda d: TagEngine()))
+    interaction = fake_interaction()
+    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(600, 400)),
+                 4.0, "a town", None, None, None, None, None, None, None, None, 7, True)
+    assert ephemeral_error(interaction) is None
+    regions = engine.payloads[0]["region_prompts"]
+    assert len(regions) == len(plan_tiles(2400, 1600)) == 6
+    for region in regions:
+        left, top, right, bottom = region["box"]
+        assert region["prompt"] == f"tile {right - left}"
+    assert engine.payloads[0]["prompt"] == "a town"
+    assert "tile captions" in final_edit(interaction)["content"]
+    job_id = next(k for k, v in (await toolbox_bot.backend.store.items("job:")).items() if v["kind"] == "upscale")
+    assert (await toolbox_bot.backend.store.get(params_key(job_id.split(":", 1)[1])))["tile_captions"] is True

@@ -119,15 +119,25 @@ def test_output_stays_close_to_the_input(engine, picture, base_output):
     assert np.abs(out - resized).mean() < np.abs(unrelated - resized).mean() + np.abs(out - unrelated).mean()
 
 
-def test_tile_prompts_and_tile_boxes(engine, picture, base_output):
-    boxes = engine.tile_boxes(80, 96, 2.0)
-    assert len(boxes) == 4
-    assert all(0 <= left < right <= 80 and 0 <= top < bottom <= 96 for left, top, right, bottom in boxes)
-    with_tiles = engine.upscale(picture, **JOB, tile_prompts=["sky", "tree", "grass", "cat"])
-    assert with_tiles != base_output
-    with pytest.raises(ToolboxError) as error:
-        engine.upscale(picture, **JOB, tile_prompts=["just one"])
-    assert error.value.code is ErrorCode.INVALID_INPUT
+def test_region_prompts_reach_the_tiles_under_them(engine, picture, base_output):
+    from modal_services.tiling import plan_tiles
+    from modal_services.upscale import check_regions, region_prompt
+
+    # 80x96 input, 160x192 output in 2x2 tiles: the left half's region covers the left tiles' centres.
+    regions = check_regions([{"box": [0, 0, 40, 96], "prompt": "sky"}, {"box": [40, 0, 80, 96], "prompt": "grass"}], 80, 96)
+    tiles = plan_tiles(160, 192, max_tile=128, min_overlap=32).tiles
+    assert [region_prompt(regions, tile, 2.0) for tile in tiles] == ["sky", "grass", "sky", "grass"]
+    left_only = engine.upscale(picture, **JOB, region_prompts=[{"box": [0, 0, 40, 96], "prompt": "sky"}])
+    both = engine.upscale(picture, **JOB, region_prompts=[{"box": [0, 0, 40, 96], "prompt": "sky"},
+                                                          {"box": [40, 0, 80, 96], "prompt": "grass"}])
+    assert len({left_only, both, base_output}) == 3
+    # The tiles under the region change most; the others only through the overlaps they share (every step).
+    change = np.abs(pixels(left_only) - pixels(base_output))
+    assert change[:, :20].mean() > 3 * change[:, -20:].mean()
+    for bad in ([{"box": [0, 0, 100, 10], "prompt": "x"}], [{"box": [0, 0], "prompt": "x"}], [{"prompt": "x"}]):
+        with pytest.raises(ToolboxError) as error:
+            engine.upscale(picture, **JOB, region_prompts=bad)
+        assert error.value.code is ErrorCode.INVALID_INPUT
 
 
 def test_ip_adapter_scale_changes_the_output(engine, picture, base_output):
