@@ -18,13 +18,12 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from typing import Any
 
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs import Job, JobStatus, create_job, load_job, run_job, update_job
-from modal_services.services import SERVICES, Engine, ServiceSpec, run_on_engine
+from modal_services.jobs import Job, JobStatus, create_job, load_job, update_job
+from modal_services.services import SERVICES, Engine, ServiceSpec, run_service_job
 from modal_services.state import ModalDictStore, SqliteStore, StateStore
 
 log = logging.getLogger(__name__)
@@ -93,8 +92,7 @@ class LocalBackend(Backend):
             self._turns[service] = asyncio.Lock()
         # The job stays "queued" until its engine is free.
         async with self._turns[service]:
-            work = partial(run_on_engine, self._engines[service], spec, payload)
-            return await run_job(self.store, job_id, work, self._executors[service])
+            return await run_service_job(self.store, self._engines[service], spec, job_id, payload, self._executors[service])
 
     async def result(self, job_id: str) -> Any:
         task = self._tasks.get(job_id)

@@ -3,7 +3,7 @@
 Reads top to bottom: settings read at deploy time, the images, the volumes
 and the state Dict, then one class per service. Each class is a thin shell:
 `@modal.enter` loads its engine once per container, and each method runs one
-job through the same `run_job` / `run_on_engine` path the local backend uses.
+job through `run_service_job`, the same path the local backend uses.
 
 Deploy-time settings (environment variables of the `modal deploy` command):
 TOOLBOX_MODAL_APP (app name), TOOLBOX_CAPTION_GPU (T4 or L4),
@@ -17,17 +17,15 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from functools import partial
 from pathlib import Path
 
 import modal
 
 from modal_services.errors import ToolboxError
-from modal_services.jobs import run_job
 from modal_services.downloads import DownloadEngine
 from modal_services.caption import CaptionEngine, best_device
 from modal_services.layout import CAPTION_MODEL, LORAS_MOUNT, LORAS_VOLUME, MODELS_MOUNT, MODELS_VOLUME, state_dict_name
-from modal_services.services import SERVICES, run_on_engine
+from modal_services.services import SERVICES, run_service_job
 from modal_services.state import ModalDictStore
 
 log = logging.getLogger(__name__)
@@ -92,8 +90,7 @@ class CaptionService:
     async def caption(self, job_id: str, payload: dict) -> list[str]:
         if not self.engine.loaded:
             await models_volume.reload.aio()
-        work = partial(run_on_engine, self.engine, self.spec, payload)
-        return await run_job(self.store, job_id, work)
+        return await run_service_job(self.store, self.engine, self.spec, job_id, payload)
 
 
 # The download image: CPU only, no torch. Network I/O never runs on a GPU.
@@ -132,8 +129,7 @@ class DownloadService:
         self.engine.load()
 
     async def _run(self, kind: str, job_id: str, payload: dict):
-        work = partial(run_on_engine, self.engine, SERVICES[kind], payload)
-        return await run_job(self.store, job_id, work)
+        return await run_service_job(self.store, self.engine, SERVICES[kind], job_id, payload)
 
     @modal.method()
     async def download(self, job_id: str, payload: dict) -> dict:
@@ -174,8 +170,7 @@ class ModelService:
 
     async def _run(self, kind: str, job_id: str, payload: dict):
         await loras_volume.reload.aio()  # see files other containers committed
-        work = partial(run_on_engine, self.engine, SERVICES[kind], payload)
-        return await run_job(self.store, job_id, work)
+        return await run_service_job(self.store, self.engine, SERVICES[kind], job_id, payload)
 
     @modal.method()
     async def import_model(self, job_id: str, payload: dict) -> dict:
@@ -238,8 +233,6 @@ class UpscaleService:
 
     @modal.method()
     async def upscale(self, job_id: str, payload: dict) -> bytes:
-        from modal_services.sdxl_previews import PreviewSink
-
         if not self.engine.loaded:
             await models_volume.reload.aio()
         try:
@@ -247,12 +240,7 @@ class UpscaleService:
             await loras_volume.reload.aio()
         except Exception:  # reload refuses while a file is open; the files already seen still work
             log.warning("LoRA volume reload skipped", exc_info=True)
-        previews = PreviewSink(self.store, job_id)
-        work = partial(run_on_engine, self.engine, self.spec, {**payload, "preview": previews})
-        try:
-            return await run_job(self.store, job_id, work)
-        finally:
-            await previews.close()
+        return await run_service_job(self.store, self.engine, self.spec, job_id, payload)
 
 
 # The bot itself: one always-on container on a slim image (the package's base

@@ -2,16 +2,18 @@
 
 A `ServiceSpec` ties a job kind to the Modal class that serves it and to the
 engine method that does the work. The Modal classes and the local backend
-both run a job through `run_on_engine`, so they behave the same.
+both run a job through `run_service_job`, so they behave the same.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from modal_services.jobs import ProgressFn
+from modal_services.jobs import ProgressFn, run_job
+from modal_services.state import StateStore
 from modal_services.layout import CAPTION_MODEL
 
 
@@ -28,6 +30,8 @@ class ServiceSpec:
     method: str
     # (models_dir) -> engine; imports the engine module only when called.
     make_engine: Callable[[Path], Engine]
+    # The engine method takes `preview=`: small JPEGs of the work so far, kept under `preview:<job>`.
+    previews: bool = False
 
 
 def _caption_engine(models_dir: Path) -> Engine:
@@ -65,7 +69,7 @@ SERVICES: dict[str, ServiceSpec] = {
     "caption": ServiceSpec("caption", "CaptionService", "caption", _caption_engine),
     "download": ServiceSpec("download", "DownloadService", "download", _download_engine),
     "verify": ServiceSpec("verify", "DownloadService", "verify", _download_engine),
-    "upscale": ServiceSpec("upscale", "UpscaleService", "upscale", _upscale_engine),
+    "upscale": ServiceSpec("upscale", "UpscaleService", "upscale", _upscale_engine, previews=True),
     # The model library's file work (/models): CivitAI imports, uploads, deletes, scans.
     "model_import": ServiceSpec("model_import", "ModelService", "import_model", _model_engine),
     "model_upload": ServiceSpec("model_upload", "ModelService", "upload_model", _model_engine),
@@ -80,3 +84,21 @@ def run_on_engine(engine: Engine, spec: ServiceSpec, payload: dict[str, Any], pr
         progress(0.0, "loading model")
         engine.load()
     return getattr(engine, spec.method)(progress=progress, **payload)
+
+
+async def run_service_job(
+    store: StateStore, engine: Engine, spec: ServiceSpec, job_id: str, payload: dict[str, Any], executor=None
+) -> Any:
+    """One job, as every Modal class and the local backend run it: `run_job` over
+    `run_on_engine`, with a preview sink for the engines that make previews."""
+    sink = None
+    if spec.previews:
+        from modal_services.sdxl_previews import PreviewSink
+
+        sink = PreviewSink(store, job_id)
+        payload = {**payload, "preview": sink}
+    try:
+        return await run_job(store, job_id, partial(run_on_engine, engine, spec, payload), executor)
+    finally:
+        if sink is not None:
+            await sink.close()
