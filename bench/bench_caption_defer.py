@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import statistics
 import sys
@@ -27,32 +28,13 @@ from bot.backend import LocalBackend  # noqa: E402
 from bot.client import ToolboxBot  # noqa: E402
 from bot.settings import Settings  # noqa: E402
 from modal_services import services  # noqa: E402
-from modal_services.services import ServiceSpec  # noqa: E402
+from tests.fakes.engines import SlowCaptionEngine  # noqa: E402
 from tests.fakes.discord_fakes import fake_attachment, fake_interaction, invoke  # noqa: E402
 from tests.images import png_bytes  # noqa: E402
 
 
 IMAGE_SIDE = 768
 ARRIVAL_GAP = 0.005
-
-
-class SlowEngine:
-    """Holds its worker thread for `seconds` per batch, reporting progress as it goes."""
-
-    loaded = True
-
-    def __init__(self, seconds: float):
-        self.seconds = seconds
-
-    def load(self):
-        pass
-
-    def caption(self, images, style, question, progress):
-        steps = 10
-        for step in range(steps):
-            progress(step / steps, "captioning")
-            time.sleep(self.seconds / steps)
-        return ["a caption"] * len(images)
 
 
 async def loop_lag_monitor(stop: asyncio.Event, interval: float = 0.005) -> float:
@@ -66,7 +48,8 @@ async def loop_lag_monitor(stop: asyncio.Event, interval: float = 0.005) -> floa
 
 async def run(commands: int, engine_seconds: float) -> None:
     os.environ["TOOLBOX_DATA_DIR"] = tempfile.mkdtemp(prefix="bench-defer-")
-    services.SERVICES["caption"] = ServiceSpec("caption", "CaptionService", "caption", lambda d: SlowEngine(engine_seconds))
+    engine = SlowCaptionEngine(steps=10, delay=engine_seconds / 10)  # holds its one worker thread
+    services.SERVICES["caption"] = dataclasses.replace(services.SERVICES["caption"], make_engine=lambda d: engine)
     bot.progress.MIN_EDIT_INTERVAL = 1.5
     settings = Settings.load()
     toolbox_bot = ToolboxBot(settings, LocalBackend(settings))

@@ -39,3 +39,28 @@ def installed_caption_model(tiny_qwen_dir, tmp_path):
     models_dir.mkdir(parents=True, exist_ok=True)
     (models_dir / CAPTION_MODEL).symlink_to(tiny_qwen_dir, target_is_directory=True)
     return models_dir
+
+
+@pytest.fixture
+def fast_progress(monkeypatch):
+    """Progress writes, polls and reply edits at test speed instead of Discord-safe pacing."""
+    import bot.progress
+    import modal_services.jobs
+
+    monkeypatch.setattr(bot.progress, "MIN_EDIT_INTERVAL", 0.02)
+    monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.01)
+    monkeypatch.setattr(modal_services.jobs, "PROGRESS_WRITE_INTERVAL", 0.02)
+
+
+@pytest.fixture
+def use_engine(monkeypatch):
+    """use_engine(kind, engine): that job kind runs on `engine` (a stand-in), its spec otherwise unchanged."""
+    import dataclasses
+
+    from modal_services import services
+
+    def install(kind: str, engine) -> None:
+        spec = dataclasses.replace(services.SERVICES[kind], make_engine=lambda models_dir: engine)
+        monkeypatch.setitem(services.SERVICES, kind, spec)
+
+    return install

@@ -2,56 +2,23 @@
 
 from __future__ import annotations
 
-import io
 import threading
-import time
 
 import pytest
 from PIL import Image
 
-import bot.progress
-import modal_services.jobs
 from bot.backend import LocalBackend
 from bot.client import ToolboxBot
 from bot.settings import Settings
-from modal_services import services
-from modal_services.services import ServiceSpec
+from tests.fakes.engines import SlowCaptionEngine
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.images import animated_gif, decompression_bomb, encode, noise_image, png_bytes
 
 
-class SlowCaptionEngine:
-    """Captions an image with its size, slowly, reporting progress like the real engine."""
-
-    def __init__(self, steps: int = 6, delay: float = 0.05):
-        self.loaded = False
-        self.steps = steps
-        self.delay = delay
-        self.batches: list[int] = []
-
-    def load(self):
-        self.loaded = True
-
-    def caption(self, images, style, question, progress):
-        self.batches.append(len(images))
-        for step in range(self.steps):
-            progress(step / self.steps, f"captioning · token {step}/{self.steps}")
-            time.sleep(self.delay)
-        sizes = [Image.open(io.BytesIO(data)).size for data in images]
-        return [f"{question or style} {w}x{h}" for w, h in sizes]
-
-
 @pytest.fixture
-def fast_edits(monkeypatch):
-    monkeypatch.setattr(bot.progress, "MIN_EDIT_INTERVAL", 0.05)
-    monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.02)
-    monkeypatch.setattr(modal_services.jobs, "PROGRESS_WRITE_INTERVAL", 0.03)
-
-
-@pytest.fixture
-def slow_engine(monkeypatch):
+def slow_engine(use_engine):
     engine = SlowCaptionEngine()
-    monkeypatch.setitem(services.SERVICES, "caption", ServiceSpec("caption", "CaptionService", "caption", lambda d: engine))
+    use_engine("caption", engine)
     return engine
 
 
@@ -87,7 +54,7 @@ async def test_command_is_registered_with_its_options(toolbox_bot):
     assert caption_menu(toolbox_bot).name == "Caption image"
 
 
-async def test_caption_defers_first_shows_progress_then_the_caption(toolbox_bot, slow_engine, fast_edits):
+async def test_caption_defers_first_shows_progress_then_the_caption(toolbox_bot, slow_engine, fast_progress):
     interaction = fake_interaction()
     image = fake_attachment(png_bytes(120, 80))
     await invoke(toolbox_bot, caption_command(toolbox_bot), interaction, image, None, None)
@@ -103,7 +70,7 @@ async def test_caption_defers_first_shows_progress_then_the_caption(toolbox_bot,
     assert slow_engine.batches == [1]
 
 
-async def test_style_and_question_reach_the_engine(toolbox_bot, slow_engine, fast_edits):
+async def test_style_and_question_reach_the_engine(toolbox_bot, slow_engine, fast_progress):
     from discord import app_commands
 
     interaction = fake_interaction()
@@ -116,7 +83,7 @@ async def test_style_and_question_reach_the_engine(toolbox_bot, slow_engine, fas
     assert "Who? 96x64" in final_text(interaction) and "Answer" in final_text(interaction)
 
 
-async def test_menu_captions_every_image_in_one_batch(toolbox_bot, slow_engine, fast_edits):
+async def test_menu_captions_every_image_in_one_batch(toolbox_bot, slow_engine, fast_progress):
     message = fake_message(
         fake_attachment(png_bytes(10, 20), "a.png"),
         fake_attachment(b"just text", "notes.txt", "text/plain"),
@@ -131,7 +98,7 @@ async def test_menu_captions_every_image_in_one_batch(toolbox_bot, slow_engine, 
         assert f"**{index}. {name}**" in text and f"descriptive {size}" in text
 
 
-async def test_animated_gif_uses_its_first_frame(toolbox_bot, slow_engine, fast_edits):
+async def test_animated_gif_uses_its_first_frame(toolbox_bot, slow_engine, fast_progress):
     interaction = fake_interaction()
     await invoke(toolbox_bot, caption_command(toolbox_bot), interaction,
                  fake_attachment(animated_gif(), "anim.gif", "image/gif"), None, None)
@@ -181,30 +148,28 @@ async def test_message_without_images(toolbox_bot, slow_engine):
     assert await jobs_started(toolbox_bot) == 0
 
 
-async def test_missing_model_points_admins_at_setup(toolbox_bot, fast_edits):
+async def test_missing_model_points_admins_at_setup(toolbox_bot, fast_progress):
     interaction = fake_interaction()
     await invoke(toolbox_bot, caption_command(toolbox_bot), interaction, fake_attachment(png_bytes()), None, None)
     error = ephemeral_error(interaction)
     assert "not installed" in error and "/setup" in error
 
 
-async def test_unexpected_failure_is_generic_and_logged(toolbox_bot, monkeypatch, caplog):
+async def test_unexpected_failure_is_generic_and_logged(toolbox_bot, use_engine):
     class Broken(SlowCaptionEngine):
         def caption(self, *args, **kwargs):
             raise RuntimeError("token=abc123 leaked in a traceback")
 
-    monkeypatch.setitem(services.SERVICES, "caption",
-                        ServiceSpec("caption", "CaptionService", "caption", lambda d: Broken()))
+    use_engine("caption", Broken())
     interaction = fake_interaction()
     await invoke(toolbox_bot, caption_command(toolbox_bot), interaction, fake_attachment(png_bytes()), None, None)
     error = ephemeral_error(interaction)
     assert "Something went wrong" in error and "abc123" not in error
 
 
-async def test_the_event_loop_stays_free_while_a_job_runs(toolbox_bot, fast_edits, monkeypatch):
+async def test_the_event_loop_stays_free_while_a_job_runs(toolbox_bot, fast_progress, use_engine):
     engine = SlowCaptionEngine(steps=10, delay=0.03)
-    monkeypatch.setitem(services.SERVICES, "caption",
-                        ServiceSpec("caption", "CaptionService", "caption", lambda d: engine))
+    use_engine("caption", engine)
     worker_threads = set()
     original = engine.caption
 

@@ -9,32 +9,21 @@ from unittest.mock import AsyncMock, MagicMock
 import modal
 import pytest
 
-import bot.progress
-import modal_services.jobs
 from bot.backend import LocalBackend, make_backend
 from bot.client import ToolboxBot
 from bot.guild_settings import GuildSettings, save_guild_settings
 from bot.settings import Settings
 from bot.tracker import INTERACTION_TOKEN_LIFETIME, CancelJobButton, ReplyTarget
-from modal_services import services
 from modal_services.jobs import STALE_AFTER, JobStatus, create_job, load_job, update_job
-from modal_services.services import ServiceSpec
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke
 from tests.fakes.modal_fakes import FakeDeployment, FakeModalDict
 from tests.images import png_bytes
-from tests.test_caption_cog import SlowCaptionEngine
+from tests.fakes.engines import SlowCaptionEngine
 
 
 @pytest.fixture(autouse=True)
-def fast(monkeypatch):
-    monkeypatch.setattr(bot.progress, "MIN_EDIT_INTERVAL", 0.01)
-    monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.01)
-    monkeypatch.setattr(modal_services.jobs, "PROGRESS_WRITE_INTERVAL", 0.01)
+def fast(fast_progress, monkeypatch):
     monkeypatch.setattr("bot.tracker.SNAPSHOT_MAX_AGE", 0.0)
-
-
-def use_engine(monkeypatch, engine):
-    monkeypatch.setitem(services.SERVICES, "caption", ServiceSpec("caption", "CaptionService", "caption", lambda d: engine))
 
 
 async def make_bot(backend=None) -> ToolboxBot:
@@ -72,8 +61,8 @@ def edits(interaction) -> list[str]:
     return [call.kwargs.get("content") for call in interaction.calls.edit_original_response.await_args_list]
 
 
-async def test_user_cap_refuses_with_places_in_line(toolbox_bot, monkeypatch):
-    use_engine(monkeypatch, SlowCaptionEngine())
+async def test_user_cap_refuses_with_places_in_line(toolbox_bot, use_engine):
+    use_engine("caption", SlowCaptionEngine())
     store = toolbox_bot.backend.store
     await create_job(store, "caption", owner={"user_id": 1, "guild_id": 2002})  # someone else's, ahead
     for _ in range(2):
@@ -85,8 +74,8 @@ async def test_user_cap_refuses_with_places_in_line(toolbox_bot, monkeypatch):
     assert len(await store.keys("job:")) == 3  # nothing new started
 
 
-async def test_guild_and_global_caps(toolbox_bot, monkeypatch):
-    use_engine(monkeypatch, SlowCaptionEngine())
+async def test_guild_and_global_caps(toolbox_bot, monkeypatch, use_engine):
+    use_engine("caption", SlowCaptionEngine())
     store = toolbox_bot.backend.store
     await save_guild_settings(store, 2002, GuildSettings(guild_cap=2))
     for user in (1, 2):
@@ -101,8 +90,8 @@ async def test_guild_and_global_caps(toolbox_bot, monkeypatch):
     assert "The bot is busy" in ephemeral_error(interaction)
 
 
-async def test_roles_and_channels_from_guild_settings(toolbox_bot, monkeypatch):
-    use_engine(monkeypatch, SlowCaptionEngine())
+async def test_roles_and_channels_from_guild_settings(toolbox_bot, use_engine):
+    use_engine("caption", SlowCaptionEngine())
     store = toolbox_bot.backend.store
     await save_guild_settings(store, 2002, GuildSettings(allowed_channel_ids=[42]))
     interaction = fake_interaction()
@@ -119,9 +108,9 @@ async def test_roles_and_channels_from_guild_settings(toolbox_bot, monkeypatch):
     assert ephemeral_error(interaction) is None
 
 
-async def test_queue_position_is_shown_and_moves(toolbox_bot, monkeypatch):
+async def test_queue_position_is_shown_and_moves(toolbox_bot, use_engine):
     engine = SlowCaptionEngine(steps=5, delay=0.06)
-    use_engine(monkeypatch, engine)
+    use_engine("caption", engine)
     interactions = [fake_interaction(user_id=user) for user in (1, 2, 3)]
     runs = []
     for interaction in interactions:
@@ -135,9 +124,9 @@ async def test_queue_position_is_shown_and_moves(toolbox_bot, monkeypatch):
     assert engine.batches == [1, 1, 1]
 
 
-async def test_cancel_button_owner_only_then_stops_the_job(toolbox_bot, monkeypatch):
+async def test_cancel_button_owner_only_then_stops_the_job(toolbox_bot, use_engine):
     engine = SlowCaptionEngine(steps=200, delay=0.01)
-    use_engine(monkeypatch, engine)
+    use_engine("caption", engine)
     interaction = fake_interaction(user_id=5)
     running = asyncio.create_task(caption(toolbox_bot, interaction))
     while True:
@@ -275,8 +264,8 @@ async def test_a_job_that_finished_while_the_bot_was_down_is_delivered(deploymen
     assert "a caption from modal" in message.edit.await_args.kwargs["content"]
 
 
-async def test_local_jobs_cut_by_a_restart_are_reported_as_such(monkeypatch):
-    use_engine(monkeypatch, SlowCaptionEngine(steps=100, delay=0.02))
+async def test_local_jobs_cut_by_a_restart_are_reported_as_such(use_engine):
+    use_engine("caption", SlowCaptionEngine(steps=100, delay=0.02))
     first = await make_bot()
     interaction = fake_interaction()
     running = asyncio.create_task(caption(first, interaction))

@@ -11,16 +11,12 @@ import discord
 import pytest
 from PIL import Image
 
-import bot.progress
-import modal_services.jobs
 from bot.backend import LocalBackend
 from bot.client import ToolboxBot
 from bot.settings import Settings
 from cogs.upscale import UpscaleButton, params_key, split_attachments
-from modal_services import services
 from modal_services.library import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
 from modal_services.sdxl_previews import PreviewSink
-from modal_services.services import ServiceSpec
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.images import png_bytes
 
@@ -48,16 +44,9 @@ class FakeUpscaleEngine:
 
 
 @pytest.fixture
-def fast_edits(monkeypatch):
-    monkeypatch.setattr(bot.progress, "MIN_EDIT_INTERVAL", 0.05)
-    monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.02)
-    monkeypatch.setattr(modal_services.jobs, "PROGRESS_WRITE_INTERVAL", 0.03)
-
-
-@pytest.fixture
-def engine(monkeypatch):
+def engine(use_engine):
     engine = FakeUpscaleEngine()
-    monkeypatch.setitem(services.SERVICES, "upscale", ServiceSpec("upscale", "UpscaleService", "upscale", lambda d: engine))
+    use_engine("upscale", engine)
     return engine
 
 
@@ -113,7 +102,7 @@ async def test_lora_autocomplete_reads_the_library(toolbox_bot):
     assert [c.value for c in await cog.lora_autocomplete(fake_interaction(), "style")] == ["shiny.safetensors"]
 
 
-async def test_upscale_defers_shows_progress_and_previews_then_the_result_with_buttons(toolbox_bot, engine, fast_edits):
+async def test_upscale_defers_shows_progress_and_previews_then_the_result_with_buttons(toolbox_bot, engine, fast_progress):
     await add_lora(toolbox_bot, "Detail Tweaker", "detail.safetensors", weight=0.7, triggers=("shiny",))
     store = toolbox_bot.backend.store
 
@@ -157,7 +146,7 @@ async def test_upscale_defers_shows_progress_and_previews_then_the_result_with_b
     assert (await store.get(params_key(job_id)))["loras"] == [{"name": "detail.safetensors", "weight": 0.7}]
 
 
-async def test_a_big_result_is_fitted_to_the_upload_limit(toolbox_bot, engine, fast_edits, monkeypatch):
+async def test_a_big_result_is_fitted_to_the_upload_limit(toolbox_bot, engine, fast_progress, monkeypatch):
     def noisy_result(image, scale, progress, **params):
         import numpy as np
 
@@ -177,7 +166,7 @@ async def test_a_big_result_is_fitted_to_the_upload_limit(toolbox_bot, engine, f
     assert "upload limit" in final["content"]
 
 
-async def test_limits_and_unknown_loras_are_refused_before_a_job(toolbox_bot, engine, fast_edits):
+async def test_limits_and_unknown_loras_are_refused_before_a_job(toolbox_bot, engine, fast_progress):
     interaction = fake_interaction()
     await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(2000, 2000)),
                  4.0, None, None, None, None, None, None, None, None, None, None)
@@ -193,7 +182,7 @@ async def test_limits_and_unknown_loras_are_refused_before_a_job(toolbox_bot, en
     assert engine.payloads == []
 
 
-async def test_server_defaults_and_active_checkpoint_reach_the_worker(toolbox_bot, engine, fast_edits):
+async def test_server_defaults_and_active_checkpoint_reach_the_worker(toolbox_bot, engine, fast_progress):
     await toolbox_bot.backend.store.put(entry_key("anime.safetensors"), LibraryEntry(
         name="Anime XL", file="anime.safetensors", type="checkpoint").to_dict())
     await toolbox_bot.backend.store.put(ACTIVE_CHECKPOINT_KEY, "anime.safetensors")
@@ -206,7 +195,7 @@ async def test_server_defaults_and_active_checkpoint_reach_the_worker(toolbox_bo
     assert "Anime XL" in final_edit(interaction)["content"]
 
 
-async def test_message_menu_upscales_the_first_image_2x(toolbox_bot, engine, fast_edits):
+async def test_message_menu_upscales_the_first_image_2x(toolbox_bot, engine, fast_progress):
     message = fake_message(fake_attachment(b"notes", "notes.txt", "text/plain"), fake_attachment(png_bytes(30, 20), "a.png"))
     interaction = fake_interaction()
     await invoke(toolbox_bot, toolbox_bot.get_cog("Upscale").menu, interaction, message)
@@ -215,7 +204,7 @@ async def test_message_menu_upscales_the_first_image_2x(toolbox_bot, engine, fas
     assert Image.open(result.fp).size == (60, 40)
 
 
-async def test_buttons_work_from_their_custom_ids_after_a_restart(toolbox_bot, engine, fast_edits):
+async def test_buttons_work_from_their_custom_ids_after_a_restart(toolbox_bot, engine, fast_progress):
     interaction = fake_interaction()
     await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(40, 30)),
                  2.0, "a fox", None, None, None, None, None, None, None, 0.4, 99)
@@ -266,10 +255,10 @@ class TagEngine:
         return [f"tile {Image.open(io.BytesIO(data)).size[0]}" for data in images]
 
 
-async def test_tile_captions_become_region_prompts(toolbox_bot, engine, fast_edits, monkeypatch):
+async def test_tile_captions_become_region_prompts(toolbox_bot, engine, fast_progress, use_engine):
     from modal_services.tiling import plan_tiles
 
-    monkeypatch.setitem(services.SERVICES, "caption", ServiceSpec("caption", "CaptionService", "caption", lambda d: TagEngine()))
+    use_engine("caption", TagEngine())
     interaction = fake_interaction()
     await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(600, 400)),
                  4.0, "a town", None, None, None, None, None, None, None, None, 7, True)
