@@ -20,6 +20,7 @@ from discord.ext import commands
 
 from bot.permissions import is_admin, require_admin
 from bot.progress import ReplyEditor, follow_job, render_job
+from bot.tracker import cancel_view
 from bot.replies import as_toolbox_error, error_text, send_error
 from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_import
 from modal_services.errors import ErrorCode, ToolboxError
@@ -200,7 +201,9 @@ class Models(commands.Cog):
         backend = self.bot.backend
         job = await backend.submit(kind, payload, owner={"user_id": interaction.user.id, "guild_id": interaction.guild_id,
                                                          "channel_id": interaction.channel_id}, meta={"title": title})
-        editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, embed=None, view=None))
+        # The Cancel button stops the job at its next progress report; the caller's final edit removes it.
+        view = cancel_view(job.id)
+        editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, embed=None, view=view))
         return await follow_job(backend, job.id, lambda record: editor.show(render_job(record, title)))
 
     async def name_autocomplete(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:

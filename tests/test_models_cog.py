@@ -115,6 +115,10 @@ async def test_import_preview_download_and_entry(bot, civitai):
     assert (cog(bot).library.folder("lora") / "detail_tweaker_xl.safetensors").is_file()
     progress_texts = [c.kwargs.get("content") for c in clicker.edit_original_response.await_args_list]
     assert any(text and "Importing Detail Tweaker XL" in text for text in progress_texts)
+    # While it runs, the progress carries the Cancel button every job has (bot/tracker.py).
+    views = [c.kwargs.get("view") for c in clicker.edit_original_response.await_args_list if c.kwargs.get("view")]
+    assert any(item.custom_id.startswith("toolbox:cancel:") for view in views for item in view.children)
+    assert final["view"] is None
 
 
 async def test_nsfw_thumbnail_only_in_age_restricted_channels(bot, civitai):
