@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import discord
 
+from bot.backend import call_key
 from bot.guild_settings import GuildSettings, load_guild_settings
 from bot.permissions import is_admin
 from bot.progress import ReplyEditor, follow_job, render_job
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 # Interaction tokens die after 15 minutes; switch to the bot token with a margin.
 INTERACTION_TOKEN_LIFETIME = 14 * 60
 SNAPSHOT_MAX_AGE = 2.0
+# Finished job records are kept this long (Modal's Dict drops entries unused for 7 days anyway).
+JOB_RETENTION = 7 * 24 * 3600
 # Job kinds people start from commands; admin work (downloads) is not capped.
 CAPPED_KINDS = ("caption", "upscale")
 
@@ -159,8 +162,17 @@ class JobTracker:
             if time.time() - self._snapshot.taken_at > max_age:
                 records = await self.store.items("job:")
                 jobs = [Job.from_dict(record) for record in records.values()]
+                await self._forget_old(jobs)
                 self._snapshot = QueueSnapshot([job for job in jobs if not job.status.finished], time.time())
             return self._snapshot
+
+    async def _forget_old(self, jobs: list[Job]) -> None:
+        """Drop long-finished job records, so that reading the queue stays cheap."""
+        horizon = time.time() - JOB_RETENTION
+        for job in jobs:
+            if job.status.finished and (job.finished_at or job.created_at) < horizon:
+                await self.store.pop(job.key)
+                await self.store.pop(call_key(job.id))
 
     async def guild_settings(self, guild_id: int | None) -> GuildSettings:
         return await load_guild_settings(self.store, guild_id)

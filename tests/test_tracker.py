@@ -281,3 +281,18 @@ async def test_local_jobs_cut_by_a_restart_are_reported_as_such(use_engine):
     await eventually(lambda: message.edit.await_count)
     assert "restarted" in message.edit.await_args.kwargs["content"]
     await second.backend.close()
+
+
+async def test_long_finished_jobs_are_forgotten(toolbox_bot):
+    from bot.tracker import JOB_RETENTION
+
+    store = toolbox_bot.backend.store
+    old = await create_job(store, "caption")
+    await update_job(store, old.id, status=JobStatus.DONE, finished_at=time.time() - JOB_RETENTION - 60)
+    recent = await create_job(store, "caption")
+    await update_job(store, recent.id, status=JobStatus.DONE, finished_at=time.time() - 60)
+    waiting = await create_job(store, "caption", owner={"user_id": 1})
+    snapshot = await toolbox_bot.tracker.snapshot(max_age=0)
+    assert [job.id for job in snapshot.jobs] == [waiting.id]
+    assert await load_job(store, old.id) is None
+    assert await load_job(store, recent.id) is not None
