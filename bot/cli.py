@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import sys
 import threading
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--creativity", type=float, default=0.35, help="0.05 (faithful) to 1 (repaint)")
     upscale.add_argument("--seed", type=int, help="default: random")
     upscale.add_argument("-o", "--output", type=Path, help="default: IMAGE_x<scale>.png beside the input")
+    upscale.add_argument("--tile-captions", action="store_true",
+                         help="caption each tile (tags) and add that to its prompt: slower, more fitting detail")
     return parser
 
 
@@ -187,8 +190,15 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
         library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
         loras = [await lora_for_job(library, *parse_lora_option(option)) for option in args.lora]
         checkpoint = await library.active_checkpoint()
+        regions = []
+        if args.tile_captions:
+            from bot.tile_prompts import tile_prompts
+
+            with _job_bar("tile captions") as show:
+                regions = await tile_prompts(backend, png, size, (width, height), show)
         payload = {"image": png, "scale": args.scale, "prompt": args.prompt, "negative": args.negative, "loras": loras,
-                   "creativity": args.creativity, "seed": seed, "checkpoint": checkpoint["file"]}
+                   "creativity": args.creativity, "seed": seed, "checkpoint": checkpoint["file"],
+                   "region_prompts": regions}
         result = await _run_with_bar(backend, "upscale", payload, f"upscale {args.scale:g}x → {width}×{height}")
     finally:
         await backend.close()
@@ -331,18 +341,24 @@ def _entry_lines(document: dict) -> str:
             f"  sha256: {document.get('sha256') or '?'}  source: {document['source']}")
 
 
-async def _run_with_bar(backend: Backend, kind: str, payload: dict, title: str):
-    job = await backend.submit(kind, payload, meta={"title": title})
+@contextlib.contextmanager
+def _job_bar(title: str):
+    """A terminal bar for one job: yields the `on_update` to give follow_job; full when the job ends."""
     with tqdm(total=100, unit="%", desc=title, disable=None, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}") as bar:
         async def show(record) -> None:
             bar.n = round(record.progress * 100)
             bar.set_postfix_str(record.stage[:60])
             bar.refresh()
 
-        result = await follow_job(backend, job.id, show)
+        yield show
         bar.n = 100
         bar.refresh()
-    return result
+
+
+async def _run_with_bar(backend: Backend, kind: str, payload: dict, title: str):
+    job = await backend.submit(kind, payload, meta={"title": title})
+    with _job_bar(title) as show:
+        return await follow_job(backend, job.id, show)
 
 
 async def models_command(settings: Settings, args: argparse.Namespace) -> None:

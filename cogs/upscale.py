@@ -23,20 +23,19 @@ from typing import Any
 import discord
 from discord import app_commands
 from discord.ext import commands
-from PIL import Image
 
 from bot.attachments import check_attachment, image_attachments, looks_like_image, read_image
 from bot.replies import send_error
 from bot.result_images import fit_to_limit
-from bot.tracker import ReplyTarget
+from bot.progress import ReplyEditor, render_job
+from bot.tile_prompts import tile_prompts
+from bot.tracker import ReplyTarget, cancel_view
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.imaging import encode_png
 from modal_services.jobs import Job
 from modal_services.library import Library
 from modal_services.sdxl_library import lora_for_job
 from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, MAX_SCALE, check_upscale_size
 from modal_services.sdxl_previews import decode_preview, preview_key
-from modal_services.tiling import plan_tiles, source_boxes
 
 log = logging.getLogger(__name__)
 
@@ -225,15 +224,16 @@ class Upscale(commands.Cog):
             self._sources.pop(job.id, None)
 
     async def _caption_tiles(self, interaction: discord.Interaction, received, out_width: int, out_height: int) -> list[dict]:
-        """Tags for each tile the worker will denoise (same plan), as region prompts in source pixels."""
-        boxes = source_boxes(plan_tiles(out_width, out_height), *received.size)
-        crops = await asyncio.to_thread(crop_pngs, received.png, boxes)
-        await interaction.edit_original_response(content=f"🏷️ Captioning {len(boxes)} tiles for their prompts…")
+        """Tags for each tile the worker will denoise, with the usual progress and Cancel button."""
+        cancel: dict[str, discord.ui.View] = {}
+        editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, view=cancel.get("view")))
         owner = {"user_id": interaction.user.id, "guild_id": interaction.guild_id, "channel_id": interaction.channel_id}
-        job = await self.bot.backend.submit("caption", {"images": crops, "style": "tags", "question": None},
-                                            owner=owner, meta={"title": "Tile captions"})
-        captions = await self.bot.backend.result(job.id)
-        return [{"box": list(box), "prompt": caption} for box, caption in zip(boxes, captions)]
+
+        async def show(record: Job) -> None:
+            cancel.setdefault("view", cancel_view(record.id))
+            await editor.show(render_job(record, record.meta.get("title", "Tile captions")))
+
+        return await tile_prompts(self.bot.backend, received.png, received.size, (out_width, out_height), show, owner)
 
     async def _show_previews(self, job_id: str, target: ReplyTarget) -> None:
         shown = None
@@ -271,12 +271,6 @@ class Upscale(commands.Cog):
             return target.interaction.filesize_limit
         guild = self.bot.get_guild(job.owner.get("guild_id") or 0)
         return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
-
-
-def crop_pngs(png: bytes, boxes: list[tuple[int, int, int, int]]) -> list[bytes]:
-    """Blocking: the source cut into `boxes`, each as PNG."""
-    image = Image.open(io.BytesIO(png))
-    return [encode_png(image.crop(box)) for box in boxes]
 
 
 def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str) -> str:

@@ -272,3 +272,30 @@ async def test_tile_captions_become_region_prompts(toolbox_bot, engine, fast_pro
     assert "tile captions" in final_edit(interaction)["content"]
     job_id = next(k for k, v in (await toolbox_bot.backend.store.items("job:")).items() if v["kind"] == "upscale")
     assert (await toolbox_bot.backend.store.get(params_key(job_id.split(":", 1)[1])))["tile_captions"] is True
+
+
+async def test_the_tile_caption_step_can_be_cancelled(toolbox_bot, engine, fast_progress, use_engine):
+    import asyncio
+
+    from tests.fakes.engines import SlowCaptionEngine
+
+    use_engine("caption", SlowCaptionEngine(steps=300, delay=0.01))
+    interaction = fake_interaction()
+    interaction.client = toolbox_bot
+    running = asyncio.create_task(invoke(
+        toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(600, 400)),
+        4.0, None, None, None, None, None, None, None, None, None, 7, True))
+    button = None
+    for _ in range(500):
+        await asyncio.sleep(0.01)
+        views = [call.kwargs.get("view") for call in interaction.calls.edit_original_response.await_args_list]
+        button = next((item for view in views if view for item in view.children), None)
+        if button is not None:
+            break
+    assert button is not None and button.custom_id.startswith("toolbox:cancel:")
+    owner_press = fake_interaction()
+    owner_press.client = toolbox_bot
+    await toolbox_bot.tracker.cancel(owner_press, button.custom_id.rsplit(":", 1)[1])
+    await asyncio.wait_for(running, timeout=20)
+    assert "Cancelled" in ephemeral_error(interaction)
+    assert engine.payloads == []  # the upscale never started

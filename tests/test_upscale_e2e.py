@@ -73,3 +73,19 @@ async def test_slash_upscale_with_a_library_lora(settings):
         assert "Detail Tweaker (1)" in final["content"]
     finally:
         await toolbox_bot.backend.close()
+
+
+def test_toolbox_upscale_with_tile_captions(settings, data_dir, tiny_qwen_dir, tmp_path, capsys):
+    from modal_services.layout import CAPTION_MODEL
+
+    caption_model = data_dir / "models" / CAPTION_MODEL
+    if not caption_model.exists():
+        caption_model.symlink_to(tiny_qwen_dir, target_is_directory=True)
+    source = tmp_path / "in.png"
+    source.write_bytes(png_bytes(48, 40, seed=5))
+    plain, captioned = tmp_path / "plain.png", tmp_path / "captioned.png"
+    assert main(["upscale", str(source), "--seed", "4", "-o", str(plain)]) == 0
+    assert main(["upscale", str(source), "--seed", "4", "--tile-captions", "-o", str(captioned)]) == 0
+    assert Image.open(captioned).size == (96, 80)
+    # Same seed, same everything but the tiles' prompts: the captions reached the engine.
+    assert plain.read_bytes() != captioned.read_bytes()
