@@ -57,8 +57,8 @@ class BotSupervisor:
                 asyncio.run(self._session(stop))
                 continue  # a clean end (rotation or stop): reconnect at once
             except discord.LoginFailure:
-                log.error("Discord refused the bot token; not retrying")
-                return
+                # Retrying a rejected token only counts towards Discord's invalid-request ban.
+                raise ToolboxError(ErrorCode.PERMISSION_DENIED, "Discord refused the bot token: check DISCORD_TOKEN.") from None
             except Exception:
                 self.crashes += 1
                 log.exception("bot session crashed")

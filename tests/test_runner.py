@@ -7,8 +7,10 @@ import threading
 import time
 
 import discord
+import pytest
 
 from bot.runner import BotSupervisor
+from modal_services.errors import ErrorCode, ToolboxError
 
 
 class FakeBot:
@@ -82,8 +84,28 @@ def test_crashes_restart_with_growing_backoff():
 def test_a_bad_token_is_not_retried():
     log, stop = [], threading.Event()
     supervisor = BotSupervisor(lambda: FakeBot("bad token", log), "wrong", first_backoff=0.01)
-    run_in_thread(supervisor, stop)
+    with pytest.raises(ToolboxError) as caught:
+        supervisor.run(stop)
+    assert caught.value.code is ErrorCode.PERMISSION_DENIED and "wrong" not in caught.value.message
     assert len(log) == 1 and supervisor.sessions == 1
+
+
+def test_toolbox_bot_needs_a_token(capsys):
+    from bot.cli import main
+
+    assert main(["bot"]) == 2
+    assert capsys.readouterr().err.startswith("error: INVALID_INPUT: DISCORD_TOKEN is not set")
+
+
+def test_toolbox_bot_reports_a_refused_token(monkeypatch, capsys):
+    from bot import cli, runner
+
+    monkeypatch.setenv("DISCORD_TOKEN", "not-a-real-token-1234")
+    monkeypatch.setattr(runner, "BotSupervisor",
+                        lambda make_bot, token: BotSupervisor(lambda: FakeBot("bad token", []), token))
+    assert cli.main(["bot"]) == 1
+    err = capsys.readouterr().err
+    assert "PERMISSION_DENIED" in err and "not-a-real-token" not in err
 
 
 def test_stop_ends_a_running_session():
