@@ -3,8 +3,9 @@
 The bot talks to one `Backend`: it submits a job (a kind and its payload),
 reads the job record for progress, and awaits the result.
 
-- `LocalBackend` runs the engines in this process, one worker thread per job
-  kind (one model in memory per kind, one job at a time on it), with state in
+- `LocalBackend` runs the engines in this process, one engine and one worker
+  thread per service, as a Modal container serves all of its class's methods
+  (one model in memory per service, one job at a time on it), with state in
   SQLite under the data dir. Engines are imported only when a job first needs
   one, so the bot alone never imports torch.
 - `ModalBackend` spawns the deployed Modal classes and shares their state
