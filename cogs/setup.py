@@ -28,7 +28,7 @@ from modal_services.downloads import (
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import Job, JobStatus
 from modal_services.registry import BASE_MODELS
-from modal_services.tokens import LABELS, SERVICES, set_token, token_state
+from modal_services.tokens import LABELS, SERVICES, clear_token, set_token, token_state
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 LIVE_VIEW_SECONDS = 14 * 60
 PANEL_TIMEOUT = 14 * 60
 POLL_SECONDS = 1.0
+# Typed in a token field of the form: forget that token.
+CLEAR_WORD = "clear"
 ICONS = {"present": "✅", "missing": "▫️", "downloading": "⬇️", "queued": "⏳", "failed": "❌"}
 
 
@@ -119,10 +121,12 @@ async def refuse_non_admin(interaction: discord.Interaction) -> bool:
 
 class TokensForm(discord.ui.Modal, title="API tokens"):
     civitai = discord.ui.TextInput(
-        label="CivitAI API key", placeholder="Leave empty to keep the current one", required=False, max_length=200
+        label="CivitAI API key", placeholder=f"Empty keeps the current one; {CLEAR_WORD} removes it",
+        required=False, max_length=200,
     )
     hf = discord.ui.TextInput(
-        label="Hugging Face token", placeholder="Leave empty to keep the current one", required=False, max_length=200
+        label="Hugging Face token", placeholder=f"Empty keeps the current one; {CLEAR_WORD} removes it",
+        required=False, max_length=200,
     )
 
     def __init__(self, cog: "Setup"):
@@ -138,6 +142,10 @@ class TokensForm(discord.ui.Modal, title="API tokens"):
         for service, field in (("civitai", self.civitai), ("hf", self.hf)):
             value = (field.value or "").strip()
             if not value:
+                continue
+            if value.lower() == CLEAR_WORD:
+                await clear_token(self.cog.store, service)
+                lines.append(f"🗑️ {LABELS[service]}: removed.")
                 continue
             try:
                 state = await set_token(self.cog.store, service, value, civitai_api_base=settings.civitai_api_base)

@@ -185,6 +185,17 @@ async def test_set_tokens_checks_each_and_keeps_only_good_ones(bot, caplog):
     assert "CivitAI: ••••a1b2 (tester)" in last_content(panel) and CIVITAI_TOKEN not in last_content(panel)
 
 
+async def test_typing_clear_removes_a_token(bot):
+    store = bot.backend.store
+    await store.put("secret:hf", {"token": HF_TOKEN, "user": "someone", "set_at": 0})
+    form = TokensForm(Setup(bot))
+    form.hf._refresh_state(None, {"value": " Clear "})
+    submit = fake_interaction(admin=True)
+    await form.on_submit(submit)
+    assert "Hugging Face: removed" in submit.followup.send.await_args.args[0]
+    assert await store.get("secret:hf") is None
+
+
 async def test_token_form_refuses_non_admin(bot):
     form = TokensForm(Setup(bot))
     form.hf._refresh_state(None, {"value": HF_TOKEN})
