@@ -18,10 +18,10 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.permissions import is_admin, require_admin
+from bot.permissions import require_admin
 from bot.progress import ReplyEditor, follow_job, render_job
 from bot.tracker import cancel_view
-from bot.replies import as_toolbox_error, error_text, send_error
+from bot.replies import as_toolbox_error, error_text
 from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_import
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.library import DEFAULT_CHECKPOINT, Library, LibraryEntry

@@ -162,10 +162,6 @@ class CivitaiClient:
     def __repr__(self) -> str:  # the token stays out of logs
         return f"CivitaiClient({self.api_base!r}, token={'set' if self._token else 'none'})"
 
-    @property
-    def has_token(self) -> bool:
-        return self._token is not None
-
     def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._token}"} if self._token else {}
 

@@ -89,17 +89,6 @@ class LibraryEntry:
         return f"{self.name} ({self.type})"
 
 
-@dataclass(frozen=True)
-class LoraChoice:
-    """What the upscaler needs to apply a LoRA from the library."""
-
-    name: str
-    file: str
-    path: Path
-    trigger_words: list[str]
-    weight: float
-
-
 @dataclass
 class ScanReport:
     untracked: list[dict[str, Any]]  # {"file", "type", "size_bytes"}
@@ -368,20 +357,6 @@ class Library:
         text = (current or "").strip().lower()
         head = [default] if not text or text in DEFAULT_CHECKPOINT_NAME.lower() else []
         return (head + await self.choices(current, kind="checkpoint"))[:AUTOCOMPLETE_LIMIT]
-
-    # ------------------------------------------------------------ for the upscaler
-
-    async def resolve_lora(self, name: str) -> LoraChoice:
-        """A LoRA by name → its file, trigger words and default weight; LORA_LOAD_FAILED if it cannot be used."""
-        try:
-            entry = await self.find(name, kind="lora")
-        except ToolboxError as error:
-            raise ToolboxError(ErrorCode.LORA_LOAD_FAILED, error.message) from None
-        path = self.path_of(entry)
-        if not await asyncio.to_thread(path.is_file):
-            raise ToolboxError(ErrorCode.LORA_LOAD_FAILED, f"The file of LoRA {entry.name} ({entry.file}) is missing.")
-        weight = entry.weight if entry.weight is not None else 1.0
-        return LoraChoice(entry.name, entry.file, path, list(entry.trigger_words), weight)
 
     # ------------------------------------------------------------ files (workers, or the local backend)
 

@@ -690,7 +690,6 @@ class UpscaleEngine:
 
     def _tiled_decode(self, latents, plan: TilePlan):
         """The output image (PIL, plan.width x plan.height), decoded tile by tile and blended."""
-        import torch
         from PIL import Image
 
         vae = self.pipe.vae

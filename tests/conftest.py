@@ -64,3 +64,48 @@ def use_engine(monkeypatch):
         monkeypatch.setitem(services.SERVICES, kind, spec)
 
     return install
+
+
+@pytest.fixture
+def app_module(monkeypatch):
+    """modal_services.app imported afresh, with every @app.cls / @app.function call's options recorded."""
+    import importlib
+    import sys
+
+    import modal
+
+    recorded: dict[str, dict] = {}
+    real_cls, real_function = modal.App.cls, modal.App.function
+
+    def recording(real):
+        def decorator_factory(self, *args, **kwargs):
+            decorator = real(self, *args, **kwargs)
+
+            def wrap(target):
+                recorded[getattr(target, "__name__", repr(target))] = kwargs
+                return decorator(target)
+
+            return wrap
+
+        return decorator_factory
+
+    monkeypatch.setattr(modal.App, "cls", recording(real_cls))
+    monkeypatch.setattr(modal.App, "function", recording(real_function))
+    real_enter = modal.enter
+
+    def recording_enter(*args, **kwargs):
+        decorator = real_enter(*args, **kwargs)
+
+        def wrap(method):
+            recorded[method.__qualname__] = kwargs
+            return decorator(method)
+
+        return wrap
+
+    monkeypatch.setattr(modal, "enter", recording_enter)
+    monkeypatch.setenv("TOOLBOX_CAPTION_GPU", "T4")
+    sys.modules.pop("modal_services.app", None)
+    module = importlib.import_module("modal_services.app")
+    module.recorded_options = recorded
+    yield module
+    sys.modules.pop("modal_services.app", None)

@@ -178,20 +178,6 @@ async def test_scan_lists_untracked_and_flags_missing(library):
     assert kept.file in {e.file for e in await blind.entries()}
 
 
-async def test_resolve_lora_for_the_upscaler(library):
-    await put_model(library, "a.safetensors", name="Armor", trigger_words=["armor"], weight=0.8)
-    choice = await library.resolve_lora("armor")
-    assert choice.path == library.folder("lora") / "a.safetensors"
-    assert (choice.trigger_words, choice.weight) == (["armor"], 0.8)
-    library.path_of(await library.find("armor")).unlink()
-    with pytest.raises(ToolboxError) as caught:
-        await library.resolve_lora("armor")
-    assert caught.value.code is ErrorCode.LORA_LOAD_FAILED
-    with pytest.raises(ToolboxError) as caught:
-        await library.resolve_lora("unknown")
-    assert caught.value.code is ErrorCode.LORA_LOAD_FAILED
-
-
 async def test_choices_are_bounded_and_from_the_store(library):
     for i in range(30):
         await put_model(library, f"m{i:02}.safetensors", name=f"Model {i:02}")

@@ -7,8 +7,6 @@ app whose container runs the real `run_job` path against the shared Dict.
 
 from __future__ import annotations
 
-import importlib
-import sys
 from pathlib import Path
 
 import modal
@@ -107,46 +105,6 @@ async def test_caption_cog_over_modal(deployment, monkeypatch):
 
 
 # ---- the app's wiring -------------------------------------------------------
-
-
-@pytest.fixture
-def app_module(monkeypatch):
-    """modal_services.app imported afresh, with every @app.cls / @app.function call's options recorded."""
-    recorded: dict[str, dict] = {}
-    real_cls, real_function = modal.App.cls, modal.App.function
-
-    def recording(real):
-        def decorator_factory(self, *args, **kwargs):
-            decorator = real(self, *args, **kwargs)
-
-            def wrap(target):
-                recorded[getattr(target, "__name__", repr(target))] = kwargs
-                return decorator(target)
-
-            return wrap
-
-        return decorator_factory
-
-    monkeypatch.setattr(modal.App, "cls", recording(real_cls))
-    monkeypatch.setattr(modal.App, "function", recording(real_function))
-    real_enter = modal.enter
-
-    def recording_enter(*args, **kwargs):
-        decorator = real_enter(*args, **kwargs)
-
-        def wrap(method):
-            recorded[method.__qualname__] = kwargs
-            return decorator(method)
-
-        return wrap
-
-    monkeypatch.setattr(modal, "enter", recording_enter)
-    monkeypatch.setenv("TOOLBOX_CAPTION_GPU", "T4")
-    sys.modules.pop("modal_services.app", None)
-    module = importlib.import_module("modal_services.app")
-    module.recorded_options = recorded
-    yield module
-    sys.modules.pop("modal_services.app", None)
 
 
 def test_caption_service_wiring(app_module):

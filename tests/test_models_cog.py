@@ -12,7 +12,8 @@ from discord.ext import commands
 from bot.backend import LocalBackend
 from bot.replies import as_toolbox_error, send_error
 from bot.settings import Settings
-from cogs.models import Models, is_admin
+from bot.permissions import is_admin
+from cogs.models import Models
 from modal_services import downloads
 from modal_services.library import LibraryEntry
 from tests.fakes.civitai_server import FakeCivitai

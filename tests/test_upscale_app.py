@@ -15,10 +15,9 @@ from modal_services.state import ModalDictStore, SqliteStore
 from tests.fakes.modal_fakes import FakeModalDict
 from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 from tests.images import png_bytes
-from tests.test_modal import app_module  # noqa: F401  (the recording fixture)
 
 
-def test_upscale_service_wiring(app_module, monkeypatch):  # noqa: F811
+def test_upscale_service_wiring(app_module, monkeypatch):
     options = app_module.recorded_options["UpscaleService"]
     assert options["gpu"] == "A10G"  # the default of TOOLBOX_UPSCALE_GPU
     assert options["image"] is app_module.upscale_image
@@ -30,7 +29,7 @@ def test_upscale_service_wiring(app_module, monkeypatch):  # noqa: F811
 
 
 @pytest.mark.slow
-async def test_upscale_service_runs_a_job_locally_and_cleans_its_preview(app_module, monkeypatch, tmp_path):  # noqa: F811
+async def test_upscale_service_runs_a_job_locally_and_cleans_its_preview(app_module, monkeypatch, tmp_path):
     volume = build_tiny_volume(tmp_path)
     state = FakeModalDict()
     monkeypatch.setattr(app_module, "state_dict", state)
