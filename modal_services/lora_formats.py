@@ -25,8 +25,11 @@ conversion and the shapes are checked against the target model's layers,
 built from its configs on the `meta` device: no SDXL weights are loaded, and
 an SD 1.5 or Flux LoRA is caught here instead of in the upscaler.
 
-What cannot be expressed as a LoRA (bias or norm deltas, DoRA magnitudes,
-which diffusers' SDXL loader drops) is refused with LORA_LOAD_FAILED and why.
+DoRA (LyCORIS `dora_scale`, which diffusers' SDXL loader drops) is rewritten
+in PEFT's own layout, `lora_A` / `lora_B` / `lora_magnitude_vector`, which
+diffusers hands to PEFT as a DoRA adapter. What cannot be expressed that way
+(bias or norm deltas, DoRA decomposed on the input side, DoRA on only some
+layers) is refused with LORA_LOAD_FAILED and why.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from modal_services.errors import ErrorCode, ToolboxError
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("diffusers", "kohya", "locon", "loha", "lokr", "full")
+FORMATS = ("diffusers", "kohya", "locon", "loha", "lokr", "full", "dora")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
 DIFFUSERS_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
 DEFAULT_MAX_RANK = 128
@@ -57,8 +60,8 @@ UNSUPPORTED = {
     "bias": "bias deltas",
     "w_norm": "norm-layer weights",
     "b_norm": "norm-layer biases",
-    "dora_scale": "DoRA magnitudes (diffusers' SDXL loader drops them, which would change what the LoRA does)",
 }
+DORA = "dora_scale"
 
 # SDXL 1.0 base: the layer layout every SDXL-family model shares (diffusers' and
 # transformers' config names; everything else is their defaults).
@@ -215,7 +218,8 @@ def normalize_lora(src: Path, dst: Path, layout: ModelLayout | None = None, max_
     converted: dict = {}
     worst = 0.0
     for name, params in layers.items():
-        down, up, alpha, error = _to_lora(name, params, shapes.get(name), max_rank)
+        weights = {param: tensor for param, tensor in params.items() if param != DORA}
+        down, up, alpha, error = _to_lora(name, weights, shapes.get(name), max_rank)
         converted[f"{name}.lora_down.weight"] = down
         converted[f"{name}.lora_up.weight"] = up
         converted[f"{name}.alpha"] = alpha
@@ -223,8 +227,46 @@ def normalize_lora(src: Path, dst: Path, layout: ModelLayout | None = None, max_
     if worst > NOTE_ERROR:
         notes.append(f"rank capped at {max_rank}: largest relative error {worst:.1%}")
     components, rank = check_fit(converted, layout)
+    if any(DORA in params for params in layers.values()):
+        fmt = "dora"
+        converted = _to_peft_dora(layers, converted, shapes, layout)
     _save(converted, dst, fmt)
     return LoraReport(fmt, True, sum(components.values()), rank, components, notes)
+
+
+def _to_peft_dora(layers: dict[str, dict], converted: dict, shapes: dict, layout: ModelLayout) -> dict:
+    """Plain lora_down/lora_up (scale folded in) plus each layer's DoRA magnitude, in PEFT's layout.
+
+    PEFT's DoRA rescales each output row of W + ΔW to its magnitude, the
+    LyCORIS `wd_on_out` decomposition: `dora_scale` of shape (out, 1, ...).
+    """
+    mapping = _peft_keys(converted, layout)
+    with_magnitude: dict[str, list[bool]] = {}
+    peft: dict = {}
+    for name, params in layers.items():
+        component, path = mapping[f"{name}.lora_down.weight"]
+        prefix = f"{component}.{path}"
+        peft[f"{prefix}.lora_A.weight"] = converted[f"{name}.lora_down.weight"]
+        peft[f"{prefix}.lora_B.weight"] = converted[f"{name}.lora_up.weight"]
+        magnitude = params.get(DORA)
+        with_magnitude.setdefault(component, []).append(magnitude is not None)
+        if magnitude is None:
+            continue
+        out_features = shapes[name][0]
+        if magnitude.shape[0] != out_features or magnitude.numel() != out_features:
+            raise _fail(
+                f"This DoRA decomposes {name} on its input side (dora_scale {tuple(magnitude.shape)}); "
+                "diffusers (PEFT) only applies DoRA per output feature."
+            )
+        # PEFT's shapes: (out,) for a Linear, (1, out, 1, 1) for a Conv2d.
+        kernel = shapes[name][2:]
+        shape = (1, out_features, *[1] * len(kernel)) if kernel else (out_features,)
+        peft[f"{prefix}.lora_magnitude_vector.weight"] = magnitude.reshape(shape).contiguous()
+    for component, flags in with_magnitude.items():
+        # PEFT makes a whole component DoRA or not: a layer without a magnitude would be rescaled too.
+        if any(flags) and not all(flags):
+            raise _fail(f"This DoRA has magnitudes on only some of its {component} layers, which PEFT cannot apply.")
+    return peft
 
 
 def _group_kohya(state: dict) -> dict[str, dict]:
@@ -234,7 +276,7 @@ def _group_kohya(state: dict) -> dict[str, dict]:
         if not param:
             raise _fail(f"Unexpected key {key!r}: not a LoRA layer parameter.")
         layers.setdefault(name, {})[param] = tensor
-    known = PLAIN | LOHA | LOKR | {"lora_mid.weight", "diff"}
+    known = PLAIN | LOHA | LOKR | {"lora_mid.weight", "diff", DORA}
     for name, params in layers.items():
         for param in params:
             if param in UNSUPPORTED:

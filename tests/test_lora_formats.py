@@ -111,7 +111,8 @@ def test_classify():
         (tiny_loras.flux_like, ErrorCode.INCOMPATIBLE_MODEL, "SDXL does not have"),
         (tiny_loras.with_bias_delta, ErrorCode.LORA_LOAD_FAILED, "bias deltas"),
         (lambda: {**tiny_loras.kohya(), "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.dora_scale":
-                  torch.ones(64, 1)}, ErrorCode.LORA_LOAD_FAILED, "DoRA"),
+                  torch.ones(64, 1)}, ErrorCode.LORA_LOAD_FAILED, "magnitudes on only some"),
+        (lambda: tiny_loras.dora(input_side=True), ErrorCode.LORA_LOAD_FAILED, "input side"),
         (lambda: {"diffusion_model.layers.0.attention.to_q.lora_A.weight": torch.ones(4, 8)},
          ErrorCode.INCOMPATIBLE_MODEL, "not an SDXL LoRA"),
         (lambda: {**tiny_loras.kohya(), "lora_unet_x.weird_param": torch.ones(1)}, ErrorCode.LORA_LOAD_FAILED, "Unknown"),
@@ -119,7 +120,7 @@ def test_classify():
         (lambda: {**tiny_loras.kohya(style="sgm", text_encoder=False),
                   **{k: v for k, v in tiny_loras.locon().items() if "resnets" in k}}, ErrorCode.LORA_LOAD_FAILED, "would not load"),
     ],
-    ids=["sd15-shapes", "flux", "bias", "dora", "other-arch", "unknown-param", "mixed-naming"],
+    ids=["sd15-shapes", "flux", "bias", "partial-dora", "input-side-dora", "other-arch", "unknown-param", "mixed-naming"],
 )
 def test_refusals_say_why_and_write_nothing(tmp_path, layout, build, code, words):
     dst = tmp_path / "converted.safetensors"
@@ -127,6 +128,31 @@ def test_refusals_say_why_and_write_nothing(tmp_path, layout, build, code, words
         normalize_lora(write(tmp_path, build()), dst, layout)
     assert caught.value.code is code and words in caught.value.message
     assert not dst.exists()
+
+
+def test_dora_becomes_a_peft_dora_adapter_that_applies_the_same_weights(tmp_path, pipe, layout, image, base_output):
+    """LyCORIS DoRA: W' = m * (W + dW) / ||W + dW|| per output row, as PEFT's DoRA layers compute it."""
+    source = tiny_loras.dora(conv=True)
+    dst = tmp_path / "converted.safetensors"
+    report = normalize_lora(write(tmp_path, source), dst, layout)
+    assert report.format == "dora" and report.converted and report.components == {"unet": 6, "text_encoder": 4}
+
+    pipe.load_lora_weights(str(dst), adapter_name="dora")
+    try:
+        assert np.abs(run(pipe, image) - base_output).max() > 1e-3
+        name = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+        module = dict(pipe.unet.named_modules())["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"]
+        magnitude = source[f"{name}.dora_scale"].reshape(-1, 1)
+        base = module.base_layer.weight.detach()
+        delta = source[f"{name}.lora_up.weight"] @ source[f"{name}.lora_down.weight"]
+        merged = base + delta * (source[f"{name}.alpha"] / delta.new_tensor(4.0))
+        expected = magnitude * merged / merged.norm(dim=1, keepdim=True)
+        x = torch.randn(3, base.shape[1], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert torch.allclose(module(x), torch.nn.functional.linear(x, expected, module.base_layer.bias), atol=1e-4)
+    finally:
+        pipe.unload_lora_weights()
+    assert np.array_equal(run(pipe, image), base_output)
 
 
 def test_not_a_safetensors_file_is_refused_without_unpickling(tmp_path, layout):
