@@ -258,3 +258,22 @@ async def test_scan_reports_untracked(bot):
     inter = interaction()
     await invoke(bot, command(bot, "scan"), inter)
     assert "stray.safetensors" in last_edit(inter)["content"] and "adopt:True" in last_edit(inter)["content"]
+
+
+async def test_a_long_import_finishes_in_its_message_after_the_interaction_token_died(bot, civitai, monkeypatch):
+    from unittest.mock import AsyncMock
+
+    civitai.add_model(1, 11, LORA)
+    inter = interaction()
+    await invoke(bot, command(bot, "import"), inter, source="v:11")
+    view = last_edit(inter)["view"]
+    monkeypatch.setattr("bot.tracker.INTERACTION_TOKEN_LIFETIME", 0)  # every edit from now on is "after 15 min"
+    channel, message = MagicMock(), MagicMock()
+    message.edit = AsyncMock()
+    channel.get_partial_message.return_value = message
+    bot.get_partial_messageable = MagicMock(return_value=channel)
+    clicker = interaction()
+    await press(view, view.confirm, clicker)
+    assert message.edit.await_args.kwargs["content"] == "✅ Imported:"
+    assert message.edit.await_args.kwargs["view"] is None
+    clicker.edit_original_response.assert_not_awaited()
