@@ -109,3 +109,26 @@ def app_module(monkeypatch):
     module.recorded_options = recorded
     yield module
     sys.modules.pop("modal_services.app", None)
+
+
+@pytest.fixture
+async def make_toolbox_bot():
+    """make_toolbox_bot(*extensions, backend=None): a ToolboxBot (not connected) on this test's settings,
+    the backend from the settings unless given, all cogs unless named; closed after the test."""
+    from bot.backend import make_backend
+    from bot.client import EXTENSIONS, ToolboxBot
+    from bot.settings import Settings
+
+    made = []
+
+    async def make(*extensions: str, backend=None):
+        settings = Settings.load()
+        toolbox_bot = ToolboxBot(settings, backend or make_backend(settings))
+        for extension in extensions or EXTENSIONS:
+            await toolbox_bot.load_extension(extension)
+        made.append(toolbox_bot)
+        return toolbox_bot
+
+    yield make
+    for toolbox_bot in made:
+        await toolbox_bot.backend.close()

@@ -7,9 +7,6 @@ import threading
 import pytest
 from PIL import Image
 
-from bot.backend import LocalBackend
-from bot.client import ToolboxBot
-from bot.settings import Settings
 from tests.fakes.engines import SlowCaptionEngine
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.images import animated_gif, decompression_bomb, encode, noise_image, png_bytes
@@ -23,12 +20,8 @@ def slow_engine(use_engine):
 
 
 @pytest.fixture
-async def toolbox_bot():
-    settings = Settings.load()
-    bot = ToolboxBot(settings, LocalBackend(settings))
-    await bot.load_extension("cogs.caption")
-    yield bot
-    await bot.backend.close()
+async def toolbox_bot(make_toolbox_bot):
+    return await make_toolbox_bot("cogs.caption")
 
 
 def caption_command(bot):

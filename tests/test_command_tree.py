@@ -10,21 +10,14 @@ import re
 
 import pytest
 
-from bot.backend import LocalBackend
-from bot.client import EXTENSIONS, ToolboxBot
-from bot.settings import Settings
 
 NAME = re.compile(r"^[-_\w]{1,32}$")
 
 
 @pytest.fixture
-async def payloads():
-    settings = Settings.load()
-    toolbox_bot = ToolboxBot(settings, LocalBackend(settings))
-    for extension in EXTENSIONS:
-        await toolbox_bot.load_extension(extension)
-    yield [command.to_dict(toolbox_bot.tree) for command in toolbox_bot.tree.get_commands()]
-    await toolbox_bot.backend.close()
+async def payloads(make_toolbox_bot):
+    toolbox_bot = await make_toolbox_bot()
+    return [command.to_dict(toolbox_bot.tree) for command in toolbox_bot.tree.get_commands()]
 
 
 def check_options(options: list[dict], where: str) -> None:

@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import bot.progress
-from bot.backend import LocalBackend
 from bot.cli import main as toolbox
-from bot.client import ToolboxBot
-from bot.settings import Settings
 from modal_services.caption import CaptionEngine
 from modal_services.jobs import JobStatus, load_job
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
@@ -23,13 +19,8 @@ def reference_engine(tiny_qwen_dir):
 
 
 @pytest.fixture
-async def toolbox_bot(installed_caption_model, monkeypatch):
-    monkeypatch.setattr(bot.progress, "MIN_EDIT_INTERVAL", 0.05)
-    settings = Settings.load()
-    toolbox_bot = ToolboxBot(settings, LocalBackend(settings))
-    await toolbox_bot.load_extension("cogs.caption")
-    yield toolbox_bot
-    await toolbox_bot.backend.close()
+async def toolbox_bot(installed_caption_model, fast_progress, make_toolbox_bot):
+    return await make_toolbox_bot("cogs.caption")
 
 
 async def test_slash_caption_end_to_end(toolbox_bot, reference_engine):

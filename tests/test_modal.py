@@ -12,9 +12,7 @@ from pathlib import Path
 import modal
 import pytest
 
-import bot.progress
 from bot.backend import ModalBackend, call_key, make_backend
-from bot.client import ToolboxBot
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import JobStatus, load_job
@@ -93,11 +91,8 @@ async def test_app_not_deployed_is_a_clear_error(deployment):
     assert (await load_job(backend.store, key[4:])).status is JobStatus.ERROR
 
 
-async def test_caption_cog_over_modal(deployment, monkeypatch):
-    monkeypatch.setattr(bot.progress, "MIN_EDIT_INTERVAL", 0.01)
-    settings = Settings.load()
-    toolbox_bot = ToolboxBot(settings, make_backend(settings))
-    await toolbox_bot.load_extension("cogs.caption")
+async def test_caption_cog_over_modal(deployment, fast_progress, make_toolbox_bot):
+    toolbox_bot = await make_toolbox_bot("cogs.caption")
     interaction = fake_interaction()
     await invoke(toolbox_bot, toolbox_bot.tree.get_command("caption"), interaction, fake_attachment(png_bytes()), None, None)
     assert ephemeral_error(interaction) is None

@@ -9,8 +9,7 @@ import modal
 import pytest
 from discord import app_commands
 
-from bot.backend import LocalBackend, ModalBackend
-from bot.client import EXTENSIONS, ToolboxBot
+from bot.backend import ModalBackend
 from bot.guild_settings import load_guild_settings
 from bot.settings import Settings
 from modal_services.jobs import JobStatus, create_job, load_job, update_job
@@ -19,13 +18,8 @@ from tests.fakes.modal_fakes import FakeModalDict
 
 
 @pytest.fixture
-async def toolbox_bot():
-    settings = Settings.load()
-    toolbox_bot = ToolboxBot(settings, LocalBackend(settings))
-    for extension in EXTENSIONS:
-        await toolbox_bot.load_extension(extension)
-    yield toolbox_bot
-    await toolbox_bot.backend.close()
+async def toolbox_bot(make_toolbox_bot):
+    return await make_toolbox_bot()
 
 
 def command(toolbox_bot, path: str):

@@ -9,8 +9,7 @@ from unittest.mock import AsyncMock, MagicMock
 import modal
 import pytest
 
-from bot.backend import LocalBackend, make_backend
-from bot.client import ToolboxBot
+from bot.backend import LocalBackend
 from bot.guild_settings import GuildSettings, save_guild_settings
 from bot.settings import Settings
 from bot.tracker import INTERACTION_TOKEN_LIFETIME, CancelJobButton, ReplyTarget
@@ -26,18 +25,9 @@ def fast(fast_progress, monkeypatch):
     monkeypatch.setattr("bot.tracker.SNAPSHOT_MAX_AGE", 0.0)
 
 
-async def make_bot(backend=None) -> ToolboxBot:
-    settings = Settings.load()
-    toolbox_bot = ToolboxBot(settings, backend or make_backend(settings))
-    await toolbox_bot.load_extension("cogs.caption")
-    return toolbox_bot
-
-
 @pytest.fixture
-async def toolbox_bot():
-    toolbox_bot = await make_bot()
-    yield toolbox_bot
-    await toolbox_bot.backend.close()
+async def toolbox_bot(make_toolbox_bot):
+    return await make_toolbox_bot("cogs.caption")
 
 
 async def caption(toolbox_bot, interaction, data=None):
@@ -222,8 +212,8 @@ def channel_spy(toolbox_bot):
     return message
 
 
-async def test_a_restart_resumes_and_delivers_modal_jobs(deployment):
-    first = await make_bot()
+async def test_a_restart_resumes_and_delivers_modal_jobs(deployment, make_toolbox_bot):
+    first = await make_toolbox_bot("cogs.caption")
     interaction = fake_interaction()
     running = asyncio.create_task(caption(first, interaction))
     while not deployment.calls:
@@ -232,7 +222,7 @@ async def test_a_restart_resumes_and_delivers_modal_jobs(deployment):
     await asyncio.gather(running, return_exceptions=True)
     [job_key] = await first.backend.store.keys("job:")
 
-    second = await make_bot()
+    second = await make_toolbox_bot("cogs.caption")
     message = channel_spy(second)
     assert await second.tracker.resume() == 1
     await asyncio.gather(*deployment.calls.values())
@@ -247,8 +237,8 @@ async def test_a_restart_resumes_and_delivers_modal_jobs(deployment):
     assert await second.tracker.resume() == 0  # delivered once
 
 
-async def test_a_job_that_finished_while_the_bot_was_down_is_delivered(deployment):
-    first = await make_bot()
+async def test_a_job_that_finished_while_the_bot_was_down_is_delivered(deployment, make_toolbox_bot):
+    first = await make_toolbox_bot("cogs.caption")
     interaction = fake_interaction()
     running = asyncio.create_task(caption(first, interaction))
     while not deployment.calls:
@@ -257,16 +247,16 @@ async def test_a_job_that_finished_while_the_bot_was_down_is_delivered(deploymen
     await asyncio.gather(running, return_exceptions=True)
     await asyncio.gather(*deployment.calls.values())  # finishes with nobody watching
 
-    second = await make_bot()
+    second = await make_toolbox_bot("cogs.caption")
     message = channel_spy(second)
     await second.tracker.resume()
     await eventually(lambda: message.edit.await_count)
     assert "a caption from modal" in message.edit.await_args.kwargs["content"]
 
 
-async def test_local_jobs_cut_by_a_restart_are_reported_as_such(use_engine):
+async def test_local_jobs_cut_by_a_restart_are_reported_as_such(use_engine, make_toolbox_bot):
     use_engine("caption", SlowCaptionEngine(steps=100, delay=0.02))
-    first = await make_bot()
+    first = await make_toolbox_bot("cogs.caption")
     interaction = fake_interaction()
     running = asyncio.create_task(caption(first, interaction))
     while not await first.backend.store.keys("job:"):
@@ -275,7 +265,7 @@ async def test_local_jobs_cut_by_a_restart_are_reported_as_such(use_engine):
     await asyncio.gather(running, return_exceptions=True)
     await first.backend.close()
 
-    second = await make_bot(LocalBackend(Settings.load()))
+    second = await make_toolbox_bot("cogs.caption", backend=LocalBackend(Settings.load()))
     message = channel_spy(second)
     await second.tracker.resume()
     await eventually(lambda: message.edit.await_count)

@@ -11,9 +11,6 @@ import discord
 import pytest
 from PIL import Image
 
-from bot.backend import LocalBackend
-from bot.client import ToolboxBot
-from bot.settings import Settings
 from cogs.upscale import UpscaleButton, params_key, split_attachments
 from modal_services.library import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
 from modal_services.sdxl_previews import PreviewSink
@@ -51,14 +48,10 @@ def engine(use_engine):
 
 
 @pytest.fixture
-async def toolbox_bot():
-    settings = Settings.load()
-    bot = ToolboxBot(settings, LocalBackend(settings))
-    await bot.load_extension("cogs.caption")
-    await bot.load_extension("cogs.upscale")
+async def toolbox_bot(make_toolbox_bot):
+    bot = await make_toolbox_bot("cogs.caption", "cogs.upscale")
     bot.get_cog("Upscale").preview_interval = 0.05
-    yield bot
-    await bot.backend.close()
+    return bot
 
 
 async def add_lora(bot, name, file, weight=0.8, triggers=("shiny",)):
