@@ -29,6 +29,10 @@ from modal_services.state import ModalDictStore, SqliteStore, StateStore
 
 log = logging.getLogger(__name__)
 
+# A local job's result waits this long for someone to collect it (/setup follows
+# downloads by their records and never does), then it is let go.
+RESULT_KEEP_SECONDS = 600
+
 
 class Backend(ABC):
     store: StateStore
@@ -81,7 +85,10 @@ class LocalBackend(Backend):
     ) -> Job:
         spec = self._spec(kind)
         job = await create_job(self.store, kind, owner, meta)
-        self._tasks[job.id] = asyncio.create_task(self._run(spec, job.id, payload), name=f"job-{job.id}")
+        task = asyncio.create_task(self._run(spec, job.id, payload), name=f"job-{job.id}")
+        self._tasks[job.id] = task
+        loop = asyncio.get_running_loop()
+        task.add_done_callback(lambda _: loop.call_later(RESULT_KEEP_SECONDS, self._tasks.pop, job.id, None))
         return job
 
     async def _run(self, spec: ServiceSpec, job_id: str, payload: dict[str, Any]) -> Any:
@@ -99,7 +106,9 @@ class LocalBackend(Backend):
         task = self._tasks.get(job_id)
         if task is None:
             job = await self.job(job_id)
-            raise (job and job.error()) or ToolboxError(ErrorCode.INTERNAL, "That job is not running in this bot any more.")
+            raise (job and job.error()) or ToolboxError(
+                ErrorCode.INTERNAL, "This job's result is no longer kept by this bot; please run it again."
+            )
         try:
             return await asyncio.shield(task)
         finally:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from bot.backend import LocalBackend
 from bot.cli import main as toolbox
+from bot.settings import Settings
 from modal_services.caption import CaptionEngine
 from modal_services.jobs import JobStatus, load_job
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
@@ -89,3 +91,23 @@ def test_cli_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exited:
         toolbox(["caption"])
     assert exited.value.code == 2
+
+
+async def test_uncollected_local_results_are_let_go(monkeypatch, fast_progress, use_engine):
+    import asyncio
+
+    import bot.backend
+    from tests.fakes.engines import SlowCaptionEngine
+
+    monkeypatch.setattr(bot.backend, "RESULT_KEEP_SECONDS", 0.05)
+    use_engine("caption", SlowCaptionEngine(steps=1, delay=0))
+    backend = LocalBackend(Settings.load())
+    job = await backend.submit("caption", {"images": [png_bytes()], "style": "short", "question": None})
+    for _ in range(200):
+        if (await backend.job(job.id)).status is JobStatus.DONE and job.id not in backend._tasks:
+            break
+        await asyncio.sleep(0.02)
+    assert job.id not in backend._tasks  # nobody asked for it: not kept forever
+    with pytest.raises(Exception, match="no longer kept"):
+        await backend.result(job.id)
+    await backend.close()
