@@ -19,14 +19,15 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.permissions import require_admin
-from bot.progress import ReplyEditor, follow_job, render_job
-from bot.tracker import ReplyTarget, cancel_view
+from bot.tracker import ReplyTarget
 from bot.replies import as_toolbox_error, error_text
 from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_import
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs import Job
 from modal_services.library import DEFAULT_CHECKPOINT, Library, LibraryEntry
 
 PAGE_SIZE = 8
+MODEL_JOB_KINDS = ("model_import", "model_upload", "model_delete", "model_scan")
 VIEW_TIMEOUT = 300.0
 TYPE_CHOICES = [app_commands.Choice(name="LoRA", value="lora"), app_commands.Choice(name="Checkpoint", value="checkpoint")]
 
@@ -187,6 +188,12 @@ class Models(commands.Cog):
         settings = bot.settings
         self.library = Library.for_backend(bot.backend.store, settings.backend == "local", settings.loras_dir,
                                            settings.models_dir)
+        for kind in MODEL_JOB_KINDS:
+            bot.tracker.presenters[kind] = self.present
+
+    async def cog_unload(self) -> None:
+        for kind in MODEL_JOB_KINDS:
+            self.bot.tracker.presenters.pop(kind, None)
 
     # ------------------------------------------------------------ helpers
 
@@ -196,35 +203,24 @@ class Models(commands.Cog):
         token = await get_token(self.bot.backend.store, "civitai") or self.bot.settings.civitai_token
         return CivitaiClient(self.bot.settings.civitai_api_base, token)
 
-    async def run_job(
-        self,
-        interaction: discord.Interaction,
-        kind: str,
-        payload: dict[str, Any],
-        title: str,
-        finish: Callable[[Any], dict[str, Any]],
-    ) -> None:
-        """Submit a job, show its progress in the interaction's message, then edit in `finish(result)`.
+    async def run_job(self, interaction: discord.Interaction, kind: str, payload: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Submit a /models job and follow it in the interaction's message through the job tracker:
+        live progress, a Cancel button, the bot token after 15 minutes, and resumption after a restart."""
+        job, target = await self.bot.tracker.start(interaction, kind, payload, meta)
+        await self.bot.tracker.run(job, target)
 
-        A big checkpoint can take longer than the 15-minute interaction token:
-        the edits then go on through the bot's own token (ReplyTarget).
-        """
-        backend = self.bot.backend
-        message = await interaction.original_response()
-        target = ReplyTarget(self.bot, interaction.channel_id, message.id, interaction)
-        job = await backend.submit(kind, payload, owner={"user_id": interaction.user.id, "guild_id": interaction.guild_id,
-                                                         "channel_id": interaction.channel_id}, meta={"title": title})
-        # The Cancel button stops the job at its next progress report; the final edit removes it.
-        view = cancel_view(job.id)
-        editor = ReplyEditor(lambda text: target.edit(content=text, embed=None, view=view))
-        try:
-            result = await follow_job(backend, job.id, lambda record: editor.show(render_job(record, title)))
-        except ToolboxError as error:
-            if target.token_alive:
-                raise  # shown privately by the error handler
-            await target.edit(content=error_text(error), embed=None, view=None)
-            return
-        await target.edit(**finish(result))
+    async def present(self, job: Job, result: dict[str, Any], target: ReplyTarget) -> None:
+        """The finished job's message: the library entry, or what was deleted or found."""
+        age_ok = job.meta.get("age_ok", False)
+        if job.kind == "model_scan":
+            await target.edit(content=scan_text(result), embed=None, view=None)
+        elif job.kind == "model_delete":
+            name, file = _escape(result["entry"]["name"]), _code(result["entry"]["file"])
+            await target.edit(content=f"🗑️ Deleted **{name}** ({file}).", embed=None, view=None)
+        else:
+            done = "✅ Imported:" if job.kind == "model_import" else "✅ Added:"
+            heading = "Already in the library:" if result["already_installed"] else done
+            await target.edit(content=heading, embed=entry_embed(result["entry"], age_ok), view=None)
 
     async def name_autocomplete(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         return [app_commands.Choice(name=label, value=value) for label, value in await self.library.choices(current)]
@@ -251,14 +247,10 @@ class Models(commands.Cog):
             await interaction.edit_original_response(content="Already installed:", embed=entry_embed(installed, age_ok))
             return
 
-        def imported(result: dict[str, Any]) -> dict[str, Any]:
-            heading = "Already installed:" if result["already_installed"] else "✅ Imported:"
-            return {"content": heading, "embed": entry_embed(result["entry"], age_ok), "view": None}
-
         async def download(button_interaction: discord.Interaction) -> None:
             await self.run_job(button_interaction, "model_import",
                                {"ref": f"v:{plan.version_id}", "api_base": self.bot.settings.civitai_api_base},
-                               f"Importing {plan.name}", imported)
+                               {"title": f"Importing {plan.name}", "age_ok": age_ok})
 
         view = ConfirmView(interaction.user.id, "Download", discord.ButtonStyle.success, download)
         await interaction.edit_original_response(content=f"Import this {plan.type} ({size_text(plan.size_bytes)})?",
@@ -310,12 +302,8 @@ class Models(commands.Cog):
         if active["file"] == entry.file:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"{entry.name} is the active checkpoint. Switch to another one first.")
 
-        def deleted(result: dict[str, Any]) -> dict[str, Any]:
-            name, file = _escape(result["entry"]["name"]), _code(result["entry"]["file"])
-            return {"content": f"🗑️ Deleted **{name}** ({file}).", "embed": None, "view": None}
-
         async def confirmed(button_interaction: discord.Interaction) -> None:
-            await self.run_job(button_interaction, "model_delete", {"name": entry.file}, f"Deleting {entry.name}", deleted)
+            await self.run_job(button_interaction, "model_delete", {"name": entry.file}, {"title": f"Deleting {entry.name}"})
 
         view = ConfirmView(interaction.user.id, "Delete", discord.ButtonStyle.danger, confirmed)
         await interaction.response.send_message(f"Delete **{_escape(entry.name)}** and its file ({size_text(entry.size_bytes)})?",
@@ -347,14 +335,10 @@ class Models(commands.Cog):
         if not file.size:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "That file is empty.")
         await interaction.response.defer(thinking=True)
-        def added(result: dict[str, Any]) -> dict[str, Any]:
-            heading = "Already in the library:" if result["already_installed"] else "✅ Added:"
-            return {"content": heading, "embed": entry_embed(result["entry"], age_restricted(interaction)), "view": None}
-
         await self.run_job(interaction, "model_upload", {
             "url": file.url, "filename": file.filename, "type": type.value, "size_bytes": file.size,
             "name": name, "trigger_words": trigger_words, "api_base": self.bot.settings.civitai_api_base,
-        }, f"Adding {file.filename}", added)
+        }, {"title": f"Adding {file.filename}", "age_ok": age_restricted(interaction)})
 
     @models.command(name="scan", description="Find files with no entry and entries with no file (admins)")
     @app_commands.describe(adopt="Add the untracked files to the library")
@@ -362,7 +346,7 @@ class Models(commands.Cog):
         require_admin(interaction, "scan the library")
         await interaction.response.defer(thinking=True, ephemeral=True)
         await self.run_job(interaction, "model_scan", {"adopt": adopt, "api_base": self.bot.settings.civitai_api_base},
-                           "Scanning the library", lambda report: {"content": scan_text(report), "view": None})
+                           {"title": "Scanning the library"})
 
 
 def scan_text(report: dict[str, Any]) -> str:

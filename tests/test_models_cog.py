@@ -7,11 +7,7 @@ from unittest.mock import MagicMock
 
 import discord
 import pytest
-from discord.ext import commands
 
-from bot.backend import LocalBackend
-from bot.replies import as_toolbox_error, send_error
-from bot.settings import Settings
 from bot.permissions import is_admin
 from cogs.models import Models
 from modal_services import downloads
@@ -34,20 +30,10 @@ def civitai():
 
 
 @pytest.fixture
-async def bot(civitai, monkeypatch):
+async def bot(civitai, monkeypatch, make_toolbox_bot):
     monkeypatch.setenv("CIVITAI_API_BASE", civitai.base)
     monkeypatch.setattr(downloads, "_sleep", lambda seconds: None)
-    settings = Settings.load()
-    bot = commands.Bot(command_prefix="!", intents=discord.Intents.default())
-    bot.settings, bot.backend = settings, LocalBackend(settings)
-
-    async def on_error(interaction, error):
-        await send_error(interaction, as_toolbox_error(error))
-
-    bot.tree.on_error = on_error
-    await bot.add_cog(Models(bot))
-    yield bot
-    await bot.backend.close()
+    return await make_toolbox_bot("cogs.models")
 
 
 def cog(bot) -> Models:
@@ -277,3 +263,27 @@ async def test_a_long_import_finishes_in_its_message_after_the_interaction_token
     assert message.edit.await_args.kwargs["content"] == "✅ Imported:"
     assert message.edit.await_args.kwargs["view"] is None
     clicker.edit_original_response.assert_not_awaited()
+
+
+async def test_model_jobs_are_picked_up_again_after_a_restart(bot):
+    import asyncio
+    from unittest.mock import AsyncMock
+
+    from modal_services.jobs import JobStatus, create_job, load_job, update_job
+
+    store = bot.backend.store
+    job = await create_job(store, "model_import", owner={"user_id": ADMIN, "channel_id": 5, "message_id": 6},
+                           meta={"title": "Importing Detail Tweaker XL"})
+    await update_job(store, job.id, status=JobStatus.RUNNING)  # the bot went down mid-import
+    channel, message = MagicMock(), MagicMock()
+    message.edit = AsyncMock()
+    channel.get_partial_message.return_value = message
+    bot.get_partial_messageable = MagicMock(return_value=channel)
+    assert await bot.tracker.resume() == 1
+    for _ in range(200):
+        if message.edit.await_count:
+            break
+        await asyncio.sleep(0.02)
+    channel.get_partial_message.assert_called_with(6)
+    assert "restarted" in message.edit.await_args.kwargs["content"]
+    assert (await load_job(store, job.id)).delivered
