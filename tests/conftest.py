@@ -132,3 +132,28 @@ async def make_toolbox_bot():
     yield make
     for toolbox_bot in made:
         await toolbox_bot.backend.close()
+
+
+@pytest.fixture
+def modal_deployment(monkeypatch):
+    """A deployed Modal app faked at the seam (Dict, Cls, FunctionCall), on TOOLBOX_BACKEND=modal.
+
+    Its `work(payload, progress)` runs each spawned job as a container would;
+    the default captions quickly, tests replace it as they need.
+    """
+    import modal
+
+    from tests.fakes.modal_fakes import FakeDeployment, FakeModalDict
+
+    def work(payload, progress):
+        for step in range(3):
+            progress(step / 3, "captioning")
+        return [f"{payload['style']} caption {i}" for i, _ in enumerate(payload["images"])]
+
+    state = FakeModalDict()
+    fake = FakeDeployment(state, work)
+    monkeypatch.setattr(modal.Dict, "from_name", lambda name, create_if_missing=False: state)
+    monkeypatch.setattr(modal.Cls, "from_name", fake.cls_from_name)
+    monkeypatch.setattr(modal.FunctionCall, "from_id", fake.call_from_id)
+    monkeypatch.setenv("TOOLBOX_BACKEND", "modal")
+    return fake

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import modal
 import pytest
 
 from bot.backend import ModalBackend, call_key, make_backend
@@ -18,26 +17,14 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import JobStatus, load_job
 from modal_services.state import ModalDictStore
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke
-from tests.fakes.modal_fakes import FakeDeployment, FakeModalDict
+from tests.fakes.modal_fakes import FakeModalDict
 from tests.images import png_bytes
 
 
 @pytest.fixture
-def deployment(monkeypatch):
-    state = FakeModalDict()
-
-    def work(payload, progress):
-        for step in range(3):
-            progress(step / 3, "captioning")
-        return [f"{payload['style']} caption {i}" for i, _ in enumerate(payload["images"])]
-
-    fake = FakeDeployment(state, work)
-    monkeypatch.setattr(modal.Dict, "from_name", lambda name, create_if_missing=False: state)
-    monkeypatch.setattr(modal.Cls, "from_name", fake.cls_from_name)
-    monkeypatch.setattr(modal.FunctionCall, "from_id", fake.call_from_id)
-    monkeypatch.setenv("TOOLBOX_BACKEND", "modal")
+def deployment(modal_deployment, monkeypatch):
     monkeypatch.setenv("TOOLBOX_MODAL_APP", "toolbox-test")
-    return fake
+    return modal_deployment
 
 
 async def test_settings_pick_the_modal_backend(deployment):

@@ -13,7 +13,7 @@ from cogs.models import Models
 from modal_services import downloads
 from modal_services.library import LibraryEntry
 from tests.fakes.civitai_server import FakeCivitai
-from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke
+from tests.fakes.discord_fakes import channel_spy, ephemeral_error, fake_attachment, fake_interaction, invoke
 from tests.fixtures import tiny_loras
 
 pytest.importorskip("torch")
@@ -247,17 +247,12 @@ async def test_scan_reports_untracked(bot):
 
 
 async def test_a_long_import_finishes_in_its_message_after_the_interaction_token_died(bot, civitai, monkeypatch):
-    from unittest.mock import AsyncMock
-
     civitai.add_model(1, 11, LORA)
     inter = interaction()
     await invoke(bot, command(bot, "import"), inter, source="v:11")
     view = last_edit(inter)["view"]
     monkeypatch.setattr("bot.tracker.INTERACTION_TOKEN_LIFETIME", 0)  # every edit from now on is "after 15 min"
-    channel, message = MagicMock(), MagicMock()
-    message.edit = AsyncMock()
-    channel.get_partial_message.return_value = message
-    bot.get_partial_messageable = MagicMock(return_value=channel)
+    channel, message = channel_spy(bot)
     clicker = interaction()
     await press(view, view.confirm, clicker)
     assert message.edit.await_args.kwargs["content"] == "✅ Imported:"
@@ -267,18 +262,13 @@ async def test_a_long_import_finishes_in_its_message_after_the_interaction_token
 
 async def test_model_jobs_are_picked_up_again_after_a_restart(bot):
     import asyncio
-    from unittest.mock import AsyncMock
-
     from modal_services.jobs import JobStatus, create_job, load_job, update_job
 
     store = bot.backend.store
     job = await create_job(store, "model_import", owner={"user_id": ADMIN, "channel_id": 5, "message_id": 6},
                            meta={"title": "Importing Detail Tweaker XL"})
     await update_job(store, job.id, status=JobStatus.RUNNING)  # the bot went down mid-import
-    channel, message = MagicMock(), MagicMock()
-    message.edit = AsyncMock()
-    channel.get_partial_message.return_value = message
-    bot.get_partial_messageable = MagicMock(return_value=channel)
+    channel, message = channel_spy(bot)
     assert await bot.tracker.resume() == 1
     for _ in range(200):
         if message.edit.await_count:

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from unittest.mock import AsyncMock, MagicMock
+from unittest.mock import MagicMock
 
-import modal
 import pytest
 
 from bot.backend import LocalBackend
@@ -14,8 +13,7 @@ from bot.guild_settings import GuildSettings, save_guild_settings
 from bot.settings import Settings
 from bot.tracker import INTERACTION_TOKEN_LIFETIME, CancelJobButton, ReplyTarget
 from modal_services.jobs import STALE_AFTER, JobStatus, create_job, load_job, update_job
-from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke
-from tests.fakes.modal_fakes import FakeDeployment, FakeModalDict
+from tests.fakes.discord_fakes import channel_spy, ephemeral_error, fake_attachment, fake_interaction, invoke
 from tests.images import png_bytes
 from tests.fakes.engines import SlowCaptionEngine
 
@@ -148,12 +146,7 @@ def _bound(interaction, toolbox_bot):
 
 async def test_reports_switch_to_the_bot_token_after_14_minutes(toolbox_bot):
     interaction = fake_interaction()
-    channel = MagicMock()
-    message = MagicMock()
-    message.edit = AsyncMock()
-    channel.get_partial_message.return_value = message
-    channel.send = AsyncMock()
-    toolbox_bot.get_partial_messageable = MagicMock(return_value=channel)
+    channel, message = channel_spy(toolbox_bot)
     now = [time.time()]
     target = ReplyTarget(toolbox_bot, 3003, 555, interaction, clock=lambda: now[0])
 
@@ -185,31 +178,15 @@ async def test_a_dead_worker_becomes_a_clear_failure(toolbox_bot):
 
 
 @pytest.fixture
-def deployment(monkeypatch):
-    state = FakeModalDict()
-
-    def work(payload, progress):
+def deployment(modal_deployment):
+    def slow_work(payload, progress):
         for step in range(30):
             progress(step / 30, "captioning")
             time.sleep(0.01)
         return ["a caption from modal"] * len(payload["images"])
 
-    fake = FakeDeployment(state, work)
-    monkeypatch.setattr(modal.Dict, "from_name", lambda name, create_if_missing=False: state)
-    monkeypatch.setattr(modal.Cls, "from_name", fake.cls_from_name)
-    monkeypatch.setattr(modal.FunctionCall, "from_id", fake.call_from_id)
-    monkeypatch.setenv("TOOLBOX_BACKEND", "modal")
-    return fake
-
-
-def channel_spy(toolbox_bot):
-    channel = MagicMock()
-    message = MagicMock()
-    message.edit = AsyncMock()
-    channel.get_partial_message.return_value = message
-    channel.send = AsyncMock()
-    toolbox_bot.get_partial_messageable = MagicMock(return_value=channel)
-    return message
+    modal_deployment.work = slow_work
+    return modal_deployment
 
 
 async def test_a_restart_resumes_and_delivers_modal_jobs(deployment, make_toolbox_bot):
@@ -223,7 +200,7 @@ async def test_a_restart_resumes_and_delivers_modal_jobs(deployment, make_toolbo
     [job_key] = await first.backend.store.keys("job:")
 
     second = await make_toolbox_bot("cogs.caption")
-    message = channel_spy(second)
+    _, message = channel_spy(second)
     assert await second.tracker.resume() == 1
     await asyncio.gather(*deployment.calls.values())
 
@@ -248,7 +225,7 @@ async def test_a_job_that_finished_while_the_bot_was_down_is_delivered(deploymen
     await asyncio.gather(*deployment.calls.values())  # finishes with nobody watching
 
     second = await make_toolbox_bot("cogs.caption")
-    message = channel_spy(second)
+    _, message = channel_spy(second)
     await second.tracker.resume()
     await eventually(lambda: message.edit.await_count)
     assert "a caption from modal" in message.edit.await_args.kwargs["content"]
@@ -266,7 +243,7 @@ async def test_local_jobs_cut_by_a_restart_are_reported_as_such(use_engine, make
     await first.backend.close()
 
     second = await make_toolbox_bot("cogs.caption", backend=LocalBackend(Settings.load()))
-    message = channel_spy(second)
+    _, message = channel_spy(second)
     await second.tracker.resume()
     await eventually(lambda: message.edit.await_count)
     assert "restarted" in message.edit.await_args.kwargs["content"]

@@ -89,3 +89,16 @@ def ephemeral_error(interaction) -> str | None:
             if call.kwargs.get("ephemeral"):
                 return call.args[0] if call.args else call.kwargs.get("content")
     return None
+
+
+def channel_spy(bot):
+    """Replace the bot's channel access: returns (channel, message) whose `edit` / `send` are recorded.
+
+    What a reply uses once the interaction token is gone: the bot's own token on the channel.
+    """
+    channel, message = MagicMock(), MagicMock()
+    message.edit = AsyncMock()
+    channel.get_partial_message.return_value = message
+    channel.send = AsyncMock()
+    bot.get_partial_messageable = MagicMock(return_value=channel)
+    return channel, message
