@@ -116,6 +116,8 @@ class Upscale(commands.Cog):
         self.preview_interval = PREVIEW_EDIT_INTERVAL
         # Source images of running jobs, attached beside their results (for Vary seed).
         self._sources: dict[str, tuple[bytes, str]] = {}
+        # The live-preview task of each running job.
+        self._previews: dict[str, asyncio.Task] = {}
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.menu.name, type=self.menu.type)
@@ -216,12 +218,19 @@ class Upscale(commands.Cog):
         job, target = await self.bot.tracker.start(interaction, "upscale", payload, meta)
         await self.bot.backend.store.put(params_key(job.id), kept)
         self._sources[job.id] = (received.png, f"{SOURCE_STEM}.png")
-        previews = asyncio.create_task(self._show_previews(job.id, target), name=f"previews-{job.id}")
+        self._previews[job.id] = asyncio.create_task(self._show_previews(job.id, target), name=f"previews-{job.id}")
         try:
             await self.bot.tracker.run(job, target)
         finally:
-            previews.cancel()
+            await self._stop_previews(job.id)
             self._sources.pop(job.id, None)
+
+    async def _stop_previews(self, job_id: str) -> None:
+        """Stop the preview edits and wait for one in flight, so that none lands after the result."""
+        task = self._previews.pop(job_id, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     async def _caption_tiles(self, interaction: discord.Interaction, received, out_width: int, out_height: int) -> list[dict]:
         """Tags for each tile the worker will denoise, with the usual progress and Cancel button."""
@@ -250,6 +259,7 @@ class Upscale(commands.Cog):
                 log.info("preview edit for %s skipped: %s", job_id, exc.status)
 
     async def present(self, job: Job, png: bytes, target: ReplyTarget) -> None:
+        await self._stop_previews(job.id)
         limit = self._upload_limit(job, target)
         fitted = await asyncio.to_thread(fit_to_limit, png, limit)
         files = [discord.File(io.BytesIO(fitted.data), fitted.filename)]

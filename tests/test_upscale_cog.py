@@ -13,7 +13,7 @@ from PIL import Image
 
 from cogs.upscale import UpscaleButton, params_key, split_attachments
 from modal_services.library import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
-from modal_services.sdxl_previews import PreviewSink
+from modal_services.sdxl_previews import PreviewSink, preview_key
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.images import png_bytes
 
@@ -292,3 +292,39 @@ async def test_the_tile_caption_step_can_be_cancelled(toolbox_bot, engine, fast_
     await asyncio.wait_for(running, timeout=20)
     assert "Cancelled" in ephemeral_error(interaction)
     assert engine.payloads == []  # the upscale never started
+
+
+async def test_no_preview_edit_lands_after_the_result(toolbox_bot, engine, fast_progress, monkeypatch):
+    import bot.tracker
+
+    store = toolbox_bot.backend.store
+    landed = []
+
+    async def edit(**fields):
+        landed.append([attachment.filename for attachment in fields.get("attachments", [])])
+
+    original_update = bot.tracker.update_job
+
+    async def slow_bookkeeping(store_, job_id, **fields):
+        if fields.get("delivered"):
+            await asyncio.sleep(0.3)  # the tracker's last write after the result: previews must be over by now
+        return await original_update(store_, job_id, **fields)
+
+    async def keep_a_preview():
+        while not (keys := await store.keys("job:")):
+            await asyncio.sleep(0.01)
+        job_id = keys[0].split(":", 1)[1]
+        for n in range(60):
+            await store.put(preview_key(job_id), {"jpeg": "/9j/cHJldmlldw==", "n": n})  # a fresh one each time
+            await asyncio.sleep(0.02)
+
+    monkeypatch.setattr(bot.tracker, "update_job", slow_bookkeeping)
+    engine.delay = 0.05
+    writer = asyncio.create_task(keep_a_preview())
+    interaction = fake_interaction()
+    interaction.edit_original_response.side_effect = edit
+    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(60, 40)),
+                 2.0, None, None, None, None, None, None, None, None, None, 1)
+    writer.cancel()
+    assert ["preview.jpg"] in landed  # previews were shown while it ran
+    assert landed[-1][0] == "upscaled.png"
