@@ -373,8 +373,7 @@ async def models_command(settings: Settings, args: argparse.Namespace) -> None:
     library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
     try:
         if args.verb == "import":
-            client = CivitaiClient(settings.civitai_api_base,
-                                   await get_token(backend.store, "civitai") or settings.civitai_token)
+            client = CivitaiClient(settings.civitai_api_base, await get_token(backend.store, "civitai"))
             try:
                 plan = await asyncio.to_thread(plan_import, client, ref)
             finally:

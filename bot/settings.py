@@ -1,7 +1,9 @@
 """Settings from the environment, or a `.env` file in the working directory.
 
-The environment wins over `.env`. Secrets are kept out of `repr` so that a
-logged Settings object shows no token.
+The environment wins over `.env`. The Discord token is kept out of `repr` so
+that a logged Settings object shows no secret; the CivitAI and Hugging Face
+tokens are read where they are used (modal_services/tokens.py: /setup's, else
+the environment's).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from dotenv import dotenv_values
+from dotenv import dotenv_values, load_dotenv
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import local_loras_dir, local_models_dir, local_state_path, state_dict_name
@@ -32,15 +34,20 @@ class Settings:
     guild_ids: tuple[int, ...] = ()
     civitai_api_base: str = "https://civitai.com"
     discord_token: str | None = field(default=None, repr=False)
-    civitai_token: str | None = field(default=None, repr=False)
-    hf_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, env_file: str | Path = ".env") -> "Settings":
+        """From `environ` over `.env`; with no `environ`, the process environment, into which `.env`
+        is loaded first (without overriding) so that libraries reading their own variables
+        (huggingface_hub's HF_ENDPOINT and HF_TOKEN) see the file's values too."""
         values: dict[str, str | None] = {}
-        if Path(env_file).is_file():
-            values.update(dotenv_values(env_file))
-        values.update(os.environ if environ is None else environ)
+        if environ is None:
+            load_dotenv(env_file, override=False)
+            values.update(os.environ)
+        else:
+            if Path(env_file).is_file():
+                values.update(dotenv_values(env_file))
+            values.update(environ)
 
         def get(name: str) -> str | None:
             value = values.get(name)
@@ -61,8 +68,6 @@ class Settings:
             guild_ids=guild_ids,
             civitai_api_base=(get("CIVITAI_API_BASE") or "https://civitai.com").rstrip("/"),
             discord_token=get("DISCORD_TOKEN"),
-            civitai_token=get("CIVITAI_TOKEN"),
-            hf_token=get("HF_TOKEN"),
         )
 
     @property

@@ -200,8 +200,8 @@ class Models(commands.Cog):
     async def civitai_client(self) -> CivitaiClient:
         from modal_services.tokens import get_token
 
-        token = await get_token(self.bot.backend.store, "civitai") or self.bot.settings.civitai_token
-        return CivitaiClient(self.bot.settings.civitai_api_base, token)
+        # /setup's token, else CIVITAI_TOKEN from the environment (or .env).
+        return CivitaiClient(self.bot.settings.civitai_api_base, await get_token(self.bot.backend.store, "civitai"))
 
     async def run_job(self, interaction: discord.Interaction, kind: str, payload: dict[str, Any], meta: dict[str, Any]) -> None:
         """Submit a /models job and follow it in the interaction's message through the job tracker:

@@ -43,3 +43,17 @@ def test_bad_settings_are_clear(environ):
     with pytest.raises(ToolboxError) as caught:
         Settings.load(environ=environ)
     assert caught.value.code is ErrorCode.INVALID_INPUT
+
+
+def test_env_file_reaches_the_libraries_environment(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
+    monkeypatch.setenv("TOOLBOX_MODAL_APP", "from-env")
+    (tmp_path / ".env").write_text("HF_ENDPOINT=http://127.0.0.1:9\nTOOLBOX_MODAL_APP=from-file\n")
+    try:
+        settings = Settings.load()
+        assert os.environ["HF_ENDPOINT"] == "http://127.0.0.1:9"  # huggingface_hub reads it from there
+        assert settings.modal_app == "from-env"  # the environment still wins
+    finally:
+        os.environ.pop("HF_ENDPOINT", None)
