@@ -11,6 +11,8 @@ from enum import Enum
 
 class ErrorCode(str, Enum):
     INVALID_INPUT = "INVALID_INPUT"
+    # A generation prompt that is empty or too long.
+    INVALID_PROMPT = "INVALID_PROMPT"
     MODELS_MISSING = "MODELS_MISSING"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
     LORA_LOAD_FAILED = "LORA_LOAD_FAILED"

@@ -57,19 +57,21 @@ def _model_engine(models_dir: Path) -> Engine:
     return ModelEngine.for_data_dir(models_dir.parent)
 
 
-def _upscale_engine(models_dir: Path) -> Engine:
-    from modal_services.upscale import UpscaleEngine
+def _sdxl_engine(models_dir: Path) -> Engine:
+    from modal_services.sdxl_engine import SdxlEngine
 
     # models/ and loras/ sit side by side both locally (the data dir) and on
     # Modal (/vol/models, /vol/loras): library files are found under loras/.
-    return UpscaleEngine(models_dir, loras_dir=models_dir.parent / "loras")
+    return SdxlEngine(models_dir, loras_dir=models_dir.parent / "loras")
 
 
 SERVICES: dict[str, ServiceSpec] = {
     "caption": ServiceSpec("caption", "CaptionService", "caption", _caption_engine),
     "download": ServiceSpec("download", "DownloadService", "download", _download_engine),
     "verify": ServiceSpec("verify", "DownloadService", "verify", _download_engine),
-    "upscale": ServiceSpec("upscale", "UpscaleService", "upscale", _upscale_engine, previews=True),
+    # One GPU class and one engine for every SDXL job: they share the loaded models.
+    "upscale": ServiceSpec("upscale", "SdxlService", "upscale", _sdxl_engine, previews=True),
+    "generate": ServiceSpec("generate", "SdxlService", "generate", _sdxl_engine, previews=True),
     # The model library's file work (/models): CivitAI imports, uploads, deletes, scans.
     "model_import": ServiceSpec("model_import", "ModelService", "import_model", _model_engine),
     "model_upload": ServiceSpec("model_upload", "ModelService", "upload_model", _model_engine),

@@ -1,0 +1,160 @@
+"""Text-to-image and variations on the worker's shared SDXL models.
+
+diffusers' own SDXL pipelines do the work (`StableDiffusionXLPipeline`, and
+`StableDiffusionXLImg2ImgPipeline` for variations), built with `from_pipe`
+over the loaded components, so no weight is held twice. A request for N
+images is one batched call with one generator per image (image i gets seed
++ i): the same images as N calls one by one. The step callback reports
+progress, sends small previews, and is where Cancel and the timeout stop
+the job between steps.
+
+The result, for every front end (the bot, the CLI, the HTTP API):
+
+    {"images": [PNG bytes, ...], "seeds": [int, ...], "width": int, "height": int,
+     "steps": int, "cfg": float, "prompt": str (as run: trigger words added),
+     "negative_prompt": str, "checkpoint": str (file stem), "loras": [{"name", "weight"}],
+     "strength": float | None (variations), "generation_time_seconds": float}
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Any
+
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.generate_request import MAX_LORAS, GenerateRequest, parse_generate_request
+from modal_services.imaging import decode_image, encode_png
+from modal_services.jobs import ProgressFn
+from modal_services.sdxl_pipeline import (
+    PreviewFn,
+    SdxlModels,
+    latent_preview_jpeg,
+    retry_smaller_on_oom,
+    with_trigger_words,
+)
+
+log = logging.getLogger(__name__)
+
+PREVIEW_INTERVAL = 2.0
+# A variation's start image is decoded with this bound (the largest request is 1536²).
+MAX_START_PIXELS = 4 * 1536 * 1536
+# Seeds drawn when a request has none: small enough to type back into /generate.
+RANDOM_SEED_LIMIT = 2**32
+
+
+def latent_grid(latents):
+    """(n, 4, h, w) latents side by side in a grid two wide, as one (1, 4, H, W) latent for a preview."""
+    import torch
+
+    if latents.shape[0] == 1:
+        return latents
+    tiles = list(latents[:4])
+    if len(tiles) % 2:
+        tiles.append(torch.zeros_like(tiles[0]))
+    rows = [torch.cat(tiles[i : i + 2], dim=-1) for i in range(0, len(tiles), 2)]
+    return torch.cat(rows, dim=-2)[None]
+
+
+class TextToImage:
+    def __init__(self, models: SdxlModels, preview_interval: float = PREVIEW_INTERVAL):
+        self.models = models
+        self.preview_interval = preview_interval
+        # (the loaded pipeline they were made from, text-to-image, img2img)
+        self._pipes: tuple[Any, Any, Any] | None = None
+
+    def generate(self, progress: ProgressFn | None = None, preview: PreviewFn | None = None, **fields: Any) -> dict:
+        """Run one GenerateRequest (given as its fields); returns the result described above."""
+        progress = progress or (lambda fraction, stage: None)
+        started = time.monotonic()
+        # --- checks, before any GPU work
+        request = parse_generate_request(fields)
+        specs = self.models.lora_specs(request.loras, MAX_LORAS)
+        start_image = None
+        if request.image is not None:
+            start_image = decode_image(request.image, max_pixels=MAX_START_PIXELS, name="The start image").image
+        checkpoint = self.models.checkpoint_path(request.checkpoint)
+        first_seed = random.randrange(RANDOM_SEED_LIMIT) if request.seed is None else request.seed
+        seeds = [first_seed + index for index in range(request.count)]
+        prompt = with_trigger_words(request.prompt, specs)
+
+        # --- models for this job
+        self.models.use_checkpoint(checkpoint, progress)
+        with self.models.loras(specs, progress):
+            deadline = started + request.timeout
+
+            def run(one_at_a_time: bool) -> list[bytes]:
+                return self._run(request, prompt, seeds, start_image, 1 if one_at_a_time else len(seeds),
+                                 deadline, progress, preview)
+
+            images = retry_smaller_on_oom(
+                run, len(seeds) > 1, "retrying one image at a time",
+                f"The GPU ran out of memory at {request.width}×{request.height}: try a smaller size.", progress,
+            )
+        return {
+            "images": images, "seeds": seeds, "width": request.width, "height": request.height,
+            "steps": request.steps, "cfg": request.cfg, "prompt": prompt, "negative_prompt": request.negative_prompt,
+            "checkpoint": checkpoint.stem, "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
+            "strength": request.strength if start_image is not None else None,
+            "generation_time_seconds": round(time.monotonic() - started, 3),
+        }
+
+    def _pipelines(self):
+        """Text-to-image and img2img pipelines over the loaded components (rebuilt after a checkpoint switch)."""
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+        source = self.models.pipe
+        if self._pipes is None or self._pipes[0] is not source:
+            text_to_image = StableDiffusionXLPipeline.from_pipe(source)
+            img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(source)
+            for pipe in (text_to_image, img2img):
+                pipe.set_progress_bar_config(disable=True)
+            self._pipes = (source, text_to_image, img2img)
+        return self._pipes[1], self._pipes[2]
+
+    def _run(self, request: GenerateRequest, prompt: str, seeds: list[int], start_image, batch: int,
+             deadline: float, progress: ProgressFn, preview: PreviewFn | None) -> list[bytes]:
+        import torch
+        from PIL import Image
+
+        text_to_image, img2img = self._pipelines()
+        # IP-Adapter is loaded for the upscaler; here it is off and its image input is empty.
+        text_to_image.set_ip_adapter_scale(0.0)
+        # Negative and positive under classifier-free guidance (cfg > 1), else positive alone.
+        image_embeds = [self.models.empty_image_embeds(2 if request.cfg > 1 else 1)]
+        chunks = [seeds[i : i + batch] for i in range(0, len(seeds), batch)]
+        if start_image is None:
+            pipe, inputs = text_to_image, {"width": request.width, "height": request.height}
+        else:
+            start = start_image.convert("RGB").resize((request.width, request.height), Image.Resampling.LANCZOS)
+            pipe, inputs = img2img, {"image": start, "strength": request.strength}
+        last_preview = [time.monotonic()]
+        images: list[bytes] = []
+        for chunk_index, chunk in enumerate(chunks):
+            def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
+                if time.monotonic() > deadline:
+                    raise ToolboxError(
+                        ErrorCode.TIMEOUT, f"Generating took longer than {request.timeout:g} s and was stopped."
+                    )
+                total = pipeline.num_timesteps
+                done = chunk_index * total + step + 1
+                stage = f"step {step + 1}/{total}"
+                if len(chunks) > 1:
+                    stage += f" · image {chunk[0] - seeds[0] + 1}/{len(seeds)}"
+                progress(0.05 + 0.9 * done / (total * len(chunks)), stage)
+                if preview is not None and time.monotonic() - last_preview[0] >= self.preview_interval:
+                    preview(latent_preview_jpeg(latent_grid(tensors["latents"])))
+                    last_preview[0] = time.monotonic()
+                return tensors
+
+            with torch.inference_mode():
+                output = pipe(
+                    prompt=prompt, negative_prompt=request.negative_prompt or None,
+                    num_inference_steps=request.steps, guidance_scale=request.cfg,
+                    num_images_per_prompt=len(chunk),
+                    generator=[torch.Generator("cpu").manual_seed(seed) for seed in chunk],
+                    ip_adapter_image_embeds=image_embeds, callback_on_step_end=on_step, **inputs,
+                )
+            images += [encode_png(image) for image in output.images]
+        return images

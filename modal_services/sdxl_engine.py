@@ -1,0 +1,49 @@
+"""The SDXL engine: text-to-image, variations and upscales on one set of loaded models.
+
+One warm worker (a Modal container, or the local backend's thread) holds
+one `SdxlEngine`, so a generate job and an upscale job share the UNet, text
+encoders and VAE, and a checkpoint switch applies to both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from modal_services.generate import PREVIEW_INTERVAL as GENERATE_PREVIEW_INTERVAL
+from modal_services.generate import TextToImage
+from modal_services.sdxl_pipeline import SdxlModels
+from modal_services.upscale import PREVIEW_INTERVAL as UPSCALE_PREVIEW_INTERVAL
+from modal_services.upscale import TiledUpscaler
+
+
+class SdxlEngine:
+    def __init__(
+        self,
+        models_dir: str | Path,
+        loras_dir: str | Path | None = None,
+        device: str | None = None,
+        generate_preview_interval: float = GENERATE_PREVIEW_INTERVAL,
+        upscale_preview_interval: float = UPSCALE_PREVIEW_INTERVAL,
+        **upscale_options: Any,
+    ):
+        """`upscale_options` are TiledUpscaler's (tile sizes, limits, tile batch, guidance)."""
+        self.models = SdxlModels(models_dir, loras_dir, device)
+        self.text_to_image = TextToImage(self.models, preview_interval=generate_preview_interval)
+        self.upscaler = TiledUpscaler(self.models, preview_interval=upscale_preview_interval, **upscale_options)
+
+    @property
+    def loaded(self) -> bool:
+        return self.models.loaded
+
+    def load(self, staging_device: str | None = None) -> None:
+        self.models.load(staging_device)
+
+    def place(self) -> None:
+        self.models.place()
+
+    def generate(self, **request: Any) -> dict:
+        return self.text_to_image.generate(**request)
+
+    def upscale(self, image: bytes, **options: Any) -> bytes:
+        return self.upscaler.upscale(image, **options)
