@@ -97,8 +97,10 @@ def parse_generate_request(fields: dict[str, Any]) -> GenerateRequest:
         message = problem["msg"].replace("Value error, ", "")
         for subject in ("Input should", "String should", "List should"):
             message = message.replace(subject, "should")
-        if problem["type"] == "missing" or (field == "prompt" and problem["type"] == "string_too_short"):
-            message = "is empty" if field == "prompt" else "is missing"
+        if problem["type"] == "missing":
+            message = "is missing"
+        elif field == "prompt" and problem["type"] == "string_too_short":
+            message = "is empty"
         elif problem["type"] == "extra_forbidden":
             label, message = f"{field!r}", "is not a field of a generate request"
         raise ToolboxError(code, f"{label} {message}.") from None
