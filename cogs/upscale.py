@@ -25,29 +25,22 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.attachments import check_attachment, image_attachments, looks_like_image, read_image
+from bot.library_options import bot_library, lora_autocomplete, lora_slots
+from bot.live_previews import LivePreviews
 from bot.replies import send_error
 from bot.result_images import fit_to_limit
 from bot.progress import ReplyEditor, render_job
 from bot.tile_prompts import tile_prompts
-from bot.tracker import ReplyTarget, cancel_view
+from bot.tracker import MAX_REQUEST_BYTES, ReplyTarget, cancel_view
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import Job
-from modal_services.library import Library
 from modal_services.sdxl_library import lora_for_job
 from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, MAX_SCALE, check_upscale_size
-from modal_services.sdxl_previews import decode_preview, preview_key
 
 log = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARS = 500
-LORA_SLOTS = 3
 MAX_SEED = 2**32 - 1
-DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
-# Discord's limit on one request with several files.
-MAX_REQUEST_BYTES = 25 * 1024 * 1024
-# Preview edits come on top of the tracker's text edits: one every few
-# seconds keeps the message well inside Discord's edit rate limit.
-PREVIEW_EDIT_INTERVAL = 6.0
 SOURCE_STEM = "source"
 
 
@@ -106,26 +99,19 @@ def split_attachments(message: discord.Message) -> tuple[discord.Attachment | No
 class Upscale(commands.Cog):
     def __init__(self, bot: commands.Bot):
         self.bot = bot
-        self.library = Library.for_backend(
-            bot.backend.store, bot.settings.backend == "local", bot.settings.loras_dir, bot.settings.models_dir
-        )
+        self.library = bot_library(bot)
         self.menu = app_commands.ContextMenu(name="Upscale 2x", callback=self.upscale_message)
         bot.tree.add_command(self.menu)
         bot.add_dynamic_items(UpscaleButton)
         bot.tracker.presenters["upscale"] = self.present
-        self.preview_interval = PREVIEW_EDIT_INTERVAL
+        self.previews = LivePreviews(lambda: bot.backend.store)
         # Source images of running jobs, attached beside their results (for Vary seed).
         self._sources: dict[str, tuple[bytes, str]] = {}
-        # The live-preview task of each running job.
-        self._previews: dict[str, asyncio.Task] = {}
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.menu.name, type=self.menu.type)
         self.bot.remove_dynamic_items(UpscaleButton)
         self.bot.tracker.presenters.pop("upscale", None)
-
-    async def lora_autocomplete(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        return [app_commands.Choice(name=label[:100], value=value) for label, value in await self.library.choices(current, kind="lora")]
 
     @app_commands.command(name="upscale", description="Upscale an image 1.5x-4x with SDXL, optionally with LoRAs")
     @app_commands.describe(
@@ -161,8 +147,7 @@ class Upscale(commands.Cog):
         seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
         tile_captions: bool = False,
     ) -> None:
-        loras = [{"name": name, "weight": weight} for name, weight in
-                 ((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight)) if name]
+        loras = lora_slots((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight))
         params = {"scale": scale, "prompt": prompt or "", "negative": negative or "", "loras": loras,
                   "creativity": creativity, "seed": seed, "tile_captions": tile_captions}
         await self.run_upscale(interaction, image, params)
@@ -218,19 +203,12 @@ class Upscale(commands.Cog):
         job, target = await self.bot.tracker.start(interaction, "upscale", payload, meta)
         await self.bot.backend.store.put(params_key(job.id), kept)
         self._sources[job.id] = (received.png, f"{SOURCE_STEM}.png")
-        self._previews[job.id] = asyncio.create_task(self._show_previews(job.id, target), name=f"previews-{job.id}")
+        self.previews.start(job.id, target)
         try:
             await self.bot.tracker.run(job, target)
         finally:
-            await self._stop_previews(job.id)
+            await self.previews.stop(job.id)
             self._sources.pop(job.id, None)
-
-    async def _stop_previews(self, job_id: str) -> None:
-        """Stop the preview edits and wait for one in flight, so that none lands after the result."""
-        task = self._previews.pop(job_id, None)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     async def _caption_tiles(self, interaction: discord.Interaction, received, out_width: int, out_height: int) -> list[dict]:
         """Tags for each tile the worker will denoise, with the usual progress and Cancel button."""
@@ -244,23 +222,9 @@ class Upscale(commands.Cog):
 
         return await tile_prompts(self.bot.backend, received.png, received.size, (out_width, out_height), show, owner)
 
-    async def _show_previews(self, job_id: str, target: ReplyTarget) -> None:
-        shown = None
-        while True:
-            await asyncio.sleep(self.preview_interval)
-            record = await self.bot.backend.store.get(preview_key(job_id))
-            jpeg = decode_preview(record)
-            if jpeg is None or record.get("n") == shown:
-                continue
-            try:
-                await target.edit(attachments=[discord.File(io.BytesIO(jpeg), "preview.jpg")])
-                shown = record.get("n")
-            except discord.HTTPException as exc:
-                log.info("preview edit for %s skipped: %s", job_id, exc.status)
-
     async def present(self, job: Job, png: bytes, target: ReplyTarget) -> None:
-        await self._stop_previews(job.id)
-        limit = self._upload_limit(job, target)
+        await self.previews.stop(job.id)
+        limit = target.upload_limit(job.owner.get("guild_id"))
         fitted = await asyncio.to_thread(fit_to_limit, png, limit)
         files = [discord.File(io.BytesIO(fitted.data), fitted.filename)]
         source = self._sources.get(job.id)
@@ -275,12 +239,6 @@ class Upscale(commands.Cog):
             lines.append(f"-# {fitted.note}")
         await target.edit(content="\n".join(line for line in lines if line), attachments=files,
                           view=result_view(job.id, with_source))
-
-    def _upload_limit(self, job: Job, target: ReplyTarget) -> int:
-        if target.interaction is not None:
-            return target.interaction.filesize_limit
-        guild = self.bot.get_guild(job.owner.get("guild_id") or 0)
-        return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
 
 
 def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str) -> str:
