@@ -15,6 +15,11 @@ class GuildSettings:
     default_caption_style: str = "descriptive"
     default_upscale_scale: float = 2.0
     default_creativity: float = 0.35
+    # /generate: an SDXL aspect bucket, steps, CFG and a negative prompt added to every request.
+    default_aspect: str = "1:1"
+    default_steps: int = 28
+    default_cfg: float = 5.5
+    default_negative: str = ""
     # Jobs running or queued at once, per user and per guild.
     user_cap: int = 2
     guild_cap: int = 10

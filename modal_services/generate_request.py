@@ -104,3 +104,12 @@ def parse_generate_request(fields: dict[str, Any]) -> GenerateRequest:
         elif problem["type"] == "extra_forbidden":
             label, message = f"{field!r}", "is not a field of a generate request"
         raise ToolboxError(code, f"{label} {message}.") from None
+
+
+def bounds(field: str) -> tuple[Any, Any]:
+    """(lowest, highest) value a numeric field allows: what front ends offer as their own ranges."""
+    low = high = None
+    for rule in GenerateRequest.model_fields[field].metadata:
+        low = getattr(rule, "ge", low)
+        high = getattr(rule, "le", high)
+    return low, high
