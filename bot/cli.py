@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     caption = commands.add_parser("caption", help="caption images")
     caption.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    caption.add_argument("--style", choices=("descriptive", "tags", "short"), default="descriptive")
+    caption.add_argument("--style", choices=("descriptive", "tags", "short", "prompt"), default="descriptive")
     caption.add_argument("--question", help="ask a question about each image instead")
     caption.add_argument("--sidecar", action="store_true", help="write <image>.txt next to each image")
     caption.add_argument("--batch-size", type=int, default=CAPTION_BATCH, help="images per model call")

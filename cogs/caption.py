@@ -10,6 +10,7 @@ from discord.ext import commands
 
 from bot.attachments import check_attachment, image_attachments, read_image
 from bot.tracker import ReplyTarget
+from cogs.generate import caption_prompt_key, generate_from_caption_view
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import Job
 
@@ -23,6 +24,7 @@ STYLE_CHOICES = [
     app_commands.Choice(name="descriptive: a detailed paragraph", value="descriptive"),
     app_commands.Choice(name="tags: booru-style tags for SDXL prompts", value="tags"),
     app_commands.Choice(name="short: one sentence, good alt text", value="short"),
+    app_commands.Choice(name="prompt: a /generate prompt in booru tags (Illustrious)", value="prompt"),
 ]
 
 
@@ -97,6 +99,7 @@ class Caption(commands.Cog):
         images = await asyncio.gather(*(read_image(a, max_side=CAPTION_MAX_SIDE) for a in attachments))
         meta = {
             "title": "Caption" if len(images) == 1 else f"Captioning {len(images)} images",
+            "style": None if question else style,
             "label": f"Answer: {question[:200]}" if question else f"Caption ({style})",
             "files": [{"name": image.filename, "animated": image.animated} for image in images],
         }
@@ -109,7 +112,11 @@ class Caption(commands.Cog):
         if len(captions) != len(files):
             raise ToolboxError(ErrorCode.GENERATION_FAILED, "The caption worker returned the wrong number of captions.")
         first, *rest = pack_messages(caption_blocks(files, captions, job.meta["label"]))
-        await target.edit(content=first, view=None)
+        view = None
+        if job.meta.get("style") == "prompt" and len(captions) == 1 and captions[0] and self.bot.get_cog("Generate"):
+            await self.bot.backend.store.put(caption_prompt_key(job.id), captions[0])
+            view = generate_from_caption_view(job.id)
+        await target.edit(content=first, view=view)
         for text in rest:
             await target.send(content=text)
 

@@ -85,6 +85,45 @@ class GenerateButton(
             await send_error(interaction, error)
 
 
+def caption_prompt_key(job_id: str) -> str:
+    """Where a `prompt`-style caption is kept for its Generate from this button."""
+    return f"caption-prompt:{job_id}"
+
+
+class GenerateFromCaptionButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"toolbox:caption-generate:(?P<job_id>[0-9a-f]+)"
+):
+    def __init__(self, job_id: str):
+        super().__init__(
+            discord.ui.Button(label="Generate from this", style=discord.ButtonStyle.primary, emoji="🎨",
+                              custom_id=f"toolbox:caption-generate:{job_id}")
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match):
+        return cls(match["job_id"])
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        try:
+            await interaction.client.get_cog("Generate").generate_from_caption(interaction, self.job_id)
+        except ToolboxError as error:
+            await send_error(interaction, error)
+
+
+def generate_from_caption_view(job_id: str) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(GenerateFromCaptionButton(job_id))
+    return view
+
+
+def fit_prompt(text: str) -> str:
+    """A caption cut to the prompt limit at a tag boundary."""
+    if len(text) <= MAX_PROMPT_CHARS:
+        return text
+    return text[:MAX_PROMPT_CHARS].rsplit(",", 1)[0].strip()
+
+
 def result_view(job_id: str, count: int) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     for kind in ("u", "v"):
@@ -116,12 +155,12 @@ class Generate(commands.Cog):
     def __init__(self, bot: commands.Bot):
         self.bot = bot
         self.library = bot_library(bot)
-        bot.add_dynamic_items(GenerateButton)
+        bot.add_dynamic_items(GenerateButton, GenerateFromCaptionButton)
         bot.tracker.presenters["generate"] = self.present
         self.previews = LivePreviews(lambda: bot.backend.store)
 
     async def cog_unload(self) -> None:
-        self.bot.remove_dynamic_items(GenerateButton)
+        self.bot.remove_dynamic_items(GenerateButton, GenerateFromCaptionButton)
         self.bot.tracker.presenters.pop("generate", None)
 
     @app_commands.command(name="generate", description="Make images from a prompt with SDXL, optionally with LoRAs")
@@ -182,6 +221,12 @@ class Generate(commands.Cog):
             await self.bot.get_cog("Upscale").run_upscale(interaction, attachment, upscale)
         else:
             await self.run_generate(interaction, {**params, "seed": None}, start=attachment)
+
+    async def generate_from_caption(self, interaction: discord.Interaction, caption_job_id: str) -> None:
+        prompt = await self.bot.backend.store.get(caption_prompt_key(caption_job_id))
+        if not prompt:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "That caption is no longer kept; caption the image again.")
+        await self.run_generate(interaction, {"prompt": fit_prompt(prompt)})
 
     # ------------------------------------------------------------ the job
 

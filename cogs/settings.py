@@ -9,8 +9,13 @@ from discord.ext import commands
 from bot.guild_settings import GuildSettings, load_guild_settings, save_guild_settings
 from bot.permissions import require_admin
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.generate_request import ASPECT_BUCKETS, MAX_PROMPT_CHARS, bounds
 
-STYLE_CHOICES = [app_commands.Choice(name=style, value=style) for style in ("descriptive", "tags", "short")]
+STEPS = bounds("steps")
+CFG = bounds("cfg")
+ASPECT_CHOICES = [app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_BUCKETS]
+
+STYLE_CHOICES = [app_commands.Choice(name=style, value=style) for style in ("descriptive", "tags", "short", "prompt")]
 
 
 def describe(settings: GuildSettings) -> str:
@@ -20,6 +25,8 @@ def describe(settings: GuildSettings) -> str:
         "**Server settings**",
         f"Caption style: {settings.default_caption_style}",
         f"Upscale: {settings.default_upscale_scale:g}x, creativity {settings.default_creativity:g}",
+        f"Generate: {settings.default_aspect}, {settings.default_steps} steps, CFG {settings.default_cfg:g}"
+        + (f", negative “{settings.default_negative[:80]}”" if settings.default_negative else ""),
         f"Jobs at once: {settings.user_cap} per member, {settings.guild_cap} for the server",
         f"Who: {roles} · Where: {channels}",
     ])
@@ -50,15 +57,19 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
     async def show(self, interaction: discord.Interaction) -> None:
         await interaction.response.send_message(describe(await self._load(interaction)), ephemeral=True)
 
-    @app_commands.command(name="defaults", description="Defaults for /caption and /upscale, and job caps")
+    @app_commands.command(name="defaults", description="Defaults for /caption, /upscale and /generate, and job caps")
     @app_commands.describe(
         caption_style="Default /caption style",
         upscale_scale="Default /upscale factor",
         creativity="Default /upscale creativity (denoise strength)",
         user_cap="Jobs one member may have waiting or running",
         guild_cap="Jobs the whole server may have waiting or running",
+        aspect="Default /generate aspect",
+        steps="Default /generate steps",
+        cfg="Default /generate CFG",
+        negative="Default /generate negative prompt (\"none\" to clear it)",
     )
-    @app_commands.choices(caption_style=STYLE_CHOICES)
+    @app_commands.choices(caption_style=STYLE_CHOICES, aspect=ASPECT_CHOICES)
     async def defaults(
         self,
         interaction: discord.Interaction,
@@ -67,11 +78,20 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
         creativity: app_commands.Range[float, 0.0, 1.0] | None = None,
         user_cap: app_commands.Range[int, 1, 20] | None = None,
         guild_cap: app_commands.Range[int, 1, 200] | None = None,
+        aspect: app_commands.Choice[str] | None = None,
+        steps: app_commands.Range[int, STEPS[0], STEPS[1]] | None = None,
+        cfg: app_commands.Range[float, CFG[0], CFG[1]] | None = None,
+        negative: app_commands.Range[str, 1, MAX_PROMPT_CHARS] | None = None,
     ) -> None:
         settings = await self._load(interaction)
         if caption_style is not None:
             settings.default_caption_style = caption_style.value
+        if aspect is not None:
+            settings.default_aspect = aspect.value
+        if negative is not None:
+            settings.default_negative = "" if negative.strip().lower() == "none" else negative.strip()
         for name, value in (("default_upscale_scale", upscale_scale), ("default_creativity", creativity),
+                            ("default_steps", steps), ("default_cfg", cfg),
                             ("user_cap", user_cap), ("guild_cap", guild_cap)):
             if value is not None:
                 setattr(settings, name, value)

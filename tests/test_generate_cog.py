@@ -221,3 +221,42 @@ async def test_u_v_and_reroll_work_from_their_custom_ids_after_a_restart(toolbox
     click.message, click.client = message, restarted
     await button.callback(click)
     assert "no longer kept" in ephemeral_error(click)
+
+
+class PromptCaptionEngine:
+    """Captions in the `prompt` style, as booru tags."""
+
+    loaded = True
+
+    def load(self):
+        pass
+
+    def caption(self, images, style, question, progress):
+        return [f"masterpiece, best quality, 1girl, {style}" for _ in images]
+
+
+async def test_a_prompt_caption_has_a_generate_from_this_button(toolbox_bot, make_toolbox_bot, engine, fast_progress, use_engine):
+    from cogs.generate import GenerateFromCaptionButton
+
+    use_engine("caption", PromptCaptionEngine())
+    interaction = fake_interaction()
+    style = discord.app_commands.Choice(name="prompt", value="prompt")
+    await invoke(toolbox_bot, toolbox_bot.tree.get_command("caption"), interaction, fake_attachment(png_bytes(40, 40)), style, None)
+    final = final_edit(interaction)
+    assert "masterpiece, best quality, 1girl, prompt" in final["content"]
+    (button,) = final["view"].children
+    caption_job = button.custom_id.rsplit(":", 1)[1]
+    assert button.item.label == "Generate from this" and button.custom_id == f"toolbox:caption-generate:{caption_job}"
+
+    restarted = await make_toolbox_bot("cogs.caption", "cogs.upscale", "cogs.generate")
+    pressed = await GenerateFromCaptionButton.from_custom_id(None, None, {"job_id": caption_job})
+    click = fake_interaction()
+    click.client = restarted
+    await pressed.callback(click)
+    assert engine.generated[-1]["prompt"] == "masterpiece, best quality, 1girl, prompt"
+
+    # Other styles carry no such button.
+    interaction = fake_interaction()
+    tags = discord.app_commands.Choice(name="tags", value="tags")
+    await invoke(toolbox_bot, toolbox_bot.tree.get_command("caption"), interaction, fake_attachment(png_bytes(40, 40)), tags, None)
+    assert final_edit(interaction)["view"] is None
