@@ -56,7 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("-o", "--output", type=Path, help="default: IMAGE_x<scale>.png beside the input")
     upscale.add_argument("--tile-captions", action="store_true",
                          help="caption each tile (tags) and add that to its prompt: slower, more fitting detail")
+    _add_generate_parser(commands)
     return parser
+
+
+def _add_generate_parser(commands) -> None:
+    from modal_services.generate_request import ASPECT_BUCKETS, DEFAULT_CFG, DEFAULT_STEPS, MAX_TIMEOUT
+
+    generate = commands.add_parser("generate", help="make images from a prompt with SDXL")
+    generate.add_argument("prompt", metavar="PROMPT")
+    generate.add_argument("--negative", default="")
+    generate.add_argument("--aspect", choices=list(ASPECT_BUCKETS), default="1:1", help="an SDXL size bucket")
+    generate.add_argument("--width", type=int, help="512-1536, a multiple of 64 (with --height, instead of --aspect)")
+    generate.add_argument("--height", type=int)
+    generate.add_argument("--count", type=int, default=1, help="1-4 images in one batch")
+    generate.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    generate.add_argument("--cfg", type=float, default=DEFAULT_CFG)
+    generate.add_argument("--seed", type=int, help="default: random (printed); image i gets seed + i")
+    generate.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="a library LoRA (repeatable)")
+    generate.add_argument("--timeout", type=float, default=MAX_TIMEOUT, help="seconds before the job is stopped")
+    generate.add_argument("-o", "--output", type=Path,
+                          help="default: generated_<seed>.png; with --count, <stem>_<n> for each image")
 
 
 def _add_models_parser(commands) -> None:
@@ -102,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(show_status(settings, args.json))
         elif args.command == "upscale":
             asyncio.run(upscale_file(settings, args))
+        elif args.command == "generate":
+            asyncio.run(generate_files(settings, args))
         elif args.command == "models":
             asyncio.run(models_command(settings, args))
     except ToolboxError as error:
         print(f"error: {error.code.value}: {error.message}", file=sys.stderr)
-        return 2 if error.code is ErrorCode.INVALID_INPUT else 1
+        return 2 if error.code in (ErrorCode.INVALID_INPUT, ErrorCode.INVALID_PROMPT) else 1
     except KeyboardInterrupt:
         return 1
     return 0
@@ -204,6 +226,43 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
         await backend.close()
     await asyncio.to_thread(output.write_bytes, result)
     print(f"{output} ({width}×{height}, seed {seed}, {checkpoint['name']})")
+
+
+def output_paths(output: Path | None, first_seed: int, count: int) -> list[Path]:
+    """Where each generated image goes: OUT itself for one image, OUT's stem numbered from 1 for several."""
+    output = output or Path(f"generated_{first_seed}.png")
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}_{index}{output.suffix or '.png'}") for index in range(1, count + 1)]
+
+
+async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
+    import random
+
+    from modal_services.generate_request import ASPECT_BUCKETS, parse_generate_request
+    from modal_services.library import Library
+    from modal_services.sdxl_library import lora_for_job, parse_lora_option
+
+    if (args.width is None) != (args.height is None):
+        raise ToolboxError(ErrorCode.INVALID_INPUT, "Give --width and --height together (or --aspect).")
+    width, height = (args.width, args.height) if args.width is not None else ASPECT_BUCKETS[args.aspect]
+    seed = random.randrange(2**32) if args.seed is None else args.seed
+    fields = {"prompt": args.prompt, "negative_prompt": args.negative, "width": width, "height": height,
+              "count": args.count, "steps": args.steps, "cfg": args.cfg, "seed": seed, "timeout": args.timeout}
+    parse_generate_request(fields)  # bad numbers fail here, before anything starts
+    backend = make_backend(settings)
+    try:
+        library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+        loras = [await lora_for_job(library, *parse_lora_option(option)) for option in args.lora]
+        checkpoint = await library.active_checkpoint()
+        payload = {**fields, "loras": loras, "checkpoint": checkpoint["file"]}
+        parse_generate_request(payload)
+        result = await _run_with_bar(backend, "generate", payload, f"generate {args.count} × {width}×{height}")
+    finally:
+        await backend.close()
+    for path, png, image_seed in zip(output_paths(args.output, seed, args.count), result["images"], result["seeds"]):
+        await asyncio.to_thread(path.write_bytes, png)
+        print(f"{path} ({result['width']}×{result['height']}, seed {image_seed}, {checkpoint['name']})")
 
 
 async def setup_models(settings: Settings, only: list[str] | None) -> None:
