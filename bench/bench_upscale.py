@@ -48,13 +48,13 @@ def bench_area() -> None:
 
 
 def _tiny_engine(root: Path, **options):
-    from modal_services.upscale import UpscaleEngine
+    from modal_services.sdxl_engine import SdxlEngine
     from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 
     volume = build_tiny_volume(root)
-    engine = UpscaleEngine(volume.models_dir, **options)
+    engine = SdxlEngine(volume.models_dir, **options)
     engine.load()
-    return engine
+    return engine.upscaler
 
 
 def _image(side: int) -> bytes:

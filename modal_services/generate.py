@@ -88,10 +88,18 @@ class TextToImage:
                 return self._run(request, prompt, seeds, start_image, 1 if one_at_a_time else len(seeds),
                                  deadline, progress, preview)
 
-            images = retry_smaller_on_oom(
-                run, len(seeds) > 1, "retrying one image at a time",
-                f"The GPU ran out of memory at {request.width}×{request.height}: try a smaller size.", progress,
-            )
+            try:
+                images = retry_smaller_on_oom(
+                    run, len(seeds) > 1, "retrying one image at a time",
+                    f"The GPU ran out of memory at {request.width}×{request.height}: try a smaller size.", progress,
+                )
+            except ToolboxError:
+                raise
+            except Exception as exc:
+                log.exception("generating %d image(s) failed", len(seeds))
+                raise ToolboxError(
+                    ErrorCode.GENERATION_FAILED, f"The images could not be generated ({type(exc).__name__})."
+                ) from exc
         return {
             "images": images, "seeds": seeds, "width": request.width, "height": request.height,
             "steps": request.steps, "cfg": request.cfg, "prompt": prompt, "negative_prompt": request.negative_prompt,

@@ -123,6 +123,14 @@ def test_count_is_one_batched_call_with_a_seed_per_image_and_oom_retries_one_by_
             engine.generate(**QUICK, count=count)
         assert error.value.code is ErrorCode.CUDA_OOM and "512×512" in error.value.message
 
+    def forward_breaking(sample, *args, **kwargs):
+        raise RuntimeError("an internal detail")
+
+    monkeypatch.setattr(unet, "forward", forward_breaking)
+    with pytest.raises(ToolboxError) as error:
+        engine.generate(**QUICK)
+    assert error.value.code is ErrorCode.GENERATION_FAILED and "internal detail" not in error.value.message
+
 
 @pytest.mark.slow
 def test_count_4_gives_the_images_of_4_requests_one_by_one(engine):
