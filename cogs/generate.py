@@ -27,7 +27,7 @@ from discord.ext import commands
 from bot.attachments import check_attachment, looks_like_image, read_image
 from bot.library_options import bot_library, lora_autocomplete, lora_slots
 from bot.live_previews import LivePreviews
-from bot.replies import send_error
+from bot.replies import hand_press_to_cog
 from bot.result_images import fit_to_limit
 from bot.tracker import MAX_REQUEST_BYTES, ReplyTarget
 from modal_services.errors import ErrorCode, ToolboxError
@@ -78,11 +78,7 @@ class GenerateButton(
         return cls(match["action"], match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        # Component errors do not reach the app-command error handler: answer here.
-        try:
-            await interaction.client.get_cog("Generate").on_button(interaction, self.action, self.job_id)
-        except ToolboxError as error:
-            await send_error(interaction, error)
+        await hand_press_to_cog(interaction, "Generate", self.action, self.job_id)
 
 
 def caption_prompt_key(job_id: str) -> str:
@@ -105,10 +101,7 @@ class GenerateFromCaptionButton(
         return cls(match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        try:
-            await interaction.client.get_cog("Generate").generate_from_caption(interaction, self.job_id)
-        except ToolboxError as error:
-            await send_error(interaction, error)
+        await hand_press_to_cog(interaction, "Generate", "caption", self.job_id)
 
 
 def generate_from_caption_view(job_id: str) -> discord.ui.View:
@@ -206,6 +199,9 @@ class Generate(commands.Cog):
         await self.run_generate(interaction, params)
 
     async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
+        if action == "caption":
+            await self.generate_from_caption(interaction, job_id)
+            return
         params = await self.bot.backend.store.get(params_key(job_id))
         if params is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "The settings of that generation are no longer kept; run /generate again.")

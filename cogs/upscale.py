@@ -27,7 +27,7 @@ from discord.ext import commands
 from bot.attachments import check_attachment, image_attachments, looks_like_image, read_image
 from bot.library_options import bot_library, lora_autocomplete, lora_slots
 from bot.live_previews import LivePreviews
-from bot.replies import send_error
+from bot.replies import hand_press_to_cog
 from bot.result_images import fit_to_limit
 from bot.progress import ReplyEditor, render_job
 from bot.tile_prompts import tile_prompts
@@ -68,11 +68,7 @@ class UpscaleButton(
         return cls(match["action"], match["job_id"])
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        # Component errors do not reach the app-command error handler: answer here.
-        try:
-            await interaction.client.get_cog("Upscale").on_button(interaction, self.action, self.job_id)
-        except ToolboxError as error:
-            await send_error(interaction, error)
+        await hand_press_to_cog(interaction, "Upscale", self.action, self.job_id)
 
 
 def result_view(job_id: str, with_source: bool) -> discord.ui.View:

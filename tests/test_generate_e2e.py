@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 from PIL import Image
 
 import bot.progress
 from bot.cli import main, output_paths
-from modal_services.library import LibraryEntry, entry_key
-from modal_services.state import SqliteStore
-from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 from tests.images import png_bytes
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A data dir whose models/ and loras/ are the tiny volume, with one LoRA in the library."""
-    root = tmp_path_factory.mktemp("data")
-    build_tiny_volume(root)
-
-    async def add_entry():
-        store = SqliteStore(root / "state.sqlite3")
-        entry = LibraryEntry(name="Detail Tweaker", file="detail.safetensors", type="lora", weight=0.8,
-                             trigger_words=["shiny"])
-        await store.put(entry_key(entry.file), entry.to_dict())
-        await store.close()
-
-    asyncio.run(add_entry())
-    return root
-
-
 @pytest.fixture
-def settings(data_dir, monkeypatch):
-    monkeypatch.setenv("TOOLBOX_DATA_DIR", str(data_dir))
+def settings(tiny_sdxl_data_dir, monkeypatch):
+    monkeypatch.setenv("TOOLBOX_DATA_DIR", str(tiny_sdxl_data_dir))
     monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.02)
 
 
