@@ -57,6 +57,43 @@ def latent_grid(latents):
     return torch.cat(rows, dim=-2)[None]
 
 
+class StepReports:
+    """What happens between denoising steps: the timeout, progress over every image, live previews.
+
+    Cancel arrives through `progress`, which raises CANCELLED once a cancel is asked for.
+    """
+
+    def __init__(self, request: GenerateRequest, images: int, deadline: float, progress: ProgressFn,
+                 preview: PreviewFn | None, preview_interval: float):
+        self.request = request
+        self.images = images
+        self.deadline = deadline
+        self.progress = progress
+        self.preview = preview
+        self.preview_interval = preview_interval
+        self.last_preview = time.monotonic()
+
+    def callback(self, first_image: int, images: int):
+        """diffusers' `callback_on_step_end` for the call making images first_image .. first_image + images - 1."""
+        def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
+            if time.monotonic() > self.deadline:
+                raise ToolboxError(
+                    ErrorCode.TIMEOUT, f"Generating took longer than {self.request.timeout:g} s and was stopped."
+                )
+            total = pipeline.num_timesteps
+            done = first_image * total + images * (step + 1)
+            stage = f"step {step + 1}/{total}"
+            if images < self.images:
+                stage += f" · image {first_image + 1}/{self.images}"
+            self.progress(0.05 + 0.9 * done / (total * self.images), stage)
+            if self.preview is not None and time.monotonic() - self.last_preview >= self.preview_interval:
+                self.preview(latent_preview_jpeg(latent_grid(tensors["latents"])))
+                self.last_preview = time.monotonic()
+            return tensors
+
+        return on_step
+
+
 class TextToImage:
     def __init__(self, models: SdxlModels, preview_interval: float = PREVIEW_INTERVAL):
         self.models = models
@@ -137,25 +174,10 @@ class TextToImage:
         else:
             start = start_image.convert("RGB").resize((request.width, request.height), Image.Resampling.LANCZOS)
             pipe, inputs = img2img, {"image": start, "strength": request.strength}
-        last_preview = [time.monotonic()]
+        steps = StepReports(request, len(seeds), deadline, progress, preview, self.preview_interval)
         images: list[bytes] = []
-        for chunk_index, chunk in enumerate(chunks):
-            def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
-                if time.monotonic() > deadline:
-                    raise ToolboxError(
-                        ErrorCode.TIMEOUT, f"Generating took longer than {request.timeout:g} s and was stopped."
-                    )
-                total = pipeline.num_timesteps
-                done = chunk_index * total + step + 1
-                stage = f"step {step + 1}/{total}"
-                if len(chunks) > 1:
-                    stage += f" · image {chunk[0] - seeds[0] + 1}/{len(seeds)}"
-                progress(0.05 + 0.9 * done / (total * len(chunks)), stage)
-                if preview is not None and time.monotonic() - last_preview[0] >= self.preview_interval:
-                    preview(latent_preview_jpeg(latent_grid(tensors["latents"])))
-                    last_preview[0] = time.monotonic()
-                return tensors
-
+        for chunk in chunks:
+            on_step = steps.callback(first_image=chunk[0] - seeds[0], images=len(chunk))
             with torch.inference_mode():
                 output = pipe(
                     prompt=prompt, negative_prompt=request.negative_prompt or None,
