@@ -18,7 +18,6 @@ entries only and trusts the `missing` flags the workers keep.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import time
 import unicodedata
@@ -27,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import LoraRef
+from modal_services.keys import ACTIVE_CHECKPOINT_KEY, ENTRY_PREFIX, entry_key
 from modal_services.layout import CHECKPOINTS_SUBDIR, ILLUSTRIOUS_CHECKPOINT, LORAS_MOUNT, LORAS_SUBDIR, MODELS_MOUNT
 from modal_services.state import StateStore
 
-ENTRY_PREFIX = "model:"
-ACTIVE_CHECKPOINT_KEY = "active_checkpoint"
 DEFAULT_CHECKPOINT = "illustrious-xl"
 DEFAULT_CHECKPOINT_NAME = "Illustrious-XL v2.0 (default)"
 TYPES = ("lora", "checkpoint")
@@ -41,14 +40,9 @@ MAX_FILE_NAME = 120
 MAX_NAME = 100
 MAX_TRIGGER_WORDS = 50
 MAX_TRIGGER_CHARS = 200
-WEIGHT_RANGE = (-4.0, 4.0)
 # Where converted LoRAs keep the file they were made from, inside the LoRA folder.
 ORIGINALS_DIR = ".original"
 AUTOCOMPLETE_LIMIT = 25
-
-
-def entry_key(file: str) -> str:
-    return ENTRY_PREFIX + file
 
 
 def utc_now() -> str:
@@ -151,10 +145,8 @@ def parse_trigger_words(value: str | list[str]) -> list[str]:
 
 
 def check_weight(value: float) -> float:
-    low, high = WEIGHT_RANGE
-    if not isinstance(value, (int, float)) or math.isnan(value) or not low <= value <= high:
-        raise ToolboxError(ErrorCode.INVALID_INPUT, f"A LoRA weight is a number from {low:g} to {high:g}.")
-    return round(float(value), 3)
+    """A LoRA's recommended weight, within the range every job accepts."""
+    return round(LoraRef.parse({"name": "recommended", "weight": value}).weight, 3)
 
 
 class Library:
