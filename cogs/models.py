@@ -37,6 +37,9 @@ from modal_services.library import DEFAULT_CHECKPOINT, Library, LibraryEntry
 PAGE_SIZE = 8
 MODEL_JOB_KINDS = ("model_import", "model_upload", "model_delete", "model_scan")
 LoraWeightOption = option_range(LoraRef, "weight")
+SourceOption = option_range(ModelImportRequest, "ref")
+DisplayNameOption = option_range(ModelUploadRequest, "name")
+TriggerWordsOption = option_range(ModelUploadRequest, "trigger_words")
 TYPE_CHOICES = [app_commands.Choice(name="LoRA", value="lora"), app_commands.Choice(name="Checkpoint", value="checkpoint")]
 
 
@@ -189,7 +192,7 @@ class Models(commands.Cog):
 
     @models.command(name="import", description="Import a LoRA or checkpoint from CivitAI (admins)")
     @app_commands.describe(source="A CivitAI link, model id, v:<version id>, download link or AIR URN")
-    async def import_(self, interaction: discord.Interaction, source: app_commands.Range[str, 1, 500]) -> None:
+    async def import_(self, interaction: discord.Interaction, source: SourceOption) -> None:
         require_admin(interaction, "import models")
         ref = parse_reference(source)
         await interaction.response.defer(thinking=True)
@@ -243,8 +246,8 @@ class Models(commands.Cog):
                            weight="Default LoRA weight")
     @app_commands.autocomplete(name=name_autocomplete)
     async def edit(self, interaction: discord.Interaction, name: str,
-                   display_name: app_commands.Range[str, 1, 100] | None = None,
-                   trigger_words: app_commands.Range[str, 0, 1000] | None = None,
+                   display_name: DisplayNameOption | None = None,
+                   trigger_words: TriggerWordsOption | None = None,
                    weight: LoraWeightOption | None = None) -> None:
         require_admin(interaction, "edit models")
         entry = await self.library.edit(name, display_name, trigger_words, weight)
@@ -286,8 +289,8 @@ class Models(commands.Cog):
                            trigger_words="Comma-separated")
     @app_commands.choices(type=TYPE_CHOICES)
     async def upload(self, interaction: discord.Interaction, file: discord.Attachment, type: app_commands.Choice[str],
-                     name: app_commands.Range[str, 1, 100] | None = None,
-                     trigger_words: app_commands.Range[str, 0, 1000] | None = None) -> None:
+                     name: DisplayNameOption | None = None,
+                     trigger_words: TriggerWordsOption | None = None) -> None:
         require_admin(interaction, "upload models")
         if PurePath(file.filename).suffix.lower() != ".safetensors":
             raise ToolboxError(ErrorCode.INVALID_INPUT, "Only .safetensors files can be added (.ckpt/.pt/.bin run code when loaded).")

@@ -32,7 +32,7 @@ from bot.tracker import ReplyTarget, cancel_view
 from bot.upscale_requests import upscale_request
 from bot.ui import option_range
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import LoraRef, UpscaleRequest
+from modal_services.job_requests import LoraRef, UpscaleRequest, field_bounds
 from modal_services.jobs import Job
 from modal_services.keys import preview_key, upscale_params_key
 from modal_services.library import Library
@@ -143,7 +143,8 @@ class Upscale(commands.Cog):
         lora2_weight="Its weight",
         lora3="A third LoRA",
         lora3_weight="Its weight",
-        creativity="How much may change: 0.05 (faithful) to 1 (repaint); default about 0.35",
+        creativity="How much may change: {0:g} (faithful) to {1:g} (repaint); default {2:g}".format(
+            *field_bounds(UpscaleRequest, "creativity"), UpscaleRequest.model_fields["creativity"].default),
         seed="For repeatable results (default: random)",
         tile_captions="Caption each tile (tags) and add that to its prompt: slower, more fitting detail",
     )

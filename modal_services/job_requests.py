@@ -29,7 +29,6 @@ from modal_services.errors import ErrorCode, ToolboxError
 # ------------------------------------------------------------------ reusable field types
 
 MAX_SEED = 2**32 - 1
-# Seeds are picked here when a request leaves them out, so the result says which one it used.
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, title="The seed")]
 Prompt = Annotated[str, Field(max_length=1000, title="The prompt")]
 LoraWeight = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False, title="A LoRA weight")]
@@ -131,9 +130,10 @@ class UpscaleRequest(JobRequest):
     image: Annotated[bytes, Field(title="image")]
     scale: Scale = 2.0
     prompt: Prompt = ""
-    negative: Annotated[str, Field(max_length=1000, title="The negative prompt")] = ""
+    negative: Prompt = Field("", title="The negative prompt")
     loras: Annotated[list[ResolvedLora], Field(max_length=5, title="LoRAs per job")] = []
     creativity: Creativity = 0.35
+    # Picked here when a request leaves it out, so the result can say which seed it used.
     seed: Seed = Field(default_factory=random_seed)
     # A library file name (or the base checkpoint's key); None: the base checkpoint.
     checkpoint: str | None = None

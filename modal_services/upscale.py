@@ -42,7 +42,6 @@ from modal_services.imaging import decode_image, encode_png
 from modal_services.job_requests import UpscaleRequest, job_method
 from modal_services.jobs import ProgressFn
 from modal_services.layout import (
-    Layout,
     CHECKPOINTS_SUBDIR,
     CLIP_VIT_H_DIR,
     CONTROLNET_TILE_DIR,
@@ -51,6 +50,7 @@ from modal_services.layout import (
     LORAS_SUBDIR,
     SDXL_CONFIG_DIR,
     SDXL_VAE_DIR,
+    Layout,
 )
 from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS, check_upscale_size
 from modal_services.tiling import MAX_TILE, MIN_OVERLAP, TilePlan, TileBlender, pad_to_plan, plan_tiles

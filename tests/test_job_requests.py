@@ -11,6 +11,8 @@ from modal_services.job_requests import (
     CAPTION_STYLES,
     CaptionRequest,
     LoraRef,
+    ModelImportRequest,
+    ModelUploadRequest,
     UpscaleRequest,
     field_bounds,
     field_choices,
@@ -59,8 +61,12 @@ def test_upscale_lora_weights_are_the_requests(options, option):
     assert_range(options["upscale"][option], LoraRef, "weight")
 
 
-def test_models_edit_weight_is_the_requests(options):
+def test_models_options_are_the_requests(options):
     assert_range(options["models edit"]["weight"], LoraRef, "weight")
+    assert_range(options["models import"]["source"], ModelImportRequest, "ref")
+    for command, name_option in (("models upload", "name"), ("models edit", "display_name")):
+        assert_range(options[command][name_option], ModelUploadRequest, "name")
+        assert_range(options[command]["trigger_words"], ModelUploadRequest, "trigger_words")
 
 
 def test_caption_options_are_the_requests(options):
