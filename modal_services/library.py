@@ -144,11 +144,6 @@ def parse_trigger_words(value: str | list[str]) -> list[str]:
     return list(seen.values())
 
 
-def check_weight(value: float) -> float:
-    """A LoRA's recommended weight, within the range every job accepts."""
-    return round(LoraRef.parse({"name": "recommended", "weight": value}).weight, 3)
-
-
 class Library:
     def __init__(self, store: StateStore, loras_dir: Path, models_dir: Path, files_visible: bool = True):
         self.store = store
@@ -313,7 +308,8 @@ class Library:
         if weight is not None:
             if entry.type != "lora":
                 raise ToolboxError(ErrorCode.INVALID_INPUT, "Only LoRAs have a weight.")
-            new_weight = check_weight(weight)
+            # Within the range every job accepts, checked as a job would check it.
+            new_weight = round(LoraRef.parse({"name": entry.name, "weight": weight}).weight, 3)
         if display_name is None and trigger_words is None and weight is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "Nothing to change: give a new name, trigger words or weight.")
         entry.name, entry.trigger_words, entry.weight = new_name, new_words, new_weight
