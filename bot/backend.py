@@ -69,6 +69,7 @@ class Backend(ABC):
     async def close(self) -> None:
         await self.store.close()
 
+
 class LocalBackend(Backend):
     def __init__(self, settings: Settings):
         self.store = SqliteStore(settings.state_path)
@@ -134,6 +135,8 @@ class LocalBackend(Backend):
     async def close(self) -> None:
         for task in self._tasks.values():
             task.cancel()
+        # Their last record writes land before the store closes, never over what a next run writes.
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
         await super().close()
@@ -167,7 +170,8 @@ class ModalBackend(Backend):
                 error_code=error.code.value, error_message=error.message,
             )
             raise error from exc
-        await self.store.put(call_key(job.id), call.object_id)
+        # Kept even if this submit is cancelled now: the call runs anyway, and resuming needs its id.
+        await asyncio.shield(self.store.put(call_key(job.id), call.object_id))
         return job
 
     async def service_status(self) -> dict[str, str]:
