@@ -16,7 +16,8 @@ import logging
 import discord
 
 from bot.tracker import ReplyTarget
-from modal_services.sdxl_previews import decode_preview, preview_key
+from modal_services.keys import preview_key
+from modal_services.sdxl_previews import decode_preview
 from modal_services.state import StateStore
 
 log = logging.getLogger(__name__)

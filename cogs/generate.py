@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import random
 from typing import Any
 
 import discord
@@ -30,32 +29,30 @@ from bot.live_previews import LivePreviews
 from bot.replies import hand_press_to_cog
 from bot.result_images import fit_to_limit
 from bot.tracker import MAX_REQUEST_BYTES, ReplyTarget
+from bot.ui import option_range
+from bot.generate_requests import generate_request
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.generate_request import (
-    ASPECT_BUCKETS,
-    MAX_COUNT,
-    MAX_PROMPT_CHARS,
-    MAX_SIDE,
-    MAX_TIMEOUT,
-    bounds,
-    parse_generate_request,
-)
+from modal_services.job_requests import ASPECT_BUCKETS, GenerateRequest, LoraRef, field_bounds
 from modal_services.jobs import Job
-from modal_services.sdxl_library import lora_for_job
+from modal_services.keys import caption_prompt_key, generate_params_key
 
 log = logging.getLogger(__name__)
 
-STEPS = bounds("steps")
-CFG = bounds("cfg")
-# Discord's integer options stop at 2^53; seeds drawn here stay below 2^32 (easy to type back).
-MAX_SEED = 2**53 - 1
-RANDOM_SEED_LIMIT = 2**32
+# The options /generate offers, read from the request its job takes.
+PromptOption = option_range(GenerateRequest, "prompt")
+NegativeOption = option_range(GenerateRequest, "negative_prompt")
+CountOption = option_range(GenerateRequest, "count")
+StepsOption = option_range(GenerateRequest, "steps")
+CfgOption = option_range(GenerateRequest, "cfg")
+SeedOption = option_range(GenerateRequest, "seed")
+LoraWeightOption = option_range(LoraRef, "weight")
+MAX_PROMPT_CHARS = field_bounds(GenerateRequest, "prompt")[1]
+# A member watches with a Cancel button: the longest timeout the request allows.
+DISCORD_TIMEOUT = field_bounds(GenerateRequest, "timeout")[1]
+# A variation's start image: the largest output, with room to spare.
+MAX_START_PIXELS = 4 * field_bounds(GenerateRequest, "width")[1] ** 2
 ASPECT_CHOICES = [app_commands.Choice(name=f"{ratio} ({w}×{h})", value=ratio) for ratio, (w, h) in ASPECT_BUCKETS.items()]
 IMAGE_STEM = "image"
-
-
-def params_key(job_id: str) -> str:
-    return f"generate:{job_id}"
 
 
 class GenerateButton(
@@ -79,11 +76,6 @@ class GenerateButton(
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await hand_press_to_cog(interaction, "Generate", self.action, self.job_id)
-
-
-def caption_prompt_key(job_id: str) -> str:
-    """Where a `prompt`-style caption is kept for its Generate from this button."""
-    return f"caption-prompt:{job_id}"
 
 
 class GenerateFromCaptionButton(
@@ -177,19 +169,19 @@ class Generate(commands.Cog):
     async def generate(
         self,
         interaction: discord.Interaction,
-        prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS],
-        negative: app_commands.Range[str, 1, MAX_PROMPT_CHARS] | None = None,
+        prompt: PromptOption,
+        negative: NegativeOption | None = None,
         aspect: app_commands.Choice[str] | None = None,
-        count: app_commands.Range[int, 1, MAX_COUNT] | None = None,
-        steps: app_commands.Range[int, STEPS[0], STEPS[1]] | None = None,
-        cfg: app_commands.Range[float, CFG[0], CFG[1]] | None = None,
-        seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        count: CountOption | None = None,
+        steps: StepsOption | None = None,
+        cfg: CfgOption | None = None,
+        seed: SeedOption | None = None,
         lora1: str | None = None,
-        lora1_weight: app_commands.Range[float, -2.0, 2.0] | None = None,
+        lora1_weight: LoraWeightOption | None = None,
         lora2: str | None = None,
-        lora2_weight: app_commands.Range[float, -2.0, 2.0] | None = None,
+        lora2_weight: LoraWeightOption | None = None,
         lora3: str | None = None,
-        lora3_weight: app_commands.Range[float, -2.0, 2.0] | None = None,
+        lora3_weight: LoraWeightOption | None = None,
     ) -> None:
         params = {
             "prompt": prompt, "negative": negative, "aspect": aspect.value if aspect else None, "count": count,
@@ -202,7 +194,7 @@ class Generate(commands.Cog):
         if action == "caption":
             await self.generate_from_caption(interaction, job_id)
             return
-        params = await self.bot.backend.store.get(params_key(job_id))
+        params = await self.bot.backend.store.get(generate_params_key(job_id))
         if params is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "The settings of that generation are no longer kept; run /generate again.")
         if action == "reroll":
@@ -238,36 +230,27 @@ class Generate(commands.Cog):
         width, height = params.get("width"), params.get("height")
         if not (width and height):
             width, height = ASPECT_BUCKETS.get(aspect, ASPECT_BUCKETS["1:1"])
-        seed = params.get("seed")
-        kept = {
-            "prompt": params["prompt"], "negative": params.get("negative") or settings.default_negative,
-            "aspect": aspect, "width": width, "height": height, "count": params.get("count") or 1,
+        choices = {
+            "prompt": params["prompt"], "negative_prompt": params.get("negative") or settings.default_negative,
+            "width": width, "height": height, "count": params.get("count") or 1,
             "steps": params.get("steps") or settings.default_steps, "cfg": params.get("cfg") or settings.default_cfg,
-            "seed": random.randrange(RANDOM_SEED_LIMIT) if seed is None else seed,
-        }
-        loras = [await lora_for_job(self.library, lora["name"], lora.get("weight")) for lora in params.get("loras") or []]
-        checkpoint = await self.library.active_checkpoint()
-        payload = {
-            "prompt": kept["prompt"], "negative_prompt": kept["negative"], "width": width, "height": height,
-            "steps": kept["steps"], "cfg": kept["cfg"], "seed": kept["seed"], "count": kept["count"],
-            "loras": loras, "checkpoint": checkpoint["file"],
-            # A member watches with a Cancel button: the longest the contract allows.
-            "timeout": MAX_TIMEOUT,
+            "seed": params.get("seed"), "timeout": DISCORD_TIMEOUT,
         }
         if start is not None:
-            received = await read_image(start, max_pixels=4 * MAX_SIDE * MAX_SIDE)
-            payload["image"] = received.png
-        parse_generate_request(payload)  # refused here, before a job exists, with the worker's own words
-        kept["loras"] = [{"name": lora["file"], "weight": lora["weight"]} for lora in loras]
-        variation = start is not None
+            choices["image"] = (await read_image(start, max_pixels=MAX_START_PIXELS)).png
+        # Refused here, before a job exists, in the worker's own words.
+        request, checkpoint = await generate_request(self.library, choices, params.get("loras") or [])
+        kept = {name: getattr(request, name) for name in ("prompt", "width", "height", "count", "steps", "cfg", "seed")}
+        kept |= {"negative": request.negative_prompt, "aspect": aspect,
+                 "loras": [{"name": lora.file, "weight": lora.weight} for lora in request.loras]}
         meta = {
-            "title": ("Variations" if variation else "Generate") + f" · {kept['count']} × {width}×{height}",
-            "prompt": kept["prompt"][:300],
-            "lora_names": [lora["name"] for lora in loras],
+            "title": ("Variations" if start is not None else "Generate") + f" · {request.count} × {width}×{height}",
+            "prompt": request.prompt[:300],
+            "lora_names": [lora.name for lora in request.loras],
             "checkpoint_name": checkpoint["name"],
         }
-        job, target = await self.bot.tracker.start(interaction, "generate", payload, meta)
-        await self.bot.backend.store.put(params_key(job.id), kept)
+        job, target = await self.bot.tracker.start(interaction, request, meta)
+        await self.bot.backend.store.put(generate_params_key(job.id), kept)
         self.previews.start(job.id, target)
         try:
             await self.bot.tracker.run(job, target)

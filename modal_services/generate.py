@@ -19,13 +19,12 @@ The result, for every front end (the bot, the CLI, the HTTP API):
 from __future__ import annotations
 
 import logging
-import random
 import time
 from typing import Any
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.generate_request import MAX_LORAS, GenerateRequest, parse_generate_request
 from modal_services.imaging import decode_image, encode_png
+from modal_services.job_requests import GenerateRequest, job_method
 from modal_services.jobs import ProgressFn
 from modal_services.sdxl_pipeline import (
     PreviewFn,
@@ -40,8 +39,6 @@ log = logging.getLogger(__name__)
 PREVIEW_INTERVAL = 2.0
 # A variation's start image is decoded with this bound (the largest request is 1536²).
 MAX_START_PIXELS = 4 * 1536 * 1536
-# Seeds drawn when a request has none: small enough to type back into /generate.
-RANDOM_SEED_LIMIT = 2**32
 
 
 def latent_grid(latents):
@@ -101,23 +98,48 @@ class TextToImage:
         # (the loaded pipeline they were made from, text-to-image, img2img)
         self._pipes: tuple[Any, Any, Any] | None = None
 
-    def generate(self, progress: ProgressFn | None = None, preview: PreviewFn | None = None, **fields: Any) -> dict:
-        """Run one GenerateRequest (given as its fields); returns the result described above."""
+    @job_method(GenerateRequest)
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        steps: int,
+        cfg: float,
+        seed: int,
+        count: int,
+        loras: list[dict[str, Any]],
+        checkpoint: str | None,
+        timeout: float,
+        image: bytes | None,
+        strength: float,
+        progress: ProgressFn | None = None,
+        preview: PreviewFn | None = None,
+    ) -> dict:
+        """One GenerateRequest's images; returns the result described above.
+
+        The request's fields are checked by `GenerateRequest` before the body
+        runs; the start image, the LoRA files and the checkpoint here, before
+        any model work.
+        """
         progress = progress or (lambda fraction, stage: None)
         started = time.monotonic()
-        # --- checks, before any GPU work
-        request = parse_generate_request(fields)
-        specs = self.models.lora_specs(request.loras, MAX_LORAS)
+        request = GenerateRequest(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps, cfg=cfg,
+            seed=seed, count=count, loras=loras, checkpoint=checkpoint, timeout=timeout, image=image,
+            strength=strength,
+        )
+        specs = self.models.lora_specs(loras)
         start_image = None
-        if request.image is not None:
-            start_image = decode_image(request.image, max_pixels=MAX_START_PIXELS, name="The start image").image
-        checkpoint = self.models.checkpoint_path(request.checkpoint)
-        first_seed = random.randrange(RANDOM_SEED_LIMIT) if request.seed is None else request.seed
-        seeds = [first_seed + index for index in range(request.count)]
-        prompt = with_trigger_words(request.prompt, specs)
+        if image is not None:
+            start_image = decode_image(image, max_pixels=MAX_START_PIXELS, name="The start image").image
+        checkpoint_path = self.models.checkpoint_path(checkpoint)
+        seeds = [seed + index for index in range(count)]
+        prompt = with_trigger_words(prompt, specs)
 
         # --- models for this job
-        self.models.use_checkpoint(checkpoint, progress)
+        self.models.use_checkpoint(checkpoint_path, progress)
         with self.models.loras(specs, progress):
             deadline = started + request.timeout
 
@@ -140,7 +162,7 @@ class TextToImage:
         return {
             "images": images, "seeds": seeds, "width": request.width, "height": request.height,
             "steps": request.steps, "cfg": request.cfg, "prompt": prompt, "negative_prompt": request.negative_prompt,
-            "checkpoint": checkpoint.stem, "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
+            "checkpoint": checkpoint_path.stem, "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
             "strength": request.strength if start_image is not None else None,
             "generation_time_seconds": round(time.monotonic() - started, 3),
         }

@@ -7,28 +7,38 @@ encoders and VAE, and a checkpoint switch applies to both.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from modal_services.generate import PREVIEW_INTERVAL as GENERATE_PREVIEW_INTERVAL
 from modal_services.generate import TextToImage
+from modal_services.job_requests import GenerateRequest, JobRequest, UpscaleRequest
+from modal_services.layout import Layout
 from modal_services.sdxl_pipeline import SdxlModels
 from modal_services.upscale import PREVIEW_INTERVAL as UPSCALE_PREVIEW_INTERVAL
 from modal_services.upscale import TiledUpscaler
 
 
+def handed_to(request: type[JobRequest]):
+    """Marks a method that hands its job to a `job_method` of `request`, which checks it."""
+
+    def mark(method):
+        method.request = request
+        return method
+
+    return mark
+
+
 class SdxlEngine:
     def __init__(
         self,
-        models_dir: str | Path,
-        loras_dir: str | Path | None = None,
+        layout: Layout,
         device: str | None = None,
         generate_preview_interval: float = GENERATE_PREVIEW_INTERVAL,
         upscale_preview_interval: float = UPSCALE_PREVIEW_INTERVAL,
         **upscale_options: Any,
     ):
         """`upscale_options` are TiledUpscaler's (tile sizes, limits, tile batch, guidance)."""
-        self.models = SdxlModels(models_dir, loras_dir, device)
+        self.models = SdxlModels(layout, device)
         self.text_to_image = TextToImage(self.models, preview_interval=generate_preview_interval)
         self.upscaler = TiledUpscaler(self.models, preview_interval=upscale_preview_interval, **upscale_options)
 
@@ -42,8 +52,10 @@ class SdxlEngine:
     def place(self) -> None:
         self.models.place()
 
-    def generate(self, **request: Any) -> dict:
-        return self.text_to_image.generate(**request)
+    @handed_to(GenerateRequest)
+    def generate(self, **fields: Any) -> dict:
+        return self.text_to_image.generate(**fields)
 
-    def upscale(self, image: bytes, **options: Any) -> bytes:
-        return self.upscaler.upscale(image, **options)
+    @handed_to(UpscaleRequest)
+    def upscale(self, image: bytes, **fields: Any) -> bytes:
+        return self.upscaler.upscale(image, **fields)

@@ -36,6 +36,7 @@ from modal_services.layout import (
     LORAS_SUBDIR,
     SDXL_CONFIG_DIR,
     SDXL_VAE_DIR,
+    Layout,
 )
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ PreviewFn = Callable[[bytes], None]
 
 # The library's name for the base checkpoint (its `active_checkpoint` value when nothing else is chosen).
 DEFAULT_CHECKPOINT_KEY = "illustrious-xl"
-LORA_WEIGHT_LIMIT = 2.0
 PREVIEW_SIDE = 256
 # Loaded once and kept across checkpoint switches.
 SHARED_MODELS = ("controlnet", "vae", "image_encoder")
@@ -74,21 +74,14 @@ class LoraSpec:
 
     @classmethod
     def from_dict(cls, entry: dict[str, Any], lora_folder: Path | None = None) -> "LoraSpec":
-        """From {name, path | file, weight, trigger_words}; a `file` is looked up in `lora_folder`."""
+        """From a checked `ResolvedLora` entry; a `file` is looked up in `lora_folder`."""
+        name = entry["name"]
         try:
-            name = str(entry["name"])
             path = Path(entry["path"]) if entry.get("path") else file_in(lora_folder, entry["file"])
-            weight = float(entry.get("weight") if entry.get("weight") is not None else 1.0)
-        except (KeyError, TypeError, ValueError):
-            raise ToolboxError(
-                ErrorCode.INVALID_INPUT, f"A LoRA needs a name, a path or file, and a numeric weight: {entry!r}."
-            ) from None
-        if not -LORA_WEIGHT_LIMIT <= weight <= LORA_WEIGHT_LIMIT:
-            raise ToolboxError(
-                ErrorCode.INVALID_INPUT,
-                f"LoRA {name!r}: weight {weight:g} is outside -{LORA_WEIGHT_LIMIT:g}..{LORA_WEIGHT_LIMIT:g}.",
-            )
-        words = tuple(str(word).strip() for word in entry.get("trigger_words") or () if str(word).strip())
+        except ValueError:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"LoRA {name!r}: {entry['file']!r} is not a library file name.") from None
+        weight = entry["weight"] if entry.get("weight") is not None else 1.0
+        words = tuple(word.strip() for word in entry.get("trigger_words") or () if word.strip())
         return cls(name=name, path=path, weight=weight, trigger_words=words)
 
 
@@ -154,11 +147,10 @@ def retry_smaller_on_oom(work: Callable[[bool], T], can_shrink: bool, retry_stag
 class SdxlModels:
     """The loaded SDXL components, the active checkpoint, and each job's LoRAs."""
 
-    def __init__(self, models_dir: str | Path, loras_dir: str | Path | None = None, device: str | None = None):
-        self.models_dir = Path(models_dir)
-        # The LoRA volume's root (seed 001's layout: loras/ and checkpoints/ inside),
-        # where library entries given by file name are found.
-        self.loras_dir = Path(loras_dir) if loras_dir is not None else None
+    def __init__(self, layout: Layout, device: str | None = None):
+        self.models_dir = layout.models_dir
+        # The LoRA volume's root (loras/ and checkpoints/ inside), where library entries given by file name are found.
+        self.loras_dir = layout.loras_dir
         self.device = device
         self.loaded = False
         # Where the weights are now: `device`, or host memory while staged for a snapshot.
@@ -211,13 +203,9 @@ class SdxlModels:
         except ValueError:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"{checkpoint!r} is not a checkpoint file name.") from None
 
-    def lora_specs(self, entries: list[dict[str, Any]] | None, limit: int) -> list[LoraSpec]:
-        specs = [LoraSpec.from_dict(entry, self.lora_folder) for entry in entries or []]
-        if len(specs) > limit:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"At most {limit} LoRAs per job.")
-        if len({spec.name for spec in specs}) != len(specs):
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "The same LoRA is listed twice.")
-        return specs
+    def lora_specs(self, entries: list[dict[str, Any]]) -> list[LoraSpec]:
+        """The job's checked LoRA entries, found on the LoRA volume."""
+        return [LoraSpec.from_dict(entry, self.lora_folder) for entry in entries]
 
     # ------------------------------------------------------------------ loading
 

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from bot.guild_settings import GuildSettings, save_guild_settings
-from cogs.generate import GenerateButton, image_attachment, params_key
+from cogs.generate import GenerateButton, image_attachment
+from modal_services.keys import generate_params_key as params_key
 from modal_services.library import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
 from modal_services.sdxl_previews import PreviewSink
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
@@ -155,7 +156,7 @@ async def test_bad_requests_are_refused_before_a_job(toolbox_bot, engine, fast_p
     assert "No lora named 'nope'" in ephemeral_error(interaction)
     interaction = fake_interaction()
     await generate(toolbox_bot, interaction, "   ")
-    assert "prompt is empty" in ephemeral_error(interaction)
+    assert "prompt cannot be empty" in ephemeral_error(interaction)
     assert engine.generated == [] and await toolbox_bot.backend.store.keys("job:") == []
 
 
@@ -212,7 +213,7 @@ async def test_u_v_and_reroll_work_from_their_custom_ids_after_a_restart(toolbox
     assert variation["count"] == 2 and variation["seed"] != 7 and variation["image"].startswith(b"\x89PNG")
     await press("reroll")
     reroll = engine.generated[-1]
-    assert reroll["seed"] != 7 and "image" not in reroll and (reroll["steps"], reroll["cfg"]) == (30, 4.0)
+    assert reroll["seed"] != 7 and reroll["image"] is None and (reroll["steps"], reroll["cfg"]) == (30, 4.0)
 
     click = await press("v2", on=fake_message())
     assert "no longer attached" in ephemeral_error(click)

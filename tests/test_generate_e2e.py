@@ -54,8 +54,8 @@ def test_several_images_are_numbered_and_bad_requests_start_nothing(settings, tm
     assert request["checkpoint"] is None and request["timeout"] == 300
 
     for argv, words in (
-        (["generate", "   "], "INVALID_PROMPT: The prompt is empty"),
-        (["generate", "a fox", "--width", "500", "--height", "512"], "INVALID_INPUT: The width"),
+        (["generate", "   "], "INVALID_PROMPT: The prompt cannot be empty"),
+        (["generate", "a fox", "--width", "500", "--height", "512"], "INVALID_INPUT: The width must be a multiple of 64"),
         (["generate", "a fox", "--width", "512"], "--width and --height together"),
         (["generate", "a fox", "--count", "5"], "image count"),
         (["generate", "a fox", "--lora", "nope"], "No lora named 'nope'"),

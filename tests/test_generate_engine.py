@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.layout import Layout
 from modal_services.sdxl_engine import SdxlEngine
 from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume, kohya_lora
 
@@ -25,7 +26,7 @@ def volume(tmp_path_factory):
 
 
 def new_engine(volume) -> SdxlEngine:
-    engine = SdxlEngine(volume.models_dir, loras_dir=volume.loras_dir, generate_preview_interval=0.0)
+    engine = SdxlEngine(Layout(volume.models_dir, volume.loras_dir), generate_preview_interval=0.0)
     engine.load()
     return engine
 
@@ -232,28 +233,27 @@ def test_a_request_past_its_timeout_ends_with_timeout(engine):
 @pytest.mark.parametrize(
     "changes, code, words",
     [
-        ({"prompt": ""}, ErrorCode.INVALID_PROMPT, "prompt is empty"),
-        ({"prompt": "   "}, ErrorCode.INVALID_PROMPT, "prompt is empty"),
-        ({"prompt": "x" * 1001}, ErrorCode.INVALID_PROMPT, "at most 1000"),
+        ({"prompt": ""}, ErrorCode.INVALID_PROMPT, "prompt cannot be empty"),
+        ({"prompt": "   "}, ErrorCode.INVALID_PROMPT, "prompt cannot be empty"),
+        ({"prompt": "x" * 1001}, ErrorCode.INVALID_PROMPT, "limited to 1000"),
         ({"negative_prompt": "x" * 1001}, ErrorCode.INVALID_PROMPT, "negative prompt"),
-        ({"width": 448}, ErrorCode.INVALID_INPUT, "width should be greater than or equal to 512"),
-        ({"width": 1600}, ErrorCode.INVALID_INPUT, "less than or equal to 1536"),
+        ({"width": 448}, ErrorCode.INVALID_INPUT, "width must be between 512 and 1536"),
+        ({"width": 1600}, ErrorCode.INVALID_INPUT, "width must be between 512 and 1536"),
         ({"height": 1000}, ErrorCode.INVALID_INPUT, "multiple of 64"),
-        ({"steps": 19}, ErrorCode.INVALID_INPUT, "Steps"),
+        ({"steps": 19}, ErrorCode.INVALID_INPUT, "Steps must be between 20 and 50"),
         ({"steps": 51}, ErrorCode.INVALID_INPUT, "Steps"),
         ({"steps": 20.5}, ErrorCode.INVALID_INPUT, "whole number"),
         ({"cfg": 0.5}, ErrorCode.INVALID_INPUT, "CFG"),
         ({"cfg": 21}, ErrorCode.INVALID_INPUT, "CFG"),
-        ({"count": 5}, ErrorCode.INVALID_INPUT, "count"),
-        ({"count": True}, ErrorCode.INVALID_INPUT, "whole number"),
+        ({"count": 5}, ErrorCode.INVALID_INPUT, "image count"),
         ({"seed": -1}, ErrorCode.INVALID_INPUT, "seed"),
         ({"seed": "abc"}, ErrorCode.INVALID_INPUT, "seed"),
         ({"timeout": 301}, ErrorCode.INVALID_INPUT, "timeout"),
         ({"timeout": 0}, ErrorCode.INVALID_INPUT, "timeout"),
         ({"strength": 0.0}, ErrorCode.INVALID_INPUT, "strength"),
-        ({"loras": [{"name": f"l{i}", "path": "/x"} for i in range(4)]}, ErrorCode.INVALID_INPUT, "at most 3"),
+        ({"loras": [{"name": f"l{i}", "path": "/x"} for i in range(4)]}, ErrorCode.INVALID_INPUT, "At most 3"),
         ({"loras": [{"name": "a", "path": "/x", "weight": 5}]}, ErrorCode.INVALID_INPUT, "weight"),
-        ({"loras": [{"name": "a", "file": "../../models/secret.safetensors"}]}, ErrorCode.INVALID_INPUT, "LoRA"),
+        ({"loras": [{"name": "a", "file": "../../models/secret.safetensors"}]}, ErrorCode.INVALID_INPUT, "not a library file"),
         ({"loras": [{"name": "a", "path": "/x"}, {"name": "a", "path": "/y"}]}, ErrorCode.INVALID_INPUT, "twice"),
         ({"checkpoint": "../x.safetensors"}, ErrorCode.INVALID_INPUT, "checkpoint"),
         ({"image": b"not an image"}, ErrorCode.INVALID_INPUT, "start image"),
@@ -261,7 +261,7 @@ def test_a_request_past_its_timeout_ends_with_timeout(engine):
     ],
 )
 def test_bad_requests_fail_before_any_model_work(volume, changes, code, words):
-    engine = SdxlEngine(volume.models_dir, loras_dir=volume.loras_dir)  # never loaded
+    engine = SdxlEngine(Layout(volume.models_dir, volume.loras_dir))  # never loaded
     with pytest.raises(ToolboxError) as error:
         engine.generate(**{**REQUEST, **changes})
     assert error.value.code is code
@@ -270,7 +270,7 @@ def test_bad_requests_fail_before_any_model_work(volume, changes, code, words):
 
 
 def test_a_request_without_a_prompt_is_refused(volume):
-    engine = SdxlEngine(volume.models_dir)
+    engine = SdxlEngine(Layout(volume.models_dir))
     with pytest.raises(ToolboxError) as error:
         engine.generate(width=512, height=512)
-    assert error.value.code is ErrorCode.INVALID_PROMPT and "prompt is missing" in error.value.message
+    assert error.value.code is ErrorCode.INVALID_PROMPT and "needs a prompt" in error.value.message

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from modal_services.jobs import JobStatus, create_job, load_job
-from modal_services.layout import LORAS_MOUNT, MODELS_MOUNT
+from modal_services.layout import LORAS_MOUNT, MODELS_MOUNT, Layout
 from modal_services.sdxl_previews import MAX_PREVIEW_BYTES, PreviewSink, decode_preview, preview_key
 from modal_services.state import ModalDictStore, SqliteStore
 from tests.fakes.modal_fakes import FakeModalDict
@@ -91,7 +91,7 @@ def test_staged_weights_wait_in_host_memory_in_the_target_dtype(tmp_path):
     from modal_services.sdxl_pipeline import SdxlModels
 
     volume = build_tiny_volume(tmp_path)
-    models = SdxlModels(volume.models_dir, device="cuda")  # the snapshot phase: no GPU attached yet
+    models = SdxlModels(Layout(volume.models_dir), device="cuda")  # the snapshot phase: no GPU attached yet
     models.load(staging_device="cpu")
     assert models.placement == "cpu" and models.dtype == torch.float16
     for model in (models.pipe.unet, models.pipe.controlnet, models.pipe.vae, models.pipe.text_encoder_2):
