@@ -208,7 +208,9 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
 
 async def setup_models(settings: Settings, only: list[str] | None) -> None:
     """Download the missing base models (or `--only` these), with a bar per model and an overall bar."""
-    from modal_services.downloads import model_states, start_or_attach_download, watch_job
+    from bot.progress import watch_job
+    from bot.setup_download import start_or_attach_download
+    from modal_services.downloads import model_states
     from modal_services.registry import resolve_keys
 
     entries = resolve_keys(only)  # an unknown key fails here, before anything starts
@@ -245,7 +247,7 @@ async def setup_models(settings: Settings, only: list[str] | None) -> None:
             overall.refresh()
 
         try:
-            job = await watch_job(backend.store, job_id, show)
+            job = await watch_job(backend, job_id, show)
         finally:
             for bar in (overall, *bars.values()):
                 bar.close()
@@ -260,13 +262,8 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     """Base models (present = manifest and, locally, the files on disk), tokens (masked), the running download."""
     import json
 
-    from modal_services.downloads import (
-        active_download,
-        check_files,
-        describe_state,
-        download_key,
-        manifest_key,
-    )
+    from bot.setup_download import active_download
+    from modal_services.downloads import check_files, describe_state, download_key, manifest_key
     from modal_services.registry import BASE_MODELS
     from modal_services.tokens import SERVICES, token_state
 

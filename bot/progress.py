@@ -13,6 +13,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 from bot.backend import Backend
+from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import Job, JobStatus
 
 BAR_WIDTH = 14
@@ -78,3 +79,25 @@ async def follow_job(
         return result.result()
     finally:
         result.cancel()
+
+
+async def watch_job(
+    backend: Backend,
+    job_id: str,
+    on_update: Callable[[Job], Awaitable[Any]],
+    poll_interval: float | None = None,
+    timeout: float | None = None,
+) -> Job:
+    """Follow a job by its record alone (started here or by anyone else) until it ends; `on_update(job)` each poll.
+
+    Returns the final record, or the running one when `timeout` runs out.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = await backend.job(job_id)
+        if job is None:
+            raise ToolboxError(ErrorCode.INTERNAL, "That job has disappeared.")
+        await on_update(job)
+        if job.status.finished or (deadline is not None and time.monotonic() > deadline):
+            return job
+        await asyncio.sleep(POLL_INTERVAL if poll_interval is None else poll_interval)

@@ -16,15 +16,10 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.permissions import is_admin
-from bot.progress import ReplyEditor, progress_bar
+from bot.progress import ReplyEditor, progress_bar, watch_job
 from bot.replies import error_text, send_error
-from modal_services.downloads import (
-    ModelState,
-    active_download,
-    model_states,
-    start_or_attach_download,
-    watch_job,
-)
+from bot.setup_download import active_download, start_or_attach_download
+from modal_services.downloads import ModelState, model_states
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import Job, JobStatus
 from modal_services.registry import BASE_MODELS
@@ -236,7 +231,7 @@ class Setup(commands.Cog):
         async def show(job: Job) -> None:
             await editor.show(render_progress(job, await model_states(self.store, entries)), final=job.status.finished)
 
-        job = await watch_job(self.store, job_id, show, POLL_SECONDS, timeout=LIVE_VIEW_SECONDS)
+        job = await watch_job(self.bot.backend, job_id, show, POLL_SECONDS, timeout=LIVE_VIEW_SECONDS)
         if job.status.finished:
             note = "✅ All base models are ready." if job.status is JobStatus.DONE else error_text(job.error())
             await interaction.edit_original_response(content=await self.panel_text(note), view=SetupPanel(self))
@@ -253,7 +248,7 @@ class Setup(commands.Cog):
         async def show(record: Job) -> None:
             await editor.show(f"🔍 **Verifying** · {record.stage}\n`{progress_bar(record.progress)}`")
 
-        record = await watch_job(self.store, job.id, show, POLL_SECONDS)
+        record = await watch_job(self.bot.backend, job.id, show, POLL_SECONDS)
         note = "🔍 Verified: sizes and hashes checked." if record.status is JobStatus.DONE else error_text(record.error())
         await interaction.edit_original_response(content=await self.panel_text(note), view=SetupPanel(self))
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 from urllib.parse import parse_qs, urljoin, urlsplit
 
-from modal_services.downloads import backoff_delay, retry_after_seconds
+from modal_services.transfer import backoff_delay, retry_after_seconds
 from modal_services.errors import ErrorCode, ToolboxError
 
 log = logging.getLogger(__name__)

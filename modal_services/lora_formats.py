@@ -538,7 +538,7 @@ def _save(state: dict, dst: Path, fmt: str) -> None:
         save_file(state, str(dst), metadata={"format": "pt", "converted_from": fmt, "converted_by": "ai-toolbox"})
     except OSError as exc:
         dst.unlink(missing_ok=True)
-        from modal_services.downloads import is_disk_full, storage_full
+        from modal_services.transfer import is_disk_full, storage_full
 
         if is_disk_full(exc):
             raise storage_full(dst.name) from None

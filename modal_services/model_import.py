@@ -32,16 +32,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_from_metadata, plan_import
-from modal_services.downloads import (
-    HEARTBEAT_SECONDS,
-    DownloadError,
-    DownloadHTTPError,
-    download_file,
-    refresh_lock,
-    release_lock,
-    sha256_file,
-    try_lock,
-)
+from modal_services.locks import HEARTBEAT_SECONDS, refresh_lock, release_lock, try_lock
+from modal_services.transfer import DownloadError, DownloadHTTPError, download_file, sha256_file
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import ProgressFn
 from modal_services.library import (

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from modal_services import downloads
+from modal_services import transfer
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.model_import import ModelEngine
 from modal_services.state import SqliteStore
@@ -27,7 +27,7 @@ def civitai():
 
 @pytest.fixture(autouse=True)
 def _no_waiting(monkeypatch):
-    monkeypatch.setattr(downloads, "_sleep", lambda seconds: None)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bot.cli import main
-from modal_services import downloads
+from modal_services import downloads, transfer
 from tests.fakes.hf_server import FakeHub, serve_registry
 
 
@@ -20,7 +20,7 @@ def hub(monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
-        monkeypatch.setattr(downloads, "_sleep", lambda seconds: None)
+        monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
         yield server
 
 

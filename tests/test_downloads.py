@@ -9,8 +9,8 @@ import pickle
 
 import pytest
 
-from modal_services import downloads
-from modal_services.downloads import (
+from modal_services import downloads, transfer
+from modal_services.transfer import (
     DownloadError,
     DownloadHTTPError,
     download_file,
@@ -33,7 +33,7 @@ def hub():
 def sleeps(monkeypatch):
     """Retries run without waiting; the delays asked for are recorded."""
     waited: list[float] = []
-    monkeypatch.setattr(downloads, "_sleep", waited.append)
+    monkeypatch.setattr(transfer, "_sleep", waited.append)
     return waited
 
 
@@ -112,7 +112,7 @@ def test_429_honours_retry_after_then_succeeds(hub, tmp_path, sleeps):
     hub.fault("/files/f", "status", status=500)
     assert download_file(f"{hub.url}/files/f", tmp_path / "f").sha256 == SHA
     assert sleeps[0] == 7.0
-    assert 0 < sleeps[1] <= downloads.RETRY_MAX_DELAY
+    assert 0 < sleeps[1] <= transfer.RETRY_MAX_DELAY
 
 
 def test_persistent_5xx_gives_up_after_retries(hub, tmp_path, sleeps):
@@ -242,11 +242,11 @@ from modal_services.downloads import (
     DownloadEngine,
     check_files,
     download_key,
-    lock_key,
     manifest_key,
     missing_models,
     model_states,
 )
+from modal_services.locks import lock_key
 from modal_services.registry import HFSource, ModelEntry, PublishedFile, URLSource
 from modal_services.state import SqliteStore
 

@@ -1,0 +1,63 @@
+"""Named locks in the state store, with heartbeats: one holder at a time, taken over when its holder died.
+
+`lock:<name>` is created with skip-if-exists; the holder refreshes its
+heartbeat, and a lock nobody refreshed for `LOCK_STALE_SECONDS` belongs to a
+process that died (killed container, closed laptop).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from modal_services.state import StateStore
+
+log = logging.getLogger(__name__)
+
+
+def lock_key(name: str) -> str:
+    return f"lock:{name}"
+
+
+# A lock whose holder has not refreshed it for this long belongs to a process
+# that died (killed container, closed laptop): the next comer takes it over.
+LOCK_STALE_SECONDS = 120.0
+HEARTBEAT_SECONDS = 15.0
+
+
+def _lock_is_live(value: dict | None, now: float | None = None) -> bool:
+    return bool(value) and (now or time.time()) - value.get("heartbeat", 0) < LOCK_STALE_SECONDS
+
+
+async def try_lock(store: StateStore, name: str, owner: str, extra: dict | None = None) -> bool:
+    """Take `lock:<name>` if free or stale (its holder stopped refreshing it)."""
+    key = lock_key(name)
+    value = {"owner": owner, "heartbeat": time.time(), "host": os.uname().nodename, "pid": os.getpid(), **(extra or {})}
+    if await store.put_if_absent(key, value):
+        return True
+    current = await store.get(key)
+    if _lock_is_live(current):
+        return False
+    log.warning("taking over the stale lock %s", key)
+    # Removing the stale value and creating ours are two steps: two takers at
+    # the very same moment could both win. The window is one round trip once
+    # per crashed holder, and the loser's files still verify before any manifest.
+    await store.pop(key)
+    return await store.put_if_absent(key, value)
+
+
+async def refresh_lock(store: StateStore, name: str, owner: str) -> bool:
+    current = await store.get(lock_key(name))
+    if not current or current.get("owner") != owner:
+        return False
+    current["heartbeat"] = time.time()
+    await store.put(lock_key(name), current)
+    return True
+
+
+async def release_lock(store: StateStore, name: str, owner: str) -> None:
+    current = await store.get(lock_key(name))
+    if current and current.get("owner") == owner:
+        await store.pop(lock_key(name))
+

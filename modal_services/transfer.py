@@ -1,0 +1,379 @@
+"""The HTTP transfer primitive: the one place that moves a file's bytes.
+
+`download_file` is blocking (worker threads call it): bounded-memory streaming
+into `<dest>.partial`, resume with `Range`, retries with backoff, size and
+sha256 checks, then an atomic rename. Nothing half-written is ever left under
+the final name.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import errno
+import hashlib
+import logging
+import os
+import queue
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Mapping, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from modal_services.errors import ErrorCode, ToolboxError
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20  # bounded memory: one chunk in flight, whatever the file size
+CONNECT_TIMEOUT = 15.0
+READ_TIMEOUT = 60.0
+RETRY_BASE_DELAY = 1.0
+RETRY_MAX_DELAY = 30.0
+# A server asking for a longer pause than this is treated as "not now": the
+# job fails with RATE_LIMITED instead of holding a worker for an hour.
+MAX_RETRY_AFTER = 300.0
+PROGRESS_INTERVAL = 0.1  # callbacks at most ~10 per second, plus the final one
+PARTIAL_SUFFIX = ".partial"
+
+# Tests replace this to run retries without waiting.
+_sleep = time.sleep
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DownloadedFile:
+    path: Path
+    size: int
+    sha256: str
+    filename: str | None  # from Content-Disposition, when the server sent one
+
+
+class DownloadError(ToolboxError):
+    """A download that failed after retries; `status` is the last HTTP status seen, if any."""
+
+    def __init__(self, message: str, status: int | None = None, code: ErrorCode | str = ErrorCode.DOWNLOAD_FAILED):
+        super().__init__(code, message)
+        self.status = status
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.status, self.code.value))
+
+
+class DownloadHTTPError(DownloadError):
+    """The server refused for good (401/403/404/410...): retrying will not help.
+
+    Callers map `status` to their own code (CivitAI: 401/403 →
+    CIVITAI_AUTH_REQUIRED, 404 → CIVITAI_NOT_FOUND).
+    """
+
+
+def safe_url(url: str) -> str:
+    """The URL without credentials or query string (signed URLs and `?token=` stay out of messages and logs)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def partial_path(dest: Path) -> Path:
+    return dest.with_name(dest.name + PARTIAL_SUFFIX)
+
+
+def is_disk_full(exc: OSError) -> bool:
+    return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def storage_full(what: str) -> ToolboxError:
+    return ToolboxError(ErrorCode.STORAGE_FULL, f"The disk ran out of space while writing {what}. Free some space and retry.")
+
+
+def _sha256_prefix(path: Path, progress: Callable[[int], None] | None = None):
+    digest = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK_SIZE * 8):
+            digest.update(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done)
+    return digest
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    """Hex sha256 of a file, read in bounded chunks; `progress(bytes_read)` as it goes."""
+    return _sha256_prefix(path, progress).hexdigest()
+
+
+_FILENAME_STAR = re.compile(r"filename\*\s*=\s*([^']*)'[^']*'([^;]+)", re.IGNORECASE)
+_FILENAME = re.compile(r'filename\s*=\s*(?:"([^"]*)"|([^;]+))', re.IGNORECASE)
+
+
+def filename_from_disposition(header: str | None) -> str | None:
+    """The file name a `Content-Disposition` header offers, reduced to a safe base name."""
+    if not header:
+        return None
+    match = _FILENAME_STAR.search(header)
+    if match:
+        name = unquote(match.group(2).strip().strip('"'), encoding=match.group(1) or "utf-8", errors="replace")
+    else:
+        match = _FILENAME.search(header)
+        if not match:
+            return None
+        name = (match.group(1) if match.group(1) is not None else match.group(2)).strip()
+    # A server must not be able to pick a path: keep only the last component.
+    name = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
+    return name if name not in ("", ".", "..") else None
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """`Retry-After` as seconds: either delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_delay(failures: int) -> float:
+    # Exponential with jitter, so that many clients do not retry in step.
+    return min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2 ** (failures - 1)) * random.uniform(0.75, 1.25)
+
+
+class _Throttled:
+    """Calls `progress(done, total)` at most every PROGRESS_INTERVAL, and always when asked to flush."""
+
+    def __init__(self, progress: Callable[[int, int | None], None] | None):
+        self.progress = progress
+        self.last = float("-inf")
+
+    def __call__(self, done: int, total: int | None, flush: bool = False) -> None:
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        if flush or now - self.last >= PROGRESS_INTERVAL:
+            self.last = now
+            self.progress(done, total)
+
+
+def _total_from_content_range(value: str | None) -> tuple[int | None, int | None]:
+    """(first byte, total) from `Content-Range: bytes a-b/total` or `bytes */total`."""
+    match = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
+    if not match:
+        return None, None
+    first = int(match.group(1)) if match.group(1) is not None else None
+    total = int(match.group(2)) if match.group(2) != "*" else None
+    return first, total
+
+
+def download_file(
+    url: str,
+    dest: Path,
+    *,
+    headers: Mapping[str, str] | None = None,
+    expected_size: int | None = None,
+    expected_sha256: str | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    retries: int = 5,
+) -> DownloadedFile:
+    """Download `url` to `dest` (blocking), verified, via `<dest>.partial` and an atomic rename.
+
+    - An existing `.partial` (an earlier attempt, or a killed process) is
+      resumed with `Range` when the server allows it, otherwise restarted.
+    - 429 (honouring `Retry-After`), 408, 5xx and dropped connections are
+      retried with backoff; `retries` counts failures in a row without new bytes.
+    - 401/403/404/410 and other refusals raise `DownloadHTTPError` (with `.status`).
+    - Wrong size or sha256: CHECKSUM_MISMATCH; a full disk: STORAGE_FULL.
+      Both remove the partial; `dest` is never touched.
+    """
+    import requests
+
+    dest = Path(dest)
+    partial = partial_path(dest)
+    expected_sha256 = expected_sha256.lower() if expected_sha256 else None
+    where = safe_url(url)
+    report = _Throttled(progress)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+    def discard() -> None:
+        partial.unlink(missing_ok=True)
+
+    def mismatch(message: str) -> ToolboxError:
+        discard()
+        return ToolboxError(ErrorCode.CHECKSUM_MISMATCH, f"{dest.name}: {message} The partial download was removed; retry.")
+
+    filename: str | None = None
+    total: int | None = expected_size
+    # The hash follows the bytes on disk: a resumed prefix is hashed once, then
+    # every new chunk as it arrives (no second read of a multi-GB file).
+    digest, hashed = _BackgroundSha256(), 0
+    failures = 0
+    last_status: int | None = None
+    with requests.Session() as session:
+        while True:
+            done = partial.stat().st_size if partial.exists() else 0
+            if expected_size is not None and done > expected_size:
+                discard()  # longer than the file can be: not a prefix of it
+                done = 0
+            request_headers = {"Accept-Encoding": "identity", **(headers or {})}
+            if done:
+                request_headers["Range"] = f"bytes={done}-"
+            progressed = False
+            delay: float | None = None
+            try:
+                with session.get(url, headers=request_headers, stream=True,
+                                 timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as response:
+                    status = last_status = response.status_code
+                    if status == 416 and done:
+                        # Asked for bytes past the end: the partial may already be whole.
+                        _, server_total = _total_from_content_range(response.headers.get("Content-Range"))
+                        if server_total == done:
+                            total = done
+                            break
+                        discard()
+                        continue
+                    if status in (408, 429) or status >= 500:
+                        delay = retry_after_seconds(response.headers.get("Retry-After"))
+                        if delay is not None and delay > MAX_RETRY_AFTER:
+                            raise DownloadError(
+                                f"{where} asked to wait {delay:.0f} s before retrying.", status, ErrorCode.RATE_LIMITED
+                            )
+                        raise _Transient(f"HTTP {status}")
+                    if status >= 400 or status not in (200, 206):
+                        raise DownloadHTTPError(f"{where} answered HTTP {status}.", status)
+
+                    mode = "ab"
+                    if status == 206:
+                        first, server_total = _total_from_content_range(response.headers.get("Content-Range"))
+                        if first != done:
+                            discard()  # a range we did not ask for: start over cleanly
+                            continue
+                    else:
+                        # 200: the whole file, whether or not we asked for a range.
+                        mode, done = "wb", 0
+                        length = response.headers.get("Content-Length")
+                        server_total = int(length) if length and length.isdigit() else None
+                    if server_total is not None:
+                        if expected_size is not None and server_total != expected_size:
+                            raise mismatch(f"the server offers {server_total} bytes, {expected_size} were expected.")
+                        total = server_total
+                    filename = filename or filename_from_disposition(response.headers.get("Content-Disposition"))
+
+                    if mode == "wb" or hashed != done:
+                        digest.close()
+                        digest, hashed = _BackgroundSha256(), 0
+                        if mode == "ab":
+                            digest = _BackgroundSha256(_sha256_prefix(partial))
+                            hashed = done
+                    try:
+                        with open(partial, mode) as out:
+                            report(done, total, flush=True)
+                            for chunk in response.iter_content(CHUNK_SIZE):
+                                digest.update(chunk)
+                                out.write(chunk)
+                                hashed += len(chunk)
+                                done += len(chunk)
+                                progressed = True
+                                report(done, total)
+                            out.flush()
+                            os.fsync(out.fileno())
+                    except OSError as exc:
+                        if is_disk_full(exc):
+                            discard()
+                            raise storage_full(dest.name) from None
+                        raise
+                    if total is not None and done != total:
+                        raise _Transient("short body")
+                    break
+            except _Transient as exc:
+                reason = str(exc)
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                reason = type(exc).__name__
+            failures = 1 if progressed else failures + 1
+            if failures > retries:
+                code = ErrorCode.RATE_LIMITED if last_status == 429 else ErrorCode.DOWNLOAD_FAILED
+                raise DownloadError(f"{where} kept failing ({reason}) after {retries} retries.", last_status, code)
+            wait = delay if delay is not None else backoff_delay(failures)
+            log.info("download of %s: %s; retrying in %.1f s", where, reason, wait)
+            _sleep(wait)
+
+    report(done, total, flush=True)
+    if expected_size is not None and done != expected_size:
+        raise mismatch(f"got {done} bytes, {expected_size} were expected.")
+    if hashed != done:  # finished by a 416 on a whole partial: nothing streamed this run
+        digest.close()
+        digest = _BackgroundSha256(_sha256_prefix(partial))
+    sha256 = digest.hexdigest()
+    if expected_sha256 is not None and sha256 != expected_sha256:
+        raise mismatch("the sha256 does not match the published one.")
+    os.replace(partial, dest)
+    return DownloadedFile(path=dest, size=done, sha256=sha256, filename=filename)
+
+
+class _BackgroundSha256:
+    """sha256 computed in a thread beside the transfer.
+
+    hashlib releases the GIL on large buffers, so hashing a chunk overlaps with
+    receiving and writing the next one; on a fast link hashing in line would
+    halve the throughput. At most a few chunks wait in the queue (bounded memory).
+    """
+
+    def __init__(self, digest=None):
+        self._digest = digest or hashlib.sha256()
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._hash, name="sha256", daemon=True)
+        self._thread.start()
+
+    def _hash(self) -> None:
+        while (chunk := self._chunks.get()) is not None:
+            self._digest.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._chunks.put(chunk)
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._chunks.put(None)
+            self._thread.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._digest.hexdigest()
+
+
+class _Transient(Exception):
+    """A failure worth retrying (server busy, connection cut)."""
+
+    status: int | None = None
+    retry_after: float | None = None
+
+
+
+def _with_retries(call: Callable[[], T], describe: str, retries: int = 5) -> T:
+    """Run `call`, retrying `_Transient` failures with backoff (and the server's Retry-After)."""
+    failures = 0
+    while True:
+        try:
+            return call()
+        except _Transient as exc:
+            failures += 1
+            status = getattr(exc, "status", None)
+            if failures > retries:
+                code = ErrorCode.RATE_LIMITED if status == 429 else ErrorCode.DOWNLOAD_FAILED
+                raise DownloadError(f"{describe} kept failing ({exc}) after {retries} retries.", status, code) from None
+            delay = getattr(exc, "retry_after", None)
+            if delay is not None and delay > MAX_RETRY_AFTER:
+                raise DownloadError(f"{describe}: the server asked to wait {delay:.0f} s.", status, ErrorCode.RATE_LIMITED) from None
+            wait = delay if delay is not None else backoff_delay(failures)
+            log.info("%s: %s; retrying in %.1f s", describe, exc, wait)
+            _sleep(wait)
+
