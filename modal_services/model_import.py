@@ -33,7 +33,8 @@ from typing import Any, Callable
 
 from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_from_metadata, plan_import
 from modal_services.locks import HEARTBEAT_SECONDS, refresh_lock, release_lock, try_lock
-from modal_services.transfer import DownloadError, DownloadHTTPError, download_file, sha256_file
+from modal_services.transfer import DownloadError, DownloadHTTPError, download_file, max_bytes_for, sha256_file
+from modal_services.egress import Purpose
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import ProgressFn
 from modal_services.library import (
@@ -167,8 +168,9 @@ class ModelEngine:
 
             try:
                 downloaded = await asyncio.to_thread(
-                    download_file, resolved.url, incoming, headers=resolved.headers,
-                    expected_sha256=plan.sha256, progress=on_bytes,
+                    download_file, resolved.url, incoming, purpose=Purpose.CIVITAI, credentials=resolved.credentials,
+                    trusted=(client.api_base,), expected_sha256=plan.sha256, max_bytes=max_bytes_for(plan.type),
+                    progress=on_bytes,
                 )
             except DownloadError as error:
                 raise _civitai_error(error, plan) from None
@@ -243,7 +245,8 @@ class ModelEngine:
             progress(0.0, f"receiving {file_name}")
             try:
                 downloaded = await asyncio.to_thread(
-                    download_file, url, incoming, expected_size=size_bytes,
+                    download_file, url, incoming, purpose=Purpose.ATTACHMENT, expected_size=size_bytes,
+                    max_bytes=max_bytes_for(kind),
                     progress=lambda done, total: progress(0.6 * done / total if total else 0.0, f"receiving {file_name}"),
                 )
             except DownloadError as error:
@@ -348,14 +351,14 @@ def check_checkpoint(path: Path) -> None:
 
 
 def _civitai_error(error: DownloadError, plan: ImportPlan) -> ToolboxError:
-    """The downloader's failure in CivitAI's terms (its CHECKSUM_MISMATCH and STORAGE_FULL stay as they are)."""
+    """The downloader's failure in CivitAI's terms (its CHECKSUM_MISMATCH, STORAGE_FULL and TIMEOUT stay as they are)."""
     if isinstance(error, DownloadHTTPError) and error.status in (401, 403):
         return ToolboxError(ErrorCode.CIVITAI_AUTH_REQUIRED,
                             f"CivitAI's storage refused the download of {plan.name} (HTTP {error.status}). "
                             "If the model needs an account, an admin can set a CivitAI token with /setup; then retry.")
     if isinstance(error, DownloadHTTPError) and error.status in (404, 410):
         return ToolboxError(ErrorCode.CIVITAI_NOT_FOUND, f"The file of {plan.name} is gone from CivitAI's storage.")
-    if error.code in (ErrorCode.CHECKSUM_MISMATCH, ErrorCode.STORAGE_FULL):
+    if error.code in (ErrorCode.CHECKSUM_MISMATCH, ErrorCode.STORAGE_FULL, ErrorCode.TIMEOUT):
         return error
     return ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, f"Downloading {plan.name} failed: {error.message} Try again later.")
 

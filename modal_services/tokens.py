@@ -26,6 +26,7 @@ LABELS = {"civitai": "CivitAI", "hf": "Hugging Face"}
 ENV_NAMES = {"civitai": "CIVITAI_TOKEN", "hf": "HF_TOKEN"}
 MAX_TOKEN_CHARS = 512
 CHECK_TIMEOUT = 20.0
+MAX_ANSWER_BYTES = 1 << 20  # a who-am-I answer is a few hundred bytes
 
 
 def secret_key(service: str) -> str:
@@ -119,31 +120,36 @@ def check_hf_token(token: str, endpoint: str | None = None) -> str:
 
 def check_civitai_token(token: str, api_base: str) -> str:
     """Blocking: the CivitAI user this token belongs to (`GET /api/v1/me`, which needs a valid key)."""
-    import requests
+    import urllib3
 
+    from modal_services.egress import Credentials, Purpose, open_url
+
+    base = api_base.rstrip("/")
     try:
-        response = requests.get(
-            f"{api_base.rstrip('/')}/api/v1/me",
-            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-            timeout=CHECK_TIMEOUT,
-        )
-    except requests.RequestException as exc:
+        response = open_url(f"{base}/api/v1/me", Purpose.CIVITAI, headers={"Accept": "application/json"},
+                            credentials=Credentials.for_base(base, {"Authorization": f"Bearer {token}"}),
+                            trusted=(base,), timeout=(CHECK_TIMEOUT, CHECK_TIMEOUT))
+    except (OSError, urllib3.exceptions.HTTPError) as exc:
         log.warning("CivitAI token check could not connect (%s)", type(exc).__name__)
         raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, "CivitAI could not be reached to check the token; nothing was stored.") from None
-    if response.status_code in (401, 403):
-        raise ToolboxError(
-            ErrorCode.INVALID_INPUT,
-            f"CivitAI rejected this token (HTTP {response.status_code}): it is wrong or revoked. "
-            "Copy an API key from civitai.com/user/account; nothing was stored.",
-        )
-    if response.status_code == 429:
-        raise ToolboxError(ErrorCode.RATE_LIMITED, "CivitAI is rate-limiting requests; try again in a minute.")
-    if response.status_code != 200:
-        raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, f"CivitAI answered HTTP {response.status_code}; nothing was stored.")
-    try:
-        body = response.json()
-    except ValueError:
-        raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, "CivitAI answered with something that is not JSON; nothing was stored.") from None
+    with response:
+        status = response.status
+        if status in (401, 403):
+            raise ToolboxError(
+                ErrorCode.INVALID_INPUT,
+                f"CivitAI rejected this token (HTTP {status}): it is wrong or revoked. "
+                "Copy an API key from civitai.com/user/account; nothing was stored.",
+            )
+        if status == 429:
+            raise ToolboxError(ErrorCode.RATE_LIMITED, "CivitAI is rate-limiting requests; try again in a minute.")
+        if status != 200:
+            raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, f"CivitAI answered HTTP {status}; nothing was stored.")
+        try:
+            body = response.json(MAX_ANSWER_BYTES, time.monotonic() + CHECK_TIMEOUT)
+        except (ValueError, ToolboxError, OSError, urllib3.exceptions.HTTPError):
+            body = None
+    if not isinstance(body, dict):
+        raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, "CivitAI answered with something that is not JSON; nothing was stored.")
     return str(body.get("username") or body.get("id") or "unknown user")
 
 

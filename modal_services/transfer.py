@@ -23,13 +23,23 @@ from pathlib import Path
 from typing import Callable, Mapping, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from modal_services.egress import Credentials, Purpose, open_url
 from modal_services.errors import ErrorCode, ToolboxError
 
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20  # bounded memory: one chunk in flight, whatever the file size
 CONNECT_TIMEOUT = 15.0
-READ_TIMEOUT = 60.0
+DEFAULT_STALL_SECONDS = 60.0
+# Fewer bytes than this within a stall window is a stall too: a server that
+# trickles a byte every few seconds never lets a read time out.
+STALL_MIN_BYTES = 64 * 1024
+# The overall deadline of a file allows an average this slow (a bad but honest link).
+MIN_AVERAGE_RATE = 256 * 1024
+WATCH_INTERVAL = 0.2  # how soon a cancel, a stall or the deadline cuts a blocked read
+# What a body may bring when the server declares no size, by kind of file.
+LORA_MAX_BYTES = 2 << 30
+CHECKPOINT_MAX_BYTES = 16 << 30
 RETRY_BASE_DELAY = 1.0
 RETRY_MAX_DELAY = 30.0
 # A server asking for a longer pause than this is treated as "not now": the
@@ -175,33 +185,121 @@ def _total_from_content_range(value: str | None) -> tuple[int | None, int | None
     return first, total
 
 
+def max_bytes_for(kind: str) -> int:
+    """The most a file of this library type may weigh when its server declares no size."""
+    return LORA_MAX_BYTES if kind == "lora" else CHECKPOINT_MAX_BYTES
+
+
+def stall_seconds(environ: Mapping[str, str] | None = None) -> float:
+    """`TOOLBOX_STALL_SECONDS`: how long a transfer may bring (almost) nothing before the attempt fails."""
+    value = (os.environ if environ is None else environ).get("TOOLBOX_STALL_SECONDS", "").strip()
+    try:
+        seconds = float(value) if value else DEFAULT_STALL_SECONDS
+    except ValueError:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, "TOOLBOX_STALL_SECONDS must be a number of seconds.") from None
+    if not 0 < seconds <= 3600:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, "TOOLBOX_STALL_SECONDS must be between 0 and 3600.")
+    return seconds
+
+
+def file_deadline(size: int, stall: float) -> float:
+    """Seconds one file may take in all, retries included: a slow but honest link fits, a trickle does not."""
+    return 4 * stall + size / MIN_AVERAGE_RATE
+
+
+class _Watch:
+    """Ends an attempt that must end, from beside the reading thread.
+
+    Every `WATCH_INTERVAL` it checks the file's deadline, the stall rule (fewer
+    than `STALL_MIN_BYTES` in `stall` seconds: silence or a trickle) and the
+    caller's progress callback (which raises CANCELLED on a cancel request);
+    on any of them it cuts the connection, so a blocked read returns at once.
+    """
+
+    def __init__(self, report: "_Throttled", stall: float, deadline_at: float, done: int, total: int | None):
+        self.report, self.stall, self.deadline_at = report, stall, deadline_at
+        self.done, self.total = done, total
+        self.mark = (time.monotonic(), done)
+        self.reason: BaseException | None = None
+        self.response = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="transfer-watch", daemon=True)
+        self._thread.start()
+
+    def advanced(self, done: int) -> None:
+        self.done = done
+        if done - self.mark[1] >= STALL_MIN_BYTES:
+            self.mark = (time.monotonic(), done)
+
+    def _verdict(self) -> BaseException | None:
+        now = time.monotonic()
+        if now > self.deadline_at:
+            return DownloadError("the transfer ran past its time limit.", code=ErrorCode.TIMEOUT)
+        if now - self.mark[0] > self.stall:
+            return _Transient(f"stalled (under {STALL_MIN_BYTES // 1024} KiB in {self.stall:g} s)")
+        try:
+            self.report(self.done, self.total, flush=True)
+        except BaseException as exc:  # the caller's way of saying stop (CANCELLED)
+            return exc
+        return None
+
+    def _run(self) -> None:
+        while not self._stop.wait(WATCH_INTERVAL):
+            reason = self._verdict()
+            if reason is not None:
+                self.reason = reason
+                if self.response is not None:
+                    self.response.abort()
+                return
+
+    def check(self) -> None:
+        if self.reason is not None:
+            raise self.reason
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def download_file(
     url: str,
     dest: Path,
     *,
-    headers: Mapping[str, str] | None = None,
+    purpose: Purpose = Purpose.URL,
+    credentials: Credentials | None = None,
+    trusted: tuple[str, ...] = (),
     expected_size: int | None = None,
     expected_sha256: str | None = None,
+    max_bytes: int = CHECKPOINT_MAX_BYTES,
     progress: Callable[[int, int | None], None] | None = None,
     retries: int = 5,
 ) -> DownloadedFile:
-    """Download `url` to `dest` (blocking), verified, via `<dest>.partial` and an atomic rename.
+    """Download `url` to `dest` (blocking) under the egress policy, verified, via `<dest>.partial` and an atomic rename.
 
     - An existing `.partial` (an earlier attempt, or a killed process) is
       resumed with `Range` when the server allows it, otherwise restarted.
-    - 429 (honouring `Retry-After`), 408, 5xx and dropped connections are
-      retried with backoff; `retries` counts failures in a row without new bytes.
+    - Every failed attempt counts against one budget of `retries` (429
+      honouring `Retry-After`, 408, 5xx, dropped connections, stalls, short
+      bodies, a wrong `Content-Range`, a server ignoring `Range`); only an
+      attempt that brings the file further than ever before earns a fresh budget.
+    - The file has an overall deadline (`file_deadline`): TIMEOUT past it.
+    - A body longer than declared, or than `max_bytes` when nothing is
+      declared, is cut and refused.
     - 401/403/404/410 and other refusals raise `DownloadHTTPError` (with `.status`).
     - Wrong size or sha256: CHECKSUM_MISMATCH; a full disk: STORAGE_FULL.
       Both remove the partial; `dest` is never touched.
+    - Whatever `progress` raises (CANCELLED) stops the transfer within
+      `WATCH_INTERVAL`, leaving the `.partial` to resume from.
     """
-    import requests
+    import urllib3
 
     dest = Path(dest)
     partial = partial_path(dest)
     expected_sha256 = expected_sha256.lower() if expected_sha256 else None
     where = safe_url(url)
     report = _Throttled(progress)
+    stall = stall_seconds()
+    deadline_at = time.monotonic() + file_deadline(expected_size or max_bytes, stall)
     dest.parent.mkdir(parents=True, exist_ok=True)
 
     def discard() -> None:
@@ -211,100 +309,119 @@ def download_file(
         discard()
         return ToolboxError(ErrorCode.CHECKSUM_MISMATCH, f"{dest.name}: {message} The partial download was removed; retry.")
 
+    def too_long(limit: int, declared: bool) -> DownloadError:
+        discard()
+        what = "more than it declared" if declared else f"more than the {limit / 2**30:.0f} GiB allowed for this kind of file"
+        return DownloadError(f"{where} sent {what}; the download was refused.")
+
     filename: str | None = None
     total: int | None = expected_size
     # The hash follows the bytes on disk: a resumed prefix is hashed once, then
     # every new chunk as it arrives (no second read of a multi-GB file).
     digest, hashed = _BackgroundSha256(), 0
     failures = 0
+    furthest = partial.stat().st_size if partial.exists() else 0
     last_status: int | None = None
-    with requests.Session() as session:
-        while True:
-            done = partial.stat().st_size if partial.exists() else 0
-            if expected_size is not None and done > expected_size:
-                discard()  # longer than the file can be: not a prefix of it
-                done = 0
-            request_headers = {"Accept-Encoding": "identity", **(headers or {})}
-            if done:
-                request_headers["Range"] = f"bytes={done}-"
-            progressed = False
-            delay: float | None = None
-            try:
-                with session.get(url, headers=request_headers, stream=True,
-                                 timeout=(CONNECT_TIMEOUT, READ_TIMEOUT)) as response:
-                    status = last_status = response.status_code
-                    if status == 416 and done:
-                        # Asked for bytes past the end: the partial may already be whole.
-                        _, server_total = _total_from_content_range(response.headers.get("Content-Range"))
-                        if server_total == done:
-                            total = done
-                            break
+    while True:
+        done = partial.stat().st_size if partial.exists() else 0
+        if expected_size is not None and done > expected_size:
+            discard()  # longer than the file can be: not a prefix of it
+            done = 0
+        request_headers = {"Accept-Encoding": "identity"}
+        if done:
+            request_headers["Range"] = f"bytes={done}-"
+        delay: float | None = None
+        watch = _Watch(report, stall, deadline_at, done, total)
+        try:
+            with open_url(url, purpose, headers=request_headers, credentials=credentials, trusted=trusted,
+                          timeout=(CONNECT_TIMEOUT, stall)) as response:
+                watch.response = response
+                status = last_status = response.status
+                if status == 416 and done:
+                    # Asked for bytes past the end: the partial may already be whole.
+                    _, server_total = _total_from_content_range(response.headers.get("Content-Range"))
+                    if server_total == done:
+                        total = done
+                        break
+                    discard()
+                    raise _Transient("HTTP 416 for a partial that is not the file's prefix")
+                if status in (408, 429) or status >= 500:
+                    delay = retry_after_seconds(response.headers.get("Retry-After"))
+                    if delay is not None and delay > MAX_RETRY_AFTER:
+                        raise DownloadError(
+                            f"{where} asked to wait {delay:.0f} s before retrying.", status, ErrorCode.RATE_LIMITED
+                        )
+                    raise _Transient(f"HTTP {status}")
+                if status not in (200, 206):
+                    raise DownloadHTTPError(f"{where} answered HTTP {status}.", status)
+
+                mode = "ab"
+                if status == 206:
+                    first, server_total = _total_from_content_range(response.headers.get("Content-Range"))
+                    if first != done:
+                        discard()  # a range we did not ask for: start over cleanly, on the same budget
+                        raise _Transient("a Content-Range that was not asked for")
+                else:
+                    # 200: the whole file, whether or not we asked for a range.
+                    mode, done = "wb", 0
+                    length = response.headers.get("Content-Length")
+                    server_total = int(length) if length and length.isdigit() else None
+                if server_total is not None:
+                    if expected_size is not None and server_total != expected_size:
+                        raise mismatch(f"the server offers {server_total} bytes, {expected_size} were expected.")
+                    total = watch.total = server_total
+                limit = total if total is not None else max_bytes
+                filename = filename or filename_from_disposition(response.headers.get("Content-Disposition"))
+
+                if mode == "wb" or hashed != done:
+                    digest.close()
+                    digest, hashed = _BackgroundSha256(), 0
+                    if mode == "ab":
+                        digest = _BackgroundSha256(_sha256_prefix(partial))
+                        hashed = done
+                try:
+                    with open(partial, mode) as out:
+                        report(done, total, flush=True)
+                        while chunk := response.read1(CHUNK_SIZE):
+                            if done + len(chunk) > limit:
+                                raise too_long(limit, total is not None)
+                            digest.update(chunk)
+                            out.write(chunk)
+                            hashed += len(chunk)
+                            done += len(chunk)
+                            watch.advanced(done)
+                            watch.check()
+                            report(done, total)
+                        watch.check()
+                        out.flush()
+                        os.fsync(out.fileno())
+                except OSError as exc:
+                    if is_disk_full(exc):
                         discard()
-                        continue
-                    if status in (408, 429) or status >= 500:
-                        delay = retry_after_seconds(response.headers.get("Retry-After"))
-                        if delay is not None and delay > MAX_RETRY_AFTER:
-                            raise DownloadError(
-                                f"{where} asked to wait {delay:.0f} s before retrying.", status, ErrorCode.RATE_LIMITED
-                            )
-                        raise _Transient(f"HTTP {status}")
-                    if status >= 400 or status not in (200, 206):
-                        raise DownloadHTTPError(f"{where} answered HTTP {status}.", status)
-
-                    mode = "ab"
-                    if status == 206:
-                        first, server_total = _total_from_content_range(response.headers.get("Content-Range"))
-                        if first != done:
-                            discard()  # a range we did not ask for: start over cleanly
-                            continue
-                    else:
-                        # 200: the whole file, whether or not we asked for a range.
-                        mode, done = "wb", 0
-                        length = response.headers.get("Content-Length")
-                        server_total = int(length) if length and length.isdigit() else None
-                    if server_total is not None:
-                        if expected_size is not None and server_total != expected_size:
-                            raise mismatch(f"the server offers {server_total} bytes, {expected_size} were expected.")
-                        total = server_total
-                    filename = filename or filename_from_disposition(response.headers.get("Content-Disposition"))
-
-                    if mode == "wb" or hashed != done:
-                        digest.close()
-                        digest, hashed = _BackgroundSha256(), 0
-                        if mode == "ab":
-                            digest = _BackgroundSha256(_sha256_prefix(partial))
-                            hashed = done
-                    try:
-                        with open(partial, mode) as out:
-                            report(done, total, flush=True)
-                            for chunk in response.iter_content(CHUNK_SIZE):
-                                digest.update(chunk)
-                                out.write(chunk)
-                                hashed += len(chunk)
-                                done += len(chunk)
-                                progressed = True
-                                report(done, total)
-                            out.flush()
-                            os.fsync(out.fileno())
-                    except OSError as exc:
-                        if is_disk_full(exc):
-                            discard()
-                            raise storage_full(dest.name) from None
-                        raise
-                    if total is not None and done != total:
-                        raise _Transient("short body")
-                    break
-            except _Transient as exc:
-                reason = str(exc)
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
-                reason = type(exc).__name__
-            failures = 1 if progressed else failures + 1
-            if failures > retries:
-                code = ErrorCode.RATE_LIMITED if last_status == 429 else ErrorCode.DOWNLOAD_FAILED
-                raise DownloadError(f"{where} kept failing ({reason}) after {retries} retries.", last_status, code)
-            wait = delay if delay is not None else backoff_delay(failures)
-            log.info("download of %s: %s; retrying in %.1f s", where, reason, wait)
-            _sleep(wait)
+                        raise storage_full(dest.name) from None
+                    raise
+                if total is not None and done != total:
+                    raise _Transient("short body")
+                break
+        except (_Transient, urllib3.exceptions.HTTPError, OSError) as exc:
+            watch.check()  # a cut made by the watch: its reason, not the broken read's
+            if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)):
+                raise
+            reason = str(exc) if isinstance(exc, _Transient) else type(exc).__name__
+        finally:
+            watch.stop()
+        if done > furthest:
+            furthest, failures = done, 1
+        else:
+            failures += 1
+        if failures > retries:
+            code = ErrorCode.RATE_LIMITED if last_status == 429 else ErrorCode.DOWNLOAD_FAILED
+            raise DownloadError(f"{where} kept failing ({reason}) after {retries} retries.", last_status, code)
+        wait = delay if delay is not None else backoff_delay(failures)
+        if time.monotonic() + wait > deadline_at:
+            raise DownloadError(f"{where} kept failing ({reason}) until its time limit.", last_status, ErrorCode.TIMEOUT)
+        log.info("download of %s: %s; retrying in %.1f s", where, reason, wait)
+        _sleep(wait)
 
     report(done, total, flush=True)
     if expected_size is not None and done != expected_size:

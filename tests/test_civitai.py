@@ -172,7 +172,7 @@ def test_download_redirect_is_resolved_and_the_token_stays_with_civitai(civitai)
     civitai.add_model(1, 11, DATA, gated=True)
     api = client(civitai, token=civitai.token)
     resolved = api.resolve_download("https://civitai.com/api/download/models/11?type=Model&format=SafeTensor", "x")
-    assert resolved.url.startswith(civitai.base + "/storage/") and resolved.headers == {}
+    assert resolved.url.startswith(civitai.base + "/storage/") and resolved.credentials is None
     (download,) = civitai.hits("/api/download/models/11")
     assert download.query == "type=Model&format=SafeTensor"  # rebased onto CIVITAI_API_BASE, query kept
 

@@ -19,6 +19,7 @@ from modal_services.transfer import (
     retry_after_seconds,
     safe_url,
 )
+from modal_services.egress import Credentials
 from modal_services.errors import ErrorCode, ToolboxError
 from tests.fakes.hf_server import FakeHub
 
@@ -148,7 +149,8 @@ def test_refusals_raise_distinct_type_without_retry_or_secret(hub, tmp_path, sle
     hub.fault("/files/f", "status", status=status)
     secret = "sk-very-secret-token"
     with pytest.raises(DownloadHTTPError) as caught:
-        download_file(f"{hub.url}/files/f?token={secret}", tmp_path / "f", headers={"Authorization": f"Bearer {secret}"})
+        download_file(f"{hub.url}/files/f?token={secret}", tmp_path / "f",
+                      credentials=Credentials.for_base(hub.url, {"Authorization": f"Bearer {secret}"}))
     assert caught.value.status == status and sleeps == []
     assert secret not in str(caught.value) and secret not in caught.value.message
     copy = pickle.loads(pickle.dumps(caught.value))  # crosses a Modal boundary intact

@@ -132,7 +132,7 @@ class FakeHub:
             pass
 
         Handler.hub = hub
-        self._server = _QuietServer(("127.0.0.1", 0), Handler)
+        self._server = QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -159,7 +159,7 @@ class FakeHub:
         return None
 
 
-class _QuietServer(ThreadingHTTPServer):
+class QuietServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         """Clients that hang up (the point of some tests) are not errors worth a traceback."""
 
