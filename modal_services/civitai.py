@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit, urlunsplit
 
 import urllib3
 
-from modal_services.egress import REDIRECT_STATUSES, Credentials, Purpose, Response, open_url
+from modal_services.egress import REDIRECT_STATUSES, Credentials, Origin, Purpose, Response, open_url
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.transfer import backoff_delay, retry_after_seconds
 
@@ -206,8 +206,9 @@ class CivitaiClient:
             if _is_html(response):
                 # CivitAI shows a login page instead of a 401 for some gated files.
                 raise self._auth_error(what)
-            # Served directly (no redirect): fetch it from here, with the token.
-            return ResolvedDownload(url, self.credentials)
+            # Served directly (no redirect): fetch it from here, with the token if here is CivitAI.
+            own = self.credentials is not None and self.credentials.origin == Origin.of(url)
+            return ResolvedDownload(url, self.credentials if own else None)
 
     # -- plumbing
 

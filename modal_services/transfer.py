@@ -281,7 +281,8 @@ def download_file(
     - Every failed attempt counts against one budget of `retries` (429
       honouring `Retry-After`, 408, 5xx, dropped connections, stalls, short
       bodies, a wrong `Content-Range`, a server ignoring `Range`); only an
-      attempt that brings the file further than ever before earns a fresh budget.
+      attempt that brings the file clearly further than ever before
+      (by `STALL_MIN_BYTES`) earns a fresh budget.
     - The file has an overall deadline (`file_deadline`): TIMEOUT past it.
     - A body longer than declared, or than `max_bytes` when nothing is
       declared, is cut and refused.
@@ -404,13 +405,13 @@ def download_file(
                     raise _Transient("short body")
                 break
         except (_Transient, urllib3.exceptions.HTTPError, OSError) as exc:
-            watch.check()  # a cut made by the watch: its reason, not the broken read's
-            if isinstance(exc, OSError) and not isinstance(exc, (ConnectionError, TimeoutError)):
-                raise
-            reason = str(exc) if isinstance(exc, _Transient) else type(exc).__name__
+            cause = watch.reason or exc  # a cut made by the watch: its reason, not the broken read's
+            if not isinstance(cause, (_Transient, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)):
+                raise cause from None
+            reason = _failure_reason(cause)
         finally:
             watch.stop()
-        if done > furthest:
+        if done >= furthest + STALL_MIN_BYTES:  # worth a fresh budget; a few bytes more are not
             furthest, failures = done, 1
         else:
             failures += 1
@@ -434,6 +435,18 @@ def download_file(
         raise mismatch("the sha256 does not match the published one.")
     os.replace(partial, dest)
     return DownloadedFile(path=dest, size=done, sha256=sha256, filename=filename)
+
+
+def _failure_reason(exc: BaseException) -> str:
+    import urllib3
+
+    if isinstance(exc, _Transient):
+        return str(exc)
+    if isinstance(exc, urllib3.exceptions.ProtocolError):
+        return "connection cut"
+    if isinstance(exc, (urllib3.exceptions.TimeoutError, TimeoutError)):
+        return "timed out"
+    return type(exc).__name__
 
 
 class _BackgroundSha256:
