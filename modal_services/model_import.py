@@ -16,7 +16,9 @@ An import, step by step:
 5. a LoRA is checked against SDXL's layout and converted when diffusers
    cannot load it (the original kept under `.original/`); a checkpoint must be
    an SDXL single-file checkpoint;
-6. the file is renamed into place, the volume committed, *then* the entry written.
+6. under `lock:file:<name>` the library file name is chosen (a free one: two
+   models whose files share a name both keep theirs), the file renamed into
+   place, the volume committed, *then* the entry written.
 
 Anything that fails leaves nothing behind: the incoming files are removed.
 """
@@ -27,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -60,6 +63,10 @@ Hook = Callable[[], object]
 
 def _lock_name(version_id: int) -> str:
     return f"civitai:{version_id}"
+
+
+def _file_lock_name(file_name: str) -> str:
+    return f"file:{file_name.lower()}"
 
 
 class ModelEngine:
@@ -144,6 +151,37 @@ class ModelEngine:
             beat.cancel()
             await release_lock(self.store, name, owner)
 
+    @contextlib.asynccontextmanager
+    async def _claimed_file_name(self, wanted: str, owner: str, progress: ProgressFn, exact: bool):
+        """Hold `lock:file:<name>` on a library file name that no entry, file or other install has.
+
+        Choosing the name, moving the file into place and writing the entry all
+        happen while it is held, so two models whose files share a name (bot
+        and CLI at once, two containers) get distinct names: never an
+        overwrite. `exact`: this very name (a re-import of a missing file, an
+        adopted file), waiting for whoever installs it now.
+        """
+        skipped: set[str] = set()
+        while True:
+            taken = await self.library.taken_names()
+            name = wanted if exact else unique_file_name(wanted, taken | skipped)
+            if await try_lock(self.store, _file_lock_name(name), owner):
+                # Installed by someone between our look and our lock: that name is theirs.
+                if exact or name.lower() not in {item.lower() for item in await self.library.taken_names()}:
+                    break
+                await release_lock(self.store, _file_lock_name(name), owner)
+            elif exact:
+                progress(0.9, f"waiting for another install of {name}")
+                await asyncio.sleep(self.wait_poll)
+                continue
+            skipped.add(name)
+        beat = asyncio.create_task(self._heartbeat(_file_lock_name(name), owner))
+        try:
+            yield name
+        finally:
+            beat.cancel()
+            await release_lock(self.store, _file_lock_name(name), owner)
+
     async def _heartbeat(self, name: str, owner: str) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
@@ -154,8 +192,7 @@ class ModelEngine:
         if existing is not None:
             file_name = existing.file  # re-import of an entry whose file went missing
         else:
-            fallback = f"civitai-{plan.version_id}"
-            file_name = unique_file_name(safe_file_name(plan.file_name, fallback), await self.library.taken_names())
+            file_name = safe_file_name(plan.file_name, f"civitai-{plan.version_id}")  # the final name is claimed at install
         incoming = self.loras_dir / INCOMING_DIR / owner / file_name
         try:
             progress(0.03, f"downloading {file_name}")
@@ -183,15 +220,16 @@ class ModelEngine:
             )
             if existing is not None:
                 entry.trigger_words, entry.weight, entry.added_at = existing.trigger_words, existing.weight, existing.added_at
-            return await self._install(incoming, entry, progress)
+            return await self._install(incoming, entry, progress, owner, exact=existing is not None)
         finally:
             _discard_incoming(incoming)
 
-    async def _install(self, incoming: Path, entry: LibraryEntry, progress: ProgressFn) -> LibraryEntry:
-        """Check (and convert) the file in `.incoming/`, rename it into place, commit, then write the entry."""
+    async def _install(self, incoming: Path, entry: LibraryEntry, progress: ProgressFn, owner: str,
+                       exact: bool = False) -> LibraryEntry:
+        """Check (and convert) the file in `.incoming/`; then, under its name's lock, rename it into place,
+        commit and write the entry (`entry.file` is the wanted name; the one given is what it gets)."""
         progress(0.9, "checking the file")
         folder = self.library.folder(entry.type)
-        final = folder / entry.file
         converted = incoming.with_name(incoming.name + ".converted")
         try:
             if entry.type == "lora":
@@ -203,19 +241,22 @@ class ModelEngine:
                 await asyncio.to_thread(check_checkpoint, incoming)
                 report, entry.format = None, "checkpoint"
             await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-            if report is not None and report.converted:
-                original = folder / ORIGINALS_DIR / entry.file
-                await asyncio.to_thread(original.parent.mkdir, exist_ok=True)
-                await asyncio.to_thread(os.replace, incoming, original)
-                await asyncio.to_thread(os.replace, converted, final)
-                entry.original_file = f"{ORIGINALS_DIR}/{entry.file}"
-            else:
-                await asyncio.to_thread(os.replace, incoming, final)
+            async with self._claimed_file_name(entry.file, owner, progress, exact) as file_name:
+                entry.file = file_name
+                final = folder / file_name
+                if report is not None and report.converted:
+                    original = folder / ORIGINALS_DIR / file_name
+                    await asyncio.to_thread(original.parent.mkdir, exist_ok=True)
+                    await asyncio.to_thread(os.replace, incoming, original)
+                    await asyncio.to_thread(os.replace, converted, final)
+                    entry.original_file = f"{ORIGINALS_DIR}/{file_name}"
+                else:
+                    await asyncio.to_thread(os.replace, incoming, final)
+                await self._commit()
+                progress(0.98, "adding to the library")
+                return await self.library.add(entry)
         finally:
             converted.unlink(missing_ok=True)
-        await self._commit()
-        progress(0.98, "adding to the library")
-        return await self.library.add(entry)
 
     async def _free_name(self, name: str, version_name: str) -> str:
         """The model's name, with its version when another entry already has that name."""
@@ -239,8 +280,9 @@ class ModelEngine:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "Only .safetensors files can be added (other formats run code when loaded).")
         display = clean_name(name) if name else None
         words = parse_trigger_words(trigger_words) if trigger_words else None
-        file_name = unique_file_name(safe_file_name(filename), await self.library.taken_names())
-        incoming = self.loras_dir / INCOMING_DIR / uuid.uuid4().hex / file_name
+        file_name = safe_file_name(filename)  # the final name is claimed at install
+        owner = uuid.uuid4().hex
+        incoming = self.loras_dir / INCOMING_DIR / owner / file_name
         try:
             progress(0.0, f"receiving {file_name}")
             try:
@@ -259,7 +301,7 @@ class ModelEngine:
                 entry.name = display
             if words is not None:
                 entry.trigger_words = words
-            return self._result(await self._install(incoming, entry, progress), already=False)
+            return self._result(await self._install(incoming, entry, progress, owner), already=False)
         finally:
             _discard_incoming(incoming)
 
@@ -308,7 +350,8 @@ class ModelEngine:
 
     async def _adopt(self, file_name: str, kind: str, api_base: str, progress: ProgressFn) -> LibraryEntry:
         path = self.library.folder(kind) / file_name
-        incoming = self.loras_dir / INCOMING_DIR / uuid.uuid4().hex / file_name
+        owner = uuid.uuid4().hex
+        incoming = self.loras_dir / INCOMING_DIR / owner / file_name
         await asyncio.to_thread(incoming.parent.mkdir, parents=True, exist_ok=True)
         # Moved aside while it is checked: a file that fails goes back untouched.
         await asyncio.to_thread(os.replace, path, incoming)
@@ -317,7 +360,7 @@ class ModelEngine:
             entry = await self._describe(file_name, kind, incoming.stat().st_size, sha256, api_base, progress)
             if entry.civitai_version_id is not None:
                 entry.source = "civitai"
-            return await self._install(incoming, entry, progress)
+            return await self._install(incoming, entry, progress, owner, exact=True)
         finally:
             if incoming.exists():
                 await asyncio.to_thread(os.replace, incoming, path)
@@ -364,12 +407,10 @@ def _civitai_error(error: DownloadError, plan: ImportPlan) -> ToolboxError:
 
 
 def _discard_incoming(path: Path) -> None:
-    """Remove a job's staging folder (`.incoming/<job>/`) and whatever is left in it."""
-    for leftover in (path, path.with_name(path.name + ".partial"), path.with_name(path.name + ".converted")):
-        leftover.unlink(missing_ok=True)
-    for folder in (path.parent, path.parent.parent):
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only when empty: another job may be using `.incoming/`
+    """Remove a job's staging folder (`.incoming/<job>/`) with whatever is left in it, then `.incoming/` if empty."""
+    shutil.rmtree(path.parent, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        path.parent.parent.rmdir()  # only when empty: another job may be using `.incoming/`
 
 
 def _mib(n: int) -> str:

@@ -107,6 +107,34 @@ def test_two_imports_at_once_make_one_download(engine, civitai, tmp_path):
     asyncio.run(second.store.close())
 
 
+def test_two_models_whose_files_share_a_name_both_stay(engine, civitai, tmp_path):
+    """Different models, same file name, imported at once by two engines (bot and CLI): two files, two entries."""
+    from diffusers import StableDiffusionXLPipeline  # noqa: F401  diffusers' lazy imports race when two threads start them
+
+    other = tiny_loras.to_bytes(tiny_loras.sdxl_kohya(seed=99))
+    civitai.add_model(1, 11, LORA, name="First", file_name="same.safetensors")
+    civitai.add_model(2, 21, other, name="Second", file_name="same.safetensors")
+    second = ModelEngine(tmp_path / "loras", tmp_path / "models", SqliteStore(tmp_path / "state.sqlite3"))
+    second.wait_poll = 0.05
+    second.load()
+    results = []
+    threads = [threading.Thread(target=lambda e=e, ref=ref: results.append(do_import(e, civitai, ref)))
+               for e, ref in ((engine, "https://civitai.com/models/1"), (second, "https://civitai.com/models/2"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    files = sorted(r["entry"]["file"] for r in results)
+    assert files == ["same-2.safetensors", "same.safetensors"]
+    by_file = {r["entry"]["file"]: r["entry"] for r in results}
+    for file, entry in by_file.items():
+        data = (tmp_path / "loras" / "loras" / file).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]  # each file is its own model's
+    assert {entry["sha256"] for entry in by_file.values()} == {hashlib.sha256(LORA).hexdigest(), hashlib.sha256(other).hexdigest()}
+    assert len(entries(engine)) == 2 and not (tmp_path / "loras" / ".incoming").exists()
+    asyncio.run(second.store.close())
+
+
 def test_a_dropped_connection_resumes(engine, civitai):
     civitai.add_model(1, 11, LORA)
     civitai.fault("/storage/", kind="drop", at=1000)
