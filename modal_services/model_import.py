@@ -13,7 +13,8 @@ An import, step by step:
    import of the same version waits for the first and then finds it installed;
 4. the download redirect is resolved and the file fetched by `download_file`
    into `.incoming/` (resume, retries, sha256 against CivitAI's hash);
-5. a LoRA is checked against SDXL's layout and converted when diffusers
+5. every tensor is checked finite (one at a time); a LoRA is checked against
+   SDXL's layout (and must go beyond what SD 1.5 has) and converted when diffusers
    cannot load it (the original kept under `.original/`); a checkpoint must be
    an SDXL single-file checkpoint;
 6. under `lock:file:<name>` the library file name is chosen (a free one: two
@@ -36,7 +37,15 @@ from typing import Any, Callable
 
 from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_from_metadata, plan_import
 from modal_services.locks import HEARTBEAT_SECONDS, refresh_lock, release_lock, try_lock
-from modal_services.transfer import DownloadError, DownloadHTTPError, download_file, max_bytes_for, sha256_file
+from modal_services.transfer import (
+    DownloadError,
+    DownloadHTTPError,
+    download_file,
+    is_disk_full,
+    max_bytes_for,
+    sha256_file,
+    storage_full,
+)
 from modal_services.egress import Purpose
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import ProgressFn
@@ -232,6 +241,7 @@ class ModelEngine:
         folder = self.library.folder(entry.type)
         converted = incoming.with_name(incoming.name + ".converted")
         try:
+            await asyncio.to_thread(check_finite, incoming)
             if entry.type == "lora":
                 from modal_services.lora_formats import normalize_lora
 
@@ -255,6 +265,10 @@ class ModelEngine:
                 await self._commit()
                 progress(0.98, "adding to the library")
                 return await self.library.add(entry)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise storage_full(entry.file) from None
+            raise
         finally:
             converted.unlink(missing_ok=True)
 
@@ -373,6 +387,35 @@ class ModelEngine:
         entry = await self.library.delete(name)
         await self._commit()
         return {"entry": self.library.to_json(entry)}
+
+
+def check_finite(path: Path) -> None:
+    """Every tensor (alphas too) is finite, read one tensor at a time: never the whole file in memory.
+
+    A NaN or infinite weight makes every image it touches black (or noise), and
+    would be reported as a success: such a file is refused, naming the tensor.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if not tensor.is_floating_point():
+                    continue
+                try:
+                    finite = bool(torch.isfinite(tensor).all())
+                except (RuntimeError, TypeError):  # dtypes without isfinite (fp8): check them widened
+                    finite = bool(torch.isfinite(tensor.float()).all())
+                if not finite:
+                    raise ToolboxError(
+                        ErrorCode.INCOMPATIBLE_MODEL,
+                        f"{path.name} is damaged: its tensor `{key[:120]}` holds NaN or infinite values, so it would "
+                        "only produce black or noisy images. It was not added.",
+                    )
+    except (SafetensorError, ValueError) as exc:
+        raise ToolboxError(ErrorCode.MODEL_LOAD_FAILED, f"{path.name} is not a readable .safetensors file ({type(exc).__name__}).") from None
 
 
 def check_checkpoint(path: Path) -> None:

@@ -196,6 +196,79 @@ def test_a_lora_for_another_base_model_is_refused_and_nothing_written(engine, ci
     assert files_under(tmp_path / "loras") == [] and entries(engine) == []
 
 
+def _poisoned(key_part: str, value: float) -> dict:
+    state = tiny_loras.sdxl_kohya()
+    key = next(k for k in state if key_part in k)
+    state[key] = state[key].clone().fill_(value) if state[key].dim() else state[key].new_tensor(value)
+    return state
+
+
+@pytest.mark.parametrize("key_part, value", [("lora_up", float("nan")), ("lora_down", float("-inf")), ("alpha", float("inf"))])
+def test_a_lora_with_nan_or_inf_weights_is_refused_naming_the_tensor(engine, civitai, tmp_path, key_part, value):
+    civitai.add_model(1, 11, tiny_loras.to_bytes(_poisoned(key_part, value)))
+    with pytest.raises(ToolboxError) as caught:
+        do_import(engine, civitai)
+    assert caught.value.code is ErrorCode.INCOMPATIBLE_MODEL and key_part in caught.value.message
+    assert "NaN or infinite" in caught.value.message
+    assert files_under(tmp_path / "loras") == [] and entries(engine) == []
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(engine, civitai, tmp_path):
+    state = tiny_loras.sdxl_checkpoint()
+    state["model.diffusion_model.input_blocks.0.0.weight"][0, 0, 0, 0] = float("nan")
+    civitai.add_model(2, 21, tiny_loras.to_bytes(state), type="Checkpoint", file_name="nan.safetensors")
+    with pytest.raises(ToolboxError) as caught:
+        do_import(engine, civitai, ref="2")
+    assert caught.value.code is ErrorCode.INCOMPATIBLE_MODEL and "input_blocks.0.0.weight" in caught.value.message
+    assert files_under(tmp_path / "loras") == []
+
+
+def _sd15_lora(names: dict) -> dict:
+    import torch
+
+    g, state = torch.Generator().manual_seed(5), {}
+    for name, (out, inp) in names.items():
+        state[f"{name}.lora_down.weight"] = torch.randn((1, inp), generator=g)
+        state[f"{name}.lora_up.weight"] = torch.randn((out, 1), generator=g)
+        state[f"{name}.alpha"] = torch.tensor(1.0)
+    return state
+
+
+# Layers SD 1.5 and SDXL both have with the same shapes: such a LoRA would load into SDXL.
+SHARED_SHAPES = {
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q": (1280, 1280),
+    "lora_unet_down_blocks_2_attentions_0_transformer_blocks_0_attn1_to_k": (1280, 1280),
+    "lora_te1_text_model_encoder_layers_11_self_attn_out_proj": (768, 768),
+}
+
+
+@pytest.mark.parametrize("names, why", [
+    (SHARED_SHAPES, "only layers SD 1.5 has"),
+    ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
+      "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q": (1280, 1280)}, "SD 1.5's single text encoder"),
+])
+def test_an_sd15_lora_labelled_sdxl_is_refused_and_nothing_written(engine, civitai, tmp_path, names, why):
+    civitai.add_model(1, 11, tiny_loras.to_bytes(_sd15_lora(names)))
+    with pytest.raises(ToolboxError) as caught:
+        do_import(engine, civitai)
+    assert caught.value.code is ErrorCode.INCOMPATIBLE_MODEL and why in caught.value.message
+    assert files_under(tmp_path / "loras") == [] and entries(engine) == []
+
+
+def test_disk_full_while_converting_is_storage_full(engine, civitai, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    civitai.add_model(1, 11, tiny_loras.to_bytes(tiny_loras.sdxl_loha()), file_name="armor.safetensors")
+    with pytest.raises(ToolboxError) as caught:
+        do_import(engine, civitai)
+    assert caught.value.code is ErrorCode.STORAGE_FULL
+    assert files_under(tmp_path / "loras") == [] and entries(engine) == []
+
+
 def test_checkpoints_go_to_checkpoints_and_must_be_sdxl(engine, civitai, tmp_path):
     civitai.add_model(2, 21, tiny_loras.to_bytes(tiny_loras.sdxl_checkpoint()), type="Checkpoint",
                       name="NoobAI XL", file_name="noobai.safetensors", base_model="NoobAI")
