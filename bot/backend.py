@@ -36,6 +36,7 @@ RESULT_KEEP_SECONDS = 600
 
 class Backend(ABC):
     store: StateStore
+    runs_jobs_in_process: bool = False  # the local backend runs them in this process's threads
 
     @abstractmethod
     async def submit(
@@ -72,6 +73,8 @@ class Backend(ABC):
 
 
 class LocalBackend(Backend):
+    runs_jobs_in_process = True
+
     def __init__(self, settings: Settings):
         self.store = SqliteStore(settings.state_path)
         self.models_dir = settings.models_dir

@@ -216,13 +216,14 @@ async def setup_models(settings: Settings, only: list[str] | None) -> None:
     entries = resolve_keys(only)  # an unknown key fails here, before anything starts
     backend = make_backend(settings)
     try:
-        states = await model_states(backend.store, entries)
+        states = await _checked_states(settings, backend.store, entries)
         missing = [state.key for state in states if state.state != "present"]
         if not missing:
             print("All requested base models are present.")
             return
         job_id, started = await start_or_attach_download(
-            backend.store, lambda: backend.submit("download", {"keys": missing}, owner={"cli": True})
+            backend.store, lambda: backend.submit("download", {"keys": missing}, owner={"cli": True}),
+            backend.runs_jobs_in_process,
         )
         if not started:
             print(f"A download is already running (job {job_id}); following it.", file=sys.stderr)
@@ -263,21 +264,13 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     import json
 
     from bot.setup_download import active_download
-    from modal_services.downloads import check_files, describe_state, download_key, manifest_key
     from modal_services.registry import BASE_MODELS
     from modal_services.tokens import SERVICES, token_state
 
     backend = make_backend(settings)
     store = backend.store
     try:
-        states = []
-        for entry in BASE_MODELS.values():
-            manifest = await store.get(manifest_key(entry.key))
-            problems = None
-            if manifest and settings.backend == "local":
-                # The local backend can see the volume; the Modal one trusts what the worker verified.
-                problems = await asyncio.to_thread(check_files, settings.models_dir / entry.folder, manifest)
-            states.append(describe_state(entry, manifest, await store.get(download_key(entry.key)), problems or None))
+        states = await _checked_states(settings, store, BASE_MODELS.values())
         tokens = [await token_state(store, service) for service in SERVICES]
         document = {
             "backend": settings.backend,
@@ -303,6 +296,22 @@ async def show_status(settings: Settings, as_json: bool) -> None:
         print(f"active checkpoint: {document['active_checkpoint']}")
     for kind, counts in document["jobs"].items():
         print(f"jobs {kind}: {counts['running']} running, {counts['queued']} queued")
+
+
+async def _checked_states(settings: Settings, store, entries) -> list:
+    """Each model's state, believing a manifest only with its files: the local backend sees the volume
+    (files, sizes and published hashes); the Modal one trusts what the worker verified."""
+    from modal_services.downloads import check_files, describe_state, download_key, manifest_key
+
+    states = []
+    for entry in entries:
+        manifest = await store.get(manifest_key(entry.key))
+        problems = None
+        if manifest and settings.backend == "local":
+            problems = await asyncio.to_thread(
+                check_files, settings.models_dir / entry.folder, manifest, published=entry.published)
+        states.append(describe_state(entry, manifest, await store.get(download_key(entry.key)), problems or None))
+    return states
 
 
 async def _job_counts(store) -> dict[str, dict[str, int]]:

@@ -11,7 +11,8 @@ import asyncio
 import time
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.locks import LOCK_STALE_SECONDS, lock_key
+from modal_services.jobs import JobStatus, load_job
+from modal_services.locks import holder_alive, holder_record, lock_key
 from modal_services.state import StateStore
 
 SETUP_LOCK = "setup-download"
@@ -20,16 +21,16 @@ ATTACH_TIMEOUT = 15.0
 
 
 async def _setup_job_live(store: StateStore, value: dict) -> bool:
-    from modal_services.jobs import load_job
-
+    """Whether the download the lock names can still finish: its runner alive (checked by pid on this
+    machine, by heartbeat elsewhere); a dead one is let go at once, for the next setup to take over."""
     job_id = value.get("job_id")
     if not job_id:
-        return time.time() - value.get("heartbeat", 0) < SUBMIT_GRACE_SECONDS
+        return time.time() - value.get("heartbeat", 0) < SUBMIT_GRACE_SECONDS and holder_alive(value) is not False
     job = await load_job(store, job_id)
-    if job is None or job.status.finished:
+    if job is None or job.status.finished or job.stale():
         return False
-    # A running download writes its job record every second or so; silence means its worker died.
-    return time.time() - (job.updated_at or job.created_at) < LOCK_STALE_SECONDS
+    # Queued in the process that submitted it (the local backend): that process gone, nobody will run it.
+    return not (job.status is JobStatus.QUEUED and value.get("runs_here") and holder_alive(value) is False)
 
 
 async def active_download(store: StateStore) -> str | None:
@@ -40,18 +41,20 @@ async def active_download(store: StateStore) -> str | None:
     return None
 
 
-async def start_or_attach_download(store: StateStore, submit) -> tuple[str, bool]:
+async def start_or_attach_download(store: StateStore, submit, runs_here: bool) -> tuple[str, bool]:
     """(job id, started): the running setup download's id, or a new one from `await submit()`.
 
     Two admins pressing Download at once: one `put_if_absent` wins and
     submits; the other waits for that job id and follows the same job.
+    `runs_here`: the job will run in this process (the local backend).
     """
     import uuid
 
     key = lock_key(SETUP_LOCK)
     deadline = time.monotonic() + ATTACH_TIMEOUT
     while True:
-        mine = {"owner": uuid.uuid4().hex, "job_id": None, "heartbeat": time.time()}
+        mine = {"owner": uuid.uuid4().hex, "job_id": None, "heartbeat": time.time(), "runs_here": runs_here,
+                **holder_record()}
         if await store.put_if_absent(key, mine):
             try:
                 job = await submit()

@@ -14,11 +14,11 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.fetchers import FetchContext, Plan, fetcher_for, git_blob_sha1
-from modal_services.locks import HEARTBEAT_SECONDS, LOCK_STALE_SECONDS, refresh_lock, release_lock, try_lock
+from modal_services.locks import HEARTBEAT_SECONDS, holder_alive, holder_record, refresh_lock, release_lock, try_lock
 from modal_services.state import StateStore
 from modal_services.transfer import CHUNK_SIZE, is_disk_full, sha256_file, storage_full
 
@@ -34,36 +34,50 @@ def manifest_key(model: str) -> str:
 
 
 TICK_SECONDS = 1.0  # progress records are written at most once per tick
+# An active progress record is rewritten every tick: one this old belongs to a download that died.
+RECORD_STALE_SECONDS = 15.0
 LOCK_POLL_SECONDS = 1.0
 RATE_SMOOTHING = 0.3  # weight of the newest sample in the moving average of bytes/s
 
 
 # -- status ---------------------------------------------------------------------
 
-def check_files(folder: Path, manifest: dict, deep: bool = False, on_bytes: Callable[[int], None] | None = None) -> list[str]:
-    """What is wrong with a model's files on disk against its manifest (empty: all good).
+def check_files(folder: Path, manifest: dict, deep: bool = False, on_bytes: Callable[[int], None] | None = None,
+                published: Mapping | None = None) -> list[str]:
+    """What is wrong with a model's files on disk against its manifest (empty: all good)."""
+    return [f"{name} {problem}" for name, problem in file_problems(folder, manifest, deep, on_bytes, published).items()]
 
-    Shallow: every file exists with its size. Deep: the hashes too (sha256,
-    or the git blob id for small files), which reads every byte.
+
+def file_problems(folder: Path, manifest: dict, deep: bool = False, on_bytes: Callable[[int], None] | None = None,
+                  published: Mapping | None = None) -> dict[str, str]:
+    """File name → what is wrong with it ("is missing", wrong size or hash), in name order.
+
+    Shallow: every file exists with its size, and files whose sha256 the
+    registry publishes (`published`: dest → PublishedFile) match it. Deep: every
+    hash (sha256, or the git blob id for small files), which reads every byte.
     """
-    problems = []
+    problems: dict[str, str] = {}
     hashed = 0
     for name, expected in sorted(manifest.get("files", {}).items()):
         path = folder / name
         if not path.is_file():
-            problems.append(f"{name} is missing")
+            problems[name] = "is missing"
             continue
         size = path.stat().st_size
         if size != expected.get("size"):
-            problems.append(f"{name} has {size} bytes, {expected.get('size')} expected")
+            problems[name] = f"has {size} bytes, {expected.get('size')} expected"
+            continue
+        known = (published or {}).get(name)
+        if not deep and known is not None and known.sha256 and sha256_file(path) != known.sha256.lower():
+            problems[name] = "does not match its published sha256"
             continue
         if deep:
             base = hashed
             report = (lambda n: on_bytes(base + n)) if on_bytes else None
             if expected.get("sha256") and sha256_file(path, report) != expected["sha256"]:
-                problems.append(f"{name} does not match its sha256")
+                problems[name] = "does not match its sha256"
             elif not expected.get("sha256") and expected.get("git_sha1") and git_blob_sha1(path) != expected["git_sha1"]:
-                problems.append(f"{name} does not match its git blob id")
+                problems[name] = "does not match its git blob id"
             hashed += size
     return problems
 
@@ -94,7 +108,9 @@ def describe_state(entry, manifest: dict | None, record: dict | None, problems: 
     record = record or {}
     status = record.get("status")
     total = record.get("bytes_total") or entry.approx_bytes
-    if status in ACTIVE_STATES and time.time() - record.get("updated_at", 0) < LOCK_STALE_SECONDS:
+    running = (status in ACTIVE_STATES and time.time() - record.get("updated_at", 0) < RECORD_STALE_SECONDS
+               and holder_alive(record) is not False)
+    if running:
         return ModelState(entry.key, entry.name, "downloading" if status != "queued" else "queued", total,
                           record.get("bytes_done", 0), record.get("rate", 0.0), record.get("eta"), status)
     if status == "failed":
@@ -142,12 +158,16 @@ class _Live:
         self.started_at: float | None = None
         self.rate = 0.0
         self._sample: tuple[float, int] | None = None
+        self.stopped: ToolboxError | None = None  # a cancel for this run: the transfer threads raise it
 
     @property
     def done(self) -> int:
         return self.finished_bytes + self.current
 
     def on_bytes(self, n: int) -> None:
+        """Called from the transfer threads (often): where a cancel reaches them."""
+        if self.stopped is not None:
+            raise self.stopped
         self.current = n  # an int store is atomic: no lock needed between one writer and one reader
 
     def sample_rate(self, now: float) -> None:
@@ -173,6 +193,7 @@ class _Live:
             "error": self.error.message if self.error else None,
             "started_at": self.started_at,
             "updated_at": time.time(),
+            **holder_record(),
         }
 
 
@@ -241,10 +262,16 @@ class DownloadEngine:
         )
 
     async def present(self, entry) -> bool:
+        """A complete manifest *and* the files on disk (sizes, published hashes); a wrong file is removed for a re-fetch."""
         manifest = await self.store.get(manifest_key(entry.key))
         if not (manifest and manifest.get("complete")):
             return False
-        return not await asyncio.to_thread(check_files, self.folder(entry), manifest)
+        folder = self.folder(entry)
+        problems = await asyncio.to_thread(file_problems, folder, manifest, published=entry.published)
+        for name, problem in problems.items():
+            if problem != "is missing":  # same size but wrong bytes would otherwise be kept as finished
+                await asyncio.to_thread((folder / name).unlink, missing_ok=True)
+        return not problems
 
     async def _write(self, live: _Live) -> None:
         if live.owned:
@@ -263,7 +290,12 @@ class DownloadEngine:
             done = sum(live.total if live.status == "complete" else min(live.done, live.total) for live in lives)
             current = next((live for live in lives if live.status in ACTIVE_STATES[1:]), None)
             stage = f"{current.status} {current.entry.name}" if current else "downloading"
-            progress(done / total, stage)
+            try:
+                progress(done / total, stage)
+            except ToolboxError as error:  # a cancel: every transfer of this run stops at its next read
+                for live in lives:
+                    live.stopped = error
+                return
             if now - last_beat >= HEARTBEAT_SECONDS:
                 last_beat = now
                 for live in lives:
@@ -306,8 +338,8 @@ class DownloadEngine:
                         await release_lock(self.store, f"download:{live.entry.key}", owner)
                 except ToolboxError as error:
                     results[live.entry.key] = "failed"
-                    if error.code is ErrorCode.STORAGE_FULL:
-                        raise  # every later model would fail the same way
+                    if error.code in (ErrorCode.STORAGE_FULL, ErrorCode.CANCELLED):
+                        raise  # every later model would fail the same way, or was not wanted any more
         finally:
             ticker.cancel()
             await asyncio.gather(ticker, return_exceptions=True)

@@ -2,7 +2,9 @@
 
 `lock:<name>` is created with skip-if-exists; the holder refreshes its
 heartbeat, and a lock nobody refreshed for `LOCK_STALE_SECONDS` belongs to a
-process that died (killed container, closed laptop).
+process that died (killed container, closed laptop). A holder on this very
+machine (same host and process namespace) is checked by its pid instead: a
+killed CLI's lock is taken over at once.
 """
 
 from __future__ import annotations
@@ -26,14 +28,43 @@ LOCK_STALE_SECONDS = 120.0
 HEARTBEAT_SECONDS = 15.0
 
 
+def machine_id() -> str:
+    """This host and process namespace: where a recorded pid can be checked (another container's cannot)."""
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{os.uname().nodename}:{namespace}"
+
+
+def holder_alive(value: dict) -> bool | None:
+    """Whether the process a record names is alive: None when it ran elsewhere (only its heartbeat can tell)."""
+    pid = value.get("pid")
+    if value.get("machine") != machine_id() or not isinstance(pid, int):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def holder_record() -> dict:
+    return {"host": os.uname().nodename, "machine": machine_id(), "pid": os.getpid()}
+
+
 def _lock_is_live(value: dict | None, now: float | None = None) -> bool:
-    return bool(value) and (now or time.time()) - value.get("heartbeat", 0) < LOCK_STALE_SECONDS
+    if not value or holder_alive(value) is False:  # a holder on this machine that died is dead at once
+        return False
+    return (now or time.time()) - value.get("heartbeat", 0) < LOCK_STALE_SECONDS
 
 
 async def try_lock(store: StateStore, name: str, owner: str, extra: dict | None = None) -> bool:
     """Take `lock:<name>` if free or stale (its holder stopped refreshing it)."""
     key = lock_key(name)
-    value = {"owner": owner, "heartbeat": time.time(), "host": os.uname().nodename, "pid": os.getpid(), **(extra or {})}
+    value = {"owner": owner, "heartbeat": time.time(), **holder_record(), **(extra or {})}
     if await store.put_if_absent(key, value):
         return True
     current = await store.get(key)
