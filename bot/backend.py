@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # A local job's result waits this long for someone to collect it (/setup follows
 # downloads by their records and never does), then it is let go.
 RESULT_KEEP_SECONDS = 600
+ENGINE_THREAD_PREFIX = "engine-"
 
 
 class Backend(ABC):
@@ -99,7 +100,7 @@ class LocalBackend(Backend):
         service = spec.modal_class
         if service not in self._engines:
             self._engines[service] = spec.make_engine(self.models_dir)
-            self._executors[service] = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{service}")
+            self._executors[service] = ThreadPoolExecutor(1, thread_name_prefix=f"{ENGINE_THREAD_PREFIX}{service}")
             self._turns[service] = asyncio.Lock()
         # The job stays "queued" until its engine is free.
         async with self._turns[service]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bot.backend import Backend, make_backend
+from bot.backend import ENGINE_THREAD_PREFIX, Backend, make_backend
 from bot.progress import follow_job
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
@@ -108,8 +108,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error.code.value}: {error.message}", file=sys.stderr)
         return 2 if error.code is ErrorCode.INVALID_INPUT else 1
     except KeyboardInterrupt:
+        print("Stopped. A download picks up where it left off the next time.", file=sys.stderr)
+        _stop_engines_soon()
         return 1
     return 0
+
+
+# After Ctrl-C the engines are told to stop; one still inside a library call that
+# cannot be interrupted (a Hugging Face transfer between chunks) is not waited for.
+STOP_GRACE_SECONDS = 1.5
+
+
+def _stop_engines_soon() -> None:
+    """Give the engine threads (told to stop by the backend's shutdown) a moment, then exit without them."""
+    import os
+    import time
+
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for thread in threading.enumerate():
+        if thread.name.startswith(ENGINE_THREAD_PREFIX):
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.name.startswith(ENGINE_THREAD_PREFIX) and thread.is_alive() for thread in threading.enumerate()):
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def run_bot(settings: Settings) -> None:
