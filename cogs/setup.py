@@ -144,7 +144,7 @@ class TokensForm(discord.ui.Modal, title="API tokens"):
                 continue
             try:
                 state = await set_token(self.cog.store, service, value, civitai_api_base=settings.civitai_api_base)
-                lines.append(f"✅ {state.describe()}: checked and saved.")
+                lines.append(f"✅ {state.label()}: checked and saved.")
             except ToolboxError as error:
                 lines.append(f"{LABELS[service]}: {error_text(error)}")
         if not lines:

@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 SERVICES = ("civitai", "hf")
 LABELS = {"civitai": "CivitAI", "hf": "Hugging Face"}
 ENV_NAMES = {"civitai": "CIVITAI_TOKEN", "hf": "HF_TOKEN"}
+# Where a token came from, as /setup and `toolbox status` say it.
+ORIGINS = {"setup": "(set with /setup)", "env": "(from the environment)", "secret": "(from the Modal secret)"}
 MAX_TOKEN_CHARS = 512
 CHECK_TIMEOUT = 20.0
 MAX_ANSWER_BYTES = 1 << 20  # a who-am-I answer is a few hundred bytes
@@ -44,19 +46,23 @@ def mask(token: str | None) -> str:
 class TokenState:
     service: str
     masked: str
-    source: str | None  # "setup" (the state store), "env", or None when unset
+    source: str | None  # "setup" (the state store), "secret" (env on Modal), "env", or None when unset
     user: str | None = None
 
     @property
     def is_set(self) -> bool:
         return self.source is not None
 
-    def describe(self) -> str:
+    def label(self) -> str:
+        """The service, the masked token and its user: `CivitAI: ••••a1b2 (alice)`."""
         if not self.is_set:
             return f"{LABELS[self.service]}: not set"
         who = f" ({self.user})" if self.user else ""
-        origin = " from the environment" if self.source == "env" else ""
-        return f"{LABELS[self.service]}: {self.masked}{who}{origin}"
+        return f"{LABELS[self.service]}: {self.masked}{who}"
+
+    def describe(self) -> str:
+        """The label and where the token came from."""
+        return self.label() + (f" {ORIGINS[self.source]}" if self.is_set else "")
 
 
 def _check_service(service: str) -> None:
@@ -78,8 +84,12 @@ async def token_state(store: StateStore, service: str, environ: Mapping[str, str
     record = await store.get(secret_key(service))
     if record and record.get("token"):
         return TokenState(service, mask(record["token"]), "setup", record.get("user"))
-    value = (os.environ if environ is None else environ).get(ENV_NAMES[service], "").strip()
-    return TokenState(service, mask(value), "env" if value else None)
+    env = os.environ if environ is None else environ
+    value = env.get(ENV_NAMES[service], "").strip()
+    if not value:
+        return TokenState(service, mask(value), None)
+    # Inside a Modal container the environment's tokens are the deployed secret's.
+    return TokenState(service, mask(value), "secret" if env.get("MODAL_IS_REMOTE") == "1" else "env")
 
 
 def clean_token(service: str, token: str) -> str:

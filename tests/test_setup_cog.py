@@ -87,7 +87,7 @@ async def test_panel_lists_models_sizes_and_masked_tokens(bot, monkeypatch):
     for entry in BASE_MODELS.values():
         assert entry.name in text
     assert "0/7 present" in text and "6.9 GB" in text and "missing" in text
-    assert "CivitAI: ••••a1b2 from the environment" in text and "Hugging Face: not set" in text
+    assert "CivitAI: ••••a1b2 (from the environment)" in text and "Hugging Face: not set" in text
     assert CIVITAI_TOKEN not in text
     assert isinstance(interaction.edit_original_response.await_args.kwargs["view"], SetupPanel)
 
