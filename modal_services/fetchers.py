@@ -227,7 +227,7 @@ class URLFetcher:
     def fetch(self, entry, plan: Plan, file: PlannedFile, folder: Path, ctx: FetchContext,
               on_bytes: Callable[[int], None]) -> None:
         download_file(file.source, folder / file.dest, expected_size=file.size, expected_sha256=file.sha256,
-                      progress=lambda done, total: on_bytes(done))
+                      size_hint=entry.approx_bytes, progress=lambda done, total: on_bytes(done))
 
 
 # By source kind (registry.py). The CivitAI importer adds "civitai" here.

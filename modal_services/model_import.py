@@ -216,7 +216,7 @@ class ModelEngine:
                 downloaded = await asyncio.to_thread(
                     download_file, resolved.url, incoming, purpose=Purpose.CIVITAI, credentials=resolved.credentials,
                     trusted=(client.api_base,), expected_sha256=plan.sha256, max_bytes=max_bytes_for(plan.type),
-                    progress=on_bytes,
+                    size_hint=plan.size_bytes, progress=on_bytes,
                 )
             except DownloadError as error:
                 raise _civitai_error(error, plan) from None

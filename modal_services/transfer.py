@@ -37,6 +37,13 @@ STALL_MIN_BYTES = 64 * 1024
 # The overall deadline of a file allows an average this slow (a bad but honest link).
 MIN_AVERAGE_RATE = 256 * 1024
 WATCH_INTERVAL = 0.2  # how soon a cancel, a stall or the deadline cuts a blocked read
+# Files at least this large are fetched over several connections when the server serves ranges.
+PARALLEL_MIN_BYTES = 64 << 20
+DEFAULT_CONNECTIONS = 4
+MAX_CONNECTIONS = 16
+RANGES_SUFFIX = ".ranges"  # beside a parallel `.partial`: how far each range got, to resume each
+RANGES_SAVE_INTERVAL = 1.0
+HASH_POLL_SECONDS = 0.02  # how often the in-order hash looks for a longer finished prefix
 # What a body may bring when the server declares no size, by kind of file.
 LORA_MAX_BYTES = 2 << 30
 CHECKPOINT_MAX_BYTES = 16 << 30
@@ -202,6 +209,16 @@ def stall_seconds(environ: Mapping[str, str] | None = None) -> float:
     return seconds
 
 
+def download_connections(environ: Mapping[str, str] | None = None) -> int:
+    """`TOOLBOX_DOWNLOAD_CONNECTIONS`: connections per large file (1 turns parallel ranges off)."""
+    value = (os.environ if environ is None else environ).get("TOOLBOX_DOWNLOAD_CONNECTIONS", "").strip()
+    if not value:
+        return DEFAULT_CONNECTIONS
+    if not value.isdigit() or not 1 <= int(value) <= MAX_CONNECTIONS:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"TOOLBOX_DOWNLOAD_CONNECTIONS must be a whole number from 1 to {MAX_CONNECTIONS}.")
+    return int(value)
+
+
 def file_deadline(size: int, stall: float) -> float:
     """Seconds one file may take in all, retries included: a slow but honest link fits, a trickle does not."""
     return 4 * stall + size / MIN_AVERAGE_RATE
@@ -216,20 +233,41 @@ class _Watch:
     on any of them it cuts the connection, so a blocked read returns at once.
     """
 
-    def __init__(self, report: "_Throttled", stall: float, deadline_at: float, done: int, total: int | None):
+    def __init__(self, report: "_Throttled", stall: float, deadline_at: float, done: int, total: int | None,
+                 stall_ends: bool = True):
         self.report, self.stall, self.deadline_at = report, stall, deadline_at
+        # One connection: a stall ends the attempt. Several: it cuts them, each retries on the shared budget.
+        self.stall_ends = stall_ends
         self.done, self.total = done, total
         self.mark = (time.monotonic(), done)
         self.reason: BaseException | None = None
-        self.response = None
+        self._responses: set = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="transfer-watch", daemon=True)
         self._thread.start()
+
+    def attach(self, response) -> None:
+        """A response to cut when the transfer must end (and at once if it already must)."""
+        with self._lock:
+            self._responses.add(response)
+        if self.reason is not None:
+            response.abort()
+
+    def detach(self, response) -> None:
+        with self._lock:
+            self._responses.discard(response)
 
     def advanced(self, done: int) -> None:
         self.done = done
         if done - self.mark[1] >= STALL_MIN_BYTES:
             self.mark = (time.monotonic(), done)
+
+    def end(self, reason: BaseException) -> None:
+        """End the transfer for `reason`: every attached response is cut."""
+        if self.reason is None:
+            self.reason = reason
+        self._cut()
 
     def _verdict(self) -> BaseException | None:
         now = time.monotonic()
@@ -246,11 +284,18 @@ class _Watch:
     def _run(self) -> None:
         while not self._stop.wait(WATCH_INTERVAL):
             reason = self._verdict()
-            if reason is not None:
-                self.reason = reason
-                if self.response is not None:
-                    self.response.abort()
+            if isinstance(reason, _Transient) and not self.stall_ends:
+                self.mark = (time.monotonic(), self.done)
+                self._cut()
+            elif reason is not None:
+                self.end(reason)
                 return
+
+    def _cut(self) -> None:
+        with self._lock:
+            responses = list(self._responses)
+        for response in responses:
+            response.abort()
 
     def check(self) -> None:
         if self.reason is not None:
@@ -271,6 +316,7 @@ def download_file(
     expected_size: int | None = None,
     expected_sha256: str | None = None,
     max_bytes: int = CHECKPOINT_MAX_BYTES,
+    size_hint: int | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     retries: int = 5,
 ) -> DownloadedFile:
@@ -291,6 +337,10 @@ def download_file(
       Both remove the partial; `dest` is never touched.
     - Whatever `progress` raises (CANCELLED) stops the transfer within
       `WATCH_INTERVAL`, leaving the `.partial` to resume from.
+    - A large file (`expected_size`, or else `size_hint`, the source's
+      approximate size, from `PARALLEL_MIN_BYTES`) comes over
+      `TOOLBOX_DOWNLOAD_CONNECTIONS` connections when the server serves ranges
+      (`_RangedDownload`), over one otherwise.
     """
     import urllib3
 
@@ -309,6 +359,14 @@ def download_file(
     def mismatch(message: str) -> ToolboxError:
         discard()
         return ToolboxError(ErrorCode.CHECKSUM_MISMATCH, f"{dest.name}: {message} The partial download was removed; retry.")
+
+    opening = {"purpose": purpose, "credentials": credentials, "trusted": trusted, "timeout": (CONNECT_TIMEOUT, stall)}
+    connections = download_connections()
+    if connections > 1 and (expected_size or size_hint or 0) >= PARALLEL_MIN_BYTES:
+        ranged = _RangedDownload(url, dest, opening, report, stall, deadline_at, retries, connections)
+        finished = ranged.run(expected_size, expected_sha256)
+        if finished is not None:
+            return finished
 
     def too_long(limit: int, declared: bool) -> DownloadError:
         discard()
@@ -334,9 +392,8 @@ def download_file(
         delay: float | None = None
         watch = _Watch(report, stall, deadline_at, done, total)
         try:
-            with open_url(url, purpose, headers=request_headers, credentials=credentials, trusted=trusted,
-                          timeout=(CONNECT_TIMEOUT, stall)) as response:
-                watch.response = response
+            with open_url(url, headers=request_headers, **opening) as response:
+                watch.attach(response)
                 status = last_status = response.status
                 if status == 416 and done:
                     # Asked for bytes past the end: the partial may already be whole.
@@ -435,6 +492,265 @@ def download_file(
         raise mismatch("the sha256 does not match the published one.")
     os.replace(partial, dest)
     return DownloadedFile(path=dest, size=done, sha256=sha256, filename=filename)
+
+
+@dataclass
+class _Range:
+    start: int
+    end: int  # exclusive
+    done: int = 0  # bytes of it on disk
+
+    @property
+    def next(self) -> int:
+        return self.start + self.done
+
+    @property
+    def finished(self) -> bool:
+        return self.next >= self.end
+
+
+class _RangesRefused(Exception):
+    """The server answered a range request with the whole file: one connection it is."""
+
+
+class _RangedDownload:
+    """One large file over several connections, each on its own byte range.
+
+    The `.partial` is allocated at full size and each range written at its
+    offset; `.partial.ranges` records how far each got, so a killed run resumes
+    every range where it stopped. The sha256 is computed in file order as the
+    prefix completes (read back from the page cache). One watch covers all
+    connections (deadline, cancel; a stall cuts them), and every failed
+    attempt of any range counts against one shared budget. A server that does
+    not serve ranges gets `None` back from `run`: the caller's one connection.
+    """
+
+    def __init__(self, url: str, dest: Path, opening: dict, report: "_Throttled", stall: float, deadline_at: float,
+                 retries: int, connections: int):
+        self.url, self.dest, self.opening = url, dest, opening
+        self.partial = partial_path(dest)
+        self.ledger = self.partial.with_name(self.partial.name + RANGES_SUFFIX)
+        self.where = safe_url(url)
+        self.report, self.stall, self.deadline_at = report, stall, deadline_at
+        self.retries, self.connections = retries, connections
+        self.ranges: list[_Range] = []
+        self.total = 0
+        self._budget = threading.Lock()
+        self._failures = 0
+        self._furthest = 0
+        self.watch: _Watch | None = None
+
+    # -- plan -------------------------------------------------------------------
+    def run(self, expected_size: int | None, expected_sha256: str | None) -> DownloadedFile | None:
+        filename = None
+        if self._resume() and expected_size is not None and self.total != expected_size:
+            self._discard()  # an earlier run of another file under this name
+        if not self.ledger.exists():
+            if self.partial.exists():
+                return None  # a one-connection partial: resumed as such
+            offer = self._probe()
+            if offer is None:
+                return None
+            self.total, filename = offer
+            if self.total < PARALLEL_MIN_BYTES:
+                return None
+            if expected_size is not None and self.total != expected_size:
+                raise ToolboxError(ErrorCode.CHECKSUM_MISMATCH,
+                                   f"{self.dest.name}: the server offers {self.total} bytes, {expected_size} were expected.")
+            size = -(-self.total // self.connections)
+            self.ranges = [_Range(start, min(start + size, self.total)) for start in range(0, self.total, size)]
+            try:
+                with open(self.partial, "wb") as out:
+                    out.truncate(self.total)
+                self._save()
+            except OSError as exc:
+                self._discard()
+                if is_disk_full(exc):
+                    raise storage_full(self.dest.name) from None
+                raise
+        try:
+            sha256 = self._transfer()
+        except _RangesRefused:
+            self._discard()
+            return None
+        if expected_sha256 is not None and sha256 != expected_sha256:
+            self._discard()
+            raise ToolboxError(ErrorCode.CHECKSUM_MISMATCH,
+                               f"{self.dest.name}: the sha256 does not match the published one. The partial download was removed; retry.")
+        self.ledger.unlink(missing_ok=True)
+        os.replace(self.partial, self.dest)
+        return DownloadedFile(path=self.dest, size=self.total, sha256=sha256, filename=filename)
+
+    def _resume(self) -> bool:
+        """The ranges of an earlier run, when its ledger and partial agree."""
+        import json
+
+        try:
+            ledger = json.loads(self.ledger.read_text())
+            total = int(ledger["total"])
+            ranges = [_Range(int(a), int(b), int(d)) for a, b, d in ledger["ranges"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            self.ledger.unlink(missing_ok=True)
+            return False
+        sound = (self.partial.exists() and self.partial.stat().st_size == total and ranges
+                 and ranges[0].start == 0 and ranges[-1].end == total
+                 and all(a.end == b.start for a, b in zip(ranges, ranges[1:]))
+                 and all(0 <= r.done <= r.end - r.start for r in ranges))
+        if not sound:
+            self._discard()
+            return False
+        self.total, self.ranges = total, ranges
+        return True
+
+    def _save(self) -> None:
+        import json
+
+        tmp = self.ledger.with_name(self.ledger.name + ".tmp")
+        tmp.write_text(json.dumps({"total": self.total, "ranges": [[r.start, r.end, r.done] for r in self.ranges]}))
+        os.replace(tmp, self.ledger)
+
+    def _discard(self) -> None:
+        self.partial.unlink(missing_ok=True)
+        self.ledger.unlink(missing_ok=True)
+
+    def _probe(self) -> tuple[int, str | None] | None:
+        """(total, file name) when the server serves ranges; None sends the caller to one connection."""
+        import urllib3
+
+        try:
+            with open_url(self.url, headers={"Accept-Encoding": "identity", "Range": "bytes=0-0"}, **self.opening) as response:
+                if response.status != 206:
+                    return None
+                first, total = _total_from_content_range(response.headers.get("Content-Range"))
+                if first != 0 or total is None:
+                    return None
+                return total, filename_from_disposition(response.headers.get("Content-Disposition"))
+        except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError):
+            return None  # the one-connection path retries, with its budget
+
+    # -- transfer ---------------------------------------------------------------
+    def _done(self) -> int:
+        return sum(r.done for r in self.ranges)
+
+    def _prefix(self) -> int:
+        """How many bytes from the start are on disk without a gap."""
+        end = 0
+        for r in self.ranges:
+            end = r.next
+            if not r.finished:
+                break
+        return end
+
+    def _transfer(self) -> str:
+        self.watch = watch = _Watch(self.report, self.stall, self.deadline_at, self._done(), self.total, stall_ends=False)
+        self._furthest = self._done()
+        workers = [threading.Thread(target=self._fetch, args=(r,), name="range", daemon=True)
+                   for r in self.ranges if not r.finished]
+        digest, hashed = hashlib.sha256(), 0
+        saved_at = time.monotonic()
+        try:
+            for worker in workers:
+                worker.start()
+            with open(self.partial, "rb") as disk:
+                while True:
+                    running = any(worker.is_alive() for worker in workers)
+                    prefix = self._prefix()
+                    while hashed < prefix:
+                        chunk = os.pread(disk.fileno(), min(CHUNK_SIZE * 8, prefix - hashed), hashed)
+                        digest.update(chunk)
+                        hashed += len(chunk)
+                    try:
+                        self.report(self._done(), self.total)
+                    except BaseException as exc:  # the caller's way of saying stop (CANCELLED)
+                        watch.end(exc)
+                    if time.monotonic() - saved_at >= RANGES_SAVE_INTERVAL:
+                        self._save()
+                        saved_at = time.monotonic()
+                    if not running:
+                        break
+                    time.sleep(HASH_POLL_SECONDS)
+        except BaseException as exc:  # Ctrl-C in this thread: the ranges stop too
+            watch.end(exc)
+            raise
+        finally:
+            for worker in workers:
+                worker.join()
+            watch.stop()
+            self._save()
+        if watch.reason is not None:
+            raise watch.reason
+        with open(self.partial, "rb+") as out:
+            os.fsync(out.fileno())
+        self.report(self.total, self.total, flush=True)
+        return digest.hexdigest()
+
+    def _fetch(self, r: _Range) -> None:
+        import urllib3
+
+        watch = self.watch
+        with open(self.partial, "rb+") as out:
+            while not r.finished and watch.reason is None:
+                try:
+                    headers = {"Accept-Encoding": "identity", "Range": f"bytes={r.next}-{r.end - 1}"}
+                    with open_url(self.url, headers=headers, **self.opening) as response:
+                        watch.attach(response)
+                        try:
+                            self._check(response, r)
+                            while not r.finished and (chunk := response.read1(CHUNK_SIZE)):
+                                piece = chunk[: r.end - r.next]  # never past the range asked for
+                                os.pwrite(out.fileno(), piece, r.next)
+                                r.done += len(piece)
+                                watch.advanced(self._done())
+                        finally:
+                            watch.detach(response)
+                    if not r.finished:
+                        raise _Transient("short body")
+                except (_Transient, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
+                    delay = getattr(exc, "retry_after", None)
+                    if watch.reason is None and not self._failed(_failure_reason(exc), delay):
+                        return
+                except OSError as exc:
+                    watch.end(storage_full(self.dest.name) if is_disk_full(exc) else exc)
+                except BaseException as exc:  # refusals (egress, HTTP 4xx), _RangesRefused: the whole file stops
+                    watch.end(exc)
+
+    def _check(self, response, r: _Range) -> None:
+        """Raise unless the response is this range (a retryable refusal carries its Retry-After)."""
+        status = response.status
+        if status == 200:
+            raise _RangesRefused()
+        if status in (408, 429) or status >= 500:
+            delay = retry_after_seconds(response.headers.get("Retry-After"))
+            if delay is not None and delay > MAX_RETRY_AFTER:
+                raise DownloadError(f"{self.where} asked to wait {delay:.0f} s before retrying.", status, ErrorCode.RATE_LIMITED)
+            transient = _Transient(f"HTTP {status}")
+            transient.retry_after = delay
+            raise transient
+        if status != 206:
+            raise DownloadHTTPError(f"{self.where} answered HTTP {status}.", status)
+        first, total = _total_from_content_range(response.headers.get("Content-Range"))
+        if first != r.next or total != self.total:
+            raise _Transient("a Content-Range that was not asked for")
+
+    def _failed(self, reason: str, delay: float | None) -> bool:
+        """Count a failed attempt against the shared budget; False (and the transfer ended) when it is spent."""
+        with self._budget:
+            done = self._done()
+            if done >= self._furthest + STALL_MIN_BYTES:
+                self._furthest, self._failures = done, 1
+            else:
+                self._failures += 1
+            failures = self._failures
+        if failures > self.retries:
+            self.watch.end(DownloadError(f"{self.where} kept failing ({reason}) after {self.retries} retries."))
+            return False
+        wait = delay if delay is not None else backoff_delay(failures)
+        if time.monotonic() + wait > self.deadline_at:
+            self.watch.end(DownloadError(f"{self.where} kept failing ({reason}) until its time limit.", code=ErrorCode.TIMEOUT))
+            return False
+        log.info("range of %s: %s; retrying in %.1f s", self.where, reason, wait)
+        _sleep(wait)
+        return self.watch.reason is None
 
 
 def _failure_reason(exc: BaseException) -> str:

@@ -124,3 +124,106 @@ def test_the_stall_setting_is_checked():
         transfer.stall_seconds({"TOOLBOX_STALL_SECONDS": "soon"})
     assert caught.value.code is ErrorCode.INVALID_INPUT
     assert transfer.stall_seconds({}) == transfer.DEFAULT_STALL_SECONDS
+
+
+# ---------------------------------------------------------------- parallel ranges
+
+BIG = os.urandom(4 * (1 << 20) + 4321)
+
+
+@pytest.fixture
+def ranged(hub, monkeypatch):
+    """Parallel ranges from 1 MiB (instead of 64), four connections."""
+    monkeypatch.setattr(transfer, "PARALLEL_MIN_BYTES", 1 << 20)
+    monkeypatch.setenv("TOOLBOX_DOWNLOAD_CONNECTIONS", "4")
+    hub.add_plain("big", BIG)
+    return hub
+
+
+def ranges_asked(hub):
+    return [r["headers"].get("Range") for r in hub.body_requests("/files/big")]
+
+
+def test_a_large_file_comes_over_four_ranges(ranged, tmp_path):
+    import hashlib
+
+    got = download_file(f"{ranged.url}/files/big", tmp_path / "big", expected_size=len(BIG),
+                        expected_sha256=hashlib.sha256(BIG).hexdigest())
+    assert (tmp_path / "big").read_bytes() == BIG and got.sha256 == hashlib.sha256(BIG).hexdigest()
+    asked = ranges_asked(ranged)
+    assert asked[0] == "bytes=0-0" and len(asked) == 5  # the probe, then one request per range
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_a_dropped_range_resumes_on_its_own(ranged, tmp_path):
+    ranged.fault("/files/big", "drop", at=300_000, skip=1)  # the first range request, after the probe
+    got = download_file(f"{ranged.url}/files/big", tmp_path / "big", size_hint=len(BIG))
+    assert (tmp_path / "big").read_bytes() == BIG and got.size == len(BIG)
+    asked = ranges_asked(ranged)
+    size = -(-len(BIG) // 4)
+    starts = [int(value.split("=")[1].split("-")[0]) for value in asked[1:]]
+    assert len(asked) == 6 and sorted(start % size for start in starts) == [0, 0, 0, 0, 300_000]  # that range, from its cut
+
+
+def test_a_cancelled_parallel_download_resumes_every_range(ranged, tmp_path):
+    ranged.pace = 4 << 20  # bytes/s per connection: the cancel lands mid-way
+    stop = threading.Event()
+
+    def progress(done, total):
+        if done > len(BIG) // 2:
+            stop.set()
+        if stop.is_set():
+            raise ToolboxError(ErrorCode.CANCELLED, "Stopped on request.")
+
+    with pytest.raises(ToolboxError) as caught:
+        download_file(f"{ranged.url}/files/big", tmp_path / "big", size_hint=len(BIG), progress=progress)
+    assert caught.value.code is ErrorCode.CANCELLED
+    assert partial_path(tmp_path / "big").exists() and (tmp_path / "big.partial.ranges").exists()
+    ranged.pace = None
+    first_run = len(ranges_asked(ranged))
+    got = download_file(f"{ranged.url}/files/big", tmp_path / "big", size_hint=len(BIG))
+    assert (tmp_path / "big").read_bytes() == BIG and got.size == len(BIG)
+    later = ranges_asked(ranged)[first_run:]
+    size = -(-len(BIG) // 4)
+    assert 1 <= len(later) <= 4 and "bytes=0-0" not in later  # no new probe: the ledger is trusted
+    assert all(int(value.split("=")[1].split("-")[0]) % size != 0 for value in later)  # each from where it got to
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_a_server_that_ignores_ranges_gets_one_connection(ranged, tmp_path):
+    ranged.fault("/files/big", "ignore_range")  # the probe gets the whole file: no ranges here
+    got = download_file(f"{ranged.url}/files/big", tmp_path / "big", size_hint=len(BIG))
+    assert got.size == len(BIG) and (tmp_path / "big").read_bytes() == BIG
+    assert ranges_asked(ranged) == ["bytes=0-0", None]
+
+
+def test_ranges_refused_midway_fall_back_to_one_connection(ranged, tmp_path):
+    ranged.fault("/files/big", "ignore_range", skip=1)  # the probe is answered; a range gets the whole file
+    got = download_file(f"{ranged.url}/files/big", tmp_path / "big", size_hint=len(BIG))
+    assert got.size == len(BIG) and (tmp_path / "big").read_bytes() == BIG
+    assert ranges_asked(ranged)[-1] is None  # the one-connection request that finished it
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_cancel_stops_every_range_at_once(ranged, tmp_path):
+    for _ in range(5):
+        ranged.fault("/files/big", "silent", at=100_000, interval=5.0)
+    stop = threading.Event()
+
+    def progress(done, total):
+        if stop.is_set():
+            raise ToolboxError(ErrorCode.CANCELLED, "Stopped on request.")
+
+    threading.Timer(0.5, stop.set).start()
+    error, took = timed(lambda: download_file(f"{ranged.url}/files/big", tmp_path / "big", size_hint=len(BIG),
+                                              progress=progress))
+    assert error.code is ErrorCode.CANCELLED and took < 2
+    assert not (tmp_path / "big").exists()
+
+
+def test_the_connections_setting_is_checked():
+    assert transfer.download_connections({}) == 4
+    assert transfer.download_connections({"TOOLBOX_DOWNLOAD_CONNECTIONS": "1"}) == 1
+    for bad in ("0", "17", "many", "-2"):
+        with pytest.raises(ToolboxError):
+            transfer.download_connections({"TOOLBOX_DOWNLOAD_CONNECTIONS": bad})

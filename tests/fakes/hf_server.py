@@ -83,6 +83,7 @@ class Fault:
     kind: str  # "drop" | "status" | "corrupt" | "ignore_range" | "wrong_range" | "trickle" | "silent" | "no_length"
     at: int = 0  # drop, trickle, silent, ignore_range: body bytes sent before the fault begins (0: none for ignore_range)
     interval: float = 0.5  # trickle: seconds between bytes; silent: seconds of silence before hanging up
+    skip: int = 0  # matching requests let through untouched before this one applies
     status: int = 500
     headers: dict[str, str] = field(default_factory=dict)
     methods: tuple[str, ...] = ("GET",)
@@ -103,6 +104,7 @@ class FakeHub:
         self.requests: list[dict] = []
         self.valid_tokens: set[str] = set()
         self.require_token = False
+        self.pace: float | None = None  # bytes per second per connection, for bodies
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -162,6 +164,9 @@ class FakeHub:
         with self._lock:
             for index, fault in enumerate(self.faults):
                 if fault.match in path and method in fault.methods:
+                    if fault.skip:
+                        fault.skip -= 1
+                        return None
                     return self.faults.pop(index)
         return None
 
@@ -305,12 +310,28 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 if kind == "corrupt":
                     chunk = bytes(b ^ 0xFF for b in chunk)
-                self.wfile.write(chunk)
+                self._write_paced(chunk)
                 sent += len(chunk)
             if kind == "no_length":
                 self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _write_paced(self, chunk) -> None:
+        """At the hub's pace per connection (a storage node's per-connection limit), or as fast as it goes."""
+        import time
+
+        pace = self.hub.pace
+        if not pace:
+            self.wfile.write(chunk)
+            return
+        step = 64 * 1024
+        started = time.monotonic()
+        for offset in range(0, len(chunk), step):
+            self.wfile.write(chunk[offset : offset + step])
+            ahead = (offset + step) / pace - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
 
     def _misbehave(self, fault: Fault, rest: bytes) -> None:
         """After the cut point: a trickle, a silence, or nothing (a drop)."""
