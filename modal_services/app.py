@@ -96,7 +96,7 @@ class CaptionService:
 # The download image: CPU only, no torch. Network I/O never runs on a GPU.
 download_image = (
     modal.Image.debian_slim(python_version="3.11")
-    .pip_install("huggingface_hub==2.4.0", "requests>=2.31")
+    .pip_install("huggingface_hub==2.4.0", "urllib3>=2.0", "certifi")
     .add_local_python_source("modal_services")
 )
 loras_volume = modal.Volume.from_name(LORAS_VOLUME, create_if_missing=True)
@@ -150,7 +150,7 @@ class DownloadService:
 model_image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install("torch==2.9.1", index_url="https://download.pytorch.org/whl/cpu")
-    .pip_install("diffusers>=0.35", "transformers>=4.57", "safetensors>=0.4", "requests>=2.31", "huggingface_hub>=0.34")
+    .pip_install("diffusers>=0.35", "transformers>=4.57", "safetensors>=0.4", "urllib3>=2.0", "certifi", "huggingface_hub>=0.34")
     .env({"HF_HUB_OFFLINE": "1"})
     .add_local_python_source("modal_services")
 )

@@ -60,15 +60,21 @@ def test_a_trickle_recovers_when_the_server_does(hub, tmp_path):
     assert hub.body_requests("/files/f")[1]["headers"]["Range"].startswith("bytes=300")  # resumed
 
 
-def test_cancel_stops_a_blocked_read_at_once(hub, tmp_path):
-    hub.fault("/files/f", "silent", at=4096, interval=5.0)
+def cancelled_after(seconds: float):
+    """A progress callback that raises CANCELLED from `seconds` on, as a job's reporter does after a Cancel."""
     stop = threading.Event()
+    threading.Timer(seconds, stop.set).start()
 
     def progress(done, total):
         if stop.is_set():
             raise ToolboxError(ErrorCode.CANCELLED, "Stopped on request.")
 
-    threading.Timer(0.3, stop.set).start()
+    return progress
+
+
+def test_cancel_stops_a_blocked_read_at_once(hub, tmp_path):
+    hub.fault("/files/f", "silent", at=4096, interval=5.0)
+    progress = cancelled_after(0.3)
     error, took = timed(lambda: download_file(f"{hub.url}/files/f", tmp_path / "f", progress=progress))
     assert error.code is ErrorCode.CANCELLED and took < 1.5
     assert partial_path(tmp_path / "f").stat().st_size == 4096  # kept to resume from
@@ -208,13 +214,7 @@ def test_ranges_refused_midway_fall_back_to_one_connection(ranged, tmp_path):
 def test_cancel_stops_every_range_at_once(ranged, tmp_path):
     for _ in range(5):
         ranged.fault("/files/big", "silent", at=100_000, interval=5.0)
-    stop = threading.Event()
-
-    def progress(done, total):
-        if stop.is_set():
-            raise ToolboxError(ErrorCode.CANCELLED, "Stopped on request.")
-
-    threading.Timer(0.5, stop.set).start()
+    progress = cancelled_after(0.5)
     error, took = timed(lambda: download_file(f"{ranged.url}/files/big", tmp_path / "big", size_hint=len(BIG),
                                               progress=progress))
     assert error.code is ErrorCode.CANCELLED and took < 2
