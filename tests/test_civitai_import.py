@@ -329,6 +329,20 @@ def test_upload_refuses_pickles_and_wrong_types(engine, civitai):
     assert "LORA" in caught.value.message and entries(engine) == []
 
 
+@pytest.mark.parametrize("url", [
+    "https://example.com/attachments/x.safetensors",  # not Discord's CDN
+    "http://cdn.discordapp.com/attachments/x.safetensors",  # not https
+    "https://cdn.discordapp.com@127.0.0.1/x.safetensors",  # userinfo trick
+    "file:///etc/passwd",
+])
+def test_upload_fetches_only_from_discords_cdn(engine, civitai, monkeypatch, url):
+    monkeypatch.setenv("TOOLBOX_ALLOWED_HOSTS", "")
+    with pytest.raises(ToolboxError) as caught:
+        engine.upload_model(Progress(), url=url, filename="x.safetensors", type="lora", api_base=civitai.base)
+    assert caught.value.code is ErrorCode.INVALID_INPUT and "Refused to fetch" in caught.value.message
+    assert civitai.hits("/files/") == [] and entries(engine) == []
+
+
 def test_delete_and_scan_adopt(engine, civitai, tmp_path):
     civitai.add_model(1, 11, LORA)
     entry = do_import(engine, civitai)["entry"]
