@@ -269,6 +269,14 @@ def test_disk_full_while_converting_is_storage_full(engine, civitai, tmp_path, m
     assert files_under(tmp_path / "loras") == [] and entries(engine) == []
 
 
+def test_a_name_over_255_utf8_bytes_is_shortened_and_nothing_is_left_behind(engine, civitai, tmp_path):
+    long_name = "字" * 200 + ".safetensors"  # 212 characters, 612 bytes
+    civitai.add_model(1, 11, LORA, file_name=long_name)
+    entry = do_import(engine, civitai)["entry"]
+    assert len(entry["file"].encode()) <= 200 and entry["file"].startswith("字") and entry["file"].endswith(".safetensors")
+    assert files_under(tmp_path / "loras") == [f"loras/{entry['file']}"]  # no .incoming/<id>/ left
+
+
 def test_checkpoints_go_to_checkpoints_and_must_be_sdxl(engine, civitai, tmp_path):
     civitai.add_model(2, 21, tiny_loras.to_bytes(tiny_loras.sdxl_checkpoint()), type="Checkpoint",
                       name="NoobAI XL", file_name="noobai.safetensors", base_model="NoobAI")

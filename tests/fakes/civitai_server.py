@@ -235,7 +235,9 @@ def _handler(fake: FakeCivitai):
             headers.update({
                 "Content-Type": "application/octet-stream",
                 "Accept-Ranges": "bytes",
-                "Content-Disposition": f"attachment; filename=\"{name}\"; filename*=UTF-8''{quote(name)}",
+                # An ASCII fallback beside the RFC 5987 name, as real storage sends (headers are Latin-1).
+                "Content-Disposition": f"attachment; filename=\"{name.encode('ascii', 'replace').decode()}\"; "
+                                       f"filename*=UTF-8''{quote(name)}",
             })
             body = data[start:]
             if fault and fault.kind == "drop":
