@@ -3,7 +3,13 @@
 `download_file` is blocking (worker threads call it): bounded-memory streaming
 into `<dest>.partial`, resume with `Range`, retries with backoff, size and
 sha256 checks, then an atomic rename. Nothing half-written is ever left under
-the final name.
+the final name. Every request goes through the egress policy (`egress.py`).
+
+Every transfer ends: a stall rule (`TOOLBOX_STALL_SECONDS`), a per-file
+deadline, one retry budget for every kind of failure, size caps, and the
+caller's progress callback (which raises on Cancel) checked between reads and
+by a watch thread that cuts a blocked read. Large files come over several
+connections on byte ranges (`_RangedDownload`) when the server serves them.
 """
 
 from __future__ import annotations
@@ -711,7 +717,7 @@ class _RangedDownload:
                         return
                 except OSError as exc:
                     watch.end(storage_full(self.dest.name) if is_disk_full(exc) else exc)
-                except BaseException as exc:  # refusals (egress, HTTP 4xx), _RangesRefused: the whole file stops
+                except Exception as exc:  # refusals (egress, HTTP 4xx), _RangesRefused: the whole file stops
                     watch.end(exc)
 
     def _check(self, response, r: _Range) -> None:
