@@ -230,14 +230,14 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
 async def setup_models(settings: Settings, only: list[str] | None) -> None:
     """Download the missing base models (or `--only` these), with a bar per model and an overall bar."""
     from bot.progress import watch_job
-    from bot.setup_download import start_or_attach_download
+    from bot.setup_download import checked_states, start_or_attach_download
     from modal_services.downloads import model_states
     from modal_services.registry import resolve_keys
 
     entries = resolve_keys(only)  # an unknown key fails here, before anything starts
     backend = make_backend(settings)
     try:
-        states = await _checked_states(settings, backend.store, entries)
+        states = await checked_states(settings, backend.store, entries, hashes=True)
         missing = [state.key for state in states if state.state != "present"]
         if not missing:
             print("All requested base models are present.")
@@ -284,14 +284,14 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     """Base models (present = manifest and, locally, the files on disk), tokens (masked), the running download."""
     import json
 
-    from bot.setup_download import active_download
+    from bot.setup_download import active_download, checked_states
     from modal_services.registry import BASE_MODELS
     from modal_services.tokens import SERVICES, token_state
 
     backend = make_backend(settings)
     store = backend.store
     try:
-        states = await _checked_states(settings, store, BASE_MODELS.values())
+        states = await checked_states(settings, store, BASE_MODELS.values())
         tokens = [await token_state(store, service) for service in SERVICES]
         document = {
             "backend": settings.backend,
@@ -317,22 +317,6 @@ async def show_status(settings: Settings, as_json: bool) -> None:
         print(f"active checkpoint: {document['active_checkpoint']}")
     for kind, counts in document["jobs"].items():
         print(f"jobs {kind}: {counts['running']} running, {counts['queued']} queued")
-
-
-async def _checked_states(settings: Settings, store, entries) -> list:
-    """Each model's state, believing a manifest only with its files: the local backend sees the volume
-    (files, sizes and published hashes); the Modal one trusts what the worker verified."""
-    from modal_services.downloads import check_files, describe_state, download_key, manifest_key
-
-    states = []
-    for entry in entries:
-        manifest = await store.get(manifest_key(entry.key))
-        problems = None
-        if manifest and settings.backend == "local":
-            problems = await asyncio.to_thread(
-                check_files, settings.models_dir / entry.folder, manifest, published=entry.published)
-        states.append(describe_state(entry, manifest, await store.get(download_key(entry.key)), problems or None))
-    return states
 
 
 async def _job_counts(store) -> dict[str, dict[str, int]]:

@@ -33,6 +33,25 @@ async def _setup_job_live(store: StateStore, value: dict) -> bool:
     return not (job.status is JobStatus.QUEUED and value.get("runs_here") and holder_alive(value) is False)
 
 
+async def checked_states(settings, store: StateStore, entries, hashes: bool = False) -> list:
+    """Each base model's state, a manifest believed only with its files: the local backend sees the volume
+    (files and sizes; with `hashes`, the registry's published sha256 too), the Modal one trusts what the
+    worker verified."""
+    import asyncio
+
+    from modal_services.downloads import check_files, describe_state, download_key, manifest_key
+
+    states = []
+    for entry in entries:
+        manifest = await store.get(manifest_key(entry.key))
+        problems = None
+        if manifest and settings.backend == "local":
+            problems = await asyncio.to_thread(check_files, settings.models_dir / entry.folder, manifest,
+                                               published=entry.published if hashes else None)
+        states.append(describe_state(entry, manifest, await store.get(download_key(entry.key)), problems or None))
+    return states
+
+
 async def active_download(store: StateStore) -> str | None:
     """The job id of the setup download in progress, if any."""
     value = await store.get(lock_key(SETUP_LOCK))

@@ -18,7 +18,7 @@ from discord.ext import commands
 from bot.permissions import is_admin
 from bot.progress import ReplyEditor, progress_bar, watch_job
 from bot.replies import error_text, send_error
-from bot.setup_download import active_download, start_or_attach_download
+from bot.setup_download import active_download, checked_states, start_or_attach_download
 from modal_services.downloads import ModelState, model_states
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import Job, JobStatus
@@ -193,7 +193,7 @@ class Setup(commands.Cog):
         return self.bot.backend.store
 
     async def panel_text(self, note: str | None = None) -> str:
-        states = await model_states(self.store, BASE_MODELS.values())
+        states = await checked_states(self.bot.settings, self.store, BASE_MODELS.values())
         tokens = [await token_state(self.store, service) for service in SERVICES]
         return render_panel(states, tokens, note)
 
@@ -211,7 +211,8 @@ class Setup(commands.Cog):
         await interaction.edit_original_response(content=await self.panel_text(), view=SetupPanel(self))
 
     async def download_and_follow(self, interaction: discord.Interaction) -> None:
-        missing = [s.key for s in await model_states(self.store, BASE_MODELS.values()) if s.state != "present"]
+        states = await checked_states(self.bot.settings, self.store, BASE_MODELS.values())
+        missing = [s.key for s in states if s.state != "present"]
         if not missing:
             note = "Everything is already downloaded. Use **Verify** to re-check the files."
             await interaction.edit_original_response(content=await self.panel_text(note), view=SetupPanel(self))

@@ -112,6 +112,14 @@ async def test_download_button_runs_one_job_with_live_progress(bot, hub):
     assert "already downloaded" in last_content(again)
     assert len(await bot.backend.store.keys("job:")) == 1
 
+    # A file deleted from the disk is missing again, whatever the manifest says, and is fetched again.
+    weights = bot.settings.models_dir / "illustrious-xl" / "Illustrious-XL-v2.0.safetensors"
+    weights.unlink()
+    assert "6/7 present" in await cog.panel_text()
+    third = fake_interaction(admin=True)
+    await asyncio.wait_for(panel.download.callback(third), timeout=30)
+    assert "All base models are ready" in last_content(third) and weights.is_file()
+
 
 async def test_two_admins_at_once_start_one_download(bot, hub):
     cog = Setup(bot)
