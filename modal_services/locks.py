@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
+from pathlib import Path
 
 from modal_services.state import StateStore
 
@@ -29,12 +31,21 @@ HEARTBEAT_SECONDS = 15.0
 
 
 def machine_id() -> str:
-    """This host and process namespace: where a recorded pid can be checked (another container's cannot)."""
+    """This kernel boot, container and process namespace: where a recorded pid can be checked.
+
+    Two sandboxes may share a host name and even a namespace inode (each
+    gVisor sandbox has its own kernel), so the boot id and Modal's container
+    id are part of it: a pid is only ever checked where it means the same process.
+    """
     try:
         namespace = os.stat("/proc/self/ns/pid").st_ino
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
-        namespace = 0
-    return f"{os.uname().nodename}:{namespace}"
+        return f"unknown:{os.getpid()}:{_PROCESS_NONCE}"  # matches no other process: heartbeats decide
+    return f"{os.uname().nodename}:{os.environ.get('MODAL_TASK_ID', '')}:{boot}:{namespace}"
+
+
+_PROCESS_NONCE = uuid.uuid4().hex
 
 
 def holder_alive(value: dict) -> bool | None:
