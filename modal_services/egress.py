@@ -74,7 +74,6 @@ class Origin:
 class Target:
     """A checked hop: where to connect (the checked address) and what to ask for."""
 
-    url: str
     origin: Origin
     address: str  # the IP to connect to
     request_path: str  # path and query, as sent
@@ -208,7 +207,7 @@ def check(url: str, purpose: Purpose, trusted: Iterable[str] = (), environ: Mapp
             if problem:
                 raise refused(url, f"it resolves to {problem} (add it to TOOLBOX_ALLOWED_HOSTS if it is yours)")
     request_path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    return Target(url, origin, addresses[0], request_path)
+    return Target(origin, addresses[0], request_path)
 
 
 @dataclass(frozen=True)
@@ -236,7 +235,7 @@ def _hop_headers(target: Target, headers: Mapping[str, str] | None, credentials:
     return sent
 
 
-def _next_hop(url: str, status: int, location: str | None, hops: int) -> str:
+def _next_hop(url: str, location: str | None, hops: int) -> str:
     if not location:
         raise ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{_describe_host(url)} answered a redirect without a target.")
     if hops >= MAX_REDIRECTS:
@@ -324,7 +323,7 @@ def open_url(url: str, purpose: Purpose, *, headers: Mapping[str, str] | None = 
             return response
         location = response.headers.get("Location")
         response.close()
-        url = _next_hop(url, response.status, location, hops)
+        url = _next_hop(url, location, hops)
     raise AssertionError("unreachable: the loop returns or raises")
 
 
@@ -375,4 +374,4 @@ async def open_url_async(url: str, purpose: Purpose, *, headers: Mapping[str, st
                 return
             location = response.headers.get("Location")
             response.release()
-            url = _next_hop(url, response.status, location, hops)
+            url = _next_hop(url, location, hops)

@@ -109,7 +109,9 @@ def test_two_imports_at_once_make_one_download(engine, civitai, tmp_path):
 
 def test_two_models_whose_files_share_a_name_both_stay(engine, civitai, tmp_path):
     """Different models, same file name, imported at once by two engines (bot and CLI): two files, two entries."""
-    from diffusers import StableDiffusionXLPipeline  # noqa: F401  diffusers' lazy imports race when two threads start them
+    import diffusers
+
+    assert diffusers.StableDiffusionXLPipeline  # imported here first: diffusers' lazy imports race in two threads
 
     other = tiny_loras.to_bytes(tiny_loras.sdxl_kohya(seed=99))
     civitai.add_model(1, 11, LORA, name="First", file_name="same.safetensors")
