@@ -12,10 +12,10 @@ import time
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import JobStatus, load_job
-from modal_services.locks import holder_alive, holder_record, lock_key
+from modal_services.keys import SETUP_DOWNLOAD_LOCK, lock_key
+from modal_services.locks import holder_alive, holder_record
 from modal_services.state import StateStore
 
-SETUP_LOCK = "setup-download"
 SUBMIT_GRACE_SECONDS = 30.0  # a lock without a job id yet is someone mid-submit
 ATTACH_TIMEOUT = 15.0
 
@@ -39,7 +39,8 @@ async def checked_states(settings, store: StateStore, entries, hashes: bool = Fa
     worker verified."""
     import asyncio
 
-    from modal_services.downloads import check_files, describe_state, download_key, manifest_key
+    from modal_services.downloads import check_files, describe_state
+    from modal_services.keys import download_key, manifest_key
 
     states = []
     for entry in entries:
@@ -54,7 +55,7 @@ async def checked_states(settings, store: StateStore, entries, hashes: bool = Fa
 
 async def active_download(store: StateStore) -> str | None:
     """The job id of the setup download in progress, if any."""
-    value = await store.get(lock_key(SETUP_LOCK))
+    value = await store.get(lock_key(SETUP_DOWNLOAD_LOCK))
     if value and value.get("job_id") and await _setup_job_live(store, value):
         return value["job_id"]
     return None
@@ -69,7 +70,7 @@ async def start_or_attach_download(store: StateStore, submit, runs_here: bool) -
     """
     import uuid
 
-    key = lock_key(SETUP_LOCK)
+    key = lock_key(SETUP_DOWNLOAD_LOCK)
     deadline = time.monotonic() + ATTACH_TIMEOUT
     while True:
         mine = {"owner": uuid.uuid4().hex, "job_id": None, "heartbeat": time.time(), "runs_here": runs_here,

@@ -19,8 +19,10 @@ from bot.permissions import is_admin
 from bot.progress import ReplyEditor, progress_bar, watch_job
 from bot.replies import error_text, send_error
 from bot.setup_download import active_download, checked_states, start_or_attach_download
+from bot.ui import human_bytes, human_seconds
 from modal_services.downloads import ModelState, model_states
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import DownloadRequest, VerifyRequest
 from modal_services.jobs import Job, JobStatus
 from modal_services.registry import BASE_MODELS
 from modal_services.tokens import LABELS, SERVICES, clear_token, set_token, token_state
@@ -34,24 +36,6 @@ POLL_SECONDS = 1.0
 # Typed in a token field of the form: forget that token.
 CLEAR_WORD = "clear"
 ICONS = {"present": "✅", "missing": "▫️", "downloading": "⬇️", "queued": "⏳", "failed": "❌"}
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
-        n /= 1000
-
-
-def human_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def describe(state: ModelState) -> str:
@@ -219,7 +203,7 @@ class Setup(commands.Cog):
             return
         owner = {"user_id": interaction.user.id, "guild_id": interaction.guild_id, "channel_id": interaction.channel_id}
         job_id, started = await start_or_attach_download(
-            self.store, lambda: self.bot.backend.submit("download", {"keys": missing}, owner=owner),
+            self.store, lambda: self.bot.backend.submit(DownloadRequest.parse({"keys": missing}), owner=owner),
             self.bot.backend.runs_jobs_in_process,
         )
         log.info("setup download %s job %s", "started" if started else "attached to", job_id)
@@ -244,7 +228,7 @@ class Setup(commands.Cog):
 
     async def verify_and_show(self, interaction: discord.Interaction) -> None:
         await interaction.edit_original_response(content="🔍 Verifying the files on the volume…", view=None)
-        job = await self.bot.backend.submit("verify", {"keys": list(BASE_MODELS)}, owner={"user_id": interaction.user.id})
+        job = await self.bot.backend.submit(VerifyRequest.parse({"keys": list(BASE_MODELS)}), owner={"user_id": interaction.user.id})
         editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, view=None))
 
         async def show(record: Job) -> None:

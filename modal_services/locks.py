@@ -15,13 +15,10 @@ import time
 import uuid
 from pathlib import Path
 
+from modal_services.keys import lock_key
 from modal_services.state import StateStore
 
 log = logging.getLogger(__name__)
-
-
-def lock_key(name: str) -> str:
-    return f"lock:{name}"
 
 
 # A lock whose holder has not refreshed it for this long belongs to a process

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.keys import secret_key
 from modal_services.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,6 @@ ORIGINS = {"setup": "(set with /setup)", "env": "(from the environment)", "secre
 MAX_TOKEN_CHARS = 512
 CHECK_TIMEOUT = 20.0
 MAX_ANSWER_BYTES = 1 << 20  # a who-am-I answer is a few hundred bytes
-
-
-def secret_key(service: str) -> str:
-    return f"secret:{service}"
 
 
 def mask(token: str | None) -> str:

@@ -109,9 +109,9 @@ def _seed_dead_setup(pid: int) -> str:
     import time
 
     from bot.settings import Settings
-    from bot.setup_download import SETUP_LOCK
     from modal_services.jobs import JobStatus, create_job, update_job
-    from modal_services.locks import holder_record, lock_key
+    from modal_services.keys import SETUP_DOWNLOAD_LOCK, lock_key
+    from modal_services.locks import holder_record
     from modal_services.state import SqliteStore
 
     dead = {**holder_record(), "pid": pid}
@@ -121,7 +121,7 @@ def _seed_dead_setup(pid: int) -> str:
         job = await create_job(store, "download")
         now = time.time()
         await update_job(store, job.id, status=JobStatus.RUNNING, started_at=now, heartbeat_at=now, runner=dead)
-        await store.put(lock_key(SETUP_LOCK), {"owner": "x", "job_id": job.id, "heartbeat": now, "runs_here": True, **dead})
+        await store.put(lock_key(SETUP_DOWNLOAD_LOCK), {"owner": "x", "job_id": job.id, "heartbeat": now, "runs_here": True, **dead})
         await store.put(lock_key("download:sdxl-vae"), {"owner": "y", "heartbeat": now, **dead})
         await store.put(downloads.download_key("sdxl-vae"), {
             "key": "sdxl-vae", "status": "downloading", "bytes_done": 10, "bytes_total": 100, "updated_at": now, **dead})

@@ -7,7 +7,8 @@ import subprocess
 import sys
 import time
 
-from modal_services.locks import LOCK_STALE_SECONDS, holder_alive, holder_record, lock_key, try_lock
+from modal_services.keys import lock_key
+from modal_services.locks import LOCK_STALE_SECONDS, holder_alive, holder_record, try_lock
 from modal_services.state import SqliteStore
 
 

@@ -16,10 +16,9 @@ from bot.settings import Settings
 from cogs import setup as setup_cog
 from cogs.setup import Setup, SetupPanel, TokensForm, render_progress
 from modal_services import downloads
-from bot.setup_download import SETUP_LOCK
 from modal_services.downloads import manifest_key, model_states
-from modal_services.locks import lock_key
 from modal_services.jobs import Job, JobStatus, create_job, update_job
+from modal_services.keys import SETUP_DOWNLOAD_LOCK, lock_key
 from modal_services.registry import BASE_MODELS
 from tests.fakes.discord_fakes import fake_interaction
 from tests.fakes.hf_server import FakeHub, serve_registry
@@ -135,7 +134,7 @@ async def test_setup_attaches_to_a_running_download(bot):
     store = bot.backend.store
     job = await create_job(store, "download")
     await update_job(store, job.id, status=JobStatus.RUNNING, stage="downloading", progress=0.5)
-    await store.put(lock_key(SETUP_LOCK), {"owner": "x", "job_id": job.id, "heartbeat": time.time()})
+    await store.put(lock_key(SETUP_DOWNLOAD_LOCK), {"owner": "x", "job_id": job.id, "heartbeat": time.time()})
     await store.put(downloads.download_key("sdxl-vae"), {
         "status": "downloading", "bytes_done": 100_000_000, "bytes_total": 335_000_000, "rate": 25_000_000,
         "eta": 9.4, "updated_at": time.time()})
