@@ -26,7 +26,9 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
 from modal_services.job_requests import GenerateRequest, job_method
 from modal_services.jobs import ProgressFn
+from modal_services.request_loras import RequestLoras
 from modal_services.sdxl_pipeline import (
+    LoraSpec,
     PreviewFn,
     SdxlModels,
     latent_preview_jpeg,
@@ -91,9 +93,14 @@ class StepReports:
         return on_step
 
 
+# How a request's own LoRA is named in the result's `loras`.
+URL_LORA_NAME = "lora_url"
+
+
 class TextToImage:
-    def __init__(self, models: SdxlModels, preview_interval: float = PREVIEW_INTERVAL):
+    def __init__(self, models: SdxlModels, request_loras: RequestLoras, preview_interval: float = PREVIEW_INTERVAL):
         self.models = models
+        self.request_loras = request_loras
         self.preview_interval = preview_interval
         # (the loaded pipeline they were made from, text-to-image, img2img)
         self._pipes: tuple[Any, Any, Any] | None = None
@@ -114,6 +121,9 @@ class TextToImage:
         timeout: float,
         image: bytes | None,
         strength: float,
+        lora_url: str | None,
+        lora_scale: float,
+        lora_sha256: str | None,
         progress: ProgressFn | None = None,
         preview: PreviewFn | None = None,
     ) -> dict:
@@ -128,7 +138,7 @@ class TextToImage:
         request = GenerateRequest(
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps, cfg=cfg,
             seed=seed, count=count, loras=loras, checkpoint=checkpoint, timeout=timeout, image=image,
-            strength=strength,
+            strength=strength, lora_url=lora_url, lora_scale=lora_scale, lora_sha256=lora_sha256,
         )
         specs = self.models.lora_specs(loras)
         start_image = None
@@ -140,6 +150,10 @@ class TextToImage:
 
         # --- models for this job
         self.models.use_checkpoint(checkpoint_path, progress)
+        if lora_url is not None:
+            progress(0.02, "fetching the LoRA")
+            specs.append(LoraSpec(URL_LORA_NAME, self.request_loras.fetch(lora_url, lora_sha256, self.models.model_layout()),
+                                  weight=lora_scale))
         with self.models.loras(specs, progress):
             deadline = started + request.timeout
 

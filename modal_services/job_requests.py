@@ -199,6 +199,11 @@ class GenerateRequest(JobRequest):
     checkpoint: str | None = None
     # Seconds from the job's start; the bot and the CLI give the most, 300.
     timeout: Timeout = 60.0
+    # A LoRA of the request's own: an https link (presigned or not) to a .safetensors file, at
+    # `lora_scale`; with its sha256, a repeat uses the copy this worker already has.
+    lora_url: Annotated[str, Field(min_length=8, max_length=4000, title="The LoRA URL")] | None = None
+    lora_scale: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, title="The LoRA scale")] = 1.0
+    lora_sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", title="The LoRA sha256")] | None = None
     # A variation's start image (encoded bytes), resized to width x height.
     image: bytes | None = None
     strength: Strength = 0.35

@@ -7,12 +7,15 @@ encoders and VAE, and a checkpoint switch applies to both.
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from modal_services.generate import PREVIEW_INTERVAL as GENERATE_PREVIEW_INTERVAL
 from modal_services.generate import TextToImage
 from modal_services.job_requests import GenerateRequest, JobRequest, UpscaleRequest
 from modal_services.layout import Layout
+from modal_services.request_loras import RequestLoras
 from modal_services.sdxl_pipeline import SdxlModels
 from modal_services.upscale import PREVIEW_INTERVAL as UPSCALE_PREVIEW_INTERVAL
 from modal_services.upscale import TiledUpscaler
@@ -39,7 +42,9 @@ class SdxlEngine:
     ):
         """`upscale_options` are TiledUpscaler's (tile sizes, limits, tile batch, guidance)."""
         self.models = SdxlModels(layout, device)
-        self.text_to_image = TextToImage(self.models, preview_interval=generate_preview_interval)
+        # Per-request LoRAs are kept for the worker's life in a scratch folder of its own.
+        request_loras = RequestLoras(Path(tempfile.mkdtemp(prefix="request-loras-")))
+        self.text_to_image = TextToImage(self.models, request_loras, preview_interval=generate_preview_interval)
         self.upscaler = TiledUpscaler(self.models, preview_interval=upscale_preview_interval, **upscale_options)
 
     @property

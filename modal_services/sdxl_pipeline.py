@@ -299,6 +299,12 @@ class SdxlModels:
         self.pipe = pipe
         self.checkpoint = path
 
+    def model_layout(self):
+        """The loaded UNet's and text encoders' layers, what a LoRA is checked against."""
+        from modal_services.lora_formats import ModelLayout
+
+        return ModelLayout.of_pipeline(self.pipe)
+
     def empty_image_embeds(self, count: int):
         """`count` zero IP-Adapter Plus image embeddings, (count, 1, tokens, width): what a job
         without an image reference feeds the IP-Adapter (its attention adds nothing at scale 0)."""

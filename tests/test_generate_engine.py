@@ -282,3 +282,71 @@ def test_a_request_without_a_prompt_is_refused(volume):
     with pytest.raises(ToolboxError) as error:
         engine.generate(width=512, height=512)
     assert error.value.code is ErrorCode.INVALID_PROMPT and "needs a prompt" in error.value.message
+
+
+# ---------------------------------------------------------------- a request's own LoRA (lora_url)
+
+
+@pytest.fixture
+def lora_server(volume, monkeypatch):
+    """A loopback server with the detail LoRA at /lora.safetensors and an expired presigned link."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = volume.loras["detail"].read_bytes()
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path.startswith("/lora.safetensors"):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            else:
+                self.send_response(403)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    host, port = server.server_address
+    monkeypatch.setenv("TOOLBOX_ALLOWED_HOSTS", f"{host}:{port}")
+    yield f"http://{host}:{port}", hits, body
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_lora_url_is_fetched_applied_cached_by_sha256_and_unloaded(engine, base, lora_server, volume):
+    import hashlib
+
+    root, hits, body = lora_server
+    signed = f"{root}/lora.safetensors?X-Amz-Signature=secret123"
+    with_url = engine.generate(**QUICK, lora_url=signed, lora_scale=0.8)
+    assert with_url["loras"] == [{"name": "lora_url", "weight": 0.8}]
+    by_library = engine.generate(**QUICK, loras=[lora(volume, "detail", 0.8)])
+    assert with_url["images"] == by_library["images"]  # the same file, the same weight
+    assert no_adapters_left(engine)
+    assert engine.generate(**QUICK)["images"] == base["images"]
+    # With its sha256 a repeat skips the download.
+    digest = hashlib.sha256(body).hexdigest()
+    again = engine.generate(**QUICK, lora_url=signed, lora_scale=0.8, lora_sha256=digest)
+    assert again["images"] == with_url["images"] and len(hits) == 1
+
+
+def test_an_expired_or_refused_lora_url(engine, lora_server, monkeypatch):
+    root, hits, _ = lora_server
+    with pytest.raises(ToolboxError) as error:
+        engine.generate(**QUICK, lora_url=f"{root}/expired.safetensors?X-Amz-Signature=secret123")
+    assert error.value.code is ErrorCode.LORA_DOWNLOAD_FAILED and "403" in error.value.message
+    assert "secret123" not in error.value.message
+    monkeypatch.setenv("TOOLBOX_ALLOWED_HOSTS", "")
+    with pytest.raises(ToolboxError) as error:
+        engine.generate(**QUICK, lora_url=f"{root}/lora.safetensors")
+    assert error.value.code in (ErrorCode.INVALID_INPUT, ErrorCode.LORA_DOWNLOAD_FAILED)
+    assert no_adapters_left(engine)
