@@ -273,8 +273,8 @@ def test_a_field_the_request_does_not_have_is_refused():
     from modal_services.job_requests import GenerateRequest
 
     with pytest.raises(ToolboxError) as error:
-        GenerateRequest.parse({"prompt": "a cat", "lora_scale": 0.9})
-    assert error.value.code is ErrorCode.INVALID_INPUT and "no field 'lora_scale'" in error.value.message
+        GenerateRequest.parse({"prompt": "a cat", "lora_version": "2.0"})
+    assert error.value.code is ErrorCode.INVALID_INPUT and "no field 'lora_version'" in error.value.message
 
 
 def test_a_request_without_a_prompt_is_refused(volume):
