@@ -1024,26 +1024,26 @@ def _discard_orphans(folder: Path) -> None:
             orphan.unlink(missing_ok=True)
 
 
-def _verify_plan(entry, plan: Plan, folder: Path) -> dict:
-    """Check every planned file (size, sha256 or git blob id) and build the manifest; a bad file is removed."""
-    files = {}
+def planned_manifest(entry, plan: Plan, folder: Path) -> tuple[dict, list[str]]:
+    """The manifest the planned files on disk make, and the files that are missing or do not match
+    what the source published (size, sha256 or git blob id). Reads the files; changes nothing."""
+    files, wrong = {}, []
     for file in plan.files:
         path = folder / file.dest
+        if not path.is_file():
+            wrong.append(file.dest)
+            continue
         size = path.stat().st_size
         sha256 = sha256_file(path) if file.sha256 or size > CHUNK_SIZE else None
-        wrong = (
+        if (
             (file.size is not None and size != file.size)
             or (file.sha256 is not None and sha256 != file.sha256)
             or (file.sha256 is None and file.git_sha1 is not None and git_blob_sha1(path) != file.git_sha1)
-        )
-        if wrong:
-            path.unlink(missing_ok=True)
-            raise ToolboxError(
-                ErrorCode.CHECKSUM_MISMATCH,
-                f"{entry.name}: {file.dest} did not match what the source published; it was removed. Download again.",
-            )
+        ):
+            wrong.append(file.dest)
+            continue
         files[file.dest] = {"size": size, "sha256": sha256 or file.sha256, "git_sha1": file.git_sha1}
-    return {
+    manifest = {
         "key": entry.key,
         "complete": True,
         "files": files,
@@ -1052,6 +1052,20 @@ def _verify_plan(entry, plan: Plan, folder: Path) -> dict:
         "revision": plan.revision,
         "completed_at": time.time(),
     }
+    return manifest, wrong
+
+
+def _verify_plan(entry, plan: Plan, folder: Path) -> dict:
+    """The manifest of a finished download; a file that does not match the source is removed."""
+    manifest, wrong = planned_manifest(entry, plan, folder)
+    if wrong:
+        for dest in wrong:
+            (folder / dest).unlink(missing_ok=True)
+        raise ToolboxError(
+            ErrorCode.CHECKSUM_MISMATCH,
+            f"{entry.name}: {wrong[0]} did not match what the source published; it was removed. Download again.",
+        )
+    return manifest
 
 
 # -- one setup download at a time (the bot and the CLI start them here) ---------
