@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON document on stdout")
     _add_models_parser(commands)
 
+    migrate = commands.add_parser("migrate", help="bring the older Gradio toolbox's files and indexes into this layout")
+    migrate.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    migrate.add_argument("--json", action="store_true", help="the report as one JSON document on stdout")
+
     upscale = commands.add_parser("upscale", help="upscale an image with SDXL (1.5x-4x)")
     upscale.add_argument("image", type=Path, metavar="IMAGE")
     upscale.add_argument("--scale", type=float, default=2.0)
@@ -104,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(upscale_file(settings, args))
         elif args.command == "models":
             asyncio.run(models_command(settings, args))
+        elif args.command == "migrate":
+            asyncio.run(migrate_data_dir(settings, args.dry_run, args.json))
     except ToolboxError as error:
         print(f"error: {error.code.value}: {error.message}", file=sys.stderr)
         return 2 if error.code is ErrorCode.INVALID_INPUT else 1
@@ -318,6 +324,31 @@ async def _job_counts(store) -> dict[str, dict[str, int]]:
         if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             counts.setdefault(job.kind, {"queued": 0, "running": 0})[job.status.value] += 1
     return counts
+
+
+async def migrate_data_dir(settings: Settings, dry_run: bool, as_json: bool) -> None:
+    """The migration on the local backend's data dir; a Modal deployment's volumes migrate with `modal run`."""
+    import json
+    import tempfile
+
+    from modal_services.migration import Migration, render_report
+    from modal_services.state import SqliteStore
+
+    if settings.backend == "modal":
+        raise ToolboxError(ErrorCode.INVALID_INPUT,
+                           "With TOOLBOX_BACKEND=modal the files are on the Modal volumes: run "
+                           "`modal run -m modal_services.app::migrate` (with --dry-run to see the plan first).")
+    with tempfile.TemporaryDirectory() as scratch:
+        # A dry run on a data dir without state must not create it: it reads an empty store instead.
+        fresh = dry_run and not settings.state_path.exists()
+        store = SqliteStore(Path(scratch) / "state.sqlite3" if fresh else settings.state_path)
+        try:
+            migration = Migration(settings.models_dir, settings.loras_dir, store, dry_run=dry_run,
+                                  on_step=lambda text: print(f"{text}…", file=sys.stderr))
+            report = await migration.run()
+        finally:
+            await store.close()
+    print(json.dumps(report.to_dict(), indent=2) if as_json else render_report(report))
 
 
 # -- toolbox models ------------------------------------------------------------------

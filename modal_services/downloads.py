@@ -410,6 +410,17 @@ class FetchContext:
     civitai_token: str | None = None
 
 
+async def fetch_context(store: StateStore) -> FetchContext:
+    """What the fetchers need: the hub endpoint and the tokens (/setup's, else the environment's)."""
+    from modal_services.tokens import get_token
+
+    return FetchContext(
+        hf_endpoint=os.environ.get("HF_ENDPOINT") or None,
+        hf_token=await get_token(store, "hf"),
+        civitai_token=await get_token(store, "civitai"),
+    )
+
+
 def git_blob_sha1(path: Path) -> str:
     digest = hashlib.sha1(b"blob %d\0" % path.stat().st_size)
     with open(path, "rb") as f:
@@ -848,15 +859,6 @@ class DownloadEngine:
         if hook is not None:
             await asyncio.to_thread(hook)
 
-    async def _context(self) -> FetchContext:
-        from modal_services.tokens import get_token
-
-        return FetchContext(
-            hf_endpoint=os.environ.get("HF_ENDPOINT") or None,
-            hf_token=await get_token(self.store, "hf"),
-            civitai_token=await get_token(self.store, "civitai"),
-        )
-
     async def present(self, entry) -> bool:
         manifest = await self.store.get(manifest_key(entry.key))
         if not (manifest and manifest.get("complete")):
@@ -902,7 +904,7 @@ class DownloadEngine:
         entries = resolve_keys(keys, self.registry)
         owner = f"{os.uname().nodename}:{os.getpid()}:{time.time_ns()}"
         await self._hook(self.reload_hook)
-        ctx = await self._context()
+        ctx = await fetch_context(self.store)
         lives = [_Live(entry) for entry in entries]
         ticker = asyncio.create_task(self._tick(lives, progress, owner))
         results: dict[str, str] = {}
