@@ -42,6 +42,20 @@ def installed_caption_model(tiny_qwen_dir, tmp_path):
 
 
 @pytest.fixture
+def fake_hub(monkeypatch):
+    """A fake Hugging Face Hub on loopback, serving a stand-in for every repo of the registry, as HF_ENDPOINT."""
+    import huggingface_hub.constants
+
+    from tests.fakes.hf_server import FakeHub, serve_registry
+
+    with FakeHub() as server:
+        serve_registry(server)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        yield server
+
+
+@pytest.fixture
 def fast_progress(monkeypatch):
     """Progress writes, polls and reply edits at test speed instead of Discord-safe pacing."""
     import bot.progress

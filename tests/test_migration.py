@@ -20,7 +20,7 @@ from modal_services.downloads import DownloadEngine, manifest_key
 from modal_services.migration import MigrationReport, journal_key, render_report
 from modal_services.state import SqliteStore
 from modal_services.tokens import secret_key
-from tests.fakes.hf_server import FakeHub, serve_registry
+from tests.fakes.hf_server import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 AESTHETIC = b"aesthetic-quality-lora" * 100
@@ -33,15 +33,9 @@ HF_TOKEN = "hf_oldtoken_11112222bbbb"
 
 
 @pytest.fixture
-def hub(monkeypatch):
-    import huggingface_hub.constants
-
-    with FakeHub() as server:
-        serve_registry(server)
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(downloads, "_sleep", lambda seconds: None)
-        yield server
+def hub(fake_hub, monkeypatch):
+    monkeypatch.setattr(downloads, "_sleep", lambda seconds: None)  # the source's retries, without the waits
+    return fake_hub
 
 
 @pytest.fixture

@@ -20,23 +20,16 @@ from modal_services.downloads import lock_key, manifest_key, model_states
 from modal_services.jobs import Job, JobStatus, create_job, update_job
 from modal_services.registry import BASE_MODELS
 from tests.fakes.discord_fakes import fake_interaction
-from tests.fakes.hf_server import FakeHub, serve_registry
 
 CIVITAI_TOKEN = "civitai-token-0123456789a1b2"
 HF_TOKEN = "hf_goodtoken_9876543210c3d4"
 
 
 @pytest.fixture
-def hub(monkeypatch):
-    import huggingface_hub.constants
-
-    with FakeHub() as server:
-        serve_registry(server)
-        server.valid_tokens = {CIVITAI_TOKEN, HF_TOKEN}
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("CIVITAI_API_BASE", server.url)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        yield server
+def hub(fake_hub, monkeypatch):
+    fake_hub.valid_tokens = {CIVITAI_TOKEN, HF_TOKEN}
+    monkeypatch.setenv("CIVITAI_API_BASE", fake_hub.url)
+    return fake_hub
 
 
 @pytest.fixture
