@@ -213,53 +213,92 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
 
 
 async def setup_models(settings: Settings, only: list[str] | None) -> None:
-    """Download the missing base models (or `--only` these), with a bar per model and an overall bar."""
+    """Download the missing base models (or `--only` these, recommended LoRAs included)."""
+    from modal_services.registry import STARTER_LORAS, split_setup_keys
+
+    base_keys, starters = split_setup_keys(only)  # an unknown key fails here, before anything starts
+    backend = make_backend(settings)
+    try:
+        if base_keys or not only:
+            await _download_base_models(backend, base_keys)
+        if starters:
+            await _import_starter_loras(settings, backend, starters)
+        elif not only:
+            print(f"Recommended LoRAs (optional): toolbox setup --only {' '.join(STARTER_LORAS)}")
+    finally:
+        await backend.close()
+
+
+async def _download_base_models(backend: Backend, keys: list[str]) -> None:
+    """The missing ones of `keys` (all when empty), with a bar per model and an overall bar."""
     from modal_services.downloads import model_states, start_or_attach_download, watch_job
     from modal_services.registry import resolve_keys
 
-    entries = resolve_keys(only)  # an unknown key fails here, before anything starts
-    backend = make_backend(settings)
+    entries = resolve_keys(keys)
+    states = await model_states(backend.store, entries)
+    missing = [state.key for state in states if state.state != "present"]
+    if not missing:
+        print("All requested base models are present.")
+        return
+    job_id, started = await start_or_attach_download(
+        backend.store, lambda: backend.submit("download", {"keys": missing}, owner={"cli": True})
+    )
+    if not started:
+        print(f"A download is already running (job {job_id}); following it.", file=sys.stderr)
+    wanted = [entry for entry in entries if entry.key in missing]
+    bars = {
+        entry.key: tqdm(total=entry.approx_bytes, unit="B", unit_scale=True, desc=entry.key, position=i + 1,
+                        leave=True, disable=None)
+        for i, entry in enumerate(wanted)
+    }
+    overall = tqdm(total=1, unit="B", unit_scale=True, desc="overall", position=0, leave=True, disable=None)
+
+    async def show(job) -> None:
+        done = total = 0
+        for state in await model_states(backend.store, wanted):
+            bar = bars[state.key]
+            bar.total = state.size_bytes
+            bar.n = state.size_bytes if state.state == "present" else state.bytes_done
+            bar.set_postfix_str(state.state, refresh=False)
+            bar.refresh()
+            done, total = done + bar.n, total + state.size_bytes
+        overall.total, overall.n = max(total, 1), done
+        overall.refresh()
+
     try:
-        states = await model_states(backend.store, entries)
-        missing = [state.key for state in states if state.state != "present"]
-        if not missing:
-            print("All requested base models are present.")
-            return
-        job_id, started = await start_or_attach_download(
-            backend.store, lambda: backend.submit("download", {"keys": missing}, owner={"cli": True})
-        )
-        if not started:
-            print(f"A download is already running (job {job_id}); following it.", file=sys.stderr)
-        wanted = [entry for entry in entries if entry.key in missing]
-        bars = {
-            entry.key: tqdm(total=entry.approx_bytes, unit="B", unit_scale=True, desc=entry.key, position=i + 1,
-                            leave=True, disable=None)
-            for i, entry in enumerate(wanted)
-        }
-        overall = tqdm(total=1, unit="B", unit_scale=True, desc="overall", position=0, leave=True, disable=None)
-
-        async def show(job) -> None:
-            done = total = 0
-            for state in await model_states(backend.store, wanted):
-                bar = bars[state.key]
-                bar.total = state.size_bytes
-                bar.n = state.size_bytes if state.state == "present" else state.bytes_done
-                bar.set_postfix_str(state.state, refresh=False)
-                bar.refresh()
-                done, total = done + bar.n, total + state.size_bytes
-            overall.total, overall.n = max(total, 1), done
-            overall.refresh()
-
-        try:
-            job = await watch_job(backend.store, job_id, show)
-        finally:
-            for bar in (overall, *bars.values()):
-                bar.close()
-        if job.error() is not None:
-            raise job.error()
-        print(f"Downloaded: {', '.join(missing)}.")
+        job = await watch_job(backend.store, job_id, show)
     finally:
-        await backend.close()
+        for bar in (overall, *bars.values()):
+            bar.close()
+    if job.error() is not None:
+        raise job.error()
+    print(f"Downloaded: {', '.join(missing)}.")
+
+
+async def _import_starter_loras(settings: Settings, backend: Backend, starters: list) -> None:
+    """Each recommended LoRA not in the library yet, through the CivitAI importer's job; failures reported together."""
+    from modal_services.library import Library
+
+    library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+    failures: list[tuple[str, ToolboxError]] = []
+    for starter in starters:
+        installed = await library.by_model(starter.civitai_model_id)
+        if installed is not None:
+            print(f"{starter.key}: already in the library as {installed.file}.")
+            continue
+        try:
+            result = await _run_with_bar(backend, "model_import",
+                                         {"ref": starter.reference, "api_base": settings.civitai_api_base},
+                                         f"importing {starter.name}")
+        except ToolboxError as error:
+            failures.append((starter.key, error))
+            continue
+        entry = result["entry"]
+        print(f"{starter.key}: imported as {entry['file']} (triggers: {', '.join(entry['trigger_words']) or 'none'}).")
+    if failures:
+        keys = ", ".join(key for key, _ in failures)
+        first = failures[0][1]
+        raise ToolboxError(first.code, f"{len(failures)} of {len(starters)} LoRAs failed ({keys}). {first.message}")
 
 
 async def show_status(settings: Settings, as_json: bool) -> None:
@@ -273,7 +312,8 @@ async def show_status(settings: Settings, as_json: bool) -> None:
         download_key,
         manifest_key,
     )
-    from modal_services.registry import BASE_MODELS
+    from modal_services.library import Library
+    from modal_services.registry import BASE_MODELS, STARTER_LORAS
     from modal_services.tokens import SERVICES, token_state
 
     backend = make_backend(settings)
@@ -288,9 +328,16 @@ async def show_status(settings: Settings, as_json: bool) -> None:
                 problems = await asyncio.to_thread(check_files, settings.models_dir / entry.folder, manifest)
             states.append(describe_state(entry, manifest, await store.get(download_key(entry.key)), problems or None))
         tokens = [await token_state(store, service) for service in SERVICES]
+        library = Library.for_backend(store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+        starters = {}
+        for starter in STARTER_LORAS.values():
+            installed = await library.by_model(starter.civitai_model_id)
+            starters[starter.key] = {"name": starter.name, "civitai_model_id": starter.civitai_model_id,
+                                     "installed": installed.file if installed else None}
         document = {
             "backend": settings.backend,
             "models": [state.to_dict() for state in states],
+            "starter_loras": starters,
             "tokens": {t.service: {"set": t.is_set, "masked": t.masked, "source": t.source, "user": t.user} for t in tokens},
             "active_download": await active_download(store),
             "active_checkpoint": await store.get("active_checkpoint"),
@@ -304,6 +351,8 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     for state in states:
         extra = f" ({state.detail})" if state.detail else ""
         print(f"{state.key:16} {state.state:12} {state.size_bytes / 1e9:6.2f} GB{extra}")
+    for key, starter in document["starter_loras"].items():
+        print(f"{key:24} {'installed as ' + starter['installed'] if starter['installed'] else 'not installed (optional)'}")
     for token in tokens:
         print(token.describe())
     if document["active_download"]:

@@ -262,6 +262,13 @@ class Library:
                 return entry
         return None
 
+    async def by_model(self, model_id: int) -> LibraryEntry | None:
+        """An entry of any version of CivitAI model `model_id` whose file is there."""
+        for entry in await self.entries():
+            if entry.civitai_model_id == model_id and not entry.missing:
+                return entry
+        return None
+
     async def by_sha256(self, sha256: str) -> LibraryEntry | None:
         for entry in await self.entries():
             if entry.sha256 and entry.sha256 == sha256.lower():
