@@ -295,6 +295,8 @@ async def _import_starter_loras(settings: Settings, backend: Backend, starters: 
             continue
         entry = result["entry"]
         print(f"{starter.key}: imported as {entry['file']} (triggers: {', '.join(entry['trigger_words']) or 'none'}).")
+    if len(starters) == 1 and failures:
+        raise failures[0][1]
     if failures:
         keys = ", ".join(key for key, _ in failures)
         first = failures[0][1]

@@ -253,7 +253,7 @@ class Setup(commands.Cog):
         job, target = await self.bot.tracker.start(interaction, "model_import", payload, meta)
         await self.bot.tracker.run(job, target)
 
-    @app_commands.command(name="setup", description="Base models and API tokens (server admins)")
+    @app_commands.command(name="setup", description="Base models, recommended LoRAs and API tokens (server admins)")
     @app_commands.default_permissions(administrator=True)
     @app_commands.guild_only()
     async def setup(self, interaction: discord.Interaction) -> None:
