@@ -56,6 +56,19 @@ def fake_hub(monkeypatch):
 
 
 @pytest.fixture
+def fake_civitai(monkeypatch):
+    """A fake CivitAI on loopback, as CIVITAI_API_BASE, with the downloader's retries not waiting."""
+    from modal_services import downloads
+    from tests.fakes.civitai_server import FakeCivitai
+
+    server = FakeCivitai().start()
+    monkeypatch.setenv("CIVITAI_API_BASE", server.base)
+    monkeypatch.setattr(downloads, "_sleep", lambda seconds: None)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def fast_progress(monkeypatch):
     """Progress writes, polls and reply edits at test speed instead of Discord-safe pacing."""
     import bot.progress

@@ -10,7 +10,6 @@ from unittest.mock import MagicMock
 import pytest
 
 from bot.cli import main
-from modal_services import downloads
 from modal_services.registry import STARTER_LORAS
 from modal_services.state import SqliteStore
 from modal_services.tokens import secret_key
@@ -26,12 +25,8 @@ DETAILER = STARTER_LORAS["lora-detailer-il"]
 
 
 @pytest.fixture
-def civitai(monkeypatch):
-    server = FakeCivitai().start()
-    monkeypatch.setenv("CIVITAI_API_BASE", server.base)
-    monkeypatch.setattr(downloads, "_sleep", lambda seconds: None)
-    yield server
-    server.stop()
+def civitai(fake_civitai):
+    return fake_civitai
 
 
 def publish(civitai: FakeCivitai, starter, gated: bool = False) -> None:
