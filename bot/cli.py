@@ -214,17 +214,21 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
 
 async def setup_models(settings: Settings, only: list[str] | None) -> None:
     """Download the missing base models (or `--only` these, recommended LoRAs included)."""
+    from modal_services.library import Library
     from modal_services.registry import STARTER_LORAS, split_setup_keys
 
     base_keys, starters = split_setup_keys(only)  # an unknown key fails here, before anything starts
     backend = make_backend(settings)
+    library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
     try:
         if base_keys or not only:
             await _download_base_models(backend, base_keys)
         if starters:
-            await _import_starter_loras(settings, backend, starters)
+            await _import_starter_loras(settings, backend, library, starters)
         elif not only:
-            print(f"Recommended LoRAs (optional): toolbox setup --only {' '.join(STARTER_LORAS)}")
+            missing = [s.key for s in STARTER_LORAS.values() if await library.by_model(s.civitai_model_id) is None]
+            if missing:
+                print(f"Recommended LoRAs (optional): toolbox setup --only {' '.join(missing)}")
     finally:
         await backend.close()
 
@@ -275,11 +279,8 @@ async def _download_base_models(backend: Backend, keys: list[str]) -> None:
     print(f"Downloaded: {', '.join(missing)}.")
 
 
-async def _import_starter_loras(settings: Settings, backend: Backend, starters: list) -> None:
+async def _import_starter_loras(settings: Settings, backend: Backend, library, starters: list) -> None:
     """Each recommended LoRA not in the library yet, through the CivitAI importer's job; failures reported together."""
-    from modal_services.library import Library
-
-    library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
     failures: list[tuple[str, ToolboxError]] = []
     for starter in starters:
         installed = await library.by_model(starter.civitai_model_id)

@@ -102,6 +102,17 @@ def test_a_removed_model_fails_alone_and_says_so(civitai, capsys):
     assert set(library(capsys)) == {"lora-aesthetic-quality.safetensors"}
 
 
+def test_plain_setup_leaves_the_starters_alone_and_names_the_missing_ones(civitai, fake_hub, capsys):
+    publish(civitai, AESTHETIC)
+    assert main(["setup"]) == 0
+    assert "toolbox setup --only lora-aesthetic-quality lora-detailer-il" in capsys.readouterr().out
+    assert not civitai.hits("/api/")  # optional: nothing fetched unless named
+    assert main(["setup", "--only", "lora-aesthetic-quality"]) == 0
+    assert main(["setup"]) == 0
+    out = capsys.readouterr().out
+    assert "All requested base models are present." in out and out.rstrip().endswith("--only lora-detailer-il")
+
+
 def test_unknown_keys_name_the_starters_too(capsys):
     assert main(["setup", "--only", "lora-nonsense"]) == 2
     assert "lora-aesthetic-quality" in capsys.readouterr().err
