@@ -17,7 +17,9 @@ The rules:
 - nothing is overwritten: a name already taken keeps both files, the newcomer under a free
   name, and the report says so; a token already set is kept;
 - a library entry is written only once its file is in place (and the volume committed), with
-  the sha256 computed (streamed, in a thread) when the index has none or a stale one;
+  the sha256 computed (streamed, in a thread) when the index has none or a stale one, and
+  after the importer's own checks: an SDXL checkpoint, a LoRA that fits SDXL (converted when
+  diffusers cannot load its format, the original kept under `.original/`);
 - a claimed base model gets its manifest only after its files check out against the source;
 - tokens go into the state store, and the old file is removed once every token in it is there;
 - every move is journalled in the state store before it happens, so a run killed at any point
@@ -43,10 +45,10 @@ from modal_services.errors import ToolboxError
 from modal_services.library import (
     ACTIVE_CHECKPOINT_KEY,
     DEFAULT_CHECKPOINT,
+    ORIGINALS_DIR,
     SOURCES,
     SUFFIX,
     TYPES,
-    Library,
     LibraryEntry,
     check_weight,
     clean_name,
@@ -56,6 +58,7 @@ from modal_services.library import (
     unique_file_name,
     utc_now,
 )
+from modal_services.model_import import ModelEngine
 from modal_services.registry import BASE_MODELS
 from modal_services.state import StateStore
 from modal_services.tokens import LABELS, clean_token, mask, secret_key
@@ -216,7 +219,8 @@ class Migration:
         self.commit_hook = commit
         self.dry_run = dry_run
         self.on_step = on_step or (lambda text: None)
-        self.library = Library(store, self.loras_dir, self.models_dir)
+        self.installer = ModelEngine(self.loras_dir, self.models_dir, store, commit=commit)
+        self.library = self.installer.library
         self.report = MigrationReport(dry_run)
 
     async def run(self) -> MigrationReport:
@@ -392,11 +396,19 @@ class Migration:
                                 "scan --adopt` can add it)")
                 continue
             if not self.dry_run:
-                await self.library.add(entry)
+                try:
+                    # The importer's own checks: an SDXL checkpoint, a LoRA that fits SDXL (converted to a
+                    # format diffusers loads when it is not one, the original kept).
+                    entry = await self.installer.install(path, entry, lambda fraction, stage: None)
+                except ToolboxError as error:
+                    self.report.add("entry", old_name, "skipped", f"{error.message} (the file stays in "
+                                    f"{path.parent.name}/, outside the library)")
+                    continue
             names.add(entry.name.lower())
             migrated[old_name] = entry.file
             words = ", ".join(entry.trigger_words) or "no trigger words"
-            self.report.add("entry", entry.file, "added", f"{entry.name} ({entry.type}; {words})")
+            form = f"{entry.format} " if entry.format and entry.format != entry.type else ""
+            self.report.add("entry", entry.file, "added", f"{entry.name} ({form}{entry.type}; {words})")
         return migrated
 
     async def _locate(self, old_name: str, kind: str, locations: Mapping[str, Placement]) -> Placement | None:
@@ -405,6 +417,15 @@ class Migration:
         journal = await self.store.get(journal_key(old_name))
         candidates = [self.loras_dir / journal["dest"]] if journal else []
         candidates.append(self.library.folder(kind) / old_name)  # already in the newer layout
+        for candidate in candidates:
+            # A run killed while converting this LoRA set its original aside (and perhaps put the
+            # conversion in place) but wrote no entry: it is converted again from the original.
+            original = candidate.parent / ORIGINALS_DIR / candidate.name
+            if await asyncio.to_thread(original.is_file) and not await self.store.contains(entry_key(candidate.name)):
+                if not self.dry_run:
+                    await asyncio.to_thread(candidate.unlink, missing_ok=True)
+                return await self._do_move(original, candidate, f"back into {candidate.parent.name}/ (resuming an "
+                                           "interrupted conversion)")
         for candidate in candidates:
             if await asyncio.to_thread(candidate.is_file):
                 return candidate, candidate

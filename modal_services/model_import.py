@@ -189,12 +189,13 @@ class ModelEngine:
             )
             if existing is not None:
                 entry.trigger_words, entry.weight, entry.added_at = existing.trigger_words, existing.weight, existing.added_at
-            return await self._install(incoming, entry, progress)
+            return await self.install(incoming, entry, progress)
         finally:
             _discard_incoming(incoming)
 
-    async def _install(self, incoming: Path, entry: LibraryEntry, progress: ProgressFn) -> LibraryEntry:
-        """Check (and convert) the file in `.incoming/`, rename it into place, commit, then write the entry."""
+    async def install(self, incoming: Path, entry: LibraryEntry, progress: ProgressFn) -> LibraryEntry:
+        """Check (and convert) the file at `incoming` (in `.incoming/`, or already where the entry puts it),
+        rename it into place, commit, then write the entry."""
         progress(0.9, "checking the file")
         folder = self.library.folder(entry.type)
         final = folder / entry.file
@@ -264,7 +265,7 @@ class ModelEngine:
                 entry.name = display
             if words is not None:
                 entry.trigger_words = words
-            return self._result(await self._install(incoming, entry, progress), already=False)
+            return self._result(await self.install(incoming, entry, progress), already=False)
         finally:
             _discard_incoming(incoming)
 
@@ -322,7 +323,7 @@ class ModelEngine:
             entry = await self._describe(file_name, kind, incoming.stat().st_size, sha256, api_base, progress)
             if entry.civitai_version_id is not None:
                 entry.source = "civitai"
-            return await self._install(incoming, entry, progress)
+            return await self.install(incoming, entry, progress)
         finally:
             if incoming.exists():
                 await asyncio.to_thread(os.replace, incoming, path)

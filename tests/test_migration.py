@@ -21,13 +21,17 @@ from modal_services.migration import MigrationReport, journal_key, render_report
 from modal_services.state import SqliteStore
 from modal_services.tokens import secret_key
 from tests.fakes.hf_server import FakeHub
+from tests.fixtures import tiny_loras
+
+pytest.importorskip("torch")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-AESTHETIC = b"aesthetic-quality-lora" * 100
-DETAILER = b"detailer-il-lora" * 120
-UPLOAD_OLD = b"an upload of the older toolbox" * 50
+AESTHETIC = tiny_loras.to_bytes(tiny_loras.sdxl_kohya(seed=21))
+DETAILER = tiny_loras.to_bytes(tiny_loras.sdxl_loha(seed=22))  # LoHa: converted at migration, the original kept
+UPLOAD_OLD = tiny_loras.to_bytes(tiny_loras.sdxl_kohya(seed=23))
 UPLOAD_NEW = b"this project's own upload, same name" * 40
-NOOBAI = b"a noobai checkpoint" * 200
+NOOBAI = tiny_loras.to_bytes(tiny_loras.sdxl_checkpoint())
+SD15 = tiny_loras.to_bytes(tiny_loras.sd15_checkpoint())
 CIVITAI_TOKEN = "old-civitai-token-0000aaaa"
 HF_TOKEN = "hf_oldtoken_11112222bbbb"
 
@@ -99,6 +103,7 @@ def build_old_install(data: Path, hub: FakeHub) -> None:
     (loras / "loras" / "my_upload.safetensors").write_bytes(UPLOAD_NEW)  # the name is taken here already
     (loras / "old_style.pt").write_bytes(b"pickle")
     (loras / "checkpoints" / "noobaiXL_v10.safetensors").write_bytes(NOOBAI)
+    (loras / "checkpoints" / "dreamshaper_8.safetensors").write_bytes(SD15)
     (data / "outside.safetensors").write_bytes(b"not part of any volume")
     (loras / "link.safetensors").symlink_to(data / "outside.safetensors")
     index = {
@@ -124,6 +129,8 @@ def build_old_install(data: Path, hub: FakeHub) -> None:
                 "civitai_model_id": 833294, "civitai_version_id": 1456732, "base_model": "sdxl",
                 "added_at": "2026-02-21T15:30:00Z",
             },
+            "dreamshaper_8.safetensors": {"type": "checkpoint", "display_name": "DreamShaper 8", "base_model": "sd15",
+                                          "added_at": "2026-02-21T15:30:00Z"},
             "gone_lora.safetensors": {"type": "lora", "display_name": "Gone", "added_at": "2026-02-20T12:00:00Z"},
             "../../outside.safetensors": {"type": "lora", "display_name": "Escape"},
         },
@@ -186,7 +193,7 @@ def test_the_migration_builds_library_manifest_and_tokens(hub, data, capsys):
 
     # Files moved, not copied; the taken name kept both; what cannot be used stayed where it was.
     assert (loras / "loras" / "lora_929497.safetensors").read_bytes() == AESTHETIC
-    assert (loras / "loras" / "lora_1231943.safetensors").read_bytes() == DETAILER
+    assert (loras / "loras" / ".original" / "lora_1231943.safetensors").read_bytes() == DETAILER  # converted
     assert (loras / "loras" / "my_upload.safetensors").read_bytes() == UPLOAD_NEW
     assert (loras / "loras" / "my_upload-2.safetensors").read_bytes() == UPLOAD_OLD
     upload = [item for item in report["items"] if item["subject"] == "my_upload.safetensors" and item["kind"] == "file"]
@@ -205,12 +212,17 @@ def test_the_migration_builds_library_manifest_and_tokens(hub, data, capsys):
     assert aesthetic["trigger_words"] == ["masterpiece", "best quality", "very aesthetic"]
     assert (aesthetic["civitai_model_id"], aesthetic["civitai_version_id"], aesthetic["source"]) == (929497, 2247497, "civitai")
     assert aesthetic["sha256"] == hashlib.sha256(AESTHETIC).hexdigest() and aesthetic["size_bytes"] == len(AESTHETIC)
-    assert entries["lora_1231943.safetensors"]["weight"] == 1.0
+    detailer = entries["lora_1231943.safetensors"]
+    assert detailer["weight"] == 1.0 and detailer["format"] == "loha"
+    assert detailer["original_file"] == ".original/lora_1231943.safetensors"
+    assert aesthetic["format"] == "kohya" and aesthetic["original_file"] is None
     assert entries["my_upload-2.safetensors"]["sha256"] == hashlib.sha256(UPLOAD_OLD).hexdigest()
     noobai = entries["noobaiXL_v10.safetensors"]
     assert noobai["type"] == "checkpoint" and noobai["weight"] is None and noobai["civitai_version_id"] == 1456732
     assert stored(data)["active_checkpoint"] == "noobaiXL_v10.safetensors"
     assert "not on the volume" in why[("entry", "gone_lora.safetensors")]
+    assert "not SDXL" in why[("entry", "dreamshaper_8.safetensors")]  # the importer's own refusal
+    assert (loras / "checkpoints" / "dreamshaper_8.safetensors").read_bytes() == SD15
     assert "plain .safetensors file name" in why[("entry", "../../outside.safetensors")]
 
     # The manifest believes what checks out against the source, and nothing else.
@@ -274,7 +286,14 @@ sys.exit(main(["migrate"]))
 
 
 def finished_state(data: Path) -> tuple[dict, dict]:
-    return snapshot(data), without_times(stored(data))
+    files = snapshot(data)
+    for relative in list(files):
+        # A LoRA converted to another format is known by its original: the conversion's floats are not
+        # bit-for-bit the same from one run to the next.
+        original = relative.replace("loras/loras/", "loras/loras/.original/", 1)
+        if original != relative and original in files:
+            files[relative] = "converted from " + files[original]
+    return files, without_times(stored(data))
 
 
 @pytest.fixture
@@ -288,8 +307,14 @@ def uninterrupted(hub, tmp_path_factory, monkeypatch, capsys):
     return finished_state(clean)
 
 
-# os.replace calls of a run: the three moves (lora_1231943, lora_929497, the clashing upload), then the two retirements.
-@pytest.mark.parametrize("when, at", [("before", 1), ("after", 2), ("after", 3), ("before", 4), ("after", 5)])
+# The os.replace calls of a run: 1-3 the moves (lora_1231943, lora_929497, the clashing upload); 4-8 the
+# importer's renames into place (5 sets the LoHa's original aside, 6 puts its conversion in place); 9-10
+# the retirement of .manifest.json and .metadata.json.
+@pytest.mark.parametrize("when, at", [
+    ("after", 3), ("after", 5),
+    *(pytest.param(*point, marks=pytest.mark.slow)
+      for point in (("before", 1), ("after", 4), ("after", 6), ("after", 9), ("before", 10))),
+])
 def test_a_run_killed_mid_way_completes_when_run_again(hub, data, uninterrupted, monkeypatch, capsys, when, at):
     build_old_install(data, hub)
     monkeypatch.setenv("TOOLBOX_DATA_DIR", str(data))
@@ -360,5 +385,5 @@ def test_with_the_modal_backend_it_points_to_modal_run(capsys, monkeypatch):
 def test_the_modal_entry_point_mounts_both_volumes(app_module):
     options = app_module.recorded_options["migrate_volumes"]
     assert set(options["volumes"]) == {"/vol/models", "/vol/loras"}
-    assert options["image"] is app_module.download_image and "gpu" not in options
+    assert options["image"] is app_module.model_image and "gpu" not in options
     assert app_module.migrate.info.function_name == "migrate"
