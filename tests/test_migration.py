@@ -17,7 +17,7 @@ import pytest
 from bot.cli import main
 from modal_services import downloads
 from modal_services.downloads import DownloadEngine, manifest_key
-from modal_services.migration import MigrationReport, journal_key, render_report
+from modal_services.migration import MigrationReport, render_report
 from modal_services.state import SqliteStore
 from modal_services.tokens import secret_key
 from tests.fakes.hf_server import FakeHub
