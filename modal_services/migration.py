@@ -461,7 +461,7 @@ class Migration:
             source=source,
             civitai_model_id=_int_or_none(meta.get("civitai_model_id")),
             civitai_version_id=_int_or_none(meta.get("civitai_version_id")),
-            added_at=str(meta.get("added_at") or utc_now()),
+            added_at=str(meta.get("added_at") or utc_now())[:40],
             tags=[str(tag)[:100] for tag in tags[:50]],
         )
 
