@@ -399,7 +399,7 @@ class Migration:
                 try:
                     # The importer's own checks: an SDXL checkpoint, a LoRA that fits SDXL (converted to a
                     # format diffusers loads when it is not one, the original kept).
-                    entry = await self.installer.install(path, entry, lambda fraction, stage: None)
+                    entry = await self.installer.install_in_place(path, entry)
                 except ToolboxError as error:
                     self.report.add("entry", old_name, "skipped", f"{error.message} (the file stays in "
                                     f"{path.parent.name}/, outside the library)")

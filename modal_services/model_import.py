@@ -189,13 +189,12 @@ class ModelEngine:
             )
             if existing is not None:
                 entry.trigger_words, entry.weight, entry.added_at = existing.trigger_words, existing.weight, existing.added_at
-            return await self.install(incoming, entry, progress)
+            return await self._install(incoming, entry, progress)
         finally:
             _discard_incoming(incoming)
 
-    async def install(self, incoming: Path, entry: LibraryEntry, progress: ProgressFn) -> LibraryEntry:
-        """Check (and convert) the file at `incoming` (in `.incoming/`, or already where the entry puts it),
-        rename it into place, commit, then write the entry."""
+    async def _install(self, incoming: Path, entry: LibraryEntry, progress: ProgressFn) -> LibraryEntry:
+        """Check (and convert) the file in `.incoming/`, rename it into place, commit, then write the entry."""
         progress(0.9, "checking the file")
         folder = self.library.folder(entry.type)
         final = folder / entry.file
@@ -265,7 +264,7 @@ class ModelEngine:
                 entry.name = display
             if words is not None:
                 entry.trigger_words = words
-            return self._result(await self.install(incoming, entry, progress), already=False)
+            return self._result(await self._install(incoming, entry, progress), already=False)
         finally:
             _discard_incoming(incoming)
 
@@ -323,7 +322,7 @@ class ModelEngine:
             entry = await self._describe(file_name, kind, incoming.stat().st_size, sha256, api_base, progress)
             if entry.civitai_version_id is not None:
                 entry.source = "civitai"
-            return await self.install(incoming, entry, progress)
+            return await self._install(incoming, entry, progress)
         finally:
             if incoming.exists():
                 await asyncio.to_thread(os.replace, incoming, path)
@@ -336,6 +335,13 @@ class ModelEngine:
         entry = await self.library.delete(name)
         await self._commit()
         return {"entry": self.library.to_json(entry)}
+
+    # ------------------------------------------------------------ a file already in its folder
+
+    async def install_in_place(self, path: Path, entry: LibraryEntry) -> LibraryEntry:
+        """An import's checks (and LoRA conversion, the original kept) for a file already where `entry`
+        puts it (one the migration moved in), then its entry."""
+        return await self._install(path, entry, lambda fraction, stage: None)
 
 
 def check_checkpoint(path: Path) -> None:
