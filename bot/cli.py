@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "models":
             asyncio.run(models_command(settings, args))
         elif args.command == "migrate":
-            asyncio.run(migrate_data_dir(settings, args.dry_run, args.json))
+            asyncio.run(migrate(settings, args.dry_run, args.json))
     except ToolboxError as error:
         print(f"error: {error.code.value}: {error.message}", file=sys.stderr)
         return 2 if error.code is ErrorCode.INVALID_INPUT else 1
@@ -378,18 +378,25 @@ async def _job_counts(store) -> dict[str, dict[str, int]]:
     return counts
 
 
-async def migrate_data_dir(settings: Settings, dry_run: bool, as_json: bool) -> None:
-    """The migration on the local backend's data dir; a Modal deployment's volumes migrate with `modal run`."""
+async def migrate(settings: Settings, dry_run: bool, as_json: bool) -> None:
+    """The migration of the older toolbox's files: the data dir's, or the Modal volumes' (beside them)."""
     import json
-    import tempfile
 
-    from modal_services.migration import Migration, render_report
-    from modal_services.state import SqliteStore
+    from modal_services.migration import MigrationReport, render_report
 
     if settings.backend == "modal":
-        raise ToolboxError(ErrorCode.INVALID_INPUT,
-                           "With TOOLBOX_BACKEND=modal the files are on the Modal volumes: run "
-                           "`modal run -m modal_services.app::migrate` (with --dry-run to see the plan first).")
+        report = MigrationReport.from_dict(await _migrate_on_modal(settings, dry_run))
+    else:
+        report = await _migrate_data_dir(settings, dry_run)
+    print(json.dumps(report.to_dict(), indent=2) if as_json else render_report(report))
+
+
+async def _migrate_data_dir(settings: Settings, dry_run: bool):
+    import tempfile
+
+    from modal_services.migration import Migration
+    from modal_services.state import SqliteStore
+
     with tempfile.TemporaryDirectory() as scratch:
         # A dry run on a data dir without state must not create it: it reads an empty store instead.
         fresh = dry_run and not settings.state_path.exists()
@@ -397,10 +404,23 @@ async def migrate_data_dir(settings: Settings, dry_run: bool, as_json: bool) -> 
         try:
             migration = Migration(settings.models_dir, settings.loras_dir, store, dry_run=dry_run,
                                   on_step=lambda text: print(f"{text}…", file=sys.stderr))
-            report = await migration.run()
+            return await migration.run()
         finally:
             await store.close()
-    print(json.dumps(report.to_dict(), indent=2) if as_json else render_report(report))
+
+
+async def _migrate_on_modal(settings: Settings, dry_run: bool) -> dict:
+    """The deployed app's `migrate_volumes`, which runs where the volumes are mounted."""
+    import modal
+
+    print(f"migrating the volumes of the Modal app {settings.modal_app!r}…", file=sys.stderr)
+    try:
+        return await modal.Function.from_name(settings.modal_app, "migrate_volumes").remote.aio(dry_run)
+    except modal.exception.Error as exc:
+        raise ToolboxError(ErrorCode.BACKEND_UNAVAILABLE,
+                           f"The Modal app {settings.modal_app!r} could not be reached. Is it deployed "
+                           "(`modal deploy -m modal_services.app`)? `modal run -m modal_services.app::migrate` "
+                           "runs the migration without a deployment.") from exc
 
 
 # -- toolbox models ------------------------------------------------------------------

@@ -376,10 +376,39 @@ def test_a_broken_index_is_left_alone(hub, data, capsys):
     assert not stored(data, "model:")
 
 
-def test_with_the_modal_backend_it_points_to_modal_run(capsys, monkeypatch):
+def test_with_the_modal_backend_the_deployed_function_migrates_the_volumes(capsys, monkeypatch):
+    import modal
+
+    asked = []
+
+    class Function:
+        class remote:
+            @staticmethod
+            async def aio(dry_run):
+                asked.append(dry_run)
+                return MigrationReport(dry_run=dry_run).to_dict()
+
+    def from_name(app_name, name):
+        assert (app_name, name) == ("ai-toolbox", "migrate_volumes")
+        return Function
+
     monkeypatch.setenv("TOOLBOX_BACKEND", "modal")
-    assert main(["migrate"]) == 2
-    assert "modal run -m modal_services.app::migrate" in capsys.readouterr().err
+    monkeypatch.setattr(modal.Function, "from_name", from_name)
+    assert main(["migrate", "--dry-run"]) == 0
+    assert asked == [True] and "Nothing to migrate" in capsys.readouterr().out
+
+
+def test_an_app_that_is_not_deployed_is_one_clear_error(capsys, monkeypatch):
+    import modal
+
+    def missing(app_name, name):
+        raise modal.exception.NotFoundError("app not found")
+
+    monkeypatch.setenv("TOOLBOX_BACKEND", "modal")
+    monkeypatch.setattr(modal.Function, "from_name", missing)
+    assert main(["migrate"]) == 1
+    err = capsys.readouterr().err
+    assert "error: BACKEND_UNAVAILABLE:" in err and "modal run -m modal_services.app::migrate" in err
 
 
 def test_the_modal_entry_point_mounts_both_volumes(app_module):
