@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from modal_services.layout import Layout  # noqa: E402
 from modal_services.migration import Migration, render_report  # noqa: E402
 from modal_services.state import SqliteStore  # noqa: E402
 
@@ -68,7 +69,7 @@ def main() -> None:
         async def run():
             store = SqliteStore(data / "state.sqlite3")
             try:
-                return await Migration(data / "models", loras, store).run()
+                return await Migration(Layout(data / "models", loras, store)).run()
             finally:
                 await store.close()
 

@@ -21,6 +21,7 @@ from discord.ext import commands
 from bot.permissions import is_admin
 from bot.progress import ReplyEditor, progress_bar
 from bot.replies import as_toolbox_error, error_text, send_error
+from bot.ui import human_bytes, human_seconds
 from cogs.models import age_restricted
 from modal_services.downloads import (
     ModelState,
@@ -30,6 +31,7 @@ from modal_services.downloads import (
     watch_job,
 )
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import DownloadRequest, ModelImportRequest, VerifyRequest
 from modal_services.jobs import Job, JobStatus
 from modal_services.library import Library, LibraryEntry
 from modal_services.registry import BASE_MODELS, STARTER_LORAS, StarterLora
@@ -44,24 +46,6 @@ POLL_SECONDS = 1.0
 # Typed in a token field of the form: forget that token.
 CLEAR_WORD = "clear"
 ICONS = {"present": "✅", "missing": "▫️", "downloading": "⬇️", "queued": "⏳", "failed": "❌"}
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
-        n /= 1000
-
-
-def human_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def describe(state: ModelState) -> str:
@@ -248,9 +232,9 @@ class Setup(commands.Cog):
             await interaction.edit_original_response(content=f"{starter.name} is already in the library "
                                                      f"(`{installed.file}`).")
             return
-        payload = {"ref": starter.reference, "api_base": self.bot.settings.civitai_api_base}
+        request = ModelImportRequest.parse({"ref": starter.reference, "api_base": self.bot.settings.civitai_api_base})
         meta = {"title": f"Adding {starter.name}", "age_ok": age_restricted(interaction)}
-        job, target = await self.bot.tracker.start(interaction, "model_import", payload, meta)
+        job, target = await self.bot.tracker.start(interaction, request, meta)
         await self.bot.tracker.run(job, target)
 
     @app_commands.command(name="setup", description="Base models, recommended LoRAs and API tokens (server admins)")
@@ -274,7 +258,7 @@ class Setup(commands.Cog):
             return
         owner = {"user_id": interaction.user.id, "guild_id": interaction.guild_id, "channel_id": interaction.channel_id}
         job_id, started = await start_or_attach_download(
-            self.store, lambda: self.bot.backend.submit("download", {"keys": missing}, owner=owner)
+            self.store, lambda: self.bot.backend.submit(DownloadRequest.parse({"keys": missing}), owner=owner)
         )
         log.info("setup download %s job %s", "started" if started else "attached to", job_id)
         await self.follow(interaction, job_id)
@@ -298,7 +282,7 @@ class Setup(commands.Cog):
 
     async def verify_and_show(self, interaction: discord.Interaction) -> None:
         await interaction.edit_original_response(content="🔍 Verifying the files on the volume…", view=None)
-        job = await self.bot.backend.submit("verify", {"keys": list(BASE_MODELS)}, owner={"user_id": interaction.user.id})
+        job = await self.bot.backend.submit(VerifyRequest.parse({"keys": list(BASE_MODELS)}), owner={"user_id": interaction.user.id})
         editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, view=None))
 
         async def show(record: Job) -> None:

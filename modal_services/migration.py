@@ -40,19 +40,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from modal_services.downloads import fetch_context, fetcher_for, manifest_key, planned_manifest, sha256_file
+from modal_services.downloads import fetch_context, fetcher_for, planned_manifest, sha256_file
 from modal_services.errors import ToolboxError
-from modal_services.library import (
+from modal_services.keys import (
     ACTIVE_CHECKPOINT_KEY,
+    MIGRATION_JOURNAL_PREFIX,
+    entry_key,
+    manifest_key,
+    migration_journal_key,
+    secret_key,
+)
+from modal_services.layout import Layout
+from modal_services.library import (
     DEFAULT_CHECKPOINT,
     ORIGINALS_DIR,
     SOURCES,
     SUFFIX,
     TYPES,
     LibraryEntry,
-    check_weight,
     clean_name,
-    entry_key,
+    lora_weight,
     parse_trigger_words,
     safe_file_name,
     unique_file_name,
@@ -60,8 +67,7 @@ from modal_services.library import (
 )
 from modal_services.model_import import ModelEngine
 from modal_services.registry import BASE_MODELS
-from modal_services.state import StateStore
-from modal_services.tokens import LABELS, clean_token, mask, secret_key
+from modal_services.tokens import LABELS, clean_token, mask
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +80,6 @@ RETIRED_SUFFIX = ".migrated"
 PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
 MAX_INDEX_BYTES = 16 * 2**20
 TOKEN_FIELDS = {"civitai_token": "civitai", "hf_token": "hf"}
-JOURNAL_PREFIX = "migration:file:"
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 # Outcomes that change something, with the verb a dry run uses for them.
@@ -85,10 +90,6 @@ OUTCOME_ORDER = ("moved", "added", "recorded", "removed", "retired", "kept", "sk
 
 # Where a file is now, and where it is (or, in a dry run, would be) in the library.
 Placement = tuple[Path, Path]
-
-
-def journal_key(name: str) -> str:
-    return JOURNAL_PREFIX + name
 
 
 @dataclass
@@ -203,23 +204,21 @@ def _move(source: Path, dest: Path) -> None:
 class Migration:
     def __init__(
         self,
-        models_dir: Path,
-        loras_dir: Path,
-        store: StateStore,
+        layout: Layout,
         *,
         dict_manifest: Any = None,
         commit: Callable[[], object] | None = None,
         dry_run: bool = False,
         on_step: Callable[[str], None] | None = None,
     ):
-        self.models_dir = Path(models_dir)
-        self.loras_dir = Path(loras_dir)
-        self.store = store
+        self.models_dir = Path(layout.models_dir)
+        self.loras_dir = Path(layout.loras_dir)
+        self.store = layout.store
         self.dict_manifest = dict_manifest
         self.commit_hook = commit
         self.dry_run = dry_run
         self.on_step = on_step or (lambda text: None)
-        self.installer = ModelEngine(self.loras_dir, self.models_dir, store, commit=commit)
+        self.installer = ModelEngine(layout, commit=commit)
         self.library = self.installer.library
         self.report = MigrationReport(dry_run)
 
@@ -242,7 +241,7 @@ class Migration:
             if metadata is not None:
                 await self._retire_index(self.loras_dir / METADATA_FILE, "its entries are in the library now")
             if not self.dry_run:
-                for key in await self.store.keys(JOURNAL_PREFIX):
+                for key in await self.store.keys(MIGRATION_JOURNAL_PREFIX):
                     await self.store.pop(key)
         if self.report.changed:
             await self._commit()
@@ -328,7 +327,7 @@ class Migration:
     async def _move_one(self, path: Path, kind: str, taken: set[str]) -> Placement | None:
         name = path.name
         folder = self.library.folder(kind)
-        journal = await self.store.get(journal_key(name))
+        journal = await self.store.get(migration_journal_key(name))
         if journal:  # an interrupted run chose this file's place already
             dest = self.loras_dir / journal["dest"]
             if not dest.exists():
@@ -347,7 +346,7 @@ class Migration:
         taken.add(wanted)
         relative = str(dest.relative_to(self.loras_dir))
         if not self.dry_run:
-            await self.store.put(journal_key(name), {"dest": relative, "at": time.time()})
+            await self.store.put(migration_journal_key(name), {"dest": relative, "at": time.time()})
         moved = await self._do_move(path, dest, f"into {relative}")
         if moved is not None and clash:
             self.report.add("file", name, "kept", f"{folder.name}/{safe_file_name(name)} already exists: both kept, "
@@ -414,7 +413,7 @@ class Migration:
     async def _locate(self, old_name: str, kind: str, locations: Mapping[str, Placement]) -> Placement | None:
         if old_name in locations:
             return locations[old_name]
-        journal = await self.store.get(journal_key(old_name))
+        journal = await self.store.get(migration_journal_key(old_name))
         candidates = [self.loras_dir / journal["dest"]] if journal else []
         candidates.append(self.library.folder(kind) / old_name)  # already in the newer layout
         for candidate in candidates:
@@ -455,7 +454,7 @@ class Migration:
             type=kind,
             base_model=str(meta.get("base_model") or "")[:100],
             trigger_words=parse_trigger_words(words if isinstance(words, str) else [str(w) for w in words]),
-            weight=(check_weight(weight) if weight is not None else 1.0) if kind == "lora" else None,
+            weight=(lora_weight(name, weight) if weight is not None else 1.0) if kind == "lora" else None,
             size_bytes=size,
             sha256=sha256,
             source=source,

@@ -16,10 +16,11 @@ import pytest
 
 from bot.cli import main
 from modal_services import downloads
-from modal_services.downloads import DownloadEngine, manifest_key
+from modal_services.downloads import DownloadEngine
 from modal_services.migration import MigrationReport, render_report
 from modal_services.state import SqliteStore
-from modal_services.tokens import secret_key
+from modal_services.keys import manifest_key, secret_key
+from modal_services.layout import Layout
 from tests.fakes.hf_server import FakeHub
 from tests.fixtures import tiny_loras
 
@@ -141,7 +142,7 @@ def build_old_install(data: Path, hub: FakeHub) -> None:
     # The IP-Adapter's files, as the older toolbox downloaded them (into the same folder this project uses).
     async def download_ip_adapter():
         scratch = SqliteStore(data.parent / "scratch.sqlite3")
-        engine = DownloadEngine(data / "models", loras, scratch)
+        engine = DownloadEngine(Layout(data / "models", loras, scratch))
         engine.load()
         await asyncio.to_thread(engine.download, lambda *args: None, ["ip-adapter"])
         await scratch.close()

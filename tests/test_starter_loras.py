@@ -12,7 +12,7 @@ import pytest
 from bot.cli import main
 from modal_services.registry import STARTER_LORAS
 from modal_services.state import SqliteStore
-from modal_services.tokens import secret_key
+from modal_services.keys import secret_key
 from tests.fakes.civitai_server import FakeCivitai
 from tests.fakes.discord_fakes import fake_interaction
 from tests.fixtures import tiny_loras
