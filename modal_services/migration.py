@@ -40,8 +40,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from modal_services.downloads import fetch_context, fetcher_for, planned_manifest, sha256_file
+from modal_services.downloads import fetch_context, planned_manifest
 from modal_services.errors import ToolboxError
+from modal_services.fetchers import fetcher_for
 from modal_services.keys import (
     ACTIVE_CHECKPOINT_KEY,
     MIGRATION_JOURNAL_PREFIX,
@@ -68,6 +69,7 @@ from modal_services.library import (
 from modal_services.model_import import ModelEngine
 from modal_services.registry import BASE_MODELS
 from modal_services.tokens import LABELS, clean_token, mask
+from modal_services.transfer import sha256_file
 
 log = logging.getLogger(__name__)
 

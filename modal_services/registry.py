@@ -8,7 +8,7 @@ module pulls in nothing heavy, so the bot can show the lists (and an admin
 can read here what will be fetched before it is).
 
 A source is data too. The download engine picks its fetcher by the
-source's `kind` (`modal_services.downloads.FETCHERS`), so a new kind of
+source's `kind` (`modal_services.fetchers.FETCHERS`), so a new kind of
 source is one dataclass here plus one fetcher there, with no change to the engine.
 """
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
-from modal_services import downloads
+from modal_services import transfer
 from modal_services.downloads import DownloadEngine
 from modal_services.migration import MigrationReport, render_report
 from modal_services.state import SqliteStore
@@ -39,7 +39,7 @@ HF_TOKEN = "hf_oldtoken_11112222bbbb"
 
 @pytest.fixture
 def hub(fake_hub, monkeypatch):
-    monkeypatch.setattr(downloads, "_sleep", lambda seconds: None)  # the source's retries, without the waits
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)  # the source's retries, without the waits
     return fake_hub
 
 
