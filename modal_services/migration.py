@@ -31,6 +31,7 @@ The rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -334,26 +335,34 @@ class Migration:
             dest = self.loras_dir / journal["dest"]
             if not dest.exists():
                 taken.add(dest.name)
-                return await self._do_move(path, dest, f"into {journal['dest']} (resuming an interrupted run)")
+                async with self._claimed_name(dest.name, exact=True):
+                    return await self._do_move(path, dest, f"into {journal['dest']} (resuming an interrupted run)")
         wanted = safe_file_name(name)
         dest = folder / wanted
-        clash = wanted.lower() in {t.lower() for t in taken}
-        if clash and dest.is_file() and await asyncio.to_thread(_same_bytes, path, dest):
+        if wanted.lower() in {t.lower() for t in taken} and dest.is_file() and await asyncio.to_thread(_same_bytes, path, dest):
             self.report.add("file", name, "skipped", f"the same bytes are already at {dest.relative_to(self.loras_dir)}: "
                             "left where it is (delete it when you like)")
             return dest, dest
-        if clash:
-            wanted = unique_file_name(wanted, taken)
-            dest = folder / wanted
-        taken.add(wanted)
-        relative = str(dest.relative_to(self.loras_dir))
-        if not self.dry_run:
-            await self.store.put(migration_journal_key(name), {"dest": relative, "at": time.time()})
-        moved = await self._do_move(path, dest, f"into {relative}")
-        if moved is not None and clash:
-            self.report.add("file", name, "kept", f"{folder.name}/{safe_file_name(name)} already exists: both kept, "
-                            f"this one as {relative}")
+        async with self._claimed_name(unique_file_name(wanted, taken)) as chosen:
+            taken.add(chosen)
+            relative = str((folder / chosen).relative_to(self.loras_dir))
+            if not self.dry_run:
+                await self.store.put(migration_journal_key(name), {"dest": relative, "at": time.time()})
+            moved = await self._do_move(path, folder / chosen, f"into {relative}")
+        if moved is not None and chosen.lower() != wanted.lower():
+            self.report.add("file", name, "kept", f"{folder.name}/{wanted} is taken (a file, an entry or an import "
+                            f"under way): both kept, this one as {relative}")
         return moved
+
+    @contextlib.asynccontextmanager
+    async def _claimed_name(self, wanted: str, exact: bool = False):
+        """A library file name held under the lock every install takes, so no import lands on it meanwhile
+        (a dry run takes none)."""
+        if self.dry_run:
+            yield wanted
+            return
+        async with self.installer.claimed_file_name(wanted, exact) as chosen:
+            yield chosen
 
     async def _do_move(self, path: Path, dest: Path, detail: str) -> Placement | None:
         if not self.dry_run:

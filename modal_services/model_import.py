@@ -384,6 +384,11 @@ class ModelEngine:
 
     # ------------------------------------------------------------ a file already in its folder
 
+    def claimed_file_name(self, wanted: str, exact: bool = False):
+        """`lock:file:<name>` on a free library file name (or, `exact`, this very one), held for the block:
+        for whoever else puts files into the library's folders."""
+        return self._claimed_file_name(wanted, uuid.uuid4().hex, lambda fraction, stage: None, exact)
+
     async def install_in_place(self, path: Path, entry: LibraryEntry) -> LibraryEntry:
         """An import's checks (and LoRA conversion, the original kept) for a file already where `entry`
         puts it (one the migration moved in), then its entry, under that very name."""

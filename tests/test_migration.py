@@ -332,6 +332,25 @@ def test_a_run_killed_mid_way_completes_when_run_again(hub, data, uninterrupted,
     assert not migrate(capsys)["changed"]
 
 
+def test_a_name_an_import_is_installing_is_not_taken(hub, data, capsys):
+    from modal_services.keys import file_lock_name
+    from modal_services.locks import try_lock
+
+    build_old_install(data, hub)
+
+    async def importing():  # an import holds the name while it moves its own file in
+        store = store_of(data)
+        assert await try_lock(store, file_lock_name("lora_929497.safetensors"), "an-import")
+        await store.close()
+
+    asyncio.run(importing())
+    report = migrate(capsys)
+    assert (data / "loras" / "loras" / "lora_929497-2.safetensors").read_bytes() == AESTHETIC
+    assert not (data / "loras" / "loras" / "lora_929497.safetensors").exists()  # left to the import
+    assert "import under way" in details(report)[("file", "lora_929497.safetensors")]
+    assert stored(data, "model:")["model:lora_929497-2.safetensors"]["civitai_model_id"] == 929497
+
+
 def test_a_token_already_set_is_kept_and_the_file_stays(hub, data, capsys):
     build_old_install(data, hub)
     put(data, secret_key("civitai"), {"token": "newer-civitai-token-9999zzzz", "user": "admin", "set_at": 1.0})
