@@ -39,9 +39,14 @@ class Backend(ABC):
 
     @abstractmethod
     async def submit(
-        self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        owner: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        job_id: str | None = None,
     ) -> Job:
-        """Create `job:<id>` (queued) and start the work; returns at once."""
+        """Create `job:<id>` (queued; under `job_id` if one was chosen in advance) and start the work; returns at once."""
 
     @abstractmethod
     async def result(self, job_id: str) -> Any:
@@ -81,10 +86,15 @@ class LocalBackend(Backend):
         self._tasks: dict[str, asyncio.Task] = {}
 
     async def submit(
-        self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        owner: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        job_id: str | None = None,
     ) -> Job:
         spec = self._spec(kind)
-        job = await create_job(self.store, kind, owner, meta)
+        job = await create_job(self.store, kind, owner, meta, job_id)
         task = asyncio.create_task(self._run(spec, job.id, payload), name=f"job-{job.id}")
         self._tasks[job.id] = task
         loop = asyncio.get_running_loop()
@@ -152,13 +162,18 @@ class ModalBackend(Backend):
         self.store = ModalDictStore.from_name(settings.state_dict)
 
     async def submit(
-        self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        owner: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        job_id: str | None = None,
     ) -> Job:
         import modal
 
         spec = self._spec(kind)
         await self._check_models(kind)
-        job = await create_job(self.store, kind, owner, meta)
+        job = await create_job(self.store, kind, owner, meta, job_id)
         try:
             service = modal.Cls.from_name(self.app_name, spec.modal_class)()
             call = await getattr(service, spec.method).spawn.aio(job.id, payload)

@@ -12,7 +12,7 @@ from bot.backend import LocalBackend
 from bot.guild_settings import GuildSettings, save_guild_settings
 from bot.settings import Settings
 from bot.tracker import INTERACTION_TOKEN_LIFETIME, CancelJobButton, ReplyTarget
-from modal_services.jobs import STALE_AFTER, JobStatus, create_job, load_job, update_job
+from modal_services.jobs import STALE_AFTER, JobStatus, create_job, load_job, new_job_id, update_job
 from tests.fakes.discord_fakes import channel_spy, ephemeral_error, fake_attachment, fake_interaction, invoke
 from tests.images import png_bytes
 from tests.fakes.engines import SlowCaptionEngine
@@ -45,6 +45,17 @@ async def eventually(check, timeout: float = 10.0):
         await asyncio.sleep(0.02)
 
 
+async def job_in_line(toolbox_bot, user_id: int, guild_id: int = 2002):
+    """A job someone already has, holding its slots as the job of an admitted command does."""
+    tracker = toolbox_bot.tracker
+    settings = await tracker.guild_settings(guild_id)
+    job_id = new_job_id()
+    slots, full = await tracker.slots.claim_all(job_id, tracker.scopes(fake_interaction(user_id, guild_id), settings))
+    assert full is None
+    owner = {"user_id": user_id, "guild_id": guild_id, "slots": slots}
+    return await create_job(toolbox_bot.backend.store, "caption", owner=owner, job_id=job_id)
+
+
 def edits(interaction) -> list[str]:
     return [call.kwargs.get("content") for call in interaction.calls.edit_original_response.await_args_list]
 
@@ -52,9 +63,9 @@ def edits(interaction) -> list[str]:
 async def test_user_cap_refuses_with_places_in_line(toolbox_bot, use_engine):
     use_engine("caption", SlowCaptionEngine())
     store = toolbox_bot.backend.store
-    await create_job(store, "caption", owner={"user_id": 1, "guild_id": 2002})  # someone else's, ahead
+    await job_in_line(toolbox_bot, 1)  # someone else's, ahead
     for _ in range(2):
-        await create_job(store, "caption", owner={"user_id": 7, "guild_id": 2002})
+        await job_in_line(toolbox_bot, 7)
     interaction = fake_interaction(user_id=7)
     await caption(toolbox_bot, interaction)
     error = ephemeral_error(interaction)
@@ -67,7 +78,7 @@ async def test_guild_and_global_caps(toolbox_bot, monkeypatch, use_engine):
     store = toolbox_bot.backend.store
     await save_guild_settings(store, 2002, GuildSettings(guild_cap=2))
     for user in (1, 2):
-        await create_job(store, "caption", owner={"user_id": user, "guild_id": 2002})
+        await job_in_line(toolbox_bot, user)
     interaction = fake_interaction(user_id=3)
     await caption(toolbox_bot, interaction)
     assert "This server has 2 jobs in line" in ephemeral_error(interaction)
