@@ -274,3 +274,33 @@ async def test_long_finished_jobs_are_forgotten(toolbox_bot):
     assert [job.id for job in snapshot.jobs] == [waiting.id]
     assert await load_job(store, old.id) is None
     assert await load_job(store, recent.id) is not None
+
+
+class SlowLoadingCaptionEngine(SlowCaptionEngine):
+    """A model that takes a while to load, with no progress to report meanwhile."""
+
+    def load(self):
+        time.sleep(1.5)
+        super().load()
+
+
+async def test_a_cancel_shows_at_the_next_edit_slot_even_while_the_model_loads(toolbox_bot, use_engine, monkeypatch):
+    monkeypatch.setattr("bot.progress.MIN_EDIT_INTERVAL", 0.2)
+    use_engine("caption", SlowLoadingCaptionEngine(steps=50, delay=0.02))
+    interaction = fake_interaction(user_id=5)
+    landed: list[tuple[float, str]] = []
+
+    async def edit(**fields):
+        landed.append((time.monotonic(), fields.get("content") or ""))
+
+    interaction.edit_original_response.side_effect = edit
+    running = asyncio.create_task(caption(toolbox_bot, interaction))
+    assert await eventually(lambda: any("Loading the model" in text for _, text in landed))
+    [job_key] = await toolbox_bot.backend.store.keys("job:")
+    pressed = time.monotonic()
+    await CancelJobButton(job_key[4:]).callback(_bound(fake_interaction(user_id=5), toolbox_bot))
+    await asyncio.wait_for(running, timeout=10)
+    after = [(at, text) for at, text in landed if at >= pressed]
+    assert after and "Stopping" in after[0][1] and after[0][0] - pressed < 0.2 + 0.1, after
+    assert not any("Loading the model" in text for _, text in after)
+    assert "Cancelled" in ephemeral_error(interaction)

@@ -328,3 +328,35 @@ async def test_no_preview_edit_lands_after_the_result(toolbox_bot, engine, fast_
     writer.cancel()
     assert ["preview.jpg"] in landed  # previews were shown while it ran
     assert landed[-1][0] == "upscaled.png"
+
+
+async def test_progress_previews_and_result_share_one_edit_budget(toolbox_bot, engine, fast_progress, monkeypatch):
+    """Every edit of the reply, whoever asked for it, is at least the edit interval after the one before."""
+    monkeypatch.setattr("bot.progress.MIN_EDIT_INTERVAL", 0.25)
+    store = toolbox_bot.backend.store
+    landed: list[tuple[float, dict]] = []
+
+    async def edit(**fields):
+        landed.append((time.monotonic(), fields))
+
+    async def keep_a_preview():
+        while not (keys := await store.keys("job:")):
+            await asyncio.sleep(0.01)
+        job_id = keys[0].split(":", 1)[1]
+        for n in range(200):
+            await store.put(preview_key(job_id), {"jpeg": "/9j/cHJldmlldw==", "n": n})
+            await asyncio.sleep(0.02)
+
+    engine.delay = 0.3
+    writer = asyncio.create_task(keep_a_preview())
+    interaction = fake_interaction()
+    interaction.edit_original_response.side_effect = edit
+    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(60, 40)),
+                 2.0, None, None, None, None, None, None, None, None, None, 1)
+    writer.cancel()
+    times = [at for at, _ in landed]
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert len(landed) >= 4 and min(gaps) >= 0.24, gaps
+    merged = [fields for _, fields in landed if "content" in fields and "attachments" in fields]
+    assert any(fields["attachments"][0].filename == "preview.jpg" for fields in merged)  # text + preview, one edit
+    assert landed[-1][1]["attachments"][0].filename == "upscaled.png"
