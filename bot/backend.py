@@ -29,6 +29,8 @@ from modal_services.state import ModalDictStore, SqliteStore, StateStore
 
 log = logging.getLogger(__name__)
 
+# Answering within 15 s: a missing or rejected Modal token fails at once, an unreachable Modal here.
+MODAL_CONNECT_TIMEOUT = 10.0
 # A local job's result waits this long for someone to collect it (/setup follows
 # downloads by their records and never does), then it is let go.
 RESULT_KEEP_SECONDS = 600
@@ -54,6 +56,9 @@ class Backend(ABC):
 
     async def job(self, job_id: str) -> Job | None:
         return await load_job(self.store, job_id)
+
+    async def start(self) -> None:
+        """Check that the backend can work at all (credentials, reachability) before anyone uses it."""
 
     async def cancel(self, job_id: str) -> None:
         """Backend-specific help in stopping a job; the cooperative cancel flag is set by the caller."""
@@ -161,6 +166,27 @@ class ModalBackend(Backend):
         self.app_name = settings.modal_app
         self.store = ModalDictStore.from_name(settings.state_dict)
 
+    async def start(self) -> None:
+        import modal
+
+        try:
+            # Modal's client retries an unreachable server for minutes; a person at a terminal waits seconds.
+            async with asyncio.timeout(MODAL_CONNECT_TIMEOUT):
+                client = await modal.Client.from_env.aio()
+                await client.hello.aio()
+        except modal.exception.AuthError:
+            raise ToolboxError(
+                ErrorCode.PERMISSION_DENIED,
+                "Modal has no valid token for this machine: run `modal token new`, or set MODAL_TOKEN_ID and "
+                "MODAL_TOKEN_SECRET.",
+            ) from None
+        except (modal.exception.ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            raise ToolboxError(
+                ErrorCode.BACKEND_UNAVAILABLE,
+                f"Modal could not be reached within {MODAL_CONNECT_TIMEOUT:.0f} s ({type(exc).__name__}); "
+                "check the network, or use TOOLBOX_BACKEND=local.",
+            ) from None
+
     async def submit(
         self,
         kind: str,
@@ -257,3 +283,14 @@ def make_backend(settings: Settings) -> Backend:
     if settings.backend == "modal":
         return ModalBackend(settings)
     return LocalBackend(settings)
+
+
+async def open_backend(settings: Settings) -> Backend:
+    """The backend for these settings, checked to work (raises a ToolboxError that says why not)."""
+    backend = make_backend(settings)
+    try:
+        await backend.start()
+    except BaseException:
+        await backend.close()
+        raise
+    return backend

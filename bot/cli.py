@@ -10,13 +10,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
 
 from tqdm import tqdm
 
-from bot.backend import Backend, make_backend
+from bot.backend import Backend, open_backend
 from bot.progress import follow_job
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
@@ -113,13 +114,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_bot(settings: Settings) -> None:
+    """Until SIGTERM or Ctrl-C, which close the bot gracefully; a second Ctrl-C leaves at once."""
     import discord
 
     from bot.runner import bot_supervisor
 
     supervisor = bot_supervisor(settings)
     discord.utils.setup_logging(level=logging.INFO)
-    supervisor.run(threading.Event())  # until Ctrl-C
+    stop = threading.Event()
+
+    def request_stop(signum, frame) -> None:
+        logging.getLogger("bot").info("stopping (%s)", signal.Signals(signum).name)
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    supervisor.run(stop)
 
 
 def _read_for_caption(path: Path) -> bytes:
@@ -135,7 +146,7 @@ async def caption_files(settings: Settings, args: argparse.Namespace) -> None:
         raise ToolboxError(ErrorCode.INVALID_INPUT, "--batch-size must be at least 1.")
     # Every file is checked before any work starts: a bad one in the middle of a batch wastes nothing.
     images = [await asyncio.to_thread(_read_for_caption, path) for path in args.images]
-    backend = make_backend(settings)
+    backend = await open_backend(settings)
     try:
         with tqdm(total=len(images), unit="img", desc="captioning", disable=None) as bar:
             for start in range(0, len(images), args.batch_size):
@@ -185,7 +196,7 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
     width, height = check_upscale_size(*size, args.scale)
     output = args.output or args.image.with_name(f"{args.image.stem}_x{args.scale:g}.png")
     seed = random.randint(0, 2**32 - 1) if args.seed is None else args.seed
-    backend = make_backend(settings)
+    backend = await open_backend(settings)
     try:
         library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
         loras = [await lora_for_job(library, *parse_lora_option(option)) for option in args.lora]
@@ -212,7 +223,7 @@ async def setup_models(settings: Settings, only: list[str] | None) -> None:
     from modal_services.registry import resolve_keys
 
     entries = resolve_keys(only)  # an unknown key fails here, before anything starts
-    backend = make_backend(settings)
+    backend = await open_backend(settings)
     try:
         states = await model_states(backend.store, entries)
         missing = [state.key for state in states if state.state != "present"]
@@ -270,7 +281,7 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     from modal_services.registry import BASE_MODELS
     from modal_services.tokens import SERVICES, token_state
 
-    backend = make_backend(settings)
+    backend = await open_backend(settings)
     store = backend.store
     try:
         states = []
@@ -369,7 +380,7 @@ async def models_command(settings: Settings, args: argparse.Namespace) -> None:
     from modal_services.tokens import get_token
 
     ref = parse_reference(args.ref) if args.verb == "import" else None  # bad input fails before anything starts
-    backend = make_backend(settings)
+    backend = await open_backend(settings)
     library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
     try:
         if args.verb == "import":

@@ -31,7 +31,7 @@ from bot.backend import call_key
 from bot.guild_settings import GuildSettings, load_guild_settings
 from bot.permissions import is_admin
 from bot.progress import MessageEdits, follow_job, render_job
-from bot.replies import error_text, send_error
+from bot.replies import error_text, send_error, taking_interactions
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import Job, JobStatus, load_job, new_job_id, request_cancel, update_job
 from modal_services.slots import UNSTARTED_CLAIM_TIMEOUT, Scope, SlotTable
@@ -48,6 +48,8 @@ SNAPSHOT_MAX_AGE = 2.0
 JOB_RETENTION = 7 * 24 * 3600
 # Job kinds people start from commands; admin work (downloads) is not capped.
 CAPPED_KINDS = ("caption", "upscale")
+
+RESTART_NOTICE = "🔄 **The bot is restarting** · this job's reply picks up again when it is back."
 
 # (job, result, target) -> shows the finished job's result in its message.
 Presenter = Callable[[Job, Any, "ReplyTarget"], Awaitable[None]]
@@ -121,6 +123,9 @@ class CancelJobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"tool
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match) -> "CancelJobButton":
         return cls(match["job_id"])
 
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return await taking_interactions(interaction)
+
     async def callback(self, interaction: discord.Interaction) -> None:
         # Component errors do not reach the app-command error handler: answer here.
         try:
@@ -179,7 +184,10 @@ class JobTracker:
         self._snapshot = QueueSnapshot([], 0.0)
         self._snapshot_lock = asyncio.Lock()
         self._following: dict[str, ReplyTarget] = {}
-        self._cancelling: set[str] = set()
+        # The task following each job, so that a closing bot can stop following.
+        self._followers: dict[str, asyncio.Task] = {}
+        # Jobs whose reply no longer shows progress: being cancelled, or the bot is closing.
+        self._quiet: set[str] = set()
         # Slot claims of this process; a claim left by another session whose job never started is free.
         self.session = uuid.uuid4().hex
 
@@ -302,6 +310,7 @@ class JobTracker:
     async def run(self, job: Job, target: ReplyTarget) -> None:
         """Follow the job in its message until it ends, then present the result (or the error)."""
         self._following[job.id] = target
+        self._followers[job.id] = asyncio.current_task()
         try:
             result = await self._follow(job, target)
         except ToolboxError as error:
@@ -314,7 +323,8 @@ class JobTracker:
             return
         finally:
             self._following.pop(job.id, None)
-            self._cancelling.discard(job.id)
+            self._followers.pop(job.id, None)
+            self._quiet.discard(job.id)
         await self.presenters[job.kind](job, result, target)
         await target.close()
         await update_job(self.store, job.id, delivered=True)
@@ -329,8 +339,8 @@ class JobTracker:
                 await update_job(self.store, record.id, status=JobStatus.ERROR, stage="error",
                                  error_code=error.code.value, error_message=error.message, finished_at=time.time())
                 raise error
-            if record.id in self._cancelling:
-                return  # the reply already says it is stopping
+            if record.id in self._quiet:
+                return  # the reply already says it is stopping, or that the bot is
             text = render_job(record, title)
             if record.status is JobStatus.QUEUED:
                 place = (await self.snapshot()).position(record)
@@ -352,9 +362,27 @@ class JobTracker:
         target = self._following.get(job_id)
         if target is not None:
             # Said at the next edit slot, not when the worker next looks up from a long step.
-            self._cancelling.add(job_id)
+            self._quiet.add(job_id)
             target.post(content=f"⏹️ **{job.meta.get('title', job.kind.capitalize())}** · Stopping…", view=None)
         await interaction.response.send_message("Stopping the job at its next step…", ephemeral=True)
+
+    async def stand_down(self, timeout: float) -> None:
+        """The bot is closing: every followed job's reply says so, then following stops. The jobs keep
+        their records and slots: the next start resumes them (or reports them cut short)."""
+        followed = dict(self._following)
+        followers = [self._followers[job_id] for job_id in followed if job_id in self._followers]
+        self._quiet.update(followed)
+        notices = [target.edit(content=RESTART_NOTICE, view=cancel_view(job_id)) for job_id, target in followed.items()]
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*notices, return_exceptions=True)
+        except TimeoutError:
+            log.warning("not every running job's reply could be told of the restart in %.0f s", timeout)
+        for task in followers:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+        for target in followed.values():
+            await target.close()
 
     async def resume(self) -> int:
         """Pick up every job whose result was never delivered (after a restart). Returns how many."""

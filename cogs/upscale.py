@@ -24,7 +24,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.attachments import check_attachment, image_attachments, looks_like_image, read_image
-from bot.replies import send_error
+from bot.replies import send_error, taking_interactions
 from bot.result_images import fit_to_limit
 from bot.progress import render_job
 from bot.tile_prompts import tile_prompts
@@ -70,6 +70,9 @@ class UpscaleButton(
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match) -> "UpscaleButton":
         return cls(match["action"], match["job_id"])
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return await taking_interactions(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
         # Component errors do not reach the app-command error handler: answer here.
