@@ -188,6 +188,10 @@ class ProgressReporter:
         self._latest = (min(max(float(progress), 0.0), 1.0), stage)
         self._dirty.set()
 
+    def abandon(self) -> None:
+        """Make the engine's next progress call raise, as a cancel does, without recording anything."""
+        self._cancelled.set()
+
     async def cancel_requested(self) -> bool:
         return await self.store.contains(cancel_key(self.job_id))
 
@@ -270,7 +274,9 @@ async def run_job(
         await reporter.fail(error)
         raise
     except asyncio.CancelledError:
-        # Our runner is going away (shutdown): stop writing, leave the verdict to recovery.
+        # Our runner is going away (shutdown): stop writing, leave the verdict to recovery, and
+        # have the engine stop at its next step so that its thread does not hold the process.
+        reporter.abandon()
         await reporter.stop()
         raise
     except Exception as exc:

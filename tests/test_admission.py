@@ -11,27 +11,12 @@ import pytest
 
 from modal_services.jobs import Job
 from modal_services.slots import SLOT_PREFIX
+from tests.fakes.engines import GatedCaptionEngine
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke
 from tests.images import png_bytes
 
 DOWNLOAD_SECONDS = 0.3
 GLOBAL_CAP = 30
-
-
-class GatedCaptionEngine:
-    """Holds every job until the test opens the gate, so that nothing finishes during the burst."""
-
-    def __init__(self):
-        self.loaded = False
-        self.gate = threading.Event()
-
-    def load(self):
-        self.loaded = True
-
-    def caption(self, images, style, question, progress):
-        while not self.gate.wait(0.01):
-            progress(0.5, "captioning")
-        return ["a caption"] * len(images)
 
 
 @pytest.fixture(params=["sqlite", "modal"])
@@ -50,9 +35,7 @@ async def burst_bot(request, make_toolbox_bot, use_engine, fast_progress, monkey
 
         deployment.work = work
     else:
-        engine = GatedCaptionEngine()
-        engine.gate = gate
-        use_engine("caption", engine)
+        use_engine("caption", GatedCaptionEngine(gate))
     toolbox_bot = await make_toolbox_bot("cogs.caption")
     yield toolbox_bot, gate
     gate.set()
