@@ -22,6 +22,7 @@ from bot.progress import follow_job
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
+from modal_services.sdxl_limits import MAX_SCALE, MIN_SCALE
 
 CAPTION_BATCH = 8
 
@@ -42,13 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     setup = commands.add_parser("setup", help="download the missing base models")
     setup.add_argument("--only", nargs="+", metavar="KEY", help="just these models (see `toolbox status`)")
 
-    status = commands.add_parser("status", help="base models, tokens and the running download")
+    status = commands.add_parser("status", help="the data dir, base models, tokens and the running download")
     status.add_argument("--json", action="store_true", help="one JSON document on stdout")
     _add_models_parser(commands)
 
-    upscale = commands.add_parser("upscale", help="upscale an image with SDXL (1.5x-4x)")
+    upscale = commands.add_parser("upscale", help=f"upscale an image with SDXL ({MIN_SCALE:g}x-{MAX_SCALE:g}x)")
     upscale.add_argument("image", type=Path, metavar="IMAGE")
-    upscale.add_argument("--scale", type=float, default=2.0)
+    upscale.add_argument("--scale", type=float, default=2.0, help=f"{MIN_SCALE:g} to {MAX_SCALE:g} (default 2)")
     upscale.add_argument("--prompt", default="")
     upscale.add_argument("--negative", default="")
     upscale.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="a library LoRA (repeatable)")
@@ -295,6 +296,7 @@ async def show_status(settings: Settings, as_json: bool) -> None:
         tokens = [await token_state(store, service) for service in SERVICES]
         document = {
             "backend": settings.backend,
+            "data_dir": str(settings.data_dir) if settings.backend == "local" else None,
             "models": [state.to_dict() for state in states],
             "tokens": {t.service: {"set": t.is_set, "masked": t.masked, "source": t.source, "user": t.user} for t in tokens},
             "active_download": await active_download(store),
@@ -306,6 +308,8 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     if as_json:
         print(json.dumps(document, indent=2))
         return
+    if document["data_dir"]:
+        print(f"data dir: {document['data_dir']}")
     for state in states:
         extra = f" ({state.detail})" if state.detail else ""
         print(f"{state.key:16} {state.state:12} {state.size_bytes / 1e9:6.2f} GB{extra}")

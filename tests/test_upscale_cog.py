@@ -172,6 +172,14 @@ async def test_limits_and_unknown_loras_are_refused_before_a_job(toolbox_bot, en
     await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(b"text", "a.txt", "text/plain"),
                  2.0, None, None, None, None, None, None, None, None, None, None)
     assert "not an image" in ephemeral_error(interaction)
+    # Over the upscaler's input limit by what Discord reports: refused before the defer, nothing downloaded.
+    interaction = fake_interaction()
+    reported = fake_attachment(png_bytes(50, 50), width=4000, height=3000)
+    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, reported,
+                 2.0, None, None, None, None, None, None, None, None, None, None)
+    interaction.calls.defer.assert_not_awaited()
+    reported.read.assert_not_awaited()
+    assert "4000×3000" in ephemeral_error(interaction)
     assert engine.payloads == []
 
 
