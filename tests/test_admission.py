@@ -75,6 +75,7 @@ async def burst(toolbox_bot, gate, senders: list[tuple[int, int]]):
     return jobs, [ephemeral_error(interaction) for interaction in interactions if ephemeral_error(interaction)]
 
 
+@pytest.mark.slow
 async def test_200_commands_from_50_users_stay_within_every_cap(burst_bot):
     toolbox_bot, gate = burst_bot
     users = [(user, 2000 + user % 10) for user in range(50)]  # 5 users in each of 10 servers

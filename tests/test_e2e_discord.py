@@ -235,6 +235,7 @@ async def stop_process(process: asyncio.subprocess.Process, signum: int) -> tupl
     return time.monotonic() - started, stderr.decode(errors="replace")
 
 
+@pytest.mark.slow
 async def test_sigterm_during_a_job_ends_within_10_s_and_the_job_is_picked_up_again(fake_discord, tmp_path):
     fake = fake_discord
     first = await start_bot_process(fake, tmp_path / "data")

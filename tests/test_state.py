@@ -89,6 +89,7 @@ def _create_in_process(path, barrier, results, index):
     results[index] = asyncio.run(store.put_if_absent("lock:p", index))
 
 
+@pytest.mark.slow
 def test_sqlite_processes_share_one_file(tmp_path):
     path = tmp_path / "state.sqlite3"
     SqliteStore(path)  # create the table first, as the bot does at start

@@ -67,6 +67,16 @@ def final_edit(interaction) -> dict:
     return interaction.calls.edit_original_response.await_args.kwargs
 
 
+async def keep_writing_previews(store, count: int = 200) -> None:
+    """What the worker's preview sink does: a fresh preview every 20 ms for the first job."""
+    while not (keys := await store.keys("job:")):
+        await asyncio.sleep(0.01)
+    job_id = keys[0].split(":", 1)[1]
+    for n in range(count):
+        await store.put(preview_key(job_id), {"jpeg": "/9j/cHJldmlldw==", "n": n})
+        await asyncio.sleep(0.02)
+
+
 def attachment_from(file: discord.File, content_type: str) -> MagicMock:
     file.fp.seek(0)
     return fake_attachment(file.fp.read(), file.filename, content_type)
@@ -318,17 +328,9 @@ async def test_no_preview_edit_lands_after_the_result(toolbox_bot, engine, fast_
             await asyncio.sleep(0.3)  # the tracker's last write after the result: previews must be over by now
         return await original_update(store_, job_id, **fields)
 
-    async def keep_a_preview():
-        while not (keys := await store.keys("job:")):
-            await asyncio.sleep(0.01)
-        job_id = keys[0].split(":", 1)[1]
-        for n in range(60):
-            await store.put(preview_key(job_id), {"jpeg": "/9j/cHJldmlldw==", "n": n})  # a fresh one each time
-            await asyncio.sleep(0.02)
-
     monkeypatch.setattr(bot.tracker, "update_job", slow_bookkeeping)
     engine.delay = 0.05
-    writer = asyncio.create_task(keep_a_preview())
+    writer = asyncio.create_task(keep_writing_previews(store))
     interaction = fake_interaction()
     interaction.edit_original_response.side_effect = edit
     await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(60, 40)),
@@ -347,16 +349,8 @@ async def test_progress_previews_and_result_share_one_edit_budget(toolbox_bot, e
     async def edit(**fields):
         landed.append((time.monotonic(), fields))
 
-    async def keep_a_preview():
-        while not (keys := await store.keys("job:")):
-            await asyncio.sleep(0.01)
-        job_id = keys[0].split(":", 1)[1]
-        for n in range(200):
-            await store.put(preview_key(job_id), {"jpeg": "/9j/cHJldmlldw==", "n": n})
-            await asyncio.sleep(0.02)
-
     engine.delay = 0.3
-    writer = asyncio.create_task(keep_a_preview())
+    writer = asyncio.create_task(keep_writing_previews(store))
     interaction = fake_interaction()
     interaction.edit_original_response.side_effect = edit
     await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(60, 40)),
