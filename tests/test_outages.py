@@ -15,6 +15,7 @@ import aiohttp
 
 from bot.outages import OneLineOutages, describe_outage, quiet_discord_outages
 from bot.runner import BotSupervisor
+from modal_services.errors import ErrorCode, ToolboxError
 from tests.test_runner import FakeBot, run_in_thread
 
 TOOLBOX = Path(sys.executable).with_name("toolbox")
@@ -125,3 +126,14 @@ def test_unreachable_modal_is_one_error_line(monkeypatch, capsys):
     assert err.startswith("error: BACKEND_UNAVAILABLE: Modal could not be reached")
     assert err.count("\n") == 1 and "as-test-secret" not in err
 
+
+
+def test_the_bot_container_ends_a_refused_token_in_one_line(app_module, caplog):
+    class RefusedSupervisor:
+        def run(self, stop):
+            raise ToolboxError(ErrorCode.PERMISSION_DENIED, "Discord refused the bot token: check DISCORD_TOKEN.")
+
+    app_module.run_until_stopped(RefusedSupervisor(), threading.Event())
+    [record] = [record for record in caplog.records if record.name == "modal_services.app"]
+    assert record.getMessage() == "the bot stopped: PERMISSION_DENIED: Discord refused the bot token: check DISCORD_TOKEN."
+    assert record.exc_info is None
