@@ -188,7 +188,7 @@ class JobTracker:
         self._followers: dict[str, asyncio.Task] = {}
         # Jobs whose reply no longer shows progress: being cancelled, or the bot is closing.
         self._quiet: set[str] = set()
-        # Slot claims of this process; a claim left by another session whose job never started is free.
+        # Names this bot session in its slot claims: a claim from a gone session whose job never started is free.
         self.session = uuid.uuid4().hex
 
     @property
