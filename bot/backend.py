@@ -200,6 +200,14 @@ class ModalBackend(Backend):
         spec = self._spec(kind)
         await self._check_models(kind)
         job = await create_job(self.store, kind, owner, meta, job_id)
+        # A bot going down mid-submit must not leave a spawned call unrecorded: it would run for
+        # nobody, and the restarted bot could not find its result.
+        await asyncio.shield(self._spawn(spec, job, payload))
+        return job
+
+    async def _spawn(self, spec: ServiceSpec, job: Job, payload: dict[str, Any]) -> None:
+        import modal
+
         try:
             service = modal.Cls.from_name(self.app_name, spec.modal_class)()
             call = await getattr(service, spec.method).spawn.aio(job.id, payload)
@@ -216,7 +224,6 @@ class ModalBackend(Backend):
             )
             raise error from exc
         await self.store.put(call_key(job.id), call.object_id)
-        return job
 
     async def service_status(self) -> dict[str, str]:
         import modal

@@ -285,7 +285,7 @@ class SlowLoadingCaptionEngine(SlowCaptionEngine):
 
 
 async def test_a_cancel_shows_at_the_next_edit_slot_even_while_the_model_loads(toolbox_bot, use_engine, monkeypatch):
-    monkeypatch.setattr("bot.progress.MIN_EDIT_INTERVAL", 0.2)
+    monkeypatch.setattr("bot.progress.MIN_EDIT_INTERVAL", 0.3)
     use_engine("caption", SlowLoadingCaptionEngine(steps=50, delay=0.02))
     interaction = fake_interaction(user_id=5)
     landed: list[tuple[float, str]] = []
@@ -301,6 +301,7 @@ async def test_a_cancel_shows_at_the_next_edit_slot_even_while_the_model_loads(t
     await CancelJobButton(job_key[4:]).callback(_bound(fake_interaction(user_id=5), toolbox_bot))
     await asyncio.wait_for(running, timeout=10)
     after = [(at, text) for at, text in landed if at >= pressed]
-    assert after and "Stopping" in after[0][1] and after[0][0] - pressed < 0.2 + 0.1, after
+    # Within one edit slot (plus slack for a loaded machine), long before the model is done loading.
+    assert after and "Stopping" in after[0][1] and after[0][0] - pressed < 0.3 + 0.5, after
     assert not any("Loading the model" in text for _, text in after)
     assert "Cancelled" in ephemeral_error(interaction)
