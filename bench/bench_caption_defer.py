@@ -53,7 +53,9 @@ async def run(commands: int, engine_seconds: float) -> dict:
     os.environ["TOOLBOX_DATA_DIR"] = tempfile.mkdtemp(prefix="bench-defer-")
     os.environ["TOOLBOX_GLOBAL_CAP"] = str(commands)
     engine = SlowCaptionEngine(steps=10, delay=engine_seconds / 10)  # holds its one worker thread
-    services.SERVICES["caption"] = dataclasses.replace(services.SERVICES["caption"], make_engine=lambda d: engine)
+    services.SERVICES["caption"] = dataclasses.replace(
+        services.SERVICES["caption"], make_engine=lambda layout: engine, engine_method=lambda: SlowCaptionEngine.caption
+    )
     bot.progress.MIN_EDIT_INTERVAL = 1.5
     settings = Settings.load()
     toolbox_bot = ToolboxBot(settings, LocalBackend(settings))

@@ -149,13 +149,18 @@ async def follow_job(
     on_update: Callable[[Job], Awaitable[Any]],
     poll_interval: float | None = None,
 ) -> Any:
-    """Wait for the job's result, calling `on_update` with the record while it runs."""
+    """Wait for the job's result, calling `on_update` with the record while it runs;
+    a record that ends in an error (a cancel included) raises that error at once."""
     result = asyncio.ensure_future(backend.result(job_id))
     try:
         while not result.done():
             job = await backend.job(job_id)
             if job is not None and not job.status.finished:
                 await on_update(job)
+            elif job is not None and job.error() is not None:
+                # Cancelled while queued, or failed: its result may never come (its worker may
+                # still be busy with another job), but the verdict is in.
+                raise job.error()
             await asyncio.wait({result}, timeout=POLL_INTERVAL if poll_interval is None else poll_interval)
         return result.result()
     finally:

@@ -32,21 +32,12 @@ import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
+from modal_services.keys import retired_slot_key, slot_key
 from modal_services.state import StateStore
 
-SLOT_PREFIX = "slot:"
-RETIRED_PREFIX = "slot-retired:"
 # A claim with no job yet is a command still reading its attachment (or captioning
 # tiles); one older than an interaction token's life will never start its job.
 UNSTARTED_CLAIM_TIMEOUT = 15 * 60
-
-
-def slot_key(scope: str, number: int) -> str:
-    return f"{SLOT_PREFIX}{scope}:{number}"
-
-
-def retired_key(holder: str, key: str) -> str:
-    return f"{RETIRED_PREFIX}{holder}:{key}"
 
 
 @dataclass(frozen=True)
@@ -90,7 +81,7 @@ class SlotTable:
             if current is None:
                 if await self.store.put_if_absent(key, record):  # released since the first pass
                     return key
-            elif await self.is_stale(current) and await self.store.put_if_absent(retired_key(current["holder"], key), time.time()):
+            elif await self.is_stale(current) and await self.store.put_if_absent(retired_slot_key(current["holder"], key), time.time()):
                 # Retiring the stale holder gave this call, and only this call, the right to the key.
                 await self.store.put(key, record)
                 return key
@@ -98,10 +89,10 @@ class SlotTable:
 
     async def release(self, holder: str, keys: list[str]) -> None:
         for key in keys:
-            if await self.store.put_if_absent(retired_key(holder, key), time.time()):
+            if await self.store.put_if_absent(retired_slot_key(holder, key), time.time()):
                 await self.store.pop(key)
 
     async def forget(self, holder: str, keys: list[str]) -> None:
         """Drop a long-gone holder's retirement markers (kept until then so a late release is a no-op)."""
         for key in keys:
-            await self.store.pop(retired_key(holder, key))
+            await self.store.pop(retired_slot_key(holder, key))

@@ -60,7 +60,10 @@ def use_engine(monkeypatch):
     from modal_services import services
 
     def install(kind: str, engine) -> None:
-        spec = dataclasses.replace(services.SERVICES[kind], make_engine=lambda models_dir: engine)
+        original = services.SERVICES[kind]
+        # The stand-in's own method of that name, looked up on the instance (tests may wrap it there).
+        spec = dataclasses.replace(original, make_engine=lambda layout: engine,
+                                   engine_method=lambda: lambda self, **fields: getattr(self, original.modal_method)(**fields))
         monkeypatch.setitem(services.SERVICES, kind, spec)
 
     return install

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from modal_services.jobs import Job
-from modal_services.slots import SLOT_PREFIX
+from modal_services.keys import SLOT_PREFIX
 from tests.fakes.engines import GatedCaptionEngine
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke
 from tests.images import png_bytes

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from modal_services.slots import RETIRED_PREFIX, SLOT_PREFIX, Scope, SlotTable
+from modal_services.keys import RETIRED_SLOT_PREFIX, SLOT_PREFIX
+from modal_services.slots import Scope, SlotTable
 from modal_services.state import ModalDictStore, SqliteStore
 from tests.fakes.modal_fakes import FakeModalDict
 
@@ -192,6 +193,6 @@ async def test_forget_drops_the_retirement_markers(store):
     slots = _slot_table(store)
     key = await slots.claim("a", Scope("user:1", 1))
     await slots.release("a", [key])
-    assert await store.keys(RETIRED_PREFIX) != []
+    assert await store.keys(RETIRED_SLOT_PREFIX) != []
     await slots.forget("a", [key])
-    assert await store.keys(RETIRED_PREFIX) == []
+    assert await store.keys(RETIRED_SLOT_PREFIX) == []

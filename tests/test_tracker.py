@@ -15,7 +15,7 @@ from bot.tracker import INTERACTION_TOKEN_LIFETIME, CancelJobButton, ReplyTarget
 from modal_services.jobs import STALE_AFTER, JobStatus, create_job, load_job, new_job_id, update_job
 from tests.fakes.discord_fakes import channel_spy, ephemeral_error, fake_attachment, fake_interaction, invoke
 from tests.images import png_bytes
-from tests.fakes.engines import SlowCaptionEngine
+from tests.fakes.engines import GatedCaptionEngine, SlowCaptionEngine
 
 
 @pytest.fixture(autouse=True)
@@ -263,17 +263,25 @@ async def test_local_jobs_cut_by_a_restart_are_reported_as_such(use_engine, make
 
 async def test_long_finished_jobs_are_forgotten(toolbox_bot):
     from bot.tracker import JOB_RETENTION
+    from modal_services import keys
 
     store = toolbox_bot.backend.store
     old = await create_job(store, "caption")
     await update_job(store, old.id, status=JobStatus.DONE, finished_at=time.time() - JOB_RETENTION - 60)
     recent = await create_job(store, "caption")
     await update_job(store, recent.id, status=JobStatus.DONE, finished_at=time.time() - 60)
+    per_job = (keys.call_key, keys.cancel_key, keys.preview_key, keys.upscale_params_key)
+    for job in (old, recent):
+        for key in per_job:
+            await store.put(key(job.id), {"kept": True})
     waiting = await create_job(store, "caption", owner={"user_id": 1})
     snapshot = await toolbox_bot.tracker.snapshot(max_age=0)
     assert [job.id for job in snapshot.jobs] == [waiting.id]
     assert await load_job(store, old.id) is None
     assert await load_job(store, recent.id) is not None
+    # Every key of a forgotten job goes with its record; a kept job keeps its own.
+    assert [key for key in await store.keys() if old.id in key] == []
+    assert all([await store.contains(key(recent.id)) for key in per_job])
 
 
 class SlowLoadingCaptionEngine(SlowCaptionEngine):
@@ -305,3 +313,27 @@ async def test_a_cancel_shows_at_the_next_edit_slot_even_while_the_model_loads(t
     assert after and "Stopping" in after[0][1] and after[0][0] - pressed < 0.3 + 0.5, after
     assert not any("Loading the model" in text for _, text in after)
     assert "Cancelled" in ephemeral_error(interaction)
+
+
+async def test_a_queued_job_cancelled_behind_a_busy_engine_ends_at_once(toolbox_bot, use_engine):
+    engine = GatedCaptionEngine()
+    use_engine("caption", engine)
+    busy, waiting = fake_interaction(user_id=1), fake_interaction(user_id=2)
+    first = asyncio.create_task(caption(toolbox_bot, busy))
+    await eventually(lambda: busy.calls.edit_original_response.await_count)
+    second = asyncio.create_task(caption(toolbox_bot, waiting))
+    store = toolbox_bot.backend.store
+    queued = await eventually(lambda: _queued_job(store))
+    await CancelJobButton(queued).callback(_bound(fake_interaction(user_id=2), toolbox_bot))
+    await asyncio.wait_for(second, timeout=5)  # while the engine is still busy with the first job
+    assert "Cancelled" in ephemeral_error(waiting) and not first.done()
+    engine.gate.set()
+    await asyncio.wait_for(first, timeout=10)
+    assert "a caption" in edits(busy)[-1]
+
+
+async def _queued_job(store) -> str | None:
+    for record in (await store.items("job:")).values():
+        if record["status"] == "queued":
+            return record["id"]
+    return None

@@ -26,7 +26,9 @@ def main() -> int:
     from tests.fakes.engines import GatedCaptionEngine
 
     engine = GatedCaptionEngine()
-    services.SERVICES["caption"] = dataclasses.replace(services.SERVICES["caption"], make_engine=lambda models_dir: engine)
+    services.SERVICES["caption"] = dataclasses.replace(
+        services.SERVICES["caption"], make_engine=lambda layout: engine, engine_method=lambda: GatedCaptionEngine.caption
+    )
     return toolbox(["bot"])
 
 
