@@ -78,6 +78,16 @@ async def keep_writing_previews(store, count: int = 200) -> None:
         await asyncio.sleep(0.02)
 
 
+async def upscale_while_previews_come(bot, edit) -> None:
+    """One /upscale 2x while the worker keeps writing previews, every edit of its reply going to `edit`."""
+    writer = asyncio.create_task(keep_writing_previews(bot.backend.store))
+    interaction = fake_interaction()
+    interaction.edit_original_response.side_effect = edit
+    await invoke(bot, upscale_command(bot), interaction, fake_attachment(png_bytes(60, 40)),
+                 2.0, None, None, None, None, None, None, None, None, None, 1)
+    writer.cancel()
+
+
 def attachment_from(file: discord.File, content_type: str) -> MagicMock:
     file.fp.seek(0)
     return fake_attachment(file.fp.read(), file.filename, content_type)
@@ -316,7 +326,6 @@ async def test_the_tile_caption_step_can_be_cancelled(toolbox_bot, engine, fast_
 async def test_no_preview_edit_lands_after_the_result(toolbox_bot, engine, fast_progress, monkeypatch):
     import bot.tracker
 
-    store = toolbox_bot.backend.store
     landed = []
 
     async def edit(**fields):
@@ -331,12 +340,7 @@ async def test_no_preview_edit_lands_after_the_result(toolbox_bot, engine, fast_
 
     monkeypatch.setattr(bot.tracker, "update_job", slow_bookkeeping)
     engine.delay = 0.05
-    writer = asyncio.create_task(keep_writing_previews(store))
-    interaction = fake_interaction()
-    interaction.edit_original_response.side_effect = edit
-    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(60, 40)),
-                 2.0, None, None, None, None, None, None, None, None, None, 1)
-    writer.cancel()
+    await upscale_while_previews_come(toolbox_bot, edit)
     assert ["preview.jpg"] in landed  # previews were shown while it ran
     assert landed[-1][0] == "upscaled.png"
 
@@ -344,19 +348,13 @@ async def test_no_preview_edit_lands_after_the_result(toolbox_bot, engine, fast_
 async def test_progress_previews_and_result_share_one_edit_budget(toolbox_bot, engine, fast_progress, monkeypatch):
     """Every edit of the reply, whoever asked for it, is at least the edit interval after the one before."""
     monkeypatch.setattr("bot.progress.MIN_EDIT_INTERVAL", 0.25)
-    store = toolbox_bot.backend.store
     landed: list[tuple[float, dict]] = []
 
     async def edit(**fields):
         landed.append((time.monotonic(), fields))
 
     engine.delay = 0.3
-    writer = asyncio.create_task(keep_writing_previews(store))
-    interaction = fake_interaction()
-    interaction.edit_original_response.side_effect = edit
-    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(60, 40)),
-                 2.0, None, None, None, None, None, None, None, None, None, 1)
-    writer.cancel()
+    await upscale_while_previews_come(toolbox_bot, edit)
     times = [at for at, _ in landed]
     gaps = [later - earlier for earlier, later in zip(times, times[1:])]
     assert len(landed) >= 4 and min(gaps) >= 0.24, gaps
