@@ -29,7 +29,7 @@ import discord
 
 from bot.guild_settings import GuildSettings, load_guild_settings
 from bot.permissions import is_admin
-from bot.progress import MessageEdits, follow_job, render_job
+from bot.progress import MessageEdits, end_if_stale, follow_job, render_job
 from bot.replies import error_text, send_error, taking_interactions
 from bot.ui import plural
 from modal_services.errors import ErrorCode, ToolboxError
@@ -334,11 +334,7 @@ class JobTracker:
         view = cancel_view(job.id)
 
         async def show(record: Job) -> None:
-            if record.stale():
-                error = ToolboxError(ErrorCode.INTERNAL, "The worker running this job stopped responding; run it again.")
-                await update_job(self.store, record.id, status=JobStatus.ERROR, stage="error",
-                                 error_code=error.code.value, error_message=error.message, finished_at=time.time())
-                raise error
+            await end_if_stale(self.bot.backend, record)
             if record.id in self._quiet:
                 return  # the reply already says it is stopping, or that the bot is
             text = render_job(record, title)
