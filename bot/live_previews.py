@@ -1,17 +1,15 @@
 """A running SDXL job's latest preview, shown in its message every few seconds.
 
 The worker keeps its newest small JPEG under `preview:<job id>`; while the
-job runs, the message's attachment is replaced with it whenever a new one
-appears. Preview edits come on top of the tracker's text edits, so they are
-spaced well inside Discord's edit rate limit. `stop()` waits for an edit in
-flight, so that no preview can land after (and replace) the result.
+job runs, a new one is posted to the message, to ride along with its next
+edit (the tracker's progress text shares the same edit budget). `stop()`
+ends the watching before the result is shown.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import logging
 
 import discord
 
@@ -19,8 +17,6 @@ from bot.tracker import ReplyTarget
 from modal_services.keys import preview_key
 from modal_services.sdxl_previews import decode_preview
 from modal_services.state import StateStore
-
-log = logging.getLogger(__name__)
 
 PREVIEW_EDIT_INTERVAL = 6.0
 
@@ -53,8 +49,6 @@ class LivePreviews:
             jpeg = decode_preview(record)
             if jpeg is None or record.get("n") == shown:
                 continue
-            try:
-                await target.edit(attachments=[discord.File(io.BytesIO(jpeg), "preview.jpg")])
-                shown = record.get("n")
-            except discord.HTTPException as exc:
-                log.info("preview edit for %s skipped: %s", job_id, exc.status)
+            # Rides along with the next progress edit: one edit budget for the whole message.
+            target.post(attachments=[discord.File(io.BytesIO(jpeg), "preview.jpg")])
+            shown = record.get("n")

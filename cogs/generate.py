@@ -26,9 +26,9 @@ from discord.ext import commands
 from bot.attachments import check_attachment, looks_like_image, read_image
 from bot.library_options import bot_library, lora_autocomplete, lora_slots
 from bot.live_previews import LivePreviews
-from bot.replies import hand_press_to_cog
+from bot.replies import hand_press_to_cog, taking_interactions
 from bot.result_images import fit_to_limit
-from bot.tracker import MAX_REQUEST_BYTES, ReplyTarget
+from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget
 from bot.ui import option_range
 from bot.generate_requests import generate_request
 from modal_services.errors import ErrorCode, ToolboxError
@@ -74,6 +74,9 @@ class GenerateButton(
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match) -> "GenerateButton":
         return cls(match["action"], match["job_id"])
 
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return await taking_interactions(interaction)
+
     async def callback(self, interaction: discord.Interaction) -> None:
         await hand_press_to_cog(interaction, "Generate", self.action, self.job_id)
 
@@ -91,6 +94,9 @@ class GenerateFromCaptionButton(
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match):
         return cls(match["job_id"])
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return await taking_interactions(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await hand_press_to_cog(interaction, "Generate", "caption", self.job_id)
@@ -225,7 +231,12 @@ class Generate(commands.Cog):
         if start is not None:
             check_attachment(start)
         await interaction.response.defer(thinking=True)
-        settings = await self.bot.tracker.admit(interaction)
+        async with self.bot.tracker.admission(interaction) as admission:
+            await self._generate(interaction, params, start, admission)
+
+    async def _generate(self, interaction: discord.Interaction, params: dict[str, Any],
+                        start: discord.Attachment | None, admission: Admission) -> None:
+        settings = admission.settings
         aspect = params.get("aspect") or settings.default_aspect
         width, height = params.get("width"), params.get("height")
         if not (width and height):
@@ -249,7 +260,7 @@ class Generate(commands.Cog):
             "lora_names": [lora.name for lora in request.loras],
             "checkpoint_name": checkpoint["name"],
         }
-        job, target = await self.bot.tracker.start(interaction, request, meta)
+        job, target = await self.bot.tracker.start(interaction, request, meta, admission)
         await self.bot.backend.store.put(generate_params_key(job.id), kept)
         self.previews.start(job.id, target)
         try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 from typing import Any
 
 import discord
@@ -26,11 +25,11 @@ from discord.ext import commands
 from bot.attachments import check_attachment, image_attachments, looks_like_image, read_image
 from bot.library_options import bot_library, lora_autocomplete, lora_slots
 from bot.live_previews import LivePreviews
-from bot.replies import hand_press_to_cog
+from bot.replies import hand_press_to_cog, taking_interactions
 from bot.result_images import fit_to_limit
-from bot.progress import ReplyEditor, render_job
+from bot.progress import render_job
 from bot.tile_prompts import tile_prompts
-from bot.tracker import MAX_REQUEST_BYTES, ReplyTarget, cancel_view
+from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget, cancel_view
 from bot.upscale_requests import upscale_request
 from bot.ui import option_range
 from modal_services.errors import ErrorCode, ToolboxError
@@ -38,8 +37,6 @@ from modal_services.job_requests import LoraRef, UpscaleRequest, field_bounds
 from modal_services.jobs import Job
 from modal_services.keys import upscale_params_key
 from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
-
-log = logging.getLogger(__name__)
 
 # The options /upscale offers, read from the request its job takes.
 ScaleOption = option_range(UpscaleRequest, "scale")
@@ -71,6 +68,9 @@ class UpscaleButton(
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match) -> "UpscaleButton":
         return cls(match["action"], match["job_id"])
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return await taking_interactions(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
         await hand_press_to_cog(interaction, "Upscale", self.action, self.job_id)
@@ -176,9 +176,14 @@ class Upscale(commands.Cog):
     # ------------------------------------------------------------ the job
 
     async def run_upscale(self, interaction: discord.Interaction, attachment: discord.Attachment, params: dict[str, Any]) -> None:
-        check_attachment(attachment)
+        check_attachment(attachment, max_pixels=DEFAULT_MAX_INPUT_PIXELS)
         await interaction.response.defer(thinking=True)
-        settings = await self.bot.tracker.admit(interaction)
+        async with self.bot.tracker.admission(interaction) as admission:
+            await self._upscale(interaction, attachment, params, admission)
+
+    async def _upscale(self, interaction: discord.Interaction, attachment: discord.Attachment, params: dict[str, Any],
+                       admission: Admission) -> None:
+        settings = admission.settings
         choices = {name: params.get(name) for name in KEPT_CHOICES}
         choices["scale"] = choices["scale"] or settings.default_upscale_scale
         choices["creativity"] = choices["creativity"] or settings.default_creativity
@@ -187,8 +192,9 @@ class Upscale(commands.Cog):
         request, checkpoint = await upscale_request(self.library, received.png, choices, params.get("loras") or [])
         # The same limits the worker applies, checked before anything is sent to it.
         out_width, out_height = check_upscale_size(*received.size, request.scale)
+        target = await self.bot.tracker.reply_target(interaction)
         if params.get("tile_captions"):
-            regions = await self._caption_tiles(interaction, received, out_width, out_height)
+            regions = await self._caption_tiles(interaction, target, received, out_width, out_height)
             request = UpscaleRequest.parse({**request.to_payload(), "region_prompts": regions})
         kept = {name: getattr(request, name) for name in KEPT_CHOICES}
         kept["tile_captions"] = bool(params.get("tile_captions"))
@@ -197,7 +203,7 @@ class Upscale(commands.Cog):
             "title": f"Upscale {request.scale:g}x → {out_width}×{out_height}",
             "summary": describe(kept, [lora.name for lora in request.loras], checkpoint["name"]),
         }
-        job, target = await self.bot.tracker.start(interaction, request, meta)
+        job, target = await self.bot.tracker.start(interaction, request, meta, admission, target)
         await self.bot.backend.store.put(upscale_params_key(job.id), kept)
         self._sources[job.id] = (received.png, f"{SOURCE_STEM}.png")
         self.previews.start(job.id, target)
@@ -207,15 +213,15 @@ class Upscale(commands.Cog):
             await self.previews.stop(job.id)
             self._sources.pop(job.id, None)
 
-    async def _caption_tiles(self, interaction: discord.Interaction, received, out_width: int, out_height: int) -> list[dict]:
+    async def _caption_tiles(self, interaction: discord.Interaction, target: ReplyTarget, received,
+                             out_width: int, out_height: int) -> list[dict]:
         """Tags for each tile the worker will denoise, with the usual progress and Cancel button."""
         cancel: dict[str, discord.ui.View] = {}
-        editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, view=cancel.get("view")))
         owner = {"user_id": interaction.user.id, "guild_id": interaction.guild_id, "channel_id": interaction.channel_id}
 
         async def show(record: Job) -> None:
             cancel.setdefault("view", cancel_view(record.id))
-            await editor.show(render_job(record, record.meta.get("title", "Tile captions")))
+            target.post(content=render_job(record, record.meta.get("title", "Tile captions")), view=cancel["view"])
 
         return await tile_prompts(self.bot.backend, received.png, received.size, (out_width, out_height), show, owner)
 

@@ -201,6 +201,39 @@ class ModelService:
         return await self._run("model_scan", job_id, payload)
 
 
+# The older Gradio toolbox kept its manifest in this Dict, as one whole-manifest key.
+LEGACY_METADATA_DICT = "ai-toolbox-model-metadata"
+
+
+@app.function(
+    image=model_image,  # the importer's checks and LoRA conversions need torch
+    volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
+    timeout=3 * 3600,  # hashing the checkpoints of a large library
+)
+def migrate_volumes(dry_run: bool = False) -> dict:
+    """The older toolbox's files and indexes on the volumes, brought into this layout (migration.py)."""
+    import asyncio
+
+    from modal_services.migration import Migration
+
+    try:
+        dict_manifest = modal.Dict.from_name(LEGACY_METADATA_DICT).get("manifest")
+    except modal.exception.NotFoundError:
+        dict_manifest = None  # an install that never had the Dict
+    _reload_volumes()
+    migration = Migration(_layout(ModalDictStore(state_dict)), dict_manifest=dict_manifest, commit=_commit_volumes,
+                          dry_run=dry_run)
+    return asyncio.run(migration.run()).to_dict()
+
+
+@app.local_entrypoint()
+def migrate(dry_run: bool = False) -> None:
+    """`modal run -m modal_services.app::migrate [--dry-run]`: runs beside the volumes, prints the report here."""
+    from modal_services.migration import MigrationReport, render_report
+
+    print(render_report(MigrationReport.from_dict(migrate_volumes.remote(dry_run))))
+
+
 # SDXL: text-to-image, variations and upscales in one GPU class, on one set of
 # loaded models (ControlNet Tile and IP-Adapter on top, for the upscaler):
 # a warm container serves both job kinds and a checkpoint switch applies to both.
@@ -274,6 +307,15 @@ bot_image = (
 )
 
 
+
+def run_until_stopped(supervisor, stop: threading.Event) -> None:
+    """The bot's thread: a failure retrying cannot fix (a refused token) ends it with one log line."""
+    try:
+        supervisor.run(stop)
+    except ToolboxError as error:
+        log.error("the bot stopped: %s: %s", error.code.value, error.message)
+
+
 @app.cls(image=bot_image, secrets=[bot_secret], min_containers=1, max_containers=1)
 class DiscordBot:
     """The gateway connection lives in a thread for the container's life; the supervisor
@@ -286,13 +328,15 @@ class DiscordBot:
 
         settings = Settings.load(environ={**os.environ, "TOOLBOX_BACKEND": "modal", "TOOLBOX_MODAL_APP": APP_NAME})
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=bot_supervisor(settings).run, args=(self.stop,), name="discord-bot")
+        self.thread = threading.Thread(target=run_until_stopped, args=(bot_supervisor(settings), self.stop),
+                                       name="discord-bot")
         self.thread.start()
 
     @modal.exit()
     def disconnect(self) -> None:
+        # Modal stops the container with SIGTERM and runs this: the bot closes gracefully within 10 s.
         self.stop.set()
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=15)
 
     @modal.method()
     def alive(self) -> bool:

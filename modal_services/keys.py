@@ -10,7 +10,11 @@ Shared:
   was verified, `lock:<name>` one holder at a time (`lock:download:<model>`,
   `lock:civitai:<version>`, `lock:file:<name>`, `lock:setup-download`),
   `model:<file>` a library
-  entry, `active_checkpoint`, `settings:<guild>`, `secret:<service>` a token.
+  entry, `active_checkpoint`, `settings:<guild>`, `secret:<service>` a token,
+  `migration:file:<name>` where the migration moves an old file (removed when it finishes).
+Job slots (`slots.py`):
+  `slot:<scope>:<n>` the n-th slot of a cap (`user:<id>`, `guild:<id>`,
+  `global`), `slot-retired:<holder>:<slot key>` who may act on a holder's slot.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ ENTRY_PREFIX = "model:"
 ACTIVE_CHECKPOINT_KEY = "active_checkpoint"
 # Keys that belong to one job, each `<prefix><job id>`.
 PER_JOB_PREFIXES = (JOB_PREFIX, "call:", "cancel:", "preview:", "upscale:", "generate:", "caption-prompt:")
+
+
+SLOT_PREFIX = "slot:"
+RETIRED_SLOT_PREFIX = "slot-retired:"
 
 
 def job_key(job_id: str) -> str:
@@ -87,6 +95,14 @@ def entry_key(file: str) -> str:
     return ENTRY_PREFIX + file
 
 
+# Where the migration from the older toolbox's layout noted each file's new place before moving it.
+MIGRATION_JOURNAL_PREFIX = "migration:file:"
+
+
+def migration_journal_key(old_name: str) -> str:
+    return MIGRATION_JOURNAL_PREFIX + old_name
+
+
 def settings_key(guild_id: int | None) -> str:
     return f"settings:{guild_id or 'dm'}"
 
@@ -99,3 +115,11 @@ async def forget_job(store: StateStore, job_id: str) -> None:
     """The retention rule: a job's record goes together with every key that belongs to it."""
     for prefix in PER_JOB_PREFIXES:
         await store.pop(prefix + job_id)
+
+
+def slot_key(scope: str, number: int) -> str:
+    return f"{SLOT_PREFIX}{scope}:{number}"
+
+
+def retired_slot_key(holder: str, slot: str) -> str:
+    return f"{RETIRED_SLOT_PREFIX}{holder}:{slot}"

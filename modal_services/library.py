@@ -150,6 +150,11 @@ def parse_trigger_words(value: str | list[str]) -> list[str]:
     return list(seen.values())
 
 
+def lora_weight(name: str, value: Any) -> float:
+    """A recommended weight within the range every LoRA reference allows (INVALID_INPUT otherwise)."""
+    return round(LoraRef.parse({"name": name, "weight": value}).weight, 3)
+
+
 class Library:
     def __init__(self, store: StateStore, loras_dir: Path, models_dir: Path, files_visible: bool = True):
         self.store = store
@@ -210,7 +215,7 @@ class Library:
         """By file name, else by display name or file stem (case-insensitive); INVALID_INPUT if ambiguous."""
         wanted = (name or "").strip()
         if not wanted:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "Name a model (see /models list).")
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "Name a model (see /models list, or `toolbox models list` in a terminal).")
         exact = await self.get(wanted)
         if exact is not None and (kind is None or exact.type == kind):
             return exact
@@ -228,7 +233,7 @@ class Library:
                 files = ", ".join(entry.file for entry in matches[:10])
                 raise ToolboxError(ErrorCode.INVALID_INPUT, f"Several models are called {wanted!r}: use the file name ({files}).")
         what = f"{kind} " if kind else "model "
-        raise ToolboxError(ErrorCode.INVALID_INPUT, f"No {what}named {wanted!r} in the library (see /models list).")
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"No {what}named {wanted!r} in the library (see /models list, or `toolbox models list` in a terminal).")
 
     async def search(self, query: str | None = None, kind: str | None = None) -> list[LibraryEntry]:
         """Entries whose name, file, tags, trigger words or base model contain `query`; name matches first."""
@@ -252,6 +257,13 @@ class Library:
     async def by_version(self, version_id: int) -> LibraryEntry | None:
         for entry in await self.entries():
             if entry.civitai_version_id == version_id:
+                return entry
+        return None
+
+    async def by_model(self, model_id: int) -> LibraryEntry | None:
+        """An entry of any version of CivitAI model `model_id` whose file is there."""
+        for entry in await self.entries():
+            if entry.civitai_model_id == model_id and not entry.missing:
                 return entry
         return None
 
@@ -315,7 +327,7 @@ class Library:
             if entry.type != "lora":
                 raise ToolboxError(ErrorCode.INVALID_INPUT, "Only LoRAs have a weight.")
             # Within the range every job accepts, checked as a job would check it.
-            new_weight = round(LoraRef.parse({"name": entry.name, "weight": weight}).weight, 3)
+            new_weight = lora_weight(entry.name, weight)
         if display_name is None and trigger_words is None and weight is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "Nothing to change: give a new name, trigger words or weight.")
         entry.name, entry.trigger_words, entry.weight = new_name, new_words, new_weight

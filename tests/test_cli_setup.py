@@ -8,20 +8,13 @@ import pytest
 
 from bot.cli import main
 from modal_services import downloads, transfer
-from tests.fakes.hf_server import FakeHub, serve_registry
 
 
 @pytest.fixture
-def hub(monkeypatch):
-    import huggingface_hub.constants
-
-    with FakeHub() as server:
-        serve_registry(server)
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
-        monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
-        yield server
+def hub(fake_hub, monkeypatch):
+    monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
+    return fake_hub
 
 
 def status(capsys) -> dict:
@@ -53,10 +46,12 @@ def test_setup_only_some_then_status(hub, tmp_path, capsys, monkeypatch):
     assert "All requested base models are present." in capsys.readouterr().out
 
 
-def test_status_text(hub, capsys):
+def test_status_text(hub, capsys, tmp_path):
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     assert "illustrious-xl" in out and "missing" in out and "Hugging Face: not set" in out
+    assert out.splitlines()[0] == f"data dir: {tmp_path / 'data'}"
+    assert status(capsys)["data_dir"] == str(tmp_path / "data")
 
 
 def test_unknown_key_is_usage_error(hub, capsys):

@@ -99,6 +99,7 @@ def test_output_is_a_png_of_the_scaled_size(engine, picture, base_output):
     assert Image.open(io.BytesIO(odd)).size == (120, 144)
 
 
+@pytest.mark.slow
 def test_same_seed_same_output_other_seed_other_output(engine, picture, base_output):
     assert engine.upscale(picture, **JOB) == base_output
     assert engine.upscale(picture, **{**JOB, "seed": 8}) != base_output
@@ -149,6 +150,7 @@ def test_ip_adapter_scale_changes_the_output(engine, picture, base_output):
 # ---------------------------------------------------------------- LoRAs
 
 
+@pytest.mark.slow
 def test_lora_changes_the_output_and_leaves_no_trace(volume, engine, picture, base_output):
     with_lora = engine.upscale(picture, **JOB, loras=[lora(volume, "detail")])
     assert np.abs(pixels(with_lora) - pixels(base_output)).max() > 0
@@ -159,6 +161,7 @@ def test_lora_changes_the_output_and_leaves_no_trace(volume, engine, picture, ba
     assert fresh.upscale(picture, **JOB) == base_output
 
 
+@pytest.mark.slow
 def test_lora_weights_and_two_loras(volume, engine, picture, base_output):
     half = engine.upscale(picture, **JOB, loras=[lora(volume, "detail", 0.5)])
     full = engine.upscale(picture, **JOB, loras=[lora(volume, "detail", 1.0)])
@@ -169,6 +172,7 @@ def test_lora_weights_and_two_loras(volume, engine, picture, base_output):
     assert engine.upscale(picture, **JOB) == base_output
 
 
+@pytest.mark.slow
 def test_library_files_are_found_on_the_lora_volume(volume, engine, picture, base_output):
     by_path = engine.upscale(picture, **JOB, loras=[lora(volume, "detail")])
     by_file = engine.upscale(picture, **JOB, loras=[{"name": "detail", "file": "detail.safetensors", "weight": None}])
@@ -193,6 +197,7 @@ def test_trigger_words_are_injected_once():
     assert with_trigger_words("glowing", specs[1:]) == "shiny, glow, glowing"
 
 
+@pytest.mark.slow
 def test_trigger_words_reach_the_prompt(volume, engine, picture):
     plain = engine.upscale(picture, **{**JOB, "prompt": "a cat"}, loras=[lora(volume, "detail")])
     triggered = engine.upscale(picture, **{**JOB, "prompt": "a cat"}, loras=[lora(volume, "detail", triggers=["shiny"])])
@@ -201,6 +206,7 @@ def test_trigger_words_reach_the_prompt(volume, engine, picture):
     assert already == triggered
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["wrong-shape", "not-a-lora", "missing"])
 def test_a_lora_that_fails_is_named_and_leaves_no_trace(volume, engine, picture, base_output, name):
     entry = lora(volume, "detail") if name == "missing" else lora(volume, name)
@@ -216,6 +222,7 @@ def test_a_lora_that_fails_is_named_and_leaves_no_trace(volume, engine, picture,
 # ---------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.slow
 def test_checkpoint_switch_reloads_only_the_unet_and_text_encoders(volume, engine, picture, base_output):
     controlnet, vae, unet = engine.models.pipe.controlnet, engine.models.pipe.vae, engine.models.pipe.unet
     stages = []
@@ -293,6 +300,7 @@ def test_models_missing_names_what_is_missing(volume, tmp_path):
     assert "ip-adapter" in error.value.message and "controlnet-tile" not in error.value.message
 
 
+@pytest.mark.slow
 def test_out_of_memory_retries_one_tile_at_a_time_then_gives_up(engine, picture, base_output, monkeypatch):
     import torch
 
@@ -324,6 +332,7 @@ def test_out_of_memory_retries_one_tile_at_a_time_then_gives_up(engine, picture,
 # ---------------------------------------------------------------- progress and previews
 
 
+@pytest.mark.slow
 def test_progress_reports_tiles_steps_and_previews(engine, picture):
     reports, previews = [], []
     engine.upscale(picture, **JOB, progress=lambda f, s: reports.append((f, s)), preview=previews.append)
@@ -339,6 +348,7 @@ def test_progress_reports_tiles_steps_and_previews(engine, picture):
         assert Image.open(io.BytesIO(jpeg)).size == (20, 24)  # the latent's size: 160x192 / 8
 
 
+@pytest.mark.slow
 def test_one_tile_per_call_reports_every_tile(volume, picture):
     engine = SdxlEngine(Layout(volume.models_dir), **{**ENGINE_OPTIONS, "tile_batch": 1})
     engine.load()

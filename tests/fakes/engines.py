@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 
 from PIL import Image
@@ -27,3 +28,19 @@ class SlowCaptionEngine:
             time.sleep(self.delay)
         sizes = [Image.open(io.BytesIO(data)).size for data in images]
         return [f"{question or style} {w}x{h}" for w, h in sizes]
+
+
+class GatedCaptionEngine:
+    """Holds every job, reporting progress, until `gate` is set: nothing finishes before a test says so."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.loaded = False
+        self.gate = gate or threading.Event()
+
+    def load(self):
+        self.loaded = True
+
+    def caption(self, images, style, question, progress):
+        while not self.gate.wait(0.01):
+            progress(0.5, "captioning")
+        return ["a caption"] * len(images)
