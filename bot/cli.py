@@ -313,7 +313,7 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
     choices = {"prompt": args.prompt, "negative_prompt": args.negative, "width": width, "height": height,
                "count": args.count, "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "timeout": args.timeout}
     loras = [parse_lora_option(option) for option in args.lora]
-    backend = make_backend(settings)
+    backend = await open_backend(settings)
     try:
         library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
         request, checkpoint = await generate_request(library, choices, loras)
