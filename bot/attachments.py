@@ -2,13 +2,16 @@
 
 `check_attachment` looks only at what Discord tells us (size, content type,
 name, width and height) and is instant, so a command can refuse bad input before it defers.
-`read_image` downloads and decodes (in a thread), and hands the worker a
-clean single-frame PNG, never the user's original bytes.
+`read_image` downloads from Discord's CDN through the egress policy (never
+discord.py's own `Attachment.read`, which follows redirects anywhere), no more
+bytes than Discord declared and within a deadline, decodes in a thread, and
+hands the worker a clean single-frame PNG, never the user's original bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,11 +20,16 @@ from pathlib import PurePath
 import discord
 from PIL import Image
 
+from modal_services.egress import Purpose, fetch_capped_async
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS, check_pixel_count, decode_image, encode_png
 
 MAX_ATTACHMENT_BYTES = 25 * 1024 * 1024
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
+# The whole download, redirects included: 25 MiB in this time is well under 1 MB/s.
+DOWNLOAD_DEADLINE_SECONDS = 60.0
+
+log = logging.getLogger(__name__)
 
 # Decoding is CPU-bound: more threads than cores add no speed, only more
 # threads contending with the event loop for the GIL.
@@ -73,13 +81,26 @@ async def read_image(
 ) -> ReceivedImage:
     """Download and decode; `max_side` shrinks the image for engines that never use more."""
     name = f"`{discord.utils.escape_markdown(attachment.filename)}`"
-    try:
-        data = await attachment.read()
-    except discord.HTTPException:
-        raise ToolboxError(ErrorCode.INVALID_INPUT, f"{name} could not be downloaded from Discord; try again.") from None
+    data = await _download(attachment, name)
     return await asyncio.get_running_loop().run_in_executor(
         _DECODERS, _decode_for_worker, data, attachment.filename, name, max_pixels, max_side
     )
+
+
+async def _download(attachment: discord.Attachment, name: str) -> bytes:
+    """The attachment's bytes from Discord's CDN: INVALID_INPUT naming the file when they cannot be had,
+    or when there are more (the transfer is cut) or fewer than Discord declared."""
+    declared = attachment.size or MAX_ATTACHMENT_BYTES
+    try:
+        data = await fetch_capped_async(attachment.url, Purpose.ATTACHMENT, limit=min(declared, MAX_ATTACHMENT_BYTES),
+                                        deadline=DOWNLOAD_DEADLINE_SECONDS)
+    except ToolboxError as error:
+        log.warning("attachment %s not downloaded: %s", attachment.filename, error.message)
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"{name} could not be downloaded ({error.message})") from None
+    if attachment.size and len(data) < attachment.size:
+        raise ToolboxError(ErrorCode.INVALID_INPUT,
+                           f"{name} arrived incomplete ({len(data)} of {attachment.size} bytes); try again.")
+    return data
 
 
 def _decode_for_worker(data: bytes, filename: str, name: str, max_pixels: int, max_side: int | None) -> ReceivedImage:

@@ -1,7 +1,9 @@
 """The one egress policy: every outbound fetch of the workers and the bot goes through here.
 
 `open_url` (blocking) and `open_url_async` take a URL and a `Purpose` (which
-allow-list applies) and return a streamed response. On every hop:
+allow-list applies) and return a streamed response; `fetch_capped_async`
+returns a whole small body (a Discord attachment), capped and on a deadline.
+On every hop:
 
 - the scheme is https (plain http only for explicitly allowed hosts);
 - the URL carries no userinfo (`https://civitai.com@evil.example/` tricks);
@@ -375,3 +377,37 @@ async def open_url_async(url: str, purpose: Purpose, *, headers: Mapping[str, st
             location = response.headers.get("Location")
             response.release()
             url = _next_hop(url, location, hops)
+
+
+async def fetch_capped_async(url: str, purpose: Purpose, *, limit: int, deadline: float) -> bytes:
+    """The whole body of `url`, fetched under the policy; the async side's `Response.read_capped`.
+
+    The body is asked for as stored (no content coding), so `limit` counts the
+    bytes the caller gets. DOWNLOAD_FAILED when the host cannot be reached or
+    breaks off, answers anything but 200, declares or sends more than `limit`
+    bytes (the transfer is cut there), or has not sent it all within
+    `deadline` seconds, redirects included. Refusals of the policy stay INVALID_INPUT.
+    """
+    import asyncio
+
+    import aiohttp
+
+    host = _describe_host(url)
+    too_large = ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{host} sent more than {limit} bytes.")
+    body = bytearray()
+    try:
+        async with asyncio.timeout(deadline):
+            async with open_url_async(url, purpose, headers={"Accept-Encoding": "identity"}) as response:
+                if response.status != 200:
+                    raise ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{host} answered HTTP {response.status}.")
+                if response.content_length is not None and response.content_length > limit:
+                    raise too_large
+                async for chunk in response.content.iter_any():
+                    body += chunk
+                    if len(body) > limit:
+                        raise too_large
+    except TimeoutError:  # before OSError: it is one; aiohttp's socket timeouts are TimeoutErrors too
+        raise ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{host} took too long to answer.") from None
+    except (aiohttp.ClientError, OSError):
+        raise ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{host} could not be reached, or broke off.") from None
+    return bytes(body)

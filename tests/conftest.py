@@ -26,6 +26,25 @@ def _isolated_environment(monkeypatch, tmp_path):
 
 
 @pytest.fixture(scope="session")
+def _cdn_server():
+    from tests.fakes.discord_cdn import FakeCdn
+
+    with FakeCdn() as cdn:
+        yield cdn
+
+
+@pytest.fixture(autouse=True)
+def fake_cdn(_cdn_server, _isolated_environment, monkeypatch):
+    """The fake Discord CDN that `fake_attachment` publishes to, allowed as an admin allows a host."""
+    from tests.fakes import discord_fakes
+
+    monkeypatch.setattr(discord_fakes, "cdn", _cdn_server)
+    monkeypatch.setenv("TOOLBOX_ALLOWED_HOSTS", f"{os.environ['TOOLBOX_ALLOWED_HOSTS']},{_cdn_server.host_port}")
+    yield _cdn_server
+    _cdn_server.reset()
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory):
     """A tiny random Qwen3-VL snapshot, built once per test run."""
     from tests.fixtures.tiny_qwen import build_tiny_qwen3vl

@@ -42,15 +42,8 @@ async def burst_bot(request, make_toolbox_bot, use_engine, fast_progress, monkey
 
 
 def slow_attachment(index: int):
-    attachment = fake_attachment(png_bytes(32, 32, seed=index))
-    data = attachment.read.return_value
-
-    async def read():
-        await asyncio.sleep(DOWNLOAD_SECONDS)  # the window in which a read-then-create check races
-        return data
-
-    attachment.read.side_effect = read
-    return attachment
+    # The CDN's wait is the window in which a read-then-create check races.
+    return fake_attachment(png_bytes(32, 32, seed=index), delay=DOWNLOAD_SECONDS)
 
 
 async def burst(toolbox_bot, gate, senders: list[tuple[int, int]]):

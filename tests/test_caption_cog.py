@@ -135,6 +135,16 @@ async def test_bad_content_gets_a_private_error_and_starts_no_job(toolbox_bot, s
     assert await jobs_started(toolbox_bot) == 0 and slow_engine.batches == []
 
 
+async def test_an_attachment_the_cdn_will_not_serve_gets_a_private_error(toolbox_bot, slow_engine, fake_cdn):
+    attachment = fake_attachment(png_bytes(), "lost.png")
+    attachment.url = fake_cdn.answer(404, "lost.png")
+    interaction = fake_interaction()
+    await invoke(toolbox_bot, caption_command(toolbox_bot), interaction, attachment, None, None)
+    assert "`lost.png` could not be downloaded" in ephemeral_error(interaction)
+    interaction.calls.delete_original_response.assert_awaited_once()
+    assert await jobs_started(toolbox_bot) == 0 and slow_engine.batches == []
+
+
 async def test_message_without_images(toolbox_bot, slow_engine):
     interaction = fake_interaction()
     message = fake_message(fake_attachment(b"hello", "a.txt", "text/plain"))

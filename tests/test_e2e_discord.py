@@ -50,6 +50,9 @@ async def fake_discord(monkeypatch):
     monkeypatch.setattr(discord.http.Route, "BASE", fake.api_base)
     monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url))
     monkeypatch.setenv("DISCORD_TOKEN", "fake-bot-token.abc.def")
+    # Its CDN route is the only host attachments may come from (not Discord's, so allowed explicitly).
+    cdn = yarl.URL(fake.base_url)
+    monkeypatch.setenv("TOOLBOX_ALLOWED_HOSTS", f"{cdn.host}:{cdn.port}")
     yield fake
     await fake.stop()
 

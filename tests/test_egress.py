@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 
 import pytest
 
@@ -14,6 +13,7 @@ from modal_services.egress import Credentials, Purpose, address_problem, check, 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.transfer import download_file
 from tests.fakes.hf_server import FakeHub
+from tests.fakes.listener import Listener
 
 DATA = os.urandom(10_000)
 
@@ -136,35 +136,6 @@ def test_configured_bases_are_allowed(monkeypatch):
 
 
 # ---------------------------------------------------------------- redirects, against loopback servers
-
-
-class Listener:
-    """A socket on another loopback address that counts connections (and answers none)."""
-
-    def __init__(self, host="127.0.0.2"):
-        self.sock = socket.socket()
-        self.sock.bind((host, 0))
-        self.sock.listen(8)
-        self.sock.settimeout(0.1)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self):
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            self.connections += 1
-            conn.close()
-
-    def close(self):
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.sock.close()
 
 
 @pytest.fixture

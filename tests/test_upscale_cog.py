@@ -6,6 +6,7 @@ import asyncio
 import io
 import time
 from unittest.mock import MagicMock
+from urllib.parse import urlsplit
 
 import discord
 import pytest
@@ -182,7 +183,7 @@ async def test_a_big_result_is_fitted_to_the_upload_limit(toolbox_bot, engine, f
     assert "upload limit" in final["content"]
 
 
-async def test_limits_and_unknown_loras_are_refused_before_a_job(toolbox_bot, engine, fast_progress):
+async def test_limits_and_unknown_loras_are_refused_before_a_job(toolbox_bot, engine, fast_progress, fake_cdn):
     interaction = fake_interaction()
     await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(2000, 2000)),
                  4.0, None, None, None, None, None, None, None, None, None, None)
@@ -201,7 +202,7 @@ async def test_limits_and_unknown_loras_are_refused_before_a_job(toolbox_bot, en
     await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, reported,
                  2.0, None, None, None, None, None, None, None, None, None, None)
     interaction.calls.defer.assert_not_awaited()
-    reported.read.assert_not_awaited()
+    assert urlsplit(reported.url).path not in fake_cdn.requests
     assert "4000×3000" in ephemeral_error(interaction)
     assert engine.payloads == []
 

@@ -2,7 +2,9 @@
 
 dpytest does not support app commands, so the interaction is a spec'd mock:
 every response method is an AsyncMock hung off one parent mock, so a test can
-read the order of calls (`interaction.calls`).
+read the order of calls (`interaction.calls`). An attachment's bytes are
+served by the fake CDN (`cdn`, set by the `fake_cdn` fixture) at its `url`,
+as Discord serves them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,10 @@ from unittest.mock import AsyncMock, MagicMock
 import discord
 from discord import app_commands
 
+from tests.fakes.discord_cdn import FakeCdn
+
+# The CDN that serves `fake_attachment`'s bytes; the `fake_cdn` fixture sets it for each test.
+cdn: FakeCdn | None = None
 
 _ids = itertools.count(900_000_000_000_000_001)
 
@@ -54,14 +60,19 @@ def fake_interaction(user_id: int = 1001, guild_id: int = 2002, channel_id: int 
 
 
 def fake_attachment(data: bytes, filename: str = "image.png", content_type: str | None = "image/png", size=None,
-                    width: int | None = None, height: int | None = None):
-    """`width` and `height` are what Discord reports for images (None: not reported)."""
+                    width: int | None = None, height: int | None = None, delay: float = 0.0):
+    """`size`, `width` and `height` are what Discord reports (None: the real size; not reported);
+    the CDN waits `delay` seconds before the body."""
+    if cdn is None:
+        raise RuntimeError("fake_attachment needs the fake CDN: use the fake_cdn fixture (autouse in tests/)")
     attachment = MagicMock(spec=discord.Attachment)
     attachment.filename = filename
     attachment.content_type = content_type
     attachment.size = len(data) if size is None else size
     attachment.width, attachment.height = width, height
-    attachment.read = AsyncMock(return_value=data)
+    attachment.url = cdn.publish(data, filename, content_type or "application/octet-stream", delay=delay)
+    # The bot downloads through its egress policy; discord.py's own fetch would bypass it.
+    attachment.read = AsyncMock(side_effect=AssertionError("attachments are downloaded from attachment.url, not read()"))
     return attachment
 
 
