@@ -23,6 +23,7 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
 
 CAPTION_BATCH = 8
+LOOPBACK = "127.0.0.1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,7 +57,30 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("-o", "--output", type=Path, help="default: IMAGE_x<scale>.png beside the input")
     upscale.add_argument("--tile-captions", action="store_true",
                          help="caption each tile (tags) and add that to its prompt: slower, more fitting detail")
+    _add_generate_parser(commands)
+
+    serve = commands.add_parser("serve", help="run the HTTP API on the local backend")
+    serve.add_argument("--host", default=LOOPBACK, help=f"address to listen on (default {LOOPBACK})")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-auth", action="store_true", help=f"no token (only with --host {LOOPBACK})")
     return parser
+
+
+def _add_generate_parser(commands) -> None:
+    generate = commands.add_parser("generate", help="make images from a prompt with SDXL")
+    generate.add_argument("prompt", metavar="PROMPT")
+    generate.add_argument("--negative", default="")
+    generate.add_argument("--width", type=int, default=1024)
+    generate.add_argument("--height", type=int, default=1024)
+    generate.add_argument("--steps", type=int, default=28)
+    generate.add_argument("--cfg", type=float, default=5.5)
+    generate.add_argument("--seed", type=int, help="default: random")
+    generate.add_argument("--count", type=int, default=1, help="images in one batch (1-4)")
+    generate.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="a library LoRA (repeatable)")
+    generate.add_argument("--lora-url", metavar="URL", help="an https .safetensors LoRA for this request only")
+    generate.add_argument("--lora-scale", type=float, default=1.0, help="the --lora-url LoRA's scale (0-1)")
+    generate.add_argument("-o", "--output", type=Path, help="default: generate-<seed>.png here; -1, -2... when several")
+    generate.add_argument("--api", metavar="URL", help="call this HTTP API (token from TOOLBOX_API_TOKEN) instead")
 
 
 def _add_models_parser(commands) -> None:
@@ -104,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(upscale_file(settings, args))
         elif args.command == "models":
             asyncio.run(models_command(settings, args))
+        elif args.command == "generate":
+            asyncio.run(generate_images(settings, args))
+        elif args.command == "serve":
+            serve_api(settings, args)
     except ToolboxError as error:
         print(f"error: {error.code.value}: {error.message}", file=sys.stderr)
         return 2 if error.code is ErrorCode.INVALID_INPUT else 1
@@ -204,6 +232,61 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
         await backend.close()
     await asyncio.to_thread(output.write_bytes, result)
     print(f"{output} ({width}×{height}, seed {seed}, {checkpoint['name']})")
+
+
+def serve_api(settings: Settings, args: argparse.Namespace) -> None:
+    """The HTTP API with uvicorn on the local backend. No token is only allowed on loopback, and only when asked for."""
+    if args.no_auth and args.host != LOOPBACK:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"--no-auth is only allowed with --host {LOOPBACK}.")
+    if not args.no_auth and not settings.api_token:
+        raise ToolboxError(ErrorCode.INVALID_INPUT,
+                           f"Set TOOLBOX_API_TOKEN (or run on {LOOPBACK} with --no-auth) before serving the API.")
+    import uvicorn
+
+    from bot.api import api_for_settings
+
+    app = api_for_settings(settings, None if args.no_auth else settings.api_token)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+def _generate_request(args: argparse.Namespace) -> dict:
+    from modal_services.sdxl_library import parse_lora_option
+
+    request = {"prompt": args.prompt, "negative_prompt": args.negative, "width": args.width, "height": args.height,
+               "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "count": args.count,
+               "loras": [dict(zip(("name", "weight"), parse_lora_option(option))) for option in args.lora]}
+    if args.lora_url:
+        request.update(lora_url=args.lora_url, lora_scale=args.lora_scale)
+    return request
+
+
+def _image_paths(output: Path | None, seed: int, count: int) -> list[Path]:
+    output = output or Path(f"generate-{seed}.png")
+    if count == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(1, count + 1)]
+
+
+async def generate_images(settings: Settings, args: argparse.Namespace) -> None:
+    """Through the HTTP API at --api (the local backend otherwise), then the images written and their seeds printed."""
+    import base64
+
+    from bot.api_client import ApiClient
+
+    if args.output is not None and not args.output.parent.is_dir():
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"-o {args.output}: no folder {args.output.parent}.")
+    request = _generate_request(args)
+    if not args.api:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, "Local generation is not available in this build: pass --api URL.")
+    async with ApiClient(args.api, settings.api_token) as client:
+        with _job_bar(f"generate {args.width}×{args.height}") as show:
+            body = await client.run({"kind": "generate", **request}, show)
+    images = body.get("images_base64") or [body["image_base64"]]
+    seeds = body["metadata"]["seeds_used"]
+    width, height = body["image_size"]
+    for path, data, seed in zip(_image_paths(args.output, seeds[0], len(images)), images, seeds):
+        await asyncio.to_thread(path.write_bytes, base64.b64decode(data))
+        print(f"{path} ({width}×{height}, seed {seed}, {body['model_info']['base_model']})")
 
 
 async def setup_models(settings: Settings, only: list[str] | None) -> None:

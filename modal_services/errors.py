@@ -11,6 +11,8 @@ from enum import Enum
 
 class ErrorCode(str, Enum):
     INVALID_INPUT = "INVALID_INPUT"
+    # A generation prompt that is empty or too long.
+    INVALID_PROMPT = "INVALID_PROMPT"
     MODELS_MISSING = "MODELS_MISSING"
     MODEL_LOAD_FAILED = "MODEL_LOAD_FAILED"
     LORA_LOAD_FAILED = "LORA_LOAD_FAILED"
@@ -31,6 +33,8 @@ class ErrorCode(str, Enum):
     # A base-model download failed for a reason the other codes do not name
     # (the source kept answering 5xx, refused access, or does not exist).
     DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
+    # No such thing for this caller (an HTTP API job id, an unknown path).
+    NOT_FOUND = "NOT_FOUND"
     INTERNAL = "INTERNAL"
 
 
