@@ -47,6 +47,7 @@ from bot.api_schema import (
     CaptionJob,
     ErrorResponse,
     GenerateImageRequest,
+    JOB_KINDS,
     GenerateImageResponse,
     JobAccepted,
     JobRequest,
@@ -139,11 +140,18 @@ class BodyLimit:
         await self.app(scope, counted_receive, send)
 
 
+def _field_path(location: tuple) -> tuple:
+    """Where in the body a problem is, without FastAPI's "body" and a /jobs request's kind tag."""
+    path = location[1:]
+    return path[1:] if path[:1] and path[0] in JOB_KINDS else path
+
+
 def validation_error(exc: RequestValidationError) -> ApiError:
     """pydantic's complaints as one line for `error`, every one in `details`."""
-    problems = [f"{'.'.join(str(part) for part in problem['loc'][1:]) or 'body'}: {problem['msg']}"
-                for problem in exc.errors()]
-    about_prompt = any(problem["loc"][1:2] in (("prompt",), ("negative_prompt",)) for problem in exc.errors())
+    paths = [_field_path(problem["loc"]) for problem in exc.errors()]
+    problems = [f"{'.'.join(str(part) for part in path) or 'body'}: {problem['msg']}"
+                for path, problem in zip(paths, exc.errors())]
+    about_prompt = any(path[:1] in (("prompt",), ("negative_prompt",)) for path in paths)
     code = ErrorCode.INVALID_PROMPT if about_prompt else ErrorCode.INVALID_INPUT
     return ApiError(code, f"Invalid request: {problems[0]}", details="; ".join(problems) if len(problems) > 1 else None)
 

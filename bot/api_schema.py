@@ -101,6 +101,7 @@ class UpscaleJob(Strict):
 
 
 JobRequest = Annotated[GenerateJob | CaptionJob | UpscaleJob, Field(discriminator="kind")]
+JOB_KINDS = ("generate", "caption", "upscale")
 
 
 class ModelInfo(BaseModel):

@@ -67,6 +67,18 @@ def use_engine(monkeypatch):
 
 
 @pytest.fixture
+def use_generate(monkeypatch):
+    """use_generate(engine): the generate job kind, run by a stand-in engine."""
+    from modal_services import services
+
+    def install(engine) -> None:
+        spec = services.ServiceSpec("generate", "SdxlService", "generate", lambda models_dir: engine, previews=True)
+        monkeypatch.setitem(services.SERVICES, "generate", spec)
+
+    return install
+
+
+@pytest.fixture
 def app_module(monkeypatch):
     """modal_services.app imported afresh, with every @app.cls / @app.function call's options recorded."""
     import importlib
@@ -82,7 +94,9 @@ def app_module(monkeypatch):
             decorator = real(self, *args, **kwargs)
 
             def wrap(target):
-                recorded[getattr(target, "__name__", repr(target))] = kwargs
+                # A web endpoint arrives as a modal PartialFunction: named by the function it wraps.
+                function = target._get_raw_f() if hasattr(target, "_get_raw_f") else target
+                recorded[getattr(function, "__name__", repr(function))] = kwargs
                 return decorator(target)
 
             return wrap

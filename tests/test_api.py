@@ -30,18 +30,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-def use_generate(monkeypatch):
-    """use_generate(engine): the generate job kind, run by a stand-in engine."""
-    from modal_services import services
-
-    def install(engine) -> None:
-        spec = services.ServiceSpec("generate", "SdxlService", "generate", lambda models_dir: engine, previews=True)
-        monkeypatch.setitem(services.SERVICES, "generate", spec)
-
-    return install
-
-
-@pytest.fixture
 def generate_engine(use_generate):
     engine = StandInGenerateEngine()
     use_generate(engine)
