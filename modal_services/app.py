@@ -9,7 +9,8 @@ Deploy-time settings (environment variables of the `modal deploy` command):
 TOOLBOX_MODAL_APP (app name), TOOLBOX_CAPTION_GPU (T4 or L4),
 TOOLBOX_SCALEDOWN_SECONDS (idle time before a GPU container stops),
 TOOLBOX_CAPTION_MAX_CONTAINERS, TOOLBOX_UPSCALE_GPU (default A10G),
-TOOLBOX_UPSCALE_MAX_CONTAINERS, TOOLBOX_UPSCALE_MAX_MP (output limit, default 16).
+TOOLBOX_UPSCALE_MAX_CONTAINERS, TOOLBOX_UPSCALE_MAX_MP (output limit, default 16),
+TOOLBOX_API_SECRET (the HTTP API's Modal secret, holding TOOLBOX_API_TOKEN).
 """
 
 from __future__ import annotations
