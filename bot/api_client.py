@@ -51,10 +51,10 @@ class ApiClient:
         try:
             while True:
                 view = await self._call("GET", f"/jobs/{job_id}")
+                if "error" in view:  # failed, cancelled, or done with its result no longer kept
+                    raise api_error(200, view["error"])
                 if view["status"] == "done":
                     return view["result"]
-                if "error" in view:
-                    raise api_error(200, view["error"])
                 await on_update(SimpleNamespace(progress=view["progress"], stage=view["stage"]))
                 await asyncio.sleep(self.poll_seconds)
         except (KeyboardInterrupt, asyncio.CancelledError):
