@@ -26,6 +26,7 @@ import base64
 import hashlib
 import hmac
 import io
+import json
 import logging
 import random
 import time
@@ -36,7 +37,7 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from PIL import Image
 from starlette.datastructures import Headers
@@ -344,6 +345,33 @@ async def health_document(backend: Backend) -> dict[str, Any]:
     }
 
 
+class HealthCache:
+    """The /health document, encoded, refreshed at most every HEALTH_TTL_SECONDS in the background:
+    probes get the last document at once and never wait on the store (only the very first does)."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self._body: bytes | None = None
+        self._at = float("-inf")
+        self._refresh: asyncio.Task | None = None
+
+    async def body(self) -> bytes:
+        if time.monotonic() - self._at > HEALTH_TTL_SECONDS and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.create_task(self._compute(), name="api-health")
+        if self._body is None:
+            await asyncio.shield(self._refresh)
+        return self._body
+
+    async def _compute(self) -> None:
+        try:
+            self._body = json.dumps(await health_document(self.backend)).encode()
+        except Exception:
+            if self._body is None:
+                raise
+            log.warning("health refresh failed; serving the last document", exc_info=True)
+        self._at = time.monotonic()
+
+
 def create_app(
     backend: Backend,
     library: Library,
@@ -356,8 +384,7 @@ def create_app(
     /generate-image may wait (the host's HTTP limit); longer requests are sent to /jobs."""
     jobs = ApiJobs(backend, ConcurrencyCap(concurrency))
     payloads = Payloads(library)
-    health_cache: dict[str, Any] = {}
-    health_lock = asyncio.Lock()
+    health_cache = HealthCache(backend)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -400,12 +427,8 @@ def create_app(
         return error_response(ToolboxError(ErrorCode.INTERNAL, "Something went wrong on the server."))
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        async with health_lock:
-            if time.monotonic() - health_cache.get("at", float("-inf")) > HEALTH_TTL_SECONDS:
-                health_cache["document"] = await health_document(backend)
-                health_cache["at"] = time.monotonic()
-        return health_cache["document"]
+    async def health() -> Response:
+        return Response(await health_cache.body(), media_type="application/json")
 
     @app.post("/generate-image", response_model=GenerateImageResponse, response_model_exclude_unset=True)
     async def generate_image(request: GenerateImageRequest, caller: str = Depends(authorised)) -> dict[str, Any]:
