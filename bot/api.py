@@ -64,8 +64,6 @@ from modal_services.library import Library
 log = logging.getLogger(__name__)
 
 API_VERSION = "1"
-# Jobs in flight (queued or running) per token.
-DEFAULT_CONCURRENCY = 4
 # What a refused caller is told to wait: about one short job.
 RETRY_AFTER_SECONDS = 10
 # /generate-image waits this much past the request's own timeout, so that the
@@ -376,11 +374,13 @@ def create_app(
     backend: Backend,
     library: Library,
     token: str | None,
-    concurrency: int = DEFAULT_CONCURRENCY,
+    concurrency: int,
     sync_limit_seconds: float | None = None,
 ) -> FastAPI:
-    """The API over `backend`. `token=None` turns auth off (the caller checks that is allowed:
-    `toolbox serve --no-auth` on 127.0.0.1 only). `sync_limit_seconds` bounds how long
+    """The API over `backend`, with `concurrency` jobs in flight per token.
+
+    `token=None` turns auth off (the caller checks that is allowed: `toolbox serve
+    --no-auth` on 127.0.0.1 only). `sync_limit_seconds` bounds how long
     /generate-image may wait (the host's HTTP limit); longer requests are sent to /jobs."""
     jobs = ApiJobs(backend, ConcurrencyCap(concurrency))
     payloads = Payloads(library)
@@ -490,4 +490,4 @@ def api_for_settings(settings, token: str | None, sync_limit_seconds: float | No
 
     backend = make_backend(settings)
     library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
-    return create_app(backend, library, token, sync_limit_seconds=sync_limit_seconds)
+    return create_app(backend, library, token, settings.api_concurrency, sync_limit_seconds)

@@ -45,6 +45,7 @@ async def served(fast_progress):
         settings = Settings.load()
         backend = make_backend(settings)
         library = Library.for_backend(backend.store, True, settings.loras_dir, settings.models_dir)
+        options.setdefault("concurrency", settings.api_concurrency)
         app = create_app(backend, library, options.pop("token", TOKEN), **options)
         lifespan = app.router.lifespan_context(app)
         await lifespan.__aenter__()
@@ -237,6 +238,20 @@ async def test_the_fifth_job_in_flight_is_429_with_retry_after(api, gated_engine
     for response in accepted:
         await wait_for_status(api, response.json()["job_id"], "done")
     assert (await api.post("/jobs", json={"kind": "generate", "prompt": "after"})).status_code == 202
+
+
+async def test_the_cap_is_a_setting(monkeypatch, gated_engine):
+    from bot.api import api_for_settings
+
+    monkeypatch.setenv("TOOLBOX_API_CONCURRENCY", "2")
+    app = api_for_settings(Settings.load(), TOKEN)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api", headers=AUTH) as client:
+            codes = [(await client.post("/jobs", json={"kind": "generate", "prompt": "a"})).status_code for _ in range(3)]
+    assert codes == [202, 202, 429]
+    monkeypatch.setenv("TOOLBOX_API_CONCURRENCY", "0")
+    with pytest.raises(ToolboxError, match="TOOLBOX_API_CONCURRENCY"):
+        Settings.load()
 
 
 async def test_simultaneous_requests_cannot_overbook_the_cap(api, gated_engine):
