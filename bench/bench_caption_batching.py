@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modal_services.caption import CaptionEngine  # noqa: E402
+from modal_services.layout import Layout  # noqa: E402
 from tests.fixtures.tiny_qwen import build_tiny_qwen3vl  # noqa: E402
 from tests.images import png_bytes  # noqa: E402
 
@@ -39,7 +40,7 @@ def main() -> None:
     parser.add_argument("--style", default="tags")
     args = parser.parse_args()
 
-    engine = CaptionEngine(build_tiny_qwen3vl(Path(tempfile.mkdtemp(prefix="bench-qwen-")) / "qwen3-vl-2b"))
+    engine = CaptionEngine(Layout(build_tiny_qwen3vl(Path(tempfile.mkdtemp(prefix="bench-qwen-")) / "qwen3-vl-2b").parent))
     engine.load()
     images = [png_bytes(256, 192, seed=i) for i in range(args.images)]
     engine.caption(images[:2], style=args.style)  # warm-up

@@ -49,7 +49,9 @@ async def loop_lag_monitor(stop: asyncio.Event, interval: float = 0.005) -> floa
 async def run(commands: int, engine_seconds: float) -> None:
     os.environ["TOOLBOX_DATA_DIR"] = tempfile.mkdtemp(prefix="bench-defer-")
     engine = SlowCaptionEngine(steps=10, delay=engine_seconds / 10)  # holds its one worker thread
-    services.SERVICES["caption"] = dataclasses.replace(services.SERVICES["caption"], make_engine=lambda d: engine)
+    services.SERVICES["caption"] = dataclasses.replace(
+        services.SERVICES["caption"], make_engine=lambda layout: engine, engine_method=lambda: SlowCaptionEngine.caption
+    )
     bot.progress.MIN_EDIT_INTERVAL = 1.5
     settings = Settings.load()
     toolbox_bot = ToolboxBot(settings, LocalBackend(settings))

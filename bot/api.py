@@ -28,7 +28,6 @@ import hmac
 import io
 import json
 import logging
-import random
 import time
 from collections import Counter
 from contextlib import asynccontextmanager
@@ -44,20 +43,22 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from bot.api_schema import (
+    JOB_KINDS,
     MAX_BODY_BYTES,
     CaptionJob,
     ErrorResponse,
     GenerateImageRequest,
-    JOB_KINDS,
     GenerateImageResponse,
+    GenerateJobRequest,
     JobAccepted,
-    JobRequest,
+    JobBody,
     JobView,
     UpscaleJob,
 )
 from bot.backend import RESULT_KEEP_SECONDS, Backend
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
+from modal_services.job_requests import CaptionRequest, JobRequest, LoraRef, UpscaleRequest
 from modal_services.jobs import Job, JobStatus, request_cancel
 from modal_services.library import Library
 
@@ -197,10 +198,10 @@ class ApiJobs:
         self.cap = cap
         self._outcomes: dict[str, asyncio.Task] = {}
 
-    async def start(self, caller: str, kind: str, payload: dict[str, Any], meta: dict[str, Any]) -> Job:
+    async def start(self, caller: str, request: JobRequest, meta: dict[str, Any]) -> Job:
         self.cap.reserve(caller)
         try:
-            job = await self.backend.submit(kind, payload, owner={"api_caller": caller}, meta=meta)
+            job = await self.backend.submit(request, owner={"api_caller": caller}, meta=meta)
         except BaseException:
             self.cap.release(caller)
             raise
@@ -292,39 +293,37 @@ def _clean_png(data: bytes, max_pixels: int | None = None) -> tuple[bytes, tuple
 
 
 class Payloads:
-    """From API requests to job payloads: library names resolved, images checked, seeds drawn."""
+    """From API requests to checked job requests: images decoded, library names resolved."""
 
     def __init__(self, library: Library):
         self.library = library
 
-    async def _loras(self, refs) -> list[dict[str, Any]]:
-        from modal_services.sdxl_library import lora_for_job
+    async def _loras(self, refs: list[LoraRef]) -> list[dict[str, Any]]:
+        from bot.upscale_requests import resolve_lora
 
-        return [await lora_for_job(self.library, ref.name, ref.weight) for ref in refs]
+        return [await resolve_lora(self.library, ref) for ref in refs]
 
-    async def generate(self, request: GenerateImageRequest) -> dict[str, Any]:
-        # A missing seed stays missing: the engine draws one and reports it with the images.
+    async def generate(self, request: GenerateImageRequest) -> GenerateJobRequest:
         fields = request.model_dump(exclude={"kind", "loras", "lora_url", "lora_scale", "lora_sha256"})
-        fields["loras"] = await self._loras(request.loras)
-        fields["checkpoint"] = (await self.library.active_checkpoint())["file"]
         if request.lora_url is not None:
-            # The per-request LoRA is fetched by the worker (its egress rules and size cap apply there).
+            # Fetched by the worker, where the egress rules and the LoRA size cap apply.
             fields.update(lora_url=str(request.lora_url), lora_scale=request.lora_scale, lora_sha256=request.lora_sha256)
-        return fields
+        return GenerateJobRequest.parse({**fields, "loras": await self._loras(request.loras),
+                                         "checkpoint": (await self.library.active_checkpoint())["file"]})
 
-    async def caption(self, request: CaptionJob) -> dict[str, Any]:
+    async def caption(self, request: CaptionJob) -> CaptionRequest:
         images = [(await asyncio.to_thread(_clean_png, data))[0] for data in request.images_base64]
-        return {"images": images, "style": request.style, "question": request.question}
+        return CaptionRequest.parse({"images": images, "style": request.style, "question": request.question})
 
-    async def upscale(self, request: UpscaleJob) -> dict[str, Any]:
+    async def upscale(self, request: UpscaleJob) -> UpscaleRequest:
+        from bot.upscale_requests import upscale_request
         from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
 
         png, size = await asyncio.to_thread(_clean_png, request.image_base64, DEFAULT_MAX_INPUT_PIXELS)
-        check_upscale_size(*size, request.scale)
-        seed = random.randint(0, 2**32 - 1) if request.seed is None else request.seed
-        return {"image": png, "scale": request.scale, "prompt": request.prompt, "negative": request.negative,
-                "loras": await self._loras(request.loras), "creativity": request.creativity, "seed": seed,
-                "checkpoint": (await self.library.active_checkpoint())["file"], "region_prompts": []}
+        choices = request.model_dump(exclude={"kind", "image_base64", "loras"})
+        job_request, _ = await upscale_request(self.library, png, choices, [lora.model_dump() for lora in request.loras])
+        check_upscale_size(*size, job_request.scale)
+        return job_request
 
 
 async def health_document(backend: Backend) -> dict[str, Any]:
@@ -439,7 +438,7 @@ def create_app(
         wait = request.timeout + TIMEOUT_GRACE_SECONDS
         if sync_limit_seconds is not None:
             wait = min(wait, sync_limit_seconds)
-        job = await jobs.start(caller, "generate", await payloads.generate(request), _generate_meta(request))
+        job = await jobs.start(caller, await payloads.generate(request), _generate_meta(request))
         try:
             result = await asyncio.wait_for(asyncio.shield(jobs.outcome(job.id)), wait)
         except asyncio.TimeoutError:
@@ -448,10 +447,10 @@ def create_app(
         return await render_result(job, result)
 
     @app.post("/jobs", status_code=202, response_model=JobAccepted)
-    async def start_job(request: JobRequest, caller: str = Depends(authorised)) -> JobAccepted:
+    async def start_job(request: JobBody, caller: str = Depends(authorised)) -> JobAccepted:
         build = {"generate": payloads.generate, "caption": payloads.caption, "upscale": payloads.upscale}[request.kind]
         meta = _generate_meta(request) if request.kind == "generate" else {}
-        job = await jobs.start(caller, request.kind, await build(request), meta)
+        job = await jobs.start(caller, await build(request), meta)
         return JobAccepted(job_id=job.id)
 
     @app.get("/jobs/{job_id}", response_model=JobView, response_model_exclude_none=True)

@@ -6,14 +6,29 @@ field (`prompt`, `negative_prompt`, `lora_url`, `lora_scale`, `width`,
 `count` images in one call and library LoRAs by name. A request that breaks a
 limit is refused with 400 before any job exists.
 
-`POST /jobs` takes one of the `*Job` models, told apart by `kind`.
+`POST /jobs` takes a `JobBody`: one of the `*Job` models, told apart by `kind`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl
+
+from modal_services.job_requests import (
+    CaptionRequest,
+    CaptionStyle,
+    Creativity,
+    JobRequest,
+    LoraRef,
+    Prompt,
+    Question,
+    ResolvedLora,
+    Scale,
+    Seed,
+    UpscaleRequest,
+    field_bounds,
+)
 
 # One decoded image in a request (base64 makes it a third larger on the wire).
 MAX_IMAGE_BYTES = 20 * 2**20
@@ -24,10 +39,8 @@ MAX_PROMPT_CHARS = 1000
 # Each image of a request gets the next seed: the whole range must stay a valid seed.
 MAX_SEED = 2**63 - 1 - 4
 MAX_LORAS = 3
-MAX_CAPTION_IMAGES = 16
 DEFAULT_TIMEOUT_SECONDS = 60
 MAX_TIMEOUT_SECONDS = 300
-CAPTION_STYLES = ("descriptive", "tags", "short")
 
 
 def _within_image_limit(data: bytes) -> bytes:
@@ -43,9 +56,44 @@ def _https_only(url: HttpUrl) -> HttpUrl:
 
 
 ImageBase64 = Annotated[Base64Bytes, AfterValidator(_within_image_limit)]
-Prompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+GeneratePrompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 NegativePrompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+GenerateSeed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+Side = Annotated[int, Field(ge=512, le=1536, multiple_of=64)]
+GenerateSteps = Annotated[int, Field(ge=20, le=50)]
+Cfg = Annotated[float, Field(ge=1.0, le=20.0)]
+Count = Annotated[int, Field(ge=1, le=4, description="images in one batched call, seeds seed, seed+1, ...")]
+Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_SECONDS, description="seconds")]
+LoraUrl = Annotated[HttpUrl, AfterValidator(_https_only),
+                    Field(description="a .safetensors LoRA to apply to this request only (a presigned URL works)")]
+LoraScale = Annotated[float, Field(ge=0.0, le=1.0)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="lets a repeat skip the download")]
+
+
+class GenerateJobRequest(JobRequest):
+    """The generate job as the API submits it: library LoRAs resolved, the active checkpoint, the per-request LoRA."""
+
+    model_config = ConfigDict(title="A generate job")
+    kind: ClassVar[str] = "generate"
+    prompt: GeneratePrompt
+    negative_prompt: NegativePrompt = ""
+    width: Side = 1024
+    height: Side = 1024
+    steps: GenerateSteps = 28
+    cfg: Cfg = 5.5
+    # None: the engine draws one and reports it with the images.
+    seed: GenerateSeed | None = None
+    count: Count = 1
+    loras: Annotated[list[ResolvedLora], Field(max_length=MAX_LORAS)] = []
+    checkpoint: str | None = None
+    timeout: Timeout = DEFAULT_TIMEOUT_SECONDS
+    lora_url: str | None = None
+    lora_scale: LoraScale | None = None
+    lora_sha256: Sha256 | None = None
+
+
+def _default(request: type[BaseModel], name: str):
+    return request.model_fields[name].default
 
 
 class Strict(BaseModel):
@@ -53,29 +101,22 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LoraRef(Strict):
-    """A LoRA from the library, by name; its recommended weight unless `weight` is given."""
-
-    name: str = Field(min_length=1, max_length=200)
-    weight: float | None = Field(None, ge=-2.0, le=2.0)
-
-
 class GenerateImageRequest(Strict):
-    prompt: Prompt
-    negative_prompt: NegativePrompt = ""
-    width: int = Field(1024, ge=512, le=1536, multiple_of=64)
-    height: int = Field(1024, ge=512, le=1536, multiple_of=64)
-    steps: int = Field(28, ge=20, le=50)
-    cfg: float = Field(5.5, ge=1.0, le=20.0)
-    seed: Seed | None = Field(None, description="random when omitted; always reported in metadata.seed_used")
-    count: int = Field(1, ge=1, le=4, description="images in one batched call, seeds seed, seed+1, ...")
+    """The SDXL worker contract's request, with `count` and library `loras` by name."""
+
+    prompt: GeneratePrompt
+    negative_prompt: NegativePrompt = _default(GenerateJobRequest, "negative_prompt")
+    width: Side = _default(GenerateJobRequest, "width")
+    height: Side = _default(GenerateJobRequest, "height")
+    steps: GenerateSteps = _default(GenerateJobRequest, "steps")
+    cfg: Cfg = _default(GenerateJobRequest, "cfg")
+    seed: GenerateSeed | None = Field(None, description="random when omitted; always reported in metadata.seed_used")
+    count: Count = _default(GenerateJobRequest, "count")
     loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
-    lora_url: Annotated[HttpUrl, AfterValidator(_https_only)] | None = Field(
-        None, description="a .safetensors LoRA to apply to this request only (a presigned URL works)"
-    )
-    lora_scale: float = Field(1.0, ge=0.0, le=1.0)
-    lora_sha256: str | None = Field(None, pattern=r"^[0-9a-fA-F]{64}$", description="lets a repeat skip the download")
-    timeout: float = Field(DEFAULT_TIMEOUT_SECONDS, gt=0, le=MAX_TIMEOUT_SECONDS, description="seconds")
+    lora_url: LoraUrl | None = None
+    lora_scale: LoraScale = 1.0
+    lora_sha256: Sha256 | None = None
+    timeout: Timeout = _default(GenerateJobRequest, "timeout")
 
 
 class GenerateJob(GenerateImageRequest):
@@ -83,24 +124,28 @@ class GenerateJob(GenerateImageRequest):
 
 
 class CaptionJob(Strict):
+    """A caption job: its fields, limits and defaults are CaptionRequest's, the images base64."""
+
     kind: Literal["caption"]
-    images_base64: list[ImageBase64] = Field(min_length=1, max_length=MAX_CAPTION_IMAGES)
-    style: Literal[CAPTION_STYLES] = "descriptive"
-    question: Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)] | None = None
+    images_base64: list[ImageBase64] = Field(min_length=1, max_length=field_bounds(CaptionRequest, "images")[1])
+    style: CaptionStyle = _default(CaptionRequest, "style")
+    question: Question | None = None
 
 
 class UpscaleJob(Strict):
+    """An upscale job: UpscaleRequest's fields, limits and defaults, the image base64 and LoRAs by library name."""
+
     kind: Literal["upscale"]
     image_base64: ImageBase64
-    scale: float = Field(2.0, ge=1.0, le=4.0)
-    prompt: NegativePrompt = ""
-    negative: NegativePrompt = ""
-    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
-    creativity: float = Field(0.35, ge=0.05, le=1.0)
-    seed: Seed | None = None
+    scale: Scale = _default(UpscaleRequest, "scale")
+    prompt: Prompt = _default(UpscaleRequest, "prompt")
+    negative: Prompt = _default(UpscaleRequest, "negative")
+    loras: list[LoraRef] = Field(default_factory=list, max_length=field_bounds(UpscaleRequest, "loras")[1])
+    creativity: Creativity = _default(UpscaleRequest, "creativity")
+    seed: Seed | None = Field(None, description="random when omitted")
 
 
-JobRequest = Annotated[GenerateJob | CaptionJob | UpscaleJob, Field(discriminator="kind")]
+JobBody = Annotated[GenerateJob | CaptionJob | UpscaleJob, Field(discriminator="kind")]
 JOB_KINDS = ("generate", "caption", "upscale")
 
 

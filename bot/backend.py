@@ -1,7 +1,7 @@
 """The seam between the bot and where the work runs.
 
-The bot talks to one `Backend`: it submits a job (a kind and its payload),
-reads the job record for progress, and awaits the result.
+The bot talks to one `Backend`: it submits a job (a checked request of one
+job kind), reads the job record for progress, and awaits the result.
 
 - `LocalBackend` runs the engines in this process, one engine and one worker
   thread per service, as a Modal container serves all of its class's methods
@@ -22,8 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bot.settings import Settings
+from bot.ui import plural
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import JobRequest
 from modal_services.jobs import Job, JobStatus, create_job, load_job, update_job
+from modal_services.keys import JOB_PREFIX, call_key
+from modal_services.layout import Layout
 from modal_services.services import SERVICES, Engine, ServiceSpec, run_service_job
 from modal_services.state import ModalDictStore, SqliteStore, StateStore
 
@@ -39,9 +43,11 @@ class Backend(ABC):
 
     @abstractmethod
     async def submit(
-        self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+        self, request: JobRequest, owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
     ) -> Job:
-        """Create `job:<id>` (queued) and start the work; returns at once."""
+        """Create `job:<id>` (queued) and start the work of `request`; returns at once.
+
+        The request was checked when it was built, so a bad value never gets this far."""
 
     @abstractmethod
     async def result(self, job_id: str) -> Any:
@@ -63,29 +69,22 @@ class Backend(ABC):
     async def close(self) -> None:
         await self.store.close()
 
-    @staticmethod
-    def _spec(kind: str) -> ServiceSpec:
-        try:
-            return SERVICES[kind]
-        except KeyError:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Unknown job kind {kind!r}.") from None
-
 
 class LocalBackend(Backend):
     def __init__(self, settings: Settings):
         self.store = SqliteStore(settings.state_path)
-        self.models_dir = settings.models_dir
+        self.layout = Layout(settings.models_dir, settings.loras_dir, self.store)
         self._engines: dict[str, Engine] = {}
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._turns: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task] = {}
 
     async def submit(
-        self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+        self, request: JobRequest, owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
     ) -> Job:
-        spec = self._spec(kind)
-        job = await create_job(self.store, kind, owner, meta)
-        task = asyncio.create_task(self._run(spec, job.id, payload), name=f"job-{job.id}")
+        spec = SERVICES[request.kind]
+        job = await create_job(self.store, request.kind, owner, meta)
+        task = asyncio.create_task(self._run(spec, job.id, request.to_payload()), name=f"job-{job.id}")
         self._tasks[job.id] = task
         loop = asyncio.get_running_loop()
         task.add_done_callback(lambda _: loop.call_later(RESULT_KEEP_SECONDS, self._tasks.pop, job.id, None))
@@ -95,7 +94,7 @@ class LocalBackend(Backend):
         # One engine per service, as one Modal container serves all of its class's methods.
         service = spec.modal_class
         if service not in self._engines:
-            self._engines[service] = spec.make_engine(self.models_dir)
+            self._engines[service] = spec.make_engine(self.layout)
             self._executors[service] = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{service}")
             self._turns[service] = asyncio.Lock()
         # The job stays "queued" until its engine is free.
@@ -123,7 +122,7 @@ class LocalBackend(Backend):
 
     async def recover(self) -> None:
         # Local jobs ran in this process's threads: after a restart nothing is running them.
-        for record in (await self.store.items("job:")).values():
+        for record in (await self.store.items(JOB_PREFIX)).values():
             job = Job.from_dict(record)
             if not job.status.finished and job.id not in self._tasks:
                 await update_job(
@@ -136,14 +135,11 @@ class LocalBackend(Backend):
     async def close(self) -> None:
         for task in self._tasks.values():
             task.cancel()
+        # Their last record writes land before the store closes, never over what a next run writes.
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
         await super().close()
-
-
-def call_key(job_id: str) -> str:
-    """Where the Modal FunctionCall id of a job is kept (apart from the record the worker writes)."""
-    return f"call:{job_id}"
 
 
 class ModalBackend(Backend):
@@ -152,18 +148,18 @@ class ModalBackend(Backend):
         self.store = ModalDictStore.from_name(settings.state_dict)
 
     async def submit(
-        self, kind: str, payload: dict[str, Any], owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+        self, request: JobRequest, owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
     ) -> Job:
         import modal
 
-        spec = self._spec(kind)
-        await self._check_models(kind)
-        job = await create_job(self.store, kind, owner, meta)
+        spec = SERVICES[request.kind]
+        await self._check_models(request.kind)
+        job = await create_job(self.store, request.kind, owner, meta)
         try:
             service = modal.Cls.from_name(self.app_name, spec.modal_class)()
-            call = await getattr(service, spec.method).spawn.aio(job.id, payload)
+            call = await getattr(service, spec.modal_method).spawn.aio(job.id, request.to_payload())
         except modal.exception.Error as exc:
-            log.warning("spawning %s.%s failed: %s", spec.modal_class, spec.method, type(exc).__name__)
+            log.warning("spawning %s.%s failed: %s", spec.modal_class, spec.modal_method, type(exc).__name__)
             error = ToolboxError(
                 ErrorCode.BACKEND_UNAVAILABLE,
                 f"The Modal app {self.app_name!r} could not be reached. Is it deployed "
@@ -174,7 +170,8 @@ class ModalBackend(Backend):
                 error_code=error.code.value, error_message=error.message,
             )
             raise error from exc
-        await self.store.put(call_key(job.id), call.object_id)
+        # Kept even if this submit is cancelled now: the call runs anyway, and resuming needs its id.
+        await asyncio.shield(self.store.put(call_key(job.id), call.object_id))
         return job
 
     async def service_status(self) -> dict[str, str]:
@@ -190,8 +187,7 @@ class ModalBackend(Backend):
                 statuses[service] = "unknown"
                 continue
             if stats.num_total_runners:
-                plural = "s" if stats.num_total_runners > 1 else ""
-                statuses[service] = f"warm ({stats.num_total_runners} container{plural}, {stats.backlog} waiting)"
+                statuses[service] = f"warm ({plural(stats.num_total_runners, 'container')}, {stats.backlog} waiting)"
             else:
                 statuses[service] = "scaled to zero" + (f" ({stats.backlog} waiting)" if stats.backlog else "")
         return statuses

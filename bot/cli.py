@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import threading
 from pathlib import Path
@@ -21,6 +22,17 @@ from bot.progress import follow_job
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
+from modal_services.job_requests import (
+    CAPTION_STYLES,
+    CaptionRequest,
+    DownloadRequest,
+    ModelDeleteRequest,
+    ModelImportRequest,
+    ModelScanRequest,
+    UpscaleRequest,
+    field_bounds,
+)
+from modal_services.keys import ACTIVE_CHECKPOINT_KEY, JOB_PREFIX
 
 CAPTION_BATCH = 8
 LOOPBACK = "127.0.0.1"
@@ -34,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     caption = commands.add_parser("caption", help="caption images")
     caption.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    caption.add_argument("--style", choices=("descriptive", "tags", "short"), default="descriptive")
+    caption.add_argument("--style", choices=tuple(CAPTION_STYLES), default=CaptionRequest.model_fields["style"].default)
     caption.add_argument("--question", help="ask a question about each image instead")
     caption.add_argument("--sidecar", action="store_true", help="write <image>.txt next to each image")
     caption.add_argument("--batch-size", type=int, default=CAPTION_BATCH, help="images per model call")
@@ -46,13 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON document on stdout")
     _add_models_parser(commands)
 
-    upscale = commands.add_parser("upscale", help="upscale an image with SDXL (1.5x-4x)")
+    lowest, highest = field_bounds(UpscaleRequest, "scale")
+    upscale = commands.add_parser("upscale", help=f"upscale an image with SDXL ({lowest:g}x-{highest:g}x)")
     upscale.add_argument("image", type=Path, metavar="IMAGE")
-    upscale.add_argument("--scale", type=float, default=2.0)
-    upscale.add_argument("--prompt", default="")
-    upscale.add_argument("--negative", default="")
+    upscale.add_argument("--scale", type=float, help=f"default: {UpscaleRequest.model_fields['scale'].default:g}")
+    upscale.add_argument("--prompt")
+    upscale.add_argument("--negative")
     upscale.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="a library LoRA (repeatable)")
-    upscale.add_argument("--creativity", type=float, default=0.35, help="0.05 (faithful) to 1 (repaint)")
+    lowest, highest = field_bounds(UpscaleRequest, "creativity")
+    upscale.add_argument("--creativity", type=float, help=f"{lowest:g} (faithful) to {highest:g} (repaint); "
+                         f"default: {UpscaleRequest.model_fields['creativity'].default:g}")
     upscale.add_argument("--seed", type=int, help="default: random")
     upscale.add_argument("-o", "--output", type=Path, help="default: IMAGE_x<scale>.png beside the input")
     upscale.add_argument("--tile-captions", action="store_true",
@@ -180,7 +195,7 @@ async def caption_files(settings: Settings, args: argparse.Namespace) -> None:
 
 
 async def _caption_batch(backend: Backend, batch: list[bytes], args, bar: tqdm, done_before: int) -> list[str]:
-    job = await backend.submit("caption", {"images": batch, "style": args.style, "question": args.question})
+    job = await backend.submit(CaptionRequest.parse({"images": batch, "style": args.style, "question": args.question}))
 
     async def show(record) -> None:
         bar.n = done_before + record.progress * len(batch)
@@ -193,11 +208,19 @@ async def _caption_batch(backend: Backend, batch: list[bytes], args, bar: tqdm, 
     return captions
 
 
-async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
-    import random
+def _writable_output(path: Path) -> Path:
+    """`path`, if a result can be written there; INVALID_INPUT before any job starts otherwise."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"-o {path}: there is no folder {folder}.")
+    if path.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"-o {path}: cannot write a file there.")
+    return path
 
+
+async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
+    from bot.upscale_requests import parse_lora_option, upscale_request
     from modal_services.library import Library
-    from modal_services.sdxl_library import lora_for_job, parse_lora_option
     from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
 
     def read() -> tuple[bytes, tuple[int, int]]:
@@ -208,30 +231,30 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
         image = decode_image(data, max_pixels=DEFAULT_MAX_INPUT_PIXELS, name=str(args.image)).image
         return encode_png(image), image.size
 
-    # Everything is checked before the job starts: the file, the sizes, the LoRA names.
+    # Everything is checked before the job starts: the file, the output, the values, the LoRA names, the sizes.
     png, size = await asyncio.to_thread(read)
-    width, height = check_upscale_size(*size, args.scale)
-    output = args.output or args.image.with_name(f"{args.image.stem}_x{args.scale:g}.png")
-    seed = random.randint(0, 2**32 - 1) if args.seed is None else args.seed
+    choices = {"scale": args.scale, "prompt": args.prompt, "negative": args.negative,
+               "creativity": args.creativity, "seed": args.seed}
+    loras = [parse_lora_option(option) for option in args.lora]
+    scale = args.scale or UpscaleRequest.model_fields["scale"].default
+    output = args.output or args.image.with_name(f"{args.image.stem}_x{scale:g}.png")
+    await asyncio.to_thread(_writable_output, output)
     backend = make_backend(settings)
     try:
         library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
-        loras = [await lora_for_job(library, *parse_lora_option(option)) for option in args.lora]
-        checkpoint = await library.active_checkpoint()
-        regions = []
+        request, checkpoint = await upscale_request(library, png, choices, loras)
+        width, height = check_upscale_size(*size, request.scale)
         if args.tile_captions:
             from bot.tile_prompts import tile_prompts
 
             with _job_bar("tile captions") as show:
                 regions = await tile_prompts(backend, png, size, (width, height), show)
-        payload = {"image": png, "scale": args.scale, "prompt": args.prompt, "negative": args.negative, "loras": loras,
-                   "creativity": args.creativity, "seed": seed, "checkpoint": checkpoint["file"],
-                   "region_prompts": regions}
-        result = await _run_with_bar(backend, "upscale", payload, f"upscale {args.scale:g}x → {width}×{height}")
+            request = UpscaleRequest.parse({**request.to_payload(), "region_prompts": regions})
+        result = await _run_with_bar(backend, request, f"upscale {request.scale:g}x → {width}×{height}")
     finally:
         await backend.close()
     await asyncio.to_thread(output.write_bytes, result)
-    print(f"{output} ({width}×{height}, seed {seed}, {checkpoint['name']})")
+    print(f"{output} ({width}×{height}, seed {request.seed}, {checkpoint['name']})")
 
 
 def serve_api(settings: Settings, args: argparse.Namespace) -> None:
@@ -250,11 +273,11 @@ def serve_api(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _generate_request(args: argparse.Namespace) -> dict:
-    from modal_services.sdxl_library import parse_lora_option
+    from bot.upscale_requests import parse_lora_option
 
     request = {"prompt": args.prompt, "negative_prompt": args.negative, "width": args.width, "height": args.height,
                "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "count": args.count,
-               "loras": [dict(zip(("name", "weight"), parse_lora_option(option))) for option in args.lora]}
+               "loras": [parse_lora_option(option) for option in args.lora]}
     if args.lora_url:
         request.update(lora_url=args.lora_url, lora_scale=args.lora_scale)
     return request
@@ -303,7 +326,7 @@ async def setup_models(settings: Settings, only: list[str] | None) -> None:
             print("All requested base models are present.")
             return
         job_id, started = await start_or_attach_download(
-            backend.store, lambda: backend.submit("download", {"keys": missing}, owner={"cli": True})
+            backend.store, lambda: backend.submit(DownloadRequest.parse({"keys": missing}), owner={"cli": True})
         )
         if not started:
             print(f"A download is already running (job {job_id}); following it.", file=sys.stderr)
@@ -370,7 +393,7 @@ async def show_status(settings: Settings, as_json: bool) -> None:
             "models": [state.to_dict() for state in states],
             "tokens": {t.service: {"set": t.is_set, "masked": t.masked, "source": t.source, "user": t.user} for t in tokens},
             "active_download": await active_download(store),
-            "active_checkpoint": await store.get("active_checkpoint"),
+            "active_checkpoint": await store.get(ACTIVE_CHECKPOINT_KEY),
             "jobs": await _job_counts(store),
         }
     finally:
@@ -396,7 +419,7 @@ async def _job_counts(store) -> dict[str, dict[str, int]]:
     from modal_services.jobs import Job, JobStatus
 
     counts: dict[str, dict[str, int]] = {}
-    for record in (await store.items("job:")).values():
+    for record in (await store.items(JOB_PREFIX)).values():
         job = Job.from_dict(record)
         if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             counts.setdefault(job.kind, {"queued": 0, "running": 0})[job.status.value] += 1
@@ -438,8 +461,8 @@ def _job_bar(title: str):
         bar.refresh()
 
 
-async def _run_with_bar(backend: Backend, kind: str, payload: dict, title: str):
-    job = await backend.submit(kind, payload, meta={"title": title})
+async def _run_with_bar(backend: Backend, request, title: str):
+    job = await backend.submit(request, meta={"title": title})
     with _job_bar(title) as show:
         return await follow_job(backend, job.id, show)
 
@@ -467,9 +490,8 @@ async def models_command(settings: Settings, args: argparse.Namespace) -> None:
                       f"{plan.file_name} ({plan.size_bytes / 2**20:.1f} MiB, {plan.format})\n"
                       f"  triggers: {', '.join(plan.trigger_words) or 'none'}\n  {plan.page_url}", file=sys.stderr)
                 _confirm("Download it?", args.yes)
-                result = await _run_with_bar(backend, "model_import",
-                                             {"ref": f"v:{plan.version_id}", "api_base": settings.civitai_api_base},
-                                             f"importing {plan.name}")
+                request = ModelImportRequest.parse({"ref": f"v:{plan.version_id}", "api_base": settings.civitai_api_base})
+                result = await _run_with_bar(backend, request, f"importing {plan.name}")
                 document = result["entry"]
             else:
                 document = library.to_json(installed)
@@ -498,14 +520,14 @@ async def models_command(settings: Settings, args: argparse.Namespace) -> None:
             if (await library.active_checkpoint())["file"] == entry.file:
                 raise ToolboxError(ErrorCode.INVALID_INPUT, f"{entry.name} is the active checkpoint: `toolbox models use` another first.")
             _confirm(f"Delete {entry.name} ({entry.file})?", args.yes)
-            await _run_with_bar(backend, "model_delete", {"name": entry.file}, f"deleting {entry.name}")
+            await _run_with_bar(backend, ModelDeleteRequest.parse({"name": entry.file}), f"deleting {entry.name}")
             print(f"deleted {entry.file}")
         elif args.verb == "use":
             active = await library.set_active_checkpoint(args.checkpoint)
             print(f"active checkpoint: {active['name']} ({active['path']})")
         elif args.verb == "scan":
-            report = await _run_with_bar(backend, "model_scan",
-                                         {"adopt": args.adopt, "api_base": settings.civitai_api_base}, "scanning")
+            request = ModelScanRequest.parse({"adopt": args.adopt, "api_base": settings.civitai_api_base})
+            report = await _run_with_bar(backend, request, "scanning")
             if args.json:
                 print(json.dumps(report, indent=2))
             else:

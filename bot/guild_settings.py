@@ -2,33 +2,60 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from typing import Annotated, Any
 
 import discord
+from pydantic import Field, ValidationError, model_validator
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import CaptionRequest, CaptionStyle, Checked, Creativity, Scale, UpscaleRequest
+from modal_services.keys import settings_key
 from modal_services.state import StateStore
 
+# Jobs running or queued at once, per member and per guild.
+UserCap = Annotated[int, Field(ge=1, le=20, title="A member's cap")]
+GuildCap = Annotated[int, Field(ge=1, le=200, title="The server's cap")]
 
-@dataclass
-class GuildSettings:
-    default_caption_style: str = "descriptive"
-    default_upscale_scale: float = 2.0
-    default_creativity: float = 0.35
-    # Jobs running or queued at once, per user and per guild.
-    user_cap: int = 2
-    guild_cap: int = 10
+
+def _default(request, name: str) -> Any:
+    return request.model_fields[name].default
+
+
+class GuildSettings(Checked):
+    """The defaults use the job requests' own field types: a default a job would refuse cannot be stored."""
+
+    default_caption_style: CaptionStyle = _default(CaptionRequest, "style")
+    default_upscale_scale: Scale = _default(UpscaleRequest, "scale")
+    default_creativity: Creativity = _default(UpscaleRequest, "creativity")
+    user_cap: UserCap = 2
+    guild_cap: GuildCap = 10
     # Empty means everyone / every channel.
-    allowed_role_ids: list[int] = field(default_factory=list)
-    allowed_channel_ids: list[int] = field(default_factory=list)
+    allowed_role_ids: list[int] = []
+    allowed_channel_ids: list[int] = []
+
+    @model_validator(mode="after")
+    def _caps_in_order(self) -> "GuildSettings":
+        if self.user_cap > self.guild_cap:
+            raise ValueError("A member's cap cannot be above the server's.")
+        return self
 
     @classmethod
     def from_dict(cls, record: dict | None) -> "GuildSettings":
-        known = {f.name for f in fields(cls)}
-        return cls(**{name: value for name, value in (record or {}).items() if name in known})
+        """The stored settings; a value stored before its limits were checked falls back to the default."""
+        known = {name: value for name, value in (record or {}).items() if name in cls.model_fields}
+        try:
+            return cls.model_validate(known)
+        except ValidationError as error:
+            refused = {problem["loc"][0] for problem in error.errors() if problem["loc"]} or {"user_cap", "guild_cap"}
+            return cls.model_validate({name: value for name, value in known.items() if name not in refused})
+
+    def changed(self, **changes: Any) -> "GuildSettings":
+        """These settings with `changes` (None: unchanged), checked; INVALID_INPUT if a job would refuse one."""
+        given = {name: value for name, value in changes.items() if value is not None}
+        return GuildSettings.parse({**self.to_dict(), **given})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return self.model_dump()
 
     def check_member(self, interaction: discord.Interaction) -> None:
         """Raises PERMISSION_DENIED if this guild keeps the bot to some roles or channels."""
@@ -40,10 +67,6 @@ class GuildSettings:
             if not roles & set(self.allowed_role_ids):
                 mentions = ", ".join(f"<@&{role}>" for role in self.allowed_role_ids)
                 raise ToolboxError(ErrorCode.PERMISSION_DENIED, f"On this server the bot is for {mentions}.")
-
-
-def settings_key(guild_id: int | None) -> str:
-    return f"settings:{guild_id or 'dm'}"
 
 
 async def load_guild_settings(store: StateStore, guild_id: int | None) -> GuildSettings:

@@ -16,6 +16,7 @@ from PIL import Image
 from bot.backend import Backend
 from bot.progress import follow_job
 from modal_services.imaging import encode_png
+from modal_services.job_requests import CaptionRequest
 from modal_services.jobs import Job
 from modal_services.tiling import plan_tiles, source_boxes
 
@@ -37,7 +38,6 @@ async def tile_prompts(
     """Region prompts (`box` in source pixels, `prompt`) for every tile of the output."""
     boxes = source_boxes(plan_tiles(*output_size), *source_size)
     crops = await asyncio.to_thread(crop_pngs, png, boxes)
-    job = await backend.submit("caption", {"images": crops, "style": "tags", "question": None},
-                               owner=owner, meta={"title": f"Captioning {len(boxes)} tiles"})
+    job = await backend.submit(CaptionRequest.parse({"images": crops, "style": "tags"}), owner=owner, meta={"title": f"Captioning {len(boxes)} tiles"})
     captions = await follow_job(backend, job.id, on_update)
     return [{"box": list(box), "prompt": caption} for box, caption in zip(boxes, captions)]

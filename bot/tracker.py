@@ -22,13 +22,15 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import discord
 
-from bot.backend import call_key
 from bot.guild_settings import GuildSettings, load_guild_settings
 from bot.permissions import is_admin
 from bot.progress import ReplyEditor, follow_job, render_job
 from bot.replies import error_text, send_error
+from bot.ui import plural
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import JobRequest
 from modal_services.jobs import Job, JobStatus, load_job, request_cancel, update_job
+from modal_services.keys import JOB_PREFIX, forget_job
 
 if TYPE_CHECKING:
     from bot.client import ToolboxBot
@@ -160,7 +162,7 @@ class JobTracker:
         max_age = SNAPSHOT_MAX_AGE if max_age is None else max_age
         async with self._snapshot_lock:
             if time.time() - self._snapshot.taken_at > max_age:
-                records = await self.store.items("job:")
+                records = await self.store.items(JOB_PREFIX)
                 jobs = [Job.from_dict(record) for record in records.values()]
                 await self._forget_old(jobs)
                 self._snapshot = QueueSnapshot([job for job in jobs if not job.status.finished], time.time())
@@ -171,8 +173,7 @@ class JobTracker:
         horizon = time.time() - JOB_RETENTION
         for job in jobs:
             if job.status.finished and (job.finished_at or job.created_at) < horizon:
-                await self.store.pop(job.key)
-                await self.store.pop(call_key(job.id))
+                await forget_job(self.store, job.id)
 
     async def guild_settings(self, guild_id: int | None) -> GuildSettings:
         return await load_guild_settings(self.store, guild_id)
@@ -197,7 +198,7 @@ class JobTracker:
         return settings
 
     async def start(
-        self, interaction: discord.Interaction, kind: str, payload: dict[str, Any], meta: dict[str, Any]
+        self, interaction: discord.Interaction, request: JobRequest, meta: dict[str, Any]
     ) -> tuple[Job, ReplyTarget]:
         """Submit a job for a deferred interaction; its reply becomes the job's message."""
         message = await interaction.original_response()
@@ -207,7 +208,7 @@ class JobTracker:
             "channel_id": interaction.channel_id,
             "message_id": message.id,
         }
-        job = await self.bot.backend.submit(kind, payload, owner=owner, meta=meta)
+        job = await self.bot.backend.submit(request, owner=owner, meta=meta)
         return job, ReplyTarget(self.bot, interaction.channel_id, message.id, interaction)
 
     async def run(self, job: Job, target: ReplyTarget) -> None:
@@ -260,7 +261,7 @@ class JobTracker:
     async def resume(self) -> int:
         """Pick up every job whose result was never delivered (after a restart). Returns how many."""
         await self.bot.backend.recover()
-        records = await self.store.items("job:")
+        records = await self.store.items(JOB_PREFIX)
         resumed = 0
         for record in records.values():
             job = Job.from_dict(record)
@@ -287,7 +288,7 @@ def describe_jobs(jobs: list[Job], snapshot: QueueSnapshot) -> str:
     for job in jobs:
         place = snapshot.position(job)
         parts.append(f"{job.kind} #{place} in line" if place else f"{job.kind} running")
-    return f"{len(jobs)} job{'s' if len(jobs) != 1 else ''} going ({', '.join(parts)})"
+    return f"{plural(len(jobs), 'job')} going ({', '.join(parts)})"
 
 
 def _your_jobs(mine: list[Job], snapshot: QueueSnapshot) -> str:

@@ -10,20 +10,16 @@ from discord.ext import commands
 
 from bot.attachments import check_attachment, image_attachments, read_image
 from bot.tracker import ReplyTarget
+from bot.ui import CAPTION_STYLE_CHOICES, option_range
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import CaptionRequest
 from modal_services.jobs import Job
 
 # The caption engine never looks at more than this many pixels a side, so the
 # bot shrinks images first: less to send to the worker.
 CAPTION_MAX_SIDE = 1024
-MAX_QUESTION_CHARS = 500
 MESSAGE_LIMIT = 2000
-
-STYLE_CHOICES = [
-    app_commands.Choice(name="descriptive: a detailed paragraph", value="descriptive"),
-    app_commands.Choice(name="tags: booru-style tags for SDXL prompts", value="tags"),
-    app_commands.Choice(name="short: one sentence, good alt text", value="short"),
-]
+QuestionOption = option_range(CaptionRequest, "question")
 
 
 def caption_blocks(files: list[dict], captions: list[str], label: str) -> list[str]:
@@ -68,13 +64,13 @@ class Caption(commands.Cog):
         style="How to write the caption (default: the server's, usually descriptive)",
         question="Ask something about the image instead",
     )
-    @app_commands.choices(style=STYLE_CHOICES)
+    @app_commands.choices(style=CAPTION_STYLE_CHOICES)
     async def caption(
         self,
         interaction: discord.Interaction,
         image: discord.Attachment,
         style: app_commands.Choice[str] | None = None,
-        question: app_commands.Range[str, 1, MAX_QUESTION_CHARS] | None = None,
+        question: QuestionOption | None = None,
     ) -> None:
         await self.run_caption(interaction, [image], style.value if style else None, question)
 
@@ -100,8 +96,8 @@ class Caption(commands.Cog):
             "label": f"Answer: {question[:200]}" if question else f"Caption ({style})",
             "files": [{"name": image.filename, "animated": image.animated} for image in images],
         }
-        payload = {"images": [image.png for image in images], "style": style, "question": question}
-        job, target = await self.bot.tracker.start(interaction, "caption", payload, meta)
+        request = CaptionRequest.parse({"images": [image.png for image in images], "style": style, "question": question})
+        job, target = await self.bot.tracker.start(interaction, request, meta)
         await self.bot.tracker.run(job, target)
 
     async def present(self, job: Job, captions: list[str], target: ReplyTarget) -> None:

@@ -10,20 +10,10 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.tracker import CAPPED_KINDS, QueueSnapshot
+from bot.ui import human_duration
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import Job, JobStatus
 from modal_services.library import Library
-
-
-def human_duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes} min"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes} min" if hours < 48 else f"{hours // 24} days"
 
 
 def describe_job(job: Job, snapshot: QueueSnapshot, now: float) -> str:

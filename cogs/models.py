@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import PurePath
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -20,15 +20,26 @@ from discord.ext import commands
 
 from bot.permissions import require_admin
 from bot.tracker import ReplyTarget
-from bot.replies import as_toolbox_error, error_text
+from bot.ui import ConfirmView, OwnedView, option_range, plural, size_text
 from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_import
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import (
+    JobRequest,
+    LoraRef,
+    ModelDeleteRequest,
+    ModelImportRequest,
+    ModelScanRequest,
+    ModelUploadRequest,
+)
 from modal_services.jobs import Job
 from modal_services.library import DEFAULT_CHECKPOINT, Library, LibraryEntry
 
 PAGE_SIZE = 8
 MODEL_JOB_KINDS = ("model_import", "model_upload", "model_delete", "model_scan")
-VIEW_TIMEOUT = 300.0
+LoraWeightOption = option_range(LoraRef, "weight")
+SourceOption = option_range(ModelImportRequest, "ref")
+DisplayNameOption = option_range(ModelUploadRequest, "name")
+TriggerWordsOption = option_range(ModelUploadRequest, "trigger_words")
 TYPE_CHOICES = [app_commands.Choice(name="LoRA", value="lora"), app_commands.Choice(name="Checkpoint", value="checkpoint")]
 
 
@@ -36,12 +47,6 @@ def age_restricted(interaction: discord.Interaction) -> bool:
     channel = interaction.channel
     is_nsfw = getattr(channel, "is_nsfw", None)
     return bool(is_nsfw()) if callable(is_nsfw) else False
-
-
-def size_text(n: int | None) -> str:
-    if not n:
-        return "unknown"
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _escape(text: str) -> str:
@@ -96,7 +101,7 @@ def entry_embed(entry: LibraryEntry | dict, age_ok: bool, title_prefix: str = ""
 def list_text(entries: list[LibraryEntry], page: int, heading: str) -> str:
     pages = max(1, -(-len(entries) // PAGE_SIZE))
     page = min(max(page, 0), pages - 1)
-    lines = [f"**{heading}** · {len(entries)} model{'s' if len(entries) != 1 else ''} · page {page + 1}/{pages}"]
+    lines = [f"**{heading}** · {plural(len(entries), 'model')} · page {page + 1}/{pages}"]
     for entry in entries[page * PAGE_SIZE:(page + 1) * PAGE_SIZE]:
         triggers = f" · triggers: {_escape(', '.join(entry.trigger_words))[:120]}" if entry.trigger_words else ""
         flag = " ⚠️ missing" if entry.missing else ""
@@ -105,51 +110,6 @@ def list_text(entries: list[LibraryEntry], page: int, heading: str) -> str:
     if not entries:
         lines.append("Nothing here yet. Admins can add models with `/models import`.")
     return "\n".join(lines)[:2000]
-
-
-class OwnedView(discord.ui.View):
-    """Buttons only the person who ran the command can press."""
-
-    def __init__(self, owner_id: int, timeout: float = VIEW_TIMEOUT):
-        super().__init__(timeout=timeout)
-        self.owner_id = owner_id
-
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        if interaction.user.id != self.owner_id:
-            await interaction.response.send_message("These buttons belong to whoever ran the command.", ephemeral=True)
-            return False
-        return True
-
-    def disable(self) -> None:
-        for item in self.children:
-            item.disabled = True
-
-
-class ConfirmView(OwnedView):
-    """A confirm/cancel pair; `on_confirm(interaction)` runs when the owner confirms."""
-
-    def __init__(self, owner_id: int, confirm_label: str, style: discord.ButtonStyle,
-                 on_confirm: Callable[[discord.Interaction], Awaitable[None]]):
-        super().__init__(owner_id)
-        self.on_confirm = on_confirm
-        self.confirm.label = confirm_label
-        self.confirm.style = style
-
-    @discord.ui.button(label="Confirm", style=discord.ButtonStyle.primary)
-    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
-        self.disable()
-        self.stop()
-        await interaction.response.edit_message(view=self)
-        try:
-            await self.on_confirm(interaction)
-        except Exception as exc:  # a button has no command error handler: show it in the message
-            await interaction.edit_original_response(content=error_text(as_toolbox_error(exc)), embed=None, view=None)
-
-    @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
-    async def cancel(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
-        self.disable()
-        self.stop()
-        await interaction.response.edit_message(content="Cancelled.", embed=None, view=None)
 
 
 class ListView(OwnedView):
@@ -203,10 +163,10 @@ class Models(commands.Cog):
         # /setup's token, else CIVITAI_TOKEN from the environment (or .env).
         return CivitaiClient(self.bot.settings.civitai_api_base, await get_token(self.bot.backend.store, "civitai"))
 
-    async def run_job(self, interaction: discord.Interaction, kind: str, payload: dict[str, Any], meta: dict[str, Any]) -> None:
+    async def run_job(self, interaction: discord.Interaction, request: JobRequest, meta: dict[str, Any]) -> None:
         """Submit a /models job and follow it in the interaction's message through the job tracker:
         live progress, a Cancel button, the bot token after 15 minutes, and resumption after a restart."""
-        job, target = await self.bot.tracker.start(interaction, kind, payload, meta)
+        job, target = await self.bot.tracker.start(interaction, request, meta)
         await self.bot.tracker.run(job, target)
 
     async def present(self, job: Job, result: dict[str, Any], target: ReplyTarget) -> None:
@@ -232,7 +192,7 @@ class Models(commands.Cog):
 
     @models.command(name="import", description="Import a LoRA or checkpoint from CivitAI (admins)")
     @app_commands.describe(source="A CivitAI link, model id, v:<version id>, download link or AIR URN")
-    async def import_(self, interaction: discord.Interaction, source: app_commands.Range[str, 1, 500]) -> None:
+    async def import_(self, interaction: discord.Interaction, source: SourceOption) -> None:
         require_admin(interaction, "import models")
         ref = parse_reference(source)
         await interaction.response.defer(thinking=True)
@@ -248,8 +208,9 @@ class Models(commands.Cog):
             return
 
         async def download(button_interaction: discord.Interaction) -> None:
-            await self.run_job(button_interaction, "model_import",
-                               {"ref": f"v:{plan.version_id}", "api_base": self.bot.settings.civitai_api_base},
+            await self.run_job(button_interaction,
+                               ModelImportRequest.parse({"ref": f"v:{plan.version_id}",
+                                                         "api_base": self.bot.settings.civitai_api_base}),
                                {"title": f"Importing {plan.name}", "age_ok": age_ok})
 
         view = ConfirmView(interaction.user.id, "Download", discord.ButtonStyle.success, download)
@@ -285,9 +246,9 @@ class Models(commands.Cog):
                            weight="Default LoRA weight")
     @app_commands.autocomplete(name=name_autocomplete)
     async def edit(self, interaction: discord.Interaction, name: str,
-                   display_name: app_commands.Range[str, 1, 100] | None = None,
-                   trigger_words: app_commands.Range[str, 0, 1000] | None = None,
-                   weight: app_commands.Range[float, -4.0, 4.0] | None = None) -> None:
+                   display_name: DisplayNameOption | None = None,
+                   trigger_words: TriggerWordsOption | None = None,
+                   weight: LoraWeightOption | None = None) -> None:
         require_admin(interaction, "edit models")
         entry = await self.library.edit(name, display_name, trigger_words, weight)
         await interaction.response.send_message("✅ Updated:", embed=entry_embed(entry, age_restricted(interaction)), ephemeral=True)
@@ -303,7 +264,8 @@ class Models(commands.Cog):
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"{entry.name} is the active checkpoint. Switch to another one first.")
 
         async def confirmed(button_interaction: discord.Interaction) -> None:
-            await self.run_job(button_interaction, "model_delete", {"name": entry.file}, {"title": f"Deleting {entry.name}"})
+            await self.run_job(button_interaction, ModelDeleteRequest.parse({"name": entry.file}),
+                               {"title": f"Deleting {entry.name}"})
 
         view = ConfirmView(interaction.user.id, "Delete", discord.ButtonStyle.danger, confirmed)
         await interaction.response.send_message(f"Delete **{_escape(entry.name)}** and its file ({size_text(entry.size_bytes)})?",
@@ -327,25 +289,26 @@ class Models(commands.Cog):
                            trigger_words="Comma-separated")
     @app_commands.choices(type=TYPE_CHOICES)
     async def upload(self, interaction: discord.Interaction, file: discord.Attachment, type: app_commands.Choice[str],
-                     name: app_commands.Range[str, 1, 100] | None = None,
-                     trigger_words: app_commands.Range[str, 0, 1000] | None = None) -> None:
+                     name: DisplayNameOption | None = None,
+                     trigger_words: TriggerWordsOption | None = None) -> None:
         require_admin(interaction, "upload models")
         if PurePath(file.filename).suffix.lower() != ".safetensors":
             raise ToolboxError(ErrorCode.INVALID_INPUT, "Only .safetensors files can be added (.ckpt/.pt/.bin run code when loaded).")
         if not file.size:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "That file is empty.")
         await interaction.response.defer(thinking=True)
-        await self.run_job(interaction, "model_upload", {
+        request = ModelUploadRequest.parse({
             "url": file.url, "filename": file.filename, "type": type.value, "size_bytes": file.size,
             "name": name, "trigger_words": trigger_words, "api_base": self.bot.settings.civitai_api_base,
-        }, {"title": f"Adding {file.filename}", "age_ok": age_restricted(interaction)})
+        })
+        await self.run_job(interaction, request, {"title": f"Adding {file.filename}", "age_ok": age_restricted(interaction)})
 
     @models.command(name="scan", description="Find files with no entry and entries with no file (admins)")
     @app_commands.describe(adopt="Add the untracked files to the library")
     async def scan(self, interaction: discord.Interaction, adopt: bool = False) -> None:
         require_admin(interaction, "scan the library")
         await interaction.response.defer(thinking=True, ephemeral=True)
-        await self.run_job(interaction, "model_scan", {"adopt": adopt, "api_base": self.bot.settings.civitai_api_base},
+        await self.run_job(interaction, ModelScanRequest.parse({"adopt": adopt, "api_base": self.bot.settings.civitai_api_base}),
                            {"title": "Scanning the library"})
 
 

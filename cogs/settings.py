@@ -8,9 +8,12 @@ from discord.ext import commands
 
 from bot.guild_settings import GuildSettings, load_guild_settings, save_guild_settings
 from bot.permissions import require_admin
-from modal_services.errors import ErrorCode, ToolboxError
+from bot.ui import CAPTION_STYLE_CHOICES, option_range
 
-STYLE_CHOICES = [app_commands.Choice(name=style, value=style) for style in ("descriptive", "tags", "short")]
+ScaleOption = option_range(GuildSettings, "default_upscale_scale")
+CreativityOption = option_range(GuildSettings, "default_creativity")
+UserCapOption = option_range(GuildSettings, "user_cap")
+GuildCapOption = option_range(GuildSettings, "guild_cap")
 
 
 def describe(settings: GuildSettings) -> str:
@@ -58,25 +61,21 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
         user_cap="Jobs one member may have waiting or running",
         guild_cap="Jobs the whole server may have waiting or running",
     )
-    @app_commands.choices(caption_style=STYLE_CHOICES)
+    @app_commands.choices(caption_style=CAPTION_STYLE_CHOICES)
     async def defaults(
         self,
         interaction: discord.Interaction,
         caption_style: app_commands.Choice[str] | None = None,
-        upscale_scale: app_commands.Range[float, 1.5, 4.0] | None = None,
-        creativity: app_commands.Range[float, 0.0, 1.0] | None = None,
-        user_cap: app_commands.Range[int, 1, 20] | None = None,
-        guild_cap: app_commands.Range[int, 1, 200] | None = None,
+        upscale_scale: ScaleOption | None = None,
+        creativity: CreativityOption | None = None,
+        user_cap: UserCapOption | None = None,
+        guild_cap: GuildCapOption | None = None,
     ) -> None:
         settings = await self._load(interaction)
-        if caption_style is not None:
-            settings.default_caption_style = caption_style.value
-        for name, value in (("default_upscale_scale", upscale_scale), ("default_creativity", creativity),
-                            ("user_cap", user_cap), ("guild_cap", guild_cap)):
-            if value is not None:
-                setattr(settings, name, value)
-        if settings.user_cap > settings.guild_cap:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "A member's cap cannot be above the server's.")
+        settings = settings.changed(
+            default_caption_style=caption_style and caption_style.value, default_upscale_scale=upscale_scale,
+            default_creativity=creativity, user_cap=user_cap, guild_cap=guild_cap,
+        )
         await self._save(interaction, settings)
 
     @app_commands.command(name="access", description="Keep the bot to some roles or channels (none set: everyone, everywhere)")
@@ -97,13 +96,10 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
         reset: bool = False,
     ) -> None:
         settings = await self._load(interaction)
-        if reset:
-            settings.allowed_role_ids, settings.allowed_channel_ids = [], []
-        settings.allowed_role_ids = _toggle(
-            settings.allowed_role_ids, allow_role and allow_role.id, remove_role and remove_role.id
-        )
-        settings.allowed_channel_ids = _toggle(
-            settings.allowed_channel_ids, allow_channel and allow_channel.id, remove_channel and remove_channel.id
+        roles, channels = ([], []) if reset else (settings.allowed_role_ids, settings.allowed_channel_ids)
+        settings = settings.changed(
+            allowed_role_ids=_toggle(roles, allow_role and allow_role.id, remove_role and remove_role.id),
+            allowed_channel_ids=_toggle(channels, allow_channel and allow_channel.id, remove_channel and remove_channel.id),
         )
         await self._save(interaction, settings)
 

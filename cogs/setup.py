@@ -18,6 +18,7 @@ from discord.ext import commands
 from bot.permissions import is_admin
 from bot.progress import ReplyEditor, progress_bar
 from bot.replies import error_text, send_error
+from bot.ui import human_bytes, human_seconds
 from modal_services.downloads import (
     ModelState,
     active_download,
@@ -26,6 +27,7 @@ from modal_services.downloads import (
     watch_job,
 )
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import DownloadRequest, VerifyRequest
 from modal_services.jobs import Job, JobStatus
 from modal_services.registry import BASE_MODELS
 from modal_services.tokens import LABELS, SERVICES, clear_token, set_token, token_state
@@ -39,24 +41,6 @@ POLL_SECONDS = 1.0
 # Typed in a token field of the form: forget that token.
 CLEAR_WORD = "clear"
 ICONS = {"present": "✅", "missing": "▫️", "downloading": "⬇️", "queued": "⏳", "failed": "❌"}
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
-        n /= 1000
-
-
-def human_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def describe(state: ModelState) -> str:
@@ -223,7 +207,7 @@ class Setup(commands.Cog):
             return
         owner = {"user_id": interaction.user.id, "guild_id": interaction.guild_id, "channel_id": interaction.channel_id}
         job_id, started = await start_or_attach_download(
-            self.store, lambda: self.bot.backend.submit("download", {"keys": missing}, owner=owner)
+            self.store, lambda: self.bot.backend.submit(DownloadRequest.parse({"keys": missing}), owner=owner)
         )
         log.info("setup download %s job %s", "started" if started else "attached to", job_id)
         await self.follow(interaction, job_id)
@@ -247,7 +231,7 @@ class Setup(commands.Cog):
 
     async def verify_and_show(self, interaction: discord.Interaction) -> None:
         await interaction.edit_original_response(content="🔍 Verifying the files on the volume…", view=None)
-        job = await self.bot.backend.submit("verify", {"keys": list(BASE_MODELS)}, owner={"user_id": interaction.user.id})
+        job = await self.bot.backend.submit(VerifyRequest.parse({"keys": list(BASE_MODELS)}), owner={"user_id": interaction.user.id})
         editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, view=None))
 
         async def show(record: Job) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
-import random
 from typing import Any
 
 import discord
@@ -30,18 +29,27 @@ from bot.result_images import fit_to_limit
 from bot.progress import ReplyEditor, render_job
 from bot.tile_prompts import tile_prompts
 from bot.tracker import ReplyTarget, cancel_view
+from bot.upscale_requests import upscale_request
+from bot.ui import option_range
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import LoraRef, UpscaleRequest, field_bounds
 from modal_services.jobs import Job
+from modal_services.keys import preview_key, upscale_params_key
 from modal_services.library import Library
-from modal_services.sdxl_library import lora_for_job
-from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, MAX_SCALE, check_upscale_size
-from modal_services.sdxl_previews import decode_preview, preview_key
+from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
+from modal_services.sdxl_previews import decode_preview
 
 log = logging.getLogger(__name__)
 
-MAX_PROMPT_CHARS = 500
-LORA_SLOTS = 3
-MAX_SEED = 2**32 - 1
+# The options /upscale offers, read from the request its job takes.
+ScaleOption = option_range(UpscaleRequest, "scale")
+PromptOption = option_range(UpscaleRequest, "prompt")
+NegativeOption = option_range(UpscaleRequest, "negative")
+LoraWeightOption = option_range(LoraRef, "weight")
+CreativityOption = option_range(UpscaleRequest, "creativity")
+SeedOption = option_range(UpscaleRequest, "seed")
+# What a job keeps under `upscale:<id>` for the buttons under its result.
+KEPT_CHOICES = ("scale", "prompt", "negative", "creativity", "seed")
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 # Discord's limit on one request with several files.
 MAX_REQUEST_BYTES = 25 * 1024 * 1024
@@ -49,10 +57,6 @@ MAX_REQUEST_BYTES = 25 * 1024 * 1024
 # seconds keeps the message well inside Discord's edit rate limit.
 PREVIEW_EDIT_INTERVAL = 6.0
 SOURCE_STEM = "source"
-
-
-def params_key(job_id: str) -> str:
-    return f"upscale:{job_id}"
 
 
 class UpscaleButton(
@@ -139,7 +143,8 @@ class Upscale(commands.Cog):
         lora2_weight="Its weight",
         lora3="A third LoRA",
         lora3_weight="Its weight",
-        creativity="How much may change: 0.05 (faithful) to 1 (repaint); default about 0.35",
+        creativity="How much may change: {0:g} (faithful) to {1:g} (repaint); default {2:g}".format(
+            *field_bounds(UpscaleRequest, "creativity"), UpscaleRequest.model_fields["creativity"].default),
         seed="For repeatable results (default: random)",
         tile_captions="Caption each tile (tags) and add that to its prompt: slower, more fitting detail",
     )
@@ -148,17 +153,17 @@ class Upscale(commands.Cog):
         self,
         interaction: discord.Interaction,
         image: discord.Attachment,
-        scale: app_commands.Range[float, 1.5, MAX_SCALE] | None = None,
-        prompt: app_commands.Range[str, 1, MAX_PROMPT_CHARS] | None = None,
-        negative: app_commands.Range[str, 1, MAX_PROMPT_CHARS] | None = None,
+        scale: ScaleOption | None = None,
+        prompt: PromptOption | None = None,
+        negative: NegativeOption | None = None,
         lora1: str | None = None,
-        lora1_weight: app_commands.Range[float, -2.0, 2.0] | None = None,
+        lora1_weight: LoraWeightOption | None = None,
         lora2: str | None = None,
-        lora2_weight: app_commands.Range[float, -2.0, 2.0] | None = None,
+        lora2_weight: LoraWeightOption | None = None,
         lora3: str | None = None,
-        lora3_weight: app_commands.Range[float, -2.0, 2.0] | None = None,
-        creativity: app_commands.Range[float, 0.05, 1.0] | None = None,
-        seed: app_commands.Range[int, 0, MAX_SEED] | None = None,
+        lora3_weight: LoraWeightOption | None = None,
+        creativity: CreativityOption | None = None,
+        seed: SeedOption | None = None,
         tile_captions: bool = False,
     ) -> None:
         loras = [{"name": name, "weight": weight} for name, weight in
@@ -172,7 +177,7 @@ class Upscale(commands.Cog):
 
     async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
         result, source = split_attachments(interaction.message)
-        params = await self.bot.backend.store.get(params_key(job_id)) or {}
+        params = await self.bot.backend.store.get(upscale_params_key(job_id)) or {}
         if action == "caption":
             if result is None:
                 raise ToolboxError(ErrorCode.INVALID_INPUT, "That message has no result image any more.")
@@ -192,31 +197,26 @@ class Upscale(commands.Cog):
         check_attachment(attachment)
         await interaction.response.defer(thinking=True)
         settings = await self.bot.tracker.admit(interaction)
-        scale = params.get("scale") or settings.default_upscale_scale
-        creativity = params.get("creativity") or settings.default_creativity
-        seed = params.get("seed")
-        seed = random.randint(0, MAX_SEED) if seed is None else seed
+        choices = {name: params.get(name) for name in KEPT_CHOICES}
+        choices["scale"] = choices["scale"] or settings.default_upscale_scale
+        choices["creativity"] = choices["creativity"] or settings.default_creativity
 
         received = await read_image(attachment, max_pixels=DEFAULT_MAX_INPUT_PIXELS)
+        request, checkpoint = await upscale_request(self.library, received.png, choices, params.get("loras") or [])
         # The same limits the worker applies, checked before anything is sent to it.
-        out_width, out_height = check_upscale_size(*received.size, scale)
-        loras = [await lora_for_job(self.library, lora["name"], lora.get("weight")) for lora in params.get("loras") or []]
-        checkpoint = await self.library.active_checkpoint()
-        regions = await self._caption_tiles(interaction, received, out_width, out_height) if params.get("tile_captions") else []
-        payload = {
-            "image": received.png, "scale": scale, "prompt": params.get("prompt") or "",
-            "negative": params.get("negative") or "", "loras": loras, "creativity": creativity, "seed": seed,
-            "checkpoint": checkpoint["file"], "region_prompts": regions,
-        }
-        kept = {key: payload[key] for key in ("scale", "prompt", "negative", "creativity", "seed")}
+        out_width, out_height = check_upscale_size(*received.size, request.scale)
+        if params.get("tile_captions"):
+            regions = await self._caption_tiles(interaction, received, out_width, out_height)
+            request = UpscaleRequest.parse({**request.to_payload(), "region_prompts": regions})
+        kept = {name: getattr(request, name) for name in KEPT_CHOICES}
         kept["tile_captions"] = bool(params.get("tile_captions"))
-        kept["loras"] = [{"name": lora["file"], "weight": lora["weight"]} for lora in loras]
+        kept["loras"] = [{"name": lora.file, "weight": lora.weight} for lora in request.loras]
         meta = {
-            "title": f"Upscale {scale:g}x → {out_width}×{out_height}",
-            "summary": describe(kept, [lora["name"] for lora in loras], checkpoint["name"]),
+            "title": f"Upscale {request.scale:g}x → {out_width}×{out_height}",
+            "summary": describe(kept, [lora.name for lora in request.loras], checkpoint["name"]),
         }
-        job, target = await self.bot.tracker.start(interaction, "upscale", payload, meta)
-        await self.bot.backend.store.put(params_key(job.id), kept)
+        job, target = await self.bot.tracker.start(interaction, request, meta)
+        await self.bot.backend.store.put(upscale_params_key(job.id), kept)
         self._sources[job.id] = (received.png, f"{SOURCE_STEM}.png")
         self._previews[job.id] = asyncio.create_task(self._show_previews(job.id, target), name=f"previews-{job.id}")
         try:

@@ -25,7 +25,7 @@ import modal
 from modal_services.errors import ToolboxError
 from modal_services.downloads import DownloadEngine
 from modal_services.caption import CaptionEngine, best_device
-from modal_services.layout import CAPTION_MODEL, LORAS_MOUNT, LORAS_VOLUME, MODELS_MOUNT, MODELS_VOLUME, state_dict_name
+from modal_services.layout import LORAS_MOUNT, LORAS_VOLUME, MODELS_MOUNT, MODELS_VOLUME, Layout, state_dict_name
 from modal_services.services import SERVICES, run_service_job
 from modal_services.state import ModalDictStore
 
@@ -47,6 +47,7 @@ GPU_PACKAGES = (
     "safetensors>=0.4",
     "huggingface_hub>=0.34",
     "pillow>=10.0",
+    "pydantic>=2.7",  # the job requests, checked again in the worker
 )
 gpu_image = (
     modal.Image.debian_slim(python_version="3.11")
@@ -57,6 +58,11 @@ gpu_image = (
 
 models_volume = modal.Volume.from_name(MODELS_VOLUME, create_if_missing=True)
 state_dict = modal.Dict.from_name(state_dict_name(APP_NAME), create_if_missing=True)
+
+
+def _layout(store: ModalDictStore) -> Layout:
+    """What every engine here is built on: the mounted volumes and the shared Dict."""
+    return Layout(MODELS_MOUNT, LORAS_MOUNT, store)
 
 
 @app.cls(
@@ -74,7 +80,7 @@ class CaptionService:
         """Runs once, before the snapshot: reading ~4 GB of weights is what cold starts then skip."""
         self.spec = SERVICES["caption"]
         self.store = ModalDictStore(state_dict)
-        self.engine = CaptionEngine(MODELS_MOUNT / CAPTION_MODEL, dtype="float16" if CAPTION_GPU == "T4" else "bfloat16")
+        self.engine = CaptionEngine(_layout(self.store), dtype="float16" if CAPTION_GPU == "T4" else "bfloat16")
         try:
             self.engine.load_weights()
         except ToolboxError as error:
@@ -97,7 +103,7 @@ class CaptionService:
 # The download image: CPU only, no torch. Network I/O never runs on a GPU.
 download_image = (
     modal.Image.debian_slim(python_version="3.11")
-    .pip_install("huggingface_hub==2.4.0", "requests>=2.31")
+    .pip_install("huggingface_hub==2.4.0", "requests>=2.31", "pydantic>=2.7")
     .add_local_python_source("modal_services")
 )
 loras_volume = modal.Volume.from_name(LORAS_VOLUME, create_if_missing=True)
@@ -126,7 +132,7 @@ class DownloadService:
         self.store = ModalDictStore(state_dict)
         # Called from the engine's worker threads (blocking forms): commit after
         # each model so other containers see it, reload before checking files.
-        self.engine = DownloadEngine(MODELS_MOUNT, LORAS_MOUNT, self.store, commit=_commit_volumes, reload=_reload_volumes)
+        self.engine = DownloadEngine(_layout(self.store), commit=_commit_volumes, reload=_reload_volumes)
         self.engine.load()
 
     async def _run(self, kind: str, job_id: str, payload: dict):
@@ -146,7 +152,7 @@ class DownloadService:
 model_image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install("torch==2.9.1", index_url="https://download.pytorch.org/whl/cpu")
-    .pip_install("diffusers>=0.35", "transformers>=4.57", "safetensors>=0.4", "requests>=2.31", "huggingface_hub>=0.34")
+    .pip_install("diffusers>=0.35", "transformers>=4.57", "safetensors>=0.4", "requests>=2.31", "huggingface_hub>=0.34", "pydantic>=2.7")
     .env({"HF_HUB_OFFLINE": "1"})
     .add_local_python_source("modal_services")
 )
@@ -166,7 +172,7 @@ class ModelService:
         from modal_services.model_import import ModelEngine
 
         self.store = ModalDictStore(state_dict)
-        self.engine = ModelEngine(LORAS_MOUNT, MODELS_MOUNT, self.store, commit=_commit_volumes, reload=_reload_volumes)
+        self.engine = ModelEngine(_layout(self.store), commit=_commit_volumes, reload=_reload_volumes)
         self.engine.load()
 
     async def _run(self, kind: str, job_id: str, payload: dict):
@@ -217,7 +223,7 @@ class UpscaleService:
     def load(self) -> None:
         self.spec = SERVICES["upscale"]
         self.store = ModalDictStore(state_dict)
-        self.engine = self.spec.make_engine(MODELS_MOUNT)
+        self.engine = self.spec.make_engine(_layout(self.store))
         # Named, not detected: the snapshot is taken before the GPU is attached.
         self.engine.device = UPSCALE_DEVICE
         try:

@@ -12,11 +12,11 @@ from pathlib import Path
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image
+from modal_services.job_requests import CaptionRequest, job_method
 from modal_services.jobs import ProgressFn
+from modal_services.layout import CAPTION_MODEL, Layout
 
 log = logging.getLogger(__name__)
-
-STYLES = ("descriptive", "tags", "short")
 
 STYLE_PROMPTS = {
     "descriptive": (
@@ -84,8 +84,8 @@ class CaptionEngine:
     `load_weights()` reads the files into CPU memory, `move_to(device)` puts the
     model on the GPU after the snapshot is restored. `load()` does both."""
 
-    def __init__(self, model_dir: str | Path, max_side: int = 1024, device: str | None = None, dtype: str | None = None):
-        self.model_dir = Path(model_dir)
+    def __init__(self, layout: Layout, max_side: int = 1024, device: str | None = None, dtype: str | None = None):
+        self.model_dir = layout.models_dir / CAPTION_MODEL
         self.max_side = max_side
         self.device = device
         self.dtype = dtype  # a torch dtype name; None: the best for the device
@@ -143,18 +143,15 @@ class CaptionEngine:
         self.device = device
         self.loaded = True
 
+    @job_method(CaptionRequest)
     def caption(
         self,
         images: list[bytes],
-        style: str = "descriptive",
-        question: str | None = None,
+        style: str,
+        question: str | None,
         progress: ProgressFn | None = None,
     ) -> list[str]:
         """One caption per image, all in one `generate` call."""
-        if not images:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "No images to caption.")
-        if not question and style not in STYLES:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Unknown caption style {style!r}: use one of {', '.join(STYLES)}.")
         import torch
 
         progress = progress or (lambda fraction, stage: None)

@@ -25,6 +25,9 @@ from typing import Callable, Mapping, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import DownloadRequest, VerifyRequest, job_method
+from modal_services.keys import download_key, lock_key, manifest_key
+from modal_services.layout import Layout
 from modal_services.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -362,18 +365,6 @@ class _Transient(Exception):
 # ---------------------------------------------------------------------------
 # Base models: plans, fetchers, locks, progress records and manifests.
 # ---------------------------------------------------------------------------
-
-def download_key(model: str) -> str:
-    return f"download:{model}"
-
-
-def manifest_key(model: str) -> str:
-    return f"manifest:{model}"
-
-
-def lock_key(name: str) -> str:
-    return f"lock:{name}"
-
 
 # A lock whose holder has not refreshed it for this long belongs to a process
 # that died (killed container, closed laptop): the next comer takes it over.
@@ -806,22 +797,13 @@ class DownloadEngine:
     run in threads.
     """
 
-    def __init__(self, models_dir: Path, loras_dir: Path | None = None, store: StateStore | None = None,
-                 commit: Hook | None = None, reload: Hook | None = None, registry=None):
-        self.roots = {"models": Path(models_dir), "loras": Path(loras_dir) if loras_dir else None}
-        self.store = store
+    def __init__(self, layout: Layout, commit: Hook | None = None, reload: Hook | None = None, registry=None):
+        self.roots = {"models": layout.models_dir, "loras": layout.loras_dir}
+        self.store = layout.store
         self.commit_hook = commit
         self.reload_hook = reload
         self.registry = registry
         self.loaded = False
-
-    @classmethod
-    def for_data_dir(cls, data_dir: Path) -> "DownloadEngine":
-        """The local backend's engine: folders and the SQLite state under one data dir (layout.py)."""
-        from modal_services.layout import local_loras_dir, local_models_dir, local_state_path
-        from modal_services.state import SqliteStore
-
-        return cls(local_models_dir(data_dir), local_loras_dir(data_dir), SqliteStore(local_state_path(data_dir)))
 
     def load(self) -> None:
         if self.store is None:
@@ -835,13 +817,15 @@ class DownloadEngine:
         return root / entry.folder
 
     # -- job methods (blocking) --------------------------------------------------
-    def download(self, progress, keys: list[str] | None = None) -> dict[str, str]:
+    @job_method(DownloadRequest)
+    def download(self, progress, keys: list[str]) -> dict[str, str]:
         """Download every model of `keys` (all when empty) that is not present; returns key → state."""
-        return asyncio.run(self._download(keys or [], progress))
+        return asyncio.run(self._download(keys, progress))
 
-    def verify(self, progress, keys: list[str] | None = None) -> dict[str, dict]:
+    @job_method(VerifyRequest)
+    def verify(self, progress, keys: list[str]) -> dict[str, dict]:
         """Re-check files on disk (sizes and hashes); fix manifests. Returns key → state dict."""
-        return asyncio.run(self._verify(keys or [], progress))
+        return asyncio.run(self._verify(keys, progress))
 
     # -- helpers -------------------------------------------------------------------
     async def _hook(self, hook: Hook | None) -> None:
@@ -885,12 +869,12 @@ class DownloadEngine:
                 last_beat = now
                 for live in lives:
                     if live.owned:
-                        await refresh_lock(self.store, f"download:{live.entry.key}", owner)
+                        await refresh_lock(self.store, download_key(live.entry.key), owner)
             await asyncio.sleep(TICK_SECONDS)
 
     async def _acquire(self, live: _Live, owner: str) -> None:
         """Wait for this model's lock: someone else downloading it is a reason to wait, not to download twice."""
-        name = f"download:{live.entry.key}"
+        name = download_key(live.entry.key)
         live.status = "waiting"
         while not await try_lock(self.store, name, owner):
             await asyncio.sleep(LOCK_POLL_SECONDS)
@@ -920,7 +904,7 @@ class DownloadEngine:
                         live.owned = live.status in ("complete", "failed")  # the final record is ours to write
                         await self._write(live)
                         live.owned = False
-                        await release_lock(self.store, f"download:{live.entry.key}", owner)
+                        await release_lock(self.store, download_key(live.entry.key), owner)
                 except ToolboxError as error:
                     results[live.entry.key] = "failed"
                     if error.code is ErrorCode.STORAGE_FULL:

@@ -18,6 +18,7 @@ from enum import Enum
 from typing import Any, Callable, TypeVar
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.keys import cancel_key, job_key
 from modal_services.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -97,15 +98,6 @@ class Job:
         if self.status is not JobStatus.ERROR:
             return None
         return ToolboxError(self.error_code or ErrorCode.INTERNAL, self.error_message or "The job failed.")
-
-
-def job_key(job_id: str) -> str:
-    return f"job:{job_id}"
-
-
-def cancel_key(job_id: str) -> str:
-    """Set by whoever asks a job to stop; the worker polls it (a key apart, so no write races the worker's)."""
-    return f"cancel:{job_id}"
 
 
 def new_job_id() -> str:

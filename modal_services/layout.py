@@ -6,7 +6,10 @@ LoRA volume holds `loras/` and `checkpoints/` (seed 001's layout).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+
+from modal_services.state import StateStore
 
 MODELS_VOLUME = "ai-toolbox-models"
 LORAS_VOLUME = "ai-toolbox-loras"
@@ -28,6 +31,17 @@ SDXL_CONFIG_DIR = "sdxl-base"
 # On the LoRA volume (seed 001's layout).
 LORAS_SUBDIR = "loras"
 CHECKPOINTS_SUBDIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What every engine is built on: the models folder (one folder per base model), the LoRA
+    folder (`loras/` and `checkpoints/` inside) and the state store. Modal mounts the volumes at
+    MODELS_MOUNT and LORAS_MOUNT over the shared Dict; the local backend uses the data dir."""
+
+    models_dir: Path
+    loras_dir: Path | None = None
+    store: StateStore | None = None
 
 
 def state_dict_name(app_name: str) -> str:

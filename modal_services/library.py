@@ -18,7 +18,6 @@ entries only and trusts the `missing` flags the workers keep.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 import time
 import unicodedata
@@ -27,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import LoraRef
+from modal_services.keys import ACTIVE_CHECKPOINT_KEY, ENTRY_PREFIX, entry_key
 from modal_services.layout import CHECKPOINTS_SUBDIR, ILLUSTRIOUS_CHECKPOINT, LORAS_MOUNT, LORAS_SUBDIR, MODELS_MOUNT
 from modal_services.state import StateStore
 
-ENTRY_PREFIX = "model:"
-ACTIVE_CHECKPOINT_KEY = "active_checkpoint"
 DEFAULT_CHECKPOINT = "illustrious-xl"
 DEFAULT_CHECKPOINT_NAME = "Illustrious-XL v2.0 (default)"
 TYPES = ("lora", "checkpoint")
@@ -41,14 +40,9 @@ MAX_FILE_NAME = 120
 MAX_NAME = 100
 MAX_TRIGGER_WORDS = 50
 MAX_TRIGGER_CHARS = 200
-WEIGHT_RANGE = (-4.0, 4.0)
 # Where converted LoRAs keep the file they were made from, inside the LoRA folder.
 ORIGINALS_DIR = ".original"
 AUTOCOMPLETE_LIMIT = 25
-
-
-def entry_key(file: str) -> str:
-    return ENTRY_PREFIX + file
 
 
 def utc_now() -> str:
@@ -148,13 +142,6 @@ def parse_trigger_words(value: str | list[str]) -> list[str]:
     if len(seen) > MAX_TRIGGER_WORDS:
         raise ToolboxError(ErrorCode.INVALID_INPUT, f"At most {MAX_TRIGGER_WORDS} trigger words.")
     return list(seen.values())
-
-
-def check_weight(value: float) -> float:
-    low, high = WEIGHT_RANGE
-    if not isinstance(value, (int, float)) or math.isnan(value) or not low <= value <= high:
-        raise ToolboxError(ErrorCode.INVALID_INPUT, f"A LoRA weight is a number from {low:g} to {high:g}.")
-    return round(float(value), 3)
 
 
 class Library:
@@ -321,7 +308,8 @@ class Library:
         if weight is not None:
             if entry.type != "lora":
                 raise ToolboxError(ErrorCode.INVALID_INPUT, "Only LoRAs have a weight.")
-            new_weight = check_weight(weight)
+            # Within the range every job accepts, checked as a job would check it.
+            new_weight = round(LoraRef.parse({"name": entry.name, "weight": weight}).weight, 3)
         if display_name is None and trigger_words is None and weight is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "Nothing to change: give a new name, trigger words or weight.")
         entry.name, entry.trigger_words, entry.weight = new_name, new_words, new_weight

@@ -43,7 +43,16 @@ from modal_services.downloads import (
     try_lock,
 )
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import (
+    ModelDeleteRequest,
+    ModelImportRequest,
+    ModelScanRequest,
+    ModelUploadRequest,
+    job_method,
+)
 from modal_services.jobs import ProgressFn
+from modal_services.keys import civitai_lock_name
+from modal_services.layout import Layout
 from modal_services.library import (
     ORIGINALS_DIR,
     SUFFIX,
@@ -54,7 +63,6 @@ from modal_services.library import (
     safe_file_name,
     unique_file_name,
 )
-from modal_services.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -65,30 +73,17 @@ SDXL_CHECKPOINT_KEYS = ("model.diffusion_model.label_emb.0.0.weight",)
 Hook = Callable[[], object]
 
 
-def _lock_name(version_id: int) -> str:
-    return f"civitai:{version_id}"
-
-
 class ModelEngine:
-    def __init__(self, loras_dir: Path, models_dir: Path, store: StateStore, commit: Hook | None = None,
-                 reload: Hook | None = None, layout=None):
-        self.loras_dir = Path(loras_dir)
-        self.models_dir = Path(models_dir)
-        self.store = store
+    def __init__(self, layout: Layout, commit: Hook | None = None, reload: Hook | None = None, model_layout=None):
+        self.loras_dir = layout.loras_dir
+        self.models_dir = layout.models_dir
+        self.store = layout.store
         self.commit_hook = commit
         self.reload_hook = reload
-        self.layout = layout  # None: SDXL's (lora_formats.ModelLayout.sdxl)
-        self.library = Library(store, self.loras_dir, self.models_dir)
+        self.model_layout = model_layout  # None: SDXL's (lora_formats.ModelLayout.sdxl)
+        self.library = Library(self.store, self.loras_dir, self.models_dir)
         self.wait_poll = WAIT_POLL_SECONDS
         self.loaded = False
-
-    @classmethod
-    def for_data_dir(cls, data_dir: Path) -> "ModelEngine":
-        """The local backend's engine: folders and the SQLite state under one data dir (layout.py)."""
-        from modal_services.layout import local_loras_dir, local_models_dir, local_state_path
-        from modal_services.state import SqliteStore
-
-        return cls(local_loras_dir(data_dir), local_models_dir(data_dir), SqliteStore(local_state_path(data_dir)))
 
     def load(self) -> None:
         for kind in ("lora", "checkpoint"):
@@ -97,20 +92,23 @@ class ModelEngine:
 
     # ------------------------------------------------------------ job methods (blocking)
 
-    def import_model(self, progress: ProgressFn, ref: str, api_base: str = "https://civitai.com") -> dict[str, Any]:
+    @job_method(ModelImportRequest)
+    def import_model(self, progress: ProgressFn, ref: str, api_base: str) -> dict[str, Any]:
         """Import the CivitAI model `ref` names; returns {"entry", "already_installed", "format"}."""
         return asyncio.run(self._import(parse_reference(ref), api_base, progress))
 
-    def upload_model(self, progress: ProgressFn, url: str, filename: str, type: str, size_bytes: int | None = None,
-                     name: str | None = None, trigger_words: str | None = None,
-                     api_base: str = "https://civitai.com") -> dict[str, Any]:
+    @job_method(ModelUploadRequest)
+    def upload_model(self, progress: ProgressFn, url: str, filename: str, type: str, size_bytes: int | None,
+                     name: str | None, trigger_words: str | None, api_base: str) -> dict[str, Any]:
         """Add a file from a URL (a Discord attachment); CivitAI's metadata is looked up by its sha256."""
         return asyncio.run(self._upload(url, filename, type, size_bytes, name, trigger_words, api_base, progress))
 
+    @job_method(ModelDeleteRequest)
     def delete_model(self, progress: ProgressFn, name: str) -> dict[str, Any]:
         return asyncio.run(self._delete(name, progress))
 
-    def scan_library(self, progress: ProgressFn, adopt: bool = False, api_base: str = "https://civitai.com") -> dict[str, Any]:
+    @job_method(ModelScanRequest)
+    def scan_library(self, progress: ProgressFn, adopt: bool, api_base: str) -> dict[str, Any]:
         """Untracked files and missing entries; with `adopt`, untracked files become entries."""
         return asyncio.run(self._scan(adopt, api_base, progress))
 
@@ -130,7 +128,7 @@ class ModelEngine:
             if existing is not None and not existing.missing:
                 return self._result(existing, already=True)
             owner = uuid.uuid4().hex
-            async with self._locked(_lock_name(plan.version_id), owner, progress):
+            async with self._locked(civitai_lock_name(plan.version_id), owner, progress):
                 existing = await self.library.by_version(plan.version_id)
                 if existing is not None and not existing.missing:
                     return self._result(existing, already=True)
@@ -203,7 +201,7 @@ class ModelEngine:
             if entry.type == "lora":
                 from modal_services.lora_formats import normalize_lora
 
-                report = await asyncio.to_thread(normalize_lora, incoming, converted, self.layout)
+                report = await asyncio.to_thread(normalize_lora, incoming, converted, self.model_layout)
                 entry.format = report.format
             else:
                 await asyncio.to_thread(check_checkpoint, incoming)

@@ -1,13 +1,12 @@
-"""Upscale request limits, in plain Python: the bot checks them before uploading, the engine before any GPU work."""
+"""Upscale size limits, in plain Python: the bot checks them before uploading, the engine before any GPU work."""
 
 from __future__ import annotations
 
 import os
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import UpscaleRequest, field_bounds
 
-MIN_SCALE = 1.0
-MAX_SCALE = 4.0
 # "16 MP" (16 x 2^20: a 1024² image upscaled 4x, 4096², must fit). A deployment
 # with a bigger GPU can raise it with TOOLBOX_UPSCALE_MAX_MP, read by the bot
 # and the worker alike so that both refuse the same requests.
@@ -28,9 +27,7 @@ def check_upscale_size(
     max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
 ) -> tuple[int, int]:
-    """The output size, or INVALID_INPUT saying which limit the request breaks."""
-    if not MIN_SCALE <= scale <= MAX_SCALE:
-        raise ToolboxError(ErrorCode.INVALID_INPUT, f"Scale must be between {MIN_SCALE:g}x and {MAX_SCALE:g}x (got {scale:g}).")
+    """The output size of a checked scale, or INVALID_INPUT saying which size limit the request breaks."""
     if min(width, height) < MIN_INPUT_SIDE:
         raise ToolboxError(
             ErrorCode.INVALID_INPUT, f"The image is {width}×{height}: at least {MIN_INPUT_SIDE} px a side, please."
@@ -44,7 +41,8 @@ def check_upscale_size(
     out_width, out_height = output_size(width, height, scale)
     if out_width * out_height > max_output_pixels:
         largest = (max_output_pixels / (width * height)) ** 0.5
-        hint = f" The largest scale for this image is {int(largest * 100) / 100:g}x." if largest >= MIN_SCALE else ""
+        smallest_scale, _ = field_bounds(UpscaleRequest, "scale")
+        hint = f" The largest scale for this image is {int(largest * 100) / 100:g}x." if largest >= smallest_scale else ""
         raise ToolboxError(
             ErrorCode.INVALID_INPUT,
             f"{width}×{height} at {scale:g}x would be {out_width}×{out_height} "

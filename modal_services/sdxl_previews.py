@@ -14,16 +14,13 @@ import base64
 import logging
 import time
 
+from modal_services.keys import preview_key
 from modal_services.state import StateStore
 
 log = logging.getLogger(__name__)
 
 # Store values are JSON: base64 adds a third, and Modal Dict entries should stay small.
 MAX_PREVIEW_BYTES = 48_000
-
-
-def preview_key(job_id: str) -> str:
-    return f"preview:{job_id}"
 
 
 def decode_preview(record) -> bytes | None:

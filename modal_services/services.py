@@ -1,20 +1,33 @@
-"""The job kinds, and how one job runs on an engine.
+"""The job kinds: for each, its request, the Modal class serving it and the engine method doing it.
 
-A `ServiceSpec` ties a job kind to the Modal class that serves it and to the
-engine method that does the work. The Modal classes and the local backend
-both run a job through `run_service_job`, so they behave the same.
+`SERVICES` is the one table from a job kind to where and how it runs. The
+Modal classes and the local backend both run a job through `run_service_job`,
+so they behave the same. Engine modules are imported only when a worker
+runs a job (the bot never loads the ML stack): each kind names its engine
+method through a small loader, so "find usages" of an engine method leads
+here and from here to the request and the front ends that build it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from modal_services.job_requests import (
+    CaptionRequest,
+    DownloadRequest,
+    JobRequest,
+    ModelDeleteRequest,
+    ModelImportRequest,
+    ModelScanRequest,
+    ModelUploadRequest,
+    UpscaleRequest,
+    VerifyRequest,
+)
 from modal_services.jobs import ProgressFn, run_job
+from modal_services.layout import Layout
 from modal_services.state import StateStore
-from modal_services.layout import CAPTION_MODEL
 
 
 class Engine(Protocol):
@@ -25,65 +38,120 @@ class Engine(Protocol):
 
 @dataclass(frozen=True)
 class ServiceSpec:
-    kind: str
+    request: type[JobRequest]
     modal_class: str
-    method: str
-    # (models_dir) -> engine; imports the engine module only when called.
-    make_engine: Callable[[Path], Engine]
+    # The Modal class's method for this kind (Modal spawns by name); it has the engine method's name.
+    modal_method: str
+    # () -> the engine method doing the work, e.g. `UpscaleEngine.upscale`.
+    engine_method: Callable[[], Callable[..., Any]]
+    # (layout) -> the engine the local backend runs this kind on (the Modal classes build theirs).
+    make_engine: Callable[[Layout], Engine]
     # The engine method takes `preview=`: small JPEGs of the work so far, kept under `preview:<job>`.
     previews: bool = False
 
+    @property
+    def kind(self) -> str:
+        return self.request.kind
 
-def _caption_engine(models_dir: Path) -> Engine:
+
+def _caption_engine(layout: Layout) -> Engine:
     from modal_services.caption import CaptionEngine
 
-    return CaptionEngine(models_dir / CAPTION_MODEL)
+    return CaptionEngine(layout)
 
 
-def _download_engine(models_dir: Path) -> Engine:
-    # The local backend's: the data dir holds models/, loras/ and the state
-    # file side by side (layout.py). The Modal DownloadService builds its own
-    # engine over the volumes and the state Dict.
+def _caption():
+    from modal_services.caption import CaptionEngine
+
+    return CaptionEngine.caption
+
+
+def _download_engine(layout: Layout) -> Engine:
     from modal_services.downloads import DownloadEngine
 
-    return DownloadEngine.for_data_dir(models_dir.parent)
+    return DownloadEngine(layout)
 
 
-def _model_engine(models_dir: Path) -> Engine:
-    # The local backend's, like the download engine's; the Modal ModelService
-    # builds its own over the volumes and the state Dict.
+def _download():
+    from modal_services.downloads import DownloadEngine
+
+    return DownloadEngine.download
+
+
+def _verify():
+    from modal_services.downloads import DownloadEngine
+
+    return DownloadEngine.verify
+
+
+def _model_engine(layout: Layout) -> Engine:
     from modal_services.model_import import ModelEngine
 
-    return ModelEngine.for_data_dir(models_dir.parent)
+    return ModelEngine(layout)
 
 
-def _upscale_engine(models_dir: Path) -> Engine:
+def _import_model():
+    from modal_services.model_import import ModelEngine
+
+    return ModelEngine.import_model
+
+
+def _upload_model():
+    from modal_services.model_import import ModelEngine
+
+    return ModelEngine.upload_model
+
+
+def _delete_model():
+    from modal_services.model_import import ModelEngine
+
+    return ModelEngine.delete_model
+
+
+def _scan_library():
+    from modal_services.model_import import ModelEngine
+
+    return ModelEngine.scan_library
+
+
+def _upscale_engine(layout: Layout) -> Engine:
     from modal_services.upscale import UpscaleEngine
 
-    # models/ and loras/ sit side by side both locally (the data dir) and on
-    # Modal (/vol/models, /vol/loras): library files are found under loras/.
-    return UpscaleEngine(models_dir, loras_dir=models_dir.parent / "loras")
+    return UpscaleEngine(layout)
+
+
+def _upscale():
+    from modal_services.upscale import UpscaleEngine
+
+    return UpscaleEngine.upscale
 
 
 SERVICES: dict[str, ServiceSpec] = {
-    "caption": ServiceSpec("caption", "CaptionService", "caption", _caption_engine),
-    "download": ServiceSpec("download", "DownloadService", "download", _download_engine),
-    "verify": ServiceSpec("verify", "DownloadService", "verify", _download_engine),
-    "upscale": ServiceSpec("upscale", "UpscaleService", "upscale", _upscale_engine, previews=True),
-    # The model library's file work (/models): CivitAI imports, uploads, deletes, scans.
-    "model_import": ServiceSpec("model_import", "ModelService", "import_model", _model_engine),
-    "model_upload": ServiceSpec("model_upload", "ModelService", "upload_model", _model_engine),
-    "model_delete": ServiceSpec("model_delete", "ModelService", "delete_model", _model_engine),
-    "model_scan": ServiceSpec("model_scan", "ModelService", "scan_library", _model_engine),
+    spec.kind: spec
+    for spec in (
+        ServiceSpec(CaptionRequest, "CaptionService", "caption", _caption, _caption_engine),
+        ServiceSpec(DownloadRequest, "DownloadService", "download", _download, _download_engine),
+        ServiceSpec(VerifyRequest, "DownloadService", "verify", _verify, _download_engine),
+        ServiceSpec(UpscaleRequest, "UpscaleService", "upscale", _upscale, _upscale_engine, previews=True),
+        # The model library's file work (/models): CivitAI imports, uploads, deletes, scans.
+        ServiceSpec(ModelImportRequest, "ModelService", "import_model", _import_model, _model_engine),
+        ServiceSpec(ModelUploadRequest, "ModelService", "upload_model", _upload_model, _model_engine),
+        ServiceSpec(ModelDeleteRequest, "ModelService", "delete_model", _delete_model, _model_engine),
+        ServiceSpec(ModelScanRequest, "ModelService", "scan_library", _scan_library, _model_engine),
+    )
 }
 
 
-def run_on_engine(engine: Engine, spec: ServiceSpec, payload: dict[str, Any], progress: ProgressFn) -> Any:
-    """Blocking: load the engine if needed (a missing model fails the job, not the worker), then run."""
+def run_on_engine(
+    engine: Engine, spec: ServiceSpec, payload: dict[str, Any], progress: ProgressFn, **extras: Any
+) -> Any:
+    """Blocking: check the request (before any model loads), load the engine if needed
+    (a missing model fails the job, not the worker), then run."""
+    request = spec.request.parse(payload)
     if not engine.loaded:
         progress(0.0, "loading model")
         engine.load()
-    return getattr(engine, spec.method)(progress=progress, **payload)
+    return spec.engine_method()(engine, progress=progress, **extras, **request.to_payload())
 
 
 async def run_service_job(
@@ -91,14 +159,13 @@ async def run_service_job(
 ) -> Any:
     """One job, as every Modal class and the local backend run it: `run_job` over
     `run_on_engine`, with a preview sink for the engines that make previews."""
-    sink = None
+    extras: dict[str, Any] = {}
     if spec.previews:
         from modal_services.sdxl_previews import PreviewSink
 
-        sink = PreviewSink(store, job_id)
-        payload = {**payload, "preview": sink}
+        extras["preview"] = PreviewSink(store, job_id)
     try:
-        return await run_job(store, job_id, partial(run_on_engine, engine, spec, payload), executor)
+        return await run_job(store, job_id, partial(run_on_engine, engine, spec, payload, **extras), executor)
     finally:
-        if sink is not None:
-            await sink.close()
+        if spec.previews:
+            await extras["preview"].close()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.keys import secret_key
 from modal_services.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,6 @@ LABELS = {"civitai": "CivitAI", "hf": "Hugging Face"}
 ENV_NAMES = {"civitai": "CIVITAI_TOKEN", "hf": "HF_TOKEN"}
 MAX_TOKEN_CHARS = 512
 CHECK_TIMEOUT = 20.0
-
-
-def secret_key(service: str) -> str:
-    return f"secret:{service}"
 
 
 def mask(token: str | None) -> str:

@@ -39,6 +39,7 @@ import numpy as np
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
+from modal_services.job_requests import UpscaleRequest, job_method
 from modal_services.jobs import ProgressFn
 from modal_services.layout import (
     CHECKPOINTS_SUBDIR,
@@ -49,6 +50,7 @@ from modal_services.layout import (
     LORAS_SUBDIR,
     SDXL_CONFIG_DIR,
     SDXL_VAE_DIR,
+    Layout,
 )
 from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS, check_upscale_size
 from modal_services.tiling import MAX_TILE, MIN_OVERLAP, TilePlan, TileBlender, pad_to_plan, plan_tiles
@@ -60,17 +62,7 @@ PreviewFn = Callable[[bytes], None]
 
 # The library's name for the base checkpoint (its `active_checkpoint` value when nothing else is chosen).
 DEFAULT_CHECKPOINT_KEY = "illustrious-xl"
-DEFAULT_STEPS = 30
-DEFAULT_CREATIVITY = 0.35
 DEFAULT_GUIDANCE = 5.0
-# Off by default: at the default creativity ControlNet Tile already holds the
-# content, and a whole-image reference pulls the whole composition into each
-# tile as creativity rises. Jobs can turn it up.
-DEFAULT_IP_ADAPTER_SCALE = 0.0
-MAX_STEPS = 60
-MAX_LORAS = 5
-LORA_WEIGHT_LIMIT = 2.0
-MAX_PROMPT_CHARS = 1000
 # VAE tiles: the VAE is the most memory-hungry part per pixel, so its tiles
 # are smaller than the UNet's; 128 px of feathered overlap hides the edges of
 # each decoded tile.
@@ -109,21 +101,14 @@ class LoraSpec:
 
     @classmethod
     def from_dict(cls, entry: dict[str, Any], lora_folder: Path | None = None) -> "LoraSpec":
-        """From {name, path | file, weight, trigger_words}; a `file` is looked up in `lora_folder`."""
+        """From a checked `ResolvedLora` entry; a `file` is looked up in `lora_folder`."""
+        name = entry["name"]
         try:
-            name = str(entry["name"])
             path = Path(entry["path"]) if entry.get("path") else _file_in(lora_folder, entry["file"])
-            weight = float(entry.get("weight") if entry.get("weight") is not None else 1.0)
-        except (KeyError, TypeError, ValueError):
-            raise ToolboxError(
-                ErrorCode.INVALID_INPUT, f"A LoRA needs a name, a path or file, and a numeric weight: {entry!r}."
-            ) from None
-        if not -LORA_WEIGHT_LIMIT <= weight <= LORA_WEIGHT_LIMIT:
-            raise ToolboxError(
-                ErrorCode.INVALID_INPUT,
-                f"LoRA {name!r}: weight {weight:g} is outside -{LORA_WEIGHT_LIMIT:g}..{LORA_WEIGHT_LIMIT:g}.",
-            )
-        words = tuple(str(word).strip() for word in entry.get("trigger_words") or () if str(word).strip())
+        except ValueError:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"LoRA {name!r}: {entry['file']!r} is not a library file name.") from None
+        weight = entry["weight"] if entry.get("weight") is not None else 1.0
+        words = tuple(word.strip() for word in entry.get("trigger_words") or () if word.strip())
         return cls(name=name, path=path, weight=weight, trigger_words=words)
 
 
@@ -147,26 +132,15 @@ def with_trigger_words(prompt: str, loras: list[LoraSpec]) -> str:
     return ", ".join(added + ([prompt] if prompt else []))
 
 
-MAX_REGIONS = 64
-MAX_REGION_PROMPT_CHARS = 400
-
-
 def check_regions(regions: list[dict[str, Any]], width: int, height: int) -> list[tuple[tuple[int, int, int, int], str]]:
-    """((left, top, right, bottom), prompt) pairs, each box inside the width x height input."""
-    if len(regions) > MAX_REGIONS:
-        raise ToolboxError(ErrorCode.INVALID_INPUT, f"At most {MAX_REGIONS} region prompts.")
+    """((left, top, right, bottom), prompt) pairs of checked `RegionPrompt` entries, each box inside
+    the width x height input."""
     checked = []
     for region in regions:
-        try:
-            left, top, right, bottom = (int(value) for value in region["box"])
-            text = str(region.get("prompt") or "").strip()
-        except (KeyError, TypeError, ValueError):
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"A region prompt needs a box of 4 numbers: {region!r}.") from None
+        left, top, right, bottom = region["box"]
         if not (0 <= left < right <= width and 0 <= top < bottom <= height):
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"Region {region['box']} is not inside the {width}×{height} image.")
-        if len(text) > MAX_REGION_PROMPT_CHARS:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Region prompts are limited to {MAX_REGION_PROMPT_CHARS} characters.")
-        checked.append(((left, top, right, bottom), text))
+        checked.append(((left, top, right, bottom), region["prompt"].strip()))
     return checked
 
 
@@ -203,8 +177,7 @@ def latent_preview_jpeg(latents, max_side: int = PREVIEW_SIDE, quality: int = 70
 class UpscaleEngine:
     def __init__(
         self,
-        models_dir: str | Path,
-        loras_dir: str | Path | None = None,
+        layout: Layout,
         device: str | None = None,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
@@ -218,10 +191,9 @@ class UpscaleEngine:
         lora_cache_size: int = 6,
         preview_interval: float = PREVIEW_INTERVAL,
     ):
-        self.models_dir = Path(models_dir)
-        # The LoRA volume's root (seed 001's layout: loras/ and checkpoints/ inside),
-        # where library entries given by file name are found.
-        self.loras_dir = Path(loras_dir) if loras_dir is not None else None
+        self.models_dir = layout.models_dir
+        # The LoRA volume's root (loras/ and checkpoints/ inside), where library entries given by file name are found.
+        self.loras_dir = layout.loras_dir
         self.device = device
         self.max_input_pixels = max_input_pixels
         self.max_output_pixels = max_output_pixels
@@ -376,19 +348,20 @@ class UpscaleEngine:
 
     # ------------------------------------------------------------------ the job
 
+    @job_method(UpscaleRequest)
     def upscale(
         self,
         image: bytes,
-        scale: float = 2.0,
-        prompt: str = "",
-        negative: str = "",
-        loras: list[dict[str, Any]] | None = None,
-        creativity: float = DEFAULT_CREATIVITY,
-        seed: int = 0,
-        checkpoint: str | None = None,
-        steps: int = DEFAULT_STEPS,
-        ip_adapter_scale: float = DEFAULT_IP_ADAPTER_SCALE,
-        region_prompts: list[dict[str, Any]] | None = None,
+        scale: float,
+        prompt: str,
+        negative: str,
+        loras: list[dict[str, Any]],
+        creativity: float,
+        seed: int,
+        checkpoint: str | None,
+        steps: int,
+        ip_adapter_scale: float,
+        region_prompts: list[dict[str, Any]],
         progress: ProgressFn | None = None,
         preview: PreviewFn | None = None,
     ) -> bytes:
@@ -398,33 +371,19 @@ class UpscaleEngine:
         in input pixels, e.g. per-tile captions) add words to the prompt of
         each tile whose centre lies in the box: the regions need not match
         this engine's tiles. Everything about the request is checked before
-        any model work: sizes, numbers, prompts, regions and LoRA entries.
+        any model work: the request's fields by `UpscaleRequest`, then the
+        sizes, the regions and the LoRA files here.
         """
         progress = progress or (lambda fraction, stage: None)
-        # --- checks, before any GPU work
-        if not 0.05 <= creativity <= 1.0:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Creativity must be between 0.05 and 1 (got {creativity:g}).")
-        if not 1 <= steps <= MAX_STEPS:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Steps must be between 1 and {MAX_STEPS} (got {steps}).")
-        if not 0.0 <= ip_adapter_scale <= 1.5:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"IP-Adapter scale must be between 0 and 1.5 (got {ip_adapter_scale:g}).")
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "The seed must be a whole number from 0 to 2^63 - 1.")
-        prompt, negative = (prompt or "").strip(), (negative or "").strip()
-        if len(prompt) > MAX_PROMPT_CHARS or len(negative) > MAX_PROMPT_CHARS:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Prompts are limited to {MAX_PROMPT_CHARS} characters.")
+        prompt, negative = prompt.strip(), negative.strip()
         lora_folder = self.loras_dir / LORAS_SUBDIR if self.loras_dir else None
-        specs = [LoraSpec.from_dict(entry, lora_folder) for entry in loras or []]
-        if len(specs) > MAX_LORAS:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"At most {MAX_LORAS} LoRAs per job.")
-        if len({spec.name for spec in specs}) != len(specs):
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "The same LoRA is listed twice.")
+        specs = [LoraSpec.from_dict(entry, lora_folder) for entry in loras]
         picture = decode_image(image, max_pixels=self.max_input_pixels, name="The image").image
         out_width, out_height = check_upscale_size(
             picture.width, picture.height, scale, self.max_input_pixels, self.max_output_pixels
         )
         plan = self.plan(out_width, out_height)
-        regions = check_regions(region_prompts or [], picture.width, picture.height)
+        regions = check_regions(region_prompts, picture.width, picture.height)
         prompt = with_trigger_words(prompt, specs)
         tile_texts = [
             ", ".join(part for part in (prompt, region_prompt(regions, tile, scale)) if part)

@@ -60,7 +60,10 @@ def use_engine(monkeypatch):
     from modal_services import services
 
     def install(kind: str, engine) -> None:
-        spec = dataclasses.replace(services.SERVICES[kind], make_engine=lambda models_dir: engine)
+        original = services.SERVICES[kind]
+        # The stand-in's own method of that name, looked up on the instance (tests may wrap it there).
+        spec = dataclasses.replace(original, make_engine=lambda layout: engine,
+                                   engine_method=lambda: lambda self, **fields: getattr(self, original.modal_method)(**fields))
         monkeypatch.setitem(services.SERVICES, kind, spec)
 
     return install
@@ -69,10 +72,13 @@ def use_engine(monkeypatch):
 @pytest.fixture
 def use_generate(monkeypatch):
     """use_generate(engine): the generate job kind, run by a stand-in engine."""
+    from bot.api_schema import GenerateJobRequest
     from modal_services import services
 
     def install(engine) -> None:
-        spec = services.ServiceSpec("generate", "SdxlService", "generate", lambda models_dir: engine, previews=True)
+        spec = services.ServiceSpec(GenerateJobRequest, "SdxlService", "generate",
+                                    lambda: lambda self, **fields: self.generate(**fields), lambda layout: engine,
+                                    previews=True)
         monkeypatch.setitem(services.SERVICES, "generate", spec)
 
     return install

@@ -21,6 +21,7 @@ from bot.api_schema import MAX_BODY_BYTES, MAX_IMAGE_BYTES
 from bot.backend import make_backend
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import CaptionRequest
 from modal_services.library import Library, LibraryEntry
 from tests.fakes.engines import SlowCaptionEngine, StandInGenerateEngine, StandInUpscaleEngine
 from tests.images import png_bytes
@@ -371,7 +372,7 @@ async def test_jobs_runs_a_caption_and_keeps_its_result(api, use_engine):
     use_engine("caption", engine)
     images = [base64.b64encode(png_bytes(40, 30)).decode(), base64.b64encode(png_bytes(64, 48, seed=1)).decode()]
     accepted = await api.post("/jobs", json={"kind": "caption", "images_base64": images, "style": "tags"})
-    assert accepted.status_code == 202 and set(accepted.json()) == {"job_id"}
+    assert accepted.status_code == 202 and set(accepted.json()) == {"job_id"}, accepted.text
     view = await wait_for_status(api, accepted.json()["job_id"], "done")
     assert view["kind"] == "caption" and view["progress"] == 1.0 and view["stage"] == "done"
     assert view["result"] == {"captions": ["tags 40x30", "tags 64x48"]}
@@ -421,7 +422,7 @@ async def test_a_failed_job_shows_its_error(api, use_generate):
 async def test_jobs_of_others_are_not_visible(served, use_engine):
     client, backend = await served()
     use_engine("caption", SlowCaptionEngine(steps=1, delay=0))
-    discord_job = await backend.submit("caption", {"images": [png_bytes()], "style": "short", "question": None},
+    discord_job = await backend.submit(CaptionRequest.parse({"images": [png_bytes()], "style": "short"}),
                                        owner={"user_id": 1001})
     assert_error(await client.get(f"/jobs/{discord_job.id}"), 404, "NOT_FOUND")
     assert_error(await client.delete(f"/jobs/{discord_job.id}"), 404, "NOT_FOUND")

@@ -6,12 +6,13 @@ import pytest
 
 from modal_services.caption import CaptionEngine, tidy_caption
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.layout import Layout
 from tests.images import png_bytes
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_qwen_dir):
-    engine = CaptionEngine(tiny_qwen_dir)
+    engine = CaptionEngine(Layout(tiny_qwen_dir.parent))
     engine.load()
     return engine
 
@@ -66,7 +67,7 @@ def test_bad_inputs(engine):
 
 
 def test_missing_model_points_at_setup(tmp_path):
-    engine = CaptionEngine(tmp_path / "models" / "qwen3-vl-2b")
+    engine = CaptionEngine(Layout(tmp_path / "models"))
     with pytest.raises(ToolboxError) as caught:
         engine.load()
     assert caught.value.code is ErrorCode.MODELS_MISSING
@@ -80,7 +81,7 @@ def test_partial_snapshot_is_missing_not_a_crash(tiny_qwen_dir, tmp_path):
     for name in ("config.json", "tokenizer_config.json"):
         (partial / name).write_bytes((tiny_qwen_dir / name).read_bytes())
     with pytest.raises(ToolboxError) as caught:
-        CaptionEngine(partial).load()
+        CaptionEngine(Layout(partial.parent)).load()
     assert caught.value.code is ErrorCode.MODELS_MISSING
     assert "preprocessor_config.json" in caught.value.message and "safetensors" in caught.value.message
 
@@ -92,7 +93,7 @@ def test_corrupt_weights_fail_to_load_clearly(tiny_qwen_dir, tmp_path):
         (broken / source.name).write_bytes(source.read_bytes())
     (broken / "model.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(ToolboxError) as caught:
-        CaptionEngine(broken).load()
+        CaptionEngine(Layout(broken.parent)).load()
     assert caught.value.code is ErrorCode.MODEL_LOAD_FAILED
 
 
@@ -102,7 +103,7 @@ def test_tidy_caption():
 
 
 def test_two_step_loading_for_memory_snapshots(tiny_qwen_dir, engine):
-    staged = CaptionEngine(tiny_qwen_dir)
+    staged = CaptionEngine(Layout(tiny_qwen_dir.parent))
     staged.load_weights()  # what a snapshot captures: CPU memory only
     assert not staged.loaded and staged.model is not None
     staged.move_to("cpu")  # after restore: onto the GPU (the CPU here)

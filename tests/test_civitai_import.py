@@ -10,6 +10,7 @@ import pytest
 
 from modal_services import downloads
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.layout import Layout
 from modal_services.model_import import ModelEngine
 from modal_services.state import SqliteStore
 from tests.fakes.civitai_server import FakeCivitai
@@ -32,7 +33,7 @@ def _no_waiting(monkeypatch):
 
 @pytest.fixture
 def engine(tmp_path):
-    engine = ModelEngine(tmp_path / "loras", tmp_path / "models", SqliteStore(tmp_path / "state.sqlite3"))
+    engine = ModelEngine(Layout(tmp_path / "models", tmp_path / "loras", SqliteStore(tmp_path / "state.sqlite3")))
     engine.wait_poll = 0.05
     engine.load()
     yield engine
@@ -91,7 +92,7 @@ def test_the_same_version_twice_downloads_once(engine, civitai):
 def test_two_imports_at_once_make_one_download(engine, civitai, tmp_path):
     civitai.add_model(1, 11, LORA)
     civitai.fault("/storage/", kind="drop", at=100)  # slows the first transfer down (a resumed retry)
-    second = ModelEngine(tmp_path / "loras", tmp_path / "models", SqliteStore(tmp_path / "state.sqlite3"))
+    second = ModelEngine(Layout(tmp_path / "models", tmp_path / "loras", SqliteStore(tmp_path / "state.sqlite3")))
     second.wait_poll = 0.05
     second.load()
     results = []

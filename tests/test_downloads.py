@@ -247,6 +247,7 @@ from modal_services.downloads import (
     missing_models,
     model_states,
 )
+from modal_services.layout import Layout
 from modal_services.registry import HFSource, ModelEntry, PublishedFile, URLSource
 from modal_services.state import SqliteStore
 
@@ -293,7 +294,7 @@ async def store(tmp_path):
 
 
 def make_engine(tmp_path, store, registry=REGISTRY, **hooks) -> DownloadEngine:
-    engine = DownloadEngine(tmp_path / "models", tmp_path / "loras", store, registry=registry, **hooks)
+    engine = DownloadEngine(Layout(tmp_path / "models", tmp_path / "loras", store), registry=registry, **hooks)
     engine.load()
     return engine
 
@@ -301,7 +302,7 @@ def make_engine(tmp_path, store, registry=REGISTRY, **hooks) -> DownloadEngine:
 def run(engine, method="download", keys=None):
     """Blocking engine call in a thread, as run_job does it."""
     seen = []
-    result = getattr(engine, method)(lambda fraction, stage: seen.append((fraction, stage)), keys=keys)
+    result = getattr(engine, method)(lambda fraction, stage: seen.append((fraction, stage)), keys=keys or [])
     return result, seen
 
 

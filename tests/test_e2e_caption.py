@@ -8,6 +8,8 @@ from bot.backend import LocalBackend
 from bot.cli import main as toolbox
 from bot.settings import Settings
 from modal_services.caption import CaptionEngine
+from modal_services.layout import Layout
+from modal_services.job_requests import CaptionRequest
 from modal_services.jobs import JobStatus, load_job
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.images import encode, noise_image, png_bytes
@@ -15,7 +17,7 @@ from tests.images import encode, noise_image, png_bytes
 
 @pytest.fixture(scope="module")
 def reference_engine(tiny_qwen_dir):
-    engine = CaptionEngine(tiny_qwen_dir)
+    engine = CaptionEngine(Layout(tiny_qwen_dir.parent))
     engine.load()
     return engine
 
@@ -102,7 +104,7 @@ async def test_uncollected_local_results_are_let_go(monkeypatch, fast_progress, 
     monkeypatch.setattr(bot.backend, "RESULT_KEEP_SECONDS", 0.05)
     use_engine("caption", SlowCaptionEngine(steps=1, delay=0))
     backend = LocalBackend(Settings.load())
-    job = await backend.submit("caption", {"images": [png_bytes()], "style": "short", "question": None})
+    job = await backend.submit(CaptionRequest.parse({"images": [png_bytes()], "style": "short", "question": None}))
     for _ in range(200):
         if (await backend.job(job.id)).status is JobStatus.DONE and job.id not in backend._tasks:
             break

@@ -14,6 +14,7 @@ import pytest
 from bot.backend import ModalBackend, call_key, make_backend
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import CaptionRequest
 from modal_services.jobs import JobStatus, load_job
 from modal_services.state import ModalDictStore
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke
@@ -34,7 +35,7 @@ async def test_settings_pick_the_modal_backend(deployment):
 
 async def test_submit_spawns_the_deployed_class_and_result_comes_back(deployment):
     backend = make_backend(Settings.load())
-    job = await backend.submit("caption", {"images": [b"x", b"y"], "style": "tags", "question": None}, owner={"user_id": 5})
+    job = await backend.submit(CaptionRequest.parse({"images": [b"x", b"y"], "style": "tags", "question": None}), owner={"user_id": 5})
     [(app_name, method, (job_id, payload))] = deployment.spawned
     assert (app_name, method, job_id) == ("toolbox-test", "CaptionService.caption", job.id)
     assert await backend.result(job.id) == ["tags caption 0", "tags caption 1"]
@@ -49,7 +50,7 @@ async def test_a_failed_job_raises_its_error(deployment):
 
     deployment.work = failing
     backend = make_backend(Settings.load())
-    job = await backend.submit("caption", {"images": [b"x"], "style": "short", "question": None})
+    job = await backend.submit(CaptionRequest.parse({"images": [b"x"], "style": "short", "question": None}))
     with pytest.raises(ToolboxError) as caught:
         await backend.result(job.id)
     assert caught.value.code is ErrorCode.MODELS_MISSING
@@ -62,7 +63,7 @@ async def test_missing_models_are_refused_before_any_gpu_work(deployment):
     deployment.store._dict.pop(manifest_key("qwen3-vl-2b"))
     backend = make_backend(Settings.load())
     with pytest.raises(ToolboxError) as caught:
-        await backend.submit("caption", {"images": [b"x"], "style": "short", "question": None})
+        await backend.submit(CaptionRequest.parse({"images": [b"x"], "style": "short", "question": None}))
     assert caught.value.code is ErrorCode.MODELS_MISSING
     assert "Qwen3-VL" in caught.value.message and "/setup" in caught.value.message
     assert deployment.spawned == [] and await backend.store.keys("job:") == []
@@ -72,7 +73,7 @@ async def test_app_not_deployed_is_a_clear_error(deployment):
     deployment.missing = True
     backend = make_backend(Settings.load())
     with pytest.raises(ToolboxError) as caught:
-        await backend.submit("caption", {"images": [b"x"], "style": "short", "question": None})
+        await backend.submit(CaptionRequest.parse({"images": [b"x"], "style": "short", "question": None}))
     assert caught.value.code is ErrorCode.BACKEND_UNAVAILABLE and "modal deploy" in caught.value.message
     [key] = await backend.store.keys("job:")
     assert (await load_job(backend.store, key[4:])).status is JobStatus.ERROR

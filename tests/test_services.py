@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import time
 
+from typing import ClassVar
+
+from modal_services.job_requests import JobRequest
 from modal_services.jobs import JobStatus, create_job, load_job
-from modal_services.sdxl_previews import decode_preview, preview_key
+from modal_services.keys import preview_key
+from modal_services.sdxl_previews import decode_preview
 from modal_services.services import ServiceSpec, run_service_job
 from modal_services.state import SqliteStore
+
+
+class DemoRequest(JobRequest):
+    kind: ClassVar[str] = "demo"
+    size: int
+
+
+class PlainRequest(JobRequest):
+    kind: ClassVar[str] = "plain"
+    value: int
 
 
 class PreviewingEngine:
@@ -31,7 +45,7 @@ class PreviewingEngine:
 async def test_previews_are_kept_while_the_job_runs_and_removed_after(tmp_path):
     store = SqliteStore(tmp_path / "state.sqlite3")
     engine = PreviewingEngine(store)
-    spec = ServiceSpec("demo", "DemoService", "work", lambda models_dir: engine, previews=True)
+    spec = ServiceSpec(DemoRequest, "DemoService", "work", lambda: PreviewingEngine.work, lambda layout: engine, previews=True)
     job = await create_job(store, "demo")
     seen = []
     original = store.put
@@ -61,7 +75,7 @@ async def test_engines_without_previews_get_no_preview_argument(tmp_path):
         def work(self, value, progress):
             return value * 2
 
-    spec = ServiceSpec("plain", "PlainService", "work", lambda models_dir: Plain())
+    spec = ServiceSpec(PlainRequest, "PlainService", "work", lambda: Plain.work, lambda layout: Plain())
     job = await create_job(store, "plain")
     assert await run_service_job(store, Plain(), spec, job.id, {"value": 21}) == 42
     await store.close()

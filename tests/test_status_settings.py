@@ -110,7 +110,7 @@ async def test_admin_changes_defaults_and_caption_uses_them(toolbox_bot, monkeyp
     assert "3 per member" in reply(interaction)
 
     interaction = fake_interaction(admin=True)
-    await invoke(toolbox_bot, command(toolbox_bot, "settings defaults"), interaction, None, None, None, 30, None)
+    await invoke(toolbox_bot, command(toolbox_bot, "settings defaults"), interaction, None, None, None, 20, 10)
     assert "cannot be above" in ephemeral_error(interaction)
 
 

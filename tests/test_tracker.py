@@ -252,14 +252,23 @@ async def test_local_jobs_cut_by_a_restart_are_reported_as_such(use_engine, make
 
 async def test_long_finished_jobs_are_forgotten(toolbox_bot):
     from bot.tracker import JOB_RETENTION
+    from modal_services import keys
 
     store = toolbox_bot.backend.store
     old = await create_job(store, "caption")
     await update_job(store, old.id, status=JobStatus.DONE, finished_at=time.time() - JOB_RETENTION - 60)
     recent = await create_job(store, "caption")
     await update_job(store, recent.id, status=JobStatus.DONE, finished_at=time.time() - 60)
+    per_job = (keys.call_key, keys.cancel_key, keys.preview_key, keys.upscale_params_key)
+    for job in (old, recent):
+        for key in per_job:
+            await store.put(key(job.id), {"kept": True})
     waiting = await create_job(store, "caption", owner={"user_id": 1})
     snapshot = await toolbox_bot.tracker.snapshot(max_age=0)
     assert [job.id for job in snapshot.jobs] == [waiting.id]
     assert await load_job(store, old.id) is None
     assert await load_job(store, recent.id) is not None
+    # Every key of a forgotten job goes with its record; a kept job keeps its own.
+    assert [key for key in await store.keys() if old.id in key] == []
+    assert all([await store.contains(key(recent.id)) for key in per_job])
+

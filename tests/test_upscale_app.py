@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from modal_services.jobs import JobStatus, create_job, load_job
-from modal_services.layout import LORAS_MOUNT, MODELS_MOUNT
+from modal_services.layout import LORAS_MOUNT, MODELS_MOUNT, Layout
 from modal_services.sdxl_previews import MAX_PREVIEW_BYTES, PreviewSink, decode_preview, preview_key
 from modal_services.state import ModalDictStore, SqliteStore
 from tests.fakes.modal_fakes import FakeModalDict
@@ -85,7 +85,7 @@ def test_staged_weights_wait_in_host_memory_in_the_target_dtype(tmp_path):
     from modal_services.upscale import UpscaleEngine
 
     volume = build_tiny_volume(tmp_path)
-    engine = UpscaleEngine(volume.models_dir, device="cuda")  # the snapshot phase: no GPU attached yet
+    engine = UpscaleEngine(Layout(volume.models_dir), device="cuda")  # the snapshot phase: no GPU attached yet
     engine.load(staging_device="cpu")
     assert engine.placement == "cpu" and engine.dtype == torch.float16
     for model in (engine.pipe.unet, engine.pipe.controlnet, engine.pipe.vae, engine.pipe.text_encoder_2):

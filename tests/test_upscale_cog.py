@@ -11,7 +11,8 @@ import discord
 import pytest
 from PIL import Image
 
-from cogs.upscale import UpscaleButton, params_key, split_attachments
+from cogs.upscale import UpscaleButton, split_attachments
+from modal_services.keys import upscale_params_key as params_key
 from modal_services.library import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
 from modal_services.sdxl_previews import PreviewSink, preview_key
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke

@@ -11,7 +11,7 @@ from PIL import Image
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import encode_png
-from modal_services.layout import IP_ADAPTER_FILE, SDXL_CONFIG_DIR
+from modal_services.layout import IP_ADAPTER_FILE, SDXL_CONFIG_DIR, Layout
 from modal_services.services import SERVICES, run_on_engine
 from modal_services.upscale import LoraSpec, UpscaleEngine, with_trigger_words
 from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
@@ -28,7 +28,7 @@ def volume(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(volume):
-    engine = UpscaleEngine(volume.models_dir, loras_dir=volume.loras_dir, **ENGINE_OPTIONS)
+    engine = UpscaleEngine(Layout(volume.models_dir, volume.loras_dir), **ENGINE_OPTIONS)
     engine.load()
     return engine
 
@@ -104,7 +104,7 @@ def test_same_seed_same_output_other_seed_other_output(engine, picture, base_out
 
 
 def test_batched_tiles_match_one_tile_per_call(volume, engine, picture, base_output):
-    single = UpscaleEngine(volume.models_dir, **{**ENGINE_OPTIONS, "tile_batch": 1})
+    single = UpscaleEngine(Layout(volume.models_dir), **{**ENGINE_OPTIONS, "tile_batch": 1})
     single.load()
     difference = np.abs(pixels(single.upscale(picture, **JOB)) - pixels(base_output))
     assert difference.max() <= 2  # the same maths; batched convolutions may round differently
@@ -153,7 +153,7 @@ def test_lora_changes_the_output_and_leaves_no_trace(volume, engine, picture, ba
     assert np.abs(pixels(with_lora) - pixels(base_output)).max() > 0
     # Same seed, no LoRA, after a LoRA job: exactly the output of a fresh pipeline.
     assert engine.upscale(picture, **JOB) == base_output
-    fresh = UpscaleEngine(volume.models_dir, **ENGINE_OPTIONS)
+    fresh = UpscaleEngine(Layout(volume.models_dir), **ENGINE_OPTIONS)
     fresh.load()
     assert fresh.upscale(picture, **JOB) == base_output
 
@@ -255,7 +255,7 @@ def test_missing_checkpoint_file(volume, engine, picture):
 )
 def test_bad_requests_fail_before_any_model_work(volume, picture, changes, words):
     # Never loaded: reaching any model code would fail differently.
-    engine = UpscaleEngine(volume.models_dir, max_output_pixels=300 * 300)
+    engine = UpscaleEngine(Layout(volume.models_dir), max_output_pixels=300 * 300)
     with pytest.raises(ToolboxError) as error:
         engine.upscale(picture, **{**JOB, **changes})
     assert error.value.code is ErrorCode.INVALID_INPUT
@@ -264,7 +264,7 @@ def test_bad_requests_fail_before_any_model_work(volume, picture, changes, words
 
 
 def test_input_limits(volume):
-    engine = UpscaleEngine(volume.models_dir, max_input_pixels=50 * 50)
+    engine = UpscaleEngine(Layout(volume.models_dir), max_input_pixels=50 * 50)
     big = encode_png(Image.new("RGB", (60, 60)))
     with pytest.raises(ToolboxError) as error:
         engine.upscale(big, scale=2.0)
@@ -279,7 +279,7 @@ def test_input_limits(volume):
 
 def test_models_missing_names_what_is_missing(volume, tmp_path):
     with pytest.raises(ToolboxError) as error:
-        UpscaleEngine(tmp_path / "empty").load()
+        UpscaleEngine(Layout(tmp_path / "empty")).load()
     assert error.value.code is ErrorCode.MODELS_MISSING
     for key in ("illustrious-xl", "controlnet-tile", "sdxl-vae", "ip-adapter", "clip-vit-h", "sdxl-base"):
         assert key in error.value.message
@@ -288,7 +288,7 @@ def test_models_missing_names_what_is_missing(volume, tmp_path):
     shutil.copytree(volume.models_dir, partial)
     (partial / IP_ADAPTER_FILE).unlink()
     with pytest.raises(ToolboxError) as error:
-        UpscaleEngine(partial).load()
+        UpscaleEngine(Layout(partial)).load()
     assert "ip-adapter" in error.value.message and "controlnet-tile" not in error.value.message
 
 
@@ -339,7 +339,7 @@ def test_progress_reports_tiles_steps_and_previews(engine, picture):
 
 
 def test_one_tile_per_call_reports_every_tile(volume, picture):
-    engine = UpscaleEngine(volume.models_dir, **{**ENGINE_OPTIONS, "tile_batch": 1})
+    engine = UpscaleEngine(Layout(volume.models_dir), **{**ENGINE_OPTIONS, "tile_batch": 1})
     engine.load()
     stages = []
     engine.upscale(picture, **JOB, progress=lambda f, s: stages.append(s))
@@ -351,7 +351,7 @@ def test_one_tile_per_call_reports_every_tile(volume, picture):
 def test_the_upscale_job_kind_runs_through_run_on_engine(volume, picture, base_output):
     spec = SERVICES["upscale"]
     assert spec.modal_class == "UpscaleService"
-    engine = spec.make_engine(volume.models_dir)
+    engine = spec.make_engine(Layout(volume.models_dir, volume.loras_dir))
     assert isinstance(engine, UpscaleEngine) and not engine.loaded
     stages = []
     engine.max_tile, engine.min_overlap = ENGINE_OPTIONS["max_tile"], ENGINE_OPTIONS["min_overlap"]

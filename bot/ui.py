@@ -1,0 +1,128 @@
+"""What every cog shares: option types read from the job requests, owner-only and confirm views,
+and the formatting of sizes, times and counts."""
+
+from __future__ import annotations
+
+import typing
+from typing import Awaitable, Callable
+
+import discord
+from discord import app_commands
+from pydantic import BaseModel
+
+from bot.replies import as_toolbox_error, error_text
+from modal_services.job_requests import CAPTION_STYLES, field_bounds
+
+VIEW_TIMEOUT = 300.0
+
+# ------------------------------------------------------------------ options from the job requests
+
+def option_range(model: type[BaseModel], name: str):
+    """`app_commands.Range` over a request field's limits (its values, or its length for text)."""
+    low, high = field_bounds(model, name)
+    return app_commands.Range[_scalar_type(model.model_fields[name].annotation), low, high]
+
+
+def _scalar_type(annotation) -> type:
+    if annotation in (int, float, str):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if arg is not type(None):
+            return _scalar_type(arg)
+    raise TypeError(f"no int, float or str in {annotation!r}")
+
+
+CAPTION_STYLE_CHOICES = [
+    app_commands.Choice(name=f"{style}: {meaning}", value=style) for style, meaning in CAPTION_STYLES.items()
+]
+
+
+# ------------------------------------------------------------------ views
+
+class OwnedView(discord.ui.View):
+    """Buttons only the person who ran the command can press."""
+
+    def __init__(self, owner_id: int, timeout: float = VIEW_TIMEOUT):
+        super().__init__(timeout=timeout)
+        self.owner_id = owner_id
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        if interaction.user.id != self.owner_id:
+            await interaction.response.send_message("These buttons belong to whoever ran the command.", ephemeral=True)
+            return False
+        return True
+
+    def disable(self) -> None:
+        for item in self.children:
+            item.disabled = True
+
+
+class ConfirmView(OwnedView):
+    """A confirm/cancel pair; `on_confirm(interaction)` runs when the owner confirms."""
+
+    def __init__(self, owner_id: int, confirm_label: str, style: discord.ButtonStyle,
+                 on_confirm: Callable[[discord.Interaction], Awaitable[None]]):
+        super().__init__(owner_id)
+        self.on_confirm = on_confirm
+        self.confirm.label = confirm_label
+        self.confirm.style = style
+
+    @discord.ui.button(label="Confirm", style=discord.ButtonStyle.primary)
+    async def confirm(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        self.disable()
+        self.stop()
+        await interaction.response.edit_message(view=self)
+        try:
+            await self.on_confirm(interaction)
+        except Exception as exc:  # a button has no command error handler: show it in the message
+            await interaction.edit_original_response(content=error_text(as_toolbox_error(exc)), embed=None, view=None)
+
+    @discord.ui.button(label="Cancel", style=discord.ButtonStyle.secondary)
+    async def cancel(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
+        self.disable()
+        self.stop()
+        await interaction.response.edit_message(content="Cancelled.", embed=None, view=None)
+
+
+# ------------------------------------------------------------------ formatting
+
+def human_bytes(n: float) -> str:
+    """Bytes in decimal units, as downloads are measured: `335.0 MB`."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit in ("B", "KB") else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def human_seconds(seconds: float | None) -> str:
+    """A time to go (`1 min 05 s`), or `–` when unknown."""
+    if seconds is None:
+        return "–"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def size_text(n: int | None) -> str:
+    """A file's size, or `unknown` when nobody said."""
+    return human_bytes(n) if n else "unknown"
+
+
+def human_duration(seconds: float) -> str:
+    """How long ago, coarsely: `5 min`, `3 h 10 min`, `4 days`."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours < 48 else f"{hours // 24} days"
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 model`, `3 models`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"

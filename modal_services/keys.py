@@ -1,0 +1,79 @@
+"""Every key of the shared state store, minted here: one key per thing.
+
+Per job (removed with the job record, see `forget_job`):
+  `job:<id>` the record, `call:<id>` its Modal FunctionCall id, `cancel:<id>`
+  a stop request, `preview:<id>` the latest preview, `upscale:<id>` the
+  parameters the result's buttons reuse.
+Shared:
+  `download:<model>` / `manifest:<model>` a base model's progress and what
+  was verified, `lock:<name>` one holder at a time, `model:<file>` a library
+  entry, `active_checkpoint`, `settings:<guild>`, `secret:<service>` a token.
+"""
+
+from __future__ import annotations
+
+from modal_services.state import StateStore
+
+JOB_PREFIX = "job:"
+ENTRY_PREFIX = "model:"
+ACTIVE_CHECKPOINT_KEY = "active_checkpoint"
+# Keys that belong to one job, each `<prefix><job id>`.
+PER_JOB_PREFIXES = (JOB_PREFIX, "call:", "cancel:", "preview:", "upscale:")
+
+
+def job_key(job_id: str) -> str:
+    return JOB_PREFIX + job_id
+
+
+def call_key(job_id: str) -> str:
+    """Where the Modal FunctionCall id of a job is kept (apart from the record the worker writes)."""
+    return f"call:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    """Set by whoever asks a job to stop; the worker polls it (a key apart, so no write races the worker's)."""
+    return f"cancel:{job_id}"
+
+
+def preview_key(job_id: str) -> str:
+    return f"preview:{job_id}"
+
+
+def upscale_params_key(job_id: str) -> str:
+    """An upscale's settings, for the buttons under its result (Upscale 2x again, Vary seed)."""
+    return f"upscale:{job_id}"
+
+
+def download_key(model: str) -> str:
+    return f"download:{model}"
+
+
+def manifest_key(model: str) -> str:
+    return f"manifest:{model}"
+
+
+def lock_key(name: str) -> str:
+    return f"lock:{name}"
+
+
+def civitai_lock_name(version_id: int) -> str:
+    """The lock one import of a CivitAI model version holds."""
+    return f"civitai:{version_id}"
+
+
+def entry_key(file: str) -> str:
+    return ENTRY_PREFIX + file
+
+
+def settings_key(guild_id: int | None) -> str:
+    return f"settings:{guild_id or 'dm'}"
+
+
+def secret_key(service: str) -> str:
+    return f"secret:{service}"
+
+
+async def forget_job(store: StateStore, job_id: str) -> None:
+    """The retention rule: a job's record goes together with every key that belongs to it."""
+    for prefix in PER_JOB_PREFIXES:
+        await store.pop(prefix + job_id)
