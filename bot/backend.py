@@ -36,10 +36,12 @@ log = logging.getLogger(__name__)
 # A local job's result waits this long for someone to collect it (/setup follows
 # downloads by their records and never does), then it is let go.
 RESULT_KEEP_SECONDS = 600
+ENGINE_THREAD_PREFIX = "engine-"
 
 
 class Backend(ABC):
     store: StateStore
+    runs_jobs_in_process: bool = False  # the local backend runs them in this process's threads
 
     @abstractmethod
     async def submit(
@@ -71,6 +73,8 @@ class Backend(ABC):
 
 
 class LocalBackend(Backend):
+    runs_jobs_in_process = True
+
     def __init__(self, settings: Settings):
         self.store = SqliteStore(settings.state_path)
         self.layout = Layout(settings.models_dir, settings.loras_dir, self.store)
@@ -95,7 +99,7 @@ class LocalBackend(Backend):
         service = spec.modal_class
         if service not in self._engines:
             self._engines[service] = spec.make_engine(self.layout)
-            self._executors[service] = ThreadPoolExecutor(1, thread_name_prefix=f"engine-{service}")
+            self._executors[service] = ThreadPoolExecutor(1, thread_name_prefix=f"{ENGINE_THREAD_PREFIX}{service}")
             self._turns[service] = asyncio.Lock()
         # The job stays "queued" until its engine is free.
         async with self._turns[service]:

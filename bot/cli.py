@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from bot.backend import Backend, make_backend
+from bot.backend import ENGINE_THREAD_PREFIX, Backend, make_backend
 from bot.progress import follow_job
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
@@ -151,8 +151,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error.code.value}: {error.message}", file=sys.stderr)
         return 2 if error.code is ErrorCode.INVALID_INPUT else 1
     except KeyboardInterrupt:
+        print("Stopped. A download picks up where it left off the next time.", file=sys.stderr)
+        _stop_engines_soon()
         return 1
     return 0
+
+
+# After Ctrl-C the engines are told to stop; one still inside a library call that
+# cannot be interrupted (a Hugging Face transfer between chunks) is not waited for.
+STOP_GRACE_SECONDS = 1.5
+
+
+def _stop_engines_soon() -> None:
+    """Give the engine threads (told to stop by the backend's shutdown) a moment, then exit without them."""
+    import os
+    import time
+
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for thread in threading.enumerate():
+        if thread.name.startswith(ENGINE_THREAD_PREFIX):
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.name.startswith(ENGINE_THREAD_PREFIX) and thread.is_alive() for thread in threading.enumerate()):
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def run_bot(settings: Settings) -> None:
@@ -314,19 +335,22 @@ async def generate_images(settings: Settings, args: argparse.Namespace) -> None:
 
 async def setup_models(settings: Settings, only: list[str] | None) -> None:
     """Download the missing base models (or `--only` these), with a bar per model and an overall bar."""
-    from modal_services.downloads import model_states, start_or_attach_download, watch_job
+    from bot.progress import watch_job
+    from bot.setup_download import checked_states, start_or_attach_download
+    from modal_services.downloads import model_states
     from modal_services.registry import resolve_keys
 
     entries = resolve_keys(only)  # an unknown key fails here, before anything starts
     backend = make_backend(settings)
     try:
-        states = await model_states(backend.store, entries)
+        states = await checked_states(settings, backend.store, entries, hashes=True)
         missing = [state.key for state in states if state.state != "present"]
         if not missing:
             print("All requested base models are present.")
             return
         job_id, started = await start_or_attach_download(
-            backend.store, lambda: backend.submit(DownloadRequest.parse({"keys": missing}), owner={"cli": True})
+            backend.store, lambda: backend.submit(DownloadRequest.parse({"keys": missing}), owner={"cli": True}),
+            backend.runs_jobs_in_process,
         )
         if not started:
             print(f"A download is already running (job {job_id}); following it.", file=sys.stderr)
@@ -351,7 +375,7 @@ async def setup_models(settings: Settings, only: list[str] | None) -> None:
             overall.refresh()
 
         try:
-            job = await watch_job(backend.store, job_id, show)
+            job = await watch_job(backend, job_id, show)
         finally:
             for bar in (overall, *bars.values()):
                 bar.close()
@@ -366,27 +390,14 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     """Base models (present = manifest and, locally, the files on disk), tokens (masked), the running download."""
     import json
 
-    from modal_services.downloads import (
-        active_download,
-        check_files,
-        describe_state,
-        download_key,
-        manifest_key,
-    )
+    from bot.setup_download import active_download, checked_states
     from modal_services.registry import BASE_MODELS
     from modal_services.tokens import SERVICES, token_state
 
     backend = make_backend(settings)
     store = backend.store
     try:
-        states = []
-        for entry in BASE_MODELS.values():
-            manifest = await store.get(manifest_key(entry.key))
-            problems = None
-            if manifest and settings.backend == "local":
-                # The local backend can see the volume; the Modal one trusts what the worker verified.
-                problems = await asyncio.to_thread(check_files, settings.models_dir / entry.folder, manifest)
-            states.append(describe_state(entry, manifest, await store.get(download_key(entry.key)), problems or None))
+        states = await checked_states(settings, store, BASE_MODELS.values())
         tokens = [await token_state(store, service) for service in SERVICES]
         document = {
             "backend": settings.backend,

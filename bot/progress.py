@@ -13,7 +13,8 @@ import time
 from typing import Any, Awaitable, Callable
 
 from bot.backend import Backend
-from modal_services.jobs import Job, JobStatus
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs import Job, JobStatus, update_job
 
 BAR_WIDTH = 14
 # About one edit per 1.5 s per message is safe under Discord's unpublished edit limits.
@@ -78,3 +79,36 @@ async def follow_job(
         return result.result()
     finally:
         result.cancel()
+
+
+async def end_if_stale(backend: Backend, job: Job) -> None:
+    """A running job whose worker is gone is marked failed (nothing would ever finish it), and that error raised."""
+    if job.stale():
+        error = ToolboxError(ErrorCode.INTERNAL, "The worker running this job stopped responding; run it again.")
+        await update_job(backend.store, job.id, status=JobStatus.ERROR, stage="error",
+                         error_code=error.code.value, error_message=error.message, finished_at=time.time())
+        raise error
+
+
+async def watch_job(
+    backend: Backend,
+    job_id: str,
+    on_update: Callable[[Job], Awaitable[Any]],
+    poll_interval: float | None = None,
+    timeout: float | None = None,
+) -> Job:
+    """Follow a job by its record alone (started here or by anyone else) until it ends; `on_update(job)` each poll.
+
+    Returns the final record, or the running one when `timeout` runs out; a
+    job whose worker died ends the watch with its error (`end_if_stale`).
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        job = await backend.job(job_id)
+        if job is None:
+            raise ToolboxError(ErrorCode.INTERNAL, "That job has disappeared.")
+        await end_if_stale(backend, job)
+        await on_update(job)
+        if job.status.finished or (deadline is not None and time.monotonic() > deadline):
+            return job
+        await asyncio.sleep(POLL_INTERVAL if poll_interval is None else poll_interval)

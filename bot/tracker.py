@@ -24,7 +24,7 @@ import discord
 
 from bot.guild_settings import GuildSettings, load_guild_settings
 from bot.permissions import is_admin
-from bot.progress import ReplyEditor, follow_job, render_job
+from bot.progress import ReplyEditor, end_if_stale, follow_job, render_job
 from bot.replies import error_text, send_error
 from bot.ui import plural
 from modal_services.errors import ErrorCode, ToolboxError
@@ -233,11 +233,7 @@ class JobTracker:
         editor = ReplyEditor(lambda text: target.edit(content=text, view=view))
 
         async def show(record: Job) -> None:
-            if record.stale():
-                error = ToolboxError(ErrorCode.INTERNAL, "The worker running this job stopped responding; run it again.")
-                await update_job(self.store, record.id, status=JobStatus.ERROR, stage="error",
-                                 error_code=error.code.value, error_message=error.message, finished_at=time.time())
-                raise error
+            await end_if_stale(self.bot.backend, record)
             text = render_job(record, title)
             if record.status is JobStatus.QUEUED:
                 place = (await self.snapshot()).position(record)

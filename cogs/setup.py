@@ -16,16 +16,11 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.permissions import is_admin
-from bot.progress import ReplyEditor, progress_bar
+from bot.progress import ReplyEditor, progress_bar, watch_job
 from bot.replies import error_text, send_error
+from bot.setup_download import active_download, checked_states, start_or_attach_download
 from bot.ui import human_bytes, human_seconds
-from modal_services.downloads import (
-    ModelState,
-    active_download,
-    model_states,
-    start_or_attach_download,
-    watch_job,
-)
+from modal_services.downloads import ModelState, model_states
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.job_requests import DownloadRequest, VerifyRequest
 from modal_services.jobs import Job, JobStatus
@@ -133,7 +128,7 @@ class TokensForm(discord.ui.Modal, title="API tokens"):
                 continue
             try:
                 state = await set_token(self.cog.store, service, value, civitai_api_base=settings.civitai_api_base)
-                lines.append(f"✅ {state.describe()}: checked and saved.")
+                lines.append(f"✅ {state.label()}: checked and saved.")
             except ToolboxError as error:
                 lines.append(f"{LABELS[service]}: {error_text(error)}")
         if not lines:
@@ -182,7 +177,7 @@ class Setup(commands.Cog):
         return self.bot.backend.store
 
     async def panel_text(self, note: str | None = None) -> str:
-        states = await model_states(self.store, BASE_MODELS.values())
+        states = await checked_states(self.bot.settings, self.store, BASE_MODELS.values())
         tokens = [await token_state(self.store, service) for service in SERVICES]
         return render_panel(states, tokens, note)
 
@@ -200,14 +195,16 @@ class Setup(commands.Cog):
         await interaction.edit_original_response(content=await self.panel_text(), view=SetupPanel(self))
 
     async def download_and_follow(self, interaction: discord.Interaction) -> None:
-        missing = [s.key for s in await model_states(self.store, BASE_MODELS.values()) if s.state != "present"]
+        states = await checked_states(self.bot.settings, self.store, BASE_MODELS.values())
+        missing = [s.key for s in states if s.state != "present"]
         if not missing:
             note = "Everything is already downloaded. Use **Verify** to re-check the files."
             await interaction.edit_original_response(content=await self.panel_text(note), view=SetupPanel(self))
             return
         owner = {"user_id": interaction.user.id, "guild_id": interaction.guild_id, "channel_id": interaction.channel_id}
         job_id, started = await start_or_attach_download(
-            self.store, lambda: self.bot.backend.submit(DownloadRequest.parse({"keys": missing}), owner=owner)
+            self.store, lambda: self.bot.backend.submit(DownloadRequest.parse({"keys": missing}), owner=owner),
+            self.bot.backend.runs_jobs_in_process,
         )
         log.info("setup download %s job %s", "started" if started else "attached to", job_id)
         await self.follow(interaction, job_id)
@@ -220,7 +217,7 @@ class Setup(commands.Cog):
         async def show(job: Job) -> None:
             await editor.show(render_progress(job, await model_states(self.store, entries)), final=job.status.finished)
 
-        job = await watch_job(self.store, job_id, show, POLL_SECONDS, timeout=LIVE_VIEW_SECONDS)
+        job = await watch_job(self.bot.backend, job_id, show, POLL_SECONDS, timeout=LIVE_VIEW_SECONDS)
         if job.status.finished:
             note = "✅ All base models are ready." if job.status is JobStatus.DONE else error_text(job.error())
             await interaction.edit_original_response(content=await self.panel_text(note), view=SetupPanel(self))
@@ -237,7 +234,7 @@ class Setup(commands.Cog):
         async def show(record: Job) -> None:
             await editor.show(f"🔍 **Verifying** · {record.stage}\n`{progress_bar(record.progress)}`")
 
-        record = await watch_job(self.store, job.id, show, POLL_SECONDS)
+        record = await watch_job(self.bot.backend, job.id, show, POLL_SECONDS)
         note = "🔍 Verified: sizes and hashes checked." if record.status is JobStatus.DONE else error_text(record.error())
         await interaction.edit_original_response(content=await self.panel_text(note), view=SetupPanel(self))
 

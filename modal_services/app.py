@@ -103,11 +103,15 @@ class CaptionService:
 # The download image: CPU only, no torch. Network I/O never runs on a GPU.
 download_image = (
     modal.Image.debian_slim(python_version="3.11")
-    .pip_install("huggingface_hub==2.4.0", "requests>=2.31", "pydantic>=2.7")
+    .pip_install("huggingface_hub==2.4.0", "urllib3>=2.0", "certifi", "pydantic>=2.7")
     .add_local_python_source("modal_services")
 )
 loras_volume = modal.Volume.from_name(LORAS_VOLUME, create_if_missing=True)
 DOWNLOAD_VOLUMES = (models_volume, loras_volume)
+# DISCORD_TOKEN (required); optionally CIVITAI_TOKEN, HF_TOKEN, TOOLBOX_GUILD_IDS. The bot and the
+# workers that fetch with tokens (DownloadService, ModelService) get it, so a token put here is one
+# token everywhere; /setup's tokens (in the state Dict) take precedence.
+bot_secret = modal.Secret.from_name(os.environ.get("TOOLBOX_BOT_SECRET", "ai-toolbox-discord"), required_keys=["DISCORD_TOKEN"])
 
 
 def _commit_volumes() -> None:
@@ -125,6 +129,7 @@ def _reload_volumes() -> None:
     volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
     scaledown_window=60,
     timeout=3 * 3600,  # ~17 GB of base models, with room for a slow source
+    secrets=[bot_secret],
 )
 class DownloadService:
     @modal.enter()
@@ -152,7 +157,7 @@ class DownloadService:
 model_image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install("torch==2.9.1", index_url="https://download.pytorch.org/whl/cpu")
-    .pip_install("diffusers>=0.35", "transformers>=4.57", "safetensors>=0.4", "requests>=2.31", "huggingface_hub>=0.34", "pydantic>=2.7")
+    .pip_install("diffusers>=0.35", "transformers>=4.57", "safetensors>=0.4", "urllib3>=2.0", "certifi", "huggingface_hub>=0.34", "pydantic>=2.7")
     .env({"HF_HUB_OFFLINE": "1"})
     .add_local_python_source("modal_services")
 )
@@ -163,6 +168,7 @@ model_image = (
     volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
     scaledown_window=60,
     timeout=3 * 3600,  # a 7 GB checkpoint from a slow CivitAI storage node
+    secrets=[bot_secret],
 )
 class ModelService:
     """/models file work: imports from CivitAI, uploads, deletes and scans of the LoRA volume."""
@@ -258,8 +264,6 @@ bot_image = (
     .pip_install_from_pyproject(str(Path(__file__).resolve().parent.parent / "pyproject.toml"))
     .add_local_python_source("bot", "cogs", "modal_services")
 )
-# DISCORD_TOKEN (required); optionally CIVITAI_TOKEN, HF_TOKEN, TOOLBOX_GUILD_IDS.
-bot_secret = modal.Secret.from_name(os.environ.get("TOOLBOX_BOT_SECRET", "ai-toolbox-discord"), required_keys=["DISCORD_TOKEN"])
 
 
 @app.cls(image=bot_image, secrets=[bot_secret], min_containers=1, max_containers=1)

@@ -3,9 +3,10 @@
 - `parse_reference` turns every form a model gets pasted in (page URLs with or
   without slug and `?modelVersionId=`, download links, AIR URNs, bare ids,
   `v:<id>`, the civitai.green / civitai.red mirrors) into ids.
-- `CivitaiClient` is a small blocking client over `requests` for the v1 API
-  and the download redirect. The token goes in `Authorization: Bearer`, never
-  in a URL; 429/5xx are retried with backoff honouring `Retry-After`.
+- `CivitaiClient` is a small blocking client over the egress policy
+  (`egress.open_url`) for the v1 API and the download redirect. The token goes
+  in `Authorization: Bearer`, never in a URL, and only to the configured API
+  origin; 429/5xx are retried with backoff honouring `Retry-After`.
 - `plan_import` fetches a version's metadata and applies the importer's
   rules (SafeTensor only, LoRA-like or checkpoint, SDXL family), giving an
   `ImportPlan`: what a preview shows and what the import engine downloads.
@@ -21,16 +22,22 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
-from urllib.parse import parse_qs, urljoin, urlsplit
+from urllib.parse import parse_qs, urljoin, urlsplit, urlunsplit
 
-from modal_services.downloads import backoff_delay, retry_after_seconds
+import urllib3
+
+from modal_services.egress import REDIRECT_STATUSES, Credentials, Origin, Purpose, Response, open_url
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.transfer import backoff_delay, retry_after_seconds
 
 log = logging.getLogger(__name__)
 
 CIVITAI_HOSTS = ("civitai.com", "civitai.green", "civitai.red")
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 30.0
+# An API answer is small: one that is larger, or takes longer in all, is refused.
+MAX_JSON_BYTES = 8 << 20
+JSON_TIMEOUT = 60.0
 # A pause longer than this is not worth holding a command for.
 MAX_RETRY_AFTER = 120.0
 
@@ -135,10 +142,10 @@ def _quote(text: str, limit: int = 120) -> str:
 
 @dataclass(frozen=True)
 class ResolvedDownload:
-    """Where the file bytes really are, and the headers to fetch them with."""
+    """Where the file bytes really are, and the credentials (for that origin only) to fetch them with."""
 
     url: str
-    headers: dict[str, str] = field(default_factory=dict, repr=False)
+    credentials: Credentials | None = field(default=None, repr=False)
 
 
 class CivitaiClient:
@@ -149,24 +156,20 @@ class CivitaiClient:
         *,
         retries: int = 4,
         sleep: Callable[[float], None] = time.sleep,
-        session=None,
     ):
-        import requests
-
         self.api_base = api_base.rstrip("/")
         self._token = token or None
         self.retries = retries
         self._sleep = sleep
-        self._session = session or requests.Session()
+        # The token belongs to the configured API origin, matched on parsed URLs at every hop.
+        self.credentials = (Credentials.for_base(self.api_base, {"Authorization": f"Bearer {self._token}"})
+                            if self._token else None)
 
     def __repr__(self) -> str:  # the token stays out of logs
         return f"CivitaiClient({self.api_base!r}, token={'set' if self._token else 'none'})"
 
-    def _auth_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._token}"} if self._token else {}
-
     def close(self) -> None:
-        self._session.close()
+        """Connections are per request: nothing is kept open between calls."""
 
     # -- the API
 
@@ -193,10 +196,9 @@ class CivitaiClient:
         The token goes only to CivitAI: the presigned storage URL carries its
         own authorisation (and S3 refuses a request that has both).
         """
-        url = self._rebase(download_url)
-        response = self._request(url, what, allow_redirects=False, stream=True)
-        with response:
-            if response.is_redirect or response.status_code in (301, 302, 303, 307, 308):
+        url = self.rebase(download_url)
+        with self._request(url, what, follow_redirects=False) as response:
+            if response.status in REDIRECT_STATUSES:
                 location = response.headers.get("Location")
                 if not location:
                     raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, f"CivitAI answered the download of {what} with a bad redirect.")
@@ -204,46 +206,55 @@ class CivitaiClient:
             if _is_html(response):
                 # CivitAI shows a login page instead of a 401 for some gated files.
                 raise self._auth_error(what)
-            # Served directly (no redirect): fetch it from here, with the token.
-            return ResolvedDownload(url, self._auth_headers())
+            # Served directly (no redirect): fetch it from here, with the token if here is CivitAI.
+            own = self.credentials is not None and self.credentials.origin == Origin.of(url)
+            return ResolvedDownload(url, self.credentials if own else None)
 
     # -- plumbing
 
-    def _rebase(self, url: str) -> str:
-        """CivitAI's own absolute links, pointed at the configured base (a mirror, or a test server)."""
+    def rebase(self, url: str) -> str:
+        """CivitAI's own links, pointed at the configured base (a mirror, or a test server).
+
+        Built from parsed parts, never by gluing strings: whatever the API
+        sends, a CivitAI link stays on the configured origin, and a link to
+        any other host stays on that host (and gets no token).
+        """
         parts = urlsplit(url)
-        if not parts.scheme:
-            return self.api_base + "/" + url.lstrip("/")
-        return self.api_base + parts.path + (f"?{parts.query}" if parts.query else "")
+        host = (parts.hostname or "").lower().removeprefix("www.")
+        if parts.netloc and host not in CIVITAI_HOSTS:
+            return url
+        base = urlsplit(self.api_base)
+        path = "/" + parts.path.lstrip("/")
+        return urlunsplit((base.scheme, base.netloc, path, parts.query, ""))
 
     def _get_json(self, path: str, what: str) -> dict[str, Any]:
-        response = self._request(self.api_base + path, what, headers={"Accept": "application/json"})
-        with response:
+        deadline_at = time.monotonic() + JSON_TIMEOUT
+        with self._request(self.api_base + path, what, headers={"Accept": "application/json"}) as response:
             try:
-                body = response.json()
-            except ValueError:
+                body = response.json(MAX_JSON_BYTES, deadline_at)
+            except ToolboxError:
+                raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE,
+                                   f"CivitAI's answer for {what} was too large or too slow; try again later.") from None
+            except (ValueError, OSError, urllib3.exceptions.HTTPError):
                 body = None
-        if not isinstance(body, dict):
-            if _is_html(response):
-                raise self._auth_error(what)
-            raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, f"CivitAI sent something that is not JSON for {what}.")
+            if not isinstance(body, dict):
+                if _is_html(response):
+                    raise self._auth_error(what)
+                raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, f"CivitAI sent something that is not JSON for {what}.")
         return body
 
-    def _request(self, url: str, what: str, headers: dict[str, str] | None = None, **kwargs):
-        import requests
-
+    def _request(self, url: str, what: str, headers: dict[str, str] | None = None, follow_redirects: bool = True) -> Response:
         failures = 0
         while True:
             delay = None
             try:
-                response = self._session.get(
-                    url, headers={**self._auth_headers(), **(headers or {})},
-                    timeout=(CONNECT_TIMEOUT, READ_TIMEOUT), **kwargs,
-                )
-            except (requests.ConnectionError, requests.Timeout) as exc:
+                response = open_url(url, Purpose.CIVITAI, headers=headers, credentials=self.credentials,
+                                    trusted=(self.api_base,), timeout=(CONNECT_TIMEOUT, READ_TIMEOUT),
+                                    follow_redirects=follow_redirects)
+            except (OSError, urllib3.exceptions.HTTPError) as exc:
                 reason = type(exc).__name__
             else:
-                status = response.status_code
+                status = response.status
                 if status in (401, 403):
                     response.close()
                     raise self._auth_error(what)

@@ -19,6 +19,7 @@ from typing import Any, Callable, TypeVar
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.keys import cancel_key, job_key
+from modal_services.locks import holder_alive, holder_record
 from modal_services.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Job:
     updated_at: float | None = None
     finished_at: float | None = None
     heartbeat_at: float | None = None
+    runner: dict[str, Any] | None = None  # the process running it (locks.holder_record)
     # Who asked and where to report: user, guild, channel, message ids.
     owner: dict[str, Any] = field(default_factory=dict)
     # What the bot needs to present the result later (titles, file names), even after a restart.
@@ -85,9 +87,11 @@ class Job:
         return cls(**known)
 
     def stale(self, now: float | None = None) -> bool:
-        """A running job whose worker has stopped writing: the container or process is gone."""
+        """A running job whose worker is gone: its process on this machine has died, or it stopped writing."""
         if self.status is not JobStatus.RUNNING:
             return False
+        if self.runner and holder_alive(self.runner) is False:
+            return True
         last_sign_of_life = self.heartbeat_at or self.started_at or self.created_at
         return (now or time.time()) - last_sign_of_life > STALE_AFTER
 
@@ -164,23 +168,30 @@ class ProgressReporter:
         self._closing = asyncio.Event()
         self._flusher: asyncio.Task | None = None
         self._cancelled = threading.Event()
+        self._stop_message = "Stopped on request."
 
     def __call__(self, progress: float, stage: str) -> None:
         """Thread-safe: callable from the engine's worker thread."""
         if self._cancelled.is_set():
-            raise ToolboxError(ErrorCode.CANCELLED, "Stopped on request.")
+            raise ToolboxError(ErrorCode.CANCELLED, self._stop_message)
         self._loop.call_soon_threadsafe(self._set, progress, stage)
 
     def _set(self, progress: float, stage: str) -> None:
         self._latest = (min(max(float(progress), 0.0), 1.0), stage)
         self._dirty.set()
 
+    def stop_engine(self, message: str) -> None:
+        """Make the engine's next progress call raise CANCELLED, with no store round trip (the loop may be closing)."""
+        self._stop_message = message
+        self._cancelled.set()
+
     async def cancel_requested(self) -> bool:
         return await self.store.contains(cancel_key(self.job_id))
 
     async def start(self) -> None:
         now = time.time()
-        await self._write(status=JobStatus.RUNNING, started_at=now, heartbeat_at=now, stage="starting")
+        await self._write(status=JobStatus.RUNNING, started_at=now, heartbeat_at=now, stage="starting",
+                          runner=holder_record())
         self._flusher = asyncio.create_task(self._flush_loop())
 
     async def _flush_loop(self) -> None:
@@ -257,7 +268,9 @@ async def run_job(
         await reporter.fail(error)
         raise
     except asyncio.CancelledError:
-        # Our runner is going away (shutdown): stop writing, leave the verdict to recovery.
+        # Our runner is going away (shutdown, Ctrl-C): the engine stops at its next progress call instead
+        # of holding the process open; no more writes, the verdict is left to recovery.
+        reporter.stop_engine("Stopped: the program running it is shutting down.")
         await reporter.stop()
         raise
     except Exception as exc:

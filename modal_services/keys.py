@@ -6,7 +6,9 @@ Per job (removed with the job record, see `forget_job`):
   parameters the result's buttons reuse.
 Shared:
   `download:<model>` / `manifest:<model>` a base model's progress and what
-  was verified, `lock:<name>` one holder at a time, `model:<file>` a library
+  was verified, `lock:<name>` one holder at a time (`lock:download:<model>`,
+  `lock:civitai:<version>`, `lock:file:<name>`, `lock:setup-download`),
+  `model:<file>` a library
   entry, `active_checkpoint`, `settings:<guild>`, `secret:<service>` a token.
 """
 
@@ -59,6 +61,15 @@ def lock_key(name: str) -> str:
 def civitai_lock_name(version_id: int) -> str:
     """The lock one import of a CivitAI model version holds."""
     return f"civitai:{version_id}"
+
+
+def file_lock_name(file_name: str) -> str:
+    """The lock an import holds on a library file name while it picks it, moves the file in and writes the entry."""
+    return f"file:{file_name.lower()}"
+
+
+# The lock that makes one setup download at a time; it holds that download's job id.
+SETUP_DOWNLOAD_LOCK = "setup-download"
 
 
 def entry_key(file: str) -> str:

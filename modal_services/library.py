@@ -36,7 +36,8 @@ DEFAULT_CHECKPOINT_NAME = "Illustrious-XL v2.0 (default)"
 TYPES = ("lora", "checkpoint")
 SOURCES = ("civitai", "upload", "huggingface", "adopted")
 SUFFIX = ".safetensors"
-MAX_FILE_NAME = 120
+# In UTF-8 bytes (what file systems count): room left under 255 for `-NNNN`, `.partial`, `.converted`.
+MAX_FILE_NAME_BYTES = 200
 MAX_NAME = 100
 MAX_TRIGGER_WORDS = 50
 MAX_TRIGGER_CHARS = 200
@@ -102,7 +103,12 @@ def safe_file_name(name: str, fallback: str = "model") -> str:
     stem = stem.strip(" .").replace("..", "_")
     if not stem:
         stem = fallback
-    return stem[: MAX_FILE_NAME - len(SUFFIX)].rstrip(" .") + SUFFIX
+    return _clip_utf8(stem, MAX_FILE_NAME_BYTES - len(SUFFIX)).rstrip(" .") + SUFFIX
+
+
+def _clip_utf8(text: str, max_bytes: int) -> str:
+    """At most `max_bytes` of UTF-8, never cutting a character in two."""
+    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
 
 
 def unique_file_name(name: str, taken: set[str]) -> str:
@@ -113,7 +119,7 @@ def unique_file_name(name: str, taken: set[str]) -> str:
     stem = name[: -len(SUFFIX)]
     for number in range(2, 10_000):
         tail = f"-{number}"
-        candidate = stem[: MAX_FILE_NAME - len(SUFFIX) - len(tail)] + tail + SUFFIX
+        candidate = _clip_utf8(stem, MAX_FILE_NAME_BYTES - len(SUFFIX) - len(tail)) + tail + SUFFIX
         if candidate.lower() not in lowered:
             return candidate
     raise ToolboxError(ErrorCode.INVALID_INPUT, f"Too many files named like {name}.")

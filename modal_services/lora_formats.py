@@ -90,6 +90,23 @@ SDXL_TEXT_ENCODER_2_CONFIG = {  # OpenCLIP ViT-bigG/14
     "projection_dim": 1280, "hidden_act": "gelu", "max_position_embeddings": 77, "vocab_size": 49408,
 }
 
+# SD 1.5's UNet (its text encoder is SDXL's first, CLIP ViT-L/14): the layers an
+# SDXL LoRA must go beyond, since an SD 1.5 LoRA touching only layers whose
+# shapes both models share would load into SDXL and do nonsense.
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": 8,
+    "cross_attention_dim": 768,
+}
+# Kohya's names for SD 1.5's single text encoder (SDXL's are lora_te1_ / lora_te2_).
+SD15_TEXT_ENCODER_PREFIX = "lora_te_"
+
 
 @dataclass
 class LoraReport:
@@ -114,6 +131,12 @@ class ModelLayout:
     @functools.cache
     def sdxl(cls) -> "ModelLayout":
         return cls(SDXL_UNET_CONFIG, SDXL_TEXT_ENCODER_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG)
+
+    @classmethod
+    @functools.cache
+    def sd15(cls) -> "ModelLayout":
+        """SD 1.5's layers (the second text encoder is a stand-in: SD 1.5 has none)."""
+        return cls(SD15_UNET_CONFIG, SDXL_TEXT_ENCODER_CONFIG, SDXL_TEXT_ENCODER_CONFIG)
 
     @classmethod
     def of_pipeline(cls, pipe) -> "ModelLayout":
@@ -202,6 +225,11 @@ def normalize_lora(src: Path, dst: Path, layout: ModelLayout | None = None, max_
     """
     layout = layout or ModelLayout.sdxl()
     state = read_lora(Path(src))
+    if any(key.startswith(SD15_TEXT_ENCODER_PREFIX) for key in state):
+        raise _incompatible(
+            "This LoRA was made for SD 1.5: it changes SD 1.5's single text encoder (`lora_te_` layers). "
+            "Look for an SDXL version of it."
+        )
     fmt = classify(state)
     notes: list[str] = []
     if fmt == "diffusers":
@@ -386,7 +414,20 @@ def check_fit(state: dict, layout: ModelLayout) -> tuple[dict[str, int], int | N
         counts[component] = counts.get(component, 0) + 1
     if not pairs:
         raise _fail("The file holds no LoRA layers.")
+    _check_beyond_sd15(pairs, layout)
     return counts, max(ranks) if ranks else None
+
+
+def _check_beyond_sd15(pairs, layout: ModelLayout) -> None:
+    """At least one changed layer must be one SD 1.5 lacks or shapes differently (or the second text encoder)."""
+    sd15 = ModelLayout.sd15().layers
+    for component, path in pairs:
+        if component == "text_encoder_2" or sd15[component].get(path) != layout.layers[component][path]:
+            return
+    raise _incompatible(
+        "This LoRA changes only layers SD 1.5 has with the same shapes, none that only SDXL has: it was made "
+        "for SD 1.5 or another base model. Look for an SDXL version of it."
+    )
 
 
 # ---------------------------------------------------------------- conversions to lora_down / lora_up
@@ -534,12 +575,20 @@ def _save(state: dict, dst: Path, fmt: str) -> None:
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    from safetensors import SafetensorError
+
+    from modal_services.transfer import is_disk_full, storage_full
+
     try:
         save_file(state, str(dst), metadata={"format": "pt", "converted_from": fmt, "converted_by": "ai-toolbox"})
     except OSError as exc:
         dst.unlink(missing_ok=True)
-        from modal_services.downloads import is_disk_full, storage_full
-
         if is_disk_full(exc):
+            raise storage_full(dst.name) from None
+        raise
+    except SafetensorError as exc:
+        # safetensors reports its write errors in its own type, with the OS's words in the text.
+        dst.unlink(missing_ok=True)
+        if "No space left" in str(exc) or "os error 28" in str(exc) or "Disk quota" in str(exc):
             raise storage_full(dst.name) from None
         raise

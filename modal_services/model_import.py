@@ -13,10 +13,13 @@ An import, step by step:
    import of the same version waits for the first and then finds it installed;
 4. the download redirect is resolved and the file fetched by `download_file`
    into `.incoming/` (resume, retries, sha256 against CivitAI's hash);
-5. a LoRA is checked against SDXL's layout and converted when diffusers
+5. every tensor is checked finite (one at a time); a LoRA is checked against
+   SDXL's layout (and must go beyond what SD 1.5 has) and converted when diffusers
    cannot load it (the original kept under `.original/`); a checkpoint must be
    an SDXL single-file checkpoint;
-6. the file is renamed into place, the volume committed, *then* the entry written.
+6. under `lock:file:<name>` the library file name is chosen (a free one: two
+   models whose files share a name both keep theirs), the file renamed into
+   place, the volume committed, *then* the entry written.
 
 Anything that fails leaves nothing behind: the incoming files are removed.
 """
@@ -27,21 +30,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
 from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_from_metadata, plan_import
-from modal_services.downloads import (
-    HEARTBEAT_SECONDS,
-    DownloadError,
-    DownloadHTTPError,
-    download_file,
-    refresh_lock,
-    release_lock,
-    sha256_file,
-    try_lock,
-)
+from modal_services.egress import Purpose
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.job_requests import (
     ModelDeleteRequest,
@@ -51,7 +46,7 @@ from modal_services.job_requests import (
     job_method,
 )
 from modal_services.jobs import ProgressFn
-from modal_services.keys import civitai_lock_name
+from modal_services.keys import civitai_lock_name, file_lock_name
 from modal_services.layout import Layout
 from modal_services.library import (
     ORIGINALS_DIR,
@@ -62,6 +57,16 @@ from modal_services.library import (
     parse_trigger_words,
     safe_file_name,
     unique_file_name,
+)
+from modal_services.locks import HEARTBEAT_SECONDS, refresh_lock, release_lock, try_lock
+from modal_services.transfer import (
+    DownloadError,
+    DownloadHTTPError,
+    download_file,
+    is_disk_full,
+    max_bytes_for,
+    sha256_file,
+    storage_full,
 )
 
 log = logging.getLogger(__name__)
@@ -149,6 +154,37 @@ class ModelEngine:
             beat.cancel()
             await release_lock(self.store, name, owner)
 
+    @contextlib.asynccontextmanager
+    async def _claimed_file_name(self, wanted: str, owner: str, progress: ProgressFn, exact: bool):
+        """Hold `lock:file:<name>` on a library file name that no entry, file or other install has.
+
+        Choosing the name, moving the file into place and writing the entry all
+        happen while it is held, so two models whose files share a name (bot
+        and CLI at once, two containers) get distinct names: never an
+        overwrite. `exact`: this very name (a re-import of a missing file, an
+        adopted file), waiting for whoever installs it now.
+        """
+        skipped: set[str] = set()
+        while True:
+            taken = await self.library.taken_names()
+            name = wanted if exact else unique_file_name(wanted, taken | skipped)
+            if await try_lock(self.store, file_lock_name(name), owner):
+                # Installed by someone between our look and our lock: that name is theirs.
+                if exact or name.lower() not in {item.lower() for item in await self.library.taken_names()}:
+                    break
+                await release_lock(self.store, file_lock_name(name), owner)
+            elif exact:
+                progress(0.9, f"waiting for another install of {name}")
+                await asyncio.sleep(self.wait_poll)
+                continue
+            skipped.add(name)
+        beat = asyncio.create_task(self._heartbeat(file_lock_name(name), owner))
+        try:
+            yield name
+        finally:
+            beat.cancel()
+            await release_lock(self.store, file_lock_name(name), owner)
+
     async def _heartbeat(self, name: str, owner: str) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
@@ -159,8 +195,7 @@ class ModelEngine:
         if existing is not None:
             file_name = existing.file  # re-import of an entry whose file went missing
         else:
-            fallback = f"civitai-{plan.version_id}"
-            file_name = unique_file_name(safe_file_name(plan.file_name, fallback), await self.library.taken_names())
+            file_name = safe_file_name(plan.file_name, f"civitai-{plan.version_id}")  # the final name is claimed at install
         incoming = self.loras_dir / INCOMING_DIR / owner / file_name
         try:
             progress(0.03, f"downloading {file_name}")
@@ -173,8 +208,9 @@ class ModelEngine:
 
             try:
                 downloaded = await asyncio.to_thread(
-                    download_file, resolved.url, incoming, headers=resolved.headers,
-                    expected_sha256=plan.sha256, progress=on_bytes,
+                    download_file, resolved.url, incoming, purpose=Purpose.CIVITAI, credentials=resolved.credentials,
+                    trusted=(client.api_base,), expected_sha256=plan.sha256, max_bytes=max_bytes_for(plan.type),
+                    size_hint=plan.size_bytes, progress=on_bytes,
                 )
             except DownloadError as error:
                 raise _civitai_error(error, plan) from None
@@ -187,17 +223,19 @@ class ModelEngine:
             )
             if existing is not None:
                 entry.trigger_words, entry.weight, entry.added_at = existing.trigger_words, existing.weight, existing.added_at
-            return await self._install(incoming, entry, progress)
+            return await self._install(incoming, entry, progress, owner, exact=existing is not None)
         finally:
             _discard_incoming(incoming)
 
-    async def _install(self, incoming: Path, entry: LibraryEntry, progress: ProgressFn) -> LibraryEntry:
-        """Check (and convert) the file in `.incoming/`, rename it into place, commit, then write the entry."""
+    async def _install(self, incoming: Path, entry: LibraryEntry, progress: ProgressFn, owner: str,
+                       exact: bool = False) -> LibraryEntry:
+        """Check (and convert) the file in `.incoming/`; then, under its name's lock, rename it into place,
+        commit and write the entry (`entry.file` is the wanted name; the one given is what it gets)."""
         progress(0.9, "checking the file")
         folder = self.library.folder(entry.type)
-        final = folder / entry.file
         converted = incoming.with_name(incoming.name + ".converted")
         try:
+            await asyncio.to_thread(check_finite, incoming)
             if entry.type == "lora":
                 from modal_services.lora_formats import normalize_lora
 
@@ -207,19 +245,26 @@ class ModelEngine:
                 await asyncio.to_thread(check_checkpoint, incoming)
                 report, entry.format = None, "checkpoint"
             await asyncio.to_thread(folder.mkdir, parents=True, exist_ok=True)
-            if report is not None and report.converted:
-                original = folder / ORIGINALS_DIR / entry.file
-                await asyncio.to_thread(original.parent.mkdir, exist_ok=True)
-                await asyncio.to_thread(os.replace, incoming, original)
-                await asyncio.to_thread(os.replace, converted, final)
-                entry.original_file = f"{ORIGINALS_DIR}/{entry.file}"
-            else:
-                await asyncio.to_thread(os.replace, incoming, final)
+            async with self._claimed_file_name(entry.file, owner, progress, exact) as file_name:
+                entry.file = file_name
+                final = folder / file_name
+                if report is not None and report.converted:
+                    original = folder / ORIGINALS_DIR / file_name
+                    await asyncio.to_thread(original.parent.mkdir, exist_ok=True)
+                    await asyncio.to_thread(os.replace, incoming, original)
+                    await asyncio.to_thread(os.replace, converted, final)
+                    entry.original_file = f"{ORIGINALS_DIR}/{file_name}"
+                else:
+                    await asyncio.to_thread(os.replace, incoming, final)
+                await self._commit()
+                progress(0.98, "adding to the library")
+                return await self.library.add(entry)
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise storage_full(entry.file) from None
+            raise
         finally:
             converted.unlink(missing_ok=True)
-        await self._commit()
-        progress(0.98, "adding to the library")
-        return await self.library.add(entry)
 
     async def _free_name(self, name: str, version_name: str) -> str:
         """The model's name, with its version when another entry already has that name."""
@@ -243,13 +288,15 @@ class ModelEngine:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "Only .safetensors files can be added (other formats run code when loaded).")
         display = clean_name(name) if name else None
         words = parse_trigger_words(trigger_words) if trigger_words else None
-        file_name = unique_file_name(safe_file_name(filename), await self.library.taken_names())
-        incoming = self.loras_dir / INCOMING_DIR / uuid.uuid4().hex / file_name
+        file_name = safe_file_name(filename)  # the final name is claimed at install
+        owner = uuid.uuid4().hex
+        incoming = self.loras_dir / INCOMING_DIR / owner / file_name
         try:
             progress(0.0, f"receiving {file_name}")
             try:
                 downloaded = await asyncio.to_thread(
-                    download_file, url, incoming, expected_size=size_bytes,
+                    download_file, url, incoming, purpose=Purpose.ATTACHMENT, expected_size=size_bytes,
+                    max_bytes=max_bytes_for(kind),
                     progress=lambda done, total: progress(0.6 * done / total if total else 0.0, f"receiving {file_name}"),
                 )
             except DownloadError as error:
@@ -262,7 +309,7 @@ class ModelEngine:
                 entry.name = display
             if words is not None:
                 entry.trigger_words = words
-            return self._result(await self._install(incoming, entry, progress), already=False)
+            return self._result(await self._install(incoming, entry, progress, owner), already=False)
         finally:
             _discard_incoming(incoming)
 
@@ -311,7 +358,8 @@ class ModelEngine:
 
     async def _adopt(self, file_name: str, kind: str, api_base: str, progress: ProgressFn) -> LibraryEntry:
         path = self.library.folder(kind) / file_name
-        incoming = self.loras_dir / INCOMING_DIR / uuid.uuid4().hex / file_name
+        owner = uuid.uuid4().hex
+        incoming = self.loras_dir / INCOMING_DIR / owner / file_name
         await asyncio.to_thread(incoming.parent.mkdir, parents=True, exist_ok=True)
         # Moved aside while it is checked: a file that fails goes back untouched.
         await asyncio.to_thread(os.replace, path, incoming)
@@ -320,7 +368,7 @@ class ModelEngine:
             entry = await self._describe(file_name, kind, incoming.stat().st_size, sha256, api_base, progress)
             if entry.civitai_version_id is not None:
                 entry.source = "civitai"
-            return await self._install(incoming, entry, progress)
+            return await self._install(incoming, entry, progress, owner, exact=True)
         finally:
             if incoming.exists():
                 await asyncio.to_thread(os.replace, incoming, path)
@@ -333,6 +381,35 @@ class ModelEngine:
         entry = await self.library.delete(name)
         await self._commit()
         return {"entry": self.library.to_json(entry)}
+
+
+def check_finite(path: Path) -> None:
+    """Every tensor (alphas too) is finite, read one tensor at a time: never the whole file in memory.
+
+    A NaN or infinite weight makes every image it touches black (or noise), and
+    would be reported as a success: such a file is refused, naming the tensor.
+    """
+    import torch
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                tensor = handle.get_tensor(key)
+                if not tensor.is_floating_point():
+                    continue
+                try:
+                    finite = bool(torch.isfinite(tensor).all())
+                except (RuntimeError, TypeError):  # dtypes without isfinite (fp8): check them widened
+                    finite = bool(torch.isfinite(tensor.float()).all())
+                if not finite:
+                    raise ToolboxError(
+                        ErrorCode.INCOMPATIBLE_MODEL,
+                        f"{path.name} is damaged: its tensor `{key[:120]}` holds NaN or infinite values, so it would "
+                        "only produce black or noisy images. It was not added.",
+                    )
+    except (SafetensorError, ValueError) as exc:
+        raise ToolboxError(ErrorCode.MODEL_LOAD_FAILED, f"{path.name} is not a readable .safetensors file ({type(exc).__name__}).") from None
 
 
 def check_checkpoint(path: Path) -> None:
@@ -354,25 +431,23 @@ def check_checkpoint(path: Path) -> None:
 
 
 def _civitai_error(error: DownloadError, plan: ImportPlan) -> ToolboxError:
-    """The downloader's failure in CivitAI's terms (its CHECKSUM_MISMATCH and STORAGE_FULL stay as they are)."""
+    """The downloader's failure in CivitAI's terms (its CHECKSUM_MISMATCH, STORAGE_FULL and TIMEOUT stay as they are)."""
     if isinstance(error, DownloadHTTPError) and error.status in (401, 403):
         return ToolboxError(ErrorCode.CIVITAI_AUTH_REQUIRED,
                             f"CivitAI's storage refused the download of {plan.name} (HTTP {error.status}). "
                             "If the model needs an account, an admin can set a CivitAI token with /setup; then retry.")
     if isinstance(error, DownloadHTTPError) and error.status in (404, 410):
         return ToolboxError(ErrorCode.CIVITAI_NOT_FOUND, f"The file of {plan.name} is gone from CivitAI's storage.")
-    if error.code in (ErrorCode.CHECKSUM_MISMATCH, ErrorCode.STORAGE_FULL):
+    if error.code in (ErrorCode.CHECKSUM_MISMATCH, ErrorCode.STORAGE_FULL, ErrorCode.TIMEOUT):
         return error
     return ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, f"Downloading {plan.name} failed: {error.message} Try again later.")
 
 
 def _discard_incoming(path: Path) -> None:
-    """Remove a job's staging folder (`.incoming/<job>/`) and whatever is left in it."""
-    for leftover in (path, path.with_name(path.name + ".partial"), path.with_name(path.name + ".converted")):
-        leftover.unlink(missing_ok=True)
-    for folder in (path.parent, path.parent.parent):
-        with contextlib.suppress(OSError):
-            folder.rmdir()  # only when empty: another job may be using `.incoming/`
+    """Remove a job's staging folder (`.incoming/<job>/`) with whatever is left in it, then `.incoming/` if empty."""
+    shutil.rmtree(path.parent, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        path.parent.parent.rmdir()  # only when empty: another job may be using `.incoming/`
 
 
 def _mib(n: int) -> str:

@@ -6,7 +6,7 @@ checkpoint needs offline. Pure data: importing this module pulls in nothing
 heavy, so the bot can show the list.
 
 A source is data too. The download engine picks its fetcher by the
-source's `kind` (`modal_services.downloads.FETCHERS`), so a new kind of
+source's `kind` (`modal_services.fetchers.FETCHERS`), so a new kind of
 source (the CivitAI LoRAs of seed 000, once the importer exists) is one
 dataclass here plus one fetcher there, with no change to the engine.
 """

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
@@ -49,10 +50,25 @@ class StateStore(ABC):
         """Release resources; the default store holds none."""
 
 
+def _make_private(path: Path) -> None:
+    """The folder 0700 and the file 0600, created so or fixed (an install from before this rule).
+
+    SQLite creates its -wal and -shm files with the database file's mode.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    os.close(os.open(path, os.O_CREAT | os.O_RDWR, 0o600))
+    for companion in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if companion.exists():
+            os.chmod(companion, 0o600)
+
+
 class SqliteStore(StateStore):
+    """The local state: one SQLite file, private to its user (it holds the API tokens)."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _make_private(self.path)
         # One connection per thread: sqlite3 connections must not be shared
         # across threads, and WAL lets them (and other processes) work together.
         self._local = threading.local()

@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 SERVICES = ("civitai", "hf")
 LABELS = {"civitai": "CivitAI", "hf": "Hugging Face"}
 ENV_NAMES = {"civitai": "CIVITAI_TOKEN", "hf": "HF_TOKEN"}
+# Where a token came from, as /setup and `toolbox status` say it.
+ORIGINS = {"setup": "(set with /setup)", "env": "(from the environment)", "secret": "(from the Modal secret)"}
 MAX_TOKEN_CHARS = 512
 CHECK_TIMEOUT = 20.0
+MAX_ANSWER_BYTES = 1 << 20  # a who-am-I answer is a few hundred bytes
 
 
 def mask(token: str | None) -> str:
@@ -40,19 +43,23 @@ def mask(token: str | None) -> str:
 class TokenState:
     service: str
     masked: str
-    source: str | None  # "setup" (the state store), "env", or None when unset
+    source: str | None  # "setup" (the state store), "secret" (env on Modal), "env", or None when unset
     user: str | None = None
 
     @property
     def is_set(self) -> bool:
         return self.source is not None
 
-    def describe(self) -> str:
+    def label(self) -> str:
+        """The service, the masked token and its user: `CivitAI: ••••a1b2 (alice)`."""
         if not self.is_set:
             return f"{LABELS[self.service]}: not set"
         who = f" ({self.user})" if self.user else ""
-        origin = " from the environment" if self.source == "env" else ""
-        return f"{LABELS[self.service]}: {self.masked}{who}{origin}"
+        return f"{LABELS[self.service]}: {self.masked}{who}"
+
+    def describe(self) -> str:
+        """The label and where the token came from."""
+        return self.label() + (f" {ORIGINS[self.source]}" if self.is_set else "")
 
 
 def _check_service(service: str) -> None:
@@ -74,8 +81,12 @@ async def token_state(store: StateStore, service: str, environ: Mapping[str, str
     record = await store.get(secret_key(service))
     if record and record.get("token"):
         return TokenState(service, mask(record["token"]), "setup", record.get("user"))
-    value = (os.environ if environ is None else environ).get(ENV_NAMES[service], "").strip()
-    return TokenState(service, mask(value), "env" if value else None)
+    env = os.environ if environ is None else environ
+    value = env.get(ENV_NAMES[service], "").strip()
+    if not value:
+        return TokenState(service, mask(value), None)
+    # Inside a Modal container the environment's tokens are the deployed secret's.
+    return TokenState(service, mask(value), "secret" if env.get("MODAL_IS_REMOTE") == "1" else "env")
 
 
 def clean_token(service: str, token: str) -> str:
@@ -116,31 +127,36 @@ def check_hf_token(token: str, endpoint: str | None = None) -> str:
 
 def check_civitai_token(token: str, api_base: str) -> str:
     """Blocking: the CivitAI user this token belongs to (`GET /api/v1/me`, which needs a valid key)."""
-    import requests
+    import urllib3
 
+    from modal_services.egress import Credentials, Purpose, open_url
+
+    base = api_base.rstrip("/")
     try:
-        response = requests.get(
-            f"{api_base.rstrip('/')}/api/v1/me",
-            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
-            timeout=CHECK_TIMEOUT,
-        )
-    except requests.RequestException as exc:
+        response = open_url(f"{base}/api/v1/me", Purpose.CIVITAI, headers={"Accept": "application/json"},
+                            credentials=Credentials.for_base(base, {"Authorization": f"Bearer {token}"}),
+                            trusted=(base,), timeout=(CHECK_TIMEOUT, CHECK_TIMEOUT))
+    except (OSError, urllib3.exceptions.HTTPError) as exc:
         log.warning("CivitAI token check could not connect (%s)", type(exc).__name__)
         raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, "CivitAI could not be reached to check the token; nothing was stored.") from None
-    if response.status_code in (401, 403):
-        raise ToolboxError(
-            ErrorCode.INVALID_INPUT,
-            f"CivitAI rejected this token (HTTP {response.status_code}): it is wrong or revoked. "
-            "Copy an API key from civitai.com/user/account; nothing was stored.",
-        )
-    if response.status_code == 429:
-        raise ToolboxError(ErrorCode.RATE_LIMITED, "CivitAI is rate-limiting requests; try again in a minute.")
-    if response.status_code != 200:
-        raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, f"CivitAI answered HTTP {response.status_code}; nothing was stored.")
-    try:
-        body = response.json()
-    except ValueError:
-        raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, "CivitAI answered with something that is not JSON; nothing was stored.") from None
+    with response:
+        status = response.status
+        if status in (401, 403):
+            raise ToolboxError(
+                ErrorCode.INVALID_INPUT,
+                f"CivitAI rejected this token (HTTP {status}): it is wrong or revoked. "
+                "Copy an API key from civitai.com/user/account; nothing was stored.",
+            )
+        if status == 429:
+            raise ToolboxError(ErrorCode.RATE_LIMITED, "CivitAI is rate-limiting requests; try again in a minute.")
+        if status != 200:
+            raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, f"CivitAI answered HTTP {status}; nothing was stored.")
+        try:
+            body = response.json(MAX_ANSWER_BYTES, time.monotonic() + CHECK_TIMEOUT)
+        except (ValueError, ToolboxError, OSError, urllib3.exceptions.HTTPError):
+            body = None
+    if not isinstance(body, dict):
+        raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, "CivitAI answered with something that is not JSON; nothing was stored.")
     return str(body.get("username") or body.get("id") or "unknown user")
 
 

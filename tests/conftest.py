@@ -19,6 +19,9 @@ def _isolated_environment(monkeypatch, tmp_path):
                  "TOOLBOX_MODAL_APP", "CIVITAI_API_BASE", "MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("TOOLBOX_DATA_DIR", str(tmp_path / "data"))
+    # The fakes listen on 127.0.0.1: allowed the way an admin allows a LAN host (127.0.0.2 and the rest stay refused).
+    monkeypatch.setenv("TOOLBOX_ALLOWED_HOSTS", "127.0.0.1")
+    monkeypatch.delenv("TOOLBOX_STALL_SECONDS", raising=False)
     monkeypatch.chdir(tmp_path)
 
 

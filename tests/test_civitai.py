@@ -172,7 +172,7 @@ def test_download_redirect_is_resolved_and_the_token_stays_with_civitai(civitai)
     civitai.add_model(1, 11, DATA, gated=True)
     api = client(civitai, token=civitai.token)
     resolved = api.resolve_download("https://civitai.com/api/download/models/11?type=Model&format=SafeTensor", "x")
-    assert resolved.url.startswith(civitai.base + "/storage/") and resolved.headers == {}
+    assert resolved.url.startswith(civitai.base + "/storage/") and resolved.credentials is None
     (download,) = civitai.hits("/api/download/models/11")
     assert download.query == "type=Model&format=SafeTensor"  # rebased onto CIVITAI_API_BASE, query kept
 
@@ -279,3 +279,15 @@ def test_thumbnail_rules(civitai):
 
 def test_clean_words():
     assert clean_words(["a, b", "A", "  c  d ", 3, ""]) == ["a", "b", "c d"]
+
+
+@pytest.mark.parametrize("limit, seconds", [(100, 60.0), (8 << 20, -1.0)])
+def test_api_answers_have_a_size_cap_and_a_total_timeout(civitai, monkeypatch, limit, seconds):
+    import modal_services.civitai as civitai_module
+
+    civitai.add_model(1, 11, DATA)
+    monkeypatch.setattr(civitai_module, "MAX_JSON_BYTES", limit)
+    monkeypatch.setattr(civitai_module, "JSON_TIMEOUT", seconds)
+    with pytest.raises(ToolboxError) as caught:
+        client(civitai).version(11)
+    assert caught.value.code is ErrorCode.CIVITAI_UNAVAILABLE and "too large or too slow" in caught.value.message

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from modal_services import downloads
+from modal_services import transfer
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import Layout
 from modal_services.model_import import ModelEngine
@@ -28,7 +28,7 @@ def civitai():
 
 @pytest.fixture(autouse=True)
 def _no_waiting(monkeypatch):
-    monkeypatch.setattr(downloads, "_sleep", lambda seconds: None)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
 
 
 @pytest.fixture
@@ -108,6 +108,36 @@ def test_two_imports_at_once_make_one_download(engine, civitai, tmp_path):
     asyncio.run(second.store.close())
 
 
+def test_two_models_whose_files_share_a_name_both_stay(engine, civitai, tmp_path):
+    """Different models, same file name, imported at once by two engines (bot and CLI): two files, two entries."""
+    import diffusers
+
+    assert diffusers.StableDiffusionXLPipeline  # imported here first: diffusers' lazy imports race in two threads
+
+    other = tiny_loras.to_bytes(tiny_loras.sdxl_kohya(seed=99))
+    civitai.add_model(1, 11, LORA, name="First", file_name="same.safetensors")
+    civitai.add_model(2, 21, other, name="Second", file_name="same.safetensors")
+    second = ModelEngine(Layout(tmp_path / "models", tmp_path / "loras", SqliteStore(tmp_path / "state.sqlite3")))
+    second.wait_poll = 0.05
+    second.load()
+    results = []
+    threads = [threading.Thread(target=lambda e=e, ref=ref: results.append(do_import(e, civitai, ref)))
+               for e, ref in ((engine, "https://civitai.com/models/1"), (second, "https://civitai.com/models/2"))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    files = sorted(r["entry"]["file"] for r in results)
+    assert files == ["same-2.safetensors", "same.safetensors"]
+    by_file = {r["entry"]["file"]: r["entry"] for r in results}
+    for file, entry in by_file.items():
+        data = (tmp_path / "loras" / "loras" / file).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]  # each file is its own model's
+    assert {entry["sha256"] for entry in by_file.values()} == {hashlib.sha256(LORA).hexdigest(), hashlib.sha256(other).hexdigest()}
+    assert len(entries(engine)) == 2 and not (tmp_path / "loras" / ".incoming").exists()
+    asyncio.run(second.store.close())
+
+
 def test_a_dropped_connection_resumes(engine, civitai):
     civitai.add_model(1, 11, LORA)
     civitai.fault("/storage/", kind="drop", at=1000)
@@ -169,6 +199,87 @@ def test_a_lora_for_another_base_model_is_refused_and_nothing_written(engine, ci
     assert files_under(tmp_path / "loras") == [] and entries(engine) == []
 
 
+def _poisoned(key_part: str, value: float) -> dict:
+    state = tiny_loras.sdxl_kohya()
+    key = next(k for k in state if key_part in k)
+    state[key] = state[key].clone().fill_(value) if state[key].dim() else state[key].new_tensor(value)
+    return state
+
+
+@pytest.mark.parametrize("key_part, value", [("lora_up", float("nan")), ("lora_down", float("-inf")), ("alpha", float("inf"))])
+def test_a_lora_with_nan_or_inf_weights_is_refused_naming_the_tensor(engine, civitai, tmp_path, key_part, value):
+    civitai.add_model(1, 11, tiny_loras.to_bytes(_poisoned(key_part, value)))
+    with pytest.raises(ToolboxError) as caught:
+        do_import(engine, civitai)
+    assert caught.value.code is ErrorCode.INCOMPATIBLE_MODEL and key_part in caught.value.message
+    assert "NaN or infinite" in caught.value.message
+    assert files_under(tmp_path / "loras") == [] and entries(engine) == []
+
+
+def test_a_checkpoint_with_nan_weights_is_refused(engine, civitai, tmp_path):
+    state = tiny_loras.sdxl_checkpoint()
+    state["model.diffusion_model.input_blocks.0.0.weight"][0, 0, 0, 0] = float("nan")
+    civitai.add_model(2, 21, tiny_loras.to_bytes(state), type="Checkpoint", file_name="nan.safetensors")
+    with pytest.raises(ToolboxError) as caught:
+        do_import(engine, civitai, ref="2")
+    assert caught.value.code is ErrorCode.INCOMPATIBLE_MODEL and "input_blocks.0.0.weight" in caught.value.message
+    assert files_under(tmp_path / "loras") == []
+
+
+def _sd15_lora(names: dict) -> dict:
+    import torch
+
+    g, state = torch.Generator().manual_seed(5), {}
+    for name, (out, inp) in names.items():
+        state[f"{name}.lora_down.weight"] = torch.randn((1, inp), generator=g)
+        state[f"{name}.lora_up.weight"] = torch.randn((out, 1), generator=g)
+        state[f"{name}.alpha"] = torch.tensor(1.0)
+    return state
+
+
+# Layers SD 1.5 and SDXL both have with the same shapes: such a LoRA would load into SDXL.
+SHARED_SHAPES = {
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q": (1280, 1280),
+    "lora_unet_down_blocks_2_attentions_0_transformer_blocks_0_attn1_to_k": (1280, 1280),
+    "lora_te1_text_model_encoder_layers_11_self_attn_out_proj": (768, 768),
+}
+
+
+@pytest.mark.parametrize("names, why", [
+    (SHARED_SHAPES, "only layers SD 1.5 has"),
+    ({"lora_te_text_model_encoder_layers_0_self_attn_q_proj": (768, 768),
+      "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q": (1280, 1280)}, "SD 1.5's single text encoder"),
+])
+def test_an_sd15_lora_labelled_sdxl_is_refused_and_nothing_written(engine, civitai, tmp_path, names, why):
+    civitai.add_model(1, 11, tiny_loras.to_bytes(_sd15_lora(names)))
+    with pytest.raises(ToolboxError) as caught:
+        do_import(engine, civitai)
+    assert caught.value.code is ErrorCode.INCOMPATIBLE_MODEL and why in caught.value.message
+    assert files_under(tmp_path / "loras") == [] and entries(engine) == []
+
+
+def test_disk_full_while_converting_is_storage_full(engine, civitai, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    civitai.add_model(1, 11, tiny_loras.to_bytes(tiny_loras.sdxl_loha()), file_name="armor.safetensors")
+    with pytest.raises(ToolboxError) as caught:
+        do_import(engine, civitai)
+    assert caught.value.code is ErrorCode.STORAGE_FULL
+    assert files_under(tmp_path / "loras") == [] and entries(engine) == []
+
+
+def test_a_name_over_255_utf8_bytes_is_shortened_and_nothing_is_left_behind(engine, civitai, tmp_path):
+    long_name = "字" * 200 + ".safetensors"  # 212 characters, 612 bytes
+    civitai.add_model(1, 11, LORA, file_name=long_name)
+    entry = do_import(engine, civitai)["entry"]
+    assert len(entry["file"].encode()) <= 200 and entry["file"].startswith("字") and entry["file"].endswith(".safetensors")
+    assert files_under(tmp_path / "loras") == [f"loras/{entry['file']}"]  # no .incoming/<id>/ left
+
+
 def test_checkpoints_go_to_checkpoints_and_must_be_sdxl(engine, civitai, tmp_path):
     civitai.add_model(2, 21, tiny_loras.to_bytes(tiny_loras.sdxl_checkpoint()), type="Checkpoint",
                       name="NoobAI XL", file_name="noobai.safetensors", base_model="NoobAI")
@@ -227,6 +338,20 @@ def test_upload_refuses_pickles_and_wrong_types(engine, civitai):
         engine.upload_model(Progress(), url=f"{civitai.base}/files/x.safetensors", filename="x.safetensors",
                             type="checkpoint", api_base=civitai.base)
     assert "LORA" in caught.value.message and entries(engine) == []
+
+
+@pytest.mark.parametrize("url", [
+    "https://example.com/attachments/x.safetensors",  # not Discord's CDN
+    "http://cdn.discordapp.com/attachments/x.safetensors",  # not https
+    "https://cdn.discordapp.com@127.0.0.1/x.safetensors",  # userinfo trick
+    "file:///etc/passwd",
+])
+def test_upload_fetches_only_from_discords_cdn(engine, civitai, monkeypatch, url):
+    monkeypatch.setenv("TOOLBOX_ALLOWED_HOSTS", "")
+    with pytest.raises(ToolboxError) as caught:
+        engine.upload_model(Progress(), url=url, filename="x.safetensors", type="lora", api_base=civitai.base)
+    assert caught.value.code is ErrorCode.INVALID_INPUT and "Refused to fetch" in caught.value.message
+    assert civitai.hits("/files/") == [] and entries(engine) == []
 
 
 def test_delete_and_scan_adopt(engine, civitai, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
-from modal_services import downloads
+from modal_services import transfer
 from tests.fakes.civitai_server import FakeCivitai
 from tests.fixtures import tiny_loras
 
@@ -21,7 +21,7 @@ LORA = tiny_loras.to_bytes(tiny_loras.sdxl_kohya())
 def civitai(monkeypatch):
     server = FakeCivitai().start()
     monkeypatch.setenv("CIVITAI_API_BASE", server.base)
-    monkeypatch.setattr(downloads, "_sleep", lambda seconds: None)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
     yield server
     server.stop()
 

@@ -9,8 +9,8 @@ import pickle
 
 import pytest
 
-from modal_services import downloads
-from modal_services.downloads import (
+from modal_services import downloads, transfer
+from modal_services.transfer import (
     DownloadError,
     DownloadHTTPError,
     download_file,
@@ -19,6 +19,7 @@ from modal_services.downloads import (
     retry_after_seconds,
     safe_url,
 )
+from modal_services.egress import Credentials
 from modal_services.errors import ErrorCode, ToolboxError
 from tests.fakes.hf_server import FakeHub
 
@@ -33,7 +34,7 @@ def hub():
 def sleeps(monkeypatch):
     """Retries run without waiting; the delays asked for are recorded."""
     waited: list[float] = []
-    monkeypatch.setattr(downloads, "_sleep", waited.append)
+    monkeypatch.setattr(transfer, "_sleep", waited.append)
     return waited
 
 
@@ -112,7 +113,7 @@ def test_429_honours_retry_after_then_succeeds(hub, tmp_path, sleeps):
     hub.fault("/files/f", "status", status=500)
     assert download_file(f"{hub.url}/files/f", tmp_path / "f").sha256 == SHA
     assert sleeps[0] == 7.0
-    assert 0 < sleeps[1] <= downloads.RETRY_MAX_DELAY
+    assert 0 < sleeps[1] <= transfer.RETRY_MAX_DELAY
 
 
 def test_persistent_5xx_gives_up_after_retries(hub, tmp_path, sleeps):
@@ -148,7 +149,8 @@ def test_refusals_raise_distinct_type_without_retry_or_secret(hub, tmp_path, sle
     hub.fault("/files/f", "status", status=status)
     secret = "sk-very-secret-token"
     with pytest.raises(DownloadHTTPError) as caught:
-        download_file(f"{hub.url}/files/f?token={secret}", tmp_path / "f", headers={"Authorization": f"Bearer {secret}"})
+        download_file(f"{hub.url}/files/f?token={secret}", tmp_path / "f",
+                      credentials=Credentials.for_base(hub.url, {"Authorization": f"Bearer {secret}"}))
     assert caught.value.status == status and sleeps == []
     assert secret not in str(caught.value) and secret not in caught.value.message
     copy = pickle.loads(pickle.dumps(caught.value))  # crosses a Modal boundary intact
@@ -242,11 +244,11 @@ from modal_services.downloads import (
     DownloadEngine,
     check_files,
     download_key,
-    lock_key,
     manifest_key,
     missing_models,
     model_states,
 )
+from modal_services.keys import lock_key
 from modal_services.layout import Layout
 from modal_services.registry import HFSource, ModelEntry, PublishedFile, URLSource
 from modal_services.state import SqliteStore

@@ -57,7 +57,16 @@ def test_safe_file_name(raw, expected):
 
 def test_safe_file_name_is_bounded():
     name = safe_file_name("x" * 1000 + ".safetensors")
-    assert len(name) <= 120 and name.endswith(".safetensors")
+    assert len(name.encode()) <= 200 and name.endswith(".safetensors")
+
+
+@pytest.mark.parametrize("letter", ["é", "字", "🎨"])
+def test_long_names_are_shortened_by_utf8_bytes(letter):
+    """Under 255 characters but far over 255 bytes: shortened on a character boundary, room left for suffixes."""
+    name = safe_file_name(letter * 250 + ".safetensors")
+    assert len(name.encode()) <= 200 and name.endswith(".safetensors") and set(name[: -len(".safetensors")]) == {letter}
+    taken = unique_file_name(name, {name})
+    assert len((taken + ".partial").encode()) < 255 and taken.endswith("-2.safetensors")
 
 
 def test_unique_file_name():

@@ -124,6 +124,7 @@ def test_the_bot_runs_in_one_always_on_container_without_the_ml_stack(app_module
 def test_cpu_services_have_no_gpu(app_module):
     for name in ("DownloadService", "ModelService"):
         options = app_module.recorded_options[name]
+        assert options["secrets"] == [app_module.bot_secret]  # the tokens put in the bot's secret reach them
         assert "gpu" not in options
         assert app_module.models_volume in options["volumes"].values()
         assert app_module.loras_volume in options["volumes"].values()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from modal_services import layout
-from modal_services.downloads import FETCHERS
+from modal_services.fetchers import FETCHERS
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.registry import BASE_MODELS, SDXL_CONFIG_FILES, get_entry, models_for, resolve_keys
 

@@ -16,8 +16,9 @@ from bot.settings import Settings
 from cogs import setup as setup_cog
 from cogs.setup import Setup, SetupPanel, TokensForm, render_progress
 from modal_services import downloads
-from modal_services.downloads import lock_key, manifest_key, model_states
+from modal_services.downloads import manifest_key, model_states
 from modal_services.jobs import Job, JobStatus, create_job, update_job
+from modal_services.keys import SETUP_DOWNLOAD_LOCK, lock_key
 from modal_services.registry import BASE_MODELS
 from tests.fakes.discord_fakes import fake_interaction
 from tests.fakes.hf_server import FakeHub, serve_registry
@@ -85,7 +86,7 @@ async def test_panel_lists_models_sizes_and_masked_tokens(bot, monkeypatch):
     for entry in BASE_MODELS.values():
         assert entry.name in text
     assert "0/7 present" in text and "6.9 GB" in text and "missing" in text
-    assert "CivitAI: ••••a1b2 from the environment" in text and "Hugging Face: not set" in text
+    assert "CivitAI: ••••a1b2 (from the environment)" in text and "Hugging Face: not set" in text
     assert CIVITAI_TOKEN not in text
     assert isinstance(interaction.edit_original_response.await_args.kwargs["view"], SetupPanel)
 
@@ -110,6 +111,14 @@ async def test_download_button_runs_one_job_with_live_progress(bot, hub):
     assert "already downloaded" in last_content(again)
     assert len(await bot.backend.store.keys("job:")) == 1
 
+    # A file deleted from the disk is missing again, whatever the manifest says, and is fetched again.
+    weights = bot.settings.models_dir / "illustrious-xl" / "Illustrious-XL-v2.0.safetensors"
+    weights.unlink()
+    assert "6/7 present" in await cog.panel_text()
+    third = fake_interaction(admin=True)
+    await asyncio.wait_for(panel.download.callback(third), timeout=30)
+    assert "All base models are ready" in last_content(third) and weights.is_file()
+
 
 async def test_two_admins_at_once_start_one_download(bot, hub):
     cog = Setup(bot)
@@ -125,7 +134,7 @@ async def test_setup_attaches_to_a_running_download(bot):
     store = bot.backend.store
     job = await create_job(store, "download")
     await update_job(store, job.id, status=JobStatus.RUNNING, stage="downloading", progress=0.5)
-    await store.put(lock_key(downloads.SETUP_LOCK), {"owner": "x", "job_id": job.id, "heartbeat": time.time()})
+    await store.put(lock_key(SETUP_DOWNLOAD_LOCK), {"owner": "x", "job_id": job.id, "heartbeat": time.time()})
     await store.put(downloads.download_key("sdxl-vae"), {
         "status": "downloading", "bytes_done": 100_000_000, "bytes_total": 335_000_000, "rate": 25_000_000,
         "eta": 9.4, "updated_at": time.time()})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -114,3 +115,25 @@ async def test_modal_store_uses_aio_only():
     await store.contains("a")
     await store.pop("a")
     assert fake.calls == ["put", "get", "put", "contains", "pop"]
+
+
+def test_the_local_state_is_private_to_its_user(tmp_path):
+    """It holds the API tokens: folder 0700, file 0600 (with SQLite's -wal and -shm), fixed for an existing install."""
+    import stat
+
+    folder = tmp_path / "data"
+    folder.mkdir(mode=0o755)
+    path = folder / "state.sqlite3"
+    path.touch(mode=0o644)
+    os.chmod(folder, 0o755)
+    os.chmod(path, 0o644)
+
+    async def use():
+        store = SqliteStore(path)
+        await store.put("secret:civitai", {"token": "t"})
+        await store.close()
+
+    asyncio.run(use())
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    for file in folder.iterdir():
+        assert stat.S_IMODE(file.stat().st_mode) == 0o600, file.name

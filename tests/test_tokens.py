@@ -100,10 +100,12 @@ async def test_environment_is_the_fallback(store, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_from_environment_zz99")
     state = await token_state(store, "hf")
     assert (state.source, state.masked) == ("env", "••••zz99")
-    assert state.describe() == "Hugging Face: ••••zz99 from the environment"
+    assert state.describe() == "Hugging Face: ••••zz99 (from the environment)"
+    on_modal = await token_state(store, "hf", {"HF_TOKEN": "hf_from_environment_zz99", "MODAL_IS_REMOTE": "1"})
+    assert on_modal.describe() == "Hugging Face: ••••zz99 (from the Modal secret)"
     await store.put("secret:hf", {"token": "hf_from_setup_token_ab12", "user": "me"})
     assert await get_token(store, "hf") == "hf_from_setup_token_ab12"
-    assert (await token_state(store, "hf")).describe() == "Hugging Face: ••••ab12 (me)"
+    assert (await token_state(store, "hf")).describe() == "Hugging Face: ••••ab12 (me) (set with /setup)"
     await clear_token(store, "hf")
     assert await get_token(store, "hf") == "hf_from_environment_zz99"
     assert (await token_state(store, "civitai")).describe() == "CivitAI: not set"

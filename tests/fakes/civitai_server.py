@@ -25,8 +25,10 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, quote, urlsplit
+
+from tests.fakes.hf_server import QuietServer
 
 
 @dataclass
@@ -57,7 +59,7 @@ class FakeCivitai:
         self.requests: list[Recorded] = []
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
+        self._server = QuietServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
@@ -233,7 +235,9 @@ def _handler(fake: FakeCivitai):
             headers.update({
                 "Content-Type": "application/octet-stream",
                 "Accept-Ranges": "bytes",
-                "Content-Disposition": f"attachment; filename=\"{name}\"; filename*=UTF-8''{quote(name)}",
+                # An ASCII fallback beside the RFC 5987 name, as real storage sends (headers are Latin-1).
+                "Content-Disposition": f"attachment; filename=\"{name.encode('ascii', 'replace').decode()}\"; "
+                                       f"filename*=UTF-8''{quote(name)}",
             })
             body = data[start:]
             if fault and fault.kind == "drop":

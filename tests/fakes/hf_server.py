@@ -12,7 +12,11 @@ It speaks the shapes huggingface_hub 2.x uses:
 
 Faults are queued per path fragment and used up one request at a time:
 drop the connection after N body bytes, answer with a status (429 with
-`Retry-After`, 500, 401...), send wrong bytes, or ignore `Range`.
+`Retry-After`, 500, 401...), send wrong bytes, ignore `Range` (and then
+drop, with `at`), answer a range with a wrong `Content-Range`, trickle a
+byte every `interval` seconds after `at` bytes, fall silent after `at`
+bytes, or send the body without a `Content-Length`. Slow faults end by
+themselves within `interval * TRICKLE_BYTES` seconds.
 
 Bodies can be generated (`GeneratedBlob`) so that a 2 GB file costs no memory.
 """
@@ -31,6 +35,7 @@ from urllib.parse import unquote, urlsplit
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SEND_CHUNK = 1 << 20
+TRICKLE_BYTES = 40  # a trickle sends this many bytes at most, then hangs up
 
 
 class Blob:
@@ -75,8 +80,10 @@ class Fault:
     """One misbehaviour for the next request whose path contains `match`."""
 
     match: str
-    kind: str  # "drop" | "status" | "corrupt" | "ignore_range"
-    at: int = 0  # drop: body bytes sent before the connection is cut
+    kind: str  # "drop" | "status" | "corrupt" | "ignore_range" | "wrong_range" | "trickle" | "silent" | "no_length"
+    at: int = 0  # drop, trickle, silent, ignore_range: body bytes sent before the fault begins (0: none for ignore_range)
+    interval: float = 0.5  # trickle: seconds between bytes; silent: seconds of silence before hanging up
+    skip: int = 0  # matching requests let through untouched before this one applies
     status: int = 500
     headers: dict[str, str] = field(default_factory=dict)
     methods: tuple[str, ...] = ("GET",)
@@ -89,13 +96,15 @@ class HubFile:
 
 
 class FakeHub:
-    def __init__(self):
+    def __init__(self, host: str = "127.0.0.1"):
+        self.host = host  # any loopback address: 127.0.0.2 stands for "another host"
         self.repos: dict[str, dict[str, HubFile]] = {}
         self.plain: dict[str, tuple[Blob, dict[str, str]]] = {}
         self.faults: list[Fault] = []
         self.requests: list[dict] = []
         self.valid_tokens: set[str] = set()
         self.require_token = False
+        self.pace: float | None = None  # bytes per second per connection, for bodies
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -132,7 +141,7 @@ class FakeHub:
             pass
 
         Handler.hub = hub
-        self._server = _QuietServer(("127.0.0.1", 0), Handler)
+        self._server = QuietServer((self.host, 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
@@ -155,11 +164,14 @@ class FakeHub:
         with self._lock:
             for index, fault in enumerate(self.faults):
                 if fault.match in path and method in fault.methods:
+                    if fault.skip:
+                        fault.skip -= 1
+                        return None
                     return self.faults.pop(index)
         return None
 
 
-class _QuietServer(ThreadingHTTPServer):
+class QuietServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address) -> None:
         """Clients that hang up (the point of some tests) are not errors worth a traceback."""
 
@@ -258,8 +270,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_blob(self, method: str, blob: Blob, headers: dict[str, str], fault: Fault | None) -> None:
         start, end, status = 0, blob.size, 200
+        kind = fault.kind if fault else None
         wanted = self.headers.get("Range")
-        if wanted and not (fault and fault.kind == "ignore_range"):
+        if wanted and kind != "ignore_range":
             match = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted.strip())
             if match:
                 start = int(match.group(1))
@@ -269,30 +282,68 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._json(416, {"error": "range"}, {"Content-Range": f"bytes */{blob.size}"})
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{blob.size}"
+        if kind == "wrong_range":  # a 206 for bytes that were not asked for, Range or not
+            status = 206
+            headers["Content-Range"] = f"bytes {start + 1}-{end - 1}/{blob.size}"
         self.send_response(status)
-        self.send_header("Content-Length", str(end - start))
+        if kind != "no_length":
+            self.send_header("Content-Length", str(end - start))
         self.send_header("Accept-Ranges", "bytes")
         self.send_header("Content-Type", "application/octet-stream")
         for name, value in headers.items():
             self.send_header(name, value)
+        if kind == "no_length":
+            self.send_header("Connection", "close")
         self.end_headers()
         if method == "HEAD":
             return
+        cut_at = fault.at if fault and (kind in ("drop", "trickle", "silent") or (kind == "ignore_range" and fault.at)) else None
         sent = 0
         try:
             for chunk in blob.chunks(start, end):
-                if fault and fault.kind == "drop" and sent + len(chunk) >= fault.at:
-                    self.wfile.write(chunk[: max(fault.at - sent, 0)])
+                if cut_at is not None and sent + len(chunk) >= cut_at:
+                    self.wfile.write(chunk[: max(cut_at - sent, 0)])
                     self.wfile.flush()
+                    self._misbehave(fault, bytes(chunk[max(cut_at - sent, 0):]))
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)
                     return
-                if fault and fault.kind == "corrupt":
+                if kind == "corrupt":
                     chunk = bytes(b ^ 0xFF for b in chunk)
-                self.wfile.write(chunk)
+                self._write_paced(chunk)
                 sent += len(chunk)
+            if kind == "no_length":
+                self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
+
+    def _write_paced(self, chunk) -> None:
+        """At the hub's pace per connection (a storage node's per-connection limit), or as fast as it goes."""
+        import time
+
+        pace = self.hub.pace
+        if not pace:
+            self.wfile.write(chunk)
+            return
+        step = 64 * 1024
+        started = time.monotonic()
+        for offset in range(0, len(chunk), step):
+            self.wfile.write(chunk[offset : offset + step])
+            ahead = (offset + step) / pace - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+    def _misbehave(self, fault: Fault, rest: bytes) -> None:
+        """After the cut point: a trickle, a silence, or nothing (a drop)."""
+        import time
+
+        if fault.kind == "trickle":
+            for byte in rest[:TRICKLE_BYTES]:
+                time.sleep(fault.interval)
+                self.wfile.write(bytes([byte]))
+                self.wfile.flush()
+        elif fault.kind == "silent":
+            time.sleep(fault.interval)
 
 
 def serve_registry(hub: FakeHub, registry=None, weights_size: int = 4096) -> None:
