@@ -1,7 +1,7 @@
 """Reading image attachments from Discord, with every check done before a job starts.
 
 `check_attachment` looks only at what Discord tells us (size, content type,
-name) and is instant, so a command can refuse bad input before it defers.
+name, width and height) and is instant, so a command can refuse bad input before it defers.
 `read_image` downloads and decodes (in a thread), and hands the worker a
 clean single-frame PNG, never the user's original bytes.
 """
@@ -18,7 +18,7 @@ import discord
 from PIL import Image
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.imaging import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS, decode_image, encode_png
+from modal_services.imaging import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS, check_pixel_count, decode_image, encode_png
 
 MAX_ATTACHMENT_BYTES = 25 * 1024 * 1024
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"}
@@ -42,8 +42,11 @@ def looks_like_image(attachment: discord.Attachment) -> bool:
     return PurePath(attachment.filename).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def check_attachment(attachment: discord.Attachment, max_bytes: int = MAX_ATTACHMENT_BYTES) -> None:
-    """Instant checks on Discord's metadata; raises INVALID_INPUT."""
+def check_attachment(
+    attachment: discord.Attachment, max_bytes: int = MAX_ATTACHMENT_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> None:
+    """Instant checks on Discord's metadata (type, size, and the width and height it reports
+    for images); raises INVALID_INPUT. The decoder checks the real pixels again later."""
     name = f"`{discord.utils.escape_markdown(attachment.filename)}`"
     if not looks_like_image(attachment):
         raise ToolboxError(ErrorCode.INVALID_INPUT, f"{name} is not an image. Send a {ACCEPTED_FORMATS} file.")
@@ -54,6 +57,8 @@ def check_attachment(attachment: discord.Attachment, max_bytes: int = MAX_ATTACH
             ErrorCode.INVALID_INPUT,
             f"{name} is {attachment.size / 2**20:.1f} MiB; the limit is {max_bytes / 2**20:.0f} MiB.",
         )
+    if attachment.width and attachment.height:
+        check_pixel_count(attachment.width, attachment.height, max_pixels, name)
 
 
 def image_attachments(message: discord.Message) -> list[discord.Attachment]:

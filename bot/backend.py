@@ -33,6 +33,8 @@ from modal_services.state import ModalDictStore, SqliteStore, StateStore
 
 log = logging.getLogger(__name__)
 
+# Answering within 15 s: a missing or rejected Modal token fails at once, an unreachable Modal here.
+MODAL_CONNECT_TIMEOUT = 10.0
 # A local job's result waits this long for someone to collect it (/setup follows
 # downloads by their records and never does), then it is let go.
 RESULT_KEEP_SECONDS = 600
@@ -45,9 +47,14 @@ class Backend(ABC):
 
     @abstractmethod
     async def submit(
-        self, request: JobRequest, owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+        self,
+        request: JobRequest,
+        owner: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        job_id: str | None = None,
     ) -> Job:
-        """Create `job:<id>` (queued) and start the work of `request`; returns at once.
+        """Create `job:<id>` (queued; under `job_id` if one was chosen in advance) and start the work
+        of `request`; returns at once.
 
         The request was checked when it was built, so a bad value never gets this far."""
 
@@ -57,6 +64,9 @@ class Backend(ABC):
 
     async def job(self, job_id: str) -> Job | None:
         return await load_job(self.store, job_id)
+
+    async def start(self) -> None:
+        """Check that the backend can work at all (credentials, reachability) before anyone uses it."""
 
     async def cancel(self, job_id: str) -> None:
         """Backend-specific help in stopping a job; the cooperative cancel flag is set by the caller."""
@@ -84,10 +94,14 @@ class LocalBackend(Backend):
         self._tasks: dict[str, asyncio.Task] = {}
 
     async def submit(
-        self, request: JobRequest, owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+        self,
+        request: JobRequest,
+        owner: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        job_id: str | None = None,
     ) -> Job:
         spec = SERVICES[request.kind]
-        job = await create_job(self.store, request.kind, owner, meta)
+        job = await create_job(self.store, request.kind, owner, meta, job_id)
         task = asyncio.create_task(self._run(spec, job.id, request.to_payload()), name=f"job-{job.id}")
         self._tasks[job.id] = task
         loop = asyncio.get_running_loop()
@@ -151,14 +165,39 @@ class ModalBackend(Backend):
         self.app_name = settings.modal_app
         self.store = ModalDictStore.from_name(settings.state_dict)
 
+    async def start(self) -> None:
+        import modal
+
+        try:
+            # Modal's client retries an unreachable server for minutes; a person at a terminal waits seconds.
+            async with asyncio.timeout(MODAL_CONNECT_TIMEOUT):
+                client = await modal.Client.from_env.aio()
+                await client.hello.aio()
+        except modal.exception.AuthError:
+            raise ToolboxError(
+                ErrorCode.PERMISSION_DENIED,
+                "Modal has no valid token for this machine: run `modal token new`, or set MODAL_TOKEN_ID and "
+                "MODAL_TOKEN_SECRET.",
+            ) from None
+        except (modal.exception.ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            raise ToolboxError(
+                ErrorCode.BACKEND_UNAVAILABLE,
+                f"Modal could not be reached within {MODAL_CONNECT_TIMEOUT:.0f} s ({type(exc).__name__}); "
+                "check the network, or use TOOLBOX_BACKEND=local.",
+            ) from None
+
     async def submit(
-        self, request: JobRequest, owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+        self,
+        request: JobRequest,
+        owner: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        job_id: str | None = None,
     ) -> Job:
         import modal
 
         spec = SERVICES[request.kind]
         await self._check_models(request.kind)
-        job = await create_job(self.store, request.kind, owner, meta)
+        job = await create_job(self.store, request.kind, owner, meta, job_id)
         try:
             service = modal.Cls.from_name(self.app_name, spec.modal_class)()
             call = await getattr(service, spec.modal_method).spawn.aio(job.id, request.to_payload())
@@ -242,3 +281,14 @@ def make_backend(settings: Settings) -> Backend:
     if settings.backend == "modal":
         return ModalBackend(settings)
     return LocalBackend(settings)
+
+
+async def open_backend(settings: Settings) -> Backend:
+    """The backend for these settings, checked to work (raises a ToolboxError that says why not)."""
+    backend = make_backend(settings)
+    try:
+        await backend.start()
+    except BaseException:
+        await backend.close()
+        raise
+    return backend

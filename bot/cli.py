@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
 
 from tqdm import tqdm
 
-from bot.backend import ENGINE_THREAD_PREFIX, Backend, make_backend
+from bot.backend import ENGINE_THREAD_PREFIX, Backend, open_backend
 from bot.progress import follow_job
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     setup = commands.add_parser("setup", help="download the missing base models")
     setup.add_argument("--only", nargs="+", metavar="KEY", help="just these models (see `toolbox status`)")
 
-    status = commands.add_parser("status", help="base models, tokens and the running download")
+    status = commands.add_parser("status", help="the data dir, base models, tokens and the running download")
     status.add_argument("--json", action="store_true", help="one JSON document on stdout")
     _add_models_parser(commands)
 
@@ -177,13 +178,23 @@ def _stop_engines_soon() -> None:
 
 
 def run_bot(settings: Settings) -> None:
+    """Until SIGTERM or Ctrl-C, which close the bot gracefully; a second Ctrl-C leaves at once."""
     import discord
 
     from bot.runner import bot_supervisor
 
     supervisor = bot_supervisor(settings)
     discord.utils.setup_logging(level=logging.INFO)
-    supervisor.run(threading.Event())  # until Ctrl-C
+    stop = threading.Event()
+
+    def request_stop(signum, frame) -> None:
+        logging.getLogger("bot").info("stopping (%s)", signal.Signals(signum).name)
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    supervisor.run(stop)
 
 
 def _read_for_caption(path: Path) -> bytes:
@@ -199,7 +210,7 @@ async def caption_files(settings: Settings, args: argparse.Namespace) -> None:
         raise ToolboxError(ErrorCode.INVALID_INPUT, "--batch-size must be at least 1.")
     # Every file is checked before any work starts: a bad one in the middle of a batch wastes nothing.
     images = [await asyncio.to_thread(_read_for_caption, path) for path in args.images]
-    backend = make_backend(settings)
+    backend = await open_backend(settings)
     try:
         with tqdm(total=len(images), unit="img", desc="captioning", disable=None) as bar:
             for start in range(0, len(images), args.batch_size):
@@ -260,7 +271,7 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
     scale = args.scale or UpscaleRequest.model_fields["scale"].default
     output = args.output or args.image.with_name(f"{args.image.stem}_x{scale:g}.png")
     await asyncio.to_thread(_writable_output, output)
-    backend = make_backend(settings)
+    backend = await open_backend(settings)
     try:
         library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
         request, checkpoint = await upscale_request(library, png, choices, loras)
@@ -341,7 +352,7 @@ async def setup_models(settings: Settings, only: list[str] | None) -> None:
     from modal_services.registry import resolve_keys
 
     entries = resolve_keys(only)  # an unknown key fails here, before anything starts
-    backend = make_backend(settings)
+    backend = await open_backend(settings)
     try:
         states = await checked_states(settings, backend.store, entries, hashes=True)
         missing = [state.key for state in states if state.state != "present"]
@@ -394,13 +405,14 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     from modal_services.registry import BASE_MODELS
     from modal_services.tokens import SERVICES, token_state
 
-    backend = make_backend(settings)
+    backend = await open_backend(settings)
     store = backend.store
     try:
         states = await checked_states(settings, store, BASE_MODELS.values())
         tokens = [await token_state(store, service) for service in SERVICES]
         document = {
             "backend": settings.backend,
+            "data_dir": str(settings.data_dir) if settings.backend == "local" else None,
             "models": [state.to_dict() for state in states],
             "tokens": {t.service: {"set": t.is_set, "masked": t.masked, "source": t.source, "user": t.user} for t in tokens},
             "active_download": await active_download(store),
@@ -412,6 +424,8 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     if as_json:
         print(json.dumps(document, indent=2))
         return
+    if document["data_dir"]:
+        print(f"data dir: {document['data_dir']}")
     for state in states:
         extra = f" ({state.detail})" if state.detail else ""
         print(f"{state.key:16} {state.state:12} {state.size_bytes / 1e9:6.2f} GB{extra}")
@@ -486,7 +500,7 @@ async def models_command(settings: Settings, args: argparse.Namespace) -> None:
     from modal_services.tokens import get_token
 
     ref = parse_reference(args.ref) if args.verb == "import" else None  # bad input fails before anything starts
-    backend = make_backend(settings)
+    backend = await open_backend(settings)
     library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
     try:
         if args.verb == "import":

@@ -9,26 +9,35 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.backend import Backend
-from bot.replies import as_toolbox_error, send_error
+from bot.replies import as_toolbox_error, send_error, taking_interactions
 from bot.settings import Settings
 from bot.tracker import CancelJobButton, JobTracker
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = ("cogs.caption", "cogs.setup", "cogs.models", "cogs.jobs", "cogs.settings", "cogs.upscale")
+# While closing, running jobs' replies are told of the restart for at most this long.
+SHUTDOWN_NOTICE_SECONDS = 5.0
+
+
+class ToolboxTree(app_commands.CommandTree):
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return await taking_interactions(interaction)
 
 
 class ToolboxBot(commands.Bot):
     def __init__(self, settings: Settings, backend: Backend):
         # Slash commands and context menus need no privileged intents: the
         # message a context menu targets arrives with the interaction.
-        super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents.default())
+        super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents.default(), tree_cls=ToolboxTree)
         self.settings = settings
         self.backend = backend
+        self.stopping = False
         self.tracker = JobTracker(self)
         self.tree.on_error = self.on_app_command_error
 
     async def setup_hook(self) -> None:
+        await self.backend.start()  # a Modal token that is missing or refused stops the bot here, in one line
         for extension in EXTENSIONS:
             await self.load_extension(extension)
         # Cancel buttons on replies sent before a restart keep working.
@@ -60,5 +69,12 @@ class ToolboxBot(commands.Bot):
         await send_error(interaction, as_toolbox_error(error))
 
     async def close(self) -> None:
-        await self.backend.close()
+        """Gracefully: no new interactions, running jobs' replies told of the restart (the jobs are
+        resumed on the next start), then the gateway and the stores closed."""
+        if self.stopping:
+            await super().close()
+            return
+        self.stopping = True
+        await self.tracker.stand_down(SHUTDOWN_NOTICE_SECONDS)
         await super().close()
+        await self.backend.close()

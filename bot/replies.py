@@ -53,6 +53,18 @@ def as_toolbox_error(error: BaseException) -> ToolboxError:
     return ToolboxError(ErrorCode.INTERNAL, "An unexpected error happened; it has been logged.")
 
 
+async def taking_interactions(interaction: discord.Interaction) -> bool:
+    """False (having told the user privately) while the bot is closing: nothing new starts then."""
+    if not interaction.client.stopping:
+        return True
+    if interaction.type is not discord.InteractionType.autocomplete:
+        try:
+            await interaction.response.send_message("🔄 The bot is restarting; try again in a minute.", ephemeral=True)
+        except discord.HTTPException:
+            pass  # the gateway is going anyway
+    return False
+
+
 async def send_error(interaction: discord.Interaction, error: ToolboxError) -> None:
     """Show `error` to the invoking user only, whatever state the interaction is in."""
     text = error_text(error)

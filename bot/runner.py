@@ -6,6 +6,12 @@
 closes cleanly and a fresh session starts at once. Crashes restart with an
 exponential backoff, so a bad token or a Discord outage never turns into a
 tight reconnect loop (Discord bans IPs that make too many failed requests).
+An outage is logged as one line with its cause and the next try; only an
+unexpected crash logs its traceback.
+
+Setting `stop` ends the session gracefully (the bot's `close`: no new
+interactions, running jobs' replies told of the restart, the gateway closed,
+the stores closed) within `SHUTDOWN_SECONDS`.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Callable
 
 import discord
 
+from bot.outages import describe_outage, quiet_discord_outages
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
 
@@ -28,6 +35,9 @@ FIRST_BACKOFF = 5.0
 MAX_BACKOFF = 300.0
 # A session that lived this long was healthy: the next crash starts the backoff afresh.
 HEALTHY_SESSION = 600.0
+# Modal gives a stopping container a grace period; `toolbox bot` is stopped by SIGTERM or Ctrl-C.
+SHUTDOWN_SECONDS = 10.0
+STOP_POLL_SECONDS = 0.2
 
 
 class BotSupervisor:
@@ -50,21 +60,33 @@ class BotSupervisor:
     def run(self, stop: threading.Event) -> None:
         """Blocking: sessions one after another until `stop` is set."""
         backoff = self.first_backoff
+        quiet_discord_outages()
         while not stop.is_set():
             started = time.monotonic()
             self.sessions += 1
             try:
                 asyncio.run(self._session(stop))
-                continue  # a clean end (rotation or stop): reconnect at once
             except discord.LoginFailure:
                 # Retrying a rejected token only counts towards Discord's invalid-request ban.
                 raise ToolboxError(ErrorCode.PERMISSION_DENIED, "Discord refused the bot token: check DISCORD_TOKEN.") from None
-            except Exception:
+            except ToolboxError as error:
+                if error.code is not ErrorCode.BACKEND_UNAVAILABLE:
+                    raise  # a refused credential or a bad setting: retrying cannot help
                 self.crashes += 1
-                log.exception("bot session crashed")
+                cause = f"{error.code.value}: {error.message}"
+            except Exception as exc:
+                self.crashes += 1
+                cause = describe_outage(exc)
+                if cause is None:
+                    log.exception("bot session crashed")
+            else:
+                continue  # a clean end (rotation or stop): reconnect at once
             if time.monotonic() - started > HEALTHY_SESSION:
                 backoff = self.first_backoff
-            log.info("reconnecting in %.0f s", backoff)
+            if cause is not None:
+                log.warning("cannot reach Discord or the workers: %s; retrying in %.0f s", cause, backoff)
+            else:
+                log.info("reconnecting in %.0f s", backoff)
             stop.wait(backoff)
             backoff = min(backoff * 2, self.max_backoff)
 
@@ -78,13 +100,16 @@ class BotSupervisor:
             if gateway in done:
                 gateway.result()  # raises what ended it
                 raise RuntimeError("the gateway connection ended on its own")
-            await bot.close()
+            try:
+                await asyncio.wait_for(bot.close(), SHUTDOWN_SECONDS)
+            except asyncio.TimeoutError:
+                log.warning("the bot did not close within %.0f s; leaving anyway", SHUTDOWN_SECONDS)
             await asyncio.gather(gateway, return_exceptions=True)
 
     async def _wait_until_over(self, stop: threading.Event) -> None:
         deadline = time.monotonic() + self.session_limit
         while not stop.is_set() and time.monotonic() < deadline:
-            await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+            await asyncio.sleep(min(STOP_POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
 
 
 def bot_supervisor(settings: Settings) -> BotSupervisor:

@@ -1,8 +1,11 @@
 """Jobs as people see them in Discord: admission, live replies, cancel buttons, delivery.
 
-- Admission: per-user, per-guild and global caps on jobs queued or running;
-  over a cap the user gets a private message with their place in line.
-- A job reports into one message. While the interaction token lives (15 min)
+- Admission: per-user, per-guild and global caps on jobs queued or running,
+  held by slots claimed atomically in the state store (`modal_services.slots`)
+  before anything is downloaded; over a cap the user gets a private message
+  with their place in line.
+- A job reports into one message, and every edit of it (progress, previews,
+  the result, an error) goes through that message's one `MessageEdits`. While the interaction token lives (15 min)
   the reply is edited through it; after that, and after a bot restart, the
   same message is edited with the bot's own token.
 - Every running job's reply carries a Cancel button that survives restarts
@@ -14,23 +17,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 
 import discord
 
 from bot.guild_settings import GuildSettings, load_guild_settings
 from bot.permissions import is_admin
-from bot.progress import ReplyEditor, end_if_stale, follow_job, render_job
-from bot.replies import error_text, send_error
+from bot.progress import MessageEdits, end_if_stale, follow_job, render_job
+from bot.replies import error_text, send_error, taking_interactions
 from bot.ui import plural
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.job_requests import JobRequest
-from modal_services.jobs import Job, JobStatus, load_job, request_cancel, update_job
+from modal_services.jobs import Job, JobStatus, load_job, new_job_id, request_cancel, update_job
 from modal_services.keys import JOB_PREFIX, forget_job
+from modal_services.slots import UNSTARTED_CLAIM_TIMEOUT, Scope, SlotTable
 
 if TYPE_CHECKING:
     from bot.client import ToolboxBot
@@ -44,6 +50,8 @@ SNAPSHOT_MAX_AGE = 2.0
 JOB_RETENTION = 7 * 24 * 3600
 # Job kinds people start from commands; admin work (downloads) is not capped.
 CAPPED_KINDS = ("caption", "upscale")
+
+RESTART_NOTICE = "🔄 **The bot is restarting** · this job's reply picks up again when it is back."
 
 # (job, result, target) -> shows the finished job's result in its message.
 Presenter = Callable[[Job, Any, "ReplyTarget"], Awaitable[None]]
@@ -69,6 +77,7 @@ class ReplyTarget:
         self.message_id = message_id
         self.interaction = interaction
         self.clock = clock
+        self.edits = MessageEdits(self._send_edit)
 
     @property
     def token_alive(self) -> bool:
@@ -76,7 +85,19 @@ class ReplyTarget:
             return False
         return self.clock() - self.interaction.created_at.timestamp() < INTERACTION_TOKEN_LIFETIME
 
+    def post(self, **fields: Any) -> None:
+        """Change the message at its next edit slot (progress, a preview), without waiting."""
+        self.edits.post(**fields)
+
     async def edit(self, **fields: Any) -> None:
+        """Change the message as soon as its edit budget allows, and wait until it has."""
+        await self.edits.edit(**fields)
+
+    async def close(self) -> None:
+        """No further edits: what is pending is dropped, one in flight is waited for."""
+        await self.edits.close()
+
+    async def _send_edit(self, **fields: Any) -> None:
         if self.token_alive:
             await self.interaction.edit_original_response(**fields)
         else:
@@ -104,6 +125,9 @@ class CancelJobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"tool
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match) -> "CancelJobButton":
         return cls(match["job_id"])
 
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return await taking_interactions(interaction)
+
     async def callback(self, interaction: discord.Interaction) -> None:
         # Component errors do not reach the app-command error handler: answer here.
         try:
@@ -116,6 +140,16 @@ def cancel_view(job_id: str) -> discord.ui.View:
     view = discord.ui.View(timeout=None)
     view.add_item(CancelJobButton(job_id))
     return view
+
+
+@dataclass
+class Admission:
+    """A command's claim on a job: the id its job will get and the slots held for it."""
+
+    settings: GuildSettings
+    job_id: str
+    slots: list[str] = field(default_factory=list)
+    started: bool = False
 
 
 @dataclass
@@ -151,7 +185,24 @@ class JobTracker:
         self.started_at = time.time()
         self._snapshot = QueueSnapshot([], 0.0)
         self._snapshot_lock = asyncio.Lock()
-        self._following: set[str] = set()
+        self._following: dict[str, ReplyTarget] = {}
+        # The task following each job, so that a closing bot can stop following.
+        self._followers: dict[str, asyncio.Task] = {}
+        # Jobs whose reply no longer shows progress: being cancelled, or the bot is closing.
+        self._quiet: set[str] = set()
+        # Names this bot session in its slot claims: a claim from a gone session whose job never started is free.
+        self.session = uuid.uuid4().hex
+
+    @property
+    def slots(self) -> SlotTable:
+        return SlotTable(self.store, self.session, self._slot_is_stale)
+
+    async def _slot_is_stale(self, claim: dict) -> bool:
+        job = await load_job(self.store, claim["holder"])
+        if job is not None:
+            # A finished job holds its slot until its result is shown, or until its session is gone.
+            return job.delivered or (job.status.finished and claim.get("session") != self.session)
+        return claim.get("session") != self.session or time.time() - claim.get("claimed_at", 0) > UNSTARTED_CLAIM_TIMEOUT
 
     @property
     def store(self):
@@ -174,72 +225,124 @@ class JobTracker:
         for job in jobs:
             if job.status.finished and (job.finished_at or job.created_at) < horizon:
                 await forget_job(self.store, job.id)
+                await self.slots.forget(job.id, job.owner.get("slots", []))
 
     async def guild_settings(self, guild_id: int | None) -> GuildSettings:
         return await load_guild_settings(self.store, guild_id)
 
-    async def admit(self, interaction: discord.Interaction) -> GuildSettings:
-        """Raises if this user may not start a job now; returns the guild's settings."""
+    @contextlib.asynccontextmanager
+    async def admission(self, interaction: discord.Interaction) -> AsyncIterator[Admission]:
+        """Hold a job slot for this command, or raise if a cap (or the guild's access rules) refuses it.
+
+        The slots are claimed before the command reads its attachment, so a
+        burst cannot overshoot a cap; they are let go when the block ends,
+        unless the bot is going down with the job started (it is resumed,
+        slots and all, on the next start).
+        """
         settings = await self.guild_settings(interaction.guild_id)
         settings.check_member(interaction)
+        admission = Admission(settings, new_job_id())
+        admission.slots, full = await self.slots.claim_all(admission.job_id, self.scopes(interaction, settings))
+        if full is not None:
+            raise await self._over_cap(interaction, settings, full)
+        handed_over = False
+        try:
+            yield admission
+        except asyncio.CancelledError:
+            handed_over = admission.started
+            raise
+        finally:
+            if not handed_over:
+                await self.slots.release(admission.job_id, admission.slots)
+
+    @staticmethod
+    def scopes(interaction: discord.Interaction, settings: GuildSettings) -> list[Scope]:
+        """The caps a command by this user, here, counts against."""
+        scopes = [Scope(f"user:{interaction.user.id}", settings.user_cap)]
+        if interaction.guild_id is not None:
+            scopes.append(Scope(f"guild:{interaction.guild_id}", settings.guild_cap))
+        scopes.append(Scope("global", global_cap()))
+        return scopes
+
+    async def _over_cap(self, interaction: discord.Interaction, settings: GuildSettings, full: Scope) -> ToolboxError:
         snapshot = await self.snapshot(max_age=0)
         mine = snapshot.active(user_id=interaction.user.id)
-        if len(mine) >= settings.user_cap:
-            raise ToolboxError(ErrorCode.RATE_LIMITED, f"You already have {describe_jobs(mine, snapshot)} "
-                               f"(the limit is {settings.user_cap}). Wait for one to finish, or stop one with /cancel.")
-        guild_jobs = snapshot.active(guild_id=interaction.guild_id)
-        if interaction.guild_id is not None and len(guild_jobs) >= settings.guild_cap:
-            raise ToolboxError(ErrorCode.RATE_LIMITED, f"This server has {len(guild_jobs)} jobs in line, its limit. "
-                               f"{_your_jobs(mine, snapshot)}Try again in a minute.")
-        everyone = snapshot.active()
-        if len(everyone) >= global_cap():
-            raise ToolboxError(ErrorCode.RATE_LIMITED, f"The bot is busy: {len(everyone)} jobs are in line. "
-                               f"{_your_jobs(mine, snapshot)}Try again in a minute.")
-        return settings
+        if full.name.startswith("user:"):
+            return ToolboxError(ErrorCode.RATE_LIMITED, f"You already have {describe_jobs(mine, snapshot)} "
+                                f"(the limit is {full.cap}). Wait for one to finish, or stop one with /cancel.")
+        if full.name.startswith("guild:"):
+            return ToolboxError(ErrorCode.RATE_LIMITED, f"This server has {full.cap} jobs in line, its limit. "
+                                f"{_your_jobs(mine, snapshot)}Try again in a minute.")
+        return ToolboxError(ErrorCode.RATE_LIMITED, f"The bot is busy: {full.cap} jobs are in line. "
+                            f"{_your_jobs(mine, snapshot)}Try again in a minute.")
+
+    async def reply_target(self, interaction: discord.Interaction) -> "ReplyTarget":
+        """The deferred interaction's reply, as the message a job reports into."""
+        message = await interaction.original_response()
+        return ReplyTarget(self.bot, interaction.channel_id, message.id, interaction)
 
     async def start(
-        self, interaction: discord.Interaction, request: JobRequest, meta: dict[str, Any]
+        self,
+        interaction: discord.Interaction,
+        request: JobRequest,
+        meta: dict[str, Any],
+        admission: Admission | None = None,
+        target: ReplyTarget | None = None,
     ) -> tuple[Job, ReplyTarget]:
-        """Submit a job for a deferred interaction; its reply becomes the job's message."""
-        message = await interaction.original_response()
+        """Submit a job for a deferred interaction (under `admission`'s slots, if capped);
+        its reply becomes the job's message."""
+        target = target or await self.reply_target(interaction)
         owner = {
             "user_id": interaction.user.id,
             "guild_id": interaction.guild_id,
-            "channel_id": interaction.channel_id,
-            "message_id": message.id,
+            "channel_id": target.channel_id,
+            "message_id": target.message_id,
         }
-        job = await self.bot.backend.submit(request, owner=owner, meta=meta)
-        return job, ReplyTarget(self.bot, interaction.channel_id, message.id, interaction)
+        if admission is not None:
+            owner["slots"] = admission.slots
+        job = await self.bot.backend.submit(
+            request, owner=owner, meta=meta, job_id=admission.job_id if admission else None
+        )
+        if admission is not None:
+            admission.started = True
+        return job, target
 
     async def run(self, job: Job, target: ReplyTarget) -> None:
         """Follow the job in its message until it ends, then present the result (or the error)."""
-        self._following.add(job.id)
+        self._following[job.id] = target
+        self._followers[job.id] = asyncio.current_task()
         try:
             result = await self._follow(job, target)
         except ToolboxError as error:
             await update_job(self.store, job.id, delivered=True)
             if target.token_alive:
+                await target.close()  # no progress edit may land on the reply the error handler removes
                 raise  # the app-command error handler shows it privately
             await target.edit(content=error_text(error), view=None)
+            await target.close()
             return
         finally:
-            self._following.discard(job.id)
+            self._following.pop(job.id, None)
+            self._followers.pop(job.id, None)
+            self._quiet.discard(job.id)
         await self.presenters[job.kind](job, result, target)
+        await target.close()
         await update_job(self.store, job.id, delivered=True)
 
     async def _follow(self, job: Job, target: ReplyTarget) -> Any:
         title = job.meta.get("title", job.kind.capitalize())
         view = cancel_view(job.id)
-        editor = ReplyEditor(lambda text: target.edit(content=text, view=view))
 
         async def show(record: Job) -> None:
             await end_if_stale(self.bot.backend, record)
+            if record.id in self._quiet:
+                return  # the reply already says it is stopping, or that the bot is
             text = render_job(record, title)
             if record.status is JobStatus.QUEUED:
                 place = (await self.snapshot()).position(record)
                 if place is not None:
                     text += f" · position {place} in line"
-            await editor.show(text)
+            target.post(content=text, view=view)
 
         return await follow_job(self.bot.backend, job.id, show)
 
@@ -252,7 +355,30 @@ class JobTracker:
             raise ToolboxError(ErrorCode.PERMISSION_DENIED, "Only the person who started this job (or an admin) can cancel it.")
         await self.bot.backend.cancel(job_id)  # first: it may withdraw a job that is still queued
         await request_cancel(self.store, job_id)
+        target = self._following.get(job_id)
+        if target is not None:
+            # Said at the next edit slot, not when the worker next looks up from a long step.
+            self._quiet.add(job_id)
+            target.post(content=f"⏹️ **{job.meta.get('title', job.kind.capitalize())}** · Stopping…", view=None)
         await interaction.response.send_message("Stopping the job at its next step…", ephemeral=True)
+
+    async def stand_down(self, timeout: float) -> None:
+        """The bot is closing: every followed job's reply says so, then following stops. The jobs keep
+        their records and slots: the next start resumes them (or reports them cut short)."""
+        followed = dict(self._following)
+        followers = [self._followers[job_id] for job_id in followed if job_id in self._followers]
+        self._quiet.update(followed)
+        notices = [target.edit(content=RESTART_NOTICE, view=cancel_view(job_id)) for job_id, target in followed.items()]
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*notices, return_exceptions=True)
+        except TimeoutError:
+            log.warning("not every running job's reply could be told of the restart in %.0f s", timeout)
+        for task in followers:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+        for target in followed.values():
+            await target.close()
 
     async def resume(self) -> int:
         """Pick up every job whose result was never delivered (after a restart). Returns how many."""
@@ -277,6 +403,7 @@ class JobTracker:
             # The message may be gone (deleted, channel removed): nothing left to report into.
             log.warning("could not resume job %s in its message: %s", job.id, exc.status)
             await update_job(self.store, job.id, delivered=True)
+        await self.slots.release(job.id, job.owner.get("slots", []))
 
 
 def describe_jobs(jobs: list[Job], snapshot: QueueSnapshot) -> str:

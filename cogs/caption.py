@@ -87,18 +87,17 @@ class Caption(commands.Cog):
         for attachment in attachments:
             check_attachment(attachment)
         await interaction.response.defer(thinking=True)
-        settings = await self.bot.tracker.admit(interaction)
-        style = style or settings.default_caption_style
-
-        images = await asyncio.gather(*(read_image(a, max_side=CAPTION_MAX_SIDE) for a in attachments))
-        meta = {
-            "title": "Caption" if len(images) == 1 else f"Captioning {len(images)} images",
-            "label": f"Answer: {question[:200]}" if question else f"Caption ({style})",
-            "files": [{"name": image.filename, "animated": image.animated} for image in images],
-        }
-        request = CaptionRequest.parse({"images": [image.png for image in images], "style": style, "question": question})
-        job, target = await self.bot.tracker.start(interaction, request, meta)
-        await self.bot.tracker.run(job, target)
+        async with self.bot.tracker.admission(interaction) as admission:
+            style = style or admission.settings.default_caption_style
+            images = await asyncio.gather(*(read_image(a, max_side=CAPTION_MAX_SIDE) for a in attachments))
+            meta = {
+                "title": "Caption" if len(images) == 1 else f"Captioning {len(images)} images",
+                "label": f"Answer: {question[:200]}" if question else f"Caption ({style})",
+                "files": [{"name": image.filename, "animated": image.animated} for image in images],
+            }
+            request = CaptionRequest.parse({"images": [image.png for image in images], "style": style, "question": question})
+            job, target = await self.bot.tracker.start(interaction, request, meta, admission)
+            await self.bot.tracker.run(job, target)
 
     async def present(self, job: Job, captions: list[str], target: ReplyTarget) -> None:
         files = job.meta["files"]

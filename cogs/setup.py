@@ -16,7 +16,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.permissions import is_admin
-from bot.progress import ReplyEditor, progress_bar, watch_job
+from bot.progress import MessageEdits, progress_bar, watch_job
 from bot.replies import error_text, send_error
 from bot.setup_download import active_download, checked_states, start_or_attach_download
 from bot.ui import human_bytes, human_seconds
@@ -211,32 +211,34 @@ class Setup(commands.Cog):
 
     async def follow(self, interaction: discord.Interaction, job_id: str) -> None:
         """Edit the panel with live progress until the download ends (or the interaction token would)."""
-        editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, view=None))
+        edits = MessageEdits(interaction.edit_original_response)
         entries = list(BASE_MODELS.values())
 
         async def show(job: Job) -> None:
-            await editor.show(render_progress(job, await model_states(self.store, entries)), final=job.status.finished)
+            edits.post(content=render_progress(job, await model_states(self.store, entries)), view=None)
 
         job = await watch_job(self.bot.backend, job_id, show, POLL_SECONDS, timeout=LIVE_VIEW_SECONDS)
         if job.status.finished:
             note = "✅ All base models are ready." if job.status is JobStatus.DONE else error_text(job.error())
-            await interaction.edit_original_response(content=await self.panel_text(note), view=SetupPanel(self))
+            await edits.edit(content=await self.panel_text(note), view=SetupPanel(self))
         else:
-            await interaction.edit_original_response(
+            await edits.edit(
                 content=render_progress(job, await model_states(self.store, entries))
                 + "\nStill going in the background: run /setup again to see it.", view=None)
+        await edits.close()
 
     async def verify_and_show(self, interaction: discord.Interaction) -> None:
-        await interaction.edit_original_response(content="🔍 Verifying the files on the volume…", view=None)
+        edits = MessageEdits(interaction.edit_original_response)
+        await edits.edit(content="🔍 Verifying the files on the volume…", view=None)
         job = await self.bot.backend.submit(VerifyRequest.parse({"keys": list(BASE_MODELS)}), owner={"user_id": interaction.user.id})
-        editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, view=None))
 
         async def show(record: Job) -> None:
-            await editor.show(f"🔍 **Verifying** · {record.stage}\n`{progress_bar(record.progress)}`")
+            edits.post(content=f"🔍 **Verifying** · {record.stage}\n`{progress_bar(record.progress)}`", view=None)
 
         record = await watch_job(self.bot.backend, job.id, show, POLL_SECONDS)
         note = "🔍 Verified: sizes and hashes checked." if record.status is JobStatus.DONE else error_text(record.error())
-        await interaction.edit_original_response(content=await self.panel_text(note), view=SetupPanel(self))
+        await edits.edit(content=await self.panel_text(note), view=SetupPanel(self))
+        await edits.close()
 
 
 async def setup(bot: commands.Bot) -> None:

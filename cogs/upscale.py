@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 from typing import Any
 
 import discord
@@ -24,11 +23,11 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.attachments import check_attachment, image_attachments, looks_like_image, read_image
-from bot.replies import send_error
+from bot.replies import send_error, taking_interactions
 from bot.result_images import fit_to_limit
-from bot.progress import ReplyEditor, render_job
+from bot.progress import render_job
 from bot.tile_prompts import tile_prompts
-from bot.tracker import ReplyTarget, cancel_view
+from bot.tracker import Admission, ReplyTarget, cancel_view
 from bot.upscale_requests import upscale_request
 from bot.ui import option_range
 from modal_services.errors import ErrorCode, ToolboxError
@@ -38,8 +37,6 @@ from modal_services.keys import preview_key, upscale_params_key
 from modal_services.library import Library
 from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
 from modal_services.sdxl_previews import decode_preview
-
-log = logging.getLogger(__name__)
 
 # The options /upscale offers, read from the request its job takes.
 ScaleOption = option_range(UpscaleRequest, "scale")
@@ -53,8 +50,8 @@ KEPT_CHOICES = ("scale", "prompt", "negative", "creativity", "seed")
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 # Discord's limit on one request with several files.
 MAX_REQUEST_BYTES = 25 * 1024 * 1024
-# Preview edits come on top of the tracker's text edits: one every few
-# seconds keeps the message well inside Discord's edit rate limit.
+# How often the worker's latest preview is looked for; it is shown with the
+# message's next edit (the tracker's progress text shares the same edits).
 PREVIEW_EDIT_INTERVAL = 6.0
 SOURCE_STEM = "source"
 
@@ -77,6 +74,9 @@ class UpscaleButton(
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match) -> "UpscaleButton":
         return cls(match["action"], match["job_id"])
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return await taking_interactions(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
         # Component errors do not reach the app-command error handler: answer here.
@@ -194,9 +194,14 @@ class Upscale(commands.Cog):
     # ------------------------------------------------------------ the job
 
     async def run_upscale(self, interaction: discord.Interaction, attachment: discord.Attachment, params: dict[str, Any]) -> None:
-        check_attachment(attachment)
+        check_attachment(attachment, max_pixels=DEFAULT_MAX_INPUT_PIXELS)
         await interaction.response.defer(thinking=True)
-        settings = await self.bot.tracker.admit(interaction)
+        async with self.bot.tracker.admission(interaction) as admission:
+            await self._upscale(interaction, attachment, params, admission)
+
+    async def _upscale(self, interaction: discord.Interaction, attachment: discord.Attachment, params: dict[str, Any],
+                       admission: Admission) -> None:
+        settings = admission.settings
         choices = {name: params.get(name) for name in KEPT_CHOICES}
         choices["scale"] = choices["scale"] or settings.default_upscale_scale
         choices["creativity"] = choices["creativity"] or settings.default_creativity
@@ -205,8 +210,9 @@ class Upscale(commands.Cog):
         request, checkpoint = await upscale_request(self.library, received.png, choices, params.get("loras") or [])
         # The same limits the worker applies, checked before anything is sent to it.
         out_width, out_height = check_upscale_size(*received.size, request.scale)
+        target = await self.bot.tracker.reply_target(interaction)
         if params.get("tile_captions"):
-            regions = await self._caption_tiles(interaction, received, out_width, out_height)
+            regions = await self._caption_tiles(interaction, target, received, out_width, out_height)
             request = UpscaleRequest.parse({**request.to_payload(), "region_prompts": regions})
         kept = {name: getattr(request, name) for name in KEPT_CHOICES}
         kept["tile_captions"] = bool(params.get("tile_captions"))
@@ -215,7 +221,7 @@ class Upscale(commands.Cog):
             "title": f"Upscale {request.scale:g}x → {out_width}×{out_height}",
             "summary": describe(kept, [lora.name for lora in request.loras], checkpoint["name"]),
         }
-        job, target = await self.bot.tracker.start(interaction, request, meta)
+        job, target = await self.bot.tracker.start(interaction, request, meta, admission, target)
         await self.bot.backend.store.put(upscale_params_key(job.id), kept)
         self._sources[job.id] = (received.png, f"{SOURCE_STEM}.png")
         self._previews[job.id] = asyncio.create_task(self._show_previews(job.id, target), name=f"previews-{job.id}")
@@ -232,15 +238,15 @@ class Upscale(commands.Cog):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    async def _caption_tiles(self, interaction: discord.Interaction, received, out_width: int, out_height: int) -> list[dict]:
+    async def _caption_tiles(self, interaction: discord.Interaction, target: ReplyTarget, received,
+                             out_width: int, out_height: int) -> list[dict]:
         """Tags for each tile the worker will denoise, with the usual progress and Cancel button."""
         cancel: dict[str, discord.ui.View] = {}
-        editor = ReplyEditor(lambda text: interaction.edit_original_response(content=text, view=cancel.get("view")))
         owner = {"user_id": interaction.user.id, "guild_id": interaction.guild_id, "channel_id": interaction.channel_id}
 
         async def show(record: Job) -> None:
             cancel.setdefault("view", cancel_view(record.id))
-            await editor.show(render_job(record, record.meta.get("title", "Tile captions")))
+            target.post(content=render_job(record, record.meta.get("title", "Tile captions")), view=cancel["view"])
 
         return await tile_prompts(self.bot.backend, received.png, received.size, (out_width, out_height), show, owner)
 
@@ -252,11 +258,9 @@ class Upscale(commands.Cog):
             jpeg = decode_preview(record)
             if jpeg is None or record.get("n") == shown:
                 continue
-            try:
-                await target.edit(attachments=[discord.File(io.BytesIO(jpeg), "preview.jpg")])
-                shown = record.get("n")
-            except discord.HTTPException as exc:
-                log.info("preview edit for %s skipped: %s", job_id, exc.status)
+            # Rides along with the next progress edit: one edit budget for the whole message.
+            target.post(attachments=[discord.File(io.BytesIO(jpeg), "preview.jpg")])
+            shown = record.get("n")
 
     async def present(self, job: Job, png: bytes, target: ReplyTarget) -> None:
         await self._stop_previews(job.id)

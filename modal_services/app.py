@@ -266,6 +266,15 @@ bot_image = (
 )
 
 
+
+def run_until_stopped(supervisor, stop: threading.Event) -> None:
+    """The bot's thread: a failure retrying cannot fix (a refused token) ends it with one log line."""
+    try:
+        supervisor.run(stop)
+    except ToolboxError as error:
+        log.error("the bot stopped: %s: %s", error.code.value, error.message)
+
+
 @app.cls(image=bot_image, secrets=[bot_secret], min_containers=1, max_containers=1)
 class DiscordBot:
     """The gateway connection lives in a thread for the container's life; the supervisor
@@ -278,13 +287,15 @@ class DiscordBot:
 
         settings = Settings.load(environ={**os.environ, "TOOLBOX_BACKEND": "modal", "TOOLBOX_MODAL_APP": APP_NAME})
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=bot_supervisor(settings).run, args=(self.stop,), name="discord-bot")
+        self.thread = threading.Thread(target=run_until_stopped, args=(bot_supervisor(settings), self.stop),
+                                       name="discord-bot")
         self.thread.start()
 
     @modal.exit()
     def disconnect(self) -> None:
+        # Modal stops the container with SIGTERM and runs this: the bot closes gracefully within 10 s.
         self.stop.set()
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=15)
 
     @modal.method()
     def alive(self) -> bool:

@@ -51,6 +51,15 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def check_pixel_count(width: int, height: int, max_pixels: int, name: str = "the image") -> None:
+    if width * height > max_pixels:
+        raise ToolboxError(
+            ErrorCode.INVALID_INPUT,
+            f"{name} is {width}×{height} ({width * height / 1e6:.1f} MP); the limit is "
+            f"{max_pixels / 1e6:.0f} MP. Please send a smaller image.",
+        )
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "the image") -> DecodedImage:
     """Blocking (decodes pixels): call it in a worker thread from async code."""
     if not data:
@@ -62,13 +71,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ToolboxError(
-                    ErrorCode.INVALID_INPUT,
-                    f"{name} is {width}×{height} ({width * height / 1e6:.1f} MP); the limit is "
-                    f"{max_pixels / 1e6:.0f} MP. Please send a smaller image.",
-                )
+            check_pixel_count(*image.size, max_pixels, name)
             animated = getattr(image, "is_animated", False)
             image.seek(0)
             image.load()

@@ -109,9 +109,14 @@ def new_job_id() -> str:
 
 
 async def create_job(
-    store: StateStore, kind: str, owner: dict[str, Any] | None = None, meta: dict[str, Any] | None = None
+    store: StateStore,
+    kind: str,
+    owner: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    job_id: str | None = None,
 ) -> Job:
-    job = Job(id=new_job_id(), kind=kind, owner=dict(owner or {}), meta=dict(meta or {}))
+    """A queued `job:<id>`; `job_id` is one chosen in advance (slots are claimed under it before the job exists)."""
+    job = Job(id=job_id or new_job_id(), kind=kind, owner=dict(owner or {}), meta=dict(meta or {}))
     await store.put(job.key, job.to_dict())
     return job
 

@@ -10,6 +10,9 @@ Shared:
   `lock:civitai:<version>`, `lock:file:<name>`, `lock:setup-download`),
   `model:<file>` a library
   entry, `active_checkpoint`, `settings:<guild>`, `secret:<service>` a token.
+Job slots (`slots.py`):
+  `slot:<scope>:<n>` the n-th slot of a cap (`user:<id>`, `guild:<id>`,
+  `global`), `slot-retired:<holder>:<slot key>` who may act on a holder's slot.
 """
 
 from __future__ import annotations
@@ -21,6 +24,10 @@ ENTRY_PREFIX = "model:"
 ACTIVE_CHECKPOINT_KEY = "active_checkpoint"
 # Keys that belong to one job, each `<prefix><job id>`.
 PER_JOB_PREFIXES = (JOB_PREFIX, "call:", "cancel:", "preview:", "upscale:")
+
+
+SLOT_PREFIX = "slot:"
+RETIRED_SLOT_PREFIX = "slot-retired:"
 
 
 def job_key(job_id: str) -> str:
@@ -88,3 +95,11 @@ async def forget_job(store: StateStore, job_id: str) -> None:
     """The retention rule: a job's record goes together with every key that belongs to it."""
     for prefix in PER_JOB_PREFIXES:
         await store.pop(prefix + job_id)
+
+
+def slot_key(scope: str, number: int) -> str:
+    return f"{SLOT_PREFIX}{scope}:{number}"
+
+
+def retired_slot_key(holder: str, slot: str) -> str:
+    return f"{RETIRED_SLOT_PREFIX}{holder}:{slot}"

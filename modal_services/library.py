@@ -210,7 +210,7 @@ class Library:
         """By file name, else by display name or file stem (case-insensitive); INVALID_INPUT if ambiguous."""
         wanted = (name or "").strip()
         if not wanted:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "Name a model (see /models list).")
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "Name a model (see /models list, or `toolbox models list` in a terminal).")
         exact = await self.get(wanted)
         if exact is not None and (kind is None or exact.type == kind):
             return exact
@@ -228,7 +228,7 @@ class Library:
                 files = ", ".join(entry.file for entry in matches[:10])
                 raise ToolboxError(ErrorCode.INVALID_INPUT, f"Several models are called {wanted!r}: use the file name ({files}).")
         what = f"{kind} " if kind else "model "
-        raise ToolboxError(ErrorCode.INVALID_INPUT, f"No {what}named {wanted!r} in the library (see /models list).")
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"No {what}named {wanted!r} in the library (see /models list, or `toolbox models list` in a terminal).")
 
     async def search(self, query: str | None = None, kind: str | None = None) -> list[LibraryEntry]:
         """Entries whose name, file, tags, trigger words or base model contain `query`; name matches first."""

@@ -102,6 +102,9 @@ BEFORE_DEFER = {
     "not an image": (fake_attachment, (b"%PDF-1.4", "doc.pdf", "application/pdf"), "not an image"),
     "zero bytes": (fake_attachment, (b"", "empty.png", "image/png"), "empty"),
     "huge file": (fake_attachment, (png_bytes(), "big.png", "image/png", 60 * 1024 * 1024), "limit"),
+    # Discord reports an image's width and height: a 30000×30000 PNG is refused without downloading it.
+    "huge image by its reported size": (fake_attachment, (png_bytes(), "wide.png", "image/png", None, 30000, 30000),
+                                        "30000×30000"),
 }
 AFTER_DEFER = {
     "corrupt bytes": (png_bytes()[:300], "corrupt"),

@@ -17,11 +17,13 @@ def engine(tiny_qwen_dir):
     return engine
 
 
+@pytest.mark.slow
 def test_loads_from_the_volume_layout(engine):
     assert engine.loaded and engine.device == "cpu"
     assert engine.processor.video_processor is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("style", ["descriptive", "tags", "short"])
 def test_each_style_gives_one_caption_per_image(engine, style):
     captions = engine.caption([png_bytes(seed=1), png_bytes(80, 120, seed=2)], style=style)
@@ -29,11 +31,13 @@ def test_each_style_gives_one_caption_per_image(engine, style):
     assert all(isinstance(text, str) and text for text in captions)
 
 
+@pytest.mark.slow
 def test_greedy_decoding_is_deterministic(engine):
     image = png_bytes(seed=3)
     assert engine.caption([image], style="tags") == engine.caption([image], style="tags")
 
 
+@pytest.mark.slow
 def test_batched_captions_match_one_at_a_time(engine):
     images = [png_bytes(seed=s) for s in (4, 5, 6)]
     batched = engine.caption(images, style="short")
@@ -41,6 +45,7 @@ def test_batched_captions_match_one_at_a_time(engine):
     assert batched == single
 
 
+@pytest.mark.slow
 def test_question_replaces_the_style_prompt(engine):
     image = png_bytes(seed=7)
     answer = engine.caption([image], style="tags", question="What colour is the sky?")
@@ -102,6 +107,7 @@ def test_tidy_caption():
     assert tidy_caption("A  cat\n on a\x07 mat. ", "short") == "A cat on a mat."
 
 
+@pytest.mark.slow
 def test_two_step_loading_for_memory_snapshots(tiny_qwen_dir, engine):
     staged = CaptionEngine(Layout(tiny_qwen_dir.parent))
     staged.load_weights()  # what a snapshot captures: CPU memory only

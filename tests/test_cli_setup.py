@@ -53,10 +53,12 @@ def test_setup_only_some_then_status(hub, tmp_path, capsys, monkeypatch):
     assert "All requested base models are present." in capsys.readouterr().out
 
 
-def test_status_text(hub, capsys):
+def test_status_text(hub, capsys, tmp_path):
     assert main(["status"]) == 0
     out = capsys.readouterr().out
     assert "illustrious-xl" in out and "missing" in out and "Hugging Face: not set" in out
+    assert out.splitlines()[0] == f"data dir: {tmp_path / 'data'}"
+    assert status(capsys)["data_dir"] == str(tmp_path / "data")
 
 
 def test_unknown_key_is_usage_error(hub, capsys):

@@ -56,6 +56,7 @@ async def test_menu_batch_end_to_end(toolbox_bot, reference_engine):
     assert ephemeral_error(interaction) is None
 
 
+@pytest.mark.slow
 def test_cli_caption_with_sidecars(installed_caption_model, tmp_path, reference_engine, capsys):
     paths = []
     for index in range(3):

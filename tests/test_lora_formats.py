@@ -59,6 +59,7 @@ FORMATS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, build, converts", FORMATS, ids=["kohya", "kohya-sgm", "locon", "locon-cp", "loha", "lokr", "full", "peft"])
 def test_each_accepted_format_loads_and_changes_the_output(tmp_path, pipe, layout, image, base_output, fmt, build, converts):
     src = write(tmp_path, build())

@@ -213,6 +213,7 @@ async def test_token_form_refuses_non_admin(bot):
     assert await bot.backend.store.get("secret:hf") is None
 
 
+@pytest.mark.slow
 async def test_verify_button_fixes_the_manifest(bot, hub):
     cog = Setup(bot)
     await asyncio.wait_for(SetupPanel(cog).download.callback(fake_interaction(admin=True)), timeout=30)

@@ -9,6 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from modal_services.keys import RETIRED_SLOT_PREFIX, SLOT_PREFIX
+from modal_services.slots import Scope, SlotTable
 from modal_services.state import ModalDictStore, SqliteStore
 from tests.fakes.modal_fakes import FakeModalDict
 
@@ -89,6 +91,7 @@ def _create_in_process(path, barrier, results, index):
     results[index] = asyncio.run(store.put_if_absent("lock:p", index))
 
 
+@pytest.mark.slow
 def test_sqlite_processes_share_one_file(tmp_path):
     path = tmp_path / "state.sqlite3"
     SqliteStore(path)  # create the table first, as the bot does at start
@@ -137,3 +140,82 @@ def test_the_local_state_is_private_to_its_user(tmp_path):
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     for file in folder.iterdir():
         assert stat.S_IMODE(file.stat().st_mode) == 0o600, file.name
+
+
+# -- job slots: caps that hold on both stores ------------------------------------------
+
+
+def _slot_table(store, stale_holders=()):
+    async def is_stale(claim):
+        return claim["holder"] in stale_holders
+
+    return SlotTable(store, "this-session", is_stale)
+
+
+async def _holders(store) -> list[str]:
+    return sorted(claim["holder"] for claim in (await store.items(SLOT_PREFIX)).values())
+
+
+async def test_a_burst_of_claims_fills_a_scope_exactly(store):
+    slots = _slot_table(store)
+    claimed = await asyncio.gather(*(slots.claim(f"job{i}", Scope("user:7", 3)) for i in range(40)))
+    winners = [key for key in claimed if key is not None]
+    assert sorted(winners) == ["slot:user:7:0", "slot:user:7:1", "slot:user:7:2"]
+    assert len(await _holders(store)) == 3
+
+
+async def test_claim_all_takes_every_scope_or_none(store):
+    slots = _slot_table(store)
+    assert (await slots.claim_all("a", [Scope("user:1", 2), Scope("global", 1)]))[1] is None
+    keys, full = await slots.claim_all("b", [Scope("user:2", 2), Scope("global", 1)])
+    assert keys == [] and full == Scope("global", 1)
+    assert await _holders(store) == ["a", "a"]  # b's user slot was let go
+
+
+async def test_released_slots_are_reused_and_a_second_release_is_harmless(store):
+    slots = _slot_table(store)
+    first = await slots.claim("a", Scope("user:1", 1))
+    assert await slots.claim("b", Scope("user:1", 1)) is None
+    await slots.release("a", [first])
+    assert await slots.claim("b", Scope("user:1", 1)) == first
+    await slots.release("a", [first])  # late or repeated: must not free b's slot
+    assert await _holders(store) == ["b"]
+
+
+async def test_stale_slots_are_reclaimed_once(store):
+    slots = _slot_table(store)
+    await slots.claim("gone", Scope("user:1", 1))
+    reclaimers = _slot_table(store, stale_holders={"gone"})
+    claimed = await asyncio.gather(*(reclaimers.claim(f"new{i}", Scope("user:1", 1)) for i in range(10)))
+    assert [key for key in claimed if key] == ["slot:user:1:0"]
+    assert len(await _holders(store)) == 1
+    await slots.release("gone", ["slot:user:1:0"])  # the stale holder's own late release changes nothing
+    assert len(await _holders(store)) == 1
+
+
+async def test_releases_racing_reclaims_never_overfill(store):
+    """Holders let go while others reclaim the same (finished) holders' slots: at most `cap` holders."""
+    cap = 3
+    holders = [f"old{i}" for i in range(cap)]
+    claimed = {holder: await _slot_table(store).claim(holder, Scope("global", cap)) for holder in holders}
+    reclaimers = _slot_table(store, stale_holders=set(holders))
+
+    async def release(holder):
+        await reclaimers.release(holder, [claimed[holder]])
+
+    results = await asyncio.gather(
+        *(release(holder) for holder in holders),
+        *(reclaimers.claim(f"new{i}", Scope("global", cap)) for i in range(12)),
+    )
+    winners = [key for key in results[cap:] if key]
+    assert len(winners) == len(set(winners)) <= cap
+    assert sorted(await _holders(store)) == sorted(f"new{i}" for i, key in enumerate(results[cap:]) if key)
+
+
+async def test_forget_drops_the_retirement_markers(store):
+    slots = _slot_table(store)
+    key = await slots.claim("a", Scope("user:1", 1))
+    await slots.release("a", [key])
+    assert await store.keys(RETIRED_SLOT_PREFIX) != []
+    await slots.forget("a", [key])
+    assert await store.keys(RETIRED_SLOT_PREFIX) == []

@@ -12,10 +12,10 @@ from bot.backend import LocalBackend
 from bot.guild_settings import GuildSettings, save_guild_settings
 from bot.settings import Settings
 from bot.tracker import INTERACTION_TOKEN_LIFETIME, CancelJobButton, ReplyTarget
-from modal_services.jobs import STALE_AFTER, JobStatus, create_job, load_job, update_job
+from modal_services.jobs import STALE_AFTER, JobStatus, create_job, load_job, new_job_id, update_job
 from tests.fakes.discord_fakes import channel_spy, ephemeral_error, fake_attachment, fake_interaction, invoke
 from tests.images import png_bytes
-from tests.fakes.engines import SlowCaptionEngine
+from tests.fakes.engines import GatedCaptionEngine, SlowCaptionEngine
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +45,17 @@ async def eventually(check, timeout: float = 10.0):
         await asyncio.sleep(0.02)
 
 
+async def job_in_line(toolbox_bot, user_id: int, guild_id: int = 2002):
+    """A job someone already has, holding its slots as the job of an admitted command does."""
+    tracker = toolbox_bot.tracker
+    settings = await tracker.guild_settings(guild_id)
+    job_id = new_job_id()
+    slots, full = await tracker.slots.claim_all(job_id, tracker.scopes(fake_interaction(user_id, guild_id), settings))
+    assert full is None
+    owner = {"user_id": user_id, "guild_id": guild_id, "slots": slots}
+    return await create_job(toolbox_bot.backend.store, "caption", owner=owner, job_id=job_id)
+
+
 def edits(interaction) -> list[str]:
     return [call.kwargs.get("content") for call in interaction.calls.edit_original_response.await_args_list]
 
@@ -52,9 +63,9 @@ def edits(interaction) -> list[str]:
 async def test_user_cap_refuses_with_places_in_line(toolbox_bot, use_engine):
     use_engine("caption", SlowCaptionEngine())
     store = toolbox_bot.backend.store
-    await create_job(store, "caption", owner={"user_id": 1, "guild_id": 2002})  # someone else's, ahead
+    await job_in_line(toolbox_bot, 1)  # someone else's, ahead
     for _ in range(2):
-        await create_job(store, "caption", owner={"user_id": 7, "guild_id": 2002})
+        await job_in_line(toolbox_bot, 7)
     interaction = fake_interaction(user_id=7)
     await caption(toolbox_bot, interaction)
     error = ephemeral_error(interaction)
@@ -67,7 +78,7 @@ async def test_guild_and_global_caps(toolbox_bot, monkeypatch, use_engine):
     store = toolbox_bot.backend.store
     await save_guild_settings(store, 2002, GuildSettings(guild_cap=2))
     for user in (1, 2):
-        await create_job(store, "caption", owner={"user_id": user, "guild_id": 2002})
+        await job_in_line(toolbox_bot, user)
     interaction = fake_interaction(user_id=3)
     await caption(toolbox_bot, interaction)
     assert "This server has 2 jobs in line" in ephemeral_error(interaction)
@@ -272,3 +283,57 @@ async def test_long_finished_jobs_are_forgotten(toolbox_bot):
     assert [key for key in await store.keys() if old.id in key] == []
     assert all([await store.contains(key(recent.id)) for key in per_job])
 
+
+class SlowLoadingCaptionEngine(SlowCaptionEngine):
+    """A model that takes a while to load, with no progress to report meanwhile."""
+
+    def load(self):
+        time.sleep(1.5)
+        super().load()
+
+
+async def test_a_cancel_shows_at_the_next_edit_slot_even_while_the_model_loads(toolbox_bot, use_engine, monkeypatch):
+    monkeypatch.setattr("bot.progress.MIN_EDIT_INTERVAL", 0.3)
+    use_engine("caption", SlowLoadingCaptionEngine(steps=50, delay=0.02))
+    interaction = fake_interaction(user_id=5)
+    landed: list[tuple[float, str]] = []
+
+    async def edit(**fields):
+        landed.append((time.monotonic(), fields.get("content") or ""))
+
+    interaction.edit_original_response.side_effect = edit
+    running = asyncio.create_task(caption(toolbox_bot, interaction))
+    assert await eventually(lambda: any("Loading the model" in text for _, text in landed))
+    [job_key] = await toolbox_bot.backend.store.keys("job:")
+    pressed = time.monotonic()
+    await CancelJobButton(job_key[4:]).callback(_bound(fake_interaction(user_id=5), toolbox_bot))
+    await asyncio.wait_for(running, timeout=10)
+    after = [(at, text) for at, text in landed if at >= pressed]
+    # Within one edit slot (plus slack for a loaded machine), long before the model is done loading.
+    assert after and "Stopping" in after[0][1] and after[0][0] - pressed < 0.3 + 0.5, after
+    assert not any("Loading the model" in text for _, text in after)
+    assert "Cancelled" in ephemeral_error(interaction)
+
+
+async def test_a_queued_job_cancelled_behind_a_busy_engine_ends_at_once(toolbox_bot, use_engine):
+    engine = GatedCaptionEngine()
+    use_engine("caption", engine)
+    busy, waiting = fake_interaction(user_id=1), fake_interaction(user_id=2)
+    first = asyncio.create_task(caption(toolbox_bot, busy))
+    await eventually(lambda: busy.calls.edit_original_response.await_count)
+    second = asyncio.create_task(caption(toolbox_bot, waiting))
+    store = toolbox_bot.backend.store
+    queued = await eventually(lambda: _queued_job(store))
+    await CancelJobButton(queued).callback(_bound(fake_interaction(user_id=2), toolbox_bot))
+    await asyncio.wait_for(second, timeout=5)  # while the engine is still busy with the first job
+    assert "Cancelled" in ephemeral_error(waiting) and not first.done()
+    engine.gate.set()
+    await asyncio.wait_for(first, timeout=10)
+    assert "a caption" in edits(busy)[-1]
+
+
+async def _queued_job(store) -> str | None:
+    for record in (await store.items("job:")).values():
+        if record["status"] == "queued":
+            return record["id"]
+    return None

@@ -68,6 +68,26 @@ def final_edit(interaction) -> dict:
     return interaction.calls.edit_original_response.await_args.kwargs
 
 
+async def keep_writing_previews(store, count: int = 200) -> None:
+    """What the worker's preview sink does: a fresh preview every 20 ms for the first job."""
+    while not (keys := await store.keys("job:")):
+        await asyncio.sleep(0.01)
+    job_id = keys[0].split(":", 1)[1]
+    for n in range(count):
+        await store.put(preview_key(job_id), {"jpeg": "/9j/cHJldmlldw==", "n": n})
+        await asyncio.sleep(0.02)
+
+
+async def upscale_while_previews_come(bot, edit) -> None:
+    """One /upscale 2x while the worker keeps writing previews, every edit of its reply going to `edit`."""
+    writer = asyncio.create_task(keep_writing_previews(bot.backend.store))
+    interaction = fake_interaction()
+    interaction.edit_original_response.side_effect = edit
+    await invoke(bot, upscale_command(bot), interaction, fake_attachment(png_bytes(60, 40)),
+                 2.0, None, None, None, None, None, None, None, None, None, 1)
+    writer.cancel()
+
+
 def attachment_from(file: discord.File, content_type: str) -> MagicMock:
     file.fp.seek(0)
     return fake_attachment(file.fp.read(), file.filename, content_type)
@@ -173,6 +193,14 @@ async def test_limits_and_unknown_loras_are_refused_before_a_job(toolbox_bot, en
     await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(b"text", "a.txt", "text/plain"),
                  2.0, None, None, None, None, None, None, None, None, None, None)
     assert "not an image" in ephemeral_error(interaction)
+    # Over the upscaler's input limit by what Discord reports: refused before the defer, nothing downloaded.
+    interaction = fake_interaction()
+    reported = fake_attachment(png_bytes(50, 50), width=4000, height=3000)
+    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, reported,
+                 2.0, None, None, None, None, None, None, None, None, None, None)
+    interaction.calls.defer.assert_not_awaited()
+    reported.read.assert_not_awaited()
+    assert "4000×3000" in ephemeral_error(interaction)
     assert engine.payloads == []
 
 
@@ -298,7 +326,6 @@ async def test_the_tile_caption_step_can_be_cancelled(toolbox_bot, engine, fast_
 async def test_no_preview_edit_lands_after_the_result(toolbox_bot, engine, fast_progress, monkeypatch):
     import bot.tracker
 
-    store = toolbox_bot.backend.store
     landed = []
 
     async def edit(**fields):
@@ -311,21 +338,26 @@ async def test_no_preview_edit_lands_after_the_result(toolbox_bot, engine, fast_
             await asyncio.sleep(0.3)  # the tracker's last write after the result: previews must be over by now
         return await original_update(store_, job_id, **fields)
 
-    async def keep_a_preview():
-        while not (keys := await store.keys("job:")):
-            await asyncio.sleep(0.01)
-        job_id = keys[0].split(":", 1)[1]
-        for n in range(60):
-            await store.put(preview_key(job_id), {"jpeg": "/9j/cHJldmlldw==", "n": n})  # a fresh one each time
-            await asyncio.sleep(0.02)
-
     monkeypatch.setattr(bot.tracker, "update_job", slow_bookkeeping)
     engine.delay = 0.05
-    writer = asyncio.create_task(keep_a_preview())
-    interaction = fake_interaction()
-    interaction.edit_original_response.side_effect = edit
-    await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(60, 40)),
-                 2.0, None, None, None, None, None, None, None, None, None, 1)
-    writer.cancel()
+    await upscale_while_previews_come(toolbox_bot, edit)
     assert ["preview.jpg"] in landed  # previews were shown while it ran
     assert landed[-1][0] == "upscaled.png"
+
+
+async def test_progress_previews_and_result_share_one_edit_budget(toolbox_bot, engine, fast_progress, monkeypatch):
+    """Every edit of the reply, whoever asked for it, is at least the edit interval after the one before."""
+    monkeypatch.setattr("bot.progress.MIN_EDIT_INTERVAL", 0.25)
+    landed: list[tuple[float, dict]] = []
+
+    async def edit(**fields):
+        landed.append((time.monotonic(), fields))
+
+    engine.delay = 0.3
+    await upscale_while_previews_come(toolbox_bot, edit)
+    times = [at for at, _ in landed]
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert len(landed) >= 4 and min(gaps) >= 0.24, gaps
+    merged = [fields for _, fields in landed if "content" in fields and "attachments" in fields]
+    assert any(fields["attachments"][0].filename == "preview.jpg" for fields in merged)  # text + preview, one edit
+    assert landed[-1][1]["attachments"][0].filename == "upscaled.png"

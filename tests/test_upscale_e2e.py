@@ -75,6 +75,7 @@ async def test_slash_upscale_with_a_library_lora(settings):
         await toolbox_bot.backend.close()
 
 
+@pytest.mark.slow
 def test_toolbox_upscale_with_tile_captions(settings, data_dir, tiny_qwen_dir, tmp_path, capsys):
     from modal_services.layout import CAPTION_MODEL
 

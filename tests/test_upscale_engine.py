@@ -98,6 +98,7 @@ def test_output_is_a_png_of_the_scaled_size(engine, picture, base_output):
     assert Image.open(io.BytesIO(odd)).size == (120, 144)
 
 
+@pytest.mark.slow
 def test_same_seed_same_output_other_seed_other_output(engine, picture, base_output):
     assert engine.upscale(picture, **JOB) == base_output
     assert engine.upscale(picture, **{**JOB, "seed": 8}) != base_output
@@ -148,6 +149,7 @@ def test_ip_adapter_scale_changes_the_output(engine, picture, base_output):
 # ---------------------------------------------------------------- LoRAs
 
 
+@pytest.mark.slow
 def test_lora_changes_the_output_and_leaves_no_trace(volume, engine, picture, base_output):
     with_lora = engine.upscale(picture, **JOB, loras=[lora(volume, "detail")])
     assert np.abs(pixels(with_lora) - pixels(base_output)).max() > 0
@@ -158,6 +160,7 @@ def test_lora_changes_the_output_and_leaves_no_trace(volume, engine, picture, ba
     assert fresh.upscale(picture, **JOB) == base_output
 
 
+@pytest.mark.slow
 def test_lora_weights_and_two_loras(volume, engine, picture, base_output):
     half = engine.upscale(picture, **JOB, loras=[lora(volume, "detail", 0.5)])
     full = engine.upscale(picture, **JOB, loras=[lora(volume, "detail", 1.0)])
@@ -168,6 +171,7 @@ def test_lora_weights_and_two_loras(volume, engine, picture, base_output):
     assert engine.upscale(picture, **JOB) == base_output
 
 
+@pytest.mark.slow
 def test_library_files_are_found_on_the_lora_volume(volume, engine, picture, base_output):
     by_path = engine.upscale(picture, **JOB, loras=[lora(volume, "detail")])
     by_file = engine.upscale(picture, **JOB, loras=[{"name": "detail", "file": "detail.safetensors", "weight": None}])
@@ -192,6 +196,7 @@ def test_trigger_words_are_injected_once():
     assert with_trigger_words("glowing", specs[1:]) == "shiny, glow, glowing"
 
 
+@pytest.mark.slow
 def test_trigger_words_reach_the_prompt(volume, engine, picture):
     plain = engine.upscale(picture, **{**JOB, "prompt": "a cat"}, loras=[lora(volume, "detail")])
     triggered = engine.upscale(picture, **{**JOB, "prompt": "a cat"}, loras=[lora(volume, "detail", triggers=["shiny"])])
@@ -200,6 +205,7 @@ def test_trigger_words_reach_the_prompt(volume, engine, picture):
     assert already == triggered
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["wrong-shape", "not-a-lora", "missing"])
 def test_a_lora_that_fails_is_named_and_leaves_no_trace(volume, engine, picture, base_output, name):
     entry = lora(volume, "detail") if name == "missing" else lora(volume, name)
@@ -215,6 +221,7 @@ def test_a_lora_that_fails_is_named_and_leaves_no_trace(volume, engine, picture,
 # ---------------------------------------------------------------- checkpoints
 
 
+@pytest.mark.slow
 def test_checkpoint_switch_reloads_only_the_unet_and_text_encoders(volume, engine, picture, base_output):
     controlnet, vae, unet = engine.pipe.controlnet, engine.pipe.vae, engine.pipe.unet
     stages = []
@@ -292,6 +299,7 @@ def test_models_missing_names_what_is_missing(volume, tmp_path):
     assert "ip-adapter" in error.value.message and "controlnet-tile" not in error.value.message
 
 
+@pytest.mark.slow
 def test_out_of_memory_retries_one_tile_at_a_time_then_gives_up(engine, picture, base_output, monkeypatch):
     import torch
 
@@ -323,6 +331,7 @@ def test_out_of_memory_retries_one_tile_at_a_time_then_gives_up(engine, picture,
 # ---------------------------------------------------------------- progress and previews
 
 
+@pytest.mark.slow
 def test_progress_reports_tiles_steps_and_previews(engine, picture):
     reports, previews = [], []
     engine.upscale(picture, **JOB, progress=lambda f, s: reports.append((f, s)), preview=previews.append)
@@ -338,6 +347,7 @@ def test_progress_reports_tiles_steps_and_previews(engine, picture):
         assert Image.open(io.BytesIO(jpeg)).size == (20, 24)  # the latent's size: 160x192 / 8
 
 
+@pytest.mark.slow
 def test_one_tile_per_call_reports_every_tile(volume, picture):
     engine = UpscaleEngine(Layout(volume.models_dir), **{**ENGINE_OPTIONS, "tile_batch": 1})
     engine.load()

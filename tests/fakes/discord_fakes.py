@@ -53,11 +53,14 @@ def fake_interaction(user_id: int = 1001, guild_id: int = 2002, channel_id: int 
     return interaction
 
 
-def fake_attachment(data: bytes, filename: str = "image.png", content_type: str | None = "image/png", size=None):
+def fake_attachment(data: bytes, filename: str = "image.png", content_type: str | None = "image/png", size=None,
+                    width: int | None = None, height: int | None = None):
+    """`width` and `height` are what Discord reports for images (None: not reported)."""
     attachment = MagicMock(spec=discord.Attachment)
     attachment.filename = filename
     attachment.content_type = content_type
     attachment.size = len(data) if size is None else size
+    attachment.width, attachment.height = width, height
     attachment.read = AsyncMock(return_value=data)
     return attachment
 

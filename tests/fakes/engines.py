@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 import time
 
 from PIL import Image
@@ -92,3 +93,19 @@ class StandInUpscaleEngine:
         progress(0.5, "tile 1/1")
         source = Image.open(io.BytesIO(image))
         return encode(source.resize((round(source.width * scale), round(source.height * scale))))
+
+
+class GatedCaptionEngine:
+    """Holds every job, reporting progress, until `gate` is set: nothing finishes before a test says so."""
+
+    def __init__(self, gate: threading.Event | None = None):
+        self.loaded = False
+        self.gate = gate or threading.Event()
+
+    def load(self):
+        self.loaded = True
+
+    def caption(self, images, style, question, progress):
+        while not self.gate.wait(0.01):
+            progress(0.5, "captioning")
+        return ["a caption"] * len(images)
