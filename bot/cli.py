@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="one JSON document on stdout")
     _add_models_parser(commands)
 
+    migrate = commands.add_parser("migrate", help="bring the older Gradio toolbox's files and indexes into this layout")
+    migrate.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    migrate.add_argument("--json", action="store_true", help="the report as one JSON document on stdout")
+
     lowest, highest = field_bounds(UpscaleRequest, "scale")
     upscale = commands.add_parser("upscale", help=f"upscale an image with SDXL ({lowest:g}x-{highest:g}x)")
     upscale.add_argument("image", type=Path, metavar="IMAGE")
@@ -148,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(generate_images(settings, args))
         elif args.command == "serve":
             serve_api(settings, args)
+        elif args.command == "migrate":
+            asyncio.run(migrate(settings, args.dry_run, args.json))
     except ToolboxError as error:
         print(f"error: {error.code.value}: {error.message}", file=sys.stderr)
         return 2 if error.code is ErrorCode.INVALID_INPUT else 1
@@ -345,56 +351,97 @@ async def generate_images(settings: Settings, args: argparse.Namespace) -> None:
 
 
 async def setup_models(settings: Settings, only: list[str] | None) -> None:
-    """Download the missing base models (or `--only` these), with a bar per model and an overall bar."""
+    """Download the missing base models (or `--only` these, recommended LoRAs included)."""
+    from modal_services.library import Library
+    from modal_services.registry import STARTER_LORAS, split_setup_keys
+
+    base_keys, starters = split_setup_keys(only)  # an unknown key fails here, before anything starts
+    backend = await open_backend(settings)
+    library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+    try:
+        if base_keys or not only:
+            await _download_base_models(settings, backend, base_keys)
+        if starters:
+            await _import_starter_loras(settings, backend, library, starters)
+        elif not only:
+            missing = [s.key for s in STARTER_LORAS.values() if await library.by_model(s.civitai_model_id) is None]
+            if missing:
+                print(f"Recommended LoRAs (optional): toolbox setup --only {' '.join(missing)}")
+    finally:
+        await backend.close()
+
+
+async def _download_base_models(settings: Settings, backend: Backend, keys: list[str]) -> None:
+    """The missing ones of `keys` (all when empty), with a bar per model and an overall bar."""
     from bot.progress import watch_job
     from bot.setup_download import checked_states, start_or_attach_download
     from modal_services.downloads import model_states
     from modal_services.registry import resolve_keys
 
-    entries = resolve_keys(only)  # an unknown key fails here, before anything starts
-    backend = await open_backend(settings)
+    entries = resolve_keys(keys)
+    states = await checked_states(settings, backend.store, entries, hashes=True)
+    missing = [state.key for state in states if state.state != "present"]
+    if not missing:
+        print("All requested base models are present.")
+        return
+    job_id, started = await start_or_attach_download(
+        backend.store, lambda: backend.submit(DownloadRequest.parse({"keys": missing}), owner={"cli": True}),
+        backend.runs_jobs_in_process,
+    )
+    if not started:
+        print(f"A download is already running (job {job_id}); following it.", file=sys.stderr)
+    wanted = [entry for entry in entries if entry.key in missing]
+    bars = {
+        entry.key: tqdm(total=entry.approx_bytes, unit="B", unit_scale=True, desc=entry.key, position=i + 1,
+                        leave=True, disable=None)
+        for i, entry in enumerate(wanted)
+    }
+    overall = tqdm(total=1, unit="B", unit_scale=True, desc="overall", position=0, leave=True, disable=None)
+
+    async def show(job) -> None:
+        done = total = 0
+        for state in await model_states(backend.store, wanted):
+            bar = bars[state.key]
+            bar.total = state.size_bytes
+            bar.n = state.size_bytes if state.state == "present" else state.bytes_done
+            bar.set_postfix_str(state.state, refresh=False)
+            bar.refresh()
+            done, total = done + bar.n, total + state.size_bytes
+        overall.total, overall.n = max(total, 1), done
+        overall.refresh()
+
     try:
-        states = await checked_states(settings, backend.store, entries, hashes=True)
-        missing = [state.key for state in states if state.state != "present"]
-        if not missing:
-            print("All requested base models are present.")
-            return
-        job_id, started = await start_or_attach_download(
-            backend.store, lambda: backend.submit(DownloadRequest.parse({"keys": missing}), owner={"cli": True}),
-            backend.runs_jobs_in_process,
-        )
-        if not started:
-            print(f"A download is already running (job {job_id}); following it.", file=sys.stderr)
-        wanted = [entry for entry in entries if entry.key in missing]
-        bars = {
-            entry.key: tqdm(total=entry.approx_bytes, unit="B", unit_scale=True, desc=entry.key, position=i + 1,
-                            leave=True, disable=None)
-            for i, entry in enumerate(wanted)
-        }
-        overall = tqdm(total=1, unit="B", unit_scale=True, desc="overall", position=0, leave=True, disable=None)
-
-        async def show(job) -> None:
-            done = total = 0
-            for state in await model_states(backend.store, wanted):
-                bar = bars[state.key]
-                bar.total = state.size_bytes
-                bar.n = state.size_bytes if state.state == "present" else state.bytes_done
-                bar.set_postfix_str(state.state, refresh=False)
-                bar.refresh()
-                done, total = done + bar.n, total + state.size_bytes
-            overall.total, overall.n = max(total, 1), done
-            overall.refresh()
-
-        try:
-            job = await watch_job(backend, job_id, show)
-        finally:
-            for bar in (overall, *bars.values()):
-                bar.close()
-        if job.error() is not None:
-            raise job.error()
-        print(f"Downloaded: {', '.join(missing)}.")
+        job = await watch_job(backend, job_id, show)
     finally:
-        await backend.close()
+        for bar in (overall, *bars.values()):
+            bar.close()
+    if job.error() is not None:
+        raise job.error()
+    print(f"Downloaded: {', '.join(missing)}.")
+
+
+async def _import_starter_loras(settings: Settings, backend: Backend, library, starters: list) -> None:
+    """Each recommended LoRA not in the library yet, through the CivitAI importer's job; failures reported together."""
+    failures: list[tuple[str, ToolboxError]] = []
+    for starter in starters:
+        installed = await library.by_model(starter.civitai_model_id)
+        if installed is not None:
+            print(f"{starter.key}: already in the library as {installed.file}.")
+            continue
+        try:
+            request = ModelImportRequest.parse({"ref": starter.reference, "api_base": settings.civitai_api_base})
+            result = await _run_with_bar(backend, request, f"importing {starter.name}")
+        except ToolboxError as error:
+            failures.append((starter.key, error))
+            continue
+        entry = result["entry"]
+        print(f"{starter.key}: imported as {entry['file']} (triggers: {', '.join(entry['trigger_words']) or 'none'}).")
+    if len(starters) == 1 and failures:
+        raise failures[0][1]
+    if failures:
+        keys = ", ".join(key for key, _ in failures)
+        first = failures[0][1]
+        raise ToolboxError(first.code, f"{len(failures)} of {len(starters)} LoRAs failed ({keys}). {first.message}")
 
 
 async def show_status(settings: Settings, as_json: bool) -> None:
@@ -402,7 +449,8 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     import json
 
     from bot.setup_download import active_download, checked_states
-    from modal_services.registry import BASE_MODELS
+    from modal_services.library import Library
+    from modal_services.registry import BASE_MODELS, STARTER_LORAS
     from modal_services.tokens import SERVICES, token_state
 
     backend = await open_backend(settings)
@@ -410,10 +458,17 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     try:
         states = await checked_states(settings, store, BASE_MODELS.values())
         tokens = [await token_state(store, service) for service in SERVICES]
+        library = Library.for_backend(store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+        starters = {}
+        for starter in STARTER_LORAS.values():
+            installed = await library.by_model(starter.civitai_model_id)
+            starters[starter.key] = {"name": starter.name, "civitai_model_id": starter.civitai_model_id,
+                                     "installed": installed.file if installed else None}
         document = {
             "backend": settings.backend,
             "data_dir": str(settings.data_dir) if settings.backend == "local" else None,
             "models": [state.to_dict() for state in states],
+            "starter_loras": starters,
             "tokens": {t.service: {"set": t.is_set, "masked": t.masked, "source": t.source, "user": t.user} for t in tokens},
             "active_download": await active_download(store),
             "active_checkpoint": await store.get(ACTIVE_CHECKPOINT_KEY),
@@ -429,6 +484,8 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     for state in states:
         extra = f" ({state.detail})" if state.detail else ""
         print(f"{state.key:16} {state.state:12} {state.size_bytes / 1e9:6.2f} GB{extra}")
+    for key, starter in document["starter_loras"].items():
+        print(f"{key:24} {'installed as ' + starter['installed'] if starter['installed'] else 'not installed (optional)'}")
     for token in tokens:
         print(token.describe())
     if document["active_download"]:
@@ -449,6 +506,52 @@ async def _job_counts(store) -> dict[str, dict[str, int]]:
         if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             counts.setdefault(job.kind, {"queued": 0, "running": 0})[job.status.value] += 1
     return counts
+
+
+async def migrate(settings: Settings, dry_run: bool, as_json: bool) -> None:
+    """The migration of the older toolbox's files: the data dir's, or the Modal volumes' (beside them)."""
+    import json
+
+    from modal_services.migration import MigrationReport, render_report
+
+    if settings.backend == "modal":
+        report = MigrationReport.from_dict(await _migrate_on_modal(settings, dry_run))
+    else:
+        report = await _migrate_data_dir(settings, dry_run)
+    print(json.dumps(report.to_dict(), indent=2) if as_json else render_report(report))
+
+
+async def _migrate_data_dir(settings: Settings, dry_run: bool):
+    import tempfile
+
+    from modal_services.layout import Layout
+    from modal_services.migration import Migration
+    from modal_services.state import SqliteStore
+
+    with tempfile.TemporaryDirectory() as scratch:
+        # A dry run on a data dir without state must not create it: it reads an empty store instead.
+        fresh = dry_run and not settings.state_path.exists()
+        store = SqliteStore(Path(scratch) / "state.sqlite3" if fresh else settings.state_path)
+        try:
+            migration = Migration(Layout(settings.models_dir, settings.loras_dir, store), dry_run=dry_run,
+                                  on_step=lambda text: print(f"{text}…", file=sys.stderr))
+            return await migration.run()
+        finally:
+            await store.close()
+
+
+async def _migrate_on_modal(settings: Settings, dry_run: bool) -> dict:
+    """The deployed app's `migrate_volumes`, which runs where the volumes are mounted."""
+    import modal
+
+    print(f"migrating the volumes of the Modal app {settings.modal_app!r}…", file=sys.stderr)
+    try:
+        return await modal.Function.from_name(settings.modal_app, "migrate_volumes").remote.aio(dry_run)
+    except modal.exception.Error as exc:
+        raise ToolboxError(ErrorCode.BACKEND_UNAVAILABLE,
+                           f"The Modal app {settings.modal_app!r} could not be reached. Is it deployed "
+                           "(`modal deploy -m modal_services.app`)? `modal run -m modal_services.app::migrate` "
+                           "runs the migration without a deployment.") from exc
 
 
 # -- toolbox models ------------------------------------------------------------------

@@ -1,9 +1,12 @@
-"""/setup: base models and tokens, for server admins.
+"""/setup: base models, recommended LoRAs and tokens, for server admins.
 
-An ephemeral panel lists every base model (size and state) and the token
-state (masked), with three buttons: Set tokens (a modal form; each token is
-checked against its service before it is kept), Download missing (one job
-for the whole server; the panel turns into live progress bars) and Verify.
+An ephemeral panel lists every base model (size and state), the recommended
+LoRAs (optional: what each is, its CivitAI page, whether it is installed) and
+the token state (masked), with buttons: Set tokens (a modal form; each token
+is checked against its service before it is kept), Download missing (one job
+for the whole server; the panel turns into live progress bars), Verify, and
+one Add button per recommended LoRA not yet installed (a CivitAI import, in a
+message of its own with live progress, like `/models import`).
 A download already running is attached to, never started twice.
 """
 
@@ -17,14 +20,16 @@ from discord.ext import commands
 
 from bot.permissions import is_admin
 from bot.progress import MessageEdits, progress_bar, watch_job
-from bot.replies import error_text, send_error
+from bot.replies import as_toolbox_error, error_text, send_error
 from bot.setup_download import active_download, checked_states, start_or_attach_download
 from bot.ui import human_bytes, human_seconds
+from cogs.models import age_restricted
 from modal_services.downloads import ModelState, model_states
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import DownloadRequest, VerifyRequest
+from modal_services.job_requests import DownloadRequest, ModelImportRequest, VerifyRequest
 from modal_services.jobs import Job, JobStatus
-from modal_services.registry import BASE_MODELS
+from modal_services.library import Library, LibraryEntry
+from modal_services.registry import BASE_MODELS, STARTER_LORAS, StarterLora
 from modal_services.tokens import LABELS, SERVICES, clear_token, set_token, token_state
 
 log = logging.getLogger(__name__)
@@ -51,12 +56,18 @@ def describe(state: ModelState) -> str:
     return state.state
 
 
-def render_panel(states: list[ModelState], tokens: list, note: str | None = None) -> str:
+def render_panel(states: list[ModelState], tokens: list, note: str | None = None,
+                 starters: list[tuple[StarterLora, LibraryEntry | None]] = ()) -> str:
     present = sum(state.state == "present" for state in states)
     total = sum(state.size_bytes for state in states)
     lines = [f"**AI Toolbox setup** · base models {present}/{len(states)} present · {human_bytes(total)} in all"]
     for state in states:
         lines.append(f"{ICONS.get(state.state, '•')} **{state.name}** · {human_bytes(state.size_bytes)} · {describe(state)}")
+    if starters:
+        lines.append("**Recommended LoRAs** (optional, from CivitAI, made for Illustrious-XL)")
+    for starter, installed in starters:
+        state = f"installed as `{installed.file}`" if installed else f"~{human_bytes(starter.approx_bytes)} · not installed"
+        lines.append(f"{'✅' if installed else '▫️'} **{starter.name}** · {starter.purpose} · <{starter.page_url}> · {state}")
     lines.append("**Tokens** · " + " · ".join(token.describe() for token in tokens))
     if note:
         lines.append(note)
@@ -136,10 +147,29 @@ class TokensForm(discord.ui.Modal, title="API tokens"):
         await interaction.followup.send("\n".join(lines), ephemeral=True)
 
 
+class AddStarterButton(discord.ui.Button):
+    def __init__(self, cog: "Setup", starter: StarterLora):
+        super().__init__(label=f"Add {starter.name}"[:80], style=discord.ButtonStyle.secondary, emoji="➕", row=1)
+        self.cog = cog
+        self.starter = starter
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        # A message of its own (the panel stays), which the job tracker keeps up to date.
+        await interaction.response.defer(thinking=True)
+        try:
+            await self.cog.add_starter(interaction, self.starter)
+        except Exception as exc:  # a button has no command error handler: show it in the message
+            await interaction.edit_original_response(content=error_text(as_toolbox_error(exc)), embed=None, view=None)
+
+
 class SetupPanel(discord.ui.View):
-    def __init__(self, cog: "Setup"):
+    def __init__(self, cog: "Setup", missing_starters: list[StarterLora] = ()):
         super().__init__(timeout=PANEL_TIMEOUT)
         self.cog = cog
+        for starter in missing_starters:
+            self.add_item(AddStarterButton(cog, starter))
 
     @discord.ui.button(label="Set tokens", style=discord.ButtonStyle.secondary, emoji="🔑")
     async def set_tokens(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
@@ -176,12 +206,33 @@ class Setup(commands.Cog):
     def store(self):
         return self.bot.backend.store
 
-    async def panel_text(self, note: str | None = None) -> str:
+    @property
+    def library(self) -> Library:
+        settings = self.bot.settings
+        return Library.for_backend(self.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+
+    async def panel(self, note: str | None = None) -> dict:
+        """The panel's message: its text and its buttons."""
         states = await checked_states(self.bot.settings, self.store, BASE_MODELS.values())
         tokens = [await token_state(self.store, service) for service in SERVICES]
-        return render_panel(states, tokens, note)
+        library = self.library
+        starters = [(starter, await library.by_model(starter.civitai_model_id)) for starter in STARTER_LORAS.values()]
+        missing = [starter for starter, installed in starters if installed is None]
+        return {"content": render_panel(states, tokens, note, starters), "view": SetupPanel(self, missing)}
 
-    @app_commands.command(name="setup", description="Base models and API tokens (server admins)")
+    async def add_starter(self, interaction: discord.Interaction, starter: StarterLora) -> None:
+        """Import a recommended LoRA as `/models import` does: the importer's job, followed by the job tracker."""
+        installed = await self.library.by_model(starter.civitai_model_id)
+        if installed is not None:
+            await interaction.edit_original_response(content=f"{starter.name} is already in the library "
+                                                     f"(`{installed.file}`).")
+            return
+        request = ModelImportRequest.parse({"ref": starter.reference, "api_base": self.bot.settings.civitai_api_base})
+        meta = {"title": f"Adding {starter.name}", "age_ok": age_restricted(interaction)}
+        job, target = await self.bot.tracker.start(interaction, request, meta)
+        await self.bot.tracker.run(job, target)
+
+    @app_commands.command(name="setup", description="Base models, recommended LoRAs and API tokens (server admins)")
     @app_commands.default_permissions(administrator=True)
     @app_commands.guild_only()
     async def setup(self, interaction: discord.Interaction) -> None:
@@ -192,14 +243,14 @@ class Setup(commands.Cog):
         if job_id is not None:
             await self.follow(interaction, job_id)
             return
-        await interaction.edit_original_response(content=await self.panel_text(), view=SetupPanel(self))
+        await interaction.edit_original_response(**await self.panel())
 
     async def download_and_follow(self, interaction: discord.Interaction) -> None:
         states = await checked_states(self.bot.settings, self.store, BASE_MODELS.values())
         missing = [s.key for s in states if s.state != "present"]
         if not missing:
             note = "Everything is already downloaded. Use **Verify** to re-check the files."
-            await interaction.edit_original_response(content=await self.panel_text(note), view=SetupPanel(self))
+            await interaction.edit_original_response(**await self.panel(note))
             return
         owner = {"user_id": interaction.user.id, "guild_id": interaction.guild_id, "channel_id": interaction.channel_id}
         job_id, started = await start_or_attach_download(
@@ -220,7 +271,7 @@ class Setup(commands.Cog):
         job = await watch_job(self.bot.backend, job_id, show, POLL_SECONDS, timeout=LIVE_VIEW_SECONDS)
         if job.status.finished:
             note = "✅ All base models are ready." if job.status is JobStatus.DONE else error_text(job.error())
-            await edits.edit(content=await self.panel_text(note), view=SetupPanel(self))
+            await edits.edit(**await self.panel(note))
         else:
             await edits.edit(
                 content=render_progress(job, await model_states(self.store, entries))
@@ -237,7 +288,7 @@ class Setup(commands.Cog):
 
         record = await watch_job(self.bot.backend, job.id, show, POLL_SECONDS)
         note = "🔍 Verified: sizes and hashes checked." if record.status is JobStatus.DONE else error_text(record.error())
-        await edits.edit(content=await self.panel_text(note), view=SetupPanel(self))
+        await edits.edit(**await self.panel(note))
         await edits.close()
 
 

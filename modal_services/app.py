@@ -202,6 +202,39 @@ class ModelService:
         return await self._run("model_scan", job_id, payload)
 
 
+# The older Gradio toolbox kept its manifest in this Dict, as one whole-manifest key.
+LEGACY_METADATA_DICT = "ai-toolbox-model-metadata"
+
+
+@app.function(
+    image=model_image,  # the importer's checks and LoRA conversions need torch
+    volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
+    timeout=3 * 3600,  # hashing the checkpoints of a large library
+)
+def migrate_volumes(dry_run: bool = False) -> dict:
+    """The older toolbox's files and indexes on the volumes, brought into this layout (migration.py)."""
+    import asyncio
+
+    from modal_services.migration import Migration
+
+    try:
+        dict_manifest = modal.Dict.from_name(LEGACY_METADATA_DICT).get("manifest")
+    except modal.exception.NotFoundError:
+        dict_manifest = None  # an install that never had the Dict
+    _reload_volumes()
+    migration = Migration(_layout(ModalDictStore(state_dict)), dict_manifest=dict_manifest, commit=_commit_volumes,
+                          dry_run=dry_run)
+    return asyncio.run(migration.run()).to_dict()
+
+
+@app.local_entrypoint()
+def migrate(dry_run: bool = False) -> None:
+    """`modal run -m modal_services.app::migrate [--dry-run]`: runs beside the volumes, prints the report here."""
+    from modal_services.migration import MigrationReport, render_report
+
+    print(render_report(MigrationReport.from_dict(migrate_volumes.remote(dry_run))))
+
+
 # The upscaler: SDXL + ControlNet Tile + IP-Adapter need diffusers and peft on top of the GPU stack.
 UPSCALE_GPU = os.environ.get("TOOLBOX_UPSCALE_GPU", "A10G")
 UPSCALE_MAX_CONTAINERS = int(os.environ.get("TOOLBOX_UPSCALE_MAX_CONTAINERS", "2"))

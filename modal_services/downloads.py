@@ -35,6 +35,17 @@ LOCK_POLL_SECONDS = 1.0
 RATE_SMOOTHING = 0.3  # weight of the newest sample in the moving average of bytes/s
 
 
+async def fetch_context(store: StateStore) -> FetchContext:
+    """What the fetchers need: the hub endpoint and the tokens (/setup's, else the environment's)."""
+    from modal_services.tokens import get_token
+
+    return FetchContext(
+        hf_endpoint=os.environ.get("HF_ENDPOINT") or None,
+        hf_token=await get_token(store, "hf"),
+        civitai_token=await get_token(store, "civitai"),
+    )
+
+
 # -- status ---------------------------------------------------------------------
 
 def check_files(folder: Path, manifest: dict, deep: bool = False, on_bytes: Callable[[int], None] | None = None,
@@ -240,15 +251,6 @@ class DownloadEngine:
         if hook is not None:
             await asyncio.to_thread(hook)
 
-    async def _context(self) -> FetchContext:
-        from modal_services.tokens import get_token
-
-        return FetchContext(
-            hf_endpoint=os.environ.get("HF_ENDPOINT") or None,
-            hf_token=await get_token(self.store, "hf"),
-            civitai_token=await get_token(self.store, "civitai"),
-        )
-
     async def present(self, entry) -> bool:
         """A complete manifest *and* the files on disk (sizes, published hashes); a wrong file is removed for a re-fetch."""
         manifest = await self.store.get(manifest_key(entry.key))
@@ -305,7 +307,7 @@ class DownloadEngine:
         entries = resolve_keys(keys, self.registry)
         owner = f"{os.uname().nodename}:{os.getpid()}:{time.time_ns()}"
         await self._hook(self.reload_hook)
-        ctx = await self._context()
+        ctx = await fetch_context(self.store)
         lives = [_Live(entry) for entry in entries]
         ticker = asyncio.create_task(self._tick(lives, progress, owner))
         results: dict[str, str] = {}
@@ -427,26 +429,26 @@ def _discard_orphans(folder: Path) -> None:
             orphan.unlink(missing_ok=True)
 
 
-def _verify_plan(entry, plan: Plan, folder: Path) -> dict:
-    """Check every planned file (size, sha256 or git blob id) and build the manifest; a bad file is removed."""
-    files = {}
+def planned_manifest(entry, plan: Plan, folder: Path) -> tuple[dict, list[str]]:
+    """The manifest the planned files on disk make, and the files that are missing or do not match
+    what the source published (size, sha256 or git blob id). Reads the files; changes nothing."""
+    files, wrong = {}, []
     for file in plan.files:
         path = folder / file.dest
+        if not path.is_file():
+            wrong.append(file.dest)
+            continue
         size = path.stat().st_size
         sha256 = sha256_file(path) if file.sha256 or size > CHUNK_SIZE else None
-        wrong = (
+        if (
             (file.size is not None and size != file.size)
             or (file.sha256 is not None and sha256 != file.sha256)
             or (file.sha256 is None and file.git_sha1 is not None and git_blob_sha1(path) != file.git_sha1)
-        )
-        if wrong:
-            path.unlink(missing_ok=True)
-            raise ToolboxError(
-                ErrorCode.CHECKSUM_MISMATCH,
-                f"{entry.name}: {file.dest} did not match what the source published; it was removed. Download again.",
-            )
+        ):
+            wrong.append(file.dest)
+            continue
         files[file.dest] = {"size": size, "sha256": sha256 or file.sha256, "git_sha1": file.git_sha1}
-    return {
+    manifest = {
         "key": entry.key,
         "complete": True,
         "files": files,
@@ -455,4 +457,18 @@ def _verify_plan(entry, plan: Plan, folder: Path) -> dict:
         "revision": plan.revision,
         "completed_at": time.time(),
     }
+    return manifest, wrong
+
+
+def _verify_plan(entry, plan: Plan, folder: Path) -> dict:
+    """The manifest of a finished download; a file that does not match the source is removed."""
+    manifest, wrong = planned_manifest(entry, plan, folder)
+    if wrong:
+        for dest in wrong:
+            (folder / dest).unlink(missing_ok=True)
+        raise ToolboxError(
+            ErrorCode.CHECKSUM_MISMATCH,
+            f"{entry.name}: {wrong[0]} did not match what the source published; it was removed. Download again.",
+        )
+    return manifest
 

@@ -9,7 +9,8 @@ Shared:
   was verified, `lock:<name>` one holder at a time (`lock:download:<model>`,
   `lock:civitai:<version>`, `lock:file:<name>`, `lock:setup-download`),
   `model:<file>` a library
-  entry, `active_checkpoint`, `settings:<guild>`, `secret:<service>` a token.
+  entry, `active_checkpoint`, `settings:<guild>`, `secret:<service>` a token,
+  `migration:file:<name>` where the migration moves an old file (removed when it finishes).
 Job slots (`slots.py`):
   `slot:<scope>:<n>` the n-th slot of a cap (`user:<id>`, `guild:<id>`,
   `global`), `slot-retired:<holder>:<slot key>` who may act on a holder's slot.
@@ -81,6 +82,14 @@ SETUP_DOWNLOAD_LOCK = "setup-download"
 
 def entry_key(file: str) -> str:
     return ENTRY_PREFIX + file
+
+
+# Where the migration from the older toolbox's layout noted each file's new place before moving it.
+MIGRATION_JOURNAL_PREFIX = "migration:file:"
+
+
+def migration_journal_key(old_name: str) -> str:
+    return MIGRATION_JOURNAL_PREFIX + old_name
 
 
 def settings_key(guild_id: int | None) -> str:

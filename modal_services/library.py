@@ -150,6 +150,11 @@ def parse_trigger_words(value: str | list[str]) -> list[str]:
     return list(seen.values())
 
 
+def lora_weight(name: str, value: Any) -> float:
+    """A recommended weight within the range every LoRA reference allows (INVALID_INPUT otherwise)."""
+    return round(LoraRef.parse({"name": name, "weight": value}).weight, 3)
+
+
 class Library:
     def __init__(self, store: StateStore, loras_dir: Path, models_dir: Path, files_visible: bool = True):
         self.store = store
@@ -255,6 +260,13 @@ class Library:
                 return entry
         return None
 
+    async def by_model(self, model_id: int) -> LibraryEntry | None:
+        """An entry of any version of CivitAI model `model_id` whose file is there."""
+        for entry in await self.entries():
+            if entry.civitai_model_id == model_id and not entry.missing:
+                return entry
+        return None
+
     async def by_sha256(self, sha256: str) -> LibraryEntry | None:
         for entry in await self.entries():
             if entry.sha256 and entry.sha256 == sha256.lower():
@@ -315,7 +327,7 @@ class Library:
             if entry.type != "lora":
                 raise ToolboxError(ErrorCode.INVALID_INPUT, "Only LoRAs have a weight.")
             # Within the range every job accepts, checked as a job would check it.
-            new_weight = round(LoraRef.parse({"name": entry.name, "weight": weight}).weight, 3)
+            new_weight = lora_weight(entry.name, weight)
         if display_name is None and trigger_words is None and weight is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "Nothing to change: give a new name, trigger words or weight.")
         entry.name, entry.trigger_words, entry.weight = new_name, new_words, new_weight

@@ -382,6 +382,18 @@ class ModelEngine:
         await self._commit()
         return {"entry": self.library.to_json(entry)}
 
+    # ------------------------------------------------------------ a file already in its folder
+
+    def claimed_file_name(self, wanted: str, exact: bool = False):
+        """`lock:file:<name>` on a free library file name (or, `exact`, this very one), held for the block:
+        for whoever else puts files into the library's folders."""
+        return self._claimed_file_name(wanted, uuid.uuid4().hex, lambda fraction, stage: None, exact)
+
+    async def install_in_place(self, path: Path, entry: LibraryEntry) -> LibraryEntry:
+        """An import's checks (and LoRA conversion, the original kept) for a file already where `entry`
+        puts it (one the migration moved in), then its entry, under that very name."""
+        return await self._install(path, entry, lambda fraction, stage: None, uuid.uuid4().hex, exact=True)
+
 
 def check_finite(path: Path) -> None:
     """Every tensor (alphas too) is finite, read one tensor at a time: never the whole file in memory.

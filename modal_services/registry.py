@@ -1,14 +1,15 @@
-"""The base models: what to download, from where, and where it lives on the volumes.
+"""What /setup offers: the base models, and the recommended LoRAs from CivitAI.
 
-Seed 000's registry, one `ModelEntry` per model, plus `sdxl-base` (SDXL's
-diffusers configs and tokenizers, no weights) that loading a single-file
-checkpoint needs offline. Pure data: importing this module pulls in nothing
-heavy, so the bot can show the list.
+One `ModelEntry` per base model, plus `sdxl-base` (SDXL's diffusers configs
+and tokenizers, no weights) that loading a single-file checkpoint needs
+offline; one `StarterLora` per recommended LoRA, which the CivitAI importer
+brings into the library like any `/models import`. Pure data: importing this
+module pulls in nothing heavy, so the bot can show the lists (and an admin
+can read here what will be fetched before it is).
 
 A source is data too. The download engine picks its fetcher by the
 source's `kind` (`modal_services.fetchers.FETCHERS`), so a new kind of
-source (the CivitAI LoRAs of seed 000, once the importer exists) is one
-dataclass here plus one fetcher there, with no change to the engine.
+source is one dataclass here plus one fetcher there, with no change to the engine.
 """
 
 from __future__ import annotations
@@ -173,6 +174,53 @@ BASE_MODELS: dict[str, ModelEntry] = {
         ),
     )
 }
+
+
+@dataclass(frozen=True)
+class StarterLora:
+    """A recommended LoRA: optional in /setup, `toolbox setup --only <key>`, imported from CivitAI."""
+
+    key: str
+    name: str
+    civitai_model_id: int  # its newest version is imported
+    approx_bytes: int  # for the panel before CivitAI has been asked
+    purpose: str
+
+    @property
+    def reference(self) -> str:
+        """What the importer is given: the bare model id (its newest published version)."""
+        return str(self.civitai_model_id)
+
+    @property
+    def page_url(self) -> str:
+        return f"https://civitai.com/models/{self.civitai_model_id}"
+
+
+# Both made for Illustrious-XL, the default checkpoint.
+STARTER_LORAS: dict[str, StarterLora] = {
+    lora.key: lora
+    for lora in (
+        StarterLora("lora-aesthetic-quality", "Aesthetic Quality", 929497, 185_000_000,
+                    "overall aesthetic quality (masterpiece, best quality)"),
+        StarterLora("lora-detailer-il", "Detailer IL", 1231943, 50_000_000, "finer detail in upscales"),
+    )
+}
+
+
+def split_setup_keys(keys: list[str] | tuple[str, ...] | None) -> tuple[list[str], list[StarterLora]]:
+    """`--only` keys as base-model keys and recommended LoRAs, in the order given; an unknown key is refused."""
+    base: list[str] = []
+    loras: list[StarterLora] = []
+    for key in keys or ():
+        if key in STARTER_LORAS:
+            loras.append(STARTER_LORAS[key])
+        elif key in BASE_MODELS:
+            base.append(key)
+        else:
+            raise ToolboxError(
+                ErrorCode.INVALID_INPUT, f"Unknown model {key!r}. Known: {', '.join([*BASE_MODELS, *STARTER_LORAS])}."
+            )
+    return base, loras
 
 
 def get_entry(key: str, registry: Mapping[str, ModelEntry] | None = None) -> ModelEntry:

@@ -45,6 +45,33 @@ def installed_caption_model(tiny_qwen_dir, tmp_path):
 
 
 @pytest.fixture
+def fake_hub(monkeypatch):
+    """A fake Hugging Face Hub on loopback, serving a stand-in for every repo of the registry, as HF_ENDPOINT."""
+    import huggingface_hub.constants
+
+    from tests.fakes.hf_server import FakeHub, serve_registry
+
+    with FakeHub() as server:
+        serve_registry(server)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        yield server
+
+
+@pytest.fixture
+def fake_civitai(monkeypatch):
+    """A fake CivitAI on loopback, as CIVITAI_API_BASE, with the downloader's retries not waiting."""
+    from modal_services import transfer
+    from tests.fakes.civitai_server import FakeCivitai
+
+    server = FakeCivitai().start()
+    monkeypatch.setenv("CIVITAI_API_BASE", server.base)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def fast_progress(monkeypatch):
     """Progress writes, polls and reply edits at test speed instead of Discord-safe pacing."""
     import bot.progress

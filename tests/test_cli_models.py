@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
-from modal_services import transfer
-from tests.fakes.civitai_server import FakeCivitai
 from tests.fixtures import tiny_loras
 
 pytest.importorskip("torch")
@@ -18,12 +16,8 @@ LORA = tiny_loras.to_bytes(tiny_loras.sdxl_kohya())
 
 
 @pytest.fixture
-def civitai(monkeypatch):
-    server = FakeCivitai().start()
-    monkeypatch.setenv("CIVITAI_API_BASE", server.base)
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
-    yield server
-    server.stop()
+def civitai(fake_civitai):
+    return fake_civitai
 
 
 def run(capsys, *argv):

@@ -8,20 +8,13 @@ import pytest
 
 from bot.cli import main
 from modal_services import downloads, transfer
-from tests.fakes.hf_server import FakeHub, serve_registry
 
 
 @pytest.fixture
-def hub(monkeypatch):
-    import huggingface_hub.constants
-
-    with FakeHub() as server:
-        serve_registry(server)
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
-        monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
-        yield server
+def hub(fake_hub, monkeypatch):
+    monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
+    return fake_hub
 
 
 def status(capsys) -> dict:

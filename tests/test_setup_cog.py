@@ -21,23 +21,16 @@ from modal_services.jobs import Job, JobStatus, create_job, update_job
 from modal_services.keys import SETUP_DOWNLOAD_LOCK, lock_key
 from modal_services.registry import BASE_MODELS
 from tests.fakes.discord_fakes import fake_interaction
-from tests.fakes.hf_server import FakeHub, serve_registry
 
 CIVITAI_TOKEN = "civitai-token-0123456789a1b2"
 HF_TOKEN = "hf_goodtoken_9876543210c3d4"
 
 
 @pytest.fixture
-def hub(monkeypatch):
-    import huggingface_hub.constants
-
-    with FakeHub() as server:
-        serve_registry(server)
-        server.valid_tokens = {CIVITAI_TOKEN, HF_TOKEN}
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("CIVITAI_API_BASE", server.url)
-        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-        yield server
+def hub(fake_hub, monkeypatch):
+    fake_hub.valid_tokens = {CIVITAI_TOKEN, HF_TOKEN}
+    monkeypatch.setenv("CIVITAI_API_BASE", fake_hub.url)
+    return fake_hub
 
 
 @pytest.fixture
@@ -114,7 +107,7 @@ async def test_download_button_runs_one_job_with_live_progress(bot, hub):
     # A file deleted from the disk is missing again, whatever the manifest says, and is fetched again.
     weights = bot.settings.models_dir / "illustrious-xl" / "Illustrious-XL-v2.0.safetensors"
     weights.unlink()
-    assert "6/7 present" in await cog.panel_text()
+    assert "6/7 present" in (await cog.panel())["content"]
     third = fake_interaction(admin=True)
     await asyncio.wait_for(panel.download.callback(third), timeout=30)
     assert "All base models are ready" in last_content(third) and weights.is_file()
