@@ -218,10 +218,11 @@ def gated_engine(use_generate):
     gate.set()
 
 
-async def wait_for_status(client, job_id: str, status: str, seconds: float = 10.0) -> dict:
+async def wait_for_status(client, job_id: str, status: str, seconds: float = 10.0, progressed: bool = False) -> dict:
+    """The job's view once it has `status` (and, with `progressed`, has reported some progress)."""
     for _ in range(int(seconds / 0.02)):
         view = (await client.get(f"/jobs/{job_id}")).json()
-        if view["status"] == status:
+        if view["status"] == status and (view["progress"] > 0 or not progressed):
             return view
         await asyncio.sleep(0.02)
     raise AssertionError(f"job {job_id} never reached {status}: {view}")
@@ -404,7 +405,7 @@ async def test_an_upscale_over_the_output_limit_is_refused_before_a_job(served, 
 async def test_a_generate_job_reports_progress_then_the_contract_body(api, gated_engine):
     job_id = (await api.post("/jobs", json={"kind": "generate", "prompt": "a cat", "seed": 3, "width": 512,
                                             "height": 768})).json()["job_id"]
-    running = await wait_for_status(api, job_id, "running")
+    running = await wait_for_status(api, job_id, "running", progressed=True)
     assert 0 < running["progress"] < 1 and "result" not in running
     gated_engine.gate.set()
     done = await wait_for_status(api, job_id, "done")
