@@ -73,7 +73,8 @@ class StandInGenerateEngine:
             "steps": fields.get("steps", 28), "cfg": fields.get("cfg", 5.5), "prompt": fields["prompt"],
             "negative_prompt": fields.get("negative_prompt", ""),
             "checkpoint": fields.get("checkpoint") or "Illustrious-XL-v2.0",
-            "loras": [{"name": lora["name"], "weight": lora["weight"]} for lora in fields.get("loras", [])],
+            "loras": [{"name": lora["name"], "weight": lora["weight"]} for lora in fields.get("loras", [])]
+            + ([{"name": "lora_url", "weight": fields["lora_scale"]}] if fields.get("lora_url") else []),
             "strength": None, "generation_time_seconds": time.monotonic() - started,
         }
 
