@@ -49,13 +49,13 @@ def bench_area() -> None:
 
 def _tiny_engine(root: Path, **options):
     from modal_services.layout import Layout
-    from modal_services.upscale import UpscaleEngine
+    from modal_services.sdxl_engine import SdxlEngine
     from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 
     volume = build_tiny_volume(root)
-    engine = UpscaleEngine(Layout(volume.models_dir, volume.loras_dir), **options)
+    engine = SdxlEngine(Layout(volume.models_dir, volume.loras_dir), **options)
     engine.load()
-    return engine
+    return engine.upscaler
 
 
 def _image(side: int) -> bytes:

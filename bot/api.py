@@ -49,7 +49,6 @@ from bot.api_schema import (
     ErrorResponse,
     GenerateImageRequest,
     GenerateImageResponse,
-    GenerateJobRequest,
     JobAccepted,
     JobBody,
     JobView,
@@ -58,7 +57,7 @@ from bot.api_schema import (
 from bot.backend import RESULT_KEEP_SECONDS, Backend
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
-from modal_services.job_requests import CaptionRequest, JobRequest, LoraRef, UpscaleRequest
+from modal_services.job_requests import CaptionRequest, GenerateRequest, JobRequest, UpscaleRequest
 from modal_services.jobs import Job, JobStatus, request_cancel
 from modal_services.library import Library
 
@@ -259,8 +258,11 @@ def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[
         "image_size": [result["width"], result["height"]],
         "generation_time_seconds": round(result["generation_time_seconds"], 3),
         "model_info": {"base_model": result["checkpoint"],
-                       "lora_applied": bool(result["loras"]) or lora_scale is not None,
-                       "lora_scale": lora_scale, "loras": result["loras"]},
+                       "lora_applied": bool(result["loras"]),
+                       # The contract names one LoRA's scale: the request's own LoRA's, else the first one's.
+                       "lora_scale": lora_scale if lora_scale is not None else
+                       (result["loras"][0]["weight"] if result["loras"] else None),
+                       "loras": result["loras"]},
         "metadata": {"seed_used": result["seeds"][0], "actual_steps": result["steps"], "actual_cfg": result["cfg"],
                      "seeds_used": result["seeds"]},
     }
@@ -298,18 +300,14 @@ class Payloads:
     def __init__(self, library: Library):
         self.library = library
 
-    async def _loras(self, refs: list[LoraRef]) -> list[dict[str, Any]]:
-        from bot.upscale_requests import resolve_lora
+    async def generate(self, request: GenerateImageRequest) -> GenerateRequest:
+        from bot.generate_requests import generate_request
 
-        return [await resolve_lora(self.library, ref) for ref in refs]
-
-    async def generate(self, request: GenerateImageRequest) -> GenerateJobRequest:
-        fields = request.model_dump(exclude={"kind", "loras", "lora_url", "lora_scale", "lora_sha256"})
+        choices = request.model_dump(exclude={"kind", "loras"})
         if request.lora_url is not None:
-            # Fetched by the worker, where the egress rules and the LoRA size cap apply.
-            fields.update(lora_url=str(request.lora_url), lora_scale=request.lora_scale, lora_sha256=request.lora_sha256)
-        return GenerateJobRequest.parse({**fields, "loras": await self._loras(request.loras),
-                                         "checkpoint": (await self.library.active_checkpoint())["file"]})
+            choices["lora_url"] = str(request.lora_url)
+        job_request, _ = await generate_request(self.library, choices, [lora.model_dump() for lora in request.loras])
+        return job_request
 
     async def caption(self, request: CaptionJob) -> CaptionRequest:
         images = [(await asyncio.to_thread(_clean_png, data))[0] for data in request.images_base64]

@@ -11,21 +11,26 @@ limit is refused with 400 before any job exists.
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl
 
 from modal_services.job_requests import (
     CaptionRequest,
     CaptionStyle,
+    Cfg,
     Creativity,
-    JobRequest,
+    GenerateRequest,
+    GenerationPrompt,
+    GenerationSteps,
+    ImageCount,
     LoraRef,
     Prompt,
     Question,
-    ResolvedLora,
     Scale,
     Seed,
+    Side,
+    Timeout,
     UpscaleRequest,
     field_bounds,
 )
@@ -34,13 +39,6 @@ from modal_services.job_requests import (
 MAX_IMAGE_BYTES = 20 * 2**20
 # A whole request body: one image at the limit in base64, plus the other fields.
 MAX_BODY_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 2**20
-
-MAX_PROMPT_CHARS = 1000
-# Each image of a request gets the next seed: the whole range must stay a valid seed.
-MAX_SEED = 2**63 - 1 - 4
-MAX_LORAS = 3
-DEFAULT_TIMEOUT_SECONDS = 60
-MAX_TIMEOUT_SECONDS = 300
 
 
 def _within_image_limit(data: bytes) -> bytes:
@@ -56,44 +54,22 @@ def _https_only(url: HttpUrl) -> HttpUrl:
 
 
 ImageBase64 = Annotated[Base64Bytes, AfterValidator(_within_image_limit)]
-GeneratePrompt = Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-NegativePrompt = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-GenerateSeed = Annotated[int, Field(ge=0, le=MAX_SEED)]
-Side = Annotated[int, Field(ge=512, le=1536, multiple_of=64)]
-GenerateSteps = Annotated[int, Field(ge=20, le=50)]
-Cfg = Annotated[float, Field(ge=1.0, le=20.0)]
-Count = Annotated[int, Field(ge=1, le=4, description="images in one batched call, seeds seed, seed+1, ...")]
-Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_SECONDS, description="seconds")]
 LoraUrl = Annotated[HttpUrl, AfterValidator(_https_only),
                     Field(description="a .safetensors LoRA to apply to this request only (a presigned URL works)")]
-LoraScale = Annotated[float, Field(ge=0.0, le=1.0)]
-Sha256 = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", description="lets a repeat skip the download")]
-
-
-class GenerateJobRequest(JobRequest):
-    """The generate job as the API submits it: library LoRAs resolved, the active checkpoint, the per-request LoRA."""
-
-    model_config = ConfigDict(title="A generate job")
-    kind: ClassVar[str] = "generate"
-    prompt: GeneratePrompt
-    negative_prompt: NegativePrompt = ""
-    width: Side = 1024
-    height: Side = 1024
-    steps: GenerateSteps = 28
-    cfg: Cfg = 5.5
-    # None: the engine draws one and reports it with the images.
-    seed: GenerateSeed | None = None
-    count: Count = 1
-    loras: Annotated[list[ResolvedLora], Field(max_length=MAX_LORAS)] = []
-    checkpoint: str | None = None
-    timeout: Timeout = DEFAULT_TIMEOUT_SECONDS
-    lora_url: str | None = None
-    lora_scale: LoraScale | None = None
-    lora_sha256: Sha256 | None = None
 
 
 def _default(request: type[BaseModel], name: str):
     return request.model_fields[name].default
+
+
+def _field_type(request: type[BaseModel], name: str):
+    """A request field's type with its limits, for a wire field that mirrors it."""
+    field = request.model_fields[name]
+    return Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+
+
+LoraScale = _field_type(GenerateRequest, "lora_scale")
+LoraSha256 = _field_type(GenerateRequest, "lora_sha256")
 
 
 class Strict(BaseModel):
@@ -102,21 +78,23 @@ class Strict(BaseModel):
 
 
 class GenerateImageRequest(Strict):
-    """The SDXL worker contract's request, with `count` and library `loras` by name."""
+    """The SDXL worker contract's request: GenerateRequest's fields, limits and defaults, with library
+    `loras` by name."""
 
-    prompt: GeneratePrompt
-    negative_prompt: NegativePrompt = _default(GenerateJobRequest, "negative_prompt")
-    width: Side = _default(GenerateJobRequest, "width")
-    height: Side = _default(GenerateJobRequest, "height")
-    steps: GenerateSteps = _default(GenerateJobRequest, "steps")
-    cfg: Cfg = _default(GenerateJobRequest, "cfg")
-    seed: GenerateSeed | None = Field(None, description="random when omitted; always reported in metadata.seed_used")
-    count: Count = _default(GenerateJobRequest, "count")
-    loras: list[LoraRef] = Field(default_factory=list, max_length=MAX_LORAS)
+    prompt: GenerationPrompt
+    negative_prompt: Prompt = _default(GenerateRequest, "negative_prompt")
+    width: Side = _default(GenerateRequest, "width")
+    height: Side = _default(GenerateRequest, "height")
+    steps: GenerationSteps = _default(GenerateRequest, "steps")
+    cfg: Cfg = _default(GenerateRequest, "cfg")
+    seed: Seed | None = Field(None, description="random when omitted; always reported in metadata.seed_used")
+    count: ImageCount = Field(_default(GenerateRequest, "count"),
+                              description="images in one batched call, seeds seed, seed+1, ...")
+    loras: list[LoraRef] = Field(default_factory=list, max_length=field_bounds(GenerateRequest, "loras")[1])
     lora_url: LoraUrl | None = None
-    lora_scale: LoraScale = 1.0
-    lora_sha256: Sha256 | None = None
-    timeout: Timeout = _default(GenerateJobRequest, "timeout")
+    lora_scale: LoraScale = _default(GenerateRequest, "lora_scale")
+    lora_sha256: LoraSha256 = Field(None, description="lets a repeat skip the download")
+    timeout: Timeout = Field(_default(GenerateRequest, "timeout"), description="seconds")
 
 
 class GenerateJob(GenerateImageRequest):

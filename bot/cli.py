@@ -87,19 +87,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_generate_parser(commands) -> None:
+    from modal_services.job_requests import ASPECT_BUCKETS, GenerateRequest
+
+    fields = GenerateRequest.model_fields
     generate = commands.add_parser("generate", help="make images from a prompt with SDXL")
     generate.add_argument("prompt", metavar="PROMPT")
     generate.add_argument("--negative", default="")
-    generate.add_argument("--width", type=int, default=1024)
-    generate.add_argument("--height", type=int, default=1024)
-    generate.add_argument("--steps", type=int, default=28)
-    generate.add_argument("--cfg", type=float, default=5.5)
-    generate.add_argument("--seed", type=int, help="default: random")
-    generate.add_argument("--count", type=int, default=1, help="images in one batch (1-4)")
+    generate.add_argument("--aspect", choices=list(ASPECT_BUCKETS), default="1:1", help="an SDXL size bucket")
+    lowest, highest = field_bounds(GenerateRequest, "width")
+    generate.add_argument("--width", type=int, help=f"{lowest}-{highest}, a multiple of 64 (with --height, instead of --aspect)")
+    generate.add_argument("--height", type=int)
+    lowest, highest = field_bounds(GenerateRequest, "count")
+    generate.add_argument("--count", type=int, help=f"{lowest}-{highest} images in one batch (default {fields['count'].default})")
+    generate.add_argument("--steps", type=int, help=f"default: {fields['steps'].default}")
+    generate.add_argument("--cfg", type=float, help=f"default: {fields['cfg'].default:g}")
+    generate.add_argument("--seed", type=int, help="default: random (printed); image n gets seed + n - 1")
     generate.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="a library LoRA (repeatable)")
-    generate.add_argument("--lora-url", metavar="URL", help="an https .safetensors LoRA for this request only")
-    generate.add_argument("--lora-scale", type=float, default=1.0, help="the --lora-url LoRA's scale (0-1)")
-    generate.add_argument("-o", "--output", type=Path, help="default: generate-<seed>.png here; -1, -2... when several")
+    generate.add_argument("--timeout", type=float, default=field_bounds(GenerateRequest, "timeout")[1],
+                          help="seconds before the job is stopped (default: the most allowed)")
+    generate.add_argument("-o", "--output", type=Path,
+                          help="default: generated_<seed>.png; with --count, <stem>_<n> for each image")
     generate.add_argument("--api", metavar="URL", help="call this HTTP API (token from TOOLBOX_API_TOKEN) instead")
 
 
@@ -146,17 +153,17 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(show_status(settings, args.json))
         elif args.command == "upscale":
             asyncio.run(upscale_file(settings, args))
+        elif args.command == "generate":
+            asyncio.run(generate_files(settings, args))
         elif args.command == "models":
             asyncio.run(models_command(settings, args))
-        elif args.command == "generate":
-            asyncio.run(generate_images(settings, args))
         elif args.command == "serve":
             serve_api(settings, args)
         elif args.command == "migrate":
             asyncio.run(migrate(settings, args.dry_run, args.json))
     except ToolboxError as error:
         print(f"error: {error.code.value}: {error.message}", file=sys.stderr)
-        return 2 if error.code is ErrorCode.INVALID_INPUT else 1
+        return 2 if error.code in (ErrorCode.INVALID_INPUT, ErrorCode.INVALID_PROMPT) else 1
     except KeyboardInterrupt:
         print("Stopped. A download picks up where it left off the next time.", file=sys.stderr)
         _stop_engines_soon()
@@ -310,44 +317,66 @@ def serve_api(settings: Settings, args: argparse.Namespace) -> None:
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 
-def _generate_request(args: argparse.Namespace) -> dict:
-    from bot.upscale_requests import parse_lora_option
-
-    request = {"prompt": args.prompt, "negative_prompt": args.negative, "width": args.width, "height": args.height,
-               "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "count": args.count,
-               "loras": [parse_lora_option(option) for option in args.lora]}
-    if args.lora_url:
-        request.update(lora_url=args.lora_url, lora_scale=args.lora_scale)
-    return request
-
-
-def _image_paths(output: Path | None, seed: int, count: int) -> list[Path]:
-    output = output or Path(f"generate-{seed}.png")
+def output_paths(output: Path | None, first_seed: int, count: int) -> list[Path]:
+    """Where each generated image goes: OUT itself for one image, OUT's stem numbered from 1 for several."""
+    output = output or Path(f"generated_{first_seed}.png")
     if count == 1:
         return [output]
-    return [output.with_name(f"{output.stem}-{i}{output.suffix or '.png'}") for i in range(1, count + 1)]
+    return [output.with_name(f"{output.stem}_{index}{output.suffix or '.png'}") for index in range(1, count + 1)]
 
 
-async def generate_images(settings: Settings, args: argparse.Namespace) -> None:
-    """Through the HTTP API at --api (the local backend otherwise), then the images written and their seeds printed."""
+async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
+    """On the local backend, or through the HTTP API at --api; the images written, each with its seed printed."""
+    from bot.generate_requests import generate_request
+    from bot.upscale_requests import parse_lora_option
+    from modal_services.job_requests import ASPECT_BUCKETS
+    from modal_services.library import Library
+
+    if (args.width is None) != (args.height is None):
+        raise ToolboxError(ErrorCode.INVALID_INPUT, "Give --width and --height together (or --aspect).")
+    width, height = (args.width, args.height) if args.width is not None else ASPECT_BUCKETS[args.aspect]
+    choices = {"prompt": args.prompt, "negative_prompt": args.negative, "width": width, "height": height,
+               "count": args.count, "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "timeout": args.timeout}
+    loras = [parse_lora_option(option) for option in args.lora]
+    if args.api:
+        await generate_through_api(settings, args, choices, loras)
+        return
+    backend = make_backend(settings)
+    try:
+        library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+        request, checkpoint = await generate_request(library, choices, loras)
+        paths = output_paths(args.output, request.seed, request.count)
+        for path in paths:
+            await asyncio.to_thread(_writable_output, path)
+        result = await _run_with_bar(backend, request, f"generate {request.count} × {width}×{height}")
+    finally:
+        await backend.close()
+    for path, png, image_seed in zip(paths, result["images"], result["seeds"]):
+        await asyncio.to_thread(path.write_bytes, png)
+        print(f"{path} ({result['width']}×{result['height']}, seed {image_seed}, {checkpoint['name']})")
+
+
+async def generate_through_api(settings: Settings, args: argparse.Namespace, choices: dict, loras: list[dict]) -> None:
+    """`toolbox generate --api URL`: the same request through the HTTP API's job endpoints, as a remote client would."""
     import base64
 
     from bot.api_client import ApiClient
+    from modal_services.job_requests import GenerateRequest
 
-    if args.output is not None and not args.output.parent.is_dir():
-        raise ToolboxError(ErrorCode.INVALID_INPUT, f"-o {args.output}: no folder {args.output.parent}.")
-    request = _generate_request(args)
-    if not args.api:
-        raise ToolboxError(ErrorCode.INVALID_INPUT, "Local generation is not available in this build: pass --api URL.")
+    # Checked here first, with the seed drawn, so that the files are named and known writable before the call.
+    given = {name: value for name, value in choices.items() if value is not None}
+    request = GenerateRequest.parse(given)
+    paths = output_paths(args.output, request.seed, request.count)
+    for path in paths:
+        await asyncio.to_thread(_writable_output, path)
     async with ApiClient(args.api, settings.api_token) as client:
-        with _job_bar(f"generate {args.width}×{args.height}") as show:
-            body = await client.run({"kind": "generate", **request}, show)
-    images = body.get("images_base64") or [body["image_base64"]]
-    seeds = body["metadata"]["seeds_used"]
-    width, height = body["image_size"]
-    for path, data, seed in zip(_image_paths(args.output, seeds[0], len(images)), images, seeds):
-        await asyncio.to_thread(path.write_bytes, base64.b64decode(data))
-        print(f"{path} ({width}×{height}, seed {seed}, {body['model_info']['base_model']})")
+        with _job_bar(f"generate {request.count} × {request.width}×{request.height} via {args.api}") as show:
+            result = await client.run({"kind": "generate", **given, "seed": request.seed, "loras": loras}, show)
+    width, height = result["image_size"]
+    images = result.get("images_base64") or [result["image_base64"]]
+    for path, image, image_seed in zip(paths, images, result["metadata"]["seeds_used"]):
+        await asyncio.to_thread(path.write_bytes, base64.b64decode(image))
+        print(f"{path} ({width}×{height}, seed {image_seed}, {result['model_info']['base_model']})")
 
 
 async def setup_models(settings: Settings, only: list[str] | None) -> None:

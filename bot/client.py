@@ -15,7 +15,9 @@ from bot.tracker import CancelJobButton, JobTracker
 
 log = logging.getLogger(__name__)
 
-EXTENSIONS = ("cogs.caption", "cogs.setup", "cogs.models", "cogs.jobs", "cogs.settings", "cogs.upscale")
+EXTENSIONS = (
+    "cogs.caption", "cogs.setup", "cogs.models", "cogs.jobs", "cogs.settings", "cogs.upscale", "cogs.generate",
+)
 # While closing, running jobs' replies are told of the restart for at most this long.
 SHUTDOWN_NOTICE_SECONDS = 5.0
 

@@ -8,7 +8,19 @@ import discord
 from pydantic import Field, ValidationError, model_validator
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import CaptionRequest, CaptionStyle, Checked, Creativity, Scale, UpscaleRequest
+from modal_services.job_requests import (
+    Aspect,
+    CaptionRequest,
+    CaptionStyle,
+    Cfg,
+    Checked,
+    Creativity,
+    GenerateRequest,
+    GenerationSteps,
+    Prompt,
+    Scale,
+    UpscaleRequest,
+)
 from modal_services.keys import settings_key
 from modal_services.state import StateStore
 
@@ -27,6 +39,11 @@ class GuildSettings(Checked):
     default_caption_style: CaptionStyle = _default(CaptionRequest, "style")
     default_upscale_scale: Scale = _default(UpscaleRequest, "scale")
     default_creativity: Creativity = _default(UpscaleRequest, "creativity")
+    # /generate: an SDXL aspect bucket, steps, CFG and a negative prompt for requests that give none.
+    default_aspect: Aspect = "1:1"
+    default_steps: GenerationSteps = _default(GenerateRequest, "steps")
+    default_cfg: Cfg = _default(GenerateRequest, "cfg")
+    default_negative: Prompt = Field("", title="The default negative prompt")
     user_cap: UserCap = 2
     guild_cap: GuildCap = 10
     # Empty means everyone / every channel.

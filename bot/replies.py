@@ -80,3 +80,14 @@ async def send_error(interaction: discord.Interaction, error: ToolboxError) -> N
         await interaction.followup.send(text, ephemeral=True)
     except discord.HTTPException:
         log.warning("could not deliver an error reply (%s)", error.code.value)
+
+
+async def hand_press_to_cog(interaction: discord.Interaction, cog: str, *args) -> None:
+    """A result button's press, handled by `cog.on_button(interaction, *args)`.
+
+    Component errors do not reach the app-command error handler: they are answered here.
+    """
+    try:
+        await interaction.client.get_cog(cog).on_button(interaction, *args)
+    except ToolboxError as error:
+        await send_error(interaction, error)

@@ -49,7 +49,11 @@ SNAPSHOT_MAX_AGE = 2.0
 # Finished job records are kept this long (Modal's Dict drops entries unused for 7 days anyway).
 JOB_RETENTION = 7 * 24 * 3600
 # Job kinds people start from commands; admin work (downloads) is not capped.
-CAPPED_KINDS = ("caption", "upscale")
+CAPPED_KINDS = ("caption", "upscale", "generate")
+# A result's upload limit when neither the interaction nor the guild says (Discord's default).
+DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
+# Discord's limit on one request with several files.
+MAX_REQUEST_BYTES = 25 * 1024 * 1024
 
 RESTART_NOTICE = "🔄 **The bot is restarting** · this job's reply picks up again when it is back."
 
@@ -109,6 +113,13 @@ class ReplyTarget:
             await self.interaction.followup.send(**fields)
         else:
             await self._channel().send(**fields)
+
+    def upload_limit(self, guild_id: int | None) -> int:
+        """The largest file this message may carry: the interaction's limit, else the guild's."""
+        if self.interaction is not None:
+            return self.interaction.filesize_limit
+        guild = self.bot.get_guild(guild_id or 0)
+        return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
 
     def _channel(self) -> discord.PartialMessageable:
         return self.bot.get_partial_messageable(self.channel_id)

@@ -11,9 +11,11 @@ from discord.ext import commands
 from bot.attachments import check_attachment, image_attachments, read_image
 from bot.tracker import ReplyTarget
 from bot.ui import CAPTION_STYLE_CHOICES, option_range
+from cogs.generate import generate_from_caption_view
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.job_requests import CaptionRequest
 from modal_services.jobs import Job
+from modal_services.keys import caption_prompt_key
 
 # The caption engine never looks at more than this many pixels a side, so the
 # bot shrinks images first: less to send to the worker.
@@ -92,6 +94,7 @@ class Caption(commands.Cog):
             images = await asyncio.gather(*(read_image(a, max_side=CAPTION_MAX_SIDE) for a in attachments))
             meta = {
                 "title": "Caption" if len(images) == 1 else f"Captioning {len(images)} images",
+                "style": None if question else style,
                 "label": f"Answer: {question[:200]}" if question else f"Caption ({style})",
                 "files": [{"name": image.filename, "animated": image.animated} for image in images],
             }
@@ -104,7 +107,11 @@ class Caption(commands.Cog):
         if len(captions) != len(files):
             raise ToolboxError(ErrorCode.GENERATION_FAILED, "The caption worker returned the wrong number of captions.")
         first, *rest = pack_messages(caption_blocks(files, captions, job.meta["label"]))
-        await target.edit(content=first, view=None)
+        view = None
+        if job.meta.get("style") == "prompt" and len(captions) == 1 and captions[0] and self.bot.get_cog("Generate"):
+            await self.bot.backend.store.put(caption_prompt_key(job.id), captions[0])
+            view = generate_from_caption_view(job.id)
+        await target.edit(content=first, view=view)
         for text in rest:
             await target.send(content=text)
 

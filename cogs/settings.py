@@ -9,11 +9,16 @@ from discord.ext import commands
 from bot.guild_settings import GuildSettings, load_guild_settings, save_guild_settings
 from bot.permissions import require_admin
 from bot.ui import CAPTION_STYLE_CHOICES, option_range
+from modal_services.job_requests import ASPECT_BUCKETS
 
 ScaleOption = option_range(GuildSettings, "default_upscale_scale")
 CreativityOption = option_range(GuildSettings, "default_creativity")
 UserCapOption = option_range(GuildSettings, "user_cap")
 GuildCapOption = option_range(GuildSettings, "guild_cap")
+StepsOption = option_range(GuildSettings, "default_steps")
+CfgOption = option_range(GuildSettings, "default_cfg")
+NegativeOption = option_range(GuildSettings, "default_negative")
+ASPECT_CHOICES = [app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_BUCKETS]
 
 
 def describe(settings: GuildSettings) -> str:
@@ -23,6 +28,8 @@ def describe(settings: GuildSettings) -> str:
         "**Server settings**",
         f"Caption style: {settings.default_caption_style}",
         f"Upscale: {settings.default_upscale_scale:g}x, creativity {settings.default_creativity:g}",
+        f"Generate: {settings.default_aspect}, {settings.default_steps} steps, CFG {settings.default_cfg:g}"
+        + (f", negative “{settings.default_negative[:80]}”" if settings.default_negative else ""),
         f"Jobs at once: {settings.user_cap} per member, {settings.guild_cap} for the server",
         f"Who: {roles} · Where: {channels}",
     ])
@@ -53,15 +60,19 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
     async def show(self, interaction: discord.Interaction) -> None:
         await interaction.response.send_message(describe(await self._load(interaction)), ephemeral=True)
 
-    @app_commands.command(name="defaults", description="Defaults for /caption and /upscale, and job caps")
+    @app_commands.command(name="defaults", description="Defaults for /caption, /upscale and /generate, and job caps")
     @app_commands.describe(
         caption_style="Default /caption style",
         upscale_scale="Default /upscale factor",
         creativity="Default /upscale creativity (denoise strength)",
         user_cap="Jobs one member may have waiting or running",
         guild_cap="Jobs the whole server may have waiting or running",
+        aspect="Default /generate aspect",
+        steps="Default /generate steps",
+        cfg="Default /generate CFG",
+        negative="Default /generate negative prompt (\"none\" to clear it)",
     )
-    @app_commands.choices(caption_style=CAPTION_STYLE_CHOICES)
+    @app_commands.choices(caption_style=CAPTION_STYLE_CHOICES, aspect=ASPECT_CHOICES)
     async def defaults(
         self,
         interaction: discord.Interaction,
@@ -70,11 +81,18 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
         creativity: CreativityOption | None = None,
         user_cap: UserCapOption | None = None,
         guild_cap: GuildCapOption | None = None,
+        aspect: app_commands.Choice[str] | None = None,
+        steps: StepsOption | None = None,
+        cfg: CfgOption | None = None,
+        negative: NegativeOption | None = None,
     ) -> None:
         settings = await self._load(interaction)
+        if negative is not None and negative.strip().lower() == "none":
+            negative = ""
         settings = settings.changed(
             default_caption_style=caption_style and caption_style.value, default_upscale_scale=upscale_scale,
             default_creativity=creativity, user_cap=user_cap, guild_cap=guild_cap,
+            default_aspect=aspect and aspect.value, default_steps=steps, default_cfg=cfg, default_negative=negative,
         )
         await self._save(interaction, settings)
 

@@ -23,20 +23,20 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.attachments import check_attachment, image_attachments, looks_like_image, read_image
-from bot.replies import send_error, taking_interactions
+from bot.library_options import bot_library, lora_autocomplete, lora_slots
+from bot.live_previews import LivePreviews
+from bot.replies import hand_press_to_cog, taking_interactions
 from bot.result_images import fit_to_limit
 from bot.progress import render_job
 from bot.tile_prompts import tile_prompts
-from bot.tracker import Admission, ReplyTarget, cancel_view
+from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget, cancel_view
 from bot.upscale_requests import upscale_request
 from bot.ui import option_range
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.job_requests import LoraRef, UpscaleRequest, field_bounds
 from modal_services.jobs import Job
-from modal_services.keys import preview_key, upscale_params_key
-from modal_services.library import Library
+from modal_services.keys import upscale_params_key
 from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
-from modal_services.sdxl_previews import decode_preview
 
 # The options /upscale offers, read from the request its job takes.
 ScaleOption = option_range(UpscaleRequest, "scale")
@@ -47,12 +47,6 @@ CreativityOption = option_range(UpscaleRequest, "creativity")
 SeedOption = option_range(UpscaleRequest, "seed")
 # What a job keeps under `upscale:<id>` for the buttons under its result.
 KEPT_CHOICES = ("scale", "prompt", "negative", "creativity", "seed")
-DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
-# Discord's limit on one request with several files.
-MAX_REQUEST_BYTES = 25 * 1024 * 1024
-# How often the worker's latest preview is looked for; it is shown with the
-# message's next edit (the tracker's progress text shares the same edits).
-PREVIEW_EDIT_INTERVAL = 6.0
 SOURCE_STEM = "source"
 
 
@@ -79,11 +73,7 @@ class UpscaleButton(
         return await taking_interactions(interaction)
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        # Component errors do not reach the app-command error handler: answer here.
-        try:
-            await interaction.client.get_cog("Upscale").on_button(interaction, self.action, self.job_id)
-        except ToolboxError as error:
-            await send_error(interaction, error)
+        await hand_press_to_cog(interaction, "Upscale", self.action, self.job_id)
 
 
 def result_view(job_id: str, with_source: bool) -> discord.ui.View:
@@ -110,26 +100,19 @@ def split_attachments(message: discord.Message) -> tuple[discord.Attachment | No
 class Upscale(commands.Cog):
     def __init__(self, bot: commands.Bot):
         self.bot = bot
-        self.library = Library.for_backend(
-            bot.backend.store, bot.settings.backend == "local", bot.settings.loras_dir, bot.settings.models_dir
-        )
+        self.library = bot_library(bot)
         self.menu = app_commands.ContextMenu(name="Upscale 2x", callback=self.upscale_message)
         bot.tree.add_command(self.menu)
         bot.add_dynamic_items(UpscaleButton)
         bot.tracker.presenters["upscale"] = self.present
-        self.preview_interval = PREVIEW_EDIT_INTERVAL
+        self.previews = LivePreviews(lambda: bot.backend.store)
         # Source images of running jobs, attached beside their results (for Vary seed).
         self._sources: dict[str, tuple[bytes, str]] = {}
-        # The live-preview task of each running job.
-        self._previews: dict[str, asyncio.Task] = {}
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.menu.name, type=self.menu.type)
         self.bot.remove_dynamic_items(UpscaleButton)
         self.bot.tracker.presenters.pop("upscale", None)
-
-    async def lora_autocomplete(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-        return [app_commands.Choice(name=label[:100], value=value) for label, value in await self.library.choices(current, kind="lora")]
 
     @app_commands.command(name="upscale", description="Upscale an image 1.5x-4x with SDXL, optionally with LoRAs")
     @app_commands.describe(
@@ -166,8 +149,7 @@ class Upscale(commands.Cog):
         seed: SeedOption | None = None,
         tile_captions: bool = False,
     ) -> None:
-        loras = [{"name": name, "weight": weight} for name, weight in
-                 ((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight)) if name]
+        loras = lora_slots((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight))
         params = {"scale": scale, "prompt": prompt or "", "negative": negative or "", "loras": loras,
                   "creativity": creativity, "seed": seed, "tile_captions": tile_captions}
         await self.run_upscale(interaction, image, params)
@@ -224,19 +206,12 @@ class Upscale(commands.Cog):
         job, target = await self.bot.tracker.start(interaction, request, meta, admission, target)
         await self.bot.backend.store.put(upscale_params_key(job.id), kept)
         self._sources[job.id] = (received.png, f"{SOURCE_STEM}.png")
-        self._previews[job.id] = asyncio.create_task(self._show_previews(job.id, target), name=f"previews-{job.id}")
+        self.previews.start(job.id, target)
         try:
             await self.bot.tracker.run(job, target)
         finally:
-            await self._stop_previews(job.id)
+            await self.previews.stop(job.id)
             self._sources.pop(job.id, None)
-
-    async def _stop_previews(self, job_id: str) -> None:
-        """Stop the preview edits and wait for one in flight, so that none lands after the result."""
-        task = self._previews.pop(job_id, None)
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     async def _caption_tiles(self, interaction: discord.Interaction, target: ReplyTarget, received,
                              out_width: int, out_height: int) -> list[dict]:
@@ -250,21 +225,9 @@ class Upscale(commands.Cog):
 
         return await tile_prompts(self.bot.backend, received.png, received.size, (out_width, out_height), show, owner)
 
-    async def _show_previews(self, job_id: str, target: ReplyTarget) -> None:
-        shown = None
-        while True:
-            await asyncio.sleep(self.preview_interval)
-            record = await self.bot.backend.store.get(preview_key(job_id))
-            jpeg = decode_preview(record)
-            if jpeg is None or record.get("n") == shown:
-                continue
-            # Rides along with the next progress edit: one edit budget for the whole message.
-            target.post(attachments=[discord.File(io.BytesIO(jpeg), "preview.jpg")])
-            shown = record.get("n")
-
     async def present(self, job: Job, png: bytes, target: ReplyTarget) -> None:
-        await self._stop_previews(job.id)
-        limit = self._upload_limit(job, target)
+        await self.previews.stop(job.id)
+        limit = target.upload_limit(job.owner.get("guild_id"))
         fitted = await asyncio.to_thread(fit_to_limit, png, limit)
         files = [discord.File(io.BytesIO(fitted.data), fitted.filename)]
         source = self._sources.get(job.id)
@@ -279,12 +242,6 @@ class Upscale(commands.Cog):
             lines.append(f"-# {fitted.note}")
         await target.edit(content="\n".join(line for line in lines if line), attachments=files,
                           view=result_view(job.id, with_source))
-
-    def _upload_limit(self, job: Job, target: ReplyTarget) -> int:
-        if target.interaction is not None:
-            return target.interaction.filesize_limit
-        guild = self.bot.get_guild(job.owner.get("guild_id") or 0)
-        return guild.filesize_limit if guild is not None else DEFAULT_UPLOAD_LIMIT
 
 
 def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str) -> str:

@@ -8,8 +8,8 @@ job through `run_service_job`, the same path the local backend uses.
 Deploy-time settings (environment variables of the `modal deploy` command):
 TOOLBOX_MODAL_APP (app name), TOOLBOX_CAPTION_GPU (T4 or L4),
 TOOLBOX_SCALEDOWN_SECONDS (idle time before a GPU container stops),
-TOOLBOX_CAPTION_MAX_CONTAINERS, TOOLBOX_UPSCALE_GPU (default A10G),
-TOOLBOX_UPSCALE_MAX_CONTAINERS, TOOLBOX_UPSCALE_MAX_MP (output limit, default 16),
+TOOLBOX_CAPTION_MAX_CONTAINERS, TOOLBOX_SDXL_GPU (default A10G),
+TOOLBOX_SDXL_MAX_CONTAINERS, TOOLBOX_UPSCALE_MAX_MP (output limit, default 16),
 TOOLBOX_API_SECRET (the HTTP API's Modal secret, holding TOOLBOX_API_TOKEN).
 """
 
@@ -235,50 +235,51 @@ def migrate(dry_run: bool = False) -> None:
     print(render_report(MigrationReport.from_dict(migrate_volumes.remote(dry_run))))
 
 
-# The upscaler: SDXL + ControlNet Tile + IP-Adapter need diffusers and peft on top of the GPU stack.
-UPSCALE_GPU = os.environ.get("TOOLBOX_UPSCALE_GPU", "A10G")
-UPSCALE_MAX_CONTAINERS = int(os.environ.get("TOOLBOX_UPSCALE_MAX_CONTAINERS", "2"))
-UPSCALE_DEVICE = "cuda"
-upscale_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17").env(
+# SDXL: text-to-image, variations and upscales in one GPU class, on one set of
+# loaded models (ControlNet Tile and IP-Adapter on top, for the upscaler):
+# a warm container serves both job kinds and a checkpoint switch applies to both.
+SDXL_GPU = os.environ.get("TOOLBOX_SDXL_GPU", "A10G")
+SDXL_MAX_CONTAINERS = int(os.environ.get("TOOLBOX_SDXL_MAX_CONTAINERS", "2"))
+SDXL_DEVICE = "cuda"
+sdxl_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17").env(
     # The output limit the bot checks too (sdxl_limits): the worker gets the deploy-time value.
     {"TOOLBOX_UPSCALE_MAX_MP": os.environ.get("TOOLBOX_UPSCALE_MAX_MP", "16")}
 )
 
 
 @app.cls(
-    image=upscale_image,
-    gpu=UPSCALE_GPU,
+    image=sdxl_image,
+    gpu=SDXL_GPU,
     # Base models from the models volume; LoRAs and library checkpoints from the LoRA volume.
     volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
     scaledown_window=SCALEDOWN_SECONDS,
-    max_containers=UPSCALE_MAX_CONTAINERS,
+    max_containers=SDXL_MAX_CONTAINERS,
     timeout=1800,  # a 4x upscale to 16 MP on an A10G, with a checkpoint switch
     # Cold starts: ~11 GB of fp16 weights read from the volume once, into host
     # memory, and restored from the snapshot afterwards; only the copy to the GPU remains.
     enable_memory_snapshot=True,
 )
-class UpscaleService:
+class SdxlService:
     @modal.enter(snap=True)
     def load(self) -> None:
-        self.spec = SERVICES["upscale"]
         self.store = ModalDictStore(state_dict)
-        self.engine = self.spec.make_engine(_layout(self.store))
+        # Both job kinds make the same engine: one is enough.
+        self.engine = SERVICES["generate"].make_engine(_layout(self.store))
         # Named, not detected: the snapshot is taken before the GPU is attached.
-        self.engine.device = UPSCALE_DEVICE
+        self.engine.models.device = SDXL_DEVICE
         try:
             self.engine.load(staging_device="cpu")
         except ToolboxError as error:
             # Stay up: each job reports the problem, and the next job retries
             # after /setup has put the files on the volume.
-            log.warning("upscale engine not loaded: %s", error.code.value)
+            log.warning("SDXL engine not loaded: %s", error.code.value)
 
     @modal.enter(snap=False)
     def place(self) -> None:
         if self.engine.loaded:
             self.engine.place()
 
-    @modal.method()
-    async def upscale(self, job_id: str, payload: dict) -> bytes:
+    async def _run(self, kind: str, job_id: str, payload: dict):
         if not self.engine.loaded:
             await models_volume.reload.aio()
         try:
@@ -286,7 +287,15 @@ class UpscaleService:
             await loras_volume.reload.aio()
         except Exception:  # reload refuses while a file is open; the files already seen still work
             log.warning("LoRA volume reload skipped", exc_info=True)
-        return await run_service_job(self.store, self.engine, self.spec, job_id, payload)
+        return await run_service_job(self.store, self.engine, SERVICES[kind], job_id, payload)
+
+    @modal.method()
+    async def upscale(self, job_id: str, payload: dict) -> bytes:
+        return await self._run("upscale", job_id, payload)
+
+    @modal.method()
+    async def generate(self, job_id: str, payload: dict) -> dict:
+        return await self._run("generate", job_id, payload)
 
 
 # The bot itself: one always-on container on a slim image (the package's base

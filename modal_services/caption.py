@@ -29,8 +29,17 @@ STYLE_PROMPTS = {
         "outdoors, sunset). Output only the tags."
     ),
     "short": "Describe this image in one short sentence suitable as alt text.",
+    # What /generate takes back: Illustrious-XL (the default checkpoint) is prompted in Danbooru tags.
+    "prompt": (
+        "Write a prompt for the Illustrious-XL image model that would recreate this image, as Danbooru tags: "
+        "lowercase, comma-separated, starting with masterpiece, best quality, then the subject count "
+        "(1girl, 1boy, no humans...), the character and their hair, eyes, clothing, pose and expression, "
+        "then the setting, lighting, colours and art style. Output only the prompt."
+    ),
 }
-MAX_NEW_TOKENS = {"descriptive": 256, "tags": 160, "short": 48, "question": 320}
+MAX_NEW_TOKENS = {"descriptive": 256, "tags": 160, "short": 48, "prompt": 200, "question": 320}
+# Styles whose output is a comma-separated tag list (tidied: one tag once, lowercase).
+TAG_STYLES = ("tags", "prompt")
 
 # The files a snapshot must have before loading is worth trying.
 REQUIRED_FILES = ("config.json", "preprocessor_config.json", "tokenizer_config.json")
@@ -214,7 +223,7 @@ class _TokenProgress:
 
 def tidy_caption(text: str, style: str) -> str:
     text = "".join(ch for ch in text if ch.isprintable() or ch in "\n\t").strip()
-    if style == "tags":
+    if style in TAG_STYLES:
         seen: dict[str, None] = {}
         for tag in text.replace("\n", ",").split(","):
             tag = tag.strip().strip(".").lower()

@@ -42,9 +42,31 @@ CAPTION_STYLES = {
     "descriptive": "a detailed paragraph",
     "tags": "booru-style tags for SDXL prompts",
     "short": "one sentence, good alt text",
+    "prompt": "a /generate prompt in booru tags (Illustrious)",
 }
 CaptionStyle = Annotated[Literal[tuple(CAPTION_STYLES)], Field(title="The caption style")]
 Question = Annotated[str, Field(min_length=1, max_length=500, title="The question")]
+
+# SDXL's training buckets (width, height), about one megapixel each: the sizes it composes best at.
+ASPECT_BUCKETS = {
+    "1:1": (1024, 1024),
+    "4:5": (896, 1152),
+    "5:4": (1152, 896),
+    "2:3": (832, 1216),
+    "3:2": (1216, 832),
+    "9:16": (768, 1344),
+    "16:9": (1344, 768),
+    "9:21": (640, 1536),
+    "21:9": (1536, 640),
+}
+Aspect = Annotated[Literal[tuple(ASPECT_BUCKETS)], Field(title="The aspect")]
+GenerationPrompt = Annotated[str, Field(min_length=1, max_length=1000, title="The prompt")]
+Side = Annotated[int, Field(ge=512, le=1536, multiple_of=64)]
+GenerationSteps = Annotated[int, Field(ge=20, le=50, title="Steps")]
+Cfg = Annotated[float, Field(ge=1.0, le=20.0, allow_inf_nan=False, title="CFG")]
+ImageCount = Annotated[int, Field(ge=1, le=4, title="The image count")]
+Timeout = Annotated[float, Field(gt=0, le=300, allow_inf_nan=False, title="The timeout")]
+Strength = Annotated[float, Field(ge=0.05, le=1.0, allow_inf_nan=False, title="The variation strength")]
 
 LibraryType = Annotated[Literal["lora", "checkpoint"], Field(title="The model type")]
 CIVITAI_API_BASE = "https://civitai.com"
@@ -146,10 +168,60 @@ class UpscaleRequest(JobRequest):
 
     @model_validator(mode="after")
     def _distinct_loras(self) -> "UpscaleRequest":
-        names = [lora.name for lora in self.loras]
-        if len(set(names)) != len(names):
-            raise ValueError("The same LoRA is listed twice.")
-        return self
+        return distinct_loras(self)
+
+
+def distinct_loras(request: JobRequest) -> JobRequest:
+    names = [lora.name for lora in request.loras]
+    if len(set(names)) != len(names):
+        raise ValueError("The same LoRA is listed twice.")
+    return request
+
+
+class GenerateRequest(JobRequest):
+    """SDXL text-to-image; with `image`, variations of it (img2img at `strength`)."""
+
+    model_config = ConfigDict(title="A generate job", str_strip_whitespace=True)
+    kind: ClassVar[str] = "generate"
+    # Problems with these fields are INVALID_PROMPT, the rest INVALID_INPUT.
+    prompt_fields: ClassVar[tuple[str, ...]] = ("prompt", "negative_prompt")
+    prompt: GenerationPrompt
+    negative_prompt: Prompt = Field("", title="The negative prompt")
+    width: Side = Field(1024, title="The width")
+    height: Side = Field(1024, title="The height")
+    steps: GenerationSteps = 28
+    cfg: Cfg = 5.5
+    # Image n of the request gets seed + n - 1; picked here when left out, and reported with the result.
+    seed: Seed = Field(default_factory=random_seed)
+    count: ImageCount = 1
+    loras: Annotated[list[ResolvedLora], Field(max_length=3, title="LoRAs per job")] = []
+    # A library file name (or the base checkpoint's key); None: the base checkpoint.
+    checkpoint: str | None = None
+    # Seconds from the job's start; the bot and the CLI give the most, 300.
+    timeout: Timeout = 60.0
+    # A LoRA of the request's own: an https link (presigned or not) to a .safetensors file, at
+    # `lora_scale`; with its sha256, a repeat uses the copy this worker already has.
+    lora_url: Annotated[str, Field(min_length=8, max_length=4000, title="The LoRA URL")] | None = None
+    lora_scale: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, title="The LoRA scale")] = 1.0
+    lora_sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", title="The LoRA sha256")] | None = None
+    # A variation's start image (encoded bytes), resized to width x height.
+    image: bytes | None = None
+    strength: Strength = 0.35
+
+    @model_validator(mode="after")
+    def _distinct_loras(self) -> "GenerateRequest":
+        return distinct_loras(self)
+
+    @classmethod
+    def parse(cls, payload: dict[str, Any]) -> "GenerateRequest":
+        try:
+            return cls.model_validate(payload)
+        except ValidationError as error:
+            problem = invalid_input(error, cls)
+            location = error.errors(include_url=False)[0]["loc"]
+            if location and location[0] in cls.prompt_fields:
+                problem = ToolboxError(ErrorCode.INVALID_PROMPT, problem.message)
+            raise problem from None
 
 
 class DownloadRequest(JobRequest):
@@ -243,6 +315,10 @@ def _message(error: dict, owner: type[BaseModel], label: str, field: FieldInfo |
         if low is not None and high is not None:
             return f"{label} must be between {_number(low)} and {_number(high)} (got {_number(value)})."
         return f"{label} must be at {'least' if low is not None else 'most'} {_number(low if low is not None else high)}."
+    if kind == "multiple_of":
+        return f"{label} must be a multiple of {_number(ctx['multiple_of'])} (got {_number(value)})."
+    if kind == "greater_than":
+        return f"{label} must be more than {_number(ctx['gt'])}."
     if kind == "string_too_long":
         return f"{label} is limited to {ctx['max_length']} characters."
     if kind == "string_too_short":
@@ -256,7 +332,8 @@ def _message(error: dict, owner: type[BaseModel], label: str, field: FieldInfo |
     if kind == "literal_error":
         return f"{label} must be one of {ctx['expected']} (got {value!r})."
     if kind == "missing":
-        return f"{title} needs {_article(label)} {label}."
+        noun = label.removeprefix("The ")
+        return f"{title} needs {_article(noun)} {noun}."
     if kind == "value_error":
         return str(ctx["error"])
     if kind == "extra_forbidden":

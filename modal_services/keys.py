@@ -2,8 +2,9 @@
 
 Per job (removed with the job record, see `forget_job`):
   `job:<id>` the record, `call:<id>` its Modal FunctionCall id, `cancel:<id>`
-  a stop request, `preview:<id>` the latest preview, `upscale:<id>` the
-  parameters the result's buttons reuse.
+  a stop request, `preview:<id>` the latest preview, `upscale:<id>` and
+  `generate:<id>` the parameters the result's buttons reuse,
+  `caption-prompt:<id>` a prompt-style caption for its Generate button.
 Shared:
   `download:<model>` / `manifest:<model>` a base model's progress and what
   was verified, `lock:<name>` one holder at a time (`lock:download:<model>`,
@@ -24,7 +25,7 @@ JOB_PREFIX = "job:"
 ENTRY_PREFIX = "model:"
 ACTIVE_CHECKPOINT_KEY = "active_checkpoint"
 # Keys that belong to one job, each `<prefix><job id>`.
-PER_JOB_PREFIXES = (JOB_PREFIX, "call:", "cancel:", "preview:", "upscale:")
+PER_JOB_PREFIXES = (JOB_PREFIX, "call:", "cancel:", "preview:", "upscale:", "generate:", "caption-prompt:")
 
 
 SLOT_PREFIX = "slot:"
@@ -52,6 +53,16 @@ def preview_key(job_id: str) -> str:
 def upscale_params_key(job_id: str) -> str:
     """An upscale's settings, for the buttons under its result (Upscale 2x again, Vary seed)."""
     return f"upscale:{job_id}"
+
+
+def generate_params_key(job_id: str) -> str:
+    """A generation's settings, for the buttons under its result (U, V, Reroll)."""
+    return f"generate:{job_id}"
+
+
+def caption_prompt_key(job_id: str) -> str:
+    """A `prompt`-style caption, for its Generate from this button."""
+    return f"caption-prompt:{job_id}"
 
 
 def download_key(model: str) -> str:

@@ -115,7 +115,7 @@ BASE_MODELS: dict[str, ModelEntry] = {
             source=HFSource("OnomaAIResearch/Illustrious-XL-v2.0", include=(PurePosixPath(ILLUSTRIOUS_CHECKPOINT).name,)),
             folder=_folder_of(ILLUSTRIOUS_CHECKPOINT),
             approx_bytes=6_938_000_000,
-            needed_by=("upscale",),
+            needed_by=("upscale", "generate"),
         ),
         ModelEntry(
             key="controlnet-tile",
@@ -123,7 +123,7 @@ BASE_MODELS: dict[str, ModelEntry] = {
             source=HFSource("xinsir/controlnet-tile-sdxl-1.0", include=("config.json", "diffusion_pytorch_model.safetensors")),
             folder=CONTROLNET_TILE_DIR,
             approx_bytes=2_502_000_000,
-            needed_by=("upscale",),
+            needed_by=("upscale", "generate"),
         ),
         ModelEntry(
             key="sdxl-vae",
@@ -131,7 +131,7 @@ BASE_MODELS: dict[str, ModelEntry] = {
             source=HFSource("madebyollin/sdxl-vae-fp16-fix", include=("config.json", "diffusion_pytorch_model.safetensors")),
             folder=SDXL_VAE_DIR,
             approx_bytes=335_000_000,
-            needed_by=("upscale",),
+            needed_by=("upscale", "generate"),
         ),
         ModelEntry(
             key="ip-adapter",
@@ -143,7 +143,7 @@ BASE_MODELS: dict[str, ModelEntry] = {
             ),
             folder=_folder_of(IP_ADAPTER_FILE),
             approx_bytes=848_000_000,
-            needed_by=("upscale",),
+            needed_by=("upscale", "generate"),
         ),
         ModelEntry(
             key="clip-vit-h",
@@ -154,7 +154,7 @@ BASE_MODELS: dict[str, ModelEntry] = {
             ),
             folder=CLIP_VIT_H_DIR,
             approx_bytes=3_944_000_000,
-            needed_by=("upscale",),
+            needed_by=("upscale", "generate"),
         ),
         ModelEntry(
             key="qwen3-vl-2b",
@@ -170,7 +170,7 @@ BASE_MODELS: dict[str, ModelEntry] = {
             source=HFSource("stabilityai/stable-diffusion-xl-base-1.0", include=SDXL_CONFIG_FILES),
             folder=SDXL_CONFIG_DIR,
             approx_bytes=5_000_000,
-            needed_by=("upscale",),
+            needed_by=("upscale", "generate"),
         ),
     )
 }
@@ -243,5 +243,5 @@ def resolve_keys(keys: list[str] | tuple[str, ...] | None, registry: Mapping[str
 
 
 def models_for(purpose: str) -> list[str]:
-    """The keys a service needs (`caption`, `upscale`): what the bot checks before spawning GPU work."""
+    """The keys a service needs (`caption`, `upscale`, `generate`): what the bot checks before spawning GPU work."""
     return [entry.key for entry in BASE_MODELS.values() if purpose in entry.needed_by]

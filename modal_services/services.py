@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 from modal_services.job_requests import (
     CaptionRequest,
     DownloadRequest,
+    GenerateRequest,
     JobRequest,
     ModelDeleteRequest,
     ModelImportRequest,
@@ -114,16 +115,22 @@ def _scan_library():
     return ModelEngine.scan_library
 
 
-def _upscale_engine(layout: Layout) -> Engine:
-    from modal_services.upscale import UpscaleEngine
+def _sdxl_engine(layout: Layout) -> Engine:
+    from modal_services.sdxl_engine import SdxlEngine
 
-    return UpscaleEngine(layout)
+    return SdxlEngine(layout)
 
 
 def _upscale():
-    from modal_services.upscale import UpscaleEngine
+    from modal_services.sdxl_engine import SdxlEngine
 
-    return UpscaleEngine.upscale
+    return SdxlEngine.upscale
+
+
+def _generate():
+    from modal_services.sdxl_engine import SdxlEngine
+
+    return SdxlEngine.generate
 
 
 SERVICES: dict[str, ServiceSpec] = {
@@ -132,7 +139,9 @@ SERVICES: dict[str, ServiceSpec] = {
         ServiceSpec(CaptionRequest, "CaptionService", "caption", _caption, _caption_engine),
         ServiceSpec(DownloadRequest, "DownloadService", "download", _download, _download_engine),
         ServiceSpec(VerifyRequest, "DownloadService", "verify", _verify, _download_engine),
-        ServiceSpec(UpscaleRequest, "UpscaleService", "upscale", _upscale, _upscale_engine, previews=True),
+        # One GPU class and one engine for every SDXL job: they share the loaded models.
+        ServiceSpec(UpscaleRequest, "SdxlService", "upscale", _upscale, _sdxl_engine, previews=True),
+        ServiceSpec(GenerateRequest, "SdxlService", "generate", _generate, _sdxl_engine, previews=True),
         # The model library's file work (/models): CivitAI imports, uploads, deletes, scans.
         ServiceSpec(ModelImportRequest, "ModelService", "import_model", _import_model, _model_engine),
         ServiceSpec(ModelUploadRequest, "ModelService", "upload_model", _upload_model, _model_engine),

@@ -10,30 +10,15 @@ micro-conditioning (original size = the whole image, crop = the tile's
 position, target size = the tile), and gets its own piece of the image as
 the ControlNet Tile control image.
 
-Models come from the models volume (seed 000's layout), never from a hub:
-the checkpoint is a single-file SDXL checkpoint (Illustrious-XL or one from
-the library) read with SDXL's diffusers configs stored on the volume. When a
-job names another checkpoint, only the UNet and text encoders are reloaded;
-ControlNet, VAE, IP-Adapter's image encoder, tokenizers and scheduler stay.
-
-LoRAs arrive resolved (name, path, weight, trigger words): the library and
-its names are not this module's business. They are loaded as named PEFT
-adapters, kept loaded for the next jobs (least recently used dropped
-first), activated per job with `set_adapters`, and disabled when the job
-ends; disabled, unfused adapters leave the base weights untouched, so a job
-without LoRAs gives exactly a fresh pipeline's output.
+The models (checkpoint, VAE, ControlNet Tile, IP-Adapter, each job's LoRAs)
+are the worker's shared `SdxlModels`: text-to-image runs on the same ones.
 """
 
 from __future__ import annotations
 
-import io
 import logging
-import re
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -41,27 +26,18 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
 from modal_services.job_requests import UpscaleRequest, job_method
 from modal_services.jobs import ProgressFn
-from modal_services.layout import (
-    CHECKPOINTS_SUBDIR,
-    CLIP_VIT_H_DIR,
-    CONTROLNET_TILE_DIR,
-    ILLUSTRIOUS_CHECKPOINT,
-    IP_ADAPTER_FILE,
-    LORAS_SUBDIR,
-    SDXL_CONFIG_DIR,
-    SDXL_VAE_DIR,
-    Layout,
-)
 from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS, check_upscale_size
+from modal_services.sdxl_pipeline import (
+    PreviewFn,
+    SdxlModels,
+    latent_preview_jpeg,
+    retry_smaller_on_oom,
+    with_trigger_words,
+)
 from modal_services.tiling import MAX_TILE, MIN_OVERLAP, TilePlan, TileBlender, pad_to_plan, plan_tiles
 
 log = logging.getLogger(__name__)
 
-# What a preview callback receives: a small JPEG of the image as it stands.
-PreviewFn = Callable[[bytes], None]
-
-# The library's name for the base checkpoint (its `active_checkpoint` value when nothing else is chosen).
-DEFAULT_CHECKPOINT_KEY = "illustrious-xl"
 DEFAULT_GUIDANCE = 5.0
 # VAE tiles: the VAE is the most memory-hungry part per pixel, so its tiles
 # are smaller than the UNet's; 128 px of feathered overlap hides the edges of
@@ -74,63 +50,7 @@ VAE_OVERLAP = 128
 BYTES_PER_MEGAPIXEL_TILE = 1.5 * 2**30
 MAX_TILE_BATCH = 4
 CPU_TILE_BATCH = 4
-PREVIEW_SIDE = 256
-# Loaded once and kept across checkpoint switches.
-SHARED_MODELS = ("controlnet", "vae", "image_encoder")
 PREVIEW_INTERVAL = 3.0
-
-# ComfyUI's fixed linear map from SDXL's (scaled) latent channels to RGB in [-1, 1]:
-# a recognisable thumbnail without running the VAE.
-SDXL_LATENT_RGB = [
-    [0.3651, 0.4232, 0.4341],
-    [-0.2533, -0.0042, 0.1068],
-    [0.1076, 0.1111, -0.0362],
-    [-0.3165, -0.2492, -0.2188],
-]
-SDXL_LATENT_RGB_BIAS = [0.1084, -0.0175, -0.0011]
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """A LoRA as the library resolved it."""
-
-    name: str
-    path: Path
-    weight: float = 1.0
-    trigger_words: tuple[str, ...] = ()
-
-    @classmethod
-    def from_dict(cls, entry: dict[str, Any], lora_folder: Path | None = None) -> "LoraSpec":
-        """From a checked `ResolvedLora` entry; a `file` is looked up in `lora_folder`."""
-        name = entry["name"]
-        try:
-            path = Path(entry["path"]) if entry.get("path") else _file_in(lora_folder, entry["file"])
-        except ValueError:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"LoRA {name!r}: {entry['file']!r} is not a library file name.") from None
-        weight = entry["weight"] if entry.get("weight") is not None else 1.0
-        words = tuple(word.strip() for word in entry.get("trigger_words") or () if word.strip())
-        return cls(name=name, path=path, weight=weight, trigger_words=words)
-
-
-def _file_in(folder: Path | None, file: str) -> Path:
-    """A library file name inside its folder; anything that could leave the folder is refused."""
-    name = str(file)
-    if folder is None or not name or Path(name).name != name or name in (".", ".."):
-        raise ValueError(f"not a file name: {name!r}")
-    return folder / name
-
-
-def with_trigger_words(prompt: str, loras: list[LoraSpec]) -> str:
-    """Prepend each LoRA's trigger words once; words already in the prompt are not repeated."""
-    added: list[str] = []
-    for lora in loras:
-        for word in lora.trigger_words:
-            pattern = r"(?<![\w])" + re.escape(word) + r"(?![\w])"
-            if re.search(pattern, prompt, re.IGNORECASE) or any(word.lower() == seen.lower() for seen in added):
-                continue
-            added.append(word)
-    return ", ".join(added + ([prompt] if prompt else []))
-
 
 def check_regions(regions: list[dict[str, Any]], width: int, height: int) -> list[tuple[tuple[int, int, int, int], str]]:
     """((left, top, right, bottom), prompt) pairs of checked `RegionPrompt` entries, each box inside
@@ -154,31 +74,12 @@ def region_prompt(regions, tile, scale: float) -> str:
     return ""
 
 
-def latent_preview_jpeg(latents, max_side: int = PREVIEW_SIDE, quality: int = 70) -> bytes:
-    """A small JPEG of (1, 4, h, w) SDXL latents through the fixed latent->RGB map."""
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
+class TiledUpscaler:
+    """The upscale job, on the SDXL models a worker shares with text-to-image."""
 
-    latents = latents[0].float()
-    height, width = latents.shape[-2:]
-    shrink = max(height, width) / max_side
-    if shrink > 1:
-        latents = F.interpolate(latents[None], size=(max(1, round(height / shrink)), max(1, round(width / shrink))), mode="area")[0]
-    factors = torch.tensor(SDXL_LATENT_RGB, device=latents.device)
-    bias = torch.tensor(SDXL_LATENT_RGB_BIAS, device=latents.device)
-    rgb = torch.einsum("chw,cr->hwr", latents, factors) + bias
-    pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-class UpscaleEngine:
     def __init__(
         self,
-        layout: Layout,
-        device: str | None = None,
+        models: SdxlModels,
         max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
         max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS,
         max_tile: int = MAX_TILE,
@@ -188,13 +89,9 @@ class UpscaleEngine:
         tile_batch: int | None = None,
         guidance_scale: float = DEFAULT_GUIDANCE,
         controlnet_scale: float = 1.0,
-        lora_cache_size: int = 6,
         preview_interval: float = PREVIEW_INTERVAL,
     ):
-        self.models_dir = layout.models_dir
-        # The LoRA volume's root (loras/ and checkpoints/ inside), where library entries given by file name are found.
-        self.loras_dir = layout.loras_dir
-        self.device = device
+        self.models = models
         self.max_input_pixels = max_input_pixels
         self.max_output_pixels = max_output_pixels
         self.max_tile = max_tile
@@ -205,139 +102,19 @@ class UpscaleEngine:
         self.tile_batch = tile_batch
         self.guidance_scale = guidance_scale
         self.controlnet_scale = controlnet_scale
-        self.lora_cache_size = lora_cache_size
         self.preview_interval = preview_interval
-        self.loaded = False
-        # Where the weights are now: `device`, or host memory while staged for a snapshot.
-        self.placement: str | None = None
-        self.pipe = None
-        self.checkpoint: Path | None = None
-        self.dtype = None
-        # (path, size, mtime) -> adapter name, most recently used last.
-        self._adapters: OrderedDict[tuple[str, int, float], str] = OrderedDict()
-        self._adapter_serial = 0
-
-    # ------------------------------------------------------------------ files
 
     @property
-    def default_checkpoint(self) -> Path:
-        return self.models_dir / ILLUSTRIOUS_CHECKPOINT
+    def pipe(self):
+        return self.models.pipe
 
     @property
-    def config_dir(self) -> Path:
-        return self.models_dir / SDXL_CONFIG_DIR
+    def device(self) -> str:
+        return self.models.device
 
-    def missing_files(self) -> list[str]:
-        """The base-model files `load()` needs that are not on the volume, by registry key."""
-        needed = {
-            "illustrious-xl": [ILLUSTRIOUS_CHECKPOINT],
-            "sdxl-base (configs)": [f"{SDXL_CONFIG_DIR}/model_index.json"],
-            "controlnet-tile": [f"{CONTROLNET_TILE_DIR}/config.json", f"{CONTROLNET_TILE_DIR}/*.safetensors"],
-            "sdxl-vae": [f"{SDXL_VAE_DIR}/config.json", f"{SDXL_VAE_DIR}/*.safetensors"],
-            "ip-adapter": [IP_ADAPTER_FILE],
-            "clip-vit-h": [f"{CLIP_VIT_H_DIR}/config.json", f"{CLIP_VIT_H_DIR}/*.safetensors"],
-        }
-        missing = []
-        for key, patterns in needed.items():
-            absent = [p for p in patterns if not any(self.models_dir.glob(p))]
-            if absent:
-                missing.append(f"{key} ({', '.join(absent)})")
-        return missing
-
-    # ------------------------------------------------------------------ loading
-
-    def load(self, staging_device: str | None = None) -> None:
-        """Load every model onto `device`, or only into `staging_device` (host memory, for a memory
-        snapshot taken before the GPU is attached; the first job then moves them: `place()`)."""
-        missing = self.missing_files()
-        if missing:
-            raise ToolboxError(
-                ErrorCode.MODELS_MISSING,
-                "The upscaler's base models are not all installed. An admin can download them with /setup "
-                "(or `toolbox setup`). Missing: " + "; ".join(missing),
-            )
-        import torch
-        from diffusers import AutoencoderKL, ControlNetModel
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-        self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        # fp16 on GPU (the VAE is the fp16-fix one, so it stays in fp16 too); fp32 on CPU.
-        self.dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
-        try:
-            self._shared = {
-                "controlnet": ControlNetModel.from_pretrained(self.models_dir / CONTROLNET_TILE_DIR, torch_dtype=self.dtype),
-                "vae": AutoencoderKL.from_pretrained(self.models_dir / SDXL_VAE_DIR, torch_dtype=self.dtype),
-                "image_encoder": CLIPVisionModelWithProjection.from_pretrained(
-                    self.models_dir / CLIP_VIT_H_DIR, dtype=self.dtype
-                ),
-                "feature_extractor": CLIPImageProcessor.from_pretrained(self.models_dir / CLIP_VIT_H_DIR),
-            }
-        except Exception as exc:
-            log.exception("loading the upscaler's base models from %s failed", self.models_dir)
-            raise ToolboxError(
-                ErrorCode.MODEL_LOAD_FAILED,
-                f"The upscaler's base models could not be loaded ({type(exc).__name__}). Try /setup → Verify.",
-            ) from exc
-        self.placement = staging_device or self.device
-        for model in SHARED_MODELS:
-            self._shared[model].to(self.placement).eval()
-        self._load_checkpoint(self.default_checkpoint)
-        self.loaded = True
-
-    def place(self) -> None:
-        """Move staged models to `device` (a no-op once they are there)."""
-        if self.placement == self.device:
-            return
-        for model in SHARED_MODELS:
-            self._shared[model].to(self.device)
-        self.pipe.to(self.device)
-        self.placement = self.device
-
-    def _load_checkpoint(self, path: Path) -> None:
-        """Build the pipeline around a single-file checkpoint, reusing every other loaded part."""
-        import torch
-        from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
-
-        if not path.is_file():
-            raise ToolboxError(ErrorCode.MODELS_MISSING, f"The checkpoint file {path.name} is not on the volume.")
-        reuse = dict(self._shared)
-        if self.pipe is not None:
-            # Tokenizers and scheduler are the same for every SDXL checkpoint.
-            reuse.update(tokenizer=self.pipe.tokenizer, tokenizer_2=self.pipe.tokenizer_2, scheduler=self.pipe.scheduler)
-            # Free the old UNet and text encoders before loading new ones: two
-            # SDXL UNets do not fit next to each other on a 24 GB GPU.
-            self.pipe = None
-            self.checkpoint = None
-            self._adapters.clear()
-            if self.placement.startswith("cuda"):
-                torch.cuda.empty_cache()
-        try:
-            pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_single_file(
-                str(path), config=str(self.config_dir), local_files_only=True, torch_dtype=self.dtype, **reuse
-            )
-            ip_adapter = self.models_dir / IP_ADAPTER_FILE
-            pipe.load_ip_adapter(str(ip_adapter.parent), subfolder="", weight_name=ip_adapter.name, image_encoder_folder=None)
-        except Exception as exc:
-            log.exception("loading checkpoint %s failed", path)
-            raise ToolboxError(
-                ErrorCode.MODEL_LOAD_FAILED,
-                f"The checkpoint {path.name} could not be loaded as an SDXL checkpoint ({type(exc).__name__}).",
-            ) from exc
-        pipe.to(self.placement)
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe
-        self.checkpoint = path
-
-    def checkpoint_path(self, checkpoint: str | None) -> Path:
-        """None or the default's key -> Illustrious; a bare file name -> the library's checkpoints; else a path."""
-        if not checkpoint or checkpoint == DEFAULT_CHECKPOINT_KEY:
-            return self.default_checkpoint
-        if Path(checkpoint).is_absolute():
-            return Path(checkpoint)
-        try:
-            return _file_in(self.loras_dir / CHECKPOINTS_SUBDIR if self.loras_dir else None, checkpoint)
-        except ValueError:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"{checkpoint!r} is not a checkpoint file name.") from None
+    @property
+    def dtype(self):
+        return self.models.dtype
 
     # ------------------------------------------------------------------ planning
 
@@ -376,8 +153,7 @@ class UpscaleEngine:
         """
         progress = progress or (lambda fraction, stage: None)
         prompt, negative = prompt.strip(), negative.strip()
-        lora_folder = self.loras_dir / LORAS_SUBDIR if self.loras_dir else None
-        specs = [LoraSpec.from_dict(entry, lora_folder) for entry in loras]
+        specs = self.models.lora_specs(loras)
         picture = decode_image(image, max_pixels=self.max_input_pixels, name="The image").image
         out_width, out_height = check_upscale_size(
             picture.width, picture.height, scale, self.max_input_pixels, self.max_output_pixels
@@ -389,67 +165,14 @@ class UpscaleEngine:
             ", ".join(part for part in (prompt, region_prompt(regions, tile, scale)) if part)
             for tile in plan.tiles
         ]
-        checkpoint_path = self.checkpoint_path(checkpoint)
+        checkpoint_path = self.models.checkpoint_path(checkpoint)
 
         # --- models for this job
-        if self.placement != self.device:
-            progress(0.01, "moving the models to the GPU")
-            self.place()
-        if checkpoint_path != self.checkpoint:
-            progress(0.01, f"switching checkpoint to {checkpoint_path.stem}")
-            self._load_checkpoint(checkpoint_path)
-        if specs:
-            progress(0.02, "loading LoRAs")
-        try:
-            self._activate_loras(specs)
+        self.models.use_checkpoint(checkpoint_path, progress)
+        with self.models.loras(specs, progress):
             return self._run(
                 picture, plan, tile_texts, negative, creativity, seed, steps, ip_adapter_scale, progress, preview
             )
-        finally:
-            self._deactivate_loras()
-
-    # ------------------------------------------------------------------ LoRAs
-
-    def _activate_loras(self, specs: list[LoraSpec]) -> None:
-        names = [self._adapter_for(spec) for spec in specs]
-        if names:
-            self.pipe.enable_lora()
-            self.pipe.set_adapters(names, adapter_weights=[spec.weight for spec in specs])
-
-    def _adapter_for(self, spec: LoraSpec) -> str:
-        try:
-            stat = spec.path.stat()
-        except OSError:
-            raise ToolboxError(ErrorCode.LORA_LOAD_FAILED, f"The LoRA {spec.name!r} is missing its file ({spec.path.name}).") from None
-        key = (str(spec.path), stat.st_size, stat.st_mtime)
-        if key in self._adapters:
-            self._adapters.move_to_end(key)
-            return self._adapters[key]
-        while len(self._adapters) >= self.lora_cache_size:
-            _, oldest = self._adapters.popitem(last=False)
-            self.pipe.delete_adapters(oldest)
-        self._adapter_serial += 1
-        name = f"lora{self._adapter_serial}"
-        try:
-            self.pipe.load_lora_weights(str(spec.path), adapter_name=name)
-        except Exception as exc:
-            log.warning("LoRA %s (%s) failed to load: %s", spec.name, spec.path, exc)
-            self._drop_partial_adapter(name)
-            reason = "its weights do not fit SDXL (is it an SD 1.5 or Flux LoRA?)" if "size mismatch" in str(exc) else (
-                f"{type(exc).__name__}: {str(exc)[:160]}"
-            )
-            raise ToolboxError(ErrorCode.LORA_LOAD_FAILED, f"The LoRA {spec.name!r} could not be loaded: {reason}.") from exc
-        self._adapters[key] = name
-        return name
-
-    def _drop_partial_adapter(self, name: str) -> None:
-        """A failed load can leave the adapter on some modules: remove it wherever it got."""
-        if any(name in names for names in self.pipe.get_list_adapters().values()):
-            self.pipe.delete_adapters(name)
-
-    def _deactivate_loras(self) -> None:
-        if self._adapters:
-            self.pipe.disable_lora()
 
     # ------------------------------------------------------------------ denoising
 
@@ -472,30 +195,18 @@ class UpscaleEngine:
         # cover (one statement, so the intermediate copies are freed at once).
         canvas = pad_to_plan(np.asarray(picture.resize((plan.width, plan.height), Image.Resampling.LANCZOS)), plan)
         batch = self._tile_batch(plan)
-        try:
+
+        def denoise(one_tile_at_a_time: bool) -> bytes:
             with torch.inference_mode():
                 return self._denoise_and_decode(
-                    picture, canvas, plan, tile_texts, negative, creativity, seed, steps, ip_scale, batch,
-                    progress, preview,
+                    picture, canvas, plan, tile_texts, negative, creativity, seed, steps, ip_scale,
+                    1 if one_tile_at_a_time else batch, progress, preview,
                 )
-        except torch.cuda.OutOfMemoryError as exc:
-            if batch == 1:
-                raise ToolboxError(
-                    ErrorCode.CUDA_OOM, "The GPU ran out of memory even one tile at a time: try a smaller scale."
-                ) from exc
-            log.warning("CUDA OOM with %d tiles per UNet call: retrying one tile at a time", batch)
-        torch.cuda.empty_cache()
-        progress(0.05, "out of GPU memory: retrying one tile at a time")
-        try:
-            with torch.inference_mode():
-                return self._denoise_and_decode(
-                    picture, canvas, plan, tile_texts, negative, creativity, seed, steps, ip_scale, 1,
-                    progress, preview,
-                )
-        except torch.cuda.OutOfMemoryError as exc:
-            raise ToolboxError(
-                ErrorCode.CUDA_OOM, "The GPU ran out of memory even one tile at a time: try a smaller scale."
-            ) from exc
+
+        return retry_smaller_on_oom(
+            denoise, batch > 1, "retrying one tile at a time",
+            "The GPU ran out of memory even one tile at a time: try a smaller scale.", progress,
+        )
 
     def _denoise_and_decode(
         self, picture, canvas, plan, tile_texts, negative, creativity, seed, steps, ip_scale, batch,
@@ -614,9 +325,7 @@ class UpscaleEngine:
         if ip_scale > 0:
             positive, negative = self.pipe.encode_image(picture, self.device, 1, output_hidden_states=True)
             return positive[:, None], negative[:, None]
-        size, patch = encoder.config.image_size, encoder.config.patch_size
-        tokens = (size // patch) ** 2 + 1
-        zeros = torch.zeros(1, 1, tokens, encoder.config.hidden_size, device=self.device, dtype=self.dtype)
+        zeros = self.models.empty_image_embeds(1)
         return zeros, zeros
 
     # ------------------------------------------------------------------ tiled VAE

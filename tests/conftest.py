@@ -100,21 +100,6 @@ def use_engine(monkeypatch):
 
 
 @pytest.fixture
-def use_generate(monkeypatch):
-    """use_generate(engine): the generate job kind, run by a stand-in engine."""
-    from bot.api_schema import GenerateJobRequest
-    from modal_services import services
-
-    def install(engine) -> None:
-        spec = services.ServiceSpec(GenerateJobRequest, "SdxlService", "generate",
-                                    lambda: lambda self, **fields: self.generate(**fields), lambda layout: engine,
-                                    previews=True)
-        monkeypatch.setitem(services.SERVICES, "generate", spec)
-
-    return install
-
-
-@pytest.fixture
 def app_module(monkeypatch):
     """modal_services.app imported afresh, with every @app.cls / @app.function call's options recorded."""
     import importlib
@@ -207,3 +192,26 @@ def modal_deployment(monkeypatch):
     monkeypatch.setattr(modal.FunctionCall, "from_id", fake.call_from_id)
     monkeypatch.setenv("TOOLBOX_BACKEND", "modal")
     return fake
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_data_dir(tmp_path_factory):
+    """A data dir whose models/ and loras/ are the tiny SDXL volume, with one LoRA in the library."""
+    import asyncio
+
+    from modal_services.library import LibraryEntry, entry_key
+    from modal_services.state import SqliteStore
+    from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
+
+    root = tmp_path_factory.mktemp("data")
+    build_tiny_volume(root)
+
+    async def add_entry():
+        store = SqliteStore(root / "state.sqlite3")
+        entry = LibraryEntry(name="Detail Tweaker", file="detail.safetensors", type="lora", weight=0.8,
+                             trigger_words=["shiny"])
+        await store.put(entry_key(entry.file), entry.to_dict())
+        await store.close()
+
+    asyncio.run(add_entry())
+    return root

@@ -31,9 +31,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-def generate_engine(use_generate):
+def generate_engine(use_engine):
     engine = StandInGenerateEngine()
-    use_generate(engine)
+    use_engine("generate", engine)
     return engine
 
 
@@ -106,8 +106,8 @@ async def test_defaults_are_the_contracts(api, generate_engine):
     assert body["image_size"] == [1024, 1024]
     assert (body["metadata"]["actual_steps"], body["metadata"]["actual_cfg"]) == (28, 5.5)
     [fields] = generate_engine.calls
-    assert fields["seed"] is None and fields["timeout"] == 60 and fields["count"] == 1
-    assert body["metadata"]["seed_used"] == 1234  # the engine's draw, reported
+    assert fields["timeout"] == 60 and fields["count"] == 1
+    assert body["metadata"]["seed_used"] == fields["seed"]  # drawn when omitted, and reported
 
 
 async def test_count_4_returns_every_image_with_its_seed(api, generate_engine):
@@ -140,8 +140,8 @@ async def test_library_loras_are_resolved_by_name(served, generate_engine):
     [fields] = generate_engine.calls
     assert fields["loras"] == [{"name": "Ink Style", "file": "ink_style.safetensors", "weight": 0.7,
                                 "trigger_words": ["ink"]}]
-    assert body["model_info"]["lora_applied"] is True and body["model_info"]["loras"] == [{"name": "Ink Style",
-                                                                                           "weight": 0.7}]
+    assert body["model_info"] == {"base_model": "Illustrious-XL-v2.0", "lora_applied": True, "lora_scale": 0.7,
+                                  "loras": [{"name": "Ink Style", "weight": 0.7}]}
     response = await client.post("/generate-image", json={"prompt": "a cat", "loras": [{"name": "no such lora"}]})
     assert_error(response, 400, "INVALID_INPUT")
     assert len(generate_engine.calls) == 1
@@ -210,10 +210,10 @@ async def test_no_auth_serves_without_a_token(served, generate_engine):
 # -- the concurrency cap ----------------------------------------------------------
 
 @pytest.fixture
-def gated_engine(use_generate):
+def gated_engine(use_engine):
     gate = threading.Event()
     engine = StandInGenerateEngine(gate=gate)
-    use_generate(engine)
+    use_engine("generate", engine)
     yield engine
     gate.set()
 
@@ -262,10 +262,10 @@ async def test_simultaneous_requests_cannot_overbook_the_cap(api, gated_engine):
     assert sorted(response.status_code for response in responses) == [202] * 4 + [429] * 8
 
 
-async def test_a_failed_or_cancelled_job_gives_its_slot_back(served, use_generate):
+async def test_a_failed_or_cancelled_job_gives_its_slot_back(served, use_engine):
     client, _ = await served(concurrency=1)
     engine = StandInGenerateEngine(fail_with=ToolboxError(ErrorCode.GENERATION_FAILED, "The sampler diverged."))
-    use_generate(engine)
+    use_engine("generate", engine)
     assert_error(await client.post("/generate-image", json={"prompt": "a"}), 500, "GENERATION_FAILED")
     engine.fail_with, engine.gate = None, threading.Event()
     try:
@@ -333,14 +333,14 @@ async def test_images_that_are_not_images_are_400(api, use_engine):
     (ToolboxError(ErrorCode.LORA_DOWNLOAD_FAILED, "HTTP 403 from the LoRA URL."), 500, "LORA_DOWNLOAD_FAILED"),
     (RuntimeError("secret internals /home/x/.cache"), 500, "INTERNAL"),
 ])
-async def test_worker_failures_map_to_statuses(api, use_generate, error, status, code):
-    use_generate(StandInGenerateEngine(fail_with=error))
+async def test_worker_failures_map_to_statuses(api, use_engine, error, status, code):
+    use_engine("generate", StandInGenerateEngine(fail_with=error))
     body = assert_error(await api.post("/generate-image", json={"prompt": "a cat"}), status, code)
     assert "internals" not in body["error"] and "Traceback" not in str(body)
 
 
-async def test_missing_models_are_503(api, use_generate):
-    use_generate(StandInGenerateEngine(load_error=ToolboxError(ErrorCode.MODELS_MISSING, "Not installed: Illustrious.")))
+async def test_missing_models_are_503(api, use_engine):
+    use_engine("generate", StandInGenerateEngine(load_error=ToolboxError(ErrorCode.MODELS_MISSING, "Not installed: Illustrious.")))
     assert_error(await api.post("/generate-image", json={"prompt": "a cat"}), 503, "MODELS_MISSING")
 
 
@@ -413,8 +413,8 @@ async def test_a_generate_job_reports_progress_then_the_contract_body(api, gated
     assert set(done["result"]) == {"image_base64", "image_size", "generation_time_seconds", "model_info", "metadata"}
 
 
-async def test_a_failed_job_shows_its_error(api, use_generate):
-    use_generate(StandInGenerateEngine(fail_with=ToolboxError(ErrorCode.LORA_LOAD_FAILED, "That LoRA is for SD 1.5.")))
+async def test_a_failed_job_shows_its_error(api, use_engine):
+    use_engine("generate", StandInGenerateEngine(fail_with=ToolboxError(ErrorCode.LORA_LOAD_FAILED, "That LoRA is for SD 1.5.")))
     job_id = (await api.post("/jobs", json={"kind": "generate", "prompt": "a cat"})).json()["job_id"]
     view = await wait_for_status(api, job_id, "error")
     assert view["error"] == {"error": "That LoRA is for SD 1.5.", "error_code": "LORA_LOAD_FAILED"}

@@ -26,12 +26,12 @@ TOKEN = "server-test-token-81d2"
 
 
 @pytest.fixture
-def api_url(fast_progress, use_generate, monkeypatch):
+def api_url(fast_progress, use_engine, monkeypatch):
     """The API with a stand-in generate engine, served by uvicorn; TOOLBOX_API_TOKEN set for the CLI."""
     monkeypatch.setenv("TOOLBOX_API_TOKEN", TOKEN)
     monkeypatch.setattr(bot.api_client, "POLL_SECONDS", 0.02)
     engine = StandInGenerateEngine()
-    use_generate(engine)
+    use_engine("generate", engine)
     with running_uvicorn(api_for_settings(Settings.load(), TOKEN), max_seconds=60) as url:
         yield url
 
@@ -56,25 +56,25 @@ def test_toolbox_generate_api_writes_the_images_and_prints_the_seeds(api_url, tm
     out = capsys.readouterr().out
     assert code == 0
     for index, seed in ((1, 7), (2, 8)):
-        path = tmp_path / f"cat-{index}.png"
+        path = tmp_path / f"cat_{index}.png"
         assert Image.open(path).size == (512, 768)
         assert f"{path} (512×768, seed {seed}, Illustrious-XL-v2.0)" in out
 
 
 def test_toolbox_generate_api_default_name_carries_the_seed(api_url, tmp_path, capsys):
     assert main(["generate", "a cat", "--api", api_url, "--seed", "11", "--width", "512", "--height", "512"]) == 0
-    assert (tmp_path / "generate-11.png").is_file() and "seed 11" in capsys.readouterr().out
+    assert (tmp_path / "generated_11.png").is_file() and "seed 11" in capsys.readouterr().out
 
 
 def test_toolbox_generate_api_errors_are_one_line(api_url, tmp_path, capsys, monkeypatch):
-    assert main(["generate", "a cat", "--api", api_url, "--steps", "5"]) == 2
-    assert capsys.readouterr().err.startswith("error: INVALID_INPUT: Invalid request: steps:")
+    assert main(["generate", "a cat", "--api", api_url, "--steps", "5"]) == 2  # refused here, before the call
+    assert capsys.readouterr().err.startswith("error: INVALID_INPUT: Steps must be between 20 and 50")
     monkeypatch.setenv("TOOLBOX_API_TOKEN", "wrong")
     assert main(["generate", "a cat", "--api", api_url]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: PERMISSION_DENIED: Wrong token.") and "wrong" not in err.replace("Wrong", "")
     assert main(["generate", "a cat", "--api", api_url, "-o", str(tmp_path / "no" / "such" / "x.png")]) == 2
-    assert "no folder" in capsys.readouterr().err
+    assert "there is no folder" in capsys.readouterr().err
     assert list(tmp_path.glob("*.png")) == []
 
 

@@ -43,7 +43,7 @@ def final_text(interaction) -> str:
 async def test_command_is_registered_with_its_options(toolbox_bot):
     command = caption_command(toolbox_bot)
     assert [p.name for p in command.parameters] == ["image", "style", "question"]
-    assert [c.value for c in command.parameters[1].choices] == ["descriptive", "tags", "short"]
+    assert [c.value for c in command.parameters[1].choices] == ["descriptive", "tags", "short", "prompt"]
     assert caption_menu(toolbox_bot).name == "Caption image"
 
 

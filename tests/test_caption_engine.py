@@ -24,7 +24,7 @@ def test_loads_from_the_volume_layout(engine):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("style", ["descriptive", "tags", "short"])
+@pytest.mark.parametrize("style", ["descriptive", "tags", "short", "prompt"])
 def test_each_style_gives_one_caption_per_image(engine, style):
     captions = engine.caption([png_bytes(seed=1), png_bytes(80, 120, seed=2)], style=style)
     assert len(captions) == 2

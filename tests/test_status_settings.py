@@ -114,6 +114,21 @@ async def test_admin_changes_defaults_and_caption_uses_them(toolbox_bot, monkeyp
     assert "cannot be above" in ephemeral_error(interaction)
 
 
+async def test_admin_sets_the_generate_defaults(toolbox_bot):
+    interaction = fake_interaction(admin=True)
+    portrait = app_commands.Choice(name="2:3", value="2:3")
+    await invoke(toolbox_bot, command(toolbox_bot, "settings defaults"), interaction,
+                 None, None, None, None, None, portrait, 35, 7.5, "lowres, bad hands")
+    saved = await load_guild_settings(toolbox_bot.backend.store, 2002)
+    assert (saved.default_aspect, saved.default_steps, saved.default_cfg, saved.default_negative) == \
+        ("2:3", 35, 7.5, "lowres, bad hands")
+    assert "Generate: 2:3, 35 steps, CFG 7.5" in reply(interaction)
+    interaction = fake_interaction(admin=True)
+    await invoke(toolbox_bot, command(toolbox_bot, "settings defaults"), interaction,
+                 None, None, None, None, None, None, None, None, "none")
+    assert (await load_guild_settings(toolbox_bot.backend.store, 2002)).default_negative == ""
+
+
 async def test_admin_restricts_roles_and_channels(toolbox_bot):
     role, channel = MagicMock(id=77), MagicMock(id=42)
     interaction = fake_interaction(admin=True)

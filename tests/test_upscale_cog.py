@@ -11,6 +11,7 @@ import discord
 import pytest
 from PIL import Image
 
+from bot.library_options import lora_autocomplete
 from cogs.upscale import UpscaleButton, split_attachments
 from modal_services.keys import upscale_params_key as params_key
 from modal_services.library import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
@@ -51,7 +52,7 @@ def engine(use_engine):
 @pytest.fixture
 async def toolbox_bot(make_toolbox_bot):
     bot = await make_toolbox_bot("cogs.caption", "cogs.upscale")
-    bot.get_cog("Upscale").preview_interval = 0.05
+    bot.get_cog("Upscale").previews.interval = 0.05
     return bot
 
 
@@ -110,10 +111,11 @@ async def test_lora_autocomplete_reads_the_library(toolbox_bot):
     await add_lora(toolbox_bot, "Shiny Style", "shiny.safetensors")
     await toolbox_bot.backend.store.put(entry_key("model.safetensors"), LibraryEntry(
         name="Other Model", file="model.safetensors", type="checkpoint").to_dict())
-    cog = toolbox_bot.get_cog("Upscale")
-    choices = await cog.lora_autocomplete(fake_interaction(), "")
+    typing = fake_interaction()
+    typing.client = toolbox_bot
+    choices = await lora_autocomplete(typing, "")
     assert [c.value for c in choices] == ["detail.safetensors", "shiny.safetensors"]
-    assert [c.value for c in await cog.lora_autocomplete(fake_interaction(), "style")] == ["shiny.safetensors"]
+    assert [c.value for c in await lora_autocomplete(typing, "style")] == ["shiny.safetensors"]
 
 
 async def test_upscale_defers_shows_progress_and_previews_then_the_result_with_buttons(toolbox_bot, engine, fast_progress):

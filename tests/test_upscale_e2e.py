@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 
 import pytest
@@ -13,33 +12,13 @@ from bot.backend import LocalBackend
 from bot.cli import main
 from bot.client import ToolboxBot
 from bot.settings import Settings
-from modal_services.library import LibraryEntry, entry_key
-from modal_services.state import SqliteStore
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke
-from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 from tests.images import png_bytes
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """A data dir whose models/ and loras/ are the tiny volume, with one LoRA in the library."""
-    root = tmp_path_factory.mktemp("data")
-    build_tiny_volume(root)
-
-    async def add_entry():
-        store = SqliteStore(root / "state.sqlite3")
-        entry = LibraryEntry(name="Detail Tweaker", file="detail.safetensors", type="lora", weight=0.8,
-                             trigger_words=["shiny"])
-        await store.put(entry_key(entry.file), entry.to_dict())
-        await store.close()
-
-    asyncio.run(add_entry())
-    return root
-
-
 @pytest.fixture
-def settings(data_dir, monkeypatch):
-    monkeypatch.setenv("TOOLBOX_DATA_DIR", str(data_dir))
+def settings(tiny_sdxl_data_dir, monkeypatch):
+    monkeypatch.setenv("TOOLBOX_DATA_DIR", str(tiny_sdxl_data_dir))
     monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.02)
     return Settings.load()
 
@@ -76,10 +55,10 @@ async def test_slash_upscale_with_a_library_lora(settings):
 
 
 @pytest.mark.slow
-def test_toolbox_upscale_with_tile_captions(settings, data_dir, tiny_qwen_dir, tmp_path, capsys):
+def test_toolbox_upscale_with_tile_captions(settings, tiny_sdxl_data_dir, tiny_qwen_dir, tmp_path, capsys):
     from modal_services.layout import CAPTION_MODEL
 
-    caption_model = data_dir / "models" / CAPTION_MODEL
+    caption_model = tiny_sdxl_data_dir / "models" / CAPTION_MODEL
     if not caption_model.exists():
         caption_model.symlink_to(tiny_qwen_dir, target_is_directory=True)
     source = tmp_path / "in.png"

@@ -13,11 +13,12 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import encode_png
 from modal_services.layout import IP_ADAPTER_FILE, SDXL_CONFIG_DIR, Layout
 from modal_services.services import SERVICES, run_on_engine
-from modal_services.upscale import LoraSpec, UpscaleEngine, with_trigger_words
+from modal_services.sdxl_engine import SdxlEngine
+from modal_services.sdxl_pipeline import LoraSpec, with_trigger_words
 from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 
 # Small tiles so that a 160x192 output has 2x2 denoising tiles and several VAE tiles.
-ENGINE_OPTIONS = dict(max_tile=128, min_overlap=32, vae_tile=96, vae_overlap=32, preview_interval=0.0)
+ENGINE_OPTIONS = dict(max_tile=128, min_overlap=32, vae_tile=96, vae_overlap=32, upscale_preview_interval=0.0)
 JOB = dict(scale=2.0, prompt="a cat", steps=4, creativity=0.5, seed=7)
 
 
@@ -28,7 +29,7 @@ def volume(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(volume):
-    engine = UpscaleEngine(Layout(volume.models_dir, volume.loras_dir), **ENGINE_OPTIONS)
+    engine = SdxlEngine(Layout(volume.models_dir, volume.loras_dir), **ENGINE_OPTIONS)
     engine.load()
     return engine
 
@@ -105,7 +106,7 @@ def test_same_seed_same_output_other_seed_other_output(engine, picture, base_out
 
 
 def test_batched_tiles_match_one_tile_per_call(volume, engine, picture, base_output):
-    single = UpscaleEngine(Layout(volume.models_dir), **{**ENGINE_OPTIONS, "tile_batch": 1})
+    single = SdxlEngine(Layout(volume.models_dir), **{**ENGINE_OPTIONS, "tile_batch": 1})
     single.load()
     difference = np.abs(pixels(single.upscale(picture, **JOB)) - pixels(base_output))
     assert difference.max() <= 2  # the same maths; batched convolutions may round differently
@@ -155,7 +156,7 @@ def test_lora_changes_the_output_and_leaves_no_trace(volume, engine, picture, ba
     assert np.abs(pixels(with_lora) - pixels(base_output)).max() > 0
     # Same seed, no LoRA, after a LoRA job: exactly the output of a fresh pipeline.
     assert engine.upscale(picture, **JOB) == base_output
-    fresh = UpscaleEngine(Layout(volume.models_dir), **ENGINE_OPTIONS)
+    fresh = SdxlEngine(Layout(volume.models_dir), **ENGINE_OPTIONS)
     fresh.load()
     assert fresh.upscale(picture, **JOB) == base_output
 
@@ -166,7 +167,7 @@ def test_lora_weights_and_two_loras(volume, engine, picture, base_output):
     full = engine.upscale(picture, **JOB, loras=[lora(volume, "detail", 1.0)])
     both = engine.upscale(picture, **JOB, loras=[lora(volume, "detail", 1.0), lora(volume, "style", 0.8)])
     assert len({half, full, both, base_output}) == 4
-    # The cached adapters give the same result as the first load did.
+    # Loading the same LoRA again (every job unloads its own) gives the same result.
     assert engine.upscale(picture, **JOB, loras=[lora(volume, "detail", 0.5)]) == half
     assert engine.upscale(picture, **JOB) == base_output
 
@@ -223,12 +224,12 @@ def test_a_lora_that_fails_is_named_and_leaves_no_trace(volume, engine, picture,
 
 @pytest.mark.slow
 def test_checkpoint_switch_reloads_only_the_unet_and_text_encoders(volume, engine, picture, base_output):
-    controlnet, vae, unet = engine.pipe.controlnet, engine.pipe.vae, engine.pipe.unet
+    controlnet, vae, unet = engine.models.pipe.controlnet, engine.models.pipe.vae, engine.models.pipe.unet
     stages = []
     other = engine.upscale(picture, **JOB, checkpoint=str(volume.other_checkpoint), progress=lambda f, s: stages.append(s))
     assert any(stage.startswith("switching checkpoint") for stage in stages)
     assert other != base_output
-    assert engine.pipe.controlnet is controlnet and engine.pipe.vae is vae and engine.pipe.unet is not unet
+    assert engine.models.pipe.controlnet is controlnet and engine.models.pipe.vae is vae and engine.models.pipe.unet is not unet
     # LoRAs load onto the new UNet, and switching back restores the first checkpoint's output exactly.
     assert engine.upscale(picture, **JOB, checkpoint=str(volume.other_checkpoint), loras=[lora(volume, "detail")]) != other
     assert engine.upscale(picture, **JOB) == base_output
@@ -262,16 +263,16 @@ def test_missing_checkpoint_file(volume, engine, picture):
 )
 def test_bad_requests_fail_before_any_model_work(volume, picture, changes, words):
     # Never loaded: reaching any model code would fail differently.
-    engine = UpscaleEngine(Layout(volume.models_dir), max_output_pixels=300 * 300)
+    engine = SdxlEngine(Layout(volume.models_dir), max_output_pixels=300 * 300)
     with pytest.raises(ToolboxError) as error:
         engine.upscale(picture, **{**JOB, **changes})
     assert error.value.code is ErrorCode.INVALID_INPUT
     assert words in error.value.message
-    assert engine.pipe is None
+    assert engine.models.pipe is None
 
 
 def test_input_limits(volume):
-    engine = UpscaleEngine(Layout(volume.models_dir), max_input_pixels=50 * 50)
+    engine = SdxlEngine(Layout(volume.models_dir), max_input_pixels=50 * 50)
     big = encode_png(Image.new("RGB", (60, 60)))
     with pytest.raises(ToolboxError) as error:
         engine.upscale(big, scale=2.0)
@@ -286,7 +287,7 @@ def test_input_limits(volume):
 
 def test_models_missing_names_what_is_missing(volume, tmp_path):
     with pytest.raises(ToolboxError) as error:
-        UpscaleEngine(Layout(tmp_path / "empty")).load()
+        SdxlEngine(Layout(tmp_path / "empty")).load()
     assert error.value.code is ErrorCode.MODELS_MISSING
     for key in ("illustrious-xl", "controlnet-tile", "sdxl-vae", "ip-adapter", "clip-vit-h", "sdxl-base"):
         assert key in error.value.message
@@ -295,7 +296,7 @@ def test_models_missing_names_what_is_missing(volume, tmp_path):
     shutil.copytree(volume.models_dir, partial)
     (partial / IP_ADAPTER_FILE).unlink()
     with pytest.raises(ToolboxError) as error:
-        UpscaleEngine(Layout(partial)).load()
+        SdxlEngine(Layout(partial)).load()
     assert "ip-adapter" in error.value.message and "controlnet-tile" not in error.value.message
 
 
@@ -303,7 +304,7 @@ def test_models_missing_names_what_is_missing(volume, tmp_path):
 def test_out_of_memory_retries_one_tile_at_a_time_then_gives_up(engine, picture, base_output, monkeypatch):
     import torch
 
-    unet = engine.pipe.unet
+    unet = engine.models.pipe.unet
     real_forward = unet.forward
     calls = []
 
@@ -349,7 +350,7 @@ def test_progress_reports_tiles_steps_and_previews(engine, picture):
 
 @pytest.mark.slow
 def test_one_tile_per_call_reports_every_tile(volume, picture):
-    engine = UpscaleEngine(Layout(volume.models_dir), **{**ENGINE_OPTIONS, "tile_batch": 1})
+    engine = SdxlEngine(Layout(volume.models_dir), **{**ENGINE_OPTIONS, "tile_batch": 1})
     engine.load()
     stages = []
     engine.upscale(picture, **JOB, progress=lambda f, s: stages.append(s))
@@ -360,11 +361,11 @@ def test_one_tile_per_call_reports_every_tile(volume, picture):
 
 def test_the_upscale_job_kind_runs_through_run_on_engine(volume, picture, base_output):
     spec = SERVICES["upscale"]
-    assert spec.modal_class == "UpscaleService"
+    assert spec.modal_class == "SdxlService"
     engine = spec.make_engine(Layout(volume.models_dir, volume.loras_dir))
-    assert isinstance(engine, UpscaleEngine) and not engine.loaded
+    assert isinstance(engine, SdxlEngine) and not engine.loaded
     stages = []
-    engine.max_tile, engine.min_overlap = ENGINE_OPTIONS["max_tile"], ENGINE_OPTIONS["min_overlap"]
+    engine.upscaler.max_tile, engine.upscaler.min_overlap = ENGINE_OPTIONS["max_tile"], ENGINE_OPTIONS["min_overlap"]
     result = run_on_engine(engine, spec, {"image": picture, **JOB}, lambda f, s: stages.append(s))
     assert stages[0] == "loading model"
     assert Image.open(io.BytesIO(result)).size == (160, 192)

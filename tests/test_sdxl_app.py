@@ -1,4 +1,4 @@
-"""UpscaleService's wiring and one job through it locally; live previews in the store."""
+"""SdxlService's wiring and a generate and an upscale job through one container locally; live previews in the store."""
 
 from __future__ import annotations
 
@@ -17,34 +17,40 @@ from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 from tests.images import png_bytes
 
 
-def test_upscale_service_wiring(app_module, monkeypatch):
-    options = app_module.recorded_options["UpscaleService"]
-    assert options["gpu"] == "A10G"  # the default of TOOLBOX_UPSCALE_GPU
-    assert options["image"] is app_module.upscale_image
+def test_sdxl_service_wiring(app_module, monkeypatch):
+    options = app_module.recorded_options["SdxlService"]
+    assert options["gpu"] == "A10G"  # the default of TOOLBOX_SDXL_GPU
+    assert options["image"] is app_module.sdxl_image
     assert options["volumes"] == {str(MODELS_MOUNT): app_module.models_volume, str(LORAS_MOUNT): app_module.loras_volume}
     assert options["timeout"] >= 600 and options["max_containers"] >= 1
     assert options["enable_memory_snapshot"] is True
-    spec = app_module.UpscaleService._get_class_service_function()._spec_
+    spec = app_module.SdxlService._get_class_service_function()._spec_
     assert spec.gpus == "A10G"
 
 
 @pytest.mark.slow
-async def test_upscale_service_runs_a_job_locally_and_cleans_its_preview(app_module, monkeypatch, tmp_path):
+async def test_one_sdxl_container_serves_generate_and_upscale_and_cleans_its_previews(app_module, monkeypatch, tmp_path):
     volume = build_tiny_volume(tmp_path)
     state = FakeModalDict()
     monkeypatch.setattr(app_module, "state_dict", state)
     monkeypatch.setattr(app_module, "MODELS_MOUNT", volume.models_dir)
-    monkeypatch.setattr(app_module, "UPSCALE_DEVICE", "cpu")  # no GPU here
+    monkeypatch.setattr(app_module, "SDXL_DEVICE", "cpu")  # no GPU here
     store = ModalDictStore(state)
-    job = await create_job(store, "upscale")
-    service = app_module.UpscaleService()
+    service = app_module.SdxlService()
     service._enter()  # modal's .local() skips sync @enter hooks before async methods: both phases run here
-    assert service.engine.loaded and service.engine.placement == "cpu"
-    service.engine.preview_interval = 0.0
+    assert service.engine.loaded and service.engine.models.placement == "cpu"
+    service.engine.upscaler.preview_interval = 0.0
+    unet = service.engine.models.pipe.unet
+    job = await create_job(store, "upscale")
     result = await service.upscale.local(job.id, {"image": png_bytes(48, 40), "scale": 2.0, "steps": 4, "seed": 3})
     assert Image.open(io.BytesIO(result)).size == (96, 80)
     assert (await load_job(store, job.id)).status is JobStatus.DONE
     assert not await store.contains(preview_key(job.id))
+    job = await create_job(store, "generate")
+    generated = await service.generate.local(job.id, {"prompt": "a cat", "width": 512, "height": 512, "steps": 20, "seed": 3})
+    assert Image.open(io.BytesIO(generated["images"][0])).size == (512, 512) and generated["seeds"] == [3]
+    assert (await load_job(store, job.id)).status is JobStatus.DONE
+    assert service.engine.models.pipe.unet is unet  # the same weights served both jobs
 
 
 async def test_preview_sink_keeps_the_latest_and_cleans_up(tmp_path):
@@ -82,12 +88,12 @@ def test_the_output_limit_is_a_deploy_setting_shared_by_bot_and_worker(monkeypat
 def test_staged_weights_wait_in_host_memory_in_the_target_dtype(tmp_path):
     import torch
 
-    from modal_services.upscale import UpscaleEngine
+    from modal_services.sdxl_pipeline import SdxlModels
 
     volume = build_tiny_volume(tmp_path)
-    engine = UpscaleEngine(Layout(volume.models_dir), device="cuda")  # the snapshot phase: no GPU attached yet
-    engine.load(staging_device="cpu")
-    assert engine.placement == "cpu" and engine.dtype == torch.float16
-    for model in (engine.pipe.unet, engine.pipe.controlnet, engine.pipe.vae, engine.pipe.text_encoder_2):
+    models = SdxlModels(Layout(volume.models_dir), device="cuda")  # the snapshot phase: no GPU attached yet
+    models.load(staging_device="cpu")
+    assert models.placement == "cpu" and models.dtype == torch.float16
+    for model in (models.pipe.unet, models.pipe.controlnet, models.pipe.vae, models.pipe.text_encoder_2):
         parameter = next(model.parameters())
         assert parameter.device.type == "cpu" and parameter.dtype == torch.float16

@@ -1,0 +1,289 @@
+"""/generate: SDXL text-to-image, and the buttons under each result.
+
+The reply shows the job's progress and the worker's live previews; the
+result is the images themselves (Discord lays four out as a 2x2 gallery),
+each fitted to the upload limit, with the prompt, seeds and settings in the
+message. The buttons survive restarts (dynamic items keyed by the job id;
+the request's settings are kept under `generate:<job id>` in the store):
+
+- U1-U4: that image upscaled 2x (the upscale cog's job, same prompt and LoRAs);
+- V1-V4: variations of that image: the same settings, new seeds, the image as
+  the img2img start at low strength;
+- Reroll: the same settings with new seeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+from typing import Any
+
+import discord
+from discord import app_commands
+from discord.ext import commands
+
+from bot.attachments import check_attachment, looks_like_image, read_image
+from bot.library_options import bot_library, lora_autocomplete, lora_slots
+from bot.live_previews import LivePreviews
+from bot.replies import hand_press_to_cog, taking_interactions
+from bot.result_images import fit_to_limit
+from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget
+from bot.ui import option_range
+from bot.generate_requests import generate_request
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import ASPECT_BUCKETS, GenerateRequest, LoraRef, field_bounds
+from modal_services.jobs import Job
+from modal_services.keys import caption_prompt_key, generate_params_key
+
+log = logging.getLogger(__name__)
+
+# The options /generate offers, read from the request its job takes.
+PromptOption = option_range(GenerateRequest, "prompt")
+NegativeOption = option_range(GenerateRequest, "negative_prompt")
+CountOption = option_range(GenerateRequest, "count")
+StepsOption = option_range(GenerateRequest, "steps")
+CfgOption = option_range(GenerateRequest, "cfg")
+SeedOption = option_range(GenerateRequest, "seed")
+LoraWeightOption = option_range(LoraRef, "weight")
+MAX_PROMPT_CHARS = field_bounds(GenerateRequest, "prompt")[1]
+# A member watches with a Cancel button: the longest timeout the request allows.
+DISCORD_TIMEOUT = field_bounds(GenerateRequest, "timeout")[1]
+# A variation's start image: the largest output, with room to spare.
+MAX_START_PIXELS = 4 * field_bounds(GenerateRequest, "width")[1] ** 2
+ASPECT_CHOICES = [app_commands.Choice(name=f"{ratio} ({w}×{h})", value=ratio) for ratio, (w, h) in ASPECT_BUCKETS.items()]
+IMAGE_STEM = "image"
+
+
+class GenerateButton(
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=r"toolbox:generate:(?P<action>[uv][1-4]|reroll):(?P<job_id>[0-9a-f]+)",
+):
+    def __init__(self, action: str, job_id: str):
+        label = "Reroll" if action == "reroll" else action.upper()
+        super().__init__(
+            discord.ui.Button(
+                label=label, style=discord.ButtonStyle.secondary, custom_id=f"toolbox:generate:{action}:{job_id}",
+                emoji="🔄" if action == "reroll" else None, row={"u": 0, "v": 1}.get(action[0], 2),
+            )
+        )
+        self.action = action
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match) -> "GenerateButton":
+        return cls(match["action"], match["job_id"])
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return await taking_interactions(interaction)
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await hand_press_to_cog(interaction, "Generate", self.action, self.job_id)
+
+
+class GenerateFromCaptionButton(
+    discord.ui.DynamicItem[discord.ui.Button], template=r"toolbox:caption-generate:(?P<job_id>[0-9a-f]+)"
+):
+    def __init__(self, job_id: str):
+        super().__init__(
+            discord.ui.Button(label="Generate from this", style=discord.ButtonStyle.primary, emoji="🎨",
+                              custom_id=f"toolbox:caption-generate:{job_id}")
+        )
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match):
+        return cls(match["job_id"])
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return await taking_interactions(interaction)
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await hand_press_to_cog(interaction, "Generate", "caption", self.job_id)
+
+
+def generate_from_caption_view(job_id: str) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    view.add_item(GenerateFromCaptionButton(job_id))
+    return view
+
+
+def fit_prompt(text: str) -> str:
+    """A caption cut to the prompt limit at a tag boundary."""
+    if len(text) <= MAX_PROMPT_CHARS:
+        return text
+    return text[:MAX_PROMPT_CHARS].rsplit(",", 1)[0].strip()
+
+
+def result_view(job_id: str, count: int) -> discord.ui.View:
+    view = discord.ui.View(timeout=None)
+    for kind in ("u", "v"):
+        for index in range(1, count + 1):
+            view.add_item(GenerateButton(f"{kind}{index}", job_id))
+    view.add_item(GenerateButton("reroll", job_id))
+    return view
+
+
+def image_attachment(message: discord.Message, index: int) -> discord.Attachment | None:
+    """The result message's image number `index` (1-based), by its file name."""
+    for attachment in message.attachments:
+        if looks_like_image(attachment) and attachment.filename.rsplit(".", 1)[0] == f"{IMAGE_STEM}{index}":
+            return attachment
+    return None
+
+
+def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str, seeds: list[int] | None = None) -> str:
+    seeds = seeds or [params["seed"]]
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
+    parts = [f"{params['width']}×{params['height']}", f"{params['steps']} steps", f"CFG {params['cfg']:g}", seed_text, checkpoint]
+    parts += [f"{name} ({lora['weight']:g})" for name, lora in zip(lora_names, params["loras"])]
+    if params.get("strength") is not None:
+        parts.append(f"variation at {params['strength']:g}")
+    return " · ".join(parts)
+
+
+class Generate(commands.Cog):
+    def __init__(self, bot: commands.Bot):
+        self.bot = bot
+        self.library = bot_library(bot)
+        bot.add_dynamic_items(GenerateButton, GenerateFromCaptionButton)
+        bot.tracker.presenters["generate"] = self.present
+        self.previews = LivePreviews(lambda: bot.backend.store)
+
+    async def cog_unload(self) -> None:
+        self.bot.remove_dynamic_items(GenerateButton, GenerateFromCaptionButton)
+        self.bot.tracker.presenters.pop("generate", None)
+
+    @app_commands.command(name="generate", description="Make images from a prompt with SDXL, optionally with LoRAs")
+    @app_commands.describe(
+        prompt="What to draw (booru tags work best with Illustrious)",
+        negative="What to avoid (default: the server's)",
+        aspect="The shape (default: the server's, usually square)",
+        count="How many images, 1-4 (default 1)",
+        steps="Denoising steps, 20-50 (default: the server's, usually 28)",
+        cfg="How closely to follow the prompt, 1-20 (default: the server's, usually 5.5)",
+        seed="For repeatable results (default: random)",
+        lora1="A LoRA from the library",
+        lora1_weight="Its weight (default: the library's recommendation)",
+        lora2="A second LoRA",
+        lora2_weight="Its weight",
+        lora3="A third LoRA",
+        lora3_weight="Its weight",
+    )
+    @app_commands.choices(aspect=ASPECT_CHOICES)
+    @app_commands.autocomplete(lora1=lora_autocomplete, lora2=lora_autocomplete, lora3=lora_autocomplete)
+    async def generate(
+        self,
+        interaction: discord.Interaction,
+        prompt: PromptOption,
+        negative: NegativeOption | None = None,
+        aspect: app_commands.Choice[str] | None = None,
+        count: CountOption | None = None,
+        steps: StepsOption | None = None,
+        cfg: CfgOption | None = None,
+        seed: SeedOption | None = None,
+        lora1: str | None = None,
+        lora1_weight: LoraWeightOption | None = None,
+        lora2: str | None = None,
+        lora2_weight: LoraWeightOption | None = None,
+        lora3: str | None = None,
+        lora3_weight: LoraWeightOption | None = None,
+    ) -> None:
+        params = {
+            "prompt": prompt, "negative": negative, "aspect": aspect.value if aspect else None, "count": count,
+            "steps": steps, "cfg": cfg, "seed": seed,
+            "loras": lora_slots((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight)),
+        }
+        await self.run_generate(interaction, params)
+
+    async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
+        if action == "caption":
+            await self.generate_from_caption(interaction, job_id)
+            return
+        params = await self.bot.backend.store.get(generate_params_key(job_id))
+        if params is None:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "The settings of that generation are no longer kept; run /generate again.")
+        if action == "reroll":
+            await self.run_generate(interaction, {**params, "seed": None})
+            return
+        attachment = image_attachment(interaction.message, int(action[1]))
+        if attachment is None:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Image {action[1]} is no longer attached to that message.")
+        if action[0] == "u":
+            upscale = {"scale": 2.0, "prompt": params["prompt"], "negative": params.get("negative") or "",
+                       "loras": params["loras"]}
+            await self.bot.get_cog("Upscale").run_upscale(interaction, attachment, upscale)
+        else:
+            await self.run_generate(interaction, {**params, "seed": None}, start=attachment)
+
+    async def generate_from_caption(self, interaction: discord.Interaction, caption_job_id: str) -> None:
+        prompt = await self.bot.backend.store.get(caption_prompt_key(caption_job_id))
+        if not prompt:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "That caption is no longer kept; caption the image again.")
+        await self.run_generate(interaction, {"prompt": fit_prompt(prompt)})
+
+    # ------------------------------------------------------------ the job
+
+    async def run_generate(
+        self, interaction: discord.Interaction, params: dict[str, Any], start: discord.Attachment | None = None
+    ) -> None:
+        """Check, defer, resolve the defaults and LoRAs, then follow the job to its result."""
+        if start is not None:
+            check_attachment(start)
+        await interaction.response.defer(thinking=True)
+        async with self.bot.tracker.admission(interaction) as admission:
+            await self._generate(interaction, params, start, admission)
+
+    async def _generate(self, interaction: discord.Interaction, params: dict[str, Any],
+                        start: discord.Attachment | None, admission: Admission) -> None:
+        settings = admission.settings
+        aspect = params.get("aspect") or settings.default_aspect
+        width, height = params.get("width"), params.get("height")
+        if not (width and height):
+            width, height = ASPECT_BUCKETS.get(aspect, ASPECT_BUCKETS["1:1"])
+        choices = {
+            "prompt": params["prompt"], "negative_prompt": params.get("negative") or settings.default_negative,
+            "width": width, "height": height, "count": params.get("count") or 1,
+            "steps": params.get("steps") or settings.default_steps, "cfg": params.get("cfg") or settings.default_cfg,
+            "seed": params.get("seed"), "timeout": DISCORD_TIMEOUT,
+        }
+        if start is not None:
+            choices["image"] = (await read_image(start, max_pixels=MAX_START_PIXELS)).png
+        # Refused here, before a job exists, in the worker's own words.
+        request, checkpoint = await generate_request(self.library, choices, params.get("loras") or [])
+        kept = {name: getattr(request, name) for name in ("prompt", "width", "height", "count", "steps", "cfg", "seed")}
+        kept |= {"negative": request.negative_prompt, "aspect": aspect,
+                 "loras": [{"name": lora.file, "weight": lora.weight} for lora in request.loras]}
+        meta = {
+            "title": ("Variations" if start is not None else "Generate") + f" · {request.count} × {width}×{height}",
+            "prompt": request.prompt[:300],
+            "lora_names": [lora.name for lora in request.loras],
+            "checkpoint_name": checkpoint["name"],
+        }
+        job, target = await self.bot.tracker.start(interaction, request, meta, admission)
+        await self.bot.backend.store.put(generate_params_key(job.id), kept)
+        self.previews.start(job.id, target)
+        try:
+            await self.bot.tracker.run(job, target)
+        finally:
+            await self.previews.stop(job.id)
+
+    async def present(self, job: Job, result: dict, target: ReplyTarget) -> None:
+        await self.previews.stop(job.id)
+        images = result["images"]
+        # Each file within the upload limit, and all of them within one request's.
+        limit = min(target.upload_limit(job.owner.get("guild_id")), MAX_REQUEST_BYTES // max(1, len(images)))
+        fitted = [await asyncio.to_thread(fit_to_limit, png, limit, f"{IMAGE_STEM}{index}")
+                  for index, png in enumerate(images, start=1)]
+        files = [discord.File(io.BytesIO(image.data), image.filename) for image in fitted]
+        summary = describe(result, job.meta.get("lora_names") or [lora["name"] for lora in result["loras"]],
+                           job.meta.get("checkpoint_name") or result["checkpoint"], result["seeds"])
+        prompt = discord.utils.escape_markdown(job.meta.get("prompt") or result["prompt"])
+        lines = [f"✅ **{job.meta.get('title', 'Generate')}**", f"> {prompt}", summary]
+        notes = {image.note for image in fitted if image.note}
+        lines += [f"-# {note}" for note in sorted(notes)]
+        await target.edit(content="\n".join(lines), attachments=files, view=result_view(job.id, len(images)))
+
+
+async def setup(bot: commands.Bot) -> None:
+    await bot.add_cog(Generate(bot))

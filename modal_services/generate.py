@@ -1,0 +1,226 @@
+"""Text-to-image and variations on the worker's shared SDXL models.
+
+diffusers' own SDXL pipelines do the work (`StableDiffusionXLPipeline`, and
+`StableDiffusionXLImg2ImgPipeline` for variations), built with `from_pipe`
+over the loaded components, so no weight is held twice. A request for N
+images is one batched call with one generator per image (image i gets seed
++ i): the same images as N calls one by one. The step callback reports
+progress, sends small previews, and is where Cancel and the timeout stop
+the job between steps.
+
+The result, for every front end (the bot, the CLI, the HTTP API):
+
+    {"images": [PNG bytes, ...], "seeds": [int, ...], "width": int, "height": int,
+     "steps": int, "cfg": float, "prompt": str (as run: trigger words added),
+     "negative_prompt": str, "checkpoint": str (file stem), "loras": [{"name", "weight"}],
+     "strength": float | None (variations), "generation_time_seconds": float}
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.imaging import decode_image, encode_png
+from modal_services.job_requests import GenerateRequest, job_method
+from modal_services.jobs import ProgressFn
+from modal_services.request_loras import RequestLoras
+from modal_services.sdxl_pipeline import (
+    LoraSpec,
+    PreviewFn,
+    SdxlModels,
+    latent_preview_jpeg,
+    retry_smaller_on_oom,
+    with_trigger_words,
+)
+
+log = logging.getLogger(__name__)
+
+PREVIEW_INTERVAL = 2.0
+# A variation's start image is decoded with this bound (the largest request is 1536²).
+MAX_START_PIXELS = 4 * 1536 * 1536
+
+
+def latent_grid(latents):
+    """(n, 4, h, w) latents side by side in a grid two wide, as one (1, 4, H, W) latent for a preview."""
+    import torch
+
+    if latents.shape[0] == 1:
+        return latents
+    tiles = list(latents[:4])
+    if len(tiles) % 2:
+        tiles.append(torch.zeros_like(tiles[0]))
+    rows = [torch.cat(tiles[i : i + 2], dim=-1) for i in range(0, len(tiles), 2)]
+    return torch.cat(rows, dim=-2)[None]
+
+
+class StepReports:
+    """What happens between denoising steps: the timeout, progress over every image, live previews.
+
+    Cancel arrives through `progress`, which raises CANCELLED once a cancel is asked for.
+    """
+
+    def __init__(self, request: GenerateRequest, images: int, deadline: float, progress: ProgressFn,
+                 preview: PreviewFn | None, preview_interval: float):
+        self.request = request
+        self.images = images
+        self.deadline = deadline
+        self.progress = progress
+        self.preview = preview
+        self.preview_interval = preview_interval
+        self.last_preview = time.monotonic()
+
+    def callback(self, first_image: int, images: int):
+        """diffusers' `callback_on_step_end` for the call making images first_image .. first_image + images - 1."""
+        def on_step(pipeline, step: int, timestep, tensors: dict) -> dict:
+            if time.monotonic() > self.deadline:
+                raise ToolboxError(
+                    ErrorCode.TIMEOUT, f"Generating took longer than {self.request.timeout:g} s and was stopped."
+                )
+            total = pipeline.num_timesteps
+            done = first_image * total + images * (step + 1)
+            stage = f"step {step + 1}/{total}"
+            if images < self.images:
+                stage += f" · image {first_image + 1}/{self.images}"
+            self.progress(0.05 + 0.9 * done / (total * self.images), stage)
+            if self.preview is not None and time.monotonic() - self.last_preview >= self.preview_interval:
+                self.preview(latent_preview_jpeg(latent_grid(tensors["latents"])))
+                self.last_preview = time.monotonic()
+            return tensors
+
+        return on_step
+
+
+# How a request's own LoRA is named in the result's `loras`.
+URL_LORA_NAME = "lora_url"
+
+
+class TextToImage:
+    def __init__(self, models: SdxlModels, request_loras: RequestLoras, preview_interval: float = PREVIEW_INTERVAL):
+        self.models = models
+        self.request_loras = request_loras
+        self.preview_interval = preview_interval
+        # (the loaded pipeline they were made from, text-to-image, img2img)
+        self._pipes: tuple[Any, Any, Any] | None = None
+
+    @job_method(GenerateRequest)
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        steps: int,
+        cfg: float,
+        seed: int,
+        count: int,
+        loras: list[dict[str, Any]],
+        checkpoint: str | None,
+        timeout: float,
+        image: bytes | None,
+        strength: float,
+        lora_url: str | None,
+        lora_scale: float,
+        lora_sha256: str | None,
+        progress: ProgressFn | None = None,
+        preview: PreviewFn | None = None,
+    ) -> dict:
+        """One GenerateRequest's images; returns the result described above.
+
+        The request's fields are checked by `GenerateRequest` before the body
+        runs; the start image, the LoRA files and the checkpoint here, before
+        any model work.
+        """
+        progress = progress or (lambda fraction, stage: None)
+        started = time.monotonic()
+        request = GenerateRequest(
+            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps, cfg=cfg,
+            seed=seed, count=count, loras=loras, checkpoint=checkpoint, timeout=timeout, image=image,
+            strength=strength, lora_url=lora_url, lora_scale=lora_scale, lora_sha256=lora_sha256,
+        )
+        specs = self.models.lora_specs(loras)
+        start_image = None
+        if image is not None:
+            start_image = decode_image(image, max_pixels=MAX_START_PIXELS, name="The start image").image
+        checkpoint_path = self.models.checkpoint_path(checkpoint)
+        seeds = [seed + index for index in range(count)]
+        prompt = with_trigger_words(prompt, specs)
+
+        # --- models for this job
+        self.models.use_checkpoint(checkpoint_path, progress)
+        if lora_url is not None:
+            progress(0.02, "fetching the LoRA")
+            specs.append(LoraSpec(URL_LORA_NAME, self.request_loras.fetch(lora_url, lora_sha256, self.models.model_layout()),
+                                  weight=lora_scale))
+        with self.models.loras(specs, progress):
+            deadline = started + request.timeout
+
+            def run(one_at_a_time: bool) -> list[bytes]:
+                return self._run(request, prompt, seeds, start_image, 1 if one_at_a_time else len(seeds),
+                                 deadline, progress, preview)
+
+            try:
+                images = retry_smaller_on_oom(
+                    run, len(seeds) > 1, "retrying one image at a time",
+                    f"The GPU ran out of memory at {request.width}×{request.height}: try a smaller size.", progress,
+                )
+            except ToolboxError:
+                raise
+            except Exception as exc:
+                log.exception("generating %d image(s) failed", len(seeds))
+                raise ToolboxError(
+                    ErrorCode.GENERATION_FAILED, f"The images could not be generated ({type(exc).__name__})."
+                ) from exc
+        return {
+            "images": images, "seeds": seeds, "width": request.width, "height": request.height,
+            "steps": request.steps, "cfg": request.cfg, "prompt": prompt, "negative_prompt": request.negative_prompt,
+            "checkpoint": checkpoint_path.stem, "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
+            "strength": request.strength if start_image is not None else None,
+            "generation_time_seconds": round(time.monotonic() - started, 3),
+        }
+
+    def _pipelines(self):
+        """Text-to-image and img2img pipelines over the loaded components (rebuilt after a checkpoint switch)."""
+        from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+        source = self.models.pipe
+        if self._pipes is None or self._pipes[0] is not source:
+            text_to_image = StableDiffusionXLPipeline.from_pipe(source)
+            img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(source)
+            for pipe in (text_to_image, img2img):
+                pipe.set_progress_bar_config(disable=True)
+            self._pipes = (source, text_to_image, img2img)
+        return self._pipes[1], self._pipes[2]
+
+    def _run(self, request: GenerateRequest, prompt: str, seeds: list[int], start_image, batch: int,
+             deadline: float, progress: ProgressFn, preview: PreviewFn | None) -> list[bytes]:
+        import torch
+        from PIL import Image
+
+        text_to_image, img2img = self._pipelines()
+        # IP-Adapter is loaded for the upscaler; here it is off and its image input is empty.
+        text_to_image.set_ip_adapter_scale(0.0)
+        # Negative and positive under classifier-free guidance (cfg > 1), else positive alone.
+        image_embeds = [self.models.empty_image_embeds(2 if request.cfg > 1 else 1)]
+        chunks = [seeds[i : i + batch] for i in range(0, len(seeds), batch)]
+        if start_image is None:
+            pipe, inputs = text_to_image, {"width": request.width, "height": request.height}
+        else:
+            start = start_image.convert("RGB").resize((request.width, request.height), Image.Resampling.LANCZOS)
+            pipe, inputs = img2img, {"image": start, "strength": request.strength}
+        steps = StepReports(request, len(seeds), deadline, progress, preview, self.preview_interval)
+        images: list[bytes] = []
+        for chunk in chunks:
+            on_step = steps.callback(first_image=chunk[0] - seeds[0], images=len(chunk))
+            with torch.inference_mode():
+                output = pipe(
+                    prompt=prompt, negative_prompt=request.negative_prompt or None,
+                    num_inference_steps=request.steps, guidance_scale=request.cfg,
+                    num_images_per_prompt=len(chunk),
+                    generator=[torch.Generator("cpu").manual_seed(seed) for seed in chunk],
+                    ip_adapter_image_embeds=image_embeds, callback_on_step_end=on_step, **inputs,
+                )
+            images += [encode_png(image) for image in output.images]
+        return images

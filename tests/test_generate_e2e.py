@@ -1,0 +1,73 @@
+"""`toolbox generate` through the LocalBackend: once on the real engine and tiny models, and its file naming and refusals."""
+
+from __future__ import annotations
+
+
+import pytest
+from PIL import Image
+
+import bot.progress
+from bot.cli import main, output_paths
+from tests.images import png_bytes
+
+
+@pytest.fixture
+def settings(tiny_sdxl_data_dir, monkeypatch):
+    monkeypatch.setenv("TOOLBOX_DATA_DIR", str(tiny_sdxl_data_dir))
+    monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.02)
+
+
+def test_toolbox_generate_writes_the_image(settings, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    code = main(["generate", "a cat", "--width", "512", "--height", "512", "--steps", "20", "--cfg", "1",
+                 "--seed", "3", "--lora", "Detail Tweaker:0.5", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out).size == (512, 512)
+    assert f"{out} (512×512, seed 3, Illustrious-XL" in capsys.readouterr().out
+
+
+class CountingEngine:
+    loaded = True
+
+    def __init__(self):
+        self.requests = []
+
+    def load(self):
+        pass
+
+    def generate(self, progress, **request):
+        self.requests.append(request)
+        seeds = [request["seed"] + i for i in range(request["count"])]
+        return {"images": [png_bytes(8, 8, seed=seed) for seed in seeds], "seeds": seeds, "width": 8, "height": 8}
+
+
+def test_several_images_are_numbered_and_bad_requests_start_nothing(settings, tmp_path, capsys, use_engine):
+    engine = CountingEngine()
+    use_engine("generate", engine)
+    out = tmp_path / "fox.png"
+    assert main(["generate", "a fox", "--count", "3", "--seed", "10", "--aspect", "16:9", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for index, seed in ((1, 10), (2, 11), (3, 12)):
+        assert (tmp_path / f"fox_{index}.png").is_file() and f"fox_{index}.png (8×8, seed {seed}" in printed
+    request = engine.requests[0]
+    assert (request["width"], request["height"], request["count"]) == (1344, 768, 3)
+    assert request["checkpoint"] is None and request["timeout"] == 300
+
+    for argv, words in (
+        (["generate", "   "], "INVALID_PROMPT: The prompt cannot be empty"),
+        (["generate", "a fox", "--width", "500", "--height", "512"], "INVALID_INPUT: The width must be a multiple of 64"),
+        (["generate", "a fox", "--width", "512"], "--width and --height together"),
+        (["generate", "a fox", "--count", "5"], "image count"),
+        (["generate", "a fox", "--lora", "nope"], "No lora named 'nope'"),
+    ):
+        assert main(argv) == 2
+        assert words in capsys.readouterr().err
+    assert len(engine.requests) == 1
+
+
+def test_output_paths():
+    assert output_paths(None, 7, 1)[0].name == "generated_7.png"
+    assert [path.name for path in output_paths(None, 7, 2)] == ["generated_7_1.png", "generated_7_2.png"]
+    from pathlib import Path
+
+    assert [path.name for path in output_paths(Path("out/x"), 1, 2)] == ["x_1.png", "x_2.png"]
