@@ -341,7 +341,7 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
     if args.api:
         await generate_through_api(settings, args, choices, loras)
         return
-    backend = make_backend(settings)
+    backend = await open_backend(settings)
     try:
         library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
         request, checkpoint = await generate_request(library, choices, loras)
