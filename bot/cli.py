@@ -36,6 +36,7 @@ from modal_services.job_requests import (
 from modal_services.keys import ACTIVE_CHECKPOINT_KEY, JOB_PREFIX
 
 CAPTION_BATCH = 8
+LOOPBACK = "127.0.0.1"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     upscale.add_argument("--tile-captions", action="store_true",
                          help="caption each tile (tags) and add that to its prompt: slower, more fitting detail")
     _add_generate_parser(commands)
+
+    serve = commands.add_parser("serve", help="run the HTTP API on the local backend")
+    serve.add_argument("--host", default=LOOPBACK, help=f"address to listen on (default {LOOPBACK})")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-auth", action="store_true", help=f"no token (only with --host {LOOPBACK})")
     return parser
 
 
@@ -101,6 +107,7 @@ def _add_generate_parser(commands) -> None:
                           help="seconds before the job is stopped (default: the most allowed)")
     generate.add_argument("-o", "--output", type=Path,
                           help="default: generated_<seed>.png; with --count, <stem>_<n> for each image")
+    generate.add_argument("--api", metavar="URL", help="call this HTTP API (token from TOOLBOX_API_TOKEN) instead")
 
 
 def _add_models_parser(commands) -> None:
@@ -150,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(generate_files(settings, args))
         elif args.command == "models":
             asyncio.run(models_command(settings, args))
+        elif args.command == "serve":
+            serve_api(settings, args)
         elif args.command == "migrate":
             asyncio.run(migrate(settings, args.dry_run, args.json))
     except ToolboxError as error:
@@ -293,6 +302,21 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
     print(f"{output} ({width}×{height}, seed {request.seed}, {checkpoint['name']})")
 
 
+def serve_api(settings: Settings, args: argparse.Namespace) -> None:
+    """The HTTP API with uvicorn on the local backend. No token is only allowed on loopback, and only when asked for."""
+    if args.no_auth and args.host != LOOPBACK:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"--no-auth is only allowed with --host {LOOPBACK}.")
+    if not args.no_auth and not settings.api_token:
+        raise ToolboxError(ErrorCode.INVALID_INPUT,
+                           f"Set TOOLBOX_API_TOKEN (or run on {LOOPBACK} with --no-auth) before serving the API.")
+    import uvicorn
+
+    from bot.api import api_for_settings
+
+    app = api_for_settings(settings, None if args.no_auth else settings.api_token)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
 def output_paths(output: Path | None, first_seed: int, count: int) -> list[Path]:
     """Where each generated image goes: OUT itself for one image, OUT's stem numbered from 1 for several."""
     output = output or Path(f"generated_{first_seed}.png")
@@ -302,6 +326,7 @@ def output_paths(output: Path | None, first_seed: int, count: int) -> list[Path]
 
 
 async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
+    """On the local backend, or through the HTTP API at --api; the images written, each with its seed printed."""
     from bot.generate_requests import generate_request
     from bot.upscale_requests import parse_lora_option
     from modal_services.job_requests import ASPECT_BUCKETS
@@ -313,6 +338,9 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
     choices = {"prompt": args.prompt, "negative_prompt": args.negative, "width": width, "height": height,
                "count": args.count, "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "timeout": args.timeout}
     loras = [parse_lora_option(option) for option in args.lora]
+    if args.api:
+        await generate_through_api(settings, args, choices, loras)
+        return
     backend = await open_backend(settings)
     try:
         library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
@@ -326,6 +354,29 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
     for path, png, image_seed in zip(paths, result["images"], result["seeds"]):
         await asyncio.to_thread(path.write_bytes, png)
         print(f"{path} ({result['width']}×{result['height']}, seed {image_seed}, {checkpoint['name']})")
+
+
+async def generate_through_api(settings: Settings, args: argparse.Namespace, choices: dict, loras: list[dict]) -> None:
+    """`toolbox generate --api URL`: the same request through the HTTP API's job endpoints, as a remote client would."""
+    import base64
+
+    from bot.api_client import ApiClient
+    from modal_services.job_requests import GenerateRequest
+
+    # Checked here first, with the seed drawn, so that the files are named and known writable before the call.
+    given = {name: value for name, value in choices.items() if value is not None}
+    request = GenerateRequest.parse(given)
+    paths = output_paths(args.output, request.seed, request.count)
+    for path in paths:
+        await asyncio.to_thread(_writable_output, path)
+    async with ApiClient(args.api, settings.api_token) as client:
+        with _job_bar(f"generate {request.count} × {request.width}×{request.height} via {args.api}") as show:
+            result = await client.run({"kind": "generate", **given, "seed": request.seed, "loras": loras}, show)
+    width, height = result["image_size"]
+    images = result.get("images_base64") or [result["image_base64"]]
+    for path, image, image_seed in zip(paths, images, result["metadata"]["seeds_used"]):
+        await asyncio.to_thread(path.write_bytes, base64.b64decode(image))
+        print(f"{path} ({width}×{height}, seed {image_seed}, {result['model_info']['base_model']})")
 
 
 async def setup_models(settings: Settings, only: list[str] | None) -> None:

@@ -1,6 +1,6 @@
 """Settings from the environment, or a `.env` file in the working directory.
 
-The environment wins over `.env`. The Discord token is kept out of `repr` so
+The environment wins over `.env`. The Discord and API tokens are kept out of `repr` so
 that a logged Settings object shows no secret; the CivitAI and Hugging Face
 tokens are read where they are used (modal_services/tokens.py: /setup's, else
 the environment's).
@@ -34,6 +34,10 @@ class Settings:
     guild_ids: tuple[int, ...] = ()
     civitai_api_base: str = "https://civitai.com"
     discord_token: str | None = field(default=None, repr=False)
+    # The HTTP API's bearer token (`toolbox serve`, the Modal endpoint, `toolbox generate --api`).
+    api_token: str | None = field(default=None, repr=False)
+    # Jobs one API token may have queued or running at once.
+    api_concurrency: int = 4
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, env_file: str | Path = ".env") -> "Settings":
@@ -61,6 +65,12 @@ class Settings:
         except ValueError:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "TOOLBOX_GUILD_IDS must be comma-separated numeric ids.") from None
         data_dir = get("TOOLBOX_DATA_DIR")
+        try:
+            api_concurrency = int(get("TOOLBOX_API_CONCURRENCY") or 4)
+        except ValueError:
+            api_concurrency = 0
+        if api_concurrency < 1:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "TOOLBOX_API_CONCURRENCY must be a whole number, at least 1.")
         return cls(
             backend=backend,
             data_dir=Path(data_dir).expanduser() if data_dir else default_data_dir(),
@@ -68,6 +78,8 @@ class Settings:
             guild_ids=guild_ids,
             civitai_api_base=(get("CIVITAI_API_BASE") or "https://civitai.com").rstrip("/"),
             discord_token=get("DISCORD_TOKEN"),
+            api_token=get("TOOLBOX_API_TOKEN"),
+            api_concurrency=api_concurrency,
         )
 
     @property

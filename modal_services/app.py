@@ -9,7 +9,8 @@ Deploy-time settings (environment variables of the `modal deploy` command):
 TOOLBOX_MODAL_APP (app name), TOOLBOX_CAPTION_GPU (T4 or L4),
 TOOLBOX_SCALEDOWN_SECONDS (idle time before a GPU container stops),
 TOOLBOX_CAPTION_MAX_CONTAINERS, TOOLBOX_SDXL_GPU (default A10G),
-TOOLBOX_SDXL_MAX_CONTAINERS, TOOLBOX_UPSCALE_MAX_MP (output limit, default 16).
+TOOLBOX_SDXL_MAX_CONTAINERS, TOOLBOX_UPSCALE_MAX_MP (output limit, default 16),
+TOOLBOX_API_SECRET (the HTTP API's Modal secret, holding TOOLBOX_API_TOKEN).
 """
 
 from __future__ import annotations
@@ -341,3 +342,28 @@ class DiscordBot:
     @modal.method()
     def alive(self) -> bool:
         return self.thread.is_alive()
+
+
+# The HTTP API: the FastAPI app of `toolbox serve` as a web endpoint, on a CPU
+# container with the bot's slim image; it spawns the classes above through
+# ModalBackend, as the bot does. One container (cheap: it only waits on
+# others' work, up to API_MAX_INPUTS requests at once) keeps each token's
+# concurrency cap in one place. Modal ends a web request after 150 s, so
+# /generate-image waits at most API_SYNC_LIMIT_SECONDS and longer work goes
+# through /jobs. `modal deploy` prints the endpoint's URL.
+API_SYNC_LIMIT_SECONDS = 140
+API_MAX_INPUTS = 200
+api_secret = modal.Secret.from_name(os.environ.get("TOOLBOX_API_SECRET", "ai-toolbox-api"), required_keys=["TOOLBOX_API_TOKEN"])
+
+
+@app.function(image=bot_image, secrets=[api_secret], max_containers=1, timeout=API_SYNC_LIMIT_SECONDS + 30)
+@modal.concurrent(max_inputs=API_MAX_INPUTS)
+@modal.asgi_app()
+def api():
+    from bot.api import api_for_settings
+    from bot.settings import Settings
+
+    settings = Settings.load(environ={**os.environ, "TOOLBOX_BACKEND": "modal", "TOOLBOX_MODAL_APP": APP_NAME})
+    if not settings.api_token:
+        raise ToolboxError("PERMISSION_DENIED", "The API secret has an empty TOOLBOX_API_TOKEN: the API will not start without one.")
+    return api_for_settings(settings, settings.api_token, sync_limit_seconds=API_SYNC_LIMIT_SECONDS)

@@ -134,7 +134,9 @@ def app_module(monkeypatch):
             decorator = real(self, *args, **kwargs)
 
             def wrap(target):
-                recorded[getattr(target, "__name__", repr(target))] = kwargs
+                # A web endpoint arrives as a modal PartialFunction: named by the function it wraps.
+                function = target._get_raw_f() if hasattr(target, "_get_raw_f") else target
+                recorded[getattr(function, "__name__", repr(function))] = kwargs
                 return decorator(target)
 
             return wrap

@@ -1,0 +1,42 @@
+"""A real uvicorn server on 127.0.0.1 in a thread, for end-to-end tests and benchmarks."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from typing import Iterator
+
+import uvicorn
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def running_uvicorn(app, max_seconds: float = 60.0) -> Iterator[str]:
+    """Serve `app` on an ephemeral loopback port; yields its base URL.
+
+    The server stops when the block ends, or by itself after `max_seconds`
+    whatever the test does, so a hung test cannot leave it listening.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((LOOPBACK, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    deadline = threading.Timer(max_seconds, lambda: setattr(server, "should_exit", True))
+    thread.start()
+    deadline.start()
+    try:
+        for _ in range(500):
+            if server.started or not thread.is_alive():
+                break
+            time.sleep(0.01)
+        if not server.started:
+            raise RuntimeError("uvicorn did not start within 5 s")
+        yield f"http://{LOOPBACK}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        deadline.cancel()
+        thread.join(timeout=10)
+        sock.close()
