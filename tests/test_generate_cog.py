@@ -189,7 +189,8 @@ async def test_u_v_and_reroll_work_from_their_custom_ids_after_a_restart(toolbox
     interaction = fake_interaction()
     await generate(toolbox_bot, interaction, "a red fox", count=2, seed=7, steps=30, cfg=4.0)
     job_id = (await toolbox_bot.backend.store.keys("job:"))[0].split(":", 1)[1]
-    message = fake_message(*(attachment_from(file) for file in final_edit(interaction)["attachments"]))
+    files = final_edit(interaction)["attachments"]
+    message = fake_message(*(attachment_from(file) for file in files))
     assert image_attachment(message, 2).filename == "image2.png" and image_attachment(message, 3) is None
 
     # A new bot on the same data dir: nothing in memory, only the store and the message.
@@ -205,7 +206,8 @@ async def test_u_v_and_reroll_work_from_their_custom_ids_after_a_restart(toolbox
     await press("u2")
     upscale = engine.upscaled[-1]
     assert upscale["scale"] == 2.0 and upscale["prompt"] == "a red fox"
-    second = Image.open(io.BytesIO(message.attachments[1].read.return_value))
+    files[1].fp.seek(0)
+    second = Image.open(files[1].fp)
     assert list(Image.open(io.BytesIO(upscale["image"])).getdata()) == list(second.convert("RGB").getdata())
     await press("v1")
     variation = engine.generated[-1]
