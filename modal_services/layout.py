@@ -1,7 +1,7 @@
 """Where things live on the volumes (Modal) and under the data dir (local).
 
-The models volume holds one folder per base model (seed 000's layout); the
-LoRA volume holds `loras/` and `checkpoints/` (seed 001's layout).
+The models volume holds one folder per base model, named by its registry key;
+the LoRA volume holds `loras/` and `checkpoints/`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ LORAS_VOLUME = "ai-toolbox-loras"
 MODELS_MOUNT = Path("/vol/models")
 LORAS_MOUNT = Path("/vol/loras")
 
-# Base models on the models volume, relative to its root (seed 000's layout).
+# Base models on the models volume, relative to its root.
 # The keys double as the registry keys and `toolbox setup --only` names.
 CAPTION_MODEL = "qwen3-vl-2b"
 ILLUSTRIOUS_CHECKPOINT = "illustrious-xl/Illustrious-XL-v2.0.safetensors"
@@ -28,7 +28,7 @@ CLIP_VIT_H_DIR = "clip-vit-h"
 # single-file checkpoint needs offline (`from_single_file(..., config=...)`).
 SDXL_CONFIG_DIR = "sdxl-base"
 
-# On the LoRA volume (seed 001's layout).
+# On the LoRA volume.
 LORAS_SUBDIR = "loras"
 CHECKPOINTS_SUBDIR = "checkpoints"
 

@@ -1,8 +1,8 @@
 """The model library: one `model:<file>` entry per LoRA or checkpoint, and the active checkpoint.
 
 Entries live in the state store (one key each, so two admins editing two
-models never rewrite each other's), files on the LoRA volume (seed 001's
-layout: `loras/` and `checkpoints/`). The two never disagree silently:
+models never rewrite each other's), files on the LoRA volume (under
+`loras/` and `checkpoints/`). The two never disagree silently:
 
 - an import renames its file into place *before* writing the entry;
 - delete removes the entry first, then the file (a crash in between leaves
@@ -186,7 +186,7 @@ class Library:
         return self.models_dir / ILLUSTRIOUS_CHECKPOINT
 
     def to_json(self, entry: LibraryEntry) -> dict[str, Any]:
-        """DESIGN.md's library-entry document: the stored fields plus the file's absolute path."""
+        """The library entry as `--json` prints it: the stored fields plus the file's absolute path."""
         return {**entry.to_dict(), "path": str(self.path_of(entry))}
 
     # ------------------------------------------------------------ reading

@@ -3,7 +3,7 @@
 One set of weights serves both jobs: the UNet and text encoders of the
 active checkpoint, the VAE, tokenizers and scheduler, plus ControlNet Tile
 and IP-Adapter (only the upscaler feeds them). They come from the models
-volume (seed 000's layout), never from a hub: the checkpoint is a
+volume (one folder per base model), never from a hub: the checkpoint is a
 single-file SDXL checkpoint (Illustrious-XL or one from the library) read
 with SDXL's diffusers configs stored on the volume. When a job names
 another checkpoint, only the UNet and text encoders are reloaded, so the
