@@ -26,7 +26,7 @@ from discord.ext import commands
 from bot.attachments import check_attachment, looks_like_image, read_image
 from bot.library_options import bot_library, lora_autocomplete, lora_slots
 from bot.live_previews import LivePreviews
-from bot.replies import hand_press_to_cog, taking_interactions
+from bot.replies import ResultButton
 from bot.result_images import fit_to_limit
 from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget
 from bot.ui import option_range
@@ -56,9 +56,12 @@ IMAGE_STEM = "image"
 
 
 class GenerateButton(
+    ResultButton,
     discord.ui.DynamicItem[discord.ui.Button],
     template=r"toolbox:generate:(?P<action>[uv][1-4]|reroll):(?P<job_id>[0-9a-f]+)",
 ):
+    COG = "Generate"
+
     def __init__(self, action: str, job_id: str):
         label = "Reroll" if action == "reroll" else action.upper()
         super().__init__(
@@ -70,20 +73,14 @@ class GenerateButton(
         self.action = action
         self.job_id = job_id
 
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match) -> "GenerateButton":
-        return cls(match["action"], match["job_id"])
-
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return await taking_interactions(interaction)
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await hand_press_to_cog(interaction, "Generate", self.action, self.job_id)
 
 
 class GenerateFromCaptionButton(
-    discord.ui.DynamicItem[discord.ui.Button], template=r"toolbox:caption-generate:(?P<job_id>[0-9a-f]+)"
+    ResultButton, discord.ui.DynamicItem[discord.ui.Button], template=r"toolbox:caption-generate:(?P<job_id>[0-9a-f]+)"
 ):
+    COG = "Generate"
+    action = "caption"
+
     def __init__(self, job_id: str):
         super().__init__(
             discord.ui.Button(label="Generate from this", style=discord.ButtonStyle.primary, emoji="🎨",
@@ -91,15 +88,6 @@ class GenerateFromCaptionButton(
         )
         self.job_id = job_id
 
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match):
-        return cls(match["job_id"])
-
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return await taking_interactions(interaction)
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await hand_press_to_cog(interaction, "Generate", "caption", self.job_id)
 
 
 def generate_from_caption_view(job_id: str) -> discord.ui.View:

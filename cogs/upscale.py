@@ -25,7 +25,7 @@ from discord.ext import commands
 from bot.attachments import check_attachment, image_attachments, looks_like_image, read_image
 from bot.library_options import bot_library, lora_autocomplete, lora_slots
 from bot.live_previews import LivePreviews
-from bot.replies import hand_press_to_cog, taking_interactions
+from bot.replies import ResultButton
 from bot.result_images import fit_to_limit
 from bot.progress import render_job
 from bot.tile_prompts import tile_prompts
@@ -51,8 +51,11 @@ SOURCE_STEM = "source"
 
 
 class UpscaleButton(
-    discord.ui.DynamicItem[discord.ui.Button], template=r"toolbox:upscale:(?P<action>again|vary|caption):(?P<job_id>[0-9a-f]+)"
+    ResultButton,
+    discord.ui.DynamicItem[discord.ui.Button],
+    template=r"toolbox:upscale:(?P<action>again|vary|caption):(?P<job_id>[0-9a-f]+)",
 ):
+    COG = "Upscale"
     LABELS = {"again": "Upscale 2x again", "vary": "Vary seed", "caption": "Caption"}
 
     def __init__(self, action: str, job_id: str):
@@ -65,15 +68,6 @@ class UpscaleButton(
         self.action = action
         self.job_id = job_id
 
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match) -> "UpscaleButton":
-        return cls(match["action"], match["job_id"])
-
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return await taking_interactions(interaction)
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await hand_press_to_cog(interaction, "Upscale", self.action, self.job_id)
 
 
 def result_view(job_id: str, with_source: bool) -> discord.ui.View:
