@@ -103,7 +103,7 @@ class ModelState:
         return dict(self.__dict__)
 
 
-ACTIVE_STATES = ("queued", "waiting", "starting", "downloading", "verifying")
+ACTIVE_STATES = ("queued", "waiting", "starting", "downloading", "verifying", "converting")
 
 
 def describe_state(entry, manifest: dict | None, record: dict | None, problems: list[str] | None = None) -> ModelState:
@@ -364,6 +364,9 @@ class DownloadEngine:
                 live.finished_bytes += file.size or target.stat().st_size
             live.status, live.file = "verifying", None
             manifest = await asyncio.to_thread(_verify_plan, entry, plan, folder)
+            if entry.converted:
+                live.status = "converting"
+                manifest = await asyncio.to_thread(convert_pickles, entry, folder, manifest)
             await self._hook(self.commit_hook)
             await self.store.put(manifest_key(entry.key), manifest)
         except ToolboxError as error:
@@ -458,6 +461,19 @@ def planned_manifest(entry, plan: Plan, folder: Path) -> tuple[dict, list[str]]:
         "completed_at": time.time(),
     }
     return manifest, wrong
+
+
+def convert_pickles(entry, folder: Path, manifest: dict) -> dict:
+    """The entry's downloaded pickles as safetensors (the pickles removed), and the manifest of what is kept."""
+    from modal_services.pickle_weights import convert_pickle
+
+    files = dict(manifest["files"])
+    for pickled, converted in entry.converted.items():
+        files.pop(pickled, None)
+        target = folder / converted
+        convert_pickle(folder / pickled, target)
+        files[converted] = {"size": target.stat().st_size, "sha256": sha256_file(target), "git_sha1": None}
+    return {**manifest, "files": files, "size_bytes": sum(f["size"] for f in files.values())}
 
 
 def _verify_plan(entry, plan: Plan, folder: Path) -> dict:

@@ -13,11 +13,19 @@ The result, for every front end (the bot, the CLI, the HTTP API):
     {"images": [PNG bytes, ...], "seeds": [int, ...], "width": int, "height": int,
      "steps": int, "cfg": float, "prompt": str (as run: trigger words added),
      "negative_prompt": str, "checkpoint": str (file stem), "loras": [{"name", "weight"}],
-     "strength": float | None (variations), "generation_time_seconds": float}
+     "strength": float | None (variations), "generation_time_seconds": float,
+     "face": None, or with a face image {"faces_found": int, "pose_faces_found": int | None,
+              "identity_strength": float, "controlnet_strength": float}}
+
+With a face image, InstantID (`modal_services.instantid`) conditions the
+same pipelines' calls on that face; everything else (LoRAs, batches,
+previews, Cancel, the timeout, the OOM retry) is this module's as for any
+request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -25,6 +33,7 @@ from typing import Any
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
 from modal_services.job_requests import GenerateRequest, job_method
+from modal_services.instantid import FaceInputs, InstantId
 from modal_services.jobs import ProgressFn
 from modal_services.request_loras import RequestLoras
 from modal_services.sdxl_pipeline import (
@@ -98,9 +107,11 @@ URL_LORA_NAME = "lora_url"
 
 
 class TextToImage:
-    def __init__(self, models: SdxlModels, request_loras: RequestLoras, preview_interval: float = PREVIEW_INTERVAL):
+    def __init__(self, models: SdxlModels, request_loras: RequestLoras, instant_id: InstantId,
+                 preview_interval: float = PREVIEW_INTERVAL):
         self.models = models
         self.request_loras = request_loras
+        self.instant_id = instant_id
         self.preview_interval = preview_interval
         # (the loaded pipeline they were made from, text-to-image, img2img)
         self._pipes: tuple[Any, Any, Any] | None = None
@@ -124,14 +135,18 @@ class TextToImage:
         lora_url: str | None,
         lora_scale: float,
         lora_sha256: str | None,
+        face_image: bytes | None,
+        pose_image: bytes | None,
+        identity_strength: float,
+        controlnet_strength: float,
         progress: ProgressFn | None = None,
         preview: PreviewFn | None = None,
     ) -> dict:
         """One GenerateRequest's images; returns the result described above.
 
         The request's fields are checked by `GenerateRequest` before the body
-        runs; the start image, the LoRA files and the checkpoint here, before
-        any model work.
+        runs; the start image, the LoRA files, the checkpoint and the faces
+        here, before any denoising.
         """
         progress = progress or (lambda fraction, stage: None)
         started = time.monotonic()
@@ -139,6 +154,8 @@ class TextToImage:
             prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps, cfg=cfg,
             seed=seed, count=count, loras=loras, checkpoint=checkpoint, timeout=timeout, image=image,
             strength=strength, lora_url=lora_url, lora_scale=lora_scale, lora_sha256=lora_sha256,
+            face_image=face_image, pose_image=pose_image, identity_strength=identity_strength,
+            controlnet_strength=controlnet_strength,
         )
         specs = self.models.lora_specs(loras)
         start_image = None
@@ -147,9 +164,16 @@ class TextToImage:
         checkpoint_path = self.models.checkpoint_path(checkpoint)
         seeds = [seed + index for index in range(count)]
         prompt = with_trigger_words(prompt, specs)
+        faces = None
+        if face_image is not None:
+            progress(0.01, "reading the face")
+            faces = self.instant_id.read(face_image, pose_image)
 
         # --- models for this job
         self.models.use_checkpoint(checkpoint_path, progress)
+        if faces is not None:
+            progress(0.02, "loading InstantID")
+            self.instant_id.load()
         if lora_url is not None:
             progress(0.02, "fetching the LoRA")
             specs.append(LoraSpec(URL_LORA_NAME, self.request_loras.fetch(lora_url, lora_sha256, self.models.model_layout()),
@@ -158,7 +182,7 @@ class TextToImage:
             deadline = started + request.timeout
 
             def run(one_at_a_time: bool) -> list[bytes]:
-                return self._run(request, prompt, seeds, start_image, 1 if one_at_a_time else len(seeds),
+                return self._run(request, prompt, seeds, start_image, faces, 1 if one_at_a_time else len(seeds),
                                  deadline, progress, preview)
 
             try:
@@ -179,6 +203,10 @@ class TextToImage:
             "checkpoint": checkpoint_path.stem, "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
             "strength": request.strength if start_image is not None else None,
             "generation_time_seconds": round(time.monotonic() - started, 3),
+            "face": None if faces is None else {
+                **faces.summary(), "identity_strength": request.identity_strength,
+                "controlnet_strength": request.controlnet_strength,
+            },
         }
 
     def _pipelines(self):
@@ -194,33 +222,46 @@ class TextToImage:
             self._pipes = (source, text_to_image, img2img)
         return self._pipes[1], self._pipes[2]
 
-    def _run(self, request: GenerateRequest, prompt: str, seeds: list[int], start_image, batch: int,
-             deadline: float, progress: ProgressFn, preview: PreviewFn | None) -> list[bytes]:
+    def _run(self, request: GenerateRequest, prompt: str, seeds: list[int], start_image, faces: FaceInputs | None,
+             batch: int, deadline: float, progress: ProgressFn, preview: PreviewFn | None) -> list[bytes]:
         import torch
         from PIL import Image
 
-        text_to_image, img2img = self._pipelines()
-        # IP-Adapter is loaded for the upscaler; here it is off and its image input is empty.
-        text_to_image.set_ip_adapter_scale(0.0)
-        # Negative and positive under classifier-free guidance (cfg > 1), else positive alone.
-        image_embeds = [self.models.empty_image_embeds(2 if request.cfg > 1 else 1)]
+        guided = request.cfg > 1  # negative and positive under classifier-free guidance, else positive alone
+        if faces is None:
+            text_to_image, img2img = self._pipelines()
+            # IP-Adapter is loaded for the upscaler; here it is off and its image input is empty.
+            text_to_image.set_ip_adapter_scale(0.0)
+            image_embeds = [self.models.empty_image_embeds(2 if guided else 1)]
+        else:
+            text_to_image, img2img = self.instant_id.pipelines()
         chunks = [seeds[i : i + batch] for i in range(0, len(seeds), batch)]
         if start_image is None:
             pipe, inputs = text_to_image, {"width": request.width, "height": request.height}
         else:
             start = start_image.convert("RGB").resize((request.width, request.height), Image.Resampling.LANCZOS)
             pipe, inputs = img2img, {"image": start, "strength": request.strength}
+
+        def conditioning(images: int):
+            """The call's image conditioning: the empty IP-Adapter input, or InstantID's face."""
+            if faces is None:
+                return contextlib.nullcontext({"ip_adapter_image_embeds": image_embeds})
+            return self.instant_id.conditioned(
+                pipe, faces, images, request.width, request.height, guided, request.identity_strength,
+                request.controlnet_strength, variation=start_image is not None,
+            )
+
         steps = StepReports(request, len(seeds), deadline, progress, preview, self.preview_interval)
         images: list[bytes] = []
         for chunk in chunks:
             on_step = steps.callback(first_image=chunk[0] - seeds[0], images=len(chunk))
-            with torch.inference_mode():
+            with conditioning(len(chunk)) as condition, torch.inference_mode():
                 output = pipe(
                     prompt=prompt, negative_prompt=request.negative_prompt or None,
                     num_inference_steps=request.steps, guidance_scale=request.cfg,
                     num_images_per_prompt=len(chunk),
                     generator=[torch.Generator("cpu").manual_seed(seed) for seed in chunk],
-                    ip_adapter_image_embeds=image_embeds, callback_on_step_end=on_step, **inputs,
+                    callback_on_step_end=on_step, **inputs, **condition,
                 )
             images += [encode_png(image) for image in output.images]
         return images

@@ -67,6 +67,8 @@ Cfg = Annotated[float, Field(ge=1.0, le=20.0, allow_inf_nan=False, title="CFG")]
 ImageCount = Annotated[int, Field(ge=1, le=4, title="The image count")]
 Timeout = Annotated[float, Field(gt=0, le=300, allow_inf_nan=False, title="The timeout")]
 Strength = Annotated[float, Field(ge=0.05, le=1.0, allow_inf_nan=False, title="The variation strength")]
+IdentityStrength = Annotated[float, Field(ge=0.0, le=1.5, allow_inf_nan=False, title="The identity strength")]
+ControlnetStrength = Annotated[float, Field(ge=0.0, le=1.5, allow_inf_nan=False, title="The ControlNet strength")]
 
 LibraryType = Annotated[Literal["lora", "checkpoint"], Field(title="The model type")]
 CIVITAI_API_BASE = "https://civitai.com"
@@ -207,10 +209,22 @@ class GenerateRequest(JobRequest):
     # A variation's start image (encoded bytes), resized to width x height.
     image: bytes | None = None
     strength: Strength = 0.35
+    # InstantID: the person in `face_image` (encoded bytes; its largest face) in every image, posed
+    # as the largest face in `pose_image` when given; the face adapter's and IdentityNet's weights.
+    face_image: bytes | None = None
+    pose_image: bytes | None = None
+    identity_strength: IdentityStrength = 0.8
+    controlnet_strength: ControlnetStrength = 0.8
 
     @model_validator(mode="after")
     def _distinct_loras(self) -> "GenerateRequest":
         return distinct_loras(self)
+
+    @model_validator(mode="after")
+    def _pose_needs_a_face(self) -> "GenerateRequest":
+        if self.pose_image is not None and self.face_image is None:
+            raise ValueError("A pose image is used only with a face image: add the face to keep.")
+        return self
 
     @classmethod
     def parse(cls, payload: dict[str, Any]) -> "GenerateRequest":

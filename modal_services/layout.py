@@ -27,6 +27,12 @@ CLIP_VIT_H_DIR = "clip-vit-h"
 # SDXL's diffusers configs and tokenizers (no weights): what loading a
 # single-file checkpoint needs offline (`from_single_file(..., config=...)`).
 SDXL_CONFIG_DIR = "sdxl-base"
+# InstantID (optional): the IdentityNet ControlNet and the face adapter (its image projection and
+# attention weights, converted from upstream's pickle at download), and the face-analysis models.
+INSTANTID_DIR = "instantid"
+INSTANTID_CONTROLNET_DIR = f"{INSTANTID_DIR}/ControlNetModel"
+INSTANTID_ADAPTER_FILE = f"{INSTANTID_DIR}/ip-adapter.safetensors"
+ANTELOPEV2_DIR = "antelopev2"
 
 # On the LoRA volume.
 LORAS_SUBDIR = "loras"

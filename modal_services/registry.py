@@ -83,6 +83,9 @@ class ModelEntry:
     needed_by: tuple[str, ...] = ()
     # Published sizes / sha256s, by path inside `folder`.
     published: Mapping[str, PublishedFile] = field(default_factory=dict)
+    # Pickled weights the source publishes → the safetensors file each becomes once downloaded
+    # (`modal_services.pickle_weights`); only the converted file is kept.
+    converted: Mapping[str, str] = field(default_factory=dict)
 
     def dest_for(self, repo_path: str) -> str:
         """Where a source file lands, relative to `folder`."""

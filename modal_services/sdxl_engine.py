@@ -13,8 +13,10 @@ from typing import Any
 
 from modal_services.generate import PREVIEW_INTERVAL as GENERATE_PREVIEW_INTERVAL
 from modal_services.generate import TextToImage
+from modal_services.faces import FaceAnalyser, InsightFaceAnalyser, face_provider
+from modal_services.instantid import InstantId
 from modal_services.job_requests import GenerateRequest, JobRequest, UpscaleRequest
-from modal_services.layout import Layout
+from modal_services.layout import ANTELOPEV2_DIR, Layout
 from modal_services.request_loras import RequestLoras
 from modal_services.sdxl_pipeline import SdxlModels
 from modal_services.upscale import PREVIEW_INTERVAL as UPSCALE_PREVIEW_INTERVAL
@@ -38,13 +40,18 @@ class SdxlEngine:
         device: str | None = None,
         generate_preview_interval: float = GENERATE_PREVIEW_INTERVAL,
         upscale_preview_interval: float = UPSCALE_PREVIEW_INTERVAL,
+        face_analyser: FaceAnalyser | None = None,
         **upscale_options: Any,
     ):
-        """`upscale_options` are TiledUpscaler's (tile sizes, limits, tile batch, guidance)."""
+        """`upscale_options` are TiledUpscaler's (tile sizes, limits, tile batch, guidance); faces are
+        read with insightface on the models folder's antelopev2 unless `face_analyser` says otherwise."""
         self.models = SdxlModels(layout, device)
         # Per-request LoRAs are kept for the worker's life in a scratch folder of its own.
         request_loras = RequestLoras(Path(tempfile.mkdtemp(prefix="request-loras-")))
-        self.text_to_image = TextToImage(self.models, request_loras, preview_interval=generate_preview_interval)
+        analyser = face_analyser or InsightFaceAnalyser(layout.models_dir / ANTELOPEV2_DIR, face_provider())
+        self.instant_id = InstantId(self.models, analyser)
+        self.text_to_image = TextToImage(self.models, request_loras, self.instant_id,
+                                         preview_interval=generate_preview_interval)
         self.upscaler = TiledUpscaler(self.models, preview_interval=upscale_preview_interval, **upscale_options)
 
     @property

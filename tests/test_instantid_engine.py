@@ -1,0 +1,168 @@
+"""InstantID on the tiny SDXL (CPU): a tiny IdentityNet and face adapter, faces read by the stand-in."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.layout import Layout
+from modal_services.sdxl_engine import SdxlEngine
+from tests.fixtures.tiny_faces import StandInFaceAnalyser, face_picture
+from tests.fixtures.tiny_instantid import add_tiny_instantid
+from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
+
+QUICK = dict(prompt="a cat", width=512, height=512, steps=20, seed=5, timeout=300, cfg=1.0)
+FACE = face_picture()
+OTHER_FACE = face_picture(mark=8)
+
+
+@pytest.fixture(scope="module")
+def volume(tmp_path_factory):
+    volume = build_tiny_volume(tmp_path_factory.mktemp("volume"))
+    add_tiny_instantid(volume.models_dir)
+    return volume
+
+
+def new_engine(volume, analyser=None) -> SdxlEngine:
+    engine = SdxlEngine(Layout(volume.models_dir, volume.loras_dir), generate_preview_interval=0.0,
+                        face_analyser=analyser or StandInFaceAnalyser())
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def engine(volume):
+    return new_engine(volume)
+
+
+@pytest.fixture(scope="module")
+def plain(volume) -> bytes:
+    """QUICK without a face, on a fresh engine."""
+    return new_engine(volume).generate(**QUICK)["images"][0]
+
+
+@pytest.fixture(scope="module")
+def with_face(engine) -> dict:
+    reports = []
+    result = engine.generate(**QUICK, face_image=FACE, progress=lambda f, s: reports.append(s))
+    return {**result, "reports": reports}
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def test_the_face_changes_the_image_and_the_result_says_what_was_read(with_face, plain):
+    (png,) = with_face["images"]
+    assert Image.open(io.BytesIO(png)).size == (512, 512)
+    assert with_face["face"] == {"faces_found": 1, "pose_faces_found": None, "identity_strength": 0.8,
+                                 "controlnet_strength": 0.8}
+    assert np.abs(pixels(png) - pixels(plain)).mean() > 1
+    stages = with_face["reports"]
+    assert stages.index("reading the face") < stages.index("step 1/20")
+    assert [s for s in stages if s.startswith("step")] == [f"step {n}/20" for n in range(1, 21)]
+
+
+@pytest.mark.slow
+def test_the_same_face_gives_the_same_image_and_another_face_another(engine, with_face):
+    again = engine.generate(**QUICK, face_image=FACE)["images"][0]
+    assert np.abs(pixels(again) - pixels(with_face["images"][0])).max() <= 1
+    other = engine.generate(**QUICK, face_image=OTHER_FACE)["images"][0]
+    assert np.abs(pixels(other) - pixels(with_face["images"][0])).mean() > 0.5
+
+
+def test_both_strengths_at_zero_give_the_plain_image(engine, plain):
+    """What proves each strength reaches its model: at 0 neither the adapter nor the IdentityNet adds anything."""
+    off = engine.generate(**QUICK, face_image=FACE, identity_strength=0.0, controlnet_strength=0.0)["images"][0]
+    assert np.abs(pixels(off) - pixels(plain)).max() <= 2
+    only_identity = engine.generate(**QUICK, face_image=FACE, controlnet_strength=0.0)["images"][0]
+    only_pose = engine.generate(**QUICK, face_image=FACE, identity_strength=0.0)["images"][0]
+    for image in (only_identity, only_pose):
+        assert np.abs(pixels(image) - pixels(plain)).mean() > 0.5
+
+
+@pytest.mark.slow
+def test_the_pose_comes_from_the_pose_image_and_the_largest_face_is_used(engine, with_face):
+    posed = engine.generate(**QUICK, face_image=FACE, pose_image=face_picture(boxes=((150, 20, 240, 120),)))
+    assert posed["face"]["pose_faces_found"] == 1
+    assert np.abs(pixels(posed["images"][0]) - pixels(with_face["images"][0])).mean() > 0.5
+    # A second, smaller face in the reference: the large one is still the identity, and the reply can say two were seen.
+    crowd = engine.generate(**QUICK, face_image=face_picture(boxes=((64, 48, 192, 208), (0, 0, 30, 30))))
+    assert crowd["face"]["faces_found"] == 2
+
+
+def test_no_face_is_invalid_input_before_any_denoising(volume, monkeypatch):
+    engine = new_engine(volume)
+    calls = []
+    monkeypatch.setattr(engine.models.pipe.unet, "forward", lambda *a, **k: calls.append(1))
+    for fields in ({"face_image": face_picture(boxes=())},
+                   {"face_image": FACE, "pose_image": face_picture(boxes=())}):
+        with pytest.raises(ToolboxError) as error:
+            engine.generate(**QUICK, **fields)
+        assert error.value.code is ErrorCode.INVALID_INPUT and "No face was found" in error.value.message
+    with pytest.raises(ToolboxError) as error:
+        engine.generate(**QUICK, face_image=b"not an image")
+    assert error.value.code is ErrorCode.INVALID_INPUT and "face image" in error.value.message.lower()
+    assert calls == [] and engine.instant_id.identitynet is None
+
+
+def test_after_a_face_request_the_engine_is_as_fresh(volume, plain):
+    engine = new_engine(volume)
+    unet = engine.models.pipe.unet
+    processors, projection = unet.attn_processors, unet.encoder_hid_proj
+    engine.generate(**QUICK, face_image=FACE)
+    with pytest.raises(ToolboxError):  # one that fails half-way puts everything back too
+        engine.generate(**QUICK, face_image=FACE, timeout=1e-6)
+    after = unet.attn_processors
+    assert after.keys() == processors.keys() and all(after[name] is processors[name] for name in processors)
+    assert unet.encoder_hid_proj is projection
+    assert not engine.instant_id.identitynet._forward_pre_hooks
+    assert np.abs(pixels(engine.generate(**QUICK)["images"][0]) - pixels(plain)).max() <= 1
+
+
+@pytest.mark.slow
+def test_guided_batches_with_a_lora_and_the_oom_retry_keep_the_face(volume, engine, monkeypatch):
+    lora = {"name": "detail", "path": str(volume.loras["detail"]), "weight": 0.8, "trigger_words": ["shiny"]}
+    fields = {**QUICK, "cfg": 5.5, "count": 2, "face_image": FACE, "loras": [lora]}
+    batched = engine.generate(**fields)
+    assert batched["seeds"] == [5, 6] and batched["prompt"] == "shiny, a cat"
+    unet = engine.models.pipe.unet
+    real_forward = unet.forward
+
+    def forward_failing_on_batches(sample, *args, **kwargs):
+        if sample.shape[0] > 2:  # one image under guidance is a batch of 2
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", forward_failing_on_batches)
+    stages = []
+    one_by_one = engine.generate(**fields, progress=lambda f, s: stages.append(s))
+    assert any("retrying one image at a time" in stage for stage in stages)
+    for together, alone in zip(batched["images"], one_by_one["images"]):
+        assert np.abs(pixels(together) - pixels(alone)).max() <= 2
+
+
+@pytest.mark.slow
+def test_a_variation_keeps_the_face(engine, with_face):
+    varied = engine.generate(**QUICK, face_image=FACE, image=with_face["images"][0], strength=0.5)
+    assert varied["strength"] == 0.5 and varied["face"]["faces_found"] == 1
+    assert np.abs(pixels(varied["images"][0]) - pixels(with_face["images"][0])).mean() > 0.1
+
+
+def test_without_instantid_installed_a_face_request_is_models_missing(tmp_path):
+    volume = build_tiny_volume(tmp_path)
+    engine = new_engine(volume)
+    with pytest.raises(ToolboxError) as error:
+        engine.generate(**QUICK, face_image=FACE)
+    assert error.value.code is ErrorCode.MODELS_MISSING and "InstantID" in error.value.message
+
+
+def test_a_pose_image_needs_a_face_image(engine):
+    with pytest.raises(ToolboxError) as error:
+        engine.generate(**QUICK, pose_image=FACE)
+    assert error.value.code is ErrorCode.INVALID_INPUT and "pose image" in error.value.message
