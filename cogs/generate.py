@@ -10,11 +10,16 @@ the request's settings are kept under `generate:<job id>` in the store):
 - V1-V4: variations of that image: the same settings, new seeds, the image as
   the img2img start at low strength;
 - Reroll: the same settings with new seeds.
+
+With a `face` photo (InstantID) every image keeps that person's face, posed
+as the face in the `pose` photo when one is given; V and Reroll keep both
+photos (kept under `generate-faces:<job id>`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import logging
 from typing import Any
@@ -32,9 +37,9 @@ from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget
 from bot.ui import option_range
 from bot.generate_requests import generate_request
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import ASPECT_BUCKETS, GenerateRequest, LoraRef, field_bounds
+from modal_services.job_requests import ASPECT_BUCKETS, REFERENCE_MAX_SIDE, GenerateRequest, LoraRef, field_bounds
 from modal_services.jobs import Job
-from modal_services.keys import caption_prompt_key, generate_params_key
+from modal_services.keys import caption_prompt_key, generate_faces_key, generate_params_key
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ StepsOption = option_range(GenerateRequest, "steps")
 CfgOption = option_range(GenerateRequest, "cfg")
 SeedOption = option_range(GenerateRequest, "seed")
 LoraWeightOption = option_range(LoraRef, "weight")
+IdentityStrengthOption = option_range(GenerateRequest, "identity_strength")
 MAX_PROMPT_CHARS = field_bounds(GenerateRequest, "prompt")[1]
 # A member watches with a Cancel button: the longest timeout the request allows.
 DISCORD_TIMEOUT = field_bounds(GenerateRequest, "timeout")[1]
@@ -127,7 +133,29 @@ def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str, see
     parts += [f"{name} ({lora['weight']:g})" for name, lora in zip(lora_names, params["loras"])]
     if params.get("strength") is not None:
         parts.append(f"variation at {params['strength']:g}")
+    if params.get("face"):
+        parts.append(f"face {params['face']['identity_strength']:g} · pose {params['face']['controlnet_strength']:g}")
     return " · ".join(parts)
+
+
+def face_notes(face: dict | None) -> list[str]:
+    """What the reply says about the photos' faces: which one was used when there were several."""
+    if not face:
+        return []
+    notes = []
+    if face["faces_found"] > 1:
+        notes.append(f"{face['faces_found']} faces in the face photo: the largest one was used.")
+    if (face.get("pose_faces_found") or 0) > 1:
+        notes.append(f"{face['pose_faces_found']} faces in the pose photo: the largest one set the pose.")
+    return notes
+
+
+def encode_photos(photos: dict[str, bytes | None]) -> dict[str, str | None]:
+    return {name: base64.b64encode(png).decode("ascii") if png else None for name, png in photos.items()}
+
+
+def decode_photos(kept: dict[str, str | None]) -> dict[str, bytes | None]:
+    return {name: base64.b64decode(text) if text else None for name, text in kept.items()}
 
 
 class Generate(commands.Cog):
@@ -157,6 +185,9 @@ class Generate(commands.Cog):
         lora2_weight="Its weight",
         lora3="A third LoRA",
         lora3_weight="Its weight",
+        face="A photo of a person: every image keeps their face (InstantID; an admin enables it in /setup)",
+        identity_strength="How strongly the face is kept, 0-1.5 (default 0.8)",
+        pose="A photo whose face sets the head's place and angle (default: the face photo's)",
     )
     @app_commands.choices(aspect=ASPECT_CHOICES)
     @app_commands.autocomplete(lora1=lora_autocomplete, lora2=lora_autocomplete, lora3=lora_autocomplete)
@@ -176,13 +207,16 @@ class Generate(commands.Cog):
         lora2_weight: LoraWeightOption | None = None,
         lora3: str | None = None,
         lora3_weight: LoraWeightOption | None = None,
+        face: discord.Attachment | None = None,
+        identity_strength: IdentityStrengthOption | None = None,
+        pose: discord.Attachment | None = None,
     ) -> None:
         params = {
             "prompt": prompt, "negative": negative, "aspect": aspect.value if aspect else None, "count": count,
-            "steps": steps, "cfg": cfg, "seed": seed,
+            "steps": steps, "cfg": cfg, "seed": seed, "identity_strength": identity_strength,
             "loras": lora_slots((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight)),
         }
-        await self.run_generate(interaction, params)
+        await self.run_generate(interaction, params, face=face, pose=pose)
 
     async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
         if action == "caption":
@@ -191,8 +225,10 @@ class Generate(commands.Cog):
         params = await self.bot.backend.store.get(generate_params_key(job_id))
         if params is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "The settings of that generation are no longer kept; run /generate again.")
+        kept_photos = await self.bot.backend.store.get(generate_faces_key(job_id))
+        photos = decode_photos(kept_photos) if kept_photos else None
         if action == "reroll":
-            await self.run_generate(interaction, {**params, "seed": None})
+            await self.run_generate(interaction, {**params, "seed": None}, photos=photos)
             return
         attachment = image_attachment(interaction.message, int(action[1]))
         if attachment is None:
@@ -202,7 +238,7 @@ class Generate(commands.Cog):
                        "loras": params["loras"]}
             await self.bot.get_cog("Upscale").run_upscale(interaction, attachment, upscale)
         else:
-            await self.run_generate(interaction, {**params, "seed": None}, start=attachment)
+            await self.run_generate(interaction, {**params, "seed": None}, start=attachment, photos=photos)
 
     async def generate_from_caption(self, interaction: discord.Interaction, caption_job_id: str) -> None:
         prompt = await self.bot.backend.store.get(caption_prompt_key(caption_job_id))
@@ -213,17 +249,28 @@ class Generate(commands.Cog):
     # ------------------------------------------------------------ the job
 
     async def run_generate(
-        self, interaction: discord.Interaction, params: dict[str, Any], start: discord.Attachment | None = None
+        self, interaction: discord.Interaction, params: dict[str, Any], start: discord.Attachment | None = None,
+        face: discord.Attachment | None = None, pose: discord.Attachment | None = None,
+        photos: dict[str, bytes | None] | None = None,
     ) -> None:
-        """Check, defer, resolve the defaults and LoRAs, then follow the job to its result."""
-        if start is not None:
-            check_attachment(start)
+        """Check, defer, resolve the defaults and LoRAs, then follow the job to its result.
+
+        The face and pose come as attachments (a new /generate) or as the photos a result kept (its buttons)."""
+        if pose is not None and face is None:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "A pose photo is used only with a face photo: add `face`.")
+        for attachment in (start, face, pose):
+            if attachment is not None:
+                check_attachment(attachment)
         await interaction.response.defer(thinking=True)
         async with self.bot.tracker.admission(interaction) as admission:
-            await self._generate(interaction, params, start, admission)
+            if face is not None:
+                photos = {"face": (await read_image(face, max_side=REFERENCE_MAX_SIDE)).png,
+                          "pose": (await read_image(pose, max_side=REFERENCE_MAX_SIDE)).png if pose else None}
+            await self._generate(interaction, params, start, photos, admission)
 
     async def _generate(self, interaction: discord.Interaction, params: dict[str, Any],
-                        start: discord.Attachment | None, admission: Admission) -> None:
+                        start: discord.Attachment | None, photos: dict[str, bytes | None] | None,
+                        admission: Admission) -> None:
         settings = admission.settings
         aspect = params.get("aspect") or settings.default_aspect
         width, height = params.get("width"), params.get("height")
@@ -237,19 +284,25 @@ class Generate(commands.Cog):
         }
         if start is not None:
             choices["image"] = (await read_image(start, max_pixels=MAX_START_PIXELS)).png
+        if photos is not None:
+            choices |= {"face_image": photos["face"], "pose_image": photos["pose"],
+                        "identity_strength": params.get("identity_strength")}
         # Refused here, before a job exists, in the worker's own words.
         request, checkpoint = await generate_request(self.library, choices, params.get("loras") or [])
         kept = {name: getattr(request, name) for name in ("prompt", "width", "height", "count", "steps", "cfg", "seed")}
-        kept |= {"negative": request.negative_prompt, "aspect": aspect,
+        kept |= {"negative": request.negative_prompt, "aspect": aspect, "identity_strength": request.identity_strength,
                  "loras": [{"name": lora.file, "weight": lora.weight} for lora in request.loras]}
+        title = ("Variations" if start is not None else "Generate") + (" with a face" if photos else "")
         meta = {
-            "title": ("Variations" if start is not None else "Generate") + f" · {request.count} × {width}×{height}",
+            "title": f"{title} · {request.count} × {width}×{height}",
             "prompt": request.prompt[:300],
             "lora_names": [lora.name for lora in request.loras],
             "checkpoint_name": checkpoint["name"],
         }
         job, target = await self.bot.tracker.start(interaction, request, meta, admission)
         await self.bot.backend.store.put(generate_params_key(job.id), kept)
+        if photos is not None:
+            await self.bot.backend.store.put(generate_faces_key(job.id), encode_photos(photos))
         self.previews.start(job.id, target)
         try:
             await self.bot.tracker.run(job, target)
@@ -269,7 +322,7 @@ class Generate(commands.Cog):
         prompt = discord.utils.escape_markdown(job.meta.get("prompt") or result["prompt"])
         lines = [f"✅ **{job.meta.get('title', 'Generate')}**", f"> {prompt}", summary]
         notes = {image.note for image in fitted if image.note}
-        lines += [f"-# {note}" for note in sorted(notes)]
+        lines += [f"-# {note}" for note in face_notes(result.get("face")) + sorted(notes)]
         await target.edit(content="\n".join(lines), attachments=files, view=result_view(job.id, len(images)))
 
 

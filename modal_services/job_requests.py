@@ -67,6 +67,8 @@ Cfg = Annotated[float, Field(ge=1.0, le=20.0, allow_inf_nan=False, title="CFG")]
 ImageCount = Annotated[int, Field(ge=1, le=4, title="The image count")]
 Timeout = Annotated[float, Field(gt=0, le=300, allow_inf_nan=False, title="The timeout")]
 Strength = Annotated[float, Field(ge=0.05, le=1.0, allow_inf_nan=False, title="The variation strength")]
+# The front ends shrink a face or pose photo to this before it is sent: face analysis needs no more.
+REFERENCE_MAX_SIDE = 1536
 IdentityStrength = Annotated[float, Field(ge=0.0, le=1.5, allow_inf_nan=False, title="The identity strength")]
 ControlnetStrength = Annotated[float, Field(ge=0.0, le=1.5, allow_inf_nan=False, title="The ControlNet strength")]
 

@@ -3,7 +3,8 @@
 Per job (removed with the job record, see `forget_job`):
   `job:<id>` the record, `call:<id>` its Modal FunctionCall id, `cancel:<id>`
   a stop request, `preview:<id>` the latest preview, `upscale:<id>` and
-  `generate:<id>` the parameters the result's buttons reuse,
+  `generate:<id>` the parameters the result's buttons reuse (and
+  `generate-faces:<id>` a face generation's photos, for V and Reroll),
   `caption-prompt:<id>` a prompt-style caption for its Generate button.
 Shared:
   `download:<model>` / `manifest:<model>` a base model's progress and what
@@ -25,7 +26,7 @@ JOB_PREFIX = "job:"
 ENTRY_PREFIX = "model:"
 ACTIVE_CHECKPOINT_KEY = "active_checkpoint"
 # Keys that belong to one job, each `<prefix><job id>`.
-PER_JOB_PREFIXES = (JOB_PREFIX, "call:", "cancel:", "preview:", "upscale:", "generate:", "caption-prompt:")
+PER_JOB_PREFIXES = (JOB_PREFIX, "call:", "cancel:", "preview:", "upscale:", "generate:", "generate-faces:", "caption-prompt:")
 
 
 SLOT_PREFIX = "slot:"
@@ -58,6 +59,11 @@ def upscale_params_key(job_id: str) -> str:
 def generate_params_key(job_id: str) -> str:
     """A generation's settings, for the buttons under its result (U, V, Reroll)."""
     return f"generate:{job_id}"
+
+
+def generate_faces_key(job_id: str) -> str:
+    """A face generation's photos (base64 PNGs), so that its V and Reroll buttons keep the face."""
+    return f"generate-faces:{job_id}"
 
 
 def caption_prompt_key(job_id: str) -> str:

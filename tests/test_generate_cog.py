@@ -43,7 +43,11 @@ class FakeSdxlEngine:
         return {"images": images, "seeds": seeds, "width": request["width"] // 8, "height": request["height"] // 8,
                 "steps": request["steps"], "cfg": request["cfg"], "prompt": request["prompt"],
                 "negative_prompt": request["negative_prompt"], "checkpoint": "x", "loras": loras,
-                "strength": 0.35 if request.get("image") else None, "generation_time_seconds": 0.1}
+                "strength": 0.35 if request.get("image") else None, "generation_time_seconds": 0.1,
+                "face": None if request["face_image"] is None else {
+                    "faces_found": 3, "pose_faces_found": 1 if request["pose_image"] else None,
+                    "identity_strength": request["identity_strength"],
+                    "controlnet_strength": request["controlnet_strength"]}}
 
     def upscale(self, image, scale, progress, **params):
         self.upscaled.append({"image": image, "scale": scale, **params})
@@ -81,7 +85,7 @@ def attachment_from(file: discord.File) -> MagicMock:
 
 async def generate(bot, interaction, prompt, **options):
     names = ["negative", "aspect", "count", "steps", "cfg", "seed", "lora1", "lora1_weight", "lora2",
-             "lora2_weight", "lora3", "lora3_weight"]
+             "lora2_weight", "lora3", "lora3_weight", "face", "identity_strength", "pose"]
     await invoke(bot, generate_command(bot), interaction, prompt, *(options.get(name) for name in names))
 
 
@@ -89,7 +93,10 @@ async def test_command_options_come_from_the_request_model(toolbox_bot):
     command = generate_command(toolbox_bot)
     options = {p.name: p for p in command.parameters}
     assert list(options) == ["prompt", "negative", "aspect", "count", "steps", "cfg", "seed", "lora1",
-                             "lora1_weight", "lora2", "lora2_weight", "lora3", "lora3_weight"]
+                             "lora1_weight", "lora2", "lora2_weight", "lora3", "lora3_weight", "face",
+                             "identity_strength", "pose"]
+    assert (options["identity_strength"].min_value, options["identity_strength"].max_value) == (0.0, 1.5)
+    assert options["face"].type is discord.AppCommandOptionType.attachment and not options["face"].required
     assert (options["steps"].min_value, options["steps"].max_value) == (20, 50)
     assert (options["cfg"].min_value, options["cfg"].max_value) == (1.0, 20.0)
     assert (options["count"].min_value, options["count"].max_value) == (1, 4)
@@ -224,6 +231,46 @@ async def test_u_v_and_reroll_work_from_their_custom_ids_after_a_restart(toolbox
     click.message, click.client = message, restarted
     await button.callback(click)
     assert "no longer kept" in ephemeral_error(click)
+
+
+async def test_a_face_photo_reaches_the_worker_and_v_and_reroll_keep_it(toolbox_bot, make_toolbox_bot, engine,
+                                                                         fast_progress):
+    face_png, pose_png = png_bytes(2000, 1000, seed=1), png_bytes(300, 300, seed=2)
+    interaction = fake_interaction()
+    await generate(toolbox_bot, interaction, "portrait", seed=3, identity_strength=1.1,
+                   face=fake_attachment(face_png, "me.png"), pose=fake_attachment(pose_png, "pose.png"))
+    assert ephemeral_error(interaction) is None
+    request = engine.generated[0]
+    face = Image.open(io.BytesIO(request["face_image"]))
+    assert face.size == (1536, 768)  # shrunk on the way: face analysis needs no more
+    assert Image.open(io.BytesIO(request["pose_image"])).size == (300, 300)
+    assert request["identity_strength"] == 1.1 and request["controlnet_strength"] == 0.8
+    final = final_edit(interaction)
+    assert "Generate with a face" in final["content"] and "face 1.1 · pose 0.8" in final["content"]
+    assert "3 faces in the face photo: the largest one was used." in final["content"]
+
+    job_id = (await toolbox_bot.backend.store.keys("job:"))[0].split(":", 1)[1]
+    message = fake_message(*(attachment_from(file) for file in final["attachments"]))
+    restarted = await make_toolbox_bot("cogs.caption", "cogs.upscale", "cogs.generate")
+    for action in ("v1", "reroll"):
+        button = await GenerateButton.from_custom_id(None, None, {"action": action, "job_id": job_id})
+        click = fake_interaction()
+        click.message, click.client = message, restarted
+        await button.callback(click)
+        again = engine.generated[-1]
+        assert again["face_image"] == request["face_image"] and again["pose_image"] == request["pose_image"]
+        assert again["identity_strength"] == 1.1 and again["seed"] != 3
+    assert engine.generated[-2]["image"].startswith(b"\x89PNG")  # V: the result as the start, the face kept
+
+
+async def test_bad_face_photos_are_refused_before_a_job(toolbox_bot, engine, fast_progress):
+    interaction = fake_interaction()
+    await generate(toolbox_bot, interaction, "portrait", pose=fake_attachment(png_bytes(64, 64), "pose.png"))
+    assert "only with a face photo" in ephemeral_error(interaction)
+    interaction = fake_interaction()
+    await generate(toolbox_bot, interaction, "portrait", face=fake_attachment(b"GIF89a broken", "face.gif", "image/gif"))
+    assert "face.gif" in ephemeral_error(interaction)
+    assert engine.generated == [] and await toolbox_bot.backend.store.keys("job:") == []
 
 
 class PromptCaptionEngine:
