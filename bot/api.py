@@ -57,7 +57,7 @@ from bot.api_schema import (
 from bot.backend import RESULT_KEEP_SECONDS, Backend
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
-from modal_services.job_requests import CaptionRequest, GenerateRequest, JobRequest, UpscaleRequest
+from modal_services.job_requests import REFERENCE_MAX_SIDE, CaptionRequest, GenerateRequest, JobRequest, UpscaleRequest
 from modal_services.jobs import Job, JobStatus, request_cancel
 from modal_services.library import Library
 
@@ -268,6 +268,8 @@ def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[
     }
     if len(images) > 1:
         body["images_base64"] = images
+    if result.get("face"):
+        body["face"] = result["face"]
     return body
 
 
@@ -288,9 +290,13 @@ async def render_result(job: Job, result: Any) -> dict[str, Any]:
     return result
 
 
-def _clean_png(data: bytes, max_pixels: int | None = None) -> tuple[bytes, tuple[int, int]]:
-    """An uploaded image decoded (bad files refused) and re-encoded as a plain PNG, as the bot does with attachments."""
-    image = decode_image(data, **({"max_pixels": max_pixels} if max_pixels else {})).image
+def _clean_png(data: bytes, max_pixels: int | None = None, max_side: int | None = None,
+               name: str = "the image") -> tuple[bytes, tuple[int, int]]:
+    """An uploaded image decoded (bad files refused) and re-encoded as a plain PNG, as the bot does with
+    attachments; `max_side` shrinks it for engines that never use more."""
+    image = decode_image(data, name=name, **({"max_pixels": max_pixels} if max_pixels else {})).image
+    if max_side and max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
     return encode_png(image), image.size
 
 
@@ -303,9 +309,13 @@ class Payloads:
     async def generate(self, request: GenerateImageRequest) -> GenerateRequest:
         from bot.generate_requests import generate_request
 
-        choices = request.model_dump(exclude={"kind", "loras"})
+        choices = request.model_dump(exclude={"kind", "loras", "reference_image_base64", "pose_image_base64"})
         if request.lora_url is not None:
             choices["lora_url"] = str(request.lora_url)
+        for field, photo, name in (("face_image", request.reference_image_base64, "reference_image_base64"),
+                                   ("pose_image", request.pose_image_base64, "pose_image_base64")):
+            if photo is not None:
+                choices[field] = (await asyncio.to_thread(_clean_png, photo, None, REFERENCE_MAX_SIDE, name))[0]
         job_request, _ = await generate_request(self.library, choices, [lora.model_dump() for lora in request.loras])
         return job_request
 

@@ -3,7 +3,9 @@
 `GenerateImageRequest` is the SDXL worker contract's request body, field for
 field (`prompt`, `negative_prompt`, `lora_url`, `lora_scale`, `width`,
 `height`, `steps`, `cfg`, `seed`, `timeout`), plus what the bot also offers:
-`count` images in one call and library LoRAs by name. A request that breaks a
+`count` images in one call, library LoRAs by name, and InstantID's
+`reference_image_base64` (a face to keep), `pose_image_base64`,
+`identity_strength` and `controlnet_strength`. A request that breaks a
 limit is refused with 400 before any job exists.
 
 `POST /jobs` takes a `JobBody`: one of the `*Job` models, told apart by `kind`.
@@ -70,6 +72,8 @@ def _field_type(request: type[BaseModel], name: str):
 
 LoraScale = _field_type(GenerateRequest, "lora_scale")
 LoraSha256 = _field_type(GenerateRequest, "lora_sha256")
+IdentityStrength = _field_type(GenerateRequest, "identity_strength")
+ControlnetStrength = _field_type(GenerateRequest, "controlnet_strength")
 
 
 class Strict(BaseModel):
@@ -95,6 +99,14 @@ class GenerateImageRequest(Strict):
     lora_scale: LoraScale = _default(GenerateRequest, "lora_scale")
     lora_sha256: LoraSha256 = Field(None, description="lets a repeat skip the download")
     timeout: Timeout = Field(_default(GenerateRequest, "timeout"), description="seconds")
+    reference_image_base64: ImageBase64 | None = Field(
+        None, description="InstantID: a photo of a person whose face every image keeps (its largest face)")
+    pose_image_base64: ImageBase64 | None = Field(
+        None, description="with a reference image: a photo whose largest face sets the pose (default: the reference's)")
+    identity_strength: IdentityStrength = Field(_default(GenerateRequest, "identity_strength"),
+                                                description="how strongly the face is kept")
+    controlnet_strength: ControlnetStrength = Field(_default(GenerateRequest, "controlnet_strength"),
+                                                    description="how closely the pose is followed")
 
 
 class GenerateJob(GenerateImageRequest):
@@ -141,6 +153,13 @@ class GenerationMetadata(BaseModel):
     seeds_used: list[int] = Field(description="one per image")
 
 
+class FaceInfo(BaseModel):
+    faces_found: int = Field(description="faces in the reference photo (the largest was used)")
+    pose_faces_found: int | None = Field(None, description="faces in the pose photo, when one was given")
+    identity_strength: float
+    controlnet_strength: float
+
+
 class GenerateImageResponse(BaseModel):
     image_base64: str
     images_base64: list[str] | None = Field(None, description="every image, when count > 1")
@@ -148,6 +167,7 @@ class GenerateImageResponse(BaseModel):
     generation_time_seconds: float
     model_info: ModelInfo
     metadata: GenerationMetadata
+    face: FaceInfo | None = Field(None, description="with a reference image: what was read from it")
 
 
 class ErrorResponse(BaseModel):

@@ -128,6 +128,38 @@ async def test_a_per_request_lora_url_is_forwarded_and_reported(api, generate_en
     assert body["model_info"]["lora_applied"] is True and body["model_info"]["lora_scale"] == 0.9
 
 
+async def test_a_reference_image_and_its_strengths_reach_the_worker_and_come_back(api, generate_engine):
+    reference, pose = png_bytes(3000, 1500, seed=1), png_bytes(64, 64, seed=2)
+    body = (await api.post("/generate-image", json={
+        "prompt": "a portrait", "reference_image_base64": base64.b64encode(reference).decode(),
+        "pose_image_base64": base64.b64encode(pose).decode(), "identity_strength": 1.2, "controlnet_strength": 0.4,
+    })).json()
+    [fields] = generate_engine.calls
+    assert Image.open(io.BytesIO(fields["face_image"])).size == (1536, 768)  # shrunk: faces need no more
+    assert Image.open(io.BytesIO(fields["pose_image"])).size == (64, 64)
+    assert (fields["identity_strength"], fields["controlnet_strength"]) == (1.2, 0.4)
+    assert body["face"] == {"faces_found": 1, "pose_faces_found": 1, "identity_strength": 1.2, "controlnet_strength": 0.4}
+    # The job API takes the same fields.
+    job = (await api.post("/jobs", json={"kind": "generate", "prompt": "again",
+                                         "reference_image_base64": base64.b64encode(reference).decode()})).json()
+    while (view := (await api.get(f"/jobs/{job['job_id']}")).json())["status"] != "done":
+        await asyncio.sleep(0.02)
+    assert view["result"]["face"]["faces_found"] == 1 and generate_engine.calls[-1]["pose_image"] is None
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"reference_image_base64": base64.b64encode(b"not a picture").decode()}, "reference_image_base64"),
+    ({"pose_image_base64": base64.b64encode(png_bytes(8, 8)).decode()}, "only with a face"),
+    ({"reference_image_base64": base64.b64encode(png_bytes(8, 8)).decode(), "identity_strength": 2}, "identity_strength"),
+    ({"reference_image_base64": "%%% not base64"}, "reference_image_base64"),
+])
+async def test_bad_reference_images_are_400_and_start_nothing(api, generate_engine, fields, words):
+    response = await api.post("/generate-image", json={"prompt": "a portrait", **fields})
+    body = assert_error(response, 400, "INVALID_INPUT")
+    assert words in body["error"]
+    assert generate_engine.calls == []
+
+
 async def test_library_loras_are_resolved_by_name(served, generate_engine):
     client, backend = await served()
     settings = Settings.load()

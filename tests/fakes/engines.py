@@ -76,6 +76,9 @@ class StandInGenerateEngine:
             "loras": [{"name": lora["name"], "weight": lora["weight"]} for lora in fields.get("loras", [])]
             + ([{"name": "lora_url", "weight": fields["lora_scale"]}] if fields.get("lora_url") else []),
             "strength": None, "generation_time_seconds": time.monotonic() - started,
+            "face": None if fields.get("face_image") is None else {
+                "faces_found": 1, "pose_faces_found": 1 if fields.get("pose_image") else None,
+                "identity_strength": fields["identity_strength"], "controlnet_strength": fields["controlnet_strength"]},
         }
 
 
