@@ -56,7 +56,7 @@ from bot.api_schema import (
 )
 from bot.backend import RESULT_KEEP_SECONDS, Backend
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.imaging import decode_image, encode_png
+from modal_services.imaging import decode_image, encode_png, shrunk_png
 from modal_services.job_requests import REFERENCE_MAX_SIDE, CaptionRequest, GenerateRequest, JobRequest, UpscaleRequest
 from modal_services.jobs import Job, JobStatus, request_cancel
 from modal_services.library import Library
@@ -290,13 +290,9 @@ async def render_result(job: Job, result: Any) -> dict[str, Any]:
     return result
 
 
-def _clean_png(data: bytes, max_pixels: int | None = None, max_side: int | None = None,
-               name: str = "the image") -> tuple[bytes, tuple[int, int]]:
-    """An uploaded image decoded (bad files refused) and re-encoded as a plain PNG, as the bot does with
-    attachments; `max_side` shrinks it for engines that never use more."""
-    image = decode_image(data, name=name, **({"max_pixels": max_pixels} if max_pixels else {})).image
-    if max_side and max(image.size) > max_side:
-        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+def _clean_png(data: bytes, max_pixels: int | None = None) -> tuple[bytes, tuple[int, int]]:
+    """An uploaded image decoded (bad files refused) and re-encoded as a plain PNG, as the bot does with attachments."""
+    image = decode_image(data, **({"max_pixels": max_pixels} if max_pixels else {})).image
     return encode_png(image), image.size
 
 
@@ -315,7 +311,7 @@ class Payloads:
         for field, photo, name in (("face_image", request.reference_image_base64, "reference_image_base64"),
                                    ("pose_image", request.pose_image_base64, "pose_image_base64")):
             if photo is not None:
-                choices[field] = (await asyncio.to_thread(_clean_png, photo, None, REFERENCE_MAX_SIDE, name))[0]
+                choices[field] = await asyncio.to_thread(shrunk_png, photo, REFERENCE_MAX_SIDE, name)
         job_request, _ = await generate_request(self.library, choices, [lora.model_dump() for lora in request.loras])
         return job_request
 

@@ -22,7 +22,7 @@ from bot.backend import ENGINE_THREAD_PREFIX, Backend, open_backend
 from bot.progress import follow_job
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.imaging import decode_image, encode_png
+from modal_services.imaging import decode_image, encode_png, shrunk_png
 from modal_services.job_requests import (
     CAPTION_STYLES,
     CaptionRequest,
@@ -103,6 +103,13 @@ def _add_generate_parser(commands) -> None:
     generate.add_argument("--cfg", type=float, help=f"default: {fields['cfg'].default:g}")
     generate.add_argument("--seed", type=int, help="default: random (printed); image n gets seed + n - 1")
     generate.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="a library LoRA (repeatable)")
+    generate.add_argument("--face", type=Path, metavar="PHOTO", help="InstantID: every image keeps this person's face")
+    generate.add_argument("--pose", type=Path, metavar="PHOTO", help="with --face: the face in this photo sets the pose")
+    lowest, highest = field_bounds(GenerateRequest, "identity_strength")
+    generate.add_argument("--identity-strength", type=float,
+                          help=f"{lowest:g}-{highest:g}, how strongly the face is kept (default {fields['identity_strength'].default:g})")
+    generate.add_argument("--controlnet-strength", type=float,
+                          help=f"{lowest:g}-{highest:g}, how closely the pose is followed (default {fields['controlnet_strength'].default:g})")
     generate.add_argument("--timeout", type=float, default=field_bounds(GenerateRequest, "timeout")[1],
                           help="seconds before the job is stopped (default: the most allowed)")
     generate.add_argument("-o", "--output", type=Path,
@@ -336,7 +343,13 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
         raise ToolboxError(ErrorCode.INVALID_INPUT, "Give --width and --height together (or --aspect).")
     width, height = (args.width, args.height) if args.width is not None else ASPECT_BUCKETS[args.aspect]
     choices = {"prompt": args.prompt, "negative_prompt": args.negative, "width": width, "height": height,
-               "count": args.count, "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "timeout": args.timeout}
+               "count": args.count, "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "timeout": args.timeout,
+               "identity_strength": args.identity_strength, "controlnet_strength": args.controlnet_strength}
+    if args.pose is not None and args.face is None:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, "--pose is used only with --face.")
+    for field, path in (("face_image", args.face), ("pose_image", args.pose)):
+        if path is not None:
+            choices[field] = await asyncio.to_thread(_read_photo, path)
     loras = [parse_lora_option(option) for option in args.lora]
     if args.api:
         await generate_through_api(settings, args, choices, loras)
@@ -356,6 +369,21 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
         print(f"{path} ({result['width']}×{result['height']}, seed {image_seed}, {checkpoint['name']})")
 
 
+def _read_photo(path: Path) -> bytes:
+    """A face or pose photo as the bot sends one: decoded, shrunk to what face analysis uses, a PNG."""
+    from modal_services.job_requests import REFERENCE_MAX_SIDE
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"{path}: {exc.strerror or exc}") from None
+    return shrunk_png(data, REFERENCE_MAX_SIDE, name=str(path))
+
+
+# The HTTP API's names for the request's photos.
+API_PHOTO_FIELDS = {"face_image": "reference_image_base64", "pose_image": "pose_image_base64"}
+
+
 async def generate_through_api(settings: Settings, args: argparse.Namespace, choices: dict, loras: list[dict]) -> None:
     """`toolbox generate --api URL`: the same request through the HTTP API's job endpoints, as a remote client would."""
     import base64
@@ -366,6 +394,9 @@ async def generate_through_api(settings: Settings, args: argparse.Namespace, cho
     # Checked here first, with the seed drawn, so that the files are named and known writable before the call.
     given = {name: value for name, value in choices.items() if value is not None}
     request = GenerateRequest.parse(given)
+    for field, wire_name in API_PHOTO_FIELDS.items():
+        if field in given:
+            given[wire_name] = base64.b64encode(given.pop(field)).decode("ascii")
     paths = output_paths(args.output, request.seed, request.count)
     for path in paths:
         await asyncio.to_thread(_writable_output, path)

@@ -105,3 +105,11 @@ def encode_png(image: Image.Image) -> bytes:
     # Level 1: these PNGs are only carried to a worker, so speed beats size.
     image.save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def shrunk_png(data: bytes, max_side: int, name: str = "the image") -> bytes:
+    """An uploaded photo decoded (bad files refused), no larger than `max_side` on its long side, as a PNG."""
+    image = decode_image(data, name=name).image
+    if max(image.size) > max_side:
+        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return encode_png(image)

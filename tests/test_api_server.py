@@ -26,12 +26,17 @@ TOKEN = "server-test-token-81d2"
 
 
 @pytest.fixture
-def api_url(fast_progress, use_engine, monkeypatch):
+def generate_engine(use_engine):
+    engine = StandInGenerateEngine()
+    use_engine("generate", engine)
+    return engine
+
+
+@pytest.fixture
+def api_url(fast_progress, generate_engine, monkeypatch):
     """The API with a stand-in generate engine, served by uvicorn; TOOLBOX_API_TOKEN set for the CLI."""
     monkeypatch.setenv("TOOLBOX_API_TOKEN", TOKEN)
     monkeypatch.setattr(bot.api_client, "POLL_SECONDS", 0.02)
-    engine = StandInGenerateEngine()
-    use_engine("generate", engine)
     with running_uvicorn(api_for_settings(Settings.load(), TOKEN), max_seconds=60) as url:
         yield url
 
@@ -59,6 +64,20 @@ def test_toolbox_generate_api_writes_the_images_and_prints_the_seeds(api_url, tm
         path = tmp_path / f"cat_{index}.png"
         assert Image.open(path).size == (512, 768)
         assert f"{path} (512×768, seed {seed}, Illustrious-XL-v2.0)" in out
+
+
+def test_toolbox_generate_api_sends_the_face_and_pose_photos(api_url, generate_engine, tmp_path, capsys):
+    face, pose = tmp_path / "me.jpg", tmp_path / "pose.png"
+    Image.new("RGB", (2400, 1600), (200, 150, 120)).save(face, format="JPEG")
+    Image.new("RGB", (300, 400), (20, 30, 40)).save(pose)
+    code = main(["generate", "a portrait", "--api", api_url, "--face", str(face), "--pose", str(pose),
+                 "--identity-strength", "1.2", "--seed", "4", "--width", "512", "--height", "512",
+                 "-o", str(tmp_path / "out.png")])
+    assert code == 0, capsys.readouterr().err
+    [fields] = generate_engine.calls
+    assert Image.open(io.BytesIO(fields["face_image"])).size == (1536, 1024)
+    assert Image.open(io.BytesIO(fields["pose_image"])).size == (300, 400)
+    assert fields["identity_strength"] == 1.2 and (tmp_path / "out.png").is_file()
 
 
 def test_toolbox_generate_api_default_name_carries_the_seed(api_url, tmp_path, capsys):

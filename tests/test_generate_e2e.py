@@ -1,7 +1,7 @@
 """`toolbox generate` through the LocalBackend: once on the real engine and tiny models, and its file naming and refusals."""
 
 from __future__ import annotations
-
+import io
 
 import pytest
 from PIL import Image
@@ -51,7 +51,17 @@ def test_several_images_are_numbered_and_bad_requests_start_nothing(settings, tm
         assert (tmp_path / f"fox_{index}.png").is_file() and f"fox_{index}.png (8×8, seed {seed}" in printed
     request = engine.requests[0]
     assert (request["width"], request["height"], request["count"]) == (1344, 768, 3)
-    assert request["checkpoint"] is None and request["timeout"] == 300
+    assert request["checkpoint"] is None and request["timeout"] == 300 and request["face_image"] is None
+
+    face = tmp_path / "face.png"
+    face.write_bytes(png_bytes(40, 30))
+    assert main(["generate", "a fox", "--face", str(face), "--controlnet-strength", "0.5", "-o", str(out)]) == 0
+    request = engine.requests[-1]
+    assert Image.open(io.BytesIO(request["face_image"])).size == (40, 30)
+    assert request["controlnet_strength"] == 0.5 and request["pose_image"] is None
+    not_an_image = tmp_path / "not-an-image.png"
+    not_an_image.write_bytes(b"plain text")
+    capsys.readouterr()
 
     for argv, words in (
         (["generate", "   "], "INVALID_PROMPT: The prompt cannot be empty"),
@@ -59,10 +69,14 @@ def test_several_images_are_numbered_and_bad_requests_start_nothing(settings, tm
         (["generate", "a fox", "--width", "512"], "--width and --height together"),
         (["generate", "a fox", "--count", "5"], "image count"),
         (["generate", "a fox", "--lora", "nope"], "No lora named 'nope'"),
+        (["generate", "a fox", "--pose", str(out)], "--pose is used only with --face"),
+        (["generate", "a fox", "--face", str(tmp_path / "absent.png")], "absent.png"),
+        (["generate", "a fox", "--face", str(not_an_image)], "not-an-image.png"),
+        (["generate", "a fox", "--face", str(out), "--identity-strength", "3"], "identity strength must be between 0 and 1.5"),
     ):
         assert main(argv) == 2
         assert words in capsys.readouterr().err
-    assert len(engine.requests) == 1
+    assert len(engine.requests) == 2
 
 
 def test_output_paths():
