@@ -10,6 +10,7 @@ TOOLBOX_MODAL_APP (app name), TOOLBOX_CAPTION_GPU (T4 or L4),
 TOOLBOX_SCALEDOWN_SECONDS (idle time before a GPU container stops),
 TOOLBOX_CAPTION_MAX_CONTAINERS, TOOLBOX_SDXL_GPU (default A10G),
 TOOLBOX_SDXL_MAX_CONTAINERS, TOOLBOX_UPSCALE_MAX_MP (output limit, default 16),
+TOOLBOX_FACE_PROVIDER (where InstantID's face analysis runs: cpu, the default, or cuda),
 TOOLBOX_API_SECRET (the HTTP API's Modal secret, holding TOOLBOX_API_TOKEN).
 """
 
@@ -100,10 +101,12 @@ class CaptionService:
         return await run_service_job(self.store, self.engine, self.spec, job_id, payload)
 
 
-# The download image: CPU only, no torch. Network I/O never runs on a GPU.
+# The download image: CPU only. Network I/O never runs on a GPU. torch (the CPU build) is there
+# only to turn a model published as a pickle into safetensors, tensors only (pickle_weights).
 download_image = (
     modal.Image.debian_slim(python_version="3.11")
-    .pip_install("huggingface_hub==2.4.0", "urllib3>=2.0", "certifi", "pydantic>=2.7")
+    .pip_install("torch==2.9.1", index_url="https://download.pytorch.org/whl/cpu")
+    .pip_install("huggingface_hub==2.4.0", "urllib3>=2.0", "certifi", "pydantic>=2.7", "safetensors>=0.4")
     .add_local_python_source("modal_services")
 )
 loras_volume = modal.Volume.from_name(LORAS_VOLUME, create_if_missing=True)
@@ -241,9 +244,21 @@ def migrate(dry_run: bool = False) -> None:
 SDXL_GPU = os.environ.get("TOOLBOX_SDXL_GPU", "A10G")
 SDXL_MAX_CONTAINERS = int(os.environ.get("TOOLBOX_SDXL_MAX_CONTAINERS", "2"))
 SDXL_DEVICE = "cuda"
-sdxl_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17").env(
-    # The output limit the bot checks too (sdxl_limits): the worker gets the deploy-time value.
-    {"TOOLBOX_UPSCALE_MAX_MP": os.environ.get("TOOLBOX_UPSCALE_MAX_MP", "16")}
+# InstantID's face analysis: insightface on onnxruntime, the CUDA build only when asked for (it
+# replaces the CPU one: both install the same module). insightface needs opencv-python (with
+# its GUI libraries, hence libgl1), never next to opencv-python-headless.
+FACE_PROVIDER = os.environ.get("TOOLBOX_FACE_PROVIDER", "cpu")
+FACE_PACKAGES = ("insightface==2.1", "onnx>=1.16", "opencv-python>=4.8", "scipy>=1.11",
+                 "onnxruntime-gpu>=1.20" if FACE_PROVIDER == "cuda" else "onnxruntime>=1.20")
+sdxl_image = (
+    gpu_image.apt_install("libgl1", "libglib2.0-0")
+    .pip_install("diffusers>=0.35", "peft>=0.17", *FACE_PACKAGES)
+    .run_commands("pip uninstall -y onnxruntime" if FACE_PROVIDER == "cuda" else "true")
+    .env({
+        # The output limit the bot checks too (sdxl_limits): the worker gets the deploy-time value.
+        "TOOLBOX_UPSCALE_MAX_MP": os.environ.get("TOOLBOX_UPSCALE_MAX_MP", "16"),
+        "TOOLBOX_FACE_PROVIDER": FACE_PROVIDER,
+    })
 )
 
 

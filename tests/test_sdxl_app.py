@@ -97,3 +97,16 @@ def test_staged_weights_wait_in_host_memory_in_the_target_dtype(tmp_path):
     for model in (models.pipe.unet, models.pipe.controlnet, models.pipe.vae, models.pipe.text_encoder_2):
         parameter = next(model.parameters())
         assert parameter.device.type == "cpu" and parameter.dtype == torch.float16
+
+
+def test_the_sdxl_image_has_face_analysis_for_the_chosen_provider(app_module, monkeypatch):
+    import importlib
+    import sys
+
+    assert {"insightface==2.1", "onnxruntime>=1.20", "opencv-python>=4.8"} <= set(app_module.FACE_PACKAGES)
+    monkeypatch.setenv("TOOLBOX_FACE_PROVIDER", "cuda")
+    sys.modules.pop("modal_services.app", None)
+    on_gpu = importlib.import_module("modal_services.app")
+    assert "onnxruntime-gpu>=1.20" in on_gpu.FACE_PACKAGES and "onnxruntime>=1.20" not in on_gpu.FACE_PACKAGES
+    # Two builds of OpenCV install the same module: only the one insightface asks for.
+    assert not any("headless" in package for package in on_gpu.FACE_PACKAGES)
