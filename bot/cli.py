@@ -334,7 +334,7 @@ def output_paths(output: Path | None, first_seed: int, count: int) -> list[Path]
 
 async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
     """On the local backend, or through the HTTP API at --api; the images written, each with its seed printed."""
-    from bot.generate_requests import generate_request
+    from bot.generate_requests import face_notes, generate_request
     from bot.upscale_requests import parse_lora_option
     from modal_services.job_requests import ASPECT_BUCKETS
     from modal_services.library import Library
@@ -367,6 +367,8 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
     for path, png, image_seed in zip(paths, result["images"], result["seeds"]):
         await asyncio.to_thread(path.write_bytes, png)
         print(f"{path} ({result['width']}×{result['height']}, seed {image_seed}, {checkpoint['name']})")
+    for note in face_notes(result.get("face")):
+        print(note)
 
 
 def _read_photo(path: Path) -> bytes:
@@ -389,6 +391,7 @@ async def generate_through_api(settings: Settings, args: argparse.Namespace, cho
     import base64
 
     from bot.api_client import ApiClient
+    from bot.generate_requests import face_notes
     from modal_services.job_requests import GenerateRequest
 
     # Checked here first, with the seed drawn, so that the files are named and known writable before the call.
@@ -408,6 +411,8 @@ async def generate_through_api(settings: Settings, args: argparse.Namespace, cho
     for path, image, image_seed in zip(paths, images, result["metadata"]["seeds_used"]):
         await asyncio.to_thread(path.write_bytes, base64.b64decode(image))
         print(f"{path} ({width}×{height}, seed {image_seed}, {result['model_info']['base_model']})")
+    for note in face_notes(result.get("face")):
+        print(note)
 
 
 async def setup_models(settings: Settings, only: list[str] | None) -> None:

@@ -26,3 +26,15 @@ async def generate_request(library: Library, choices: dict[str, Any], loras: lis
     checkpoint = await library.active_checkpoint()
     request = GenerateRequest.parse({**given, "loras": resolved, "checkpoint": checkpoint["file"]})
     return request, checkpoint
+
+
+def face_notes(face: dict | None) -> list[str]:
+    """What a reply says about a face generation's photos: which face was used when there were several."""
+    if not face:
+        return []
+    notes = []
+    if face["faces_found"] > 1:
+        notes.append(f"{face['faces_found']} faces in the face photo: the largest one was used.")
+    if (face.get("pose_faces_found") or 0) > 1:
+        notes.append(f"{face['pose_faces_found']} faces in the pose photo: the largest one set the pose.")
+    return notes

@@ -35,7 +35,7 @@ from bot.replies import ResultButton
 from bot.result_images import fit_to_limit
 from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget
 from bot.ui import option_range
-from bot.generate_requests import generate_request
+from bot.generate_requests import face_notes, generate_request
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.job_requests import ASPECT_BUCKETS, REFERENCE_MAX_SIDE, GenerateRequest, LoraRef, field_bounds
 from modal_services.jobs import Job
@@ -136,18 +136,6 @@ def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str, see
     if params.get("face"):
         parts.append(f"face {params['face']['identity_strength']:g} · pose {params['face']['controlnet_strength']:g}")
     return " · ".join(parts)
-
-
-def face_notes(face: dict | None) -> list[str]:
-    """What the reply says about the photos' faces: which one was used when there were several."""
-    if not face:
-        return []
-    notes = []
-    if face["faces_found"] > 1:
-        notes.append(f"{face['faces_found']} faces in the face photo: the largest one was used.")
-    if (face.get("pose_faces_found") or 0) > 1:
-        notes.append(f"{face['pose_faces_found']} faces in the pose photo: the largest one set the pose.")
-    return notes
 
 
 def encode_photos(photos: dict[str, bytes | None]) -> dict[str, str | None]:

@@ -23,7 +23,34 @@ def test_toolbox_generate_writes_the_image(settings, tmp_path, capsys):
                  "--seed", "3", "--lora", "Detail Tweaker:0.5", "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     assert Image.open(out).size == (512, 512)
+    # The synthetic detector sees two faces in any photo that is not black.
+    assert "2 faces in the face photo: the largest one was used." in capsys.readouterr().out
     assert f"{out} (512×512, seed 3, Illustrious-XL" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_toolbox_generate_with_a_face_runs_instantid_on_the_real_face_analysis(settings, tiny_sdxl_data_dir, tmp_path,
+                                                                               capsys):
+    """The whole face path on the local backend: insightface on (synthetic) antelopev2, the tiny IdentityNet and
+    face adapter, the tiny SDXL."""
+    from modal_services.layout import ANTELOPEV2_DIR
+    from tests.fixtures.tiny_faces import write_synthetic_antelopev2
+    from tests.fixtures.tiny_instantid import add_tiny_instantid
+
+    models = tiny_sdxl_data_dir / "models"
+    add_tiny_instantid(models)
+    write_synthetic_antelopev2(models / ANTELOPEV2_DIR)
+    face, dark, out = tmp_path / "face.jpg", tmp_path / "dark.png", tmp_path / "me.png"
+    Image.new("RGB", (800, 800), (210, 170, 150)).save(face)
+    Image.new("RGB", (800, 800), (0, 0, 0)).save(dark)
+    common = ["--width", "512", "--height", "512", "--steps", "20", "--cfg", "1", "--seed", "3"]
+    assert main(["generate", "a portrait", *common, "--face", str(dark), "-o", str(out)]) == 2
+    assert "INVALID_INPUT: No face was found in the face image" in capsys.readouterr().err and not out.exists()
+    code = main(["generate", "a portrait", *common, "--face", str(face), "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert Image.open(out).size == (512, 512)
+    # The synthetic detector sees two faces in any photo that is not black.
+    assert "2 faces in the face photo: the largest one was used." in capsys.readouterr().out
 
 
 class CountingEngine:

@@ -77,21 +77,53 @@ def test_the_same_face_gives_the_same_image_and_another_face_another(engine, wit
 
 
 def test_both_strengths_at_zero_give_the_plain_image(engine, plain):
-    """What proves each strength reaches its model: at 0 neither the adapter nor the IdentityNet adds anything."""
+    """At 0 neither the face adapter nor the IdentityNet adds anything: the face path is exactly text-to-image."""
     off = engine.generate(**QUICK, face_image=FACE, identity_strength=0.0, controlnet_strength=0.0)["images"][0]
     assert np.abs(pixels(off) - pixels(plain)).max() <= 2
+
+
+@pytest.mark.slow
+def test_each_strength_alone_changes_the_image(engine, plain):
     only_identity = engine.generate(**QUICK, face_image=FACE, controlnet_strength=0.0)["images"][0]
     only_pose = engine.generate(**QUICK, face_image=FACE, identity_strength=0.0)["images"][0]
     for image in (only_identity, only_pose):
         assert np.abs(pixels(image) - pixels(plain)).mean() > 0.5
+    assert np.abs(pixels(only_identity) - pixels(only_pose)).mean() > 0.5
+
+
+def test_the_identitynet_sees_the_pose_photos_keypoints_and_the_face_tokens(engine):
+    from modal_services.faces import draw_keypoints, keypoints_on_canvas, read_face
+
+    pose_photo = face_picture(size=(300, 200), boxes=((150, 20, 240, 120), (10, 10, 40, 40)))
+    seen = []
+
+    def capture(module, args, kwargs):
+        seen.append((kwargs["controlnet_cond"].clone(), kwargs["encoder_hidden_states"].clone()))
+
+    hook = engine.instant_id.identitynet.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        result = engine.generate(**QUICK, face_image=FACE, pose_image=pose_photo)
+    finally:
+        hook.remove()
+    assert result["face"]["pose_faces_found"] == 2 and result["face"]["faces_found"] == 1
+    assert len(seen) == 20
+    condition, tokens = seen[0]
+    # The pose photo's largest face, its photo scaled to cover 512² and centred, drawn as InstantID draws it.
+    reading = read_face(StandInFaceAnalyser(), Image.open(io.BytesIO(pose_photo)), "the pose image")
+    expected = np.asarray(draw_keypoints(keypoints_on_canvas(reading, 512, 512), 512, 512), dtype=np.float32) / 255
+    drawn = condition[0].permute(1, 2, 0).numpy()
+    assert drawn.shape == (512, 512, 3) and np.abs(drawn - expected).max() < 1 / 255 + 1e-6
+    # Its cross-attention gets the face's tokens (the adapter's projection of the embedding), not the prompt.
+    identity = read_face(StandInFaceAnalyser(), Image.open(io.BytesIO(FACE)), "the face image").face.embedding
+    projection = engine.instant_id.projection.image_projection_layers[0]
+    with torch.inference_mode():
+        expected_tokens = projection(torch.as_tensor(identity).reshape(1, 1, -1))
+    torch.testing.assert_close(tokens, expected_tokens)
+    assert all(torch.equal(step_tokens, tokens) for _, step_tokens in seen)
 
 
 @pytest.mark.slow
-def test_the_pose_comes_from_the_pose_image_and_the_largest_face_is_used(engine, with_face):
-    posed = engine.generate(**QUICK, face_image=FACE, pose_image=face_picture(boxes=((150, 20, 240, 120),)))
-    assert posed["face"]["pose_faces_found"] == 1
-    assert np.abs(pixels(posed["images"][0]) - pixels(with_face["images"][0])).mean() > 0.5
-    # A second, smaller face in the reference: the large one is still the identity, and the reply can say two were seen.
+def test_a_crowded_face_photo_uses_its_largest_face(engine):
     crowd = engine.generate(**QUICK, face_image=face_picture(boxes=((64, 48, 192, 208), (0, 0, 30, 30))))
     assert crowd["face"]["faces_found"] == 2
 
@@ -115,9 +147,10 @@ def test_after_a_face_request_the_engine_is_as_fresh(volume, plain):
     engine = new_engine(volume)
     unet = engine.models.pipe.unet
     processors, projection = unet.attn_processors, unet.encoder_hid_proj
-    engine.generate(**QUICK, face_image=FACE)
-    with pytest.raises(ToolboxError):  # one that fails half-way puts everything back too
-        engine.generate(**QUICK, face_image=FACE, timeout=1e-6)
+    # Stopped after its first step, with the adapter and the hook in place: a whole one ends the same way.
+    with pytest.raises(ToolboxError) as error:
+        engine.generate(**{**QUICK, "timeout": 1e-6}, face_image=FACE)
+    assert error.value.code is ErrorCode.TIMEOUT and engine.instant_id.identitynet is not None
     after = unet.attn_processors
     assert after.keys() == processors.keys() and all(after[name] is processors[name] for name in processors)
     assert unet.encoder_hid_proj is projection
@@ -143,8 +176,11 @@ def test_guided_batches_with_a_lora_and_the_oom_retry_keep_the_face(volume, engi
     stages = []
     one_by_one = engine.generate(**fields, progress=lambda f, s: stages.append(s))
     assert any("retrying one image at a time" in stage for stage in stages)
+    # The same images: batched convolutions round differently in the last bits, which the tiny random
+    # IdentityNet amplifies on a few pixels; another seed is another image altogether.
     for together, alone in zip(batched["images"], one_by_one["images"]):
-        assert np.abs(pixels(together) - pixels(alone)).max() <= 2
+        assert np.abs(pixels(together) - pixels(alone)).mean() < 0.2
+    assert np.abs(pixels(batched["images"][0]) - pixels(batched["images"][1])).mean() > 1
 
 
 @pytest.mark.slow
