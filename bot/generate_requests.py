@@ -11,6 +11,8 @@ from typing import Any
 from bot.upscale_requests import resolve_lora
 from modal_services.job_requests import GenerateRequest, LoraRef
 from modal_services.library import Library
+from modal_services.optional_models import require_enabled
+from modal_services.registry import INSTANTID_MODELS
 
 
 async def generate_request(library: Library, choices: dict[str, Any], loras: list[dict[str, Any]]) -> tuple[GenerateRequest, dict]:
@@ -18,9 +20,13 @@ async def generate_request(library: Library, choices: dict[str, Any], loras: lis
     default) and `loras` ({name, weight}), on the active checkpoint; and that checkpoint.
 
     Every value is checked before any library lookup, so a bad one is named first; a seed left out
-    is drawn here, so that whoever asked can be told it."""
+    is drawn here, so that whoever asked can be told it. A face photo needs InstantID's optional
+    models, enabled and downloaded."""
     given = {name: value for name, value in choices.items() if value is not None}
     GenerateRequest.parse(given)
+    if given.get("face_image") is not None:
+        for key in INSTANTID_MODELS:
+            await require_enabled(library.store, key)
     refs = [LoraRef.parse(lora) for lora in loras]
     resolved = [await resolve_lora(library, ref) for ref in refs]
     checkpoint = await library.active_checkpoint()

@@ -24,12 +24,12 @@ import numpy as np
 from PIL import Image
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.registry import FACE_DETECTOR_FILE, FACE_RECOGNISER_FILE
 
 log = logging.getLogger(__name__)
 
-# The antelopev2 files face analysis runs on (the pack's landmark and age models are not needed).
-FACE_DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
-FACE_RECOGNISER_FILE = "glintr100.onnx"
+# Face analysis runs on antelopev2's detector and recogniser (FACE_DETECTOR_FILE, FACE_RECOGNISER_FILE);
+# the pack's landmark and age models are not needed.
 # The detector's square input, as InstantID prepares it.
 DETECTION_SIZE = 640
 EMBEDDING_SIZE = 512

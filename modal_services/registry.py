@@ -24,14 +24,24 @@ from typing import Collection, Mapping
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import (
+    ANTELOPEV2_DIR,
     CAPTION_MODEL,
     CLIP_VIT_H_DIR,
     CONTROLNET_TILE_DIR,
     ILLUSTRIOUS_CHECKPOINT,
+    INSTANTID_ADAPTER_FILE,
+    INSTANTID_CONTROLNET_DIR,
+    INSTANTID_DIR,
     IP_ADAPTER_FILE,
     SDXL_CONFIG_DIR,
     SDXL_VAE_DIR,
 )
+
+# The face-analysis files, as antelopev2 names them (`modal_services.faces` reads them).
+FACE_DETECTOR_FILE = "scrfd_10g_bnkps.onnx"
+FACE_RECOGNISER_FILE = "glintr100.onnx"
+# InstantID's face adapter as upstream publishes it: a pickle, converted at download.
+INSTANTID_PICKLED_ADAPTER = "ip-adapter.bin"
 
 MODELS = "models"  # the models volume (`/vol/models`, `<data dir>/models`)
 LORAS = "loras"  # the LoRA volume (`/vol/loras`, `<data dir>/loras`)
@@ -191,8 +201,47 @@ BASE_MODELS: dict[str, ModelEntry] = {
             approx_bytes=5_000_000,
             needed_by=("upscale", "generate"),
         ),
+        # InstantID (`/generate face:`): optional, for their licences; `generate_request` checks both are enabled.
+        ModelEntry(
+            key="instantid",
+            name="InstantID (IdentityNet and face adapter)",
+            source=HFSource("InstantX/InstantID", include=(
+                f"{PurePosixPath(INSTANTID_CONTROLNET_DIR).name}/config.json",
+                f"{PurePosixPath(INSTANTID_CONTROLNET_DIR).name}/diffusion_pytorch_model.safetensors",
+                INSTANTID_PICKLED_ADAPTER,
+            )),
+            folder=INSTANTID_DIR,
+            approx_bytes=4_200_000_000,
+            converted={INSTANTID_PICKLED_ADAPTER: PurePosixPath(INSTANTID_ADAPTER_FILE).name},
+            optional=Terms(
+                "Research use: InstantX releases the InstantID checkpoints for research purposes (the code is "
+                "Apache-2.0); whoever enables it answers for the faces people use",
+                "https://huggingface.co/InstantX/InstantID",
+            ),
+        ),
+        ModelEntry(
+            key="antelopev2",
+            name="antelopev2 face analysis (insightface)",
+            # A mirror of insightface's own antelopev2 release (its download link is gone); the sha256s are
+            # those of the files in that release, so a mirror that changed them fails the download.
+            source=HFSource("DIAMONIK7777/antelopev2", include=(FACE_DETECTOR_FILE, FACE_RECOGNISER_FILE)),
+            folder=ANTELOPEV2_DIR,
+            approx_bytes=277_600_000,
+            published={
+                FACE_DETECTOR_FILE: PublishedFile(sha256="5838f7fe053675b1c7a08b633df49e7af5495cee0493c7dcf6697200b85b5b91"),
+                FACE_RECOGNISER_FILE: PublishedFile(sha256="4ab1d6435d639628a6f3e5008dd4f929edf4c4124b1a7169e1048f9fef534cdf"),
+            },
+            optional=Terms(
+                "Non-commercial research use only: insightface's pretrained face models may not be used "
+                "commercially",
+                "https://github.com/deepinsight/insightface#license",
+            ),
+        ),
     )
 }
+
+# What a face generation needs, both enabled by an admin.
+INSTANTID_MODELS = ("instantid", "antelopev2")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.job_requests import CaptionRequest
 from modal_services.library import Library, LibraryEntry
 from tests.fakes.engines import SlowCaptionEngine, StandInGenerateEngine, StandInUpscaleEngine
+from tests.fixtures.tiny_instantid import enable_instantid
 from tests.images import png_bytes
 
 TOKEN = "api-test-token-5f1c9b"
@@ -128,8 +129,14 @@ async def test_a_per_request_lora_url_is_forwarded_and_reported(api, generate_en
     assert body["model_info"]["lora_applied"] is True and body["model_info"]["lora_scale"] == 0.9
 
 
-async def test_a_reference_image_and_its_strengths_reach_the_worker_and_come_back(api, generate_engine):
+async def test_a_reference_image_and_its_strengths_reach_the_worker_and_come_back(served, generate_engine):
+    api, backend = await served()
     reference, pose = png_bytes(3000, 1500, seed=1), png_bytes(64, 64, seed=2)
+    refused = await api.post("/generate-image", json={"prompt": "a portrait",
+                                                      "reference_image_base64": base64.b64encode(pose).decode()})
+    assert "is not enabled on this bot" in assert_error(refused, 503, "MODELS_MISSING")["error"]
+    assert generate_engine.calls == []
+    await enable_instantid(backend.store)
     body = (await api.post("/generate-image", json={
         "prompt": "a portrait", "reference_image_base64": base64.b64encode(reference).decode(),
         "pose_image_base64": base64.b64encode(pose).decode(), "identity_strength": 1.2, "controlnet_strength": 0.4,
@@ -153,7 +160,9 @@ async def test_a_reference_image_and_its_strengths_reach_the_worker_and_come_bac
     ({"reference_image_base64": base64.b64encode(png_bytes(8, 8)).decode(), "identity_strength": 2}, "identity_strength"),
     ({"reference_image_base64": "%%% not base64"}, "reference_image_base64"),
 ])
-async def test_bad_reference_images_are_400_and_start_nothing(api, generate_engine, fields, words):
+async def test_bad_reference_images_are_400_and_start_nothing(served, generate_engine, fields, words):
+    api, backend = await served()
+    await enable_instantid(backend.store)
     response = await api.post("/generate-image", json={"prompt": "a portrait", **fields})
     body = assert_error(response, 400, "INVALID_INPUT")
     assert words in body["error"]

@@ -67,6 +67,17 @@ def test_toolbox_generate_api_writes_the_images_and_prints_the_seeds(api_url, tm
 
 
 def test_toolbox_generate_api_sends_the_face_and_pose_photos(api_url, generate_engine, tmp_path, capsys):
+    import asyncio
+
+    from modal_services.state import SqliteStore
+    from tests.fixtures.tiny_instantid import enable_instantid
+
+    async def enable():
+        store = SqliteStore(Settings.load().state_path)
+        await enable_instantid(store)
+        await store.close()
+
+    asyncio.run(enable())
     face, pose = tmp_path / "me.jpg", tmp_path / "pose.png"
     Image.new("RGB", (2400, 1600), (200, 150, 120)).save(face, format="JPEG")
     Image.new("RGB", (300, 400), (20, 30, 40)).save(pose)

@@ -17,6 +17,7 @@ from modal_services.keys import generate_params_key as params_key
 from modal_services.library import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
 from modal_services.sdxl_previews import PreviewSink
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
+from tests.fixtures.tiny_instantid import enable_instantid
 from tests.images import png_bytes
 
 
@@ -236,6 +237,7 @@ async def test_u_v_and_reroll_work_from_their_custom_ids_after_a_restart(toolbox
 async def test_a_face_photo_reaches_the_worker_and_v_and_reroll_keep_it(toolbox_bot, make_toolbox_bot, engine,
                                                                          fast_progress):
     face_png, pose_png = png_bytes(2000, 1000, seed=1), png_bytes(300, 300, seed=2)
+    await enable_instantid(toolbox_bot.backend.store)
     interaction = fake_interaction()
     await generate(toolbox_bot, interaction, "portrait", seed=3, identity_strength=1.1,
                    face=fake_attachment(face_png, "me.png"), pose=fake_attachment(pose_png, "pose.png"))
@@ -264,6 +266,10 @@ async def test_a_face_photo_reaches_the_worker_and_v_and_reroll_keep_it(toolbox_
 
 
 async def test_bad_face_photos_are_refused_before_a_job(toolbox_bot, engine, fast_progress):
+    interaction = fake_interaction()
+    await generate(toolbox_bot, interaction, "portrait", face=fake_attachment(png_bytes(64, 64), "me.png"))
+    assert "InstantID (IdentityNet and face adapter) is not enabled on this bot" in ephemeral_error(interaction)
+    await enable_instantid(toolbox_bot.backend.store)
     interaction = fake_interaction()
     await generate(toolbox_bot, interaction, "portrait", pose=fake_attachment(png_bytes(64, 64), "pose.png"))
     assert "only with a face photo" in ephemeral_error(interaction)

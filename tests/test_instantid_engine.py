@@ -97,10 +97,12 @@ def test_the_identitynet_sees_the_pose_photos_keypoints_and_the_face_tokens(engi
     pose_photo = face_picture(size=(300, 200), boxes=((150, 20, 240, 120), (10, 10, 40, 40)))
     seen = []
 
-    def capture(module, args, kwargs):
+    def capture(module, args, kwargs, output):
+        """What the IdentityNet ran on, after every pre-hook: the pipeline itself hands it the prompt."""
         seen.append((kwargs["controlnet_cond"].clone(), kwargs["encoder_hidden_states"].clone()))
 
-    hook = engine.instant_id.identitynet.register_forward_pre_hook(capture, with_kwargs=True)
+    engine.instant_id.load()  # as the first face request does; a no-op once loaded
+    hook = engine.instant_id.identitynet.register_forward_hook(capture, with_kwargs=True)
     try:
         result = engine.generate(**QUICK, face_image=FACE, pose_image=pose_photo)
     finally:

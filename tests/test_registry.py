@@ -11,8 +11,28 @@ from modal_services.registry import BASE_MODELS, SDXL_CONFIG_FILES, get_entry, m
 
 
 def test_keys_are_the_contract():
-    assert list(BASE_MODELS) == ["illustrious-xl", "controlnet-tile", "sdxl-vae", "ip-adapter", "clip-vit-h",
-                                 "qwen3-vl-2b", "sdxl-base"]
+    assert [key for key, entry in BASE_MODELS.items() if entry.optional is None] == [
+        "illustrious-xl", "controlnet-tile", "sdxl-vae", "ip-adapter", "clip-vit-h", "qwen3-vl-2b", "sdxl-base"]
+
+
+def test_instantids_models_are_optional_with_their_licences_and_land_where_the_engine_looks():
+    from modal_services.registry import INSTANTID_MODELS
+
+    instantid, antelopev2 = (BASE_MODELS[key] for key in INSTANTID_MODELS)
+    assert "research" in instantid.optional.summary.lower() and "InstantX/InstantID" in instantid.optional.url
+    assert "non-commercial" in antelopev2.optional.summary.lower()
+    files = {f"{instantid.folder}/{instantid.dest_for(path)}" for path in instantid.source.include}
+    assert {f"{layout.INSTANTID_CONTROLNET_DIR}/config.json",
+            f"{layout.INSTANTID_CONTROLNET_DIR}/diffusion_pytorch_model.safetensors"} <= files
+    # The pickle is fetched, and only its safetensors conversion is kept where the engine reads it.
+    (pickled, converted), = instantid.converted.items()
+    assert pickled in instantid.source.include and pickled.endswith(".bin")
+    assert f"{instantid.folder}/{converted}" == layout.INSTANTID_ADAPTER_FILE
+    # Every face-analysis file is pinned by its sha256.
+    assert antelopev2.folder == layout.ANTELOPEV2_DIR
+    assert set(antelopev2.published) == set(antelopev2.source.include)
+    assert all(len(published.sha256) == 64 for published in antelopev2.published.values())
+    assert not instantid.needed_by and not antelopev2.needed_by  # a plain /generate never waits for them
 
 
 def test_files_land_where_the_engines_look():
@@ -43,7 +63,7 @@ def test_every_source_kind_has_a_fetcher():
 
 def test_resolve_and_purposes():
     assert [e.key for e in resolve_keys(["sdxl-base", "illustrious-xl", "sdxl-base"])] == ["illustrious-xl", "sdxl-base"]
-    assert len(resolve_keys(None)) == 7
+    assert len(resolve_keys(None)) == 7 and len(resolve_keys(None, enabled={"instantid"})) == 8
     assert models_for("caption") == ["qwen3-vl-2b"]
     assert "qwen3-vl-2b" not in models_for("upscale") and "sdxl-base" in models_for("upscale")
     with pytest.raises(ToolboxError) as caught:
