@@ -25,8 +25,9 @@ def volume(tmp_path_factory):
     return build_tiny_volume(tmp_path_factory.mktemp("volume"))
 
 
-def new_engine(volume) -> SdxlEngine:
-    engine = SdxlEngine(Layout(volume.models_dir, volume.loras_dir), generate_preview_interval=0.0)
+def new_engine(volume, **options) -> SdxlEngine:
+    """A loaded engine on the tiny volume; `options` are SdxlEngine's."""
+    engine = SdxlEngine(Layout(volume.models_dir, volume.loras_dir), generate_preview_interval=0.0, **options)
     engine.load()
     return engine
 

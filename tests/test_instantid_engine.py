@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.layout import Layout
 from modal_services.sdxl_engine import SdxlEngine
 from tests.fixtures.tiny_faces import StandInFaceAnalyser, face_picture
 from tests.fixtures.tiny_instantid import add_tiny_instantid
 from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
+from tests.test_generate_engine import new_engine as new_tiny_engine
 
 QUICK = dict(prompt="a cat", width=512, height=512, steps=20, seed=5, timeout=300, cfg=1.0)
 FACE = face_picture()
@@ -28,11 +28,8 @@ def volume(tmp_path_factory):
     return volume
 
 
-def new_engine(volume, analyser=None) -> SdxlEngine:
-    engine = SdxlEngine(Layout(volume.models_dir, volume.loras_dir), generate_preview_interval=0.0,
-                        face_analyser=analyser or StandInFaceAnalyser())
-    engine.load()
-    return engine
+def new_engine(volume) -> SdxlEngine:
+    return new_tiny_engine(volume, face_analyser=StandInFaceAnalyser())
 
 
 @pytest.fixture(scope="module")
