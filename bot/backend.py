@@ -28,6 +28,7 @@ from modal_services.job_requests import JobRequest
 from modal_services.jobs import Job, JobStatus, create_job, load_job, update_job
 from modal_services.keys import JOB_PREFIX, call_key
 from modal_services.layout import Layout
+from modal_services.nsfw_classifier import NsfwClassifier
 from modal_services.services import SERVICES, Engine, ServiceSpec, run_service_job
 from modal_services.state import ModalDictStore, SqliteStore, StateStore
 
@@ -88,6 +89,8 @@ class LocalBackend(Backend):
     def __init__(self, settings: Settings):
         self.store = SqliteStore(settings.state_path)
         self.layout = Layout(settings.models_dir, settings.loras_dir, self.store)
+        # One for every service that judges images, loaded when the first job needs it.
+        self.classifier = NsfwClassifier(settings.models_dir)
         self._engines: dict[str, Engine] = {}
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._turns: dict[str, asyncio.Lock] = {}
@@ -117,7 +120,8 @@ class LocalBackend(Backend):
             self._turns[service] = asyncio.Lock()
         # The job stays "queued" until its engine is free.
         async with self._turns[service]:
-            return await run_service_job(self.store, self._engines[service], spec, job_id, payload, self._executors[service])
+            return await run_service_job(self.store, self._engines[service], spec, job_id, payload,
+                                         self._executors[service], classifier=self.classifier)
 
     async def result(self, job_id: str) -> Any:
         task = self._tasks.get(job_id)

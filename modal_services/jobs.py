@@ -70,6 +70,8 @@ class Job:
     meta: dict[str, Any] = field(default_factory=dict)
     # Set by the bot once the result (or error) has been shown to the user.
     delivered: bool = False
+    # For kinds whose images are judged: each image's NSFW score and decision (`SafetyReport.to_dict`).
+    safety: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
