@@ -200,7 +200,7 @@ class ModalBackend(Backend):
         import modal
 
         spec = SERVICES[request.kind]
-        await self._check_models(request.kind)
+        await self._check_models(request)
         job = await create_job(self.store, request.kind, owner, meta, job_id)
         try:
             service = modal.Cls.from_name(self.app_name, spec.modal_class)()
@@ -239,12 +239,17 @@ class ModalBackend(Backend):
                 statuses[service] = "scaled to zero" + (f" ({stats.backlog} waiting)" if stats.backlog else "")
         return statuses
 
-    async def _check_models(self, kind: str) -> None:
-        """Refuse before a GPU container starts only to find its models missing."""
+    async def _check_models(self, request: JobRequest) -> None:
+        """Refuse before a GPU container starts only to find its models missing (the NSFW classifier
+        only when the request's images are to be classified)."""
         from modal_services.downloads import missing_models
+        from modal_services.layout import NSFW_CLASSIFIER_DIR
         from modal_services.registry import BASE_MODELS, models_for
 
-        missing = await missing_models(self.store, models_for(kind))
+        needed = models_for(request.kind)
+        if not getattr(getattr(request, "safety", None), "classifies", True):
+            needed = [key for key in needed if BASE_MODELS[key].folder != NSFW_CLASSIFIER_DIR]
+        missing = await missing_models(self.store, needed)
         if missing:
             names = ", ".join(BASE_MODELS[key].name for key in missing)
             raise ToolboxError(

@@ -58,6 +58,22 @@ def buttons(final: dict) -> list[str]:
     return [item.custom_id.split(":")[2] for item in final["view"].children]
 
 
+async def press(bot, job_id: str, action: str, where: str, message) -> MagicMock:
+    """The result's `action` button (u1, v2, reroll...) pressed on `message`, in a channel of kind `where`."""
+    button = await GenerateButton.from_custom_id(None, None, {"action": action, "job_id": job_id})
+    click = in_channel(where)
+    click.message, click.client = message, bot
+    await button.callback(click)
+    return click
+
+
+async def generated_message(bot, interaction):
+    """The only job's id, and its result as a message whose attachments the buttons can read."""
+    files = final_edit(interaction)["attachments"]
+    job_id = (await bot.backend.store.keys("job:"))[0].split(":", 1)[1]
+    return job_id, fake_message(*(attachment_from(file) for file in files))
+
+
 async def test_block_withholds_flagged_images_outside_age_restricted_channels(toolbox_bot, engine, fast_progress):
     interaction = in_channel("sfw")
     await generate(toolbox_bot, interaction, "a beach", count=2, seed=5)
@@ -117,34 +133,20 @@ async def test_the_buttons_are_judged_for_the_channel_they_are_pressed_in(toolbo
     await use_policy(toolbox_bot, "spoiler")
     interaction = in_channel("nsfw")
     await generate(toolbox_bot, interaction, "a beach", count=2, seed=3)
-    files = final_edit(interaction)["attachments"]
-    job_id = (await toolbox_bot.backend.store.keys("job:"))[0].split(":", 1)[1]
-    message = fake_message(*(attachment_from(file) for file in files))
+    job_id, message = await generated_message(toolbox_bot, interaction)
     await use_policy(toolbox_bot, "block")
-
-    async def press(action, where):
-        button = await GenerateButton.from_custom_id(None, None, {"action": action, "job_id": job_id})
-        click = in_channel(where)
-        click.message, click.client = message, toolbox_bot
-        await button.callback(click)
-        return click
-
     # The same result's buttons: withheld in an ordinary channel, posted in an age-restricted one.
     for action in ("reroll", "v1", "u2"):
-        assert final_edit(await press(action, "sfw"))["attachments"] == []
-        assert final_edit(await press(action, "nsfw"))["attachments"]
+        assert final_edit(await press(toolbox_bot, job_id, action, "sfw", message))["attachments"] == []
+        assert final_edit(await press(toolbox_bot, job_id, action, "nsfw", message))["attachments"]
 
 
 async def test_a_spoilered_result_still_feeds_its_buttons(toolbox_bot, engine, fast_progress):
     await use_policy(toolbox_bot, "spoiler")
     interaction = in_channel("sfw")
     await generate(toolbox_bot, interaction, "a beach", count=2, seed=3)
-    files = final_edit(interaction)["attachments"]
-    job_id = (await toolbox_bot.backend.store.keys("job:"))[0].split(":", 1)[1]
-    button = await GenerateButton.from_custom_id(None, None, {"action": "u2", "job_id": job_id})
-    click = in_channel("sfw")
-    click.message, click.client = fake_message(*(attachment_from(file) for file in files)), toolbox_bot
-    await button.callback(click)
+    job_id, message = await generated_message(toolbox_bot, interaction)
+    click = await press(toolbox_bot, job_id, "u2", "sfw", message)
     assert engine.upscaled and ephemeral_error(click) is None
     assert [file.filename for file in final_edit(click)["attachments"]] == ["SPOILER_upscaled.png",
                                                                             "SPOILER_source.png"]
