@@ -28,7 +28,7 @@ from modal_services.job_requests import (
     UpscaleRequest,
     VerifyRequest,
 )
-from modal_services.jobs import ProgressFn, run_job, update_job
+from modal_services.jobs import ProgressFn, run_job
 from modal_services.layout import Layout
 from modal_services.safety import GENERATED_IMAGES, UPSCALED_IMAGE, ResultImages, judge, obscured
 from modal_services.state import StateStore
@@ -203,13 +203,11 @@ async def run_service_job(
         extras["preview"] = obscured(sink) if _classified(spec, payload) else sink
     try:
         work = partial(run_on_engine, engine, spec, payload, classifier=classifier, **extras)
-        result = await run_job(store, job_id, work, executor)
+        recorded = (lambda result: {"safety": result["safety"]}) if spec.judged_images is not None else None
+        return await run_job(store, job_id, work, executor, recorded)
     finally:
         if spec.previews:
             await sink.close()
-    if spec.judged_images is not None:
-        await update_job(store, job_id, safety=result["safety"])
-    return result
 
 
 def _classified(spec: ServiceSpec, payload: dict[str, Any]) -> bool:
