@@ -93,7 +93,7 @@ _LOOKALIKES = str.maketrans({"а": "a", "е": "e", "о": "o", "р": "p", "с": "
 _WORD = re.compile(r"[a-z0-9]+")
 # Words with the symbols that stand in for letters; punctuation around a word is not part of it.
 _LEET_WORD = re.compile(r"[a-z0-9@$!|+]+")
-_TRAILING_PUNCTUATION = "!|+"
+_EDGE_PUNCTUATION = "!|+"
 # Longest phrase in the lists, in words: how many neighbouring words are tried together.
 _MAX_PHRASE = 3
 
@@ -142,7 +142,7 @@ class FoldedText:
             (int(age) if age.isdigit() else AGE_WORDS[age]) < 18 for age in _AGE.findall(folded)
         )
         words = _words(folded)
-        leet = [word.strip(_TRAILING_PUNCTUATION).translate(_LEET) for word in _LEET_WORD.findall(folded)]
+        leet = [word.strip(_EDGE_PUNCTUATION).translate(_LEET) for word in _LEET_WORD.findall(folded)]
         leet = [word for word in leet if word]
         self.phrases: set[tuple[str, ...]] = set()
         for sequence in (words, leet):
