@@ -44,7 +44,7 @@ def hub(fake_hub, monkeypatch):
     monkeypatch.setitem(BASE_MODELS, GATED.key, GATED)
     serve_registry(fake_hub, {GATED.key: GATED})
     monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
     return fake_hub
 
 
