@@ -27,6 +27,7 @@ from modal_services.errors import ToolboxError
 from modal_services.downloads import DownloadEngine
 from modal_services.caption import CaptionEngine, best_device
 from modal_services.layout import LORAS_MOUNT, LORAS_VOLUME, MODELS_MOUNT, MODELS_VOLUME, Layout, state_dict_name
+from modal_services.nsfw_classifier import NsfwClassifier
 from modal_services.services import SERVICES, run_service_job
 from modal_services.state import ModalDictStore
 
@@ -282,30 +283,41 @@ class SdxlService:
         self.engine = SERVICES["generate"].make_engine(_layout(self.store))
         # Named, not detected: the snapshot is taken before the GPU is attached.
         self.engine.models.device = SDXL_DEVICE
-        try:
-            self.engine.load(staging_device="cpu")
-        except ToolboxError as error:
-            # Stay up: each job reports the problem, and the next job retries
-            # after /setup has put the files on the volume.
-            log.warning("SDXL engine not loaded: %s", error.code.value)
+        # Judges this container's images, loaded with the engine: part of the same snapshot and cold start.
+        self.classifier = NsfwClassifier(MODELS_MOUNT, SDXL_DEVICE)
+        for name, model in (("SDXL engine", self.engine), ("NSFW classifier", self.classifier)):
+            try:
+                model.load(staging_device="cpu")
+            except ToolboxError as error:
+                # Stay up: each job reports the problem, and the next job retries
+                # after /setup has put the files on the volume.
+                log.warning("%s not loaded: %s", name, error.code.value)
 
     @modal.enter(snap=False)
     def place(self) -> None:
         if self.engine.loaded:
             self.engine.place()
+        if self.classifier.loaded:
+            self.classifier.place()
 
     async def _run(self, kind: str, job_id: str, payload: dict):
         if not self.engine.loaded:
             await models_volume.reload.aio()
+        elif not self.classifier.loaded:
+            try:
+                await models_volume.reload.aio()  # a classifier downloaded since this container started
+            except Exception:  # refused while the engine's files are open: the classifier waits for a fresh container
+                log.warning("models volume reload skipped", exc_info=True)
         try:
             # LoRAs and checkpoints imported since this container started.
             await loras_volume.reload.aio()
         except Exception:  # reload refuses while a file is open; the files already seen still work
             log.warning("LoRA volume reload skipped", exc_info=True)
-        return await run_service_job(self.store, self.engine, SERVICES[kind], job_id, payload)
+        return await run_service_job(self.store, self.engine, SERVICES[kind], job_id, payload,
+                                     classifier=self.classifier)
 
     @modal.method()
-    async def upscale(self, job_id: str, payload: dict) -> bytes:
+    async def upscale(self, job_id: str, payload: dict) -> dict:
         return await self._run("upscale", job_id, payload)
 
     @modal.method()

@@ -33,6 +33,7 @@ from modal_services.layout import (
     INSTANTID_CONTROLNET_DIR,
     INSTANTID_DIR,
     IP_ADAPTER_FILE,
+    NSFW_CLASSIFIER_DIR,
     SDXL_CONFIG_DIR,
     SDXL_VAE_DIR,
 )
@@ -199,6 +200,17 @@ BASE_MODELS: dict[str, ModelEntry] = {
             source=HFSource("stabilityai/stable-diffusion-xl-base-1.0", include=SDXL_CONFIG_FILES),
             folder=SDXL_CONFIG_DIR,
             approx_bytes=5_000_000,
+            needed_by=("upscale", "generate"),
+        ),
+        ModelEntry(
+            # ViT-base, labels normal/nsfw, Apache-2.0: judges every generated and upscaled image.
+            key="nsfw-classifier",
+            name="NSFW image classifier (Falconsai ViT)",
+            source=HFSource(
+                "Falconsai/nsfw_image_detection", include=("config.json", "model.safetensors", "preprocessor_config.json")
+            ),
+            folder=NSFW_CLASSIFIER_DIR,
+            approx_bytes=343_000_000,
             needed_by=("upscale", "generate"),
         ),
         # InstantID (`/generate face:`): optional, for their licences; `generate_request` checks both are enabled.

@@ -28,16 +28,22 @@ def test_toolbox_generate_writes_the_image(settings, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_toolbox_generate_with_a_face_runs_instantid_on_the_real_face_analysis(settings, tiny_sdxl_data_dir, tmp_path,
-                                                                               capsys):
+                                                                               capsys, monkeypatch):
     """The whole face path on the local backend: insightface on (synthetic) antelopev2, the tiny IdentityNet and
     face adapter, the tiny SDXL."""
+    import shutil
+
     from modal_services.layout import ANTELOPEV2_DIR
     from tests.fixtures.tiny_faces import write_synthetic_antelopev2
     from tests.fixtures.tiny_instantid import add_tiny_instantid
 
-    models = tiny_sdxl_data_dir / "models"
+    # A data dir of its own: the module's other tests see InstantID neither installed nor enabled.
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_sdxl_data_dir, data_dir)
+    monkeypatch.setenv("TOOLBOX_DATA_DIR", str(data_dir))
+    models = data_dir / "models"
     add_tiny_instantid(models)
-    enable_in(tiny_sdxl_data_dir)
+    enable_in(data_dir)
     write_synthetic_antelopev2(models / ANTELOPEV2_DIR)
     face, dark, out = tmp_path / "face.jpg", tmp_path / "dark.png", tmp_path / "me.png"
     Image.new("RGB", (800, 800), (210, 170, 150)).save(face)

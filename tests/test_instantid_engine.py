@@ -161,8 +161,20 @@ def test_after_a_face_request_the_engine_is_as_fresh(volume, plain):
 def test_guided_batches_with_a_lora_and_the_oom_retry_keep_the_face(volume, engine, monkeypatch):
     lora = {"name": "detail", "path": str(volume.loras["detail"]), "weight": 0.8, "trigger_words": ["shiny"]}
     fields = {**QUICK, "cfg": 5.5, "count": 2, "face_image": FACE, "loras": [lora]}
-    batched = engine.generate(**fields)
-    assert batched["seeds"] == [5, 6] and batched["prompt"] == "shiny, a cat"
+    tokens = []
+    engine.instant_id.load()
+    hook = engine.instant_id.identitynet.register_forward_hook(
+        lambda module, args, kwargs, output: tokens.append(kwargs["encoder_hidden_states"]), with_kwargs=True)
+    try:
+        batched = engine.generate(**fields)
+    finally:
+        hook.remove()
+    assert batched["seeds"] == [5, 6] and batched["prompt"] == "shiny, a cat" and batched["face"]["faces_found"] == 1
+    # Two images under guidance: the unguided half (no face) then the guided half (the face), as the pipeline
+    # lays out its latents and prompts.
+    first = tokens[0]
+    assert first.shape[0] == 4 and torch.equal(first[0], first[1]) and torch.equal(first[2], first[3])
+    assert not torch.allclose(first[0], first[2])
     unet = engine.models.pipe.unet
     real_forward = unet.forward
 
@@ -174,12 +186,12 @@ def test_guided_batches_with_a_lora_and_the_oom_retry_keep_the_face(volume, engi
     monkeypatch.setattr(unet, "forward", forward_failing_on_batches)
     stages = []
     one_by_one = engine.generate(**fields, progress=lambda f, s: stages.append(s))
-    assert any("retrying one image at a time" in stage for stage in stages)
-    # The same images: batched convolutions round differently in the last bits, which the tiny random
-    # IdentityNet amplifies on a few pixels; another seed is another image altogether.
+    assert any("retrying one image at a time" in stage for stage in stages) and one_by_one["face"] is not None
+    # The same images up to rounding (batched convolutions round differently, and CFG 5.5 through a tiny
+    # random IdentityNet amplifies it on some pixels): each is far nearer its batched self than the other seed.
+    apart = np.abs(pixels(batched["images"][0]) - pixels(batched["images"][1])).mean()
     for together, alone in zip(batched["images"], one_by_one["images"]):
-        assert np.abs(pixels(together) - pixels(alone)).mean() < 0.2
-    assert np.abs(pixels(batched["images"][0]) - pixels(batched["images"][1])).mean() > 1
+        assert np.abs(pixels(together) - pixels(alone)).mean() < apart / 4
 
 
 @pytest.mark.slow
