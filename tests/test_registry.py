@@ -11,9 +11,9 @@ from modal_services.registry import BASE_MODELS, SDXL_CONFIG_FILES, get_entry, m
 
 
 def test_keys_are_the_contract():
-<<<<<<< HEAD
     assert [key for key, entry in BASE_MODELS.items() if entry.optional is None] == [
-        "illustrious-xl", "controlnet-tile", "sdxl-vae", "ip-adapter", "clip-vit-h", "qwen3-vl-2b", "sdxl-base"]
+        "illustrious-xl", "controlnet-tile", "sdxl-vae", "ip-adapter", "clip-vit-h", "qwen3-vl-2b", "sdxl-base",
+        "nsfw-classifier"]
 
 
 def test_instantids_models_are_optional_with_their_licences_and_land_where_the_engine_looks():
@@ -34,10 +34,6 @@ def test_instantids_models_are_optional_with_their_licences_and_land_where_the_e
     assert set(antelopev2.published) == set(antelopev2.source.include)
     assert all(len(published.sha256) == 64 for published in antelopev2.published.values())
     assert not instantid.needed_by and not antelopev2.needed_by  # a plain /generate never waits for them
-=======
-    assert list(BASE_MODELS) == ["illustrious-xl", "controlnet-tile", "sdxl-vae", "ip-adapter", "clip-vit-h",
-                                 "qwen3-vl-2b", "sdxl-base", "nsfw-classifier"]
->>>>>>> main
 
 
 def test_files_land_where_the_engines_look():
@@ -68,11 +64,7 @@ def test_every_source_kind_has_a_fetcher():
 
 def test_resolve_and_purposes():
     assert [e.key for e in resolve_keys(["sdxl-base", "illustrious-xl", "sdxl-base"])] == ["illustrious-xl", "sdxl-base"]
-<<<<<<< HEAD
-    assert len(resolve_keys(None)) == 7 and len(resolve_keys(None, enabled={"instantid"})) == 8
-=======
-    assert len(resolve_keys(None)) == 8
->>>>>>> main
+    assert len(resolve_keys(None)) == 8 and len(resolve_keys(None, enabled={"instantid"})) == 9
     assert models_for("caption") == ["qwen3-vl-2b"]
     assert "qwen3-vl-2b" not in models_for("upscale") and "sdxl-base" in models_for("upscale")
     assert "nsfw-classifier" in models_for("upscale") and "nsfw-classifier" in models_for("generate")
