@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
@@ -63,8 +63,10 @@ class StepReports:
     """
 
     def __init__(self, request: GenerateRequest, images: int, deadline: float, progress: ProgressFn,
-                 preview: PreviewFn | None, preview_interval: float):
+                 preview: PreviewFn | None, preview_interval: float, render: Callable[[Any], bytes] | None = None):
+        """`render`: the step's latents as a preview JPEG (SDXL's latents by default)."""
         self.request = request
+        self.render = render or (lambda latents: latent_preview_jpeg(latent_grid(latents)))
         self.images = images
         self.deadline = deadline
         self.progress = progress
@@ -86,7 +88,7 @@ class StepReports:
                 stage += f" · image {first_image + 1}/{self.images}"
             self.progress(0.05 + 0.9 * done / (total * self.images), stage)
             if self.preview is not None and time.monotonic() - self.last_preview >= self.preview_interval:
-                self.preview(latent_preview_jpeg(latent_grid(tensors["latents"])))
+                self.preview(self.render(tensors["latents"]))
                 self.last_preview = time.monotonic()
             return tensors
 

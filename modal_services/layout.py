@@ -27,6 +27,8 @@ CLIP_VIT_H_DIR = "clip-vit-h"
 # SDXL's diffusers configs and tokenizers (no weights): what loading a
 # single-file checkpoint needs offline (`from_single_file(..., config=...)`).
 SDXL_CONFIG_DIR = "sdxl-base"
+# FLUX.1-dev in the diffusers layout (model_index.json, transformer/, text_encoder(_2)/, ...).
+FLUX_DIR = "flux1-dev"
 
 # On the LoRA volume.
 LORAS_SUBDIR = "loras"

@@ -105,8 +105,9 @@ def with_trigger_words(prompt: str, loras: list[LoraSpec]) -> str:
     return ", ".join(added + ([prompt] if prompt else []))
 
 
-def latent_preview_jpeg(latents, max_side: int = PREVIEW_SIDE, quality: int = 70) -> bytes:
-    """A small JPEG of (1, 4, h, w) SDXL latents through the fixed latent->RGB map."""
+def latent_preview_jpeg(latents, max_side: int = PREVIEW_SIDE, quality: int = 70,
+                        factors: list[list[float]] = SDXL_LATENT_RGB, bias: list[float] = SDXL_LATENT_RGB_BIAS) -> bytes:
+    """A small JPEG of (1, channels, h, w) latents through a fixed latent->RGB map (SDXL's by default)."""
     import torch
     import torch.nn.functional as F
     from PIL import Image
@@ -116,9 +117,9 @@ def latent_preview_jpeg(latents, max_side: int = PREVIEW_SIDE, quality: int = 70
     shrink = max(height, width) / max_side
     if shrink > 1:
         latents = F.interpolate(latents[None], size=(max(1, round(height / shrink)), max(1, round(width / shrink))), mode="area")[0]
-    factors = torch.tensor(SDXL_LATENT_RGB, device=latents.device)
-    bias = torch.tensor(SDXL_LATENT_RGB_BIAS, device=latents.device)
-    rgb = torch.einsum("chw,cr->hwr", latents, factors) + bias
+    rgb = torch.einsum("chw,cr->hwr", latents, torch.tensor(factors, device=latents.device)) + torch.tensor(
+        bias, device=latents.device
+    )
     pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
