@@ -57,7 +57,7 @@ from bot.api_schema import (
 from bot.backend import RESULT_KEEP_SECONDS, Backend
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
-from modal_services.job_requests import CaptionRequest, GenerateRequest, JobRequest, UpscaleRequest
+from modal_services.job_requests import CaptionRequest, FluxGenerateRequest, GenerateRequest, JobRequest, UpscaleRequest
 from modal_services.jobs import Job, JobStatus, request_cancel
 from modal_services.library import Library
 
@@ -278,7 +278,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 async def render_result(job: Job, result: Any) -> dict[str, Any]:
     """A finished job's result as JSON; image encoding runs in a thread (an upscale is tens of MB)."""
-    if job.kind == "generate":
+    if job.kind in ("generate", "flux_generate"):
         return await asyncio.to_thread(generate_response, result, job.meta.get("lora_scale"))
     if job.kind == "caption":
         return {"captions": result}
@@ -300,10 +300,17 @@ class Payloads:
     def __init__(self, library: Library):
         self.library = library
 
-    async def generate(self, request: GenerateImageRequest) -> GenerateRequest:
-        from bot.generate_requests import generate_request
+    async def generate(self, request: GenerateImageRequest) -> GenerateRequest | FluxGenerateRequest:
+        from bot.generate_requests import flux_generate_request, generate_model, generate_request
 
-        choices = request.model_dump(exclude={"kind", "loras"})
+        if generate_model(request.model) == "flux":
+            if request.lora_url is not None:
+                raise ToolboxError(ErrorCode.INVALID_INPUT, "lora_url is for SDXL: Flux takes LoRAs from the library (`loras`).")
+            # Only what the client gave: Flux's own defaults (guidance 3.5) fill in the rest.
+            choices = request.model_dump(exclude_unset=True, exclude={"kind", "model", "loras", "lora_scale", "lora_sha256"})
+            job_request, _ = await flux_generate_request(self.library, choices, [lora.model_dump() for lora in request.loras])
+            return job_request
+        choices = request.model_dump(exclude={"kind", "model", "loras"})
         if request.lora_url is not None:
             choices["lora_url"] = str(request.lora_url)
         job_request, _ = await generate_request(self.library, choices, [lora.model_dump() for lora in request.loras])

@@ -9,8 +9,22 @@ from __future__ import annotations
 from typing import Any
 
 from bot.upscale_requests import resolve_lora
-from modal_services.job_requests import GenerateRequest, LoraRef
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import FluxGenerateRequest, GenerateRequest, LoraRef
 from modal_services.library import Library
+
+# The models /generate offers: the name members pick (and the API's alias) -> what it is.
+GENERATE_MODELS = {"sdxl": "SDXL (the server's checkpoint)", "flux": "FLUX.1-dev"}
+MODEL_ALIASES = {"sdxl": "sdxl", "flux": "flux", "flux-dev": "flux", "flux1-dev": "flux"}
+FLUX_MODEL = {"key": "flux1-dev", "name": "FLUX.1-dev", "file": None}
+
+
+def generate_model(name: str | None) -> str:
+    """"sdxl" or "flux" for what a member, a terminal or an API client called the model."""
+    model = MODEL_ALIASES.get((name or "sdxl").strip().lower())
+    if model is None:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"The model is one of sdxl, flux-dev (got {name!r}).")
+    return model
 
 
 async def generate_request(library: Library, choices: dict[str, Any], loras: list[dict[str, Any]]) -> tuple[GenerateRequest, dict]:
@@ -22,7 +36,17 @@ async def generate_request(library: Library, choices: dict[str, Any], loras: lis
     given = {name: value for name, value in choices.items() if value is not None}
     GenerateRequest.parse(given)
     refs = [LoraRef.parse(lora) for lora in loras]
-    resolved = [await resolve_lora(library, ref) for ref in refs]
+    resolved = [await resolve_lora(library, ref, family="sdxl") for ref in refs]
     checkpoint = await library.active_checkpoint()
     request = GenerateRequest.parse({**given, "loras": resolved, "checkpoint": checkpoint["file"]})
     return request, checkpoint
+
+
+async def flux_generate_request(library: Library, choices: dict[str, Any],
+                                loras: list[dict[str, Any]]) -> tuple[FluxGenerateRequest, dict]:
+    """As `generate_request`, for FLUX.1-dev: `cfg` is Flux's guidance, and only Flux LoRAs are taken."""
+    given = {("guidance" if name == "cfg" else name): value for name, value in choices.items() if value is not None}
+    FluxGenerateRequest.parse(given)
+    refs = [LoraRef.parse(lora) for lora in loras]
+    resolved = [await resolve_lora(library, ref, family="flux") for ref in refs]
+    return FluxGenerateRequest.parse({**given, "loras": resolved}), FLUX_MODEL

@@ -17,6 +17,7 @@ from typing import Any, Callable, Protocol
 from modal_services.job_requests import (
     CaptionRequest,
     DownloadRequest,
+    FluxGenerateRequest,
     GenerateRequest,
     JobRequest,
     ModelDeleteRequest,
@@ -133,6 +134,18 @@ def _generate():
     return SdxlEngine.generate
 
 
+def _flux_engine(layout: Layout) -> Engine:
+    from modal_services.flux import FluxEngine
+
+    return FluxEngine(layout)
+
+
+def _flux_generate():
+    from modal_services.flux import FluxEngine
+
+    return FluxEngine.generate
+
+
 SERVICES: dict[str, ServiceSpec] = {
     spec.kind: spec
     for spec in (
@@ -142,6 +155,8 @@ SERVICES: dict[str, ServiceSpec] = {
         # One GPU class and one engine for every SDXL job: they share the loaded models.
         ServiceSpec(UpscaleRequest, "SdxlService", "upscale", _upscale, _sdxl_engine, previews=True),
         ServiceSpec(GenerateRequest, "SdxlService", "generate", _generate, _sdxl_engine, previews=True),
+        # FLUX.1-dev on a GPU class of its own: its weights do not fit beside SDXL's.
+        ServiceSpec(FluxGenerateRequest, "FluxService", "generate", _flux_generate, _flux_engine, previews=True),
         # The model library's file work (/models): CivitAI imports, uploads, deletes, scans.
         ServiceSpec(ModelImportRequest, "ModelService", "import_model", _import_model, _model_engine),
         ServiceSpec(ModelUploadRequest, "ModelService", "upload_model", _upload_model, _model_engine),
