@@ -30,7 +30,6 @@ from modal_services.job_requests import (
     Scale,
     Seed,
     FluxSide,
-    Side,
     Timeout,
     UpscaleRequest,
     field_bounds,
@@ -87,8 +86,8 @@ class GenerateImageRequest(Strict):
         "sdxl", description="flux-dev: FLUX.1-dev (if the bot's admin enabled it): guidance `cfg` 1-10 (3.5 when "
         "omitted), no negative prompt, sizes up to about 2 MP (2048 a side), library Flux LoRAs only")
     negative_prompt: Prompt = _default(GenerateRequest, "negative_prompt")
-    width: Side | FluxSide = Field(_default(GenerateRequest, "width"), description="SDXL: 512-1536; Flux: up to 2048")
-    height: Side | FluxSide = Field(_default(GenerateRequest, "height"), description="SDXL: 512-1536; Flux: up to 2048")
+    width: FluxSide = Field(_default(GenerateRequest, "width"), description="SDXL: 512-1536; Flux: up to 2048")
+    height: FluxSide = Field(_default(GenerateRequest, "height"), description="SDXL: 512-1536; Flux: up to 2048")
     steps: GenerationSteps = _default(GenerateRequest, "steps")
     cfg: Cfg = _default(GenerateRequest, "cfg")
     seed: Seed | None = Field(None, description="random when omitted; always reported in metadata.seed_used")

@@ -152,7 +152,6 @@ class Generate(commands.Cog):
     @app_commands.command(name="generate", description="Make images from a prompt with SDXL or Flux, optionally with LoRAs")
     @app_commands.describe(
         prompt="What to draw (booru tags work best with Illustrious; Flux follows plain sentences)",
-        model="SDXL or FLUX.1-dev (default: the server's, usually SDXL)",
         negative="What to avoid (default: the server's; SDXL only)",
         aspect="The shape (default: the server's, usually square)",
         count="How many images, 1-4 (default 1)",
@@ -165,6 +164,7 @@ class Generate(commands.Cog):
         lora2_weight="Its weight",
         lora3="A third LoRA",
         lora3_weight="Its weight",
+        model="SDXL or FLUX.1-dev (default: the server's, usually SDXL)",
     )
     @app_commands.choices(aspect=ASPECT_CHOICES, model=MODEL_CHOICES)
     @app_commands.autocomplete(lora1=model_lora_autocomplete, lora2=model_lora_autocomplete, lora3=model_lora_autocomplete)
@@ -172,7 +172,6 @@ class Generate(commands.Cog):
         self,
         interaction: discord.Interaction,
         prompt: PromptOption,
-        model: app_commands.Choice[str] | None = None,
         negative: NegativeOption | None = None,
         aspect: app_commands.Choice[str] | None = None,
         count: CountOption | None = None,
@@ -185,6 +184,7 @@ class Generate(commands.Cog):
         lora2_weight: LoraWeightOption | None = None,
         lora3: str | None = None,
         lora3_weight: LoraWeightOption | None = None,
+        model: app_commands.Choice[str] | None = None,
     ) -> None:
         params = {
             "prompt": prompt, "model": model.value if model else None, "negative": negative, "aspect": aspect.value if aspect else None, "count": count,

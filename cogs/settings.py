@@ -30,9 +30,9 @@ def describe(settings: GuildSettings) -> str:
         "**Server settings**",
         f"Caption style: {settings.default_caption_style}",
         f"Upscale: {settings.default_upscale_scale:g}x, creativity {settings.default_creativity:g}",
-        f"Generate: {GENERATE_MODELS[settings.default_model]}, {settings.default_aspect}, {settings.default_steps} steps, "
-        f"CFG {settings.default_cfg:g}"
-        + (f", negative “{settings.default_negative[:80]}”" if settings.default_negative else ""),
+        f"Generate: {settings.default_aspect}, {settings.default_steps} steps, CFG {settings.default_cfg:g}"
+        + (f", negative “{settings.default_negative[:80]}”" if settings.default_negative else "")
+        + f", model {GENERATE_MODELS[settings.default_model]}",
         f"Jobs at once: {settings.user_cap} per member, {settings.guild_cap} for the server",
         f"Who: {roles} · Where: {channels}",
     ])

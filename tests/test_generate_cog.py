@@ -81,7 +81,7 @@ def attachment_from(file: discord.File) -> MagicMock:
 
 async def generate(bot, interaction, prompt, **options):
     names = ["negative", "aspect", "count", "steps", "cfg", "seed", "lora1", "lora1_weight", "lora2",
-             "lora2_weight", "lora3", "lora3_weight"]
+             "lora2_weight", "lora3", "lora3_weight", "model"]
     await invoke(bot, generate_command(bot), interaction, prompt, *(options.get(name) for name in names))
 
 
@@ -89,7 +89,7 @@ async def test_command_options_come_from_the_request_model(toolbox_bot):
     command = generate_command(toolbox_bot)
     options = {p.name: p for p in command.parameters}
     assert list(options) == ["prompt", "negative", "aspect", "count", "steps", "cfg", "seed", "lora1",
-                             "lora1_weight", "lora2", "lora2_weight", "lora3", "lora3_weight"]
+                             "lora1_weight", "lora2", "lora2_weight", "lora3", "lora3_weight", "model"]
     assert (options["steps"].min_value, options["steps"].max_value) == (20, 50)
     assert (options["cfg"].min_value, options["cfg"].max_value) == (1.0, 20.0)
     assert (options["count"].min_value, options["count"].max_value) == (1, 4)
