@@ -180,10 +180,10 @@ class FluxEngine:
             parts = {}
             if quantization is not None:
                 parts["transformer"] = FluxTransformer2DModel.from_pretrained(
-                    self.model_dir, subfolder="transformer", quantization_config=quantization, torch_dtype=dtype,
+                    self.model_dir, subfolder="transformer", quantization_config=quantization, dtype=dtype,
                     local_files_only=True,
                 )
-            pipe = FluxPipeline.from_pretrained(self.model_dir, torch_dtype=dtype, local_files_only=True, **parts)
+            pipe = FluxPipeline.from_pretrained(self.model_dir, dtype=dtype, local_files_only=True, **parts)
         except Exception as exc:
             log.exception("loading FLUX.1-dev from %s failed", self.model_dir)
             raise ToolboxError(
@@ -194,7 +194,8 @@ class FluxEngine:
         pipe.to(self.placement)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
-        self._img2img = FluxImg2ImgPipeline.from_pipe(pipe)
+        # from_pipe casts the shared components to its `dtype` (float32 unless told).
+        self._img2img = FluxImg2ImgPipeline.from_pipe(pipe, dtype=dtype)
         self._img2img.set_progress_bar_config(disable=True)
         self.loaded = True
 

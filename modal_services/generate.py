@@ -189,8 +189,9 @@ class TextToImage:
 
         source = self.models.pipe
         if self._pipes is None or self._pipes[0] is not source:
-            text_to_image = StableDiffusionXLPipeline.from_pipe(source)
-            img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(source)
+            # from_pipe casts the shared components to its `dtype` (float32 unless told): keep them in theirs.
+            text_to_image = StableDiffusionXLPipeline.from_pipe(source, dtype=self.models.dtype)
+            img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(source, dtype=self.models.dtype)
             for pipe in (text_to_image, img2img):
                 pipe.set_progress_bar_config(disable=True)
             self._pipes = (source, text_to_image, img2img)
