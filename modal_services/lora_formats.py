@@ -691,7 +691,7 @@ def check_flux_lora(path: Path, layout: FluxLayout | None = None) -> LoraReport:
     try:
         # The converters pop what they consume: give them a copy.
         converted = FluxPipeline.lora_state_dict(dict(state))
-    except (ValueError, KeyError, IndexError, AssertionError) as exc:
+    except (ValueError, KeyError, IndexError, AssertionError, RuntimeError) as exc:
         raise _fail(f"diffusers cannot read this file as a Flux LoRA ({type(exc).__name__}: {str(exc)[:200]}).") from None
     counts, rank = _check_flux_fit(converted, layout)
     return LoraReport(fmt, False, sum(counts.values()), rank, counts, notes)
