@@ -75,6 +75,8 @@ HEALTH_TTL_SECONDS = 2.0
 STATUS_FOR_CODE = {
     ErrorCode.INVALID_INPUT: 400,
     ErrorCode.INVALID_PROMPT: 400,
+    # A LoRA of the other model's family: the request's mistake.
+    ErrorCode.INCOMPATIBLE_MODEL: 400,
     ErrorCode.PERMISSION_DENIED: 401,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.CANCELLED: 409,
