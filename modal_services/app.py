@@ -249,6 +249,17 @@ sdxl_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17").env(
 )
 
 
+async def _volumes_for_job(engine) -> None:
+    """What a GPU job reads fresh: the base models while the engine is not loaded yet (/setup may just
+    have put them there), and the LoRAs and checkpoints imported since this container started."""
+    if not engine.loaded:
+        await models_volume.reload.aio()
+    try:
+        await loras_volume.reload.aio()
+    except Exception:  # reload refuses while a file is open; the files already seen still work
+        log.warning("LoRA volume reload skipped", exc_info=True)
+
+
 @app.cls(
     image=sdxl_image,
     gpu=SDXL_GPU,
@@ -282,13 +293,7 @@ class SdxlService:
             self.engine.place()
 
     async def _run(self, kind: str, job_id: str, payload: dict):
-        if not self.engine.loaded:
-            await models_volume.reload.aio()
-        try:
-            # LoRAs and checkpoints imported since this container started.
-            await loras_volume.reload.aio()
-        except Exception:  # reload refuses while a file is open; the files already seen still work
-            log.warning("LoRA volume reload skipped", exc_info=True)
+        await _volumes_for_job(self.engine)
         return await run_service_job(self.store, self.engine, SERVICES[kind], job_id, payload)
 
     @modal.method()
@@ -370,12 +375,7 @@ class FluxService:
 
     @modal.method()
     async def generate(self, job_id: str, payload: dict) -> dict:
-        if not self.engine.loaded:
-            await models_volume.reload.aio()
-        try:
-            await loras_volume.reload.aio()
-        except Exception:  # reload refuses while a file is open; the files already seen still work
-            log.warning("LoRA volume reload skipped", exc_info=True)
+        await _volumes_for_job(self.engine)
         return await run_service_job(self.store, self.engine, SERVICES["flux_generate"], job_id, payload)
 
 

@@ -22,19 +22,25 @@ with `cfg` the guidance, `negative_prompt` empty and `checkpoint` "flux1-dev".
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.generate import MAX_START_PIXELS, PREVIEW_INTERVAL, StepReports, latent_grid
+from modal_services.generate import (
+    MAX_START_PIXELS,
+    PREVIEW_INTERVAL,
+    StepReports,
+    generated_images,
+    generation_result,
+    latent_grid,
+)
 from modal_services.imaging import decode_image, encode_png
 from modal_services.job_requests import FluxGenerateRequest, job_method
 from modal_services.jobs import ProgressFn
 from modal_services.layout import FLUX_DIR, LORAS_SUBDIR, Layout
-from modal_services.sdxl_pipeline import LoraSpec, PreviewFn, latent_preview_jpeg, retry_smaller_on_oom, with_trigger_words
+from modal_services.sdxl_pipeline import LoraSpec, PreviewFn, job_adapters, latent_preview_jpeg, with_trigger_words
 
 log = logging.getLogger(__name__)
 
@@ -250,49 +256,20 @@ class FluxEngine:
             self.place()
         with self.loras(specs, progress):
             deadline = started + request.timeout
+            images = generated_images(
+                lambda batch: self._run(request, prompt, seeds, start_image, batch, deadline, progress, preview),
+                len(seeds), request.width, request.height, progress,
+            )
+        return generation_result(request, images, seeds, prompt, specs, start_image is not None, started,
+                                 cfg=request.guidance, negative_prompt="", checkpoint=MODEL_NAME)
 
-            def run(one_at_a_time: bool) -> list[bytes]:
-                return self._run(request, prompt, seeds, start_image, 1 if one_at_a_time else len(seeds),
-                                 deadline, progress, preview)
-
-            try:
-                images = retry_smaller_on_oom(
-                    run, len(seeds) > 1, "retrying one image at a time",
-                    f"The GPU ran out of memory at {request.width}×{request.height}: try a smaller size.", progress,
-                )
-            except ToolboxError:
-                raise
-            except Exception as exc:
-                log.exception("generating %d Flux image(s) failed", len(seeds))
-                raise ToolboxError(
-                    ErrorCode.GENERATION_FAILED, f"The images could not be generated ({type(exc).__name__})."
-                ) from exc
-        return {
-            "images": images, "seeds": seeds, "width": request.width, "height": request.height,
-            "steps": request.steps, "cfg": request.guidance, "prompt": prompt, "negative_prompt": "",
-            "checkpoint": MODEL_NAME, "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
-            "strength": request.strength if start_image is not None else None,
-            "generation_time_seconds": round(time.monotonic() - started, 3),
-        }
-
-    @contextlib.contextmanager
-    def loras(self, specs: list[LoraSpec], progress: ProgressFn) -> Iterator[None]:
+    def loras(self, specs: list[LoraSpec], progress: ProgressFn):
         """The job's LoRAs active inside the block; all unloaded when it ends, however it ends."""
-        if specs:
-            progress(0.02, "loading LoRAs")
-        try:
-            names = [self._load_adapter(spec, f"lora{index}") for index, spec in enumerate(specs)]
-            if names:
-                self.pipe.set_adapters(names, adapter_weights=[spec.weight for spec in specs])
-            yield
-        finally:
-            if specs:
-                # Also restores any layer a LoRA widened (diffusers does that for Flux Control LoRAs).
-                self.pipe.unload_lora_weights(reset_to_overwritten_params=True)
+        # The unload also restores any layer a LoRA widened (diffusers does that for Flux Control LoRAs).
+        return job_adapters(self.pipe, specs, progress, self._load_adapter,
+                            lambda: self.pipe.unload_lora_weights(reset_to_overwritten_params=True))
 
-    def _load_adapter(self, spec: LoraSpec, name: str) -> str:
-        if not spec.path.is_file():
-            raise ToolboxError(ErrorCode.LORA_LOAD_FAILED, f"The LoRA {spec.name!r} is missing its file ({spec.path.name}).")
+    def _load_adapter(self, spec: LoraSpec, name: str) -> None:
         try:
             self.pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except Exception as exc:
@@ -301,7 +278,6 @@ class FluxEngine:
                 ErrorCode.LORA_LOAD_FAILED,
                 f"The LoRA {spec.name!r} could not be loaded into Flux ({type(exc).__name__}: {str(exc)[:160]}).",
             ) from exc
-        return name
 
     def _run(self, request: FluxGenerateRequest, prompt: str, seeds: list[int], start_image, batch: int,
              deadline: float, progress: ProgressFn, preview: PreviewFn | None) -> list[bytes]:

@@ -95,6 +95,33 @@ class StepReports:
         return on_step
 
 
+def generated_images(run: Callable[[int], list[bytes]], count: int, width: int, height: int,
+                     progress: ProgressFn) -> list[bytes]:
+    """`run(batch)` for all `count` images at once; after a CUDA out-of-memory error once more one image at a
+    time. A failure that is not already a ToolboxError is GENERATION_FAILED."""
+    try:
+        return retry_smaller_on_oom(
+            lambda one_at_a_time: run(1 if one_at_a_time else count), count > 1, "retrying one image at a time",
+            f"The GPU ran out of memory at {width}×{height}: try a smaller size.", progress,
+        )
+    except ToolboxError:
+        raise
+    except Exception as exc:
+        log.exception("generating %d image(s) failed", count)
+        raise ToolboxError(ErrorCode.GENERATION_FAILED, f"The images could not be generated ({type(exc).__name__}).") from exc
+
+
+def generation_result(request, images: list[bytes], seeds: list[int], prompt: str, specs: list[LoraSpec],
+                      varied: bool, started: float, **model_fields: Any) -> dict:
+    """The result described above, for `request` (SDXL's or Flux's); `model_fields`: cfg, negative_prompt, checkpoint."""
+    return {
+        "images": images, "seeds": seeds, "width": request.width, "height": request.height, "steps": request.steps,
+        "prompt": prompt, "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
+        "strength": request.strength if varied else None,
+        "generation_time_seconds": round(time.monotonic() - started, 3), **model_fields,
+    }
+
+
 # How a request's own LoRA is named in the result's `loras`.
 URL_LORA_NAME = "lora_url"
 
@@ -158,30 +185,12 @@ class TextToImage:
                                   weight=lora_scale))
         with self.models.loras(specs, progress):
             deadline = started + request.timeout
-
-            def run(one_at_a_time: bool) -> list[bytes]:
-                return self._run(request, prompt, seeds, start_image, 1 if one_at_a_time else len(seeds),
-                                 deadline, progress, preview)
-
-            try:
-                images = retry_smaller_on_oom(
-                    run, len(seeds) > 1, "retrying one image at a time",
-                    f"The GPU ran out of memory at {request.width}×{request.height}: try a smaller size.", progress,
-                )
-            except ToolboxError:
-                raise
-            except Exception as exc:
-                log.exception("generating %d image(s) failed", len(seeds))
-                raise ToolboxError(
-                    ErrorCode.GENERATION_FAILED, f"The images could not be generated ({type(exc).__name__})."
-                ) from exc
-        return {
-            "images": images, "seeds": seeds, "width": request.width, "height": request.height,
-            "steps": request.steps, "cfg": request.cfg, "prompt": prompt, "negative_prompt": request.negative_prompt,
-            "checkpoint": checkpoint_path.stem, "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
-            "strength": request.strength if start_image is not None else None,
-            "generation_time_seconds": round(time.monotonic() - started, 3),
-        }
+            images = generated_images(
+                lambda batch: self._run(request, prompt, seeds, start_image, batch, deadline, progress, preview),
+                len(seeds), request.width, request.height, progress,
+            )
+        return generation_result(request, images, seeds, prompt, specs, start_image is not None, started,
+                                 cfg=request.cfg, negative_prompt=request.negative_prompt, checkpoint=checkpoint_path.stem)
 
     def _pipelines(self):
         """Text-to-image and img2img pipelines over the loaded components (rebuilt after a checkpoint switch)."""

@@ -145,6 +145,28 @@ def retry_smaller_on_oom(work: Callable[[bool], T], can_shrink: bool, retry_stag
         raise ToolboxError(ErrorCode.CUDA_OOM, oom_message) from exc
 
 
+@contextlib.contextmanager
+def job_adapters(pipe, specs: list[LoraSpec], progress: ProgressFn, load: Callable[[LoraSpec, str], None],
+                 unload: Callable[[], None]) -> Iterator[None]:
+    """A job's LoRAs as named adapters on `pipe` inside the block (`load(spec, name)` loads one); `unload()`
+    when it ends, however it ends, so the next job runs on the pipeline's own weights."""
+    if specs:
+        progress(0.02, "loading LoRAs")
+    try:
+        names = []
+        for index, spec in enumerate(specs):
+            if not spec.path.is_file():
+                raise ToolboxError(ErrorCode.LORA_LOAD_FAILED, f"The LoRA {spec.name!r} is missing its file ({spec.path.name}).")
+            names.append(f"lora{index}")
+            load(spec, names[-1])
+        if names:
+            pipe.set_adapters(names, adapter_weights=[spec.weight for spec in specs])
+        yield
+    finally:
+        if specs:
+            unload()
+
+
 class SdxlModels:
     """The loaded SDXL components, the active checkpoint, and each job's LoRAs."""
 
@@ -317,23 +339,11 @@ class SdxlModels:
 
     # ------------------------------------------------------------------ LoRAs
 
-    @contextlib.contextmanager
-    def loras(self, specs: list[LoraSpec], progress: ProgressFn) -> Iterator[None]:
+    def loras(self, specs: list[LoraSpec], progress: ProgressFn):
         """The job's LoRAs active inside the block; every adapter unloaded when it ends, however it ends."""
-        if specs:
-            progress(0.02, "loading LoRAs")
-        try:
-            names = [self._load_adapter(spec, f"lora{index}") for index, spec in enumerate(specs)]
-            if names:
-                self.pipe.set_adapters(names, adapter_weights=[spec.weight for spec in specs])
-            yield
-        finally:
-            if specs:
-                self.pipe.unload_lora_weights()
+        return job_adapters(self.pipe, specs, progress, self._load_adapter, self.pipe.unload_lora_weights)
 
-    def _load_adapter(self, spec: LoraSpec, name: str) -> str:
-        if not spec.path.is_file():
-            raise ToolboxError(ErrorCode.LORA_LOAD_FAILED, f"The LoRA {spec.name!r} is missing its file ({spec.path.name}).")
+    def _load_adapter(self, spec: LoraSpec, name: str) -> None:
         try:
             self.pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except Exception as exc:
@@ -342,4 +352,3 @@ class SdxlModels:
                 f"{type(exc).__name__}: {str(exc)[:160]}"
             )
             raise ToolboxError(ErrorCode.LORA_LOAD_FAILED, f"The LoRA {spec.name!r} could not be loaded: {reason}.") from exc
-        return name

@@ -15,7 +15,7 @@ from cogs.generate import GenerateButton
 from modal_services.library import LibraryEntry, entry_key
 from tests.fakes.discord_fakes import ephemeral_error, fake_interaction, fake_message
 from tests.images import png_bytes
-from tests.test_generate_cog import FakeSdxlEngine, attachment_from, final_edit, generate
+from tests.test_generate_cog import attachment_from, engine, final_edit, generate  # noqa: F401 (engine: a fixture)
 
 FLUX = discord.app_commands.Choice(name="FLUX.1-dev", value="flux")
 
@@ -51,10 +51,8 @@ def flux(use_engine):
 
 
 @pytest.fixture
-def sdxl(use_engine):
-    engine = FakeSdxlEngine()
-    use_engine("generate", engine)
-    use_engine("upscale", engine)
+def sdxl(engine):
+    """The SDXL stand-in serving generate and upscale jobs."""
     return engine
 
 

@@ -13,6 +13,7 @@ from modal_services.flux import FluxEngine, choose_precision, flux_preview_jpeg
 from modal_services.layout import FLUX_DIR, Layout
 from tests.fixtures.tiny_flux import build_tiny_flux_volume
 from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
+from tests.test_generate_engine import lora, pixels
 from tests.images import png_bytes
 
 # The smallest request Flux's request allows: 512², 20 steps; the longest timeout (CI machines are slow).
@@ -41,14 +42,6 @@ def base(volume) -> dict:
     reports, previews = [], []
     result = new_engine(volume).generate(**REQUEST, progress=lambda f, s: reports.append((f, s)), preview=previews.append)
     return {**result, "reports": reports, "previews": previews}
-
-
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
-
-
-def lora(volume, name, weight=1.0, triggers=()):
-    return {"name": name, "path": str(volume.loras[name]), "weight": weight, "trigger_words": list(triggers)}
 
 
 def no_adapters_left(engine) -> bool:

@@ -9,14 +9,12 @@ import pytest
 
 from bot.generate_requests import flux_generate_request, generate_request
 from bot.upscale_requests import upscale_request
-from modal_services import transfer
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import Layout
 from modal_services.library import Library, LibraryEntry, entry_key
 from modal_services.lora_formats import FluxLayout, check_flux_lora, lora_family, normalize_lora
 from modal_services.model_import import ModelEngine
 from modal_services.state import SqliteStore
-from tests.fakes.civitai_server import FakeCivitai
 from tests.fixtures import tiny_loras
 from tests.fixtures.tiny_flux import (
     diffusers_flux_lora,
@@ -26,6 +24,7 @@ from tests.fixtures.tiny_flux import (
     xlabs_flux_lora,
 )
 from tests.images import png_bytes
+from tests.test_civitai_import import Progress, _no_waiting, civitai  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +35,6 @@ def transformer():
 @pytest.fixture(scope="module")
 def layout():
     return FluxLayout.of_pipeline(tiny_flux_pipeline())
-
-
-@pytest.fixture
-def civitai():
-    server = FakeCivitai().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(autouse=True)
-def _no_waiting(monkeypatch):
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
 
 
 @pytest.fixture
@@ -63,11 +50,6 @@ def save(tmp_path, name, state):
     path = tmp_path / f"{name}.safetensors"
     path.write_bytes(tiny_loras.to_bytes(state))
     return path
-
-
-class Progress:
-    def __call__(self, fraction: float, stage: str) -> None:
-        pass
 
 
 # ---------------------------------------------------------------- the checks
