@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     setup = commands.add_parser("setup", help="download the missing base models")
     setup.add_argument("--only", nargs="+", metavar="KEY", help="just these models (see `toolbox status`)")
+    toggles = setup.add_mutually_exclusive_group()
+    toggles.add_argument("--enable", nargs="+", metavar="KEY", default=[],
+                         help="enable these optional models (accepting their licences), then download what is missing")
+    toggles.add_argument("--disable", nargs="+", metavar="KEY", default=[],
+                         help="disable these optional models (their files stay)")
 
     status = commands.add_parser("status", help="the data dir, base models, tokens and the running download")
     status.add_argument("--json", action="store_true", help="one JSON document on stdout")
@@ -151,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "caption":
             asyncio.run(caption_files(settings, args))
         elif args.command == "setup":
-            asyncio.run(setup_models(settings, args.only))
+            asyncio.run(setup_models(settings, args.only, args.enable, args.disable))
         elif args.command == "status":
             asyncio.run(show_status(settings, args.json))
         elif args.command == "upscale":
@@ -390,15 +395,29 @@ async def generate_through_api(settings: Settings, args: argparse.Namespace, cho
         print(f"{path} ({width}×{height}, seed {image_seed}, {result['model_info']['base_model']})")
 
 
-async def setup_models(settings: Settings, only: list[str] | None) -> None:
-    """Download the missing base models (or `--only` these, recommended LoRAs included)."""
+async def setup_models(settings: Settings, only: list[str] | None, enable: list[str] = (),
+                       disable: list[str] = ()) -> None:
+    """Download the missing base models (or `--only` these, recommended LoRAs included), after
+    enabling or disabling optional models (`--disable` only disables)."""
     from modal_services.library import Library
+    from modal_services.optional_models import optional_entry, set_enabled
     from modal_services.registry import STARTER_LORAS, split_setup_keys
 
     base_keys, starters = split_setup_keys(only)  # an unknown key fails here, before anything starts
+    for key in (*enable, *disable):
+        optional_entry(key)
     backend = await open_backend(settings)
     library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+    by = "`toolbox setup` on the command line"
     try:
+        for key in disable:
+            entry = await set_enabled(backend.store, key, False, by)
+            print(f"Disabled {entry.name}; files already downloaded stay.")
+        if disable:
+            return
+        for key in enable:
+            entry = await set_enabled(backend.store, key, True, by)
+            print(f"Enabled {entry.name}, accepting its terms: {entry.optional.summary} ({entry.optional.url})")
         if base_keys or not only:
             await _download_base_models(settings, backend, base_keys)
         if starters:
@@ -416,9 +435,10 @@ async def _download_base_models(settings: Settings, backend: Backend, keys: list
     from bot.progress import watch_job
     from bot.setup_download import checked_states, start_or_attach_download
     from modal_services.downloads import model_states
+    from modal_services.optional_models import enabled_models
     from modal_services.registry import resolve_keys
 
-    entries = resolve_keys(keys)
+    entries = resolve_keys(keys, enabled=await enabled_models(backend.store))
     states = await checked_states(settings, backend.store, entries, hashes=True)
     missing = [state.key for state in states if state.state != "present"]
     if not missing:
@@ -490,13 +510,16 @@ async def show_status(settings: Settings, as_json: bool) -> None:
 
     from bot.setup_download import active_download, checked_states
     from modal_services.library import Library
-    from modal_services.registry import BASE_MODELS, STARTER_LORAS
+    from modal_services.optional_models import enabled_record, setup_entries
+    from modal_services.registry import STARTER_LORAS, optional_entries
     from modal_services.tokens import SERVICES, token_state
 
     backend = await open_backend(settings)
     store = backend.store
     try:
-        states = await checked_states(settings, store, BASE_MODELS.values())
+        states = await checked_states(settings, store, await setup_entries(store))
+        optional = {entry.key: {"name": entry.name, "terms": entry.optional.summary, "url": entry.optional.url,
+                                "enabled": await enabled_record(store, entry.key)} for entry in optional_entries()}
         tokens = [await token_state(store, service) for service in SERVICES]
         library = Library.for_backend(store, settings.backend == "local", settings.loras_dir, settings.models_dir)
         starters = {}
@@ -509,6 +532,7 @@ async def show_status(settings: Settings, as_json: bool) -> None:
             "data_dir": str(settings.data_dir) if settings.backend == "local" else None,
             "models": [state.to_dict() for state in states],
             "starter_loras": starters,
+            "optional_models": optional,
             "tokens": {t.service: {"set": t.is_set, "masked": t.masked, "source": t.source, "user": t.user} for t in tokens},
             "active_download": await active_download(store),
             "active_checkpoint": await store.get(ACTIVE_CHECKPOINT_KEY),
@@ -526,6 +550,9 @@ async def show_status(settings: Settings, as_json: bool) -> None:
         print(f"{state.key:16} {state.state:12} {state.size_bytes / 1e9:6.2f} GB{extra}")
     for key, starter in document["starter_loras"].items():
         print(f"{key:24} {'installed as ' + starter['installed'] if starter['installed'] else 'not installed (optional)'}")
+    for key, model in optional.items():
+        enabled = f"enabled by {model['enabled']['by']}" if model["enabled"] else f"not enabled (toolbox setup --enable {key})"
+        print(f"{key:24} {enabled} · {model['terms']}")
     for token in tokens:
         print(token.describe())
     if document["active_download"]:

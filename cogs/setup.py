@@ -6,7 +6,9 @@ the token state (masked), with buttons: Set tokens (a modal form; each token
 is checked against its service before it is kept), Download missing (one job
 for the whole server; the panel turns into live progress bars), Verify, and
 one Add button per recommended LoRA not yet installed (a CivitAI import, in a
-message of its own with live progress, like `/models import`).
+message of its own with live progress, like `/models import`), and an
+Enable/Disable button per optional model (its licence shown beside it: enabling
+records who accepted it, and Download missing then includes the model).
 A download already running is attached to, never started twice.
 """
 
@@ -29,7 +31,8 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.job_requests import DownloadRequest, ModelImportRequest, VerifyRequest
 from modal_services.jobs import Job, JobStatus
 from modal_services.library import Library, LibraryEntry
-from modal_services.registry import BASE_MODELS, STARTER_LORAS, StarterLora
+from modal_services.optional_models import enabled_record, set_enabled, setup_entries
+from modal_services.registry import STARTER_LORAS, ModelEntry, StarterLora, optional_entries
 from modal_services.tokens import LABELS, SERVICES, clear_token, set_token, token_state
 
 log = logging.getLogger(__name__)
@@ -56,8 +59,18 @@ def describe(state: ModelState) -> str:
     return state.state
 
 
+def render_optional(entry: ModelEntry, enabled: dict | None, state: ModelState | None) -> str:
+    """One optional model's line: enabled (by whom) or not, its size, its terms and where to read them."""
+    if enabled is None:
+        status = "▫️ not enabled"
+    else:
+        status = f"✅ enabled by {enabled['by']} · {describe(state) if state else 'missing'}"
+    return (f"{status} · **{entry.name}** · ~{human_bytes(entry.approx_bytes)} · {entry.optional.summary} "
+            f"· <{entry.optional.url}>")
+
+
 def render_panel(states: list[ModelState], tokens: list, note: str | None = None,
-                 starters: list[tuple[StarterLora, LibraryEntry | None]] = ()) -> str:
+                 starters: list[tuple[StarterLora, LibraryEntry | None]] = (), optional: list[str] = ()) -> str:
     present = sum(state.state == "present" for state in states)
     total = sum(state.size_bytes for state in states)
     lines = [f"**AI Toolbox setup** · base models {present}/{len(states)} present · {human_bytes(total)} in all"]
@@ -68,6 +81,9 @@ def render_panel(states: list[ModelState], tokens: list, note: str | None = None
     for starter, installed in starters:
         state = f"installed as `{installed.file}`" if installed else f"~{human_bytes(starter.approx_bytes)} · not installed"
         lines.append(f"{'✅' if installed else '▫️'} **{starter.name}** · {starter.purpose} · <{starter.page_url}> · {state}")
+    if optional:
+        lines.append("**Optional models** (an admin enables each, accepting its licence; Download missing then includes it)")
+        lines.extend(optional)
     lines.append("**Tokens** · " + " · ".join(token.describe() for token in tokens))
     if note:
         lines.append(note)
@@ -164,12 +180,30 @@ class AddStarterButton(discord.ui.Button):
             await interaction.edit_original_response(content=error_text(as_toolbox_error(exc)), embed=None, view=None)
 
 
+class ToggleOptionalButton(discord.ui.Button):
+    def __init__(self, cog: "Setup", entry: ModelEntry, enabled: bool):
+        label = f"{'Disable' if enabled else 'Enable'} {entry.name}"[:80]
+        super().__init__(label=label, style=discord.ButtonStyle.secondary, emoji="⏏️" if enabled else "✅", row=2)
+        self.cog = cog
+        self.entry = entry
+        self.enable = not enabled
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        if await refuse_non_admin(interaction):
+            return
+        await interaction.response.defer()
+        await interaction.edit_original_response(**await self.cog.toggle_optional(interaction, self.entry, self.enable))
+
+
 class SetupPanel(discord.ui.View):
-    def __init__(self, cog: "Setup", missing_starters: list[StarterLora] = ()):
+    def __init__(self, cog: "Setup", missing_starters: list[StarterLora] = (),
+                 optional: list[tuple[ModelEntry, bool]] = ()):
         super().__init__(timeout=PANEL_TIMEOUT)
         self.cog = cog
         for starter in missing_starters:
             self.add_item(AddStarterButton(cog, starter))
+        for entry, enabled in optional:
+            self.add_item(ToggleOptionalButton(cog, entry, enabled))
 
     @discord.ui.button(label="Set tokens", style=discord.ButtonStyle.secondary, emoji="🔑")
     async def set_tokens(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
@@ -213,12 +247,32 @@ class Setup(commands.Cog):
 
     async def panel(self, note: str | None = None) -> dict:
         """The panel's message: its text and its buttons."""
-        states = await checked_states(self.bot.settings, self.store, BASE_MODELS.values())
+        entries = await setup_entries(self.store)
+        states = await checked_states(self.bot.settings, self.store, entries)
         tokens = [await token_state(self.store, service) for service in SERVICES]
         library = self.library
         starters = [(starter, await library.by_model(starter.civitai_model_id)) for starter in STARTER_LORAS.values()]
         missing = [starter for starter, installed in starters if installed is None]
-        return {"content": render_panel(states, tokens, note, starters), "view": SetupPanel(self, missing)}
+        by_key = {state.key: state for state in states}
+        optional, toggles = [], []
+        for entry in optional_entries():
+            record = await enabled_record(self.store, entry.key)
+            optional.append(render_optional(entry, record, by_key.get(entry.key)))
+            toggles.append((entry, record is not None))
+        return {"content": render_panel(states, tokens, note, starters, optional),
+                "view": SetupPanel(self, missing, toggles)}
+
+    async def toggle_optional(self, interaction: discord.Interaction, entry: ModelEntry, enable: bool) -> dict:
+        """Enable (the pressing admin accepts its terms) or disable an optional model; the panel again, with a note."""
+        by = f"{interaction.user} ({interaction.user.id})"
+        await set_enabled(self.store, entry.key, enable, by)
+        log.info("optional model %s %s by user %s", entry.key, "enabled" if enable else "disabled", interaction.user.id)
+        if enable:
+            note = (f"✅ Enabled **{entry.name}**, accepting its terms: {entry.optional.summary} (<{entry.optional.url}>). "
+                    f"**Download missing** now fetches it (~{human_bytes(entry.approx_bytes)}).")
+        else:
+            note = f"⏏️ Disabled **{entry.name}**: nothing uses it now. Files already downloaded stay on the volume."
+        return await self.panel(note)
 
     async def add_starter(self, interaction: discord.Interaction, starter: StarterLora) -> None:
         """Import a recommended LoRA as `/models import` does: the importer's job, followed by the job tracker."""
@@ -246,7 +300,7 @@ class Setup(commands.Cog):
         await interaction.edit_original_response(**await self.panel())
 
     async def download_and_follow(self, interaction: discord.Interaction) -> None:
-        states = await checked_states(self.bot.settings, self.store, BASE_MODELS.values())
+        states = await checked_states(self.bot.settings, self.store, await setup_entries(self.store))
         missing = [s.key for s in states if s.state != "present"]
         if not missing:
             note = "Everything is already downloaded. Use **Verify** to re-check the files."
@@ -263,7 +317,7 @@ class Setup(commands.Cog):
     async def follow(self, interaction: discord.Interaction, job_id: str) -> None:
         """Edit the panel with live progress until the download ends (or the interaction token would)."""
         edits = MessageEdits(interaction.edit_original_response)
-        entries = list(BASE_MODELS.values())
+        entries = await setup_entries(self.store)
 
         async def show(job: Job) -> None:
             edits.post(content=render_progress(job, await model_states(self.store, entries)), view=None)
@@ -281,7 +335,7 @@ class Setup(commands.Cog):
     async def verify_and_show(self, interaction: discord.Interaction) -> None:
         edits = MessageEdits(interaction.edit_original_response)
         await edits.edit(content="🔍 Verifying the files on the volume…", view=None)
-        job = await self.bot.backend.submit(VerifyRequest.parse({"keys": list(BASE_MODELS)}), owner={"user_id": interaction.user.id})
+        job = await self.bot.backend.submit(VerifyRequest.parse({"keys": []}), owner={"user_id": interaction.user.id})
 
         async def show(record: Job) -> None:
             edits.post(content=f"🔍 **Verifying** · {record.stage}\n`{progress_bar(record.progress)}`", view=None)

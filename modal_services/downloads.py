@@ -22,8 +22,9 @@ from modal_services.job_requests import DownloadRequest, VerifyRequest, job_meth
 from modal_services.keys import download_key, manifest_key
 from modal_services.layout import Layout
 from modal_services.locks import HEARTBEAT_SECONDS, holder_alive, holder_record, refresh_lock, release_lock, try_lock
+from modal_services.optional_models import enabled_models, gated_refusal, setup_entries
 from modal_services.state import StateStore
-from modal_services.transfer import CHUNK_SIZE, is_disk_full, sha256_file, storage_full
+from modal_services.transfer import CHUNK_SIZE, DownloadHTTPError, is_disk_full, sha256_file, storage_full
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,13 @@ class DownloadEngine:
     async def _download(self, keys: list[str], progress) -> dict[str, str]:
         from modal_services.registry import resolve_keys
 
-        entries = resolve_keys(keys, self.registry)
+        enabled = await enabled_models(self.store, self.registry)
+        entries = resolve_keys(keys, self.registry, enabled)
+        for entry in entries:
+            if entry.optional is not None and entry.key not in enabled:
+                raise ToolboxError(ErrorCode.INVALID_INPUT, (
+                    f"{entry.name} is optional and not enabled: an admin enables it in /setup "
+                    f"(or `toolbox setup --enable {entry.key}`), accepting its terms, before it is downloaded."))
         owner = f"{os.uname().nodename}:{os.getpid()}:{time.time_ns()}"
         await self._hook(self.reload_hook)
         ctx = await fetch_context(self.store)
@@ -367,9 +374,11 @@ class DownloadEngine:
             await self._hook(self.commit_hook)
             await self.store.put(manifest_key(entry.key), manifest)
         except ToolboxError as error:
+            if isinstance(error, DownloadHTTPError) and error.status in (401, 403) and entry.optional and entry.optional.gated:
+                error = gated_refusal(entry, token_set=ctx.hf_token is not None)
             live.status, live.error = "failed", error
             log.warning("download of %s failed: %s", entry.key, error.code.value)
-            raise
+            raise error
         except OSError as exc:
             error = storage_full(entry.name) if is_disk_full(exc) else ToolboxError(
                 ErrorCode.DOWNLOAD_FAILED, f"Writing {entry.name} failed ({exc.strerror or type(exc).__name__}).")
@@ -387,7 +396,7 @@ class DownloadEngine:
     async def _verify(self, keys: list[str], progress) -> dict[str, dict]:
         from modal_services.registry import resolve_keys
 
-        entries = resolve_keys(keys, self.registry)
+        entries = resolve_keys(keys, self.registry) if keys else await setup_entries(self.store, self.registry)
         await self._hook(self.reload_hook)
         manifests = {e.key: await self.store.get(manifest_key(e.key)) for e in entries}
         total = sum((m or {}).get("size_bytes", 0) for m in manifests.values()) or 1

@@ -9,6 +9,7 @@ Shared:
   `download:<model>` / `manifest:<model>` a base model's progress and what
   was verified, `lock:<name>` one holder at a time (`lock:download:<model>`,
   `lock:civitai:<version>`, `lock:file:<name>`, `lock:setup-download`),
+  `optional:<model>` who enabled an optional base model, and when,
   `model:<file>` a library
   entry, `active_checkpoint`, `settings:<guild>`, `secret:<service>` a token,
   `migration:file:<name>` where the migration moves an old file (removed when it finishes).
@@ -71,6 +72,11 @@ def download_key(model: str) -> str:
 
 def manifest_key(model: str) -> str:
     return f"manifest:{model}"
+
+
+def optional_model_key(model: str) -> str:
+    """Present while an admin has an optional base model enabled: who did, and when."""
+    return f"optional:{model}"
 
 
 def lock_key(name: str) -> str:

@@ -10,13 +10,17 @@ can read here what will be fetched before it is).
 A source is data too. The download engine picks its fetcher by the
 source's `kind` (`modal_services.fetchers.FETCHERS`), so a new kind of
 source is one dataclass here plus one fetcher there, with no change to the engine.
+
+Most entries are the base set every setup downloads. An entry with `optional`
+terms (a large or restrictively licensed model a feature needs) is left out
+until an admin enables it, accepting those terms (`optional_models.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Mapping
+from typing import Collection, Mapping
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import (
@@ -72,6 +76,16 @@ class URLSource:
 
 
 @dataclass(frozen=True)
+class Terms:
+    """What an admin accepts by enabling an optional model."""
+
+    summary: str  # the licence in one line: what it allows and forbids
+    url: str  # the licence or the model page
+    # The hub makes each account accept the licence on the model page before its token can download.
+    gated: bool = False
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     key: str
     name: str
@@ -83,6 +97,8 @@ class ModelEntry:
     needed_by: tuple[str, ...] = ()
     # Published sizes / sha256s, by path inside `folder`.
     published: Mapping[str, PublishedFile] = field(default_factory=dict)
+    # None: part of the base set. Terms: optional, downloaded only once an admin enables it.
+    optional: Terms | None = None
 
     def dest_for(self, repo_path: str) -> str:
         """Where a source file lands, relative to `folder`."""
@@ -233,13 +249,19 @@ def get_entry(key: str, registry: Mapping[str, ModelEntry] | None = None) -> Mod
         ) from None
 
 
-def resolve_keys(keys: list[str] | tuple[str, ...] | None, registry: Mapping[str, ModelEntry] | None = None) -> list[ModelEntry]:
-    """The entries for `keys` (all of them when empty), in registry order, each once."""
+def resolve_keys(keys: list[str] | tuple[str, ...] | None, registry: Mapping[str, ModelEntry] | None = None,
+                 enabled: Collection[str] = ()) -> list[ModelEntry]:
+    """The entries for `keys` (when empty: the base set and the `enabled` optional models), in registry order, each once."""
     registry = BASE_MODELS if registry is None else registry
     if not keys:
-        return list(registry.values())
+        return [entry for entry in registry.values() if entry.optional is None or entry.key in enabled]
     wanted = {get_entry(key, registry).key for key in keys}
     return [entry for key, entry in registry.items() if key in wanted]
+
+
+def optional_entries(registry: Mapping[str, ModelEntry] | None = None) -> list[ModelEntry]:
+    """The models an admin may enable, in registry order."""
+    return [entry for entry in (BASE_MODELS if registry is None else registry).values() if entry.optional is not None]
 
 
 def models_for(purpose: str) -> list[str]:

@@ -61,8 +61,16 @@ MAX_RETRY_AFTER = 300.0
 PROGRESS_INTERVAL = 0.1  # callbacks at most ~10 per second, plus the final one
 PARTIAL_SUFFIX = ".partial"
 
-# Tests replace this to run retries without waiting.
-_sleep = time.sleep
+
+def _sleep(seconds: float, interrupt: Callable[[], object] | None = None) -> None:
+    """The pause before a retry. `interrupt` is called every WATCH_INTERVAL meanwhile: a true
+    answer ends the pause early, and what it raises (a Cancel) stops it, so that a stop never
+    waits out a long back-off. Tests replace this to run retries without waiting."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        if interrupt is not None and interrupt():
+            return
+        time.sleep(min(left, WATCH_INTERVAL))
 
 T = TypeVar("T")
 
@@ -485,7 +493,7 @@ def download_file(
         if time.monotonic() + wait > deadline_at:
             raise DownloadError(f"{where} kept failing ({reason}) until its time limit.", last_status, ErrorCode.TIMEOUT)
         log.info("download of %s: %s; retrying in %.1f s", where, reason, wait)
-        _sleep(wait)
+        _sleep(wait, lambda: report(done, total, flush=True))  # the caller's progress raises on Cancel
 
     report(done, total, flush=True)
     if expected_size is not None and done != expected_size:
@@ -755,7 +763,7 @@ class _RangedDownload:
             self.watch.end(DownloadError(f"{self.where} kept failing ({reason}) until its time limit.", code=ErrorCode.TIMEOUT))
             return False
         log.info("range of %s: %s; retrying in %.1f s", self.where, reason, wait)
-        _sleep(wait)
+        _sleep(wait, lambda: self.watch.reason is not None)  # the watch has ended the transfer (a Cancel)
         return self.watch.reason is None
 
 

@@ -85,7 +85,7 @@ def fake_civitai(monkeypatch):
 
     server = FakeCivitai().start()
     monkeypatch.setenv("CIVITAI_API_BASE", server.base)
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
     yield server
     server.stop()
 

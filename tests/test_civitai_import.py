@@ -28,7 +28,7 @@ def civitai():
 
 @pytest.fixture(autouse=True)
 def _no_waiting(monkeypatch):
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
 
 
 @pytest.fixture

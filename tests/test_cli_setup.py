@@ -13,7 +13,7 @@ from modal_services import downloads, transfer
 @pytest.fixture
 def hub(fake_hub, monkeypatch):
     monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
     return fake_hub
 
 

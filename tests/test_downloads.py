@@ -34,7 +34,7 @@ def hub():
 def sleeps(monkeypatch):
     """Retries run without waiting; the delays asked for are recorded."""
     waited: list[float] = []
-    monkeypatch.setattr(transfer, "_sleep", waited.append)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: waited.append(seconds))
     return waited
 
 

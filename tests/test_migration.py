@@ -39,7 +39,7 @@ HF_TOKEN = "hf_oldtoken_11112222bbbb"
 
 @pytest.fixture
 def hub(fake_hub, monkeypatch):
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)  # the source's retries, without the waits
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)  # the source's retries, without the waits
     return fake_hub
 
 

@@ -32,7 +32,7 @@ def civitai():
 @pytest.fixture
 async def bot(civitai, monkeypatch, make_toolbox_bot):
     monkeypatch.setenv("CIVITAI_API_BASE", civitai.base)
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
     return await make_toolbox_bot("cogs.models")
 
 

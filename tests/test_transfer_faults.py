@@ -14,6 +14,7 @@ from modal_services.transfer import DownloadError, download_file, partial_path
 from tests.fakes.hf_server import FakeHub
 
 DATA = os.urandom(2 * (1 << 20) + 77)
+REAL_SLEEP = transfer._sleep  # before the fixture below replaces it
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def hub():
 def quick(monkeypatch):
     """Short deadlines and no waiting between retries."""
     monkeypatch.setenv("TOOLBOX_STALL_SECONDS", "0.6")
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds: None)
+    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
     monkeypatch.setattr(transfer, "WATCH_INTERVAL", 0.05)
 
 
@@ -79,6 +80,23 @@ def test_cancel_stops_a_blocked_read_at_once(hub, tmp_path):
     assert error.code is ErrorCode.CANCELLED and took < 1.5
     assert partial_path(tmp_path / "f").stat().st_size == 4096  # kept to resume from
     assert not (tmp_path / "f").exists()
+
+
+def test_cancel_does_not_wait_out_a_long_retry_after(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(transfer, "_sleep", REAL_SLEEP)
+    hub.fault("/files/f", "status", status=429, headers={"Retry-After": "60"})
+    progress = cancelled_after(0.3)
+    error, took = timed(lambda: download_file(f"{hub.url}/files/f", tmp_path / "f", progress=progress))
+    assert error.code is ErrorCode.CANCELLED and took < 2
+    assert len(hub.body_requests("/files/f")) == 1 and not (tmp_path / "f").exists()
+
+
+def test_the_back_off_still_waits_when_nothing_stops_it(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(transfer, "_sleep", REAL_SLEEP)
+    hub.fault("/files/f", "status", status=503, headers={"Retry-After": "1"})
+    started = time.monotonic()
+    assert download_file(f"{hub.url}/files/f", tmp_path / "f", progress=lambda done, total: None).size == len(DATA)
+    assert time.monotonic() - started >= 1.0 and len(hub.body_requests("/files/f")) == 2
 
 
 def test_a_wrong_content_range_uses_up_the_budget_instead_of_looping(hub, tmp_path):
@@ -219,6 +237,16 @@ def test_cancel_stops_every_range_at_once(ranged, tmp_path):
                                               progress=progress))
     assert error.code is ErrorCode.CANCELLED and took < 2
     assert not (tmp_path / "big").exists()
+
+
+def test_cancel_ends_every_range_in_its_back_off(ranged, tmp_path, monkeypatch):
+    monkeypatch.setattr(transfer, "_sleep", REAL_SLEEP)
+    ranged.fault("/files/big", "status", times=4, skip=1, status=503, headers={"Retry-After": "60"})
+    progress = cancelled_after(0.5)
+    error, took = timed(lambda: download_file(f"{ranged.url}/files/big", tmp_path / "big", size_hint=len(BIG),
+                                              progress=progress))
+    assert error.code is ErrorCode.CANCELLED and took < 3
+    assert len(ranges_asked(ranged)) == 5  # the probe and one try per range, none after the cancel
 
 
 def test_the_connections_setting_is_checked():
