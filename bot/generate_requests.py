@@ -12,6 +12,7 @@ from bot.upscale_requests import resolve_lora
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.job_requests import FluxGenerateRequest, GenerateRequest, LoraRef
 from modal_services.library import Library
+from modal_services.optional_models import require_enabled
 
 # The models /generate offers: the name members pick (and the API's alias) -> what it is.
 GENERATE_MODELS = {"sdxl": "SDXL (the server's checkpoint)", "flux": "FLUX.1-dev"}
@@ -44,9 +45,11 @@ async def generate_request(library: Library, choices: dict[str, Any], loras: lis
 
 async def flux_generate_request(library: Library, choices: dict[str, Any],
                                 loras: list[dict[str, Any]]) -> tuple[FluxGenerateRequest, dict]:
-    """As `generate_request`, for FLUX.1-dev: `cfg` is Flux's guidance, and only Flux LoRAs are taken."""
+    """As `generate_request`, for FLUX.1-dev: `cfg` is Flux's guidance, and only Flux LoRAs are taken.
+    FLUX.1-dev is optional: until an admin has enabled and downloaded it, MODELS_MISSING says what to do."""
     given = {("guidance" if name == "cfg" else name): value for name, value in choices.items() if value is not None}
     FluxGenerateRequest.parse(given)
+    await require_enabled(library.store, FLUX_MODEL["key"])
     refs = [LoraRef.parse(lora) for lora in loras]
     resolved = [await resolve_lora(library, ref, family="flux") for ref in refs]
     return FluxGenerateRequest.parse({**given, "loras": resolved}), FLUX_MODEL

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from modal_services.library import LibraryEntry, entry_key
-from tests.test_api import api, assert_error, decode_png, served  # noqa: F401 (fixtures)
-from tests.test_flux_cog import FakeFluxEngine
+from tests.test_api import assert_error, decode_png, served  # noqa: F401 (fixtures)
+from tests.test_flux_cog import FakeFluxEngine, enable_flux
 
 
 @pytest.fixture
@@ -16,6 +16,13 @@ def flux(use_engine):
     engine = FakeFluxEngine()
     use_engine("flux_generate", engine)
     return engine
+
+
+@pytest.fixture
+async def api(served):  # noqa: F811 (test_api's, with FLUX.1-dev enabled)
+    client, backend = await served()
+    await enable_flux(backend.store)
+    return client
 
 
 async def test_flux_dev_answers_the_contract_with_flux_defaults(api, flux):
@@ -53,6 +60,7 @@ async def test_flux_dev_through_the_job_api(api, flux):
 ])
 async def test_flux_refusals_are_400s_before_a_job(served, flux, body, words):
     client, backend = await served()
+    await enable_flux(backend.store)
     await backend.store.put(entry_key("sdxl_detail.safetensors"),
                             LibraryEntry(name="SDXL Detail", file="sdxl_detail.safetensors", type="lora").to_dict())
     response = await client.post("/generate-image", json={"prompt": "a cat", "model": "flux-dev", **body})

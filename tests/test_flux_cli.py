@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from PIL import Image
 
@@ -10,8 +12,9 @@ import bot.progress
 from bot.api import api_for_settings
 from bot.cli import main
 from bot.settings import Settings
+from modal_services.state import SqliteStore
 from tests.servers import running_uvicorn
-from tests.test_flux_cog import FakeFluxEngine
+from tests.test_flux_cog import FakeFluxEngine, enable_flux
 
 TOKEN = "flux-cli-token-3e7a"
 
@@ -22,6 +25,9 @@ def flux(use_engine, tmp_path, monkeypatch):
     monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.02)
     engine = FakeFluxEngine()
     use_engine("flux_generate", engine)
+    store = SqliteStore(Settings.load().state_path)
+    asyncio.run(enable_flux(store))
+    asyncio.run(store.close())
     return engine
 
 

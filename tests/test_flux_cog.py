@@ -12,12 +12,20 @@ import pytest
 from bot.guild_settings import GuildSettings, save_guild_settings
 from bot.library_options import model_lora_autocomplete
 from cogs.generate import GenerateButton
+from modal_services.keys import manifest_key
 from modal_services.library import LibraryEntry, entry_key
+from modal_services.optional_models import set_enabled
 from tests.fakes.discord_fakes import ephemeral_error, fake_interaction, fake_message
 from tests.images import png_bytes
 from tests.test_generate_cog import attachment_from, engine, final_edit, generate  # noqa: F401 (engine: a fixture)
 
 FLUX = discord.app_commands.Choice(name="FLUX.1-dev", value="flux")
+
+
+async def enable_flux(store) -> None:
+    """FLUX.1-dev enabled by an admin and downloaded, as /setup leaves it."""
+    await set_enabled(store, "flux1-dev", True, by="Ada (1)")
+    await store.put(manifest_key("flux1-dev"), {"complete": True})
 
 
 class FakeFluxEngine:
@@ -64,6 +72,7 @@ async def toolbox_bot(make_toolbox_bot):
         file = name.lower().replace(" ", "_") + ".safetensors"
         await store.put(entry_key(file), LibraryEntry(name=name, file=file, type="lora", family=family, weight=0.8,
                                                       trigger_words=["detailed"]).to_dict())
+    await enable_flux(store)
     return bot
 
 
@@ -103,6 +112,19 @@ async def test_flux_refusals_come_before_a_job(toolbox_bot, flux, sdxl, fast_pro
     await generate(toolbox_bot, interaction, "a fox", aspect=discord.app_commands.Choice(name="1:1 2MP", value="1:1 2MP"))
     assert "made by Flux only" in ephemeral_error(interaction)
     assert flux.generated == [] and sdxl.generated == [] and await toolbox_bot.backend.store.keys("job:") == []
+
+
+async def test_flux_not_enabled_or_not_downloaded_says_what_the_admin_does(toolbox_bot, flux, fast_progress):
+    store = toolbox_bot.backend.store
+    await store.put(manifest_key("flux1-dev"), {"complete": False})
+    interaction = fake_interaction()
+    await generate(toolbox_bot, interaction, "a fox", model=FLUX)
+    assert "enabled but not downloaded yet" in ephemeral_error(interaction)
+    await set_enabled(store, "flux1-dev", False, by="Ada (1)")
+    interaction = fake_interaction()
+    await generate(toolbox_bot, interaction, "a fox", model=FLUX)
+    assert "FLUX.1-dev is not enabled on this bot: an admin enables it in /setup" in ephemeral_error(interaction)
+    assert flux.generated == [] and await store.keys("job:") == []
 
 
 async def test_the_servers_default_model_is_used_when_none_is_chosen(toolbox_bot, flux, sdxl, fast_progress):

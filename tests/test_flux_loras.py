@@ -24,6 +24,7 @@ from tests.fixtures.tiny_flux import (
     xlabs_flux_lora,
 )
 from tests.images import png_bytes
+from tests.test_flux_cog import enable_flux
 from tests.test_civitai_import import Progress, _no_waiting, civitai  # noqa: F401 (fixtures)
 
 
@@ -148,6 +149,7 @@ async def library(tmp_path):
     for name, family in (("Flux Detail", "flux"), ("Flux Light", "flux"), ("SDXL Detail", "sdxl")):
         file = name.lower().replace(" ", "_") + ".safetensors"
         await store.put(entry_key(file), LibraryEntry(name=name, file=file, type="lora", family=family).to_dict())
+    await enable_flux(store)
     yield library
     await store.close()
 
