@@ -56,3 +56,25 @@ async def test_a_gated_refusal_says_to_accept_the_flux_licence(hub, tmp_path, st
     assert "FLUX.1-dev is gated on Hugging Face" in message and "<https://huggingface.co/black-forest-labs/FLUX.1-dev>" in message
     assert HF_TOKEN not in message
     assert not (tmp_path / "models" / FLUX_DIR / "model_index.json").exists()
+
+
+async def test_setup_lists_flux_with_its_licence_and_an_enable_button(hub, monkeypatch):
+    from unittest.mock import MagicMock
+
+    from discord.ext import commands
+
+    from bot.backend import LocalBackend
+    from bot.settings import Settings
+    from cogs.setup import Setup, ToggleOptionalButton
+
+    fake = MagicMock(spec=commands.Bot)
+    fake.settings = Settings.load()
+    fake.backend = LocalBackend(fake.settings)
+    try:
+        panel = await Setup(fake).panel()
+    finally:
+        await fake.backend.close()
+    text = panel["content"]
+    assert "FLUX.1-dev" in text and "Non-Commercial" in text and "<https://huggingface.co/black-forest-labs/FLUX.1-dev>" in text
+    labels = [item.label for item in panel["view"].children if isinstance(item, ToggleOptionalButton)]
+    assert "Enable FLUX.1-dev" in labels

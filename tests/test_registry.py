@@ -12,7 +12,8 @@ from modal_services.registry import BASE_MODELS, SDXL_CONFIG_FILES, get_entry, m
 
 def test_keys_are_the_contract():
     assert list(BASE_MODELS) == ["illustrious-xl", "controlnet-tile", "sdxl-vae", "ip-adapter", "clip-vit-h",
-                                 "qwen3-vl-2b", "sdxl-base"]
+                                 "qwen3-vl-2b", "sdxl-base", "flux1-dev"]
+    assert [key for key, entry in BASE_MODELS.items() if entry.optional is not None] == ["flux1-dev"]
 
 
 def test_files_land_where_the_engines_look():
