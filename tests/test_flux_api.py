@@ -8,14 +8,7 @@ import pytest
 
 from modal_services.library import LibraryEntry, entry_key
 from tests.test_api import assert_error, decode_png, served  # noqa: F401 (fixtures)
-from tests.test_flux_cog import FakeFluxEngine, enable_flux
-
-
-@pytest.fixture
-def flux(use_engine):
-    engine = FakeFluxEngine()
-    use_engine("flux_generate", engine)
-    return engine
+from tests.test_flux_cog import enable_flux, flux  # noqa: F401 (flux: a fixture)
 
 
 @pytest.fixture
