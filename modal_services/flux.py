@@ -65,7 +65,7 @@ FLUX_LATENT_RGB = [
 FLUX_LATENT_RGB_BIAS = [-0.0329, -0.0718, -0.0851]
 
 # Files `load()` needs, relative to the model folder.
-FLUX_FILES = (
+FLUX_REQUIRED_FILES = (
     "model_index.json", "scheduler/scheduler_config.json", "transformer/config.json", "transformer/*.safetensors",
     "text_encoder/config.json", "text_encoder/*.safetensors", "text_encoder_2/config.json",
     "text_encoder_2/*.safetensors", "tokenizer/*", "tokenizer_2/*", "vae/config.json", "vae/*.safetensors",
@@ -151,7 +151,7 @@ class FluxEngine:
     # ------------------------------------------------------------------ loading
 
     def missing_files(self) -> list[str]:
-        return [pattern for pattern in FLUX_FILES if not any(self.model_dir.glob(pattern))]
+        return [pattern for pattern in FLUX_REQUIRED_FILES if not any(self.model_dir.glob(pattern))]
 
     def resolve_precision(self) -> str:
         import torch
