@@ -57,9 +57,17 @@ from bot.api_schema import (
 from bot.backend import RESULT_KEEP_SECONDS, Backend
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
-from modal_services.job_requests import CaptionRequest, FluxGenerateRequest, GenerateRequest, JobRequest, UpscaleRequest
+from modal_services.job_requests import (
+    CaptionRequest,
+    FluxGenerateRequest,
+    GenerateRequest,
+    JobRequest,
+    SafetyContext,
+    UpscaleRequest,
+)
 from modal_services.jobs import Job, JobStatus, request_cancel
 from modal_services.library import Library
+from modal_services.safety import SafetyReport
 
 log = logging.getLogger(__name__)
 
@@ -252,9 +260,30 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def safety_body(report: SafetyReport) -> dict[str, Any]:
+    """How the images were judged, with a note saying what was withheld and how to get it."""
+    count, withheld = len(report.images), report.withheld
+    if not report.checked:
+        note = "Not checked: the request said safety_check: false."
+    elif withheld:
+        note = (f"{len(withheld)} of {count} image{'s' if count > 1 else ''} withheld as NSFW (score at or above "
+                f"{report.threshold:g}); send safety_check: false to receive them unchecked.")
+    else:
+        note = "Checked: nothing was flagged."
+    return {"checked": report.checked, "nsfw_scores": [image.nsfw_score for image in report.images],
+            "withheld": withheld, "threshold": report.threshold, "note": note}
+
+
+def api_safety(safety_check: bool) -> SafetyContext:
+    """An API caller's images are judged as for a channel that is not age-restricted, unless it opts out."""
+    return SafetyContext(policy="block" if safety_check else "off")
+
+
 def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[str, Any]:
-    """The generate job's result as the worker contract's response body (`images_base64` only when several)."""
-    images = [_b64(png) for png in result["images"]]
+    """The generate job's result as the worker contract's response body (`images_base64` only when several),
+    with each image's NSFW score; a withheld image is null."""
+    report = SafetyReport.from_dict(result["safety"])
+    images = [None if png is None else _b64(png) for png in result["images"]]
     body = {
         "image_base64": images[0],
         "image_size": [result["width"], result["height"]],
@@ -267,6 +296,8 @@ def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[
                        "loras": result["loras"]},
         "metadata": {"seed_used": result["seeds"][0], "actual_steps": result["steps"], "actual_cfg": result["cfg"],
                      "seeds_used": result["seeds"]},
+        "nsfw_score": report.images[0].nsfw_score,
+        "safety": safety_body(report),
     }
     if len(images) > 1:
         body["images_base64"] = images
@@ -285,8 +316,10 @@ async def render_result(job: Job, result: Any) -> dict[str, Any]:
     if job.kind == "caption":
         return {"captions": result}
     if job.kind == "upscale":
-        return {"image_base64": await asyncio.to_thread(_b64, result),
-                "image_size": await asyncio.to_thread(_png_size, result)}
+        report, png = SafetyReport.from_dict(result["safety"]), result["image"]
+        return {"image_base64": None if png is None else await asyncio.to_thread(_b64, png),
+                "image_size": None if png is None else await asyncio.to_thread(_png_size, png),
+                "nsfw_score": report.images[0].nsfw_score, "safety": safety_body(report)}
     return result
 
 
@@ -309,10 +342,13 @@ class Payloads:
             if request.lora_url is not None:
                 raise ToolboxError(ErrorCode.INVALID_INPUT, "lora_url is for SDXL: Flux takes LoRAs from the library (`loras`).")
             # Only what the client gave: Flux's own defaults (guidance 3.5) fill in the rest.
-            choices = request.model_dump(exclude_unset=True, exclude={"kind", "model", "loras", "lora_scale", "lora_sha256"})
+            choices = request.model_dump(exclude_unset=True, exclude={"kind", "model", "loras", "lora_scale", "lora_sha256",
+                                                                      "safety_check"})
+            choices["safety"] = api_safety(request.safety_check)
             job_request, _ = await flux_generate_request(self.library, choices, [lora.model_dump() for lora in request.loras])
             return job_request
-        choices = request.model_dump(exclude={"kind", "model", "loras"})
+        choices = request.model_dump(exclude={"kind", "model", "loras", "safety_check"})
+        choices["safety"] = api_safety(request.safety_check)
         if request.lora_url is not None:
             choices["lora_url"] = str(request.lora_url)
         job_request, _ = await generate_request(self.library, choices, [lora.model_dump() for lora in request.loras])
@@ -327,7 +363,8 @@ class Payloads:
         from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
 
         png, size = await asyncio.to_thread(_clean_png, request.image_base64, DEFAULT_MAX_INPUT_PIXELS)
-        choices = request.model_dump(exclude={"kind", "image_base64", "loras"})
+        choices = request.model_dump(exclude={"kind", "image_base64", "loras", "safety_check"})
+        choices["safety"] = api_safety(request.safety_check)
         job_request, _ = await upscale_request(self.library, png, choices, [lora.model_dump() for lora in request.loras])
         check_upscale_size(*size, job_request.scale)
         return job_request

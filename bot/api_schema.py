@@ -98,6 +98,8 @@ class GenerateImageRequest(Strict):
     lora_scale: LoraScale = _default(GenerateRequest, "lora_scale")
     lora_sha256: LoraSha256 = Field(None, description="lets a repeat skip the download")
     timeout: Timeout = Field(_default(GenerateRequest, "timeout"), description="seconds")
+    safety_check: bool = Field(True, description="classify the images and withhold those flagged NSFW; "
+                                                 "false returns them unchecked")
 
 
 class GenerateJob(GenerateImageRequest):
@@ -124,6 +126,7 @@ class UpscaleJob(Strict):
     loras: list[LoraRef] = Field(default_factory=list, max_length=field_bounds(UpscaleRequest, "loras")[1])
     creativity: Creativity = _default(UpscaleRequest, "creativity")
     seed: Seed | None = Field(None, description="random when omitted")
+    safety_check: bool = Field(True, description="classify the result and withhold it if flagged NSFW")
 
 
 JobBody = Annotated[GenerateJob | CaptionJob | UpscaleJob, Field(discriminator="kind")]
@@ -144,13 +147,23 @@ class GenerationMetadata(BaseModel):
     seeds_used: list[int] = Field(description="one per image")
 
 
+class SafetyInfo(BaseModel):
+    checked: bool = Field(description="false when the request said safety_check: false")
+    nsfw_scores: list[float | None] = Field(description="one per image, 0..1; null when not checked")
+    withheld: list[int] = Field(description="0-based positions of the images withheld (null in the response)")
+    threshold: float
+    note: str
+
+
 class GenerateImageResponse(BaseModel):
-    image_base64: str
-    images_base64: list[str] | None = Field(None, description="every image, when count > 1")
+    image_base64: str | None = Field(description="null when the first image was withheld")
+    images_base64: list[str | None] | None = Field(None, description="every image, when count > 1 (null where withheld)")
     image_size: tuple[int, int]
     generation_time_seconds: float
     model_info: ModelInfo
     metadata: GenerationMetadata
+    nsfw_score: float | None = Field(None, description="the first image's NSFW score (null when not checked)")
+    safety: SafetyInfo
 
 
 class ErrorResponse(BaseModel):

@@ -28,6 +28,7 @@ from modal_services.job_requests import JobRequest
 from modal_services.jobs import Job, JobStatus, create_job, load_job, update_job
 from modal_services.keys import JOB_PREFIX, call_key
 from modal_services.layout import Layout
+from modal_services.nsfw_classifier import NsfwClassifier
 from modal_services.services import SERVICES, Engine, ServiceSpec, run_service_job
 from modal_services.state import ModalDictStore, SqliteStore, StateStore
 
@@ -88,6 +89,8 @@ class LocalBackend(Backend):
     def __init__(self, settings: Settings):
         self.store = SqliteStore(settings.state_path)
         self.layout = Layout(settings.models_dir, settings.loras_dir, self.store)
+        # One for every service that judges images, loaded when the first job needs it.
+        self.classifier = NsfwClassifier(settings.models_dir)
         self._engines: dict[str, Engine] = {}
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._turns: dict[str, asyncio.Lock] = {}
@@ -117,7 +120,8 @@ class LocalBackend(Backend):
             self._turns[service] = asyncio.Lock()
         # The job stays "queued" until its engine is free.
         async with self._turns[service]:
-            return await run_service_job(self.store, self._engines[service], spec, job_id, payload, self._executors[service])
+            return await run_service_job(self.store, self._engines[service], spec, job_id, payload,
+                                         self._executors[service], classifier=self.classifier)
 
     async def result(self, job_id: str) -> Any:
         task = self._tasks.get(job_id)
@@ -196,7 +200,7 @@ class ModalBackend(Backend):
         import modal
 
         spec = SERVICES[request.kind]
-        await self._check_models(request.kind)
+        await self._check_models(request)
         job = await create_job(self.store, request.kind, owner, meta, job_id)
         try:
             service = modal.Cls.from_name(self.app_name, spec.modal_class)()
@@ -235,12 +239,17 @@ class ModalBackend(Backend):
                 statuses[service] = "scaled to zero" + (f" ({stats.backlog} waiting)" if stats.backlog else "")
         return statuses
 
-    async def _check_models(self, kind: str) -> None:
-        """Refuse before a GPU container starts only to find its models missing."""
+    async def _check_models(self, request: JobRequest) -> None:
+        """Refuse before a GPU container starts only to find its models missing (the NSFW classifier
+        only when the request's images are to be classified)."""
         from modal_services.downloads import missing_models
+        from modal_services.layout import NSFW_CLASSIFIER_DIR
         from modal_services.registry import BASE_MODELS, models_for
 
-        missing = await missing_models(self.store, models_for(kind))
+        needed = models_for(request.kind)
+        if not getattr(getattr(request, "safety", None), "classifies", True):
+            needed = [key for key in needed if BASE_MODELS[key].folder != NSFW_CLASSIFIER_DIR]
+        missing = await missing_models(self.store, needed)
         if missing:
             names = ", ".join(BASE_MODELS[key].name for key in missing)
             raise ToolboxError(

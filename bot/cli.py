@@ -30,10 +30,12 @@ from modal_services.job_requests import (
     ModelDeleteRequest,
     ModelImportRequest,
     ModelScanRequest,
+    SafetyContext,
     UpscaleRequest,
     field_bounds,
 )
 from modal_services.keys import ACTIVE_CHECKPOINT_KEY, JOB_PREFIX
+from modal_services.safety import SafetyReport
 
 CAPTION_BATCH = 8
 LOOPBACK = "127.0.0.1"
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                          f"default: {UpscaleRequest.model_fields['creativity'].default:g}")
     upscale.add_argument("--seed", type=int, help="default: random")
     upscale.add_argument("-o", "--output", type=Path, help="default: IMAGE_x<scale>.png beside the input")
+    upscale.add_argument("--no-safety-check", action="store_true", help=SAFETY_HELP)
     upscale.add_argument("--tile-captions", action="store_true",
                          help="caption each tile (tags) and add that to its prompt: slower, more fitting detail")
     _add_generate_parser(commands)
@@ -89,6 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--no-auth", action="store_true", help=f"no token (only with --host {LOOPBACK})")
     return parser
+
+
+SAFETY_HELP = "keep images the NSFW classifier would flag (by default they are withheld, not written)"
+
+
+def cli_safety(args: argparse.Namespace) -> SafetyContext:
+    """A terminal's images are judged as for a channel that is not age-restricted, unless it opts out."""
+    return SafetyContext(policy="off" if args.no_safety_check else "block")
+
+
+def _report_withheld(result: dict) -> None:
+    report = SafetyReport.from_dict(result["safety"])
+    for index in report.withheld:
+        print(f"image {index + 1} withheld: NSFW score {report.images[index].nsfw_score:.2f} (threshold "
+              f"{report.threshold:g}); not written. --no-safety-check keeps such images.", file=sys.stderr)
 
 
 def _add_generate_parser(commands) -> None:
@@ -116,6 +134,7 @@ def _add_generate_parser(commands) -> None:
     generate.add_argument("-o", "--output", type=Path,
                           help="default: generated_<seed>.png; with --count, <stem>_<n> for each image")
     generate.add_argument("--api", metavar="URL", help="call this HTTP API (token from TOOLBOX_API_TOKEN) instead")
+    generate.add_argument("--no-safety-check", action="store_true", help=SAFETY_HELP)
 
 
 def _add_models_parser(commands) -> None:
@@ -287,7 +306,7 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
     # Everything is checked before the job starts: the file, the output, the values, the LoRA names, the sizes.
     png, size = await asyncio.to_thread(read)
     choices = {"scale": args.scale, "prompt": args.prompt, "negative": args.negative,
-               "creativity": args.creativity, "seed": args.seed}
+               "creativity": args.creativity, "seed": args.seed, "safety": cli_safety(args)}
     loras = [parse_lora_option(option) for option in args.lora]
     scale = args.scale or UpscaleRequest.model_fields["scale"].default
     output = args.output or args.image.with_name(f"{args.image.stem}_x{scale:g}.png")
@@ -306,8 +325,10 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
         result = await _run_with_bar(backend, request, f"upscale {request.scale:g}x → {width}×{height}")
     finally:
         await backend.close()
-    await asyncio.to_thread(output.write_bytes, result)
-    print(f"{output} ({width}×{height}, seed {request.seed}, {checkpoint['name']})")
+    _report_withheld(result)
+    if result["image"] is not None:
+        await asyncio.to_thread(output.write_bytes, result["image"])
+        print(f"{output} ({width}×{height}, seed {request.seed}, {checkpoint['name']})")
 
 
 def serve_api(settings: Settings, args: argparse.Namespace) -> None:
@@ -347,7 +368,8 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
         raise ToolboxError(ErrorCode.INVALID_INPUT, f"--aspect {args.aspect} is made by Flux only: add --model flux.")
     width, height = (args.width, args.height) if args.width is not None else FLUX_ASPECT_BUCKETS[args.aspect]
     choices = {"prompt": args.prompt, "negative_prompt": args.negative, "width": width, "height": height,
-               "count": args.count, "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "timeout": args.timeout}
+               "count": args.count, "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "timeout": args.timeout,
+               "safety": cli_safety(args)}
     loras = [parse_lora_option(option) for option in args.lora]
     if args.api:
         await generate_through_api(settings, args, choices, loras)
@@ -362,9 +384,11 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
         result = await _run_with_bar(backend, request, f"generate {request.count} × {width}×{height}")
     finally:
         await backend.close()
+    _report_withheld(result)
     for path, png, image_seed in zip(paths, result["images"], result["seeds"]):
-        await asyncio.to_thread(path.write_bytes, png)
-        print(f"{path} ({result['width']}×{result['height']}, seed {image_seed}, {checkpoint['name']})")
+        if png is not None:
+            await asyncio.to_thread(path.write_bytes, png)
+            print(f"{path} ({result['width']}×{result['height']}, seed {image_seed}, {checkpoint['name']})")
 
 
 async def generate_through_api(settings: Settings, args: argparse.Namespace, choices: dict, loras: list[dict]) -> None:
@@ -376,7 +400,7 @@ async def generate_through_api(settings: Settings, args: argparse.Namespace, cho
     from modal_services.job_requests import FluxGenerateRequest, GenerateRequest
 
     # Checked here first, with the seed drawn, so that the files are named and known writable before the call.
-    given = {name: value for name, value in choices.items() if value is not None}
+    given = {name: value for name, value in choices.items() if value is not None and name != "safety"}
     if generate_model(args.model) == "flux":
         request = FluxGenerateRequest.parse({("guidance" if name == "cfg" else name): value for name, value in given.items()})
         given["model"] = "flux-dev"
@@ -387,12 +411,16 @@ async def generate_through_api(settings: Settings, args: argparse.Namespace, cho
         await asyncio.to_thread(_writable_output, path)
     async with ApiClient(args.api, settings.api_token) as client:
         with _job_bar(f"generate {request.count} × {request.width}×{request.height} via {args.api}") as show:
-            result = await client.run({"kind": "generate", **given, "seed": request.seed, "loras": loras}, show)
+            result = await client.run({"kind": "generate", **given, "seed": request.seed, "loras": loras,
+                                       "safety_check": not args.no_safety_check}, show)
     width, height = result["image_size"]
     images = result.get("images_base64") or [result["image_base64"]]
+    if result["safety"]["withheld"]:
+        print(result["safety"]["note"], file=sys.stderr)
     for path, image, image_seed in zip(paths, images, result["metadata"]["seeds_used"]):
-        await asyncio.to_thread(path.write_bytes, base64.b64decode(image))
-        print(f"{path} ({width}×{height}, seed {image_seed}, {result['model_info']['base_model']})")
+        if image is not None:
+            await asyncio.to_thread(path.write_bytes, base64.b64decode(image))
+            print(f"{path} ({width}×{height}, seed {image_seed}, {result['model_info']['base_model']})")
 
 
 async def setup_models(settings: Settings, only: list[str] | None, enable: list[str] = (),

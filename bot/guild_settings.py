@@ -15,9 +15,14 @@ from modal_services.job_requests import (
     Cfg,
     Checked,
     Creativity,
+    DEFAULT_NSFW_THRESHOLD,
     GenerateRequest,
     GenerationSteps,
+    NsfwThreshold,
     Prompt,
+    RefusedWords,
+    SafetyContext,
+    SafetyPolicy,
     Scale,
     UpscaleRequest,
 )
@@ -52,6 +57,12 @@ class GuildSettings(Checked):
     # Empty means everyone / every channel.
     allowed_role_ids: list[int] = []
     allowed_channel_ids: list[int] = []
+    # What happens to an image the classifier flags outside age-restricted channels; who turned it off, and when.
+    safety_policy: SafetyPolicy = "block"
+    nsfw_threshold: NsfwThreshold = DEFAULT_NSFW_THRESHOLD
+    refused_words: RefusedWords = []
+    safety_off_by: int | None = None
+    safety_off_at: float | None = None
 
     @model_validator(mode="after")
     def _caps_in_order(self) -> "GuildSettings":
@@ -76,6 +87,22 @@ class GuildSettings(Checked):
 
     def to_dict(self) -> dict:
         return self.model_dump()
+
+    def safety_for(self, age_restricted: bool) -> SafetyContext:
+        """The safety context of a job whose images go to a channel that is age-restricted or not."""
+        return SafetyContext(policy=self.safety_policy, age_restricted=age_restricted, threshold=self.nsfw_threshold,
+                             refused_words=self.refused_words)
+
+    def describe_safety(self) -> str:
+        """One line for /settings show and /status."""
+        if self.safety_policy == "off":
+            who = f" by <@{self.safety_off_by}>" if self.safety_off_by else ""
+            when = f" <t:{int(self.safety_off_at)}:R>" if self.safety_off_at else ""
+            text = f"Safety: **off** (no image is checked; set{who}{when})"
+        else:
+            action = "withheld" if self.safety_policy == "block" else "posted as spoilers"
+            text = f"Safety: {self.safety_policy} (images scoring {self.nsfw_threshold:g}+ are {action} outside age-restricted channels)"
+        return text + f" · {len(self.refused_words)} refused words of this server"
 
     def check_member(self, interaction: discord.Interaction) -> None:
         """Raises PERMISSION_DENIED if this guild keeps the bot to some roles or channels."""

@@ -114,6 +114,12 @@ class ReplyTarget:
         else:
             await self._channel().send(**fields)
 
+    async def tell_requester(self, content: str) -> None:
+        """A message only the person who asked sees (an ephemeral follow-up), while the interaction
+        token lives; after that there is no private way back to them, and the message's own text stands."""
+        if self.token_alive:
+            await self.interaction.followup.send(content, ephemeral=True)
+
     def upload_limit(self, guild_id: int | None) -> int:
         """The largest file this message may carry: the interaction's limit, else the guild's."""
         if self.interaction is not None:

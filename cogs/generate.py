@@ -24,6 +24,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.attachments import check_attachment, looks_like_image, read_image
+from bot.content_safety import age_restricted, public_lines, withheld_notice
 from bot.library_options import bot_library, lora_slots, model_lora_autocomplete
 from bot.live_previews import LivePreviews
 from bot.replies import ResultButton
@@ -35,6 +36,7 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.job_requests import ASPECT_BUCKETS, FLUX_ASPECT_BUCKETS, GenerateRequest, LoraRef, field_bounds
 from modal_services.jobs import Job
 from modal_services.keys import caption_prompt_key, generate_params_key
+from modal_services.safety import SafetyReport
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +108,21 @@ def fit_prompt(text: str) -> str:
     return text[:MAX_PROMPT_CHARS].rsplit(",", 1)[0].strip()
 
 
-def result_view(job_id: str, count: int) -> discord.ui.View:
+def result_view(job_id: str, shown: list[int]) -> discord.ui.View:
+    """U and V buttons for the images posted (1-based numbers), and Reroll."""
     view = discord.ui.View(timeout=None)
     for kind in ("u", "v"):
-        for index in range(1, count + 1):
+        for index in shown:
             view.add_item(GenerateButton(f"{kind}{index}", job_id))
     view.add_item(GenerateButton("reroll", job_id))
     return view
 
 
 def image_attachment(message: discord.Message, index: int) -> discord.Attachment | None:
-    """The result message's image number `index` (1-based), by its file name."""
+    """The result message's image number `index` (1-based), by its file name (a spoiler's too)."""
     for attachment in message.attachments:
-        if looks_like_image(attachment) and attachment.filename.rsplit(".", 1)[0] == f"{IMAGE_STEM}{index}":
+        stem = attachment.filename.removeprefix("SPOILER_").rsplit(".", 1)[0]
+        if looks_like_image(attachment) and stem == f"{IMAGE_STEM}{index}":
             return attachment
     return None
 
@@ -249,6 +253,8 @@ class Generate(commands.Cog):
             # Flux has its own guidance default and no negative prompt (one asked for is refused, not dropped).
             "cfg": params.get("cfg") or (None if flux else settings.default_cfg),
             "negative_prompt": params.get("negative") or (None if flux else settings.default_negative),
+            # Judged for the channel this was asked in (a button's too): recomputed, never kept with the params.
+            "safety": settings.safety_for(age_restricted(interaction)),
         }
         if start is not None:
             choices["image"] = (await read_image(start, max_pixels=MAX_START_PIXELS)).png
@@ -276,20 +282,27 @@ class Generate(commands.Cog):
 
     async def present(self, job: Job, result: dict, target: ReplyTarget) -> None:
         await self.previews.stop(job.id)
-        images = result["images"]
+        report = SafetyReport.from_dict(result["safety"]) if result.get("safety") else None
+        spoilered = set(report.spoilered) if report else set()
+        # The worker sends None for a withheld image: its bytes never reached the bot.
+        shown = [(index, png) for index, png in enumerate(result["images"], start=1) if png is not None]
         # Each file within the upload limit, and all of them within one request's.
-        limit = min(target.upload_limit(job.owner.get("guild_id")), MAX_REQUEST_BYTES // max(1, len(images)))
-        fitted = [await asyncio.to_thread(fit_to_limit, png, limit, f"{IMAGE_STEM}{index}")
-                  for index, png in enumerate(images, start=1)]
-        files = [discord.File(io.BytesIO(image.data), image.filename) for image in fitted]
+        limit = min(target.upload_limit(job.owner.get("guild_id")), MAX_REQUEST_BYTES // max(1, len(shown)))
+        fitted = [await asyncio.to_thread(fit_to_limit, png, limit, f"{IMAGE_STEM}{index}") for index, png in shown]
+        files = [discord.File(io.BytesIO(image.data), image.filename, spoiler=index - 1 in spoilered)
+                 for (index, _), image in zip(shown, fitted)]
         summary = describe(result, job.meta.get("lora_names") or [lora["name"] for lora in result["loras"]],
                            job.meta.get("checkpoint_name") or result["checkpoint"], result["seeds"],
                            "guidance" if job.kind == "flux_generate" else "CFG")
         prompt = discord.utils.escape_markdown(job.meta.get("prompt") or result["prompt"])
         lines = [f"✅ **{job.meta.get('title', 'Generate')}**", f"> {prompt}", summary]
         notes = {image.note for image in fitted if image.note}
-        lines += [f"-# {note}" for note in sorted(notes)]
-        await target.edit(content="\n".join(lines), attachments=files, view=result_view(job.id, len(images)))
+        lines += [f"-# {note}" for note in sorted(notes)] + public_lines(report)
+        await target.edit(content="\n".join(lines), attachments=files,
+                          view=result_view(job.id, [index for index, _ in shown]))
+        notice = report and withheld_notice(report)
+        if notice:
+            await target.tell_requester(notice)
 
 
 async def setup(bot: commands.Bot) -> None:

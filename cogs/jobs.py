@@ -39,6 +39,7 @@ class Jobs(commands.Cog):
         )
         checkpoint = await library.active_checkpoint()
         services = await self.bot.backend.service_status()
+        guild_settings = await tracker.guild_settings(interaction.guild_id)
 
         counts = Counter((job.kind, job.status) for job in snapshot.jobs)
         queue = " · ".join(
@@ -52,6 +53,7 @@ class Jobs(commands.Cog):
             "**Workers**: " + (" · ".join(f"{name} {state}" for name, state in services.items()) or "none started yet"),
             f"**Queue**: {queue}",
             f"**Active checkpoint**: {checkpoint['name']}",
+            f"**{guild_settings.describe_safety().replace('Safety:', 'Safety**:', 1)}",
             "**Your jobs**: " + ("\n".join(describe_job(job, snapshot, now) for job in mine) if mine else "none"),
         ]
         await interaction.edit_original_response(content="\n".join(lines))

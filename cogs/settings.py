@@ -1,6 +1,8 @@
-"""/settings: this server's defaults, caps and who may use the bot (admins only)."""
+"""/settings: this server's defaults, caps, who may use the bot and content safety (admins only)."""
 
 from __future__ import annotations
+
+import time
 
 import discord
 from discord import app_commands
@@ -10,7 +12,8 @@ from bot.guild_settings import GuildSettings, load_guild_settings, save_guild_se
 from bot.generate_requests import GENERATE_MODELS
 from bot.permissions import require_admin
 from bot.ui import CAPTION_STYLE_CHOICES, option_range
-from modal_services.job_requests import ASPECT_BUCKETS
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import ASPECT_BUCKETS, REFUSED_WORD_MAX_CHARS, field_choices
 
 ScaleOption = option_range(GuildSettings, "default_upscale_scale")
 CreativityOption = option_range(GuildSettings, "default_creativity")
@@ -21,6 +24,15 @@ CfgOption = option_range(GuildSettings, "default_cfg")
 NegativeOption = option_range(GuildSettings, "default_negative")
 ASPECT_CHOICES = [app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_BUCKETS]
 MODEL_CHOICES = [app_commands.Choice(name=name, value=model) for model, name in GENERATE_MODELS.items()]
+ThresholdOption = option_range(GuildSettings, "nsfw_threshold")
+WordOption = app_commands.Range[str, 1, REFUSED_WORD_MAX_CHARS]
+POLICY_LABELS = {
+    "block": "block: flagged images are withheld (default)",
+    "spoiler": "spoiler: flagged images are posted as spoilers",
+    "off": "off: images are not checked",
+}
+POLICY_CHOICES = [app_commands.Choice(name=POLICY_LABELS[policy], value=policy)
+                  for policy in field_choices(GuildSettings, "safety_policy")]
 
 
 def describe(settings: GuildSettings) -> str:
@@ -35,7 +47,33 @@ def describe(settings: GuildSettings) -> str:
         + f", model {GENERATE_MODELS[settings.default_model]}",
         f"Jobs at once: {settings.user_cap} per member, {settings.guild_cap} for the server",
         f"Who: {roles} · Where: {channels}",
+        settings.describe_safety(),
     ])
+
+
+def describe_safety(settings: GuildSettings) -> str:
+    words = ", ".join(f"`{discord.utils.escape_markdown(word)}`" for word in settings.refused_words) or "none"
+    return "\n".join([
+        "**Content safety**",
+        settings.describe_safety(),
+        f"This server's refused words and phrases: {words}",
+        "-# Always on, whatever the policy: prompts asking for sexual content involving minors are refused. "
+        "In age-restricted channels images are posted as generated.",
+    ])
+
+
+def changed_words(words: list[str], add: str | None, remove: str | None) -> list[str]:
+    """The list with `add` appended and `remove` taken out, compared without case; removing a word
+    that is not there is refused (a typo should not pass silently)."""
+    updated = list(words)
+    if remove is not None:
+        kept = [word for word in updated if word.casefold() != remove.strip().casefold()]
+        if len(kept) == len(updated):
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "That word is not on this server's list.")
+        updated = kept
+    if add is not None and add.strip().casefold() not in {word.casefold() for word in updated}:
+        updated.append(add.strip())
+    return updated
 
 
 def _toggle(ids: list[int], add: int | None, remove: int | None) -> list[int]:
@@ -126,6 +164,36 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
             allowed_channel_ids=_toggle(channels, allow_channel and allow_channel.id, remove_channel and remove_channel.id),
         )
         await self._save(interaction, settings)
+
+
+    @app_commands.command(name="safety", description="What happens to images flagged as NSFW, and this server's refused words")
+    @app_commands.describe(
+        policy="For images the classifier flags outside age-restricted channels",
+        threshold="The NSFW score (0-1) from which an image counts as flagged (default 0.7)",
+        add_word="Refuse prompts with this word or phrase",
+        remove_word="Take a word or phrase off this server's list",
+    )
+    @app_commands.choices(policy=POLICY_CHOICES)
+    async def safety(
+        self,
+        interaction: discord.Interaction,
+        policy: app_commands.Choice[str] | None = None,
+        threshold: ThresholdOption | None = None,
+        add_word: WordOption | None = None,
+        remove_word: WordOption | None = None,
+    ) -> None:
+        settings = await self._load(interaction)
+        updates = {"nsfw_threshold": threshold,
+                   "refused_words": changed_words(settings.refused_words, add_word, remove_word)}
+        if policy is not None and policy.value != settings.safety_policy:
+            # Turning the check off is recorded with who did it and when; turning it back on clears that.
+            off = policy.value == "off"
+            updates |= {"safety_policy": policy.value, "safety_off_by": interaction.user.id if off else None,
+                        "safety_off_at": time.time() if off else None}
+        given = {name: value for name, value in updates.items() if value is not None or name.startswith("safety_off")}
+        settings = GuildSettings.parse({**settings.to_dict(), **given})
+        await save_guild_settings(self.bot.backend.store, interaction.guild_id, settings)
+        await interaction.response.send_message(describe_safety(settings), ephemeral=True)
 
 
 async def setup(bot: commands.Bot) -> None:

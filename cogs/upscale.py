@@ -23,6 +23,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.attachments import check_attachment, image_attachments, looks_like_image, read_image
+from bot.content_safety import age_restricted, public_lines, withheld_notice
 from bot.library_options import bot_library, lora_autocomplete, lora_slots
 from bot.live_previews import LivePreviews
 from bot.replies import ResultButton
@@ -36,6 +37,7 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.job_requests import LoraRef, UpscaleRequest, field_bounds
 from modal_services.jobs import Job
 from modal_services.keys import upscale_params_key
+from modal_services.safety import SafetyReport
 from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
 
 # The options /upscale offers, read from the request its job takes.
@@ -84,7 +86,7 @@ def split_attachments(message: discord.Message) -> tuple[discord.Attachment | No
     for attachment in message.attachments:
         if not looks_like_image(attachment):
             continue
-        if attachment.filename.rsplit(".", 1)[0] == SOURCE_STEM:
+        if attachment.filename.removeprefix("SPOILER_").rsplit(".", 1)[0] == SOURCE_STEM:
             source = attachment
         elif result is None:
             result = attachment
@@ -181,6 +183,8 @@ class Upscale(commands.Cog):
         choices = {name: params.get(name) for name in KEPT_CHOICES}
         choices["scale"] = choices["scale"] or settings.default_upscale_scale
         choices["creativity"] = choices["creativity"] or settings.default_creativity
+        # Judged for the channel this was asked in (a button's too): recomputed, never kept with the params.
+        choices["safety"] = settings.safety_for(age_restricted(interaction))
 
         received = await read_image(attachment, max_pixels=DEFAULT_MAX_INPUT_PIXELS)
         request, checkpoint = await upscale_request(self.library, received.png, choices, params.get("loras") or [])
@@ -219,21 +223,31 @@ class Upscale(commands.Cog):
 
         return await tile_prompts(self.bot.backend, received.png, received.size, (out_width, out_height), show, owner)
 
-    async def present(self, job: Job, png: bytes, target: ReplyTarget) -> None:
+    async def present(self, job: Job, result: dict, target: ReplyTarget) -> None:
         await self.previews.stop(job.id)
+        report = SafetyReport.from_dict(result["safety"])
+        title = f"✅ **{job.meta.get('title', 'Upscale')}**"
+        png = result["image"]
+        if png is None:  # withheld in the worker: nothing to post, and no source beside it
+            lines = [title, job.meta.get("summary", ""), *public_lines(report)]
+            await target.edit(content="\n".join(line for line in lines if line), attachments=[], view=None)
+            await target.tell_requester(withheld_notice(report))
+            return
+        spoiler = bool(report.spoilered)
         limit = target.upload_limit(job.owner.get("guild_id"))
         fitted = await asyncio.to_thread(fit_to_limit, png, limit)
-        files = [discord.File(io.BytesIO(fitted.data), fitted.filename)]
+        files = [discord.File(io.BytesIO(fitted.data), fitted.filename, spoiler=spoiler)]
         source = self._sources.get(job.id)
         # The source rides along for Vary seed when the request stays within Discord's limits.
         with_source = (
             source is not None and len(source[0]) <= limit and len(source[0]) + len(fitted.data) <= MAX_REQUEST_BYTES
         )
         if with_source:
-            files.append(discord.File(io.BytesIO(source[0]), source[1]))
-        lines = [f"✅ **{job.meta.get('title', 'Upscale')}**", job.meta.get("summary", "")]
+            files.append(discord.File(io.BytesIO(source[0]), source[1], spoiler=spoiler))
+        lines = [title, job.meta.get("summary", "")]
         if fitted.note:
             lines.append(f"-# {fitted.note}")
+        lines += public_lines(report)
         await target.edit(content="\n".join(line for line in lines if line), attachments=files,
                           view=result_view(job.id, with_source))
 

@@ -28,6 +28,7 @@ from modal_services.errors import ToolboxError
 from modal_services.downloads import DownloadEngine
 from modal_services.caption import CaptionEngine, best_device
 from modal_services.layout import LORAS_MOUNT, LORAS_VOLUME, MODELS_MOUNT, MODELS_VOLUME, Layout, state_dict_name
+from modal_services.nsfw_classifier import NsfwClassifier
 from modal_services.services import SERVICES, run_service_job
 from modal_services.state import ModalDictStore
 
@@ -249,11 +250,17 @@ sdxl_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17").env(
 )
 
 
-async def _volumes_for_job(engine) -> None:
-    """What a GPU job reads fresh: the base models while the engine is not loaded yet (/setup may just
-    have put them there), and the LoRAs and checkpoints imported since this container started."""
+async def _volumes_for_job(engine, classifier: NsfwClassifier) -> None:
+    """What a GPU job reads fresh: the base models while the engine or its NSFW classifier is not loaded
+    yet (/setup may just have put them there), and the LoRAs and checkpoints imported since this
+    container started."""
     if not engine.loaded:
         await models_volume.reload.aio()
+    elif not classifier.loaded:
+        try:
+            await models_volume.reload.aio()  # a classifier downloaded since this container started
+        except Exception:  # refused while the engine's files are open: the classifier waits for a fresh container
+            log.warning("models volume reload skipped", exc_info=True)
     try:
         await loras_volume.reload.aio()
     except Exception:  # reload refuses while a file is open; the files already seen still work
@@ -280,24 +287,30 @@ class SdxlService:
         self.engine = SERVICES["generate"].make_engine(_layout(self.store))
         # Named, not detected: the snapshot is taken before the GPU is attached.
         self.engine.models.device = SDXL_DEVICE
-        try:
-            self.engine.load(staging_device="cpu")
-        except ToolboxError as error:
-            # Stay up: each job reports the problem, and the next job retries
-            # after /setup has put the files on the volume.
-            log.warning("SDXL engine not loaded: %s", error.code.value)
+        # Judges this container's images, loaded with the engine: part of the same snapshot and cold start.
+        self.classifier = NsfwClassifier(MODELS_MOUNT, SDXL_DEVICE)
+        for name, model in (("SDXL engine", self.engine), ("NSFW classifier", self.classifier)):
+            try:
+                model.load(staging_device="cpu")
+            except ToolboxError as error:
+                # Stay up: each job reports the problem, and the next job retries
+                # after /setup has put the files on the volume.
+                log.warning("%s not loaded: %s", name, error.code.value)
 
     @modal.enter(snap=False)
     def place(self) -> None:
         if self.engine.loaded:
             self.engine.place()
+        if self.classifier.loaded:
+            self.classifier.place()
 
     async def _run(self, kind: str, job_id: str, payload: dict):
-        await _volumes_for_job(self.engine)
-        return await run_service_job(self.store, self.engine, SERVICES[kind], job_id, payload)
+        await _volumes_for_job(self.engine, self.classifier)
+        return await run_service_job(self.store, self.engine, SERVICES[kind], job_id, payload,
+                                     classifier=self.classifier)
 
     @modal.method()
-    async def upscale(self, job_id: str, payload: dict) -> bytes:
+    async def upscale(self, job_id: str, payload: dict) -> dict:
         return await self._run("upscale", job_id, payload)
 
     @modal.method()
@@ -355,28 +368,35 @@ class FluxService:
         self.engine = FluxEngine(_layout(self.store), device=FLUX_DEVICE)
         # Chosen from the GPU's name, not detected: no GPU is attached yet.
         self.engine.precision = FLUX_PRECISION
+        # Judges this container's images, as SdxlService's does its own.
+        self.classifier = NsfwClassifier(MODELS_MOUNT, FLUX_DEVICE)
+        self._load(self.classifier, "NSFW classifier", staging_device="cpu")
         if self.engine.can_stage:
-            self._load(staging_device="cpu")
+            self._load(self.engine, "Flux engine", staging_device="cpu")
 
     @modal.enter(snap=False)
     def place(self) -> None:
         if self.engine.loaded:
             self.engine.place()
         else:
-            self._load()
+            self._load(self.engine, "Flux engine")
+        if self.classifier.loaded:
+            self.classifier.place()
 
-    def _load(self, staging_device: str | None = None) -> None:
+    @staticmethod
+    def _load(model, name: str, staging_device: str | None = None) -> None:
         try:
-            self.engine.load(staging_device=staging_device)
+            model.load(staging_device=staging_device)
         except ToolboxError as error:
             # Stay up: each job reports the problem, and the next job retries
             # after /setup has put the files on the volume.
-            log.warning("Flux engine not loaded: %s", error.code.value)
+            log.warning("%s not loaded: %s", name, error.code.value)
 
     @modal.method()
     async def generate(self, job_id: str, payload: dict) -> dict:
-        await _volumes_for_job(self.engine)
-        return await run_service_job(self.store, self.engine, SERVICES["flux_generate"], job_id, payload)
+        await _volumes_for_job(self.engine, self.classifier)
+        return await run_service_job(self.store, self.engine, SERVICES["flux_generate"], job_id, payload,
+                                     classifier=self.classifier)
 
 
 # The bot itself: one always-on container on a slim image (the package's base

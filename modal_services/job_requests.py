@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serial
 from pydantic.fields import FieldInfo
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.prompt_screen import screen_prompt
 
 # ------------------------------------------------------------------ reusable field types
 
@@ -95,9 +96,15 @@ class JobRequest(Checked):
 
     model_config = ConfigDict(title="A job")
     kind: ClassVar[str]
+    # Fields the worker's runner acts on around the engine, which never sees them.
+    runner_fields: ClassVar[tuple[str, ...]] = ()
 
     def to_payload(self) -> dict[str, Any]:
         return self.model_dump()
+
+    def engine_payload(self) -> dict[str, Any]:
+        """The fields the engine method takes."""
+        return self.model_dump(exclude=set(self.runner_fields))
 
 
 class LoraRef(Checked):
@@ -135,6 +142,53 @@ class RegionPrompt(Checked):
     prompt: Annotated[str, Field(max_length=400, title="A region prompt")]
 
 
+# ------------------------------------------------------------------ content safety
+
+SafetyPolicy = Annotated[Literal["block", "spoiler", "off"], Field(title="The safety policy")]
+# The classifier's NSFW probability from which an image counts as flagged.
+NsfwThreshold = Annotated[float, Field(ge=0.05, le=0.99, allow_inf_nan=False, title="The NSFW threshold")]
+DEFAULT_NSFW_THRESHOLD = 0.7
+REFUSED_WORD_MAX_CHARS = 100
+RefusedWord = Annotated[str, Field(min_length=1, max_length=REFUSED_WORD_MAX_CHARS, title="A refused word")]
+RefusedWords = Annotated[list[RefusedWord], Field(max_length=200, title="refused words")]
+
+
+class SafetyContext(Checked):
+    """What the worker needs to judge a job's images, from where they will be shown: the server's
+    policy for flagged images, whether the destination is age-restricted, the threshold, and the
+    server's refused words (the worker screens the prompt again)."""
+
+    model_config = ConfigDict(title="A safety context")
+    policy: SafetyPolicy = "block"
+    age_restricted: bool = False
+    threshold: NsfwThreshold = DEFAULT_NSFW_THRESHOLD
+    refused_words: RefusedWords = []
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the images are classified: not with the policy off, nor for an age-restricted channel."""
+        return self.policy != "off" and not self.age_restricted
+
+
+class SafetyChecked(JobRequest):
+    """A job kind whose prompts are screened whenever its request is built (in the front end, and again in
+    the worker) and whose images the worker judges by `safety` before they leave it."""
+
+    runner_fields: ClassVar[tuple[str, ...]] = ("safety",)
+    safety: SafetyContext = Field(default_factory=SafetyContext)
+
+    def screened_prompts(self) -> tuple[list[str], list[str]]:
+        """(what the job asks for, what its negative prompt steers away from)."""
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _screened(self) -> "SafetyChecked":
+        positive, negative = self.screened_prompts()
+        # A ToolboxError (INVALID_PROMPT), which pydantic passes through as it is.
+        screen_prompt(positive, negative, self.safety.refused_words)
+        return self
+
+
 # ------------------------------------------------------------------ the job kinds
 
 
@@ -146,7 +200,7 @@ class CaptionRequest(JobRequest):
     question: Question | None = None
 
 
-class UpscaleRequest(JobRequest):
+class UpscaleRequest(SafetyChecked):
     model_config = ConfigDict(title="An upscale job")
     kind: ClassVar[str] = "upscale"
     image: Annotated[bytes, Field(title="image")]
@@ -170,6 +224,9 @@ class UpscaleRequest(JobRequest):
     def _distinct_loras(self) -> "UpscaleRequest":
         return distinct_loras(self)
 
+    def screened_prompts(self) -> tuple[list[str], list[str]]:
+        return [self.prompt, *(region.prompt for region in self.region_prompts)], [self.negative]
+
 
 def distinct_loras(request: JobRequest) -> JobRequest:
     names = [lora.name for lora in request.loras]
@@ -178,7 +235,7 @@ def distinct_loras(request: JobRequest) -> JobRequest:
     return request
 
 
-class GenerateRequest(JobRequest):
+class GenerateRequest(SafetyChecked):
     """SDXL text-to-image; with `image`, variations of it (img2img at `strength`)."""
 
     model_config = ConfigDict(title="A generate job", str_strip_whitespace=True)
@@ -212,6 +269,9 @@ class GenerateRequest(JobRequest):
     def _distinct_loras(self) -> "GenerateRequest":
         return distinct_loras(self)
 
+    def screened_prompts(self) -> tuple[list[str], list[str]]:
+        return [self.prompt], [self.negative_prompt]
+
     @classmethod
     def parse(cls, payload: dict[str, Any]) -> "GenerateRequest":
         try:
@@ -236,7 +296,7 @@ FluxSide = Annotated[int, Field(ge=512, le=2048, multiple_of=64)]
 Guidance = Annotated[float, Field(ge=1.0, le=10.0, allow_inf_nan=False, title="The guidance")]
 
 
-class FluxGenerateRequest(JobRequest):
+class FluxGenerateRequest(SafetyChecked):
     """FLUX.1-dev text-to-image; with `image`, variations of it (img2img at `strength`).
 
     Flux is guidance-distilled: one pass per step steered by `guidance`, and no
@@ -270,6 +330,9 @@ class FluxGenerateRequest(JobRequest):
                 f"{self.width}×{self.height} is more than Flux's {FLUX_MAX_PIXELS / 1e6:.1f} megapixels: choose a smaller size."
             )
         return distinct_loras(self)
+
+    def screened_prompts(self) -> tuple[list[str], list[str]]:
+        return [self.prompt], []
 
 
 class DownloadRequest(JobRequest):
@@ -475,7 +538,7 @@ def job_method(request: type[JobRequest]):
             given = signature.bind_partial(*args, **kwargs).arguments
             fields = {name: value for name, value in given.items() if name in request.model_fields}
             others = {name: value for name, value in given.items() if name not in request.model_fields}
-            return method(**others, **request.parse(fields).to_payload())
+            return method(**others, **request.parse(fields).engine_payload())
 
         checked.request = request
         return checked

@@ -70,6 +70,8 @@ class Job:
     meta: dict[str, Any] = field(default_factory=dict)
     # Set by the bot once the result (or error) has been shown to the user.
     delivered: bool = False
+    # For kinds whose images are judged: each image's NSFW score and decision (`SafetyReport.to_dict`).
+    safety: dict[str, Any] | None = None
 
     @property
     def key(self) -> str:
@@ -231,9 +233,10 @@ class ProgressReporter:
         self.writes += 1
         await update_job(self.store, self.job_id, **fields)
 
-    async def succeed(self) -> None:
+    async def succeed(self, **fields: Any) -> None:
+        """The final write, with `fields` the job's record keeps of its result."""
         await self.stop()
-        await self._write(status=JobStatus.DONE, progress=1.0, stage="done", finished_at=time.time())
+        await self._write(status=JobStatus.DONE, progress=1.0, stage="done", finished_at=time.time(), **fields)
         await self.store.pop(cancel_key(self.job_id))
 
     async def fail(self, error: ToolboxError) -> None:
@@ -254,8 +257,10 @@ async def run_job(
     job_id: str,
     work: Callable[[ProgressFn], T],
     executor=None,
+    recorded: Callable[[T], dict[str, Any]] | None = None,
 ) -> T:
-    """Run blocking `work(progress)` in a thread, keeping `job:<id>` up to date.
+    """Run blocking `work(progress)` in a thread, keeping `job:<id>` up to date; `recorded(result)`
+    is what the record keeps of the result, written with the final state (never after it).
 
     Any failure ends as a `ToolboxError` both in the record and raised to the
     caller; an unexpected exception is logged in full here and reported to the
@@ -283,5 +288,5 @@ async def run_job(
         error = ToolboxError(ErrorCode.INTERNAL, "Something went wrong while running this job.")
         await reporter.fail(error)
         raise error from exc
-    await reporter.succeed()
+    await reporter.succeed(**(recorded(result) if recorded else {}))
     return result

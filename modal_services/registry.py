@@ -30,6 +30,7 @@ from modal_services.layout import (
     FLUX_DIR,
     ILLUSTRIOUS_CHECKPOINT,
     IP_ADAPTER_FILE,
+    NSFW_CLASSIFIER_DIR,
     SDXL_CONFIG_DIR,
     SDXL_VAE_DIR,
 )
@@ -194,6 +195,17 @@ BASE_MODELS: dict[str, ModelEntry] = {
             folder=SDXL_CONFIG_DIR,
             approx_bytes=5_000_000,
             needed_by=("upscale", "generate"),
+        ),
+        ModelEntry(
+            # ViT-base, labels normal/nsfw, Apache-2.0: judges every generated and upscaled image.
+            key="nsfw-classifier",
+            name="NSFW image classifier (Falconsai ViT)",
+            source=HFSource(
+                "Falconsai/nsfw_image_detection", include=("config.json", "model.safetensors", "preprocessor_config.json")
+            ),
+            folder=NSFW_CLASSIFIER_DIR,
+            approx_bytes=343_000_000,
+            needed_by=("upscale", "generate", "flux_generate"),
         ),
         ModelEntry(
             key="flux1-dev",

@@ -63,6 +63,33 @@ def installed_caption_model(tiny_qwen_dir, tmp_path):
     return models_dir
 
 
+@pytest.fixture(scope="session")
+def tiny_nsfw_dirs(tmp_path_factory):
+    """Tiny ViT classifiers in the NSFW classifier's layout, built once per test run: one that passes
+    every image and one that flags every image."""
+    from tests.fixtures.tiny_nsfw import FLAGS, PASSES, write_tiny_nsfw_classifier
+
+    root = tmp_path_factory.mktemp("tiny-nsfw")
+    return {"passes": write_tiny_nsfw_classifier(root / "passes", PASSES),
+            "flags": write_tiny_nsfw_classifier(root / "flags", FLAGS)}
+
+
+@pytest.fixture
+def install_nsfw_classifier(tiny_nsfw_dirs, tmp_path):
+    """install_nsfw_classifier("passes" | "flags"): that tiny classifier where the local backend looks for it."""
+    from modal_services.layout import NSFW_CLASSIFIER_DIR
+
+    def install(verdict: str = "passes"):
+        folder = tmp_path / "data" / "models" / NSFW_CLASSIFIER_DIR
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.is_symlink():
+            folder.unlink()
+        folder.symlink_to(tiny_nsfw_dirs[verdict], target_is_directory=True)
+        return folder
+
+    return install
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
     """A fake Hugging Face Hub on loopback, serving a stand-in for every repo of the registry, as HF_ENDPOINT."""
@@ -102,14 +129,17 @@ def fast_progress(monkeypatch):
 
 
 @pytest.fixture
-def use_engine(monkeypatch):
-    """use_engine(kind, engine): that job kind runs on `engine` (a stand-in), its spec otherwise unchanged."""
+def use_engine(monkeypatch, install_nsfw_classifier):
+    """use_engine(kind, engine): that job kind runs on `engine` (a stand-in), its spec otherwise unchanged;
+    for a kind whose images are judged, with the tiny classifier that passes every image installed."""
     import dataclasses
 
     from modal_services import services
 
     def install(kind: str, engine) -> None:
         original = services.SERVICES[kind]
+        if original.judged_images is not None:
+            install_nsfw_classifier("passes")
         # The stand-in's own method of that name, looked up on the instance (tests may wrap it there).
         spec = dataclasses.replace(original, make_engine=lambda layout: engine,
                                    engine_method=lambda: lambda self, **fields: getattr(self, original.modal_method)(**fields))

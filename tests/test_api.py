@@ -87,7 +87,11 @@ async def test_generate_image_answers_the_contract_field_by_field(api, generate_
     })
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"image_base64", "image_size", "generation_time_seconds", "model_info", "metadata"}
+    assert set(body) == {"image_base64", "image_size", "generation_time_seconds", "model_info", "metadata",
+                         "nsfw_score", "safety"}
+    # Judged by the tiny classifier that passes everything.
+    assert 0 <= body["nsfw_score"] < 0.01
+    assert body["safety"]["checked"] and body["safety"]["withheld"] == []
     image = decode_png(body["image_base64"])
     assert image.format == "PNG" and image.size == (832, 1216)
     assert body["image_size"] == [832, 1216]
@@ -410,7 +414,8 @@ async def test_a_generate_job_reports_progress_then_the_contract_body(api, gated
     gated_engine.gate.set()
     done = await wait_for_status(api, job_id, "done")
     assert done["result"]["image_size"] == [512, 768] and done["result"]["metadata"]["seed_used"] == 3
-    assert set(done["result"]) == {"image_base64", "image_size", "generation_time_seconds", "model_info", "metadata"}
+    assert set(done["result"]) == {"image_base64", "image_size", "generation_time_seconds", "model_info", "metadata",
+                                   "nsfw_score", "safety"}
 
 
 async def test_a_failed_job_shows_its_error(api, use_engine):

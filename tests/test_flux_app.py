@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from modal_services.jobs import JobStatus, create_job, load_job
-from modal_services.layout import LORAS_MOUNT, MODELS_MOUNT
+from modal_services.layout import LORAS_MOUNT, MODELS_MOUNT, NSFW_CLASSIFIER_DIR
 from modal_services.services import SERVICES
 from modal_services.sdxl_previews import preview_key
 from modal_services.state import ModalDictStore
@@ -41,8 +41,10 @@ def test_quantisers_are_installed_only_where_the_precision_needs_them(app_module
 
 
 @pytest.mark.slow
-async def test_one_flux_container_stages_in_host_memory_then_runs_a_job(app_module, monkeypatch, tmp_path):
+async def test_one_flux_container_stages_in_host_memory_then_runs_a_judged_job(app_module, monkeypatch, tmp_path,
+                                                                               tiny_nsfw_dirs):
     volume = build_tiny_flux_volume(tmp_path)
+    (volume.models_dir / NSFW_CLASSIFIER_DIR).symlink_to(tiny_nsfw_dirs["passes"], target_is_directory=True)
     state = FakeModalDict()
     monkeypatch.setattr(app_module, "state_dict", state)
     monkeypatch.setattr(app_module, "MODELS_MOUNT", volume.models_dir)
@@ -52,9 +54,11 @@ async def test_one_flux_container_stages_in_host_memory_then_runs_a_job(app_modu
     service = app_module.FluxService()
     service._enter()  # modal's .local() skips sync @enter hooks before async methods: both phases run here
     assert service.engine.loaded and service.engine.placement == "cpu" and service.engine.precision == "bf16"
+    assert service.classifier.loaded  # Flux's images are judged in its own container
     job = await create_job(store, "flux_generate")
     result = await service.generate.local(job.id, {"prompt": "a cat", "width": 512, "height": 512, "steps": 20,
                                                    "seed": 3, "timeout": 300})
     assert Image.open(io.BytesIO(result["images"][0])).size == (512, 512) and result["seeds"] == [3]
+    assert result["safety"]["checked"] and result["safety"]["images"][0]["decision"] == "post"
     assert (await load_job(store, job.id)).status is JobStatus.DONE
     assert not await store.contains(preview_key(job.id))

@@ -171,3 +171,13 @@ async def test_v_and_reroll_of_a_flux_image_stay_on_flux_and_u_upscales_without_
     assert ephemeral_error(await press("u1")) is None
     upscale = sdxl.upscaled[-1]
     assert upscale["scale"] == 2.0 and upscale["prompt"] == "a red fox" and upscale["loras"] == []
+
+
+async def test_a_flagged_flux_image_is_withheld_like_an_sdxl_one(toolbox_bot, flux, install_nsfw_classifier,
+                                                                 fast_progress):
+    install_nsfw_classifier("flags")
+    interaction = fake_interaction()
+    await generate(toolbox_bot, interaction, "a fox", model=FLUX)
+    assert len(flux.generated) == 1
+    final = final_edit(interaction)
+    assert "flagged by this server's safety check" in final["content"] and not final["attachments"]

@@ -143,3 +143,18 @@ async def test_caption_service_runs_a_job_locally(app_module, monkeypatch, tiny_
     captions = await service.caption.local(job.id, {"images": [png_bytes()], "style": "tags", "question": None})
     assert len(captions) == 1 and captions[0]
     assert (await load_job(store, job.id)).status is JobStatus.DONE
+
+
+async def test_the_nsfw_classifier_is_required_only_when_images_are_classified(deployment):
+    from modal_services.downloads import manifest_key
+    from modal_services.job_requests import GenerateRequest
+
+    deployment.store._dict.pop(manifest_key("nsfw-classifier"))
+    backend = make_backend(Settings.load())
+    with pytest.raises(ToolboxError) as caught:
+        await backend.submit(GenerateRequest.parse({"prompt": "a cat"}))
+    assert caught.value.code is ErrorCode.MODELS_MISSING and "NSFW image classifier" in caught.value.message
+    assert deployment.spawned == []
+    for safety in ({"policy": "off"}, {"age_restricted": True}):
+        await backend.submit(GenerateRequest.parse({"prompt": "a cat", "safety": safety}))
+    assert [method for _, method, _ in deployment.spawned] == ["SdxlService.generate"] * 2

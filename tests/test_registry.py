@@ -12,7 +12,7 @@ from modal_services.registry import BASE_MODELS, SDXL_CONFIG_FILES, get_entry, m
 
 def test_keys_are_the_contract():
     assert list(BASE_MODELS) == ["illustrious-xl", "controlnet-tile", "sdxl-vae", "ip-adapter", "clip-vit-h",
-                                 "qwen3-vl-2b", "sdxl-base", "flux1-dev"]
+                                 "qwen3-vl-2b", "sdxl-base", "nsfw-classifier", "flux1-dev"]
     assert [key for key, entry in BASE_MODELS.items() if entry.optional is not None] == ["flux1-dev"]
 
 
@@ -44,9 +44,10 @@ def test_every_source_kind_has_a_fetcher():
 
 def test_resolve_and_purposes():
     assert [e.key for e in resolve_keys(["sdxl-base", "illustrious-xl", "sdxl-base"])] == ["illustrious-xl", "sdxl-base"]
-    assert len(resolve_keys(None)) == 7
+    assert len(resolve_keys(None)) == 8
     assert models_for("caption") == ["qwen3-vl-2b"]
     assert "qwen3-vl-2b" not in models_for("upscale") and "sdxl-base" in models_for("upscale")
+    assert "nsfw-classifier" in models_for("upscale") and "nsfw-classifier" in models_for("generate")
     with pytest.raises(ToolboxError) as caught:
         get_entry("flux")
     assert caught.value.code is ErrorCode.INVALID_INPUT and "illustrious-xl" in caught.value.message

@@ -39,11 +39,13 @@ async def test_one_sdxl_container_serves_generate_and_upscale_and_cleans_its_pre
     service = app_module.SdxlService()
     service._enter()  # modal's .local() skips sync @enter hooks before async methods: both phases run here
     assert service.engine.loaded and service.engine.models.placement == "cpu"
+    assert service.classifier.loaded  # loaded with the engine, in the same container
     service.engine.upscaler.preview_interval = 0.0
     unet = service.engine.models.pipe.unet
     job = await create_job(store, "upscale")
     result = await service.upscale.local(job.id, {"image": png_bytes(48, 40), "scale": 2.0, "steps": 4, "seed": 3})
-    assert Image.open(io.BytesIO(result)).size == (96, 80)
+    assert Image.open(io.BytesIO(result["image"])).size == (96, 80)
+    assert result["safety"]["checked"] and result["safety"]["images"][0]["decision"] == "post"
     assert (await load_job(store, job.id)).status is JobStatus.DONE
     assert not await store.contains(preview_key(job.id))
     job = await create_job(store, "generate")

@@ -12,6 +12,7 @@ from PIL import Image
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import encode_png
 from modal_services.layout import IP_ADAPTER_FILE, SDXL_CONFIG_DIR, Layout
+from modal_services.nsfw_classifier import NsfwClassifier
 from modal_services.services import SERVICES, run_on_engine
 from modal_services.sdxl_engine import SdxlEngine
 from modal_services.sdxl_pipeline import LoraSpec, with_trigger_words
@@ -366,6 +367,8 @@ def test_the_upscale_job_kind_runs_through_run_on_engine(volume, picture, base_o
     assert isinstance(engine, SdxlEngine) and not engine.loaded
     stages = []
     engine.upscaler.max_tile, engine.upscaler.min_overlap = ENGINE_OPTIONS["max_tile"], ENGINE_OPTIONS["min_overlap"]
-    result = run_on_engine(engine, spec, {"image": picture, **JOB}, lambda f, s: stages.append(s))
-    assert stages[0] == "loading model"
-    assert Image.open(io.BytesIO(result)).size == (160, 192)
+    result = run_on_engine(engine, spec, {"image": picture, **JOB}, lambda f, s: stages.append(s),
+                           classifier=NsfwClassifier(volume.models_dir))
+    assert stages[:2] == ["loading the safety classifier", "loading model"] and stages[-1] == "safety check"
+    assert Image.open(io.BytesIO(result["image"])).size == (160, 192)
+    assert result["safety"]["images"][0]["decision"] == "post"
