@@ -57,7 +57,15 @@ from bot.api_schema import (
 from bot.backend import RESULT_KEEP_SECONDS, Backend
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png, shrunk_png
-from modal_services.job_requests import REFERENCE_MAX_SIDE, CaptionRequest, GenerateRequest, JobRequest, SafetyContext, UpscaleRequest
+from modal_services.job_requests import (
+    REFERENCE_MAX_SIDE,
+    CaptionRequest,
+    FluxGenerateRequest,
+    GenerateRequest,
+    JobRequest,
+    SafetyContext,
+    UpscaleRequest,
+)
 from modal_services.jobs import Job, JobStatus, request_cancel
 from modal_services.library import Library
 from modal_services.safety import SafetyReport
@@ -76,6 +84,8 @@ HEALTH_TTL_SECONDS = 2.0
 STATUS_FOR_CODE = {
     ErrorCode.INVALID_INPUT: 400,
     ErrorCode.INVALID_PROMPT: 400,
+    # A LoRA of the other model's family: the request's mistake.
+    ErrorCode.INCOMPATIBLE_MODEL: 400,
     ErrorCode.PERMISSION_DENIED: 401,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.CANCELLED: 409,
@@ -304,7 +314,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 async def render_result(job: Job, result: Any) -> dict[str, Any]:
     """A finished job's result as JSON; image encoding runs in a thread (an upscale is tens of MB)."""
-    if job.kind == "generate":
+    if job.kind in ("generate", "flux_generate"):
         return await asyncio.to_thread(generate_response, result, job.meta.get("lora_scale"))
     if job.kind == "caption":
         return {"captions": result}
@@ -328,10 +338,21 @@ class Payloads:
     def __init__(self, library: Library):
         self.library = library
 
-    async def generate(self, request: GenerateImageRequest) -> GenerateRequest:
-        from bot.generate_requests import generate_request
+    async def generate(self, request: GenerateImageRequest) -> GenerateRequest | FluxGenerateRequest:
+        from bot.generate_requests import FACE_NEEDS_SDXL, flux_generate_request, generate_model, generate_request
 
-        choices = request.model_dump(exclude={"kind", "loras", "safety_check", "reference_image_base64",
+        if generate_model(request.model) == "flux":
+            if request.lora_url is not None:
+                raise ToolboxError(ErrorCode.INVALID_INPUT, "lora_url is for SDXL: Flux takes LoRAs from the library (`loras`).")
+            if request.reference_image_base64 is not None or request.pose_image_base64 is not None:
+                raise ToolboxError(ErrorCode.INVALID_INPUT, FACE_NEEDS_SDXL)
+            # Only what the client gave: Flux's own defaults (guidance 3.5) fill in the rest.
+            choices = request.model_dump(exclude_unset=True, exclude={"kind", "model", "loras", "lora_scale", "lora_sha256",
+                                                                      "safety_check"})
+            choices["safety"] = api_safety(request.safety_check)
+            job_request, _ = await flux_generate_request(self.library, choices, [lora.model_dump() for lora in request.loras])
+            return job_request
+        choices = request.model_dump(exclude={"kind", "model", "loras", "safety_check", "reference_image_base64",
                                                "pose_image_base64"})
         choices["safety"] = api_safety(request.safety_check)
         if request.lora_url is not None:

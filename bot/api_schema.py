@@ -31,7 +31,7 @@ from modal_services.job_requests import (
     Question,
     Scale,
     Seed,
-    Side,
+    FluxSide,
     Timeout,
     UpscaleRequest,
     field_bounds,
@@ -86,9 +86,12 @@ class GenerateImageRequest(Strict):
     `loras` by name."""
 
     prompt: GenerationPrompt
+    model: Literal["sdxl", "flux-dev"] = Field(
+        "sdxl", description="flux-dev: FLUX.1-dev (if the bot's admin enabled it): guidance `cfg` 1-10 (3.5 when "
+        "omitted), no negative prompt, sizes up to about 2 MP (2048 a side), library Flux LoRAs only")
     negative_prompt: Prompt = _default(GenerateRequest, "negative_prompt")
-    width: Side = _default(GenerateRequest, "width")
-    height: Side = _default(GenerateRequest, "height")
+    width: FluxSide = Field(_default(GenerateRequest, "width"), description="SDXL: 512-1536; Flux: up to 2048")
+    height: FluxSide = Field(_default(GenerateRequest, "height"), description="SDXL: 512-1536; Flux: up to 2048")
     steps: GenerationSteps = _default(GenerateRequest, "steps")
     cfg: Cfg = _default(GenerateRequest, "cfg")
     seed: Seed | None = Field(None, description="random when omitted; always reported in metadata.seed_used")

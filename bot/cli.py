@@ -110,13 +110,16 @@ def _report_withheld(result: dict) -> None:
 
 
 def _add_generate_parser(commands) -> None:
-    from modal_services.job_requests import ASPECT_BUCKETS, GenerateRequest
+    from modal_services.job_requests import FLUX_ASPECT_BUCKETS, GenerateRequest
 
     fields = GenerateRequest.model_fields
-    generate = commands.add_parser("generate", help="make images from a prompt with SDXL")
+    generate = commands.add_parser("generate", help="make images from a prompt with SDXL or FLUX.1-dev")
     generate.add_argument("prompt", metavar="PROMPT")
+    generate.add_argument("--model", choices=("sdxl", "flux", "flux-dev"), default="sdxl",
+                          help="flux: FLUX.1-dev (once enabled in setup): guidance as --cfg (3.5), no --negative")
     generate.add_argument("--negative", default="")
-    generate.add_argument("--aspect", choices=list(ASPECT_BUCKETS), default="1:1", help="an SDXL size bucket")
+    generate.add_argument("--aspect", choices=list(FLUX_ASPECT_BUCKETS), default="1:1",
+                          help="a size bucket (the 2MP ones are Flux's)")
     lowest, highest = field_bounds(GenerateRequest, "width")
     generate.add_argument("--width", type=int, help=f"{lowest}-{highest}, a multiple of 64 (with --height, instead of --aspect)")
     generate.add_argument("--height", type=int)
@@ -360,20 +363,25 @@ def output_paths(output: Path | None, first_seed: int, count: int) -> list[Path]
 
 async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
     """On the local backend, or through the HTTP API at --api; the images written, each with its seed printed."""
-    from bot.generate_requests import face_notes, generate_request
+    from bot.generate_requests import FACE_NEEDS_SDXL, face_notes, flux_generate_request, generate_model, generate_request
     from bot.upscale_requests import parse_lora_option
-    from modal_services.job_requests import ASPECT_BUCKETS
+    from modal_services.job_requests import ASPECT_BUCKETS, FLUX_ASPECT_BUCKETS
     from modal_services.library import Library
 
+    flux = generate_model(args.model) == "flux"
     if (args.width is None) != (args.height is None):
         raise ToolboxError(ErrorCode.INVALID_INPUT, "Give --width and --height together (or --aspect).")
-    width, height = (args.width, args.height) if args.width is not None else ASPECT_BUCKETS[args.aspect]
+    if args.width is None and not flux and args.aspect not in ASPECT_BUCKETS:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"--aspect {args.aspect} is made by Flux only: add --model flux.")
+    width, height = (args.width, args.height) if args.width is not None else FLUX_ASPECT_BUCKETS[args.aspect]
     choices = {"prompt": args.prompt, "negative_prompt": args.negative, "width": width, "height": height,
                "count": args.count, "steps": args.steps, "cfg": args.cfg, "seed": args.seed, "timeout": args.timeout,
                "safety": cli_safety(args),
                "identity_strength": args.identity_strength, "controlnet_strength": args.controlnet_strength}
     if args.pose is not None and args.face is None:
         raise ToolboxError(ErrorCode.INVALID_INPUT, "--pose is used only with --face.")
+    if flux and args.face is not None:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, FACE_NEEDS_SDXL)
     for field, path in (("face_image", args.face), ("pose_image", args.pose)):
         if path is not None:
             choices[field] = await asyncio.to_thread(_read_photo, path)
@@ -384,7 +392,7 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
     backend = await open_backend(settings)
     try:
         library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
-        request, checkpoint = await generate_request(library, choices, loras)
+        request, checkpoint = await (flux_generate_request if flux else generate_request)(library, choices, loras)
         paths = output_paths(args.output, request.seed, request.count)
         for path in paths:
             await asyncio.to_thread(_writable_output, path)
@@ -420,12 +428,16 @@ async def generate_through_api(settings: Settings, args: argparse.Namespace, cho
     import base64
 
     from bot.api_client import ApiClient
-    from bot.generate_requests import face_notes
-    from modal_services.job_requests import GenerateRequest
+    from bot.generate_requests import face_notes, generate_model
+    from modal_services.job_requests import FluxGenerateRequest, GenerateRequest
 
     # Checked here first, with the seed drawn, so that the files are named and known writable before the call.
     given = {name: value for name, value in choices.items() if value is not None and name != "safety"}
-    request = GenerateRequest.parse(given)
+    if generate_model(args.model) == "flux":
+        request = FluxGenerateRequest.parse({("guidance" if name == "cfg" else name): value for name, value in given.items()})
+        given["model"] = "flux-dev"
+    else:
+        request = GenerateRequest.parse(given)
     for field, wire_name in API_PHOTO_FIELDS.items():
         if field in given:
             given[wire_name] = base64.b64encode(given.pop(field)).decode("ascii")

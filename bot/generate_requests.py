@@ -9,10 +9,25 @@ from __future__ import annotations
 from typing import Any
 
 from bot.upscale_requests import resolve_lora
-from modal_services.job_requests import GenerateRequest, LoraRef
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.job_requests import FluxGenerateRequest, GenerateRequest, LoraRef
 from modal_services.library import Library
 from modal_services.optional_models import require_enabled
 from modal_services.registry import INSTANTID_MODELS
+
+# The models /generate offers: the name members pick (and the API's alias) -> what it is.
+GENERATE_MODELS = {"sdxl": "SDXL (the server's checkpoint)", "flux": "FLUX.1-dev"}
+MODEL_ALIASES = {"sdxl": "sdxl", "flux": "flux", "flux-dev": "flux", "flux1-dev": "flux"}
+FLUX_MODEL = {"key": "flux1-dev", "name": "FLUX.1-dev", "file": None}
+FACE_NEEDS_SDXL = "A face photo works with SDXL only: InstantID has no FLUX.1 weights. Generate with SDXL to use one."
+
+
+def generate_model(name: str | None) -> str:
+    """"sdxl" or "flux" for what a member, a terminal or an API client called the model."""
+    model = MODEL_ALIASES.get((name or "sdxl").strip().lower())
+    if model is None:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"The model is one of sdxl, flux-dev (got {name!r}).")
+    return model
 
 
 async def generate_request(library: Library, choices: dict[str, Any], loras: list[dict[str, Any]]) -> tuple[GenerateRequest, dict]:
@@ -28,7 +43,7 @@ async def generate_request(library: Library, choices: dict[str, Any], loras: lis
         for key in INSTANTID_MODELS:
             await require_enabled(library.store, key)
     refs = [LoraRef.parse(lora) for lora in loras]
-    resolved = [await resolve_lora(library, ref) for ref in refs]
+    resolved = [await resolve_lora(library, ref, family="sdxl") for ref in refs]
     checkpoint = await library.active_checkpoint()
     request = GenerateRequest.parse({**given, "loras": resolved, "checkpoint": checkpoint["file"]})
     return request, checkpoint
@@ -44,3 +59,17 @@ def face_notes(face: dict | None) -> list[str]:
     if (face.get("pose_faces_found") or 0) > 1:
         notes.append(f"{face['pose_faces_found']} faces in the pose photo: the largest one set the pose.")
     return notes
+
+
+async def flux_generate_request(library: Library, choices: dict[str, Any],
+                                loras: list[dict[str, Any]]) -> tuple[FluxGenerateRequest, dict]:
+    """As `generate_request`, for FLUX.1-dev: `cfg` is Flux's guidance, and only Flux LoRAs are taken.
+    FLUX.1-dev is optional: until an admin has enabled and downloaded it, MODELS_MISSING says what to do."""
+    given = {("guidance" if name == "cfg" else name): value for name, value in choices.items() if value is not None}
+    if given.keys() & {"face_image", "pose_image", "identity_strength", "controlnet_strength"}:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, FACE_NEEDS_SDXL)
+    FluxGenerateRequest.parse(given)
+    await require_enabled(library.store, FLUX_MODEL["key"])
+    refs = [LoraRef.parse(lora) for lora in loras]
+    resolved = [await resolve_lora(library, ref, family="flux") for ref in refs]
+    return FluxGenerateRequest.parse({**given, "loras": resolved}), FLUX_MODEL

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import discord
 from pydantic import Field, ValidationError, model_validator
@@ -29,6 +29,7 @@ from modal_services.job_requests import (
 from modal_services.keys import settings_key
 from modal_services.state import StateStore
 
+GenerateModel = Annotated[Literal["sdxl", "flux"], Field(title="The model")]
 # Jobs running or queued at once, per member and per guild.
 UserCap = Annotated[int, Field(ge=1, le=20, title="A member's cap")]
 GuildCap = Annotated[int, Field(ge=1, le=200, title="The server's cap")]
@@ -49,6 +50,8 @@ class GuildSettings(Checked):
     default_steps: GenerationSteps = _default(GenerateRequest, "steps")
     default_cfg: Cfg = _default(GenerateRequest, "cfg")
     default_negative: Prompt = Field("", title="The default negative prompt")
+    # The /generate model for requests that name none: sdxl | flux.
+    default_model: GenerateModel = "sdxl"
     user_cap: UserCap = 2
     guild_cap: GuildCap = 10
     # Empty means everyone / every channel.

@@ -16,8 +16,22 @@ def bot_library(bot) -> Library:
 
 
 async def lora_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
-    """Library LoRAs matching what has been typed, answered from the state store only."""
-    choices = await bot_library(interaction.client).choices(current, kind="lora")
+    """Library SDXL LoRAs matching what has been typed, answered from the state store only."""
+    return await _lora_choices(interaction, current, "sdxl")
+
+
+async def model_lora_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
+    """As `lora_autocomplete`, for the LoRAs of the model chosen in the same command (else the server's default)."""
+    from bot.guild_settings import load_guild_settings
+
+    model = getattr(interaction.namespace, "model", None)
+    if model is None and interaction.guild_id is not None:
+        model = (await load_guild_settings(interaction.client.backend.store, interaction.guild_id)).default_model
+    return await _lora_choices(interaction, current, model or "sdxl")
+
+
+async def _lora_choices(interaction: discord.Interaction, current: str, family: str) -> list[app_commands.Choice[str]]:
+    choices = await bot_library(interaction.client).choices(current, kind="lora", family=family)
     return [app_commands.Choice(name=label[:100], value=value) for label, value in choices]
 
 

@@ -15,9 +15,19 @@ from modal_services.job_requests import LoraRef, UpscaleRequest
 from modal_services.library import Library
 
 
-async def resolve_lora(library: Library, lora: LoraRef) -> dict[str, Any]:
-    """{name, file, weight, trigger_words} of a library LoRA; its recommended weight unless one is given."""
+FAMILY_NAMES = {"sdxl": "SDXL", "flux": "Flux"}
+
+
+async def resolve_lora(library: Library, lora: LoraRef, family: str = "sdxl") -> dict[str, Any]:
+    """{name, file, weight, trigger_words} of a library LoRA; its recommended weight unless one is given.
+    A LoRA of another family than the job's model is INCOMPATIBLE_MODEL."""
     entry = await library.find(lora.name, kind="lora")
+    if entry.family != family:
+        raise ToolboxError(
+            ErrorCode.INCOMPATIBLE_MODEL,
+            f"The LoRA {entry.name!r} is made for {FAMILY_NAMES.get(entry.family, entry.family)}; it cannot be used "
+            f"with {FAMILY_NAMES[family]}. Pick a {FAMILY_NAMES[family]} LoRA.",
+        )
     weight = lora.weight
     if weight is None:
         weight = entry.weight if entry.weight is not None else 1.0

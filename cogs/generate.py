@@ -1,4 +1,4 @@
-"""/generate: SDXL text-to-image, and the buttons under each result.
+"""/generate: SDXL or FLUX.1-dev text-to-image, and the buttons under each result.
 
 The reply shows the job's progress and the worker's live previews; the
 result is the images themselves (Discord lays four out as a 2x2 gallery),
@@ -30,15 +30,22 @@ from discord.ext import commands
 
 from bot.attachments import check_attachment, looks_like_image, read_image
 from bot.content_safety import age_restricted, public_lines, withheld_notice
-from bot.library_options import bot_library, lora_autocomplete, lora_slots
+from bot.library_options import bot_library, lora_slots, model_lora_autocomplete
 from bot.live_previews import LivePreviews
 from bot.replies import ResultButton
 from bot.result_images import fit_to_limit
 from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget
 from bot.ui import option_range
-from bot.generate_requests import face_notes, generate_request
+from bot.generate_requests import GENERATE_MODELS, face_notes, flux_generate_request, generate_request
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import ASPECT_BUCKETS, REFERENCE_MAX_SIDE, GenerateRequest, LoraRef, field_bounds
+from modal_services.job_requests import (
+    ASPECT_BUCKETS,
+    FLUX_ASPECT_BUCKETS,
+    REFERENCE_MAX_SIDE,
+    GenerateRequest,
+    LoraRef,
+    field_bounds,
+)
 from modal_services.jobs import Job
 from modal_services.keys import caption_prompt_key, generate_faces_key, generate_params_key
 from modal_services.safety import SafetyReport
@@ -59,7 +66,10 @@ MAX_PROMPT_CHARS = field_bounds(GenerateRequest, "prompt")[1]
 DISCORD_TIMEOUT = field_bounds(GenerateRequest, "timeout")[1]
 # A variation's start image: the largest output, with room to spare.
 MAX_START_PIXELS = 4 * field_bounds(GenerateRequest, "width")[1] ** 2
-ASPECT_CHOICES = [app_commands.Choice(name=f"{ratio} ({w}×{h})", value=ratio) for ratio, (w, h) in ASPECT_BUCKETS.items()]
+# SDXL's buckets, then the larger ones only Flux makes.
+ASPECT_CHOICES = [app_commands.Choice(name=f"{ratio} ({w}×{h})" + ("" if ratio in ASPECT_BUCKETS else ", Flux"), value=ratio)
+                  for ratio, (w, h) in FLUX_ASPECT_BUCKETS.items()]
+MODEL_CHOICES = [app_commands.Choice(name=name, value=model) for model, name in GENERATE_MODELS.items()]
 IMAGE_STEM = "image"
 
 
@@ -130,10 +140,12 @@ def image_attachment(message: discord.Message, index: int) -> discord.Attachment
     return None
 
 
-def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str, seeds: list[int] | None = None) -> str:
+def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str, seeds: list[int] | None = None,
+             guidance: str = "CFG") -> str:
     seeds = seeds or [params["seed"]]
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
-    parts = [f"{params['width']}×{params['height']}", f"{params['steps']} steps", f"CFG {params['cfg']:g}", seed_text, checkpoint]
+    parts = [f"{params['width']}×{params['height']}", f"{params['steps']} steps", f"{guidance} {params['cfg']:g}", seed_text,
+             checkpoint]
     parts += [f"{name} ({lora['weight']:g})" for name, lora in zip(lora_names, params["loras"])]
     if params.get("strength") is not None:
         parts.append(f"variation at {params['strength']:g}")
@@ -156,20 +168,22 @@ class Generate(commands.Cog):
         self.library = bot_library(bot)
         bot.add_dynamic_items(GenerateButton, GenerateFromCaptionButton)
         bot.tracker.presenters["generate"] = self.present
+        bot.tracker.presenters["flux_generate"] = self.present
         self.previews = LivePreviews(lambda: bot.backend.store)
 
     async def cog_unload(self) -> None:
         self.bot.remove_dynamic_items(GenerateButton, GenerateFromCaptionButton)
         self.bot.tracker.presenters.pop("generate", None)
+        self.bot.tracker.presenters.pop("flux_generate", None)
 
-    @app_commands.command(name="generate", description="Make images from a prompt with SDXL, optionally with LoRAs")
+    @app_commands.command(name="generate", description="Make images from a prompt with SDXL or Flux, optionally with LoRAs")
     @app_commands.describe(
-        prompt="What to draw (booru tags work best with Illustrious)",
-        negative="What to avoid (default: the server's)",
+        prompt="What to draw (booru tags work best with Illustrious; Flux follows plain sentences)",
+        negative="What to avoid (default: the server's; SDXL only)",
         aspect="The shape (default: the server's, usually square)",
         count="How many images, 1-4 (default 1)",
         steps="Denoising steps, 20-50 (default: the server's, usually 28)",
-        cfg="How closely to follow the prompt, 1-20 (default: the server's, usually 5.5)",
+        cfg="How closely to follow the prompt: SDXL's CFG 1-20 (default 5.5), Flux's guidance 1-10 (default 3.5)",
         seed="For repeatable results (default: random)",
         lora1="A LoRA from the library",
         lora1_weight="Its weight (default: the library's recommendation)",
@@ -177,12 +191,13 @@ class Generate(commands.Cog):
         lora2_weight="Its weight",
         lora3="A third LoRA",
         lora3_weight="Its weight",
-        face="A photo of a person: every image keeps their face (InstantID; an admin enables it in /setup)",
+        face="A photo of a person: every image keeps their face (InstantID, SDXL only; an admin enables it in /setup)",
         identity_strength="How strongly the face is kept, 0-1.5 (default 0.8)",
         pose="A photo whose face sets the head's place and angle (default: the face photo's)",
+        model="SDXL or FLUX.1-dev (default: the server's, usually SDXL)",
     )
-    @app_commands.choices(aspect=ASPECT_CHOICES)
-    @app_commands.autocomplete(lora1=lora_autocomplete, lora2=lora_autocomplete, lora3=lora_autocomplete)
+    @app_commands.choices(aspect=ASPECT_CHOICES, model=MODEL_CHOICES)
+    @app_commands.autocomplete(lora1=model_lora_autocomplete, lora2=model_lora_autocomplete, lora3=model_lora_autocomplete)
     async def generate(
         self,
         interaction: discord.Interaction,
@@ -202,10 +217,12 @@ class Generate(commands.Cog):
         face: discord.Attachment | None = None,
         identity_strength: IdentityStrengthOption | None = None,
         pose: discord.Attachment | None = None,
+        model: app_commands.Choice[str] | None = None,
     ) -> None:
         params = {
-            "prompt": prompt, "negative": negative, "aspect": aspect.value if aspect else None, "count": count,
-            "steps": steps, "cfg": cfg, "seed": seed, "identity_strength": identity_strength,
+            "prompt": prompt, "model": model.value if model else None, "negative": negative,
+            "aspect": aspect.value if aspect else None, "count": count, "steps": steps, "cfg": cfg, "seed": seed,
+            "identity_strength": identity_strength,
             "loras": lora_slots((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight)),
         }
         await self.run_generate(interaction, params, face=face, pose=pose)
@@ -226,8 +243,9 @@ class Generate(commands.Cog):
         if attachment is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"Image {action[1]} is no longer attached to that message.")
         if action[0] == "u":
+            # The upscaler is SDXL: a Flux image's LoRAs do not apply to it.
             upscale = {"scale": 2.0, "prompt": params["prompt"], "negative": params.get("negative") or "",
-                       "loras": params["loras"]}
+                       "loras": params["loras"] if params.get("model", "sdxl") == "sdxl" else []}
             await self.bot.get_cog("Upscale").run_upscale(interaction, attachment, upscale)
         else:
             await self.run_generate(interaction, {**params, "seed": None}, start=attachment, photos=photos)
@@ -264,15 +282,20 @@ class Generate(commands.Cog):
                         start: discord.Attachment | None, photos: dict[str, bytes | None] | None,
                         admission: Admission) -> None:
         settings = admission.settings
+        model = params.get("model") or settings.default_model
+        flux = model == "flux"
         aspect = params.get("aspect") or settings.default_aspect
         width, height = params.get("width"), params.get("height")
         if not (width and height):
-            width, height = ASPECT_BUCKETS.get(aspect, ASPECT_BUCKETS["1:1"])
+            if not flux and aspect not in ASPECT_BUCKETS:
+                raise ToolboxError(ErrorCode.INVALID_INPUT, f"The {aspect} size is made by Flux only: pick model Flux or another aspect.")
+            width, height = FLUX_ASPECT_BUCKETS.get(aspect, ASPECT_BUCKETS["1:1"])
         choices = {
-            "prompt": params["prompt"], "negative_prompt": params.get("negative") or settings.default_negative,
-            "width": width, "height": height, "count": params.get("count") or 1,
-            "steps": params.get("steps") or settings.default_steps, "cfg": params.get("cfg") or settings.default_cfg,
-            "seed": params.get("seed"), "timeout": DISCORD_TIMEOUT,
+            "prompt": params["prompt"], "width": width, "height": height, "count": params.get("count") or 1,
+            "steps": params.get("steps") or settings.default_steps, "seed": params.get("seed"), "timeout": DISCORD_TIMEOUT,
+            # Flux has its own guidance default and no negative prompt (one asked for is refused, not dropped).
+            "cfg": params.get("cfg") or (None if flux else settings.default_cfg),
+            "negative_prompt": params.get("negative") or (None if flux else settings.default_negative),
             # Judged for the channel this was asked in (a button's too): recomputed, never kept with the params.
             "safety": settings.safety_for(age_restricted(interaction)),
         }
@@ -282,13 +305,16 @@ class Generate(commands.Cog):
             choices |= {"face_image": photos["face"], "pose_image": photos["pose"],
                         "identity_strength": params.get("identity_strength")}
         # Refused here, before a job exists, in the worker's own words.
-        request, checkpoint = await generate_request(self.library, choices, params.get("loras") or [])
-        kept = {name: getattr(request, name) for name in ("prompt", "width", "height", "count", "steps", "cfg", "seed")}
-        kept |= {"negative": request.negative_prompt, "aspect": aspect, "identity_strength": request.identity_strength,
+        build = flux_generate_request if flux else generate_request
+        request, checkpoint = await build(self.library, choices, params.get("loras") or [])
+        kept = {name: getattr(request, name) for name in ("prompt", "width", "height", "count", "steps", "seed")}
+        kept |= {"negative": request.negative_prompt, "aspect": aspect, "model": model,
+                 "cfg": request.guidance if flux else request.cfg,
+                 "identity_strength": None if flux else request.identity_strength,
                  "loras": [{"name": lora.file, "weight": lora.weight} for lora in request.loras]}
         title = ("Variations" if start is not None else "Generate") + (" with a face" if photos else "")
         meta = {
-            "title": f"{title} · {request.count} × {width}×{height}",
+            "title": title + (" · Flux" if flux else "") + f" · {request.count} × {width}×{height}",
             "prompt": request.prompt[:300],
             "lora_names": [lora.name for lora in request.loras],
             "checkpoint_name": checkpoint["name"],
@@ -315,7 +341,8 @@ class Generate(commands.Cog):
         files = [discord.File(io.BytesIO(image.data), image.filename, spoiler=index - 1 in spoilered)
                  for (index, _), image in zip(shown, fitted)]
         summary = describe(result, job.meta.get("lora_names") or [lora["name"] for lora in result["loras"]],
-                           job.meta.get("checkpoint_name") or result["checkpoint"], result["seeds"])
+                           job.meta.get("checkpoint_name") or result["checkpoint"], result["seeds"],
+                           "guidance" if job.kind == "flux_generate" else "CFG")
         prompt = discord.utils.escape_markdown(job.meta.get("prompt") or result["prompt"])
         lines = [f"✅ **{job.meta.get('title', 'Generate')}**", f"> {prompt}", summary]
         notes = {image.note for image in fitted if image.note}

@@ -9,6 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.guild_settings import GuildSettings, load_guild_settings, save_guild_settings
+from bot.generate_requests import GENERATE_MODELS
 from bot.permissions import require_admin
 from bot.ui import CAPTION_STYLE_CHOICES, option_range
 from modal_services.errors import ErrorCode, ToolboxError
@@ -22,6 +23,7 @@ StepsOption = option_range(GuildSettings, "default_steps")
 CfgOption = option_range(GuildSettings, "default_cfg")
 NegativeOption = option_range(GuildSettings, "default_negative")
 ASPECT_CHOICES = [app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_BUCKETS]
+MODEL_CHOICES = [app_commands.Choice(name=name, value=model) for model, name in GENERATE_MODELS.items()]
 ThresholdOption = option_range(GuildSettings, "nsfw_threshold")
 WordOption = app_commands.Range[str, 1, REFUSED_WORD_MAX_CHARS]
 POLICY_LABELS = {
@@ -41,7 +43,8 @@ def describe(settings: GuildSettings) -> str:
         f"Caption style: {settings.default_caption_style}",
         f"Upscale: {settings.default_upscale_scale:g}x, creativity {settings.default_creativity:g}",
         f"Generate: {settings.default_aspect}, {settings.default_steps} steps, CFG {settings.default_cfg:g}"
-        + (f", negative “{settings.default_negative[:80]}”" if settings.default_negative else ""),
+        + (f", negative “{settings.default_negative[:80]}”" if settings.default_negative else "")
+        + f", model {GENERATE_MODELS[settings.default_model]}",
         f"Jobs at once: {settings.user_cap} per member, {settings.guild_cap} for the server",
         f"Who: {roles} · Where: {channels}",
         settings.describe_safety(),
@@ -109,8 +112,9 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
         steps="Default /generate steps",
         cfg="Default /generate CFG",
         negative="Default /generate negative prompt (\"none\" to clear it)",
+        model="Default /generate model",
     )
-    @app_commands.choices(caption_style=CAPTION_STYLE_CHOICES, aspect=ASPECT_CHOICES)
+    @app_commands.choices(caption_style=CAPTION_STYLE_CHOICES, aspect=ASPECT_CHOICES, model=MODEL_CHOICES)
     async def defaults(
         self,
         interaction: discord.Interaction,
@@ -123,6 +127,7 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
         steps: StepsOption | None = None,
         cfg: CfgOption | None = None,
         negative: NegativeOption | None = None,
+        model: app_commands.Choice[str] | None = None,
     ) -> None:
         settings = await self._load(interaction)
         if negative is not None and negative.strip().lower() == "none":
@@ -131,6 +136,7 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
             default_caption_style=caption_style and caption_style.value, default_upscale_scale=upscale_scale,
             default_creativity=creativity, user_cap=user_cap, guild_cap=guild_cap,
             default_aspect=aspect and aspect.value, default_steps=steps, default_cfg=cfg, default_negative=negative,
+            default_model=model and model.value,
         )
         await self._save(interaction, settings)
 

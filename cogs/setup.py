@@ -43,6 +43,7 @@ PANEL_TIMEOUT = 14 * 60
 POLL_SECONDS = 1.0
 # Typed in a token field of the form: forget that token.
 CLEAR_WORD = "clear"
+MESSAGE_LIMIT = 2000  # Discord's limit on a message's text
 ICONS = {"present": "✅", "missing": "▫️", "downloading": "⬇️", "queued": "⏳", "failed": "❌"}
 
 
@@ -59,21 +60,27 @@ def describe(state: ModelState) -> str:
     return state.state
 
 
-def render_optional(entry: ModelEntry, enabled: dict | None, state: ModelState | None) -> str:
-    """One optional model's line: enabled (by whom) or not, its size, its terms and where to read them."""
+def render_optional(entry: ModelEntry, enabled: dict | None, state: ModelState | None, terms: bool = True) -> str:
+    """One optional model's line: enabled (by whom) or not, its size, and where to read its licence
+    (with `terms`, that licence in one line too)."""
     if enabled is None:
         status = "▫️ not enabled"
     else:
         status = f"✅ enabled by {enabled['by']} · {describe(state) if state else 'missing'}"
-    return (f"{status} · **{entry.name}** · ~{human_bytes(entry.approx_bytes)} · {entry.optional.summary} "
-            f"· <{entry.optional.url}>")
+    licence = f"{entry.optional.summary} · <{entry.optional.url}>" if terms else f"licence: <{entry.optional.url}>"
+    return f"{status} · **{entry.name}** · ~{human_bytes(entry.approx_bytes)} · {licence}"
 
 
 def render_panel(states: list[ModelState], tokens: list, note: str | None = None,
-                 starters: list[tuple[StarterLora, LibraryEntry | None]] = (), optional: list[str] = ()) -> str:
+                 starters: list[tuple[StarterLora, LibraryEntry | None]] = (),
+                 optional: list[tuple[ModelEntry, dict | None]] = ()) -> str:
+    """The panel's text; the note comes right under the title, so that it shows however long the rest is,
+    and the optional models' licences are left to their links when all of them would not fit."""
     present = sum(state.state == "present" for state in states)
     total = sum(state.size_bytes for state in states)
     lines = [f"**AI Toolbox setup** · base models {present}/{len(states)} present · {human_bytes(total)} in all"]
+    if note:
+        lines.append(note)
     for state in states:
         lines.append(f"{ICONS.get(state.state, '•')} **{state.name}** · {human_bytes(state.size_bytes)} · {describe(state)}")
     if starters:
@@ -81,13 +88,15 @@ def render_panel(states: list[ModelState], tokens: list, note: str | None = None
     for starter, installed in starters:
         state = f"installed as `{installed.file}`" if installed else f"~{human_bytes(starter.approx_bytes)} · not installed"
         lines.append(f"{'✅' if installed else '▫️'} **{starter.name}** · {starter.purpose} · <{starter.page_url}> · {state}")
+    lines.append("**Tokens** · " + " · ".join(token.describe() for token in tokens))
     if optional:
         lines.append("**Optional models** (an admin enables each, accepting its licence; Download missing then includes it)")
-        lines.extend(optional)
-    lines.append("**Tokens** · " + " · ".join(token.describe() for token in tokens))
-    if note:
-        lines.append(note)
-    return "\n".join(lines)[:2000]
+        by_key = {state.key: state for state in states}
+        full = [render_optional(entry, record, by_key.get(entry.key)) for entry, record in optional]
+        if len("\n".join(lines + full)) > MESSAGE_LIMIT:
+            full = [render_optional(entry, record, by_key.get(entry.key), terms=False) for entry, record in optional]
+        lines.extend(full)
+    return "\n".join(lines)[:MESSAGE_LIMIT]
 
 
 def render_progress(job: Job, states: list[ModelState]) -> str:
@@ -114,7 +123,7 @@ def render_progress(job: Job, states: list[ModelState]) -> str:
             lines.append(f"{ICONS.get(state.state, '•')} **{state.name}** · {human_bytes(state.size_bytes)} · {describe(state)}")
     if job.status is JobStatus.ERROR and job.error_message:
         lines.append(error_text(job.error()))
-    return "\n".join(lines)[:2000]
+    return "\n".join(lines)[:MESSAGE_LIMIT]
 
 
 async def refuse_non_admin(interaction: discord.Interaction) -> bool:
@@ -253,12 +262,8 @@ class Setup(commands.Cog):
         library = self.library
         starters = [(starter, await library.by_model(starter.civitai_model_id)) for starter in STARTER_LORAS.values()]
         missing = [starter for starter, installed in starters if installed is None]
-        by_key = {state.key: state for state in states}
-        optional, toggles = [], []
-        for entry in optional_entries():
-            record = await enabled_record(self.store, entry.key)
-            optional.append(render_optional(entry, record, by_key.get(entry.key)))
-            toggles.append((entry, record is not None))
+        optional = [(entry, await enabled_record(self.store, entry.key)) for entry in optional_entries()]
+        toggles = [(entry, record is not None) for entry, record in optional]
         return {"content": render_panel(states, tokens, note, starters, optional),
                 "view": SetupPanel(self, missing, toggles)}
 

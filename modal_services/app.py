@@ -11,7 +11,9 @@ TOOLBOX_SCALEDOWN_SECONDS (idle time before a GPU container stops),
 TOOLBOX_CAPTION_MAX_CONTAINERS, TOOLBOX_SDXL_GPU (default A10G),
 TOOLBOX_SDXL_MAX_CONTAINERS, TOOLBOX_UPSCALE_MAX_MP (output limit, default 16),
 TOOLBOX_FACE_PROVIDER (where InstantID's face analysis runs: cpu, the default, or cuda),
-TOOLBOX_API_SECRET (the HTTP API's Modal secret, holding TOOLBOX_API_TOKEN).
+TOOLBOX_API_SECRET (the HTTP API's Modal secret, holding TOOLBOX_API_TOKEN),
+TOOLBOX_FLUX_GPU (default L40S), TOOLBOX_FLUX_PRECISION (auto | bf16 | fp8 | nf4),
+TOOLBOX_FLUX_MAX_CONTAINERS.
 """
 
 from __future__ import annotations
@@ -263,6 +265,23 @@ sdxl_image = (
 )
 
 
+async def _volumes_for_job(engine, classifier: NsfwClassifier) -> None:
+    """What a GPU job reads fresh: the base models while the engine or its NSFW classifier is not loaded
+    yet (/setup may just have put them there), and the LoRAs and checkpoints imported since this
+    container started."""
+    if not engine.loaded:
+        await models_volume.reload.aio()
+    elif not classifier.loaded:
+        try:
+            await models_volume.reload.aio()  # a classifier downloaded since this container started
+        except Exception:  # refused while the engine's files are open: the classifier waits for a fresh container
+            log.warning("models volume reload skipped", exc_info=True)
+    try:
+        await loras_volume.reload.aio()
+    except Exception:  # reload refuses while a file is open; the files already seen still work
+        log.warning("LoRA volume reload skipped", exc_info=True)
+
+
 @app.cls(
     image=sdxl_image,
     gpu=SDXL_GPU,
@@ -301,18 +320,7 @@ class SdxlService:
             self.classifier.place()
 
     async def _run(self, kind: str, job_id: str, payload: dict):
-        if not self.engine.loaded:
-            await models_volume.reload.aio()
-        elif not self.classifier.loaded:
-            try:
-                await models_volume.reload.aio()  # a classifier downloaded since this container started
-            except Exception:  # refused while the engine's files are open: the classifier waits for a fresh container
-                log.warning("models volume reload skipped", exc_info=True)
-        try:
-            # LoRAs and checkpoints imported since this container started.
-            await loras_volume.reload.aio()
-        except Exception:  # reload refuses while a file is open; the files already seen still work
-            log.warning("LoRA volume reload skipped", exc_info=True)
+        await _volumes_for_job(self.engine, self.classifier)
         return await run_service_job(self.store, self.engine, SERVICES[kind], job_id, payload,
                                      classifier=self.classifier)
 
@@ -323,6 +331,87 @@ class SdxlService:
     @modal.method()
     async def generate(self, job_id: str, payload: dict) -> dict:
         return await self._run("generate", job_id, payload)
+
+
+# FLUX.1-dev: a GPU class of its own (~34 GB of weights, which do not fit beside SDXL's).
+# The precision is chosen at deploy time from the GPU it runs on (the snapshot is
+# taken before a GPU is attached, so it cannot be detected then): bf16 on 40 GB
+# and more, else the transformer quantised (fp8 from compute capability 8.9, NF4 below).
+FLUX_GPU = os.environ.get("TOOLBOX_FLUX_GPU", "L40S")
+FLUX_MAX_CONTAINERS = int(os.environ.get("TOOLBOX_FLUX_MAX_CONTAINERS", "2"))
+FLUX_DEVICE = "cuda"
+# (memory in GB, compute capability) of Modal's GPU types.
+GPU_SPECS = {
+    "T4": (16, (7, 5)), "L4": (24, (8, 9)), "A10G": (24, (8, 6)), "A10": (24, (8, 6)), "L40S": (48, (8, 9)),
+    "A100": (40, (8, 0)), "A100-40GB": (40, (8, 0)), "A100-80GB": (80, (8, 0)), "H100": (80, (9, 0)),
+    "H200": (141, (9, 0)), "B200": (180, (10, 0)),
+}
+
+
+def flux_precision_for(gpu: str, setting: str) -> str:
+    from modal_services.flux import choose_precision
+
+    memory_gb, capability = GPU_SPECS.get(gpu.split(":")[0].upper(), (0, (0, 0)))
+    return choose_precision(setting, True, memory_gb, capability)
+
+
+FLUX_PRECISION = flux_precision_for(FLUX_GPU, os.environ.get("TOOLBOX_FLUX_PRECISION", "auto"))
+# torchao (fp8) and bitsandbytes (NF4) only where the precision needs them.
+FLUX_QUANTISERS = {"fp8": ("torchao>=0.13",), "nf4": ("bitsandbytes>=0.46",)}
+flux_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17", "sentencepiece>=0.2",
+                                   *FLUX_QUANTISERS.get(FLUX_PRECISION, ()))
+
+
+@app.cls(
+    image=flux_image,
+    gpu=FLUX_GPU,
+    volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
+    scaledown_window=SCALEDOWN_SECONDS,
+    max_containers=FLUX_MAX_CONTAINERS,
+    timeout=1800,
+    # Cold starts: at bf16 the ~34 GB are read into host memory once and restored from the
+    # snapshot afterwards. A quantised transformer is quantised as it loads onto the GPU, so it
+    # loads after the restore instead.
+    enable_memory_snapshot=True,
+)
+class FluxService:
+    @modal.enter(snap=True)
+    def load(self) -> None:
+        from modal_services.flux import FluxEngine
+
+        self.store = ModalDictStore(state_dict)
+        self.engine = FluxEngine(_layout(self.store), device=FLUX_DEVICE)
+        # Chosen from the GPU's name, not detected: no GPU is attached yet.
+        self.engine.precision = FLUX_PRECISION
+        # Judges this container's images, as SdxlService's does its own.
+        self.classifier = NsfwClassifier(MODELS_MOUNT, FLUX_DEVICE)
+        self._load(self.classifier, "NSFW classifier", staging_device="cpu")
+        if self.engine.can_stage:
+            self._load(self.engine, "Flux engine", staging_device="cpu")
+
+    @modal.enter(snap=False)
+    def place(self) -> None:
+        if self.engine.loaded:
+            self.engine.place()
+        else:
+            self._load(self.engine, "Flux engine")
+        if self.classifier.loaded:
+            self.classifier.place()
+
+    @staticmethod
+    def _load(model, name: str, staging_device: str | None = None) -> None:
+        try:
+            model.load(staging_device=staging_device)
+        except ToolboxError as error:
+            # Stay up: each job reports the problem, and the next job retries
+            # after /setup has put the files on the volume.
+            log.warning("%s not loaded: %s", name, error.code.value)
+
+    @modal.method()
+    async def generate(self, job_id: str, payload: dict) -> dict:
+        await _volumes_for_job(self.engine, self.classifier)
+        return await run_service_job(self.store, self.engine, SERVICES["flux_generate"], job_id, payload,
+                                     classifier=self.classifier)
 
 
 # The bot itself: one always-on container on a slim image (the package's base

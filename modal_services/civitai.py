@@ -47,6 +47,8 @@ CHECKPOINT_TYPES = {"checkpoint": "checkpoint"}
 # SDXL-architecture base models by their CivitAI `baseModel` names. "Pony V7"
 # (AuraFlow) and "Illustrious"-named non-SDXL successors are not in the set.
 SDXL_BASE_MODELS = {"pony", "illustrious", "noobai"}
+# FLUX.1 base models (dev and schnell share the transformer's layout): LoRAs only.
+FLUX_BASE_MODELS = {"flux.1 d", "flux.1 s"}
 # SDXL checkpoints that are not the plain text-to-image UNet the upscaler loads.
 UNSUPPORTED_CHECKPOINT_VARIANTS = {"inpainting", "refiner"}
 PICKLE_EXTENSIONS = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -333,13 +335,14 @@ class ImportPlan:
     description: str
     images: list[dict[str, Any]]  # {"url", "nsfw"}, first few
     page_url: str
+    family: str = "sdxl"  # sdxl | flux
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ImportPlan":
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
     def thumbnail(self, age_restricted_channel: bool) -> str | None:
         """A preview image URL fit for the channel: nothing NSFW outside age-restricted channels."""
@@ -354,6 +357,15 @@ class ImportPlan:
 def is_sdxl_family(base_model: str) -> bool:
     name = (base_model or "").strip().lower()
     return name.startswith("sdxl") or name in SDXL_BASE_MODELS
+
+
+def model_family(base_model: str) -> str | None:
+    """The library family ("sdxl" or "flux") of a CivitAI base model; None when it is neither."""
+    if is_sdxl_family(base_model):
+        return "sdxl"
+    if (base_model or "").strip().lower() in FLUX_BASE_MODELS:
+        return "flux"
+    return None
 
 
 def library_type(civitai_type: str) -> str:
@@ -401,11 +413,17 @@ def plan_from_metadata(version: dict[str, Any], model: dict[str, Any]) -> Import
     civitai_type = _text(model_part.get("type") or model.get("type"))
     kind = library_type(civitai_type)
     base_model = _text(version.get("baseModel"))
-    if not is_sdxl_family(base_model):
+    family = model_family(base_model)
+    if family is None:
         raise ToolboxError(
             ErrorCode.INCOMPATIBLE_MODEL,
-            f"{name} is made for {base_model or 'an unknown base model'}; the upscaler is SDXL, so only SDXL-family "
-            "models (SDXL 1.0, Pony, Illustrious, NoobAI…) can be used.",
+            f"{name} is made for {base_model or 'an unknown base model'}; only SDXL-family models (SDXL 1.0, Pony, "
+            "Illustrious, NoobAI…) and Flux.1 LoRAs (Flux.1 D, Flux.1 S) can be used.",
+        )
+    if family == "flux" and kind == "checkpoint":
+        raise ToolboxError(
+            ErrorCode.INCOMPATIBLE_MODEL,
+            f"{name} is a Flux checkpoint; only Flux LoRAs can be imported (FLUX.1-dev itself is enabled in /setup).",
         )
     variant = _text(version.get("baseModelType")).lower()
     if kind == "checkpoint" and variant in UNSUPPORTED_CHECKPOINT_VARIANTS:
@@ -441,6 +459,7 @@ def plan_from_metadata(version: dict[str, Any], model: dict[str, Any]) -> Import
         description=plain_text(model.get("description"))[:1000],
         images=_images(version),
         page_url=f"https://civitai.com/models/{model_id}?modelVersionId={version_id}",
+        family=family,
     )
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
@@ -72,8 +72,10 @@ class StepReports:
     """
 
     def __init__(self, request: GenerateRequest, images: int, deadline: float, progress: ProgressFn,
-                 preview: PreviewFn | None, preview_interval: float):
+                 preview: PreviewFn | None, preview_interval: float, render: Callable[[Any], bytes] | None = None):
+        """`render`: the step's latents as a preview JPEG (SDXL's latents by default)."""
         self.request = request
+        self.render = render or (lambda latents: latent_preview_jpeg(latent_grid(latents)))
         self.images = images
         self.deadline = deadline
         self.progress = progress
@@ -95,11 +97,38 @@ class StepReports:
                 stage += f" · image {first_image + 1}/{self.images}"
             self.progress(0.05 + 0.9 * done / (total * self.images), stage)
             if self.preview is not None and time.monotonic() - self.last_preview >= self.preview_interval:
-                self.preview(latent_preview_jpeg(latent_grid(tensors["latents"])))
+                self.preview(self.render(tensors["latents"]))
                 self.last_preview = time.monotonic()
             return tensors
 
         return on_step
+
+
+def generated_images(run: Callable[[int], list[bytes]], count: int, width: int, height: int,
+                     progress: ProgressFn) -> list[bytes]:
+    """`run(batch)` for all `count` images at once; after a CUDA out-of-memory error once more one image at a
+    time. A failure that is not already a ToolboxError is GENERATION_FAILED."""
+    try:
+        return retry_smaller_on_oom(
+            lambda one_at_a_time: run(1 if one_at_a_time else count), count > 1, "retrying one image at a time",
+            f"The GPU ran out of memory at {width}×{height}: try a smaller size.", progress,
+        )
+    except ToolboxError:
+        raise
+    except Exception as exc:
+        log.exception("generating %d image(s) failed", count)
+        raise ToolboxError(ErrorCode.GENERATION_FAILED, f"The images could not be generated ({type(exc).__name__}).") from exc
+
+
+def generation_result(request, images: list[bytes], seeds: list[int], prompt: str, specs: list[LoraSpec],
+                      varied: bool, started: float, **model_fields: Any) -> dict:
+    """The result described above, for `request` (SDXL's or Flux's); `model_fields`: cfg, negative_prompt, checkpoint."""
+    return {
+        "images": images, "seeds": seeds, "width": request.width, "height": request.height, "steps": request.steps,
+        "prompt": prompt, "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
+        "strength": request.strength if varied else None,
+        "generation_time_seconds": round(time.monotonic() - started, 3), **model_fields,
+    }
 
 
 # How a request's own LoRA is named in the result's `loras`.
@@ -180,34 +209,17 @@ class TextToImage:
                                   weight=lora_scale))
         with self.models.loras(specs, progress):
             deadline = started + request.timeout
-
-            def run(one_at_a_time: bool) -> list[bytes]:
-                return self._run(request, prompt, seeds, start_image, faces, 1 if one_at_a_time else len(seeds),
-                                 deadline, progress, preview)
-
-            try:
-                images = retry_smaller_on_oom(
-                    run, len(seeds) > 1, "retrying one image at a time",
-                    f"The GPU ran out of memory at {request.width}×{request.height}: try a smaller size.", progress,
-                )
-            except ToolboxError:
-                raise
-            except Exception as exc:
-                log.exception("generating %d image(s) failed", len(seeds))
-                raise ToolboxError(
-                    ErrorCode.GENERATION_FAILED, f"The images could not be generated ({type(exc).__name__})."
-                ) from exc
-        return {
-            "images": images, "seeds": seeds, "width": request.width, "height": request.height,
-            "steps": request.steps, "cfg": request.cfg, "prompt": prompt, "negative_prompt": request.negative_prompt,
-            "checkpoint": checkpoint_path.stem, "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
-            "strength": request.strength if start_image is not None else None,
-            "generation_time_seconds": round(time.monotonic() - started, 3),
-            "face": None if faces is None else {
-                **faces.summary(), "identity_strength": request.identity_strength,
-                "controlnet_strength": request.controlnet_strength,
-            },
+            images = generated_images(
+                lambda batch: self._run(request, prompt, seeds, start_image, faces, batch, deadline, progress, preview),
+                len(seeds), request.width, request.height, progress,
+            )
+        face = None if faces is None else {
+            **faces.summary(), "identity_strength": request.identity_strength,
+            "controlnet_strength": request.controlnet_strength,
         }
+        return generation_result(request, images, seeds, prompt, specs, start_image is not None, started,
+                                 cfg=request.cfg, negative_prompt=request.negative_prompt, checkpoint=checkpoint_path.stem,
+                                 face=face)
 
     def _pipelines(self):
         """Text-to-image and img2img pipelines over the loaded components (rebuilt after a checkpoint switch)."""
@@ -215,8 +227,9 @@ class TextToImage:
 
         source = self.models.pipe
         if self._pipes is None or self._pipes[0] is not source:
-            text_to_image = StableDiffusionXLPipeline.from_pipe(source)
-            img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(source)
+            # from_pipe casts the shared components to its `dtype` (float32 unless told): keep them in theirs.
+            text_to_image = StableDiffusionXLPipeline.from_pipe(source, dtype=self.models.dtype)
+            img2img = StableDiffusionXLImg2ImgPipeline.from_pipe(source, dtype=self.models.dtype)
             for pipe in (text_to_image, img2img):
                 pipe.set_progress_bar_config(disable=True)
             self._pipes = (source, text_to_image, img2img)

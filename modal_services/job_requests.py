@@ -300,6 +300,57 @@ class GenerateRequest(SafetyChecked):
             raise problem from None
 
 
+# FLUX.1-dev's sizes: SDXL's buckets at about one megapixel, and larger ones up to about two.
+FLUX_ASPECT_BUCKETS = {
+    **ASPECT_BUCKETS,
+    "1:1 2MP": (1408, 1408),
+    "16:9 2MP": (1920, 1088),
+    "9:16 2MP": (1088, 1920),
+}
+FLUX_MAX_PIXELS = 1920 * 1088
+FluxSide = Annotated[int, Field(ge=512, le=2048, multiple_of=64)]
+Guidance = Annotated[float, Field(ge=1.0, le=10.0, allow_inf_nan=False, title="The guidance")]
+
+
+class FluxGenerateRequest(SafetyChecked):
+    """FLUX.1-dev text-to-image; with `image`, variations of it (img2img at `strength`).
+
+    Flux is guidance-distilled: one pass per step steered by `guidance`, and no
+    negative prompt (one given is refused rather than silently ignored).
+    """
+
+    model_config = ConfigDict(title="A Flux generate job", str_strip_whitespace=True)
+    kind: ClassVar[str] = "flux_generate"
+    prompt_fields: ClassVar[tuple[str, ...]] = ("prompt",)
+    prompt: GenerationPrompt
+    negative_prompt: Prompt = Field("", title="The negative prompt")
+    width: FluxSide = Field(1024, title="The width")
+    height: FluxSide = Field(1024, title="The height")
+    steps: GenerationSteps = 28
+    guidance: Guidance = 3.5
+    seed: Seed = Field(default_factory=random_seed)
+    count: ImageCount = 1
+    loras: Annotated[list[ResolvedLora], Field(max_length=3, title="LoRAs per job")] = []
+    timeout: Timeout = 60.0
+    image: bytes | None = None
+    strength: Strength = 0.35
+
+    parse = classmethod(GenerateRequest.parse.__func__)
+
+    @model_validator(mode="after")
+    def _checked(self) -> "FluxGenerateRequest":
+        if self.negative_prompt:
+            raise ValueError("Flux has no negative prompt: leave it out and describe what you want instead.")
+        if self.width * self.height > FLUX_MAX_PIXELS:
+            raise ValueError(
+                f"{self.width}×{self.height} is more than Flux's {FLUX_MAX_PIXELS / 1e6:.1f} megapixels: choose a smaller size."
+            )
+        return distinct_loras(self)
+
+    def screened_prompts(self) -> tuple[list[str], list[str]]:
+        return [self.prompt], []
+
+
 class DownloadRequest(JobRequest):
     """Base models to download (all missing ones when empty)."""
 

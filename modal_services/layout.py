@@ -35,6 +35,8 @@ INSTANTID_DIR = "instantid"
 INSTANTID_CONTROLNET_DIR = f"{INSTANTID_DIR}/ControlNetModel"
 INSTANTID_ADAPTER_FILE = f"{INSTANTID_DIR}/ip-adapter.safetensors"
 ANTELOPEV2_DIR = "antelopev2"
+# FLUX.1-dev in the diffusers layout (model_index.json, transformer/, text_encoder(_2)/, ...).
+FLUX_DIR = "flux1-dev"
 
 # On the LoRA volume.
 LORAS_SUBDIR = "loras"

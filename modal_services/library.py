@@ -71,6 +71,8 @@ class LibraryEntry:
     # A converted LoRA's original file, relative to its folder (kept, never loaded).
     original_file: str | None = None
     missing: bool = False
+    # The base-model family a LoRA works with: sdxl | flux (entries from before families read as sdxl).
+    family: str = "sdxl"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -273,11 +275,14 @@ class Library:
                 return entry
         return None
 
-    async def choices(self, current: str, kind: str | None = None, limit: int = AUTOCOMPLETE_LIMIT) -> list[tuple[str, str]]:
+    async def choices(self, current: str, kind: str | None = None, limit: int = AUTOCOMPLETE_LIMIT,
+                      family: str | None = None) -> list[tuple[str, str]]:
         """Autocomplete: (label, file) pairs from the store only, so it answers in milliseconds."""
         entries = [LibraryEntry.from_dict(v) for v in (await self.store.items(ENTRY_PREFIX)).values()]
         if kind is not None:
             entries = [entry for entry in entries if entry.type == kind]
+        if family is not None:
+            entries = [entry for entry in entries if entry.family == family]
         text = (current or "").strip().lower()
         matches = [e for e in entries if not text or text in e.name.lower() or text in e.file.lower().removesuffix(SUFFIX)
                    or any(text in w.lower() for w in e.trigger_words)]

@@ -592,3 +592,146 @@ def _save(state: dict, dst: Path, fmt: str) -> None:
         if "No space left" in str(exc) or "os error 28" in str(exc) or "Disk quota" in str(exc):
             raise storage_full(dst.name) from None
         raise
+
+
+# ---------------------------------------------------------------- Flux LoRAs
+#
+# Flux LoRAs come as diffusers / PEFT (`transformer.….lora_A.weight`), Kohya
+# sd-scripts (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`, CLIP-L
+# as `lora_te1_`), ComfyUI (`diffusion_model.` prefixes) or XLabs
+# (`double_blocks.0.processor.qkv_lora1.down.weight`). diffusers' own
+# `FluxPipeline.lora_state_dict` converts all of them (or says it cannot); the
+# converted layers are then checked against FLUX.1's transformer and CLIP-L,
+# built from their configs on the meta device. Nothing is rewritten: diffusers
+# loads each of these layouts as it is.
+
+FAMILIES = ("sdxl", "flux")
+# FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev transformer/config.json).
+FLUX_TRANSFORMER_CONFIG = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+# Keys only Flux LoRAs have, in one of their layouts.
+FLUX_KEY_MARKERS = ("double_blocks", "single_blocks", "single_transformer_blocks", "transformer.transformer_blocks",
+                    "lora_transformer_")
+
+
+class FluxLayout:
+    """The Linear layers of a Flux transformer and its CLIP-L text encoder, from configs, on the meta device."""
+
+    def __init__(self, transformer_config: dict, text_encoder_config: dict):
+        self._configs = (dict(transformer_config), dict(text_encoder_config))
+
+    @classmethod
+    @functools.cache
+    def flux1_dev(cls) -> "FluxLayout":
+        return cls(FLUX_TRANSFORMER_CONFIG, SDXL_TEXT_ENCODER_CONFIG)
+
+    @classmethod
+    def of_pipeline(cls, pipe) -> "FluxLayout":
+        return cls(dict(pipe.transformer.config), pipe.text_encoder.config.to_dict())
+
+    @functools.cached_property
+    def layers(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        import torch
+        from diffusers import FluxTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        transformer_config, text_config = self._configs
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel.from_config(transformer_config)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+        return {
+            name: {path: tuple(module.weight.shape) for path, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear)}
+            for name, model in (("transformer", transformer), ("text_encoder", text_encoder))
+        }
+
+
+def lora_family(path: Path) -> str:
+    """"flux" when the file's layer names are a Flux LoRA's, else "sdxl" (read from the header only)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise _fail(f"{Path(path).name} is not a readable .safetensors file ({type(exc).__name__}).") from None
+    return "flux" if is_flux_layout(keys) else "sdxl"
+
+
+def is_flux_layout(keys) -> bool:
+    return any(marker in key for key in keys for marker in FLUX_KEY_MARKERS)
+
+
+def flux_format(state: dict) -> str:
+    keys = list(state)
+    if any(".processor." in key for key in keys):
+        return "xlabs"
+    if any(key.endswith(".lora_down.weight") for key in keys):
+        return "kohya"
+    return "diffusers"
+
+
+def check_flux_lora(path: Path, layout: FluxLayout | None = None) -> LoraReport:
+    """A Flux LoRA diffusers can load whose every layer fits the Flux model; LORA_LOAD_FAILED or
+    INCOMPATIBLE_MODEL (an SDXL LoRA, or one of another size) with the reason otherwise."""
+    from diffusers import FluxPipeline
+
+    layout = layout or FluxLayout.flux1_dev()
+    state = read_lora(Path(path))
+    if not is_flux_layout(state):
+        sample = ", ".join(sorted(state)[:2])
+        raise _incompatible(
+            f"This is not a Flux LoRA: its layers ({sample}…) are those of an SDXL or SD LoRA. Use it with SDXL."
+        )
+    fmt = flux_format(state)
+    notes = ["DoRA magnitudes are dropped by diffusers"] if any(DORA in key for key in state) else []
+    try:
+        # The converters pop what they consume: give them a copy.
+        converted = FluxPipeline.lora_state_dict(dict(state))
+    except (ValueError, KeyError, IndexError, AssertionError, RuntimeError) as exc:
+        raise _fail(f"diffusers cannot read this file as a Flux LoRA ({type(exc).__name__}: {str(exc)[:200]}).") from None
+    counts, rank = _check_flux_fit(converted, layout)
+    return LoraReport(fmt, False, sum(counts.values()), rank, counts, notes)
+
+
+def _check_flux_fit(converted: dict, layout: FluxLayout) -> tuple[dict[str, int], int | None]:
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    text = {key[len("text_encoder."):]: value for key, value in converted.items() if key.startswith("text_encoder.")}
+    peft = {key: value for key, value in converted.items() if not key.startswith("text_encoder.")}
+    if text:
+        peft |= {f"text_encoder.{key}": value
+                 for key, value in convert_state_dict_to_peft(convert_state_dict_to_diffusers(text)).items()}
+    pairs: dict[tuple[str, str], dict[str, tuple]] = {}
+    for key, tensor in peft.items():
+        component, _, rest = key.partition(".")
+        for suffix, role in ((".lora_A.weight", "down"), (".lora_B.weight", "up")):
+            if rest.endswith(suffix):
+                pairs.setdefault((component, rest[: -len(suffix)]), {})[role] = tuple(tensor.shape)
+                break
+        else:
+            if rest.endswith((".lora_B.bias", ".lora_magnitude_vector", ".alpha")) and component in layout.layers:
+                continue
+            raise _incompatible(f"The LoRA changes {key}, which Flux does not have: it is not a Flux LoRA.")
+    if not pairs:
+        raise _fail("The file holds no LoRA layers.")
+    counts: dict[str, int] = {}
+    ranks = set()
+    for (component, path), shapes in pairs.items():
+        target = layout.layers.get(component, {}).get(path)
+        if target is None:
+            raise _incompatible(f"The LoRA changes {component}.{path}, which Flux does not have: it is not a Flux LoRA.")
+        down, up = shapes.get("down"), shapes.get("up")
+        if down is None or up is None:
+            raise _fail(f"The LoRA layer for {component}.{path} is incomplete (one of its two matrices is missing).")
+        if up[0] != target[0] or down[1] != target[1] or up[1] != down[0]:
+            raise _incompatible(
+                f"The LoRA's shapes for {component}.{path} ({up[0]}x{down[1]}) do not fit this Flux model's "
+                f"({target[0]}x{target[1]}): it was made for another base model."
+            )
+        ranks.add(down[0])
+        counts[component] = counts.get(component, 0) + 1
+    return counts, max(ranks)

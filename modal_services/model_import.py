@@ -13,10 +13,11 @@ An import, step by step:
    import of the same version waits for the first and then finds it installed;
 4. the download redirect is resolved and the file fetched by `download_file`
    into `.incoming/` (resume, retries, sha256 against CivitAI's hash);
-5. every tensor is checked finite (one at a time); a LoRA is checked against
-   SDXL's layout (and must go beyond what SD 1.5 has) and converted when diffusers
-   cannot load it (the original kept under `.original/`); a checkpoint must be
-   an SDXL single-file checkpoint;
+5. every tensor is checked finite (one at a time); an SDXL LoRA is checked
+   against SDXL's layout (and must go beyond what SD 1.5 has) and converted when
+   diffusers cannot load it (the original kept under `.original/`), a Flux LoRA
+   against FLUX.1's transformer through diffusers' own converters; a checkpoint
+   must be an SDXL single-file checkpoint;
 6. under `lock:file:<name>` the library file name is chosen (a free one: two
    models whose files share a name both keep theirs), the file renamed into
    place, the volume committed, *then* the entry written.
@@ -79,13 +80,15 @@ Hook = Callable[[], object]
 
 
 class ModelEngine:
-    def __init__(self, layout: Layout, commit: Hook | None = None, reload: Hook | None = None, model_layout=None):
+    def __init__(self, layout: Layout, commit: Hook | None = None, reload: Hook | None = None, model_layout=None,
+                 flux_layout=None):
         self.loras_dir = layout.loras_dir
         self.models_dir = layout.models_dir
         self.store = layout.store
         self.commit_hook = commit
         self.reload_hook = reload
         self.model_layout = model_layout  # None: SDXL's (lora_formats.ModelLayout.sdxl)
+        self.flux_layout = flux_layout  # None: FLUX.1-dev's (lora_formats.FluxLayout.flux1_dev)
         self.library = Library(self.store, self.loras_dir, self.models_dir)
         self.wait_poll = WAIT_POLL_SECONDS
         self.loaded = False
@@ -220,6 +223,7 @@ class ModelEngine:
                 weight=1.0 if plan.type == "lora" else None, size_bytes=downloaded.size, sha256=downloaded.sha256,
                 source="civitai", civitai_model_id=plan.model_id, civitai_version_id=plan.version_id,
                 tags=plan.tags, nsfw=plan.nsfw, thumbnail_url=plan.thumbnail(age_restricted_channel=False),
+                family=plan.family,
             )
             if existing is not None:
                 entry.trigger_words, entry.weight, entry.added_at = existing.trigger_words, existing.weight, existing.added_at
@@ -237,9 +241,7 @@ class ModelEngine:
         try:
             await asyncio.to_thread(check_finite, incoming)
             if entry.type == "lora":
-                from modal_services.lora_formats import normalize_lora
-
-                report = await asyncio.to_thread(normalize_lora, incoming, converted, self.model_layout)
+                report = await asyncio.to_thread(self._check_lora, incoming, converted, entry)
                 entry.format = report.format
             else:
                 await asyncio.to_thread(check_checkpoint, incoming)
@@ -265,6 +267,17 @@ class ModelEngine:
             raise
         finally:
             converted.unlink(missing_ok=True)
+
+    def _check_lora(self, incoming: Path, converted: Path, entry: LibraryEntry):
+        """The LoRA checked (and for SDXL converted when needed) against its family's model. A file CivitAI
+        does not know is taken for the family its layer names say."""
+        from modal_services.lora_formats import check_flux_lora, lora_family, normalize_lora
+
+        if entry.civitai_version_id is None:
+            entry.family = lora_family(incoming)
+        if entry.family == "flux":
+            return check_flux_lora(incoming, self.flux_layout)
+        return normalize_lora(incoming, converted, self.model_layout)
 
     async def _free_name(self, name: str, version_name: str) -> str:
         """The model's name, with its version when another entry already has that name."""
@@ -332,11 +345,12 @@ class ModelEngine:
             client.close()
         if not version:
             return entry
-        plan = plan_from_metadata(version, model)  # SD 1.5, Flux, other types: refused here
+        plan = plan_from_metadata(version, model)  # SD 1.5, Flux checkpoints, other types: refused here
         if plan.type != kind:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"CivitAI knows this file as a {plan.civitai_type} ({plan.name}), not a {kind}.")
         entry.name = await self._free_name(plan.name, plan.version_name)
         entry.base_model, entry.trigger_words, entry.tags, entry.nsfw = plan.base_model, plan.trigger_words, plan.tags, plan.nsfw
+        entry.family = plan.family
         entry.civitai_model_id, entry.civitai_version_id = plan.model_id, plan.version_id
         entry.thumbnail_url = plan.thumbnail(age_restricted_channel=False)
         return entry

@@ -28,6 +28,7 @@ from modal_services.layout import (
     CAPTION_MODEL,
     CLIP_VIT_H_DIR,
     CONTROLNET_TILE_DIR,
+    FLUX_DIR,
     ILLUSTRIOUS_CHECKPOINT,
     INSTANTID_ADAPTER_FILE,
     INSTANTID_CONTROLNET_DIR,
@@ -136,6 +137,12 @@ SDXL_CONFIG_FILES = (
     "tokenizer_2/*",
 )
 
+# FLUX.1-dev's diffusers folders (what `FluxPipeline.from_pretrained` reads).
+FLUX_FILES = (
+    "model_index.json", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*",
+    "transformer/*", "vae/*",
+)
+
 BASE_MODELS: dict[str, ModelEntry] = {
     entry.key: entry
     for entry in (
@@ -211,7 +218,24 @@ BASE_MODELS: dict[str, ModelEntry] = {
             ),
             folder=NSFW_CLASSIFIER_DIR,
             approx_bytes=343_000_000,
-            needed_by=("upscale", "generate"),
+            needed_by=("upscale", "generate", "flux_generate"),
+        ),
+        ModelEntry(
+            key="flux1-dev",
+            name="FLUX.1-dev",
+            # The diffusers layout only: the repository's root also holds the same weights as single
+            # files (flux1-dev.safetensors, ae.safetensors), another 24 GB nothing here loads.
+            source=HFSource("black-forest-labs/FLUX.1-dev", include=FLUX_FILES,
+                            exclude=(".gitattributes", "flux1-dev.safetensors", "ae.safetensors")),
+            folder=FLUX_DIR,
+            approx_bytes=33_700_000_000,
+            needed_by=("flux_generate",),
+            optional=Terms(
+                "FLUX.1 [dev] Non-Commercial License: images may be used, but not the model for commercial "
+                "purposes without a licence from Black Forest Labs; accept it on the model page first.",
+                "https://huggingface.co/black-forest-labs/FLUX.1-dev",
+                gated=True,
+            ),
         ),
         # InstantID (`/generate face:`): optional, for their licences; `generate_request` checks both are enabled.
         ModelEntry(

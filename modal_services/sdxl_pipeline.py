@@ -105,8 +105,9 @@ def with_trigger_words(prompt: str, loras: list[LoraSpec]) -> str:
     return ", ".join(added + ([prompt] if prompt else []))
 
 
-def latent_preview_jpeg(latents, max_side: int = PREVIEW_SIDE, quality: int = 70) -> bytes:
-    """A small JPEG of (1, 4, h, w) SDXL latents through the fixed latent->RGB map."""
+def latent_preview_jpeg(latents, max_side: int = PREVIEW_SIDE, quality: int = 70,
+                        factors: list[list[float]] = SDXL_LATENT_RGB, bias: list[float] = SDXL_LATENT_RGB_BIAS) -> bytes:
+    """A small JPEG of (1, channels, h, w) latents through a fixed latent->RGB map (SDXL's by default)."""
     import torch
     import torch.nn.functional as F
     from PIL import Image
@@ -116,9 +117,9 @@ def latent_preview_jpeg(latents, max_side: int = PREVIEW_SIDE, quality: int = 70
     shrink = max(height, width) / max_side
     if shrink > 1:
         latents = F.interpolate(latents[None], size=(max(1, round(height / shrink)), max(1, round(width / shrink))), mode="area")[0]
-    factors = torch.tensor(SDXL_LATENT_RGB, device=latents.device)
-    bias = torch.tensor(SDXL_LATENT_RGB_BIAS, device=latents.device)
-    rgb = torch.einsum("chw,cr->hwr", latents, factors) + bias
+    rgb = torch.einsum("chw,cr->hwr", latents, torch.tensor(factors, device=latents.device)) + torch.tensor(
+        bias, device=latents.device
+    )
     pixels = ((rgb.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality)
@@ -142,6 +143,28 @@ def retry_smaller_on_oom(work: Callable[[bool], T], can_shrink: bool, retry_stag
         return work(True)
     except torch.cuda.OutOfMemoryError as exc:
         raise ToolboxError(ErrorCode.CUDA_OOM, oom_message) from exc
+
+
+@contextlib.contextmanager
+def job_adapters(pipe, specs: list[LoraSpec], progress: ProgressFn, load: Callable[[LoraSpec, str], None],
+                 unload: Callable[[], None]) -> Iterator[None]:
+    """A job's LoRAs as named adapters on `pipe` inside the block (`load(spec, name)` loads one); `unload()`
+    when it ends, however it ends, so the next job runs on the pipeline's own weights."""
+    if specs:
+        progress(0.02, "loading LoRAs")
+    try:
+        names = []
+        for index, spec in enumerate(specs):
+            if not spec.path.is_file():
+                raise ToolboxError(ErrorCode.LORA_LOAD_FAILED, f"The LoRA {spec.name!r} is missing its file ({spec.path.name}).")
+            names.append(f"lora{index}")
+            load(spec, names[-1])
+        if names:
+            pipe.set_adapters(names, adapter_weights=[spec.weight for spec in specs])
+        yield
+    finally:
+        if specs:
+            unload()
 
 
 class SdxlModels:
@@ -316,23 +339,11 @@ class SdxlModels:
 
     # ------------------------------------------------------------------ LoRAs
 
-    @contextlib.contextmanager
-    def loras(self, specs: list[LoraSpec], progress: ProgressFn) -> Iterator[None]:
+    def loras(self, specs: list[LoraSpec], progress: ProgressFn):
         """The job's LoRAs active inside the block; every adapter unloaded when it ends, however it ends."""
-        if specs:
-            progress(0.02, "loading LoRAs")
-        try:
-            names = [self._load_adapter(spec, f"lora{index}") for index, spec in enumerate(specs)]
-            if names:
-                self.pipe.set_adapters(names, adapter_weights=[spec.weight for spec in specs])
-            yield
-        finally:
-            if specs:
-                self.pipe.unload_lora_weights()
+        return job_adapters(self.pipe, specs, progress, self._load_adapter, self.pipe.unload_lora_weights)
 
-    def _load_adapter(self, spec: LoraSpec, name: str) -> str:
-        if not spec.path.is_file():
-            raise ToolboxError(ErrorCode.LORA_LOAD_FAILED, f"The LoRA {spec.name!r} is missing its file ({spec.path.name}).")
+    def _load_adapter(self, spec: LoraSpec, name: str) -> None:
         try:
             self.pipe.load_lora_weights(str(spec.path), adapter_name=name)
         except Exception as exc:
@@ -341,4 +352,3 @@ class SdxlModels:
                 f"{type(exc).__name__}: {str(exc)[:160]}"
             )
             raise ToolboxError(ErrorCode.LORA_LOAD_FAILED, f"The LoRA {spec.name!r} could not be loaded: {reason}.") from exc
-        return name

@@ -18,6 +18,7 @@ from modal_services.errors import ToolboxError
 from modal_services.job_requests import (
     CaptionRequest,
     DownloadRequest,
+    FluxGenerateRequest,
     GenerateRequest,
     JobRequest,
     ModelDeleteRequest,
@@ -142,6 +143,18 @@ def _generate():
     return SdxlEngine.generate
 
 
+def _flux_engine(layout: Layout) -> Engine:
+    from modal_services.flux import FluxEngine
+
+    return FluxEngine(layout)
+
+
+def _flux_generate():
+    from modal_services.flux import FluxEngine
+
+    return FluxEngine.generate
+
+
 SERVICES: dict[str, ServiceSpec] = {
     spec.kind: spec
     for spec in (
@@ -152,6 +165,10 @@ SERVICES: dict[str, ServiceSpec] = {
         ServiceSpec(UpscaleRequest, "SdxlService", "upscale", _upscale, _sdxl_engine, previews=True,
                     judged_images=UPSCALED_IMAGE),
         ServiceSpec(GenerateRequest, "SdxlService", "generate", _generate, _sdxl_engine, previews=True,
+                    judged_images=GENERATED_IMAGES),
+        # FLUX.1-dev on a GPU class of its own: its weights do not fit beside SDXL's. Its results have
+        # the generate result's shape, so they are judged alike.
+        ServiceSpec(FluxGenerateRequest, "FluxService", "generate", _flux_generate, _flux_engine, previews=True,
                     judged_images=GENERATED_IMAGES),
         # The model library's file work (/models): CivitAI imports, uploads, deletes, scans.
         ServiceSpec(ModelImportRequest, "ModelService", "import_model", _import_model, _model_engine),

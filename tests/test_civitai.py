@@ -230,7 +230,7 @@ def test_other_types_are_refused_saying_so(civitai, civitai_type):
     assert caught.value.code is ErrorCode.INCOMPATIBLE_MODEL and civitai_type in caught.value.message
 
 
-@pytest.mark.parametrize("base", ["SD 1.5", "Flux.1 D", "Pony V7", "SD 3.5", "Illustrious 2.0 Lumina"])
+@pytest.mark.parametrize("base", ["SD 1.5", "Flux.1 Kontext", "Pony V7", "SD 3.5", "Illustrious 2.0 Lumina"])
 def test_non_sdxl_base_models_are_incompatible(civitai, base):
     civitai.add_model(1, 11, DATA, base_model=base)
     with pytest.raises(ToolboxError) as caught:
@@ -241,6 +241,25 @@ def test_non_sdxl_base_models_are_incompatible(civitai, base):
 @pytest.mark.parametrize("base", ["SDXL 1.0", "SDXL Lightning", "Pony", "Illustrious", "NoobAI", "SDXL Turbo"])
 def test_sdxl_family(base):
     assert is_sdxl_family(base)
+
+
+@pytest.mark.parametrize("base", ["Flux.1 D", "Flux.1 S", "flux.1 d"])
+def test_flux_loras_are_planned_as_the_flux_family(civitai, base):
+    civitai.add_model(1, 11, DATA, base_model=base)
+    plan = plan_import(client(civitai), CivitaiRef(None, 11))
+    assert plan.family == "flux" and plan.type == "lora" and plan.base_model == base
+
+
+def test_sdxl_plans_are_the_sdxl_family(civitai):
+    civitai.add_model(1, 11, DATA, base_model="Illustrious")
+    assert plan_import(client(civitai), CivitaiRef(None, 11)).family == "sdxl"
+
+
+def test_flux_checkpoints_are_refused_saying_only_loras_are_taken(civitai):
+    civitai.add_model(1, 11, DATA, type="Checkpoint", base_model="Flux.1 D")
+    with pytest.raises(ToolboxError) as caught:
+        plan_import(client(civitai), CivitaiRef(None, 11))
+    assert caught.value.code is ErrorCode.INCOMPATIBLE_MODEL and "only Flux LoRAs" in caught.value.message
 
 
 def test_inpainting_checkpoints_are_refused(civitai):

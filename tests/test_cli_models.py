@@ -67,7 +67,7 @@ def test_errors_have_codes_and_exit_status(civitai, capsys):
     assert (code, out) == (2, "") and err.startswith("error: INVALID_INPUT:")
     code, _, err = run(capsys, "models", "import", "404", "--yes")
     assert code == 1 and err.startswith("error: CIVITAI_NOT_FOUND:")
-    civitai.add_model(1, 11, LORA, base_model="Flux.1 D")
+    civitai.add_model(1, 11, LORA, base_model="SD 1.5")
     code, _, err = run(capsys, "models", "import", "1", "--yes")
     assert code == 1 and err.startswith("error: INCOMPATIBLE_MODEL:")
     civitai.add_model(2, 21, LORA, gated=True)

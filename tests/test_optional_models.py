@@ -149,7 +149,7 @@ async def bot(hub, monkeypatch):
 
 
 def toggle(view: SetupPanel) -> ToggleOptionalButton:
-    """The gated model's button (the real optional models have theirs too)."""
+    """The big gated model's button (the registry's own optional models have theirs too)."""
     [button] = [item for item in view.children if isinstance(item, ToggleOptionalButton) and GATED.name in item.label]
     return button
 
@@ -184,7 +184,7 @@ async def test_download_missing_includes_an_enabled_model_and_disable_leaves_fil
     interaction = fake_interaction(admin=True)
     await asyncio.wait_for(SetupPanel(cog).download.callback(interaction), timeout=30)
     final = interaction.edit_original_response.await_args.kwargs["content"]
-    count = sum(1 for entry in BASE_MODELS.values() if entry.optional is None) + 1  # the base set and the gated one
+    count = len([entry for entry in BASE_MODELS.values() if entry.optional is None]) + 1  # the base set and GATED
     assert "All base models are ready" in final and f"{count}/{count} present" in final
     assert (await bot.backend.store.get(manifest_key(GATED.key)))["complete"]
 

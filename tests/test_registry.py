@@ -14,6 +14,8 @@ def test_keys_are_the_contract():
     assert [key for key, entry in BASE_MODELS.items() if entry.optional is None] == [
         "illustrious-xl", "controlnet-tile", "sdxl-vae", "ip-adapter", "clip-vit-h", "qwen3-vl-2b", "sdxl-base",
         "nsfw-classifier"]
+    assert [key for key, entry in BASE_MODELS.items() if entry.optional is not None] == [
+        "flux1-dev", "instantid", "antelopev2"]
 
 
 def test_instantids_models_are_optional_with_their_licences_and_land_where_the_engine_looks():

@@ -99,6 +99,11 @@ def test_staged_weights_wait_in_host_memory_in_the_target_dtype(tmp_path):
     for model in (models.pipe.unet, models.pipe.controlnet, models.pipe.vae, models.pipe.text_encoder_2):
         parameter = next(model.parameters())
         assert parameter.device.type == "cpu" and parameter.dtype == torch.float16
+    # The generate pipelines built over them share the weights without casting them (from_pipe's default is fp32).
+    from modal_services.generate import TextToImage
+
+    text_to_image, img2img = TextToImage(models, request_loras=None, instant_id=None)._pipelines()
+    assert text_to_image.unet is models.pipe.unet and next(models.pipe.unet.parameters()).dtype == torch.float16
 
 
 def test_the_sdxl_image_has_face_analysis_for_the_chosen_provider(app_module, monkeypatch):

@@ -10,8 +10,9 @@ import pytest
 from discord import app_commands
 
 from bot.backend import ModalBackend
-from bot.guild_settings import load_guild_settings
+from bot.guild_settings import GuildSettings, load_guild_settings
 from bot.settings import Settings
+from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs import JobStatus, create_job, load_job, update_job
 from tests.fakes.discord_fakes import ephemeral_error, fake_interaction, invoke
 from tests.fakes.modal_fakes import FakeModalDict
@@ -127,6 +128,18 @@ async def test_admin_sets_the_generate_defaults(toolbox_bot):
     await invoke(toolbox_bot, command(toolbox_bot, "settings defaults"), interaction,
                  None, None, None, None, None, None, None, None, "none")
     assert (await load_guild_settings(toolbox_bot.backend.store, 2002)).default_negative == ""
+
+
+async def test_admin_makes_flux_the_servers_generate_model(toolbox_bot):
+    interaction = fake_interaction(admin=True)
+    flux = app_commands.Choice(name="FLUX.1-dev", value="flux")
+    await invoke(toolbox_bot, command(toolbox_bot, "settings defaults"), interaction,
+                 None, None, None, None, None, None, None, None, None, flux)
+    assert (await load_guild_settings(toolbox_bot.backend.store, 2002)).default_model == "flux"
+    assert "model FLUX.1-dev" in reply(interaction)
+    with pytest.raises(ToolboxError) as caught:
+        GuildSettings().changed(default_model="sd3")
+    assert caught.value.code is ErrorCode.INVALID_INPUT and "sdxl" in caught.value.message
 
 
 async def test_admin_restricts_roles_and_channels(toolbox_bot):
