@@ -50,6 +50,8 @@ async def test_flux_dev_through_the_job_api(api, flux):
     ({"width": 2048, "height": 2048}, "megapixels"),
     ({"lora_url": "https://example.com/x.safetensors"}, "lora_url is for SDXL"),
     ({"loras": [{"name": "SDXL Detail"}]}, "made for SDXL"),
+    ({"reference_image_base64": "aGVsbG8="}, "A face photo works with SDXL only"),
+    ({"identity_strength": 0.5}, "A face photo works with SDXL only"),
 ])
 async def test_flux_refusals_are_400s_before_a_job(served, flux, body, words):
     client, backend = await served()
