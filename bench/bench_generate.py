@@ -115,12 +115,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
+    from modal_services.layout import Layout
     from modal_services.sdxl_engine import SdxlEngine
     from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 
     with tempfile.TemporaryDirectory() as root:
         volume = build_tiny_volume(Path(root))
-        engine = SdxlEngine(volume.models_dir, loras_dir=volume.loras_dir)
+        engine = SdxlEngine(Layout(volume.models_dir, volume.loras_dir))
         engine.load()
         if args.only in (None, "overhead"):
             bench_overhead(volume, engine, args.size, args.steps, args.repeats)
