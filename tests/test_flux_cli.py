@@ -45,6 +45,8 @@ def test_generate_model_flux_locally(flux, tmp_path, capsys):
     (["--model", "flux", "--negative", "blurry"], "Flux has no negative prompt"),
     (["--aspect", "1:1 2MP"], "add --model flux"),
     (["--model", "flux", "--cfg", "15"], "guidance must be between 1 and 10"),
+    (["--model", "flux", "--face", "me.png"], "A face photo works with SDXL only"),
+    (["--model", "flux", "--identity-strength", "0.5"], "A face photo works with SDXL only"),
 ])
 def test_flux_refusals_exit_2_and_start_nothing(flux, capsys, argv, words):
     assert main(["generate", "a fox", *argv]) == 2

@@ -15,7 +15,7 @@ from cogs.generate import GenerateButton
 from modal_services.keys import manifest_key
 from modal_services.library import LibraryEntry, entry_key
 from modal_services.optional_models import set_enabled
-from tests.fakes.discord_fakes import ephemeral_error, fake_interaction, fake_message
+from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message
 from tests.images import png_bytes
 from tests.test_generate_cog import attachment_from, engine, final_edit, generate  # noqa: F401 (engine: a fixture)
 
@@ -111,6 +111,9 @@ async def test_flux_refusals_come_before_a_job(toolbox_bot, flux, sdxl, fast_pro
     interaction = fake_interaction()
     await generate(toolbox_bot, interaction, "a fox", aspect=discord.app_commands.Choice(name="1:1 2MP", value="1:1 2MP"))
     assert "made by Flux only" in ephemeral_error(interaction)
+    interaction = fake_interaction()
+    await generate(toolbox_bot, interaction, "a fox", model=FLUX, face=fake_attachment(png_bytes(64, 64), "me.png"))
+    assert "A face photo works with SDXL only" in ephemeral_error(interaction)
     assert flux.generated == [] and sdxl.generated == [] and await toolbox_bot.backend.store.keys("job:") == []
 
 
