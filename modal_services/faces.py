@@ -147,8 +147,14 @@ class InsightFaceAnalyser:
             return self._app
 
     def _load(self):
-        from insightface.app import FaceAnalysis
-
+        try:
+            from insightface.app import FaceAnalysis
+        except ImportError:
+            raise ToolboxError(
+                ErrorCode.MODEL_LOAD_FAILED,
+                "Face analysis needs insightface and onnxruntime, which this worker lacks: install the `faces` "
+                "extra (pip install -e '.[engines,faces]').",
+            ) from None
         try:
             app = FaceAnalysis(name=str(self.folder), allowed_modules=["detection", "recognition"],
                                providers=PROVIDERS[self.provider])

@@ -76,6 +76,16 @@ def test_a_file_that_is_no_model_is_a_load_failure(tmp_path):
     assert error.value.code is ErrorCode.MODEL_LOAD_FAILED and "not onnx" not in error.value.message
 
 
+def test_a_worker_without_insightface_says_which_extra_to_install(antelopev2, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "insightface.app", None)  # as if the `faces` extra were not installed
+    folder, _ = antelopev2
+    with pytest.raises(ToolboxError) as error:
+        InsightFaceAnalyser(folder).detect(picture((255, 255, 255), 64))
+    assert error.value.code is ErrorCode.MODEL_LOAD_FAILED and "faces" in error.value.message
+
+
 def test_the_provider_is_a_deploy_setting(monkeypatch):
     assert face_provider() == "cpu"
     monkeypatch.setenv("TOOLBOX_FACE_PROVIDER", "CUDA")
