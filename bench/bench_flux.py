@@ -15,7 +15,6 @@ one step takes tens to hundreds of milliseconds, they vanish.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -25,15 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench_generate import compare, report  # noqa: E402 (the bench folder is on the path when run as a script)
+from bench.bench_generate import compare, report, tiny_model_arguments  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = tiny_model_arguments(__doc__.splitlines()[0])
     args = parser.parse_args()
 
     import torch

@@ -96,8 +96,8 @@ def bench_batch(engine, size: int, steps: int, repeats: int) -> None:
     report("4 calls of 1", "1 call of 4", apart, together, "1 call / 4 calls; goal: the inverse >= 1.3")
 
 
-def tiny_sdxl_arguments(description: str) -> argparse.ArgumentParser:
-    """The options every tiny-SDXL benchmark takes: image size, steps, repeats, torch threads."""
+def tiny_model_arguments(description: str) -> argparse.ArgumentParser:
+    """The options every tiny-model benchmark takes: image size, steps, repeats, torch threads."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
@@ -107,7 +107,7 @@ def tiny_sdxl_arguments(description: str) -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    parser = tiny_sdxl_arguments(__doc__.splitlines()[0])
+    parser = tiny_model_arguments(__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("overhead", "batch"))
     args = parser.parse_args()
 

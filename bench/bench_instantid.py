@@ -28,11 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.bench_generate import compare, report, tiny_sdxl_arguments  # noqa: E402
+from bench.bench_generate import compare, report, tiny_model_arguments  # noqa: E402
 
 
 def main() -> None:
-    args = tiny_sdxl_arguments(__doc__.splitlines()[0]).parse_args()
+    args = tiny_model_arguments(__doc__.splitlines()[0]).parse_args()
 
     import torch
 

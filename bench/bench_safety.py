@@ -19,7 +19,6 @@ wall time, with torch on `--threads` threads (1 by default: the machine is share
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from bench.bench_generate import tiny_model_arguments  # noqa: E402
 
 # ViT-B/16 at 224²: 196 patches + CLS, 12 layers of width 768; about 17.6 GFLOPs per image (forward).
 VIT_BASE_GFLOPS = 17.6
@@ -103,11 +104,7 @@ def on_paper() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = tiny_model_arguments(__doc__.splitlines()[0])
     parser.add_argument("--vit-base", action="store_true", help="also time a random ViT-base/16 on this CPU")
     args = parser.parse_args()
 

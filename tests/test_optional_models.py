@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from unittest.mock import MagicMock
 
 import pytest
-from discord.ext import commands
 
-from bot.backend import LocalBackend
 from bot.cli import main
-from bot.settings import Settings
-from cogs import setup as setup_cog
 from cogs.setup import Setup, SetupPanel, ToggleOptionalButton
 from modal_services import downloads, transfer
 from modal_services.downloads import DownloadEngine
@@ -28,6 +23,7 @@ from modal_services.registry import BASE_MODELS, HFSource, ModelEntry, Terms, re
 from modal_services.state import SqliteStore
 from tests.fakes.discord_fakes import fake_interaction
 from tests.fakes.hf_server import serve_registry
+from tests.test_setup_cog import bot  # noqa: F401 (a fixture: /setup's bot, on this module's hub)
 
 GATED = ModelEntry(
     "big-gated", "Big Gated Model", HFSource("lab/big-gated", include=("config.json", "model.safetensors")),
@@ -136,17 +132,6 @@ async def test_a_gated_refusal_says_to_accept_the_licence(hub, tmp_path, store, 
 
 
 # -- /setup -------------------------------------------------------------------------
-
-@pytest.fixture
-async def bot(hub, monkeypatch):
-    monkeypatch.setattr(setup_cog, "POLL_SECONDS", 0.05)
-    settings = Settings.load()
-    fake = MagicMock(spec=commands.Bot)
-    fake.settings = settings
-    fake.backend = LocalBackend(settings)
-    yield fake
-    await fake.backend.close()
-
 
 def toggle(view: SetupPanel) -> ToggleOptionalButton:
     """The big gated model's button (the registry's own optional models have theirs too)."""
