@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from modal_services.caption import CaptionEngine  # noqa: E402
+from modal_services.engines.caption import CaptionEngine  # noqa: E402
 from modal_services.layout import Layout  # noqa: E402
 from tests.fixtures.tiny_qwen import build_tiny_qwen3vl  # noqa: E402
 from tests.images import png_bytes  # noqa: E402

@@ -34,7 +34,7 @@ def main() -> None:
     import torch
     from diffusers import FluxPipeline
 
-    from modal_services.flux import MAX_SEQUENCE_LENGTH, FluxEngine
+    from modal_services.engines.flux import MAX_SEQUENCE_LENGTH, FluxEngine
     from modal_services.imaging import encode_png
     from modal_services.layout import FLUX_DIR, Layout
     from tests.fixtures.tiny_flux import build_tiny_flux_volume

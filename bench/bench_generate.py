@@ -116,7 +116,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from modal_services.layout import Layout
-    from modal_services.sdxl_engine import SdxlEngine
+    from modal_services.engines.sdxl.engine import SdxlEngine
     from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 
     with tempfile.TemporaryDirectory() as root:

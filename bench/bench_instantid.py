@@ -37,7 +37,7 @@ def main() -> None:
     import torch
 
     from modal_services.layout import Layout
-    from modal_services.sdxl_engine import SdxlEngine
+    from modal_services.engines.sdxl.engine import SdxlEngine
     from tests.fixtures.tiny_faces import StandInFaceAnalyser, face_picture
     from tests.fixtures.tiny_instantid import add_tiny_instantid
     from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume

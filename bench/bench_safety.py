@@ -84,7 +84,7 @@ def bench_classifier(label: str, classifier, images: list[bytes], repeats: int, 
 def vit_base_classifier(folder: Path):
     from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-    from modal_services.nsfw_classifier import NsfwClassifier
+    from modal_services.safety.nsfw_classifier import NsfwClassifier
 
     config = ViTConfig(id2label={0: "normal", 1: "nsfw"}, label2id={"normal": 0, "nsfw": 1})  # ViT-base/16, 224²
     ViTForImageClassification(config).save_pretrained(folder / "nsfw-classifier")
@@ -113,8 +113,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from modal_services.layout import Layout
-    from modal_services.nsfw_classifier import NsfwClassifier
-    from modal_services.sdxl_engine import SdxlEngine
+    from modal_services.safety.nsfw_classifier import NsfwClassifier
+    from modal_services.engines.sdxl.engine import SdxlEngine
     from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 
     with tempfile.TemporaryDirectory() as root:

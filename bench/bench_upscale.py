@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def bench_area() -> None:
-    from modal_services.tiling import plan_tiles
+    from modal_services.engines.sdxl.tiling import plan_tiles
 
     print("== denoised area / output area (default tiles: <= 1152 px, >= 64 px overlap) ==")
     for source, scale in [(1024, 2), (1024, 4), (1024, 1.5), (1024, 3), (832, 2), (1216, 2)]:
@@ -49,7 +49,7 @@ def bench_area() -> None:
 
 def _tiny_engine(root: Path, **options):
     from modal_services.layout import Layout
-    from modal_services.sdxl_engine import SdxlEngine
+    from modal_services.engines.sdxl.engine import SdxlEngine
     from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 
     volume = build_tiny_volume(root)

@@ -57,7 +57,7 @@ from bot.api_schema import (
 from bot.backend import RESULT_KEEP_SECONDS, Backend
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png, shrunk_png
-from modal_services.job_requests import (
+from modal_services.jobs.requests import (
     REFERENCE_MAX_SIDE,
     CaptionRequest,
     FluxGenerateRequest,
@@ -66,9 +66,9 @@ from modal_services.job_requests import (
     SafetyContext,
     UpscaleRequest,
 )
-from modal_services.jobs import Job, JobStatus, request_cancel
-from modal_services.library import Library
-from modal_services.safety import SafetyReport
+from modal_services.jobs.records import Job, JobStatus, request_cancel
+from modal_services.library.entries import Library
+from modal_services.safety.judge import SafetyReport
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +370,7 @@ class Payloads:
 
     async def upscale(self, request: UpscaleJob) -> UpscaleRequest:
         from bot.upscale_requests import upscale_request
-        from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
+        from modal_services.engines.sdxl.limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
 
         png, size = await asyncio.to_thread(_clean_png, request.image_base64, DEFAULT_MAX_INPUT_PIXELS)
         choices = request.model_dump(exclude={"kind", "image_base64", "loras", "safety_check"})
@@ -381,8 +381,8 @@ class Payloads:
 
 
 async def health_document(backend: Backend) -> dict[str, Any]:
-    from modal_services.downloads import model_states
-    from modal_services.registry import BASE_MODELS
+    from modal_services.base_models.downloads import model_states
+    from modal_services.base_models.registry import BASE_MODELS
 
     states = await model_states(backend.store, BASE_MODELS.values())
     return {

@@ -17,7 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl
 
-from modal_services.job_requests import (
+from modal_services.jobs.requests import (
     CaptionRequest,
     CaptionStyle,
     Cfg,

@@ -20,7 +20,7 @@ from pathlib import PurePath
 import discord
 from PIL import Image
 
-from modal_services.egress import Purpose, fetch_capped_async
+from modal_services.net.egress import Purpose, fetch_capped_async
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import ACCEPTED_FORMATS, DEFAULT_MAX_PIXELS, check_pixel_count, decode_image, encode_png
 

@@ -24,13 +24,13 @@ from typing import Any
 from bot.settings import Settings
 from bot.ui import plural
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import JobRequest
-from modal_services.jobs import Job, JobStatus, create_job, load_job, update_job
-from modal_services.keys import JOB_PREFIX, call_key
+from modal_services.jobs.requests import JobRequest
+from modal_services.jobs.records import Job, JobStatus, create_job, load_job, update_job
+from modal_services.state.keys import JOB_PREFIX, call_key
 from modal_services.layout import Layout
-from modal_services.nsfw_classifier import NsfwClassifier
+from modal_services.safety.nsfw_classifier import NsfwClassifier
 from modal_services.services import SERVICES, Engine, ServiceSpec, run_service_job
-from modal_services.state import ModalDictStore, SqliteStore, StateStore
+from modal_services.state.store import ModalDictStore, SqliteStore, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +242,9 @@ class ModalBackend(Backend):
     async def _check_models(self, request: JobRequest) -> None:
         """Refuse before a GPU container starts only to find its models missing (the NSFW classifier
         only when the request's images are to be classified)."""
-        from modal_services.downloads import missing_models
+        from modal_services.base_models.downloads import missing_models
         from modal_services.layout import NSFW_CLASSIFIER_DIR
-        from modal_services.registry import BASE_MODELS, models_for
+        from modal_services.base_models.registry import BASE_MODELS, models_for
 
         needed = models_for(request.kind)
         if not getattr(getattr(request, "safety", None), "classifies", True):

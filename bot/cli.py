@@ -23,7 +23,7 @@ from bot.progress import follow_job
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png, shrunk_png
-from modal_services.job_requests import (
+from modal_services.jobs.requests import (
     CAPTION_STYLES,
     CaptionRequest,
     DownloadRequest,
@@ -34,8 +34,8 @@ from modal_services.job_requests import (
     UpscaleRequest,
     field_bounds,
 )
-from modal_services.keys import ACTIVE_CHECKPOINT_KEY, JOB_PREFIX
-from modal_services.safety import SafetyReport
+from modal_services.state.keys import ACTIVE_CHECKPOINT_KEY, JOB_PREFIX
+from modal_services.safety.judge import SafetyReport
 
 CAPTION_BATCH = 8
 LOOPBACK = "127.0.0.1"
@@ -110,7 +110,7 @@ def _report_withheld(result: dict) -> None:
 
 
 def _add_generate_parser(commands) -> None:
-    from modal_services.job_requests import FLUX_ASPECT_BUCKETS, GenerateRequest
+    from modal_services.jobs.requests import FLUX_ASPECT_BUCKETS, GenerateRequest
 
     fields = GenerateRequest.model_fields
     generate = commands.add_parser("generate", help="make images from a prompt with SDXL or FLUX.1-dev")
@@ -299,8 +299,8 @@ def _writable_output(path: Path) -> Path:
 
 async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
     from bot.upscale_requests import parse_lora_option, upscale_request
-    from modal_services.library import Library
-    from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
+    from modal_services.library.entries import Library
+    from modal_services.engines.sdxl.limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
 
     def read() -> tuple[bytes, tuple[int, int]]:
         try:
@@ -365,8 +365,8 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
     """On the local backend, or through the HTTP API at --api; the images written, each with its seed printed."""
     from bot.generate_requests import FACE_NEEDS_SDXL, face_notes, flux_generate_request, generate_model, generate_request
     from bot.upscale_requests import parse_lora_option
-    from modal_services.job_requests import ASPECT_BUCKETS, FLUX_ASPECT_BUCKETS
-    from modal_services.library import Library
+    from modal_services.jobs.requests import ASPECT_BUCKETS, FLUX_ASPECT_BUCKETS
+    from modal_services.library.entries import Library
 
     flux = generate_model(args.model) == "flux"
     if (args.width is None) != (args.height is None):
@@ -410,7 +410,7 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
 
 def _read_photo(path: Path) -> bytes:
     """A face or pose photo as the bot sends one: decoded, shrunk to what face analysis uses, a PNG."""
-    from modal_services.job_requests import REFERENCE_MAX_SIDE
+    from modal_services.jobs.requests import REFERENCE_MAX_SIDE
 
     try:
         data = path.read_bytes()
@@ -429,7 +429,7 @@ async def generate_through_api(settings: Settings, args: argparse.Namespace, cho
 
     from bot.api_client import ApiClient
     from bot.generate_requests import face_notes, generate_model
-    from modal_services.job_requests import FluxGenerateRequest, GenerateRequest
+    from modal_services.jobs.requests import FluxGenerateRequest, GenerateRequest
 
     # Checked here first, with the seed drawn, so that the files are named and known writable before the call.
     given = {name: value for name, value in choices.items() if value is not None and name != "safety"}
@@ -464,9 +464,9 @@ async def setup_models(settings: Settings, only: list[str] | None, enable: list[
                        disable: list[str] = ()) -> None:
     """Download the missing base models (or `--only` these, recommended LoRAs included), after
     enabling or disabling optional models (`--disable` only disables)."""
-    from modal_services.library import Library
-    from modal_services.optional_models import optional_entry, set_enabled
-    from modal_services.registry import STARTER_LORAS, split_setup_keys
+    from modal_services.library.entries import Library
+    from modal_services.base_models.optional_models import optional_entry, set_enabled
+    from modal_services.base_models.registry import STARTER_LORAS, split_setup_keys
 
     base_keys, starters = split_setup_keys(only)  # an unknown key fails here, before anything starts
     for key in (*enable, *disable):
@@ -499,9 +499,9 @@ async def _download_base_models(settings: Settings, backend: Backend, keys: list
     """The missing ones of `keys` (all when empty), with a bar per model and an overall bar."""
     from bot.progress import watch_job
     from bot.setup_download import checked_states, start_or_attach_download
-    from modal_services.downloads import model_states
-    from modal_services.optional_models import enabled_models
-    from modal_services.registry import resolve_keys
+    from modal_services.base_models.downloads import model_states
+    from modal_services.base_models.optional_models import enabled_models
+    from modal_services.base_models.registry import resolve_keys
 
     entries = resolve_keys(keys, enabled=await enabled_models(backend.store))
     states = await checked_states(settings, backend.store, entries, hashes=True)
@@ -574,10 +574,10 @@ async def show_status(settings: Settings, as_json: bool) -> None:
     import json
 
     from bot.setup_download import active_download, checked_states
-    from modal_services.library import Library
-    from modal_services.optional_models import enabled_record, setup_entries
-    from modal_services.registry import STARTER_LORAS, optional_entries
-    from modal_services.tokens import SERVICES, token_state
+    from modal_services.library.entries import Library
+    from modal_services.base_models.optional_models import enabled_record, setup_entries
+    from modal_services.base_models.registry import STARTER_LORAS, optional_entries
+    from modal_services.base_models.tokens import SERVICES, token_state
 
     backend = await open_backend(settings)
     store = backend.store
@@ -630,7 +630,7 @@ async def show_status(settings: Settings, as_json: bool) -> None:
 
 async def _job_counts(store) -> dict[str, dict[str, int]]:
     """Unfinished jobs per kind."""
-    from modal_services.jobs import Job, JobStatus
+    from modal_services.jobs.records import Job, JobStatus
 
     counts: dict[str, dict[str, int]] = {}
     for record in (await store.items(JOB_PREFIX)).values():
@@ -644,7 +644,7 @@ async def migrate(settings: Settings, dry_run: bool, as_json: bool) -> None:
     """The migration of the older toolbox's files: the data dir's, or the Modal volumes' (beside them)."""
     import json
 
-    from modal_services.migration import MigrationReport, render_report
+    from modal_services.library.migration import MigrationReport, render_report
 
     if settings.backend == "modal":
         report = MigrationReport.from_dict(await _migrate_on_modal(settings, dry_run))
@@ -657,8 +657,8 @@ async def _migrate_data_dir(settings: Settings, dry_run: bool):
     import tempfile
 
     from modal_services.layout import Layout
-    from modal_services.migration import Migration
-    from modal_services.state import SqliteStore
+    from modal_services.library.migration import Migration
+    from modal_services.state.store import SqliteStore
 
     with tempfile.TemporaryDirectory() as scratch:
         # A dry run on a data dir without state must not create it: it reads an empty store instead.
@@ -730,9 +730,9 @@ async def _run_with_bar(backend: Backend, request, title: str):
 async def models_command(settings: Settings, args: argparse.Namespace) -> None:
     import json
 
-    from modal_services.civitai import CivitaiClient, parse_reference, plan_import
-    from modal_services.library import Library
-    from modal_services.tokens import get_token
+    from modal_services.library.civitai import CivitaiClient, parse_reference, plan_import
+    from modal_services.library.entries import Library
+    from modal_services.base_models.tokens import get_token
 
     ref = parse_reference(args.ref) if args.verb == "import" else None  # bad input fails before anything starts
     backend = await open_backend(settings)

@@ -1,6 +1,6 @@
 """Content safety as people see it in Discord: where images are going, and what the reply says about them.
 
-The worker judges the images (`modal_services.safety`); the bot tells it where
+The worker judges the images (`modal_services.safety.judge`); the bot tells it where
 they will be shown and puts the verdict into words: a short public line, and
 why an image was withheld, privately to whoever asked.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import discord
 
-from modal_services.safety import SafetyReport
+from modal_services.safety.judge import SafetyReport
 
 
 def age_restricted(interaction: discord.Interaction) -> bool:

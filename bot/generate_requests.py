@@ -10,10 +10,10 @@ from typing import Any
 
 from bot.upscale_requests import resolve_lora
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import FluxGenerateRequest, GenerateRequest, LoraRef
-from modal_services.library import Library
-from modal_services.optional_models import require_enabled
-from modal_services.registry import INSTANTID_MODELS
+from modal_services.jobs.requests import FluxGenerateRequest, GenerateRequest, LoraRef
+from modal_services.library.entries import Library
+from modal_services.base_models.optional_models import require_enabled
+from modal_services.base_models.registry import INSTANTID_MODELS
 
 # The models /generate offers: the name members pick (and the API's alias) -> what it is.
 GENERATE_MODELS = {"sdxl": "SDXL (the server's checkpoint)", "flux": "FLUX.1-dev"}

@@ -8,7 +8,7 @@ import discord
 from pydantic import Field, ValidationError, model_validator
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import (
+from modal_services.jobs.requests import (
     Aspect,
     CaptionRequest,
     CaptionStyle,
@@ -26,8 +26,8 @@ from modal_services.job_requests import (
     Scale,
     UpscaleRequest,
 )
-from modal_services.keys import settings_key
-from modal_services.state import StateStore
+from modal_services.state.keys import settings_key
+from modal_services.state.store import StateStore
 
 GenerateModel = Annotated[Literal["sdxl", "flux"], Field(title="The model")]
 # Jobs running or queued at once, per member and per guild.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import discord
 from discord import app_commands
 
-from modal_services.library import Library
+from modal_services.library.entries import Library
 
 LORA_SLOTS = 3
 

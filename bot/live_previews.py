@@ -14,9 +14,9 @@ import io
 import discord
 
 from bot.tracker import ReplyTarget
-from modal_services.keys import preview_key
-from modal_services.sdxl_previews import decode_preview
-from modal_services.state import StateStore
+from modal_services.state.keys import preview_key
+from modal_services.engines.sdxl.previews import decode_preview
+from modal_services.state.store import StateStore
 
 PREVIEW_EDIT_INTERVAL = 6.0
 

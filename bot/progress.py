@@ -17,7 +17,7 @@ import discord
 
 from bot.backend import Backend
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs import Job, JobStatus, update_job
+from modal_services.jobs.records import Job, JobStatus, update_job
 
 log = logging.getLogger(__name__)
 

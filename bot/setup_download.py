@@ -11,10 +11,10 @@ import asyncio
 import time
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs import JobStatus, load_job
-from modal_services.keys import SETUP_DOWNLOAD_LOCK, lock_key
-from modal_services.locks import holder_alive, holder_record
-from modal_services.state import StateStore
+from modal_services.jobs.records import JobStatus, load_job
+from modal_services.state.keys import SETUP_DOWNLOAD_LOCK, lock_key
+from modal_services.state.locks import holder_alive, holder_record
+from modal_services.state.store import StateStore
 
 SUBMIT_GRACE_SECONDS = 30.0  # a lock without a job id yet is someone mid-submit
 ATTACH_TIMEOUT = 15.0
@@ -39,8 +39,8 @@ async def checked_states(settings, store: StateStore, entries, hashes: bool = Fa
     worker verified."""
     import asyncio
 
-    from modal_services.downloads import check_files, describe_state
-    from modal_services.keys import download_key, manifest_key
+    from modal_services.base_models.downloads import check_files, describe_state
+    from modal_services.state.keys import download_key, manifest_key
 
     states = []
     for entry in entries:

@@ -16,9 +16,9 @@ from PIL import Image
 from bot.backend import Backend
 from bot.progress import follow_job
 from modal_services.imaging import encode_png
-from modal_services.job_requests import CaptionRequest
-from modal_services.jobs import Job
-from modal_services.tiling import plan_tiles, source_boxes
+from modal_services.jobs.requests import CaptionRequest
+from modal_services.jobs.records import Job
+from modal_services.engines.sdxl.tiling import plan_tiles, source_boxes
 
 
 def crop_pngs(png: bytes, boxes: list[tuple[int, int, int, int]]) -> list[bytes]:

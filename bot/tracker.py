@@ -1,7 +1,7 @@
 """Jobs as people see them in Discord: admission, live replies, cancel buttons, delivery.
 
 - Admission: per-user, per-guild and global caps on jobs queued or running,
-  held by slots claimed atomically in the state store (`modal_services.slots`)
+  held by slots claimed atomically in the state store (`modal_services.jobs.slots`)
   before anything is downloaded; over a cap the user gets a private message
   with their place in line.
 - A job reports into one message, and every edit of it (progress, previews,
@@ -33,10 +33,10 @@ from bot.progress import MessageEdits, end_if_stale, follow_job, render_job
 from bot.replies import error_text, send_error, taking_interactions
 from bot.ui import plural
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import JobRequest
-from modal_services.jobs import Job, JobStatus, load_job, new_job_id, request_cancel, update_job
-from modal_services.keys import JOB_PREFIX, forget_job
-from modal_services.slots import UNSTARTED_CLAIM_TIMEOUT, Scope, SlotTable
+from modal_services.jobs.requests import JobRequest
+from modal_services.jobs.records import Job, JobStatus, load_job, new_job_id, request_cancel, update_job
+from modal_services.state.keys import JOB_PREFIX, forget_job
+from modal_services.jobs.slots import UNSTARTED_CLAIM_TIMEOUT, Scope, SlotTable
 
 if TYPE_CHECKING:
     from bot.client import ToolboxBot

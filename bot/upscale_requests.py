@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import LoraRef, UpscaleRequest
-from modal_services.library import Library
+from modal_services.jobs.requests import LoraRef, UpscaleRequest
+from modal_services.library.entries import Library
 
 
 FAMILY_NAMES = {"sdxl": "SDXL", "flux": "Flux"}

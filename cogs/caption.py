@@ -13,9 +13,9 @@ from bot.tracker import ReplyTarget
 from bot.ui import CAPTION_STYLE_CHOICES, option_range
 from cogs.generate import generate_from_caption_view
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import CaptionRequest
-from modal_services.jobs import Job
-from modal_services.keys import caption_prompt_key
+from modal_services.jobs.requests import CaptionRequest
+from modal_services.jobs.records import Job
+from modal_services.state.keys import caption_prompt_key
 
 # The caption engine never looks at more than this many pixels a side, so the
 # bot shrinks images first: less to send to the worker.

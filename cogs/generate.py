@@ -38,7 +38,7 @@ from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget
 from bot.ui import option_range
 from bot.generate_requests import GENERATE_MODELS, face_notes, flux_generate_request, generate_request
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import (
+from modal_services.jobs.requests import (
     ASPECT_BUCKETS,
     FLUX_ASPECT_BUCKETS,
     REFERENCE_MAX_SIDE,
@@ -46,9 +46,9 @@ from modal_services.job_requests import (
     LoraRef,
     field_bounds,
 )
-from modal_services.jobs import Job
-from modal_services.keys import caption_prompt_key, generate_faces_key, generate_params_key
-from modal_services.safety import SafetyReport
+from modal_services.jobs.records import Job
+from modal_services.state.keys import caption_prompt_key, generate_faces_key, generate_params_key
+from modal_services.safety.judge import SafetyReport
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from discord.ext import commands
 from bot.tracker import CAPPED_KINDS, QueueSnapshot
 from bot.ui import human_duration
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs import Job, JobStatus
-from modal_services.library import Library
+from modal_services.jobs.records import Job, JobStatus
+from modal_services.library.entries import Library
 
 
 def describe_job(job: Job, snapshot: QueueSnapshot, now: float) -> str:

@@ -21,9 +21,9 @@ from discord.ext import commands
 from bot.permissions import require_admin
 from bot.tracker import ReplyTarget
 from bot.ui import ConfirmView, OwnedView, option_range, plural, size_text
-from modal_services.civitai import CivitaiClient, ImportPlan, parse_reference, plan_import
+from modal_services.library.civitai import CivitaiClient, ImportPlan, parse_reference, plan_import
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import (
+from modal_services.jobs.requests import (
     JobRequest,
     LoraRef,
     ModelDeleteRequest,
@@ -31,8 +31,8 @@ from modal_services.job_requests import (
     ModelScanRequest,
     ModelUploadRequest,
 )
-from modal_services.jobs import Job
-from modal_services.library import DEFAULT_CHECKPOINT, Library, LibraryEntry
+from modal_services.jobs.records import Job
+from modal_services.library.entries import DEFAULT_CHECKPOINT, Library, LibraryEntry
 
 PAGE_SIZE = 8
 MODEL_JOB_KINDS = ("model_import", "model_upload", "model_delete", "model_scan")
@@ -158,7 +158,7 @@ class Models(commands.Cog):
     # ------------------------------------------------------------ helpers
 
     async def civitai_client(self) -> CivitaiClient:
-        from modal_services.tokens import get_token
+        from modal_services.base_models.tokens import get_token
 
         # /setup's token, else CIVITAI_TOKEN from the environment (or .env).
         return CivitaiClient(self.bot.settings.civitai_api_base, await get_token(self.bot.backend.store, "civitai"))

@@ -26,14 +26,14 @@ from bot.replies import as_toolbox_error, error_text, send_error
 from bot.setup_download import active_download, checked_states, start_or_attach_download
 from bot.ui import human_bytes, human_seconds
 from cogs.models import age_restricted
-from modal_services.downloads import ModelState, model_states
+from modal_services.base_models.downloads import ModelState, model_states
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import DownloadRequest, ModelImportRequest, VerifyRequest
-from modal_services.jobs import Job, JobStatus
-from modal_services.library import Library, LibraryEntry
-from modal_services.optional_models import enabled_record, set_enabled, setup_entries
-from modal_services.registry import STARTER_LORAS, ModelEntry, StarterLora, optional_entries
-from modal_services.tokens import LABELS, SERVICES, clear_token, set_token, token_state
+from modal_services.jobs.requests import DownloadRequest, ModelImportRequest, VerifyRequest
+from modal_services.jobs.records import Job, JobStatus
+from modal_services.library.entries import Library, LibraryEntry
+from modal_services.base_models.optional_models import enabled_record, set_enabled, setup_entries
+from modal_services.base_models.registry import STARTER_LORAS, ModelEntry, StarterLora, optional_entries
+from modal_services.base_models.tokens import LABELS, SERVICES, clear_token, set_token, token_state
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget, cancel_view
 from bot.upscale_requests import upscale_request
 from bot.ui import option_range
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.job_requests import LoraRef, UpscaleRequest, field_bounds
-from modal_services.jobs import Job
-from modal_services.keys import upscale_params_key
-from modal_services.safety import SafetyReport
-from modal_services.sdxl_limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
+from modal_services.jobs.requests import LoraRef, UpscaleRequest, field_bounds
+from modal_services.jobs.records import Job
+from modal_services.state.keys import upscale_params_key
+from modal_services.safety.judge import SafetyReport
+from modal_services.engines.sdxl.limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
 
 # The options /upscale offers, read from the request its job takes.
 ScaleOption = option_range(UpscaleRequest, "scale")

@@ -26,12 +26,12 @@ from pathlib import Path
 import modal
 
 from modal_services.errors import ToolboxError
-from modal_services.downloads import DownloadEngine
-from modal_services.caption import CaptionEngine, best_device
+from modal_services.base_models.downloads import DownloadEngine
+from modal_services.engines.caption import CaptionEngine, best_device
 from modal_services.layout import LORAS_MOUNT, LORAS_VOLUME, MODELS_MOUNT, MODELS_VOLUME, Layout, state_dict_name
-from modal_services.nsfw_classifier import NsfwClassifier
+from modal_services.safety.nsfw_classifier import NsfwClassifier
 from modal_services.services import SERVICES, run_service_job
-from modal_services.state import ModalDictStore
+from modal_services.state.store import ModalDictStore
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class ModelService:
 
     @modal.enter()
     def load(self) -> None:
-        from modal_services.model_import import ModelEngine
+        from modal_services.library.imports import ModelEngine
 
         self.store = ModalDictStore(state_dict)
         self.engine = ModelEngine(_layout(self.store), commit=_commit_volumes, reload=_reload_volumes)
@@ -221,7 +221,7 @@ def migrate_volumes(dry_run: bool = False) -> dict:
     """The older toolbox's files and indexes on the volumes, brought into this layout (migration.py)."""
     import asyncio
 
-    from modal_services.migration import Migration
+    from modal_services.library.migration import Migration
 
     try:
         dict_manifest = modal.Dict.from_name(LEGACY_METADATA_DICT).get("manifest")
@@ -236,7 +236,7 @@ def migrate_volumes(dry_run: bool = False) -> dict:
 @app.local_entrypoint()
 def migrate(dry_run: bool = False) -> None:
     """`modal run -m modal_services.app::migrate [--dry-run]`: runs beside the volumes, prints the report here."""
-    from modal_services.migration import MigrationReport, render_report
+    from modal_services.library.migration import MigrationReport, render_report
 
     print(render_report(MigrationReport.from_dict(migrate_volumes.remote(dry_run))))
 
@@ -349,7 +349,7 @@ GPU_SPECS = {
 
 
 def flux_precision_for(gpu: str, setting: str) -> str:
-    from modal_services.flux import choose_precision
+    from modal_services.engines.flux import choose_precision
 
     memory_gb, capability = GPU_SPECS.get(gpu.split(":")[0].upper(), (0, (0, 0)))
     return choose_precision(setting, True, memory_gb, capability)
@@ -377,7 +377,7 @@ flux_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17", "sentencepie
 class FluxService:
     @modal.enter(snap=True)
     def load(self) -> None:
-        from modal_services.flux import FluxEngine
+        from modal_services.engines.flux import FluxEngine
 
         self.store = ModalDictStore(state_dict)
         self.engine = FluxEngine(_layout(self.store), device=FLUX_DEVICE)

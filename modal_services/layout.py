@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from modal_services.state import StateStore
+from modal_services.state.store import StateStore
 
 MODELS_VOLUME = "ai-toolbox-models"
 LORAS_VOLUME = "ai-toolbox-loras"

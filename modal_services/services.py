@@ -15,7 +15,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from modal_services.errors import ToolboxError
-from modal_services.job_requests import (
+from modal_services.jobs.requests import (
     CaptionRequest,
     DownloadRequest,
     FluxGenerateRequest,
@@ -29,13 +29,13 @@ from modal_services.job_requests import (
     UpscaleRequest,
     VerifyRequest,
 )
-from modal_services.jobs import ProgressFn, run_job
+from modal_services.jobs.records import ProgressFn, run_job
 from modal_services.layout import Layout
-from modal_services.safety import GENERATED_IMAGES, UPSCALED_IMAGE, ResultImages, judge, obscured
-from modal_services.state import StateStore
+from modal_services.safety.judge import GENERATED_IMAGES, UPSCALED_IMAGE, ResultImages, judge, obscured
+from modal_services.state.store import StateStore
 
 if TYPE_CHECKING:
-    from modal_services.nsfw_classifier import NsfwClassifier
+    from modal_services.safety.nsfw_classifier import NsfwClassifier
 
 
 class Engine(Protocol):
@@ -66,91 +66,91 @@ class ServiceSpec:
 
 
 def _caption_engine(layout: Layout) -> Engine:
-    from modal_services.caption import CaptionEngine
+    from modal_services.engines.caption import CaptionEngine
 
     return CaptionEngine(layout)
 
 
 def _caption():
-    from modal_services.caption import CaptionEngine
+    from modal_services.engines.caption import CaptionEngine
 
     return CaptionEngine.caption
 
 
 def _download_engine(layout: Layout) -> Engine:
-    from modal_services.downloads import DownloadEngine
+    from modal_services.base_models.downloads import DownloadEngine
 
     return DownloadEngine(layout)
 
 
 def _download():
-    from modal_services.downloads import DownloadEngine
+    from modal_services.base_models.downloads import DownloadEngine
 
     return DownloadEngine.download
 
 
 def _verify():
-    from modal_services.downloads import DownloadEngine
+    from modal_services.base_models.downloads import DownloadEngine
 
     return DownloadEngine.verify
 
 
 def _model_engine(layout: Layout) -> Engine:
-    from modal_services.model_import import ModelEngine
+    from modal_services.library.imports import ModelEngine
 
     return ModelEngine(layout)
 
 
 def _import_model():
-    from modal_services.model_import import ModelEngine
+    from modal_services.library.imports import ModelEngine
 
     return ModelEngine.import_model
 
 
 def _upload_model():
-    from modal_services.model_import import ModelEngine
+    from modal_services.library.imports import ModelEngine
 
     return ModelEngine.upload_model
 
 
 def _delete_model():
-    from modal_services.model_import import ModelEngine
+    from modal_services.library.imports import ModelEngine
 
     return ModelEngine.delete_model
 
 
 def _scan_library():
-    from modal_services.model_import import ModelEngine
+    from modal_services.library.imports import ModelEngine
 
     return ModelEngine.scan_library
 
 
 def _sdxl_engine(layout: Layout) -> Engine:
-    from modal_services.sdxl_engine import SdxlEngine
+    from modal_services.engines.sdxl.engine import SdxlEngine
 
     return SdxlEngine(layout)
 
 
 def _upscale():
-    from modal_services.sdxl_engine import SdxlEngine
+    from modal_services.engines.sdxl.engine import SdxlEngine
 
     return SdxlEngine.upscale
 
 
 def _generate():
-    from modal_services.sdxl_engine import SdxlEngine
+    from modal_services.engines.sdxl.engine import SdxlEngine
 
     return SdxlEngine.generate
 
 
 def _flux_engine(layout: Layout) -> Engine:
-    from modal_services.flux import FluxEngine
+    from modal_services.engines.flux import FluxEngine
 
     return FluxEngine(layout)
 
 
 def _flux_generate():
-    from modal_services.flux import FluxEngine
+    from modal_services.engines.flux import FluxEngine
 
     return FluxEngine.generate
 
@@ -214,7 +214,7 @@ async def run_service_job(
     images are still to be classified), and a judged kind's safety report kept in the job record."""
     extras: dict[str, Any] = {}
     if spec.previews:
-        from modal_services.sdxl_previews import PreviewSink
+        from modal_services.engines.sdxl.previews import PreviewSink
 
         sink = PreviewSink(store, job_id)
         extras["preview"] = obscured(sink) if _classified(spec, payload) else sink

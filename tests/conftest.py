@@ -107,7 +107,7 @@ def fake_hub(monkeypatch):
 @pytest.fixture
 def fake_civitai(monkeypatch):
     """A fake CivitAI on loopback, as CIVITAI_API_BASE, with the downloader's retries not waiting."""
-    from modal_services import transfer
+    from modal_services.net import transfer
     from tests.fakes.civitai_server import FakeCivitai
 
     server = FakeCivitai().start()
@@ -121,11 +121,11 @@ def fake_civitai(monkeypatch):
 def fast_progress(monkeypatch):
     """Progress writes, polls and reply edits at test speed instead of Discord-safe pacing."""
     import bot.progress
-    import modal_services.jobs
+    import modal_services.jobs.records
 
     monkeypatch.setattr(bot.progress, "MIN_EDIT_INTERVAL", 0.02)
     monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.01)
-    monkeypatch.setattr(modal_services.jobs, "PROGRESS_WRITE_INTERVAL", 0.02)
+    monkeypatch.setattr(modal_services.jobs.records, "PROGRESS_WRITE_INTERVAL", 0.02)
 
 
 @pytest.fixture
@@ -248,8 +248,8 @@ def tiny_sdxl_data_dir(tmp_path_factory):
     """A data dir whose models/ and loras/ are the tiny SDXL volume, with one LoRA in the library."""
     import asyncio
 
-    from modal_services.library import LibraryEntry, entry_key
-    from modal_services.state import SqliteStore
+    from modal_services.library.entries import LibraryEntry, entry_key
+    from modal_services.state.store import SqliteStore
     from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 
     root = tmp_path_factory.mktemp("data")

@@ -348,7 +348,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 def serve_registry(hub: FakeHub, registry=None, weights_size: int = 4096) -> None:
     """Tiny stand-ins for every repo the base-model registry names, so real keys download in milliseconds."""
-    from modal_services.registry import BASE_MODELS
+    from modal_services.base_models.registry import BASE_MODELS
 
     for n, entry in enumerate((registry or BASE_MODELS).values()):
         source = entry.source

@@ -18,8 +18,8 @@ from unittest.mock import MagicMock
 
 import modal
 
-from modal_services.jobs import run_job
-from modal_services.state import ModalDictStore
+from modal_services.jobs.records import run_job
+from modal_services.state.store import ModalDictStore
 
 
 class _Method:
@@ -119,8 +119,8 @@ class FakeDeployment:
 
     def install_models(self, keys=None) -> None:
         """Manifests as /setup leaves them, so the bot believes the models are on the volume."""
-        from modal_services.downloads import manifest_key
-        from modal_services.registry import BASE_MODELS
+        from modal_services.base_models.downloads import manifest_key
+        from modal_services.base_models.registry import BASE_MODELS
 
         for key in BASE_MODELS if keys is None else keys:
             self.store._dict.put(manifest_key(key), {"complete": True})

@@ -1,0 +1,233 @@
+"""The caption engine: Qwen3-VL-2B-Instruct through transformers.
+
+Loaded from the models volume (`models/qwen3-vl-2b/`, a Hugging Face snapshot),
+never from the hub. Several images are captioned in one `generate` call.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.imaging import decode_image
+from modal_services.jobs.requests import CaptionRequest, job_method
+from modal_services.jobs.records import ProgressFn
+from modal_services.layout import CAPTION_MODEL, Layout
+
+log = logging.getLogger(__name__)
+
+STYLE_PROMPTS = {
+    "descriptive": (
+        "Describe this image in one detailed paragraph: the subject, what they are doing, the setting, "
+        "composition, lighting, colours and artistic style. Start directly with the description."
+    ),
+    "tags": (
+        "List booru-style tags for this image as used in Stable Diffusion XL / Illustrious prompts: "
+        "lowercase, comma-separated, most important first (for example: 1girl, solo, long hair, smile, "
+        "outdoors, sunset). Output only the tags."
+    ),
+    "short": "Describe this image in one short sentence suitable as alt text.",
+    # What /generate takes back: Illustrious-XL (the default checkpoint) is prompted in Danbooru tags.
+    "prompt": (
+        "Write a prompt for the Illustrious-XL image model that would recreate this image, as Danbooru tags: "
+        "lowercase, comma-separated, starting with masterpiece, best quality, then the subject count "
+        "(1girl, 1boy, no humans...), the character and their hair, eyes, clothing, pose and expression, "
+        "then the setting, lighting, colours and art style. Output only the prompt."
+    ),
+}
+MAX_NEW_TOKENS = {"descriptive": 256, "tags": 160, "short": 48, "prompt": 200, "question": 320}
+# Styles whose output is a comma-separated tag list (tidied: one tag once, lowercase).
+TAG_STYLES = ("tags", "prompt")
+
+# The files a snapshot must have before loading is worth trying.
+REQUIRED_FILES = ("config.json", "preprocessor_config.json", "tokenizer_config.json")
+
+
+def _image_only_processor_class():
+    from transformers import Qwen3VLProcessor
+
+    class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+        """Qwen3-VL's processor without its video half.
+
+        The stock class insists on a video processor, which needs torchvision;
+        captioning never sees video, so the same processor works everywhere.
+        """
+
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    return ImageOnlyQwen3VLProcessor
+
+
+def _read_chat_template(model_dir: Path, tokenizer) -> str | None:
+    template_json = model_dir / "chat_template.json"
+    if template_json.is_file():
+        return json.loads(template_json.read_text())["chat_template"]
+    template_jinja = model_dir / "chat_template.jinja"
+    if template_jinja.is_file():
+        return template_jinja.read_text()
+    return tokenizer.chat_template
+
+
+def best_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def dtype_for(device: str):
+    import torch
+
+    if device.startswith("cuda"):
+        # T4s have no bf16; L4 and newer do.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class CaptionEngine:
+    """Loading is two steps so that a Modal memory snapshot can capture the first:
+    `load_weights()` reads the files into CPU memory, `move_to(device)` puts the
+    model on the GPU after the snapshot is restored. `load()` does both."""
+
+    def __init__(self, layout: Layout, max_side: int = 1024, device: str | None = None, dtype: str | None = None):
+        self.model_dir = layout.models_dir / CAPTION_MODEL
+        self.max_side = max_side
+        self.device = device
+        self.dtype = dtype  # a torch dtype name; None: the best for the device
+        self.loaded = False
+        self.model = None
+        self.processor = None
+
+    def missing_files(self) -> list[str]:
+        if not self.model_dir.is_dir():
+            return [str(self.model_dir)]
+        missing = [name for name in REQUIRED_FILES if not (self.model_dir / name).is_file()]
+        if not any(self.model_dir.glob("*.safetensors")):
+            missing.append("*.safetensors (the weights)")
+        return missing
+
+    def load(self) -> None:
+        device = self.device or best_device()
+        self.load_weights(device)
+        self.move_to(device)
+
+    def load_weights(self, device_to_come: str = "cpu") -> None:
+        """Read tokenizer, processor and weights into CPU memory (in the dtype `device_to_come` wants)."""
+        if self.model is not None:
+            return
+        missing = self.missing_files()
+        if missing:
+            raise ToolboxError(
+                ErrorCode.MODELS_MISSING,
+                "The caption model (Qwen3-VL-2B) is not installed. An admin can download it with "
+                "/setup (or `toolbox setup --only qwen3-vl-2b`). Missing: " + ", ".join(missing),
+            )
+        import torch
+        from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+        dtype = getattr(torch, self.dtype) if self.dtype else dtype_for(device_to_come)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(self.model_dir, padding_side="left")
+            image_processor = AutoImageProcessor.from_pretrained(self.model_dir)
+            self.processor = _image_only_processor_class()(
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                video_processor=None,
+                chat_template=_read_chat_template(self.model_dir, tokenizer),
+            )
+            self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype).eval()
+        except Exception as exc:
+            log.exception("loading the caption model from %s failed", self.model_dir)
+            raise ToolboxError(
+                ErrorCode.MODEL_LOAD_FAILED,
+                f"The caption model could not be loaded ({type(exc).__name__}). Try /setup → Verify.",
+            ) from exc
+
+    def move_to(self, device: str) -> None:
+        self.model.to(device)
+        self.device = device
+        self.loaded = True
+
+    @job_method(CaptionRequest)
+    def caption(
+        self,
+        images: list[bytes],
+        style: str,
+        question: str | None,
+        progress: ProgressFn | None = None,
+    ) -> list[str]:
+        """One caption per image, all in one `generate` call."""
+        import torch
+
+        progress = progress or (lambda fraction, stage: None)
+        pictures = [self._prepare(data, index) for index, data in enumerate(images, start=1)]
+        instruction = question.strip() if question else STYLE_PROMPTS[style]
+        max_new_tokens = MAX_NEW_TOKENS["question" if question else style]
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+        prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(
+            text=[prompt] * len(pictures), images=pictures, padding=True, return_tensors="pt"
+        ).to(self.device)
+        inputs.pop("token_type_ids", None)
+        inputs.pop("mm_token_type_ids", None)
+
+        progress(0.0, "captioning")
+        try:
+            with torch.inference_mode():
+                output = self.model.generate(
+                    **inputs,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    repetition_penalty=1.05,
+                    stopping_criteria=[_TokenProgress(progress, max_new_tokens)],
+                )
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ToolboxError(
+                ErrorCode.CUDA_OOM, "The GPU ran out of memory captioning this batch: try fewer images at once."
+            ) from exc
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return [tidy_caption(text, "question" if question else style) for text in texts]
+
+    def _prepare(self, data: bytes, index: int):
+        from PIL import Image
+
+        image = decode_image(data, name=f"Image {index}").image
+        if max(image.size) > self.max_side:
+            # The model sees at most max_side px a side: more costs tokens, not quality.
+            image.thumbnail((self.max_side, self.max_side), Image.Resampling.LANCZOS)
+        return image
+
+
+class _TokenProgress:
+    """A stopping criterion that never stops: it counts generated tokens for progress."""
+
+    def __init__(self, progress: ProgressFn, max_new_tokens: int):
+        self.progress = progress
+        self.max_new_tokens = max_new_tokens
+        self.generated = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.generated += 1
+        self.progress(
+            min(self.generated / self.max_new_tokens, 0.99), f"captioning · token {self.generated}/{self.max_new_tokens}"
+        )
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def tidy_caption(text: str, style: str) -> str:
+    text = "".join(ch for ch in text if ch.isprintable() or ch in "\n\t").strip()
+    if style in TAG_STYLES:
+        seen: dict[str, None] = {}
+        for tag in text.replace("\n", ",").split(","):
+            tag = tag.strip().strip(".").lower()
+            if tag:
+                seen.setdefault(tag, None)
+        return ", ".join(seen)
+    return " ".join(text.split())

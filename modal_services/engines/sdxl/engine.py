@@ -1,0 +1,73 @@
+"""The SDXL engine: text-to-image, variations and upscales on one set of loaded models.
+
+One warm worker (a Modal container, or the local backend's thread) holds
+one `SdxlEngine`, so a generate job and an upscale job share the UNet, text
+encoders and VAE, and a checkpoint switch applies to both.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from modal_services.engines.sdxl.generate import PREVIEW_INTERVAL as GENERATE_PREVIEW_INTERVAL
+from modal_services.engines.sdxl.generate import TextToImage
+from modal_services.engines.sdxl.faces import FaceAnalyser, InsightFaceAnalyser, face_provider
+from modal_services.engines.sdxl.instantid import InstantId
+from modal_services.jobs.requests import GenerateRequest, JobRequest, UpscaleRequest
+from modal_services.layout import ANTELOPEV2_DIR, Layout
+from modal_services.engines.sdxl.request_loras import RequestLoras
+from modal_services.engines.sdxl.pipeline import SdxlModels
+from modal_services.engines.sdxl.upscale import PREVIEW_INTERVAL as UPSCALE_PREVIEW_INTERVAL
+from modal_services.engines.sdxl.upscale import TiledUpscaler
+
+
+def handed_to(request: type[JobRequest]):
+    """Marks a method that hands its job to a `job_method` of `request`, which checks it."""
+
+    def mark(method):
+        method.request = request
+        return method
+
+    return mark
+
+
+class SdxlEngine:
+    def __init__(
+        self,
+        layout: Layout,
+        device: str | None = None,
+        generate_preview_interval: float = GENERATE_PREVIEW_INTERVAL,
+        upscale_preview_interval: float = UPSCALE_PREVIEW_INTERVAL,
+        face_analyser: FaceAnalyser | None = None,
+        **upscale_options: Any,
+    ):
+        """`upscale_options` are TiledUpscaler's (tile sizes, limits, tile batch, guidance); faces are
+        read with insightface on the models folder's antelopev2 unless `face_analyser` says otherwise."""
+        self.models = SdxlModels(layout, device)
+        # Per-request LoRAs are kept for the worker's life in a scratch folder of its own.
+        request_loras = RequestLoras(Path(tempfile.mkdtemp(prefix="request-loras-")))
+        analyser = face_analyser or InsightFaceAnalyser(layout.models_dir / ANTELOPEV2_DIR, face_provider())
+        self.instant_id = InstantId(self.models, analyser)
+        self.text_to_image = TextToImage(self.models, request_loras, self.instant_id,
+                                         preview_interval=generate_preview_interval)
+        self.upscaler = TiledUpscaler(self.models, preview_interval=upscale_preview_interval, **upscale_options)
+
+    @property
+    def loaded(self) -> bool:
+        return self.models.loaded
+
+    def load(self, staging_device: str | None = None) -> None:
+        self.models.load(staging_device)
+
+    def place(self) -> None:
+        self.models.place()
+
+    @handed_to(GenerateRequest)
+    def generate(self, **fields: Any) -> dict:
+        return self.text_to_image.generate(**fields)
+
+    @handed_to(UpscaleRequest)
+    def upscale(self, image: bytes, **fields: Any) -> bytes:
+        return self.upscaler.upscale(image, **fields)

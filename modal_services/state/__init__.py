@@ -1,0 +1,1 @@
+"""The state store (SQLite or Modal Dict), every key it holds, and named locks."""

@@ -1,0 +1,108 @@
+"""Content safety over HTTP: `safety_check`, `nsfw_score`, withheld images, refused prompts.
+
+Jobs run on the local backend with stand-in engines, judged by the tiny ViT
+classifier (one that flags every image, or one that passes every image).
+"""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from bot.settings import Settings
+from modal_services.state.keys import preview_key
+from modal_services.layout import NSFW_CLASSIFIER_DIR
+from tests.fakes.engines import StandInGenerateEngine, StandInUpscaleEngine
+from tests.images import png_bytes
+from tests.api.test_api import assert_error, decode_png, served, wait_for_status  # noqa: F401 (fixtures)
+
+
+@pytest.fixture
+def generate_engine(use_engine):
+    engine = StandInGenerateEngine()
+    use_engine("generate", engine)
+    return engine
+
+
+async def test_flagged_images_are_withheld_and_the_response_says_so(served, generate_engine, install_nsfw_classifier):
+    install_nsfw_classifier("flags")
+    client, backend = await served()
+    response = await client.post("/generate-image", json={"prompt": "a beach", "count": 2, "seed": 9})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["image_base64"] is None and body["images_base64"] == [None, None]
+    assert body["nsfw_score"] > 0.99
+    safety = body["safety"]
+    assert safety["checked"] and safety["withheld"] == [0, 1] and len(safety["nsfw_scores"]) == 2
+    assert "withheld" in safety["note"] and "safety_check: false" in safety["note"]
+    # The seeds are still reported: the caller can make one again with the check off.
+    assert body["metadata"]["seeds_used"] == [9, 10]
+    job = next(iter((await backend.store.items("job:")).values()))
+    assert [image["decision"] for image in job["safety"]["images"]] == ["withhold", "withhold"]
+
+
+async def test_safety_check_false_returns_the_images_unchecked(served, generate_engine, install_nsfw_classifier):
+    install_nsfw_classifier("flags")
+    client, _ = await served()
+    body = (await client.post("/generate-image", json={"prompt": "a beach", "safety_check": False})).json()
+    assert decode_png(body["image_base64"]).size == (1024, 1024)
+    assert body["nsfw_score"] is None
+    assert body["safety"] == {"checked": False, "nsfw_scores": [None], "withheld": [], "threshold": 0.7,
+                              "note": "Not checked: the request said safety_check: false."}
+
+
+async def test_passed_images_carry_their_scores(served, generate_engine):
+    client, _ = await served()
+    body = (await client.post("/generate-image", json={"prompt": "a beach", "count": 2})).json()
+    assert len(body["images_base64"]) == 2 and all(body["images_base64"])
+    assert all(0 <= score < 0.01 for score in body["safety"]["nsfw_scores"])
+    assert body["safety"]["note"] == "Checked: nothing was flagged."
+
+
+async def test_a_missing_classifier_fails_the_job_instead_of_posting_unchecked(served, use_engine):
+    engine = StandInGenerateEngine()
+    use_engine("generate", engine)
+    client, _ = await served()
+    # The classifier use_engine installed is taken away again.
+    (Settings.load().models_dir / NSFW_CLASSIFIER_DIR).unlink()
+    body = assert_error(await client.post("/generate-image", json={"prompt": "a beach"}), 503, "MODELS_MISSING")
+    assert "/setup" in body["error"]
+    assert engine.calls == []  # refused before the engine ran
+    # With the check off, nothing needs the classifier.
+    assert (await client.post("/generate-image", json={"prompt": "a beach", "safety_check": False})).status_code == 200
+
+
+@pytest.mark.parametrize("prompt, negative", [
+    ("nude child", ""),
+    ("N U D E, c h i l d", ""),
+    ("l0li, s3xy", ""),
+    ("1girl, nude", "adult, mature"),
+])
+async def test_refused_prompts_are_400_before_any_job(served, generate_engine, prompt, negative):
+    client, backend = await served()
+    for body in ({"prompt": prompt, "negative_prompt": negative},
+                 {"kind": "generate", "prompt": prompt, "negative_prompt": negative, "safety_check": False}):
+        path = "/jobs" if "kind" in body else "/generate-image"
+        error = assert_error(await client.post(path, json=body), 400, "INVALID_PROMPT")
+        assert "minors" in error["error"] and prompt.split(",")[0] not in error["error"]
+    assert await backend.store.keys("job:") == [] and generate_engine.calls == []
+
+
+async def test_an_upscale_job_is_judged_too(served, use_engine, install_nsfw_classifier):
+    use_engine("upscale", StandInUpscaleEngine())
+    install_nsfw_classifier("flags")
+    client, backend = await served()
+    source = base64.b64encode(png_bytes(48, 32)).decode()
+    accepted = await client.post("/jobs", json={"kind": "upscale", "image_base64": source, "scale": 2})
+    job_id = accepted.json()["job_id"]
+    view = await wait_for_status(client, job_id, "done")
+    result = view["result"]
+    assert result["image_base64"] is None and result["image_size"] is None
+    assert result["nsfw_score"] > 0.99 and result["safety"]["withheld"] == [0]
+    assert not await backend.store.contains(preview_key(job_id))
+
+    accepted = await client.post("/jobs", json={"kind": "upscale", "image_base64": source, "scale": 2,
+                                                "safety_check": False})
+    result = (await wait_for_status(client, accepted.json()["job_id"], "done"))["result"]
+    assert decode_png(result["image_base64"]).size == (96, 64) and result["nsfw_score"] is None

@@ -1,0 +1,161 @@
+"""The job requests: one set of limits for every front end, the worker and the /settings defaults."""
+
+from __future__ import annotations
+
+
+import pytest
+
+from bot.guild_settings import GuildSettings
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs.requests import (
+    CAPTION_STYLES,
+    CaptionRequest,
+    LoraRef,
+    ModelImportRequest,
+    ModelUploadRequest,
+    UpscaleRequest,
+    field_bounds,
+    field_choices,
+)
+from modal_services.services import SERVICES
+
+
+@pytest.fixture
+async def options(make_toolbox_bot):
+    """Each command's serialised options as `tree.sync()` sends them, by command path then option name."""
+    toolbox_bot = await make_toolbox_bot()
+    found: dict[str, dict[str, dict]] = {}
+
+    def collect(path: str, options: list[dict]) -> None:
+        for option in options:
+            if option["type"] in (1, 2):  # a subcommand or group
+                collect(f"{path} {option['name']}", option.get("options", []))
+            else:
+                found.setdefault(path, {})[option["name"]] = option
+
+    for command in toolbox_bot.tree.get_commands():
+        payload = command.to_dict(toolbox_bot.tree)
+        collect(payload["name"], payload.get("options", []))
+    return found
+
+
+def assert_range(option: dict, model, field: str) -> None:
+    low, high = field_bounds(model, field)
+    if option["type"] == 3:  # a string: the length range
+        assert (option.get("min_length"), option.get("max_length")) == (low, high), option["name"]
+    else:
+        assert (option.get("min_value"), option.get("max_value")) == (low, high), option["name"]
+
+
+UPSCALE_OPTIONS = {"scale": "scale", "prompt": "prompt", "negative": "negative", "creativity": "creativity",
+                   "seed": "seed"}
+
+
+@pytest.mark.parametrize("option, field", UPSCALE_OPTIONS.items())
+def test_upscale_option_ranges_are_the_requests(options, option, field):
+    assert_range(options["upscale"][option], UpscaleRequest, field)
+
+
+@pytest.mark.parametrize("option", ["lora1_weight", "lora2_weight", "lora3_weight"])
+def test_upscale_lora_weights_are_the_requests(options, option):
+    assert_range(options["upscale"][option], LoraRef, "weight")
+
+
+def test_models_options_are_the_requests(options):
+    assert_range(options["models edit"]["weight"], LoraRef, "weight")
+    assert_range(options["models import"]["source"], ModelImportRequest, "ref")
+    for command, name_option in (("models upload", "name"), ("models edit", "display_name")):
+        assert_range(options[command][name_option], ModelUploadRequest, "name")
+        assert_range(options[command]["trigger_words"], ModelUploadRequest, "trigger_words")
+
+
+def test_caption_options_are_the_requests(options):
+    assert_range(options["caption"]["question"], CaptionRequest, "question")
+    assert [choice["value"] for choice in options["caption"]["style"]["choices"]] == list(field_choices(CaptionRequest, "style"))
+
+
+@pytest.mark.parametrize("option, field", [("upscale_scale", "default_upscale_scale"),
+                                           ("creativity", "default_creativity"),
+                                           ("user_cap", "user_cap"), ("guild_cap", "guild_cap")])
+def test_settings_default_ranges_are_the_requests(options, option, field):
+    assert_range(options["settings defaults"][option], GuildSettings, field)
+
+
+def test_settings_defaults_use_the_job_fields():
+    # The defaults are typed with the job's own fields: same limits, so a stored default is one a job accepts.
+    assert field_bounds(GuildSettings, "default_creativity") == field_bounds(UpscaleRequest, "creativity")
+    assert field_bounds(GuildSettings, "default_upscale_scale") == field_bounds(UpscaleRequest, "scale")
+    assert field_choices(GuildSettings, "default_caption_style") == tuple(CAPTION_STYLES)
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"default_creativity": 0.0}, "Creativity must be between 0.05 and 1"),
+    ({"default_upscale_scale": 9.0}, "Scale must be between"),
+    ({"default_caption_style": "poem"}, "caption style"),
+    ({"user_cap": 50, "guild_cap": 10}, "cap"),
+])
+def test_settings_refuse_a_default_a_job_would_refuse(changes, words):
+    with pytest.raises(ToolboxError) as error:
+        GuildSettings().changed(**changes)
+    assert error.value.code is ErrorCode.INVALID_INPUT and words in error.value.message
+
+
+def test_a_default_stored_before_the_checks_falls_back_to_the_builtin():
+    stored = GuildSettings.from_dict({"default_creativity": 0, "allowed_role_ids": [5], "user_cap": 3})
+    assert stored.default_creativity == UpscaleRequest.model_fields["creativity"].default
+    assert stored.allowed_role_ids == [5] and stored.user_cap == 3
+
+
+@pytest.mark.parametrize("payload, words", [
+    ({"creativity": 5}, "Creativity must be between 0.05 and 1 (got 5)."),
+    ({"seed": -1}, "The seed must be between 0 and 4294967295 (got -1)."),
+    ({"seed": "abc"}, "The seed must be a whole number"),
+    ({"scale": float("nan")}, "Scale must be a number"),
+    ({"prompt": "x" * 1001}, "The prompt is limited to 1000 characters."),
+    ({"loras": [{"name": "a", "file": "a.safetensors", "weight": 3}]}, "A LoRA weight must be between -2 and 2"),
+    ({"loras": [{"name": "a"}]}, "needs a file or a path"),
+    ({"unknown": 1}, "no field 'unknown'"),
+    ({"region_prompts": [{"box": [1, 2], "prompt": "x"}]}, "Box needs exactly 4 values."),
+])
+def test_each_violation_is_one_clear_line(payload, words):
+    with pytest.raises(ToolboxError) as error:
+        UpscaleRequest.parse({"image": b"png", **payload})
+    assert error.value.code is ErrorCode.INVALID_INPUT
+    assert words in error.value.message and "\n" not in error.value.message
+
+
+def test_a_request_left_without_a_seed_picks_one_in_range():
+    seeds = {UpscaleRequest.parse({"image": b"png"}).seed for _ in range(5)}
+    low, high = field_bounds(UpscaleRequest, "seed")
+    assert all(low <= seed <= high for seed in seeds) and len(seeds) > 1
+
+
+@pytest.mark.parametrize("kind", sorted(SERVICES))
+def test_each_kind_names_a_real_engine_method_that_checks_its_request(app_module, kind):
+    spec = SERVICES[kind]
+    method = spec.engine_method()
+    assert method.__name__ == spec.modal_method
+    assert method.request is spec.request and spec.request.kind == kind
+    # The Modal class serving the kind has a method of that name, so `spawn` finds it.
+    assert spec.modal_method in getattr(app_module, spec.modal_class)._get_method_names()
+
+
+async def test_the_worker_refuses_a_bad_payload_before_loading_anything(tmp_path):
+    from modal_services.jobs.records import JobStatus, create_job, load_job
+    from modal_services.services import run_service_job
+    from modal_services.state.store import SqliteStore
+
+    class NeverLoads:
+        loaded = False
+
+        def load(self):
+            raise AssertionError("loaded for a request that was refused")
+
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    job = await create_job(store, "upscale")
+    with pytest.raises(ToolboxError) as error:
+        await run_service_job(store, NeverLoads(), SERVICES["upscale"], job.id, {"image": b"png", "creativity": 5})
+    assert error.value.code is ErrorCode.INVALID_INPUT
+    record = await load_job(store, job.id)
+    assert record.status is JobStatus.ERROR and "Creativity" in record.error_message
+    await store.close()
