@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bot.settings import Settings
-from bot.ui import plural
+from bot.core.text import plural
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import JobRequest
 from modal_services.jobs.records import Job, JobStatus, create_job, load_job, update_job

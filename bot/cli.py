@@ -19,7 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from bot.backend import ENGINE_THREAD_PREFIX, Backend, open_backend
-from bot.progress import follow_job
+from bot.core.following import follow_job
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png, shrunk_png
@@ -497,7 +497,7 @@ async def setup_models(settings: Settings, only: list[str] | None, enable: list[
 
 async def _download_base_models(settings: Settings, backend: Backend, keys: list[str]) -> None:
     """The missing ones of `keys` (all when empty), with a bar per model and an overall bar."""
-    from bot.progress import watch_job
+    from bot.core.following import watch_job
     from bot.setup_download import checked_states, start_or_attach_download
     from modal_services.base_models.downloads import model_states
     from modal_services.base_models.optional_models import enabled_models

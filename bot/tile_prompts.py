@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable
 from PIL import Image
 
 from bot.backend import Backend
-from bot.progress import follow_job
+from bot.core.following import follow_job
 from modal_services.imaging import encode_png
 from modal_services.jobs.requests import CaptionRequest
 from modal_services.jobs.records import Job

@@ -29,9 +29,10 @@ import discord
 
 from bot.guild_settings import GuildSettings, load_guild_settings
 from bot.permissions import is_admin
-from bot.progress import MessageEdits, end_if_stale, follow_job, render_job
+from bot.progress import MessageEdits, render_job
+from bot.core.following import end_if_stale, follow_job
 from bot.replies import error_text, send_error, taking_interactions
-from bot.ui import plural
+from bot.core.text import plural
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import JobRequest
 from modal_services.jobs.records import Job, JobStatus, load_job, new_job_id, request_cancel, update_job

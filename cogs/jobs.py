@@ -10,7 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.tracker import CAPPED_KINDS, QueueSnapshot
-from bot.ui import human_duration
+from bot.core.text import human_duration
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import Job, JobStatus
 from modal_services.library.entries import Library

@@ -120,11 +120,12 @@ def fake_civitai(monkeypatch):
 @pytest.fixture
 def fast_progress(monkeypatch):
     """Progress writes, polls and reply edits at test speed instead of Discord-safe pacing."""
+    import bot.core.following
     import bot.progress
     import modal_services.jobs.records
 
     monkeypatch.setattr(bot.progress, "MIN_EDIT_INTERVAL", 0.02)
-    monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.01)
+    monkeypatch.setattr(bot.core.following, "POLL_INTERVAL", 0.01)
     monkeypatch.setattr(modal_services.jobs.records, "PROGRESS_WRITE_INTERVAL", 0.02)
 
 

@@ -143,7 +143,7 @@ def test_a_setup_following_a_download_whose_process_died_stops_following(hub, ca
     import asyncio
 
     from bot.backend import LocalBackend
-    from bot.progress import watch_job
+    from bot.core.following import watch_job
     from bot.settings import Settings
 
     job_id = _seed_dead_setup(_dead_pid())

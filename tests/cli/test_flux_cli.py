@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import bot.api_client
-import bot.progress
+import bot.core.following
 from bot.api import api_for_settings
 from bot.cli import main
 from bot.settings import Settings
@@ -22,7 +22,7 @@ TOKEN = "flux-cli-token-3e7a"
 @pytest.fixture
 def flux(use_engine, tmp_path, monkeypatch):
     monkeypatch.setenv("TOOLBOX_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.02)
+    monkeypatch.setattr(bot.core.following, "POLL_INTERVAL", 0.02)
     engine = FakeFluxEngine()
     use_engine("flux_generate", engine)
     store = SqliteStore(Settings.load().state_path)

@@ -81,7 +81,7 @@ class BotThread:
 @pytest.fixture
 def pacing(monkeypatch):
     monkeypatch.setattr("bot.progress.MIN_EDIT_INTERVAL", EDIT_INTERVAL)
-    monkeypatch.setattr("bot.progress.POLL_INTERVAL", 0.05)
+    monkeypatch.setattr("bot.core.following.POLL_INTERVAL", 0.05)
     monkeypatch.setattr("modal_services.jobs.records.PROGRESS_WRITE_INTERVAL", 0.05)
     monkeypatch.setattr("bot.tracker.SNAPSHOT_MAX_AGE", 0.0)
 

@@ -6,7 +6,7 @@ import io
 import pytest
 from PIL import Image
 
-import bot.progress
+import bot.core.following
 from bot.cli import main, output_paths
 from tests.images import png_bytes
 
@@ -14,7 +14,7 @@ from tests.images import png_bytes
 @pytest.fixture
 def settings(tiny_sdxl_data_dir, monkeypatch):
     monkeypatch.setenv("TOOLBOX_DATA_DIR", str(tiny_sdxl_data_dir))
-    monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.02)
+    monkeypatch.setattr(bot.core.following, "POLL_INTERVAL", 0.02)
 
 
 def test_toolbox_generate_writes_the_image(settings, tmp_path, capsys):

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-import bot.progress
+import bot.core.following
 from bot.backend import LocalBackend
 from bot.cli import main
 from bot.client import ToolboxBot
@@ -19,7 +19,7 @@ from tests.images import png_bytes
 @pytest.fixture
 def settings(tiny_sdxl_data_dir, monkeypatch):
     monkeypatch.setenv("TOOLBOX_DATA_DIR", str(tiny_sdxl_data_dir))
-    monkeypatch.setattr(bot.progress, "POLL_INTERVAL", 0.02)
+    monkeypatch.setattr(bot.core.following, "POLL_INTERVAL", 0.02)
     return Settings.load()
 
 
