@@ -427,7 +427,7 @@ async def generate_through_api(settings: Settings, args: argparse.Namespace, cho
     """`toolbox generate --api URL`: the same request through the HTTP API's job endpoints, as a remote client would."""
     import base64
 
-    from bot.api_client import ApiClient
+    from bot.api import ApiClient
     from bot.generate_requests import face_notes, generate_model
     from modal_services.jobs.requests import FluxGenerateRequest, GenerateRequest
 

@@ -15,9 +15,10 @@ import httpx
 import pytest
 from PIL import Image
 
-import bot.api
+import bot.api.dependencies
+import bot.api.routes.images
 from bot.api import create_app
-from bot.api_schema import MAX_BODY_BYTES, MAX_IMAGE_BYTES
+from bot.api.schema import MAX_BODY_BYTES, MAX_IMAGE_BYTES
 from bot.backend import make_backend
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
@@ -240,8 +241,8 @@ async def test_a_missing_or_wrong_token_is_401_and_starts_nothing(served, genera
 
 async def test_the_token_is_compared_in_constant_time(api, generate_engine, monkeypatch):
     compared = []
-    real = bot.api.hmac.compare_digest
-    monkeypatch.setattr(bot.api.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
+    real = bot.api.dependencies.hmac.compare_digest
+    monkeypatch.setattr(bot.api.dependencies.hmac, "compare_digest", lambda a, b: compared.append((a, b)) or real(a, b))
     assert (await api.post("/generate-image", json={"prompt": "a cat"})).status_code == 200
     assert compared == [(TOKEN.encode(), TOKEN.encode())]
 
@@ -390,7 +391,7 @@ async def test_missing_models_are_503(api, use_engine):
 
 
 async def test_a_job_past_its_wait_is_504_and_cancelled(served, gated_engine, monkeypatch):
-    monkeypatch.setattr(bot.api, "TIMEOUT_GRACE_SECONDS", 0)
+    monkeypatch.setattr(bot.api.routes.images, "TIMEOUT_GRACE_SECONDS", 0)
     client, backend = await served()
     body = assert_error(await client.post("/generate-image", json={"prompt": "a cat", "timeout": 0.3}), 504, "TIMEOUT")
     assert "cancelled" in body["error"]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from PIL import Image
 
-import bot.api_client
+import bot.api.client
 from bot.api import api_for_settings
 from bot.cli import main
 from bot.settings import Settings
@@ -36,7 +36,7 @@ def generate_engine(use_engine):
 def api_url(fast_progress, generate_engine, monkeypatch):
     """The API with a stand-in generate engine, served by uvicorn; TOOLBOX_API_TOKEN set for the CLI."""
     monkeypatch.setenv("TOOLBOX_API_TOKEN", TOKEN)
-    monkeypatch.setattr(bot.api_client, "POLL_SECONDS", 0.02)
+    monkeypatch.setattr(bot.api.client, "POLL_SECONDS", 0.02)
     with running_uvicorn(api_for_settings(Settings.load(), TOKEN), max_seconds=60) as url:
         yield url
 

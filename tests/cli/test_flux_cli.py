@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from PIL import Image
 
-import bot.api_client
+import bot.api.client
 import bot.core.following
 from bot.api import api_for_settings
 from bot.cli import main
@@ -57,7 +57,7 @@ def test_flux_refusals_exit_2_and_start_nothing(flux, capsys, argv, words):
 
 def test_generate_model_flux_through_the_api(flux, tmp_path, capsys, monkeypatch, fast_progress):
     monkeypatch.setenv("TOOLBOX_API_TOKEN", TOKEN)
-    monkeypatch.setattr(bot.api_client, "POLL_SECONDS", 0.02)
+    monkeypatch.setattr(bot.api.client, "POLL_SECONDS", 0.02)
     with running_uvicorn(api_for_settings(Settings.load(), TOKEN), max_seconds=60) as url:
         code = main(["generate", "a fox", "--model", "flux-dev", "--api", url, "--seed", "5", "--count", "2",
                      "--width", "512", "--height", "512", "-o", str(tmp_path / "fox.png")])

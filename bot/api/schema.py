@@ -37,6 +37,8 @@ from modal_services.jobs.requests import (
     field_bounds,
 )
 
+# The contract's version, published in /health and /openapi.json.
+API_VERSION = "1"
 # One decoded image in a request (base64 makes it a third larger on the wire).
 MAX_IMAGE_BYTES = 20 * 2**20
 # A whole request body: one image at the limit in base64, plus the other fields.

@@ -1,0 +1,87 @@
+"""The FastAPI app: its routes, its error answers, its body limit, and what it closes on shutdown."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from bot.api.body_limit import BodyLimit
+from bot.api.caller_jobs import ApiJobs, ConcurrencyCap
+from bot.api.dependencies import ApiContext
+from bot.api.health import HealthCache
+from bot.api.responses import ERROR_STATUSES, error_response, validation_error
+from bot.api.routes import health, images, jobs
+from bot.api.schema import API_VERSION, MAX_BODY_BYTES, ErrorResponse
+from bot.backend import Backend, make_backend
+from bot.settings import Settings
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.library.entries import Library
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    backend: Backend,
+    library: Library,
+    token: str | None,
+    concurrency: int,
+    sync_limit_seconds: float | None = None,
+) -> FastAPI:
+    """The API over `backend`, with `concurrency` jobs in flight per token.
+
+    `token=None` turns auth off (the caller checks that is allowed: `toolbox serve
+    --no-auth` on 127.0.0.1 only). `sync_limit_seconds` bounds how long
+    /generate-image may wait (the host's HTTP limit); longer requests are sent to /jobs."""
+    app = FastAPI(title="AI Toolbox", version=API_VERSION, lifespan=_lifespan,
+                  responses={status: {"model": ErrorResponse} for status in ERROR_STATUSES})
+    app.state.api = ApiContext(jobs=ApiJobs(backend, ConcurrencyCap(concurrency)), library=library,
+                               health=HealthCache(backend), token=token.encode() if token else None,
+                               sync_limit_seconds=sync_limit_seconds)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_exception_handler(ToolboxError, _on_toolbox_error)
+    app.add_exception_handler(RequestValidationError, _on_invalid)
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+    for routes in (health, images, jobs):
+        app.include_router(routes.router)
+    return app
+
+
+def api_for_settings(settings: Settings, token: str | None, sync_limit_seconds: float | None = None) -> FastAPI:
+    """The API on the backend and library the settings name (the local backend for `toolbox serve`, Modal's there)."""
+    backend = make_backend(settings)
+    library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+    return create_app(backend, library, token, settings.api_concurrency, sync_limit_seconds)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    yield
+    context: ApiContext = app.state.api
+    await context.jobs.close()
+    await context.jobs.backend.close()
+
+
+async def _on_toolbox_error(_: Request, exc: ToolboxError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def _on_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error(exc))
+
+
+async def _on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    """Starlette's own refusals (unknown path, wrong method, body too large) in the API's error shape."""
+    code = {401: ErrorCode.PERMISSION_DENIED, 404: ErrorCode.NOT_FOUND, 429: ErrorCode.RATE_LIMITED}.get(
+        exc.status_code, ErrorCode.INVALID_INPUT if exc.status_code < 500 else ErrorCode.INTERNAL)
+    return error_response(ToolboxError(code, str(exc.detail)), status=exc.status_code)
+
+
+async def _on_unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.error("API request failed", exc_info=exc)
+    return error_response(ToolboxError(ErrorCode.INTERNAL, "Something went wrong on the server."))

@@ -1,0 +1,146 @@
+"""What the API answers: error bodies with their HTTP statuses, and finished jobs' results as JSON.
+
+Errors are `{error, error_code, details?, retry_after?}`: 400 invalid input,
+401 missing or wrong token, 404 unknown job, 409 cancelled, 413 body too
+large, 429 (with `Retry-After`) when the caller already has its cap of jobs in
+flight, 503 models missing or backend down, 504 timeout, 500 otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from PIL import Image
+
+from bot.api.schema import JOB_KINDS, ErrorResponse
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs.records import Job
+from modal_services.safety.judge import SafetyReport
+
+STATUS_FOR_CODE = {
+    ErrorCode.INVALID_INPUT: 400,
+    ErrorCode.INVALID_PROMPT: 400,
+    # A LoRA of the other model's family: the request's mistake.
+    ErrorCode.INCOMPATIBLE_MODEL: 400,
+    ErrorCode.PERMISSION_DENIED: 401,
+    ErrorCode.NOT_FOUND: 404,
+    ErrorCode.CANCELLED: 409,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.MODELS_MISSING: 503,
+    ErrorCode.BACKEND_UNAVAILABLE: 503,
+    ErrorCode.TIMEOUT: 504,
+}
+# The statuses every endpoint may answer with an ErrorResponse (published in /openapi.json).
+ERROR_STATUSES = (400, 401, 404, 413, 429, 500, 503, 504)
+
+
+class ApiError(ToolboxError):
+    """A ToolboxError with what an HTTP answer adds: details, and how long to wait before retrying."""
+
+    def __init__(self, code: ErrorCode, message: str, details: str | None = None, retry_after: int | None = None):
+        super().__init__(code, message)
+        self.details = details
+        self.retry_after = retry_after
+
+
+def error_body(error: ToolboxError) -> ErrorResponse:
+    """An error as a job view shows it: message and code only."""
+    return ErrorResponse(error=error.message, error_code=error.code.value)
+
+
+def error_response(error: ToolboxError, status: int | None = None) -> JSONResponse:
+    """The error as an HTTP answer: the status its code maps to (unless given), `Retry-After` and
+    `WWW-Authenticate` where they apply."""
+    body = ErrorResponse(error=error.message, error_code=error.code.value,
+                         details=getattr(error, "details", None), retry_after=getattr(error, "retry_after", None))
+    headers = {}
+    if body.retry_after is not None:
+        headers["Retry-After"] = str(body.retry_after)
+    if error.code is ErrorCode.PERMISSION_DENIED:
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body.model_dump(exclude_none=True), status or STATUS_FOR_CODE.get(error.code, 500), headers)
+
+
+def _field_path(location: tuple) -> tuple:
+    """Where in the body a problem is, without FastAPI's "body" and a /jobs request's kind tag."""
+    path = location[1:]
+    return path[1:] if path[:1] and path[0] in JOB_KINDS else path
+
+
+def validation_error(exc: RequestValidationError) -> ApiError:
+    """pydantic's complaints as one line for `error`, every one in `details`."""
+    paths = [_field_path(problem["loc"]) for problem in exc.errors()]
+    problems = [f"{'.'.join(str(part) for part in path) or 'body'}: {problem['msg']}"
+                for path, problem in zip(paths, exc.errors())]
+    about_prompt = any(path[:1] in (("prompt",), ("negative_prompt",)) for path in paths)
+    code = ErrorCode.INVALID_PROMPT if about_prompt else ErrorCode.INVALID_INPUT
+    return ApiError(code, f"Invalid request: {problems[0]}", details="; ".join(problems) if len(problems) > 1 else None)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def safety_body(report: SafetyReport) -> dict[str, Any]:
+    """How the images were judged, with a note saying what was withheld and how to get it."""
+    count, withheld = len(report.images), report.withheld
+    if not report.checked:
+        note = "Not checked: the request said safety_check: false."
+    elif withheld:
+        note = (f"{len(withheld)} of {count} image{'s' if count > 1 else ''} withheld as NSFW (score at or above "
+                f"{report.threshold:g}); send safety_check: false to receive them unchecked.")
+    else:
+        note = "Checked: nothing was flagged."
+    return {"checked": report.checked, "nsfw_scores": [image.nsfw_score for image in report.images],
+            "withheld": withheld, "threshold": report.threshold, "note": note}
+
+
+def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[str, Any]:
+    """The generate job's result as the worker contract's response body (`images_base64` only when several),
+    with each image's NSFW score; a withheld image is null."""
+    report = SafetyReport.from_dict(result["safety"])
+    images = [None if png is None else _b64(png) for png in result["images"]]
+    body = {
+        "image_base64": images[0],
+        "image_size": [result["width"], result["height"]],
+        "generation_time_seconds": round(result["generation_time_seconds"], 3),
+        "model_info": {"base_model": result["checkpoint"],
+                       "lora_applied": bool(result["loras"]),
+                       # The contract names one LoRA's scale: the request's own LoRA's, else the first one's.
+                       "lora_scale": lora_scale if lora_scale is not None else
+                       (result["loras"][0]["weight"] if result["loras"] else None),
+                       "loras": result["loras"]},
+        "metadata": {"seed_used": result["seeds"][0], "actual_steps": result["steps"], "actual_cfg": result["cfg"],
+                     "seeds_used": result["seeds"]},
+        "nsfw_score": report.images[0].nsfw_score,
+        "safety": safety_body(report),
+    }
+    if len(images) > 1:
+        body["images_base64"] = images
+    if result.get("face"):
+        body["face"] = result["face"]
+    return body
+
+
+def _png_size(png: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(png)) as image:
+        return image.size
+
+
+async def render_result(job: Job, result: Any) -> dict[str, Any]:
+    """A finished job's result as JSON; image encoding runs in a thread (an upscale is tens of MB)."""
+    if job.kind in ("generate", "flux_generate"):
+        return await asyncio.to_thread(generate_response, result, job.meta.get("lora_scale"))
+    if job.kind == "caption":
+        return {"captions": result}
+    if job.kind == "upscale":
+        report, png = SafetyReport.from_dict(result["safety"]), result["image"]
+        return {"image_base64": None if png is None else await asyncio.to_thread(_b64, png),
+                "image_size": None if png is None else await asyncio.to_thread(_png_size, png),
+                "nsfw_score": report.images[0].nsfw_score, "safety": safety_body(report)}
+    return result
