@@ -34,8 +34,8 @@ from modal_services.jobs.requests import (
     FluxSide,
     Timeout,
     UpscaleRequest,
-    field_bounds,
 )
+from modal_services.jobs.validation import field_bounds
 
 # One decoded image in a request (base64 makes it a third larger on the wire).
 MAX_IMAGE_BYTES = 20 * 2**20

@@ -14,9 +14,8 @@ from modal_services.jobs.requests import (
     ModelImportRequest,
     ModelUploadRequest,
     UpscaleRequest,
-    field_bounds,
-    field_choices,
 )
+from modal_services.jobs.validation import field_bounds, field_choices
 from modal_services.services import SERVICES
 
 
