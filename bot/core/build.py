@@ -104,23 +104,23 @@ def check_generate_choices(choices: GenerateChoices) -> CheckedGenerate:
     """Step 1 of `build_generate_request` on its own, for a caller with no library at hand (a client
     of a remote API): the model, every value and every rule that needs no library."""
     model = generate_model(choices.model)
-    refuse_what_the_model_lacks(model, choices)
-    request = model.request.parse(request_fields(model, choices))
+    _refuse_what_the_model_lacks(model, choices)
+    request = model.request.parse(_request_fields(model, choices))
     loras = [LoraRef.parse({"name": lora.name, "weight": lora.weight}) for lora in choices.loras]
     return CheckedGenerate(model, request, loras)
 
 
-def refuse_what_the_model_lacks(model: TextToImageModel, choices: GenerateChoices) -> None:
+def _refuse_what_the_model_lacks(model: TextToImageModel, choices: GenerateChoices) -> None:
     """A face photo or a LoRA link is refused for a model that cannot use it, rather than ignored."""
     if not model.takes_faces and any(getattr(choices, name) is not None for name in FACE_CHOICES):
-        raise ToolboxError(ErrorCode.INVALID_INPUT, face_refused(model))
+        raise ToolboxError(ErrorCode.INVALID_INPUT, _face_refused(model))
     if not model.takes_lora_url and choices.lora_url is not None:
-        raise ToolboxError(ErrorCode.INVALID_INPUT, lora_url_refused(model))
+        raise ToolboxError(ErrorCode.INVALID_INPUT, _lora_url_refused(model))
 
 
-def request_fields(model: TextToImageModel, choices: GenerateChoices) -> dict[str, Any]:
+def _request_fields(model: TextToImageModel, choices: GenerateChoices) -> dict[str, Any]:
     """The request fields `choices` give for `model`; those not given are left to the request's defaults."""
-    width, height = image_size(model, choices)
+    width, height = _requested_size(model, choices)
     fields = {
         "prompt": choices.prompt, "negative_prompt": choices.negative, "width": width, "height": height,
         "count": choices.count, "steps": choices.steps, model.cfg_field: choices.cfg, "seed": choices.seed,
@@ -135,7 +135,7 @@ def request_fields(model: TextToImageModel, choices: GenerateChoices) -> dict[st
     return {name: value for name, value in fields.items() if value is not None}
 
 
-def image_size(model: TextToImageModel, choices: GenerateChoices) -> tuple[int | None, int | None]:
+def _requested_size(model: TextToImageModel, choices: GenerateChoices) -> tuple[int | None, int | None]:
     """(width, height): as given, else the aspect's size for `model`, else (None, None) for the default."""
     if (choices.width is None) != (choices.height is None):
         raise ToolboxError(ErrorCode.INVALID_INPUT, HALF_A_SIZE)
@@ -144,21 +144,21 @@ def image_size(model: TextToImageModel, choices: GenerateChoices) -> tuple[int |
     if choices.aspect is None:
         return None, None
     if choices.aspect not in model.aspects:
-        raise ToolboxError(ErrorCode.INVALID_INPUT, aspect_refused(choices.aspect))
+        raise ToolboxError(ErrorCode.INVALID_INPUT, _aspect_refused(choices.aspect))
     return model.aspects[choices.aspect]
 
 
-def face_refused(model: TextToImageModel) -> str:
+def _face_refused(model: TextToImageModel) -> str:
     takers = names_of([other for other in GENERATE_MODELS.values() if other.takes_faces])
     return f"A face photo works with {takers} only: InstantID has no {model.name} weights. Generate with {takers} to use one."
 
 
-def lora_url_refused(model: TextToImageModel) -> str:
+def _lora_url_refused(model: TextToImageModel) -> str:
     takers = names_of([other for other in GENERATE_MODELS.values() if other.takes_lora_url])
     return f"A LoRA URL works with {takers} only: {model.name} takes LoRAs from the library."
 
 
-def aspect_refused(aspect: str) -> str:
+def _aspect_refused(aspect: str) -> str:
     """An aspect the chosen model does not make: which models make it, or which aspects there are."""
     makers = [model for model in GENERATE_MODELS.values() if aspect in model.aspects]
     if not makers:
@@ -175,9 +175,9 @@ async def build_upscale_request(library: Library, choices: UpscaleChoices) -> Bu
     the first thing wrong with them (INVALID_INPUT for a value or a size, INCOMPATIBLE_MODEL for a LoRA
     of another family)."""
     # 1. Every value, and the image's size at that scale, with no library lookup.
-    request = UpscaleRequest.parse(upscale_fields(choices))
+    request = UpscaleRequest.parse(_upscale_fields(choices))
     refs = [LoraRef.parse({"name": lora.name, "weight": lora.weight}) for lora in choices.loras]
-    output_size = check_upscale_size(*encoded_size(choices.image), request.scale)
+    output_size = check_upscale_size(*_encoded_size(choices.image), request.scale)
     # 2. Its LoRAs, from the library: the upscaler is SDXL.
     loras = [await resolve_lora(library, lora, SDXL.lora_family) for lora in refs]
     # 3. The library's active checkpoint.
@@ -187,7 +187,7 @@ async def build_upscale_request(library: Library, choices: UpscaleChoices) -> Bu
     return BuiltUpscale(request, checkpoint, output_size)
 
 
-def upscale_fields(choices: UpscaleChoices) -> dict[str, Any]:
+def _upscale_fields(choices: UpscaleChoices) -> dict[str, Any]:
     fields = {
         "image": choices.image, "scale": choices.scale, "prompt": choices.prompt, "negative": choices.negative,
         "creativity": choices.creativity, "seed": choices.seed, "steps": choices.steps,
@@ -197,7 +197,7 @@ def upscale_fields(choices: UpscaleChoices) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
 
 
-def encoded_size(data: bytes) -> tuple[int, int]:
+def _encoded_size(data: bytes) -> tuple[int, int]:
     """(width, height) of an encoded image, from its header alone."""
     try:
         with Image.open(io.BytesIO(data)) as image:
