@@ -150,7 +150,8 @@ def _requested_size(model: TextToImageModel, choices: GenerateChoices) -> tuple[
 
 def _face_refused(model: TextToImageModel) -> str:
     takers = names_of([other for other in GENERATE_MODELS.values() if other.takes_faces])
-    return f"A face photo works with {takers} only: InstantID has no {model.name} weights. Generate with {takers} to use one."
+    return (f"A face photo works with {takers} only: InstantID has no {model.name} weights. "
+            f"Generate with {takers} to use one.")
 
 
 def _lora_url_refused(model: TextToImageModel) -> str:
@@ -164,7 +165,8 @@ def _aspect_refused(aspect: str) -> str:
     if not makers:
         every = dict.fromkeys(name for model in GENERATE_MODELS.values() for name in model.aspects)
         return f"The aspect is one of {', '.join(every)} (got {aspect!r})."
-    return f"The {aspect} size is made by {names_of(makers)} only: pick {names_of(makers)} as the model, or another aspect."
+    makers_named = names_of(makers)
+    return f"The {aspect} size is made by {makers_named} only: pick {makers_named} as the model, or another aspect."
 
 
 # ------------------------------------------------------------------ upscale
