@@ -32,8 +32,8 @@ from modal_services.jobs.requests import (
     ModelScanRequest,
     SafetyContext,
     UpscaleRequest,
-    field_bounds,
 )
+from modal_services.jobs.validation import field_bounds
 from modal_services.state.keys import ACTIVE_CHECKPOINT_KEY, JOB_PREFIX
 from modal_services.safety.judge import SafetyReport
 

@@ -13,7 +13,6 @@ from modal_services.jobs.requests import (
     CaptionRequest,
     CaptionStyle,
     Cfg,
-    Checked,
     Creativity,
     DEFAULT_NSFW_THRESHOLD,
     GenerateRequest,
@@ -26,6 +25,7 @@ from modal_services.jobs.requests import (
     Scale,
     UpscaleRequest,
 )
+from modal_services.jobs.validation import Checked
 from modal_services.state.keys import settings_key
 from modal_services.state.store import StateStore
 

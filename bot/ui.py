@@ -11,7 +11,8 @@ from discord import app_commands
 from pydantic import BaseModel
 
 from bot.replies import as_toolbox_error, error_text
-from modal_services.jobs.requests import CAPTION_STYLES, field_bounds
+from modal_services.jobs.requests import CAPTION_STYLES
+from modal_services.jobs.validation import field_bounds
 
 VIEW_TIMEOUT = 300.0
 

@@ -44,8 +44,8 @@ from modal_services.jobs.requests import (
     REFERENCE_MAX_SIDE,
     GenerateRequest,
     LoraRef,
-    field_bounds,
 )
+from modal_services.jobs.validation import field_bounds
 from modal_services.jobs.records import Job
 from modal_services.state.keys import caption_prompt_key, generate_faces_key, generate_params_key
 from modal_services.safety.judge import SafetyReport

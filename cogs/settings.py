@@ -13,7 +13,8 @@ from bot.generate_requests import GENERATE_MODELS
 from bot.permissions import require_admin
 from bot.ui import CAPTION_STYLE_CHOICES, option_range
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.requests import ASPECT_BUCKETS, REFUSED_WORD_MAX_CHARS, field_choices
+from modal_services.jobs.requests import ASPECT_BUCKETS, REFUSED_WORD_MAX_CHARS
+from modal_services.jobs.validation import field_choices
 
 ScaleOption = option_range(GuildSettings, "default_upscale_scale")
 CreativityOption = option_range(GuildSettings, "default_creativity")

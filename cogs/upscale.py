@@ -34,7 +34,8 @@ from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget, cancel_view
 from bot.upscale_requests import upscale_request
 from bot.ui import option_range
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.requests import LoraRef, UpscaleRequest, field_bounds
+from modal_services.jobs.requests import LoraRef, UpscaleRequest
+from modal_services.jobs.validation import field_bounds
 from modal_services.jobs.records import Job
 from modal_services.state.keys import upscale_params_key
 from modal_services.safety.judge import SafetyReport

@@ -34,8 +34,8 @@ from modal_services.jobs.requests import (
     FluxSide,
     Timeout,
     UpscaleRequest,
-    field_bounds,
 )
+from modal_services.jobs.validation import field_bounds
 
 # The contract's version, published in /health and /openapi.json.
 API_VERSION = "1"

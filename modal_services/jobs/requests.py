@@ -1,14 +1,16 @@
 """One typed request per job kind: its fields, defaults, limits and messages, defined once.
 
-Every front end (the cogs, the CLI, the `/settings` defaults) builds one of
-these before a job exists, and the worker parses the payload again with the
-same model before it loads anything. Discord option ranges are read from the
-fields (`field_bounds`), so they cannot drift from what the worker accepts.
+Every front end (the cogs, the CLI, the API, the `/settings` defaults) builds
+one of these before a job exists, and the worker parses the payload again with
+the same model before it loads anything. Discord option ranges are read from
+the fields (`validation.field_bounds`), so they cannot drift from what the
+worker accepts.
 
 A new job kind follows the same pattern: a `JobRequest` subclass with a
 `kind`, its fields typed with the reusable types below (`Prompt`, `Seed`,
 `LoraRef`...) or new `Annotated` types carrying their limits and a `title`,
-the label its messages use.
+the label its messages use. A new text-to-image model family subclasses
+`TextToImageRequest` and adds its size limits and its own knobs.
 """
 
 from __future__ import annotations
@@ -16,15 +18,12 @@ from __future__ import annotations
 import functools
 import inspect
 import random
-import types
-import typing
 from typing import Annotated, Any, ClassVar, Literal
 
-from annotated_types import Ge, Le, MaxLen, MinLen
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer, model_validator
-from pydantic.fields import FieldInfo
+from pydantic import ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs.validation import Checked, invalid_input
 from modal_services.safety.prompt_screen import screen_prompt
 
 # ------------------------------------------------------------------ reusable field types
@@ -68,6 +67,16 @@ Cfg = Annotated[float, Field(ge=1.0, le=20.0, allow_inf_nan=False, title="CFG")]
 ImageCount = Annotated[int, Field(ge=1, le=4, title="The image count")]
 Timeout = Annotated[float, Field(gt=0, le=300, allow_inf_nan=False, title="The timeout")]
 Strength = Annotated[float, Field(ge=0.05, le=1.0, allow_inf_nan=False, title="The variation strength")]
+# FLUX.1-dev's sizes: SDXL's buckets at about one megapixel, and larger ones up to about two.
+FLUX_ASPECT_BUCKETS = {
+    **ASPECT_BUCKETS,
+    "1:1 2MP": (1408, 1408),
+    "16:9 2MP": (1920, 1088),
+    "9:16 2MP": (1088, 1920),
+}
+FLUX_MAX_PIXELS = 1920 * 1088
+FluxSide = Annotated[int, Field(ge=512, le=2048, multiple_of=64)]
+Guidance = Annotated[float, Field(ge=1.0, le=10.0, allow_inf_nan=False, title="The guidance")]
 # The front ends shrink a face or pose photo to this before it is sent: face analysis needs no more.
 REFERENCE_MAX_SIDE = 1536
 IdentityStrength = Annotated[float, Field(ge=0.0, le=1.5, allow_inf_nan=False, title="The identity strength")]
@@ -79,20 +88,6 @@ CIVITAI_API_BASE = "https://civitai.com"
 
 def random_seed() -> int:
     return random.randint(0, MAX_SEED)
-
-
-class Checked(BaseModel):
-    """A model whose violations reach people as one clear INVALID_INPUT line."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @classmethod
-    def parse(cls, payload: dict[str, Any]):
-        """The value `payload` describes, or INVALID_INPUT naming the first thing wrong with it."""
-        try:
-            return cls.model_validate(payload)
-        except ValidationError as error:
-            raise invalid_input(error, cls) from None
 
 
 class JobRequest(Checked):
@@ -204,6 +199,14 @@ class CaptionRequest(JobRequest):
     question: Question | None = None
 
 
+def distinct_loras(request: JobRequest) -> JobRequest:
+    """`request`, unless it lists one LoRA twice."""
+    names = [lora.name for lora in request.loras]
+    if len(set(names)) != len(names):
+        raise ValueError("The same LoRA is listed twice.")
+    return request
+
+
 class UpscaleRequest(SafetyChecked):
     model_config = ConfigDict(title="An upscale job")
     kind: ClassVar[str] = "upscale"
@@ -231,65 +234,49 @@ class UpscaleRequest(SafetyChecked):
     def screened_prompts(self) -> tuple[list[str], list[str]]:
         return [self.prompt, *(region.prompt for region in self.region_prompts)], [self.negative]
 
-
-def distinct_loras(request: JobRequest) -> JobRequest:
-    names = [lora.name for lora in request.loras]
-    if len(set(names)) != len(names):
-        raise ValueError("The same LoRA is listed twice.")
-    return request
+    def with_region_prompts(self, regions: list[dict[str, Any]]) -> "UpscaleRequest":
+        """This request with words for the tiles of each region ({box, prompt}), checked and screened as its own."""
+        return self.parse({**self.to_payload(), "region_prompts": regions})
 
 
-class GenerateRequest(SafetyChecked):
-    """SDXL text-to-image; with `image`, variations of it (img2img at `strength`)."""
+# The one message of a pose without a face, in the request and on every front end.
+POSE_NEEDS_A_FACE = "A pose image is used only with a face photo: add the face to keep."
 
-    model_config = ConfigDict(title="A generate job", str_strip_whitespace=True)
-    kind: ClassVar[str] = "generate"
+
+class TextToImageRequest(SafetyChecked):
+    """What every text-to-image family's request has: a prompt, `count` images from `seed` on, LoRAs,
+    a timeout, and with `image`, variations of that image (img2img at `strength`).
+
+    A family subclasses it with its `kind`, its sizes (`width` and `height`, with the family's limits)
+    and its own knobs; `parse`, the LoRA check and prompt screening come with the base.
+    """
+
+    model_config = ConfigDict(str_strip_whitespace=True)
     # Problems with these fields are INVALID_PROMPT, the rest INVALID_INPUT.
     prompt_fields: ClassVar[tuple[str, ...]] = ("prompt", "negative_prompt")
     prompt: GenerationPrompt
     negative_prompt: Prompt = Field("", title="The negative prompt")
-    width: Side = Field(1024, title="The width")
-    height: Side = Field(1024, title="The height")
     steps: GenerationSteps = 28
-    cfg: Cfg = 5.5
     # Image n of the request gets seed + n - 1; picked here when left out, and reported with the result.
     seed: Seed = Field(default_factory=random_seed)
     count: ImageCount = 1
     loras: Annotated[list[ResolvedLora], Field(max_length=3, title="LoRAs per job")] = []
-    # A library file name (or the base checkpoint's key); None: the base checkpoint.
-    checkpoint: str | None = None
     # Seconds from the job's start; the bot and the CLI give the most, 300.
     timeout: Timeout = 60.0
-    # A LoRA of the request's own: an https link (presigned or not) to a .safetensors file, at
-    # `lora_scale`; with its sha256, a repeat uses the copy this worker already has.
-    lora_url: Annotated[str, Field(min_length=8, max_length=4000, title="The LoRA URL")] | None = None
-    lora_scale: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, title="The LoRA scale")] = 1.0
-    lora_sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", title="The LoRA sha256")] | None = None
     # A variation's start image (encoded bytes), resized to width x height.
     image: bytes | None = None
     strength: Strength = 0.35
-    # InstantID: the person in `face_image` (encoded bytes; its largest face) in every image, posed
-    # as the largest face in `pose_image` when given; the face adapter's and IdentityNet's weights.
-    face_image: bytes | None = None
-    pose_image: bytes | None = None
-    identity_strength: IdentityStrength = 0.8
-    controlnet_strength: ControlnetStrength = 0.8
 
     @model_validator(mode="after")
-    def _distinct_loras(self) -> "GenerateRequest":
+    def _distinct_loras(self) -> "TextToImageRequest":
         return distinct_loras(self)
-
-    @model_validator(mode="after")
-    def _pose_needs_a_face(self) -> "GenerateRequest":
-        if self.pose_image is not None and self.face_image is None:
-            raise ValueError("A pose image is used only with a face image: add the face to keep.")
-        return self
 
     def screened_prompts(self) -> tuple[list[str], list[str]]:
         return [self.prompt], [self.negative_prompt]
 
     @classmethod
-    def parse(cls, payload: dict[str, Any]) -> "GenerateRequest":
+    def parse(cls, payload: dict[str, Any]) -> "TextToImageRequest":
+        """The request `payload` describes; INVALID_PROMPT for a problem with its prompts, INVALID_INPUT otherwise."""
         try:
             return cls.model_validate(payload)
         except ValidationError as error:
@@ -300,42 +287,48 @@ class GenerateRequest(SafetyChecked):
             raise problem from None
 
 
-# FLUX.1-dev's sizes: SDXL's buckets at about one megapixel, and larger ones up to about two.
-FLUX_ASPECT_BUCKETS = {
-    **ASPECT_BUCKETS,
-    "1:1 2MP": (1408, 1408),
-    "16:9 2MP": (1920, 1088),
-    "9:16 2MP": (1088, 1920),
-}
-FLUX_MAX_PIXELS = 1920 * 1088
-FluxSide = Annotated[int, Field(ge=512, le=2048, multiple_of=64)]
-Guidance = Annotated[float, Field(ge=1.0, le=10.0, allow_inf_nan=False, title="The guidance")]
+class GenerateRequest(TextToImageRequest):
+    """SDXL text-to-image on a library checkpoint; with `face_image`, InstantID keeps that person's face."""
+
+    model_config = ConfigDict(title="A generate job")
+    kind: ClassVar[str] = "generate"
+    width: Side = Field(1024, title="The width")
+    height: Side = Field(1024, title="The height")
+    cfg: Cfg = 5.5
+    # A library file name (or the base checkpoint's key); None: the base checkpoint.
+    checkpoint: str | None = None
+    # A LoRA of the request's own: an https link (presigned or not) to a .safetensors file, at
+    # `lora_scale`; with its sha256, a repeat uses the copy this worker already has.
+    lora_url: Annotated[str, Field(min_length=8, max_length=4000, title="The LoRA URL")] | None = None
+    lora_scale: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, title="The LoRA scale")] = 1.0
+    lora_sha256: Annotated[str, Field(pattern=r"^[0-9a-fA-F]{64}$", title="The LoRA sha256")] | None = None
+    # InstantID: the person in `face_image` (encoded bytes; its largest face) in every image, posed
+    # as the largest face in `pose_image` when given; the face adapter's and IdentityNet's weights.
+    face_image: bytes | None = None
+    pose_image: bytes | None = None
+    identity_strength: IdentityStrength = 0.8
+    controlnet_strength: ControlnetStrength = 0.8
+
+    @model_validator(mode="after")
+    def _pose_needs_a_face(self) -> "GenerateRequest":
+        if self.pose_image is not None and self.face_image is None:
+            raise ValueError(POSE_NEEDS_A_FACE)
+        return self
 
 
-class FluxGenerateRequest(SafetyChecked):
-    """FLUX.1-dev text-to-image; with `image`, variations of it (img2img at `strength`).
+class FluxGenerateRequest(TextToImageRequest):
+    """FLUX.1-dev text-to-image.
 
     Flux is guidance-distilled: one pass per step steered by `guidance`, and no
     negative prompt (one given is refused rather than silently ignored).
     """
 
-    model_config = ConfigDict(title="A Flux generate job", str_strip_whitespace=True)
+    model_config = ConfigDict(title="A Flux generate job")
     kind: ClassVar[str] = "flux_generate"
     prompt_fields: ClassVar[tuple[str, ...]] = ("prompt",)
-    prompt: GenerationPrompt
-    negative_prompt: Prompt = Field("", title="The negative prompt")
     width: FluxSide = Field(1024, title="The width")
     height: FluxSide = Field(1024, title="The height")
-    steps: GenerationSteps = 28
     guidance: Guidance = 3.5
-    seed: Seed = Field(default_factory=random_seed)
-    count: ImageCount = 1
-    loras: Annotated[list[ResolvedLora], Field(max_length=3, title="LoRAs per job")] = []
-    timeout: Timeout = 60.0
-    image: bytes | None = None
-    strength: Strength = 0.35
-
-    parse = classmethod(GenerateRequest.parse.__func__)
 
     @model_validator(mode="after")
     def _checked(self) -> "FluxGenerateRequest":
@@ -345,7 +338,7 @@ class FluxGenerateRequest(SafetyChecked):
             raise ValueError(
                 f"{self.width}×{self.height} is more than Flux's {FLUX_MAX_PIXELS / 1e6:.1f} megapixels: choose a smaller size."
             )
-        return distinct_loras(self)
+        return self
 
     def screened_prompts(self) -> tuple[list[str], list[str]]:
         return [self.prompt], []
@@ -396,146 +389,6 @@ class ModelScanRequest(JobRequest):
     kind: ClassVar[str] = "model_scan"
     adopt: bool = False
     api_base: str = CIVITAI_API_BASE
-
-
-# ------------------------------------------------------------------ limits and messages
-
-
-def field_bounds(model: type[BaseModel], name: str) -> tuple[Any, Any]:
-    """(low, high) of a field: its value range for numbers, its length range for strings and lists."""
-    return constraint_bounds(model.model_fields[name])
-
-
-def constraint_bounds(field: FieldInfo) -> tuple[Any, Any]:
-    low = high = None
-    for constraint in _constraints(field):
-        if isinstance(constraint, Ge):
-            low = constraint.ge
-        elif isinstance(constraint, Le):
-            high = constraint.le
-        elif isinstance(constraint, MinLen):
-            low = constraint.min_length
-        elif isinstance(constraint, MaxLen):
-            high = constraint.max_length
-    return low, high
-
-
-def field_choices(model: type[BaseModel], name: str) -> tuple[str, ...]:
-    """The values a Literal field allows."""
-    return next(typing.get_args(arg) for arg in _flatten(model.model_fields[name].annotation)
-                if typing.get_origin(arg) is Literal)
-
-
-def invalid_input(error: ValidationError, model: type[BaseModel]) -> ToolboxError:
-    """INVALID_INPUT with one line about the first thing wrong, in the field's own words."""
-    first = error.errors(include_url=False)[0]
-    owner, field = _field_at(model, first["loc"])
-    label = _title(field) or str(first["loc"][-1] if first["loc"] else "value")
-    return ToolboxError(ErrorCode.INVALID_INPUT, _sentence(_message(first, owner, label, field)))
-
-
-def _message(error: dict, owner: type[BaseModel], label: str, field: FieldInfo | None) -> str:
-    kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
-    low, high = constraint_bounds(field) if field is not None else (None, None)
-    title = owner.model_config.get("title")
-    if kind in ("greater_than_equal", "less_than_equal"):
-        if low is not None and high is not None:
-            return f"{label} must be between {_number(low)} and {_number(high)} (got {_number(value)})."
-        return f"{label} must be at {'least' if low is not None else 'most'} {_number(low if low is not None else high)}."
-    if kind == "multiple_of":
-        return f"{label} must be a multiple of {_number(ctx['multiple_of'])} (got {_number(value)})."
-    if kind == "greater_than":
-        return f"{label} must be more than {_number(ctx['gt'])}."
-    if kind == "string_too_long":
-        return f"{label} is limited to {ctx['max_length']} characters."
-    if kind == "string_too_short":
-        return f"{label} cannot be empty."
-    if kind in ("too_long", "too_short") and low == high:
-        return f"{label} needs exactly {low} values."
-    if kind == "too_long":
-        return f"At most {ctx['max_length']} {label}."
-    if kind == "too_short":
-        return f"{title} needs at least {ctx['min_length']} of its {label}."
-    if kind == "literal_error":
-        return f"{label} must be one of {ctx['expected']} (got {value!r})."
-    if kind == "missing":
-        noun = label.removeprefix("The ")
-        return f"{title} needs {_article(noun)} {noun}."
-    if kind == "value_error":
-        return str(ctx["error"])
-    if kind == "extra_forbidden":
-        return f"{title} has no field {error['loc'][-1]!r}."
-    if kind.startswith(("int_", "float_")) or kind in ("finite_number", "bool_parsing", "bool_type"):
-        whole = "a whole number" if kind.startswith("int_") else "a number"
-        bounds = f" from {_number(low)} to {_number(high)}" if low is not None and high is not None else ""
-        return f"{label} must be {whole}{bounds}."
-    return f"{label}: {error['msg']}."
-
-
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
-def _number(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def _title(field: FieldInfo | None) -> str | None:
-    """A field's label: its own title, or that of the Annotated type it is optional of."""
-    if field is None:
-        return None
-    titles = [field.title] + [
-        extra.title for arg in _flatten(field.annotation, keep_annotated=True) if typing.get_origin(arg) is Annotated
-        for extra in arg.__metadata__ if isinstance(extra, FieldInfo)
-    ]
-    return next((title for title in titles if title), None)
-
-
-def _article(noun: str) -> str:
-    return "an" if noun[:1].lower() in "aeiou" else "a"
-
-
-def _field_at(model: type[BaseModel], loc: tuple) -> tuple[type[BaseModel], FieldInfo | None]:
-    """The model owning the field an error location points at, and that field."""
-    owner, field = model, None
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        if field is not None:
-            nested = next((arg for arg in _flatten(field.annotation) if _is_model(arg)), None)
-            if nested is None:
-                break
-            owner = nested
-        field = owner.model_fields.get(part)
-        if field is None:
-            break
-    return owner, field
-
-
-def _constraints(field: FieldInfo) -> list[Any]:
-    """A field's constraints, including those of an optional Annotated type (`Prompt | None`)."""
-    found = list(field.metadata)
-    for arg in _flatten(field.annotation, keep_annotated=True):
-        if typing.get_origin(arg) is Annotated:
-            for extra in arg.__metadata__:
-                found += extra.metadata if isinstance(extra, FieldInfo) else [extra]
-    return found
-
-
-def _flatten(annotation: Any, keep_annotated: bool = False) -> list[Any]:
-    """An annotation and every type inside it (unions, lists, Annotated)."""
-    found = [annotation]
-    origin = typing.get_origin(annotation)
-    if origin is Annotated and not keep_annotated:
-        return found + _flatten(typing.get_args(annotation)[0])
-    if origin in (typing.Union, types.UnionType, list):
-        for arg in typing.get_args(annotation):
-            found += _flatten(arg, keep_annotated)
-    return found
-
-
-def _is_model(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def job_method(request: type[JobRequest]):

@@ -9,14 +9,17 @@ from bot.guild_settings import GuildSettings
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
     CAPTION_STYLES,
+    POSE_NEEDS_A_FACE,
     CaptionRequest,
+    FluxGenerateRequest,
+    GenerateRequest,
     LoraRef,
     ModelImportRequest,
     ModelUploadRequest,
+    TextToImageRequest,
     UpscaleRequest,
-    field_bounds,
-    field_choices,
 )
+from modal_services.jobs.validation import field_bounds, field_choices
 from modal_services.services import SERVICES
 
 
@@ -128,6 +131,53 @@ def test_a_request_left_without_a_seed_picks_one_in_range():
     seeds = {UpscaleRequest.parse({"image": b"png"}).seed for _ in range(5)}
     low, high = field_bounds(UpscaleRequest, "seed")
     assert all(low <= seed <= high for seed in seeds) and len(seeds) > 1
+
+
+# What the SDXL and Flux requests share, and what each adds: (field, default, bounds).
+SHARED_TEXT_TO_IMAGE = [("negative_prompt", "", (None, 1000)), ("steps", 28, (20, 50)), ("count", 1, (1, 4)),
+                        ("loras", [], (None, 3)), ("timeout", 60.0, (None, 300)), ("image", None, (None, None)),
+                        ("strength", 0.35, (0.05, 1.0))]
+OWN_FIELDS = {
+    GenerateRequest: [("width", 1024, (512, 1536)), ("height", 1024, (512, 1536)), ("cfg", 5.5, (1.0, 20.0)),
+                      ("checkpoint", None, (None, None)), ("lora_url", None, (8, 4000)), ("lora_scale", 1.0, (0.0, 1.0)),
+                      ("lora_sha256", None, (None, None)), ("face_image", None, (None, None)),
+                      ("pose_image", None, (None, None)), ("identity_strength", 0.8, (0.0, 1.5)),
+                      ("controlnet_strength", 0.8, (0.0, 1.5))],
+    FluxGenerateRequest: [("width", 1024, (512, 2048)), ("height", 1024, (512, 2048)), ("guidance", 3.5, (1.0, 10.0))],
+}
+
+
+@pytest.mark.parametrize("request_class", [GenerateRequest, FluxGenerateRequest])
+def test_the_text_to_image_requests_share_a_base_and_keep_their_fields(request_class):
+    assert issubclass(request_class, TextToImageRequest)
+    expected = {"safety", "prompt", "seed", *(name for name, _, _ in SHARED_TEXT_TO_IMAGE + OWN_FIELDS[request_class])}
+    assert set(request_class.model_fields) == expected
+    assert field_bounds(request_class, "prompt") == (1, 1000) and field_bounds(request_class, "seed") == (0, 2**32 - 1)
+    for name, default, bounds in SHARED_TEXT_TO_IMAGE + OWN_FIELDS[request_class]:
+        assert (request_class.model_fields[name].default, field_bounds(request_class, name)) == (default, bounds), name
+    payload = request_class.parse({"prompt": " a fox ", "seed": 3}).to_payload()
+    assert payload["prompt"] == "a fox" and set(payload) == expected
+
+
+@pytest.mark.parametrize("request_class, payload, code, words", [
+    (GenerateRequest, {"prompt": ""}, ErrorCode.INVALID_PROMPT, "The prompt cannot be empty."),
+    (GenerateRequest, {"prompt": "a", "negative_prompt": "x" * 1001}, ErrorCode.INVALID_PROMPT,
+     "The negative prompt is limited to 1000 characters."),
+    (GenerateRequest, {"prompt": "a", "pose_image": b"png"}, ErrorCode.INVALID_INPUT, POSE_NEEDS_A_FACE),
+    (GenerateRequest, {"prompt": "a", "steps": 10}, ErrorCode.INVALID_INPUT, "Steps must be between 20 and 50 (got 10)."),
+    (FluxGenerateRequest, {"prompt": ""}, ErrorCode.INVALID_PROMPT, "The prompt cannot be empty."),
+    # Flux has no negative prompt: one given is a wrong input, not a wrong prompt.
+    (FluxGenerateRequest, {"prompt": "a", "negative_prompt": "x" * 1001}, ErrorCode.INVALID_INPUT,
+     "The negative prompt is limited to 1000 characters."),
+    (FluxGenerateRequest, {"prompt": "a", "negative_prompt": "blurry"}, ErrorCode.INVALID_INPUT, "Flux has no negative prompt"),
+    (FluxGenerateRequest, {"prompt": "a", "cfg": 2}, ErrorCode.INVALID_INPUT, "no field 'cfg'"),
+    (FluxGenerateRequest, {"prompt": "a", "loras": [{"name": "a", "file": "a.safetensors"}] * 2},
+     ErrorCode.INVALID_INPUT, "The same LoRA is listed twice."),
+])
+def test_text_to_image_parse_tells_a_prompt_problem_from_an_input_one(request_class, payload, code, words):
+    with pytest.raises(ToolboxError) as error:
+        request_class.parse(payload)
+    assert error.value.code is code and words in error.value.message
 
 
 @pytest.mark.parametrize("kind", sorted(SERVICES))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.requests import UpscaleRequest, field_bounds
+from modal_services.jobs.requests import UpscaleRequest
+from modal_services.jobs.validation import field_bounds
 
 # "16 MP" (16 x 2^20: a 1024² image upscaled 4x, 4096², must fit). A deployment
 # with a bigger GPU can raise it with TOOLBOX_UPSCALE_MAX_MP, read by the bot
