@@ -10,18 +10,17 @@ import asyncio
 from typing import Any
 
 from bot.api.schema import CaptionJob, GenerateImageRequest, JobBody, UpscaleJob
-from bot.generate_requests import FACE_NEEDS_SDXL, flux_generate_request, generate_model, generate_request
-from bot.upscale_requests import upscale_request
-from modal_services.engines.sdxl.limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
-from modal_services.errors import ErrorCode, ToolboxError
+from bot.core.build import build_generate_request, build_upscale_request
+from bot.core.choices import GenerateChoices, LoraChoice, UpscaleChoices
+from bot.core.generate_models import generate_model
+from modal_services.engines.sdxl.limits import DEFAULT_MAX_INPUT_PIXELS
 from modal_services.imaging import decode_image, encode_png, shrunk_png
 from modal_services.jobs.requests import (
     REFERENCE_MAX_SIDE,
     CaptionRequest,
-    FluxGenerateRequest,
-    GenerateRequest,
     JobRequest,
     SafetyContext,
+    TextToImageRequest,
     UpscaleRequest,
 )
 from modal_services.library.entries import Library
@@ -38,30 +37,25 @@ def _clean_png(data: bytes, max_pixels: int | None = None) -> tuple[bytes, tuple
     return encode_png(image), image.size
 
 
-async def generate_job_request(library: Library, request: GenerateImageRequest) -> GenerateRequest | FluxGenerateRequest:
-    """The generate request of /generate-image or a `generate` job: SDXL's, or Flux's for `model: "flux-dev"`."""
-    if generate_model(request.model) == "flux":
-        if request.lora_url is not None:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "lora_url is for SDXL: Flux takes LoRAs from the library (`loras`).")
-        if request.reference_image_base64 is not None or request.pose_image_base64 is not None:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, FACE_NEEDS_SDXL)
-        # Only what the client gave: Flux's own defaults (guidance 3.5) fill in the rest.
-        choices = request.model_dump(exclude_unset=True, exclude={"kind", "model", "loras", "lora_scale", "lora_sha256",
-                                                                  "safety_check"})
-        choices["safety"] = api_safety(request.safety_check)
-        job_request, _ = await flux_generate_request(library, choices, [lora.model_dump() for lora in request.loras])
-        return job_request
-    choices = request.model_dump(exclude={"kind", "model", "loras", "safety_check", "reference_image_base64",
-                                           "pose_image_base64"})
-    choices["safety"] = api_safety(request.safety_check)
-    if request.lora_url is not None:
-        choices["lora_url"] = str(request.lora_url)
-    for field, photo, name in (("face_image", request.reference_image_base64, "reference_image_base64"),
-                               ("pose_image", request.pose_image_base64, "pose_image_base64")):
-        if photo is not None:
-            choices[field] = await asyncio.to_thread(shrunk_png, photo, REFERENCE_MAX_SIDE, name)
-    job_request, _ = await generate_request(library, choices, [lora.model_dump() for lora in request.loras])
-    return job_request
+async def generate_job_request(library: Library, request: GenerateImageRequest) -> TextToImageRequest:
+    """The text-to-image request of /generate-image or a `generate` job, on the model it names."""
+    given = request.model_dump(exclude_unset=True)
+    photos = {"face_image": request.reference_image_base64, "pose_image": request.pose_image_base64}
+    if generate_model(request.model).takes_faces:
+        # Decoded (and shrunk) only for a model that uses them: any other refuses them unread.
+        photos = {field: await asyncio.to_thread(shrunk_png, photo, REFERENCE_MAX_SIDE, name)
+                  for (field, photo), name in zip(photos.items(), ("reference_image_base64", "pose_image_base64"))
+                  if photo is not None}
+    choices = GenerateChoices(
+        prompt=request.prompt, model=request.model, negative=given.get("negative_prompt"),
+        width=request.width, height=request.height, count=given.get("count"), steps=given.get("steps"),
+        cfg=given.get("cfg"), seed=request.seed, loras=tuple(LoraChoice(**lora.model_dump()) for lora in request.loras),
+        lora_url=None if request.lora_url is None else str(request.lora_url), lora_scale=given.get("lora_scale"),
+        lora_sha256=request.lora_sha256, face_image=photos.get("face_image"), pose_image=photos.get("pose_image"),
+        identity_strength=given.get("identity_strength"), controlnet_strength=given.get("controlnet_strength"),
+        timeout=given.get("timeout"), safety=api_safety(request.safety_check),
+    )
+    return (await build_generate_request(library, choices)).request
 
 
 def generate_meta(request: GenerateImageRequest) -> dict[str, Any]:
@@ -78,12 +72,14 @@ async def caption_job_request(request: CaptionJob) -> CaptionRequest:
 
 async def upscale_job_request(library: Library, request: UpscaleJob) -> UpscaleRequest:
     """The upscale request of an `upscale` job, refused here when its output would be too large."""
-    png, size = await asyncio.to_thread(_clean_png, request.image_base64, DEFAULT_MAX_INPUT_PIXELS)
-    choices = request.model_dump(exclude={"kind", "image_base64", "loras", "safety_check"})
-    choices["safety"] = api_safety(request.safety_check)
-    job_request, _ = await upscale_request(library, png, choices, [lora.model_dump() for lora in request.loras])
-    check_upscale_size(*size, job_request.scale)
-    return job_request
+    png, _ = await asyncio.to_thread(_clean_png, request.image_base64, DEFAULT_MAX_INPUT_PIXELS)
+    given = request.model_dump(exclude_unset=True)
+    choices = UpscaleChoices(
+        image=png, scale=given.get("scale"), prompt=given.get("prompt"), negative=given.get("negative"),
+        loras=tuple(LoraChoice(**lora.model_dump()) for lora in request.loras), creativity=given.get("creativity"),
+        seed=request.seed, safety=api_safety(request.safety_check),
+    )
+    return (await build_upscale_request(library, choices)).request
 
 
 async def job_request(library: Library, body: JobBody) -> JobRequest:

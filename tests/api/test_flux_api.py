@@ -48,7 +48,7 @@ async def test_flux_dev_through_the_job_api(api, flux):
     ({"negative_prompt": "blurry"}, "Flux has no negative prompt"),
     ({"cfg": 12}, "guidance must be between 1 and 10"),
     ({"width": 2048, "height": 2048}, "megapixels"),
-    ({"lora_url": "https://example.com/x.safetensors"}, "lora_url is for SDXL"),
+    ({"lora_url": "https://example.com/x.safetensors"}, "A LoRA URL works with SDXL only"),
     ({"loras": [{"name": "SDXL Detail"}]}, "made for SDXL"),
     ({"reference_image_base64": "aGVsbG8="}, "A face photo works with SDXL only"),
     ({"identity_strength": 0.5}, "A face photo works with SDXL only"),
