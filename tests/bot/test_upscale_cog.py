@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 from bot.library_options import lora_autocomplete
-from cogs.upscale import UpscaleButton, split_attachments
+from cogs.upscale import split_attachments
 from modal_services.state.keys import upscale_params_key as params_key
 from modal_services.library.entries import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
 from modal_services.engines.sdxl.previews import PreviewSink, preview_key
+from tests.bot.buttons import press as press_button
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.images import png_bytes
 
@@ -241,11 +242,10 @@ async def test_buttons_work_from_their_custom_ids_after_a_restart(toolbox_bot, e
 
     async def press(action):
         # What discord.py does with a dynamic item's custom_id on a bot that has just started.
-        button = await UpscaleButton.from_custom_id(None, None, {"action": action, "job_id": job_id})
         click = fake_interaction()
         click.message = message
         click.client = toolbox_bot
-        await button.callback(click)
+        await press_button(f"toolbox:upscale:{action}:{job_id}", click)
         return click
 
     await press("again")
@@ -262,8 +262,7 @@ async def test_buttons_work_from_their_custom_ids_after_a_restart(toolbox_bot, e
     empty = fake_message()
     click = fake_interaction()
     click.message, click.client = empty, toolbox_bot
-    button = await UpscaleButton.from_custom_id(None, None, {"action": "vary", "job_id": job_id})
-    await button.callback(click)
+    await press_button(f"toolbox:upscale:vary:{job_id}", click)
     assert "source image" in ephemeral_error(click)
 
 
