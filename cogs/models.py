@@ -20,6 +20,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.content_safety import age_restricted
+from bot.library_options import bot_library
 from bot.permissions import require_admin
 from bot.tracker import ReplyTarget
 from bot.ui import ConfirmView, OwnedView, option_range
@@ -35,7 +36,7 @@ from modal_services.jobs.requests import (
     ModelUploadRequest,
 )
 from modal_services.jobs.records import Job
-from modal_services.library.entries import DEFAULT_CHECKPOINT, Library, LibraryEntry
+from modal_services.library.entries import DEFAULT_CHECKPOINT, LibraryEntry
 
 PAGE_SIZE = 8
 LoraWeightOption = option_range(LoraRef, "weight")
@@ -141,9 +142,7 @@ class Models(commands.Cog):
 
     def __init__(self, bot: commands.Bot):
         self.bot = bot
-        settings = bot.settings
-        self.library = Library.for_backend(bot.backend.store, settings.backend == "local", settings.loras_dir,
-                                           settings.models_dir)
+        self.library = bot_library(bot)
         self.presenters = {
             ModelImportRequest: partial(self.present_entry, "✅ Imported:"),
             ModelUploadRequest: partial(self.present_entry, "✅ Added:"),

@@ -21,6 +21,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.content_safety import age_restricted
+from bot.library_options import bot_library
 from bot.permissions import is_admin
 from bot.progress import MessageEdits, progress_bar
 from bot.core.following import watch_job
@@ -252,8 +253,7 @@ class Setup(commands.Cog):
 
     @property
     def library(self) -> Library:
-        settings = self.bot.settings
-        return Library.for_backend(self.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+        return bot_library(self.bot)
 
     async def panel(self, note: str | None = None) -> dict:
         """The panel's message: its text and its buttons."""

@@ -68,7 +68,7 @@ def engine(use_engine):
 @pytest.fixture
 async def toolbox_bot(make_toolbox_bot):
     bot = await make_toolbox_bot("cogs.caption", "cogs.upscale", "cogs.generate")
-    bot.get_cog("Generate").previews.interval = 0.02
+    bot.generations.previews.interval = 0.02
     return bot
 
 

@@ -54,7 +54,7 @@ def engine(use_engine):
 @pytest.fixture
 async def toolbox_bot(make_toolbox_bot):
     bot = await make_toolbox_bot("cogs.caption", "cogs.upscale")
-    bot.get_cog("Upscale").previews.interval = 0.05
+    bot.upscales.previews.interval = 0.05
     return bot
 
 
@@ -105,7 +105,7 @@ async def test_command_options_and_menu(toolbox_bot):
     scale = command.parameters[1]
     assert (scale.min_value, scale.max_value) == (1.5, 4.0)
     assert all(command.parameters[i].autocomplete for i in (4, 6, 8))
-    assert toolbox_bot.get_cog("Upscale").menu.name == "Upscale 2x"
+    assert toolbox_bot.upscales.menu.name == "Upscale 2x"
 
 
 async def test_lora_autocomplete_reads_the_library(toolbox_bot):
@@ -224,7 +224,7 @@ async def test_server_defaults_and_active_checkpoint_reach_the_worker(toolbox_bo
 async def test_message_menu_upscales_the_first_image_2x(toolbox_bot, engine, fast_progress):
     message = fake_message(fake_attachment(b"notes", "notes.txt", "text/plain"), fake_attachment(png_bytes(30, 20), "a.png"))
     interaction = fake_interaction()
-    await invoke(toolbox_bot, toolbox_bot.get_cog("Upscale").menu, interaction, message)
+    await invoke(toolbox_bot, toolbox_bot.upscales.menu, interaction, message)
     result = final_edit(interaction)["attachments"][0]
     result.fp.seek(0)
     assert Image.open(result.fp).size == (60, 40)
