@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -12,6 +13,11 @@ from bot.backend import Backend
 from bot.replies import as_toolbox_error, send_error, taking_interactions
 from bot.settings import Settings
 from bot.tracker import CancelJobButton, JobTracker
+
+if TYPE_CHECKING:
+    from cogs.caption import Caption
+    from cogs.generate import Generate
+    from cogs.upscale import Upscale
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,11 @@ class ToolboxBot(commands.Bot):
         self.backend = backend
         self.stopping = False
         self.tracker = JobTracker(self)
+        # The cogs whose jobs other cogs' buttons start (Upscale's Caption, Generate's U1-U4...):
+        # each sets itself here while it is loaded.
+        self.captions: Caption | None = None
+        self.upscales: Upscale | None = None
+        self.generations: Generate | None = None
         self.tree.on_error = self.on_app_command_error
 
     async def setup_hook(self) -> None:

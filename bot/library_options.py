@@ -1,4 +1,5 @@
-"""The LoRA options the SDXL commands share: autocomplete from the library, and the slots as a list."""
+"""The model library as the cogs reach it, and the LoRA options the image commands share: autocomplete
+from the library, and the slots as a list."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ LORA_SLOTS = 3
 
 
 def bot_library(bot) -> Library:
+    """The library of the bot's backend: the data dir's folders locally, the workers' volume (unseen) on Modal."""
     settings = bot.settings
     return Library.for_backend(bot.backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
 

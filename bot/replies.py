@@ -80,35 +80,3 @@ async def send_error(interaction: discord.Interaction, error: ToolboxError) -> N
         await interaction.followup.send(text, ephemeral=True)
     except discord.HTTPException:
         log.warning("could not deliver an error reply (%s)", error.code.value)
-
-
-async def hand_press_to_cog(interaction: discord.Interaction, cog: str, *args) -> None:
-    """A result button's press, handled by `cog.on_button(interaction, *args)`.
-
-    Component errors do not reach the app-command error handler: they are answered here.
-    """
-    try:
-        await interaction.client.get_cog(cog).on_button(interaction, *args)
-    except ToolboxError as error:
-        await send_error(interaction, error)
-
-
-class ResultButton:
-    """What every persistent result button shares, as a mixin before `discord.ui.DynamicItem`:
-    rebuilt from its custom id after a restart (the template's named groups are `__init__`'s
-    arguments), refused while the bot closes, and its press handed to
-    `COG.on_button(interaction, action, job_id)`."""
-
-    COG: str
-    action: str
-    job_id: str
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match):
-        return cls(**{name: match[name] for name in cls.__discord_ui_compiled_template__.groupindex})
-
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return await taking_interactions(interaction)
-
-    async def callback(self, interaction: discord.Interaction) -> None:
-        await hand_press_to_cog(interaction, self.COG, self.action, self.job_id)

@@ -31,10 +31,12 @@ from bot.guild_settings import GuildSettings, load_guild_settings
 from bot.permissions import is_admin
 from bot.progress import MessageEdits, render_job
 from bot.core.following import end_if_stale, follow_job
-from bot.replies import error_text, send_error, taking_interactions
+from bot.replies import error_text
+from bot.ui import PersistentButton
 from bot.core.text import plural
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import JobRequest
+from modal_services.services import SERVICES
 from modal_services.jobs.records import Job, JobStatus, load_job, new_job_id, request_cancel, update_job
 from modal_services.state.keys import JOB_PREFIX, forget_job
 from modal_services.jobs.slots import UNSTARTED_CLAIM_TIMEOUT, Scope, SlotTable
@@ -58,7 +60,7 @@ MAX_REQUEST_BYTES = 25 * 1024 * 1024
 
 RESTART_NOTICE = "🔄 **The bot is restarting** · this job's reply picks up again when it is back."
 
-# (job, result, target) -> shows the finished job's result in its message.
+# (job, result, target) -> shows the finished job's result in its message; one per request class.
 Presenter = Callable[[Job, Any, "ReplyTarget"], Awaitable[None]]
 
 
@@ -132,26 +134,16 @@ class ReplyTarget:
         return self.bot.get_partial_messageable(self.channel_id)
 
 
-class CancelJobButton(discord.ui.DynamicItem[discord.ui.Button], template=r"toolbox:cancel:(?P<job_id>[0-9a-f]+)"):
+class CancelJobButton(PersistentButton, discord.ui.DynamicItem[discord.ui.Button],
+                      template=r"toolbox:cancel:(?P<job_id>[0-9a-f]+)"):
     def __init__(self, job_id: str):
         super().__init__(
             discord.ui.Button(label="Cancel", style=discord.ButtonStyle.secondary, custom_id=f"toolbox:cancel:{job_id}")
         )
         self.job_id = job_id
 
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match) -> "CancelJobButton":
-        return cls(match["job_id"])
-
-    async def interaction_check(self, interaction: discord.Interaction) -> bool:
-        return await taking_interactions(interaction)
-
     async def callback(self, interaction: discord.Interaction) -> None:
-        # Component errors do not reach the app-command error handler: answer here.
-        try:
-            await interaction.client.tracker.cancel(interaction, self.job_id)
-        except ToolboxError as error:
-            await send_error(interaction, error)
+        await interaction.client.tracker.cancel(interaction, self.job_id)
 
 
 def cancel_view(job_id: str) -> discord.ui.View:
@@ -199,7 +191,7 @@ class QueueSnapshot:
 class JobTracker:
     def __init__(self, bot: "ToolboxBot"):
         self.bot = bot
-        self.presenters: dict[str, Presenter] = {}
+        self.presenters: dict[type[JobRequest], Presenter] = {}
         self.started_at = time.time()
         self._snapshot = QueueSnapshot([], 0.0)
         self._snapshot_lock = asyncio.Lock()
@@ -210,6 +202,11 @@ class JobTracker:
         self._quiet: set[str] = set()
         # Names this bot session in its slot claims: a claim from a gone session whose job never started is free.
         self.session = uuid.uuid4().hex
+
+    def presenter(self, job: Job) -> Presenter | None:
+        """Who shows `job`'s result: the presenter of its kind's request class (None if no cog shows it)."""
+        service = SERVICES.get(job.kind)
+        return self.presenters.get(service.request) if service else None
 
     @property
     def slots(self) -> SlotTable:
@@ -343,7 +340,7 @@ class JobTracker:
             self._following.pop(job.id, None)
             self._followers.pop(job.id, None)
             self._quiet.discard(job.id)
-        await self.presenters[job.kind](job, result, target)
+        await self.presenter(job)(job, result, target)
         await target.close()
         await update_job(self.store, job.id, delivered=True)
 
@@ -405,7 +402,7 @@ class JobTracker:
         resumed = 0
         for record in records.values():
             job = Job.from_dict(record)
-            if job.delivered or job.id in self._following or job.kind not in self.presenters:
+            if job.delivered or job.id in self._following or self.presenter(job) is None:
                 continue
             if not {"channel_id", "message_id"} <= job.owner.keys():
                 continue

@@ -1,8 +1,10 @@
 """What every cog shares: option types read from the job requests, owner-only and confirm views,
-and the formatting of sizes, times and counts."""
+and the buttons that outlive the bot."""
 
 from __future__ import annotations
 
+import functools
+import re
 import typing
 from typing import Awaitable, Callable
 
@@ -10,7 +12,8 @@ import discord
 from discord import app_commands
 from pydantic import BaseModel
 
-from bot.replies import as_toolbox_error, error_text
+from bot.replies import as_toolbox_error, error_text, send_error, taking_interactions
+from modal_services.errors import ToolboxError
 from modal_services.jobs.requests import CAPTION_STYLES
 from modal_services.jobs.validation import field_bounds
 
@@ -83,3 +86,41 @@ class ConfirmView(OwnedView):
         self.disable()
         self.stop()
         await interaction.response.edit_message(content="Cancelled.", embed=None, view=None)
+
+
+# ------------------------------------------------------------------ buttons that outlive the bot
+
+class PersistentButton:
+    """What every button that outlives the bot shares, as a mixin before
+    `discord.ui.DynamicItem[discord.ui.Button]` (whose class arguments take the custom-id template).
+    Each subclass's `callback` does its one action; around it, this mixin:
+
+    - rebuilds the button from its custom id when it is pressed, even after a restart
+      (the template's named groups are `__init__`'s arguments);
+    - refuses a press, with a private word, while the bot closes;
+    - answers a `ToolboxError` from the callback privately: errors in components
+      never reach the app-command error handler.
+    """
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "callback" in cls.__dict__:
+            cls.callback = _answering_errors(cls.__dict__["callback"])
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button, match: re.Match[str]):
+        return cls(**match.groupdict())
+
+    async def interaction_check(self, interaction: discord.Interaction) -> bool:
+        return await taking_interactions(interaction)
+
+
+def _answering_errors(callback: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    @functools.wraps(callback)
+    async def answered(self, interaction: discord.Interaction) -> None:
+        try:
+            await callback(self, interaction)
+        except ToolboxError as error:
+            await send_error(interaction, error)
+
+    return answered

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import discord
 from discord import app_commands
@@ -16,6 +17,9 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import CaptionRequest
 from modal_services.jobs.records import Job
 from modal_services.state.keys import caption_prompt_key
+
+if TYPE_CHECKING:
+    from bot.client import ToolboxBot
 
 # The caption engine never looks at more than this many pixels a side, so the
 # bot shrinks images first: less to send to the worker.
@@ -50,15 +54,17 @@ def pack_messages(blocks: list[str]) -> list[str]:
 
 
 class Caption(commands.Cog):
-    def __init__(self, bot: commands.Bot):
+    def __init__(self, bot: ToolboxBot):
         self.bot = bot
         self.menu = app_commands.ContextMenu(name="Caption image", callback=self.caption_message)
         bot.tree.add_command(self.menu)
-        bot.tracker.presenters["caption"] = self.present
+        bot.tracker.presenters[CaptionRequest] = self.present
+        bot.captions = self
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.menu.name, type=self.menu.type)
-        self.bot.tracker.presenters.pop("caption", None)
+        self.bot.tracker.presenters.pop(CaptionRequest, None)
+        self.bot.captions = None
 
     @app_commands.command(name="caption", description="Describe an image, or tag it for SDXL prompts")
     @app_commands.describe(
@@ -108,7 +114,7 @@ class Caption(commands.Cog):
             raise ToolboxError(ErrorCode.GENERATION_FAILED, "The caption worker returned the wrong number of captions.")
         first, *rest = pack_messages(caption_blocks(files, captions, job.meta["label"]))
         view = None
-        if job.meta.get("style") == "prompt" and len(captions) == 1 and captions[0] and self.bot.get_cog("Generate"):
+        if job.meta.get("style") == "prompt" and len(captions) == 1 and captions[0] and self.bot.generations is not None:
             await self.bot.backend.store.put(caption_prompt_key(job.id), captions[0])
             view = generate_from_caption_view(job.id)
         await target.edit(content=first, view=view)
@@ -116,5 +122,5 @@ class Caption(commands.Cog):
             await target.send(content=text)
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: ToolboxBot) -> None:
     await bot.add_cog(Caption(bot))

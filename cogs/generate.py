@@ -22,7 +22,7 @@ import asyncio
 import base64
 import io
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
@@ -32,16 +32,16 @@ from bot.attachments import check_attachment, looks_like_image, read_image
 from bot.content_safety import age_restricted, public_lines, withheld_notice
 from bot.library_options import bot_library, lora_slots, model_lora_autocomplete
 from bot.live_previews import LivePreviews
-from bot.replies import ResultButton
 from bot.result_images import fit_to_limit
 from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget
-from bot.ui import option_range
+from bot.ui import PersistentButton, option_range
 from bot.generate_requests import GENERATE_MODELS, face_notes, flux_generate_request, generate_request
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
     ASPECT_BUCKETS,
     FLUX_ASPECT_BUCKETS,
     REFERENCE_MAX_SIDE,
+    FluxGenerateRequest,
     GenerateRequest,
     LoraRef,
 )
@@ -49,6 +49,9 @@ from modal_services.jobs.validation import field_bounds
 from modal_services.jobs.records import Job
 from modal_services.state.keys import caption_prompt_key, generate_faces_key, generate_params_key
 from modal_services.safety.judge import SafetyReport
+
+if TYPE_CHECKING:
+    from bot.client import ToolboxBot
 
 log = logging.getLogger(__name__)
 
@@ -73,31 +76,50 @@ MODEL_CHOICES = [app_commands.Choice(name=name, value=model) for model, name in 
 IMAGE_STEM = "image"
 
 
-class GenerateButton(
-    ResultButton,
-    discord.ui.DynamicItem[discord.ui.Button],
-    template=r"toolbox:generate:(?P<action>[uv][1-4]|reroll):(?P<job_id>[0-9a-f]+)",
-):
-    COG = "Generate"
+def _result_button(action: str, job_id: str, label: str, row: int, emoji: str | None = None) -> discord.ui.Button:
+    return discord.ui.Button(label=label, style=discord.ButtonStyle.secondary, emoji=emoji, row=row,
+                             custom_id=f"toolbox:generate:{action}:{job_id}")
 
-    def __init__(self, action: str, job_id: str):
-        label = "Reroll" if action == "reroll" else action.upper()
-        super().__init__(
-            discord.ui.Button(
-                label=label, style=discord.ButtonStyle.secondary, custom_id=f"toolbox:generate:{action}:{job_id}",
-                emoji="🔄" if action == "reroll" else None, row={"u": 0, "v": 1}.get(action[0], 2),
-            )
-        )
-        self.action = action
+
+class UpscaleImageButton(PersistentButton, discord.ui.DynamicItem[discord.ui.Button],
+                         template=r"toolbox:generate:u(?P<number>[1-4]):(?P<job_id>[0-9a-f]+)"):
+    """U1-U4: that image of the result, upscaled 2x."""
+
+    def __init__(self, number: int | str, job_id: str):
+        super().__init__(_result_button(f"u{number}", job_id, label=f"U{number}", row=0))
+        self.number, self.job_id = int(number), job_id
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.client.generations.upscale_image(interaction, self.job_id, self.number)
+
+
+class VaryImageButton(PersistentButton, discord.ui.DynamicItem[discord.ui.Button],
+                      template=r"toolbox:generate:v(?P<number>[1-4]):(?P<job_id>[0-9a-f]+)"):
+    """V1-V4: variations of that image of the result."""
+
+    def __init__(self, number: int | str, job_id: str):
+        super().__init__(_result_button(f"v{number}", job_id, label=f"V{number}", row=1))
+        self.number, self.job_id = int(number), job_id
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.client.generations.vary_image(interaction, self.job_id, self.number)
+
+
+class RerollButton(PersistentButton, discord.ui.DynamicItem[discord.ui.Button],
+                   template=r"toolbox:generate:reroll:(?P<job_id>[0-9a-f]+)"):
+    """Reroll: the same settings with new seeds."""
+
+    def __init__(self, job_id: str):
+        super().__init__(_result_button("reroll", job_id, label="Reroll", row=2, emoji="🔄"))
         self.job_id = job_id
 
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.client.generations.reroll(interaction, self.job_id)
 
 
-class GenerateFromCaptionButton(
-    ResultButton, discord.ui.DynamicItem[discord.ui.Button], template=r"toolbox:caption-generate:(?P<job_id>[0-9a-f]+)"
-):
-    COG = "Generate"
-    action = "caption"
+class GenerateFromCaptionButton(PersistentButton, discord.ui.DynamicItem[discord.ui.Button],
+                                template=r"toolbox:caption-generate:(?P<job_id>[0-9a-f]+)"):
+    """Under a caption in the prompt style: generate from it."""
 
     def __init__(self, job_id: str):
         super().__init__(
@@ -106,6 +128,12 @@ class GenerateFromCaptionButton(
         )
         self.job_id = job_id
 
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.client.generations.generate_from_caption(interaction, self.job_id)
+
+
+# The buttons this cog answers, whichever message they are under.
+BUTTONS = (UpscaleImageButton, VaryImageButton, RerollButton, GenerateFromCaptionButton)
 
 
 def generate_from_caption_view(job_id: str) -> discord.ui.View:
@@ -124,10 +152,10 @@ def fit_prompt(text: str) -> str:
 def result_view(job_id: str, shown: list[int]) -> discord.ui.View:
     """U and V buttons for the images posted (1-based numbers), and Reroll."""
     view = discord.ui.View(timeout=None)
-    for kind in ("u", "v"):
-        for index in shown:
-            view.add_item(GenerateButton(f"{kind}{index}", job_id))
-    view.add_item(GenerateButton("reroll", job_id))
+    for button in (UpscaleImageButton, VaryImageButton):
+        for number in shown:
+            view.add_item(button(number, job_id))
+    view.add_item(RerollButton(job_id))
     return view
 
 
@@ -138,6 +166,14 @@ def image_attachment(message: discord.Message, index: int) -> discord.Attachment
         if looks_like_image(attachment) and stem == f"{IMAGE_STEM}{index}":
             return attachment
     return None
+
+
+def posted_image(message: discord.Message, index: int) -> discord.Attachment:
+    """`image_attachment`, or the reason a button cannot use it."""
+    attachment = image_attachment(message, index)
+    if attachment is None:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"Image {index} is no longer attached to that message.")
+    return attachment
 
 
 def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str, seeds: list[int] | None = None,
@@ -163,18 +199,20 @@ def decode_photos(kept: dict[str, str | None]) -> dict[str, bytes | None]:
 
 
 class Generate(commands.Cog):
-    def __init__(self, bot: commands.Bot):
+    def __init__(self, bot: ToolboxBot):
         self.bot = bot
         self.library = bot_library(bot)
-        bot.add_dynamic_items(GenerateButton, GenerateFromCaptionButton)
-        bot.tracker.presenters["generate"] = self.present
-        bot.tracker.presenters["flux_generate"] = self.present
+        bot.add_dynamic_items(*BUTTONS)
+        self.presenters = {GenerateRequest: self.present, FluxGenerateRequest: self.present}
+        bot.tracker.presenters.update(self.presenters)
         self.previews = LivePreviews(lambda: bot.backend.store)
+        bot.generations = self
 
     async def cog_unload(self) -> None:
-        self.bot.remove_dynamic_items(GenerateButton, GenerateFromCaptionButton)
-        self.bot.tracker.presenters.pop("generate", None)
-        self.bot.tracker.presenters.pop("flux_generate", None)
+        self.bot.remove_dynamic_items(*BUTTONS)
+        for request in self.presenters:
+            self.bot.tracker.presenters.pop(request, None)
+        self.bot.generations = None
 
     @app_commands.command(name="generate", description="Make images from a prompt with SDXL or Flux, optionally with LoRAs")
     @app_commands.describe(
@@ -227,28 +265,39 @@ class Generate(commands.Cog):
         }
         await self.run_generate(interaction, params, face=face, pose=pose)
 
-    async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
-        if action == "caption":
-            await self.generate_from_caption(interaction, job_id)
-            return
+    # ------------------------------------------------------------ the buttons under a result
+
+    async def upscale_image(self, interaction: discord.Interaction, job_id: str, number: int) -> None:
+        """U: image `number` of job `job_id`'s result, upscaled 2x by the upscale cog with the same prompt."""
+        params = await self._kept_settings(job_id)
+        attachment = posted_image(interaction.message, number)
+        # The upscaler is SDXL: a Flux image's LoRAs do not apply to it.
+        upscale = {"scale": 2.0, "prompt": params["prompt"], "negative": params.get("negative") or "",
+                   "loras": params["loras"] if params.get("model", "sdxl") == "sdxl" else []}
+        await self.bot.upscales.run_upscale(interaction, attachment, upscale)
+
+    async def vary_image(self, interaction: discord.Interaction, job_id: str, number: int) -> None:
+        """V: job `job_id`'s settings with new seeds, image `number` of its result as the img2img start."""
+        params = await self._kept_settings(job_id)
+        photos = await self._kept_photos(job_id)
+        attachment = posted_image(interaction.message, number)
+        await self.run_generate(interaction, {**params, "seed": None}, start=attachment, photos=photos)
+
+    async def reroll(self, interaction: discord.Interaction, job_id: str) -> None:
+        """Reroll: job `job_id`'s settings (and face photos) with new seeds."""
+        params = await self._kept_settings(job_id)
+        photos = await self._kept_photos(job_id)
+        await self.run_generate(interaction, {**params, "seed": None}, photos=photos)
+
+    async def _kept_settings(self, job_id: str) -> dict[str, Any]:
         params = await self.bot.backend.store.get(generate_params_key(job_id))
         if params is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "The settings of that generation are no longer kept; run /generate again.")
+        return params
+
+    async def _kept_photos(self, job_id: str) -> dict[str, bytes | None] | None:
         kept_photos = await self.bot.backend.store.get(generate_faces_key(job_id))
-        photos = decode_photos(kept_photos) if kept_photos else None
-        if action == "reroll":
-            await self.run_generate(interaction, {**params, "seed": None}, photos=photos)
-            return
-        attachment = image_attachment(interaction.message, int(action[1]))
-        if attachment is None:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Image {action[1]} is no longer attached to that message.")
-        if action[0] == "u":
-            # The upscaler is SDXL: a Flux image's LoRAs do not apply to it.
-            upscale = {"scale": 2.0, "prompt": params["prompt"], "negative": params.get("negative") or "",
-                       "loras": params["loras"] if params.get("model", "sdxl") == "sdxl" else []}
-            await self.bot.get_cog("Upscale").run_upscale(interaction, attachment, upscale)
-        else:
-            await self.run_generate(interaction, {**params, "seed": None}, start=attachment, photos=photos)
+        return decode_photos(kept_photos) if kept_photos else None
 
     async def generate_from_caption(self, interaction: discord.Interaction, caption_job_id: str) -> None:
         prompt = await self.bot.backend.store.get(caption_prompt_key(caption_job_id))
@@ -342,7 +391,7 @@ class Generate(commands.Cog):
                  for (index, _), image in zip(shown, fitted)]
         summary = describe(result, job.meta.get("lora_names") or [lora["name"] for lora in result["loras"]],
                            job.meta.get("checkpoint_name") or result["checkpoint"], result["seeds"],
-                           "guidance" if job.kind == "flux_generate" else "CFG")
+                           "guidance" if job.kind == FluxGenerateRequest.kind else "CFG")
         prompt = discord.utils.escape_markdown(job.meta.get("prompt") or result["prompt"])
         lines = [f"✅ **{job.meta.get('title', 'Generate')}**", f"> {prompt}", summary]
         notes = {image.note for image in fitted if image.note}
@@ -354,5 +403,5 @@ class Generate(commands.Cog):
             await target.tell_requester(notice)
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: ToolboxBot) -> None:
     await bot.add_cog(Generate(bot))

@@ -9,11 +9,11 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.library_options import bot_library
 from bot.tracker import CAPPED_KINDS, QueueSnapshot
 from bot.core.text import human_duration
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import Job, JobStatus
-from modal_services.library.entries import Library
 
 
 def describe_job(job: Job, snapshot: QueueSnapshot, now: float) -> str:
@@ -34,10 +34,7 @@ class Jobs(commands.Cog):
         snapshot = await tracker.snapshot(max_age=0)
         now = time.time()
         settings = self.bot.settings
-        library = Library.for_backend(
-            self.bot.backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir
-        )
-        checkpoint = await library.active_checkpoint()
+        checkpoint = await bot_library(self.bot).active_checkpoint()
         services = await self.bot.backend.service_status()
         guild_settings = await tracker.guild_settings(interaction.guild_id)
 

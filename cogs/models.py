@@ -11,6 +11,7 @@ deletes, uploads) runs as jobs on the workers, which see the volume.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import PurePath
 from typing import Any
 
@@ -18,6 +19,8 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.content_safety import age_restricted
+from bot.library_options import bot_library
 from bot.permissions import require_admin
 from bot.tracker import ReplyTarget
 from bot.ui import ConfirmView, OwnedView, option_range
@@ -33,21 +36,14 @@ from modal_services.jobs.requests import (
     ModelUploadRequest,
 )
 from modal_services.jobs.records import Job
-from modal_services.library.entries import DEFAULT_CHECKPOINT, Library, LibraryEntry
+from modal_services.library.entries import DEFAULT_CHECKPOINT, LibraryEntry
 
 PAGE_SIZE = 8
-MODEL_JOB_KINDS = ("model_import", "model_upload", "model_delete", "model_scan")
 LoraWeightOption = option_range(LoraRef, "weight")
 SourceOption = option_range(ModelImportRequest, "ref")
 DisplayNameOption = option_range(ModelUploadRequest, "name")
 TriggerWordsOption = option_range(ModelUploadRequest, "trigger_words")
 TYPE_CHOICES = [app_commands.Choice(name="LoRA", value="lora"), app_commands.Choice(name="Checkpoint", value="checkpoint")]
-
-
-def age_restricted(interaction: discord.Interaction) -> bool:
-    channel = interaction.channel
-    is_nsfw = getattr(channel, "is_nsfw", None)
-    return bool(is_nsfw()) if callable(is_nsfw) else False
 
 
 def _escape(text: str) -> str:
@@ -146,15 +142,18 @@ class Models(commands.Cog):
 
     def __init__(self, bot: commands.Bot):
         self.bot = bot
-        settings = bot.settings
-        self.library = Library.for_backend(bot.backend.store, settings.backend == "local", settings.loras_dir,
-                                           settings.models_dir)
-        for kind in MODEL_JOB_KINDS:
-            bot.tracker.presenters[kind] = self.present
+        self.library = bot_library(bot)
+        self.presenters = {
+            ModelImportRequest: partial(self.present_entry, "✅ Imported:"),
+            ModelUploadRequest: partial(self.present_entry, "✅ Added:"),
+            ModelDeleteRequest: self.present_delete,
+            ModelScanRequest: self.present_scan,
+        }
+        bot.tracker.presenters.update(self.presenters)
 
     async def cog_unload(self) -> None:
-        for kind in MODEL_JOB_KINDS:
-            self.bot.tracker.presenters.pop(kind, None)
+        for request in self.presenters:
+            self.bot.tracker.presenters.pop(request, None)
 
     # ------------------------------------------------------------ helpers
 
@@ -170,18 +169,18 @@ class Models(commands.Cog):
         job, target = await self.bot.tracker.start(interaction, request, meta)
         await self.bot.tracker.run(job, target)
 
-    async def present(self, job: Job, result: dict[str, Any], target: ReplyTarget) -> None:
-        """The finished job's message: the library entry, or what was deleted or found."""
-        age_ok = job.meta.get("age_ok", False)
-        if job.kind == "model_scan":
-            await target.edit(content=scan_text(result), embed=None, view=None)
-        elif job.kind == "model_delete":
-            name, file = _escape(result["entry"]["name"]), _code(result["entry"]["file"])
-            await target.edit(content=f"🗑️ Deleted **{name}** ({file}).", embed=None, view=None)
-        else:
-            done = "✅ Imported:" if job.kind == "model_import" else "✅ Added:"
-            heading = "Already in the library:" if result["already_installed"] else done
-            await target.edit(content=heading, embed=entry_embed(result["entry"], age_ok), view=None)
+    # The finished jobs' messages: the library entry, or what was deleted or found.
+
+    async def present_entry(self, done: str, job: Job, result: dict[str, Any], target: ReplyTarget) -> None:
+        heading = "Already in the library:" if result["already_installed"] else done
+        await target.edit(content=heading, embed=entry_embed(result["entry"], job.meta.get("age_ok", False)), view=None)
+
+    async def present_delete(self, job: Job, result: dict[str, Any], target: ReplyTarget) -> None:
+        name, file = _escape(result["entry"]["name"]), _code(result["entry"]["file"])
+        await target.edit(content=f"🗑️ Deleted **{name}** ({file}).", embed=None, view=None)
+
+    async def present_scan(self, job: Job, result: dict[str, Any], target: ReplyTarget) -> None:
+        await target.edit(content=scan_text(result), embed=None, view=None)
 
     async def name_autocomplete(self, interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:
         return [app_commands.Choice(name=label, value=value) for label, value in await self.library.choices(current)]

@@ -20,13 +20,14 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from bot.content_safety import age_restricted
+from bot.library_options import bot_library
 from bot.permissions import is_admin
 from bot.progress import MessageEdits, progress_bar
 from bot.core.following import watch_job
 from bot.replies import as_toolbox_error, error_text, send_error
 from bot.setup_download import active_download, checked_states, start_or_attach_download
 from bot.core.text import human_bytes, human_seconds
-from cogs.models import age_restricted
 from modal_services.base_models.downloads import ModelState, model_states
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import DownloadRequest, ModelImportRequest, VerifyRequest
@@ -252,8 +253,7 @@ class Setup(commands.Cog):
 
     @property
     def library(self) -> Library:
-        settings = self.bot.settings
-        return Library.for_backend(self.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+        return bot_library(self.bot)
 
     async def panel(self, note: str | None = None) -> dict:
         """The panel's message: its text and its buttons."""

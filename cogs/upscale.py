@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import discord
 from discord import app_commands
@@ -26,13 +26,12 @@ from bot.attachments import check_attachment, image_attachments, looks_like_imag
 from bot.content_safety import age_restricted, public_lines, withheld_notice
 from bot.library_options import bot_library, lora_autocomplete, lora_slots
 from bot.live_previews import LivePreviews
-from bot.replies import ResultButton
 from bot.result_images import fit_to_limit
 from bot.progress import render_job
 from bot.tile_prompts import tile_prompts
 from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget, cancel_view
 from bot.upscale_requests import upscale_request
-from bot.ui import option_range
+from bot.ui import PersistentButton, option_range
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import LoraRef, UpscaleRequest
 from modal_services.jobs.validation import field_bounds
@@ -40,6 +39,9 @@ from modal_services.jobs.records import Job
 from modal_services.state.keys import upscale_params_key
 from modal_services.safety.judge import SafetyReport
 from modal_services.engines.sdxl.limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
+
+if TYPE_CHECKING:
+    from bot.client import ToolboxBot
 
 # The options /upscale offers, read from the request its job takes.
 ScaleOption = option_range(UpscaleRequest, "scale")
@@ -53,32 +55,66 @@ KEPT_CHOICES = ("scale", "prompt", "negative", "creativity", "seed")
 SOURCE_STEM = "source"
 
 
-class UpscaleButton(
-    ResultButton,
-    discord.ui.DynamicItem[discord.ui.Button],
-    template=r"toolbox:upscale:(?P<action>again|vary|caption):(?P<job_id>[0-9a-f]+)",
-):
-    COG = "Upscale"
-    LABELS = {"again": "Upscale 2x again", "vary": "Vary seed", "caption": "Caption"}
+def _result_button(action: str, job_id: str, label: str) -> discord.ui.Button:
+    return discord.ui.Button(label=label, style=discord.ButtonStyle.secondary, custom_id=f"toolbox:upscale:{action}:{job_id}")
 
-    def __init__(self, action: str, job_id: str):
-        super().__init__(
-            discord.ui.Button(
-                label=self.LABELS[action], style=discord.ButtonStyle.secondary,
-                custom_id=f"toolbox:upscale:{action}:{job_id}",
-            )
-        )
-        self.action = action
+
+class UpscaleAgainButton(PersistentButton, discord.ui.DynamicItem[discord.ui.Button],
+                         template=r"toolbox:upscale:again:(?P<job_id>[0-9a-f]+)"):
+    """Upscale 2x again: the result, upscaled 2x with the same settings."""
+
+    def __init__(self, job_id: str):
+        super().__init__(_result_button("again", job_id, "Upscale 2x again"))
         self.job_id = job_id
 
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.client.upscales.upscale_again(interaction, self.job_id)
+
+
+class VarySeedButton(PersistentButton, discord.ui.DynamicItem[discord.ui.Button],
+                     template=r"toolbox:upscale:vary:(?P<job_id>[0-9a-f]+)"):
+    """Vary seed: the source again, with another seed."""
+
+    def __init__(self, job_id: str):
+        super().__init__(_result_button("vary", job_id, "Vary seed"))
+        self.job_id = job_id
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.client.upscales.vary_seed(interaction, self.job_id)
+
+
+class CaptionResultButton(PersistentButton, discord.ui.DynamicItem[discord.ui.Button],
+                          template=r"toolbox:upscale:caption:(?P<job_id>[0-9a-f]+)"):
+    """Caption: the result, captioned (the job id only names the button)."""
+
+    def __init__(self, job_id: str):
+        super().__init__(_result_button("caption", job_id, "Caption"))
+        self.job_id = job_id
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        await interaction.client.upscales.caption_result(interaction)
+
+
+# The buttons this cog answers.
+BUTTONS = (UpscaleAgainButton, VarySeedButton, CaptionResultButton)
 
 
 def result_view(job_id: str, with_source: bool) -> discord.ui.View:
+    """Upscale 2x again, Vary seed (when the source rides along) and Caption."""
     view = discord.ui.View(timeout=None)
-    for action in ("again", "vary", "caption"):
-        if action != "vary" or with_source:
-            view.add_item(UpscaleButton(action, job_id))
+    view.add_item(UpscaleAgainButton(job_id))
+    if with_source:
+        view.add_item(VarySeedButton(job_id))
+    view.add_item(CaptionResultButton(job_id))
     return view
+
+
+def posted_result(message: discord.Message) -> discord.Attachment:
+    """A result message's upscaled image, or the reason a button cannot use it."""
+    result = split_attachments(message)[0]
+    if result is None:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, "That message has no result image any more.")
+    return result
 
 
 def split_attachments(message: discord.Message) -> tuple[discord.Attachment | None, discord.Attachment | None]:
@@ -95,21 +131,23 @@ def split_attachments(message: discord.Message) -> tuple[discord.Attachment | No
 
 
 class Upscale(commands.Cog):
-    def __init__(self, bot: commands.Bot):
+    def __init__(self, bot: ToolboxBot):
         self.bot = bot
         self.library = bot_library(bot)
         self.menu = app_commands.ContextMenu(name="Upscale 2x", callback=self.upscale_message)
         bot.tree.add_command(self.menu)
-        bot.add_dynamic_items(UpscaleButton)
-        bot.tracker.presenters["upscale"] = self.present
+        bot.add_dynamic_items(*BUTTONS)
+        bot.tracker.presenters[UpscaleRequest] = self.present
         self.previews = LivePreviews(lambda: bot.backend.store)
         # Source images of running jobs, attached beside their results (for Vary seed).
         self._sources: dict[str, tuple[bytes, str]] = {}
+        bot.upscales = self
 
     async def cog_unload(self) -> None:
         self.bot.tree.remove_command(self.menu.name, type=self.menu.type)
-        self.bot.remove_dynamic_items(UpscaleButton)
-        self.bot.tracker.presenters.pop("upscale", None)
+        self.bot.remove_dynamic_items(*BUTTONS)
+        self.bot.tracker.presenters.pop(UpscaleRequest, None)
+        self.bot.upscales = None
 
     @app_commands.command(name="upscale", description="Upscale an image 1.5x-4x with SDXL, optionally with LoRAs")
     @app_commands.describe(
@@ -154,21 +192,27 @@ class Upscale(commands.Cog):
     async def upscale_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
         await self.run_upscale(interaction, image_attachments(message)[0], {"scale": 2.0})
 
-    async def on_button(self, interaction: discord.Interaction, action: str, job_id: str) -> None:
-        result, source = split_attachments(interaction.message)
-        params = await self.bot.backend.store.get(upscale_params_key(job_id)) or {}
-        if action == "caption":
-            if result is None:
-                raise ToolboxError(ErrorCode.INVALID_INPUT, "That message has no result image any more.")
-            await self.bot.get_cog("Caption").run_caption(interaction, [result], None, None)
-        elif action == "again":
-            if result is None:
-                raise ToolboxError(ErrorCode.INVALID_INPUT, "That message has no result image any more.")
-            await self.run_upscale(interaction, result, {**params, "scale": 2.0})
-        else:
-            if source is None:
-                raise ToolboxError(ErrorCode.INVALID_INPUT, "The source image is not attached to that message.")
-            await self.run_upscale(interaction, source, {**params, "seed": None})
+    # ------------------------------------------------------------ the buttons under a result
+
+    async def upscale_again(self, interaction: discord.Interaction, job_id: str) -> None:
+        """The result, upscaled 2x with job `job_id`'s settings."""
+        params = await self._kept_settings(job_id)
+        await self.run_upscale(interaction, posted_result(interaction.message), {**params, "scale": 2.0})
+
+    async def vary_seed(self, interaction: discord.Interaction, job_id: str) -> None:
+        """The source again, with job `job_id`'s settings and another seed."""
+        params = await self._kept_settings(job_id)
+        source = split_attachments(interaction.message)[1]
+        if source is None:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, "The source image is not attached to that message.")
+        await self.run_upscale(interaction, source, {**params, "seed": None})
+
+    async def caption_result(self, interaction: discord.Interaction) -> None:
+        """The result, captioned by the caption cog in the server's default style."""
+        await self.bot.captions.run_caption(interaction, [posted_result(interaction.message)], None, None)
+
+    async def _kept_settings(self, job_id: str) -> dict[str, Any]:
+        return await self.bot.backend.store.get(upscale_params_key(job_id)) or {}
 
     # ------------------------------------------------------------ the job
 
@@ -263,5 +307,5 @@ def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str) -> 
     return " · ".join(parts)
 
 
-async def setup(bot: commands.Bot) -> None:
+async def setup(bot: ToolboxBot) -> None:
     await bot.add_cog(Upscale(bot))

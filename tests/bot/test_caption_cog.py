@@ -29,7 +29,7 @@ def caption_command(bot):
 
 
 def caption_menu(bot):
-    return bot.get_cog("Caption").menu
+    return bot.captions.menu
 
 
 async def jobs_started(bot) -> int:

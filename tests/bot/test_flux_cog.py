@@ -11,10 +11,10 @@ import pytest
 
 from bot.guild_settings import GuildSettings, save_guild_settings
 from bot.library_options import model_lora_autocomplete
-from cogs.generate import GenerateButton
 from modal_services.state.keys import manifest_key
 from modal_services.library.entries import LibraryEntry, entry_key
 from modal_services.base_models.optional_models import set_enabled
+from tests.bot.buttons import press as press_button
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message
 from tests.images import png_bytes
 from tests.bot.test_generate_cog import attachment_from, engine, final_edit, generate  # noqa: F401 (engine: a fixture)
@@ -159,10 +159,9 @@ async def test_v_and_reroll_of_a_flux_image_stay_on_flux_and_u_upscales_without_
     restarted = await make_toolbox_bot("cogs.caption", "cogs.upscale", "cogs.generate")
 
     async def press(action):
-        button = await GenerateButton.from_custom_id(None, None, {"action": action, "job_id": job_id})
         click = fake_interaction()
         click.message, click.client = message, restarted
-        await button.callback(click)
+        await press_button(f"toolbox:generate:{action}:{job_id}", click)
         return click
 
     assert ephemeral_error(await press("v2")) is None

@@ -12,10 +12,11 @@ import pytest
 from PIL import Image
 
 from bot.guild_settings import GuildSettings, save_guild_settings
-from cogs.generate import GenerateButton, image_attachment
+from cogs.generate import image_attachment
 from modal_services.state.keys import generate_params_key as params_key
 from modal_services.library.entries import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
 from modal_services.engines.sdxl.previews import PreviewSink
+from tests.bot.buttons import press as press_button
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.fixtures.tiny_instantid import enable_instantid
 from tests.images import png_bytes
@@ -67,7 +68,7 @@ def engine(use_engine):
 @pytest.fixture
 async def toolbox_bot(make_toolbox_bot):
     bot = await make_toolbox_bot("cogs.caption", "cogs.upscale", "cogs.generate")
-    bot.get_cog("Generate").previews.interval = 0.02
+    bot.generations.previews.interval = 0.02
     return bot
 
 
@@ -205,10 +206,9 @@ async def test_u_v_and_reroll_work_from_their_custom_ids_after_a_restart(toolbox
     restarted = await make_toolbox_bot("cogs.caption", "cogs.upscale", "cogs.generate")
 
     async def press(action, on=message):
-        button = await GenerateButton.from_custom_id(None, None, {"action": action, "job_id": job_id})
         click = fake_interaction()
         click.message, click.client = on, restarted
-        await button.callback(click)
+        await press_button(f"toolbox:generate:{action}:{job_id}", click)
         return click
 
     await press("u2")
@@ -227,10 +227,9 @@ async def test_u_v_and_reroll_work_from_their_custom_ids_after_a_restart(toolbox
 
     click = await press("v2", on=fake_message())
     assert "no longer attached" in ephemeral_error(click)
-    button = await GenerateButton.from_custom_id(None, None, {"action": "reroll", "job_id": "0123abcd"})
     click = fake_interaction()
     click.message, click.client = message, restarted
-    await button.callback(click)
+    await press_button("toolbox:generate:reroll:0123abcd", click)
     assert "no longer kept" in ephemeral_error(click)
 
 
@@ -255,10 +254,9 @@ async def test_a_face_photo_reaches_the_worker_and_v_and_reroll_keep_it(toolbox_
     message = fake_message(*(attachment_from(file) for file in final["attachments"]))
     restarted = await make_toolbox_bot("cogs.caption", "cogs.upscale", "cogs.generate")
     for action in ("v1", "reroll"):
-        button = await GenerateButton.from_custom_id(None, None, {"action": action, "job_id": job_id})
         click = fake_interaction()
         click.message, click.client = message, restarted
-        await button.callback(click)
+        await press_button(f"toolbox:generate:{action}:{job_id}", click)
         again = engine.generated[-1]
         assert again["face_image"] == request["face_image"] and again["pose_image"] == request["pose_image"]
         assert again["identity_strength"] == 1.1 and again["seed"] != 3
@@ -292,8 +290,6 @@ class PromptCaptionEngine:
 
 
 async def test_a_prompt_caption_has_a_generate_from_this_button(toolbox_bot, make_toolbox_bot, engine, fast_progress, use_engine):
-    from cogs.generate import GenerateFromCaptionButton
-
     use_engine("caption", PromptCaptionEngine())
     interaction = fake_interaction()
     style = discord.app_commands.Choice(name="prompt", value="prompt")
@@ -305,10 +301,9 @@ async def test_a_prompt_caption_has_a_generate_from_this_button(toolbox_bot, mak
     assert button.item.label == "Generate from this" and button.custom_id == f"toolbox:caption-generate:{caption_job}"
 
     restarted = await make_toolbox_bot("cogs.caption", "cogs.upscale", "cogs.generate")
-    pressed = await GenerateFromCaptionButton.from_custom_id(None, None, {"job_id": caption_job})
     click = fake_interaction()
     click.client = restarted
-    await pressed.callback(click)
+    await press_button(f"toolbox:caption-generate:{caption_job}", click)
     assert engine.generated[-1]["prompt"] == "masterpiece, best quality, 1girl, prompt"
 
     # Other styles carry no such button.

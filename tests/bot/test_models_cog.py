@@ -118,6 +118,16 @@ async def test_nsfw_thumbnail_only_in_age_restricted_channels(bot, civitai):
     assert last_edit(nsfw)["embed"].thumbnail.url
 
 
+async def test_dms_count_as_not_age_restricted_for_thumbnails(bot):
+    # The rule /generate and /upscale follow too: a DM is never age-restricted, whatever its channel says.
+    await add_entry(bot, "spicy.safetensors", name="Spicy", nsfw=True, thumbnail_url="https://example.invalid/t.jpeg")
+    for guild_id, shown in ((None, False), (2002, True)):
+        inter = interaction(nsfw_channel=True)
+        inter.guild_id = guild_id
+        await invoke(bot, command(bot, "info"), inter, name="Spicy")
+        assert bool(inter.response.send_message.await_args.kwargs["embed"].thumbnail.url) is shown
+
+
 async def test_cancel_and_already_installed(bot, civitai):
     civitai.add_model(1, 11, LORA)
     inter = interaction()

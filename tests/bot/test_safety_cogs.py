@@ -12,7 +12,7 @@ import discord
 import pytest
 
 from bot.guild_settings import GuildSettings, load_guild_settings, save_guild_settings
-from cogs.generate import GenerateButton
+from tests.bot.buttons import press as press_button
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.images import png_bytes
 from tests.bot.test_generate_cog import FakeSdxlEngine, attachment_from, final_edit, generate
@@ -60,10 +60,9 @@ def buttons(final: dict) -> list[str]:
 
 async def press(bot, job_id: str, action: str, where: str, message) -> MagicMock:
     """The result's `action` button (u1, v2, reroll...) pressed on `message`, in a channel of kind `where`."""
-    button = await GenerateButton.from_custom_id(None, None, {"action": action, "job_id": job_id})
     click = in_channel(where)
     click.message, click.client = message, bot
-    await button.callback(click)
+    await press_button(f"toolbox:generate:{action}:{job_id}", click)
     return click
 
 

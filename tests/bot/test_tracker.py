@@ -12,7 +12,17 @@ from bot.backend import LocalBackend
 from bot.guild_settings import GuildSettings, save_guild_settings
 from bot.settings import Settings
 from bot.tracker import INTERACTION_TOKEN_LIFETIME, CancelJobButton, ReplyTarget
-from modal_services.jobs.records import STALE_AFTER, JobStatus, create_job, load_job, new_job_id, update_job
+from modal_services.jobs.records import STALE_AFTER, Job, JobStatus, create_job, load_job, new_job_id, update_job
+from modal_services.jobs.requests import (
+    CaptionRequest,
+    FluxGenerateRequest,
+    GenerateRequest,
+    ModelDeleteRequest,
+    ModelImportRequest,
+    ModelScanRequest,
+    ModelUploadRequest,
+    UpscaleRequest,
+)
 from tests.fakes.discord_fakes import channel_spy, ephemeral_error, fake_attachment, fake_interaction, invoke
 from tests.images import png_bytes
 from tests.fakes.engines import GatedCaptionEngine, SlowCaptionEngine
@@ -337,3 +347,14 @@ async def _queued_job(store) -> str | None:
         if record["status"] == "queued":
             return record["id"]
     return None
+
+
+async def test_a_job_is_shown_by_the_presenter_of_its_kinds_request_class(make_toolbox_bot):
+    bot = await make_toolbox_bot()
+    assert set(bot.tracker.presenters) == {CaptionRequest, UpscaleRequest, GenerateRequest, FluxGenerateRequest,
+                                           ModelImportRequest, ModelUploadRequest, ModelDeleteRequest, ModelScanRequest}
+    assert bot.tracker.presenter(Job(new_job_id(), "flux_generate")) == bot.generations.present
+    assert bot.tracker.presenter(Job(new_job_id(), "caption")) == bot.captions.present
+    # Downloads are followed by /setup itself, and a kind no longer known has no one to show it.
+    assert bot.tracker.presenter(Job(new_job_id(), "download")) is None
+    assert bot.tracker.presenter(Job(new_job_id(), "no_such_kind")) is None

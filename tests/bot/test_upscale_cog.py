@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 from bot.library_options import lora_autocomplete
-from cogs.upscale import UpscaleButton, split_attachments
+from cogs.upscale import split_attachments
 from modal_services.state.keys import upscale_params_key as params_key
 from modal_services.library.entries import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
 from modal_services.engines.sdxl.previews import PreviewSink, preview_key
+from tests.bot.buttons import press as press_button
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.images import png_bytes
 
@@ -53,7 +54,7 @@ def engine(use_engine):
 @pytest.fixture
 async def toolbox_bot(make_toolbox_bot):
     bot = await make_toolbox_bot("cogs.caption", "cogs.upscale")
-    bot.get_cog("Upscale").previews.interval = 0.05
+    bot.upscales.previews.interval = 0.05
     return bot
 
 
@@ -104,7 +105,7 @@ async def test_command_options_and_menu(toolbox_bot):
     scale = command.parameters[1]
     assert (scale.min_value, scale.max_value) == (1.5, 4.0)
     assert all(command.parameters[i].autocomplete for i in (4, 6, 8))
-    assert toolbox_bot.get_cog("Upscale").menu.name == "Upscale 2x"
+    assert toolbox_bot.upscales.menu.name == "Upscale 2x"
 
 
 async def test_lora_autocomplete_reads_the_library(toolbox_bot):
@@ -223,7 +224,7 @@ async def test_server_defaults_and_active_checkpoint_reach_the_worker(toolbox_bo
 async def test_message_menu_upscales_the_first_image_2x(toolbox_bot, engine, fast_progress):
     message = fake_message(fake_attachment(b"notes", "notes.txt", "text/plain"), fake_attachment(png_bytes(30, 20), "a.png"))
     interaction = fake_interaction()
-    await invoke(toolbox_bot, toolbox_bot.get_cog("Upscale").menu, interaction, message)
+    await invoke(toolbox_bot, toolbox_bot.upscales.menu, interaction, message)
     result = final_edit(interaction)["attachments"][0]
     result.fp.seek(0)
     assert Image.open(result.fp).size == (60, 40)
@@ -241,11 +242,10 @@ async def test_buttons_work_from_their_custom_ids_after_a_restart(toolbox_bot, e
 
     async def press(action):
         # What discord.py does with a dynamic item's custom_id on a bot that has just started.
-        button = await UpscaleButton.from_custom_id(None, None, {"action": action, "job_id": job_id})
         click = fake_interaction()
         click.message = message
         click.client = toolbox_bot
-        await button.callback(click)
+        await press_button(f"toolbox:upscale:{action}:{job_id}", click)
         return click
 
     await press("again")
@@ -262,8 +262,7 @@ async def test_buttons_work_from_their_custom_ids_after_a_restart(toolbox_bot, e
     empty = fake_message()
     click = fake_interaction()
     click.message, click.client = empty, toolbox_bot
-    button = await UpscaleButton.from_custom_id(None, None, {"action": "vary", "job_id": job_id})
-    await button.callback(click)
+    await press_button(f"toolbox:upscale:vary:{job_id}", click)
     assert "source image" in ephemeral_error(click)
 
 

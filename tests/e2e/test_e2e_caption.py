@@ -48,7 +48,7 @@ async def test_menu_batch_end_to_end(toolbox_bot, reference_engine):
     images = [png_bytes(64, 64, seed=21), encode(noise_image(80, 48, seed=22), "JPEG")]
     message = fake_message(fake_attachment(images[0], "one.png"), fake_attachment(images[1], "two.jpg", "image/jpeg"))
     interaction = fake_interaction()
-    await invoke(toolbox_bot, toolbox_bot.get_cog("Caption").menu, interaction, message)
+    await invoke(toolbox_bot, toolbox_bot.captions.menu, interaction, message)
     sent = [interaction.calls.edit_original_response.await_args.kwargs["content"]]
     sent += [call.args[0] for call in interaction.calls.followup_send.await_args_list]
     reply = "\n".join(sent)
