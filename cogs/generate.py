@@ -35,13 +35,14 @@ from bot.live_previews import LivePreviews
 from bot.result_images import fit_to_limit
 from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget
 from bot.ui import PersistentButton, option_range
-from bot.generate_requests import GENERATE_MODELS, face_notes, flux_generate_request, generate_request
+from bot.core.build import build_generate_request
+from bot.core.choices import GenerateChoices, LoraChoice
+from bot.core.generate_models import GENERATE_MODELS, SDXL, aspect_sizes, generate_model, model_of_kind, names_of
+from bot.core.results import face_notes
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
-    ASPECT_BUCKETS,
-    FLUX_ASPECT_BUCKETS,
+    POSE_NEEDS_A_FACE,
     REFERENCE_MAX_SIDE,
-    FluxGenerateRequest,
     GenerateRequest,
     LoraRef,
 )
@@ -69,10 +70,13 @@ MAX_PROMPT_CHARS = field_bounds(GenerateRequest, "prompt")[1]
 DISCORD_TIMEOUT = field_bounds(GenerateRequest, "timeout")[1]
 # A variation's start image: the largest output, with room to spare.
 MAX_START_PIXELS = 4 * field_bounds(GenerateRequest, "width")[1] ** 2
-# SDXL's buckets, then the larger ones only Flux makes.
-ASPECT_CHOICES = [app_commands.Choice(name=f"{ratio} ({w}×{h})" + ("" if ratio in ASPECT_BUCKETS else ", Flux"), value=ratio)
-                  for ratio, (w, h) in FLUX_ASPECT_BUCKETS.items()]
-MODEL_CHOICES = [app_commands.Choice(name=name, value=model) for model, name in GENERATE_MODELS.items()]
+# Every model's size buckets; one that not every model makes names those that do.
+ASPECT_CHOICES = [
+    app_commands.Choice(name=f"{ratio} ({w}×{h})" + ("" if len(makers) == len(GENERATE_MODELS) else f", {names_of(makers)}"),
+                        value=ratio)
+    for ratio, ((w, h), makers) in aspect_sizes().items()
+]
+MODEL_CHOICES = [app_commands.Choice(name=model.title, value=key) for key, model in GENERATE_MODELS.items()]
 IMAGE_STEM = "image"
 
 
@@ -203,7 +207,7 @@ class Generate(commands.Cog):
         self.bot = bot
         self.library = bot_library(bot)
         bot.add_dynamic_items(*BUTTONS)
-        self.presenters = {GenerateRequest: self.present, FluxGenerateRequest: self.present}
+        self.presenters = {model.request: self.present for model in GENERATE_MODELS.values()}
         bot.tracker.presenters.update(self.presenters)
         self.previews = LivePreviews(lambda: bot.backend.store)
         bot.generations = self
@@ -316,7 +320,7 @@ class Generate(commands.Cog):
 
         The face and pose come as attachments (a new /generate) or as the photos a result kept (its buttons)."""
         if pose is not None and face is None:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "A pose photo is used only with a face photo: add `face`.")
+            raise ToolboxError(ErrorCode.INVALID_INPUT, POSE_NEEDS_A_FACE)
         for attachment in (start, face, pose):
             if attachment is not None:
                 check_attachment(attachment)
@@ -332,41 +336,35 @@ class Generate(commands.Cog):
                         admission: Admission) -> None:
         settings = admission.settings
         model = params.get("model") or settings.default_model
-        flux = model == "flux"
-        aspect = params.get("aspect") or settings.default_aspect
-        width, height = params.get("width"), params.get("height")
-        if not (width and height):
-            if not flux and aspect not in ASPECT_BUCKETS:
-                raise ToolboxError(ErrorCode.INVALID_INPUT, f"The {aspect} size is made by Flux only: pick model Flux or another aspect.")
-            width, height = FLUX_ASPECT_BUCKETS.get(aspect, ASPECT_BUCKETS["1:1"])
-        choices = {
-            "prompt": params["prompt"], "width": width, "height": height, "count": params.get("count") or 1,
-            "steps": params.get("steps") or settings.default_steps, "seed": params.get("seed"), "timeout": DISCORD_TIMEOUT,
-            # Flux has its own guidance default and no negative prompt (one asked for is refused, not dropped).
-            "cfg": params.get("cfg") or (None if flux else settings.default_cfg),
-            "negative_prompt": params.get("negative") or (None if flux else settings.default_negative),
+        # The server's defaults are SDXL's: another model keeps its own (Flux has no negative prompt at all).
+        sdxl_defaults = generate_model(model) is SDXL
+        choices = GenerateChoices(
+            prompt=params["prompt"], model=model, aspect=params.get("aspect") or settings.default_aspect,
+            width=params.get("width"), height=params.get("height"), count=params.get("count"),
+            steps=params.get("steps") or settings.default_steps, seed=params.get("seed"), timeout=DISCORD_TIMEOUT,
+            cfg=params.get("cfg") or (settings.default_cfg if sdxl_defaults else None),
+            negative=params.get("negative") or (settings.default_negative if sdxl_defaults else None),
+            loras=tuple(LoraChoice(**lora) for lora in params.get("loras") or ()),
+            variation_image=(await read_image(start, max_pixels=MAX_START_PIXELS)).png if start is not None else None,
+            face_image=photos["face"] if photos else None, pose_image=photos["pose"] if photos else None,
+            identity_strength=params.get("identity_strength") if photos else None,
             # Judged for the channel this was asked in (a button's too): recomputed, never kept with the params.
-            "safety": settings.safety_for(age_restricted(interaction)),
-        }
-        if start is not None:
-            choices["image"] = (await read_image(start, max_pixels=MAX_START_PIXELS)).png
-        if photos is not None:
-            choices |= {"face_image": photos["face"], "pose_image": photos["pose"],
-                        "identity_strength": params.get("identity_strength")}
-        # Refused here, before a job exists, in the worker's own words.
-        build = flux_generate_request if flux else generate_request
-        request, checkpoint = await build(self.library, choices, params.get("loras") or [])
+            safety=settings.safety_for(age_restricted(interaction)),
+        )
+        # Refused here, before a job exists, in the same words as on every front end.
+        built = await build_generate_request(self.library, choices)
+        request, width, height = built.request, built.request.width, built.request.height
         kept = {name: getattr(request, name) for name in ("prompt", "width", "height", "count", "steps", "seed")}
-        kept |= {"negative": request.negative_prompt, "aspect": aspect, "model": model,
-                 "cfg": request.guidance if flux else request.cfg,
-                 "identity_strength": None if flux else request.identity_strength,
+        kept |= {"negative": request.negative_prompt, "aspect": choices.aspect, "model": built.model.key,
+                 "cfg": getattr(request, built.model.cfg_field),
+                 "identity_strength": getattr(request, "identity_strength", None),
                  "loras": [{"name": lora.file, "weight": lora.weight} for lora in request.loras]}
         title = ("Variations" if start is not None else "Generate") + (" with a face" if photos else "")
         meta = {
-            "title": title + (" · Flux" if flux else "") + f" · {request.count} × {width}×{height}",
+            "title": title + ("" if built.model is SDXL else f" · {built.model.name}") + f" · {request.count} × {width}×{height}",
             "prompt": request.prompt[:300],
             "lora_names": [lora.name for lora in request.loras],
-            "checkpoint_name": checkpoint["name"],
+            "checkpoint_name": built.checkpoint["name"],
         }
         job, target = await self.bot.tracker.start(interaction, request, meta, admission)
         await self.bot.backend.store.put(generate_params_key(job.id), kept)
@@ -391,7 +389,7 @@ class Generate(commands.Cog):
                  for (index, _), image in zip(shown, fitted)]
         summary = describe(result, job.meta.get("lora_names") or [lora["name"] for lora in result["loras"]],
                            job.meta.get("checkpoint_name") or result["checkpoint"], result["seeds"],
-                           "guidance" if job.kind == FluxGenerateRequest.kind else "CFG")
+                           model_of_kind(job.kind).cfg_label)
         prompt = discord.utils.escape_markdown(job.meta.get("prompt") or result["prompt"])
         lines = [f"✅ **{job.meta.get('title', 'Generate')}**", f"> {prompt}", summary]
         notes = {image.note for image in fitted if image.note}

@@ -9,7 +9,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.guild_settings import GuildSettings, load_guild_settings, save_guild_settings
-from bot.generate_requests import GENERATE_MODELS
+from bot.core.generate_models import GENERATE_MODELS
 from bot.permissions import require_admin
 from bot.ui import CAPTION_STYLE_CHOICES, option_range
 from modal_services.errors import ErrorCode, ToolboxError
@@ -24,7 +24,7 @@ StepsOption = option_range(GuildSettings, "default_steps")
 CfgOption = option_range(GuildSettings, "default_cfg")
 NegativeOption = option_range(GuildSettings, "default_negative")
 ASPECT_CHOICES = [app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_BUCKETS]
-MODEL_CHOICES = [app_commands.Choice(name=name, value=model) for model, name in GENERATE_MODELS.items()]
+MODEL_CHOICES = [app_commands.Choice(name=model.title, value=key) for key, model in GENERATE_MODELS.items()]
 ThresholdOption = option_range(GuildSettings, "nsfw_threshold")
 WordOption = app_commands.Range[str, 1, REFUSED_WORD_MAX_CHARS]
 POLICY_LABELS = {
@@ -45,7 +45,7 @@ def describe(settings: GuildSettings) -> str:
         f"Upscale: {settings.default_upscale_scale:g}x, creativity {settings.default_creativity:g}",
         f"Generate: {settings.default_aspect}, {settings.default_steps} steps, CFG {settings.default_cfg:g}"
         + (f", negative “{settings.default_negative[:80]}”" if settings.default_negative else "")
-        + f", model {GENERATE_MODELS[settings.default_model]}",
+        + f", model {GENERATE_MODELS[settings.default_model].title}",
         f"Jobs at once: {settings.user_cap} per member, {settings.guild_cap} for the server",
         f"Who: {roles} · Where: {channels}",
         settings.describe_safety(),

@@ -30,7 +30,8 @@ from bot.result_images import fit_to_limit
 from bot.progress import render_job
 from bot.tile_prompts import tile_prompts
 from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget, cancel_view
-from bot.upscale_requests import upscale_request
+from bot.core.build import build_upscale_request
+from bot.core.choices import LoraChoice, UpscaleChoices
 from bot.ui import PersistentButton, option_range
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import LoraRef, UpscaleRequest
@@ -38,7 +39,7 @@ from modal_services.jobs.validation import field_bounds
 from modal_services.jobs.records import Job
 from modal_services.state.keys import upscale_params_key
 from modal_services.safety.judge import SafetyReport
-from modal_services.engines.sdxl.limits import DEFAULT_MAX_INPUT_PIXELS, check_upscale_size
+from modal_services.engines.sdxl.limits import DEFAULT_MAX_INPUT_PIXELS
 
 if TYPE_CHECKING:
     from bot.client import ToolboxBot
@@ -225,20 +226,22 @@ class Upscale(commands.Cog):
     async def _upscale(self, interaction: discord.Interaction, attachment: discord.Attachment, params: dict[str, Any],
                        admission: Admission) -> None:
         settings = admission.settings
-        choices = {name: params.get(name) for name in KEPT_CHOICES}
-        choices["scale"] = choices["scale"] or settings.default_upscale_scale
-        choices["creativity"] = choices["creativity"] or settings.default_creativity
-        # Judged for the channel this was asked in (a button's too): recomputed, never kept with the params.
-        choices["safety"] = settings.safety_for(age_restricted(interaction))
-
         received = await read_image(attachment, max_pixels=DEFAULT_MAX_INPUT_PIXELS)
-        request, checkpoint = await upscale_request(self.library, received.png, choices, params.get("loras") or [])
-        # The same limits the worker applies, checked before anything is sent to it.
-        out_width, out_height = check_upscale_size(*received.size, request.scale)
+        choices = UpscaleChoices(
+            image=received.png, scale=params.get("scale") or settings.default_upscale_scale,
+            prompt=params.get("prompt"), negative=params.get("negative"),
+            creativity=params.get("creativity") or settings.default_creativity, seed=params.get("seed"),
+            loras=tuple(LoraChoice(**lora) for lora in params.get("loras") or ()),
+            # Judged for the channel this was asked in (a button's too): recomputed, never kept with the params.
+            safety=settings.safety_for(age_restricted(interaction)),
+        )
+        # Checked before anything is sent to the worker, with the limits it applies.
+        built = await build_upscale_request(self.library, choices)
+        request, checkpoint, (out_width, out_height) = built.request, built.checkpoint, built.output_size
         target = await self.bot.tracker.reply_target(interaction)
         if params.get("tile_captions"):
             regions = await self._caption_tiles(interaction, target, received, out_width, out_height)
-            request = UpscaleRequest.parse({**request.to_payload(), "region_prompts": regions})
+            request = request.with_region_prompts(regions)
         kept = {name: getattr(request, name) for name in KEPT_CHOICES}
         kept["tile_captions"] = bool(params.get("tile_captions"))
         kept["loras"] = [{"name": lora.file, "weight": lora.weight} for lora in request.loras]

@@ -33,8 +33,9 @@ class TextToImageModel:
     request: type[TextToImageRequest]
     # The size buckets it makes, by aspect.
     aspects: dict[str, tuple[int, int]]
-    # The request field a person's "cfg" (how closely to follow the prompt) sets.
+    # The request field a person's "cfg" (how closely to follow the prompt) sets, and what results call it.
     cfg_field: str
+    cfg_label: str
     # The family of library LoRAs it takes (`LibraryEntry.family`).
     lora_family: str
     # Optional models an admin enables (and downloads) before it runs.
@@ -55,11 +56,11 @@ class TextToImageModel:
 
 SDXL = TextToImageModel(
     key="sdxl", name="SDXL", title="SDXL (the server's checkpoint)", request=GenerateRequest,
-    aspects=ASPECT_BUCKETS, cfg_field="cfg", lora_family="sdxl",
+    aspects=ASPECT_BUCKETS, cfg_field="cfg", cfg_label="CFG", lora_family="sdxl",
 )
 FLUX = TextToImageModel(
     key="flux", name="Flux", title="FLUX.1-dev", request=FluxGenerateRequest,
-    aspects=FLUX_ASPECT_BUCKETS, cfg_field="guidance", lora_family="flux", optional_models=("flux1-dev",),
+    aspects=FLUX_ASPECT_BUCKETS, cfg_field="guidance", cfg_label="guidance", lora_family="flux", optional_models=("flux1-dev",),
     checkpoint={"key": "flux1-dev", "name": "FLUX.1-dev", "file": None},
 )
 GENERATE_MODELS = {model.key: model for model in (SDXL, FLUX)}
@@ -75,6 +76,20 @@ def generate_model(name: str | None) -> TextToImageModel:
     if key is None:
         raise ToolboxError(ErrorCode.INVALID_INPUT, f"The model is one of {', '.join(MODEL_ALIASES)} (got {name!r}).")
     return GENERATE_MODELS[key]
+
+
+def model_of_kind(kind: str) -> TextToImageModel:
+    """The model whose jobs are of `kind` (a job record's kind)."""
+    return next(model for model in GENERATE_MODELS.values() if model.request.kind == kind)
+
+
+def aspect_sizes() -> dict[str, tuple[tuple[int, int], list[TextToImageModel]]]:
+    """Every aspect some model makes: its size and the models that make it, in the models' order."""
+    sizes: dict[str, tuple[tuple[int, int], list[TextToImageModel]]] = {}
+    for model in GENERATE_MODELS.values():
+        for aspect, size in model.aspects.items():
+            sizes.setdefault(aspect, (size, []))[1].append(model)
+    return sizes
 
 
 def names_of(models: list[TextToImageModel]) -> str:
