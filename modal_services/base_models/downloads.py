@@ -3,7 +3,7 @@
 One job ("download") fetches the models a setup asks for, one model at a time
 under its `lock:download:<key>`; progress goes to `download:<key>` and the job
 record; a verified model gets `manifest:<key>`. The transfers themselves are
-`fetchers.py` (by source kind) over `transfer.py`.
+`fetchers.py` (by source kind) over the `transfer` package.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from modal_services.layout import Layout
 from modal_services.state.locks import HEARTBEAT_SECONDS, holder_alive, holder_record, refresh_lock, release_lock, try_lock
 from modal_services.base_models.optional_models import enabled_models, gated_refusal, setup_entries
 from modal_services.state.store import StateStore
-from modal_services.net.transfer import CHUNK_SIZE, DownloadHTTPError, is_disk_full, sha256_file, storage_full
+from modal_services.net.transfer.errors import DownloadHTTPError, is_disk_full, storage_full
+from modal_services.net.transfer.files import CHUNK_SIZE, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ import urllib3
 
 from modal_services.net.egress import REDIRECT_STATUSES, Credentials, Origin, Purpose, Response, open_url
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.net.transfer import backoff_delay, retry_after_seconds
+from modal_services.net.transfer.responses import retry_after_seconds
+from modal_services.net.transfer.retrying import backoff_delay
 
 log = logging.getLogger(__name__)
 

@@ -60,15 +60,9 @@ from modal_services.library.entries import (
     unique_file_name,
 )
 from modal_services.state.locks import HEARTBEAT_SECONDS, refresh_lock, release_lock, try_lock
-from modal_services.net.transfer import (
-    DownloadError,
-    DownloadHTTPError,
-    download_file,
-    is_disk_full,
-    max_bytes_for,
-    sha256_file,
-    storage_full,
-)
+from modal_services.net.transfer.download import download_file
+from modal_services.net.transfer.errors import DownloadError, DownloadHTTPError, is_disk_full, storage_full
+from modal_services.net.transfer.files import max_bytes_for, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -577,7 +577,7 @@ def _save(state: dict, dst: Path, fmt: str) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     from safetensors import SafetensorError
 
-    from modal_services.net.transfer import is_disk_full, storage_full
+    from modal_services.net.transfer.errors import is_disk_full, storage_full
 
     try:
         save_file(state, str(dst), metadata={"format": "pt", "converted_from": fmt, "converted_by": "ai-toolbox"})

@@ -70,7 +70,7 @@ from modal_services.library.entries import (
 from modal_services.library.imports import ModelEngine
 from modal_services.base_models.registry import BASE_MODELS
 from modal_services.base_models.tokens import LABELS, clean_token, mask
-from modal_services.net.transfer import sha256_file
+from modal_services.net.transfer.files import sha256_file
 
 log = logging.getLogger(__name__)
 

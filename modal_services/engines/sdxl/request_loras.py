@@ -19,7 +19,10 @@ import uuid
 from pathlib import Path
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.net.transfer import LORA_MAX_BYTES, DownloadError, download_file, safe_url
+from modal_services.net.transfer.download import download_file
+from modal_services.net.transfer.errors import DownloadError
+from modal_services.net.transfer.files import LORA_MAX_BYTES
+from modal_services.net.transfer.responses import safe_url
 
 log = logging.getLogger(__name__)
 
