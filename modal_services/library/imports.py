@@ -81,8 +81,8 @@ class ModelEngine:
         self.store = layout.store
         self.commit_hook = commit
         self.reload_hook = reload
-        self.model_layout = model_layout  # None: SDXL's (lora_formats.ModelLayout.sdxl)
-        self.flux_layout = flux_layout  # None: FLUX.1-dev's (lora_formats.FluxLayout.flux1_dev)
+        self.model_layout = model_layout  # None: SDXL's (lora_formats.layouts.ModelLayout.sdxl)
+        self.flux_layout = flux_layout  # None: FLUX.1-dev's (lora_formats.layouts.FluxLayout.flux1_dev)
         self.library = Library(self.store, self.loras_dir, self.models_dir)
         self.wait_poll = WAIT_POLL_SECONDS
         self.loaded = False
@@ -265,7 +265,9 @@ class ModelEngine:
     def _check_lora(self, incoming: Path, converted: Path, entry: LibraryEntry):
         """The LoRA checked (and for SDXL converted when needed) against its family's model. A file CivitAI
         does not know is taken for the family its layer names say."""
-        from modal_services.library.lora_formats import check_flux_lora, lora_family, normalize_lora
+        from modal_services.library.lora_formats.files import lora_family
+        from modal_services.library.lora_formats.flux import check_flux_lora
+        from modal_services.library.lora_formats.sdxl import normalize_lora
 
         if entry.civitai_version_id is None:
             entry.family = lora_family(incoming)

@@ -39,7 +39,7 @@ class RequestLoras:
         if sha256 and self.cached(sha256).is_file():
             return self.cached(sha256)
         from modal_services.net.egress import Purpose
-        from modal_services.library.lora_formats import normalize_lora
+        from modal_services.library.lora_formats.sdxl import normalize_lora
         from modal_services.library.imports import check_finite
 
         incoming = self.cache_dir / ".incoming" / uuid.uuid4().hex
