@@ -730,7 +730,8 @@ async def _run_with_bar(backend: Backend, request, title: str):
 async def models_command(settings: Settings, args: argparse.Namespace) -> None:
     import json
 
-    from modal_services.library.civitai import CivitaiClient, parse_reference, plan_import
+    from modal_services.library.civitai import CivitaiClient, parse_reference
+    from modal_services.library.civitai_plans import plan_import
     from modal_services.library.entries import Library
     from modal_services.base_models.tokens import get_token
 

@@ -7,7 +7,7 @@ store from an event loop of its own; transfers and tensor work run in threads.
 
 An import, step by step:
 
-1. metadata from CivitAI and the importer's rules (`civitai.plan_import`);
+1. metadata from CivitAI and the importer's rules (`civitai_plans.plan_import`);
 2. already installed (same version, file present)? Then nothing is fetched;
 3. `lock:civitai:<version>` (atomic create, heartbeat-refreshed): a second
    import of the same version waits for the first and then finds it installed;
@@ -36,7 +36,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from modal_services.library.civitai import CivitaiClient, ImportPlan, parse_reference, plan_from_metadata, plan_import
+from modal_services.library.civitai import CivitaiClient, parse_reference
+from modal_services.library.civitai_plans import ImportPlan, plan_from_metadata, plan_import
 from modal_services.net.egress import Purpose
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
