@@ -644,7 +644,7 @@ async def migrate(settings: Settings, dry_run: bool, as_json: bool) -> None:
     """The migration of the older toolbox's files: the data dir's, or the Modal volumes' (beside them)."""
     import json
 
-    from modal_services.library.migration import MigrationReport, render_report
+    from modal_services.library.migration_report import MigrationReport, render_report
 
     if settings.backend == "modal":
         report = MigrationReport.from_dict(await _migrate_on_modal(settings, dry_run))

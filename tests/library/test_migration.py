@@ -17,7 +17,7 @@ import pytest
 from bot.cli import main
 from modal_services.net.transfer import retrying
 from modal_services.base_models.downloads import DownloadEngine
-from modal_services.library.migration import MigrationReport, render_report
+from modal_services.library.migration_report import MigrationReport, render_report
 from modal_services.state.store import SqliteStore
 from modal_services.state.keys import manifest_key, secret_key
 from modal_services.layout import Layout
