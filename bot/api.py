@@ -381,7 +381,7 @@ class Payloads:
 
 
 async def health_document(backend: Backend) -> dict[str, Any]:
-    from modal_services.base_models.downloads import model_states
+    from modal_services.base_models.states import model_states
     from modal_services.base_models.registry import BASE_MODELS
 
     states = await model_states(backend.store, BASE_MODELS.values())

@@ -499,7 +499,7 @@ async def _download_base_models(settings: Settings, backend: Backend, keys: list
     """The missing ones of `keys` (all when empty), with a bar per model and an overall bar."""
     from bot.core.following import watch_job
     from bot.setup_download import checked_states, start_or_attach_download
-    from modal_services.base_models.downloads import model_states
+    from modal_services.base_models.states import model_states
     from modal_services.base_models.optional_models import enabled_models
     from modal_services.base_models.registry import resolve_keys
 

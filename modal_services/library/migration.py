@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from modal_services.base_models.downloads import fetch_context, planned_manifest
+from modal_services.base_models.downloads import fetch_context
+from modal_services.base_models.manifests import planned_manifest
 from modal_services.base_models.registry import BASE_MODELS
 from modal_services.base_models.tokens import LABELS, clean_token, mask
 from modal_services.errors import ToolboxError

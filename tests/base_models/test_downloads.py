@@ -237,15 +237,10 @@ def test_helpers():
 import asyncio
 import time
 
-from modal_services.base_models.downloads import (
-    DownloadEngine,
-    check_files,
-    download_key,
-    manifest_key,
-    missing_models,
-    model_states,
-)
-from modal_services.state.keys import lock_key
+from modal_services.base_models.downloads import DownloadEngine
+from modal_services.base_models.manifests import check_files
+from modal_services.base_models.states import missing_models, model_states
+from modal_services.state.keys import download_key, lock_key, manifest_key
 from modal_services.layout import Layout
 from modal_services.base_models.registry import HFSource, ModelEntry, PublishedFile, URLSource
 from modal_services.state.store import SqliteStore
