@@ -40,7 +40,7 @@ class RequestLoras:
             return self.cached(sha256)
         from modal_services.net.egress import Purpose
         from modal_services.library.lora_formats.sdxl import normalize_lora
-        from modal_services.library.imports import check_finite
+        from modal_services.library.file_checks import check_finite
 
         incoming = self.cache_dir / ".incoming" / uuid.uuid4().hex
         incoming.mkdir(parents=True, exist_ok=True)
