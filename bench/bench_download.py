@@ -50,7 +50,7 @@ def client(mode: str, url: str, dest: Path, sha256: str, size: int) -> None:
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     from huggingface_hub import hf_hub_download
 
-    from modal_services.net.transfer import download_file
+    from modal_services.net.transfer.download import download_file
 
     started = time.perf_counter()
     if mode == "raw":

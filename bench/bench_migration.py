@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modal_services.layout import Layout  # noqa: E402
-from modal_services.library.migration import Migration, render_report  # noqa: E402
+from modal_services.library.migration import Migration  # noqa: E402
+from modal_services.library.migration_report import render_report  # noqa: E402
 from modal_services.state.store import SqliteStore  # noqa: E402
 
 SDXL_KEY = "model.diffusion_model.label_emb.0.0.weight"

@@ -242,7 +242,7 @@ class ModalBackend(Backend):
     async def _check_models(self, request: JobRequest) -> None:
         """Refuse before a GPU container starts only to find its models missing (the NSFW classifier
         only when the request's images are to be classified)."""
-        from modal_services.base_models.downloads import missing_models
+        from modal_services.base_models.states import missing_models
         from modal_services.layout import NSFW_CLASSIFIER_DIR
         from modal_services.base_models.registry import BASE_MODELS, models_for
 

@@ -499,7 +499,7 @@ async def _download_base_models(settings: Settings, backend: Backend, keys: list
     """The missing ones of `keys` (all when empty), with a bar per model and an overall bar."""
     from bot.core.following import watch_job
     from bot.setup_download import checked_states, start_or_attach_download
-    from modal_services.base_models.downloads import model_states
+    from modal_services.base_models.states import model_states
     from modal_services.base_models.optional_models import enabled_models
     from modal_services.base_models.registry import resolve_keys
 
@@ -644,7 +644,7 @@ async def migrate(settings: Settings, dry_run: bool, as_json: bool) -> None:
     """The migration of the older toolbox's files: the data dir's, or the Modal volumes' (beside them)."""
     import json
 
-    from modal_services.library.migration import MigrationReport, render_report
+    from modal_services.library.migration_report import MigrationReport, render_report
 
     if settings.backend == "modal":
         report = MigrationReport.from_dict(await _migrate_on_modal(settings, dry_run))
@@ -730,7 +730,8 @@ async def _run_with_bar(backend: Backend, request, title: str):
 async def models_command(settings: Settings, args: argparse.Namespace) -> None:
     import json
 
-    from modal_services.library.civitai import CivitaiClient, parse_reference, plan_import
+    from modal_services.library.civitai import CivitaiClient, parse_reference
+    from modal_services.library.civitai_plans import plan_import
     from modal_services.library.entries import Library
     from modal_services.base_models.tokens import get_token
 

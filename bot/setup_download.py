@@ -39,7 +39,8 @@ async def checked_states(settings, store: StateStore, entries, hashes: bool = Fa
     worker verified."""
     import asyncio
 
-    from modal_services.base_models.downloads import check_files, describe_state
+    from modal_services.base_models.manifests import check_files
+    from modal_services.base_models.states import describe_state
     from modal_services.state.keys import download_key, manifest_key
 
     states = []

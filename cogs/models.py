@@ -25,7 +25,8 @@ from bot.permissions import require_admin
 from bot.tracker import ReplyTarget
 from bot.ui import ConfirmView, OwnedView, option_range
 from bot.core.text import plural, size_text
-from modal_services.library.civitai import CivitaiClient, ImportPlan, parse_reference, plan_import
+from modal_services.library.civitai import CivitaiClient, parse_reference
+from modal_services.library.civitai_plans import ImportPlan, plan_import
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
     JobRequest,

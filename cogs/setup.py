@@ -28,7 +28,7 @@ from bot.core.following import watch_job
 from bot.replies import as_toolbox_error, error_text, send_error
 from bot.setup_download import active_download, checked_states, start_or_attach_download
 from bot.core.text import human_bytes, human_seconds
-from modal_services.base_models.downloads import ModelState, model_states
+from modal_services.base_models.states import ModelState, model_states
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import DownloadRequest, ModelImportRequest, VerifyRequest
 from modal_services.jobs.records import Job, JobStatus

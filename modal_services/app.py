@@ -236,7 +236,7 @@ def migrate_volumes(dry_run: bool = False) -> dict:
 @app.local_entrypoint()
 def migrate(dry_run: bool = False) -> None:
     """`modal run -m modal_services.app::migrate [--dry-run]`: runs beside the volumes, prints the report here."""
-    from modal_services.library.migration import MigrationReport, render_report
+    from modal_services.library.migration_report import MigrationReport, render_report
 
     print(render_report(MigrationReport.from_dict(migrate_volumes.remote(dry_run))))
 

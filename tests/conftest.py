@@ -107,12 +107,12 @@ def fake_hub(monkeypatch):
 @pytest.fixture
 def fake_civitai(monkeypatch):
     """A fake CivitAI on loopback, as CIVITAI_API_BASE, with the downloader's retries not waiting."""
-    from modal_services.net import transfer
+    from modal_services.net.transfer import retrying
     from tests.fakes.civitai_server import FakeCivitai
 
     server = FakeCivitai().start()
     monkeypatch.setenv("CIVITAI_API_BASE", server.base)
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
+    monkeypatch.setattr(retrying, "wait_before_retry", lambda seconds, interrupt=None: None)
     yield server
     server.stop()
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from bot.api.schema import API_VERSION
 from bot.backend import Backend
-from modal_services.base_models.downloads import model_states
+from modal_services.base_models.states import model_states
 from modal_services.base_models.registry import BASE_MODELS
 
 log = logging.getLogger(__name__)

@@ -2,8 +2,8 @@
 
 One job ("download") fetches the models a setup asks for, one model at a time
 under its `lock:download:<key>`; progress goes to `download:<key>` and the job
-record; a verified model gets `manifest:<key>`. The transfers themselves are
-`fetchers.py` (by source kind) over `transfer.py`.
+record; a verified model gets `manifest:<key>` (`manifests`). The transfers
+themselves are `net/fetchers.py` (by source kind) over the `transfer` package.
 """
 
 from __future__ import annotations
@@ -12,26 +12,24 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
-from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.net.fetchers import FetchContext, Plan, fetcher_for, git_blob_sha1
-from modal_services.jobs.requests import DownloadRequest, VerifyRequest, job_method
-from modal_services.state.keys import download_key, manifest_key
-from modal_services.layout import Layout
-from modal_services.state.locks import HEARTBEAT_SECONDS, holder_alive, holder_record, refresh_lock, release_lock, try_lock
+from modal_services.base_models.manifests import check_files, convert_pickles, file_problems, verified_manifest
 from modal_services.base_models.optional_models import enabled_models, gated_refusal, setup_entries
+from modal_services.base_models.states import ACTIVE_STATES, describe_state
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs.requests import DownloadRequest, VerifyRequest, job_method
+from modal_services.layout import Layout
+from modal_services.net.fetchers import FetchContext, fetcher_for
+from modal_services.net.transfer.errors import DownloadHTTPError, is_disk_full, storage_full
+from modal_services.state.keys import download_key, manifest_key
+from modal_services.state.locks import HEARTBEAT_SECONDS, holder_record, refresh_lock, release_lock, try_lock
 from modal_services.state.store import StateStore
-from modal_services.net.transfer import CHUNK_SIZE, DownloadHTTPError, is_disk_full, sha256_file, storage_full
 
 log = logging.getLogger(__name__)
 
-
 TICK_SECONDS = 1.0  # progress records are written at most once per tick
-# An active progress record is rewritten every tick: one this old belongs to a download that died.
-RECORD_STALE_SECONDS = 15.0
 LOCK_POLL_SECONDS = 1.0
 RATE_SMOOTHING = 0.3  # weight of the newest sample in the moving average of bytes/s
 
@@ -46,109 +44,6 @@ async def fetch_context(store: StateStore) -> FetchContext:
         civitai_token=await get_token(store, "civitai"),
     )
 
-
-# -- status ---------------------------------------------------------------------
-
-def check_files(folder: Path, manifest: dict, deep: bool = False, on_bytes: Callable[[int], None] | None = None,
-                published: Mapping | None = None) -> list[str]:
-    """What is wrong with a model's files on disk against its manifest (empty: all good)."""
-    return [f"{name} {problem}" for name, problem in file_problems(folder, manifest, deep, on_bytes, published).items()]
-
-
-def file_problems(folder: Path, manifest: dict, deep: bool = False, on_bytes: Callable[[int], None] | None = None,
-                  published: Mapping | None = None) -> dict[str, str]:
-    """File name → what is wrong with it ("is missing", wrong size or hash), in name order.
-
-    Shallow: every file exists with its size, and files whose sha256 the
-    registry publishes (`published`: dest → PublishedFile) match it. Deep: every
-    hash (sha256, or the git blob id for small files), which reads every byte.
-    """
-    problems: dict[str, str] = {}
-    hashed = 0
-    for name, expected in sorted(manifest.get("files", {}).items()):
-        path = folder / name
-        if not path.is_file():
-            problems[name] = "is missing"
-            continue
-        size = path.stat().st_size
-        if size != expected.get("size"):
-            problems[name] = f"has {size} bytes, {expected.get('size')} expected"
-            continue
-        known = (published or {}).get(name)
-        if not deep and known is not None and known.sha256 and sha256_file(path) != known.sha256.lower():
-            problems[name] = "does not match its published sha256"
-            continue
-        if deep:
-            base = hashed
-            report = (lambda n: on_bytes(base + n)) if on_bytes else None
-            if expected.get("sha256") and sha256_file(path, report) != expected["sha256"]:
-                problems[name] = "does not match its sha256"
-            elif not expected.get("sha256") and expected.get("git_sha1") and git_blob_sha1(path) != expected["git_sha1"]:
-                problems[name] = "does not match its git blob id"
-            hashed += size
-    return problems
-
-
-@dataclass(frozen=True)
-class ModelState:
-    key: str
-    name: str
-    state: str  # present | missing | downloading | failed | queued
-    size_bytes: int  # exact once known (manifest or plan), the registry's estimate before
-    bytes_done: int = 0
-    rate: float = 0.0
-    eta: float | None = None
-    detail: str | None = None  # why it failed, what is wrong
-
-    def to_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-ACTIVE_STATES = ("queued", "waiting", "starting", "downloading", "verifying", "converting")
-
-
-def describe_state(entry, manifest: dict | None, record: dict | None, problems: list[str] | None = None) -> ModelState:
-    """A model's state from its manifest and progress record (and disk problems, when checked)."""
-    if manifest and manifest.get("complete") and not problems:
-        return ModelState(entry.key, entry.name, "present", manifest.get("size_bytes", entry.approx_bytes),
-                          manifest.get("size_bytes", 0))
-    record = record or {}
-    status = record.get("status")
-    total = record.get("bytes_total") or entry.approx_bytes
-    running = (status in ACTIVE_STATES and time.time() - record.get("updated_at", 0) < RECORD_STALE_SECONDS
-               and holder_alive(record) is not False)
-    if running:
-        return ModelState(entry.key, entry.name, "downloading" if status != "queued" else "queued", total,
-                          record.get("bytes_done", 0), record.get("rate", 0.0), record.get("eta"), status)
-    if status == "failed":
-        return ModelState(entry.key, entry.name, "failed", total, record.get("bytes_done", 0),
-                          detail=f"{record.get('error_code')}: {record.get('error')}")
-    detail = "; ".join(problems) if problems else None
-    return ModelState(entry.key, entry.name, "missing", total, detail=detail)
-
-
-async def model_states(store: StateStore, entries) -> list[ModelState]:
-    """From the state store alone (cheap; what the bot can see without the volume)."""
-    states = []
-    for entry in entries:
-        manifest = await store.get(manifest_key(entry.key))
-        record = await store.get(download_key(entry.key))
-        states.append(describe_state(entry, manifest, record))
-    return states
-
-
-async def missing_models(store: StateStore, keys) -> list[str]:
-    """The keys without a complete manifest: checked by the bot before it spawns GPU work."""
-    missing = []
-    for key in keys:
-        manifest = await store.get(manifest_key(key))
-        if not (manifest and manifest.get("complete")):
-            missing.append(key)
-    return missing
-
-
-
-# -- the engine -----------------------------------------------------------------
 
 class _Live:
     """One model in this run. Worker threads add bytes; the event loop writes the record."""
@@ -370,7 +265,7 @@ class DownloadEngine:
                 live.current = 0
                 live.finished_bytes += file.size or target.stat().st_size
             live.status, live.file = "verifying", None
-            manifest = await asyncio.to_thread(_verify_plan, entry, plan, folder)
+            manifest = await asyncio.to_thread(verified_manifest, entry, plan, folder)
             if entry.converted:
                 live.status = "converting"
                 manifest = await asyncio.to_thread(convert_pickles, entry, folder, manifest)
@@ -439,61 +334,3 @@ def _discard_orphans(folder: Path) -> None:
     if cache.is_dir():
         for orphan in cache.rglob("*.incomplete"):
             orphan.unlink(missing_ok=True)
-
-
-def planned_manifest(entry, plan: Plan, folder: Path) -> tuple[dict, list[str]]:
-    """The manifest the planned files on disk make, and the files that are missing or do not match
-    what the source published (size, sha256 or git blob id). Reads the files; changes nothing."""
-    files, wrong = {}, []
-    for file in plan.files:
-        path = folder / file.dest
-        if not path.is_file():
-            wrong.append(file.dest)
-            continue
-        size = path.stat().st_size
-        sha256 = sha256_file(path) if file.sha256 or size > CHUNK_SIZE else None
-        if (
-            (file.size is not None and size != file.size)
-            or (file.sha256 is not None and sha256 != file.sha256)
-            or (file.sha256 is None and file.git_sha1 is not None and git_blob_sha1(path) != file.git_sha1)
-        ):
-            wrong.append(file.dest)
-            continue
-        files[file.dest] = {"size": size, "sha256": sha256 or file.sha256, "git_sha1": file.git_sha1}
-    manifest = {
-        "key": entry.key,
-        "complete": True,
-        "files": files,
-        "size_bytes": sum(f["size"] for f in files.values()),
-        "source": getattr(entry.source, "repo_id", None) or getattr(entry.source, "url", None),
-        "revision": plan.revision,
-        "completed_at": time.time(),
-    }
-    return manifest, wrong
-
-
-def convert_pickles(entry, folder: Path, manifest: dict) -> dict:
-    """The entry's downloaded pickles as safetensors (the pickles removed), and the manifest of what is kept."""
-    from modal_services.base_models.pickle_weights import convert_pickle
-
-    files = dict(manifest["files"])
-    for pickled, converted in entry.converted.items():
-        files.pop(pickled, None)
-        target = folder / converted
-        convert_pickle(folder / pickled, target)
-        files[converted] = {"size": target.stat().st_size, "sha256": sha256_file(target), "git_sha1": None}
-    return {**manifest, "files": files, "size_bytes": sum(f["size"] for f in files.values())}
-
-
-def _verify_plan(entry, plan: Plan, folder: Path) -> dict:
-    """The manifest of a finished download; a file that does not match the source is removed."""
-    manifest, wrong = planned_manifest(entry, plan, folder)
-    if wrong:
-        for dest in wrong:
-            (folder / dest).unlink(missing_ok=True)
-        raise ToolboxError(
-            ErrorCode.CHECKSUM_MISMATCH,
-            f"{entry.name}: {wrong[0]} did not match what the source published; it was removed. Download again.",
-        )
-    return manifest
-

@@ -7,7 +7,7 @@ store from an event loop of its own; transfers and tensor work run in threads.
 
 An import, step by step:
 
-1. metadata from CivitAI and the importer's rules (`civitai.plan_import`);
+1. metadata from CivitAI and the importer's rules (`civitai_plans.plan_import`);
 2. already installed (same version, file present)? Then nothing is fetched;
 3. `lock:civitai:<version>` (atomic create, heartbeat-refreshed): a second
    import of the same version waits for the first and then finds it installed;
@@ -36,7 +36,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from modal_services.library.civitai import CivitaiClient, ImportPlan, parse_reference, plan_from_metadata, plan_import
+from modal_services.library.civitai import CivitaiClient, parse_reference
+from modal_services.library.civitai_plans import ImportPlan, plan_from_metadata, plan_import
 from modal_services.net.egress import Purpose
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
@@ -59,23 +60,16 @@ from modal_services.library.entries import (
     safe_file_name,
     unique_file_name,
 )
+from modal_services.library.file_checks import check_checkpoint, check_finite, check_lora
 from modal_services.state.locks import HEARTBEAT_SECONDS, refresh_lock, release_lock, try_lock
-from modal_services.net.transfer import (
-    DownloadError,
-    DownloadHTTPError,
-    download_file,
-    is_disk_full,
-    max_bytes_for,
-    sha256_file,
-    storage_full,
-)
+from modal_services.net.transfer.download import download_file
+from modal_services.net.transfer.errors import DownloadError, DownloadHTTPError, is_disk_full, storage_full
+from modal_services.net.transfer.files import max_bytes_for, sha256_file
 
 log = logging.getLogger(__name__)
 
 INCOMING_DIR = ".incoming"
 WAIT_POLL_SECONDS = 1.0
-# An SDXL UNet in the original single-file layout has the size-conditioning MLP; SD 1.x has not.
-SDXL_CHECKPOINT_KEYS = ("model.diffusion_model.label_emb.0.0.weight",)
 Hook = Callable[[], object]
 
 
@@ -87,8 +81,8 @@ class ModelEngine:
         self.store = layout.store
         self.commit_hook = commit
         self.reload_hook = reload
-        self.model_layout = model_layout  # None: SDXL's (lora_formats.ModelLayout.sdxl)
-        self.flux_layout = flux_layout  # None: FLUX.1-dev's (lora_formats.FluxLayout.flux1_dev)
+        self.model_layout = model_layout  # None: SDXL's (lora_formats.layouts.ModelLayout.sdxl)
+        self.flux_layout = flux_layout  # None: FLUX.1-dev's (lora_formats.layouts.FluxLayout.flux1_dev)
         self.library = Library(self.store, self.loras_dir, self.models_dir)
         self.wait_poll = WAIT_POLL_SECONDS
         self.loaded = False
@@ -241,7 +235,7 @@ class ModelEngine:
         try:
             await asyncio.to_thread(check_finite, incoming)
             if entry.type == "lora":
-                report = await asyncio.to_thread(self._check_lora, incoming, converted, entry)
+                report = await asyncio.to_thread(check_lora, incoming, converted, entry, self.model_layout, self.flux_layout)
                 entry.format = report.format
             else:
                 await asyncio.to_thread(check_checkpoint, incoming)
@@ -267,17 +261,6 @@ class ModelEngine:
             raise
         finally:
             converted.unlink(missing_ok=True)
-
-    def _check_lora(self, incoming: Path, converted: Path, entry: LibraryEntry):
-        """The LoRA checked (and for SDXL converted when needed) against its family's model. A file CivitAI
-        does not know is taken for the family its layer names say."""
-        from modal_services.library.lora_formats import check_flux_lora, lora_family, normalize_lora
-
-        if entry.civitai_version_id is None:
-            entry.family = lora_family(incoming)
-        if entry.family == "flux":
-            return check_flux_lora(incoming, self.flux_layout)
-        return normalize_lora(incoming, converted, self.model_layout)
 
     async def _free_name(self, name: str, version_name: str) -> str:
         """The model's name, with its version when another entry already has that name."""
@@ -407,53 +390,6 @@ class ModelEngine:
         """An import's checks (and LoRA conversion, the original kept) for a file already where `entry`
         puts it (one the migration moved in), then its entry, under that very name."""
         return await self._install(path, entry, lambda fraction, stage: None, uuid.uuid4().hex, exact=True)
-
-
-def check_finite(path: Path) -> None:
-    """Every tensor (alphas too) is finite, read one tensor at a time: never the whole file in memory.
-
-    A NaN or infinite weight makes every image it touches black (or noise), and
-    would be reported as a success: such a file is refused, naming the tensor.
-    """
-    import torch
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                tensor = handle.get_tensor(key)
-                if not tensor.is_floating_point():
-                    continue
-                try:
-                    finite = bool(torch.isfinite(tensor).all())
-                except (RuntimeError, TypeError):  # dtypes without isfinite (fp8): check them widened
-                    finite = bool(torch.isfinite(tensor.float()).all())
-                if not finite:
-                    raise ToolboxError(
-                        ErrorCode.INCOMPATIBLE_MODEL,
-                        f"{path.name} is damaged: its tensor `{key[:120]}` holds NaN or infinite values, so it would "
-                        "only produce black or noisy images. It was not added.",
-                    )
-    except (SafetensorError, ValueError) as exc:
-        raise ToolboxError(ErrorCode.MODEL_LOAD_FAILED, f"{path.name} is not a readable .safetensors file ({type(exc).__name__}).") from None
-
-
-def check_checkpoint(path: Path) -> None:
-    """A single-file SDXL checkpoint: safetensors, with SDXL's UNet keys (read from the header only)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = set(handle.keys())
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise ToolboxError(ErrorCode.MODEL_LOAD_FAILED, f"{path.name} is not a readable .safetensors file ({type(exc).__name__}).") from None
-    if not any(key.startswith("model.diffusion_model.") for key in keys):
-        raise ToolboxError(
-            ErrorCode.INCOMPATIBLE_MODEL,
-            "This file is not a single-file Stable Diffusion checkpoint (no `model.diffusion_model.` weights).",
-        )
-    if not all(key in keys for key in SDXL_CHECKPOINT_KEYS):
-        raise ToolboxError(ErrorCode.INCOMPATIBLE_MODEL, "This checkpoint is not SDXL (it looks like SD 1.x or 2.x).")
 
 
 def _civitai_error(error: DownloadError, plan: ImportPlan) -> ToolboxError:

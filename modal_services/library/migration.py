@@ -26,24 +26,52 @@ The rules:
   can be run again and finishes the same way; the old index files are retired (renamed
   `*.migrated`) last, which makes a second run a no-op;
 - a dry run reads, plans and reports, and changes nothing.
+
+Reading the older toolbox's files is `old_toolbox`; the report is `migration_report`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 import os
-import re
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from modal_services.base_models.downloads import fetch_context, planned_manifest
+from modal_services.base_models.downloads import fetch_context
+from modal_services.base_models.manifests import planned_manifest
+from modal_services.base_models.registry import BASE_MODELS
+from modal_services.base_models.tokens import LABELS, clean_token, mask
 from modal_services.errors import ToolboxError
+from modal_services.layout import Layout
+from modal_services.library.entries import (
+    DEFAULT_CHECKPOINT,
+    ORIGINALS_DIR,
+    SUFFIX,
+    TYPES,
+    LibraryEntry,
+    safe_file_name,
+    unique_file_name,
+)
+from modal_services.library.imports import ModelEngine
+from modal_services.library.migration_report import Item, MigrationReport
+from modal_services.library.old_toolbox import (
+    MANIFEST_FILE,
+    METADATA_FILE,
+    PICKLE_SUFFIXES,
+    PROGRESS_FILE,
+    RETIRED_SUFFIX,
+    SHA256_HEX,
+    TOKEN_FIELDS,
+    TOKENS_FILE,
+    entry_from_metadata,
+    manifest_claims,
+    plain_file_name,
+    read_index,
+)
 from modal_services.net.fetchers import fetcher_for
+from modal_services.net.transfer.files import sha256_file
 from modal_services.state.keys import (
     ACTIVE_CHECKPOINT_KEY,
     MIGRATION_JOURNAL_PREFIX,
@@ -52,134 +80,9 @@ from modal_services.state.keys import (
     migration_journal_key,
     secret_key,
 )
-from modal_services.layout import Layout
-from modal_services.library.entries import (
-    DEFAULT_CHECKPOINT,
-    ORIGINALS_DIR,
-    SOURCES,
-    SUFFIX,
-    TYPES,
-    LibraryEntry,
-    clean_name,
-    lora_weight,
-    parse_trigger_words,
-    safe_file_name,
-    unique_file_name,
-    utc_now,
-)
-from modal_services.library.imports import ModelEngine
-from modal_services.base_models.registry import BASE_MODELS
-from modal_services.base_models.tokens import LABELS, clean_token, mask
-from modal_services.net.transfer import sha256_file
-
-log = logging.getLogger(__name__)
-
-METADATA_FILE = ".metadata.json"
-TOKENS_FILE = ".api_tokens.json"
-MANIFEST_FILE = ".manifest.json"
-PROGRESS_FILE = ".progress.json"
-RETIRED_SUFFIX = ".migrated"
-# The old toolbox also accepted pickle formats; this project never loads them (they run code).
-PICKLE_SUFFIXES = (".pt", ".bin", ".ckpt", ".pth")
-MAX_INDEX_BYTES = 16 * 2**20
-TOKEN_FIELDS = {"civitai_token": "civitai", "hf_token": "hf"}
-SHA256_HEX = re.compile(r"[0-9a-f]{64}")
-
-# Outcomes that change something, with the verb a dry run uses for them.
-CHANGES = {"moved": "would move", "added": "would add", "recorded": "would record",
-           "removed": "would remove", "retired": "would retire"}
-OUTCOME_ORDER = ("moved", "added", "recorded", "removed", "retired", "kept", "skipped")
-
 
 # Where a file is now, and where it is (or, in a dry run, would be) in the library.
 Placement = tuple[Path, Path]
-
-
-@dataclass
-class Item:
-    kind: str  # file | entry | manifest | token | index
-    subject: str
-    outcome: str  # one of OUTCOME_ORDER
-    detail: str = ""
-    retry: bool = False  # skipped for a passing reason: a later run can do it
-
-
-@dataclass
-class MigrationReport:
-    dry_run: bool
-    items: list[Item] = field(default_factory=list)
-
-    def add(self, kind: str, subject: str, outcome: str, detail: str = "", retry: bool = False) -> Item:
-        item = Item(kind, subject, outcome, detail, retry)
-        self.items.append(item)
-        log.info("migration: %s %s %s: %s", outcome, kind, subject, detail)
-        return item
-
-    @property
-    def changed(self) -> bool:
-        return any(item.outcome in CHANGES for item in self.items)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"dry_run": self.dry_run, "changed": self.changed, "items": [asdict(item) for item in self.items]}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "MigrationReport":
-        return cls(bool(data["dry_run"]), [Item(**item) for item in data["items"]])
-
-
-def render_report(report: MigrationReport) -> str:
-    if not report.items:
-        return "Nothing to migrate: no files or index of the older toolbox were found."
-    counts = {outcome: sum(item.outcome == outcome for item in report.items) for outcome in OUTCOME_ORDER}
-    summary = ", ".join(f"{n} {outcome}" for outcome, n in counts.items() if n)
-    lines = [("Dry run, nothing was changed. The plan: " if report.dry_run else "Migration: ") + summary + "."]
-    for outcome in OUTCOME_ORDER:
-        for item in (i for i in report.items if i.outcome == outcome):
-            verb = CHANGES[outcome] if report.dry_run and outcome in CHANGES else outcome
-            lines.append(f"  {verb:12} {item.kind:8} {item.subject}" + (f": {item.detail}" if item.detail else ""))
-    if any(item.retry for item in report.items):
-        lines.append("Some steps can be retried: run the migration again later.")
-    return "\n".join(lines)
-
-
-def read_index(path: Path) -> tuple[Any, str | None]:
-    """(parsed JSON, None), (None, None) when the file is absent, or (None, why it cannot be read)."""
-    try:
-        if not path.is_file() or path.is_symlink():
-            return None, None
-        if path.stat().st_size > MAX_INDEX_BYTES:
-            return None, f"larger than {MAX_INDEX_BYTES // 2**20} MiB, not an index of the older toolbox"
-        return json.loads(path.read_text(encoding="utf-8")), None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return None, f"not readable JSON ({type(exc).__name__})"
-
-
-def manifest_claims(data: Any) -> list[str]:
-    """The keys an old manifest claims complete: `{"models": {key: {"status": "complete"}}}` in the
-    volume's file, `{key: {"completed": true}}` in the Dict's whole-manifest key."""
-    if not isinstance(data, dict):
-        return []
-    models = data.get("models") if isinstance(data.get("models"), dict) else data
-    return sorted(
-        key for key, value in models.items()
-        if isinstance(key, str) and isinstance(value, dict)
-        and (value.get("status") == "complete" or value.get("completed") is True)
-    )
-
-
-def _plain_file_name(name: Any) -> bool:
-    return (isinstance(name, str) and name.lower().endswith(SUFFIX) and not name.startswith(".")
-            and "/" not in name and "\\" not in name and "\0" not in name and len(name) <= 255)
-
-
-def _int_or_none(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if value > 0 else None
-    if isinstance(value, str) and value.strip().isdigit():
-        return int(value.strip())
-    return None
 
 
 def _retire(path: Path) -> Path:
@@ -382,7 +285,7 @@ class Migration:
         migrated: dict[str, str] = {}
         names = {entry.name.lower() for entry in await self.library.entries()}
         for old_name, meta in models.items():
-            if not _plain_file_name(old_name) or not isinstance(meta, dict):
+            if not plain_file_name(old_name) or not isinstance(meta, dict):
                 self.report.add("entry", str(old_name)[:120], "skipped", "not a plain .safetensors file name")
                 continue
             kind = meta.get("type", "lora")
@@ -451,29 +354,7 @@ class Migration:
             else:
                 self.on_step(f"computing the sha256 of {path.name}")
                 sha256 = await asyncio.to_thread(sha256_file, path)
-        stem = file[: -len(SUFFIX)]
-        name = clean_name(str(meta.get("display_name") or meta.get("short_name") or stem)[:100])
-        if name.lower() in names:
-            name = clean_name(f"{name} ({stem})"[:100])
-        weight = meta.get("recommended_weight")
-        words = meta.get("trigger_words") if isinstance(meta.get("trigger_words"), (str, list)) else []
-        source = meta.get("source") if meta.get("source") in SOURCES else "upload"
-        tags = meta.get("tags") if isinstance(meta.get("tags"), list) else []
-        return LibraryEntry(
-            name=name,
-            file=file,
-            type=kind,
-            base_model=str(meta.get("base_model") or "")[:100],
-            trigger_words=parse_trigger_words(words if isinstance(words, str) else [str(w) for w in words]),
-            weight=(lora_weight(name, weight) if weight is not None else 1.0) if kind == "lora" else None,
-            size_bytes=size,
-            sha256=sha256,
-            source=source,
-            civitai_model_id=_int_or_none(meta.get("civitai_model_id")),
-            civitai_version_id=_int_or_none(meta.get("civitai_version_id")),
-            added_at=str(meta.get("added_at") or utc_now())[:40],
-            tags=[str(tag)[:100] for tag in tags[:50]],
-        )
+        return entry_from_metadata(file, kind, meta, size, sha256, names)
 
     async def _active_checkpoint(self, wanted: Any, migrated: Mapping[str, str]) -> None:
         if not isinstance(wanted, str) or wanted in ("", DEFAULT_CHECKPOINT) or wanted not in migrated:

@@ -1,7 +1,7 @@
 """Fetchers by source kind: what a base model's files are (a plan) and how each is fetched.
 
 Hugging Face repos go through huggingface_hub (its endpoint, tokens, Xet and
-in-call resume); plain URLs through `transfer.download_file`.
+in-call resume); plain URLs through `transfer.download.download_file`.
 """
 
 from __future__ import annotations
@@ -13,16 +13,11 @@ from pathlib import Path
 from typing import Callable
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.net.transfer import (
-    CHUNK_SIZE,
-    DownloadHTTPError,
-    _Transient,
-    _with_retries,
-    download_file,
-    is_disk_full,
-    retry_after_seconds,
-    storage_full,
-)
+from modal_services.net.transfer.download import download_file
+from modal_services.net.transfer.errors import DownloadHTTPError, TransientFailure, is_disk_full, storage_full
+from modal_services.net.transfer.files import CHUNK_SIZE
+from modal_services.net.transfer.responses import retry_after_seconds
+from modal_services.net.transfer.retrying import with_retries
 
 
 
@@ -113,7 +108,7 @@ def _byte_counter(on_bytes: Callable[[int], None]) -> type:
 
 
 def _hf_failure(exc: BaseException, repo_id: str) -> Exception:
-    """Turn a huggingface_hub error into ours: a refusal, a retryable `_Transient`, or a clear failure."""
+    """Turn a huggingface_hub error into ours: a refusal, a retryable `TransientFailure`, or a clear failure."""
     import httpx2
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -140,7 +135,7 @@ def _hf_failure(exc: BaseException, repo_id: str) -> Exception:
         return DownloadHTTPError(f"A file or revision of {repo_id} was not found on Hugging Face (HTTP {status}).", status or 404)
     if isinstance(exc, HfHubHTTPError):
         if status is not None and (status in (408, 429) or status >= 500):
-            transient = _Transient(f"HTTP {status}")
+            transient = TransientFailure(f"HTTP {status}")
             transient.status = status
             transient.retry_after = retry_after_seconds(exc.response.headers.get("Retry-After"))
             return transient
@@ -148,11 +143,11 @@ def _hf_failure(exc: BaseException, repo_id: str) -> Exception:
             return DownloadHTTPError(f"Hugging Face refused access to {repo_id} (HTTP {status}): set a valid token in /setup.", status)
         return DownloadHTTPError(f"Hugging Face answered HTTP {status} for {repo_id}.", status)
     if isinstance(exc, (LocalEntryNotFoundError, httpx2.TransportError)):
-        return _Transient(type(exc).__name__)
+        return TransientFailure(type(exc).__name__)
     if isinstance(exc, OSError) and is_disk_full(exc):
         return storage_full(repo_id)
     if isinstance(exc, OSError) and "Consistency check failed" in str(exc):
-        return _Transient("short body")  # huggingface_hub's own word for a truncated transfer
+        return TransientFailure("short body")  # huggingface_hub's own word for a truncated transfer
     return exc
 
 
@@ -174,7 +169,7 @@ class HFFetcher:
             except Exception as exc:
                 raise _hf_failure(exc, source.repo_id) from None
 
-        info = _with_retries(list_files, f"listing {source.repo_id}")
+        info = with_retries(list_files, f"listing {source.repo_id}")
         siblings = info.siblings or []
         chosen = []
         for sibling in siblings:
@@ -210,7 +205,7 @@ class HFFetcher:
             except Exception as exc:
                 raise _hf_failure(exc, entry.source.repo_id) from None
 
-        path = Path(_with_retries(one_try, f"{entry.source.repo_id}/{file.source}"))
+        path = Path(with_retries(one_try, f"{entry.source.repo_id}/{file.source}"))
         target = folder / file.dest
         if path != target:
             target.parent.mkdir(parents=True, exist_ok=True)

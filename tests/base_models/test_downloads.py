@@ -11,16 +11,11 @@ import pytest
 
 from modal_services.base_models import downloads
 
-from modal_services.net import transfer
-from modal_services.net.transfer import (
-    DownloadError,
-    DownloadHTTPError,
-    download_file,
-    filename_from_disposition,
-    partial_path,
-    retry_after_seconds,
-    safe_url,
-)
+from modal_services.net.transfer import retrying
+from modal_services.net.transfer.download import download_file
+from modal_services.net.transfer.errors import DownloadError, DownloadHTTPError
+from modal_services.net.transfer.files import partial_path
+from modal_services.net.transfer.responses import filename_from_disposition, retry_after_seconds, safe_url
 from modal_services.net.egress import Credentials
 from modal_services.errors import ErrorCode, ToolboxError
 from tests.fakes.hf_server import FakeHub
@@ -36,7 +31,7 @@ def hub():
 def sleeps(monkeypatch):
     """Retries run without waiting; the delays asked for are recorded."""
     waited: list[float] = []
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: waited.append(seconds))
+    monkeypatch.setattr(retrying, "wait_before_retry", lambda seconds, interrupt=None: waited.append(seconds))
     return waited
 
 
@@ -115,7 +110,7 @@ def test_429_honours_retry_after_then_succeeds(hub, tmp_path, sleeps):
     hub.fault("/files/f", "status", status=500)
     assert download_file(f"{hub.url}/files/f", tmp_path / "f").sha256 == SHA
     assert sleeps[0] == 7.0
-    assert 0 < sleeps[1] <= transfer.RETRY_MAX_DELAY
+    assert 0 < sleeps[1] <= retrying.RETRY_MAX_DELAY
 
 
 def test_persistent_5xx_gives_up_after_retries(hub, tmp_path, sleeps):
@@ -242,15 +237,10 @@ def test_helpers():
 import asyncio
 import time
 
-from modal_services.base_models.downloads import (
-    DownloadEngine,
-    check_files,
-    download_key,
-    manifest_key,
-    missing_models,
-    model_states,
-)
-from modal_services.state.keys import lock_key
+from modal_services.base_models.downloads import DownloadEngine
+from modal_services.base_models.manifests import check_files
+from modal_services.base_models.states import missing_models, model_states
+from modal_services.state.keys import download_key, lock_key, manifest_key
 from modal_services.layout import Layout
 from modal_services.base_models.registry import HFSource, ModelEntry, PublishedFile, URLSource
 from modal_services.state.store import SqliteStore

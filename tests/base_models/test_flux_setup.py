@@ -7,7 +7,7 @@ import pytest
 
 from modal_services.base_models import downloads
 
-from modal_services.net import transfer
+from modal_services.net.transfer import retrying
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import FLUX_DIR
 from modal_services.base_models.optional_models import set_enabled, setup_entries
@@ -22,7 +22,7 @@ FLUX = BASE_MODELS["flux1-dev"]
 def hub(fake_hub, monkeypatch):
     serve_registry(fake_hub, {FLUX.key: FLUX})
     monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
+    monkeypatch.setattr(retrying, "wait_before_retry", lambda seconds, interrupt=None: None)
     return fake_hub
 
 

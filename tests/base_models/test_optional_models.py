@@ -14,7 +14,7 @@ import pytest
 from bot.cli import main
 from cogs.setup import Setup, SetupPanel, ToggleOptionalButton
 from modal_services.base_models import downloads
-from modal_services.net import transfer
+from modal_services.net.transfer import retrying
 from modal_services.base_models.downloads import DownloadEngine
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.state.keys import manifest_key
@@ -41,7 +41,7 @@ def hub(fake_hub, monkeypatch):
     monkeypatch.setitem(BASE_MODELS, GATED.key, GATED)
     serve_registry(fake_hub, {GATED.key: GATED})
     monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
+    monkeypatch.setattr(retrying, "wait_before_retry", lambda seconds, interrupt=None: None)
     return fake_hub
 
 

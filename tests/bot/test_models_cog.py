@@ -10,7 +10,7 @@ import pytest
 
 from bot.permissions import is_admin
 from cogs.models import Models
-from modal_services.net import transfer
+from modal_services.net.transfer import retrying
 from modal_services.library.entries import LibraryEntry
 from tests.fakes.civitai_server import FakeCivitai
 from tests.fakes.discord_fakes import channel_spy, ephemeral_error, fake_attachment, fake_interaction, invoke
@@ -32,7 +32,7 @@ def civitai():
 @pytest.fixture
 async def bot(civitai, monkeypatch, make_toolbox_bot):
     monkeypatch.setenv("CIVITAI_API_BASE", civitai.base)
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
+    monkeypatch.setattr(retrying, "wait_before_retry", lambda seconds, interrupt=None: None)
     return await make_toolbox_bot("cogs.models")
 
 

@@ -16,9 +16,9 @@ from bot.settings import Settings
 from cogs import setup as setup_cog
 from cogs.setup import Setup, SetupPanel, TokensForm, render_progress
 from modal_services.base_models import downloads
-from modal_services.base_models.downloads import manifest_key, model_states
+from modal_services.base_models.states import ModelState, model_states
 from modal_services.jobs.records import Job, JobStatus, create_job, update_job
-from modal_services.state.keys import SETUP_DOWNLOAD_LOCK, lock_key
+from modal_services.state.keys import SETUP_DOWNLOAD_LOCK, lock_key, manifest_key
 from modal_services.base_models.registry import BASE_MODELS
 from tests.fakes.discord_fakes import fake_interaction
 
@@ -235,7 +235,7 @@ async def test_failed_download_shows_why(bot, hub):
 
 def test_progress_render_fits_a_message():
     job = Job(id="j", kind="download", status=JobStatus.RUNNING)
-    states = [downloads.ModelState(e.key, e.name, "downloading", e.approx_bytes, e.approx_bytes // 3, 5e7, 120.0)
+    states = [ModelState(e.key, e.name, "downloading", e.approx_bytes, e.approx_bytes // 3, 5e7, 120.0)
               for e in BASE_MODELS.values()]
     text = render_progress(job, states)
     assert len(text) <= 2000 and text.count("ETA 2 min 00 s") == len(states)

@@ -8,13 +8,13 @@ import pytest
 
 from bot.cli import main
 from modal_services.base_models import downloads
-from modal_services.net import transfer
+from modal_services.net.transfer import retrying
 
 
 @pytest.fixture
 def hub(fake_hub, monkeypatch):
     monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
+    monkeypatch.setattr(retrying, "wait_before_retry", lambda seconds, interrupt=None: None)
     return fake_hub
 
 

@@ -12,7 +12,10 @@ from bot.upscale_requests import upscale_request
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import Layout
 from modal_services.library.entries import Library, LibraryEntry, entry_key
-from modal_services.library.lora_formats import FluxLayout, check_flux_lora, lora_family, normalize_lora
+from modal_services.library.lora_formats.files import lora_family
+from modal_services.library.lora_formats.flux import check_flux_lora
+from modal_services.library.lora_formats.layouts import FluxLayout
+from modal_services.library.lora_formats.sdxl import normalize_lora
 from modal_services.library.imports import ModelEngine
 from modal_services.state.store import SqliteStore
 from tests.fixtures import tiny_loras

@@ -4,14 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from modal_services.library.civitai import (
-    CivitaiClient,
-    CivitaiRef,
-    clean_words,
-    is_sdxl_family,
-    parse_reference,
-    plan_import,
-)
+from modal_services.library.civitai import CivitaiClient, CivitaiRef, parse_reference
+from modal_services.library.civitai_plans import clean_words, is_sdxl_family, plan_import
 from modal_services.errors import ErrorCode, ToolboxError
 from tests.fakes.civitai_server import FakeCivitai
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from modal_services.net import transfer
+from modal_services.net.transfer import retrying
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import Layout
 from modal_services.library.imports import ModelEngine
@@ -28,7 +28,7 @@ def civitai():
 
 @pytest.fixture(autouse=True)
 def _no_waiting(monkeypatch):
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
+    monkeypatch.setattr(retrying, "wait_before_retry", lambda seconds, interrupt=None: None)
 
 
 @pytest.fixture

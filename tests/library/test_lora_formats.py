@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.library.lora_formats import ModelLayout, classify, normalize_lora
+from modal_services.library.lora_formats.layouts import ModelLayout
+from modal_services.library.lora_formats.sdxl import classify, normalize_lora
 from tests.fixtures import tiny_loras
 
 torch = pytest.importorskip("torch")

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from bot.cli import main
-from modal_services.net import transfer
+from modal_services.net.transfer import retrying
 from modal_services.base_models.downloads import DownloadEngine
-from modal_services.library.migration import MigrationReport, render_report
+from modal_services.library.migration_report import MigrationReport, render_report
 from modal_services.state.store import SqliteStore
 from modal_services.state.keys import manifest_key, secret_key
 from modal_services.layout import Layout
@@ -39,7 +39,7 @@ HF_TOKEN = "hf_oldtoken_11112222bbbb"
 
 @pytest.fixture
 def hub(fake_hub, monkeypatch):
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)  # the source's retries, without the waits
+    monkeypatch.setattr(retrying, "wait_before_retry", lambda seconds, interrupt=None: None)  # the source's retries, without the waits
     return fake_hub
 
 

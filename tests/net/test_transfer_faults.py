@@ -8,13 +8,15 @@ import time
 
 import pytest
 
-from modal_services.net import transfer
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.net.transfer import DownloadError, download_file, partial_path
+from modal_services.net.transfer import deadlines, parallel, retrying
+from modal_services.net.transfer.download import download_file
+from modal_services.net.transfer.errors import DownloadError
+from modal_services.net.transfer.files import partial_path
 from tests.fakes.hf_server import FakeHub
 
 DATA = os.urandom(2 * (1 << 20) + 77)
-REAL_SLEEP = transfer._sleep  # before the fixture below replaces it
+REAL_SLEEP = retrying.wait_before_retry  # before the fixture below replaces it
 
 
 @pytest.fixture
@@ -28,8 +30,8 @@ def hub():
 def quick(monkeypatch):
     """Short deadlines and no waiting between retries."""
     monkeypatch.setenv("TOOLBOX_STALL_SECONDS", "0.6")
-    monkeypatch.setattr(transfer, "_sleep", lambda seconds, interrupt=None: None)
-    monkeypatch.setattr(transfer, "WATCH_INTERVAL", 0.05)
+    monkeypatch.setattr(retrying, "wait_before_retry", lambda seconds, interrupt=None: None)
+    monkeypatch.setattr(deadlines, "WATCH_INTERVAL", 0.05)
 
 
 def timed(call):
@@ -83,7 +85,7 @@ def test_cancel_stops_a_blocked_read_at_once(hub, tmp_path):
 
 
 def test_cancel_does_not_wait_out_a_long_retry_after(hub, tmp_path, monkeypatch):
-    monkeypatch.setattr(transfer, "_sleep", REAL_SLEEP)
+    monkeypatch.setattr(retrying, "wait_before_retry", REAL_SLEEP)
     hub.fault("/files/f", "status", status=429, headers={"Retry-After": "60"})
     progress = cancelled_after(0.3)
     error, took = timed(lambda: download_file(f"{hub.url}/files/f", tmp_path / "f", progress=progress))
@@ -92,7 +94,7 @@ def test_cancel_does_not_wait_out_a_long_retry_after(hub, tmp_path, monkeypatch)
 
 
 def test_the_back_off_still_waits_when_nothing_stops_it(hub, tmp_path, monkeypatch):
-    monkeypatch.setattr(transfer, "_sleep", REAL_SLEEP)
+    monkeypatch.setattr(retrying, "wait_before_retry", REAL_SLEEP)
     hub.fault("/files/f", "status", status=503, headers={"Retry-After": "1"})
     started = time.monotonic()
     assert download_file(f"{hub.url}/files/f", tmp_path / "f", progress=lambda done, total: None).size == len(DATA)
@@ -137,7 +139,7 @@ def test_a_body_without_a_size_under_the_cap_is_accepted(hub, tmp_path):
 
 
 def test_the_file_deadline_ends_a_transfer_that_keeps_resuming(hub, tmp_path, monkeypatch):
-    monkeypatch.setattr(transfer, "file_deadline", lambda size, stall: 1.0)
+    monkeypatch.setattr(deadlines, "file_deadline", lambda size, stall: 1.0)
     hub.fault("/files/f", "trickle", times=100, at=100_000, interval=0.05)
     error, took = timed(lambda: download_file(f"{hub.url}/files/f", tmp_path / "f", retries=100))
     assert error.code is ErrorCode.TIMEOUT and took < 3
@@ -145,9 +147,9 @@ def test_the_file_deadline_ends_a_transfer_that_keeps_resuming(hub, tmp_path, mo
 
 def test_the_stall_setting_is_checked():
     with pytest.raises(ToolboxError) as caught:
-        transfer.stall_seconds({"TOOLBOX_STALL_SECONDS": "soon"})
+        deadlines.stall_seconds({"TOOLBOX_STALL_SECONDS": "soon"})
     assert caught.value.code is ErrorCode.INVALID_INPUT
-    assert transfer.stall_seconds({}) == transfer.DEFAULT_STALL_SECONDS
+    assert deadlines.stall_seconds({}) == deadlines.DEFAULT_STALL_SECONDS
 
 
 # ---------------------------------------------------------------- parallel ranges
@@ -158,7 +160,7 @@ BIG = os.urandom(4 * (1 << 20) + 4321)
 @pytest.fixture
 def ranged(hub, monkeypatch):
     """Parallel ranges from 1 MiB (instead of 64), four connections."""
-    monkeypatch.setattr(transfer, "PARALLEL_MIN_BYTES", 1 << 20)
+    monkeypatch.setattr(parallel, "PARALLEL_MIN_BYTES", 1 << 20)
     monkeypatch.setenv("TOOLBOX_DOWNLOAD_CONNECTIONS", "4")
     hub.add_plain("big", BIG)
     return hub
@@ -240,7 +242,7 @@ def test_cancel_stops_every_range_at_once(ranged, tmp_path):
 
 
 def test_cancel_ends_every_range_in_its_back_off(ranged, tmp_path, monkeypatch):
-    monkeypatch.setattr(transfer, "_sleep", REAL_SLEEP)
+    monkeypatch.setattr(retrying, "wait_before_retry", REAL_SLEEP)
     ranged.fault("/files/big", "status", times=4, skip=1, status=503, headers={"Retry-After": "60"})
     progress = cancelled_after(0.5)
     error, took = timed(lambda: download_file(f"{ranged.url}/files/big", tmp_path / "big", size_hint=len(BIG),
@@ -250,8 +252,8 @@ def test_cancel_ends_every_range_in_its_back_off(ranged, tmp_path, monkeypatch):
 
 
 def test_the_connections_setting_is_checked():
-    assert transfer.download_connections({}) == 4
-    assert transfer.download_connections({"TOOLBOX_DOWNLOAD_CONNECTIONS": "1"}) == 1
+    assert parallel.download_connections({}) == 4
+    assert parallel.download_connections({"TOOLBOX_DOWNLOAD_CONNECTIONS": "1"}) == 1
     for bad in ("0", "17", "many", "-2"):
         with pytest.raises(ToolboxError):
-            transfer.download_connections({"TOOLBOX_DOWNLOAD_CONNECTIONS": bad})
+            parallel.download_connections({"TOOLBOX_DOWNLOAD_CONNECTIONS": bad})

@@ -324,7 +324,7 @@ class SdxlModels:
 
     def model_layout(self):
         """The loaded UNet's and text encoders' layers, what a LoRA is checked against."""
-        from modal_services.library.lora_formats import ModelLayout
+        from modal_services.library.lora_formats.layouts import ModelLayout
 
         return ModelLayout.of_pipeline(self.pipe)
 

@@ -19,7 +19,10 @@ import uuid
 from pathlib import Path
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.net.transfer import LORA_MAX_BYTES, DownloadError, download_file, safe_url
+from modal_services.net.transfer.download import download_file
+from modal_services.net.transfer.errors import DownloadError
+from modal_services.net.transfer.files import LORA_MAX_BYTES
+from modal_services.net.transfer.responses import safe_url
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +39,8 @@ class RequestLoras:
         if sha256 and self.cached(sha256).is_file():
             return self.cached(sha256)
         from modal_services.net.egress import Purpose
-        from modal_services.library.lora_formats import normalize_lora
-        from modal_services.library.imports import check_finite
+        from modal_services.library.lora_formats.sdxl import normalize_lora
+        from modal_services.library.file_checks import check_finite
 
         incoming = self.cache_dir / ".incoming" / uuid.uuid4().hex
         incoming.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,66 @@
+"""`download_file`: one URL to one verified file, over several connections or one."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+from modal_services.net.egress import Credentials, Purpose
+from modal_services.net.transfer import deadlines
+from modal_services.net.transfer.files import CHECKPOINT_MAX_BYTES, DownloadedFile
+from modal_services.net.transfer.parallel import download_in_ranges
+from modal_services.net.transfer.single import SingleConnectionDownload
+
+CONNECT_TIMEOUT = 15.0
+
+
+def download_file(
+    url: str,
+    dest: Path,
+    *,
+    purpose: Purpose = Purpose.URL,
+    credentials: Credentials | None = None,
+    trusted: tuple[str, ...] = (),
+    expected_size: int | None = None,
+    expected_sha256: str | None = None,
+    max_bytes: int = CHECKPOINT_MAX_BYTES,
+    size_hint: int | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    retries: int = 5,
+) -> DownloadedFile:
+    """Download `url` to `dest` (blocking) under the egress policy, verified, via `<dest>.partial` and an atomic rename.
+
+    - An existing `.partial` (an earlier attempt, or a killed process) is
+      resumed with `Range` when the server allows it, otherwise restarted.
+    - Every failed attempt counts against one budget of `retries` (429
+      honouring `Retry-After`, 408, 5xx, dropped connections, stalls, short
+      bodies, a wrong `Content-Range`, a server ignoring `Range`); only an
+      attempt that brings the file clearly further than ever before
+      (by `STALL_MIN_BYTES`) earns a fresh budget.
+    - The file has an overall deadline (`file_deadline`): TIMEOUT past it.
+    - A body longer than declared, or than `max_bytes` when nothing is
+      declared, is cut and refused.
+    - 401/403/404/410 and other refusals raise `DownloadHTTPError` (with `.status`).
+    - Wrong size or sha256: CHECKSUM_MISMATCH; a full disk: STORAGE_FULL.
+      Both remove the partial; `dest` is never touched.
+    - Whatever `progress` raises (CANCELLED) stops the transfer within
+      `WATCH_INTERVAL`, leaving the `.partial` to resume from.
+    - A large file (`expected_size`, or else `size_hint`, the source's
+      approximate size, from `PARALLEL_MIN_BYTES`) comes over
+      `TOOLBOX_DOWNLOAD_CONNECTIONS` connections when the server serves ranges
+      (`parallel`), over one otherwise.
+    """
+    dest = Path(dest)
+    expected_sha256 = expected_sha256.lower() if expected_sha256 else None
+    report = deadlines.ThrottledProgress(progress)
+    stall = deadlines.stall_seconds()
+    deadline_at = time.monotonic() + deadlines.file_deadline(expected_size or max_bytes, stall)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    opening = {"purpose": purpose, "credentials": credentials, "trusted": trusted, "timeout": (CONNECT_TIMEOUT, stall)}
+    finished = download_in_ranges(url, dest, opening, report, stall, deadline_at, retries, expected_size=expected_size,
+                                  size_hint=size_hint, expected_sha256=expected_sha256)
+    if finished is not None:
+        return finished
+    return SingleConnectionDownload(url, dest, opening, report, stall, deadline_at, expected_size=expected_size,
+                                    expected_sha256=expected_sha256, max_bytes=max_bytes, retries=retries).run()
