@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import bot.core.following
-from bot.cli import main, output_paths
+from bot.cli import main
+from bot.cli.generate import output_paths
 from tests.images import png_bytes
 
 
