@@ -5,6 +5,9 @@ Exit status: 0 on success, 2 on bad usage, 1 on any other failure, with
 
 Each command group is a module of this package whose `register` adds its parser and sets `run` to the
 function that carries the command out; `main` calls that function with the settings and the options.
+Building the parser imports every command module, so they import what a command runs with (the
+backend, asyncio, tqdm, image decoding) inside the functions that use it: `toolbox --help` pays only
+for the request models whose limits and defaults the help shows.
 """
 
 from __future__ import annotations

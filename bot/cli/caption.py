@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -37,6 +36,8 @@ def _read_for_caption(path: Path) -> bytes:
 
 
 async def caption_files(settings: Settings, args: argparse.Namespace) -> None:
+    import asyncio
+
     from tqdm import tqdm
 
     if args.batch_size < 1:

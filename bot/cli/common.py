@@ -1,8 +1,5 @@
 """What several `toolbox` commands share: the exit status, the backend and library, reading and writing
 files, asking for confirmation, a job's progress bar, the NSFW check's option.
-
-The backend, tqdm and the image decoder are imported inside the functions that use them: the command
-modules import this one while the parser is built, and `toolbox --help` should not pay for them.
 """
 
 from __future__ import annotations

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import signal
-import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -18,6 +15,10 @@ def register(commands) -> None:
 
 def run_bot(settings: Settings, args: argparse.Namespace) -> None:
     """Until SIGTERM or Ctrl-C, which close the bot gracefully; a second Ctrl-C leaves at once."""
+    import logging
+    import signal
+    import threading
+
     import discord
 
     from bot.runner import bot_supervisor

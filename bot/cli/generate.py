@@ -4,7 +4,6 @@ local backend or through the HTTP API (`--api URL`)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,6 +77,8 @@ def _read_photo(path: Path) -> bytes:
 async def generate_choices(args: argparse.Namespace) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The terminal's options as the request's choices (None for a default, the photos read) and LoRAs
     ({name, weight}); the rules between options are checked here, before anything starts."""
+    import asyncio
+
     from bot.generate_requests import FACE_NEEDS_SDXL, generate_model
     from bot.upscale_requests import parse_lora_option
     from modal_services.jobs.requests import ASPECT_BUCKETS
@@ -113,6 +114,8 @@ async def build_request(library: Library, model: str, choices: dict[str, Any],
 
 async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
     """On the local backend, or through the HTTP API at --api; the images written, each with its seed printed."""
+    import asyncio
+
     choices, loras = await generate_choices(args)
     if args.api:
         await generate_through_api(settings, args, choices, loras)
@@ -140,6 +143,7 @@ def _print_face_notes(result: dict) -> None:
 
 async def generate_through_api(settings: Settings, args: argparse.Namespace, choices: dict, loras: list[dict]) -> None:
     """`toolbox generate --api URL`: the same request through the HTTP API's job endpoints, as a remote client would."""
+    import asyncio
     import base64
 
     from bot.api_client import ApiClient

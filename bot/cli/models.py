@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import sys
@@ -76,6 +75,8 @@ def _print_entry(document: dict, as_json: bool) -> None:
 
 async def import_model(settings: Settings, args: argparse.Namespace) -> None:
     """Plan the import on CivitAI, show it and ask; an installed version is only shown."""
+    import asyncio
+
     from modal_services.base_models.tokens import get_token
     from modal_services.library.civitai import CivitaiClient, parse_reference, plan_import
 

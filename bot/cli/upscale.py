@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +63,8 @@ async def build_request(library: Library, png: bytes, choices: dict[str, Any],
 
 
 async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
+    import asyncio
+
     from modal_services.engines.sdxl.limits import check_upscale_size
 
     # Everything is checked before the job starts: the file, the output, the values, the LoRA names, the sizes.
