@@ -12,6 +12,7 @@ for the request models whose limits and defaults the help shows.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 
 from bot.cli.common import exit_status
@@ -19,11 +20,12 @@ from bot.cli.parser import build_parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `toolbox` console script: runs the command `argv` names and returns the exit status."""
     args = build_parser().parse_args(argv)
     return exit_status(lambda: _run(args))
 
 
-def _run(args) -> None:
+def _run(args: argparse.Namespace) -> None:
     import asyncio
 
     from bot.settings import Settings
