@@ -14,7 +14,7 @@ def test_bot_and_cogs_do_not_import_the_ml_stack():
     import cogs
 
     modules = ["bot", "bot.cli", "bot.client", "bot.backend", "bot.progress", "bot.attachments", "bot.replies",
-               "bot.settings", "bot.ui", "bot.upscale_requests", "bot.api", "bot.api.client",
+               "bot.settings", "bot.ui", "bot.api", "bot.api.client",
                "modal_services.app"]
     modules += [f"cogs.{info.name}" for info in pkgutil.iter_modules(cogs.__path__)]
     code = (

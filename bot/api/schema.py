@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl
 
+from bot.core.generate_models import MODEL_ALIASES, SDXL
 from modal_services.jobs.requests import (
     CaptionRequest,
     CaptionStyle,
@@ -88,8 +89,8 @@ class GenerateImageRequest(Strict):
     `loras` by name."""
 
     prompt: GenerationPrompt
-    model: Literal["sdxl", "flux-dev"] = Field(
-        "sdxl", description="flux-dev: FLUX.1-dev (if the bot's admin enabled it): guidance `cfg` 1-10 (3.5 when "
+    model: Literal[tuple(MODEL_ALIASES)] = Field(
+        SDXL.key, description="flux-dev: FLUX.1-dev (if the bot's admin enabled it): guidance `cfg` 1-10 (3.5 when "
         "omitted), no negative prompt, sizes up to about 2 MP (2048 a side), library Flux LoRAs only")
     negative_prompt: Prompt = _default(GenerateRequest, "negative_prompt")
     width: FluxSide = Field(_default(GenerateRequest, "width"), description="SDXL: 512-1536; Flux: up to 2048")

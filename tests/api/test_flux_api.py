@@ -6,6 +6,8 @@ import asyncio
 
 import pytest
 
+from bot.core.generate_models import MODEL_ALIASES
+
 from modal_services.library.entries import LibraryEntry, entry_key
 from tests.api.test_api import assert_error, decode_png, served  # noqa: F401 (fixtures)
 from tests.bot.test_flux_cog import enable_flux, flux  # noqa: F401 (flux: a fixture)
@@ -70,4 +72,6 @@ async def test_an_unknown_model_and_sdxl_sizes_are_refused(api, flux):
                         400, "INVALID_INPUT")
     assert "1536" in body["error"]
     schema = (await api.get("/openapi.json")).json()
-    assert schema["components"]["schemas"]["GenerateImageRequest"]["properties"]["model"]["enum"] == ["sdxl", "flux-dev"]
+    # Every name the front ends share for a model (the contract's "sdxl" and "flux-dev" among them).
+    models = schema["components"]["schemas"]["GenerateImageRequest"]["properties"]["model"]["enum"]
+    assert models == list(MODEL_ALIASES) and {"sdxl", "flux-dev"} <= set(models)

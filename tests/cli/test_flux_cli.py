@@ -43,7 +43,7 @@ def test_generate_model_flux_locally(flux, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, words", [
     (["--model", "flux", "--negative", "blurry"], "Flux has no negative prompt"),
-    (["--aspect", "1:1 2MP"], "add --model flux"),
+    (["--aspect", "1:1 2MP"], "made by Flux only"),
     (["--model", "flux", "--cfg", "15"], "guidance must be between 1 and 10"),
     (["--model", "flux", "--face", "me.png"], "A face photo works with SDXL only"),
     (["--model", "flux", "--identity-strength", "0.5"], "A face photo works with SDXL only"),

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 import bot.core.following
-from bot.cli import main, output_paths
+from bot.cli import main
+from bot.cli.generate import output_paths
 from tests.images import png_bytes
 
 
@@ -116,10 +117,10 @@ def test_several_images_are_numbered_and_bad_requests_start_nothing(settings, ti
     for argv, words in (
         (["generate", "   "], "INVALID_PROMPT: The prompt cannot be empty"),
         (["generate", "a fox", "--width", "500", "--height", "512"], "INVALID_INPUT: The width must be a multiple of 64"),
-        (["generate", "a fox", "--width", "512"], "--width and --height together"),
+        (["generate", "a fox", "--width", "512"], "the width and the height together"),
         (["generate", "a fox", "--count", "5"], "image count"),
         (["generate", "a fox", "--lora", "nope"], "No lora named 'nope'"),
-        (["generate", "a fox", "--pose", str(out)], "--pose is used only with --face"),
+        (["generate", "a fox", "--pose", str(out)], "only with a face photo"),
         (["generate", "a fox", "--face", str(tmp_path / "absent.png")], "absent.png"),
         (["generate", "a fox", "--face", str(not_an_image)], "not-an-image.png"),
         (["generate", "a fox", "--face", str(out), "--identity-strength", "3"], "identity strength must be between 0 and 1.5"),

@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from bot.generate_requests import flux_generate_request, generate_request
-from bot.upscale_requests import upscale_request
+from bot.core.build import build_generate_request, build_upscale_request
+from bot.core.choices import GenerateChoices, LoraChoice, UpscaleChoices
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import Layout
 from modal_services.library.entries import Library, LibraryEntry, entry_key
@@ -164,25 +164,27 @@ async def test_autocomplete_offers_only_the_chosen_familys_loras(library):
 
 
 async def test_an_sdxl_lora_is_refused_for_flux_and_a_flux_lora_for_sdxl(library):
-    choices = {"prompt": "a cat", "seed": 1}
-    request, model = await flux_generate_request(library, choices, [{"name": "Flux Detail", "weight": 0.7}])
-    assert request.loras[0].file == "flux_detail.safetensors" and model["name"] == "FLUX.1-dev"
+    def choices(model: str, lora: LoraChoice) -> GenerateChoices:
+        return GenerateChoices(prompt="a cat", seed=1, model=model, loras=(lora,))
+
+    built = await build_generate_request(library, choices("flux", LoraChoice("Flux Detail", 0.7)))
+    assert built.request.loras[0].file == "flux_detail.safetensors" and built.checkpoint["name"] == "FLUX.1-dev"
     with pytest.raises(ToolboxError) as caught:
-        await flux_generate_request(library, choices, [{"name": "SDXL Detail"}])
+        await build_generate_request(library, choices("flux", LoraChoice("SDXL Detail")))
     assert caught.value.code is ErrorCode.INCOMPATIBLE_MODEL and "made for SDXL" in caught.value.message
     with pytest.raises(ToolboxError) as caught:
-        await generate_request(library, choices, [{"name": "Flux Detail"}])
+        await build_generate_request(library, choices("sdxl", LoraChoice("Flux Detail")))
     assert caught.value.code is ErrorCode.INCOMPATIBLE_MODEL and "made for Flux" in caught.value.message
     with pytest.raises(ToolboxError) as caught:
-        await upscale_request(library, png_bytes(64, 64), {}, [{"name": "Flux Light"}])
+        await build_upscale_request(library, UpscaleChoices(image=png_bytes(64, 64), loras=(LoraChoice("Flux Light"),)))
     assert caught.value.code is ErrorCode.INCOMPATIBLE_MODEL
 
 
 async def test_flux_requests_take_cfg_as_guidance_and_refuse_a_negative_prompt(library):
-    request, _ = await flux_generate_request(library, {"prompt": "a cat", "cfg": 2.5}, [])
+    request = (await build_generate_request(library, GenerateChoices(prompt="a cat", model="flux", cfg=2.5))).request
     assert request.guidance == 2.5 and request.kind == "flux_generate"
-    request, _ = await flux_generate_request(library, {"prompt": "a cat"}, [])
+    request = (await build_generate_request(library, GenerateChoices(prompt="a cat", model="flux"))).request
     assert request.guidance == 3.5 and request.steps == 28
     with pytest.raises(ToolboxError) as caught:
-        await flux_generate_request(library, {"prompt": "a cat", "negative_prompt": "blurry"}, [])
+        await build_generate_request(library, GenerateChoices(prompt="a cat", model="flux", negative="blurry"))
     assert caught.value.code is ErrorCode.INVALID_INPUT and "no negative prompt" in caught.value.message

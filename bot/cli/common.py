@@ -1,0 +1,157 @@
+"""What several `toolbox` commands share: the exit status, the backend and library, reading and writing
+files, asking for confirmation, a job's progress bar, the NSFW check's option.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, AsyncIterator, Callable
+
+from bot.core.choices import LoraChoice
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs.requests import SafetyContext
+
+if TYPE_CHECKING:
+    import argparse
+
+    from bot.backend import Backend
+    from bot.settings import Settings
+    from modal_services.library.entries import Library
+    from modal_services.state.store import StateStore
+
+# After Ctrl-C the engines are told to stop; one still inside a library call that
+# cannot be interrupted (a Hugging Face transfer between chunks) is not waited for.
+STOP_GRACE_SECONDS = 1.5
+
+SAFETY_HELP = "keep images the NSFW classifier would flag (by default they are withheld, not written)"
+
+
+def exit_status(command: Callable[[], None]) -> int:
+    """Run `command`: 0 when it succeeds; a ToolboxError is one `error: <CODE>: <message>` line on stderr
+    and 2 for bad usage, 1 otherwise; Ctrl-C stops the engines and is 1."""
+    try:
+        command()
+    except ToolboxError as error:
+        print(f"error: {error.code.value}: {error.message}", file=sys.stderr)
+        return 2 if error.code in (ErrorCode.INVALID_INPUT, ErrorCode.INVALID_PROMPT) else 1
+    except KeyboardInterrupt:
+        print("Stopped. A download picks up where it left off the next time.", file=sys.stderr)
+        _stop_engines_soon()
+        return 1
+    return 0
+
+
+def _stop_engines_soon() -> None:
+    """Give the engine threads (told to stop by the backend's shutdown) a moment, then exit without them."""
+    from bot.backend import ENGINE_THREAD_PREFIX
+
+    deadline = time.monotonic() + STOP_GRACE_SECONDS
+    for thread in threading.enumerate():
+        if thread.name.startswith(ENGINE_THREAD_PREFIX):
+            thread.join(max(0.0, deadline - time.monotonic()))
+    if any(thread.name.startswith(ENGINE_THREAD_PREFIX) and thread.is_alive() for thread in threading.enumerate()):
+        sys.stderr.flush()
+        os._exit(1)
+
+
+@contextlib.asynccontextmanager
+async def opened_backend(settings: Settings) -> AsyncIterator[Backend]:
+    """The backend for these settings, closed when the command is done with it."""
+    from bot.backend import open_backend
+
+    backend = await open_backend(settings)
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+def library_for(settings: Settings, store: StateStore) -> Library:
+    """The LoRA and checkpoint library as the terminal sees it: the data dir's folders, or the workers' volume."""
+    from modal_services.library.entries import Library
+
+    return Library.for_backend(store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+
+
+def read_input(path: Path) -> bytes:
+    """A file named on the command line; one it cannot read is INVALID_INPUT."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"{path}: {exc.strerror or exc}") from None
+
+
+def writable_output(path: Path) -> Path:
+    """`path`, if a result can be written there; INVALID_INPUT before any job starts otherwise."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"-o {path}: there is no folder {folder}.")
+    if path.is_dir() or not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"-o {path}: cannot write a file there.")
+    return path
+
+
+def confirm(question: str, yes: bool) -> None:
+    """Ask on a terminal; refuse (no prompt to hang on) when stdin is not one and --yes is missing."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise ToolboxError(ErrorCode.INVALID_INPUT, "Confirmation needed: run again with --yes.")
+    if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+        raise ToolboxError(ErrorCode.CANCELLED, "Nothing was changed.")
+
+
+@contextlib.contextmanager
+def job_bar(title: str):
+    """A terminal bar for one job: yields the `on_update` to give follow_job; full when the job ends."""
+    from tqdm import tqdm
+
+    with tqdm(total=100, unit="%", desc=title, disable=None, bar_format="{desc}: {percentage:3.0f}%|{bar}| {postfix}") as bar:
+        async def show(record) -> None:
+            bar.n = round(record.progress * 100)
+            bar.set_postfix_str(record.stage[:60])
+            bar.refresh()
+
+        yield show
+        bar.n = 100
+        bar.refresh()
+
+
+async def run_with_bar(backend: Backend, request, title: str):
+    """Submit `request` and follow it to its result behind a progress bar."""
+    from bot.core.following import follow_job
+
+    job = await backend.submit(request, meta={"title": title})
+    with job_bar(title) as show:
+        return await follow_job(backend, job.id, show)
+
+
+def cli_safety(args: argparse.Namespace) -> SafetyContext:
+    """A terminal's images are judged as for a channel that is not age-restricted, unless it opts out."""
+    return SafetyContext(policy="off" if args.no_safety_check else "block")
+
+
+def report_withheld(result: dict) -> None:
+    """One line on stderr for each image the NSFW check withheld."""
+    from modal_services.safety.judge import SafetyReport
+
+    report = SafetyReport.from_dict(result["safety"])
+    for index in report.withheld:
+        print(f"image {index + 1} withheld: NSFW score {report.images[index].nsfw_score:.2f} (threshold "
+              f"{report.threshold:g}); not written. --no-safety-check keeps such images.", file=sys.stderr)
+
+
+def parse_lora_option(value: str) -> LoraChoice:
+    """`NAME` or `NAME:WEIGHT` (the --lora option) as the LoRA it names."""
+    name, separator, weight = value.rpartition(":")
+    if not separator:
+        return LoraChoice(value.strip())
+    try:
+        return LoraChoice(name.strip(), float(weight))
+    except ValueError:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"--lora {value!r}: the weight after ':' must be a number.") from None

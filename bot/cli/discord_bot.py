@@ -1,0 +1,37 @@
+"""`toolbox bot`: the Discord bot in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bot.settings import Settings
+
+
+def register(commands) -> None:
+    commands.add_parser("bot", help="run the Discord bot").set_defaults(run=run_bot)
+
+
+def run_bot(settings: Settings, args: argparse.Namespace) -> None:
+    """Until SIGTERM or Ctrl-C, which close the bot gracefully; a second Ctrl-C leaves at once."""
+    import logging
+    import signal
+    import threading
+
+    import discord
+
+    from bot.runner import bot_supervisor
+
+    supervisor = bot_supervisor(settings)
+    discord.utils.setup_logging(level=logging.INFO)
+    stop = threading.Event()
+
+    def request_stop(signum, frame) -> None:
+        logging.getLogger("bot").info("stopping (%s)", signal.Signals(signum).name)
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    supervisor.run(stop)

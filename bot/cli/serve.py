@@ -1,0 +1,36 @@
+"""`toolbox serve`: the HTTP API on the local backend."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from modal_services.errors import ErrorCode, ToolboxError
+
+if TYPE_CHECKING:
+    from bot.settings import Settings
+
+LOOPBACK = "127.0.0.1"
+
+
+def register(commands) -> None:
+    serve = commands.add_parser("serve", help="run the HTTP API on the local backend")
+    serve.add_argument("--host", default=LOOPBACK, help=f"address to listen on (default {LOOPBACK})")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--no-auth", action="store_true", help=f"no token (only with --host {LOOPBACK})")
+    serve.set_defaults(run=serve_api)
+
+
+def serve_api(settings: Settings, args: argparse.Namespace) -> None:
+    """The HTTP API with uvicorn on the local backend. No token is only allowed on loopback, and only when asked for."""
+    if args.no_auth and args.host != LOOPBACK:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"--no-auth is only allowed with --host {LOOPBACK}.")
+    if not args.no_auth and not settings.api_token:
+        raise ToolboxError(ErrorCode.INVALID_INPUT,
+                           f"Set TOOLBOX_API_TOKEN (or run on {LOOPBACK} with --no-auth) before serving the API.")
+    import uvicorn
+
+    from bot.api import api_for_settings
+
+    app = api_for_settings(settings, None if args.no_auth else settings.api_token)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
