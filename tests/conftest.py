@@ -1,4 +1,5 @@
-"""Test-wide guards: nothing reaches a hub or Modal, and nothing writes outside tmp dirs."""
+"""Test-wide guards (nothing reaches a hub or Modal, nothing writes outside tmp dirs) and the fixtures
+that tests in several folders share; a fixture one folder uses lives in that folder's conftest."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _cdn_server():
         yield cdn
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def fake_cdn(_cdn_server, _isolated_environment, monkeypatch):
     """The fake Discord CDN that `fake_attachment` publishes to, allowed as an admin allows a host."""
     from tests.fakes import discord_fakes
@@ -44,23 +45,19 @@ def fake_cdn(_cdn_server, _isolated_environment, monkeypatch):
     _cdn_server.reset()
 
 
+@pytest.fixture(autouse=True)
+def _cdn_for_fake_attachments(request):
+    """A test module that builds `fake_attachment`s gets the fake CDN serving them; the rest run without it."""
+    if hasattr(request.module, "fake_attachment"):
+        request.getfixturevalue("fake_cdn")
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory):
     """A tiny random Qwen3-VL snapshot, built once per test run."""
     from tests.fixtures.tiny_qwen import build_tiny_qwen3vl
 
     return build_tiny_qwen3vl(tmp_path_factory.mktemp("tiny-qwen") / "qwen3-vl-2b")
-
-
-@pytest.fixture
-def installed_caption_model(tiny_qwen_dir, tmp_path):
-    """The tiny caption model placed where the local backend looks for it (the data dir's models/)."""
-    from modal_services.layout import CAPTION_MODEL
-
-    models_dir = tmp_path / "data" / "models"
-    models_dir.mkdir(parents=True, exist_ok=True)
-    (models_dir / CAPTION_MODEL).symlink_to(tiny_qwen_dir, target_is_directory=True)
-    return models_dir
 
 
 @pytest.fixture(scope="session")
@@ -242,26 +239,3 @@ def modal_deployment(monkeypatch):
     monkeypatch.setattr(modal.FunctionCall, "from_id", fake.call_from_id)
     monkeypatch.setenv("TOOLBOX_BACKEND", "modal")
     return fake
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl_data_dir(tmp_path_factory):
-    """A data dir whose models/ and loras/ are the tiny SDXL volume, with one LoRA in the library."""
-    import asyncio
-
-    from modal_services.library.entries import LibraryEntry, entry_key
-    from modal_services.state.store import SqliteStore
-    from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
-
-    root = tmp_path_factory.mktemp("data")
-    build_tiny_volume(root)
-
-    async def add_entry():
-        store = SqliteStore(root / "state.sqlite3")
-        entry = LibraryEntry(name="Detail Tweaker", file="detail.safetensors", type="lora", weight=0.8,
-                             trigger_words=["shiny"])
-        await store.put(entry_key(entry.file), entry.to_dict())
-        await store.close()
-
-    asyncio.run(add_entry())
-    return root

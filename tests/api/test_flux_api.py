@@ -7,7 +7,6 @@ import asyncio
 import pytest
 
 from bot.core.generate_models import MODEL_ALIASES
-
 from modal_services.library.entries import LibraryEntry, entry_key
 from tests.api.test_api import assert_error, decode_png, served  # noqa: F401 (fixtures)
 from tests.bot.test_flux_cog import enable_flux, flux  # noqa: F401 (flux: a fixture)

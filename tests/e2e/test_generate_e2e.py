@@ -18,6 +18,7 @@ def settings(tiny_sdxl_data_dir, monkeypatch):
     monkeypatch.setattr(bot.core.following, "POLL_INTERVAL", 0.02)
 
 
+@pytest.mark.slow
 def test_toolbox_generate_writes_the_image(settings, tmp_path, capsys):
     out = tmp_path / "cat.png"
     code = main(["generate", "a cat", "--width", "512", "--height", "512", "--steps", "20", "--cfg", "1",

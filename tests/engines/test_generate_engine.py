@@ -86,6 +86,7 @@ def test_progress_every_step_and_a_preview_per_step(base):
 # ---------------------------------------------------------------- batches and OOM
 
 
+@pytest.mark.slow
 def test_count_is_one_batched_call_with_a_seed_per_image_and_oom_retries_one_by_one(engine, monkeypatch):
     import torch
 
@@ -146,6 +147,7 @@ def test_count_4_gives_the_images_of_4_requests_one_by_one(engine):
 # ---------------------------------------------------------------- LoRAs
 
 
+@pytest.mark.slow
 def test_a_lora_changes_the_image_and_leaves_nothing_behind(volume, engine, base):
     with_lora = engine.generate(**QUICK, loras=[lora(volume, "detail", 0.8, triggers=["shiny"])])
     assert with_lora["prompt"] == "shiny, a cat"
@@ -176,6 +178,7 @@ def test_an_sd15_lora_is_refused_by_name_and_leaves_nothing_behind(volume, engin
 # ---------------------------------------------------------------- variations and checkpoints
 
 
+@pytest.mark.slow
 def test_a_variation_starts_from_the_image(engine, base):
     start = base["images"][0]
     variation = engine.generate(**{**REQUEST, "seed": 9}, image=start, strength=0.3)
@@ -323,6 +326,7 @@ def lora_server(volume, monkeypatch):
     server.server_close()
 
 
+@pytest.mark.slow
 def test_a_lora_url_is_fetched_applied_cached_by_sha256_and_unloaded(engine, base, lora_server, volume):
     import hashlib
 

@@ -73,6 +73,7 @@ def test_the_same_face_gives_the_same_image_and_another_face_another(engine, wit
     assert np.abs(pixels(other) - pixels(with_face["images"][0])).mean() > 0.5
 
 
+@pytest.mark.slow
 def test_both_strengths_at_zero_give_the_plain_image(engine, plain):
     """At 0 neither the face adapter nor the IdentityNet adds anything: the face path is exactly text-to-image."""
     off = engine.generate(**QUICK, face_image=FACE, identity_strength=0.0, controlnet_strength=0.0)["images"][0]
@@ -88,6 +89,7 @@ def test_each_strength_alone_changes_the_image(engine, plain):
     assert np.abs(pixels(only_identity) - pixels(only_pose)).mean() > 0.5
 
 
+@pytest.mark.slow
 def test_the_identitynet_sees_the_pose_photos_keypoints_and_the_face_tokens(engine):
     from modal_services.engines.sdxl.faces import draw_keypoints, keypoints_on_canvas, read_face
 
@@ -142,6 +144,7 @@ def test_no_face_is_invalid_input_before_any_denoising(volume, monkeypatch):
     assert calls == [] and engine.instant_id.identitynet is None
 
 
+@pytest.mark.slow
 def test_after_a_face_request_the_engine_is_as_fresh(volume, plain):
     engine = new_engine(volume)
     unet = engine.models.pipe.unet
