@@ -1,5 +1,6 @@
-"""Everything that runs in a worker: engines, state store, jobs, and the Modal app.
+"""Everything that runs in a worker, in subpackages by kind (engines, jobs, state, net, base_models,
+library, safety), with the worker's job table (`services`) and the Modal app (`app`) beside them.
 
-Importing this package (and its light modules: errors, state, jobs, layout,
-services) never imports torch; the engines import it inside `load()`.
+Importing this package and its light modules (errors, layout, jobs, state, services) never imports
+torch; the engines import it inside `load()`.
 """
