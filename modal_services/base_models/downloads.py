@@ -18,7 +18,8 @@ from typing import Callable, Mapping
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.net.fetchers import FetchContext, Plan, fetcher_for, git_blob_sha1
-from modal_services.jobs.requests import DownloadRequest, VerifyRequest, job_method
+from modal_services.jobs.records import ProgressFn
+from modal_services.jobs.requests import DownloadRequest, VerifyRequest
 from modal_services.state.keys import download_key, manifest_key
 from modal_services.layout import Layout
 from modal_services.state.locks import HEARTBEAT_SECONDS, holder_alive, holder_record, refresh_lock, release_lock, try_lock
@@ -237,15 +238,13 @@ class DownloadEngine:
         return root / entry.folder
 
     # -- job methods (blocking) --------------------------------------------------
-    @job_method(DownloadRequest)
-    def download(self, progress, keys: list[str]) -> dict[str, str]:
-        """Download every model of `keys` (all when empty) that is not present; returns key → state."""
-        return asyncio.run(self._download(keys, progress))
+    def download(self, request: DownloadRequest, progress: ProgressFn) -> dict[str, str]:
+        """Download every model of `request.keys` (all when empty) that is not present; returns key → state."""
+        return asyncio.run(self._download(request.keys, progress))
 
-    @job_method(VerifyRequest)
-    def verify(self, progress, keys: list[str]) -> dict[str, dict]:
+    def verify(self, request: VerifyRequest, progress: ProgressFn) -> dict[str, dict]:
         """Re-check files on disk (sizes and hashes); fix manifests. Returns key → state dict."""
-        return asyncio.run(self._verify(keys, progress))
+        return asyncio.run(self._verify(request.keys, progress))
 
     # -- helpers -------------------------------------------------------------------
     async def _hook(self, hook: Hook | None) -> None:
