@@ -30,7 +30,8 @@ from modal_services.jobs.records import Job, JobStatus, create_job, load_job, up
 from modal_services.state.keys import JOB_PREFIX, call_key
 from modal_services.layout import Layout
 from modal_services.safety.nsfw_classifier import NsfwClassifier
-from modal_services.services import SERVICES, Engine, EngineFactory, ServiceSpec, build_engine, run_service_job, service_for
+from modal_services.services import (SERVICES, Engine, EngineFactory, ServiceSpec, build_engine, run_service_job,
+                                     service_for)
 from modal_services.state.store import ModalDictStore, SqliteStore, StateStore
 
 log = logging.getLogger(__name__)

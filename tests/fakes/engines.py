@@ -51,8 +51,9 @@ class StandInImageEngine:
     size (which the result still reports); an upscale gets a plain resize. Each job's request fields are kept
     in `generated` and `upscaled`, as the request's dict without the runner's safety context.
 
-    `delay` is slept at each of its steps; `faces_found` is how many faces it reports in a face photo; `gate`, when given, holds each job until it is set; `fail_with`
-    makes every job raise it; `load_error` makes loading fail (as a missing model does).
+    `delay` is slept at each of its steps; `faces_found` is how many faces it reports in a face photo;
+    `gate`, when given, holds each job until it is set; `fail_with` makes every job raise it; `load_error`
+    makes loading fail (as a missing model does).
     """
 
     STEPS = 2

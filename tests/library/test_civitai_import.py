@@ -67,7 +67,8 @@ def entries(engine):
 def test_import_a_lora_end_to_end(engine, civitai, tmp_path):
     civitai.add_model(1, 11, LORA, trained_words=["detailed"], tags=["detail"])
     progress = Progress()
-    result = engine.import_model(ModelImportRequest(ref="  <https://civitai.com/models/1/detail-tweaker>  ", api_base=civitai.base), progress)
+    request = ModelImportRequest(ref="  <https://civitai.com/models/1/detail-tweaker>  ", api_base=civitai.base)
+    result = engine.import_model(request, progress)
     entry = result["entry"]
     assert result["already_installed"] is False
     assert entry["file"] == "detail_tweaker_xl.safetensors" and entry["type"] == "lora" and entry["format"] == "kohya"
@@ -316,8 +317,9 @@ def test_a_missing_file_is_downloaded_again(engine, civitai, tmp_path):
 def test_upload_is_described_from_civitai_by_hash(engine, civitai):
     civitai.add_model(1, 11, LORA, trained_words=["detailed"])
     civitai.files["my_lora.safetensors"] = LORA
-    result = engine.upload_model(ModelUploadRequest(url=f"{civitai.base}/files/my_lora.safetensors", filename="my_lora.safetensors",
-                                                    type="lora", size_bytes=len(LORA), api_base=civitai.base), Progress())
+    request = ModelUploadRequest(url=f"{civitai.base}/files/my_lora.safetensors", filename="my_lora.safetensors",
+                                 type="lora", size_bytes=len(LORA), api_base=civitai.base)
+    result = engine.upload_model(request, Progress())
     entry = result["entry"]
     assert (entry["name"], entry["civitai_version_id"], entry["trigger_words"]) == ("Detail Tweaker XL", 11, ["detailed"])
     assert entry["source"] == "upload" and entry["file"] == "my_lora.safetensors"
@@ -325,8 +327,9 @@ def test_upload_is_described_from_civitai_by_hash(engine, civitai):
 
 def test_upload_unknown_to_civitai_keeps_the_given_metadata(engine, civitai):
     civitai.files["x.safetensors"] = LORA
-    entry = engine.upload_model(ModelUploadRequest(url=f"{civitai.base}/files/x.safetensors", filename="x.safetensors",
-                                                   type="lora", name="Mine", trigger_words="a, b", api_base=civitai.base), Progress())["entry"]
+    request = ModelUploadRequest(url=f"{civitai.base}/files/x.safetensors", filename="x.safetensors", type="lora",
+                                 name="Mine", trigger_words="a, b", api_base=civitai.base)
+    entry = engine.upload_model(request, Progress())["entry"]
     assert (entry["name"], entry["trigger_words"], entry["civitai_version_id"]) == ("Mine", ["a", "b"], None)
 
 

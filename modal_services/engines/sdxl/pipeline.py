@@ -79,7 +79,9 @@ class LoraSpec:
         try:
             path = Path(lora.path) if lora.path else file_in(lora_folder, lora.file)
         except ValueError:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"LoRA {lora.name!r}: {lora.file!r} is not a library file name.") from None
+            raise ToolboxError(
+                ErrorCode.INVALID_INPUT, f"LoRA {lora.name!r}: {lora.file!r} is not a library file name."
+            ) from None
         weight = lora.weight if lora.weight is not None else 1.0
         words = tuple(word.strip() for word in lora.trigger_words if word.strip())
         return cls(name=lora.name, path=path, weight=weight, trigger_words=words)
