@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from modal_services.engines.caption import CaptionEngine  # noqa: E402
+from modal_services.jobs.requests import CaptionRequest  # noqa: E402
 from modal_services.layout import Layout  # noqa: E402
 from tests.fixtures.tiny_qwen import build_tiny_qwen3vl  # noqa: E402
 from tests.images import png_bytes  # noqa: E402
@@ -43,11 +44,14 @@ def main() -> None:
     engine = CaptionEngine(Layout(build_tiny_qwen3vl(Path(tempfile.mkdtemp(prefix="bench-qwen-")) / "qwen3-vl-2b").parent))
     engine.load()
     images = [png_bytes(256, 192, seed=i) for i in range(args.images)]
-    engine.caption(images[:2], style=args.style)  # warm-up
 
-    batched = best_of(args.repeats, lambda: engine.caption(images, style=args.style))
-    single = best_of(args.repeats, lambda: [engine.caption([image], style=args.style) for image in images])
-    same = engine.caption(images, style=args.style) == [engine.caption([i], style=args.style)[0] for i in images]
+    def caption(batch: list[bytes]) -> list[str]:
+        return engine.caption(CaptionRequest(images=batch, style=args.style), lambda fraction, stage: None)
+
+    caption(images[:2])  # warm-up
+    batched = best_of(args.repeats, lambda: caption(images))
+    single = best_of(args.repeats, lambda: [caption([image]) for image in images])
+    same = caption(images) == [caption([image])[0] for image in images]
     print(f"{args.images} images, style {args.style}, best of {args.repeats}")
     print(f"one at a time: {single:.3f} s   batched: {batched:.3f} s   speed-up: {single / batched:.2f}x (goal >= 1.5x)")
     print(f"batched captions identical to one-at-a-time: {same}")

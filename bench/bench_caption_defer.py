@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import multiprocessing
 import os
 import statistics
@@ -35,10 +34,10 @@ import bot.progress  # noqa: E402
 from bot.backend import LocalBackend  # noqa: E402
 from bot.client import ToolboxBot  # noqa: E402
 from bot.settings import Settings  # noqa: E402
-from modal_services import services  # noqa: E402
+from modal_services.jobs.requests import CaptionRequest  # noqa: E402
 from tests.fakes import discord_fakes  # noqa: E402
 from tests.fakes.discord_cdn import FakeCdn  # noqa: E402
-from tests.fakes.engines import SlowCaptionEngine  # noqa: E402
+from tests.fakes.engines import SlowCaptionEngine, StandInEngines  # noqa: E402
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke  # noqa: E402
 from tests.images import png_bytes  # noqa: E402
 
@@ -87,12 +86,11 @@ async def run(commands: int, engine_seconds: float) -> dict:
     os.environ["TOOLBOX_DATA_DIR"] = tempfile.mkdtemp(prefix="bench-defer-")
     os.environ["TOOLBOX_GLOBAL_CAP"] = str(commands)
     engine = SlowCaptionEngine(steps=10, delay=engine_seconds / 10)  # holds its one worker thread
-    services.SERVICES["caption"] = dataclasses.replace(
-        services.SERVICES["caption"], make_engine=lambda layout: engine, engine_method=lambda: SlowCaptionEngine.caption
-    )
+    stand_ins = StandInEngines()
+    stand_ins.use(CaptionRequest, engine)
     bot.progress.MIN_EDIT_INTERVAL = 1.5
     settings = Settings.load()
-    toolbox_bot = ToolboxBot(settings, LocalBackend(settings))
+    toolbox_bot = ToolboxBot(settings, LocalBackend(settings, engines=stand_ins))
     await toolbox_bot.load_extension("cogs.caption")
     command = toolbox_bot.tree.get_command("caption")
     # The fakes are built up front: building spec'd mocks is the harness's cost, not the bot's.

@@ -35,6 +35,7 @@ def main() -> None:
     from diffusers import FluxPipeline
 
     from modal_services.engines.flux import MAX_SEQUENCE_LENGTH, FluxEngine
+    from modal_services.jobs.requests import FluxGenerateRequest
     from modal_services.imaging import encode_png
     from modal_services.layout import FLUX_DIR, Layout
     from tests.fixtures.tiny_flux import build_tiny_flux_volume
@@ -56,9 +57,11 @@ def main() -> None:
         def bare_call_and_png():
             return [encode_png(image) for image in bare_call()]
 
+        request = FluxGenerateRequest(prompt="a cat", width=args.size, height=args.size, steps=args.steps, guidance=3.5,
+                                      seed=1, timeout=300)
+
         def engine_call():
-            engine.generate(prompt="a cat", width=args.size, height=args.size, steps=args.steps, guidance=3.5, seed=1,
-                            timeout=300, progress=lambda fraction, stage: None, preview=lambda jpeg: None)
+            engine.generate(request, lambda fraction, stage: None, preview=lambda jpeg: None)
 
         print(f"== Flux engine overhead, {args.size}², {args.steps} steps, guidance 3.5, median of {args.repeats} ==")
         bare_s, engine_s = compare(bare_call, engine_call, args.repeats)

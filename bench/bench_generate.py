@@ -59,6 +59,7 @@ def bench_overhead(volume, engine, size: int, steps: int, repeats: int) -> None:
     import torch
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
+    from modal_services.jobs.requests import GenerateRequest
     from modal_services.layout import SDXL_CONFIG_DIR, SDXL_VAE_DIR
 
     bare = StableDiffusionXLPipeline.from_single_file(
@@ -72,9 +73,10 @@ def bench_overhead(volume, engine, size: int, steps: int, repeats: int) -> None:
             bare(prompt="a cat", width=size, height=size, num_inference_steps=steps, guidance_scale=5.5,
                  generator=torch.Generator("cpu").manual_seed(1))
 
+    request = GenerateRequest(prompt="a cat", width=size, height=size, steps=steps, cfg=5.5, seed=1, timeout=300)
+
     def engine_call():
-        engine.generate(prompt="a cat", width=size, height=size, steps=steps, cfg=5.5, seed=1, timeout=300,
-                        progress=lambda fraction, stage: None, preview=lambda jpeg: None)
+        engine.generate(request, lambda fraction, stage: None, preview=lambda jpeg: None)
 
     print(f"== engine overhead, {size}², {steps} steps, CFG 5.5, median of {repeats} ==")
     bare_s, engine_s = compare(bare_call, engine_call, repeats)
@@ -82,14 +84,19 @@ def bench_overhead(volume, engine, size: int, steps: int, repeats: int) -> None:
 
 
 def bench_batch(engine, size: int, steps: int, repeats: int) -> None:
-    request = dict(prompt="a cat", width=size, height=size, steps=steps, seed=1, timeout=300)
+    from modal_services.jobs.requests import GenerateRequest
+
+    fields = dict(prompt="a cat", width=size, height=size, steps=steps, timeout=300)
+
+    def ignore(fraction, stage):
+        pass
 
     def one_call():
-        engine.generate(**request, count=4)
+        engine.generate(GenerateRequest(**fields, seed=1, count=4), ignore)
 
     def four_calls():
         for seed in range(1, 5):
-            engine.generate(**{**request, "seed": seed})
+            engine.generate(GenerateRequest(**fields, seed=seed), ignore)
 
     print(f"== count 4, {size}², {steps} steps, median of {repeats} ==")
     apart, together = compare(four_calls, one_call, repeats)

@@ -38,6 +38,7 @@ def main() -> None:
 
     from modal_services.layout import Layout
     from modal_services.engines.sdxl.engine import SdxlEngine
+    from modal_services.jobs.requests import GenerateRequest
     from tests.fixtures.tiny_faces import StandInFaceAnalyser, face_picture
     from tests.fixtures.tiny_instantid import add_tiny_instantid
     from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
@@ -48,14 +49,16 @@ def main() -> None:
         add_tiny_instantid(volume.models_dir)
         engine = SdxlEngine(Layout(volume.models_dir, volume.loras_dir), face_analyser=StandInFaceAnalyser())
         engine.load()
-        request = dict(prompt="a cat", width=args.size, height=args.size, steps=args.steps, cfg=5.5, seed=1,
-                       timeout=300, progress=lambda fraction, stage: None, preview=lambda jpeg: None)
-        face = face_picture()
+        fields = dict(prompt="a cat", width=args.size, height=args.size, steps=args.steps, cfg=5.5, seed=1, timeout=300)
+        plain_request, face_request = GenerateRequest(**fields), GenerateRequest(**fields, face_image=face_picture())
+
+        def run(request):
+            return lambda: engine.generate(request, lambda fraction, stage: None, preview=lambda jpeg: None)
+
 
         print(f"== the face path vs text-to-image, {args.size}², {args.steps} steps, CFG 5.5, "
               f"median of {args.repeats}, {args.threads} thread(s) ==")
-        plain, with_face = compare(lambda: engine.generate(**request), lambda: engine.generate(**request, face_image=face),
-                                   args.repeats)
+        plain, with_face = compare(run(plain_request), run(face_request), args.repeats)
         report("text-to-image", "with a face", plain, with_face, "what the face path adds")
 
 

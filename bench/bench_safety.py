@@ -52,9 +52,10 @@ def medians(work, repeats: int) -> tuple[float, float]:
 
 def bench_job(engine, classifier, size: int, steps: int, repeats: int) -> tuple[float, float]:
     """Median (CPU, wall) seconds of the job with the policy off."""
+    from modal_services.jobs.requests import GenerateRequest
     from modal_services.services import SERVICES, run_on_engine
 
-    spec = SERVICES["generate"]
+    spec = SERVICES[GenerateRequest]
 
     def job(policy: str):
         payload = {"prompt": "a lighthouse at dusk", "width": size, "height": size, "steps": steps, "count": 4,
@@ -112,6 +113,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
+    from modal_services.jobs.requests import GenerateRequest
     from modal_services.layout import Layout
     from modal_services.safety.nsfw_classifier import NsfwClassifier
     from modal_services.engines.sdxl.engine import SdxlEngine
@@ -125,8 +127,9 @@ def main() -> None:
         classifier.load()
         job_cpu, _ = bench_job(engine, classifier, args.size, args.steps, args.repeats)
 
-        images = engine.generate(prompt="a cat", width=args.size, height=args.size, steps=args.steps, seed=1,
-                                 count=4, timeout=300)["images"]
+        request = GenerateRequest(prompt="a cat", width=args.size, height=args.size, steps=args.steps, seed=1, count=4,
+                                  timeout=300)
+        images = engine.generate(request, lambda fraction, stage: None)["images"]
         print(f"== the classifier step alone, 4 images of {args.size}², median of {args.repeats} ==")
         bench_classifier("tiny ViT (test fixture)", classifier, images, args.repeats, job_cpu)
         if args.vit_base:

@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from modal_services.jobs.requests import UpscaleRequest  # noqa: E402
+
 
 def bench_area() -> None:
     from modal_services.engines.sdxl.tiling import plan_tiles
@@ -68,6 +70,10 @@ def _image(side: int) -> bytes:
     return encode_png(Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)))
 
 
+def _ignore(fraction: float, stage: str) -> None:
+    """Progress nobody follows."""
+
+
 def _denoise_seconds(engine, picture, job) -> float:
     """Seconds from the end of the VAE encode to the start of the decode: the UNet loop alone."""
     marks = {}
@@ -76,7 +82,7 @@ def _denoise_seconds(engine, picture, job) -> float:
         if stage in ("encoding the image", "decoding"):
             marks[stage] = time.perf_counter()
 
-    engine.upscale(picture, progress=progress, **job)
+    engine.upscale(UpscaleRequest(image=picture, **job), progress)
     return marks["decoding"] - marks["encoding the image"]
 
 
@@ -92,7 +98,7 @@ def bench_batch(rounds: int = 5) -> None:
         engine = _tiny_engine(Path(scratch), max_tile=128, min_overlap=32)
         tiles = len(engine.plan(512, 512))
         timings = {1: [], 4: []}
-        engine.upscale(picture, **job)  # warm-up
+        engine.upscale(UpscaleRequest(image=picture, **job), _ignore)  # warm-up
         # Interleaved rounds, best of each: the machine is shared, so single runs are noisy.
         for _ in range(rounds):
             for batch in timings:
@@ -111,11 +117,12 @@ def _memory_case(scale: float, vae_tile: int | None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         options = {} if vae_tile is None else {"vae_tile": vae_tile}
         engine = _tiny_engine(Path(scratch), **options)
-        engine.upscale(_image(256), scale=2.0, steps=2, creativity=0.5, seed=1)  # warm-up at a tiny size
+        warm_up = UpscaleRequest(image=_image(256), scale=2.0, steps=2, creativity=0.5, seed=1)
+        engine.upscale(warm_up, _ignore)  # at a tiny size
         picture = _image(1024)
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
-        engine.upscale(picture, scale=scale, steps=2, creativity=0.5, seed=1)
+        engine.upscale(UpscaleRequest(image=picture, scale=scale, steps=2, creativity=0.5, seed=1), _ignore)
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     side = round(1024 * scale)

@@ -6,8 +6,9 @@ job kind), reads the job record for progress, and awaits the result.
 - `LocalBackend` runs the engines in this process, one engine and one worker
   thread per service, as a Modal container serves all of its class's methods
   (one model in memory per service, one job at a time on it), with state in
-  SQLite under the data dir. Engines are imported only when a job first needs
-  one, so the bot alone never imports torch.
+  SQLite under the data dir. Its engines come from an engine factory (the
+  real engines unless it is given another, as tests give stand-ins), built
+  when a job first needs one, so the bot alone never imports torch.
 - `ModalBackend` spawns the deployed Modal classes and shares their state
   through the Modal Dict; every Modal call is `.aio`.
 """
@@ -29,7 +30,8 @@ from modal_services.jobs.records import Job, JobStatus, create_job, load_job, up
 from modal_services.state.keys import JOB_PREFIX, call_key
 from modal_services.layout import Layout
 from modal_services.safety.nsfw_classifier import NsfwClassifier
-from modal_services.services import SERVICES, Engine, ServiceSpec, run_service_job
+from modal_services.services import (SERVICES, Engine, EngineFactory, ServiceSpec, build_engine, run_service_job,
+                                     service_for)
 from modal_services.state.store import ModalDictStore, SqliteStore, StateStore
 
 log = logging.getLogger(__name__)
@@ -86,9 +88,11 @@ class Backend(ABC):
 class LocalBackend(Backend):
     runs_jobs_in_process = True
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, engines: EngineFactory = build_engine):
+        """`engines` builds each service's engine, from its engine class and this backend's layout."""
         self.store = SqliteStore(settings.state_path)
         self.layout = Layout(settings.models_dir, settings.loras_dir, self.store)
+        self.build_engine = engines
         # One for every service that judges images, loaded when the first job needs it.
         self.classifier = NsfwClassifier(settings.models_dir)
         self._engines: dict[str, Engine] = {}
@@ -103,7 +107,7 @@ class LocalBackend(Backend):
         meta: dict[str, Any] | None = None,
         job_id: str | None = None,
     ) -> Job:
-        spec = SERVICES[request.kind]
+        spec = service_for(request)
         job = await create_job(self.store, request.kind, owner, meta, job_id)
         task = asyncio.create_task(self._run(spec, job.id, request.to_payload()), name=f"job-{job.id}")
         self._tasks[job.id] = task
@@ -115,7 +119,7 @@ class LocalBackend(Backend):
         # One engine per service, as one Modal container serves all of its class's methods.
         service = spec.modal_class
         if service not in self._engines:
-            self._engines[service] = spec.make_engine(self.layout)
+            self._engines[service] = self.build_engine(spec.engine, self.layout)
             self._executors[service] = ThreadPoolExecutor(1, thread_name_prefix=f"{ENGINE_THREAD_PREFIX}{service}")
             self._turns[service] = asyncio.Lock()
         # The job stays "queued" until its engine is free.
@@ -199,14 +203,14 @@ class ModalBackend(Backend):
     ) -> Job:
         import modal
 
-        spec = SERVICES[request.kind]
+        spec = service_for(request)
         await self._check_models(request)
         job = await create_job(self.store, request.kind, owner, meta, job_id)
         try:
             service = modal.Cls.from_name(self.app_name, spec.modal_class)()
-            call = await getattr(service, spec.modal_method).spawn.aio(job.id, request.to_payload())
+            call = await getattr(service, spec.method_name).spawn.aio(job.id, request.to_payload())
         except modal.exception.Error as exc:
-            log.warning("spawning %s.%s failed: %s", spec.modal_class, spec.modal_method, type(exc).__name__)
+            log.warning("spawning %s.%s failed: %s", spec.modal_class, spec.method_name, type(exc).__name__)
             error = ToolboxError(
                 ErrorCode.BACKEND_UNAVAILABLE,
                 f"The Modal app {self.app_name!r} could not be reached. Is it deployed "

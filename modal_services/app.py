@@ -22,12 +22,18 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Callable
 
 import modal
 
-from modal_services.errors import ToolboxError
+from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.base_models.downloads import DownloadEngine
 from modal_services.engines.caption import CaptionEngine, best_device
+from modal_services.engines.flux import FluxEngine, precision_for_gpu
+from modal_services.jobs.requests import (CaptionRequest, DownloadRequest, FluxGenerateRequest, GenerateRequest,
+                                          JobRequest, ModelDeleteRequest, ModelImportRequest, ModelScanRequest,
+                                          ModelUploadRequest, UpscaleRequest, VerifyRequest)
+from modal_services.library.imports import ModelEngine
 from modal_services.layout import LORAS_MOUNT, LORAS_VOLUME, MODELS_MOUNT, MODELS_VOLUME, Layout, state_dict_name
 from modal_services.safety.nsfw_classifier import NsfwClassifier
 from modal_services.services import SERVICES, run_service_job
@@ -43,16 +49,9 @@ CAPTION_MAX_CONTAINERS = int(os.environ.get("TOOLBOX_CAPTION_MAX_CONTAINERS", "4
 app = modal.App(APP_NAME)
 
 # The GPU image: the ML stack with the CUDA build of torch (right on Modal).
-GPU_PACKAGES = (
-    "torch==2.9.1",
-    "torchvision==0.24.1",
-    "transformers>=4.57",
-    "accelerate>=1.0",
-    "safetensors>=0.4",
-    "huggingface_hub>=0.34",
-    "pillow>=10.0",
-    "pydantic>=2.7",  # the job requests, checked again in the worker
-)
+# pydantic: the worker parses each job's request from its payload.
+GPU_PACKAGES = ("torch==2.9.1", "torchvision==0.24.1", "transformers>=4.57", "accelerate>=1.0", "safetensors>=0.4",
+                "huggingface_hub>=0.34", "pillow>=10.0", "pydantic>=2.7")
 gpu_image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install(*GPU_PACKAGES)
@@ -69,6 +68,15 @@ def _layout(store: ModalDictStore) -> Layout:
     return Layout(MODELS_MOUNT, LORAS_MOUNT, store)
 
 
+def _load_or_stay_up(name: str, load: Callable[[], None]) -> None:
+    """Load a model as the container starts. A missing one does not stop the container: each job reports
+    the problem, and the next job retries after /setup has put the files on the volume."""
+    try:
+        load()
+    except ToolboxError as error:
+        log.warning("%s not loaded: %s", name, error.code.value)
+
+
 @app.cls(
     image=gpu_image,
     gpu=CAPTION_GPU,
@@ -82,15 +90,9 @@ class CaptionService:
     @modal.enter(snap=True)
     def load_weights(self) -> None:
         """Runs once, before the snapshot: reading ~4 GB of weights is what cold starts then skip."""
-        self.spec = SERVICES["caption"]
         self.store = ModalDictStore(state_dict)
         self.engine = CaptionEngine(_layout(self.store), dtype="float16" if CAPTION_GPU == "T4" else "bfloat16")
-        try:
-            self.engine.load_weights()
-        except ToolboxError as error:
-            # Stay up: each job reports the problem, and the next job retries
-            # after /setup has put the files on the volume.
-            log.warning("caption engine not loaded: %s", error.code.value)
+        _load_or_stay_up("caption engine", self.engine.load_weights)
 
     @modal.enter(snap=False)
     def move_to_gpu(self) -> None:
@@ -101,7 +103,7 @@ class CaptionService:
     async def caption(self, job_id: str, payload: dict) -> list[str]:
         if not self.engine.loaded:
             await models_volume.reload.aio()
-        return await run_service_job(self.store, self.engine, self.spec, job_id, payload)
+        return await run_service_job(self.store, self.engine, SERVICES[CaptionRequest], job_id, payload)
 
 
 # The download image: CPU only. Network I/O never runs on a GPU. torch (the CPU build) is there
@@ -146,16 +148,13 @@ class DownloadService:
         self.engine = DownloadEngine(_layout(self.store), commit=_commit_volumes, reload=_reload_volumes)
         self.engine.load()
 
-    async def _run(self, kind: str, job_id: str, payload: dict):
-        return await run_service_job(self.store, self.engine, SERVICES[kind], job_id, payload)
-
     @modal.method()
     async def download(self, job_id: str, payload: dict) -> dict:
-        return await self._run("download", job_id, payload)
+        return await run_service_job(self.store, self.engine, SERVICES[DownloadRequest], job_id, payload)
 
     @modal.method()
     async def verify(self, job_id: str, payload: dict) -> dict:
-        return await self._run("verify", job_id, payload)
+        return await run_service_job(self.store, self.engine, SERVICES[VerifyRequest], job_id, payload)
 
 
 # The model-library image: CPU only. LoRA checks and conversions need torch,
@@ -181,31 +180,29 @@ class ModelService:
 
     @modal.enter()
     def load(self) -> None:
-        from modal_services.library.imports import ModelEngine
-
         self.store = ModalDictStore(state_dict)
         self.engine = ModelEngine(_layout(self.store), commit=_commit_volumes, reload=_reload_volumes)
         self.engine.load()
 
-    async def _run(self, kind: str, job_id: str, payload: dict):
+    async def _run(self, request: type[JobRequest], job_id: str, payload: dict):
         await loras_volume.reload.aio()  # see files other containers committed
-        return await run_service_job(self.store, self.engine, SERVICES[kind], job_id, payload)
+        return await run_service_job(self.store, self.engine, SERVICES[request], job_id, payload)
 
     @modal.method()
     async def import_model(self, job_id: str, payload: dict) -> dict:
-        return await self._run("model_import", job_id, payload)
+        return await self._run(ModelImportRequest, job_id, payload)
 
     @modal.method()
     async def upload_model(self, job_id: str, payload: dict) -> dict:
-        return await self._run("model_upload", job_id, payload)
+        return await self._run(ModelUploadRequest, job_id, payload)
 
     @modal.method()
     async def delete_model(self, job_id: str, payload: dict) -> dict:
-        return await self._run("model_delete", job_id, payload)
+        return await self._run(ModelDeleteRequest, job_id, payload)
 
     @modal.method()
     async def scan_library(self, job_id: str, payload: dict) -> dict:
-        return await self._run("model_scan", job_id, payload)
+        return await self._run(ModelScanRequest, job_id, payload)
 
 
 # The older Gradio toolbox kept its manifest in this Dict, as one whole-manifest key.
@@ -297,20 +294,15 @@ async def _volumes_for_job(engine, classifier: NsfwClassifier) -> None:
 class SdxlService:
     @modal.enter(snap=True)
     def load(self) -> None:
+        from modal_services.engines.sdxl.engine import SdxlEngine
+
         self.store = ModalDictStore(state_dict)
-        # Both job kinds make the same engine: one is enough.
-        self.engine = SERVICES["generate"].make_engine(_layout(self.store))
-        # Named, not detected: the snapshot is taken before the GPU is attached.
-        self.engine.models.device = SDXL_DEVICE
+        # Named, not detected: the snapshot is taken before the GPU is attached. Both job kinds run on it.
+        self.engine = SdxlEngine(_layout(self.store), device=SDXL_DEVICE)
         # Judges this container's images, loaded with the engine: part of the same snapshot and cold start.
         self.classifier = NsfwClassifier(MODELS_MOUNT, SDXL_DEVICE)
-        for name, model in (("SDXL engine", self.engine), ("NSFW classifier", self.classifier)):
-            try:
-                model.load(staging_device="cpu")
-            except ToolboxError as error:
-                # Stay up: each job reports the problem, and the next job retries
-                # after /setup has put the files on the volume.
-                log.warning("%s not loaded: %s", name, error.code.value)
+        _load_or_stay_up("SDXL engine", lambda: self.engine.load(staging_device="cpu"))
+        _load_or_stay_up("NSFW classifier", lambda: self.classifier.load(staging_device="cpu"))
 
     @modal.enter(snap=False)
     def place(self) -> None:
@@ -319,18 +311,18 @@ class SdxlService:
         if self.classifier.loaded:
             self.classifier.place()
 
-    async def _run(self, kind: str, job_id: str, payload: dict):
+    async def _run(self, request: type[JobRequest], job_id: str, payload: dict):
         await _volumes_for_job(self.engine, self.classifier)
-        return await run_service_job(self.store, self.engine, SERVICES[kind], job_id, payload,
+        return await run_service_job(self.store, self.engine, SERVICES[request], job_id, payload,
                                      classifier=self.classifier)
 
     @modal.method()
     async def upscale(self, job_id: str, payload: dict) -> dict:
-        return await self._run("upscale", job_id, payload)
+        return await self._run(UpscaleRequest, job_id, payload)
 
     @modal.method()
     async def generate(self, job_id: str, payload: dict) -> dict:
-        return await self._run("generate", job_id, payload)
+        return await self._run(GenerateRequest, job_id, payload)
 
 
 # FLUX.1-dev: a GPU class of its own (~34 GB of weights, which do not fit beside SDXL's).
@@ -340,22 +332,7 @@ class SdxlService:
 FLUX_GPU = os.environ.get("TOOLBOX_FLUX_GPU", "L40S")
 FLUX_MAX_CONTAINERS = int(os.environ.get("TOOLBOX_FLUX_MAX_CONTAINERS", "2"))
 FLUX_DEVICE = "cuda"
-# (memory in GB, compute capability) of Modal's GPU types.
-GPU_SPECS = {
-    "T4": (16, (7, 5)), "L4": (24, (8, 9)), "A10G": (24, (8, 6)), "A10": (24, (8, 6)), "L40S": (48, (8, 9)),
-    "A100": (40, (8, 0)), "A100-40GB": (40, (8, 0)), "A100-80GB": (80, (8, 0)), "H100": (80, (9, 0)),
-    "H200": (141, (9, 0)), "B200": (180, (10, 0)),
-}
-
-
-def flux_precision_for(gpu: str, setting: str) -> str:
-    from modal_services.engines.flux import choose_precision
-
-    memory_gb, capability = GPU_SPECS.get(gpu.split(":")[0].upper(), (0, (0, 0)))
-    return choose_precision(setting, True, memory_gb, capability)
-
-
-FLUX_PRECISION = flux_precision_for(FLUX_GPU, os.environ.get("TOOLBOX_FLUX_PRECISION", "auto"))
+FLUX_PRECISION = precision_for_gpu(FLUX_GPU, os.environ.get("TOOLBOX_FLUX_PRECISION", "auto"))
 # torchao (fp8) and bitsandbytes (NF4) only where the precision needs them.
 FLUX_QUANTISERS = {"fp8": ("torchao>=0.13",), "nf4": ("bitsandbytes>=0.46",)}
 flux_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17", "sentencepiece>=0.2",
@@ -377,40 +354,29 @@ flux_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17", "sentencepie
 class FluxService:
     @modal.enter(snap=True)
     def load(self) -> None:
-        from modal_services.engines.flux import FluxEngine
-
         self.store = ModalDictStore(state_dict)
         self.engine = FluxEngine(_layout(self.store), device=FLUX_DEVICE)
         # Chosen from the GPU's name, not detected: no GPU is attached yet.
         self.engine.precision = FLUX_PRECISION
         # Judges this container's images, as SdxlService's does its own.
         self.classifier = NsfwClassifier(MODELS_MOUNT, FLUX_DEVICE)
-        self._load(self.classifier, "NSFW classifier", staging_device="cpu")
+        _load_or_stay_up("NSFW classifier", lambda: self.classifier.load(staging_device="cpu"))
         if self.engine.can_stage:
-            self._load(self.engine, "Flux engine", staging_device="cpu")
+            _load_or_stay_up("Flux engine", lambda: self.engine.load(staging_device="cpu"))
 
     @modal.enter(snap=False)
     def place(self) -> None:
         if self.engine.loaded:
             self.engine.place()
         else:
-            self._load(self.engine, "Flux engine")
+            _load_or_stay_up("Flux engine", self.engine.load)
         if self.classifier.loaded:
             self.classifier.place()
-
-    @staticmethod
-    def _load(model, name: str, staging_device: str | None = None) -> None:
-        try:
-            model.load(staging_device=staging_device)
-        except ToolboxError as error:
-            # Stay up: each job reports the problem, and the next job retries
-            # after /setup has put the files on the volume.
-            log.warning("%s not loaded: %s", name, error.code.value)
 
     @modal.method()
     async def generate(self, job_id: str, payload: dict) -> dict:
         await _volumes_for_job(self.engine, self.classifier)
-        return await run_service_job(self.store, self.engine, SERVICES["flux_generate"], job_id, payload,
+        return await run_service_job(self.store, self.engine, SERVICES[FluxGenerateRequest], job_id, payload,
                                      classifier=self.classifier)
 
 
@@ -422,7 +388,6 @@ bot_image = (
     .pip_install_from_pyproject(str(Path(__file__).resolve().parent.parent / "pyproject.toml"))
     .add_local_python_source("bot", "cogs", "modal_services")
 )
-
 
 
 def run_until_stopped(supervisor, stop: threading.Event) -> None:
@@ -481,5 +446,5 @@ def api():
 
     settings = Settings.load(environ={**os.environ, "TOOLBOX_BACKEND": "modal", "TOOLBOX_MODAL_APP": APP_NAME})
     if not settings.api_token:
-        raise ToolboxError("PERMISSION_DENIED", "The API secret has an empty TOOLBOX_API_TOKEN: the API will not start without one.")
+        raise ToolboxError(ErrorCode.PERMISSION_DENIED, "The API secret has an empty TOOLBOX_API_TOKEN: the API will not start without one.")
     return api_for_settings(settings, settings.api_token, sync_limit_seconds=API_SYNC_LIMIT_SECONDS)

@@ -1,11 +1,12 @@
-"""The job kinds: for each, its request, the Modal class serving it and the engine method doing it.
+"""The job table: for each request class, the Modal class serving it and the engine method doing it.
 
-`SERVICES` is the one table from a job kind to where and how it runs. The
-Modal classes and the local backend both run a job through `run_service_job`,
-so they behave the same. Engine modules are imported only when a worker
-runs a job (the bot never loads the ML stack): each kind names its engine
-method through a small loader, so "find usages" of an engine method leads
-here and from here to the request and the front ends that build it.
+`SERVICES` is the one table from a job's request class to where and how it
+runs. The Modal classes and the local backend both run a job through
+`run_service_job`, so they behave the same. Engine modules are imported only
+when a worker runs a job (the bot never loads the ML stack): each engine
+class has one loader below, and each row names its engine method on that
+class (`lambda: _sdxl().generate`), so "go to definition" from a row reaches
+the engine method and "find usages" of an engine method leads back here.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ from modal_services.safety.judge import GENERATED_IMAGES, UPSCALED_IMAGE, Result
 from modal_services.state.store import StateStore
 
 if TYPE_CHECKING:
+    from modal_services.base_models.downloads import DownloadEngine
+    from modal_services.engines.caption import CaptionEngine
+    from modal_services.engines.flux import FluxEngine
+    from modal_services.engines.sdxl.engine import SdxlEngine
+    from modal_services.library.imports import ModelEngine
     from modal_services.safety.nsfw_classifier import NsfwClassifier
 
 
@@ -44,16 +50,58 @@ class Engine(Protocol):
     def load(self) -> None: ...
 
 
+# () -> an engine class, imported when called.
+EngineClass = Callable[[], type[Engine]]
+# (engine class, layout) -> the engine a worker runs that class's jobs on.
+EngineFactory = Callable[[EngineClass, Layout], Engine]
+
+
+def build_engine(engine_class: EngineClass, layout: Layout) -> Engine:
+    """The real engine of `engine_class` on `layout`: the local backend's engine factory unless told otherwise."""
+    return engine_class()(layout)
+
+
+# ------------------------------------------------------------------ one loader per engine class
+
+
+def _caption() -> type[CaptionEngine]:
+    from modal_services.engines.caption import CaptionEngine
+
+    return CaptionEngine
+
+
+def _downloads() -> type[DownloadEngine]:
+    from modal_services.base_models.downloads import DownloadEngine
+
+    return DownloadEngine
+
+
+def _models() -> type[ModelEngine]:
+    from modal_services.library.imports import ModelEngine
+
+    return ModelEngine
+
+
+def _sdxl() -> type[SdxlEngine]:
+    from modal_services.engines.sdxl.engine import SdxlEngine
+
+    return SdxlEngine
+
+
+def _flux() -> type[FluxEngine]:
+    from modal_services.engines.flux import FluxEngine
+
+    return FluxEngine
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     request: type[JobRequest]
     modal_class: str
-    # The Modal class's method for this kind (Modal spawns by name); it has the engine method's name.
-    modal_method: str
-    # () -> the engine method doing the work, e.g. `UpscaleEngine.upscale`.
-    engine_method: Callable[[], Callable[..., Any]]
-    # (layout) -> the engine the local backend runs this kind on (the Modal classes build theirs).
-    make_engine: Callable[[Layout], Engine]
+    engine: EngineClass
+    # () -> the engine method doing the work, named on the engine class: `lambda: _sdxl().generate`. It takes
+    # (request, progress) and, for a kind with previews, `preview=`.
+    method: Callable[[], Callable[..., Any]]
     # The engine method takes `preview=`: small JPEGs of the work so far, kept under `preview:<job>`.
     previews: bool = False
     # Where the result holds its images, for kinds whose images the worker judges (prompt screened, images
@@ -64,128 +112,50 @@ class ServiceSpec:
     def kind(self) -> str:
         return self.request.kind
 
-
-def _caption_engine(layout: Layout) -> Engine:
-    from modal_services.engines.caption import CaptionEngine
-
-    return CaptionEngine(layout)
-
-
-def _caption():
-    from modal_services.engines.caption import CaptionEngine
-
-    return CaptionEngine.caption
+    @property
+    def method_name(self) -> str:
+        """The engine method's name, which the Modal class's method for this kind has too (Modal spawns by
+        name). Read off `method`'s code (`lambda: _sdxl().generate` names `generate` last), so that the bot,
+        which never imports an engine, knows it."""
+        return self.method.__code__.co_names[-1]
 
 
-def _download_engine(layout: Layout) -> Engine:
-    from modal_services.base_models.downloads import DownloadEngine
-
-    return DownloadEngine(layout)
-
-
-def _download():
-    from modal_services.base_models.downloads import DownloadEngine
-
-    return DownloadEngine.download
-
-
-def _verify():
-    from modal_services.base_models.downloads import DownloadEngine
-
-    return DownloadEngine.verify
-
-
-def _model_engine(layout: Layout) -> Engine:
-    from modal_services.library.imports import ModelEngine
-
-    return ModelEngine(layout)
-
-
-def _import_model():
-    from modal_services.library.imports import ModelEngine
-
-    return ModelEngine.import_model
-
-
-def _upload_model():
-    from modal_services.library.imports import ModelEngine
-
-    return ModelEngine.upload_model
-
-
-def _delete_model():
-    from modal_services.library.imports import ModelEngine
-
-    return ModelEngine.delete_model
-
-
-def _scan_library():
-    from modal_services.library.imports import ModelEngine
-
-    return ModelEngine.scan_library
-
-
-def _sdxl_engine(layout: Layout) -> Engine:
-    from modal_services.engines.sdxl.engine import SdxlEngine
-
-    return SdxlEngine(layout)
-
-
-def _upscale():
-    from modal_services.engines.sdxl.engine import SdxlEngine
-
-    return SdxlEngine.upscale
-
-
-def _generate():
-    from modal_services.engines.sdxl.engine import SdxlEngine
-
-    return SdxlEngine.generate
-
-
-def _flux_engine(layout: Layout) -> Engine:
-    from modal_services.engines.flux import FluxEngine
-
-    return FluxEngine(layout)
-
-
-def _flux_generate():
-    from modal_services.engines.flux import FluxEngine
-
-    return FluxEngine.generate
-
-
-SERVICES: dict[str, ServiceSpec] = {
-    spec.kind: spec
+SERVICES: dict[type[JobRequest], ServiceSpec] = {
+    spec.request: spec
     for spec in (
-        ServiceSpec(CaptionRequest, "CaptionService", "caption", _caption, _caption_engine),
-        ServiceSpec(DownloadRequest, "DownloadService", "download", _download, _download_engine),
-        ServiceSpec(VerifyRequest, "DownloadService", "verify", _verify, _download_engine),
+        ServiceSpec(CaptionRequest, "CaptionService", _caption, lambda: _caption().caption),
+        ServiceSpec(DownloadRequest, "DownloadService", _downloads, lambda: _downloads().download),
+        ServiceSpec(VerifyRequest, "DownloadService", _downloads, lambda: _downloads().verify),
         # One GPU class and one engine for every SDXL job: they share the loaded models.
-        ServiceSpec(UpscaleRequest, "SdxlService", "upscale", _upscale, _sdxl_engine, previews=True,
+        ServiceSpec(UpscaleRequest, "SdxlService", _sdxl, lambda: _sdxl().upscale, previews=True,
                     judged_images=UPSCALED_IMAGE),
-        ServiceSpec(GenerateRequest, "SdxlService", "generate", _generate, _sdxl_engine, previews=True,
+        ServiceSpec(GenerateRequest, "SdxlService", _sdxl, lambda: _sdxl().generate, previews=True,
                     judged_images=GENERATED_IMAGES),
         # FLUX.1-dev on a GPU class of its own: its weights do not fit beside SDXL's. Its results have
         # the generate result's shape, so they are judged alike.
-        ServiceSpec(FluxGenerateRequest, "FluxService", "generate", _flux_generate, _flux_engine, previews=True,
+        ServiceSpec(FluxGenerateRequest, "FluxService", _flux, lambda: _flux().generate, previews=True,
                     judged_images=GENERATED_IMAGES),
         # The model library's file work (/models): CivitAI imports, uploads, deletes, scans.
-        ServiceSpec(ModelImportRequest, "ModelService", "import_model", _import_model, _model_engine),
-        ServiceSpec(ModelUploadRequest, "ModelService", "upload_model", _upload_model, _model_engine),
-        ServiceSpec(ModelDeleteRequest, "ModelService", "delete_model", _delete_model, _model_engine),
-        ServiceSpec(ModelScanRequest, "ModelService", "scan_library", _scan_library, _model_engine),
+        ServiceSpec(ModelImportRequest, "ModelService", _models, lambda: _models().import_model),
+        ServiceSpec(ModelUploadRequest, "ModelService", _models, lambda: _models().upload_model),
+        ServiceSpec(ModelDeleteRequest, "ModelService", _models, lambda: _models().delete_model),
+        ServiceSpec(ModelScanRequest, "ModelService", _models, lambda: _models().scan_library),
     )
 }
+
+
+def service_for(request: JobRequest) -> ServiceSpec:
+    """The row of the job table that runs `request`."""
+    return SERVICES[type(request)]
 
 
 def run_on_engine(
     engine: Engine, spec: ServiceSpec, payload: dict[str, Any], progress: ProgressFn,
     classifier: "NsfwClassifier | None" = None, **extras: Any,
 ) -> Any:
-    """Blocking: check the request (before any model loads; a judged kind's prompts are screened then),
-    load the engine if needed (a missing model fails the job, not the worker), then run; a judged kind's
-    images are then classified in one batch and the withheld ones dropped."""
+    """Blocking: parse the request (the one check in the worker, before any model loads; a judged kind's
+    prompts are screened then), load the engine if needed (a missing model fails the job, not the worker),
+    then run; a judged kind's images are then classified in one batch and the withheld ones dropped."""
     request = spec.request.parse(payload)
     context = request.safety if spec.judged_images is not None else None
     if context is not None and context.classifies:
@@ -197,7 +167,8 @@ def run_on_engine(
     if not engine.loaded:
         progress(0.0, "loading model")
         engine.load()
-    result = spec.engine_method()(engine, progress=progress, **extras, **request.engine_payload())
+    # The engine's own method of that name: the real engine's is `spec.method()`, a stand-in's its own.
+    result = getattr(engine, spec.method_name)(request, progress, **extras)
     if context is None:
         return result
     progress(1.0, "safety check")

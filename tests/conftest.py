@@ -127,23 +127,27 @@ def fast_progress(monkeypatch):
 
 
 @pytest.fixture
-def use_engine(monkeypatch, install_nsfw_classifier):
-    """use_engine(kind, engine): that job kind runs on `engine` (a stand-in), its spec otherwise unchanged;
-    for a kind whose images are judged, with the tiny classifier that passes every image installed."""
-    import dataclasses
+def stand_in_engines(install_nsfw_classifier):
+    """The engine factory of this test's local backends: `stand_in_engines.use(GenerateRequest, engine)` runs
+    that request's engine class on a stand-in, every other on the real engine; for a class whose images are
+    judged, with the tiny classifier that passes every image installed. `make_toolbox_bot` gives it to the
+    backends it makes; tests that build a `LocalBackend` give it as `engines=`."""
+    from tests.fakes.engines import StandInEngines
 
-    from modal_services import services
+    return StandInEngines(on_judged=lambda: install_nsfw_classifier("passes"))
 
-    def install(kind: str, engine) -> None:
-        original = services.SERVICES[kind]
-        if original.judged_images is not None:
-            install_nsfw_classifier("passes")
-        # The stand-in's own method of that name, looked up on the instance (tests may wrap it there).
-        spec = dataclasses.replace(original, make_engine=lambda layout: engine,
-                                   engine_method=lambda: lambda self, **fields: getattr(self, original.modal_method)(**fields))
-        monkeypatch.setitem(services.SERVICES, kind, spec)
 
-    return install
+@pytest.fixture
+def backends_from_settings(monkeypatch, stand_in_engines):
+    """The front ends that open a backend of their own from the settings (the CLI's commands, `toolbox bot`'s
+    supervisor, `api_for_settings`) get theirs with this test's `stand_in_engines` too."""
+    import bot.backend
+
+    make_backend = bot.backend.make_backend
+    monkeypatch.setattr(bot.backend, "make_backend",
+                        lambda settings: bot.backend.LocalBackend(settings, engines=stand_in_engines)
+                        if settings.backend == "local" else make_backend(settings))
+    return stand_in_engines
 
 
 @pytest.fixture
@@ -194,10 +198,11 @@ def app_module(monkeypatch):
 
 
 @pytest.fixture
-async def make_toolbox_bot():
+async def make_toolbox_bot(stand_in_engines):
     """make_toolbox_bot(*extensions, backend=None): a ToolboxBot (not connected) on this test's settings,
-    the backend from the settings unless given, all cogs unless named; closed after the test."""
-    from bot.backend import make_backend
+    the backend from the settings unless given (a local one with this test's `stand_in_engines`), all cogs
+    unless named; closed after the test."""
+    from bot.backend import LocalBackend, make_backend
     from bot.client import EXTENSIONS, ToolboxBot
     from bot.settings import Settings
 
@@ -205,7 +210,10 @@ async def make_toolbox_bot():
 
     async def make(*extensions: str, backend=None):
         settings = Settings.load()
-        toolbox_bot = ToolboxBot(settings, backend or make_backend(settings))
+        if backend is None:
+            local = settings.backend == "local"
+            backend = LocalBackend(settings, engines=stand_in_engines) if local else make_backend(settings)
+        toolbox_bot = ToolboxBot(settings, backend)
         for extension in extensions or EXTENSIONS:
             await toolbox_bot.load_extension(extension)
         made.append(toolbox_bot)

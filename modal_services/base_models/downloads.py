@@ -19,7 +19,8 @@ from modal_services.base_models.manifests import check_files, convert_pickles, f
 from modal_services.base_models.optional_models import enabled_models, gated_refusal, setup_entries
 from modal_services.base_models.states import ACTIVE_STATES, describe_state
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.requests import DownloadRequest, VerifyRequest, job_method
+from modal_services.jobs.records import ProgressFn
+from modal_services.jobs.requests import DownloadRequest, VerifyRequest
 from modal_services.layout import Layout
 from modal_services.net.fetchers import FetchContext, fetcher_for
 from modal_services.net.transfer.errors import DownloadHTTPError, is_disk_full, storage_full
@@ -132,15 +133,13 @@ class DownloadEngine:
         return root / entry.folder
 
     # -- job methods (blocking) --------------------------------------------------
-    @job_method(DownloadRequest)
-    def download(self, progress, keys: list[str]) -> dict[str, str]:
-        """Download every model of `keys` (all when empty) that is not present; returns key → state."""
-        return asyncio.run(self._download(keys, progress))
+    def download(self, request: DownloadRequest, progress: ProgressFn) -> dict[str, str]:
+        """Download every model of `request.keys` (all when empty) that is not present; returns key → state."""
+        return asyncio.run(self._download(request.keys, progress))
 
-    @job_method(VerifyRequest)
-    def verify(self, progress, keys: list[str]) -> dict[str, dict]:
+    def verify(self, request: VerifyRequest, progress: ProgressFn) -> dict[str, dict]:
         """Re-check files on disk (sizes and hashes); fix manifests. Returns key → state dict."""
-        return asyncio.run(self._verify(keys, progress))
+        return asyncio.run(self._verify(request.keys, progress))
 
     # -- helpers -------------------------------------------------------------------
     async def _hook(self, hook: Hook | None) -> None:

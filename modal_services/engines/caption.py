@@ -12,7 +12,7 @@ from pathlib import Path
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image
-from modal_services.jobs.requests import CaptionRequest, job_method
+from modal_services.jobs.requests import CaptionRequest
 from modal_services.jobs.records import ProgressFn
 from modal_services.layout import CAPTION_MODEL, Layout
 
@@ -152,19 +152,12 @@ class CaptionEngine:
         self.device = device
         self.loaded = True
 
-    @job_method(CaptionRequest)
-    def caption(
-        self,
-        images: list[bytes],
-        style: str,
-        question: str | None,
-        progress: ProgressFn | None = None,
-    ) -> list[str]:
+    def caption(self, request: CaptionRequest, progress: ProgressFn) -> list[str]:
         """One caption per image, all in one `generate` call."""
         import torch
 
-        progress = progress or (lambda fraction, stage: None)
-        pictures = [self._prepare(data, index) for index, data in enumerate(images, start=1)]
+        style, question = request.style, request.question
+        pictures = [self._prepare(data, index) for index, data in enumerate(request.images, start=1)]
         instruction = question.strip() if question else STYLE_PROMPTS[style]
         max_new_tokens = MAX_NEW_TOKENS["question" if question else style]
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.engines.sdxl.generate import (
@@ -37,7 +36,7 @@ from modal_services.engines.sdxl.generate import (
     latent_grid,
 )
 from modal_services.imaging import decode_image, encode_png
-from modal_services.jobs.requests import FluxGenerateRequest, job_method
+from modal_services.jobs.requests import FluxGenerateRequest
 from modal_services.jobs.records import ProgressFn
 from modal_services.layout import FLUX_DIR, LORAS_SUBDIR, Layout
 from modal_services.engines.sdxl.pipeline import LoraSpec, PreviewFn, job_adapters, latent_preview_jpeg, with_trigger_words
@@ -89,6 +88,20 @@ def choose_precision(setting: str | None, on_gpu: bool, memory_gb: float = 0.0,
     if memory_gb >= BF16_MIN_GPU_GB:
         return "bf16"
     return "fp8" if tuple(capability) >= FP8_MIN_CAPABILITY else "nf4"
+
+
+# (memory in GB, compute capability) of the GPU types a worker is deployed on, by Modal's names.
+GPU_SPECS = {
+    "T4": (16, (7, 5)), "L4": (24, (8, 9)), "A10G": (24, (8, 6)), "A10": (24, (8, 6)), "L40S": (48, (8, 9)),
+    "A100": (40, (8, 0)), "A100-40GB": (40, (8, 0)), "A100-80GB": (80, (8, 0)), "H100": (80, (9, 0)),
+    "H200": (141, (9, 0)), "B200": (180, (10, 0)),
+}
+
+
+def precision_for_gpu(gpu: str, setting: str | None) -> str:
+    """`choose_precision` for a GPU named as at deploy time ("L40S", "a10g", "H100:2"), before any is attached."""
+    memory_gb, capability = GPU_SPECS.get(gpu.split(":")[0].upper(), (0, (0, 0)))
+    return choose_precision(setting, True, memory_gb, capability)
 
 
 def gpu_precision(setting: str | None, device: str) -> str:
@@ -213,32 +226,10 @@ class FluxEngine:
 
     # ------------------------------------------------------------------ the job
 
-    @job_method(FluxGenerateRequest)
-    def generate(
-        self,
-        prompt: str,
-        negative_prompt: str,
-        width: int,
-        height: int,
-        steps: int,
-        guidance: float,
-        seed: int,
-        count: int,
-        loras: list[dict[str, Any]],
-        timeout: float,
-        image: bytes | None,
-        strength: float,
-        progress: ProgressFn | None = None,
-        preview: PreviewFn | None = None,
-    ) -> dict:
-        """One FluxGenerateRequest's images (checked by the request before the body runs)."""
-        progress = progress or (lambda fraction, stage: None)
+    def generate(self, request: FluxGenerateRequest, progress: ProgressFn, preview: PreviewFn | None = None) -> dict:
+        """One FluxGenerateRequest's images (the request parsed by the worker)."""
         started = time.monotonic()
-        request = FluxGenerateRequest(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-            guidance=guidance, seed=seed, count=count, loras=loras, timeout=timeout, image=image, strength=strength,
-        )
-        specs = [LoraSpec.from_dict(entry, self.lora_folder) for entry in loras]
+        specs = [LoraSpec.of(lora, self.lora_folder) for lora in request.loras]
         if specs and self.precision in QUANTISED:
             raise ToolboxError(
                 ErrorCode.LORA_LOAD_FAILED,
@@ -247,10 +238,10 @@ class FluxEngine:
                 f"({PRECISION_SETTING}=bf16 on a GPU with {BF16_MIN_GPU_GB} GB or more).",
             )
         start_image = None
-        if image is not None:
-            start_image = decode_image(image, max_pixels=MAX_START_PIXELS, name="The start image").image
-        seeds = [seed + index for index in range(count)]
-        prompt = with_trigger_words(prompt, specs)
+        if request.image is not None:
+            start_image = decode_image(request.image, max_pixels=MAX_START_PIXELS, name="The start image").image
+        seeds = [request.seed + index for index in range(request.count)]
+        prompt = with_trigger_words(request.prompt, specs)
         if self.placement != self.device:
             progress(0.01, "moving the models to the GPU")
             self.place()

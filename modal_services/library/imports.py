@@ -45,7 +45,6 @@ from modal_services.jobs.requests import (
     ModelImportRequest,
     ModelScanRequest,
     ModelUploadRequest,
-    job_method,
 )
 from modal_services.jobs.records import ProgressFn
 from modal_services.state.keys import civitai_lock_name, file_lock_name
@@ -94,25 +93,21 @@ class ModelEngine:
 
     # ------------------------------------------------------------ job methods (blocking)
 
-    @job_method(ModelImportRequest)
-    def import_model(self, progress: ProgressFn, ref: str, api_base: str) -> dict[str, Any]:
-        """Import the CivitAI model `ref` names; returns {"entry", "already_installed", "format"}."""
-        return asyncio.run(self._import(parse_reference(ref), api_base, progress))
+    def import_model(self, request: ModelImportRequest, progress: ProgressFn) -> dict[str, Any]:
+        """Import the CivitAI model `request.ref` names; returns {"entry", "already_installed", "format"}."""
+        return asyncio.run(self._import(parse_reference(request.ref), request.api_base, progress))
 
-    @job_method(ModelUploadRequest)
-    def upload_model(self, progress: ProgressFn, url: str, filename: str, type: str, size_bytes: int | None,
-                     name: str | None, trigger_words: str | None, api_base: str) -> dict[str, Any]:
+    def upload_model(self, request: ModelUploadRequest, progress: ProgressFn) -> dict[str, Any]:
         """Add a file from a URL (a Discord attachment); CivitAI's metadata is looked up by its sha256."""
-        return asyncio.run(self._upload(url, filename, type, size_bytes, name, trigger_words, api_base, progress))
+        return asyncio.run(self._upload(request.url, request.filename, request.type, request.size_bytes, request.name,
+                                        request.trigger_words, request.api_base, progress))
 
-    @job_method(ModelDeleteRequest)
-    def delete_model(self, progress: ProgressFn, name: str) -> dict[str, Any]:
-        return asyncio.run(self._delete(name, progress))
+    def delete_model(self, request: ModelDeleteRequest, progress: ProgressFn) -> dict[str, Any]:
+        return asyncio.run(self._delete(request.name, progress))
 
-    @job_method(ModelScanRequest)
-    def scan_library(self, progress: ProgressFn, adopt: bool, api_base: str) -> dict[str, Any]:
-        """Untracked files and missing entries; with `adopt`, untracked files become entries."""
-        return asyncio.run(self._scan(adopt, api_base, progress))
+    def scan_library(self, request: ModelScanRequest, progress: ProgressFn) -> dict[str, Any]:
+        """Untracked files and missing entries; with `request.adopt`, untracked files become entries."""
+        return asyncio.run(self._scan(request.adopt, request.api_base, progress))
 
     # ------------------------------------------------------------ import
 

@@ -19,12 +19,12 @@ import bot.api.dependencies
 import bot.api.routes.images
 from bot.api import create_app
 from bot.api.schema import MAX_BODY_BYTES, MAX_IMAGE_BYTES
-from bot.backend import make_backend
+from bot.backend import LocalBackend
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.requests import CaptionRequest
+from modal_services.jobs.requests import CaptionRequest, GenerateRequest, UpscaleRequest
 from modal_services.library.entries import Library, LibraryEntry
-from tests.fakes.engines import SlowCaptionEngine, StandInGenerateEngine, StandInUpscaleEngine
+from tests.fakes.engines import SlowCaptionEngine, StandInImageEngine
 from tests.fixtures.tiny_instantid import enable_instantid
 from tests.images import png_bytes
 
@@ -33,20 +33,20 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-def generate_engine(use_engine):
-    engine = StandInGenerateEngine()
-    use_engine("generate", engine)
+def generate_engine(stand_in_engines):
+    engine = StandInImageEngine()
+    stand_in_engines.use(GenerateRequest, engine)
     return engine
 
 
 @pytest.fixture
-async def served(fast_progress):
+async def served(fast_progress, stand_in_engines):
     """served(**create_app options) -> (client with the right token, backend); all closed after the test."""
     opened = []
 
     async def serve(**options):
         settings = Settings.load()
-        backend = make_backend(settings)
+        backend = LocalBackend(settings, engines=stand_in_engines)
         library = Library.for_backend(backend.store, True, settings.loras_dir, settings.models_dir)
         options.setdefault("concurrency", settings.api_concurrency)
         app = create_app(backend, library, options.pop("token", TOKEN), **options)
@@ -101,7 +101,7 @@ async def test_generate_image_answers_the_contract_field_by_field(api, generate_
     assert body["model_info"] == {"base_model": "Illustrious-XL-v2.0", "lora_applied": False, "lora_scale": None,
                                   "loras": []}
     assert body["metadata"] == {"seed_used": 42, "actual_steps": 30, "actual_cfg": 6.5, "seeds_used": [42]}
-    [fields] = generate_engine.calls
+    [fields] = generate_engine.generated
     assert {key: fields[key] for key in ("prompt", "negative_prompt", "width", "height", "steps", "cfg", "seed")} == {
         "prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "width": 832, "height": 1216,
         "steps": 30, "cfg": 6.5, "seed": 42}
@@ -111,7 +111,7 @@ async def test_defaults_are_the_contracts(api, generate_engine):
     body = (await api.post("/generate-image", json={"prompt": "a cat"})).json()
     assert body["image_size"] == [1024, 1024]
     assert (body["metadata"]["actual_steps"], body["metadata"]["actual_cfg"]) == (28, 5.5)
-    [fields] = generate_engine.calls
+    [fields] = generate_engine.generated
     assert fields["timeout"] == 60 and fields["count"] == 1
     assert body["metadata"]["seed_used"] == fields["seed"]  # drawn when omitted, and reported
 
@@ -129,7 +129,7 @@ async def test_a_per_request_lora_url_is_forwarded_and_reported(api, generate_en
     url = "https://r2.example/loras/style.safetensors?X-Amz-Signature=abc"
     body = (await api.post("/generate-image", json={"prompt": "a cat", "lora_url": url, "lora_scale": 0.9,
                                                     "lora_sha256": "ab" * 32})).json()
-    [fields] = generate_engine.calls
+    [fields] = generate_engine.generated
     assert (fields["lora_url"], fields["lora_scale"], fields["lora_sha256"]) == (url, 0.9, "ab" * 32)
     assert body["model_info"]["lora_applied"] is True and body["model_info"]["lora_scale"] == 0.9
 
@@ -140,13 +140,13 @@ async def test_a_reference_image_and_its_strengths_reach_the_worker_and_come_bac
     refused = await api.post("/generate-image", json={"prompt": "a portrait",
                                                       "reference_image_base64": base64.b64encode(pose).decode()})
     assert "is not enabled on this bot" in assert_error(refused, 503, "MODELS_MISSING")["error"]
-    assert generate_engine.calls == []
+    assert generate_engine.generated == []
     await enable_instantid(backend.store)
     body = (await api.post("/generate-image", json={
         "prompt": "a portrait", "reference_image_base64": base64.b64encode(reference).decode(),
         "pose_image_base64": base64.b64encode(pose).decode(), "identity_strength": 1.2, "controlnet_strength": 0.4,
     })).json()
-    [fields] = generate_engine.calls
+    [fields] = generate_engine.generated
     assert Image.open(io.BytesIO(fields["face_image"])).size == (1536, 768)  # shrunk: faces need no more
     assert Image.open(io.BytesIO(fields["pose_image"])).size == (64, 64)
     assert (fields["identity_strength"], fields["controlnet_strength"]) == (1.2, 0.4)
@@ -156,7 +156,7 @@ async def test_a_reference_image_and_its_strengths_reach_the_worker_and_come_bac
                                          "reference_image_base64": base64.b64encode(reference).decode()})).json()
     while (view := (await api.get(f"/jobs/{job['job_id']}")).json())["status"] != "done":
         await asyncio.sleep(0.02)
-    assert view["result"]["face"]["faces_found"] == 1 and generate_engine.calls[-1]["pose_image"] is None
+    assert view["result"]["face"]["faces_found"] == 1 and generate_engine.generated[-1]["pose_image"] is None
 
 
 @pytest.mark.parametrize("fields, words", [
@@ -171,7 +171,7 @@ async def test_bad_reference_images_are_400_and_start_nothing(served, generate_e
     response = await api.post("/generate-image", json={"prompt": "a portrait", **fields})
     body = assert_error(response, 400, "INVALID_INPUT")
     assert words in body["error"]
-    assert generate_engine.calls == []
+    assert generate_engine.generated == []
 
 
 async def test_library_loras_are_resolved_by_name(served, generate_engine):
@@ -183,14 +183,14 @@ async def test_library_loras_are_resolved_by_name(served, generate_engine):
     await library.add(LibraryEntry(name="Ink Style", file="ink_style.safetensors", type="lora", weight=0.7,
                                    trigger_words=["ink"]))
     body = (await client.post("/generate-image", json={"prompt": "a cat", "loras": [{"name": "Ink Style"}]})).json()
-    [fields] = generate_engine.calls
+    [fields] = generate_engine.generated
     assert fields["loras"] == [{"name": "Ink Style", "file": "ink_style.safetensors", "weight": 0.7,
                                 "trigger_words": ["ink"]}]
     assert body["model_info"] == {"base_model": "Illustrious-XL-v2.0", "lora_applied": True, "lora_scale": 0.7,
                                   "loras": [{"name": "Ink Style", "weight": 0.7}]}
     response = await client.post("/generate-image", json={"prompt": "a cat", "loras": [{"name": "no such lora"}]})
     assert_error(response, 400, "INVALID_INPUT")
-    assert len(generate_engine.calls) == 1
+    assert len(generate_engine.generated) == 1
 
 
 @pytest.mark.parametrize("fields, code, words", [
@@ -215,7 +215,7 @@ async def test_invalid_requests_are_400_and_start_nothing(served, generate_engin
     client, backend = await served()
     body = assert_error(await client.post("/generate-image", json=fields), 400, code)
     assert words in body["error"] + body.get("details", "")
-    assert generate_engine.calls == [] and await backend.store.keys("job:") == []
+    assert generate_engine.generated == [] and await backend.store.keys("job:") == []
 
 
 async def test_a_body_that_is_not_json_is_400(api, generate_engine):
@@ -236,7 +236,7 @@ async def test_a_missing_or_wrong_token_is_401_and_starts_nothing(served, genera
         assert_error(response, 401, "PERMISSION_DENIED")
         assert response.headers["WWW-Authenticate"] == "Bearer"
         assert TOKEN not in response.text
-    assert generate_engine.calls == [] and await backend.store.keys("job:") == []
+    assert generate_engine.generated == [] and await backend.store.keys("job:") == []
 
 
 async def test_the_token_is_compared_in_constant_time(api, generate_engine, monkeypatch):
@@ -256,10 +256,10 @@ async def test_no_auth_serves_without_a_token(served, generate_engine):
 # -- the concurrency cap ----------------------------------------------------------
 
 @pytest.fixture
-def gated_engine(use_engine):
+def gated_engine(stand_in_engines):
     gate = threading.Event()
-    engine = StandInGenerateEngine(gate=gate)
-    use_engine("generate", engine)
+    engine = StandInImageEngine(gate=gate)
+    stand_in_engines.use(GenerateRequest, engine)
     yield engine
     gate.set()
 
@@ -288,7 +288,7 @@ async def test_the_fifth_job_in_flight_is_429_with_retry_after(api, gated_engine
     assert (await api.post("/jobs", json={"kind": "generate", "prompt": "after"})).status_code == 202
 
 
-async def test_the_cap_is_a_setting(monkeypatch, gated_engine):
+async def test_the_cap_is_a_setting(monkeypatch, gated_engine, backends_from_settings):
     from bot.api import api_for_settings
 
     monkeypatch.setenv("TOOLBOX_API_CONCURRENCY", "2")
@@ -308,10 +308,10 @@ async def test_simultaneous_requests_cannot_overbook_the_cap(api, gated_engine):
     assert sorted(response.status_code for response in responses) == [202] * 4 + [429] * 8
 
 
-async def test_a_failed_or_cancelled_job_gives_its_slot_back(served, use_engine):
+async def test_a_failed_or_cancelled_job_gives_its_slot_back(served, stand_in_engines):
     client, _ = await served(concurrency=1)
-    engine = StandInGenerateEngine(fail_with=ToolboxError(ErrorCode.GENERATION_FAILED, "The sampler diverged."))
-    use_engine("generate", engine)
+    engine = StandInImageEngine(fail_with=ToolboxError(ErrorCode.GENERATION_FAILED, "The sampler diverged."))
+    stand_in_engines.use(GenerateRequest, engine)
     assert_error(await client.post("/generate-image", json={"prompt": "a"}), 500, "GENERATION_FAILED")
     engine.fail_with, engine.gate = None, threading.Event()
     try:
@@ -347,12 +347,12 @@ async def test_a_body_over_the_limit_is_413_before_it_is_read(served, generate_e
 
     streamed = await client.post("/jobs", content=chunks(), headers={"Content-Type": "application/json"})
     assert_error(streamed, 413, "INVALID_INPUT")
-    assert generate_engine.calls == [] and await backend.store.keys("job:") == []
+    assert generate_engine.generated == [] and await backend.store.keys("job:") == []
 
 
-async def test_an_image_over_20_mb_is_refused_even_inside_the_body_limit(api, use_engine):
+async def test_an_image_over_20_mb_is_refused_even_inside_the_body_limit(api, stand_in_engines):
     engine = SlowCaptionEngine(steps=1, delay=0)
-    use_engine("caption", engine)
+    stand_in_engines.use(CaptionRequest, engine)
     too_big = base64.b64encode(b"\0" * (MAX_IMAGE_BYTES + 1)).decode()
     assert len(too_big) < MAX_BODY_BYTES
     body = assert_error(await api.post("/jobs", json={"kind": "caption", "images_base64": [too_big]}), 400,
@@ -360,9 +360,9 @@ async def test_an_image_over_20_mb_is_refused_even_inside_the_body_limit(api, us
     assert "20 MB" in body["error"] and engine.batches == []
 
 
-async def test_images_that_are_not_images_are_400(api, use_engine):
+async def test_images_that_are_not_images_are_400(api, stand_in_engines):
     engine = SlowCaptionEngine(steps=1, delay=0)
-    use_engine("caption", engine)
+    stand_in_engines.use(CaptionRequest, engine)
     not_base64 = await api.post("/jobs", json={"kind": "caption", "images_base64": ["***"]})
     assert_error(not_base64, 400, "INVALID_INPUT")
     not_an_image = base64.b64encode(b"GIF89a but not really").decode()
@@ -379,14 +379,14 @@ async def test_images_that_are_not_images_are_400(api, use_engine):
     (ToolboxError(ErrorCode.LORA_DOWNLOAD_FAILED, "HTTP 403 from the LoRA URL."), 500, "LORA_DOWNLOAD_FAILED"),
     (RuntimeError("secret internals /home/x/.cache"), 500, "INTERNAL"),
 ])
-async def test_worker_failures_map_to_statuses(api, use_engine, error, status, code):
-    use_engine("generate", StandInGenerateEngine(fail_with=error))
+async def test_worker_failures_map_to_statuses(api, stand_in_engines, error, status, code):
+    stand_in_engines.use(GenerateRequest, StandInImageEngine(fail_with=error))
     body = assert_error(await api.post("/generate-image", json={"prompt": "a cat"}), status, code)
     assert "internals" not in body["error"] and "Traceback" not in str(body)
 
 
-async def test_missing_models_are_503(api, use_engine):
-    use_engine("generate", StandInGenerateEngine(load_error=ToolboxError(ErrorCode.MODELS_MISSING, "Not installed: Illustrious.")))
+async def test_missing_models_are_503(api, stand_in_engines):
+    stand_in_engines.use(GenerateRequest, StandInImageEngine(load_error=ToolboxError(ErrorCode.MODELS_MISSING, "Not installed: Illustrious.")))
     assert_error(await api.post("/generate-image", json={"prompt": "a cat"}), 503, "MODELS_MISSING")
 
 
@@ -402,7 +402,7 @@ async def test_a_job_past_its_wait_is_504_and_cancelled(served, gated_engine, mo
 async def test_a_timeout_longer_than_the_hosts_http_limit_goes_to_jobs(served, generate_engine):
     client, _ = await served(sync_limit_seconds=140)
     body = assert_error(await client.post("/generate-image", json={"prompt": "a", "timeout": 200}), 400, "INVALID_INPUT")
-    assert "/jobs" in body["error"] and generate_engine.calls == []
+    assert "/jobs" in body["error"] and generate_engine.generated == []
     assert (await client.post("/jobs", json={"kind": "generate", "prompt": "a", "timeout": 200})).status_code == 202
 
 
@@ -414,9 +414,9 @@ async def test_unknown_paths_and_kinds(api):
 
 # -- /jobs for every kind -----------------------------------------------------------
 
-async def test_jobs_runs_a_caption_and_keeps_its_result(api, use_engine):
+async def test_jobs_runs_a_caption_and_keeps_its_result(api, stand_in_engines):
     engine = SlowCaptionEngine(steps=3, delay=0.01)
-    use_engine("caption", engine)
+    stand_in_engines.use(CaptionRequest, engine)
     images = [base64.b64encode(png_bytes(40, 30)).decode(), base64.b64encode(png_bytes(64, 48, seed=1)).decode()]
     accepted = await api.post("/jobs", json={"kind": "caption", "images_base64": images, "style": "tags"})
     assert accepted.status_code == 202 and set(accepted.json()) == {"job_id"}, accepted.text
@@ -427,21 +427,21 @@ async def test_jobs_runs_a_caption_and_keeps_its_result(api, use_engine):
     assert engine.batches == [2]
 
 
-async def test_jobs_runs_an_upscale(api, use_engine):
-    engine = StandInUpscaleEngine()
-    use_engine("upscale", engine)
+async def test_jobs_runs_an_upscale(api, stand_in_engines):
+    engine = StandInImageEngine()
+    stand_in_engines.use(UpscaleRequest, engine)
     source = base64.b64encode(png_bytes(48, 32)).decode()
     accepted = await api.post("/jobs", json={"kind": "upscale", "image_base64": source, "scale": 2, "seed": 5,
                                              "prompt": "sharp"})
     view = await wait_for_status(api, accepted.json()["job_id"], "done")
     assert view["result"]["image_size"] == [96, 64] and decode_png(view["result"]["image_base64"]).size == (96, 64)
-    [call] = engine.calls
+    [call] = engine.upscaled
     assert (call["scale"], call["seed"], call["prompt"], call["loras"]) == (2, 5, "sharp", [])
 
 
-async def test_an_upscale_over_the_output_limit_is_refused_before_a_job(served, use_engine):
+async def test_an_upscale_over_the_output_limit_is_refused_before_a_job(served, stand_in_engines):
     client, backend = await served()
-    use_engine("upscale", StandInUpscaleEngine())
+    stand_in_engines.use(UpscaleRequest, StandInImageEngine())
     source = base64.b64encode(png_bytes(3000, 2000)).decode()
     assert_error(await client.post("/jobs", json={"kind": "upscale", "image_base64": source, "scale": 4}), 400,
                  "INVALID_INPUT")
@@ -460,16 +460,16 @@ async def test_a_generate_job_reports_progress_then_the_contract_body(api, gated
                                    "nsfw_score", "safety"}
 
 
-async def test_a_failed_job_shows_its_error(api, use_engine):
-    use_engine("generate", StandInGenerateEngine(fail_with=ToolboxError(ErrorCode.LORA_LOAD_FAILED, "That LoRA is for SD 1.5.")))
+async def test_a_failed_job_shows_its_error(api, stand_in_engines):
+    stand_in_engines.use(GenerateRequest, StandInImageEngine(fail_with=ToolboxError(ErrorCode.LORA_LOAD_FAILED, "That LoRA is for SD 1.5.")))
     job_id = (await api.post("/jobs", json={"kind": "generate", "prompt": "a cat"})).json()["job_id"]
     view = await wait_for_status(api, job_id, "error")
     assert view["error"] == {"error": "That LoRA is for SD 1.5.", "error_code": "LORA_LOAD_FAILED"}
 
 
-async def test_jobs_of_others_are_not_visible(served, use_engine):
+async def test_jobs_of_others_are_not_visible(served, stand_in_engines):
     client, backend = await served()
-    use_engine("caption", SlowCaptionEngine(steps=1, delay=0))
+    stand_in_engines.use(CaptionRequest, SlowCaptionEngine(steps=1, delay=0))
     discord_job = await backend.submit(CaptionRequest.parse({"images": [png_bytes()], "style": "short"}),
                                        owner={"user_id": 1001})
     assert_error(await client.get(f"/jobs/{discord_job.id}"), 404, "NOT_FOUND")

@@ -19,16 +19,17 @@ import bot.api.client
 from bot.api import api_for_settings
 from bot.cli import main
 from bot.settings import Settings
-from tests.fakes.engines import StandInGenerateEngine
+from modal_services.jobs.requests import GenerateRequest
+from tests.fakes.engines import StandInImageEngine
 from tests.servers import LOOPBACK, running_uvicorn
 
 TOKEN = "server-test-token-81d2"
 
 
 @pytest.fixture
-def generate_engine(use_engine):
-    engine = StandInGenerateEngine()
-    use_engine("generate", engine)
+def generate_engine(backends_from_settings):
+    engine = StandInImageEngine()
+    backends_from_settings.use(GenerateRequest, engine)
     return engine
 
 
@@ -85,7 +86,7 @@ def test_toolbox_generate_api_sends_the_face_and_pose_photos(api_url, generate_e
                  "--identity-strength", "1.2", "--seed", "4", "--width", "512", "--height", "512",
                  "-o", str(tmp_path / "out.png")])
     assert code == 0, capsys.readouterr().err
-    [fields] = generate_engine.calls
+    [fields] = generate_engine.generated
     assert Image.open(io.BytesIO(fields["face_image"])).size == (1536, 1024)
     assert Image.open(io.BytesIO(fields["pose_image"])).size == (300, 400)
     assert fields["identity_strength"] == 1.2 and (tmp_path / "out.png").is_file()

@@ -13,15 +13,16 @@ import pytest
 from bot.settings import Settings
 from modal_services.state.keys import preview_key
 from modal_services.layout import NSFW_CLASSIFIER_DIR
-from tests.fakes.engines import StandInGenerateEngine, StandInUpscaleEngine
+from modal_services.jobs.requests import GenerateRequest, UpscaleRequest
+from tests.fakes.engines import StandInImageEngine
 from tests.images import png_bytes
 from tests.api.test_api import assert_error, decode_png, served, wait_for_status  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
-def generate_engine(use_engine):
-    engine = StandInGenerateEngine()
-    use_engine("generate", engine)
+def generate_engine(stand_in_engines):
+    engine = StandInImageEngine()
+    stand_in_engines.use(GenerateRequest, engine)
     return engine
 
 
@@ -60,15 +61,15 @@ async def test_passed_images_carry_their_scores(served, generate_engine):
     assert body["safety"]["note"] == "Checked: nothing was flagged."
 
 
-async def test_a_missing_classifier_fails_the_job_instead_of_posting_unchecked(served, use_engine):
-    engine = StandInGenerateEngine()
-    use_engine("generate", engine)
+async def test_a_missing_classifier_fails_the_job_instead_of_posting_unchecked(served, stand_in_engines):
+    engine = StandInImageEngine()
+    stand_in_engines.use(GenerateRequest, engine)
     client, _ = await served()
-    # The classifier use_engine installed is taken away again.
+    # The classifier stand_in_engines.use installed is taken away again.
     (Settings.load().models_dir / NSFW_CLASSIFIER_DIR).unlink()
     body = assert_error(await client.post("/generate-image", json={"prompt": "a beach"}), 503, "MODELS_MISSING")
     assert "/setup" in body["error"]
-    assert engine.calls == []  # refused before the engine ran
+    assert engine.generated == []  # refused before the engine ran
     # With the check off, nothing needs the classifier.
     assert (await client.post("/generate-image", json={"prompt": "a beach", "safety_check": False})).status_code == 200
 
@@ -86,11 +87,11 @@ async def test_refused_prompts_are_400_before_any_job(served, generate_engine, p
         path = "/jobs" if "kind" in body else "/generate-image"
         error = assert_error(await client.post(path, json=body), 400, "INVALID_PROMPT")
         assert "minors" in error["error"] and prompt.split(",")[0] not in error["error"]
-    assert await backend.store.keys("job:") == [] and generate_engine.calls == []
+    assert await backend.store.keys("job:") == [] and generate_engine.generated == []
 
 
-async def test_an_upscale_job_is_judged_too(served, use_engine, install_nsfw_classifier):
-    use_engine("upscale", StandInUpscaleEngine())
+async def test_an_upscale_job_is_judged_too(served, stand_in_engines, install_nsfw_classifier):
+    stand_in_engines.use(UpscaleRequest, StandInImageEngine())
     install_nsfw_classifier("flags")
     client, backend = await served()
     source = base64.b64encode(png_bytes(48, 32)).decode()

@@ -241,6 +241,7 @@ from modal_services.base_models.downloads import DownloadEngine
 from modal_services.base_models.manifests import check_files
 from modal_services.base_models.states import missing_models, model_states
 from modal_services.state.keys import download_key, lock_key, manifest_key
+from modal_services.jobs.requests import DownloadRequest, VerifyRequest
 from modal_services.layout import Layout
 from modal_services.base_models.registry import HFSource, ModelEntry, PublishedFile, URLSource
 from modal_services.state.store import SqliteStore
@@ -296,7 +297,8 @@ def make_engine(tmp_path, store, registry=REGISTRY, **hooks) -> DownloadEngine:
 def run(engine, method="download", keys=None):
     """Blocking engine call in a thread, as run_job does it."""
     seen = []
-    result = getattr(engine, method)(lambda fraction, stage: seen.append((fraction, stage)), keys=keys or [])
+    request = (VerifyRequest if method == "verify" else DownloadRequest)(keys=keys or [])
+    result = getattr(engine, method)(request, lambda fraction, stage: seen.append((fraction, stage)))
     return result, seen
 
 

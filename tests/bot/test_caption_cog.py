@@ -7,15 +7,16 @@ import threading
 import pytest
 from PIL import Image
 
+from modal_services.jobs.requests import CaptionRequest
 from tests.fakes.engines import SlowCaptionEngine
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.images import animated_gif, decompression_bomb, encode, noise_image, png_bytes
 
 
 @pytest.fixture
-def slow_engine(use_engine):
+def slow_engine(stand_in_engines):
     engine = SlowCaptionEngine()
-    use_engine("caption", engine)
+    stand_in_engines.use(CaptionRequest, engine)
     return engine
 
 
@@ -161,21 +162,21 @@ async def test_missing_model_points_admins_at_setup(toolbox_bot, fast_progress):
     assert "not installed" in error and "/setup" in error
 
 
-async def test_unexpected_failure_is_generic_and_logged(toolbox_bot, use_engine):
+async def test_unexpected_failure_is_generic_and_logged(toolbox_bot, stand_in_engines):
     class Broken(SlowCaptionEngine):
         def caption(self, *args, **kwargs):
             raise RuntimeError("token=abc123 leaked in a traceback")
 
-    use_engine("caption", Broken())
+    stand_in_engines.use(CaptionRequest, Broken())
     interaction = fake_interaction()
     await invoke(toolbox_bot, caption_command(toolbox_bot), interaction, fake_attachment(png_bytes()), None, None)
     error = ephemeral_error(interaction)
     assert "Something went wrong" in error and "abc123" not in error
 
 
-async def test_the_event_loop_stays_free_while_a_job_runs(toolbox_bot, fast_progress, use_engine):
+async def test_the_event_loop_stays_free_while_a_job_runs(toolbox_bot, fast_progress, stand_in_engines):
     engine = SlowCaptionEngine(steps=10, delay=0.03)
-    use_engine("caption", engine)
+    stand_in_engines.use(CaptionRequest, engine)
     worker_threads = set()
     original = engine.caption
 

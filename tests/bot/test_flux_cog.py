@@ -3,7 +3,6 @@ server's default model, LoRAs of the chosen family only, and the U / V / Reroll 
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 
 import discord
@@ -15,8 +14,10 @@ from modal_services.state.keys import manifest_key
 from modal_services.library.entries import LibraryEntry, entry_key
 from modal_services.base_models.optional_models import set_enabled
 from tests.bot.buttons import press as press_button
+from modal_services.jobs.requests import FluxGenerateRequest
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message
 from tests.images import png_bytes
+from tests.fakes.engines import StandInImageEngine
 from tests.bot.test_generate_cog import attachment_from, engine, final_edit, generate  # noqa: F401 (engine: a fixture)
 
 FLUX = discord.app_commands.Choice(name="FLUX.1-dev", value="flux")
@@ -28,34 +29,10 @@ async def enable_flux(store) -> None:
     await store.put(manifest_key("flux1-dev"), {"complete": True})
 
 
-class FakeFluxEngine:
-    """Flux's job kind: images of the requested size, one colour per seed, and the result's Flux fields."""
-
-    def __init__(self):
-        self.loaded = False
-        self.generated: list[dict] = []
-
-    def load(self):
-        self.loaded = True
-
-    def generate(self, progress, **request):
-        self.generated.append(request)
-        for step in range(3):
-            progress(step / 3, f"step {step + 1}/3")
-            time.sleep(0.01)
-        seeds = [request["seed"] + i for i in range(request["count"])]
-        return {"images": [png_bytes(request["width"] // 16, request["height"] // 16, seed=s) for s in seeds],
-                "seeds": seeds, "width": request["width"], "height": request["height"], "steps": request["steps"],
-                "cfg": request["guidance"], "prompt": request["prompt"], "negative_prompt": "", "checkpoint": "flux1-dev",
-                "loras": [{"name": lora["name"], "weight": lora["weight"]} for lora in request["loras"]],
-                "strength": request["strength"] if request.get("image") else None, "generation_time_seconds": 0.1}
-
-
 @pytest.fixture
-def flux(use_engine):
-    engine = FakeFluxEngine()
-    use_engine("flux_generate", engine)
-    return engine
+def flux(stand_in_engines):
+    """Flux's job kind: images a sixteenth of the requested size, one colour per seed, with the result's Flux fields."""
+    return stand_in_engines.use(FluxGenerateRequest, StandInImageEngine(shrink=16))
 
 
 @pytest.fixture

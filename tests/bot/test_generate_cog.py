@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 from unittest.mock import MagicMock
 
 import discord
@@ -17,52 +16,22 @@ from modal_services.state.keys import generate_params_key as params_key
 from modal_services.library.entries import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
 from modal_services.engines.sdxl.previews import PreviewSink
 from tests.bot.buttons import press as press_button
+from modal_services.jobs.requests import CaptionRequest, GenerateRequest
+from tests.fakes.engines import StandInImageEngine
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.fixtures.tiny_instantid import enable_instantid
 from tests.images import png_bytes
 
 
-class FakeSdxlEngine:
-    """Both SDXL job kinds, as one engine serves them: images of the requested size, one colour per seed."""
-
-    def __init__(self, delay: float = 0.02):
-        self.loaded = False
-        self.delay = delay
-        self.generated: list[dict] = []
-        self.upscaled: list[dict] = []
-
-    def load(self):
-        self.loaded = True
-
-    def generate(self, progress, **request):
-        self.generated.append(request)
-        for step in range(4):
-            progress(step / 4, f"step {step + 1}/4")
-            time.sleep(self.delay)
-        seeds = [request["seed"] + i for i in range(request["count"])]
-        images = [png_bytes(request["width"] // 8, request["height"] // 8, seed=seed) for seed in seeds]
-        loras = [{"name": lora["name"], "weight": lora["weight"]} for lora in request["loras"]]
-        return {"images": images, "seeds": seeds, "width": request["width"] // 8, "height": request["height"] // 8,
-                "steps": request["steps"], "cfg": request["cfg"], "prompt": request["prompt"],
-                "negative_prompt": request["negative_prompt"], "checkpoint": "x", "loras": loras,
-                "strength": 0.35 if request.get("image") else None, "generation_time_seconds": 0.1,
-                "face": None if request["face_image"] is None else {
-                    "faces_found": 3, "pose_faces_found": 1 if request["pose_image"] else None,
-                    "identity_strength": request["identity_strength"],
-                    "controlnet_strength": request["controlnet_strength"]}}
-
-    def upscale(self, image, scale, progress, **params):
-        self.upscaled.append({"image": image, "scale": scale, **params})
-        width, height = Image.open(io.BytesIO(image)).size
-        return png_bytes(round(width * scale), round(height * scale))
+def sdxl_stand_in(delay: float = 0.02) -> StandInImageEngine:
+    """Both SDXL job kinds, as one engine serves them: small images (an eighth of the size), one colour per
+    seed, three faces in any face photo."""
+    return StandInImageEngine(shrink=8, delay=delay, faces_found=3)
 
 
 @pytest.fixture
-def engine(use_engine):
-    engine = FakeSdxlEngine()
-    use_engine("generate", engine)
-    use_engine("upscale", engine)
-    return engine
+def engine(stand_in_engines):
+    return stand_in_engines.use(GenerateRequest, sdxl_stand_in())
 
 
 @pytest.fixture
@@ -117,7 +86,7 @@ async def test_generate_shows_progress_previews_then_the_images_with_buttons(too
             await asyncio.sleep(0.01)
         PreviewSink(store, keys[0].split(":", 1)[1])(b"\xff\xd8preview-jpeg")
 
-    engine.delay = 0.1
+    engine.delay = 0.2  # a job of 0.4 s: long enough for the preview to show
     writer = asyncio.create_task(write_a_preview())
     interaction = fake_interaction()
     await generate(toolbox_bot, interaction, "1girl, castle", aspect=discord.app_commands.Choice(name="16:9", value="16:9"),
@@ -172,8 +141,8 @@ async def test_bad_requests_are_refused_before_a_job(toolbox_bot, engine, fast_p
 async def test_a_big_gallery_is_fitted_to_the_upload_limit(toolbox_bot, engine, fast_progress, monkeypatch):
     import numpy as np
 
-    def noisy(progress, **request):
-        result = FakeSdxlEngine(delay=0).generate(progress, **request)
+    def noisy(request, progress, preview=None):
+        result = sdxl_stand_in(delay=0).generate(request, progress)
         rng = np.random.default_rng(0)
         noise = [Image.fromarray(rng.integers(0, 255, (200, 200, 3), dtype=np.uint8)) for _ in result["images"]]
         result["images"] = []
@@ -285,12 +254,12 @@ class PromptCaptionEngine:
     def load(self):
         pass
 
-    def caption(self, images, style, question, progress):
-        return [f"masterpiece, best quality, 1girl, {style}" for _ in images]
+    def caption(self, request, progress):
+        return [f"masterpiece, best quality, 1girl, {request.style}" for _ in request.images]
 
 
-async def test_a_prompt_caption_has_a_generate_from_this_button(toolbox_bot, make_toolbox_bot, engine, fast_progress, use_engine):
-    use_engine("caption", PromptCaptionEngine())
+async def test_a_prompt_caption_has_a_generate_from_this_button(toolbox_bot, make_toolbox_bot, engine, fast_progress, stand_in_engines):
+    stand_in_engines.use(CaptionRequest, PromptCaptionEngine())
     interaction = fake_interaction()
     style = discord.app_commands.Choice(name="prompt", value="prompt")
     await invoke(toolbox_bot, toolbox_bot.tree.get_command("caption"), interaction, fake_attachment(png_bytes(40, 40)), style, None)

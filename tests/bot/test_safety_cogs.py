@@ -13,18 +13,17 @@ import pytest
 
 from bot.guild_settings import GuildSettings, load_guild_settings, save_guild_settings
 from tests.bot.buttons import press as press_button
+from modal_services.jobs.requests import GenerateRequest
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.images import png_bytes
-from tests.bot.test_generate_cog import FakeSdxlEngine, attachment_from, final_edit, generate
+from tests.bot.test_generate_cog import attachment_from, final_edit, generate, sdxl_stand_in
 
 GUILD = 2002
 
 
 @pytest.fixture
-def engine(use_engine, install_nsfw_classifier):
-    engine = FakeSdxlEngine(delay=0)
-    use_engine("generate", engine)
-    use_engine("upscale", engine)
+def engine(stand_in_engines, install_nsfw_classifier):
+    engine = stand_in_engines.use(GenerateRequest, sdxl_stand_in(delay=0))
     install_nsfw_classifier("flags")
     return engine
 

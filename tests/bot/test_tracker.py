@@ -70,8 +70,8 @@ def edits(interaction) -> list[str]:
     return [call.kwargs.get("content") for call in interaction.calls.edit_original_response.await_args_list]
 
 
-async def test_user_cap_refuses_with_places_in_line(toolbox_bot, use_engine):
-    use_engine("caption", SlowCaptionEngine())
+async def test_user_cap_refuses_with_places_in_line(toolbox_bot, stand_in_engines):
+    stand_in_engines.use(CaptionRequest, SlowCaptionEngine())
     store = toolbox_bot.backend.store
     await job_in_line(toolbox_bot, 1)  # someone else's, ahead
     for _ in range(2):
@@ -83,8 +83,8 @@ async def test_user_cap_refuses_with_places_in_line(toolbox_bot, use_engine):
     assert len(await store.keys("job:")) == 3  # nothing new started
 
 
-async def test_guild_and_global_caps(toolbox_bot, monkeypatch, use_engine):
-    use_engine("caption", SlowCaptionEngine())
+async def test_guild_and_global_caps(toolbox_bot, monkeypatch, stand_in_engines):
+    stand_in_engines.use(CaptionRequest, SlowCaptionEngine())
     store = toolbox_bot.backend.store
     await save_guild_settings(store, 2002, GuildSettings(guild_cap=2))
     for user in (1, 2):
@@ -99,8 +99,8 @@ async def test_guild_and_global_caps(toolbox_bot, monkeypatch, use_engine):
     assert "The bot is busy" in ephemeral_error(interaction)
 
 
-async def test_roles_and_channels_from_guild_settings(toolbox_bot, use_engine):
-    use_engine("caption", SlowCaptionEngine())
+async def test_roles_and_channels_from_guild_settings(toolbox_bot, stand_in_engines):
+    stand_in_engines.use(CaptionRequest, SlowCaptionEngine())
     store = toolbox_bot.backend.store
     await save_guild_settings(store, 2002, GuildSettings(allowed_channel_ids=[42]))
     interaction = fake_interaction()
@@ -117,9 +117,9 @@ async def test_roles_and_channels_from_guild_settings(toolbox_bot, use_engine):
     assert ephemeral_error(interaction) is None
 
 
-async def test_queue_position_is_shown_and_moves(toolbox_bot, use_engine):
+async def test_queue_position_is_shown_and_moves(toolbox_bot, stand_in_engines):
     engine = SlowCaptionEngine(steps=5, delay=0.06)
-    use_engine("caption", engine)
+    stand_in_engines.use(CaptionRequest, engine)
     interactions = [fake_interaction(user_id=user) for user in (1, 2, 3)]
     runs = []
     for interaction in interactions:
@@ -133,9 +133,9 @@ async def test_queue_position_is_shown_and_moves(toolbox_bot, use_engine):
     assert engine.batches == [1, 1, 1]
 
 
-async def test_cancel_button_owner_only_then_stops_the_job(toolbox_bot, use_engine):
+async def test_cancel_button_owner_only_then_stops_the_job(toolbox_bot, stand_in_engines):
     engine = SlowCaptionEngine(steps=200, delay=0.01)
-    use_engine("caption", engine)
+    stand_in_engines.use(CaptionRequest, engine)
     interaction = fake_interaction(user_id=5)
     running = asyncio.create_task(caption(toolbox_bot, interaction))
     while True:
@@ -252,8 +252,8 @@ async def test_a_job_that_finished_while_the_bot_was_down_is_delivered(deploymen
     assert "a caption from modal" in message.edit.await_args.kwargs["content"]
 
 
-async def test_local_jobs_cut_by_a_restart_are_reported_as_such(use_engine, make_toolbox_bot):
-    use_engine("caption", SlowCaptionEngine(steps=100, delay=0.02))
+async def test_local_jobs_cut_by_a_restart_are_reported_as_such(stand_in_engines, make_toolbox_bot):
+    stand_in_engines.use(CaptionRequest, SlowCaptionEngine(steps=100, delay=0.02))
     first = await make_toolbox_bot("cogs.caption")
     interaction = fake_interaction()
     running = asyncio.create_task(caption(first, interaction))
@@ -263,7 +263,7 @@ async def test_local_jobs_cut_by_a_restart_are_reported_as_such(use_engine, make
     await asyncio.gather(running, return_exceptions=True)
     await first.backend.close()
 
-    second = await make_toolbox_bot("cogs.caption", backend=LocalBackend(Settings.load()))
+    second = await make_toolbox_bot("cogs.caption", backend=LocalBackend(Settings.load(), engines=stand_in_engines))
     _, message = channel_spy(second)
     await second.tracker.resume()
     await eventually(lambda: message.edit.await_count)
@@ -302,9 +302,9 @@ class SlowLoadingCaptionEngine(SlowCaptionEngine):
         super().load()
 
 
-async def test_a_cancel_shows_at_the_next_edit_slot_even_while_the_model_loads(toolbox_bot, use_engine, monkeypatch):
+async def test_a_cancel_shows_at_the_next_edit_slot_even_while_the_model_loads(toolbox_bot, stand_in_engines, monkeypatch):
     monkeypatch.setattr("bot.progress.MIN_EDIT_INTERVAL", 0.3)
-    use_engine("caption", SlowLoadingCaptionEngine(steps=50, delay=0.02))
+    stand_in_engines.use(CaptionRequest, SlowLoadingCaptionEngine(steps=50, delay=0.02))
     interaction = fake_interaction(user_id=5)
     landed: list[tuple[float, str]] = []
 
@@ -325,9 +325,9 @@ async def test_a_cancel_shows_at_the_next_edit_slot_even_while_the_model_loads(t
     assert "Cancelled" in ephemeral_error(interaction)
 
 
-async def test_a_queued_job_cancelled_behind_a_busy_engine_ends_at_once(toolbox_bot, use_engine):
+async def test_a_queued_job_cancelled_behind_a_busy_engine_ends_at_once(toolbox_bot, stand_in_engines):
     engine = GatedCaptionEngine()
-    use_engine("caption", engine)
+    stand_in_engines.use(CaptionRequest, engine)
     busy, waiting = fake_interaction(user_id=1), fake_interaction(user_id=2)
     first = asyncio.create_task(caption(toolbox_bot, busy))
     await eventually(lambda: busy.calls.edit_original_response.await_count)

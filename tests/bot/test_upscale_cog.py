@@ -18,12 +18,13 @@ from modal_services.state.keys import upscale_params_key as params_key
 from modal_services.library.entries import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
 from modal_services.engines.sdxl.previews import PreviewSink, preview_key
 from tests.bot.buttons import press as press_button
+from modal_services.jobs.requests import CaptionRequest, UpscaleRequest
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, fake_message, invoke
 from tests.images import png_bytes
 
 
 class FakeUpscaleEngine:
-    """Returns a PNG of the requested size after a few progress steps; remembers each payload."""
+    """Returns a PNG of the requested size after a few progress steps; remembers each request's fields."""
 
     def __init__(self, delay: float = 0.05):
         self.loaded = False
@@ -33,9 +34,10 @@ class FakeUpscaleEngine:
     def load(self):
         self.loaded = True
 
-    def upscale(self, image, scale, progress, **params):
-        self.payloads.append({"scale": scale, **params})
-        width, height = Image.open(io.BytesIO(image)).size
+    def upscale(self, request, progress, preview=None):
+        self.payloads.append(request.model_dump(exclude={"safety", "image"}))
+        width, height = Image.open(io.BytesIO(request.image)).size
+        scale = request.scale
         for step in range(4):
             progress(step / 4, f"tile {step + 1}/4 · step 1/1")
             time.sleep(self.delay)
@@ -45,9 +47,9 @@ class FakeUpscaleEngine:
 
 
 @pytest.fixture
-def engine(use_engine):
+def engine(stand_in_engines):
     engine = FakeUpscaleEngine()
-    use_engine("upscale", engine)
+    stand_in_engines.use(UpscaleRequest, engine)
     return engine
 
 
@@ -165,7 +167,7 @@ async def test_upscale_defers_shows_progress_and_previews_then_the_result_with_b
 
 
 async def test_a_big_result_is_fitted_to_the_upload_limit(toolbox_bot, engine, fast_progress, monkeypatch):
-    def noisy_result(image, scale, progress, **params):
+    def noisy_result(request, progress, preview=None):
         import numpy as np
 
         buffer = io.BytesIO()
@@ -274,15 +276,15 @@ class TagEngine:
     def load(self):
         pass
 
-    def caption(self, images, style, question, progress):
-        assert style == "tags"
-        return [f"tile {Image.open(io.BytesIO(data)).size[0]}" for data in images]
+    def caption(self, request, progress):
+        assert request.style == "tags"
+        return [f"tile {Image.open(io.BytesIO(data)).size[0]}" for data in request.images]
 
 
-async def test_tile_captions_become_region_prompts(toolbox_bot, engine, fast_progress, use_engine):
+async def test_tile_captions_become_region_prompts(toolbox_bot, engine, fast_progress, stand_in_engines):
     from modal_services.engines.sdxl.tiling import plan_tiles
 
-    use_engine("caption", TagEngine())
+    stand_in_engines.use(CaptionRequest, TagEngine())
     interaction = fake_interaction()
     await invoke(toolbox_bot, upscale_command(toolbox_bot), interaction, fake_attachment(png_bytes(600, 400)),
                  4.0, "a town", None, None, None, None, None, None, None, None, 7, True)
@@ -298,12 +300,12 @@ async def test_tile_captions_become_region_prompts(toolbox_bot, engine, fast_pro
     assert (await toolbox_bot.backend.store.get(params_key(job_id.split(":", 1)[1])))["tile_captions"] is True
 
 
-async def test_the_tile_caption_step_can_be_cancelled(toolbox_bot, engine, fast_progress, use_engine):
+async def test_the_tile_caption_step_can_be_cancelled(toolbox_bot, engine, fast_progress, stand_in_engines):
     import asyncio
 
     from tests.fakes.engines import SlowCaptionEngine
 
-    use_engine("caption", SlowCaptionEngine(steps=300, delay=0.01))
+    stand_in_engines.use(CaptionRequest, SlowCaptionEngine(steps=300, delay=0.01))
     interaction = fake_interaction()
     interaction.client = toolbox_bot
     running = asyncio.create_task(invoke(

@@ -3,30 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 
 import pytest
 
 from bot.cli import main
 from bot.settings import Settings
-from modal_services import services
 from modal_services.state.keys import JOB_PREFIX
 from modal_services.state.store import SqliteStore
 from tests.images import png_bytes
 
 
 @pytest.fixture
-def engines_built(monkeypatch):
-    """Every engine any job kind would construct, recorded (and none actually built)."""
-    built = []
-
-    def refuse(layout):
-        built.append(layout)
-        raise AssertionError("an engine was constructed")
-
-    for kind, spec in services.SERVICES.items():
-        monkeypatch.setitem(services.SERVICES, kind, dataclasses.replace(spec, make_engine=refuse))
-    return built
+def engines_built(backends_from_settings):
+    """The engines the CLI's backend builds in this test (none, when a bad value stops the command first)."""
+    return backends_from_settings.built
 
 
 async def job_keys() -> list[str]:

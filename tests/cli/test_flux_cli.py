@@ -13,18 +13,20 @@ from bot.api import api_for_settings
 from bot.cli import main
 from bot.settings import Settings
 from modal_services.state.store import SqliteStore
+from modal_services.jobs.requests import FluxGenerateRequest
 from tests.servers import running_uvicorn
-from tests.bot.test_flux_cog import FakeFluxEngine, enable_flux
+from tests.bot.test_flux_cog import enable_flux
+from tests.fakes.engines import StandInImageEngine
 
 TOKEN = "flux-cli-token-3e7a"
 
 
 @pytest.fixture
-def flux(use_engine, tmp_path, monkeypatch):
+def flux(backends_from_settings, tmp_path, monkeypatch):
     monkeypatch.setenv("TOOLBOX_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setattr(bot.core.following, "POLL_INTERVAL", 0.02)
-    engine = FakeFluxEngine()
-    use_engine("flux_generate", engine)
+    engine = StandInImageEngine(shrink=16)
+    backends_from_settings.use(FluxGenerateRequest, engine)
     store = SqliteStore(Settings.load().state_path)
     asyncio.run(enable_flux(store))
     asyncio.run(store.close())

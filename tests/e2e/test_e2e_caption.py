@@ -35,7 +35,7 @@ async def test_slash_caption_end_to_end(toolbox_bot, reference_engine):
     assert ephemeral_error(interaction) is None
     assert interaction.calls.mock_calls[0][0] == "defer"
     edits = [call.kwargs["content"] for call in interaction.calls.edit_original_response.await_args_list]
-    expected = reference_engine.caption([data], style="descriptive")[0]
+    expected = reference_engine.caption(CaptionRequest(images=[data], style="descriptive"), lambda f, s: None)[0]
     assert expected and expected.replace("```", "'''") in edits[-1]
     assert any("Loading the model" in text or "Captioning" in text or "Queued" in text for text in edits[:-1])
 
@@ -65,7 +65,7 @@ def test_cli_caption_with_sidecars(installed_caption_model, tmp_path, reference_
         paths.append(path)
     assert toolbox(["caption", *map(str, paths), "--style", "tags", "--sidecar", "--batch-size", "2"]) == 0
     for path in paths:
-        expected = reference_engine.caption([path.read_bytes()], style="tags")[0]
+        expected = reference_engine.caption(CaptionRequest(images=[path.read_bytes()], style="tags"), lambda f, s: None)[0]
         assert path.with_suffix(".txt").read_text(encoding="utf-8") == expected + "\n"
 
 
@@ -96,15 +96,15 @@ def test_cli_usage_errors_exit_2(capsys):
     assert exited.value.code == 2
 
 
-async def test_uncollected_local_results_are_let_go(monkeypatch, fast_progress, use_engine):
+async def test_uncollected_local_results_are_let_go(monkeypatch, fast_progress, stand_in_engines):
     import asyncio
 
     import bot.backend
     from tests.fakes.engines import SlowCaptionEngine
 
     monkeypatch.setattr(bot.backend, "RESULT_KEEP_SECONDS", 0.05)
-    use_engine("caption", SlowCaptionEngine(steps=1, delay=0))
-    backend = LocalBackend(Settings.load())
+    stand_in_engines.use(CaptionRequest, SlowCaptionEngine(steps=1, delay=0))
+    backend = LocalBackend(Settings.load(), engines=stand_in_engines)
     job = await backend.submit(CaptionRequest.parse({"images": [png_bytes()], "style": "short", "question": None}))
     for _ in range(200):
         if (await backend.job(job.id)).status is JobStatus.DONE and job.id not in backend._tasks:

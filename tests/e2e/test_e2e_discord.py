@@ -24,6 +24,7 @@ import yarl
 
 from bot.runner import bot_supervisor
 from bot.settings import Settings
+from modal_services.jobs.requests import CaptionRequest
 from tests.fakes.discord_server import EPHEMERAL, FakeDiscord
 from tests.fakes.engines import GatedCaptionEngine, SlowCaptionEngine
 from tests.images import png_bytes
@@ -87,7 +88,7 @@ def pacing(monkeypatch):
 
 
 @pytest.fixture
-async def live_bot(fake_discord, pacing):
+async def live_bot(fake_discord, pacing, backends_from_settings):
     bot = BotThread()
     await bot.start(fake_discord)
     yield bot
@@ -120,9 +121,9 @@ def cancel_custom_id(message: dict) -> str:
                 if button["custom_id"].startswith("toolbox:cancel:"))
 
 
-async def test_caption_bad_input_and_admin_only_over_the_real_client(fake_discord, live_bot, use_engine):
+async def test_caption_bad_input_and_admin_only_over_the_real_client(fake_discord, live_bot, backends_from_settings):
     fake = fake_discord
-    use_engine("caption", SlowCaptionEngine(steps=8, delay=0.25))
+    backends_from_settings.use(CaptionRequest, SlowCaptionEngine(steps=8, delay=0.25))
     assert {"caption", "upscale", "setup", "Caption image"} <= {command["name"] for command in fake.commands}
 
     token = await caption(fake, "cat.png", png_bytes(64, 48))
@@ -151,10 +152,10 @@ async def test_caption_bad_input_and_admin_only_over_the_real_client(fake_discor
     assert fake.refused == []
 
 
-async def test_a_burst_over_the_cap_and_a_cancel(fake_discord, live_bot, use_engine):
+async def test_a_burst_over_the_cap_and_a_cancel(fake_discord, live_bot, backends_from_settings):
     fake = fake_discord
     gate = threading.Event()
-    use_engine("caption", GatedCaptionEngine(gate))
+    backends_from_settings.use(CaptionRequest, GatedCaptionEngine(gate))
     tokens = await asyncio.gather(*(caption(fake, f"b{i}.png", png_bytes(32, 32, seed=i), user_id=7, delay=0.5)
                                     for i in range(5)))
     await eventually(lambda: all(fake.callback(token) for token in tokens), what="every ack")
@@ -181,9 +182,9 @@ async def test_a_burst_over_the_cap_and_a_cancel(fake_discord, live_bot, use_eng
     assert fake.refused == []
 
 
-async def test_a_restart_tells_the_reply_and_the_button_still_answers(fake_discord, live_bot, use_engine):
+async def test_a_restart_tells_the_reply_and_the_button_still_answers(fake_discord, live_bot, backends_from_settings):
     fake = fake_discord
-    use_engine("caption", GatedCaptionEngine())  # never finishes in the first session
+    backends_from_settings.use(CaptionRequest, GatedCaptionEngine())  # never finishes in the first session
     token = await caption(fake, "slow.png", png_bytes(32, 32))
     message = await eventually(lambda: (fake.interactions[token]["original"] or {}).get("components")
                                and fake.interactions[token]["original"], what="the running job's reply")

@@ -9,6 +9,8 @@ from PIL import Image
 import bot.core.following
 from bot.cli import main
 from bot.cli.generate import output_paths
+from modal_services.jobs.requests import GenerateRequest
+from tests.fakes.engines import StandInImageEngine
 from tests.images import png_bytes
 
 
@@ -60,21 +62,6 @@ def test_toolbox_generate_with_a_face_runs_instantid_on_the_real_face_analysis(s
     assert "2 faces in the face photo: the largest one was used." in capsys.readouterr().out
 
 
-class CountingEngine:
-    loaded = True
-
-    def __init__(self):
-        self.requests = []
-
-    def load(self):
-        pass
-
-    def generate(self, progress, **request):
-        self.requests.append(request)
-        seeds = [request["seed"] + i for i in range(request["count"])]
-        return {"images": [png_bytes(8, 8, seed=seed) for seed in seeds], "seeds": seeds, "width": 8, "height": 8}
-
-
 def enable_in(data_dir) -> None:
     import asyncio
 
@@ -90,15 +77,14 @@ def enable_in(data_dir) -> None:
 
 
 def test_several_images_are_numbered_and_bad_requests_start_nothing(settings, tiny_sdxl_data_dir, tmp_path, capsys,
-                                                                    use_engine):
-    engine = CountingEngine()
-    use_engine("generate", engine)
+                                                                    backends_from_settings):
+    engine = backends_from_settings.use(GenerateRequest, StandInImageEngine())
     out = tmp_path / "fox.png"
     assert main(["generate", "a fox", "--count", "3", "--seed", "10", "--aspect", "16:9", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     for index, seed in ((1, 10), (2, 11), (3, 12)):
-        assert (tmp_path / f"fox_{index}.png").is_file() and f"fox_{index}.png (8×8, seed {seed}" in printed
-    request = engine.requests[0]
+        assert (tmp_path / f"fox_{index}.png").is_file() and f"fox_{index}.png (1344×768, seed {seed}" in printed
+    request = engine.generated[0]
     assert (request["width"], request["height"], request["count"]) == (1344, 768, 3)
     assert request["checkpoint"] is None and request["timeout"] == 300 and request["face_image"] is None
 
@@ -108,7 +94,7 @@ def test_several_images_are_numbered_and_bad_requests_start_nothing(settings, ti
     assert "MODELS_MISSING: InstantID (IdentityNet and face adapter) is not enabled" in capsys.readouterr().err
     enable_in(tiny_sdxl_data_dir)
     assert main(["generate", "a fox", "--face", str(face), "--controlnet-strength", "0.5", "-o", str(out)]) == 0
-    request = engine.requests[-1]
+    request = engine.generated[-1]
     assert Image.open(io.BytesIO(request["face_image"])).size == (40, 30)
     assert request["controlnet_strength"] == 0.5 and request["pose_image"] is None
     not_an_image = tmp_path / "not-an-image.png"
@@ -128,7 +114,7 @@ def test_several_images_are_numbered_and_bad_requests_start_nothing(settings, ti
     ):
         assert main(argv) == 2
         assert words in capsys.readouterr().err
-    assert len(engine.requests) == 2
+    assert len(engine.generated) == 2
 
 
 def test_output_paths():

@@ -7,7 +7,13 @@ import pytest
 from modal_services.engines.caption import CaptionEngine, tidy_caption
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import Layout
+from modal_services.jobs.requests import CaptionRequest
 from tests.images import png_bytes
+
+
+def caption(engine, images: list[bytes], progress=lambda fraction, stage: None, **fields) -> list[str]:
+    """One caption job on `engine`, its request parsed from `images` and `fields` as the worker parses a payload."""
+    return engine.caption(CaptionRequest.parse({"images": images, **fields}), progress)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +32,7 @@ def test_loads_from_the_volume_layout(engine):
 @pytest.mark.slow
 @pytest.mark.parametrize("style", ["descriptive", "tags", "short", "prompt"])
 def test_each_style_gives_one_caption_per_image(engine, style):
-    captions = engine.caption([png_bytes(seed=1), png_bytes(80, 120, seed=2)], style=style)
+    captions = caption(engine, [png_bytes(seed=1), png_bytes(80, 120, seed=2)], style=style)
     assert len(captions) == 2
     assert all(isinstance(text, str) and text for text in captions)
 
@@ -34,27 +40,27 @@ def test_each_style_gives_one_caption_per_image(engine, style):
 @pytest.mark.slow
 def test_greedy_decoding_is_deterministic(engine):
     image = png_bytes(seed=3)
-    assert engine.caption([image], style="tags") == engine.caption([image], style="tags")
+    assert caption(engine, [image], style="tags") == caption(engine, [image], style="tags")
 
 
 @pytest.mark.slow
 def test_batched_captions_match_one_at_a_time(engine):
     images = [png_bytes(seed=s) for s in (4, 5, 6)]
-    batched = engine.caption(images, style="short")
-    single = [engine.caption([image], style="short")[0] for image in images]
+    batched = caption(engine, images, style="short")
+    single = [caption(engine, [image], style="short")[0] for image in images]
     assert batched == single
 
 
 @pytest.mark.slow
 def test_question_replaces_the_style_prompt(engine):
     image = png_bytes(seed=7)
-    answer = engine.caption([image], style="tags", question="What colour is the sky?")
-    assert answer != engine.caption([image], style="tags")
+    answer = caption(engine, [image], style="tags", question="What colour is the sky?")
+    assert answer != caption(engine, [image], style="tags")
 
 
 def test_progress_is_reported_per_token(engine):
     seen = []
-    engine.caption([png_bytes(seed=8)], style="short", progress=lambda fraction, stage: seen.append((fraction, stage)))
+    caption(engine, [png_bytes(seed=8)], style="short", progress=lambda fraction, stage: seen.append((fraction, stage)))
     assert seen[0] == (0.0, "captioning")
     fractions = [fraction for fraction, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] < 1.0
@@ -63,12 +69,12 @@ def test_progress_is_reported_per_token(engine):
 
 def test_bad_inputs(engine):
     with pytest.raises(ToolboxError) as caught:
-        engine.caption([png_bytes(), b"not an image"])
+        caption(engine, [png_bytes(), b"not an image"])
     assert caught.value.code is ErrorCode.INVALID_INPUT and "Image 2" in caught.value.message
     with pytest.raises(ToolboxError):
-        engine.caption([])
+        caption(engine, [])
     with pytest.raises(ToolboxError):
-        engine.caption([png_bytes()], style="poem")
+        caption(engine, [png_bytes()], style="poem")
 
 
 def test_missing_model_points_at_setup(tmp_path):
@@ -115,4 +121,4 @@ def test_two_step_loading_for_memory_snapshots(tiny_qwen_dir, engine):
     staged.move_to("cpu")  # after restore: onto the GPU (the CPU here)
     assert staged.loaded
     image = png_bytes(seed=9)
-    assert staged.caption([image], style="short") == engine.caption([image], style="short")
+    assert caption(staged, [image], style="short") == caption(engine, [image], style="short")

@@ -11,6 +11,7 @@ from PIL import Image
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.engines.flux import FluxEngine, choose_precision, flux_preview_jpeg
 from modal_services.layout import FLUX_DIR, Layout
+from modal_services.jobs.requests import FluxGenerateRequest
 from tests.fixtures.tiny_flux import build_tiny_flux_volume
 from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 from tests.engines.test_generate_engine import lora, pixels
@@ -18,6 +19,11 @@ from tests.images import png_bytes
 
 # The smallest request Flux's request allows: 512², 20 steps; the longest timeout (CI machines are slow).
 REQUEST = dict(prompt="a cat", width=512, height=512, steps=20, seed=5, timeout=300)
+
+
+def generate(engine, progress=lambda fraction, stage: None, preview=None, **fields) -> dict:
+    """One Flux job on `engine`, its request parsed from `fields` as the worker parses a payload."""
+    return engine.generate(FluxGenerateRequest.parse(fields), progress, preview)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,7 @@ def engine(volume):
 def base(volume) -> dict:
     """REQUEST on a fresh engine of its own, with its progress and previews."""
     reports, previews = [], []
-    result = new_engine(volume).generate(**REQUEST, progress=lambda f, s: reports.append((f, s)), preview=previews.append)
+    result = generate(new_engine(volume), **REQUEST, progress=lambda f, s: reports.append((f, s)), preview=previews.append)
     return {**result, "reports": reports, "previews": previews}
 
 
@@ -73,25 +79,25 @@ def test_progress_every_step_and_a_preview_per_step(base):
 
 
 def test_the_same_seed_gives_the_same_image_and_another_seed_another(engine, base):
-    again = engine.generate(**REQUEST)
+    again = generate(engine, **REQUEST)
     assert again["images"] == base["images"]
-    other = engine.generate(**{**REQUEST, "seed": 6})
+    other = generate(engine, **{**REQUEST, "seed": 6})
     assert np.abs(pixels(other["images"][0]) - pixels(base["images"][0])).mean() > 1
 
 
 @pytest.mark.slow
 def test_four_in_one_batch_are_the_four_made_one_by_one(engine):
-    batched = engine.generate(**{**REQUEST, "count": 4, "seed": 10})
+    batched = generate(engine, **{**REQUEST, "count": 4, "seed": 10})
     assert batched["seeds"] == [10, 11, 12, 13] and len(batched["images"]) == 4
     for seed, png in zip(batched["seeds"], batched["images"]):
-        (alone,) = engine.generate(**{**REQUEST, "seed": seed})["images"]
+        (alone,) = generate(engine, **{**REQUEST, "seed": seed})["images"]
         # Batched matrix products may round differently in the last bit.
         assert np.abs(pixels(png) - pixels(alone)).max() <= 2
 
 
 def test_a_variation_starts_from_the_image(engine, base):
     start = png_bytes(300, 200, seed=3)
-    result = engine.generate(**{**REQUEST, "image": start, "strength": 0.5})
+    result = generate(engine, **{**REQUEST, "image": start, "strength": 0.5})
     assert Image.open(io.BytesIO(result["images"][0])).size == (512, 512) and result["strength"] == 0.5
     assert np.abs(pixels(result["images"][0]) - pixels(base["images"][0])).mean() > 1
 
@@ -111,30 +117,30 @@ def test_the_preview_of_packed_latents_is_a_grid_of_the_images():
 
 @pytest.mark.parametrize("name", ["flux-diffusers", "flux-kohya", "flux-xlabs"])
 def test_each_lora_layout_loads_changes_the_image_and_leaves_nothing_behind(engine, base, volume, name):
-    result = engine.generate(**REQUEST, loras=[lora(volume, name, triggers=["glowing"])])
+    result = generate(engine, **REQUEST, loras=[lora(volume, name, triggers=["glowing"])])
     assert result["loras"] == [{"name": name, "weight": 1.0}] and result["prompt"] == "glowing, a cat"
     assert np.abs(pixels(result["images"][0]) - pixels(base["images"][0])).mean() > 0.5
     assert no_adapters_left(engine)
 
 
 def test_no_contamination_the_same_request_without_loras_is_a_fresh_engines(engine, base, volume):
-    engine.generate(**REQUEST, loras=[lora(volume, "flux-kohya"), lora(volume, "flux-diffusers", weight=0.5)])
+    generate(engine, **REQUEST, loras=[lora(volume, "flux-kohya"), lora(volume, "flux-diffusers", weight=0.5)])
     assert no_adapters_left(engine)
-    assert engine.generate(**REQUEST)["images"] == base["images"]
+    assert generate(engine, **REQUEST)["images"] == base["images"]
 
 
 def test_an_sdxl_lora_is_refused_by_flux_and_leaves_nothing_loaded(engine, tmp_path):
     sdxl = build_tiny_volume(tmp_path)
     path = next(iter(sdxl.loras.values()))
     with pytest.raises(ToolboxError) as caught:
-        engine.generate(**REQUEST, loras=[{"name": "sdxl-style", "path": str(path), "weight": 1.0}])
+        generate(engine, **REQUEST, loras=[{"name": "sdxl-style", "path": str(path), "weight": 1.0}])
     assert caught.value.code is ErrorCode.LORA_LOAD_FAILED and "sdxl-style" in caught.value.message
     assert no_adapters_left(engine)
 
 
 def test_a_lora_whose_file_is_gone_is_named(engine, volume, tmp_path):
     with pytest.raises(ToolboxError) as caught:
-        engine.generate(**REQUEST, loras=[{"name": "gone", "path": str(tmp_path / "gone.safetensors"), "weight": 1.0}])
+        generate(engine, **REQUEST, loras=[{"name": "gone", "path": str(tmp_path / "gone.safetensors"), "weight": 1.0}])
     assert caught.value.code is ErrorCode.LORA_LOAD_FAILED and "gone.safetensors" in caught.value.message
 
 
@@ -142,7 +148,7 @@ def test_loras_are_refused_on_a_quantised_transformer_before_any_work(volume):
     engine = FluxEngine(Layout(volume.models_dir, volume.loras_dir), device="cuda", precision="nf4")
     engine.precision = "nf4"  # as the Modal class sets it from the GPU's name
     with pytest.raises(ToolboxError) as caught:
-        engine.generate(**REQUEST, loras=[lora(volume, "flux-kohya")])
+        generate(engine, **REQUEST, loras=[lora(volume, "flux-kohya")])
     assert caught.value.code is ErrorCode.LORA_LOAD_FAILED
     assert "quantised to nf4" in caught.value.message and "TOOLBOX_FLUX_PRECISION=bf16" in caught.value.message
 
@@ -152,7 +158,7 @@ def test_loras_are_refused_on_a_quantised_transformer_before_any_work(volume):
 
 def test_the_timeout_stops_between_steps(engine):
     with pytest.raises(ToolboxError) as caught:
-        engine.generate(**{**REQUEST, "timeout": 0.001})
+        generate(engine, **{**REQUEST, "timeout": 0.001})
     assert caught.value.code is ErrorCode.TIMEOUT
 
 
@@ -162,7 +168,7 @@ def test_cancel_from_the_progress_callback_stops_the_job(engine):
             raise ToolboxError(ErrorCode.CANCELLED, "cancelled")
 
     with pytest.raises(ToolboxError) as caught:
-        engine.generate(**REQUEST, progress=progress)
+        generate(engine, **REQUEST, progress=progress)
     assert caught.value.code is ErrorCode.CANCELLED
 
 
@@ -175,7 +181,7 @@ def test_cancel_from_the_progress_callback_stops_the_job(engine):
 ])
 def test_bad_requests_are_refused_before_any_model_work(engine, change, code, words):
     with pytest.raises(ToolboxError) as caught:
-        engine.generate(**{**REQUEST, **change})
+        generate(engine, **{**REQUEST, **change})
     assert caught.value.code is code and words in caught.value.message
 
 
@@ -221,7 +227,7 @@ def test_bf16_on_a_cpu_loads_and_generates(volume):
     engine = FluxEngine(Layout(volume.models_dir, volume.loras_dir), device="cpu", precision="bf16")
     engine.load()
     assert engine.precision == "bf16" and engine.pipe.transformer.dtype == torch.bfloat16
-    (png,) = engine.generate(**REQUEST)["images"]
+    (png,) = generate(engine, **REQUEST)["images"]
     assert Image.open(io.BytesIO(png)).size == (512, 512)
 
 

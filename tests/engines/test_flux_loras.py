@@ -18,6 +18,7 @@ from modal_services.library.lora_formats.layouts import FluxLayout
 from modal_services.library.lora_formats.sdxl import normalize_lora
 from modal_services.library.imports import ModelEngine
 from modal_services.state.store import SqliteStore
+from modal_services.jobs.requests import ModelImportRequest, ModelUploadRequest
 from tests.fixtures import tiny_loras
 from tests.fixtures.tiny_flux import (
     diffusers_flux_lora,
@@ -113,14 +114,14 @@ def test_a_file_diffusers_cannot_read_is_refused_with_the_reason(tmp_path, trans
 def test_a_civitai_flux_lora_is_imported_with_its_family(engine, civitai, transformer):
     data = tiny_loras.to_bytes(kohya_flux_lora(transformer))
     civitai.add_model(1, 11, data, name="Flux Detail", base_model="Flux.1 D", file_name="flux_detail.safetensors")
-    entry = engine.import_model(Progress(), ref="1", api_base=civitai.base)["entry"]
+    entry = engine.import_model(ModelImportRequest(ref="1", api_base=civitai.base), Progress())["entry"]
     assert (entry["family"], entry["format"], entry["base_model"]) == ("flux", "kohya", "Flux.1 D")
 
 
 def test_an_sdxl_file_published_as_flux_is_refused_and_nothing_written(engine, civitai, tmp_path):
     civitai.add_model(1, 11, tiny_loras.to_bytes(tiny_loras.sdxl_kohya()), base_model="Flux.1 S")
     with pytest.raises(ToolboxError) as caught:
-        engine.import_model(Progress(), ref="1", api_base=civitai.base)
+        engine.import_model(ModelImportRequest(ref="1", api_base=civitai.base), Progress())
     assert caught.value.code is ErrorCode.INCOMPATIBLE_MODEL
     assert not asyncio.run(engine.library.entries())
     assert not [p for p in (tmp_path / "loras").rglob("*") if p.is_file()]
@@ -128,12 +129,12 @@ def test_an_sdxl_file_published_as_flux_is_refused_and_nothing_written(engine, c
 
 def test_an_upload_civitai_does_not_know_gets_the_family_its_layers_say(engine, civitai, transformer):
     civitai.files["mine.safetensors"] = tiny_loras.to_bytes(xlabs_flux_lora(transformer))
-    entry = engine.upload_model(Progress(), url=f"{civitai.base}/files/mine.safetensors", filename="mine.safetensors",
-                                type="lora", api_base=civitai.base)["entry"]
+    entry = engine.upload_model(ModelUploadRequest(url=f"{civitai.base}/files/mine.safetensors", filename="mine.safetensors",
+                                                   type="lora", api_base=civitai.base), Progress())["entry"]
     assert entry["family"] == "flux" and entry["format"] == "xlabs"
     civitai.files["sdxl.safetensors"] = tiny_loras.to_bytes(tiny_loras.sdxl_kohya())
-    entry = engine.upload_model(Progress(), url=f"{civitai.base}/files/sdxl.safetensors", filename="sdxl.safetensors",
-                                type="lora", api_base=civitai.base)["entry"]
+    entry = engine.upload_model(ModelUploadRequest(url=f"{civitai.base}/files/sdxl.safetensors", filename="sdxl.safetensors",
+                                                   type="lora", api_base=civitai.base), Progress())["entry"]
     assert entry["family"] == "sdxl"
 
 

@@ -12,12 +12,18 @@ from PIL import Image
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import Layout
 from modal_services.engines.sdxl.engine import SdxlEngine
+from modal_services.jobs.requests import GenerateRequest
 from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume, kohya_lora
 
 # The smallest request the contract allows: 512², 20 steps (the longest timeout: CI machines are slow).
 REQUEST = dict(prompt="a cat", width=512, height=512, steps=20, seed=5, timeout=300)
 # CFG 1 runs the UNet once per step instead of twice: for tests that compare like with like.
 QUICK = {**REQUEST, "cfg": 1.0}
+
+
+def generate(engine, progress=lambda fraction, stage: None, preview=None, **fields) -> dict:
+    """One generate job on `engine`, its request parsed from `fields` as the worker parses a payload."""
+    return engine.generate(GenerateRequest.parse(fields), progress, preview)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +47,7 @@ def engine(volume):
 def base(volume) -> dict:
     """QUICK on a fresh engine of its own, with its progress and previews."""
     reports, previews = [], []
-    result = new_engine(volume).generate(**QUICK, progress=lambda f, s: reports.append((f, s)), preview=previews.append)
+    result = generate(new_engine(volume), **QUICK, progress=lambda f, s: reports.append((f, s)), preview=previews.append)
     return {**result, "reports": reports, "previews": previews}
 
 
@@ -91,7 +97,7 @@ def test_count_is_one_batched_call_with_a_seed_per_image_and_oom_retries_one_by_
     import torch
 
     previews = []
-    batched = engine.generate(**QUICK, count=2, preview=previews.append)
+    batched = generate(engine, **QUICK, count=2, preview=previews.append)
     assert batched["seeds"] == [5, 6]
     # Two latents side by side in each preview.
     assert Image.open(io.BytesIO(previews[-1])).size == (128, 64)
@@ -107,7 +113,7 @@ def test_count_is_one_batched_call_with_a_seed_per_image_and_oom_retries_one_by_
 
     monkeypatch.setattr(unet, "forward", forward_failing_on_batches)
     stages = []
-    one_by_one = engine.generate(**QUICK, count=2, progress=lambda f, s: stages.append(s))
+    one_by_one = generate(engine, **QUICK, count=2, progress=lambda f, s: stages.append(s))
     assert batch_sizes[0] == 2 and set(batch_sizes[1:]) == {1}
     assert any("retrying one image at a time" in stage for stage in stages)
     assert "step 20/20 · image 2/2" in stages
@@ -123,7 +129,7 @@ def test_count_is_one_batched_call_with_a_seed_per_image_and_oom_retries_one_by_
     monkeypatch.setattr(unet, "forward", forward_always_failing)
     for count in (1, 2):
         with pytest.raises(ToolboxError) as error:
-            engine.generate(**QUICK, count=count)
+            generate(engine, **QUICK, count=count)
         assert error.value.code is ErrorCode.CUDA_OOM and "512×512" in error.value.message
 
     def forward_breaking(sample, *args, **kwargs):
@@ -131,16 +137,16 @@ def test_count_is_one_batched_call_with_a_seed_per_image_and_oom_retries_one_by_
 
     monkeypatch.setattr(unet, "forward", forward_breaking)
     with pytest.raises(ToolboxError) as error:
-        engine.generate(**QUICK)
+        generate(engine, **QUICK)
     assert error.value.code is ErrorCode.GENERATION_FAILED and "internal detail" not in error.value.message
 
 
 @pytest.mark.slow
 def test_count_4_gives_the_images_of_4_requests_one_by_one(engine):
-    together = engine.generate(**REQUEST, count=4)
+    together = generate(engine, **REQUEST, count=4)
     assert together["seeds"] == [5, 6, 7, 8]
     for seed, png in zip(together["seeds"], together["images"]):
-        alone = engine.generate(**{**REQUEST, "seed": seed})["images"][0]
+        alone = generate(engine, **{**REQUEST, "seed": seed})["images"][0]
         assert np.abs(pixels(png) - pixels(alone)).max() <= 2
 
 
@@ -149,13 +155,13 @@ def test_count_4_gives_the_images_of_4_requests_one_by_one(engine):
 
 @pytest.mark.slow
 def test_a_lora_changes_the_image_and_leaves_nothing_behind(volume, engine, base):
-    with_lora = engine.generate(**QUICK, loras=[lora(volume, "detail", 0.8, triggers=["shiny"])])
+    with_lora = generate(engine, **QUICK, loras=[lora(volume, "detail", 0.8, triggers=["shiny"])])
     assert with_lora["prompt"] == "shiny, a cat"
     assert with_lora["loras"] == [{"name": "detail", "weight": 0.8}]
     assert np.abs(pixels(with_lora["images"][0]) - pixels(base["images"][0])).mean() > 1
     assert no_adapters_left(engine)
     # The same request without the LoRA: exactly the fresh engine's image.
-    assert engine.generate(**QUICK)["images"] == base["images"]
+    assert generate(engine, **QUICK)["images"] == base["images"]
 
 
 def test_an_sd15_lora_is_refused_by_name_and_leaves_nothing_behind(volume, engine, tmp_path):
@@ -169,7 +175,7 @@ def test_an_sd15_lora_is_refused_by_name_and_leaves_nothing_behind(volume, engin
     path = tmp_path / "sd15-style.safetensors"
     save_file(state, str(path))
     with pytest.raises(ToolboxError) as error:
-        engine.generate(**REQUEST, loras=[{"name": "sd15-style", "path": str(path)}])
+        generate(engine, **REQUEST, loras=[{"name": "sd15-style", "path": str(path)}])
     assert error.value.code is ErrorCode.LORA_LOAD_FAILED
     assert "'sd15-style'" in error.value.message and "SDXL" in error.value.message
     assert no_adapters_left(engine)
@@ -181,14 +187,14 @@ def test_an_sd15_lora_is_refused_by_name_and_leaves_nothing_behind(volume, engin
 @pytest.mark.slow
 def test_a_variation_starts_from_the_image(engine, base):
     start = base["images"][0]
-    variation = engine.generate(**{**REQUEST, "seed": 9}, image=start, strength=0.3)
+    variation = generate(engine, **{**REQUEST, "seed": 9}, image=start, strength=0.3)
     assert variation["strength"] == 0.3 and variation["seeds"] == [9] and variation["cfg"] == 5.5
     out = pixels(variation["images"][0])
     # Low strength keeps most of the start image: nearer to it than the image of another seed is.
-    assert np.abs(out - pixels(start)).mean() < np.abs(pixels(engine.generate(**{**QUICK, "seed": 9})["images"][0]) - pixels(start)).mean()
+    assert np.abs(out - pixels(start)).mean() < np.abs(pixels(generate(engine, **{**QUICK, "seed": 9})["images"][0]) - pixels(start)).mean()
     # At another size the start image is resized; without a seed one is drawn, and reported.
     unseeded = {name: value for name, value in REQUEST.items() if name != "seed"}
-    resized = engine.generate(**{**unseeded, "width": 576}, image=start, strength=0.3)
+    resized = generate(engine, **{**unseeded, "width": 576}, image=start, strength=0.3)
     assert Image.open(io.BytesIO(resized["images"][0])).size == (576, 512)
     (seed,) = resized["seeds"]
     assert isinstance(seed, int) and 0 <= seed < 2**32
@@ -196,14 +202,14 @@ def test_a_variation_starts_from_the_image(engine, base):
 
 @pytest.mark.slow
 def test_a_checkpoint_switch_applies_to_generate_and_upscale(volume, engine, base):
-    other = engine.generate(**QUICK, checkpoint=volume.other_checkpoint.name)
+    other = generate(engine, **QUICK, checkpoint=volume.other_checkpoint.name)
     assert other["checkpoint"] == "other-sdxl"
     assert np.abs(pixels(other["images"][0]) - pixels(base["images"][0])).mean() > 1
     assert engine.models.checkpoint == volume.other_checkpoint
     text_to_image, img2img = engine.text_to_image._pipelines()
     assert text_to_image.unet is engine.models.pipe.unet is img2img.unet
     assert text_to_image.vae is engine.models.pipe.vae
-    assert engine.generate(**QUICK)["images"] == base["images"]
+    assert generate(engine, **QUICK)["images"] == base["images"]
 
 
 # ---------------------------------------------------------------- stopping
@@ -218,7 +224,7 @@ def test_cancel_stops_between_steps(engine):
             raise ToolboxError(ErrorCode.CANCELLED, "Stopped on request.")
 
     with pytest.raises(ToolboxError) as error:
-        engine.generate(**REQUEST, progress=progress)
+        generate(engine, **REQUEST, progress=progress)
     assert error.value.code is ErrorCode.CANCELLED
     assert stages[-1] == "step 3/20"
 
@@ -228,7 +234,7 @@ def test_a_request_past_its_timeout_ends_with_timeout(engine):
         time.sleep(0.1)
 
     with pytest.raises(ToolboxError) as error:
-        engine.generate(**{**REQUEST, "timeout": 0.5}, progress=slow_progress)
+        generate(engine, **{**REQUEST, "timeout": 0.5}, progress=slow_progress)
     assert error.value.code is ErrorCode.TIMEOUT and "0.5 s" in error.value.message
 
 
@@ -267,7 +273,7 @@ def test_a_request_past_its_timeout_ends_with_timeout(engine):
 def test_bad_requests_fail_before_any_model_work(volume, changes, code, words):
     engine = SdxlEngine(Layout(volume.models_dir, volume.loras_dir))  # never loaded
     with pytest.raises(ToolboxError) as error:
-        engine.generate(**{**REQUEST, **changes})
+        generate(engine, **{**REQUEST, **changes})
     assert error.value.code is code
     assert words in error.value.message
     assert engine.models.pipe is None
@@ -284,7 +290,7 @@ def test_a_field_the_request_does_not_have_is_refused():
 def test_a_request_without_a_prompt_is_refused(volume):
     engine = SdxlEngine(Layout(volume.models_dir))
     with pytest.raises(ToolboxError) as error:
-        engine.generate(width=512, height=512)
+        generate(engine, width=512, height=512)
     assert error.value.code is ErrorCode.INVALID_PROMPT and "needs a prompt" in error.value.message
 
 
@@ -332,26 +338,26 @@ def test_a_lora_url_is_fetched_applied_cached_by_sha256_and_unloaded(engine, bas
 
     root, hits, body = lora_server
     signed = f"{root}/lora.safetensors?X-Amz-Signature=secret123"
-    with_url = engine.generate(**QUICK, lora_url=signed, lora_scale=0.8)
+    with_url = generate(engine, **QUICK, lora_url=signed, lora_scale=0.8)
     assert with_url["loras"] == [{"name": "lora_url", "weight": 0.8}]
-    by_library = engine.generate(**QUICK, loras=[lora(volume, "detail", 0.8)])
+    by_library = generate(engine, **QUICK, loras=[lora(volume, "detail", 0.8)])
     assert with_url["images"] == by_library["images"]  # the same file, the same weight
     assert no_adapters_left(engine)
-    assert engine.generate(**QUICK)["images"] == base["images"]
+    assert generate(engine, **QUICK)["images"] == base["images"]
     # With its sha256 a repeat skips the download.
     digest = hashlib.sha256(body).hexdigest()
-    again = engine.generate(**QUICK, lora_url=signed, lora_scale=0.8, lora_sha256=digest)
+    again = generate(engine, **QUICK, lora_url=signed, lora_scale=0.8, lora_sha256=digest)
     assert again["images"] == with_url["images"] and len(hits) == 1
 
 
 def test_an_expired_or_refused_lora_url(engine, lora_server, monkeypatch):
     root, hits, _ = lora_server
     with pytest.raises(ToolboxError) as error:
-        engine.generate(**QUICK, lora_url=f"{root}/expired.safetensors?X-Amz-Signature=secret123")
+        generate(engine, **QUICK, lora_url=f"{root}/expired.safetensors?X-Amz-Signature=secret123")
     assert error.value.code is ErrorCode.LORA_DOWNLOAD_FAILED and "403" in error.value.message
     assert "secret123" not in error.value.message
     monkeypatch.setenv("TOOLBOX_ALLOWED_HOSTS", "")
     with pytest.raises(ToolboxError) as error:
-        engine.generate(**QUICK, lora_url=f"{root}/lora.safetensors")
+        generate(engine, **QUICK, lora_url=f"{root}/lora.safetensors")
     assert error.value.code in (ErrorCode.INVALID_INPUT, ErrorCode.LORA_DOWNLOAD_FAILED)
     assert no_adapters_left(engine)

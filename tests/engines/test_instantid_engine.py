@@ -11,6 +11,7 @@ from PIL import Image
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.engines.sdxl.engine import SdxlEngine
+from modal_services.jobs.requests import GenerateRequest
 from tests.fixtures.tiny_faces import StandInFaceAnalyser, face_picture
 from tests.fixtures.tiny_instantid import add_tiny_instantid
 from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
@@ -19,6 +20,11 @@ from tests.engines.test_generate_engine import new_engine as new_tiny_engine
 QUICK = dict(prompt="a cat", width=512, height=512, steps=20, seed=5, timeout=300, cfg=1.0)
 FACE = face_picture()
 OTHER_FACE = face_picture(mark=8)
+
+
+def generate(engine, progress=lambda fraction, stage: None, preview=None, **fields) -> dict:
+    """One generate job on `engine`, its request parsed from `fields` as the worker parses a payload."""
+    return engine.generate(GenerateRequest.parse(fields), progress, preview)
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +46,13 @@ def engine(volume):
 @pytest.fixture(scope="module")
 def plain(volume) -> bytes:
     """QUICK without a face, on a fresh engine."""
-    return new_engine(volume).generate(**QUICK)["images"][0]
+    return generate(new_engine(volume), **QUICK)["images"][0]
 
 
 @pytest.fixture(scope="module")
 def with_face(engine) -> dict:
     reports = []
-    result = engine.generate(**QUICK, face_image=FACE, progress=lambda f, s: reports.append(s))
+    result = generate(engine, **QUICK, face_image=FACE, progress=lambda f, s: reports.append(s))
     return {**result, "reports": reports}
 
 
@@ -67,23 +73,23 @@ def test_the_face_changes_the_image_and_the_result_says_what_was_read(with_face,
 
 @pytest.mark.slow
 def test_the_same_face_gives_the_same_image_and_another_face_another(engine, with_face):
-    again = engine.generate(**QUICK, face_image=FACE)["images"][0]
+    again = generate(engine, **QUICK, face_image=FACE)["images"][0]
     assert np.abs(pixels(again) - pixels(with_face["images"][0])).max() <= 1
-    other = engine.generate(**QUICK, face_image=OTHER_FACE)["images"][0]
+    other = generate(engine, **QUICK, face_image=OTHER_FACE)["images"][0]
     assert np.abs(pixels(other) - pixels(with_face["images"][0])).mean() > 0.5
 
 
 @pytest.mark.slow
 def test_both_strengths_at_zero_give_the_plain_image(engine, plain):
     """At 0 neither the face adapter nor the IdentityNet adds anything: the face path is exactly text-to-image."""
-    off = engine.generate(**QUICK, face_image=FACE, identity_strength=0.0, controlnet_strength=0.0)["images"][0]
+    off = generate(engine, **QUICK, face_image=FACE, identity_strength=0.0, controlnet_strength=0.0)["images"][0]
     assert np.abs(pixels(off) - pixels(plain)).max() <= 2
 
 
 @pytest.mark.slow
 def test_each_strength_alone_changes_the_image(engine, plain):
-    only_identity = engine.generate(**QUICK, face_image=FACE, controlnet_strength=0.0)["images"][0]
-    only_pose = engine.generate(**QUICK, face_image=FACE, identity_strength=0.0)["images"][0]
+    only_identity = generate(engine, **QUICK, face_image=FACE, controlnet_strength=0.0)["images"][0]
+    only_pose = generate(engine, **QUICK, face_image=FACE, identity_strength=0.0)["images"][0]
     for image in (only_identity, only_pose):
         assert np.abs(pixels(image) - pixels(plain)).mean() > 0.5
     assert np.abs(pixels(only_identity) - pixels(only_pose)).mean() > 0.5
@@ -103,7 +109,7 @@ def test_the_identitynet_sees_the_pose_photos_keypoints_and_the_face_tokens(engi
     engine.instant_id.load()  # as the first face request does; a no-op once loaded
     hook = engine.instant_id.identitynet.register_forward_hook(capture, with_kwargs=True)
     try:
-        result = engine.generate(**QUICK, face_image=FACE, pose_image=pose_photo)
+        result = generate(engine, **QUICK, face_image=FACE, pose_image=pose_photo)
     finally:
         hook.remove()
     assert result["face"]["pose_faces_found"] == 2 and result["face"]["faces_found"] == 1
@@ -125,7 +131,7 @@ def test_the_identitynet_sees_the_pose_photos_keypoints_and_the_face_tokens(engi
 
 @pytest.mark.slow
 def test_a_crowded_face_photo_uses_its_largest_face(engine):
-    crowd = engine.generate(**QUICK, face_image=face_picture(boxes=((64, 48, 192, 208), (0, 0, 30, 30))))
+    crowd = generate(engine, **QUICK, face_image=face_picture(boxes=((64, 48, 192, 208), (0, 0, 30, 30))))
     assert crowd["face"]["faces_found"] == 2
 
 
@@ -136,10 +142,10 @@ def test_no_face_is_invalid_input_before_any_denoising(volume, monkeypatch):
     for fields in ({"face_image": face_picture(boxes=())},
                    {"face_image": FACE, "pose_image": face_picture(boxes=())}):
         with pytest.raises(ToolboxError) as error:
-            engine.generate(**QUICK, **fields)
+            generate(engine, **QUICK, **fields)
         assert error.value.code is ErrorCode.INVALID_INPUT and "No face was found" in error.value.message
     with pytest.raises(ToolboxError) as error:
-        engine.generate(**QUICK, face_image=b"not an image")
+        generate(engine, **QUICK, face_image=b"not an image")
     assert error.value.code is ErrorCode.INVALID_INPUT and "face image" in error.value.message.lower()
     assert calls == [] and engine.instant_id.identitynet is None
 
@@ -151,13 +157,13 @@ def test_after_a_face_request_the_engine_is_as_fresh(volume, plain):
     processors, projection = unet.attn_processors, unet.encoder_hid_proj
     # Stopped after its first step, with the adapter and the hook in place: a whole one ends the same way.
     with pytest.raises(ToolboxError) as error:
-        engine.generate(**{**QUICK, "timeout": 1e-6}, face_image=FACE)
+        generate(engine, **{**QUICK, "timeout": 1e-6}, face_image=FACE)
     assert error.value.code is ErrorCode.TIMEOUT and engine.instant_id.identitynet is not None
     after = unet.attn_processors
     assert after.keys() == processors.keys() and all(after[name] is processors[name] for name in processors)
     assert unet.encoder_hid_proj is projection
     assert not engine.instant_id.identitynet._forward_pre_hooks
-    assert np.abs(pixels(engine.generate(**QUICK)["images"][0]) - pixels(plain)).max() <= 1
+    assert np.abs(pixels(generate(engine, **QUICK)["images"][0]) - pixels(plain)).max() <= 1
 
 
 @pytest.mark.slow
@@ -169,7 +175,7 @@ def test_guided_batches_with_a_lora_and_the_oom_retry_keep_the_face(volume, engi
     hook = engine.instant_id.identitynet.register_forward_hook(
         lambda module, args, kwargs, output: tokens.append(kwargs["encoder_hidden_states"]), with_kwargs=True)
     try:
-        batched = engine.generate(**fields)
+        batched = generate(engine, **fields)
     finally:
         hook.remove()
     assert batched["seeds"] == [5, 6] and batched["prompt"] == "shiny, a cat" and batched["face"]["faces_found"] == 1
@@ -188,7 +194,7 @@ def test_guided_batches_with_a_lora_and_the_oom_retry_keep_the_face(volume, engi
 
     monkeypatch.setattr(unet, "forward", forward_failing_on_batches)
     stages = []
-    one_by_one = engine.generate(**fields, progress=lambda f, s: stages.append(s))
+    one_by_one = generate(engine, **fields, progress=lambda f, s: stages.append(s))
     assert any("retrying one image at a time" in stage for stage in stages) and one_by_one["face"] is not None
     # The same images up to rounding (batched convolutions round differently, and CFG 5.5 through a tiny
     # random IdentityNet amplifies it on some pixels): each is far nearer its batched self than the other seed.
@@ -199,7 +205,7 @@ def test_guided_batches_with_a_lora_and_the_oom_retry_keep_the_face(volume, engi
 
 @pytest.mark.slow
 def test_a_variation_keeps_the_face(engine, with_face):
-    varied = engine.generate(**QUICK, face_image=FACE, image=with_face["images"][0], strength=0.5)
+    varied = generate(engine, **QUICK, face_image=FACE, image=with_face["images"][0], strength=0.5)
     assert varied["strength"] == 0.5 and varied["face"]["faces_found"] == 1
     assert np.abs(pixels(varied["images"][0]) - pixels(with_face["images"][0])).mean() > 0.1
 
@@ -208,11 +214,11 @@ def test_without_instantid_installed_a_face_request_is_models_missing(tmp_path):
     volume = build_tiny_volume(tmp_path)
     engine = new_engine(volume)
     with pytest.raises(ToolboxError) as error:
-        engine.generate(**QUICK, face_image=FACE)
+        generate(engine, **QUICK, face_image=FACE)
     assert error.value.code is ErrorCode.MODELS_MISSING and "InstantID" in error.value.message
 
 
 def test_a_pose_image_needs_a_face_image(engine):
     with pytest.raises(ToolboxError) as error:
-        engine.generate(**QUICK, pose_image=FACE)
+        generate(engine, **QUICK, pose_image=FACE)
     assert error.value.code is ErrorCode.INVALID_INPUT and "pose image" in error.value.message

@@ -13,14 +13,20 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import encode_png
 from modal_services.layout import IP_ADAPTER_FILE, SDXL_CONFIG_DIR, Layout
 from modal_services.safety.nsfw_classifier import NsfwClassifier
-from modal_services.services import SERVICES, run_on_engine
+from modal_services.services import SERVICES, build_engine, run_on_engine
 from modal_services.engines.sdxl.engine import SdxlEngine
 from modal_services.engines.sdxl.pipeline import LoraSpec, with_trigger_words
+from modal_services.jobs.requests import RegionPrompt, UpscaleRequest
 from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 
 # Small tiles so that a 160x192 output has 2x2 denoising tiles and several VAE tiles.
 ENGINE_OPTIONS = dict(max_tile=128, min_overlap=32, vae_tile=96, vae_overlap=32, upscale_preview_interval=0.0)
 JOB = dict(scale=2.0, prompt="a cat", steps=4, creativity=0.5, seed=7)
+
+
+def upscale(engine, image: bytes, progress=lambda fraction, stage: None, preview=None, **fields) -> bytes:
+    """One upscale job on `engine`, its request parsed from `image` and `fields` as the worker parses a payload."""
+    return engine.upscale(UpscaleRequest.parse({"image": image, **fields}), progress, preview)
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,7 @@ def picture() -> bytes:
 
 @pytest.fixture(scope="module")
 def base_output(engine, picture) -> bytes:
-    return engine.upscale(picture, **JOB)
+    return upscale(engine, picture, **JOB)
 
 
 def pixels(png: bytes) -> np.ndarray:
@@ -96,20 +102,20 @@ def test_vae_conversion_round_trips():
 def test_output_is_a_png_of_the_scaled_size(engine, picture, base_output):
     assert base_output.startswith(b"\x89PNG")
     assert Image.open(io.BytesIO(base_output)).size == (160, 192)
-    odd = engine.upscale(picture, **{**JOB, "scale": 1.5})
+    odd = upscale(engine, picture, **{**JOB, "scale": 1.5})
     assert Image.open(io.BytesIO(odd)).size == (120, 144)
 
 
 @pytest.mark.slow
 def test_same_seed_same_output_other_seed_other_output(engine, picture, base_output):
-    assert engine.upscale(picture, **JOB) == base_output
-    assert engine.upscale(picture, **{**JOB, "seed": 8}) != base_output
+    assert upscale(engine, picture, **JOB) == base_output
+    assert upscale(engine, picture, **{**JOB, "seed": 8}) != base_output
 
 
 def test_batched_tiles_match_one_tile_per_call(volume, engine, picture, base_output):
     single = SdxlEngine(Layout(volume.models_dir), **{**ENGINE_OPTIONS, "tile_batch": 1})
     single.load()
-    difference = np.abs(pixels(single.upscale(picture, **JOB)) - pixels(base_output))
+    difference = np.abs(pixels(upscale(single, picture, **JOB)) - pixels(base_output))
     assert difference.max() <= 2  # the same maths; batched convolutions may round differently
 
 
@@ -127,11 +133,12 @@ def test_region_prompts_reach_the_tiles_under_them(engine, picture, base_output)
     from modal_services.engines.sdxl.upscale import check_regions, region_prompt
 
     # 80x96 input, 160x192 output in 2x2 tiles: the left half's region covers the left tiles' centres.
-    regions = check_regions([{"box": [0, 0, 40, 96], "prompt": "sky"}, {"box": [40, 0, 80, 96], "prompt": "grass"}], 80, 96)
+    regions = check_regions([RegionPrompt(box=[0, 0, 40, 96], prompt="sky"), RegionPrompt(box=[40, 0, 80, 96], prompt="grass")],
+                            80, 96)
     tiles = plan_tiles(160, 192, max_tile=128, min_overlap=32).tiles
     assert [region_prompt(regions, tile, 2.0) for tile in tiles] == ["sky", "grass", "sky", "grass"]
-    left_only = engine.upscale(picture, **JOB, region_prompts=[{"box": [0, 0, 40, 96], "prompt": "sky"}])
-    both = engine.upscale(picture, **JOB, region_prompts=[{"box": [0, 0, 40, 96], "prompt": "sky"},
+    left_only = upscale(engine, picture, **JOB, region_prompts=[{"box": [0, 0, 40, 96], "prompt": "sky"}])
+    both = upscale(engine, picture, **JOB, region_prompts=[{"box": [0, 0, 40, 96], "prompt": "sky"},
                                                           {"box": [40, 0, 80, 96], "prompt": "grass"}])
     assert len({left_only, both, base_output}) == 3
     # The tiles under the region change most; the others only through the overlaps they share (every step).
@@ -139,13 +146,13 @@ def test_region_prompts_reach_the_tiles_under_them(engine, picture, base_output)
     assert change[:, :20].mean() > 3 * change[:, -20:].mean()
     for bad in ([{"box": [0, 0, 100, 10], "prompt": "x"}], [{"box": [0, 0], "prompt": "x"}], [{"prompt": "x"}]):
         with pytest.raises(ToolboxError) as error:
-            engine.upscale(picture, **JOB, region_prompts=bad)
+            upscale(engine, picture, **JOB, region_prompts=bad)
         assert error.value.code is ErrorCode.INVALID_INPUT
 
 
 def test_ip_adapter_scale_changes_the_output(engine, picture, base_output):
-    assert engine.upscale(picture, **JOB, ip_adapter_scale=1.0) != base_output
-    assert engine.upscale(picture, **JOB, ip_adapter_scale=0.0) == base_output
+    assert upscale(engine, picture, **JOB, ip_adapter_scale=1.0) != base_output
+    assert upscale(engine, picture, **JOB, ip_adapter_scale=0.0) == base_output
 
 
 # ---------------------------------------------------------------- LoRAs
@@ -153,37 +160,37 @@ def test_ip_adapter_scale_changes_the_output(engine, picture, base_output):
 
 @pytest.mark.slow
 def test_lora_changes_the_output_and_leaves_no_trace(volume, engine, picture, base_output):
-    with_lora = engine.upscale(picture, **JOB, loras=[lora(volume, "detail")])
+    with_lora = upscale(engine, picture, **JOB, loras=[lora(volume, "detail")])
     assert np.abs(pixels(with_lora) - pixels(base_output)).max() > 0
     # Same seed, no LoRA, after a LoRA job: exactly the output of a fresh pipeline.
-    assert engine.upscale(picture, **JOB) == base_output
+    assert upscale(engine, picture, **JOB) == base_output
     fresh = SdxlEngine(Layout(volume.models_dir), **ENGINE_OPTIONS)
     fresh.load()
-    assert fresh.upscale(picture, **JOB) == base_output
+    assert upscale(fresh, picture, **JOB) == base_output
 
 
 @pytest.mark.slow
 def test_lora_weights_and_two_loras(volume, engine, picture, base_output):
-    half = engine.upscale(picture, **JOB, loras=[lora(volume, "detail", 0.5)])
-    full = engine.upscale(picture, **JOB, loras=[lora(volume, "detail", 1.0)])
-    both = engine.upscale(picture, **JOB, loras=[lora(volume, "detail", 1.0), lora(volume, "style", 0.8)])
+    half = upscale(engine, picture, **JOB, loras=[lora(volume, "detail", 0.5)])
+    full = upscale(engine, picture, **JOB, loras=[lora(volume, "detail", 1.0)])
+    both = upscale(engine, picture, **JOB, loras=[lora(volume, "detail", 1.0), lora(volume, "style", 0.8)])
     assert len({half, full, both, base_output}) == 4
     # Loading the same LoRA again (every job unloads its own) gives the same result.
-    assert engine.upscale(picture, **JOB, loras=[lora(volume, "detail", 0.5)]) == half
-    assert engine.upscale(picture, **JOB) == base_output
+    assert upscale(engine, picture, **JOB, loras=[lora(volume, "detail", 0.5)]) == half
+    assert upscale(engine, picture, **JOB) == base_output
 
 
 @pytest.mark.slow
 def test_library_files_are_found_on_the_lora_volume(volume, engine, picture, base_output):
-    by_path = engine.upscale(picture, **JOB, loras=[lora(volume, "detail")])
-    by_file = engine.upscale(picture, **JOB, loras=[{"name": "detail", "file": "detail.safetensors", "weight": None}])
+    by_path = upscale(engine, picture, **JOB, loras=[lora(volume, "detail")])
+    by_file = upscale(engine, picture, **JOB, loras=[{"name": "detail", "file": "detail.safetensors", "weight": None}])
     assert by_file == by_path
-    by_file_name = engine.upscale(picture, **JOB, checkpoint=volume.other_checkpoint.name)
-    assert by_file_name == engine.upscale(picture, **JOB, checkpoint=str(volume.other_checkpoint))
-    assert engine.upscale(picture, **JOB, checkpoint="illustrious-xl") == base_output
+    by_file_name = upscale(engine, picture, **JOB, checkpoint=volume.other_checkpoint.name)
+    assert by_file_name == upscale(engine, picture, **JOB, checkpoint=str(volume.other_checkpoint))
+    assert upscale(engine, picture, **JOB, checkpoint="illustrious-xl") == base_output
     for bad in ({"loras": [{"name": "x", "file": "../../models/secret.safetensors"}]}, {"checkpoint": "../x.safetensors"}):
         with pytest.raises(ToolboxError) as error:
-            engine.upscale(picture, **JOB, **bad)
+            upscale(engine, picture, **JOB, **bad)
         assert error.value.code is ErrorCode.INVALID_INPUT
 
 
@@ -200,9 +207,9 @@ def test_trigger_words_are_injected_once():
 
 @pytest.mark.slow
 def test_trigger_words_reach_the_prompt(volume, engine, picture):
-    plain = engine.upscale(picture, **{**JOB, "prompt": "a cat"}, loras=[lora(volume, "detail")])
-    triggered = engine.upscale(picture, **{**JOB, "prompt": "a cat"}, loras=[lora(volume, "detail", triggers=["shiny"])])
-    already = engine.upscale(picture, **{**JOB, "prompt": "shiny, a cat"}, loras=[lora(volume, "detail", triggers=["shiny"])])
+    plain = upscale(engine, picture, **{**JOB, "prompt": "a cat"}, loras=[lora(volume, "detail")])
+    triggered = upscale(engine, picture, **{**JOB, "prompt": "a cat"}, loras=[lora(volume, "detail", triggers=["shiny"])])
+    already = upscale(engine, picture, **{**JOB, "prompt": "shiny, a cat"}, loras=[lora(volume, "detail", triggers=["shiny"])])
     assert triggered != plain
     assert already == triggered
 
@@ -214,10 +221,10 @@ def test_a_lora_that_fails_is_named_and_leaves_no_trace(volume, engine, picture,
     if name == "missing":
         entry = {**entry, "name": "missing", "path": str(volume.loras_dir / "nope.safetensors")}
     with pytest.raises(ToolboxError) as error:
-        engine.upscale(picture, **JOB, loras=[entry])
+        upscale(engine, picture, **JOB, loras=[entry])
     assert error.value.code is ErrorCode.LORA_LOAD_FAILED
     assert repr(name) in error.value.message
-    assert engine.upscale(picture, **JOB) == base_output
+    assert upscale(engine, picture, **JOB) == base_output
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -227,18 +234,18 @@ def test_a_lora_that_fails_is_named_and_leaves_no_trace(volume, engine, picture,
 def test_checkpoint_switch_reloads_only_the_unet_and_text_encoders(volume, engine, picture, base_output):
     controlnet, vae, unet = engine.models.pipe.controlnet, engine.models.pipe.vae, engine.models.pipe.unet
     stages = []
-    other = engine.upscale(picture, **JOB, checkpoint=str(volume.other_checkpoint), progress=lambda f, s: stages.append(s))
+    other = upscale(engine, picture, **JOB, checkpoint=str(volume.other_checkpoint), progress=lambda f, s: stages.append(s))
     assert any(stage.startswith("switching checkpoint") for stage in stages)
     assert other != base_output
     assert engine.models.pipe.controlnet is controlnet and engine.models.pipe.vae is vae and engine.models.pipe.unet is not unet
     # LoRAs load onto the new UNet, and switching back restores the first checkpoint's output exactly.
-    assert engine.upscale(picture, **JOB, checkpoint=str(volume.other_checkpoint), loras=[lora(volume, "detail")]) != other
-    assert engine.upscale(picture, **JOB) == base_output
+    assert upscale(engine, picture, **JOB, checkpoint=str(volume.other_checkpoint), loras=[lora(volume, "detail")]) != other
+    assert upscale(engine, picture, **JOB) == base_output
 
 
 def test_missing_checkpoint_file(volume, engine, picture):
     with pytest.raises(ToolboxError) as error:
-        engine.upscale(picture, **JOB, checkpoint=str(volume.loras_dir / "checkpoints" / "gone.safetensors"))
+        upscale(engine, picture, **JOB, checkpoint=str(volume.loras_dir / "checkpoints" / "gone.safetensors"))
     assert error.value.code is ErrorCode.MODELS_MISSING and "gone.safetensors" in error.value.message
 
 
@@ -266,7 +273,7 @@ def test_bad_requests_fail_before_any_model_work(volume, picture, changes, words
     # Never loaded: reaching any model code would fail differently.
     engine = SdxlEngine(Layout(volume.models_dir), max_output_pixels=300 * 300)
     with pytest.raises(ToolboxError) as error:
-        engine.upscale(picture, **{**JOB, **changes})
+        upscale(engine, picture, **{**JOB, **changes})
     assert error.value.code is ErrorCode.INVALID_INPUT
     assert words in error.value.message
     assert engine.models.pipe is None
@@ -276,13 +283,13 @@ def test_input_limits(volume):
     engine = SdxlEngine(Layout(volume.models_dir), max_input_pixels=50 * 50)
     big = encode_png(Image.new("RGB", (60, 60)))
     with pytest.raises(ToolboxError) as error:
-        engine.upscale(big, scale=2.0)
+        upscale(engine, big, scale=2.0)
     assert error.value.code is ErrorCode.INVALID_INPUT
     with pytest.raises(ToolboxError) as error:
-        engine.upscale(b"not an image", scale=2.0)
+        upscale(engine, b"not an image", scale=2.0)
     assert error.value.code is ErrorCode.INVALID_INPUT
     with pytest.raises(ToolboxError) as error:
-        engine.upscale(encode_png(Image.new("RGB", (8, 40))), scale=2.0)
+        upscale(engine, encode_png(Image.new("RGB", (8, 40))), scale=2.0)
     assert "16 px" in error.value.message
 
 
@@ -317,7 +324,7 @@ def test_out_of_memory_retries_one_tile_at_a_time_then_gives_up(engine, picture,
 
     monkeypatch.setattr(unet, "forward", forward_failing_on_batches)
     stages = []
-    retried = engine.upscale(picture, **JOB, progress=lambda f, s: stages.append(s))
+    retried = upscale(engine, picture, **JOB, progress=lambda f, s: stages.append(s))
     assert any("retrying one tile at a time" in stage for stage in stages)
     assert np.abs(pixels(retried) - pixels(base_output)).max() <= 2
 
@@ -326,7 +333,7 @@ def test_out_of_memory_retries_one_tile_at_a_time_then_gives_up(engine, picture,
 
     monkeypatch.setattr(unet, "forward", forward_always_failing)
     with pytest.raises(ToolboxError) as error:
-        engine.upscale(picture, **JOB)
+        upscale(engine, picture, **JOB)
     assert error.value.code is ErrorCode.CUDA_OOM
 
 
@@ -336,7 +343,7 @@ def test_out_of_memory_retries_one_tile_at_a_time_then_gives_up(engine, picture,
 @pytest.mark.slow
 def test_progress_reports_tiles_steps_and_previews(engine, picture):
     reports, previews = [], []
-    engine.upscale(picture, **JOB, progress=lambda f, s: reports.append((f, s)), preview=previews.append)
+    upscale(engine, picture, **JOB, progress=lambda f, s: reports.append((f, s)), preview=previews.append)
     stages = [stage for _, stage in reports]
     fractions = [fraction for fraction, _ in reports]
     assert fractions == sorted(fractions) and 0 <= fractions[0] and fractions[-1] < 1
@@ -354,16 +361,16 @@ def test_one_tile_per_call_reports_every_tile(volume, picture):
     engine = SdxlEngine(Layout(volume.models_dir), **{**ENGINE_OPTIONS, "tile_batch": 1})
     engine.load()
     stages = []
-    engine.upscale(picture, **JOB, progress=lambda f, s: stages.append(s))
+    upscale(engine, picture, **JOB, progress=lambda f, s: stages.append(s))
     assert [s for s in stages if s.startswith("tile")] == [
         f"tile {tile}/4 · step {step}/2" for step in (1, 2) for tile in (1, 2, 3, 4)
     ]
 
 
 def test_the_upscale_job_kind_runs_through_run_on_engine(volume, picture, base_output):
-    spec = SERVICES["upscale"]
+    spec = SERVICES[UpscaleRequest]
     assert spec.modal_class == "SdxlService"
-    engine = spec.make_engine(Layout(volume.models_dir, volume.loras_dir))
+    engine = build_engine(spec.engine, Layout(volume.models_dir, volume.loras_dir))
     assert isinstance(engine, SdxlEngine) and not engine.loaded
     stages = []
     engine.upscaler.max_tile, engine.upscaler.min_overlap = ENGINE_OPTIONS["max_tile"], ENGINE_OPTIONS["min_overlap"]

@@ -9,7 +9,6 @@ every job until the process stops; everything else is `toolbox bot` itself.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 import discord
@@ -21,14 +20,15 @@ def main() -> int:
     discord.http.Route.BASE = base + "/api/v10"
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(base.replace("http://", "ws://") + "/")
 
+    import bot.backend
     from bot.cli import main as toolbox
-    from modal_services import services
-    from tests.fakes.engines import GatedCaptionEngine
+    from modal_services.jobs.requests import CaptionRequest
+    from tests.fakes.engines import GatedCaptionEngine, StandInEngines
 
-    engine = GatedCaptionEngine()
-    services.SERVICES["caption"] = dataclasses.replace(
-        services.SERVICES["caption"], make_engine=lambda layout: engine, engine_method=lambda: GatedCaptionEngine.caption
-    )
+    stand_ins = StandInEngines()
+    stand_ins.use(CaptionRequest, GatedCaptionEngine())
+    # `toolbox bot` makes its backend from the settings: this process's is a local one on the stand-in.
+    bot.backend.make_backend = lambda settings: bot.backend.LocalBackend(settings, engines=stand_ins)
     return toolbox(["bot"])
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from modal_services.jobs.records import Job
 from modal_services.state.keys import SLOT_PREFIX
+from modal_services.jobs.requests import CaptionRequest
 from tests.fakes.engines import GatedCaptionEngine
 from tests.fakes.discord_fakes import ephemeral_error, fake_attachment, fake_interaction, invoke
 from tests.images import png_bytes
@@ -20,7 +21,7 @@ GLOBAL_CAP = 30
 
 
 @pytest.fixture(params=["sqlite", "modal"])
-async def burst_bot(request, make_toolbox_bot, use_engine, fast_progress, monkeypatch):
+async def burst_bot(request, make_toolbox_bot, stand_in_engines, fast_progress, monkeypatch):
     """(bot, gate) on the local backend (SQLite) or the Modal one (the Dict), jobs held until the gate opens."""
     monkeypatch.setattr("bot.tracker.SNAPSHOT_MAX_AGE", 0.0)
     monkeypatch.setenv("TOOLBOX_GLOBAL_CAP", str(GLOBAL_CAP))
@@ -35,7 +36,7 @@ async def burst_bot(request, make_toolbox_bot, use_engine, fast_progress, monkey
 
         deployment.work = work
     else:
-        use_engine("caption", GatedCaptionEngine(gate))
+        stand_in_engines.use(CaptionRequest, GatedCaptionEngine(gate))
     toolbox_bot = await make_toolbox_bot("cogs.caption")
     yield toolbox_bot, gate
     gate.set()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 
 import pytest
 
@@ -180,14 +181,14 @@ def test_text_to_image_parse_tells_a_prompt_problem_from_an_input_one(request_cl
     assert error.value.code is code and words in error.value.message
 
 
-@pytest.mark.parametrize("kind", sorted(SERVICES))
-def test_each_kind_names_a_real_engine_method_that_checks_its_request(app_module, kind):
-    spec = SERVICES[kind]
-    method = spec.engine_method()
-    assert method.__name__ == spec.modal_method
-    assert method.request is spec.request and spec.request.kind == kind
+@pytest.mark.parametrize("request_class", list(SERVICES), ids=lambda request_class: request_class.kind)
+def test_each_kind_names_a_real_engine_method_that_takes_its_request(app_module, request_class):
+    spec = SERVICES[request_class]
+    method = spec.method()
+    assert method.__name__ == spec.method_name and getattr(spec.engine(), spec.method_name) is method
+    assert typing.get_type_hints(method)["request"] is request_class and spec.kind == request_class.kind
     # The Modal class serving the kind has a method of that name, so `spawn` finds it.
-    assert spec.modal_method in getattr(app_module, spec.modal_class)._get_method_names()
+    assert spec.method_name in getattr(app_module, spec.modal_class)._get_method_names()
 
 
 async def test_the_worker_refuses_a_bad_payload_before_loading_anything(tmp_path):
@@ -204,7 +205,7 @@ async def test_the_worker_refuses_a_bad_payload_before_loading_anything(tmp_path
     store = SqliteStore(tmp_path / "state.sqlite3")
     job = await create_job(store, "upscale")
     with pytest.raises(ToolboxError) as error:
-        await run_service_job(store, NeverLoads(), SERVICES["upscale"], job.id, {"image": b"png", "creativity": 5})
+        await run_service_job(store, NeverLoads(), SERVICES[UpscaleRequest], job.id, {"image": b"png", "creativity": 5})
     assert error.value.code is ErrorCode.INVALID_INPUT
     record = await load_job(store, job.id)
     assert record.status is JobStatus.ERROR and "Creativity" in record.error_message

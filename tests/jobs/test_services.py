@@ -34,10 +34,10 @@ class PreviewingEngine:
     def load(self):
         self.loaded = True
 
-    def work(self, size, progress, preview):
+    def work(self, request: DemoRequest, progress, preview):
         for step in range(3):
             progress(step / 3, "working")
-            preview(bytes([step]) * size)
+            preview(bytes([step]) * request.size)
             time.sleep(0.05)
         return "finished"
 
@@ -45,7 +45,7 @@ class PreviewingEngine:
 async def test_previews_are_kept_while_the_job_runs_and_removed_after(tmp_path):
     store = SqliteStore(tmp_path / "state.sqlite3")
     engine = PreviewingEngine(store)
-    spec = ServiceSpec(DemoRequest, "DemoService", "work", lambda: PreviewingEngine.work, lambda layout: engine, previews=True)
+    spec = ServiceSpec(DemoRequest, "DemoService", lambda: PreviewingEngine, lambda: PreviewingEngine.work, previews=True)
     job = await create_job(store, "demo")
     seen = []
     original = store.put
@@ -72,10 +72,10 @@ async def test_engines_without_previews_get_no_preview_argument(tmp_path):
         def load(self):
             pass
 
-        def work(self, value, progress):
-            return value * 2
+        def work(self, request: PlainRequest, progress):
+            return request.value * 2
 
-    spec = ServiceSpec(PlainRequest, "PlainService", "work", lambda: Plain.work, lambda layout: Plain())
+    spec = ServiceSpec(PlainRequest, "PlainService", lambda: Plain, lambda: Plain.work)
     job = await create_job(store, "plain")
     assert await run_service_job(store, Plain(), spec, job.id, {"value": 21}) == 42
     await store.close()

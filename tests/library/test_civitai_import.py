@@ -13,6 +13,7 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import Layout
 from modal_services.library.imports import ModelEngine
 from modal_services.state.store import SqliteStore
+from modal_services.jobs.requests import ModelDeleteRequest, ModelImportRequest, ModelScanRequest, ModelUploadRequest
 from tests.fakes.civitai_server import FakeCivitai
 from tests.fixtures import tiny_loras
 
@@ -52,7 +53,7 @@ LORA = tiny_loras.to_bytes(tiny_loras.sdxl_kohya())
 
 
 def do_import(engine, civitai, ref="https://civitai.com/models/1"):
-    return engine.import_model(Progress(), ref=ref, api_base=civitai.base)
+    return engine.import_model(ModelImportRequest(ref=ref, api_base=civitai.base), Progress())
 
 
 def files_under(root):
@@ -66,7 +67,8 @@ def entries(engine):
 def test_import_a_lora_end_to_end(engine, civitai, tmp_path):
     civitai.add_model(1, 11, LORA, trained_words=["detailed"], tags=["detail"])
     progress = Progress()
-    result = engine.import_model(progress, ref="  <https://civitai.com/models/1/detail-tweaker>  ", api_base=civitai.base)
+    request = ModelImportRequest(ref="  <https://civitai.com/models/1/detail-tweaker>  ", api_base=civitai.base)
+    result = engine.import_model(request, progress)
     entry = result["entry"]
     assert result["already_installed"] is False
     assert entry["file"] == "detail_tweaker_xl.safetensors" and entry["type"] == "lora" and entry["format"] == "kohya"
@@ -315,8 +317,9 @@ def test_a_missing_file_is_downloaded_again(engine, civitai, tmp_path):
 def test_upload_is_described_from_civitai_by_hash(engine, civitai):
     civitai.add_model(1, 11, LORA, trained_words=["detailed"])
     civitai.files["my_lora.safetensors"] = LORA
-    result = engine.upload_model(Progress(), url=f"{civitai.base}/files/my_lora.safetensors", filename="my_lora.safetensors",
+    request = ModelUploadRequest(url=f"{civitai.base}/files/my_lora.safetensors", filename="my_lora.safetensors",
                                  type="lora", size_bytes=len(LORA), api_base=civitai.base)
+    result = engine.upload_model(request, Progress())
     entry = result["entry"]
     assert (entry["name"], entry["civitai_version_id"], entry["trigger_words"]) == ("Detail Tweaker XL", 11, ["detailed"])
     assert entry["source"] == "upload" and entry["file"] == "my_lora.safetensors"
@@ -324,19 +327,20 @@ def test_upload_is_described_from_civitai_by_hash(engine, civitai):
 
 def test_upload_unknown_to_civitai_keeps_the_given_metadata(engine, civitai):
     civitai.files["x.safetensors"] = LORA
-    entry = engine.upload_model(Progress(), url=f"{civitai.base}/files/x.safetensors", filename="x.safetensors",
-                                type="lora", name="Mine", trigger_words="a, b", api_base=civitai.base)["entry"]
+    request = ModelUploadRequest(url=f"{civitai.base}/files/x.safetensors", filename="x.safetensors", type="lora",
+                                 name="Mine", trigger_words="a, b", api_base=civitai.base)
+    entry = engine.upload_model(request, Progress())["entry"]
     assert (entry["name"], entry["trigger_words"], entry["civitai_version_id"]) == ("Mine", ["a", "b"], None)
 
 
 def test_upload_refuses_pickles_and_wrong_types(engine, civitai):
     with pytest.raises(ToolboxError):
-        engine.upload_model(Progress(), url=f"{civitai.base}/files/x.ckpt", filename="x.ckpt", type="lora")
+        engine.upload_model(ModelUploadRequest(url=f"{civitai.base}/files/x.ckpt", filename="x.ckpt", type="lora"), Progress())
     civitai.add_model(1, 11, LORA)
     civitai.files["x.safetensors"] = LORA
     with pytest.raises(ToolboxError) as caught:
-        engine.upload_model(Progress(), url=f"{civitai.base}/files/x.safetensors", filename="x.safetensors",
-                            type="checkpoint", api_base=civitai.base)
+        engine.upload_model(ModelUploadRequest(url=f"{civitai.base}/files/x.safetensors", filename="x.safetensors",
+                                               type="checkpoint", api_base=civitai.base), Progress())
     assert "LORA" in caught.value.message and entries(engine) == []
 
 
@@ -349,7 +353,7 @@ def test_upload_refuses_pickles_and_wrong_types(engine, civitai):
 def test_upload_fetches_only_from_discords_cdn(engine, civitai, monkeypatch, url):
     monkeypatch.setenv("TOOLBOX_ALLOWED_HOSTS", "")
     with pytest.raises(ToolboxError) as caught:
-        engine.upload_model(Progress(), url=url, filename="x.safetensors", type="lora", api_base=civitai.base)
+        engine.upload_model(ModelUploadRequest(url=url, filename="x.safetensors", type="lora", api_base=civitai.base), Progress())
     assert caught.value.code is ErrorCode.INVALID_INPUT and "Refused to fetch" in caught.value.message
     assert civitai.hits("/files/") == [] and entries(engine) == []
 
@@ -357,12 +361,12 @@ def test_upload_fetches_only_from_discords_cdn(engine, civitai, monkeypatch, url
 def test_delete_and_scan_adopt(engine, civitai, tmp_path):
     civitai.add_model(1, 11, LORA)
     entry = do_import(engine, civitai)["entry"]
-    assert engine.delete_model(Progress(), name=entry["name"])["entry"]["file"] == entry["file"]
+    assert engine.delete_model(ModelDeleteRequest(name=entry["name"]), Progress())["entry"]["file"] == entry["file"]
     assert files_under(tmp_path / "loras") == [] and entries(engine) == []
     stray = tmp_path / "loras" / "loras" / "stray.safetensors"
     stray.write_bytes(LORA)
     (tmp_path / "loras" / "loras" / "broken.safetensors").write_bytes(b"not safetensors")
-    report = engine.scan_library(Progress(), adopt=True, api_base=civitai.base)
+    report = engine.scan_library(ModelScanRequest(adopt=True, api_base=civitai.base), Progress())
     assert {item["file"] for item in report["untracked"]} == {"stray.safetensors", "broken.safetensors"}
     assert [e["file"] for e in report["adopted"]] == ["stray.safetensors"]
     assert report["adopted"][0]["civitai_version_id"] == 11 and report["adopted"][0]["source"] == "civitai"

@@ -7,7 +7,9 @@ import io
 import pytest
 from PIL import Image
 
+from modal_services.engines.flux import precision_for_gpu
 from modal_services.jobs.records import JobStatus, create_job, load_job
+from modal_services.jobs.requests import FluxGenerateRequest
 from modal_services.layout import LORAS_MOUNT, MODELS_MOUNT, NSFW_CLASSIFIER_DIR
 from modal_services.services import SERVICES
 from modal_services.engines.sdxl.previews import preview_key
@@ -24,15 +26,15 @@ def test_flux_service_wiring(app_module):
     assert options["enable_memory_snapshot"] is True and options["max_containers"] >= 1
     assert options["scaledown_window"] == app_module.SCALEDOWN_SECONDS  # scales to zero when idle
     assert app_module.FluxService._get_class_service_function()._spec_.gpus == "L40S"
-    spec = SERVICES["flux_generate"]
-    assert (spec.modal_class, spec.modal_method, spec.previews) == ("FluxService", "generate", True)
+    spec = SERVICES[FluxGenerateRequest]
+    assert (spec.modal_class, spec.method_name, spec.previews) == ("FluxService", "generate", True)
 
 
 @pytest.mark.parametrize("gpu, chosen", [("L40S", "bf16"), ("H100", "bf16"), ("A100-80GB", "bf16"), ("L4", "fp8"),
                                          ("A10G", "nf4"), ("a10g", "nf4")])
-def test_the_deployed_precision_follows_the_gpu(app_module, gpu, chosen):
-    assert app_module.flux_precision_for(gpu, "auto") == chosen
-    assert app_module.flux_precision_for(gpu, "bf16") == "bf16"
+def test_the_deployed_precision_follows_the_gpu(gpu, chosen):
+    assert precision_for_gpu(gpu, "auto") == chosen
+    assert precision_for_gpu(gpu, "bf16") == "bf16"
 
 
 def test_quantisers_are_installed_only_where_the_precision_needs_them(app_module):

@@ -11,6 +11,7 @@ from PIL import Image
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import create_job, load_job
+from modal_services.jobs.requests import CaptionRequest, FluxGenerateRequest, GenerateRequest, UpscaleRequest
 from modal_services.state.keys import preview_key
 from modal_services.safety.nsfw_classifier import NsfwClassifier
 from modal_services.safety.judge import GENERATED_IMAGES, UPSCALED_IMAGE, Decision, SafetyReport, decide
@@ -139,7 +140,7 @@ class FourImages:
     def load(self):
         pass
 
-    def generate(self, progress, preview=None, **fields):
+    def generate(self, request, progress, preview=None):
         preview(self.images[0])
         return {"images": list(self.images), "seeds": [1, 2, 3, 4]}
 
@@ -151,11 +152,6 @@ async def store(tmp_path):
     await store.close()
 
 
-def generate_spec(engine) -> ServiceSpec:
-    return ServiceSpec(SERVICES["generate"].request, "SdxlService", "generate", lambda: type(engine).generate,
-                       lambda layout: engine, previews=True, judged_images=GENERATED_IMAGES)
-
-
 async def everything_stored(store) -> str:
     return json.dumps(await store.items(""))
 
@@ -164,7 +160,7 @@ async def test_withheld_images_never_leave_the_worker(store):
     engine, classifier = FourImages(), ByRedness()
     job = await create_job(store, "generate")
     payload = {"prompt": "a beach", "count": 4, "safety": {"policy": "block", "threshold": 0.7}}
-    result = await run_service_job(store, engine, generate_spec(engine), job.id, payload, classifier=classifier)
+    result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, payload, classifier=classifier)
 
     red, dark, pink, blue = engine.images
     assert result["images"] == [None, dark, None, blue]  # red scores 1.0 and pink 0.78: at 0.7 or more
@@ -185,7 +181,7 @@ async def test_the_decisions_follow_each_score(store):
     engine, classifier = FourImages(), ByRedness()
     job = await create_job(store, "generate")
     payload = {"prompt": "a beach", "count": 4, "safety": {"policy": "spoiler", "threshold": 0.75}}
-    result = await run_service_job(store, engine, generate_spec(engine), job.id, payload, classifier=classifier)
+    result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, payload, classifier=classifier)
     report = SafetyReport.from_dict(result["safety"])
     assert [image.decision for image in report.images] == [SPOILER, POST, SPOILER, POST]
     assert [round(image.nsfw_score, 2) for image in report.images] == [1.0, 0.08, 0.78, 0.0]
@@ -196,7 +192,7 @@ async def test_the_decisions_follow_each_score(store):
 async def test_no_classification_with_the_policy_off_or_in_age_restricted_channels(store, safety):
     engine, classifier = FourImages(), ByRedness()
     job = await create_job(store, "generate")
-    result = await run_service_job(store, engine, generate_spec(engine), job.id,
+    result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id,
                                    {"prompt": "a beach", "count": 4, "safety": safety}, classifier=classifier)
     assert classifier.batches == [] and result["images"] == engine.images
     report = SafetyReport.from_dict(result["safety"])
@@ -216,13 +212,13 @@ async def test_previews_are_blurred_while_the_images_are_still_to_be_judged(stor
 
     store.put = spying_put
     job = await create_job(store, "generate")
-    await run_service_job(store, engine, generate_spec(engine), job.id, {"prompt": "a beach"}, classifier=classifier)
+    await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, {"prompt": "a beach"}, classifier=classifier)
     [jpeg] = seen
     assert jpeg != engine.images[0] and Image.open(io.BytesIO(jpeg)).format == "JPEG"
 
     seen.clear()
     job = await create_job(store, "generate")
-    await run_service_job(store, engine, generate_spec(engine), job.id, {"prompt": "a beach", "safety": {"policy": "off"}},
+    await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, {"prompt": "a beach", "safety": {"policy": "off"}},
                           classifier=classifier)
     assert seen == [engine.images[0]]  # not judged: shown as made
 
@@ -236,7 +232,7 @@ async def test_a_refused_prompt_fails_in_the_worker_too_before_the_engine_runs(s
     engine.loaded = False
     job = await create_job(store, "generate")
     with pytest.raises(ToolboxError) as caught:
-        await run_service_job(store, engine, generate_spec(engine), job.id,
+        await run_service_job(store, engine, SERVICES[GenerateRequest], job.id,
                               {"prompt": "a beach", "safety": {"refused_words": ["beach"]}}, classifier=ByRedness())
     assert caught.value.code is ErrorCode.INVALID_PROMPT
     assert (await load_job(store, job.id)).error_code == "INVALID_PROMPT"
@@ -252,7 +248,7 @@ async def test_a_missing_classifier_fails_the_job_before_the_engine_loads(store,
     engine = Untouchable()
     job = await create_job(store, "generate")
     with pytest.raises(ToolboxError) as caught:
-        await run_service_job(store, engine, generate_spec(engine), job.id, {"prompt": "a beach"},
+        await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, {"prompt": "a beach"},
                               classifier=NsfwClassifier(tmp_path / "empty"))
     assert caught.value.code is ErrorCode.MODELS_MISSING
 
@@ -264,18 +260,19 @@ async def test_an_upscale_result_is_judged_as_one_image(store):
         def load(self):
             pass
 
-        def upscale(self, image, progress, preview=None, **fields):
+        def upscale(self, request, progress):
             return picture((255, 0, 0))
 
     engine = Upscaler()
-    spec = ServiceSpec(SERVICES["upscale"].request, "SdxlService", "upscale", lambda: Upscaler.upscale,
-                       lambda layout: engine, judged_images=UPSCALED_IMAGE)
+    spec = ServiceSpec(UpscaleRequest, "SdxlService", lambda: Upscaler, lambda: Upscaler.upscale,
+                       judged_images=UPSCALED_IMAGE)
     job = await create_job(store, "upscale")
     result = await run_service_job(store, engine, spec, job.id, {"image": picture("white")}, classifier=ByRedness())
     assert result["image"] is None and SafetyReport.from_dict(result["safety"]).withheld == [0]
 
 
 def test_the_image_making_kinds_are_judged():
-    assert SERVICES["generate"].judged_images is GENERATED_IMAGES
-    assert SERVICES["upscale"].judged_images is UPSCALED_IMAGE
-    assert SERVICES["caption"].judged_images is None
+    assert SERVICES[GenerateRequest].judged_images is GENERATED_IMAGES
+    assert SERVICES[FluxGenerateRequest].judged_images is GENERATED_IMAGES
+    assert SERVICES[UpscaleRequest].judged_images is UPSCALED_IMAGE
+    assert SERVICES[CaptionRequest].judged_images is None

@@ -15,22 +15,13 @@ from modal_services.engines.sdxl.generate import PREVIEW_INTERVAL as GENERATE_PR
 from modal_services.engines.sdxl.generate import TextToImage
 from modal_services.engines.sdxl.faces import FaceAnalyser, InsightFaceAnalyser, face_provider
 from modal_services.engines.sdxl.instantid import InstantId
-from modal_services.jobs.requests import GenerateRequest, JobRequest, UpscaleRequest
+from modal_services.jobs.records import ProgressFn
+from modal_services.jobs.requests import GenerateRequest, UpscaleRequest
 from modal_services.layout import ANTELOPEV2_DIR, Layout
 from modal_services.engines.sdxl.request_loras import RequestLoras
-from modal_services.engines.sdxl.pipeline import SdxlModels
+from modal_services.engines.sdxl.pipeline import PreviewFn, SdxlModels
 from modal_services.engines.sdxl.upscale import PREVIEW_INTERVAL as UPSCALE_PREVIEW_INTERVAL
 from modal_services.engines.sdxl.upscale import TiledUpscaler
-
-
-def handed_to(request: type[JobRequest]):
-    """Marks a method that hands its job to a `job_method` of `request`, which checks it."""
-
-    def mark(method):
-        method.request = request
-        return method
-
-    return mark
 
 
 class SdxlEngine:
@@ -64,10 +55,8 @@ class SdxlEngine:
     def place(self) -> None:
         self.models.place()
 
-    @handed_to(GenerateRequest)
-    def generate(self, **fields: Any) -> dict:
-        return self.text_to_image.generate(**fields)
+    def generate(self, request: GenerateRequest, progress: ProgressFn, preview: PreviewFn | None = None) -> dict:
+        return self.text_to_image.generate(request, progress, preview)
 
-    @handed_to(UpscaleRequest)
-    def upscale(self, image: bytes, **fields: Any) -> bytes:
-        return self.upscaler.upscale(image, **fields)
+    def upscale(self, request: UpscaleRequest, progress: ProgressFn, preview: PreviewFn | None = None) -> bytes:
+        return self.upscaler.upscale(request, progress, preview)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
-from modal_services.jobs.requests import GenerateRequest, job_method
+from modal_services.jobs.requests import GenerateRequest
 from modal_services.engines.sdxl.instantid import FaceInputs, InstantId
 from modal_services.jobs.records import ProgressFn
 from modal_services.engines.sdxl.request_loras import RequestLoras
@@ -145,68 +145,34 @@ class TextToImage:
         # (the loaded pipeline they were made from, text-to-image, img2img)
         self._pipes: tuple[Any, Any, Any] | None = None
 
-    @job_method(GenerateRequest)
-    def generate(
-        self,
-        prompt: str,
-        negative_prompt: str,
-        width: int,
-        height: int,
-        steps: int,
-        cfg: float,
-        seed: int,
-        count: int,
-        loras: list[dict[str, Any]],
-        checkpoint: str | None,
-        timeout: float,
-        image: bytes | None,
-        strength: float,
-        lora_url: str | None,
-        lora_scale: float,
-        lora_sha256: str | None,
-        face_image: bytes | None,
-        pose_image: bytes | None,
-        identity_strength: float,
-        controlnet_strength: float,
-        progress: ProgressFn | None = None,
-        preview: PreviewFn | None = None,
-    ) -> dict:
+    def generate(self, request: GenerateRequest, progress: ProgressFn, preview: PreviewFn | None = None) -> dict:
         """One GenerateRequest's images; returns the result described above.
 
-        The request's fields are checked by `GenerateRequest` before the body
-        runs; the start image, the LoRA files, the checkpoint and the faces
-        here, before any denoising.
+        The worker parsed the request; the start image, the LoRA files, the
+        checkpoint and the faces are checked here, before any denoising.
         """
-        progress = progress or (lambda fraction, stage: None)
         started = time.monotonic()
-        request = GenerateRequest(
-            prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps, cfg=cfg,
-            seed=seed, count=count, loras=loras, checkpoint=checkpoint, timeout=timeout, image=image,
-            strength=strength, lora_url=lora_url, lora_scale=lora_scale, lora_sha256=lora_sha256,
-            face_image=face_image, pose_image=pose_image, identity_strength=identity_strength,
-            controlnet_strength=controlnet_strength,
-        )
-        specs = self.models.lora_specs(loras)
+        specs = self.models.lora_specs(request.loras)
         start_image = None
-        if image is not None:
-            start_image = decode_image(image, max_pixels=MAX_START_PIXELS, name="The start image").image
-        checkpoint_path = self.models.checkpoint_path(checkpoint)
-        seeds = [seed + index for index in range(count)]
-        prompt = with_trigger_words(prompt, specs)
+        if request.image is not None:
+            start_image = decode_image(request.image, max_pixels=MAX_START_PIXELS, name="The start image").image
+        checkpoint_path = self.models.checkpoint_path(request.checkpoint)
+        seeds = [request.seed + index for index in range(request.count)]
+        prompt = with_trigger_words(request.prompt, specs)
         faces = None
-        if face_image is not None:
+        if request.face_image is not None:
             progress(0.01, "reading the face")
-            faces = self.instant_id.read(face_image, pose_image)
+            faces = self.instant_id.read(request.face_image, request.pose_image)
 
         # --- models for this job
         self.models.use_checkpoint(checkpoint_path, progress)
         if faces is not None:
             progress(0.02, "loading InstantID")
             self.instant_id.load()
-        if lora_url is not None:
+        if request.lora_url is not None:
             progress(0.02, "fetching the LoRA")
-            specs.append(LoraSpec(URL_LORA_NAME, self.request_loras.fetch(lora_url, lora_sha256, self.models.model_layout()),
-                                  weight=lora_scale))
+            path = self.request_loras.fetch(request.lora_url, request.lora_sha256, self.models.model_layout())
+            specs.append(LoraSpec(URL_LORA_NAME, path, weight=request.lora_scale))
         with self.models.loras(specs, progress):
             deadline = started + request.timeout
             images = generated_images(

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import ProgressFn
+from modal_services.jobs.requests import ResolvedLora
 from modal_services.layout import (
     CHECKPOINTS_SUBDIR,
     CLIP_VIT_H_DIR,
@@ -73,16 +74,17 @@ class LoraSpec:
     trigger_words: tuple[str, ...] = ()
 
     @classmethod
-    def from_dict(cls, entry: dict[str, Any], lora_folder: Path | None = None) -> "LoraSpec":
-        """From a checked `ResolvedLora` entry; a `file` is looked up in `lora_folder`."""
-        name = entry["name"]
+    def of(cls, lora: ResolvedLora, lora_folder: Path | None = None) -> "LoraSpec":
+        """From a request's `ResolvedLora`; a `file` is looked up in `lora_folder`."""
         try:
-            path = Path(entry["path"]) if entry.get("path") else file_in(lora_folder, entry["file"])
+            path = Path(lora.path) if lora.path else file_in(lora_folder, lora.file)
         except ValueError:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"LoRA {name!r}: {entry['file']!r} is not a library file name.") from None
-        weight = entry["weight"] if entry.get("weight") is not None else 1.0
-        words = tuple(word.strip() for word in entry.get("trigger_words") or () if word.strip())
-        return cls(name=name, path=path, weight=weight, trigger_words=words)
+            raise ToolboxError(
+                ErrorCode.INVALID_INPUT, f"LoRA {lora.name!r}: {lora.file!r} is not a library file name."
+            ) from None
+        weight = lora.weight if lora.weight is not None else 1.0
+        words = tuple(word.strip() for word in lora.trigger_words if word.strip())
+        return cls(name=lora.name, path=path, weight=weight, trigger_words=words)
 
 
 def file_in(folder: Path | None, file: str) -> Path:
@@ -226,9 +228,9 @@ class SdxlModels:
         except ValueError:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"{checkpoint!r} is not a checkpoint file name.") from None
 
-    def lora_specs(self, entries: list[dict[str, Any]]) -> list[LoraSpec]:
-        """The job's checked LoRA entries, found on the LoRA volume."""
-        return [LoraSpec.from_dict(entry, self.lora_folder) for entry in entries]
+    def lora_specs(self, loras: list[ResolvedLora]) -> list[LoraSpec]:
+        """The request's LoRAs, found on the LoRA volume."""
+        return [LoraSpec.of(lora, self.lora_folder) for lora in loras]
 
     # ------------------------------------------------------------------ loading
 

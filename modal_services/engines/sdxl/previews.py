@@ -1,10 +1,12 @@
-"""Live previews of a running upscale: small JPEGs under `preview:<job id>` in the state store.
+"""Live previews of a running job (SDXL generate and upscale, Flux generate): small JPEGs under
+`preview:<job id>` in the state store.
 
-The engine calls a `PreviewSink` from its worker thread with JPEG bytes
-every few seconds; the sink hands the write to the event loop (never
-blocking the engine), keeps only the latest image, bounds its size, and
-removes the key when the job ends, so nothing is left behind. The bot reads
-the key while it follows the job.
+`PreviewSink` is the worker's side: the engine calls it from its worker
+thread with JPEG bytes every few seconds; the sink hands the write to the
+event loop (never blocking the engine), keeps only the latest image, bounds
+its size, and removes the key when the job ends, so nothing is left behind.
+`decode_preview` is the reader's side: the bot reads the key with it while
+it follows the job.
 """
 
 from __future__ import annotations

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image, encode_png
-from modal_services.jobs.requests import UpscaleRequest, job_method
+from modal_services.jobs.requests import RegionPrompt, UpscaleRequest
 from modal_services.jobs.records import ProgressFn
 from modal_services.engines.sdxl.limits import DEFAULT_MAX_INPUT_PIXELS, DEFAULT_MAX_OUTPUT_PIXELS, check_upscale_size
 from modal_services.engines.sdxl.pipeline import (
@@ -52,15 +53,15 @@ MAX_TILE_BATCH = 4
 CPU_TILE_BATCH = 4
 PREVIEW_INTERVAL = 3.0
 
-def check_regions(regions: list[dict[str, Any]], width: int, height: int) -> list[tuple[tuple[int, int, int, int], str]]:
-    """((left, top, right, bottom), prompt) pairs of checked `RegionPrompt` entries, each box inside
-    the width x height input."""
+def check_regions(regions: list[RegionPrompt], width: int, height: int) -> list[tuple[tuple[int, int, int, int], str]]:
+    """((left, top, right, bottom), prompt) pairs of a request's region prompts, each box inside the
+    width x height input."""
     checked = []
     for region in regions:
-        left, top, right, bottom = region["box"]
+        left, top, right, bottom = region.box
         if not (0 <= left < right <= width and 0 <= top < bottom <= height):
-            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Region {region['box']} is not inside the {width}×{height} image.")
-        checked.append(((left, top, right, bottom), region["prompt"].strip()))
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Region {region.box} is not inside the {width}×{height} image.")
+        checked.append(((left, top, right, bottom), region.prompt.strip()))
     return checked
 
 
@@ -72,6 +73,21 @@ def region_prompt(regions, tile, scale: float) -> str:
         if left <= x < right and top <= y < bottom:
             return text
     return ""
+
+
+@dataclass(frozen=True)
+class _TileInputs:
+    """What every denoising step feeds the tiles, per tile (lists indexed like `tiles`) or shared."""
+
+    latent_plan: TilePlan
+    tiles: list  # in latents
+    pixel_tiles: list  # in output pixels
+    weights: list  # each tile's blending weights, in latents
+    texts: list  # each tile's (embeds, negative embeds, pooled, negative pooled)
+    time_ids: list  # each tile's micro-conditioning
+    control: Any  # the canvas as ControlNet Tile's control image, uint8 (1, 3, H, W)
+    image_embeds: Any  # IP-Adapter's, shared by every tile
+    negative_image_embeds: Any
 
 
 class TiledUpscaler:
@@ -125,54 +141,34 @@ class TiledUpscaler:
 
     # ------------------------------------------------------------------ the job
 
-    @job_method(UpscaleRequest)
-    def upscale(
-        self,
-        image: bytes,
-        scale: float,
-        prompt: str,
-        negative: str,
-        loras: list[dict[str, Any]],
-        creativity: float,
-        seed: int,
-        checkpoint: str | None,
-        steps: int,
-        ip_adapter_scale: float,
-        region_prompts: list[dict[str, Any]],
-        progress: ProgressFn | None = None,
-        preview: PreviewFn | None = None,
-    ) -> bytes:
-        """Upscale `image` (encoded bytes) by `scale`; returns PNG bytes.
+    def upscale(self, request: UpscaleRequest, progress: ProgressFn, preview: PreviewFn | None = None) -> bytes:
+        """Upscale `request.image` (encoded bytes) by `request.scale`; returns PNG bytes.
 
-        `region_prompts` ([{"box": [left, top, right, bottom], "prompt": ...}]
-        in input pixels, e.g. per-tile captions) add words to the prompt of
-        each tile whose centre lies in the box: the regions need not match
-        this engine's tiles. Everything about the request is checked before
-        any model work: the request's fields by `UpscaleRequest`, then the
-        sizes, the regions and the LoRA files here.
+        `request.region_prompts` (boxes in input pixels, e.g. per-tile
+        captions) add words to the prompt of each tile whose centre lies in
+        the box: the regions need not match this engine's tiles. The worker
+        parsed the request; the sizes, the regions and the LoRA files are
+        checked here, before any model work.
         """
-        progress = progress or (lambda fraction, stage: None)
-        prompt, negative = prompt.strip(), negative.strip()
-        specs = self.models.lora_specs(loras)
-        picture = decode_image(image, max_pixels=self.max_input_pixels, name="The image").image
+        prompt, negative = request.prompt.strip(), request.negative.strip()
+        specs = self.models.lora_specs(request.loras)
+        picture = decode_image(request.image, max_pixels=self.max_input_pixels, name="The image").image
         out_width, out_height = check_upscale_size(
-            picture.width, picture.height, scale, self.max_input_pixels, self.max_output_pixels
+            picture.width, picture.height, request.scale, self.max_input_pixels, self.max_output_pixels
         )
         plan = self.plan(out_width, out_height)
-        regions = check_regions(region_prompts, picture.width, picture.height)
+        regions = check_regions(request.region_prompts, picture.width, picture.height)
         prompt = with_trigger_words(prompt, specs)
         tile_texts = [
-            ", ".join(part for part in (prompt, region_prompt(regions, tile, scale)) if part)
+            ", ".join(part for part in (prompt, region_prompt(regions, tile, request.scale)) if part)
             for tile in plan.tiles
         ]
-        checkpoint_path = self.models.checkpoint_path(checkpoint)
+        checkpoint_path = self.models.checkpoint_path(request.checkpoint)
 
         # --- models for this job
         self.models.use_checkpoint(checkpoint_path, progress)
         with self.models.loras(specs, progress):
-            return self._run(
-                picture, plan, tile_texts, negative, creativity, seed, steps, ip_adapter_scale, progress, preview
-            )
+            return self._run(picture, plan, tile_texts, negative, request, progress, preview)
 
     # ------------------------------------------------------------------ denoising
 
@@ -187,7 +183,8 @@ class TiledUpscaler:
         per_tile = BYTES_PER_MEGAPIXEL_TILE * plan.tile_width * plan.tile_height / 2**20
         return int(max(1, min(MAX_TILE_BATCH, 0.8 * free // per_tile)))
 
-    def _run(self, picture, plan, tile_texts, negative, creativity, seed, steps, ip_scale, progress, preview):
+    def _run(self, picture, plan: TilePlan, tile_texts: list[str], negative: str, request: UpscaleRequest,
+             progress: ProgressFn, preview: PreviewFn | None) -> bytes:
         import torch
         from PIL import Image
 
@@ -199,7 +196,7 @@ class TiledUpscaler:
         def denoise(one_tile_at_a_time: bool) -> bytes:
             with torch.inference_mode():
                 return self._denoise_and_decode(
-                    picture, canvas, plan, tile_texts, negative, creativity, seed, steps, ip_scale,
+                    picture, canvas, plan, tile_texts, negative, request,
                     1 if one_tile_at_a_time else batch, progress, preview,
                 )
 
@@ -208,104 +205,38 @@ class TiledUpscaler:
             "The GPU ran out of memory even one tile at a time: try a smaller scale.", progress,
         )
 
-    def _denoise_and_decode(
-        self, picture, canvas, plan, tile_texts, negative, creativity, seed, steps, ip_scale, batch,
-        progress, preview,
-    ) -> bytes:
+    def _denoise_and_decode(self, picture, canvas: np.ndarray, plan: TilePlan, tile_texts: list[str], negative: str,
+                            request: UpscaleRequest, batch: int, progress: ProgressFn,
+                            preview: PreviewFn | None) -> bytes:
+        """The whole denoising: the tiles' inputs, the noised latents of the canvas, then at every step each
+        batch of tiles' noise predictions blended into the whole latent's, and the tiled decode."""
         import torch
 
-        pipe = self.pipe
-        device, dtype = self.device, self.dtype
-        factor = pipe.vae_scale_factor
-        latent_plan = plan.scaled(factor)
-        tiles, pixel_tiles = latent_plan.tiles, plan.tiles
-        weights = [torch.from_numpy(w).to(device, torch.float32) for w in latent_plan.weights()]
-        do_cfg = self.guidance_scale > 1.0
-
-        # Text: one encoding per distinct prompt (the user's, plus each tile's own words).
-        encoded = {}
-        for text in dict.fromkeys(tile_texts):
-            embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-                prompt=text, device=device, num_images_per_prompt=1,
-                do_classifier_free_guidance=do_cfg, negative_prompt=negative or None,
-            )
-            encoded[text] = (embeds, negative_embeds, pooled, negative_pooled)
-
-        # IP-Adapter: one embedding of the whole picture, shared by every tile.
-        pipe.set_ip_adapter_scale(ip_scale)
-        image_embeds, negative_image_embeds = self._image_embeds(picture, ip_scale)
-
-        # Micro-conditioning per tile: original size = the whole image, crop =
-        # where the tile sits, target size = the tile.
-        time_ids = [
-            torch.tensor([[plan.height, plan.width, tile.y, tile.x, tile.height, tile.width]], device=device, dtype=dtype)
-            for tile in pixel_tiles
-        ]
-
+        pipe, device, dtype = self.pipe, self.device, self.dtype
+        inputs = self._tile_inputs(picture, canvas, plan, tile_texts, negative, request.ip_adapter_scale)
+        tiles = inputs.tiles
         progress(0.04, "encoding the image")
         latents = self._tiled_encode(canvas, plan).to(device, dtype)
-
-        # Timesteps for img2img: the last `creativity` share of the schedule (at least one step).
-        scheduler = pipe.scheduler
-        scheduler.set_timesteps(steps, device=device)
-        denoise_steps = max(1, int(steps * creativity))
-        start = (steps - denoise_steps) * scheduler.order
-        timesteps = scheduler.timesteps[start:]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start)
-        generator = torch.Generator("cpu").manual_seed(seed)
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device, dtype)
-        latents = scheduler.add_noise(latents, noise, timesteps[:1])
+        timesteps, latents = self._noised(latents, request.steps, request.creativity, request.seed)
 
         batches = [list(range(i, min(i + batch, len(tiles)))) for i in range(0, len(tiles), batch)]
-        control = torch.from_numpy(canvas).to(device).permute(2, 0, 1)[None]  # uint8, (1, 3, H, W)
         last_preview = time.monotonic()
         for step, t in enumerate(timesteps):
             noise_pred = torch.zeros(latents.shape, device=device, dtype=torch.float32)
             for members in batches:
-                tile_latents = torch.cat([latents[:, :, tiles[i].slices[0], tiles[i].slices[1]] for i in members])
-                # ControlNet Tile sees the resized input under the tile, in [0, 1].
-                tile_control = torch.cat(
-                    [control[:, :, pixel_tiles[i].slices[0], pixel_tiles[i].slices[1]] for i in members]
-                ).to(dtype) / 255.0
-                texts = [encoded[tile_texts[i]] for i in members]
-                embeds = torch.cat([e[0] for e in texts])
-                pooled = torch.cat([e[2] for e in texts])
-                ids = torch.cat([time_ids[i] for i in members])
-                ip_embeds = image_embeds.expand(len(members), -1, -1, -1)
-                model_input = tile_latents
-                if do_cfg:
-                    embeds = torch.cat([torch.cat([e[1] for e in texts]), embeds])
-                    pooled = torch.cat([torch.cat([e[3] for e in texts]), pooled])
-                    ids = torch.cat([ids, ids])
-                    ip_embeds = torch.cat([negative_image_embeds.expand(len(members), -1, -1, -1), ip_embeds])
-                    model_input = torch.cat([tile_latents, tile_latents])
-                    tile_control = torch.cat([tile_control, tile_control])
-                model_input = scheduler.scale_model_input(model_input, t)
-                conditions = {"text_embeds": pooled, "time_ids": ids}
-                down_residuals, mid_residual = pipe.controlnet(
-                    model_input, t, encoder_hidden_states=embeds, controlnet_cond=tile_control,
-                    conditioning_scale=self.controlnet_scale, added_cond_kwargs=conditions, return_dict=False,
-                )
-                prediction = pipe.unet(
-                    model_input, t, encoder_hidden_states=embeds,
-                    down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual,
-                    added_cond_kwargs={**conditions, "image_embeds": [ip_embeds]}, return_dict=False,
-                )[0].float()
-                if do_cfg:
-                    unconditional, conditional = prediction.chunk(2)
-                    prediction = unconditional + self.guidance_scale * (conditional - unconditional)
+                prediction = self._predict_tiles(inputs, members, latents, t)
                 # Mixture of Diffusers: each tile's prediction, weighted, into the whole latent's.
                 for k, i in enumerate(members):
                     rows, columns = tiles[i].slices
-                    noise_pred[:, :, rows, columns] += prediction[k : k + 1] * weights[i]
+                    noise_pred[:, :, rows, columns] += prediction[k : k + 1] * inputs.weights[i]
                 done = step * len(tiles) + members[-1] + 1
                 progress(
                     0.06 + 0.86 * done / (len(timesteps) * len(tiles)),
                     f"tile {members[-1] + 1}/{len(tiles)} · step {step + 1}/{len(timesteps)}",
                 )
-            latents = scheduler.step(noise_pred.to(dtype), t, latents, return_dict=False)[0]
+            latents = pipe.scheduler.step(noise_pred.to(dtype), t, latents, return_dict=False)[0]
             if preview is not None and time.monotonic() - last_preview >= self.preview_interval:
+                latent_plan = inputs.latent_plan
                 preview(latent_preview_jpeg(latents[:, :, : latent_plan.height, : latent_plan.width]))
                 last_preview = time.monotonic()
 
@@ -313,15 +244,102 @@ class TiledUpscaler:
         pixels = self._tiled_decode(latents, plan)
         return encode_png(pixels)
 
+    def _tile_inputs(self, picture, canvas: np.ndarray, plan: TilePlan, tile_texts: list[str], negative: str,
+                     ip_scale: float) -> "_TileInputs":
+        """What every step feeds the tiles: their text encodings, IP-Adapter embeddings, micro-conditioning
+        and control image."""
+        import torch
+
+        pipe, device, dtype = self.pipe, self.device, self.dtype
+        latent_plan = plan.scaled(pipe.vae_scale_factor)
+        # Text: one encoding per distinct prompt (the user's, plus each tile's own words).
+        encoded = {}
+        for text in dict.fromkeys(tile_texts):
+            encoded[text] = pipe.encode_prompt(
+                prompt=text, device=device, num_images_per_prompt=1,
+                do_classifier_free_guidance=self.guidance_scale > 1.0, negative_prompt=negative or None,
+            )
+        # IP-Adapter: one embedding of the whole picture, shared by every tile.
+        pipe.set_ip_adapter_scale(ip_scale)
+        image_embeds, negative_image_embeds = self._image_embeds(picture, ip_scale)
+        return _TileInputs(
+            latent_plan=latent_plan, tiles=latent_plan.tiles, pixel_tiles=plan.tiles,
+            weights=[torch.from_numpy(w).to(device, torch.float32) for w in latent_plan.weights()],
+            texts=[encoded[text] for text in tile_texts],
+            # Micro-conditioning per tile: original size = the whole image, crop = where the tile sits,
+            # target size = the tile.
+            time_ids=[
+                torch.tensor([[plan.height, plan.width, tile.y, tile.x, tile.height, tile.width]], device=device, dtype=dtype)
+                for tile in plan.tiles
+            ],
+            control=torch.from_numpy(canvas).to(device).permute(2, 0, 1)[None],  # uint8, (1, 3, H, W)
+            image_embeds=image_embeds, negative_image_embeds=negative_image_embeds,
+        )
+
+    def _noised(self, latents, steps: int, creativity: float, seed: int):
+        """(the img2img timesteps: the last `creativity` share of the schedule, at least one step; the
+        latents noised to the first of them, from the seed)."""
+        import torch
+
+        scheduler = self.pipe.scheduler
+        scheduler.set_timesteps(steps, device=self.device)
+        denoise_steps = max(1, int(steps * creativity))
+        start = (steps - denoise_steps) * scheduler.order
+        timesteps = scheduler.timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+        return timesteps, scheduler.add_noise(latents, noise, timesteps[:1])
+
+    def _predict_tiles(self, inputs: "_TileInputs", members: list[int], latents, t):
+        """UNet + ControlNet Tile on the tiles `members` at timestep `t`: their noise predictions (float32,
+        guidance applied), one per tile."""
+        import torch
+
+        pipe, dtype = self.pipe, self.dtype
+        tiles, pixel_tiles = inputs.tiles, inputs.pixel_tiles
+        tile_latents = torch.cat([latents[:, :, tiles[i].slices[0], tiles[i].slices[1]] for i in members])
+        # ControlNet Tile sees the resized input under the tile, in [0, 1].
+        tile_control = torch.cat(
+            [inputs.control[:, :, pixel_tiles[i].slices[0], pixel_tiles[i].slices[1]] for i in members]
+        ).to(dtype) / 255.0
+        texts = [inputs.texts[i] for i in members]
+        embeds = torch.cat([e[0] for e in texts])
+        pooled = torch.cat([e[2] for e in texts])
+        ids = torch.cat([inputs.time_ids[i] for i in members])
+        ip_embeds = inputs.image_embeds.expand(len(members), -1, -1, -1)
+        model_input = tile_latents
+        do_cfg = self.guidance_scale > 1.0
+        if do_cfg:
+            embeds = torch.cat([torch.cat([e[1] for e in texts]), embeds])
+            pooled = torch.cat([torch.cat([e[3] for e in texts]), pooled])
+            ids = torch.cat([ids, ids])
+            ip_embeds = torch.cat([inputs.negative_image_embeds.expand(len(members), -1, -1, -1), ip_embeds])
+            model_input = torch.cat([tile_latents, tile_latents])
+            tile_control = torch.cat([tile_control, tile_control])
+        model_input = pipe.scheduler.scale_model_input(model_input, t)
+        conditions = {"text_embeds": pooled, "time_ids": ids}
+        down_residuals, mid_residual = pipe.controlnet(
+            model_input, t, encoder_hidden_states=embeds, controlnet_cond=tile_control,
+            conditioning_scale=self.controlnet_scale, added_cond_kwargs=conditions, return_dict=False,
+        )
+        prediction = pipe.unet(
+            model_input, t, encoder_hidden_states=embeds,
+            down_block_additional_residuals=down_residuals, mid_block_additional_residual=mid_residual,
+            added_cond_kwargs={**conditions, "image_embeds": [ip_embeds]}, return_dict=False,
+        )[0].float()
+        if not do_cfg:
+            return prediction
+        unconditional, conditional = prediction.chunk(2)
+        return unconditional + self.guidance_scale * (conditional - unconditional)
+
     def _image_embeds(self, picture, ip_scale: float):
         """(positive, negative) IP-Adapter Plus embeddings, (1, 1, tokens, width) each.
 
         With the scale at 0 the adapter's attention adds nothing, so zeros
         stand in for the image encoder's pass.
         """
-        import torch
-
-        encoder = self.pipe.image_encoder
         if ip_scale > 0:
             positive, negative = self.pipe.encode_image(picture, self.device, 1, output_hidden_states=True)
             return positive[:, None], negative[:, None]
