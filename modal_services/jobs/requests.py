@@ -15,8 +15,6 @@ the label its messages use. A new text-to-image model family subclasses
 
 from __future__ import annotations
 
-import functools
-import inspect
 import random
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -95,15 +93,9 @@ class JobRequest(Checked):
 
     model_config = ConfigDict(title="A job")
     kind: ClassVar[str]
-    # Fields the worker's runner acts on around the engine, which never sees them.
-    runner_fields: ClassVar[tuple[str, ...]] = ()
 
     def to_payload(self) -> dict[str, Any]:
         return self.model_dump()
-
-    def engine_payload(self) -> dict[str, Any]:
-        """The fields the engine method takes."""
-        return self.model_dump(exclude=set(self.runner_fields))
 
 
 class LoraRef(Checked):
@@ -173,7 +165,7 @@ class SafetyChecked(JobRequest):
     """A job kind whose prompts are screened whenever its request is built (in the front end, and again in
     the worker) and whose images the worker judges by `safety` before they leave it."""
 
-    runner_fields: ClassVar[tuple[str, ...]] = ("safety",)
+    # The worker's runner acts on it around the engine, which never reads it.
     safety: SafetyContext = Field(default_factory=SafetyContext)
 
     def screened_prompts(self) -> tuple[list[str], list[str]]:
@@ -389,27 +381,3 @@ class ModelScanRequest(JobRequest):
     kind: ClassVar[str] = "model_scan"
     adopt: bool = False
     api_base: str = CIVITAI_API_BASE
-
-
-def job_method(request: type[JobRequest]):
-    """Marks an engine method as the work of `request`'s job kind.
-
-    The method's keyword arguments are the request's fields: whoever calls it
-    (the worker, a test, a benchmark), they are checked and their defaults
-    filled in by the request model before the body runs.
-    """
-
-    def wrap(method):
-        signature = inspect.signature(method)
-
-        @functools.wraps(method)
-        def checked(*args, **kwargs):
-            given = signature.bind_partial(*args, **kwargs).arguments
-            fields = {name: value for name, value in given.items() if name in request.model_fields}
-            others = {name: value for name, value in given.items() if name not in request.model_fields}
-            return method(**others, **request.parse(fields).engine_payload())
-
-        checked.request = request
-        return checked
-
-    return wrap
