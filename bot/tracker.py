@@ -31,11 +31,12 @@ from bot.guild_settings import GuildSettings, load_guild_settings
 from bot.permissions import is_admin
 from bot.progress import MessageEdits, render_job
 from bot.core.following import end_if_stale, follow_job
+from bot.core.generate_models import GENERATE_MODELS
 from bot.replies import error_text
 from bot.ui import PersistentButton
 from bot.core.text import plural
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.requests import JobRequest
+from modal_services.jobs.requests import CaptionRequest, JobRequest, UpscaleRequest
 from modal_services.services import SERVICES
 from modal_services.jobs.records import Job, JobStatus, load_job, new_job_id, request_cancel, update_job
 from modal_services.state.keys import JOB_PREFIX, forget_job
@@ -51,8 +52,8 @@ INTERACTION_TOKEN_LIFETIME = 14 * 60
 SNAPSHOT_MAX_AGE = 2.0
 # Finished job records are kept this long (Modal's Dict drops entries unused for 7 days anyway).
 JOB_RETENTION = 7 * 24 * 3600
-# Job kinds people start from commands; admin work (downloads) is not capped.
-CAPPED_KINDS = ("caption", "upscale", "generate")
+# Job kinds people start from commands (every text-to-image model's too); admin work (downloads) is not capped.
+CAPPED_KINDS = (CaptionRequest.kind, UpscaleRequest.kind, *(model.request.kind for model in GENERATE_MODELS.values()))
 # A result's upload limit when neither the interaction nor the guild says (Discord's default).
 DEFAULT_UPLOAD_LIMIT = 10 * 1024 * 1024
 # Discord's limit on one request with several files.

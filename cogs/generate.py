@@ -41,7 +41,6 @@ from bot.core.generate_models import GENERATE_MODELS, SDXL, aspect_sizes, genera
 from bot.core.results import face_notes
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
-    POSE_NEEDS_A_FACE,
     REFERENCE_MAX_SIDE,
     GenerateRequest,
     LoraRef,
@@ -319,15 +318,15 @@ class Generate(commands.Cog):
         """Check, defer, resolve the defaults and LoRAs, then follow the job to its result.
 
         The face and pose come as attachments (a new /generate) or as the photos a result kept (its buttons)."""
-        if pose is not None and face is None:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, POSE_NEEDS_A_FACE)
         for attachment in (start, face, pose):
             if attachment is not None:
                 check_attachment(attachment)
         await interaction.response.defer(thinking=True)
         async with self.bot.tracker.admission(interaction) as admission:
-            if face is not None:
-                photos = {"face": (await read_image(face, max_side=REFERENCE_MAX_SIDE)).png,
+            if face is not None or pose is not None:
+                # Read as given: the shared core says what is wrong with them (a pose without a face, a
+                # face for a model that takes none) in the words every front end uses.
+                photos = {"face": (await read_image(face, max_side=REFERENCE_MAX_SIDE)).png if face else None,
                           "pose": (await read_image(pose, max_side=REFERENCE_MAX_SIDE)).png if pose else None}
             await self._generate(interaction, params, start, photos, admission)
 
@@ -347,7 +346,7 @@ class Generate(commands.Cog):
             loras=tuple(LoraChoice(**lora) for lora in params.get("loras") or ()),
             variation_image=(await read_image(start, max_pixels=MAX_START_PIXELS)).png if start is not None else None,
             face_image=photos["face"] if photos else None, pose_image=photos["pose"] if photos else None,
-            identity_strength=params.get("identity_strength") if photos else None,
+            identity_strength=params.get("identity_strength"),
             # Judged for the channel this was asked in (a button's too): recomputed, never kept with the params.
             safety=settings.safety_for(age_restricted(interaction)),
         )

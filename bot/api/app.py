@@ -17,7 +17,8 @@ from bot.api.health import HealthCache
 from bot.api.responses import ERROR_STATUSES, error_response, validation_error
 from bot.api.routes import health, images, jobs
 from bot.api.schema import API_VERSION, MAX_BODY_BYTES, ErrorResponse
-from bot.backend import Backend, make_backend
+from bot import backend as backends
+from bot.backend import Backend
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.library.entries import Library
@@ -54,7 +55,7 @@ def create_app(
 
 def api_for_settings(settings: Settings, token: str | None, sync_limit_seconds: float | None = None) -> FastAPI:
     """The API on the backend and library the settings name (the local backend for `toolbox serve`, Modal's there)."""
-    backend = make_backend(settings)
+    backend = backends.make_backend(settings)
     library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
     return create_app(backend, library, token, settings.api_concurrency, sync_limit_seconds)
 

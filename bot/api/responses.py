@@ -16,10 +16,12 @@ from typing import Any
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from PIL import Image
+from pydantic import BaseModel
 
-from bot.api.schema import JOB_KINDS, ErrorResponse
+from bot.api.schema import JOB_BODIES, ErrorResponse, GenerateImageRequest
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import Job
+from modal_services.jobs.validation import describe_problem
 from modal_services.safety.judge import SafetyReport
 
 STATUS_FOR_CODE = {
@@ -66,20 +68,29 @@ def error_response(error: ToolboxError, status: int | None = None) -> JSONRespon
     return JSONResponse(body.model_dump(exclude_none=True), status or STATUS_FOR_CODE.get(error.code, 500), headers)
 
 
-def _field_path(location: tuple) -> tuple:
-    """Where in the body a problem is, without FastAPI's "body" and a /jobs request's kind tag."""
+def _located(location: tuple) -> tuple[type[BaseModel], tuple]:
+    """The body model a problem is in (a /jobs request's by its kind tag, else /generate-image's) and where
+    in it, without FastAPI's "body"."""
     path = location[1:]
-    return path[1:] if path[:1] and path[0] in JOB_KINDS else path
+    if path[:1] and path[0] in JOB_BODIES:
+        return JOB_BODIES[path[0]], path[1:]
+    return GenerateImageRequest, path
+
+
+def _problem_at(path: tuple, sentence: str) -> str:
+    """A problem as a client reads it: the body field it is about (`loras.0.weight`), then what is wrong."""
+    return f"{'.'.join(str(part) for part in path)}: {sentence}" if path else sentence
 
 
 def validation_error(exc: RequestValidationError) -> ApiError:
-    """pydantic's complaints as one line for `error`, every one in `details`."""
-    paths = [_field_path(problem["loc"]) for problem in exc.errors()]
-    problems = [f"{'.'.join(str(part) for part in path) or 'body'}: {problem['msg']}"
-                for path, problem in zip(paths, exc.errors())]
-    about_prompt = any(path[:1] in (("prompt",), ("negative_prompt",)) for path in paths)
+    """pydantic's complaints about a body, each in the words every front end uses for that field (the
+    first as `error`, all of them in `details`)."""
+    located = [_located(problem["loc"]) for problem in exc.errors()]
+    problems = [_problem_at(path, describe_problem({**problem, "loc": path}, model))
+                for (model, path), problem in zip(located, exc.errors())]
+    about_prompt = any(path[:1] in (("prompt",), ("negative_prompt",)) for _, path in located)
     code = ErrorCode.INVALID_PROMPT if about_prompt else ErrorCode.INVALID_INPUT
-    return ApiError(code, f"Invalid request: {problems[0]}", details="; ".join(problems) if len(problems) > 1 else None)
+    return ApiError(code, problems[0], details=" ".join(problems) if len(problems) > 1 else None)
 
 
 def _b64(data: bytes) -> str:

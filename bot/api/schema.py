@@ -90,7 +90,7 @@ class GenerateImageRequest(Strict):
 
     prompt: GenerationPrompt
     model: Literal[tuple(MODEL_ALIASES)] = Field(
-        SDXL.key, description="flux-dev: FLUX.1-dev (if the bot's admin enabled it): guidance `cfg` 1-10 (3.5 when "
+        SDXL.key, title="The model", description="flux-dev: FLUX.1-dev (if the bot's admin enabled it): guidance `cfg` 1-10 (3.5 when "
         "omitted), no negative prompt, sizes up to about 2 MP (2048 a side), library Flux LoRAs only")
     negative_prompt: Prompt = _default(GenerateRequest, "negative_prompt")
     width: FluxSide = Field(_default(GenerateRequest, "width"), description="SDXL: 512-1536; Flux: up to 2048")
@@ -145,7 +145,8 @@ class UpscaleJob(Strict):
 
 
 JobBody = Annotated[GenerateJob | CaptionJob | UpscaleJob, Field(discriminator="kind")]
-JOB_KINDS = ("generate", "caption", "upscale")
+# Each kind of POST /jobs body, by its tag.
+JOB_BODIES: dict[str, type[Strict]] = {"generate": GenerateJob, "caption": CaptionJob, "upscale": UpscaleJob}
 
 
 class ModelInfo(BaseModel):

@@ -13,8 +13,8 @@ from bot.cli.common import (
     run_with_bar, writable_output,
 )
 from bot.core.choices import GenerateChoices
-from bot.core.generate_models import MODEL_ALIASES, SDXL, generate_model
-from modal_services.jobs.requests import FLUX_ASPECT_BUCKETS, GenerateRequest
+from bot.core.generate_models import MODEL_ALIASES, SDXL, aspect_sizes, generate_model
+from modal_services.jobs.requests import GenerateRequest
 from modal_services.jobs.validation import field_bounds
 
 if TYPE_CHECKING:
@@ -29,10 +29,11 @@ def register(commands) -> None:
     fields = GenerateRequest.model_fields
     generate = commands.add_parser("generate", help="make images from a prompt with SDXL or FLUX.1-dev")
     generate.add_argument("prompt", metavar="PROMPT")
-    generate.add_argument("--model", choices=tuple(MODEL_ALIASES), default=SDXL.key,
+    # The values are checked by the shared core, in the words every front end uses.
+    generate.add_argument("--model", default=SDXL.key, metavar="{" + ",".join(MODEL_ALIASES) + "}",
                           help="flux: FLUX.1-dev (once enabled in setup): guidance as --cfg (3.5), no --negative")
     generate.add_argument("--negative", default="")
-    generate.add_argument("--aspect", choices=list(FLUX_ASPECT_BUCKETS), default="1:1",
+    generate.add_argument("--aspect", default="1:1", metavar="{" + ",".join(aspect_sizes()) + "}",
                           help="a size bucket (the 2MP ones are Flux's)")
     lowest, highest = field_bounds(GenerateRequest, "width")
     generate.add_argument("--width", type=int, help=f"{lowest}-{highest}, a multiple of 64 (with --height, instead of --aspect)")

@@ -74,7 +74,10 @@ def generate_model(name: str | None) -> TextToImageModel:
     """The model a person, a terminal or an API client called `name` (None: SDXL); INVALID_INPUT if none is."""
     key = MODEL_ALIASES.get((name or SDXL.key).strip().lower())
     if key is None:
-        raise ToolboxError(ErrorCode.INVALID_INPUT, f"The model is one of {', '.join(MODEL_ALIASES)} (got {name!r}).")
+        # Worded as a request's field names its choices, so an API body's `model` reads the same.
+        names = [repr(alias) for alias in MODEL_ALIASES]
+        raise ToolboxError(ErrorCode.INVALID_INPUT,
+                           f"The model must be one of {', '.join(names[:-1])} or {names[-1]} (got {name!r}).")
     return GENERATE_MODELS[key]
 
 

@@ -60,10 +60,15 @@ def field_choices(model: type[BaseModel], name: str) -> tuple[str, ...]:
 
 def invalid_input(error: ValidationError, model: type[BaseModel]) -> ToolboxError:
     """INVALID_INPUT with one line about the first thing wrong, in the field's own words."""
-    first = error.errors(include_url=False)[0]
-    owner, field = _field_at(model, first["loc"])
-    label = _title(field) or str(first["loc"][-1] if first["loc"] else "value")
-    return ToolboxError(ErrorCode.INVALID_INPUT, _sentence(_message(first, owner, label, field)))
+    return ToolboxError(ErrorCode.INVALID_INPUT, describe_problem(error.errors(include_url=False)[0], model))
+
+
+def describe_problem(problem: dict, model: type[BaseModel]) -> str:
+    """One of pydantic's problems with a `model` value (an item of `ValidationError.errors()`, its `loc`
+    relative to the model) as one sentence in the field's own words: the wording every front end shows."""
+    owner, field = _field_at(model, problem["loc"])
+    label = _title(field) or str(problem["loc"][-1] if problem["loc"] else "value").replace("_", " ")
+    return _sentence(_message(problem, owner, label, field))
 
 
 def _message(error: dict, owner: type[BaseModel], label: str, field: FieldInfo | None) -> str:

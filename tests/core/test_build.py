@@ -128,7 +128,7 @@ def test_the_values_are_checked_without_a_library():
 
 GENERATE_REFUSALS = [
     # The model, by name.
-    (dict(model="sd3"), ErrorCode.INVALID_INPUT, "The model is one of sdxl, flux, flux-dev, flux1-dev (got 'sd3')."),
+    (dict(model="sd3"), ErrorCode.INVALID_INPUT, "The model must be one of 'sdxl', 'flux', 'flux-dev' or 'flux1-dev' (got 'sd3')."),
     # A face, a pose or their weights with a model InstantID has no weights for.
     *[(dict(model="flux", **{name: value}), ErrorCode.INVALID_INPUT,
        "A face photo works with SDXL only: InstantID has no Flux weights. Generate with SDXL to use one.")
