@@ -6,6 +6,7 @@ from __future__ import annotations
 import discord
 from discord import app_commands
 
+from bot.core.library import library_for
 from modal_services.library.entries import Library
 
 LORA_SLOTS = 3
@@ -13,8 +14,7 @@ LORA_SLOTS = 3
 
 def bot_library(bot) -> Library:
     """The library of the bot's backend: the data dir's folders locally, the workers' volume (unseen) on Modal."""
-    settings = bot.settings
-    return Library.for_backend(bot.backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+    return library_for(bot.settings, bot.backend.store)
 
 
 async def lora_autocomplete(interaction: discord.Interaction, current: str) -> list[app_commands.Choice[str]]:

@@ -37,7 +37,7 @@ from bot.ui import PersistentButton
 from bot.core.text import plural
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import CaptionRequest, JobRequest, UpscaleRequest
-from modal_services.services import SERVICES
+from modal_services.services import service_of_kind
 from modal_services.jobs.records import Job, JobStatus, load_job, new_job_id, request_cancel, update_job
 from modal_services.state.keys import JOB_PREFIX, forget_job
 from modal_services.jobs.slots import UNSTARTED_CLAIM_TIMEOUT, Scope, SlotTable
@@ -206,7 +206,7 @@ class JobTracker:
 
     def presenter(self, job: Job) -> Presenter | None:
         """Who shows `job`'s result: the presenter of its kind's request class (None if no cog shows it)."""
-        service = SERVICES.get(job.kind)
+        service = service_of_kind(job.kind)
         return self.presenters.get(service.request) if service else None
 
     @property

@@ -149,6 +149,11 @@ def service_for(request: JobRequest) -> ServiceSpec:
     return SERVICES[type(request)]
 
 
+def service_of_kind(kind: str) -> ServiceSpec | None:
+    """The row of the job table for a job record's `kind` (None for a kind no row has)."""
+    return next((spec for spec in SERVICES.values() if spec.kind == kind), None)
+
+
 def run_on_engine(
     engine: Engine, spec: ServiceSpec, payload: dict[str, Any], progress: ProgressFn,
     classifier: "NsfwClassifier | None" = None, **extras: Any,

@@ -19,9 +19,10 @@ from bot.api.routes import health, images, jobs
 from bot.api.schema import API_VERSION, MAX_BODY_BYTES, ErrorResponse
 from bot import backend as backends
 from bot.backend import Backend
+from bot.core.library import library_for
+from modal_services.library.entries import Library
 from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.library.entries import Library
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def create_app(
 def api_for_settings(settings: Settings, token: str | None, sync_limit_seconds: float | None = None) -> FastAPI:
     """The API on the backend and library the settings name (the local backend for `toolbox serve`, Modal's there)."""
     backend = backends.make_backend(settings)
-    library = Library.for_backend(backend.store, settings.backend == "local", settings.loras_dir, settings.models_dir)
+    library = library_for(settings, backend.store)
     return create_app(backend, library, token, settings.api_concurrency, sync_limit_seconds)
 
 

@@ -21,8 +21,6 @@ if TYPE_CHECKING:
 
     from bot.backend import Backend
     from bot.settings import Settings
-    from modal_services.library.entries import Library
-    from modal_services.state.store import StateStore
 
 # After Ctrl-C the engines are told to stop; one still inside a library call that
 # cannot be interrupted (a Hugging Face transfer between chunks) is not waited for.
@@ -69,13 +67,6 @@ async def opened_backend(settings: Settings) -> AsyncIterator[Backend]:
         yield backend
     finally:
         await backend.close()
-
-
-def library_for(settings: Settings, store: StateStore) -> Library:
-    """The LoRA and checkpoint library as the terminal sees it: the data dir's folders, or the workers' volume."""
-    from modal_services.library.entries import Library
-
-    return Library.for_backend(store, settings.backend == "local", settings.loras_dir, settings.models_dir)
 
 
 def read_input(path: Path) -> bytes:

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.cli.common import (
-    SAFETY_HELP, cli_safety, job_bar, library_for, opened_backend, parse_lora_option, read_input, report_withheld,
+    SAFETY_HELP, cli_safety, job_bar, opened_backend, parse_lora_option, read_input, report_withheld,
     run_with_bar, writable_output,
 )
+from bot.core.library import library_for
 from bot.core.choices import GenerateChoices
 from bot.core.generate_models import MODEL_ALIASES, SDXL, aspect_sizes, generate_model
 from modal_services.jobs.requests import GenerateRequest

@@ -8,7 +8,8 @@ import json
 import sys
 from typing import TYPE_CHECKING, AsyncIterator
 
-from bot.cli.common import confirm, library_for, opened_backend, run_with_bar
+from bot.cli.common import confirm, opened_backend, run_with_bar
+from bot.core.library import library_for
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import ModelDeleteRequest, ModelImportRequest, ModelScanRequest
 

@@ -6,7 +6,8 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
-from bot.cli.common import library_for, opened_backend, run_with_bar
+from bot.cli.common import opened_backend, run_with_bar
+from bot.core.library import library_for
 from modal_services.errors import ToolboxError
 from modal_services.jobs.requests import DownloadRequest, ModelImportRequest
 

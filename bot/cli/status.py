@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from bot.cli.common import library_for, opened_backend
+from bot.cli.common import opened_backend
+from bot.core.library import library_for
 
 if TYPE_CHECKING:
     from bot.settings import Settings

@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.cli.common import (
-    SAFETY_HELP, cli_safety, job_bar, library_for, opened_backend, parse_lora_option, read_input, report_withheld,
+    SAFETY_HELP, cli_safety, job_bar, opened_backend, parse_lora_option, read_input, report_withheld,
     run_with_bar, writable_output,
 )
+from bot.core.library import library_for
 from bot.core.choices import UpscaleChoices
 from modal_services.jobs.requests import UpscaleRequest
 from modal_services.jobs.validation import field_bounds

@@ -7,16 +7,15 @@ never from the hub. Several images are captioned in one `generate` call.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
+from modal_services.engines.loading import loading
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image
 from modal_services.jobs.requests import CaptionRequest
 from modal_services.jobs.records import ProgressFn
 from modal_services.layout import CAPTION_MODEL, Layout
 
-log = logging.getLogger(__name__)
 
 STYLE_PROMPTS = {
     "descriptive": (
@@ -130,7 +129,7 @@ class CaptionEngine:
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
         dtype = getattr(torch, self.dtype) if self.dtype else dtype_for(device_to_come)
-        try:
+        with loading("the caption model", self.model_dir):
             tokenizer = AutoTokenizer.from_pretrained(self.model_dir, padding_side="left")
             image_processor = AutoImageProcessor.from_pretrained(self.model_dir)
             self.processor = _image_only_processor_class()(
@@ -140,12 +139,6 @@ class CaptionEngine:
                 chat_template=_read_chat_template(self.model_dir, tokenizer),
             )
             self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype).eval()
-        except Exception as exc:
-            log.exception("loading the caption model from %s failed", self.model_dir)
-            raise ToolboxError(
-                ErrorCode.MODEL_LOAD_FAILED,
-                f"The caption model could not be loaded ({type(exc).__name__}). Try /setup → Verify.",
-            ) from exc
 
     def move_to(self, device: str) -> None:
         self.model.to(device)

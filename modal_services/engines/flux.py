@@ -26,6 +26,7 @@ import logging
 import os
 import time
 
+from modal_services.engines.loading import loading
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.engines.sdxl.generate import (
     MAX_START_PIXELS,
@@ -195,7 +196,7 @@ class FluxEngine:
             self.resolve_precision()
         dtype = torch.float32 if self.precision == "fp32" else torch.bfloat16
         quantization = transformer_quantization(self.precision)
-        try:
+        with loading("FLUX.1-dev", self.model_dir, at=f" at {self.precision}"):
             parts = {}
             if quantization is not None:
                 parts["transformer"] = FluxTransformer2DModel.from_pretrained(
@@ -203,12 +204,6 @@ class FluxEngine:
                     local_files_only=True,
                 )
             pipe = FluxPipeline.from_pretrained(self.model_dir, dtype=dtype, local_files_only=True, **parts)
-        except Exception as exc:
-            log.exception("loading FLUX.1-dev from %s failed", self.model_dir)
-            raise ToolboxError(
-                ErrorCode.MODEL_LOAD_FAILED,
-                f"FLUX.1-dev could not be loaded at {self.precision} ({type(exc).__name__}). Try /setup → Verify.",
-            ) from exc
         self.placement = staging_device if (staging_device and self.can_stage) else self.device
         pipe.to(self.placement)
         pipe.set_progress_bar_config(disable=True)

@@ -8,15 +8,14 @@ one's probability of the `nsfw` label.
 
 from __future__ import annotations
 
-import logging
 import threading
 from pathlib import Path
 
+from modal_services.engines.loading import loading
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image
 from modal_services.layout import NSFW_CLASSIFIER_DIR
 
-log = logging.getLogger(__name__)
 
 NSFW_LABEL = "nsfw"
 # A result the classifier reads is at most an upscale's largest output, with room to spare.
@@ -52,15 +51,9 @@ class NsfwClassifier:
 
             self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
             dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
-            try:
+            with loading("the NSFW classifier", self.folder):
                 processor = AutoImageProcessor.from_pretrained(self.folder)
                 model = AutoModelForImageClassification.from_pretrained(self.folder, dtype=dtype)
-            except Exception as exc:
-                log.exception("loading the NSFW classifier from %s failed", self.folder)
-                raise ToolboxError(
-                    ErrorCode.MODEL_LOAD_FAILED,
-                    f"The NSFW classifier could not be loaded ({type(exc).__name__}). Try /setup → Verify.",
-                ) from exc
             labels = {str(label).lower(): int(index) for index, label in model.config.id2label.items()}
             if NSFW_LABEL not in labels:
                 raise ToolboxError(ErrorCode.MODEL_LOAD_FAILED,

@@ -18,6 +18,7 @@ from modal_services.net.transfer import retrying
 from modal_services.base_models.downloads import DownloadEngine
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.state.keys import manifest_key
+from modal_services.jobs.requests import DownloadRequest
 from modal_services.layout import Layout
 from modal_services.base_models.optional_models import enabled_models, require_enabled, set_enabled, setup_entries
 from modal_services.base_models.registry import BASE_MODELS, HFSource, ModelEntry, Terms, resolve_keys
@@ -55,7 +56,7 @@ async def store(tmp_path):
 def download(tmp_path, store, keys=()):
     engine = DownloadEngine(Layout(tmp_path / "models", tmp_path / "loras", store))
     engine.load()
-    return asyncio.to_thread(engine.download, lambda fraction, stage: None, keys=list(keys))
+    return asyncio.to_thread(engine.download, DownloadRequest(keys=list(keys)), lambda fraction, stage: None)
 
 
 def gated_bodies(hub) -> list:

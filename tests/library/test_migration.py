@@ -17,6 +17,7 @@ import pytest
 from bot.cli import main
 from modal_services.net.transfer import retrying
 from modal_services.base_models.downloads import DownloadEngine
+from modal_services.jobs.requests import DownloadRequest
 from modal_services.library.migration_report import MigrationReport, render_report
 from modal_services.state.store import SqliteStore
 from modal_services.state.keys import manifest_key, secret_key
@@ -144,7 +145,7 @@ def build_old_install(data: Path, hub: FakeHub) -> None:
         scratch = SqliteStore(data.parent / "scratch.sqlite3")
         engine = DownloadEngine(Layout(data / "models", loras, scratch))
         engine.load()
-        await asyncio.to_thread(engine.download, lambda *args: None, ["ip-adapter"])
+        await asyncio.to_thread(engine.download, DownloadRequest(keys=["ip-adapter"]), lambda *args: None)
         await scratch.close()
 
     asyncio.run(download_ip_adapter())

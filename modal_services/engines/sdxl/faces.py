@@ -12,7 +12,6 @@ setting: `TOOLBOX_FACE_PROVIDER`).
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import threading
@@ -23,10 +22,10 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from modal_services.engines.loading import loading
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.base_models.registry import FACE_DETECTOR_FILE, FACE_RECOGNISER_FILE
 
-log = logging.getLogger(__name__)
 
 # Face analysis runs on antelopev2's detector and recogniser (FACE_DETECTOR_FILE, FACE_RECOGNISER_FILE);
 # the pack's landmark and age models are not needed.
@@ -155,16 +154,10 @@ class InsightFaceAnalyser:
                 "Face analysis needs insightface and onnxruntime, which this worker lacks: install the `faces` "
                 "extra (pip install -e '.[engines,faces]').",
             ) from None
-        try:
+        with loading("the face-analysis models", self.folder):
             app = FaceAnalysis(name=str(self.folder), allowed_modules=["detection", "recognition"],
                                providers=PROVIDERS[self.provider])
             app.prepare(ctx_id=0 if self.provider == "cuda" else -1, det_size=(DETECTION_SIZE, DETECTION_SIZE))
-        except Exception as exc:
-            log.exception("loading the face-analysis models from %s failed", self.folder)
-            raise ToolboxError(
-                ErrorCode.MODEL_LOAD_FAILED,
-                f"The face-analysis models could not be loaded ({type(exc).__name__}). Try /setup → Verify.",
-            ) from exc
         if "recognition" not in app.models:
             raise ToolboxError(ErrorCode.MODEL_LOAD_FAILED, f"{FACE_RECOGNISER_FILE} is not a face recogniser.")
         return app

@@ -24,20 +24,19 @@ pose image, from the largest face in that one.
 from __future__ import annotations
 
 import contextlib
-import logging
 import threading
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from PIL import Image
 
+from modal_services.engines.loading import loading
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.engines.sdxl.faces import FaceAnalyser, FaceReading, draw_keypoints, keypoints_on_canvas, read_face
 from modal_services.imaging import decode_image
 from modal_services.layout import INSTANTID_ADAPTER_FILE, INSTANTID_CONTROLNET_DIR
 from modal_services.engines.sdxl.pipeline import SdxlModels
 
-log = logging.getLogger(__name__)
 
 # A reference photo is decoded with this bound (a 24-megapixel camera picture fits).
 MAX_FACE_PIXELS = 6000 * 4000
@@ -130,19 +129,13 @@ class InstantId:
 
             models_dir, device, dtype = self.models.models_dir, self.models.device, self.models.dtype
             unet = self.models.pipe.unet
-            try:
+            with loading("InstantID's models", models_dir):
                 identitynet = ControlNetModel.from_pretrained(models_dir / INSTANTID_CONTROLNET_DIR, torch_dtype=dtype)
                 state = adapter_state_dicts(load_file(str(models_dir / INSTANTID_ADAPTER_FILE)))
                 # diffusers' own IP-Adapter conversion (what `load_ip_adapter` runs), kept aside from the UNet.
                 with unet_without_projection(unet):
                     processors = unet._convert_ip_adapter_attn_to_diffusers([state])
                 projection = MultiIPAdapterImageProjection([unet._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"])])
-            except Exception as exc:
-                log.exception("loading InstantID from %s failed", models_dir)
-                raise ToolboxError(
-                    ErrorCode.MODEL_LOAD_FAILED,
-                    f"InstantID's models could not be loaded ({type(exc).__name__}). Try /setup → Verify.",
-                ) from exc
             for processor in processors.values():
                 if hasattr(processor, "to"):
                     processor.to(device=device, dtype=dtype)

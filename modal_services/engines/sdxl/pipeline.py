@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+from modal_services.engines.loading import loading
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import ProgressFn
 from modal_services.jobs.requests import ResolvedLora
@@ -251,7 +252,7 @@ class SdxlModels:
         self.device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         # fp16 on GPU (the VAE is the fp16-fix one, so it stays in fp16 too); fp32 on CPU.
         self.dtype = torch.float16 if self.device.startswith("cuda") else torch.float32
-        try:
+        with loading("the SDXL base models", self.models_dir):
             self._shared = {
                 "controlnet": ControlNetModel.from_pretrained(self.models_dir / CONTROLNET_TILE_DIR, torch_dtype=self.dtype),
                 "vae": AutoencoderKL.from_pretrained(self.models_dir / SDXL_VAE_DIR, torch_dtype=self.dtype),
@@ -260,12 +261,6 @@ class SdxlModels:
                 ),
                 "feature_extractor": CLIPImageProcessor.from_pretrained(self.models_dir / CLIP_VIT_H_DIR),
             }
-        except Exception as exc:
-            log.exception("loading the SDXL base models from %s failed", self.models_dir)
-            raise ToolboxError(
-                ErrorCode.MODEL_LOAD_FAILED,
-                f"The SDXL base models could not be loaded ({type(exc).__name__}). Try /setup → Verify.",
-            ) from exc
         self.placement = staging_device or self.device
         for model in SHARED_MODELS:
             self._shared[model].to(self.placement).eval()
@@ -307,18 +302,12 @@ class SdxlModels:
             self.checkpoint = None
             if self.placement.startswith("cuda"):
                 torch.cuda.empty_cache()
-        try:
+        with loading(f"the checkpoint {path.name}", path, at=" as an SDXL checkpoint", hint=""):
             pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_single_file(
                 str(path), config=str(self.config_dir), local_files_only=True, torch_dtype=self.dtype, **reuse
             )
             ip_adapter = self.models_dir / IP_ADAPTER_FILE
             pipe.load_ip_adapter(str(ip_adapter.parent), subfolder="", weight_name=ip_adapter.name, image_encoder_folder=None)
-        except Exception as exc:
-            log.exception("loading checkpoint %s failed", path)
-            raise ToolboxError(
-                ErrorCode.MODEL_LOAD_FAILED,
-                f"The checkpoint {path.name} could not be loaded as an SDXL checkpoint ({type(exc).__name__}).",
-            ) from exc
         pipe.to(self.placement)
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
