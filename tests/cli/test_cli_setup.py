@@ -117,7 +117,7 @@ def _seed_dead_setup(pid: int) -> str:
         job = await create_job(store, "download")
         now = time.time()
         await update_job(store, job.id, status=JobStatus.RUNNING, started_at=now, heartbeat_at=now, runner=dead)
-        await store.put(lock_key(SETUP_DOWNLOAD_LOCK), {"owner": "x", "job_id": job.id, "heartbeat": now, "runs_here": True, **dead})
+        await store.put(lock_key(SETUP_DOWNLOAD_LOCK), {"owner": "x", "job_id": job.id, "heartbeat": now, **dead})
         await store.put(lock_key("download:sdxl-vae"), {"owner": "y", "heartbeat": now, **dead})
         await store.put(downloads.download_key("sdxl-vae"), {
             "key": "sdxl-vae", "status": "downloading", "bytes_done": 10, "bytes_total": 100, "updated_at": now, **dead})
@@ -145,6 +145,8 @@ def test_a_setup_following_a_download_whose_process_died_stops_following(hub, ca
     from bot.backend import LocalBackend
     from bot.core.following import watch_job
     from bot.settings import Settings
+    from modal_services.errors import ErrorCode
+    from modal_services.jobs.records import DEAD_JOB_MESSAGE
 
     job_id = _seed_dead_setup(_dead_pid())
 
@@ -155,9 +157,8 @@ def test_a_setup_following_a_download_whose_process_died_stops_following(hub, ca
         finally:
             await backend.close()
 
-    with pytest.raises(Exception) as caught:
-        asyncio.run(follow())
-    assert getattr(caught.value, "code", None) is not None and "stopped responding" in caught.value.message
+    error = asyncio.run(follow()).error()
+    assert error is not None and error.code is ErrorCode.INTERNAL and error.message == DEAD_JOB_MESSAGE
 
 
 def test_ctrl_c_stops_setup_quickly_and_the_next_setup_resumes(hub, capsys, tmp_path):
