@@ -9,6 +9,7 @@ import pytest
 from bot.cli import main
 from modal_services.base_models import downloads
 from modal_services.net.transfer import retrying
+from tests.processes import dead_pid
 
 
 @pytest.fixture
@@ -90,15 +91,6 @@ def test_status_counts_unfinished_jobs(hub, capsys):
     assert "jobs caption: 1 running, 1 queued" in capsys.readouterr().out
 
 
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 def _seed_dead_setup(pid: int) -> str:
     """What a killed `toolbox setup` leaves: the setup lock, a running job, a model's lock and its progress record."""
     import asyncio
@@ -128,7 +120,7 @@ def _seed_dead_setup(pid: int) -> str:
 
 
 def test_a_killed_setup_is_taken_over_at_once(hub, capsys):
-    job_id = _seed_dead_setup(_dead_pid())
+    job_id = _seed_dead_setup(dead_pid())
     document = status(capsys)
     assert document["active_download"] is None  # never shown running
     assert {m["key"]: m["state"] for m in document["models"]}["sdxl-vae"] == "missing"
@@ -148,7 +140,7 @@ def test_a_setup_following_a_download_whose_process_died_stops_following(hub, ca
     from modal_services.errors import ErrorCode
     from modal_services.jobs.records import DEAD_JOB_MESSAGE
 
-    job_id = _seed_dead_setup(_dead_pid())
+    job_id = _seed_dead_setup(dead_pid())
 
     async def follow():
         backend = LocalBackend(Settings.load())
