@@ -4,19 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from bot.cli import main
 from modal_services.base_models import downloads
-from modal_services.net.transfer import retrying
 from tests.processes import dead_pid
-
-
-@pytest.fixture
-def hub(fake_hub, monkeypatch):
-    monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
-    monkeypatch.setattr(retrying, "wait_before_retry", lambda seconds, interrupt=None: None)
-    return fake_hub
 
 
 def status(capsys) -> dict:
