@@ -3,7 +3,9 @@
 A job record is written by whoever runs the job (a Modal container or the
 local backend's worker) and read by the bot, which turns it into a progress
 reply. Only the worker writes a running job, so a read-modify-write of its own
-record races with nobody.
+record races with nobody; the one exception is a reader that finds the worker
+gone (`Job.dead`) and marks the job failed, when nobody else will write it.
+Readers therefore read through `found_job` / `found_jobs`, which do that.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class Job:
     updated_at: float | None = None
     finished_at: float | None = None
     heartbeat_at: float | None = None
-    runner: dict[str, Any] | None = None  # the process running it (locks.holder_record)
+    runner: dict[str, Any] | None = None  # the process running it, or queuing it to run (locks.holder_record)
     # Who asked and where to report: user, guild, channel, message ids.
     owner: dict[str, Any] = field(default_factory=dict)
     # What the bot needs to present the result later (titles, file names), even after a restart.

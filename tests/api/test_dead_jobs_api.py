@@ -161,7 +161,8 @@ def test_a_toolbox_serve_killed_mid_job_and_started_again_reports_the_job_failed
     try:
         first = start_serve(port)
         image = base64.b64encode(png_bytes(16, 16)).decode()
-        job_id = httpx.post(f"{api}/jobs", json={"kind": "caption", "images_base64": [image]}, timeout=10).json()["job_id"]
+        accepted = httpx.post(f"{api}/jobs", json={"kind": "caption", "images_base64": [image]}, timeout=10)
+        job_id = accepted.json()["job_id"]
         for _ in range(500):
             view = httpx.get(f"{api}/jobs/{job_id}", timeout=5).json()
             if view["status"] == "running":

@@ -42,7 +42,8 @@ def test_a_runner_gone_from_this_machine_is_dead_at_once_queued_or_running():
     now = time.time()
     for status in (JobStatus.QUEUED, JobStatus.RUNNING):
         assert Job(id="1", kind="download", status=status, heartbeat_at=now, runner=gone_here()).dead(now)
-    assert not Job(id="1", kind="download", status=JobStatus.RUNNING, heartbeat_at=now, runner=holder_record()).dead(now)
+    alive = Job(id="1", kind="download", status=JobStatus.RUNNING, heartbeat_at=now, runner=holder_record())
+    assert not alive.dead(now)
     assert not Job(id="1", kind="download", status=JobStatus.DONE, runner=gone_here()).dead(now)
     assert not Job(id="1", kind="download", status=JobStatus.ERROR, runner=gone_here()).dead(now)
     # Waiting in Modal's queue names no runner yet, and no wait there is a sign of death.
