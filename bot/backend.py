@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -26,8 +25,10 @@ from bot.settings import Settings
 from bot.core.text import plural
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import JobRequest
-from modal_services.jobs.records import Job, JobStatus, create_job, load_job, update_job
-from modal_services.state.keys import JOB_PREFIX, call_key
+from modal_services.jobs.records import (Job, JobStatus, create_job, found_job, found_jobs, load_job, mark_dead,
+                                         update_job)
+from modal_services.state.keys import call_key
+from modal_services.state.locks import holder_record
 from modal_services.layout import Layout
 from modal_services.safety.nsfw_classifier import NsfwClassifier
 from modal_services.services import (SERVICES, Engine, EngineFactory, ServiceSpec, build_engine, run_service_job,
@@ -46,7 +47,6 @@ ENGINE_THREAD_PREFIX = "engine-"
 
 class Backend(ABC):
     store: StateStore
-    runs_jobs_in_process: bool = False  # the local backend runs them in this process's threads
 
     @abstractmethod
     async def submit(
@@ -66,7 +66,8 @@ class Backend(ABC):
         """Wait for the job's result; a failed job raises its `ToolboxError`."""
 
     async def job(self, job_id: str) -> Job | None:
-        return await load_job(self.store, job_id)
+        """The job's record; one whose runner died is failed on the spot (`found_job`)."""
+        return await found_job(self.store, job_id)
 
     async def start(self) -> None:
         """Check that the backend can work at all (credentials, reachability) before anyone uses it."""
@@ -75,7 +76,8 @@ class Backend(ABC):
         """Backend-specific help in stopping a job; the cooperative cancel flag is set by the caller."""
 
     async def recover(self) -> None:
-        """After a bot restart: settle jobs that can no longer finish."""
+        """At start-up: settle jobs that can no longer finish (every dead one is failed)."""
+        await found_jobs(self.store)
 
     @abstractmethod
     async def service_status(self) -> dict[str, str]:
@@ -86,8 +88,6 @@ class Backend(ABC):
 
 
 class LocalBackend(Backend):
-    runs_jobs_in_process = True
-
     def __init__(self, settings: Settings, engines: EngineFactory = build_engine):
         """`engines` builds each service's engine, from its engine class and this backend's layout."""
         self.store = SqliteStore(settings.state_path)
@@ -108,7 +108,8 @@ class LocalBackend(Backend):
         job_id: str | None = None,
     ) -> Job:
         spec = service_for(request)
-        job = await create_job(self.store, request.kind, owner, meta, job_id)
+        # Named as its runner from the start: queued here, it dies with this process.
+        job = await create_job(self.store, request.kind, owner, meta, job_id, runner=holder_record())
         task = asyncio.create_task(self._run(spec, job.id, request.to_payload()), name=f"job-{job.id}")
         self._tasks[job.id] = task
         loop = asyncio.get_running_loop()
@@ -147,22 +148,22 @@ class LocalBackend(Backend):
         }
 
     async def recover(self) -> None:
-        # Local jobs ran in this process's threads: after a restart nothing is running them.
-        for record in (await self.store.items(JOB_PREFIX)).values():
-            job = Job.from_dict(record)
-            if not job.status.finished and job.id not in self._tasks:
-                await update_job(
-                    self.store, job.id, status=JobStatus.ERROR, stage="error",
-                    error_code=ErrorCode.INTERNAL.value,
-                    error_message="The bot restarted while this job was waiting or running; please run it again.",
-                    finished_at=time.time(),
-                )
+        for job in await found_jobs(self.store):
+            if not job.status.finished and job.runner is None:
+                # Every job this backend queues names its process; one naming none was left by an older version.
+                await mark_dead(self.store, job)
 
     async def close(self) -> None:
         for task in self._tasks.values():
             task.cancel()
         # Their last record writes land before the store closes, never over what a next run writes.
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        for job_id in list(self._tasks):
+            job = await load_job(self.store, job_id)
+            if job is not None and not job.status.finished:
+                # Nothing will finish it now; this process may live on (the bot's supervisor restarts the bot
+                # in it), so its pid would not tell.
+                await mark_dead(self.store, job)
         for executor in self._executors.values():
             executor.shutdown(wait=False, cancel_futures=True)
         await super().close()

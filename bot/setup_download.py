@@ -11,7 +11,7 @@ import asyncio
 import time
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.records import JobStatus, load_job
+from modal_services.jobs.records import found_job
 from modal_services.state.keys import SETUP_DOWNLOAD_LOCK, lock_key
 from modal_services.state.locks import holder_alive, holder_record
 from modal_services.state.store import StateStore
@@ -21,16 +21,13 @@ ATTACH_TIMEOUT = 15.0
 
 
 async def _setup_job_live(store: StateStore, value: dict) -> bool:
-    """Whether the download the lock names can still finish: its runner alive (checked by pid on this
-    machine, by heartbeat elsewhere); a dead one is let go at once, for the next setup to take over."""
+    """Whether the download the lock names can still finish: a dead one (`Job.dead`) is failed and let go
+    at once, for the next setup to take over."""
     job_id = value.get("job_id")
     if not job_id:
         return time.time() - value.get("heartbeat", 0) < SUBMIT_GRACE_SECONDS and holder_alive(value) is not False
-    job = await load_job(store, job_id)
-    if job is None or job.status.finished or job.stale():
-        return False
-    # Queued in the process that submitted it (the local backend): that process gone, nobody will run it.
-    return not (job.status is JobStatus.QUEUED and value.get("runs_here") and holder_alive(value) is False)
+    job = await found_job(store, job_id)
+    return job is not None and not job.status.finished
 
 
 async def checked_states(settings, store: StateStore, entries, hashes: bool = False) -> list:
@@ -62,20 +59,18 @@ async def active_download(store: StateStore) -> str | None:
     return None
 
 
-async def start_or_attach_download(store: StateStore, submit, runs_here: bool) -> tuple[str, bool]:
+async def start_or_attach_download(store: StateStore, submit) -> tuple[str, bool]:
     """(job id, started): the running setup download's id, or a new one from `await submit()`.
 
     Two admins pressing Download at once: one `put_if_absent` wins and
     submits; the other waits for that job id and follows the same job.
-    `runs_here`: the job will run in this process (the local backend).
     """
     import uuid
 
     key = lock_key(SETUP_DOWNLOAD_LOCK)
     deadline = time.monotonic() + ATTACH_TIMEOUT
     while True:
-        mine = {"owner": uuid.uuid4().hex, "job_id": None, "heartbeat": time.time(), "runs_here": runs_here,
-                **holder_record()}
+        mine = {"owner": uuid.uuid4().hex, "job_id": None, "heartbeat": time.time(), **holder_record()}
         if await store.put_if_absent(key, mine):
             try:
                 job = await submit()

@@ -30,7 +30,7 @@ import discord
 from bot.guild_settings import GuildSettings, load_guild_settings
 from bot.permissions import is_admin
 from bot.progress import MessageEdits, render_job
-from bot.core.following import end_if_stale, follow_job
+from bot.core.following import follow_job
 from bot.core.generate_models import GENERATE_MODELS
 from bot.replies import error_text
 from bot.ui import PersistentButton
@@ -38,7 +38,7 @@ from bot.core.text import plural
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import CaptionRequest, JobRequest, UpscaleRequest
 from modal_services.services import service_of_kind
-from modal_services.jobs.records import Job, JobStatus, load_job, new_job_id, request_cancel, update_job
+from modal_services.jobs.records import Job, JobStatus, found_jobs, new_job_id, request_cancel, update_job
 from modal_services.state.keys import JOB_PREFIX, forget_job
 from modal_services.jobs.slots import UNSTARTED_CLAIM_TIMEOUT, Scope, SlotTable
 
@@ -214,7 +214,7 @@ class JobTracker:
         return SlotTable(self.store, self.session, self._slot_is_stale)
 
     async def _slot_is_stale(self, claim: dict) -> bool:
-        job = await load_job(self.store, claim["holder"])
+        job = await self.bot.backend.job(claim["holder"])  # a dead one is failed here: finished
         if job is not None:
             # A finished job holds its slot until its result is shown, or until its session is gone.
             return job.delivered or (job.status.finished and claim.get("session") != self.session)
@@ -229,8 +229,7 @@ class JobTracker:
         max_age = SNAPSHOT_MAX_AGE if max_age is None else max_age
         async with self._snapshot_lock:
             if time.time() - self._snapshot.taken_at > max_age:
-                records = await self.store.items(JOB_PREFIX)
-                jobs = [Job.from_dict(record) for record in records.values()]
+                jobs = await found_jobs(self.store)  # a dead job is failed here: never counted as running
                 await self._forget_old(jobs)
                 self._snapshot = QueueSnapshot([job for job in jobs if not job.status.finished], time.time())
             return self._snapshot
@@ -350,7 +349,6 @@ class JobTracker:
         view = cancel_view(job.id)
 
         async def show(record: Job) -> None:
-            await end_if_stale(self.bot.backend, record)
             if record.id in self._quiet:
                 return  # the reply already says it is stopping, or that the bot is
             text = render_job(record, title)
@@ -363,7 +361,7 @@ class JobTracker:
         return await follow_job(self.bot.backend, job.id, show)
 
     async def cancel(self, interaction: discord.Interaction, job_id: str) -> None:
-        job = await load_job(self.store, job_id)
+        job = await self.bot.backend.job(job_id)
         if job is None or job.status.finished:
             await interaction.response.send_message("That job has already finished (or there is no such job).", ephemeral=True)
             return

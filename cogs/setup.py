@@ -315,7 +315,6 @@ class Setup(commands.Cog):
         owner = {"user_id": interaction.user.id, "guild_id": interaction.guild_id, "channel_id": interaction.channel_id}
         job_id, started = await start_or_attach_download(
             self.store, lambda: self.bot.backend.submit(DownloadRequest.parse({"keys": missing}), owner=owner),
-            self.bot.backend.runs_jobs_in_process,
         )
         log.info("setup download %s job %s", "started" if started else "attached to", job_id)
         await self.follow(interaction, job_id)

@@ -63,8 +63,9 @@ def api_for_settings(settings: Settings, token: str | None, sync_limit_seconds: 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI):
-    yield
     context: ApiContext = app.state.api
+    await context.jobs.backend.recover()  # jobs a killed earlier run left behind read as failed, not running
+    yield
     await context.jobs.close()
     await context.jobs.backend.close()
 

@@ -77,7 +77,6 @@ async def _download_base_models(settings: Settings, backend: Backend, keys: list
         return
     job_id, started = await start_or_attach_download(
         backend.store, lambda: backend.submit(DownloadRequest.parse({"keys": missing}), owner={"cli": True}),
-        backend.runs_jobs_in_process,
     )
     if not started:
         print(f"A download is already running (job {job_id}); following it.", file=sys.stderr)

@@ -86,13 +86,11 @@ def _print_status(document: dict, states: list, tokens: list) -> None:
 
 
 async def _job_counts(store: StateStore) -> dict[str, dict[str, int]]:
-    """Unfinished jobs per kind."""
-    from modal_services.jobs.records import Job, JobStatus
-    from modal_services.state.keys import JOB_PREFIX
+    """Unfinished jobs per kind (a job whose runner died is failed as it is found, so never counted)."""
+    from modal_services.jobs.records import JobStatus, found_jobs
 
     counts: dict[str, dict[str, int]] = {}
-    for record in (await store.items(JOB_PREFIX)).values():
-        job = Job.from_dict(record)
+    for job in await found_jobs(store):
         if job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
             counts.setdefault(job.kind, {"queued": 0, "running": 0})[job.status.value] += 1
     return counts

@@ -3,7 +3,9 @@
 A job record is written by whoever runs the job (a Modal container or the
 local backend's worker) and read by the bot, which turns it into a progress
 reply. Only the worker writes a running job, so a read-modify-write of its own
-record races with nobody.
+record races with nobody; the one exception is a reader that finds the worker
+gone (`Job.dead`) and marks the job failed, when nobody else will write it.
+Readers therefore read through `found_job` / `found_jobs`, which do that.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from enum import Enum
 from typing import Any, Callable, TypeVar
 
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.state.keys import cancel_key, job_key
+from modal_services.state.keys import JOB_PREFIX, cancel_key, job_key
 from modal_services.state.locks import holder_alive, holder_record
 from modal_services.state.store import StateStore
 
@@ -35,6 +37,8 @@ PROGRESS_WRITE_INTERVAL = 0.5
 # (a model loading, a long step), so a silent record means a dead worker.
 HEARTBEAT_INTERVAL = 10.0
 STALE_AFTER = 90.0
+# What a job whose runner died reads as, wherever it is found.
+DEAD_JOB_MESSAGE = "The process running this job stopped (killed, crashed or restarted); run it again."
 
 
 class JobStatus(str, Enum):
@@ -63,7 +67,7 @@ class Job:
     updated_at: float | None = None
     finished_at: float | None = None
     heartbeat_at: float | None = None
-    runner: dict[str, Any] | None = None  # the process running it (locks.holder_record)
+    runner: dict[str, Any] | None = None  # the process running it, or queuing it to run (locks.holder_record)
     # Who asked and where to report: user, guild, channel, message ids.
     owner: dict[str, Any] = field(default_factory=dict)
     # What the bot needs to present the result later (titles, file names), even after a restart.
@@ -88,12 +92,17 @@ class Job:
         known["status"] = JobStatus(known.get("status", JobStatus.QUEUED))
         return cls(**known)
 
-    def stale(self, now: float | None = None) -> bool:
-        """A running job whose worker is gone: its process on this machine has died, or it stopped writing."""
-        if self.status is not JobStatus.RUNNING:
+    def dead(self, now: float | None = None) -> bool:
+        """An unfinished job nothing will ever finish: the process named as its runner is gone (checked by
+        pid when it is on this machine), or, running, its record had no heartbeat for `STALE_AFTER` seconds
+        (the only sign a runner elsewhere, a Modal container, can give). A job queued on Modal names no runner
+        until a container picks it up: its wait in Modal's queue is no sign of death."""
+        if self.status.finished:
             return False
         if self.runner and holder_alive(self.runner) is False:
             return True
+        if self.status is not JobStatus.RUNNING:
+            return False
         last_sign_of_life = self.heartbeat_at or self.started_at or self.created_at
         return (now or time.time()) - last_sign_of_life > STALE_AFTER
 
@@ -116,16 +125,42 @@ async def create_job(
     owner: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     job_id: str | None = None,
+    runner: dict[str, Any] | None = None,
 ) -> Job:
-    """A queued `job:<id>`; `job_id` is one chosen in advance (slots are claimed under it before the job exists)."""
-    job = Job(id=job_id or new_job_id(), kind=kind, owner=dict(owner or {}), meta=dict(meta or {}))
+    """A queued `job:<id>`; `job_id` is one chosen in advance (slots are claimed under it before the job exists);
+    `runner` is the process that will run it when that is known already (`holder_record()` of this one)."""
+    job = Job(id=job_id or new_job_id(), kind=kind, owner=dict(owner or {}), meta=dict(meta or {}), runner=runner)
     await store.put(job.key, job.to_dict())
     return job
 
 
 async def load_job(store: StateStore, job_id: str) -> Job | None:
+    """The record as stored (what its runner works on); readers use `found_job`."""
     record = await store.get(job_key(job_id))
     return None if record is None else Job.from_dict(record)
+
+
+async def mark_dead(store: StateStore, job: Job) -> Job:
+    """Fail a job whose runner is gone with `DEAD_JOB_MESSAGE`: nothing else would ever end it."""
+    log.warning("job %s (%s): the process running it is gone; marking it failed", job.id, job.kind)
+    return await update_job(store, job.id, status=JobStatus.ERROR, stage="error", error_code=ErrorCode.INTERNAL.value,
+                            error_message=DEAD_JOB_MESSAGE, finished_at=time.time())
+
+
+async def fail_if_dead(store: StateStore, job: Job) -> Job:
+    """The job as it now stands: failed if it is `dead()`, else as given."""
+    return await mark_dead(store, job) if job.dead() else job
+
+
+async def found_job(store: StateStore, job_id: str) -> Job | None:
+    """A job as anyone reading it should see it: one whose runner died reads (and is now stored) as failed."""
+    job = await load_job(store, job_id)
+    return None if job is None else await fail_if_dead(store, job)
+
+
+async def found_jobs(store: StateStore) -> list[Job]:
+    """Every job record, each as `found_job` gives it: no dead job is ever counted as queued or running."""
+    return [await fail_if_dead(store, Job.from_dict(record)) for record in (await store.items(JOB_PREFIX)).values()]
 
 
 async def update_job(store: StateStore, job_id: str, **fields: Any) -> Job:

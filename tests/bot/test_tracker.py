@@ -12,7 +12,7 @@ from bot.backend import LocalBackend
 from bot.guild_settings import GuildSettings, save_guild_settings
 from bot.settings import Settings
 from bot.tracker import INTERACTION_TOKEN_LIFETIME, CancelJobButton, ReplyTarget
-from modal_services.jobs.records import STALE_AFTER, Job, JobStatus, create_job, load_job, new_job_id, update_job
+from modal_services.jobs.records import DEAD_JOB_MESSAGE, STALE_AFTER, Job, JobStatus, create_job, load_job, new_job_id, update_job
 from modal_services.jobs.requests import (
     CaptionRequest,
     FluxGenerateRequest,
@@ -194,7 +194,7 @@ async def test_a_dead_worker_becomes_a_clear_failure(toolbox_bot):
     target = ReplyTarget(toolbox_bot, 3003, 1, interaction)
     with pytest.raises(Exception) as caught:
         await asyncio.wait_for(toolbox_bot.tracker.run(job, target), timeout=5)
-    assert "stopped responding" in str(caught.value)
+    assert DEAD_JOB_MESSAGE in str(caught.value)
     assert (await load_job(store, job.id)).status is JobStatus.ERROR
 
 

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from bot.cli import main
 from modal_services.base_models import downloads
-from modal_services.net.transfer import retrying
-
-
-@pytest.fixture
-def hub(fake_hub, monkeypatch):
-    monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
-    monkeypatch.setattr(retrying, "wait_before_retry", lambda seconds, interrupt=None: None)
-    return fake_hub
+from tests.processes import dead_pid
 
 
 def status(capsys) -> dict:
@@ -90,15 +81,6 @@ def test_status_counts_unfinished_jobs(hub, capsys):
     assert "jobs caption: 1 running, 1 queued" in capsys.readouterr().out
 
 
-def _dead_pid() -> int:
-    import subprocess
-    import sys
-
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
-
-
 def _seed_dead_setup(pid: int) -> str:
     """What a killed `toolbox setup` leaves: the setup lock, a running job, a model's lock and its progress record."""
     import asyncio
@@ -117,7 +99,7 @@ def _seed_dead_setup(pid: int) -> str:
         job = await create_job(store, "download")
         now = time.time()
         await update_job(store, job.id, status=JobStatus.RUNNING, started_at=now, heartbeat_at=now, runner=dead)
-        await store.put(lock_key(SETUP_DOWNLOAD_LOCK), {"owner": "x", "job_id": job.id, "heartbeat": now, "runs_here": True, **dead})
+        await store.put(lock_key(SETUP_DOWNLOAD_LOCK), {"owner": "x", "job_id": job.id, "heartbeat": now, **dead})
         await store.put(lock_key("download:sdxl-vae"), {"owner": "y", "heartbeat": now, **dead})
         await store.put(downloads.download_key("sdxl-vae"), {
             "key": "sdxl-vae", "status": "downloading", "bytes_done": 10, "bytes_total": 100, "updated_at": now, **dead})
@@ -128,7 +110,7 @@ def _seed_dead_setup(pid: int) -> str:
 
 
 def test_a_killed_setup_is_taken_over_at_once(hub, capsys):
-    job_id = _seed_dead_setup(_dead_pid())
+    job_id = _seed_dead_setup(dead_pid())
     document = status(capsys)
     assert document["active_download"] is None  # never shown running
     assert {m["key"]: m["state"] for m in document["models"]}["sdxl-vae"] == "missing"
@@ -145,8 +127,10 @@ def test_a_setup_following_a_download_whose_process_died_stops_following(hub, ca
     from bot.backend import LocalBackend
     from bot.core.following import watch_job
     from bot.settings import Settings
+    from modal_services.errors import ErrorCode
+    from modal_services.jobs.records import DEAD_JOB_MESSAGE
 
-    job_id = _seed_dead_setup(_dead_pid())
+    job_id = _seed_dead_setup(dead_pid())
 
     async def follow():
         backend = LocalBackend(Settings.load())
@@ -155,9 +139,8 @@ def test_a_setup_following_a_download_whose_process_died_stops_following(hub, ca
         finally:
             await backend.close()
 
-    with pytest.raises(Exception) as caught:
-        asyncio.run(follow())
-    assert getattr(caught.value, "code", None) is not None and "stopped responding" in caught.value.message
+    error = asyncio.run(follow()).error()
+    assert error is not None and error.code is ErrorCode.INTERNAL and error.message == DEAD_JOB_MESSAGE
 
 
 def test_ctrl_c_stops_setup_quickly_and_the_next_setup_resumes(hub, capsys, tmp_path):

@@ -171,11 +171,11 @@ async def test_heartbeats_while_the_engine_is_silent(store, monkeypatch):
     assert len(heartbeats) >= 4
 
 
-def test_stale_running_jobs():
+def test_silent_running_jobs_are_dead():
     from modal_services.jobs.records import STALE_AFTER, Job
 
     now = time.time()
-    assert Job(id="1", kind="caption", status=JobStatus.RUNNING, heartbeat_at=now - STALE_AFTER - 1).stale(now)
-    assert not Job(id="1", kind="caption", status=JobStatus.RUNNING, heartbeat_at=now - 5).stale(now)
-    assert not Job(id="1", kind="caption", status=JobStatus.QUEUED, created_at=now - 10_000).stale(now)
-    assert not Job(id="1", kind="caption", status=JobStatus.DONE, heartbeat_at=0).stale(now)
+    assert Job(id="1", kind="caption", status=JobStatus.RUNNING, heartbeat_at=now - STALE_AFTER - 1).dead(now)
+    assert not Job(id="1", kind="caption", status=JobStatus.RUNNING, heartbeat_at=now - 5).dead(now)
+    assert not Job(id="1", kind="caption", status=JobStatus.QUEUED, created_at=now - 10_000).dead(now)
+    assert not Job(id="1", kind="caption", status=JobStatus.DONE, heartbeat_at=0).dead(now)

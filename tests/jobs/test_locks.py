@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 from modal_services.state.keys import lock_key
 from modal_services.state.locks import LOCK_STALE_SECONDS, holder_alive, holder_record, try_lock
 from modal_services.state.store import SqliteStore
-
-
-def dead_pid() -> int:
-    process = subprocess.Popen([sys.executable, "-c", "pass"])
-    process.wait()
-    return process.pid
+from tests.processes import dead_pid
 
 
 def test_holder_alive_checks_pids_only_where_they_mean_the_same_process():
