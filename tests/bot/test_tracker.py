@@ -333,7 +333,8 @@ async def test_a_queued_job_cancelled_behind_a_busy_engine_ends_at_once(toolbox_
     await eventually(lambda: busy.calls.edit_original_response.await_count)
     second = asyncio.create_task(caption(toolbox_bot, waiting))
     store = toolbox_bot.backend.store
-    queued = await eventually(lambda: _queued_job(store))
+    # The waiting member's job: the busy one's can still read as queued while its engine starts.
+    queued = await eventually(lambda: _queued_job(store, user_id=2))
     await CancelJobButton(queued).callback(_bound(fake_interaction(user_id=2), toolbox_bot))
     await asyncio.wait_for(second, timeout=5)  # while the engine is still busy with the first job
     assert "Cancelled" in ephemeral_error(waiting) and not first.done()
@@ -342,9 +343,9 @@ async def test_a_queued_job_cancelled_behind_a_busy_engine_ends_at_once(toolbox_
     assert "a caption" in edits(busy)[-1]
 
 
-async def _queued_job(store) -> str | None:
+async def _queued_job(store, user_id: int) -> str | None:
     for record in (await store.items("job:")).values():
-        if record["status"] == "queued":
+        if record["status"] == "queued" and record["owner"].get("user_id") == user_id:
             return record["id"]
     return None
 
