@@ -13,3 +13,4 @@ def hub(fake_hub, monkeypatch):
     monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
     monkeypatch.setattr(retrying, "wait_before_retry", lambda seconds, interrupt=None: None)
     return fake_hub
+

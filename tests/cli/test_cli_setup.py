@@ -144,22 +144,14 @@ def test_a_setup_following_a_download_whose_process_died_stops_following(hub, ca
 
 
 def test_ctrl_c_stops_setup_quickly_and_the_next_setup_resumes(hub, capsys, tmp_path):
-    import os
     import signal
     import subprocess
-    import sys
     import time
 
-    hub.fault("diffusion_pytorch_model.safetensors", "trickle", at=1000, interval=0.5)
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from bot.cli import main; sys.exit(main(sys.argv[1:]))",
-         "setup", "--only", "sdxl-vae"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    from tests.processes import setup_mid_download
+
+    process = setup_mid_download(hub, tmp_path, stdout=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while not hub.body_requests("diffusion_pytorch_model.safetensors") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # inside the trickle
         interrupted = time.monotonic()
         process.send_signal(signal.SIGINT)
         process.wait(timeout=20)

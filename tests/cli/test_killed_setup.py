@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-import time
 
 from bot.cli import main
 from bot.settings import Settings
 from modal_services.jobs.records import DEAD_JOB_MESSAGE, Job, JobStatus
 from modal_services.state.store import SqliteStore
+from tests.processes import setup_mid_download
 
 
 def status_document(capsys) -> dict:
@@ -31,16 +28,8 @@ async def stored_jobs() -> list[Job]:
 
 
 def test_a_setup_killed_mid_download_and_run_again_leaves_no_download_running(hub, capsys, tmp_path):
-    hub.fault("diffusion_pytorch_model.safetensors", "trickle", at=1000, interval=0.5)  # time to kill it
-    env = {**os.environ, "HF_HUB_OFFLINE": "0"}
-    process = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from bot.cli import main; sys.exit(main(sys.argv[1:]))",
-         "setup", "--only", "sdxl-vae"], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = setup_mid_download(hub, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not hub.body_requests("diffusion_pytorch_model.safetensors") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)  # inside the trickle
         assert status_document(capsys)["jobs"] == {"download": {"queued": 0, "running": 1}}  # alive: counted
         process.kill()
     finally:
