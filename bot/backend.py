@@ -33,7 +33,8 @@ from modal_services.layout import Layout
 from modal_services.safety.nsfw_classifier import NsfwClassifier
 from modal_services.services import (SERVICES, Engine, EngineFactory, ServiceSpec, build_engine, run_service_job,
                                      service_for)
-from modal_services.state.store import ModalDictStore, SqliteStore, StateStore
+from modal_services.state.durable import DurableStore, local_homes, volume_homes
+from modal_services.state.store import ModalDictStore, SqliteStore
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ ENGINE_THREAD_PREFIX = "engine-"
 
 
 class Backend(ABC):
-    store: StateStore
+    # Live keys in the Dict (SQLite locally); durable records in their files, cached there.
+    store: DurableStore
 
     @abstractmethod
     async def submit(
@@ -70,7 +72,12 @@ class Backend(ABC):
         return await found_job(self.store, job_id)
 
     async def start(self) -> None:
-        """Check that the backend can work at all (credentials, reachability) before anyone uses it."""
+        """Check that the backend can work at all (credentials, reachability) before anyone uses it;
+        on the first start after an upgrade, give every durable record still only in the live store
+        its file."""
+        copied = await self.store.copy_cached_records()
+        if copied:
+            log.info("durable records given their files on this first start: %s", ", ".join(copied))
 
     async def cancel(self, job_id: str) -> None:
         """Backend-specific help in stopping a job; the cooperative cancel flag is set by the caller."""
@@ -90,7 +97,7 @@ class Backend(ABC):
 class LocalBackend(Backend):
     def __init__(self, settings: Settings, engines: EngineFactory = build_engine):
         """`engines` builds each service's engine, from its engine class and this backend's layout."""
-        self.store = SqliteStore(settings.state_path)
+        self.store = DurableStore(SqliteStore(settings.state_path), local_homes(settings.data_dir))
         self.layout = Layout(settings.models_dir, settings.loras_dir, self.store)
         self.build_engine = engines
         # One for every service that judges images, loaded when the first job needs it.
@@ -172,7 +179,7 @@ class LocalBackend(Backend):
 class ModalBackend(Backend):
     def __init__(self, settings: Settings):
         self.app_name = settings.modal_app
-        self.store = ModalDictStore.from_name(settings.state_dict)
+        self.store = DurableStore(ModalDictStore.from_name(settings.state_dict), volume_homes())
 
     async def start(self) -> None:
         import modal
@@ -194,6 +201,7 @@ class ModalBackend(Backend):
                 f"Modal could not be reached within {MODAL_CONNECT_TIMEOUT:.0f} s ({type(exc).__name__}); "
                 "check the network, or use TOOLBOX_BACKEND=local.",
             ) from None
+        await super().start()
 
     async def submit(
         self,

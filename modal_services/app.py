@@ -35,6 +35,8 @@ from modal_services.jobs.requests import (CaptionRequest, DownloadRequest, FluxG
                                           ModelUploadRequest, UpscaleRequest, VerifyRequest)
 from modal_services.library.imports import ModelEngine
 from modal_services.layout import LORAS_MOUNT, LORAS_VOLUME, MODELS_MOUNT, MODELS_VOLUME, Layout, state_dict_name
+from modal_services.state.durable import HOME_VOLUMES, LORAS_HOME, MODELS_HOME, DurableStore
+from modal_services.state.record_files import FolderFiles, RecordFiles, VolumeFiles
 from modal_services.safety.nsfw_classifier import NsfwClassifier
 from modal_services.services import SERVICES, run_service_job
 from modal_services.state.store import ModalDictStore
@@ -63,7 +65,21 @@ models_volume = modal.Volume.from_name(MODELS_VOLUME, create_if_missing=True)
 state_dict = modal.Dict.from_name(state_dict_name(APP_NAME), create_if_missing=True)
 
 
-def _layout(store: ModalDictStore) -> Layout:
+def _store(mounted: dict[str, modal.Volume]) -> DurableStore:
+    """The shared Dict for live state, and the durable records in their homes: as files where this
+    container mounts the home's volume (committed after each write), through the volume's client
+    API where it does not (the records and tokens volumes are mounted nowhere)."""
+    mounts = {MODELS_HOME: MODELS_MOUNT, LORAS_HOME: LORAS_MOUNT}
+    homes: dict[str, RecordFiles] = {}
+    for home, volume_name in HOME_VOLUMES.items():
+        mount = mounts.get(home)
+        volume = mounted.get(str(mount)) if mount else None
+        homes[home] = (FolderFiles(mount, commit=volume.commit) if volume is not None
+                       else VolumeFiles(modal.Volume.from_name(volume_name, create_if_missing=True)))
+    return DurableStore(ModalDictStore(state_dict), homes)
+
+
+def _layout(store: DurableStore) -> Layout:
     """What every engine here is built on: the mounted volumes and the shared Dict."""
     return Layout(MODELS_MOUNT, LORAS_MOUNT, store)
 
@@ -77,10 +93,13 @@ def _load_or_stay_up(name: str, load: Callable[[], None]) -> None:
         log.warning("%s not loaded: %s", name, error.code.value)
 
 
+CAPTION_VOLUMES = {str(MODELS_MOUNT): models_volume}
+
+
 @app.cls(
     image=gpu_image,
     gpu=CAPTION_GPU,
-    volumes={str(MODELS_MOUNT): models_volume},
+    volumes=CAPTION_VOLUMES,
     scaledown_window=SCALEDOWN_SECONDS,
     max_containers=CAPTION_MAX_CONTAINERS,
     timeout=600,
@@ -90,7 +109,7 @@ class CaptionService:
     @modal.enter(snap=True)
     def load_weights(self) -> None:
         """Runs once, before the snapshot: reading ~4 GB of weights is what cold starts then skip."""
-        self.store = ModalDictStore(state_dict)
+        self.store = _store(CAPTION_VOLUMES)
         self.engine = CaptionEngine(_layout(self.store), dtype="float16" if CAPTION_GPU == "T4" else "bfloat16")
         _load_or_stay_up("caption engine", self.engine.load_weights)
 
@@ -116,9 +135,11 @@ download_image = (
 )
 loras_volume = modal.Volume.from_name(LORAS_VOLUME, create_if_missing=True)
 DOWNLOAD_VOLUMES = (models_volume, loras_volume)
+# What every service but the caption one mounts: base models, and LoRAs and library checkpoints.
+MODEL_VOLUMES = {str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume}
 # DISCORD_TOKEN (required); optionally CIVITAI_TOKEN, HF_TOKEN, TOOLBOX_GUILD_IDS. The bot and the
 # workers that fetch with tokens (DownloadService, ModelService) get it, so a token put here is one
-# token everywhere; /setup's tokens (in the state Dict) take precedence.
+# token everywhere; /setup's tokens (on the tokens volume) take precedence.
 bot_secret = modal.Secret.from_name(os.environ.get("TOOLBOX_BOT_SECRET", "ai-toolbox-discord"), required_keys=["DISCORD_TOKEN"])
 
 
@@ -134,7 +155,7 @@ def _reload_volumes() -> None:
 
 @app.cls(
     image=download_image,
-    volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
+    volumes=MODEL_VOLUMES,
     scaledown_window=60,
     timeout=3 * 3600,  # ~17 GB of base models, with room for a slow source
     secrets=[bot_secret],
@@ -142,7 +163,7 @@ def _reload_volumes() -> None:
 class DownloadService:
     @modal.enter()
     def load(self) -> None:
-        self.store = ModalDictStore(state_dict)
+        self.store = _store(MODEL_VOLUMES)
         # Called from the engine's worker threads (blocking forms): commit after
         # each model so other containers see it, reload before checking files.
         self.engine = DownloadEngine(_layout(self.store), commit=_commit_volumes, reload=_reload_volumes)
@@ -170,7 +191,7 @@ model_image = (
 
 @app.cls(
     image=model_image,
-    volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
+    volumes=MODEL_VOLUMES,
     scaledown_window=60,
     timeout=3 * 3600,  # a 7 GB checkpoint from a slow CivitAI storage node
     secrets=[bot_secret],
@@ -180,7 +201,7 @@ class ModelService:
 
     @modal.enter()
     def load(self) -> None:
-        self.store = ModalDictStore(state_dict)
+        self.store = _store(MODEL_VOLUMES)
         self.engine = ModelEngine(_layout(self.store), commit=_commit_volumes, reload=_reload_volumes)
         self.engine.load()
 
@@ -211,7 +232,7 @@ LEGACY_METADATA_DICT = "ai-toolbox-model-metadata"
 
 @app.function(
     image=model_image,  # the importer's checks and LoRA conversions need torch
-    volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
+    volumes=MODEL_VOLUMES,
     timeout=3 * 3600,  # hashing the checkpoints of a large library
 )
 def migrate_volumes(dry_run: bool = False) -> dict:
@@ -225,7 +246,7 @@ def migrate_volumes(dry_run: bool = False) -> dict:
     except modal.exception.NotFoundError:
         dict_manifest = None  # an install that never had the Dict
     _reload_volumes()
-    migration = Migration(_layout(ModalDictStore(state_dict)), dict_manifest=dict_manifest, commit=_commit_volumes,
+    migration = Migration(_layout(_store(MODEL_VOLUMES)), dict_manifest=dict_manifest, commit=_commit_volumes,
                           dry_run=dry_run)
     return asyncio.run(migration.run()).to_dict()
 
@@ -283,7 +304,7 @@ async def _volumes_for_job(engine, classifier: NsfwClassifier) -> None:
     image=sdxl_image,
     gpu=SDXL_GPU,
     # Base models from the models volume; LoRAs and library checkpoints from the LoRA volume.
-    volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
+    volumes=MODEL_VOLUMES,
     scaledown_window=SCALEDOWN_SECONDS,
     max_containers=SDXL_MAX_CONTAINERS,
     timeout=1800,  # a 4x upscale to 16 MP on an A10G, with a checkpoint switch
@@ -296,7 +317,7 @@ class SdxlService:
     def load(self) -> None:
         from modal_services.engines.sdxl.engine import SdxlEngine
 
-        self.store = ModalDictStore(state_dict)
+        self.store = _store(MODEL_VOLUMES)
         # Named, not detected: the snapshot is taken before the GPU is attached. Both job kinds run on it.
         self.engine = SdxlEngine(_layout(self.store), device=SDXL_DEVICE)
         # Judges this container's images, loaded with the engine: part of the same snapshot and cold start.
@@ -342,7 +363,7 @@ flux_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17", "sentencepie
 @app.cls(
     image=flux_image,
     gpu=FLUX_GPU,
-    volumes={str(MODELS_MOUNT): models_volume, str(LORAS_MOUNT): loras_volume},
+    volumes=MODEL_VOLUMES,
     scaledown_window=SCALEDOWN_SECONDS,
     max_containers=FLUX_MAX_CONTAINERS,
     timeout=1800,
@@ -354,7 +375,7 @@ flux_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17", "sentencepie
 class FluxService:
     @modal.enter(snap=True)
     def load(self) -> None:
-        self.store = ModalDictStore(state_dict)
+        self.store = _store(MODEL_VOLUMES)
         self.engine = FluxEngine(_layout(self.store), device=FLUX_DEVICE)
         # Chosen from the GPU's name, not detected: no GPU is attached yet.
         self.engine.precision = FLUX_PRECISION

@@ -1,7 +1,11 @@
 """Where things live on the volumes (Modal) and under the data dir (local).
 
-The models volume holds one folder per base model, named by its registry key;
-the LoRA volume holds `loras/` and `checkpoints/`.
+The models volume holds one folder per base model, named by its registry key
+(and `toolbox-manifests/`, what was verified of each); the LoRA volume holds
+`loras/` and `checkpoints/`, each model file with its sidecar; the records
+volume holds settings, optional-model acceptances, the active checkpoint and
+what result buttons reuse; the tokens volume holds the tokens
+(`state/durable.py`).
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ from modal_services.state.store import StateStore
 
 MODELS_VOLUME = "ai-toolbox-models"
 LORAS_VOLUME = "ai-toolbox-loras"
+RECORDS_VOLUME = "ai-toolbox-records"
+TOKENS_VOLUME = "ai-toolbox-tokens"
 MODELS_MOUNT = Path("/vol/models")
 LORAS_MOUNT = Path("/vol/loras")
+RECORDS_MOUNT = Path("/vol/records")
+TOKENS_MOUNT = Path("/vol/tokens")
 
 # Base models on the models volume, relative to its root.
 # The keys double as the registry keys and `toolbox setup --only` names.
@@ -68,3 +76,11 @@ def local_loras_dir(data_dir: Path) -> Path:
 
 def local_state_path(data_dir: Path) -> Path:
     return data_dir / "state.sqlite3"
+
+
+def local_records_dir(data_dir: Path) -> Path:
+    return data_dir / "records"
+
+
+def local_tokens_dir(data_dir: Path) -> Path:
+    return data_dir / "tokens"

@@ -233,7 +233,7 @@ def modal_deployment(monkeypatch):
     """
     import modal
 
-    from tests.fakes.modal_fakes import FakeDeployment, FakeModalDict
+    from tests.fakes.modal_fakes import FakeDeployment, FakeModalDict, fake_volumes
 
     def work(payload, progress):
         for step in range(3):
@@ -243,6 +243,7 @@ def modal_deployment(monkeypatch):
     state = FakeModalDict()
     fake = FakeDeployment(state, work)
     monkeypatch.setattr(modal.Dict, "from_name", lambda name, create_if_missing=False: state)
+    fake.volumes = fake_volumes(monkeypatch)
     monkeypatch.setattr(modal.Cls, "from_name", fake.cls_from_name)
     monkeypatch.setattr(modal.FunctionCall, "from_id", fake.call_from_id)
     monkeypatch.setenv("TOOLBOX_BACKEND", "modal")

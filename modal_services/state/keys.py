@@ -1,22 +1,22 @@
 """Every key of the shared state store, minted here: one key per thing.
 
-Per job (removed with the job record, see `forget_job`):
-  `job:<id>` the record, `call:<id>` its Modal FunctionCall id, `cancel:<id>`
-  a stop request, `preview:<id>` the latest preview, `upscale:<id>` and
-  `generate:<id>` the parameters the result's buttons reuse (and
-  `generate-faces:<id>` a face generation's photos, for V and Reroll),
+Live keys (harmless to lose when idle; the Dict forgets them after 7 idle days):
+  per job (removed with the job record, see `forget_job`): `job:<id>` the
+  record, `call:<id>` its Modal FunctionCall id, `cancel:<id>` a stop request,
+  `preview:<id>` the latest preview; `download:<model>` a base model's download
+  progress; `lock:<name>` one holder at a time (`lock:download:<model>`,
+  `lock:civitai:<version>`, `lock:file:<name>`, `lock:setup-download`);
+  `migration:file:<name>` where the migration moves an old file (removed when
+  it finishes); job slots (`slots.py`): `slot:<scope>:<n>` the n-th slot of a
+  cap (`user:<id>`, `guild:<id>`, `global`), `slot-retired:<holder>:<slot key>`
+  who may act on a holder's slot.
+Durable records (each a file, the store only caches it; `durable.py` says where):
+  `model:<file>` a library entry, `manifest:<model>` what was verified of a
+  base model, `optional:<model>` who enabled an optional base model, and when,
+  `active_checkpoint`, `settings:<guild>`, `secret:<service>` a token; what
+  result buttons reuse: `upscale:<id>` and `generate:<id>` a job's parameters,
+  `generate-faces:<id>` a face generation's photos (for V and Reroll),
   `caption-prompt:<id>` a prompt-style caption for its Generate button.
-Shared:
-  `download:<model>` / `manifest:<model>` a base model's progress and what
-  was verified, `lock:<name>` one holder at a time (`lock:download:<model>`,
-  `lock:civitai:<version>`, `lock:file:<name>`, `lock:setup-download`),
-  `optional:<model>` who enabled an optional base model, and when,
-  `model:<file>` a library
-  entry, `active_checkpoint`, `settings:<guild>`, `secret:<service>` a token,
-  `migration:file:<name>` where the migration moves an old file (removed when it finishes).
-Job slots (`slots.py`):
-  `slot:<scope>:<n>` the n-th slot of a cap (`user:<id>`, `guild:<id>`,
-  `global`), `slot-retired:<holder>:<slot key>` who may act on a holder's slot.
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ JOB_PREFIX = "job:"
 ENTRY_PREFIX = "model:"
 ACTIVE_CHECKPOINT_KEY = "active_checkpoint"
 # Keys that belong to one job, each `<prefix><job id>`.
-PER_JOB_PREFIXES = (JOB_PREFIX, "call:", "cancel:", "preview:", "upscale:", "generate:", "generate-faces:", "caption-prompt:")
+PER_JOB_PREFIXES = (JOB_PREFIX, "call:", "cancel:", "preview:")
+# What a finished job's result buttons reuse, each `<prefix><job id>`: durable records with a
+# retention of their own (`results.py`), outliving the job record.
+RESULT_PARAMS_PREFIXES = ("upscale:", "generate:", "generate-faces:", "caption-prompt:")
 
 
 SLOT_PREFIX = "slot:"

@@ -15,7 +15,7 @@ from bot.settings import Settings
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import JobStatus, create_job, load_job, update_job
 from tests.fakes.discord_fakes import ephemeral_error, fake_interaction, invoke
-from tests.fakes.modal_fakes import FakeModalDict
+from tests.fakes.modal_fakes import FakeModalDict, fake_volumes
 
 
 @pytest.fixture
@@ -58,6 +58,7 @@ async def test_status_shows_queue_checkpoint_and_own_jobs(toolbox_bot):
 async def test_status_on_modal_reports_warm_and_cold_services(monkeypatch):
     state = FakeModalDict()
     monkeypatch.setattr(modal.Dict, "from_name", lambda name, create_if_missing=False: state)
+    fake_volumes(monkeypatch)
     warm = {"CaptionService.*": SimpleNamespace(num_total_runners=2, backlog=1)}
 
     def function_from_name(app_name, name):

@@ -5,11 +5,19 @@ serialised (a caller never shares an object with the store), `put` with
 `skip_if_exists=True` is an atomic create that returns whether it stored,
 `pop` without a default raises KeyError, `keys`/`items` are async iterators
 through `.aio`, and every method has the blocking form and `.aio`.
+
+`FakeModalVolume` follows the client API of `modal.Volume` (modal 1.6):
+`read_file` streams bytes and raises FileNotFoundError for a missing file,
+`batch_upload(force=True)` is an async context manager whose `put_file`
+uploads land together when it exits, `remove_file` raises FileNotFoundError
+for a missing file, `listdir` lists one folder's `FileEntry`s and raises
+NotFoundError for a missing one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import pickle
 import threading
 import uuid
@@ -103,6 +111,70 @@ class FakeModalDict:
     def _contains(self, key) -> bool:
         with self._lock:
             return key in self._data
+
+
+class FakeModalVolume:
+    """A volume reached through the client API: files by path, in memory."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+        self.read_file = _Method(None, self._read_file)
+        self.batch_upload = _Method(None, self._batch_upload)
+        self.remove_file = _Method(None, self._remove_file)
+        self.listdir = _Method(None, self._listdir)
+
+    @staticmethod
+    def _normal(path: str) -> str:
+        return path.strip("/")
+
+    async def _read_file(self, path: str):
+        data = self.files.get(self._normal(path))
+        if data is None:
+            raise FileNotFoundError(f"No such file: {path}")
+        await asyncio.sleep(0)
+        for start in range(0, len(data) or 1, 1024):
+            yield data[start:start + 1024]
+
+    @contextlib.asynccontextmanager
+    async def _batch_upload(self, force: bool = False):
+        staged: dict[str, bytes] = {}
+
+        class Batch:
+            @staticmethod
+            def put_file(source, remote_path: str) -> None:
+                staged[FakeModalVolume._normal(remote_path)] = source.read()
+
+        yield Batch()
+        clashes = [path for path in staged if path in self.files]
+        if clashes and not force:
+            raise FileExistsError(f"{clashes[0]} exists")
+        await asyncio.sleep(0)
+        self.files.update(staged)
+
+    async def _remove_file(self, path: str, recursive: bool = False) -> None:
+        if self.files.pop(self._normal(path), None) is None:
+            raise FileNotFoundError(f"No such file: {path}")
+
+    async def _listdir(self, path: str, *, recursive: bool = False):
+        from modal.volume import FileEntry, FileEntryType
+
+        folder = self._normal(path)
+        prefix = f"{folder}/" if folder else ""
+        inside = [name[len(prefix):] for name in self.files if name.startswith(prefix)]
+        if folder and not inside:
+            raise modal.exception.NotFoundError(f"No such directory: {path}")
+        files = {rest for rest in inside if "/" not in rest}
+        folders = {rest.split("/", 1)[0] for rest in inside if "/" in rest}
+        return [FileEntry(prefix + name, FileEntryType.FILE, 0, len(self.files[prefix + name])) for name in sorted(files)] + [
+            FileEntry(prefix + name, FileEntryType.DIRECTORY, 0, 0) for name in sorted(folders)]
+
+
+def fake_volumes(monkeypatch) -> dict[str, FakeModalVolume]:
+    """`modal.Volume.from_name` answers with fakes, one per name (created on first lookup)."""
+    volumes: dict[str, FakeModalVolume] = {}
+    monkeypatch.setattr(modal.Volume, "from_name",
+                        lambda name, create_if_missing=False, **_: volumes.setdefault(name, FakeModalVolume()))
+    return volumes
 
 
 class FakeDeployment:
