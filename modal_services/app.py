@@ -65,10 +65,12 @@ models_volume = modal.Volume.from_name(MODELS_VOLUME, create_if_missing=True)
 state_dict = modal.Dict.from_name(state_dict_name(APP_NAME), create_if_missing=True)
 
 
-def _store(mounted: dict[str, modal.Volume]) -> DurableStore:
+def _store(mounted: dict[str, modal.Volume] | None = None) -> DurableStore:
     """The shared Dict for live state, and the durable records in their homes: as files where this
-    container mounts the home's volume (committed after each write), through the volume's client
-    API where it does not (the records and tokens volumes are mounted nowhere)."""
+    container does file work on the home's volume (committed after each write), through the volume's
+    client API elsewhere. The GPU services pass no volumes: a commit reloads the volume, which fails
+    while a loaded model holds files open, and the API always reads the latest records."""
+    mounted = mounted or {}
     mounts = {MODELS_HOME: MODELS_MOUNT, LORAS_HOME: LORAS_MOUNT}
     homes: dict[str, RecordFiles] = {}
     for home, volume_name in HOME_VOLUMES.items():
@@ -93,13 +95,10 @@ def _load_or_stay_up(name: str, load: Callable[[], None]) -> None:
         log.warning("%s not loaded: %s", name, error.code.value)
 
 
-CAPTION_VOLUMES = {str(MODELS_MOUNT): models_volume}
-
-
 @app.cls(
     image=gpu_image,
     gpu=CAPTION_GPU,
-    volumes=CAPTION_VOLUMES,
+    volumes={str(MODELS_MOUNT): models_volume},
     scaledown_window=SCALEDOWN_SECONDS,
     max_containers=CAPTION_MAX_CONTAINERS,
     timeout=600,
@@ -109,7 +108,7 @@ class CaptionService:
     @modal.enter(snap=True)
     def load_weights(self) -> None:
         """Runs once, before the snapshot: reading ~4 GB of weights is what cold starts then skip."""
-        self.store = _store(CAPTION_VOLUMES)
+        self.store = _store()
         self.engine = CaptionEngine(_layout(self.store), dtype="float16" if CAPTION_GPU == "T4" else "bfloat16")
         _load_or_stay_up("caption engine", self.engine.load_weights)
 
@@ -317,7 +316,7 @@ class SdxlService:
     def load(self) -> None:
         from modal_services.engines.sdxl.engine import SdxlEngine
 
-        self.store = _store(MODEL_VOLUMES)
+        self.store = _store()
         # Named, not detected: the snapshot is taken before the GPU is attached. Both job kinds run on it.
         self.engine = SdxlEngine(_layout(self.store), device=SDXL_DEVICE)
         # Judges this container's images, loaded with the engine: part of the same snapshot and cold start.
@@ -375,7 +374,7 @@ flux_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17", "sentencepie
 class FluxService:
     @modal.enter(snap=True)
     def load(self) -> None:
-        self.store = _store(MODEL_VOLUMES)
+        self.store = _store()
         self.engine = FluxEngine(_layout(self.store), device=FLUX_DEVICE)
         # Chosen from the GPU's name, not detected: no GPU is attached yet.
         self.engine.precision = FLUX_PRECISION

@@ -3,6 +3,7 @@ that tests in several folders share; a fixture one folder uses lives in that fol
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
@@ -24,6 +25,17 @@ def _isolated_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("TOOLBOX_ALLOWED_HOSTS", "127.0.0.1")
     monkeypatch.delenv("TOOLBOX_STALL_SECONDS", raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A test that starts the bot's entry point gets discord.py's log handler on the root logger, bound to
+    that test's captured stderr; it leaves with the test, so later tests never log into a closed stream."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -39,12 +39,15 @@ async def _migrate_data_dir(settings: Settings, dry_run: bool) -> MigrationRepor
 
     from modal_services.layout import Layout
     from modal_services.library.migration import Migration
+    from modal_services.state.durable import DurableStore, local_homes
     from modal_services.state.store import SqliteStore
 
     with tempfile.TemporaryDirectory() as scratch:
         # A dry run on a data dir without state must not create it: it reads an empty store instead.
         fresh = dry_run and not settings.state_path.exists()
-        store = SqliteStore(Path(scratch) / "state.sqlite3" if fresh else settings.state_path)
+        # A dry run reads the records and writes none.
+        live = SqliteStore(Path(scratch) / "state.sqlite3" if fresh else settings.state_path)
+        store = DurableStore(live, local_homes(settings.data_dir))
         try:
             migration = Migration(Layout(settings.models_dir, settings.loras_dir, store), dry_run=dry_run,
                                   on_step=lambda text: print(f"{text}…", file=sys.stderr))
