@@ -39,7 +39,7 @@ def checked_path(path: str) -> PurePosixPath:
     """`path` if it is relative and made of plain names: ValueError otherwise.
 
     A plain name is not empty, `.` or `..`, does not start with `.` (hidden: the temporary files),
-    has no backslash and no control character (NUL, newline...), and fits `MAX_NAME_BYTES`.
+    has no slash or backslash, no control character (NUL, newline...), and fits `MAX_NAME_BYTES`.
     """
     if not isinstance(path, str) or not path or not all(is_plain_name(part) for part in path.split("/")):
         raise ValueError(f"not a record path (relative, plain names only): {path!r}")
@@ -48,7 +48,7 @@ def checked_path(path: str) -> PurePosixPath:
 
 def is_plain_name(name: str) -> bool:
     """One part of a record path: see `checked_path`."""
-    if name in ("", ".", "..") or name.startswith(".") or "\\" in name:
+    if name in ("", ".", "..") or name.startswith(".") or "/" in name or "\\" in name:
         return False
     if any(ord(character) < 32 or ord(character) == 127 for character in name):
         return False
