@@ -89,6 +89,8 @@ class JsonRecords:
     # Remember in the cache that a record has no file (kinds read on every command). Off where
     # the names come from what people type, so a stream of bad names cannot fill the cache.
     cache_absence: bool = True
+    # A write keeps what other programs wrote in the file (so it reads the file first).
+    shares_its_files: bool = False
 
     def owns(self, key: str) -> bool:
         return key.startswith(self.prefix)
@@ -107,7 +109,8 @@ class JsonRecords:
     def path_for(self, key: str, value: Any) -> str:
         return self.paths(key)[0]
 
-    def encode(self, key: str, value: Any) -> bytes:
+    def encode(self, key: str, value: Any, previous: bytes | None = None) -> bytes:
+        """The file's bytes for `value`; `previous`, the file's bytes before (for `shares_its_files`)."""
         return json.dumps(value, ensure_ascii=False, indent=1, sort_keys=True).encode("utf-8")
 
     def decode(self, key: str, data: bytes) -> Any:
@@ -146,7 +149,8 @@ class LibrarySidecars(JsonRecords):
     """A library entry `model:<name>.safetensors` as the sidecar `<name>.json` beside its model file.
 
     The sidecar carries the fields A1111 reads from such a file (activation text, preferred
-    weight, sd version) and the whole entry under `toolbox`. The file name is the truth: an entry
+    weight, sd version) and the whole entry under `toolbox`; what else A1111 or a person wrote in
+    it (notes, negative text, their description) is kept. The file name is the truth: an entry
     read from `loras/x.json` is the entry of `loras/x.safetensors`, whatever it says inside.
     """
 
@@ -169,14 +173,15 @@ class LibrarySidecars(JsonRecords):
         folder = CHECKPOINTS_SUBDIR if value.get("type") == "checkpoint" else LORAS_SUBDIR
         return f"{folder}/{self._stem(key)}{RECORD_SUFFIX}"
 
-    def encode(self, key: str, value: Any) -> bytes:
-        sidecar = {
-            "description": value.get("name", ""),
+    def encode(self, key: str, value: Any, previous: bytes | None = None) -> bytes:
+        sidecar = _json_object(previous)
+        sidecar.setdefault("description", value.get("name", ""))
+        sidecar.update({
             "sd version": {"sdxl": "SDXL", "flux": "Flux"}.get(value.get("family", ""), "Unknown"),
             "activation text": ", ".join(value.get("trigger_words") or []),
             "preferred weight": value.get("weight") or 0,
             "toolbox": value,
-        }
+        })
         return super().encode(key, sidecar)
 
     def decode(self, key: str, data: bytes) -> Any:
@@ -194,8 +199,17 @@ class LibrarySidecars(JsonRecords):
         return sorted(set(keys))
 
 
+def _json_object(data: bytes | None) -> dict[str, Any]:
+    """`data` as a JSON object, or an empty one (no data, not JSON, not an object)."""
+    try:
+        found = json.loads(data.decode("utf-8")) if data is not None else {}
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 RECORD_KINDS: tuple[JsonRecords, ...] = (
-    LibrarySidecars(ENTRY_PREFIX, LORAS_HOME, "", cache_absence=False),
+    LibrarySidecars(ENTRY_PREFIX, LORAS_HOME, "", cache_absence=False, shares_its_files=True),
     JsonRecords("manifest:", MODELS_HOME, "toolbox-manifests"),
     JsonRecords("settings:", RECORDS_HOME, "settings"),
     JsonRecords("optional:", RECORDS_HOME, "optional-models"),
@@ -320,10 +334,16 @@ class DurableStore(StateStore):
         """A durable record's file, then its cache; ValueError when `key` names no file."""
         kind = record_kind(key)
         if kind is not None:
-            path, data = kind.path_for(key, value), kind.encode(key, value)
+            path, data = await self._file_for(kind, key, value)
             await self.live.pop(key)
             await self.homes[kind.home].write(path, data)
         await self.live.put(key, value)
+
+    async def _file_for(self, kind: JsonRecords, key: str, value: Any) -> tuple[str, bytes]:
+        """Where `value` goes and the bytes to write there; ValueError when `key` names no file."""
+        path = kind.path_for(key, value)
+        previous = await self.homes[kind.home].read(path) if kind.shares_its_files else None
+        return path, kind.encode(key, value, previous)
 
     async def put_if_absent(self, key: str, value: Any) -> bool:
         if record_kind(key) is not None:
@@ -365,16 +385,15 @@ class DurableStore(StateStore):
             kind = record_kind(key)
             if kind is None or value == ABSENT or value is None:
                 continue
-            files = self.homes[kind.home]
             try:
-                path, data = kind.path_for(key, value), kind.encode(key, value)
-                existing = [await files.read(known) for known in kind.paths(key)]
+                if await self.read_record(kind, key) is not None:
+                    continue  # the file is the truth
+                path, data = await self._file_for(kind, key, value)
             except (ValueError, AttributeError):
                 log.warning("upgrade: %s cannot be kept as a file; left in the live store only", key)
                 continue
-            if all(found is None for found in existing):
-                await files.write(path, data)
-                copied.append(key)
+            await self.homes[kind.home].write(path, data)
+            copied.append(key)
         journal = {"copied_at": time.time(), "copied": copied}
         await records.write(journal_path, json.dumps(journal, indent=1).encode("utf-8"))
         if copied:

@@ -312,6 +312,19 @@ async def test_a_sidecar_a1111_wrote_alone_is_no_entry(store, homes):
     assert (await store.get(entry_key("theirs.safetensors")))["type"] == "checkpoint"
 
 
+async def test_taking_in_a_model_keeps_what_a1111_wrote_in_its_sidecar(store, homes):
+    a1111 = {"description": "my notes on it", "notes": "use at 0.6", "negative text": "blurry",
+             "activation text": "old words", "sd version": "SD1"}
+    await homes[LORAS_HOME].inner.write("loras/a.json", json.dumps(a1111).encode())
+    await store.put(entry_key("a.safetensors"), LORA)
+    sidecar = await _file(homes, LORAS_HOME, "loras/a.json")
+    assert sidecar == {**a1111, "activation text": "a style, flat colours", "sd version": "SDXL",
+                       "preferred weight": 0.8, "toolbox": LORA}
+    await homes[LORAS_HOME].inner.write("loras/b.json", b"not json")
+    await store.put(entry_key("b.safetensors"), {**LORA, "file": "b.safetensors"})
+    assert (await _file(homes, LORAS_HOME, "loras/b.json"))["description"] == LORA["name"]
+
+
 async def test_an_unreadable_file_reads_as_absent_with_a_warning(store, homes, caplog):
     await homes[RECORDS_HOME].inner.write("settings/7.json", b'{"cap": 1')  # torn by hand
     await homes[RECORDS_HOME].inner.write("settings/8.json", b"\xff\xfe")
@@ -363,6 +376,7 @@ async def test_every_key_the_callers_make_has_a_file(store, homes):
 async def test_the_upgrade_copies_only_records_without_a_file_once(store, homes):
     await store.live.put(settings_key(1), {"cap": 1})  # an earlier version kept these in the Dict only
     await store.live.put(entry_key("a.safetensors"), LORA)
+    await homes[LORAS_HOME].inner.write("loras/a.json", b'{"notes": "from A1111"}')  # not an entry
     await store.live.put(secret_key("hf"), {"token": "hf_x"})
     await homes[RECORDS_HOME].inner.write("settings/2.json", b'{"cap": 2}')
     await store.live.put(settings_key(2), {"cap": "stale"})  # has a file: the file stays
@@ -374,6 +388,7 @@ async def test_the_upgrade_copies_only_records_without_a_file_once(store, homes)
     assert sorted(copied) == sorted([settings_key(1), entry_key("a.safetensors"), secret_key("hf")])
     assert await _file(homes, RECORDS_HOME, "settings/1.json") == {"cap": 1}
     assert (await _file(homes, LORAS_HOME, "loras/a.json"))["toolbox"] == LORA
+    assert (await _file(homes, LORAS_HOME, "loras/a.json"))["notes"] == "from A1111"
     assert await _file(homes, TOKENS_HOME, "hf.json") == {"token": "hf_x"}
     assert await _file(homes, RECORDS_HOME, "settings/2.json") == {"cap": 2}
     assert await _file(homes, RECORDS_HOME, "settings/3.json") is None
