@@ -195,7 +195,8 @@ class LibrarySidecars(JsonRecords):
         keys = []
         for folder in self.folders:
             names = await files.names(folder)
-            keys += [self.prefix + name[: -len(RECORD_SUFFIX)] + MODEL_SUFFIX for name in names if name.endswith(RECORD_SUFFIX)]
+            stems = [name[: -len(RECORD_SUFFIX)] for name in names if name.endswith(RECORD_SUFFIX)]
+            keys += [self.prefix + stem + MODEL_SUFFIX for stem in stems]
         return sorted(set(keys))
 
 
@@ -427,7 +428,9 @@ def local_homes(data_dir: Path) -> dict[str, RecordFiles]:
 
 
 # Each home's Modal volume.
-HOME_VOLUMES = {MODELS_HOME: MODELS_VOLUME, LORAS_HOME: LORAS_VOLUME, RECORDS_HOME: RECORDS_VOLUME, TOKENS_HOME: TOKENS_VOLUME}
+HOME_VOLUMES = {
+    MODELS_HOME: MODELS_VOLUME, LORAS_HOME: LORAS_VOLUME, RECORDS_HOME: RECORDS_VOLUME, TOKENS_HOME: TOKENS_VOLUME,
+}
 
 
 def volume_homes() -> dict[str, RecordFiles]:

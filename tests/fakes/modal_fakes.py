@@ -172,8 +172,9 @@ class FakeModalVolume:
             raise modal.exception.NotFoundError(f"No such directory: {path}")
         files = {rest for rest in inside if "/" not in rest}
         folders = {rest.split("/", 1)[0] for rest in inside if "/" in rest}
-        return [FileEntry(prefix + name, FileEntryType.FILE, 0, len(self.files[prefix + name])) for name in sorted(files)] + [
-            FileEntry(prefix + name, FileEntryType.DIRECTORY, 0, 0) for name in sorted(folders)]
+        entries = [FileEntry(prefix + name, FileEntryType.FILE, 0, len(self.files[prefix + name]))
+                   for name in sorted(files)]
+        return entries + [FileEntry(prefix + name, FileEntryType.DIRECTORY, 0, 0) for name in sorted(folders)]
 
 
 def fake_volumes(monkeypatch) -> dict[str, FakeModalVolume]:

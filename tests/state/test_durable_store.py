@@ -21,7 +21,6 @@ from modal_services.state.durable import (
     HOMES,
     LORAS_HOME,
     MODELS_HOME,
-    RECORD_KINDS,
     RECORDS_HOME,
     TOKENS_HOME,
     UPGRADE_JOURNAL,
