@@ -11,6 +11,9 @@ process killed mid-write) sees either the old record or the new one, never part 
 
 A temporary file left by a killed writer is named `.<record>.<random>.tmp`; listings skip it and
 `remove_leftovers` deletes those older than a minute.
+
+Every path goes through `checked_path` first, so a name that came from a person can never reach
+outside the tree, hide itself among the temporary files or be too long for its temporary file.
 """
 
 from __future__ import annotations
@@ -27,15 +30,32 @@ from typing import Callable
 TEMP_SUFFIX = ".tmp"
 # A temporary file younger than this may belong to a write in progress.
 LEFTOVER_AGE = 60.0
+# The longest name a record may have, in bytes: its temporary file adds 14 (`.`, `.`, 8 random
+# characters, `.tmp`) and a file system allows 255.
+MAX_NAME_BYTES = 240
 
 
 def checked_path(path: str) -> PurePosixPath:
-    """A relative path of plain names: no `..`, no hidden or empty parts, no backslashes or NULs."""
-    parts = PurePosixPath(path).parts
-    if not parts or any(part in ("", ".", "..") or part.startswith(".") or "\\" in part or "\0" in part
-                        for part in parts):
-        raise ValueError(f"not a record path: {path!r}")
-    return PurePosixPath(*parts)
+    """`path` if it is relative and made of plain names: ValueError otherwise.
+
+    A plain name is not empty, `.` or `..`, does not start with `.` (hidden: the temporary files),
+    has no slash or backslash, no control character (NUL, newline...), and fits `MAX_NAME_BYTES`.
+    """
+    if not isinstance(path, str) or not path or not all(is_plain_name(part) for part in path.split("/")):
+        raise ValueError(f"not a record path (relative, plain names only): {path!r}")
+    return PurePosixPath(path)
+
+
+def is_plain_name(name: str) -> bool:
+    """One part of a record path: see `checked_path`."""
+    if name in ("", ".", "..") or name.startswith(".") or "/" in name or "\\" in name:
+        return False
+    if any(ord(character) < 32 or ord(character) == 127 for character in name):
+        return False
+    try:
+        return len(name.encode("utf-8")) <= MAX_NAME_BYTES
+    except UnicodeEncodeError:  # a lone surrogate: no UTF-8 name (nor a volume path) can hold it
+        return False
 
 
 class RecordFiles(ABC):
@@ -93,8 +113,7 @@ class FolderFiles(RecordFiles):
 
     def _write(self, path: Path, data: bytes) -> None:
         folder = path.parent
-        mode = 0o700 if self.private else 0o755
-        folder.mkdir(parents=True, exist_ok=True, mode=mode)
+        self._make_folders(folder)
         handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=folder)
         try:
             with os.fdopen(handle, "wb") as temp:
@@ -108,6 +127,19 @@ class FolderFiles(RecordFiles):
             raise
         _fsync_folder(folder)
         self._commit()
+
+    def _make_folders(self, folder: Path) -> None:
+        """`folder` and the folders between it and the root. When private, each of them (the root
+        too) is 0700, also one made earlier with a looser mode: `mkdir(parents=True)` alone would
+        give every folder but the last the default mode."""
+        levels = [self.root]
+        for name in folder.relative_to(self.root).parts:
+            levels.append(levels[-1] / name)
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        for level in levels:
+            level.mkdir(exist_ok=True, mode=0o700 if self.private else 0o755)
+            if self.private:
+                os.chmod(level, 0o700)
 
     def _remove(self, path: Path) -> None:
         try:
@@ -129,10 +161,16 @@ class FolderFiles(RecordFiles):
         horizon = time.time() - older_than
         removed = []
         for path in target.iterdir():
-            if path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX) and path.stat().st_mtime < horizon:
-                path.unlink(missing_ok=True)
-                removed.append(path.name)
-        return removed
+            if not (path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)):
+                continue
+            try:
+                if path.stat().st_mtime >= horizon:
+                    continue
+                path.unlink()
+            except FileNotFoundError:  # renamed over its record, or removed by another cleaner
+                continue
+            removed.append(path.name)
+        return sorted(removed)
 
 
 def _record_names(folder: Path) -> list[str]:

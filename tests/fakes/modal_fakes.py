@@ -9,9 +9,11 @@ through `.aio`, and every method has the blocking form and `.aio`.
 `FakeModalVolume` follows the client API of `modal.Volume` (modal 1.6):
 `read_file` streams bytes and raises FileNotFoundError for a missing file,
 `batch_upload(force=True)` is an async context manager whose `put_file`
-uploads land together when it exits, `remove_file` raises FileNotFoundError
-for a missing file, `listdir` lists one folder's `FileEntry`s and raises
-NotFoundError for a missing one.
+uploads are read and land together when it exits without an error (none if
+the block raised; FileExistsError over an existing file without `force`),
+`remove_file` raises FileNotFoundError for a missing file, `listdir` lists one
+folder's `FileEntry`s (paths from the volume's root, without a leading `/`; a
+file's own entry for a file's path) and raises NotFoundError for a missing one.
 """
 
 from __future__ import annotations
@@ -137,19 +139,22 @@ class FakeModalVolume:
 
     @contextlib.asynccontextmanager
     async def _batch_upload(self, force: bool = False):
-        staged: dict[str, bytes] = {}
+        staged: dict[str, object] = {}
 
         class Batch:
             @staticmethod
-            def put_file(source, remote_path: str) -> None:
-                staged[FakeModalVolume._normal(remote_path)] = source.read()
+            def put_file(source, remote_path: str, mode: int | None = None) -> None:
+                if str(remote_path).endswith("/"):
+                    raise ValueError(f"remote_path ({remote_path}) must refer to a file - cannot end with /")
+                staged[FakeModalVolume._normal(str(remote_path))] = source  # read when the batch ends
 
         yield Batch()
         clashes = [path for path in staged if path in self.files]
         if clashes and not force:
             raise FileExistsError(f"{clashes[0]} exists")
+        uploads = {path: source.read() for path, source in staged.items()}
         await asyncio.sleep(0)
-        self.files.update(staged)
+        self.files.update(uploads)
 
     async def _remove_file(self, path: str, recursive: bool = False) -> None:
         if self.files.pop(self._normal(path), None) is None:
@@ -159,14 +164,17 @@ class FakeModalVolume:
         from modal.volume import FileEntry, FileEntryType
 
         folder = self._normal(path)
+        if folder in self.files:
+            return [FileEntry(folder, FileEntryType.FILE, 0, len(self.files[folder]))]
         prefix = f"{folder}/" if folder else ""
         inside = [name[len(prefix):] for name in self.files if name.startswith(prefix)]
         if folder and not inside:
             raise modal.exception.NotFoundError(f"No such directory: {path}")
         files = {rest for rest in inside if "/" not in rest}
         folders = {rest.split("/", 1)[0] for rest in inside if "/" in rest}
-        return [FileEntry(prefix + name, FileEntryType.FILE, 0, len(self.files[prefix + name])) for name in sorted(files)] + [
-            FileEntry(prefix + name, FileEntryType.DIRECTORY, 0, 0) for name in sorted(folders)]
+        entries = [FileEntry(prefix + name, FileEntryType.FILE, 0, len(self.files[prefix + name]))
+                   for name in sorted(files)]
+        return entries + [FileEntry(prefix + name, FileEntryType.DIRECTORY, 0, 0) for name in sorted(folders)]
 
 
 def fake_volumes(monkeypatch) -> dict[str, FakeModalVolume]:
