@@ -264,7 +264,7 @@ def migrate(dry_run: bool = False) -> None:
     image=download_image,  # CPU only, and already built for DownloadService
     volumes=MODEL_VOLUMES,
     schedule=modal.Period(days=1),
-    timeout=1800,
+    timeout=3600,  # thousands of result records, each read through the records volume's API
 )
 def reconcile_records() -> dict:
     """Daily: every durable record read from its file, the Dict's cache re-warmed, drift (an entry without

@@ -4,6 +4,7 @@ rebuilt from its sidecars on a fresh data dir."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ def store_over(data: Path, cache: str = "state.sqlite3") -> DurableStore:
 
 
 @pytest.fixture
-async def data(tmp_path):
+def data(tmp_path):
     return tmp_path / "data"
 
 
@@ -106,7 +107,7 @@ async def test_a_long_drift_list_names_a_few_and_counts_the_rest(store, data):
     assert line.startswith("8 files without an entry (loras/stray-0.safetensors") and line.endswith("and 3 more)")
 
 
-async def test_unreadable_record_files_are_named_whether_cached_or_not(store, data, caplog):
+async def test_unreadable_record_files_are_named_whether_cached_or_not(store, data):
     await store.put("settings:1", {"nsfw": "off"})
     await store.put("settings:2", {"nsfw": "off"})
     await add_model(store, data, "a.safetensors")
@@ -298,7 +299,7 @@ async def test_a_scan_over_a_warm_cache_restores_nothing(store, data):
     assert report.restored == 0 and "restored" not in scan_text(report.to_dict())
 
 
-def test_toolbox_models_scan_and_list_on_a_copied_library(data, tmp_path, capsys, monkeypatch):
+def test_toolbox_models_scan_and_list_on_a_copied_library(data, tmp_path, capsys):
     source = tmp_path / "source"
 
     async def build():
@@ -306,8 +307,6 @@ def test_toolbox_models_scan_and_list_on_a_copied_library(data, tmp_path, capsys
         await add_model(built, source, "a.safetensors")
         await built.put("model:a.safetensors", {**entry("a.safetensors"), "trigger_words": ["glow"], "weight": 0.9})
         await built.close()
-
-    import asyncio
 
     asyncio.run(build())
     shutil.copytree(source / "loras", data / "loras")
