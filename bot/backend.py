@@ -34,6 +34,7 @@ from modal_services.safety.nsfw_classifier import NsfwClassifier
 from modal_services.services import (SERVICES, Engine, EngineFactory, ServiceSpec, build_engine, run_service_job,
                                      service_for)
 from modal_services.state.durable import DurableStore, local_homes, volume_homes
+from modal_services.state.reconcile import reconcile_at_start
 from modal_services.state.store import ModalDictStore, SqliteStore
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,11 @@ class LocalBackend(Backend):
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._turns: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+
+    async def start(self) -> None:
+        await super().start()
+        # The files checked against one another and the cache warmed (on Modal, a scheduled function does it daily).
+        await reconcile_at_start(self.store)
 
     async def submit(
         self,

@@ -10,10 +10,12 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.library_options import bot_library
+from bot.permissions import is_admin
 from bot.tracker import CAPPED_KINDS, QueueSnapshot
 from bot.core.text import human_duration
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import Job, JobStatus
+from modal_services.state.reconcile import last_report
 
 
 def describe_job(job: Job, snapshot: QueueSnapshot, now: float) -> str:
@@ -21,6 +23,19 @@ def describe_job(job: Job, snapshot: QueueSnapshot, now: float) -> str:
     where = f"#{place} in line" if place else ("running" if job.status is JobStatus.RUNNING else job.status.value)
     progress = f" {job.progress:.0%}" if job.status is JobStatus.RUNNING else ""
     return f"`{job.id[:8]}` {job.kind} · {where}{progress} · {human_duration(now - job.created_at)} ago"
+
+
+# Room for the rest of /status within Discord's 2000 characters, whatever the file names.
+RECORDS_LINE_LIMIT = 600
+
+
+async def records_line(store, now: float) -> str:
+    """The last reconcile of the durable records with their files, as `/status` shows it to admins."""
+    report = await last_report(store)
+    text = report.describe(human_duration(now - report.ran_at)) if report else "not checked yet"
+    if len(text) > RECORDS_LINE_LIMIT:
+        text = text[: RECORDS_LINE_LIMIT - 1] + "…"
+    return "**Records**: " + discord.utils.escape_markdown(text)
 
 
 class Jobs(commands.Cog):
@@ -53,6 +68,8 @@ class Jobs(commands.Cog):
             f"**{guild_settings.describe_safety().replace('Safety:', 'Safety**:', 1)}",
             "**Your jobs**: " + ("\n".join(describe_job(job, snapshot, now) for job in mine) if mine else "none"),
         ]
+        if is_admin(interaction):  # file names of the library: for those who can act on them
+            lines.insert(-1, await records_line(self.bot.backend.store, now))
         await interaction.edit_original_response(content="\n".join(lines))
 
     @app_commands.command(name="cancel", description="Stop one of your jobs (your latest if you name none)")

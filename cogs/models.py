@@ -319,6 +319,8 @@ def scan_text(report: dict[str, Any]) -> str:
         f"\n• {_code(item['file'])} ({item['type']}, {size_text(item['size_bytes'])})" for item in report["untracked"][:15]))
     lines.append(f"Entries whose file is missing: {len(report['missing'])}" + "".join(
         f"\n• {_code(file)}" for file in report["missing"][:15]))
+    if report.get("restored"):
+        lines.append(f"Entries restored from their sidecars: {report['restored']}")
     if report.get("adopted"):
         lines.append("Adopted: " + ", ".join(_code(e['file']) for e in report["adopted"][:15]))
     if report.get("failed"):

@@ -4,6 +4,7 @@ Reads top to bottom: settings read at deploy time, the images, the volumes
 and the state Dict, then one class per service. Each class is a thin shell:
 `@modal.enter` loads its engine once per container, and each method runs one
 job through `run_service_job`, the same path the local backend uses.
+`reconcile_records` runs daily: the durable records checked against their files (state/reconcile.py).
 
 Deploy-time settings (environment variables of the `modal deploy` command):
 TOOLBOX_MODAL_APP (app name), TOOLBOX_CAPTION_GPU (T4 or L4),
@@ -256,6 +257,32 @@ def migrate(dry_run: bool = False) -> None:
     from modal_services.library.migration_report import MigrationReport, render_report
 
     print(render_report(MigrationReport.from_dict(migrate_volumes.remote(dry_run))))
+
+
+@app.function(
+    image=download_image,  # CPU only, and already built for DownloadService
+    volumes=MODEL_VOLUMES,
+    schedule=modal.Period(days=1),
+    timeout=3600,  # thousands of result records, each read through the records volume's API
+)
+def reconcile_records() -> dict:
+    """Daily: every durable record read from its file, the Dict's cache re-warmed, drift (an entry without
+    a file, a file without an entry) logged and kept for /status. Nothing waits on it: the files are the truth."""
+    import asyncio
+
+    from modal_services.state.reconcile import reconcile
+
+    _reload_volumes()  # see what other containers committed
+    store = _store(MODEL_VOLUMES)
+
+    async def run():
+        await store.copy_cached_records()
+        return await reconcile(store)
+
+    report = asyncio.run(run())
+    if report.leftovers_removed:
+        _commit_volumes()  # the removals, made on the mounted volumes
+    return report.to_dict()
 
 
 # SDXL: text-to-image, variations and upscales in one GPU class, on one set of

@@ -159,5 +159,7 @@ async def scan_models(settings: Settings, args: argparse.Namespace) -> None:
         print(f"untracked {item['type']:10} {item['file']}")
     for file in report["missing"]:
         print(f"missing            {file}")
+    if report.get("restored"):
+        print(f"restored {report['restored']} entries from their sidecars")
     for failed in report["failed"]:
         print(f"not adopted {failed['file']}: {failed['code']}: {failed['message']}")

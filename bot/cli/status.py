@@ -1,12 +1,15 @@
-"""`toolbox status`: the data dir, base models, recommended LoRAs, optional models, tokens and running jobs."""
+"""`toolbox status`: the data dir, base models, recommended LoRAs, optional models, tokens, running jobs and
+the last check of the durable records against their files."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from typing import TYPE_CHECKING
 
 from bot.cli.common import opened_backend
 from bot.core.library import library_for
+from bot.core.text import human_duration
 
 if TYPE_CHECKING:
     from bot.settings import Settings
@@ -60,6 +63,7 @@ async def _gather_status(settings: Settings) -> tuple[dict, list, list]:
             "active_download": await active_download(store),
             "active_checkpoint": await store.get(ACTIVE_CHECKPOINT_KEY),
             "jobs": await _job_counts(store),
+            "records_check": await _records_check(store),
         }
     return document, states, tokens
 
@@ -83,6 +87,24 @@ def _print_status(document: dict, states: list, tokens: list) -> None:
         print(f"active checkpoint: {document['active_checkpoint']}")
     for kind, counts in document["jobs"].items():
         print(f"jobs {kind}: {counts['running']} running, {counts['queued']} queued")
+    print("records: " + _records_text(document["records_check"]))
+
+
+def _records_text(check: dict | None) -> str:
+    from modal_services.state.reconcile import ReconcileReport
+
+    if check is None:
+        return "not checked yet"
+    report = ReconcileReport.from_dict(check)
+    return report.describe(human_duration(time.time() - report.ran_at))
+
+
+async def _records_check(store: StateStore) -> dict | None:
+    """The last reconcile's report (when it ran, what it found), or None before the first one."""
+    from modal_services.state.reconcile import last_report
+
+    report = await last_report(store)
+    return report.to_dict() if report else None
 
 
 async def _job_counts(store: StateStore) -> dict[str, dict[str, int]]:

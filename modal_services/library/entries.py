@@ -29,6 +29,8 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import LoraRef
 from modal_services.state.keys import ACTIVE_CHECKPOINT_KEY, ENTRY_PREFIX, entry_key
 from modal_services.layout import CHECKPOINTS_SUBDIR, ILLUSTRIOUS_CHECKPOINT, LORAS_MOUNT, LORAS_SUBDIR, MODELS_MOUNT
+from modal_services.state.durable import DurableStore, record_kind
+from modal_services.state.reconcile import refreshed_records
 from modal_services.state.store import StateStore
 
 DEFAULT_CHECKPOINT = "illustrious-xl"
@@ -90,6 +92,7 @@ class LibraryEntry:
 class ScanReport:
     untracked: list[dict[str, Any]]  # {"file", "type", "size_bytes"}
     missing: list[str]  # files of entries whose file is gone
+    restored: int = 0  # entries the store's cache had forgotten, read back from their sidecars
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -393,8 +396,10 @@ class Library:
     async def scan(self) -> ScanReport:
         """Untracked files and entries whose file is gone; the `missing` flags are brought up to date."""
         self._require_files()
-        entries = await self.entries()
         report = ScanReport(untracked=[], missing=[])
+        if isinstance(self.store, DurableStore):  # the sidecars are the library; the cache may have forgotten some
+            report.restored = len((await refreshed_records(self.store, record_kind(ENTRY_PREFIX))).warmed)
+        entries = await self.entries()
         for entry in entries:
             stored = await self.store.get(entry_key(entry.file))
             if stored is not None and bool(stored.get("missing")) != entry.missing:

@@ -9,7 +9,8 @@ Live keys (harmless to lose when idle; the Dict forgets them after 7 idle days):
   `migration:file:<name>` where the migration moves an old file (removed when
   it finishes); job slots (`slots.py`): `slot:<scope>:<n>` the n-th slot of a
   cap (`user:<id>`, `guild:<id>`, `global`), `slot-retired:<holder>:<slot key>`
-  who may act on a holder's slot.
+  who may act on a holder's slot; `reconcile:last` the last reconcile's report
+  (`reconcile.py`: what it checked, and the drift it found).
 Durable records (each a file, the store only caches it; `durable.py` says where):
   `model:<file>` a library entry, `manifest:<model>` what was verified of a
   base model, `optional:<model>` who enabled an optional base model, and when,
@@ -32,6 +33,9 @@ PER_JOB_PREFIXES = (JOB_PREFIX, "call:", "cancel:", "preview:")
 # retention of their own (`results.py`), outliving the job record.
 RESULT_PARAMS_PREFIXES = ("upscale:", "generate:", "generate-faces:", "caption-prompt:")
 
+
+# The last reconcile of the durable records with their files: when it ran, what it found.
+RECONCILE_KEY = "reconcile:last"
 
 SLOT_PREFIX = "slot:"
 RETIRED_SLOT_PREFIX = "slot-retired:"
