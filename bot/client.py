@@ -10,7 +10,9 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.backend import Backend
+from bot.guild_settings import result_retention_days
 from bot.replies import as_toolbox_error, send_error, taking_interactions
+from bot.result_params import sweep_result_params
 from bot.settings import Settings
 from bot.tracker import CancelJobButton, JobTracker
 
@@ -57,12 +59,20 @@ class ToolboxBot(commands.Bot):
         self.add_dynamic_items(CancelJobButton)
         await self.sync_commands()
         self.loop.create_task(self._resume_jobs())
+        self.loop.create_task(self._sweep_old_results())
 
     async def _resume_jobs(self) -> None:
         await self.wait_until_ready()
         resumed = await self.tracker.resume()
         if resumed:
             log.info("resumed reporting %d unfinished jobs", resumed)
+
+    async def _sweep_old_results(self) -> None:
+        """Results kept past their server's retention are deleted at each start (the reconcile does it daily)."""
+        try:
+            await sweep_result_params(self.backend.store, result_retention_days)
+        except Exception:  # a volume not answering now: the next start or reconcile sweeps them
+            log.warning("could not sweep old results' parameters", exc_info=True)
 
     async def sync_commands(self) -> None:
         if self.settings.guild_ids:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import asyncio
+import time
+import uuid
+from typing import Annotated, Any, Callable, Literal
 
 import discord
 from pydantic import Field, ValidationError, model_validator
@@ -26,13 +29,19 @@ from modal_services.jobs.requests import (
     UpscaleRequest,
 )
 from modal_services.jobs.validation import Checked
-from modal_services.state.keys import settings_key
+from modal_services.state.keys import settings_key, settings_lock_name
+from modal_services.state.locks import release_lock, try_lock
 from modal_services.state.store import StateStore
 
 GenerateModel = Annotated[Literal["sdxl", "flux"], Field(title="The model")]
 # Jobs running or queued at once, per member and per guild.
 UserCap = Annotated[int, Field(ge=1, le=20, title="A member's cap")]
 GuildCap = Annotated[int, Field(ge=1, le=200, title="The server's cap")]
+# How long the buttons under a result keep working: its parameters are kept this many days.
+ResultRetentionDays = Annotated[int, Field(ge=1, le=3650, title="The result retention (days)")]
+# How long a settings change waits for another admin's to be saved before giving up.
+SETTINGS_LOCK_WAIT_SECONDS = 10.0
+SETTINGS_LOCK_POLL_SECONDS = 0.05
 
 
 def _default(request, name: str) -> Any:
@@ -63,6 +72,7 @@ class GuildSettings(Checked):
     refused_words: RefusedWords = []
     safety_off_by: int | None = None
     safety_off_at: float | None = None
+    result_retention_days: ResultRetentionDays = 90
 
     @model_validator(mode="after")
     def _caps_in_order(self) -> "GuildSettings":
@@ -122,3 +132,28 @@ async def load_guild_settings(store: StateStore, guild_id: int | None) -> GuildS
 
 async def save_guild_settings(store: StateStore, guild_id: int | None, settings: GuildSettings) -> None:
     await store.put(settings_key(guild_id), settings.to_dict())
+
+
+async def update_guild_settings(store: StateStore, guild_id: int | None,
+                                change: Callable[[GuildSettings], GuildSettings]) -> GuildSettings:
+    """Read one server's settings, `change` them and save the result, holding that server's lock:
+    two admins changing settings at once (bot containers, the same bot) both keep their change.
+    Returns the settings saved; `change` may refuse with a ToolboxError, and then nothing is saved."""
+    name, owner = settings_lock_name(guild_id), uuid.uuid4().hex
+    deadline = time.monotonic() + SETTINGS_LOCK_WAIT_SECONDS
+    while not await try_lock(store, name, owner):
+        if time.monotonic() > deadline:
+            raise ToolboxError(ErrorCode.RATE_LIMITED,
+                               "Another change to this server's settings is being saved; try again in a moment.")
+        await asyncio.sleep(SETTINGS_LOCK_POLL_SECONDS)
+    try:
+        settings = change(await load_guild_settings(store, guild_id))
+        await save_guild_settings(store, guild_id, settings)
+        return settings
+    finally:
+        await release_lock(store, name, owner)
+
+
+async def result_retention_days(store: StateStore, guild_id: int | None) -> int:
+    """How many days the server keeps its results' parameters (a `result_params.RetentionDays`)."""
+    return (await load_guild_settings(store, guild_id)).result_retention_days

@@ -10,6 +10,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.attachments import check_attachment, image_attachments, read_image
+from bot.result_params import keep_result_params
 from bot.tracker import ReplyTarget
 from bot.ui import CAPTION_STYLE_CHOICES, option_range
 from cogs.generate import generate_from_caption_view
@@ -115,7 +116,8 @@ class Caption(commands.Cog):
         first, *rest = pack_messages(caption_blocks(files, captions, job.meta["label"]))
         view = None
         if job.meta.get("style") == "prompt" and len(captions) == 1 and captions[0] and self.bot.generations is not None:
-            await self.bot.backend.store.put(caption_prompt_key(job.id), captions[0])
+            await keep_result_params(self.bot.backend.store, caption_prompt_key(job.id), captions[0],
+                                     job.owner.get("guild_id"))
             view = generate_from_caption_view(job.id)
         await target.edit(content=first, view=view)
         for text in rest:

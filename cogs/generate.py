@@ -4,7 +4,8 @@ The reply shows the job's progress and the worker's live previews; the
 result is the images themselves (Discord lays four out as a 2x2 gallery),
 each fitted to the upload limit, with the prompt, seeds and settings in the
 message. The buttons survive restarts (dynamic items keyed by the job id;
-the request's settings are kept under `generate:<job id>` in the store):
+the request's settings are kept under `generate:<job id>` in the store, for
+as long as the server keeps results, see `bot/result_params.py`):
 
 - U1-U4: that image upscaled 2x (the upscale cog's job, same prompt and LoRAs);
 - V1-V4: variations of that image: the same settings, new seeds, the image as
@@ -30,9 +31,11 @@ from discord.ext import commands
 
 from bot.attachments import check_attachment, looks_like_image, read_image
 from bot.content_safety import age_restricted, public_lines, withheld_notice
+from bot.guild_settings import result_retention_days
 from bot.library_options import bot_library, lora_slots, model_lora_autocomplete
 from bot.live_previews import LivePreviews
 from bot.result_images import fit_to_limit
+from bot.result_params import keep_result_params, read_result_params
 from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget
 from bot.ui import PersistentButton, option_range
 from bot.core.build import build_generate_request
@@ -292,18 +295,22 @@ class Generate(commands.Cog):
         photos = await self._kept_photos(job_id)
         await self.run_generate(interaction, {**params, "seed": None}, photos=photos)
 
+    async def _kept(self, key: str) -> Any:
+        """What a result's buttons reuse, or None; too old for this server's retention: refused."""
+        return await read_result_params(self.bot.backend.store, key, result_retention_days)
+
     async def _kept_settings(self, job_id: str) -> dict[str, Any]:
-        params = await self.bot.backend.store.get(generate_params_key(job_id))
+        params = await self._kept(generate_params_key(job_id))
         if params is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "The settings of that generation are no longer kept; run /generate again.")
         return params
 
     async def _kept_photos(self, job_id: str) -> dict[str, bytes | None] | None:
-        kept_photos = await self.bot.backend.store.get(generate_faces_key(job_id))
+        kept_photos = await self._kept(generate_faces_key(job_id))
         return decode_photos(kept_photos) if kept_photos else None
 
     async def generate_from_caption(self, interaction: discord.Interaction, caption_job_id: str) -> None:
-        prompt = await self.bot.backend.store.get(caption_prompt_key(caption_job_id))
+        prompt = await self._kept(caption_prompt_key(caption_job_id))
         if not prompt:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "That caption is no longer kept; caption the image again.")
         await self.run_generate(interaction, {"prompt": fit_prompt(prompt)})
@@ -366,9 +373,10 @@ class Generate(commands.Cog):
             "checkpoint_name": built.checkpoint["name"],
         }
         job, target = await self.bot.tracker.start(interaction, request, meta, admission)
-        await self.bot.backend.store.put(generate_params_key(job.id), kept)
+        store = self.bot.backend.store
+        await keep_result_params(store, generate_params_key(job.id), kept, interaction.guild_id)
         if photos is not None:
-            await self.bot.backend.store.put(generate_faces_key(job.id), encode_photos(photos))
+            await keep_result_params(store, generate_faces_key(job.id), encode_photos(photos), interaction.guild_id)
         self.previews.start(job.id, target)
         try:
             await self.bot.tracker.run(job, target)

@@ -1,16 +1,20 @@
-"""/settings: this server's defaults, caps, who may use the bot and content safety (admins only)."""
+"""/settings: this server's defaults, caps, who may use the bot, content safety and how long results'
+buttons keep working (admins only). Each change is read, made and saved under the server's settings
+lock, so two admins changing settings at once both keep theirs."""
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
-from bot.guild_settings import GuildSettings, load_guild_settings, save_guild_settings
+from bot.guild_settings import GuildSettings, load_guild_settings, update_guild_settings
 from bot.core.generate_models import GENERATE_MODELS
 from bot.permissions import require_admin
+from bot.result_params import in_days
 from bot.ui import CAPTION_STYLE_CHOICES, option_range
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import ASPECT_BUCKETS, REFUSED_WORD_MAX_CHARS
@@ -26,7 +30,10 @@ NegativeOption = option_range(GuildSettings, "default_negative")
 ASPECT_CHOICES = [app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_BUCKETS]
 MODEL_CHOICES = [app_commands.Choice(name=model.title, value=key) for key, model in GENERATE_MODELS.items()]
 ThresholdOption = option_range(GuildSettings, "nsfw_threshold")
+RetentionOption = option_range(GuildSettings, "result_retention_days")
 WordOption = app_commands.Range[str, 1, REFUSED_WORD_MAX_CHARS]
+# What only admins may do here, in the refusal everyone else gets.
+WHAT_ADMINS_DO = "change the bot's settings"
 POLICY_LABELS = {
     "block": "block: flagged images are withheld (default)",
     "spoiler": "spoiler: flagged images are posted as spoilers",
@@ -49,6 +56,7 @@ def describe(settings: GuildSettings) -> str:
         f"Jobs at once: {settings.user_cap} per member, {settings.guild_cap} for the server",
         f"Who: {roles} · Where: {channels}",
         settings.describe_safety(),
+        f"Result buttons work for {in_days(settings.result_retention_days)} after the result",
     ])
 
 
@@ -90,17 +98,17 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
     def __init__(self, bot: commands.Bot):
         self.bot = bot
 
-    async def _load(self, interaction: discord.Interaction) -> GuildSettings:
-        require_admin(interaction, "change the bot's settings")
-        return await load_guild_settings(self.bot.backend.store, interaction.guild_id)
-
-    async def _save(self, interaction: discord.Interaction, settings: GuildSettings) -> None:
-        await save_guild_settings(self.bot.backend.store, interaction.guild_id, settings)
-        await interaction.response.send_message(describe(settings), ephemeral=True)
+    async def _update(self, interaction: discord.Interaction,
+                      change: Callable[[GuildSettings], GuildSettings]) -> GuildSettings:
+        """This server's settings changed by `change` (given the settings as saved now) and saved."""
+        require_admin(interaction, WHAT_ADMINS_DO)
+        return await update_guild_settings(self.bot.backend.store, interaction.guild_id, change)
 
     @app_commands.command(name="show", description="Show this server's settings")
     async def show(self, interaction: discord.Interaction) -> None:
-        await interaction.response.send_message(describe(await self._load(interaction)), ephemeral=True)
+        require_admin(interaction, WHAT_ADMINS_DO)
+        settings = await load_guild_settings(self.bot.backend.store, interaction.guild_id)
+        await interaction.response.send_message(describe(settings), ephemeral=True)
 
     @app_commands.command(name="defaults", description="Defaults for /caption, /upscale and /generate, and job caps")
     @app_commands.describe(
@@ -130,16 +138,15 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
         negative: NegativeOption | None = None,
         model: app_commands.Choice[str] | None = None,
     ) -> None:
-        settings = await self._load(interaction)
         if negative is not None and negative.strip().lower() == "none":
             negative = ""
-        settings = settings.changed(
+        settings = await self._update(interaction, lambda settings: settings.changed(
             default_caption_style=caption_style and caption_style.value, default_upscale_scale=upscale_scale,
             default_creativity=creativity, user_cap=user_cap, guild_cap=guild_cap,
             default_aspect=aspect and aspect.value, default_steps=steps, default_cfg=cfg, default_negative=negative,
             default_model=model and model.value,
-        )
-        await self._save(interaction, settings)
+        ))
+        await interaction.response.send_message(describe(settings), ephemeral=True)
 
     @app_commands.command(name="access", description="Keep the bot to some roles or channels (none set: everyone, everywhere)")
     @app_commands.describe(
@@ -158,14 +165,22 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
         remove_channel: discord.TextChannel | None = None,
         reset: bool = False,
     ) -> None:
-        settings = await self._load(interaction)
-        roles, channels = ([], []) if reset else (settings.allowed_role_ids, settings.allowed_channel_ids)
-        settings = settings.changed(
-            allowed_role_ids=_toggle(roles, allow_role and allow_role.id, remove_role and remove_role.id),
-            allowed_channel_ids=_toggle(channels, allow_channel and allow_channel.id, remove_channel and remove_channel.id),
-        )
-        await self._save(interaction, settings)
+        def change(settings: GuildSettings) -> GuildSettings:
+            roles, channels = ([], []) if reset else (settings.allowed_role_ids, settings.allowed_channel_ids)
+            return settings.changed(
+                allowed_role_ids=_toggle(roles, allow_role and allow_role.id, remove_role and remove_role.id),
+                allowed_channel_ids=_toggle(channels, allow_channel and allow_channel.id,
+                                            remove_channel and remove_channel.id),
+            )
 
+        settings = await self._update(interaction, change)
+        await interaction.response.send_message(describe(settings), ephemeral=True)
+
+    @app_commands.command(name="results", description="How long the buttons under results (U, V, Reroll...) keep working")
+    @app_commands.describe(days="Days a result's settings are kept for its buttons (default 90)")
+    async def results(self, interaction: discord.Interaction, days: RetentionOption) -> None:
+        settings = await self._update(interaction, lambda settings: settings.changed(result_retention_days=days))
+        await interaction.response.send_message(describe(settings), ephemeral=True)
 
     @app_commands.command(name="safety", description="What happens to images flagged as NSFW, and this server's refused words")
     @app_commands.describe(
@@ -183,17 +198,19 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
         add_word: WordOption | None = None,
         remove_word: WordOption | None = None,
     ) -> None:
-        settings = await self._load(interaction)
-        updates = {"nsfw_threshold": threshold,
-                   "refused_words": changed_words(settings.refused_words, add_word, remove_word)}
-        if policy is not None and policy.value != settings.safety_policy:
-            # Turning the check off is recorded with who did it and when; turning it back on clears that.
-            off = policy.value == "off"
-            updates |= {"safety_policy": policy.value, "safety_off_by": interaction.user.id if off else None,
-                        "safety_off_at": time.time() if off else None}
-        given = {name: value for name, value in updates.items() if value is not None or name.startswith("safety_off")}
-        settings = GuildSettings.parse({**settings.to_dict(), **given})
-        await save_guild_settings(self.bot.backend.store, interaction.guild_id, settings)
+        def change(settings: GuildSettings) -> GuildSettings:
+            updates = {"nsfw_threshold": threshold,
+                       "refused_words": changed_words(settings.refused_words, add_word, remove_word)}
+            if policy is not None and policy.value != settings.safety_policy:
+                # Turning the check off is recorded with who did it and when; turning it back on clears that.
+                off = policy.value == "off"
+                updates |= {"safety_policy": policy.value, "safety_off_by": interaction.user.id if off else None,
+                            "safety_off_at": time.time() if off else None}
+            given = {name: value for name, value in updates.items()
+                     if value is not None or name.startswith("safety_off")}
+            return GuildSettings.parse({**settings.to_dict(), **given})
+
+        settings = await self._update(interaction, change)
         await interaction.response.send_message(describe_safety(settings), ephemeral=True)
 
 

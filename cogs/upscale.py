@@ -5,7 +5,8 @@ few seconds, the worker's latest low-resolution preview as an attachment.
 The result replaces the preview: the upscaled image fitted to the server's
 upload limit, beside the source image, with three buttons that survive
 restarts (dynamic items keyed by the job id; the job's parameters are kept
-under `upscale:<job id>` in the state store):
+under `upscale:<job id>` in the state store, for as long as the server keeps
+results, see `bot/result_params.py`):
 
 - Upscale 2x again: the result, upscaled 2x with the same settings;
 - Vary seed: the source again with another seed;
@@ -24,9 +25,11 @@ from discord.ext import commands
 
 from bot.attachments import check_attachment, image_attachments, looks_like_image, read_image
 from bot.content_safety import age_restricted, public_lines, withheld_notice
+from bot.guild_settings import result_retention_days
 from bot.library_options import bot_library, lora_autocomplete, lora_slots
 from bot.live_previews import LivePreviews
 from bot.result_images import fit_to_limit
+from bot.result_params import keep_result_params, read_result_params
 from bot.progress import render_job
 from bot.tile_prompts import tile_prompts
 from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget, cancel_view
@@ -213,7 +216,9 @@ class Upscale(commands.Cog):
         await self.bot.captions.run_caption(interaction, [posted_result(interaction.message)], None, None)
 
     async def _kept_settings(self, job_id: str) -> dict[str, Any]:
-        return await self.bot.backend.store.get(upscale_params_key(job_id)) or {}
+        """Job `job_id`'s settings (none kept: the server's defaults); too old for the retention: refused."""
+        store = self.bot.backend.store
+        return await read_result_params(store, upscale_params_key(job_id), result_retention_days) or {}
 
     # ------------------------------------------------------------ the job
 
@@ -250,7 +255,7 @@ class Upscale(commands.Cog):
             "summary": describe(kept, [lora.name for lora in request.loras], checkpoint["name"]),
         }
         job, target = await self.bot.tracker.start(interaction, request, meta, admission, target)
-        await self.bot.backend.store.put(upscale_params_key(job.id), kept)
+        await keep_result_params(self.bot.backend.store, upscale_params_key(job.id), kept, interaction.guild_id)
         self._sources[job.id] = (received.png, f"{SOURCE_STEM}.png")
         self.previews.start(job.id, target)
         try:

@@ -5,7 +5,8 @@ Live keys (harmless to lose when idle; the Dict forgets them after 7 idle days):
   record, `call:<id>` its Modal FunctionCall id, `cancel:<id>` a stop request,
   `preview:<id>` the latest preview; `download:<model>` a base model's download
   progress; `lock:<name>` one holder at a time (`lock:download:<model>`,
-  `lock:civitai:<version>`, `lock:file:<name>`, `lock:setup-download`);
+  `lock:civitai:<version>`, `lock:file:<name>`, `lock:settings:<guild>`,
+  `lock:setup-download`);
   `migration:file:<name>` where the migration moves an old file (removed when
   it finishes); job slots (`slots.py`): `slot:<scope>:<n>` the n-th slot of a
   cap (`user:<id>`, `guild:<id>`, `global`), `slot-retired:<holder>:<slot key>`
@@ -30,7 +31,7 @@ ACTIVE_CHECKPOINT_KEY = "active_checkpoint"
 # Keys that belong to one job, each `<prefix><job id>`.
 PER_JOB_PREFIXES = (JOB_PREFIX, "call:", "cancel:", "preview:")
 # What a finished job's result buttons reuse, each `<prefix><job id>`: durable records with a
-# retention of their own (`results.py`), outliving the job record.
+# retention of their own (`bot/result_params.py`), outliving the job record.
 RESULT_PARAMS_PREFIXES = ("upscale:", "generate:", "generate-faces:", "caption-prompt:")
 
 
@@ -124,6 +125,11 @@ def migration_journal_key(old_name: str) -> str:
 
 def settings_key(guild_id: int | None) -> str:
     return f"settings:{guild_id or 'dm'}"
+
+
+def settings_lock_name(guild_id: int | None) -> str:
+    """The lock held while one server's settings are read, changed and written back (named as their record)."""
+    return settings_key(guild_id)
 
 
 def secret_key(service: str) -> str:

@@ -109,7 +109,7 @@ async def test_generate_shows_progress_previews_then_the_images_with_buttons(too
     custom_ids = [item.custom_id for item in final["view"].children]
     assert custom_ids == [f"toolbox:generate:{action}:{job_id}" for action in
                           ("u1", "u2", "u3", "u4", "v1", "v2", "v3", "v4", "reroll")]
-    assert (await store.get(params_key(job_id)))["loras"] == [{"name": "detail.safetensors", "weight": 0.6}]
+    assert (await store.get(params_key(job_id)))["params"]["loras"] == [{"name": "detail.safetensors", "weight": 0.6}]
 
 
 async def test_server_defaults_and_the_active_checkpoint_reach_the_worker(toolbox_bot, engine, fast_progress):

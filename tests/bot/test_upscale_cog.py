@@ -163,7 +163,7 @@ async def test_upscale_defers_shows_progress_and_previews_then_the_result_with_b
     custom_ids = [item.custom_id for item in final["view"].children]
     job_id = (await store.keys("job:"))[0].split(":", 1)[1]
     assert custom_ids == [f"toolbox:upscale:{action}:{job_id}" for action in ("again", "vary", "caption")]
-    assert (await store.get(params_key(job_id)))["loras"] == [{"name": "detail.safetensors", "weight": 0.7}]
+    assert (await store.get(params_key(job_id)))["params"]["loras"] == [{"name": "detail.safetensors", "weight": 0.7}]
 
 
 async def test_a_big_result_is_fitted_to_the_upload_limit(toolbox_bot, engine, fast_progress, monkeypatch):
@@ -297,7 +297,7 @@ async def test_tile_captions_become_region_prompts(toolbox_bot, engine, fast_pro
     assert engine.payloads[0]["prompt"] == "a town"
     assert "tile captions" in final_edit(interaction)["content"]
     job_id = next(k for k, v in (await toolbox_bot.backend.store.items("job:")).items() if v["kind"] == "upscale")
-    assert (await toolbox_bot.backend.store.get(params_key(job_id.split(":", 1)[1])))["tile_captions"] is True
+    assert (await toolbox_bot.backend.store.get(params_key(job_id.split(":", 1)[1])))["params"]["tile_captions"] is True
 
 
 async def test_the_tile_caption_step_can_be_cancelled(toolbox_bot, engine, fast_progress, stand_in_engines):
