@@ -259,32 +259,6 @@ def migrate(dry_run: bool = False) -> None:
     print(render_report(MigrationReport.from_dict(migrate_volumes.remote(dry_run))))
 
 
-@app.function(
-    image=download_image,  # CPU only, and already built for DownloadService
-    volumes=MODEL_VOLUMES,
-    schedule=modal.Period(days=1),
-    timeout=3600,  # thousands of result records, each read through the records volume's API
-)
-def reconcile_records() -> dict:
-    """Daily: every durable record read from its file, the Dict's cache re-warmed, drift (an entry without
-    a file, a file without an entry) logged and kept for /status. Nothing waits on it: the files are the truth."""
-    import asyncio
-
-    from modal_services.state.reconcile import reconcile
-
-    _reload_volumes()  # see what other containers committed
-    store = _store(MODEL_VOLUMES)
-
-    async def run():
-        await store.copy_cached_records()
-        return await reconcile(store)
-
-    report = asyncio.run(run())
-    if report.leftovers_removed:
-        _commit_volumes()  # the removals, made on the mounted volumes
-    return report.to_dict()
-
-
 # SDXL: text-to-image, variations and upscales in one GPU class, on one set of
 # loaded models (ControlNet Tile and IP-Adapter on top, for the upscaler):
 # a warm container serves both job kinds and a checkpoint switch applies to both.
@@ -435,6 +409,37 @@ bot_image = (
     .pip_install_from_pyproject(str(Path(__file__).resolve().parent.parent / "pyproject.toml"))
     .add_local_python_source("bot", "cogs", "modal_services")
 )
+
+
+@app.function(
+    image=bot_image,  # CPU only; the result retention is a server setting the bot's code reads
+    volumes=MODEL_VOLUMES,
+    schedule=modal.Period(days=1),
+    timeout=3600,  # thousands of result records, each read through the records volume's API
+)
+def reconcile_records() -> dict:
+    """Daily: every durable record read from its file, the Dict's cache re-warmed, drift (an entry without
+    a file, a file without an entry) logged and kept for /status, and result buttons' records past their
+    server's retention removed. Nothing waits on it: the files are the truth."""
+    import asyncio
+
+    from bot.guild_settings import result_retention_days
+    from bot.result_params import sweep_result_params
+    from modal_services.state.reconcile import reconcile
+
+    _reload_volumes()  # see what other containers committed
+    store = _store(MODEL_VOLUMES)
+
+    async def run():
+        await store.copy_cached_records()
+        report = await reconcile(store)
+        await sweep_result_params(store, result_retention_days)
+        return report
+
+    report = asyncio.run(run())
+    if report.leftovers_removed:
+        _commit_volumes()  # the removals, made on the mounted volumes
+    return report.to_dict()
 
 
 def run_until_stopped(supervisor, stop: threading.Event) -> None:

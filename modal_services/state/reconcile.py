@@ -17,7 +17,6 @@ last report is kept in the live store under `RECONCILE_KEY`, for `/status` (admi
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -33,7 +32,7 @@ from modal_services.state.durable import (
     LibrarySidecars,
 )
 from modal_services.state.keys import RECONCILE_KEY
-from modal_services.state.record_files import FolderFiles, RecordFiles
+from modal_services.state.record_files import RecordFiles
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +108,7 @@ async def reconcile(store: DurableStore) -> ReconcileReport:
     """Every durable kind listed from its files (warming the cache), the drift found, the report kept
     under `RECONCILE_KEY` and logged in one line."""
     report = ReconcileReport(ran_at=time.time())
-    report.leftovers_removed = await _remove_leftovers(store)
+    report.leftovers_removed = await store.remove_leftovers()
     for kind in RECORD_KINDS:
         files = store.homes[kind.home]
         refreshed = await refreshed_records(store, kind)
@@ -176,15 +175,3 @@ async def _library_drift(kind: LibrarySidecars, files: RecordFiles, entries: dic
                 report.entries_without_file.append(f"{folder}/{model}")
         report.files_without_entry += [f"{folder}/{model}" for model in sorted(models) if kind.prefix + model not in entries]
 
-
-async def _remove_leftovers(store: DurableStore) -> list[str]:
-    """Temporary files of killed writes, in every folder records are kept in (homes on this disk only)."""
-    folders = sorted({(kind.home, folder) for kind in RECORD_KINDS
-                      for folder in (kind.folders if isinstance(kind, LibrarySidecars) else (kind.folder,))})
-    removed = []
-    for home, folder in folders:
-        files = store.homes[home]
-        if isinstance(files, FolderFiles):
-            names = await asyncio.to_thread(files.remove_leftovers, folder)
-            removed += [f"{home}/{folder}/{name}" if folder else f"{home}/{name}" for name in names]
-    return removed

@@ -32,7 +32,7 @@ def test_the_reconcile_runs_daily_on_a_cpu_beside_the_model_volumes(app_module):
     options = app_module.recorded_options["reconcile_records"]
     assert options["schedule"].proto_message.period.days == 1
     assert options["volumes"] == app_module.MODEL_VOLUMES
-    assert options["image"] is app_module.download_image and "gpu" not in options
+    assert options["image"] is app_module.bot_image and "gpu" not in options
 
 
 @pytest.mark.filterwarnings("ignore:The reconcile_records function is executing locally")
@@ -60,6 +60,10 @@ def test_the_scheduled_reconcile_warms_the_dict_and_reports_drift(app_module, mo
     token = {"token": "hf_SECRETvalue0123456789", "user": "admin"}
     modal.Volume.from_name(TOKENS_VOLUME).files["hf.json"] = json.dumps(token).encode()
     state.put("settings:5", {"nsfw": "off"})  # kept only in the Dict by an earlier version
+    records = modal.Volume.from_name(RECORDS_VOLUME).files
+    for name, age_days in (("old", 91), ("fresh", 89)):  # past and within the default retention
+        kept = {"params": {"prompt": name}, "kept_at": time.time() - age_days * 86_400, "guild_id": None}
+        records[f"results/generate/{name}.json"] = json.dumps(kept).encode()
 
     report = app_module.reconcile_records.local()
 
@@ -71,3 +75,4 @@ def test_the_scheduled_reconcile_warms_the_dict_and_reports_drift(app_module, mo
     assert state.get("model:kept.safetensors")["trigger_words"] == ["shiny"]  # warmed from the sidecar
     assert state.get("secret:hf") == token and token["token"] not in json.dumps(report)
     assert state.get(RECONCILE_KEY) == report
+    assert "results/generate/old.json" not in records and "results/generate/fresh.json" in records
