@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-import uuid
 from typing import Annotated, Any, Callable, Literal
 
 import discord
@@ -30,7 +27,7 @@ from modal_services.jobs.requests import (
 )
 from modal_services.jobs.validation import Checked
 from modal_services.state.keys import settings_key, settings_lock_name
-from modal_services.state.locks import release_lock, try_lock
+from modal_services.state.locks import holding
 from modal_services.state.store import StateStore
 
 GenerateModel = Annotated[Literal["sdxl", "flux"], Field(title="The model")]
@@ -41,7 +38,6 @@ GuildCap = Annotated[int, Field(ge=1, le=200, title="The server's cap")]
 ResultRetentionDays = Annotated[int, Field(ge=1, le=3650, title="The result retention (days)")]
 # How long a settings change waits for another admin's to be saved before giving up.
 SETTINGS_LOCK_WAIT_SECONDS = 10.0
-SETTINGS_LOCK_POLL_SECONDS = 0.05
 
 
 def _default(request, name: str) -> Any:
@@ -139,19 +135,11 @@ async def update_guild_settings(store: StateStore, guild_id: int | None,
     """Read one server's settings, `change` them and save the result, holding that server's lock:
     two admins changing settings at once (bot containers, the same bot) both keep their change.
     Returns the settings saved; `change` may refuse with a ToolboxError, and then nothing is saved."""
-    name, owner = settings_lock_name(guild_id), uuid.uuid4().hex
-    deadline = time.monotonic() + SETTINGS_LOCK_WAIT_SECONDS
-    while not await try_lock(store, name, owner):
-        if time.monotonic() > deadline:
-            raise ToolboxError(ErrorCode.RATE_LIMITED,
-                               "Another change to this server's settings is being saved; try again in a moment.")
-        await asyncio.sleep(SETTINGS_LOCK_POLL_SECONDS)
-    try:
+    busy = "Another change to this server's settings is being saved; try again in a moment."
+    async with holding(store, settings_lock_name(guild_id), busy, SETTINGS_LOCK_WAIT_SECONDS):
         settings = change(await load_guild_settings(store, guild_id))
         await save_guild_settings(store, guild_id, settings)
         return settings
-    finally:
-        await release_lock(store, name, owner)
 
 
 async def result_retention_days(store: StateStore, guild_id: int | None) -> int:

@@ -27,7 +27,8 @@ from typing import Any
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import LoraRef
-from modal_services.state.keys import ACTIVE_CHECKPOINT_KEY, ENTRY_PREFIX, entry_key
+from modal_services.state.keys import ACTIVE_CHECKPOINT_KEY, ENTRY_PREFIX, entry_key, file_lock_name
+from modal_services.state.locks import holding
 from modal_services.layout import CHECKPOINTS_SUBDIR, ILLUSTRIOUS_CHECKPOINT, LORAS_MOUNT, LORAS_SUBDIR, MODELS_MOUNT
 from modal_services.state.durable import DurableStore, record_kind
 from modal_services.state.reconcile import refreshed_records
@@ -46,6 +47,8 @@ MAX_TRIGGER_CHARS = 200
 # Where converted LoRAs keep the file they were made from, inside the LoRA folder.
 ORIGINALS_DIR = ".original"
 AUTOCOMPLETE_LIMIT = 25
+# How long an edit waits for another change of the same model (an edit, an import) before giving up.
+EDIT_LOCK_WAIT_SECONDS = 10.0
 
 
 def utc_now() -> str:
@@ -326,7 +329,18 @@ class Library:
         trigger_words: str | list[str] | None = None,
         weight: float | None = None,
     ) -> LibraryEntry:
-        entry = await self.find(name)
+        """Change what is given; the entry is read and written holding its file's lock, so two admins
+        editing one model at once (or an edit during its re-import) keep both changes."""
+        found = await self.find(name)
+        busy = f"{found.name} is being changed by someone else (an edit or an import); try again in a moment."
+        async with holding(self.store, file_lock_name(found.file), busy, EDIT_LOCK_WAIT_SECONDS):
+            return await self._edit(found.file, display_name, trigger_words, weight)
+
+    async def _edit(self, file: str, display_name: str | None, trigger_words: str | list[str] | None,
+                    weight: float | None) -> LibraryEntry:
+        entry = await self.get(file)
+        if entry is None:
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"{file} was removed from the library meanwhile.")
         # Everything is checked before anything is written.
         new_name = clean_name(display_name) if display_name is not None else entry.name
         new_words = parse_trigger_words(trigger_words) if trigger_words is not None else entry.trigger_words

@@ -9,12 +9,16 @@ killed CLI's lock is taken over at once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import time
 import uuid
 from pathlib import Path
+from typing import AsyncIterator
 
+from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.state.keys import lock_key
 from modal_services.state.store import StateStore
 
@@ -100,3 +104,23 @@ async def release_lock(store: StateStore, name: str, owner: str) -> None:
     if current and current.get("owner") == owner:
         await store.pop(lock_key(name))
 
+
+
+# How often a short change polls for a lock another one holds.
+SHORT_LOCK_POLL_SECONDS = 0.05
+
+
+@contextlib.asynccontextmanager
+async def holding(store: StateStore, name: str, busy_message: str, wait_seconds: float = 10.0) -> AsyncIterator[None]:
+    """Hold `lock:<name>` for a short read-modify-write (a record two admins may change at once), so
+    that neither change is lost; RATE_LIMITED with `busy_message` when another holds it past `wait_seconds`."""
+    owner = uuid.uuid4().hex
+    deadline = time.monotonic() + wait_seconds
+    while not await try_lock(store, name, owner):
+        if time.monotonic() > deadline:
+            raise ToolboxError(ErrorCode.RATE_LIMITED, busy_message)
+        await asyncio.sleep(SHORT_LOCK_POLL_SECONDS)
+    try:
+        yield
+    finally:
+        await release_lock(store, name, owner)

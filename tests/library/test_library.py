@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from modal_services.errors import ErrorCode, ToolboxError
@@ -16,6 +18,9 @@ from modal_services.library.entries import (
     safe_file_name,
     unique_file_name,
 )
+from modal_services.library import entries as entries_module
+from modal_services.state.keys import file_lock_name
+from modal_services.state.locks import try_lock
 from modal_services.state.store import SqliteStore
 
 
@@ -131,6 +136,24 @@ async def test_edit_checks_everything_before_writing(library):
     assert (await library.get("a.safetensors")).name == "Better name"
     with pytest.raises(ToolboxError):
         await library.edit("Better name")
+
+
+async def test_two_edits_of_one_model_at_once_both_land(library):
+    await put_model(library, "a.safetensors", name="A")
+    await asyncio.gather(library.edit("A", trigger_words="shiny"), library.edit("A", weight=0.6),
+                         library.edit("a.safetensors", display_name="Renamed"))
+    entry = await library.get("a.safetensors")
+    assert (entry.name, entry.trigger_words, entry.weight) == ("Renamed", ["shiny"], 0.6)
+
+
+async def test_an_edit_during_an_import_of_that_file_waits_then_says_so(library, monkeypatch):
+    await put_model(library, "a.safetensors", name="A")
+    monkeypatch.setattr(entries_module, "EDIT_LOCK_WAIT_SECONDS", 0.2)
+    assert await try_lock(library.store, file_lock_name("a.safetensors"), "an import")
+    with pytest.raises(ToolboxError) as refused:
+        await library.edit("A", trigger_words="lost")
+    assert refused.value.code == ErrorCode.RATE_LIMITED and "being changed by someone else" in refused.value.message
+    assert (await library.get("a.safetensors")).trigger_words == []
 
 
 async def test_checkpoints_have_no_weight(library):
