@@ -16,15 +16,12 @@ import asyncio
 import base64
 import hashlib
 import json
-from pathlib import Path
 
 import httpx
 import pytest
 
-import bot.backend
 from bot.api import create_app
 from bot.backend import LocalBackend
-from bot.cli import main
 from bot.core.library import library_for
 from bot.guild_settings import GuildSettings, load_guild_settings, save_guild_settings
 from bot.settings import Settings
@@ -47,6 +44,7 @@ from modal_services.state.keys import (
     manifest_key,
     upscale_params_key,
 )
+from modal_services.state.reconcile import ReconcileReport
 from tests.fakes.discord_fakes import ephemeral_error, fake_interaction, invoke
 from tests.fakes.engines import StandInImageEngine
 from tests.fakes.expiring_store import ExpiringStore
@@ -54,9 +52,8 @@ from tests.fakes.modal_fakes import fake_volumes
 from tests.bot.buttons import press
 from tests.images import png_bytes
 from tests.library.test_library import put_model
+from tests.state.conftest import FRONT_END_SPELLS, GOOD_CIVITAI, GOOD_HF, IDLE_SPELLS, cli
 
-GOOD_HF = "hf_AbCdEfGhIjKlMnOp1234"
-GOOD_CIVITAI = "0123456789abcdef0123456789abcd99"
 GUILD, OTHER_GUILD, ADMIN = 2002, 4004, 42  # GUILD: where the fake interactions come from
 ACCEPTED_BY = f"alice ({ADMIN})"
 # Base models laid out as installed (the NSFW classifier's folder is the stand-in engines'; Flux stays off).
@@ -72,22 +69,8 @@ KEPT_PHOTOS = encode_photos({"face": png_bytes(32, 32, seed=3), "pose": None})
 RESULT_PARAMS = {generate_params_key(JOB): KEPT_GENERATE, upscale_params_key(JOB): KEPT_UPSCALE,
                  generate_faces_key(JOB): KEPT_PHOTOS, caption_prompt_key(JOB): "a lighthouse on a cliff, dusk"}
 
-IDLE_SPELLS = {
-    "8 idle days": lambda live: live.advance(days=8),
-    "40 idle days": lambda live: live.advance(days=40),
-    "Dict emptied": ExpiringStore.forget_everything,
-}
-LOCAL_STATE_DELETED = "state.sqlite3 deleted"
-
 
 # ------------------------------------------------------------------ using the toolbox
-
-
-@pytest.fixture
-def hub(fake_hub):
-    """The fake hub checking tokens too: Hugging Face's whoami and CivitAI's /api/v1/me (user "tester")."""
-    fake_hub.valid_tokens = {GOOD_HF, GOOD_CIVITAI}
-    return fake_hub
 
 
 async def install_base_model(store, settings: Settings, key: str) -> None:
@@ -233,41 +216,6 @@ async def test_what_the_dict_alone_held_is_forgotten():
 # ------------------------------------------------------------------ the front ends
 
 
-@pytest.fixture
-def forget(request, monkeypatch):
-    """forget(): the local backend's live store loses everything it held, as `request.param` says.
-
-    For an idle spell, every LocalBackend of the test shares one ExpiringStore (as every container
-    of a deployment shares its Dict); for `LOCAL_STATE_DELETED`, the backends keep their SQLite
-    file, which is deleted (every backend on it closed first)."""
-    state_path = Settings.load().state_path
-    if request.param == LOCAL_STATE_DELETED:
-        def delete_state() -> None:
-            assert state_path.exists()
-            for suffix in ("", "-wal", "-shm"):
-                Path(f"{state_path}{suffix}").unlink(missing_ok=True)
-
-        return delete_state
-    live = ExpiringStore()
-    monkeypatch.setattr(bot.backend, "SqliteStore", lambda path: live)
-
-    def idle() -> None:
-        IDLE_SPELLS[request.param](live)
-        assert live.remembered() == []
-
-    return idle
-
-
-FRONT_END_SPELLS = [*IDLE_SPELLS, LOCAL_STATE_DELETED]
-
-
-def cli(capsys, *argv) -> dict | list:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    return json.loads(out) if "--json" in argv else out
-
-
 async def set_up_on_a_backend(settings: Settings, engines, hub_url: str) -> None:
     backend = LocalBackend(settings, engines=engines)
     try:
@@ -309,7 +257,9 @@ def front_end_answers(settings: Settings, engines, engine: StandInImageEngine, c
     api = asyncio.run(api_answers(settings, engines))
     generated = engine.generated[-1]
     worker = {name: generated[name] for name in ("checkpoint", "loras", "seed", "face_image")}
-    return {"models": models, "status": status, "api": api, "worker": worker}
+    # The last records check is live state: it is told apart from what was set.
+    return {"models": models, "status": status, "records check": status.pop("records_check"), "api": api,
+            "worker": worker}
 
 
 @pytest.mark.parametrize("forget", FRONT_END_SPELLS, indirect=True)
@@ -335,8 +285,14 @@ def test_the_cli_and_the_api_answer_as_before(forget, hub, backends_from_setting
     assert [lora["trigger_words"] for lora in before["worker"]["loras"]] == [["ink", "brush stroke"]]
 
     forget()
-    assert front_end_answers(settings, backends_from_settings, engine, capsys) == before
+    after = front_end_answers(settings, backends_from_settings, engine, capsys)
+    checked, checked_before = after.pop("records check"), before.pop("records check")
+    assert after == before
     assert len(engine.generated) == 2
+    # The first start after the loss checked the records again: every one read back from its file, all in order.
+    assert checked["ran_at"] > checked_before["ran_at"] and checked["records"] == checked_before["records"]
+    assert checked["warmed"] == sum(checked["records"].values()) > 0
+    assert ReconcileReport.from_dict(checked).drift() == []
 
 
 # ------------------------------------------------------------------ Discord
