@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from pathlib import Path
+from typing import AsyncIterator
 
+import httpx
 import pytest
 
 import bot.backend
+from bot.api import create_app
+from bot.backend import LocalBackend
 from bot.cli import main
+from bot.core.library import library_for
 from bot.settings import Settings
 from tests.fakes.expiring_store import ExpiringStore
 
@@ -62,3 +69,32 @@ def cli(capsys, *argv) -> dict | list | str:
     out, err = capsys.readouterr()
     assert code == 0, err
     return json.loads(out) if "--json" in argv else out
+
+
+API_TOKEN = "api-token-7c21"
+
+
+@contextlib.asynccontextmanager
+async def api_client(settings: Settings, engines) -> AsyncIterator[httpx.AsyncClient]:
+    """The HTTP API on a local backend of its own (`engines` its engine factory), lifespan run, token sent."""
+    backend = LocalBackend(settings, engines=engines)
+    app = create_app(backend, library_for(settings, backend.store), API_TOKEN, settings.api_concurrency)
+    lifespan = app.router.lifespan_context(app)
+    await lifespan.__aenter__()
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
+                                     headers={"Authorization": f"Bearer {API_TOKEN}"}) as client:
+            yield client
+    finally:
+        await lifespan.__aexit__(None, None, None)
+        await backend.close()
+
+
+async def finished_job(client: httpx.AsyncClient, job: dict) -> dict:
+    """POST /jobs `job`, then GET /jobs/{id} until it is done: its view."""
+    accepted = await client.post("/jobs", json=job)
+    assert accepted.status_code == 202, accepted.text
+    while (view := (await client.get(f"/jobs/{accepted.json()['job_id']}")).json())["status"] != "done":
+        assert view["status"] in ("queued", "running"), view
+        await asyncio.sleep(0.02)
+    return view

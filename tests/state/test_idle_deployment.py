@@ -17,10 +17,8 @@ import base64
 import hashlib
 import json
 
-import httpx
 import pytest
 
-from bot.api import create_app
 from bot.backend import LocalBackend
 from bot.core.library import library_for
 from bot.guild_settings import GuildSettings, load_guild_settings, save_guild_settings
@@ -52,7 +50,15 @@ from tests.fakes.modal_fakes import fake_volumes
 from tests.bot.buttons import press
 from tests.images import png_bytes
 from tests.library.test_library import put_model
-from tests.state.conftest import FRONT_END_SPELLS, GOOD_CIVITAI, GOOD_HF, IDLE_SPELLS, cli
+from tests.state.conftest import (
+    FRONT_END_SPELLS,
+    GOOD_CIVITAI,
+    GOOD_HF,
+    IDLE_SPELLS,
+    api_client,
+    cli,
+    finished_job,
+)
 
 GUILD, OTHER_GUILD, ADMIN = 2002, 4004, 42  # GUILD: where the fake interactions come from
 ACCEPTED_BY = f"alice ({ADMIN})"
@@ -227,24 +233,11 @@ async def set_up_on_a_backend(settings: Settings, engines, hub_url: str) -> None
 async def api_answers(settings: Settings, engines) -> dict:
     """A generate job asking for a library LoRA by name and a face (InstantID, an optional model), through
     POST /jobs and GET /jobs/{id}; and /health's base models."""
-    backend = LocalBackend(settings, engines=engines)
-    app = create_app(backend, library_for(settings, backend.store), "api-token-7c21", settings.api_concurrency)
-    lifespan = app.router.lifespan_context(app)
-    await lifespan.__aenter__()
-    try:
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api",
-                                     headers={"Authorization": "Bearer api-token-7c21"}) as client:
-            accepted = await client.post("/jobs", json={
-                "kind": "generate", "prompt": "a portrait", "seed": 11, "loras": [{"name": "Ink Brush"}],
-                "reference_image_base64": base64.b64encode(png_bytes(64, 64, seed=4)).decode()})
-            assert accepted.status_code == 202, accepted.text
-            while (view := (await client.get(f"/jobs/{accepted.json()['job_id']}")).json())["status"] != "done":
-                assert view["status"] in ("queued", "running"), view
-                await asyncio.sleep(0.02)
-            health = (await client.get("/health")).json()
-    finally:
-        await lifespan.__aexit__(None, None, None)
-        await backend.close()
+    async with api_client(settings, engines) as client:
+        view = await finished_job(client, {
+            "kind": "generate", "prompt": "a portrait", "seed": 11, "loras": [{"name": "Ink Brush"}],
+            "reference_image_base64": base64.b64encode(png_bytes(64, 64, seed=4)).decode()})
+        health = (await client.get("/health")).json()
     return {"model_info": view["result"]["model_info"], "face": view["result"]["face"],
             "installed": sorted(key for key, model in health["models"].items() if model["installed"])}
 
