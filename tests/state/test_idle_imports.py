@@ -1,11 +1,15 @@
-"""Models imported from CivitAI and a checkpoint chosen through the front ends, then the deployment left
-alone (or its live store lost): the library, the re-imports and the jobs answer as set, from the files
-alone. And a library copied to another machine, model files with their sidecars, is the library there.
+"""What admins do through the front ends, then the deployment left alone (8 or 40 days, an emptied Dict, a
+deleted state.sqlite3: see `forget` in conftest.py): models imported from CivitAI, the active checkpoint
+chosen with `toolbox models use` or `/models checkpoint`, InstantID enabled with `toolbox setup --enable`.
+The library, a second import of the same version, `toolbox status`, `/status` and the jobs answer as set,
+from the files alone. And a library copied to another machine (the data dir's loras/ and models/ only) is
+the library there.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import shutil
@@ -16,10 +20,13 @@ from bot.backend import LocalBackend
 from bot.cli import main
 from bot.core.library import library_for
 from bot.settings import Settings
+from modal_services.base_models import downloads
+from modal_services.base_models.registry import INSTANTID_MODELS
 from modal_services.jobs.requests import GenerateRequest, ModelImportRequest
 from tests.fakes.discord_fakes import ephemeral_error, fake_interaction, invoke
 from tests.fakes.engines import StandInImageEngine
 from tests.fixtures import tiny_loras
+from tests.images import png_bytes
 from tests.library.test_library import put_model
 from tests.state.conftest import FRONT_END_SPELLS, api_client, cli, finished_job
 from tests.state.test_idle_deployment import install_base_model
@@ -29,6 +36,9 @@ pytest.importorskip("torch")
 LORA = tiny_loras.to_bytes(tiny_loras.sdxl_kohya())
 CHECKPOINT = tiny_loras.to_bytes(tiny_loras.sdxl_checkpoint())
 LORA_FILE, CHECKPOINT_FILE = "detail_tweaker_xl.safetensors", "noobai.safetensors"
+
+
+# ------------------------------------------------------------------ models, jobs and commands
 
 
 @pytest.fixture
@@ -58,6 +68,28 @@ def check_as_imported(library: dict[str, dict]) -> None:
     assert (checkpoint["civitai_model_id"], checkpoint["civitai_version_id"], checkpoint["sha256"]) == (
         2, 21, hashlib.sha256(CHECKPOINT).hexdigest())
     assert not lora["missing"] and not checkpoint["missing"]
+
+
+async def api_job(settings: Settings, engines, job: dict) -> dict:
+    """`job` through the HTTP API, to its finished view."""
+    async with api_client(settings, engines) as client:
+        return await finished_job(client, job)
+
+
+async def install_on_a_backend(settings: Settings, key: str) -> None:
+    """Base model `key` as a finished download leaves it: its files and its manifest."""
+    backend = LocalBackend(settings)
+    try:
+        await install_base_model(backend.store, settings, key)
+    finally:
+        await backend.close()
+
+
+def checkpoint_command(toolbox_bot):
+    return toolbox_bot.tree.get_command("models").get_command("checkpoint")
+
+
+# ------------------------------------------------------------------ CivitAI imports
 
 
 async def import_on_a_backend(settings: Settings, ref: str) -> dict:
@@ -115,11 +147,6 @@ def test_a_checkpoint_chosen_with_the_cli_is_the_one_jobs_get_after_the_loss(for
     assert engine.generated[-1]["checkpoint"] == job["result"]["model_info"]["base_model"] == CHECKPOINT_FILE
 
 
-async def api_job(settings: Settings, engines, job: dict) -> dict:
-    async with api_client(settings, engines) as client:
-        return await finished_job(client, job)
-
-
 @pytest.mark.parametrize("forget", FRONT_END_SPELLS, indirect=True)
 async def test_a_checkpoint_chosen_in_discord_is_the_one_jobs_get_after_the_loss(forget, make_toolbox_bot,
                                                                                 stand_in_engines, fast_progress):
@@ -146,19 +173,7 @@ async def test_a_checkpoint_chosen_in_discord_is_the_one_jobs_get_after_the_loss
     assert ephemeral_error(generate) is None and engine.generated[-1]["checkpoint"] == CHECKPOINT_FILE
 
 
-def checkpoint_command(toolbox_bot):
-    return toolbox_bot.tree.get_command("models").get_command("checkpoint")
-
-
 # ------------------------------------------------------------------ a library copied to another machine
-
-
-async def install_on_a_backend(settings: Settings, key: str) -> None:
-    backend = LocalBackend(settings)
-    try:
-        await install_base_model(backend.store, settings, key)
-    finally:
-        await backend.close()
 
 
 def test_a_library_copied_to_another_machine_is_the_library_there(civitai, capsys, tmp_path, monkeypatch):
@@ -183,3 +198,37 @@ def test_a_library_copied_to_another_machine_is_the_library_there(civitai, capsy
         assert entry == {key: value for key, value in before[file].items() if key != "path"}
     states = {model["key"]: model["state"] for model in cli(capsys, "status", "--json")["models"]}
     assert states["sdxl-vae"] == "present" and states["sdxl-base"] == "missing"
+
+
+# ------------------------------------------------------------------ an optional model, enabled with the CLI
+
+
+@pytest.mark.parametrize("forget", FRONT_END_SPELLS, indirect=True)
+def test_an_optional_model_enabled_with_the_cli_stays_enabled_after_the_loss(forget, hub, backends_from_settings,
+                                                                            capsys, monkeypatch):
+    """`toolbox setup --enable` InstantID, with a base model downloaded from the hub in the same run. InstantID's
+    own files are laid out as a finished download leaves them: the registry pins their hashes, which no fake
+    hub can serve."""
+    monkeypatch.setattr(downloads, "TICK_SECONDS", 0.05)
+    engine = backends_from_settings.use(GenerateRequest, StandInImageEngine(shrink=8))
+    settings = Settings.load()
+    for key in INSTANTID_MODELS:
+        asyncio.run(install_on_a_backend(settings, key))
+    enabled = cli(capsys, "setup", "--enable", *INSTANTID_MODELS, "--only", "sdxl-vae")
+    assert "Enabled InstantID" in enabled and "Downloaded: sdxl-vae." in enabled
+    downloaded = len(hub.body_requests("/resolve/"))
+
+    forget()
+    status = cli(capsys, "status", "--json")
+    states = {model["key"]: model["state"] for model in status["models"]}
+    for key in INSTANTID_MODELS:
+        assert status["optional_models"][key]["enabled"]["by"] == "`toolbox setup` on the command line"
+    assert all(states[key] == "present" for key in (*INSTANTID_MODELS, "sdxl-vae"))
+    # What the hub gave is not fetched again.
+    assert "All requested base models are present." in cli(capsys, "setup", "--only", "sdxl-vae")
+    assert len(hub.body_requests("/resolve/")) == downloaded > 0
+    # A face job needs InstantID enabled and downloaded: it runs.
+    face = base64.b64encode(png_bytes(64, 64, seed=4)).decode()
+    job = asyncio.run(api_job(settings, backends_from_settings, {"kind": "generate", "prompt": "a portrait",
+                                                                 "seed": 5, "reference_image_base64": face}))
+    assert job["result"]["face"]["faces_found"] >= 1 and engine.generated[-1]["face_image"] is not None
