@@ -1,4 +1,5 @@
-"""What the idle-deployment tests share: the ways a deployment's live store forgets, and the CLI in-process."""
+"""What the idle-deployment tests share: the ways a deployment's live store forgets, and the CLI and the HTTP API
+in-process."""
 
 from __future__ import annotations
 
