@@ -176,8 +176,10 @@ class Tagger:
     def _session(self, model):
         import onnxruntime
 
-        device = "cuda" if self._device().startswith("cuda") else "cpu"
-        return onnxruntime.InferenceSession(model, providers=PROVIDERS[device])
+        # The CPU build of onnxruntime has no CUDA provider: asked for it, the session runs on the CPU.
+        wanted = PROVIDERS["cuda" if self._device().startswith("cuda") else "cpu"]
+        available = onnxruntime.get_available_providers()
+        return onnxruntime.InferenceSession(model, providers=[name for name in wanted if name in available])
 
 
 def _check_tag_list(tag_list: TagList) -> None:
