@@ -178,7 +178,8 @@ async def test_withheld_images_never_leave_the_worker(store):
     engine, classifier = FourImages(), ByRedness()
     job = await create_job(store, "generate")
     payload = {"prompt": "a beach", "count": 4, "safety": {"policy": "block", "threshold": 0.7}}
-    result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, payload, classifier=classifier, tagger=DrawnAdults())
+    result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, payload, classifier=classifier,
+                                   tagger=DrawnAdults())
 
     red, dark, pink, blue = engine.images
     assert result["images"] == [None, dark, None, blue]  # red scores 1.0 and pink 0.78: at 0.7 or more
@@ -199,7 +200,8 @@ async def test_the_decisions_follow_each_score(store):
     engine, classifier = FourImages(), ByRedness()
     job = await create_job(store, "generate")
     payload = {"prompt": "a beach", "count": 4, "safety": {"policy": "spoiler", "threshold": 0.75}}
-    result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, payload, classifier=classifier, tagger=DrawnAdults())
+    result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, payload, classifier=classifier,
+                                   tagger=DrawnAdults())
     report = SafetyReport.from_dict(result["safety"])
     assert [image.decision for image in report.images] == [SPOILER, POST, SPOILER, POST]
     assert [round(image.nsfw_score, 2) for image in report.images] == [1.0, 0.08, 0.78, 0.0]
@@ -211,7 +213,8 @@ async def test_no_classification_with_the_policy_off_or_in_age_restricted_channe
     engine, classifier, tagger = FourImages(), ByRedness(), DrawnAdults()
     job = await create_job(store, "generate")
     result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id,
-                                   {"prompt": "a beach", "count": 4, "safety": safety}, classifier=classifier, tagger=tagger)
+                                   {"prompt": "a beach", "count": 4, "safety": safety}, classifier=classifier,
+                                   tagger=tagger)
     assert classifier.batches == [] and result["images"] == engine.images
     assert tagger.batches == [4]  # the tagger reads them all the same
     report = SafetyReport.from_dict(result["safety"])
@@ -231,14 +234,15 @@ async def test_previews_are_blurred_while_the_images_are_still_to_be_judged(stor
 
     store.put = spying_put
     job = await create_job(store, "generate")
-    await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, {"prompt": "a beach"}, classifier=classifier, tagger=DrawnAdults())
+    await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, {"prompt": "a beach"},
+                          classifier=classifier, tagger=DrawnAdults())
     [jpeg] = seen
     assert jpeg != engine.images[0] and Image.open(io.BytesIO(jpeg)).format == "JPEG"
 
     seen.clear()
     job = await create_job(store, "generate")
-    await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, {"prompt": "a beach", "safety": {"policy": "off"}},
-                          classifier=classifier, tagger=DrawnAdults())
+    await run_service_job(store, engine, SERVICES[GenerateRequest], job.id,
+                          {"prompt": "a beach", "safety": {"policy": "off"}}, classifier=classifier, tagger=DrawnAdults())
     # Not classified, but still tagged (the drawn-minor rule never turns off): blurred all the same.
     [jpeg] = seen
     assert jpeg != engine.images[0] and Image.open(io.BytesIO(jpeg)).format == "JPEG"
@@ -254,7 +258,8 @@ async def test_a_refused_prompt_fails_in_the_worker_too_before_the_engine_runs(s
     job = await create_job(store, "generate")
     with pytest.raises(ToolboxError) as caught:
         await run_service_job(store, engine, SERVICES[GenerateRequest], job.id,
-                              {"prompt": "a beach", "safety": {"refused_words": ["beach"]}}, classifier=ByRedness(), tagger=DrawnAdults())
+                              {"prompt": "a beach", "safety": {"refused_words": ["beach"]}}, classifier=ByRedness(),
+                              tagger=DrawnAdults())
     assert caught.value.code is ErrorCode.INVALID_PROMPT
     assert (await load_job(store, job.id)).error_code == "INVALID_PROMPT"
 
@@ -288,7 +293,8 @@ async def test_an_upscale_result_is_judged_as_one_image(store):
     spec = ServiceSpec(UpscaleRequest, "SdxlService", lambda: Upscaler, lambda: Upscaler.upscale,
                        judged_images=UPSCALED_IMAGE)
     job = await create_job(store, "upscale")
-    result = await run_service_job(store, engine, spec, job.id, {"image": picture("white")}, classifier=ByRedness(), tagger=DrawnAdults())
+    result = await run_service_job(store, engine, spec, job.id, {"image": picture("white")}, classifier=ByRedness(),
+                                   tagger=DrawnAdults())
     assert result["image"] is None and SafetyReport.from_dict(result["safety"]).withheld == [0]
 
 
