@@ -112,7 +112,7 @@ class SafetyReport:
     age_restricted: bool
     threshold: float
     images: list[JudgedImage] = field(default_factory=list)
-    classify_seconds: float = 0.0
+    classify_seconds: float = 0.0  # tagging and classifying together
 
     @property
     def checked(self) -> bool:
