@@ -31,6 +31,7 @@ from modal_services.state.keys import call_key
 from modal_services.state.locks import holder_record
 from modal_services.layout import Layout
 from modal_services.safety.nsfw_classifier import NsfwClassifier
+from modal_services.safety.tagger import Tagger
 from modal_services.services import (SERVICES, Engine, EngineFactory, ServiceSpec, build_engine, run_service_job,
                                      service_for)
 from modal_services.state.durable import DurableStore, local_homes, volume_homes
@@ -103,6 +104,7 @@ class LocalBackend(Backend):
         self.build_engine = engines
         # One for every service that judges images, loaded when the first job needs it.
         self.classifier = NsfwClassifier(settings.models_dir)
+        self.tagger = Tagger(settings.models_dir)
         self._engines: dict[str, Engine] = {}
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._turns: dict[str, asyncio.Lock] = {}
@@ -139,7 +141,7 @@ class LocalBackend(Backend):
         # The job stays "queued" until its engine is free.
         async with self._turns[service]:
             return await run_service_job(self.store, self._engines[service], spec, job_id, payload,
-                                         self._executors[service], classifier=self.classifier)
+                                         self._executors[service], classifier=self.classifier, tagger=self.tagger)
 
     async def result(self, job_id: str) -> Any:
         task = self._tasks.get(job_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import discord
 
-from modal_services.safety.judge import SafetyReport
+from modal_services.safety.judge import JudgedImage, Reason, SafetyReport
 
 
 def age_restricted(interaction: discord.Interaction) -> bool:
@@ -31,12 +31,16 @@ def public_lines(report: SafetyReport | None) -> list[str]:
     """What the result message says about the check (small print)."""
     if report is None:
         return []
+    count, lines = len(report.images), []
+    minors = report.withheld_for(Reason.DRAWN_MINOR)
+    if minors:
+        lines.append(f"-# 🚫 {_numbered(minors, count)} not posted: withheld by the check that always runs")
     reason = report.unchecked_reason()
     if reason is not None:
-        return [f"-# Safety check not run: {reason}"]
-    count, lines = len(report.images), []
-    if report.withheld:
-        lines.append(f"-# 🚫 {_numbered(report.withheld, count)} not posted: flagged by this server's safety check")
+        return [*lines, f"-# Safety check not run: {reason}"]
+    flagged = report.withheld_for(Reason.NSFW)
+    if flagged:
+        lines.append(f"-# 🚫 {_numbered(flagged, count)} not posted: flagged by this server's safety check")
     if report.spoilered:
         lines.append(f"-# ⚠️ {_numbered(report.spoilered, count)} flagged by the safety check: posted as a spoiler")
     return lines
@@ -44,12 +48,25 @@ def public_lines(report: SafetyReport | None) -> list[str]:
 
 def withheld_notice(report: SafetyReport) -> str | None:
     """Why images were withheld, for the requester alone; None when none was."""
-    if not report.withheld:
-        return None
-    scores = ", ".join(f"{report.images[index].nsfw_score:.2f}" for index in report.withheld)
-    return (
-        f"🚫 {_numbered(report.withheld, len(report.images))} withheld: the NSFW classifier scored {scores} "
-        f"(this server's threshold is {report.threshold:g}) and this channel is not age-restricted. "
-        "Withheld images are not kept anywhere. In an age-restricted channel images are posted as generated; "
-        "admins set the policy with /settings safety."
-    )
+    count, notices = len(report.images), []
+    minors = report.withheld_for(Reason.DRAWN_MINOR)
+    if minors:
+        notices.append(
+            f"🚫 {_numbered(minors, count)} withheld: the image reads as a drawing of a minor in a sexual context. "
+            "Such images are never posted, whatever the channel or this server's settings, and are not kept anywhere."
+        )
+    flagged = report.withheld_for(Reason.NSFW)
+    if flagged:
+        scores = ", ".join(_flag(report.images[index]) for index in flagged)
+        notices.append(
+            f"🚫 {_numbered(flagged, count)} withheld: the NSFW classifier scored {scores} "
+            f"(this server's threshold is {report.threshold:g}) and this channel is not age-restricted. "
+            "Withheld images are not kept anywhere. In an age-restricted channel images are posted as generated; "
+            "admins set the policy with /settings safety."
+        )
+    return "\n".join(notices) or None
+
+
+def _flag(image: JudgedImage) -> str:
+    """An image's score, and its rating where the rating flagged it."""
+    return f"{image.nsfw_score:.2f}" + (" (rated explicit)" if image.rating == "explicit" else "")

@@ -39,6 +39,7 @@ from modal_services.layout import LORAS_MOUNT, LORAS_VOLUME, MODELS_MOUNT, MODEL
 from modal_services.state.durable import HOME_VOLUMES, LORAS_HOME, MODELS_HOME, DurableStore
 from modal_services.state.record_files import FolderFiles, RecordFiles, VolumeFiles
 from modal_services.safety.nsfw_classifier import NsfwClassifier
+from modal_services.safety.tagger import Tagger
 from modal_services.services import SERVICES, run_service_job
 from modal_services.state.store import ModalDictStore
 
@@ -283,15 +284,15 @@ sdxl_image = (
 )
 
 
-async def _volumes_for_job(engine, classifier: NsfwClassifier) -> None:
-    """What a GPU job reads fresh: the base models while the engine or its NSFW classifier is not loaded
-    yet (/setup may just have put them there), and the LoRAs and checkpoints imported since this
+async def _volumes_for_job(engine, classifier: NsfwClassifier, tagger: Tagger) -> None:
+    """What a GPU job reads fresh: the base models while the engine, its NSFW classifier or its tagger is not
+    loaded yet (/setup may just have put them there), and the LoRAs and checkpoints imported since this
     container started."""
     if not engine.loaded:
         await models_volume.reload.aio()
-    elif not classifier.loaded:
+    elif not (classifier.loaded and tagger.loaded):
         try:
-            await models_volume.reload.aio()  # a classifier downloaded since this container started
+            await models_volume.reload.aio()  # a classifier or tagger downloaded since this container started
         except Exception:  # refused while the engine's files are open: the classifier waits for a fresh container
             log.warning("models volume reload skipped", exc_info=True)
     try:
@@ -322,8 +323,10 @@ class SdxlService:
         self.engine = SdxlEngine(_layout(self.store), device=SDXL_DEVICE)
         # Judges this container's images, loaded with the engine: part of the same snapshot and cold start.
         self.classifier = NsfwClassifier(MODELS_MOUNT, SDXL_DEVICE)
+        self.tagger = Tagger(MODELS_MOUNT, SDXL_DEVICE)
         _load_or_stay_up("SDXL engine", lambda: self.engine.load(staging_device="cpu"))
         _load_or_stay_up("NSFW classifier", lambda: self.classifier.load(staging_device="cpu"))
+        _load_or_stay_up("booru tagger", lambda: self.tagger.load(staging_device="cpu"))
 
     @modal.enter(snap=False)
     def place(self) -> None:
@@ -331,11 +334,12 @@ class SdxlService:
             self.engine.place()
         if self.classifier.loaded:
             self.classifier.place()
+        self.tagger.place()
 
     async def _run(self, request: type[JobRequest], job_id: str, payload: dict):
-        await _volumes_for_job(self.engine, self.classifier)
+        await _volumes_for_job(self.engine, self.classifier, self.tagger)
         return await run_service_job(self.store, self.engine, SERVICES[request], job_id, payload,
-                                     classifier=self.classifier)
+                                     classifier=self.classifier, tagger=self.tagger)
 
     @modal.method()
     async def upscale(self, job_id: str, payload: dict) -> dict:
@@ -356,7 +360,7 @@ FLUX_DEVICE = "cuda"
 FLUX_PRECISION = precision_for_gpu(FLUX_GPU, os.environ.get("TOOLBOX_FLUX_PRECISION", "auto"))
 # torchao (fp8) and bitsandbytes (NF4) only where the precision needs them.
 FLUX_QUANTISERS = {"fp8": ("torchao>=0.13",), "nf4": ("bitsandbytes>=0.46",)}
-flux_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17", "sentencepiece>=0.2",
+flux_image = gpu_image.pip_install("diffusers>=0.35", "peft>=0.17", "sentencepiece>=0.2", "onnxruntime>=1.20",
                                    *FLUX_QUANTISERS.get(FLUX_PRECISION, ()))
 
 
@@ -381,7 +385,9 @@ class FluxService:
         self.engine.precision = FLUX_PRECISION
         # Judges this container's images, as SdxlService's does its own.
         self.classifier = NsfwClassifier(MODELS_MOUNT, FLUX_DEVICE)
+        self.tagger = Tagger(MODELS_MOUNT, FLUX_DEVICE)
         _load_or_stay_up("NSFW classifier", lambda: self.classifier.load(staging_device="cpu"))
+        _load_or_stay_up("booru tagger", lambda: self.tagger.load(staging_device="cpu"))
         if self.engine.can_stage:
             _load_or_stay_up("Flux engine", lambda: self.engine.load(staging_device="cpu"))
 
@@ -393,12 +399,13 @@ class FluxService:
             _load_or_stay_up("Flux engine", self.engine.load)
         if self.classifier.loaded:
             self.classifier.place()
+        self.tagger.place()
 
     @modal.method()
     async def generate(self, job_id: str, payload: dict) -> dict:
-        await _volumes_for_job(self.engine, self.classifier)
+        await _volumes_for_job(self.engine, self.classifier, self.tagger)
         return await run_service_job(self.store, self.engine, SERVICES[FluxGenerateRequest], job_id, payload,
-                                     classifier=self.classifier)
+                                     classifier=self.classifier, tagger=self.tagger)
 
 
 # The bot itself: one always-on container on a slim image (the package's base

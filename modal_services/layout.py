@@ -34,6 +34,8 @@ IP_ADAPTER_FILE = "ip-adapter/ip-adapter-plus_sdxl_vit-h.safetensors"
 CLIP_VIT_H_DIR = "clip-vit-h"
 # The NSFW image classifier that judges generated and upscaled images (a transformers folder).
 NSFW_CLASSIFIER_DIR = "nsfw-classifier"
+# The booru tagger (SmilingWolf's WD tagger: model.onnx and selected_tags.csv) that reads drawn images beside it.
+TAGGER_DIR = "wd-tagger"
 # SDXL's diffusers configs and tokenizers (no weights): what loading a
 # single-file checkpoint needs offline (`from_single_file(..., config=...)`).
 SDXL_CONFIG_DIR = "sdxl-base"

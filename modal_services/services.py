@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from modal_services.errors import ToolboxError
 from modal_services.jobs.requests import (
     CaptionRequest,
     DownloadRequest,
@@ -42,6 +41,7 @@ if TYPE_CHECKING:
     from modal_services.engines.sdxl.engine import SdxlEngine
     from modal_services.library.imports import ModelEngine
     from modal_services.safety.nsfw_classifier import NsfwClassifier
+    from modal_services.safety.tagger import Tagger
 
 
 class Engine(Protocol):
@@ -156,19 +156,16 @@ def service_of_kind(kind: str) -> ServiceSpec | None:
 
 def run_on_engine(
     engine: Engine, spec: ServiceSpec, payload: dict[str, Any], progress: ProgressFn,
-    classifier: "NsfwClassifier | None" = None, **extras: Any,
+    classifier: "NsfwClassifier | None" = None, tagger: "Tagger | None" = None, **extras: Any,
 ) -> Any:
     """Blocking: parse the request (the one check in the worker, before any model loads; a judged kind's
     prompts are screened then), load the engine if needed (a missing model fails the job, not the worker),
-    then run; a judged kind's images are then classified in one batch and the withheld ones dropped."""
+    then run; a judged kind's images are then tagged (always) and classified (as the context asks) in one
+    batch each, and the withheld ones dropped."""
     request = spec.request.parse(payload)
     context = request.safety if spec.judged_images is not None else None
-    if context is not None and context.classifies:
-        if classifier is None:
-            raise ValueError(f"{spec.kind} jobs are judged: run them with the worker's NSFW classifier")
-        if not classifier.loaded:
-            progress(0.0, "loading the safety classifier")
-            classifier.load()  # a missing classifier fails the job before any GPU work
+    if context is not None:
+        _load_safety_models(spec, context, classifier, tagger, progress)
     if not engine.loaded:
         progress(0.0, "loading model")
         engine.load()
@@ -177,37 +174,41 @@ def run_on_engine(
     if context is None:
         return result
     progress(1.0, "safety check")
-    images, report = judge(spec.judged_images.take(result), context, classifier and classifier.scores)
+    images, report = judge(spec.judged_images.take(result), context, classifier and classifier.scores, tagger.tag)
     return spec.judged_images.give(result, images, report.to_dict())
+
+
+def _load_safety_models(spec: ServiceSpec, context: SafetyContext, classifier: "NsfwClassifier | None",
+                        tagger: "Tagger | None", progress: ProgressFn) -> None:
+    """The models that judge this job's images, loaded before any GPU work so that a missing one fails the
+    job first: the tagger always (its drawn-minor rule never turns off), the classifier where it classifies."""
+    needed = [tagger] + ([classifier] if context.classifies else [])
+    if any(model is None for model in needed):
+        raise ValueError(f"{spec.kind} jobs are judged: run them with the worker's tagger and NSFW classifier")
+    if not all(model.loaded for model in needed):
+        progress(0.0, "loading the safety classifier")
+        for model in needed:
+            model.load()
 
 
 async def run_service_job(
     store: StateStore, engine: Engine, spec: ServiceSpec, job_id: str, payload: dict[str, Any], executor=None,
-    classifier: "NsfwClassifier | None" = None,
+    classifier: "NsfwClassifier | None" = None, tagger: "Tagger | None" = None,
 ) -> Any:
     """One job, as every Modal class and the local backend run it: `run_job` over
-    `run_on_engine`, with a preview sink for the engines that make previews (blurred while the
-    images are still to be classified), and a judged kind's safety report kept in the job record."""
+    `run_on_engine`, with a preview sink for the engines that make previews (a judged kind's blurred, whatever
+    its safety context: the drawn-minor rule reads only the finished images), and a judged kind's safety report
+    kept in the job record."""
     extras: dict[str, Any] = {}
     if spec.previews:
         from modal_services.engines.sdxl.previews import PreviewSink
 
         sink = PreviewSink(store, job_id)
-        extras["preview"] = obscured(sink) if _classified(spec, payload) else sink
+        extras["preview"] = obscured(sink) if spec.judged_images is not None else sink
     try:
-        work = partial(run_on_engine, engine, spec, payload, classifier=classifier, **extras)
+        work = partial(run_on_engine, engine, spec, payload, classifier=classifier, tagger=tagger, **extras)
         recorded = (lambda result: {"safety": result["safety"]}) if spec.judged_images is not None else None
         return await run_job(store, job_id, work, executor, recorded)
     finally:
         if spec.previews:
             await sink.close()
-
-
-def _classified(spec: ServiceSpec, payload: dict[str, Any]) -> bool:
-    """Whether this job's images will be classified (a payload the request refuses counts: the job fails anyway)."""
-    if spec.judged_images is None:
-        return False
-    try:
-        return SafetyContext.parse(payload.get("safety") or {}).classifies
-    except ToolboxError:
-        return True

@@ -99,6 +99,32 @@ def install_nsfw_classifier(tiny_nsfw_dirs, tmp_path):
     return install
 
 
+@pytest.fixture(scope="session")
+def tiny_tagger_dirs(tmp_path_factory):
+    """Tiny ONNX stand-ins for the booru tagger, built once per test run, one per verdict of
+    `tests.fixtures.tiny_tagger.VERDICTS` ("safe", "minor_explicit", "adult_explicit", "minor_general")."""
+    from tests.fixtures.tiny_tagger import VERDICTS, write_tiny_tagger
+
+    root = tmp_path_factory.mktemp("tiny-tagger")
+    return {verdict: write_tiny_tagger(root / verdict, scores) for verdict, scores in VERDICTS.items()}
+
+
+@pytest.fixture
+def install_tagger(tiny_tagger_dirs, tmp_path):
+    """install_tagger("safe" | "minor_explicit" | ...): that tiny tagger where the local backend looks for it."""
+    from modal_services.layout import TAGGER_DIR
+
+    def install(verdict: str = "safe"):
+        folder = tmp_path / "data" / "models" / TAGGER_DIR
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.is_symlink():
+            folder.unlink()
+        folder.symlink_to(tiny_tagger_dirs[verdict], target_is_directory=True)
+        return folder
+
+    return install
+
+
 @pytest.fixture
 def fake_hub(monkeypatch):
     """A fake Hugging Face Hub on loopback, serving a stand-in for every repo of the registry, as HF_ENDPOINT."""
@@ -139,14 +165,14 @@ def fast_progress(monkeypatch):
 
 
 @pytest.fixture
-def stand_in_engines(install_nsfw_classifier):
+def stand_in_engines(install_nsfw_classifier, install_tagger):
     """The engine factory of this test's local backends: `stand_in_engines.use(GenerateRequest, engine)` runs
     that request's engine class on a stand-in, every other on the real engine; for a class whose images are
-    judged, with the tiny classifier that passes every image installed. `make_toolbox_bot` gives it to the
-    backends it makes; tests that build a `LocalBackend` give it as `engines=`."""
+    judged, with the tiny classifier that passes every image and the tiny tagger that finds them safe installed.
+    `make_toolbox_bot` gives it to the backends it makes; tests that build a `LocalBackend` give it as `engines=`."""
     from tests.fakes.engines import StandInEngines
 
-    return StandInEngines(on_judged=lambda: install_nsfw_classifier("passes"))
+    return StandInEngines(on_judged=lambda: (install_nsfw_classifier("passes"), install_tagger("safe")))
 
 
 @pytest.fixture

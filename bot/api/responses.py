@@ -22,7 +22,7 @@ from bot.api.schema import JOB_BODIES, ErrorResponse, GenerateImageRequest
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import Job
 from modal_services.jobs.validation import describe_problem
-from modal_services.safety.judge import SafetyReport
+from modal_services.safety.judge import Reason, SafetyReport
 
 STATUS_FOR_CODE = {
     ErrorCode.INVALID_INPUT: 400,
@@ -99,16 +99,20 @@ def _b64(data: bytes) -> str:
 
 def safety_body(report: SafetyReport) -> dict[str, Any]:
     """How the images were judged, with a note saying what was withheld and how to get it."""
-    count, withheld = len(report.images), report.withheld
-    if not report.checked:
+    count, withheld = len(report.images), report.withheld_for(Reason.NSFW)
+    minors = report.withheld_for(Reason.DRAWN_MINOR)
+    if minors:
+        note = (f"{len(minors)} of {count} image{'s' if count > 1 else ''} withheld: drawn minors in a sexual "
+                "context are withheld whatever safety_check says.")
+    elif not report.checked:
         note = "Not checked: the request said safety_check: false."
     elif withheld:
         note = (f"{len(withheld)} of {count} image{'s' if count > 1 else ''} withheld as NSFW (score at or above "
-                f"{report.threshold:g}); send safety_check: false to receive them unchecked.")
+                f"{report.threshold:g}, or rated explicit); send safety_check: false to receive them unchecked.")
     else:
         note = "Checked: nothing was flagged."
     return {"checked": report.checked, "nsfw_scores": [image.nsfw_score for image in report.images],
-            "withheld": withheld, "threshold": report.threshold, "note": note}
+            "withheld": report.withheld, "threshold": report.threshold, "note": note}
 
 
 def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[str, Any]:

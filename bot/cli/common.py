@@ -128,13 +128,18 @@ def cli_safety(args: argparse.Namespace) -> SafetyContext:
 
 
 def report_withheld(result: dict) -> None:
-    """One line on stderr for each image the NSFW check withheld."""
-    from modal_services.safety.judge import SafetyReport
+    """One line on stderr for each image the safety check withheld."""
+    from modal_services.safety.judge import Reason, SafetyReport
 
     report = SafetyReport.from_dict(result["safety"])
-    for index in report.withheld:
-        print(f"image {index + 1} withheld: NSFW score {report.images[index].nsfw_score:.2f} (threshold "
-              f"{report.threshold:g}); not written. --no-safety-check keeps such images.", file=sys.stderr)
+    for index in report.withheld_for(Reason.DRAWN_MINOR):
+        print(f"image {index + 1} withheld: a drawn minor in a sexual context; not written, whatever the "
+              "safety options.", file=sys.stderr)
+    for index in report.withheld_for(Reason.NSFW):
+        image = report.images[index]
+        print(f"image {index + 1} withheld: NSFW score {image.nsfw_score:.2f}"
+              f"{', rated explicit' if image.rating == 'explicit' else ''} (threshold {report.threshold:g}); "
+              "not written. --no-safety-check keeps such images.", file=sys.stderr)
 
 
 def parse_lora_option(value: str) -> LoraChoice:

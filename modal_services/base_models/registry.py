@@ -37,6 +37,7 @@ from modal_services.layout import (
     NSFW_CLASSIFIER_DIR,
     SDXL_CONFIG_DIR,
     SDXL_VAE_DIR,
+    TAGGER_DIR,
 )
 
 # The face-analysis files, as antelopev2 names them (`modal_services.engines.sdxl.faces` reads them).
@@ -218,6 +219,16 @@ BASE_MODELS: dict[str, ModelEntry] = {
             ),
             folder=NSFW_CLASSIFIER_DIR,
             approx_bytes=343_000_000,
+            needed_by=("upscale", "generate", "flux_generate"),
+        ),
+        ModelEntry(
+            # EVA02-Large, ONNX, Apache-2.0: rates and tags every generated and upscaled image (drawn minors are
+            # withheld whatever the policy, so every judged job needs it), and gives the `tags` caption style its tags.
+            key="wd-tagger",
+            name="Booru tagger (SmilingWolf WD EVA02-Large v3)",
+            source=HFSource("SmilingWolf/wd-eva02-large-tagger-v3", include=("model.onnx", "selected_tags.csv")),
+            folder=TAGGER_DIR,
+            approx_bytes=1_260_000_000,
             needed_by=("upscale", "generate", "flux_generate"),
         ),
         ModelEntry(

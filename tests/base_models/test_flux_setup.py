@@ -32,8 +32,8 @@ def test_the_entry_is_optional_gated_non_commercial_and_the_diffusers_layout_onl
     assert FLUX.folder == FLUX_DIR and 30e9 < FLUX.approx_bytes < 40e9
     assert {"transformer/*", "text_encoder_2/*", "vae/*", "model_index.json"} <= set(FLUX.source.include)
     assert {"flux1-dev.safetensors", "ae.safetensors"} <= set(FLUX.source.exclude)
-    # Flux jobs need FLUX.1-dev and the NSFW classifier that judges their images; SDXL jobs never need Flux.
-    assert models_for("flux_generate") == ["nsfw-classifier", "flux1-dev"] and "flux1-dev" not in models_for("generate")
+    # Flux jobs need FLUX.1-dev and the NSFW classifier and tagger that judge their images; SDXL jobs never need Flux.
+    assert models_for("flux_generate") == ["nsfw-classifier", "wd-tagger", "flux1-dev"] and "flux1-dev" not in models_for("generate")
 
 
 async def test_download_missing_leaves_flux_out_until_an_admin_enables_it(store):

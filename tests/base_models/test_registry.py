@@ -13,7 +13,7 @@ from modal_services.base_models.registry import BASE_MODELS, SDXL_CONFIG_FILES, 
 def test_keys_are_the_contract():
     assert [key for key, entry in BASE_MODELS.items() if entry.optional is None] == [
         "illustrious-xl", "controlnet-tile", "sdxl-vae", "ip-adapter", "clip-vit-h", "qwen3-vl-2b", "sdxl-base",
-        "nsfw-classifier"]
+        "nsfw-classifier", "wd-tagger"]
     assert [key for key, entry in BASE_MODELS.items() if entry.optional is not None] == [
         "flux1-dev", "instantid", "antelopev2"]
 
@@ -66,10 +66,12 @@ def test_every_source_kind_has_a_fetcher():
 
 def test_resolve_and_purposes():
     assert [e.key for e in resolve_keys(["sdxl-base", "illustrious-xl", "sdxl-base"])] == ["illustrious-xl", "sdxl-base"]
-    assert len(resolve_keys(None)) == 8 and len(resolve_keys(None, enabled={"instantid"})) == 9
+    assert len(resolve_keys(None)) == 9 and len(resolve_keys(None, enabled={"instantid"})) == 10
     assert models_for("caption") == ["qwen3-vl-2b"]
     assert "qwen3-vl-2b" not in models_for("upscale") and "sdxl-base" in models_for("upscale")
     assert "nsfw-classifier" in models_for("upscale") and "nsfw-classifier" in models_for("generate")
+    # The tagger judges every image-making kind's images (its drawn-minor rule never turns off).
+    assert all("wd-tagger" in models_for(kind) for kind in ("upscale", "generate", "flux_generate"))
     with pytest.raises(ToolboxError) as caught:
         get_entry("flux")
     assert caught.value.code is ErrorCode.INVALID_INPUT and "illustrious-xl" in caught.value.message

@@ -105,7 +105,7 @@ async def test_off_posts_everything_unchecked_and_says_so(toolbox_bot, engine, f
     assert [file.filename for file in final["attachments"]] == ["image1.png"]
     assert "Safety check not run: the safety check is off" in final["content"]
     job = next(iter((await toolbox_bot.backend.store.items("job:")).values()))
-    assert job["safety"]["images"] == [{"nsfw_score": None, "decision": "post"}]
+    assert job["safety"]["images"] == [{"nsfw_score": None, "decision": "post", "rating": "general", "reason": None}]
 
 
 @pytest.mark.parametrize("policy", ["block", "spoiler", "off"])

@@ -13,6 +13,7 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import encode_png
 from modal_services.layout import IP_ADAPTER_FILE, SDXL_CONFIG_DIR, Layout
 from modal_services.safety.nsfw_classifier import NsfwClassifier
+from modal_services.safety.tagger import Tagger
 from modal_services.services import SERVICES, build_engine, run_on_engine
 from modal_services.engines.sdxl.engine import SdxlEngine
 from modal_services.engines.sdxl.pipeline import LoraSpec, with_trigger_words
@@ -375,7 +376,7 @@ def test_the_upscale_job_kind_runs_through_run_on_engine(volume, picture, base_o
     stages = []
     engine.upscaler.max_tile, engine.upscaler.min_overlap = ENGINE_OPTIONS["max_tile"], ENGINE_OPTIONS["min_overlap"]
     result = run_on_engine(engine, spec, {"image": picture, **JOB}, lambda f, s: stages.append(s),
-                           classifier=NsfwClassifier(volume.models_dir))
+                           classifier=NsfwClassifier(volume.models_dir), tagger=Tagger(volume.models_dir))
     assert stages[:2] == ["loading the safety classifier", "loading model"] and stages[-1] == "safety check"
     assert Image.open(io.BytesIO(result["image"])).size == (160, 192)
     assert result["safety"]["images"][0]["decision"] == "post"

@@ -14,6 +14,7 @@ from modal_services.jobs.records import create_job, load_job
 from modal_services.jobs.requests import CaptionRequest, FluxGenerateRequest, GenerateRequest, UpscaleRequest
 from modal_services.state.keys import preview_key
 from modal_services.safety.nsfw_classifier import NsfwClassifier
+from modal_services.safety.tagger import Tags
 from modal_services.safety.judge import GENERATED_IMAGES, UPSCALED_IMAGE, Decision, SafetyReport, decide
 from modal_services.engines.sdxl.previews import decode_preview
 from modal_services.services import SERVICES, ServiceSpec, run_service_job
@@ -128,6 +129,23 @@ class ByRedness:
         return [Image.open(io.BytesIO(data)).getpixel((0, 0))[0] / 255 for data in images]
 
 
+class DrawnAdults:
+    """A stand-in tagger: every image a drawing of an adult woman, rated general; counts its batches."""
+
+    loaded = True
+
+    def __init__(self):
+        self.batches: list[int] = []
+
+    def load(self):
+        pass
+
+    def tag(self, images):
+        self.batches.append(len(images))
+        return [Tags("general", {"general": 0.9, "sensitive": 0.1, "questionable": 0.0, "explicit": 0.0},
+                     {"1girl": 0.9, "mature_female": 0.8}) for _ in images]
+
+
 class FourImages:
     """Makes a red, a dark, a pink and a blue image (previews along the way), as a generate result."""
 
@@ -160,7 +178,8 @@ async def test_withheld_images_never_leave_the_worker(store):
     engine, classifier = FourImages(), ByRedness()
     job = await create_job(store, "generate")
     payload = {"prompt": "a beach", "count": 4, "safety": {"policy": "block", "threshold": 0.7}}
-    result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, payload, classifier=classifier)
+    result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, payload, classifier=classifier,
+                                   tagger=DrawnAdults())
 
     red, dark, pink, blue = engine.images
     assert result["images"] == [None, dark, None, blue]  # red scores 1.0 and pink 0.78: at 0.7 or more
@@ -181,7 +200,8 @@ async def test_the_decisions_follow_each_score(store):
     engine, classifier = FourImages(), ByRedness()
     job = await create_job(store, "generate")
     payload = {"prompt": "a beach", "count": 4, "safety": {"policy": "spoiler", "threshold": 0.75}}
-    result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, payload, classifier=classifier)
+    result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, payload, classifier=classifier,
+                                   tagger=DrawnAdults())
     report = SafetyReport.from_dict(result["safety"])
     assert [image.decision for image in report.images] == [SPOILER, POST, SPOILER, POST]
     assert [round(image.nsfw_score, 2) for image in report.images] == [1.0, 0.08, 0.78, 0.0]
@@ -190,11 +210,13 @@ async def test_the_decisions_follow_each_score(store):
 
 @pytest.mark.parametrize("safety", [{"policy": "off"}, {"policy": "block", "age_restricted": True}])
 async def test_no_classification_with_the_policy_off_or_in_age_restricted_channels(store, safety):
-    engine, classifier = FourImages(), ByRedness()
+    engine, classifier, tagger = FourImages(), ByRedness(), DrawnAdults()
     job = await create_job(store, "generate")
     result = await run_service_job(store, engine, SERVICES[GenerateRequest], job.id,
-                                   {"prompt": "a beach", "count": 4, "safety": safety}, classifier=classifier)
+                                   {"prompt": "a beach", "count": 4, "safety": safety}, classifier=classifier,
+                                   tagger=tagger)
     assert classifier.batches == [] and result["images"] == engine.images
+    assert tagger.batches == [4]  # the tagger reads them all the same
     report = SafetyReport.from_dict(result["safety"])
     assert not report.checked and report.unchecked_reason()
     assert all(image.nsfw_score is None and image.decision is POST for image in report.images)
@@ -212,15 +234,18 @@ async def test_previews_are_blurred_while_the_images_are_still_to_be_judged(stor
 
     store.put = spying_put
     job = await create_job(store, "generate")
-    await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, {"prompt": "a beach"}, classifier=classifier)
+    await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, {"prompt": "a beach"},
+                          classifier=classifier, tagger=DrawnAdults())
     [jpeg] = seen
     assert jpeg != engine.images[0] and Image.open(io.BytesIO(jpeg)).format == "JPEG"
 
     seen.clear()
     job = await create_job(store, "generate")
-    await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, {"prompt": "a beach", "safety": {"policy": "off"}},
-                          classifier=classifier)
-    assert seen == [engine.images[0]]  # not judged: shown as made
+    await run_service_job(store, engine, SERVICES[GenerateRequest], job.id,
+                          {"prompt": "a beach", "safety": {"policy": "off"}}, classifier=classifier, tagger=DrawnAdults())
+    # Not classified, but still tagged (the drawn-minor rule never turns off): blurred all the same.
+    [jpeg] = seen
+    assert jpeg != engine.images[0] and Image.open(io.BytesIO(jpeg)).format == "JPEG"
 
 
 async def test_a_refused_prompt_fails_in_the_worker_too_before_the_engine_runs(store):
@@ -233,7 +258,8 @@ async def test_a_refused_prompt_fails_in_the_worker_too_before_the_engine_runs(s
     job = await create_job(store, "generate")
     with pytest.raises(ToolboxError) as caught:
         await run_service_job(store, engine, SERVICES[GenerateRequest], job.id,
-                              {"prompt": "a beach", "safety": {"refused_words": ["beach"]}}, classifier=ByRedness())
+                              {"prompt": "a beach", "safety": {"refused_words": ["beach"]}}, classifier=ByRedness(),
+                              tagger=DrawnAdults())
     assert caught.value.code is ErrorCode.INVALID_PROMPT
     assert (await load_job(store, job.id)).error_code == "INVALID_PROMPT"
 
@@ -249,7 +275,7 @@ async def test_a_missing_classifier_fails_the_job_before_the_engine_loads(store,
     job = await create_job(store, "generate")
     with pytest.raises(ToolboxError) as caught:
         await run_service_job(store, engine, SERVICES[GenerateRequest], job.id, {"prompt": "a beach"},
-                              classifier=NsfwClassifier(tmp_path / "empty"))
+                              classifier=NsfwClassifier(tmp_path / "empty"), tagger=DrawnAdults())
     assert caught.value.code is ErrorCode.MODELS_MISSING
 
 
@@ -267,7 +293,8 @@ async def test_an_upscale_result_is_judged_as_one_image(store):
     spec = ServiceSpec(UpscaleRequest, "SdxlService", lambda: Upscaler, lambda: Upscaler.upscale,
                        judged_images=UPSCALED_IMAGE)
     job = await create_job(store, "upscale")
-    result = await run_service_job(store, engine, spec, job.id, {"image": picture("white")}, classifier=ByRedness())
+    result = await run_service_job(store, engine, spec, job.id, {"image": picture("white")}, classifier=ByRedness(),
+                                   tagger=DrawnAdults())
     assert result["image"] is None and SafetyReport.from_dict(result["safety"]).withheld == [0]
 
 
