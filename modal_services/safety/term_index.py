@@ -84,6 +84,7 @@ class TermIndex:
         for (term, kind, strict), languages in grouped.items():
             self._add(term, Hit(kind, frozenset(languages), strict))
         self.squeezed = {_squeeze(key): hits for key, hits in self.terms.items()}
+        self.longest_term = max(map(len, self.terms), default=0)
         # What a run of words can grow into: the start of a phrase ("little"), the start of a word split apart ("chi").
         keys = [*self.terms, *self.squeezed]
         self.phrase_prefixes = {" ".join(key.split()[:length]) for key in keys for length in range(1, key.count(" ") + 1)}
@@ -143,8 +144,9 @@ class TermIndex:
         """Terms in a sequence of words, as whole words and phrases and as the pieces of split words; with `near`,
         only those that hold one of the words at those positions."""
         runs = _spelled_out_runs(words)
-        candidates = self._phrases_and_joins(words, near) | {run[start:end] for run in runs for start in range(len(run))
-                                                        for end in range(start + 1, len(run) + 1)}
+        candidates = self._phrases_and_joins(words, near) | {
+            run[start:end] for run in runs for start in range(len(run))
+            for end in range(start + 1, min(len(run), start + self.longest_term) + 1)}
         hits = [hit for candidate in candidates for hit in self.terms.get(candidate, ())]
         # Squeezed forms count only where a word had repeated letters: "ten" is not "teen", "teeen" is.
         squeezed = [_squeeze(word) if _REPEATED.search(word) else word for word in words]
