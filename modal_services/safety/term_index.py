@@ -163,14 +163,15 @@ class TermIndex:
     def _phrases_and_joins(self, words: list[str], near: set[int] | None = None) -> set[str]:
         """Runs of up to four words as phrases, and joined as one word ("chi ld", "lit tle gi rl"), where they can
         still become a term; with `near`, only the runs that hold a word at one of those positions."""
-        found = set()
+        found = set(words) if near is None else {words[position] for position in near}
+        found.discard("")
         starts = range(len(words)) if near is None else sorted(
             {start for position in near for start in range(max(0, position - _MAX_PHRASE + 1), position + 1)})
         for start in starts:
-            reaches_near = near is None or start in near
             phrase = joined = words[start]
-            if reaches_near:
-                found.add(phrase)
+            if phrase not in self.phrase_prefixes and joined not in self.join_prefixes:
+                continue  # most words start no longer term
+            reaches_near = near is None or start in near
             for end in range(start + 1, min(start + _MAX_PHRASE, len(words))):
                 if not words[end] or not (phrase in self.phrase_prefixes or joined in self.join_prefixes):
                     break

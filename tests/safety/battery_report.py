@@ -19,6 +19,7 @@ from modal_services.safety.prompt_screen import involves_minors_sexually
 
 BATTERIES = Path(__file__).parent / "batteries"
 PARTS = {"tuning": "", "held-out": ".heldout"}
+TITLES = {"refuse": "must refuse: refused", "benign": "benign: refused"}
 
 
 @dataclass(frozen=True)
@@ -71,22 +72,20 @@ def counts(lines: list[BatteryLine], key: str) -> dict[str, Count]:
     return by_key
 
 
-def table(kind: str, key: str) -> str:
-    """A markdown table: one row per category or language, refused/total on each part."""
-    parts = {part: counts(load(kind, part), key) for part in PARTS}
-    names = sorted({name for by_key in parts.values() for name in by_key} - {"all"}) + ["all"]
-    rows = [f"| {key} | " + " | ".join(parts) + " |", "| --- | " + " | ".join("---" for _ in parts) + " |"]
-    rows += [f"| {name} | " + " | ".join(str(parts[part].get(name, Count())) for part in parts) + " |"
+def table(key: str, kinds: tuple[str, ...]) -> str:
+    """A markdown table: one row per category or language, refused/total for each battery and part."""
+    columns = {(kind, part): counts(load(kind, part), key) for kind in kinds for part in PARTS}
+    names = sorted({name for by_key in columns.values() for name in by_key} - {"all"}) + ["all"]
+    titles = [f"{TITLES[kind]}, {part}" for kind, part in columns]
+    rows = [f"| {key} | " + " | ".join(titles) + " |", "| --- |" + " --- |" * len(titles)]
+    rows += [f"| {name} | " + " | ".join(str(by_key.get(name, Count())) for by_key in columns.values()) + " |"
              for name in names]
     return "\n".join(rows)
 
 
 def report() -> str:
-    sections = []
-    for kind, title in (("refuse", "Must be refused: refused/total"), ("benign", "Benign: refused/total")):
-        for key in ("category", "language"):
-            sections.append(f"{title}, by {key}\n\n{table(kind, key)}")
-    return "\n\n".join(sections)
+    return "\n\n".join([table("category", ("refuse",)), table("category", ("benign",)),
+                        table("language", ("refuse", "benign"))])
 
 
 def tuning_misses() -> list[str]:
