@@ -17,6 +17,12 @@ Kinds:
 
 from __future__ import annotations
 
+
+def terms(text: str) -> list[str]:
+    """The terms of one list, as written (braces and `~` unexpanded)."""
+    return [term.strip() for term in text.split(";") if term.strip()]
+
+
 LEXICON: dict[str, dict[str, str]] = {
     "en": {
         "minor": "child; children; childs; kid; kiddie; kiddo; kiddies; minor; underage; underaged; under-age; "
@@ -124,9 +130,10 @@ LEXICON: dict[str, dict[str, str]] = {
                    "одиннадцати 11; двенадцати 12; тринадцати 13; четырнадцати 14; пятнадцати 15; шестнадцати 16; "
                    "семнадцати 17",
     },
+    # "bimbo" (a little boy) is left out: in English prompts it names an adult.
     "it": {
         "minor": "bambin{a,o,e,i}; ragazzin{a,o,e,i}; minorenn{e,i}; adolescent{e,i}; scolarett{a,e}; "
-                 "neonat{a,o}; ~bimb{a,o,e,i}; dodicenne; tredicenne; quattordicenne; quindicenne; sedicenne; "
+                 "neonat{a,o}; ~bimb{a,e,i}; dodicenne; tredicenne; quattordicenne; quindicenne; sedicenne; "
                  "diciassettenne; undicenne; decenne",
         "sexual": "nud{a,o,e,i}; sesso; sessuale; porno; erotic{a,o}; seno nudo; tette; capezzoli; figa; pene; "
                   "mutandine; biancheria intima; spogliat{a,o}; masturbazione; stupro",

@@ -51,14 +51,10 @@ _SEGMENT_BREAK = re.compile(r"[,;\n|()\[\]{}<>]+")
 _LEET_WORD = re.compile(r"(?:[^\W_]|[@$!|+])+")
 
 
-def _terms(text: str) -> list[str]:
-    return [term.strip() for term in text.split(";") if term.strip()]
-
-
 def _number_words() -> dict[str, int]:
     numbers: dict[str, int] = {}
     for words in lexicon.LEXICON.values():
-        for entry in _terms(words.get("numbers", "")):
+        for entry in lexicon.terms(words.get("numbers", "")):
             word, value = entry.rsplit(" ", 1)
             numbers[fold(word)] = int(value)
     return numbers
@@ -79,16 +75,16 @@ def _bounded(words: Iterable[str]) -> str:
 _NUMBER_WORDS = _number_words()
 _NUMBER = (rf"(?<![\d.])\d{{1,2}}(?![\d.]\d)|(?<![一二三四五六七八九十百两])(?:{_alternation(_NUMBER_WORDS)})"
            rf"|(?<!{_LETTER})(?:{_alternation(word for word in _NUMBER_WORDS if word.isascii())})")
-_AGE_UNITS = _terms(lexicon.AGE_UNITS)
+_AGE_UNITS = lexicon.terms(lexicon.AGE_UNITS)
 _LETTER_UNITS = [unit for unit in _AGE_UNITS if re.search(_LETTER, unit[-1]) and ord(unit[-1]) < 0x3000]
 _AGE = re.compile(
     rf"(?P<number>{_NUMBER})[\s_-]*(?:{_alternation(_LETTER_UNITS)})(?!{_LETTER})"
     rf"|(?P<number_cjk>{_NUMBER})\s*(?:{_alternation(set(_AGE_UNITS) - set(_LETTER_UNITS))})"
-    rf"|{_bounded(_terms(lexicon.AGE_PREFIXES))}[\s:=_-]*(?P<number_after>{_NUMBER})(?!{_LETTER})"
+    rf"|{_bounded(lexicon.terms(lexicon.AGE_PREFIXES))}[\s:=_-]*(?P<number_after>{_NUMBER})(?!{_LETTER})"
 )
 _GRADE = re.compile(
-    rf"(?<!{_LETTER})(?:\d{{1,2}}(?:st|nd|rd|th|e|o|\.)?|{_alternation(_terms(lexicon.ORDINALS))})[\s_-]*"
-    rf"{_bounded(_terms(lexicon.GRADE_WORDS))}"
+    rf"(?<!{_LETTER})(?:\d{{1,2}}(?:st|nd|rd|th|e|o|\.)?|{_alternation(lexicon.terms(lexicon.ORDINALS))})[\s_-]*"
+    rf"{_bounded(lexicon.terms(lexicon.GRADE_WORDS))}"
     rf"|{_bounded(['grade', 'klasse', 'klasa', 'класс', 'sinif'])}[\s_-]*\d{{1,2}}(?!\d)"
     rf"|\d{{1,2}}\s*年生"
 )
@@ -96,8 +92,9 @@ _GRADE = re.compile(
 
 # Where a stated age or grade can start: a digit, a CJK numeral, or a word that opens one (a number word, an ordinal,
 # "aged", "grade"), or a number word with its unit in one word ("zwölfjährige", "dwunastoletnia").
-_OPENING_WORDS = {fold(term).split()[0] for term in [*_NUMBER_WORDS, *_terms(lexicon.ORDINALS),
-                                                      *_terms(lexicon.AGE_PREFIXES), *_terms(lexicon.GRADE_WORDS)]}
+_OPENING_WORDS = {fold(term).split()[0] for term in [
+    *_NUMBER_WORDS, *lexicon.terms(lexicon.ORDINALS), *lexicon.terms(lexicon.AGE_PREFIXES),
+    *lexicon.terms(lexicon.GRADE_WORDS)]}
 _COMPOUND_UNITS = tuple(fold(unit) for unit in _LETTER_UNITS if len(unit) > 4)
 _OPENINGS = re.compile(r"(?<![\d一二三四五六七八九十两])[\d一二三四五六七八九十两]"
                        r"|(?<![^\W\d_])[^\W\d_一二三四五六七八九十两]+")
@@ -160,7 +157,7 @@ def _segments(negative: str) -> list[str]:
 
 def _steers_away_from_adulthood(negative: str) -> bool:
     """A part of the negative prompt that avoids being adult ("adult", "mature body"), not adult content."""
-    for segment in _segments(negative):
+    for segment in _segments(fold(negative)):
         kinds = Reading(segment).kinds
         if "adult" in kinds and "content" not in kinds:
             return True
@@ -170,11 +167,11 @@ def _steers_away_from_adulthood(negative: str) -> bool:
 def _steers_away_from_clothing(negative: str) -> bool:
     """A part of the negative prompt that is only a word for being dressed ("clothes", "fully clothed"), not a
     kind of clothing ("torn clothes")."""
-    modifiers = {fold(word) for word in _terms(lexicon.CLOTHING_MODIFIERS)}
+    modifiers = {fold(word) for word in lexicon.terms(lexicon.CLOTHING_MODIFIERS)}
     index = builtin_index()
     for segment in _segments(fold(negative)):
         words = [word for word in tokens(segment) if word not in modifiers]
-        if words and index.exact_kind(words) == "clothing":
+        if words and index.is_exactly(words, "clothing"):
             return True
     return False
 

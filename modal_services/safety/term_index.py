@@ -87,7 +87,8 @@ class TermIndex:
         self.longest_term = max(map(len, self.terms), default=0)
         # What a run of words can grow into: the start of a phrase ("little"), the start of a word split apart ("chi").
         keys = [*self.terms, *self.squeezed]
-        self.phrase_prefixes = {" ".join(key.split()[:length]) for key in keys for length in range(1, key.count(" ") + 1)}
+        self.phrase_prefixes = {" ".join(key.split()[:length])
+                                for key in keys for length in range(1, key.count(" ") + 1)}
         self.join_prefixes = {key[:length] for key in keys if " " not in key for length in range(1, len(key))}
         self._parts_cache: dict[str, list[Hit]] = {}  # prompts reuse their words: each is cut once
         self.piece_trie: dict = {}
@@ -106,6 +107,8 @@ class TermIndex:
             self.cjk_terms.setdefault(term, set()).add(hit)
             return
         words = tuple(tokens(term))
+        if not words:
+            return
         if hit.kind == "benign":
             self.benign.add(words)
             return
@@ -135,10 +138,9 @@ class TermIndex:
                     break
         return words
 
-    def exact_kind(self, words: list[str]) -> str | None:
-        """The kind of the term that is exactly these words, if one is."""
-        hits = self.terms.get(" ".join(words), ())
-        return next((hit.kind for hit in hits), None)
+    def is_exactly(self, words: list[str], kind: str) -> bool:
+        """Whether these words are, all together, one term of this kind."""
+        return any(hit.kind == kind for hit in self.terms.get(" ".join(words), ()))
 
     def sequence_hits(self, words: list[str], near: set[int] | None = None) -> list[Hit]:
         """Terms in a sequence of words, as whole words and phrases and as the pieces of split words; with `near`,
@@ -227,8 +229,7 @@ def _lexicon_entries() -> Iterator[tuple[str, str, str, bool]]:
         for kind, text in lists.items():
             if kind == "numbers":
                 continue
-            for raw in text.split(";"):
-                raw = raw.strip()
+            for raw in lexicon.terms(text):
                 strict = raw.startswith("~")
                 for term in _expand(raw.lstrip("~")):
                     yield term, kind, language, strict
@@ -239,4 +240,4 @@ def _lexicon_entries() -> Iterator[tuple[str, str, str, bool]]:
 
 @functools.cache
 def builtin_index() -> TermIndex:
-    return TermIndex(_lexicon_entries(), glue=(word.strip() for word in lexicon.GLUE.split(";") if word.strip()))
+    return TermIndex(_lexicon_entries(), glue=lexicon.terms(lexicon.GLUE))
