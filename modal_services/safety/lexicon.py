@@ -43,7 +43,7 @@ LEXICON: dict[str, dict[str, str]] = {
                   "without clothes; pantyshot; upskirt; orgy; explicit; explicit sex; adult content; mature content; "
                   "nudes; noods; nood; nudez; sexx; fuck; fucking; anal",
         "minor_sexual": "lolicon; shotacon; pedo; pedophile; pedophilia; paedo; paedophile; paedophilia; csam; "
-                        "child porn; kiddie porn; kid porn; cp porn; underage sex; cp",
+                        "child porn; kiddie porn; kid porn; cp porn; underage sex",
         "adult": "adult; adults; adulthood; mature; mature body; adult body; adult woman; adult man; adult female; "
                  "adult male; mature female; mature male; mature woman; mature features; grown up; grownup; "
                  "aged up; aged-up; adult proportions",
