@@ -36,6 +36,20 @@ def decide(score: float | None, age_restricted: bool, policy: str, threshold: fl
     return Decision.SPOILER if policy == "spoiler" else Decision.WITHHOLD
 
 
+# ------------------------------------------------------------------ real people's photos
+
+
+def real_person_rule(decision: Decision, score: float | None, context: SafetyContext) -> Decision:
+    """`decision`, unless the job started from a real person's photo and the image is flagged: then it is
+    withheld, whatever the policy or the channel. Flagged at the server's threshold, never a laxer one
+    than the default: raising the threshold does not loosen this rule."""
+    flagged = score is not None and score >= min(context.threshold, DEFAULT_NSFW_THRESHOLD)
+    return Decision.WITHHOLD if context.real_photo and flagged else decision
+
+
+# ------------------------------------------------------------------ reports
+
+
 @dataclass(frozen=True)
 class JudgedImage:
     decision: Decision
@@ -51,10 +65,12 @@ class SafetyReport:
     threshold: float
     images: list[JudgedImage] = field(default_factory=list)
     classify_seconds: float = 0.0
+    # Made from a real person's photo: classified always, and a flagged image withheld always.
+    real_photo: bool = False
 
     @property
     def checked(self) -> bool:
-        return self.policy != "off" and not self.age_restricted
+        return self.real_photo or (self.policy != "off" and not self.age_restricted)
 
     @property
     def withheld(self) -> list[int]:
@@ -67,6 +83,8 @@ class SafetyReport:
 
     def unchecked_reason(self) -> str | None:
         """Why the images were not classified, in words for the result, or None if they were."""
+        if self.checked:
+            return None
         if self.policy == "off":
             return "the safety check is off"
         if self.age_restricted:
@@ -83,7 +101,7 @@ class SafetyReport:
     def from_dict(cls, record: dict[str, Any]) -> "SafetyReport":
         images = [JudgedImage(Decision(image["decision"]), image.get("nsfw_score")) for image in record.get("images", [])]
         return cls(record["policy"], record["age_restricted"], record["threshold"], images,
-                   record.get("classify_seconds", 0.0))
+                   record.get("classify_seconds", 0.0), record.get("real_photo", False))
 
 
 # Classifies encoded images in one batch: one NSFW probability each.
@@ -98,11 +116,12 @@ def judge(images: list[bytes], context: SafetyContext, classify: Classify | None
         if classify is None:
             raise ValueError("the safety context asks for a classifier and none was given")
         scores = [round(float(score), 4) for score in classify(images)]
-    judged = [JudgedImage(decide(score, context.age_restricted, context.policy, context.threshold), score)
+    judged = [JudgedImage(real_person_rule(decide(score, context.age_restricted, context.policy, context.threshold),
+                                           score, context), score)
               for score in scores]
     kept = [None if image.decision is Decision.WITHHOLD else data for image, data in zip(judged, images)]
     report = SafetyReport(context.policy, context.age_restricted, context.threshold, judged,
-                          round(time.monotonic() - started, 4) if context.classifies else 0.0)
+                          round(time.monotonic() - started, 4) if context.classifies else 0.0, context.real_photo)
     return kept, report
 
 
