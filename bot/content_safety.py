@@ -10,6 +10,7 @@ from __future__ import annotations
 import discord
 
 from modal_services.safety.judge import SafetyReport
+from modal_services.safety.real_people import REAL_PERSON_WITHHELD
 
 
 def age_restricted(interaction: discord.Interaction) -> bool:
@@ -36,7 +37,8 @@ def public_lines(report: SafetyReport | None) -> list[str]:
         return [f"-# Safety check not run: {reason}"]
     count, lines = len(report.images), []
     if report.withheld:
-        lines.append(f"-# 🚫 {_numbered(report.withheld, count)} not posted: flagged by this server's safety check")
+        why = "made from a real person's photo and flagged" if report.real_photo else "flagged by this server's safety check"
+        lines.append(f"-# 🚫 {_numbered(report.withheld, count)} not posted: {why}")
     if report.spoilered:
         lines.append(f"-# ⚠️ {_numbered(report.spoilered, count)} flagged by the safety check: posted as a spoiler")
     return lines
@@ -46,6 +48,8 @@ def withheld_notice(report: SafetyReport) -> str | None:
     """Why images were withheld, for the requester alone; None when none was."""
     if not report.withheld:
         return None
+    if report.real_photo:
+        return f"🚫 {_numbered(report.withheld, len(report.images))} {REAL_PERSON_WITHHELD}"
     scores = ", ".join(f"{report.images[index].nsfw_score:.2f}" for index in report.withheld)
     return (
         f"🚫 {_numbered(report.withheld, len(report.images))} withheld: the NSFW classifier scored {scores} "

@@ -23,6 +23,7 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import Job
 from modal_services.jobs.validation import describe_problem
 from modal_services.safety.judge import SafetyReport
+from modal_services.safety.real_people import REAL_PERSON_WITHHELD
 
 STATUS_FOR_CODE = {
     ErrorCode.INVALID_INPUT: 400,
@@ -102,6 +103,8 @@ def safety_body(report: SafetyReport) -> dict[str, Any]:
     count, withheld = len(report.images), report.withheld
     if not report.checked:
         note = "Not checked: the request said safety_check: false."
+    elif withheld and report.real_photo:
+        note = f"{len(withheld)} of {count} {REAL_PERSON_WITHHELD}"
     elif withheld:
         note = (f"{len(withheld)} of {count} image{'s' if count > 1 else ''} withheld as NSFW (score at or above "
                 f"{report.threshold:g}); send safety_check: false to receive them unchecked.")

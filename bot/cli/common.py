@@ -122,17 +122,22 @@ async def run_with_bar(backend: Backend, request, title: str):
         return await follow_job(backend, job.id, show)
 
 
-def cli_safety(args: argparse.Namespace) -> SafetyContext:
-    """A terminal's images are judged as for a channel that is not age-restricted, unless it opts out."""
-    return SafetyContext(policy="off" if args.no_safety_check else "block")
+def cli_safety(args: argparse.Namespace, real_photo: bool = False) -> SafetyContext:
+    """A terminal's images are judged as for a channel that is not age-restricted, unless it opts out;
+    `real_photo`: the job starts from an image file, which may show a real person."""
+    return SafetyContext(policy="off" if args.no_safety_check else "block", real_photo=real_photo)
 
 
 def report_withheld(result: dict) -> None:
     """One line on stderr for each image the NSFW check withheld."""
     from modal_services.safety.judge import SafetyReport
+    from modal_services.safety.real_people import REAL_PERSON_WITHHELD
 
     report = SafetyReport.from_dict(result["safety"])
     for index in report.withheld:
+        if report.real_photo:
+            print(f"image {index + 1} {REAL_PERSON_WITHHELD} Not written.", file=sys.stderr)
+            continue
         print(f"image {index + 1} withheld: NSFW score {report.images[index].nsfw_score:.2f} (threshold "
               f"{report.threshold:g}); not written. --no-safety-check keeps such images.", file=sys.stderr)
 

@@ -19,8 +19,8 @@ REAL_PERSON_REFUSAL = (
     "Sexual images of a real, identifiable person are never made, on any server, whatever its settings."
 )
 REAL_PERSON_WITHHELD = (
-    "withheld: the image was flagged as NSFW and it was made from a photo of a real person. Sexual images "
-    "of a real, identifiable person are never shown, whatever the server's policy or the channel."
+    "withheld: flagged as NSFW, and made from a photo of a real person. Sexual images of a real, identifiable "
+    "person are never shown, whatever the server's policy, the channel or the safety check setting."
 )
 
 
