@@ -10,6 +10,7 @@ from __future__ import annotations
 import discord
 
 from modal_services.safety.judge import JudgedImage, Reason, SafetyReport
+from modal_services.safety.real_people import REAL_PERSON_WITHHELD
 
 
 def age_restricted(interaction: discord.Interaction) -> bool:
@@ -38,6 +39,9 @@ def public_lines(report: SafetyReport | None) -> list[str]:
     reason = report.unchecked_reason()
     if reason is not None:
         return [*lines, f"-# Safety check not run: {reason}"]
+    real = report.withheld_for(Reason.REAL_PHOTO)
+    if real:
+        lines.append(f"-# 🚫 {_numbered(real, count)} not posted: made from a real person's photo and flagged")
     flagged = report.withheld_for(Reason.NSFW)
     if flagged:
         lines.append(f"-# 🚫 {_numbered(flagged, count)} not posted: flagged by this server's safety check")
@@ -55,6 +59,9 @@ def withheld_notice(report: SafetyReport) -> str | None:
             f"🚫 {_numbered(minors, count)} withheld: the image reads as a drawing of a minor in a sexual context. "
             "Such images are never posted, whatever the channel or this server's settings, and are not kept anywhere."
         )
+    real = report.withheld_for(Reason.REAL_PHOTO)
+    if real:
+        notices.append(f"🚫 {_numbered(real, count)} {REAL_PERSON_WITHHELD}")
     flagged = report.withheld_for(Reason.NSFW)
     if flagged:
         scores = ", ".join(_flag(report.images[index]) for index in flagged)

@@ -190,11 +190,13 @@ class Upscale(commands.Cog):
     ) -> None:
         loras = lora_slots((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight))
         params = {"scale": scale, "prompt": prompt or "", "negative": negative or "", "loras": loras,
-                  "creativity": creativity, "seed": seed, "tile_captions": tile_captions}
+                  "creativity": creativity, "seed": seed, "tile_captions": tile_captions, "real_photo": True}
         await self.run_upscale(interaction, image, params)
 
     async def upscale_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
-        await self.run_upscale(interaction, image_attachments(message)[0], {"scale": 2.0})
+        # A message the bot posted holds its own result; anyone else's image may be a real person's photo.
+        posted_by_bot = self.bot.user is not None and message.author.id == self.bot.user.id
+        await self.run_upscale(interaction, image_attachments(message)[0], {"scale": 2.0, "real_photo": not posted_by_bot})
 
     # ------------------------------------------------------------ the buttons under a result
 
@@ -209,7 +211,8 @@ class Upscale(commands.Cog):
         source = split_attachments(interaction.message)[1]
         if source is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "The source image is not attached to that message.")
-        await self.run_upscale(interaction, source, {**params, "seed": None})
+        # A source kept from before the job said where it came from counts as uploaded.
+        await self.run_upscale(interaction, source, {**params, "seed": None, "real_photo": params.get("real_photo", True)})
 
     async def caption_result(self, interaction: discord.Interaction) -> None:
         """The result, captioned by the caption cog in the server's default style."""
@@ -237,8 +240,10 @@ class Upscale(commands.Cog):
             prompt=params.get("prompt"), negative=params.get("negative"),
             creativity=params.get("creativity") or settings.default_creativity, seed=params.get("seed"),
             loras=tuple(LoraChoice(**lora) for lora in params.get("loras") or ()),
-            # Judged for the channel this was asked in (a button's too): recomputed, never kept with the params.
-            safety=settings.safety_for(age_restricted(interaction)),
+            # Judged for the channel this was asked in (a button's too): recomputed, never kept with the params;
+            # whether the source is a real person's photo is kept, for the result's buttons.
+            safety=settings.safety_for(age_restricted(interaction)).model_copy(
+                update={"real_photo": bool(params.get("real_photo"))}),
         )
         # Checked before anything is sent to the worker, with the limits it applies.
         built = await build_upscale_request(self.library, choices)
@@ -249,6 +254,7 @@ class Upscale(commands.Cog):
             request = request.with_region_prompts(regions)
         kept = {name: getattr(request, name) for name in KEPT_CHOICES}
         kept["tile_captions"] = bool(params.get("tile_captions"))
+        kept["real_photo"] = request.safety.real_photo
         kept["loras"] = [{"name": lora.file, "weight": lora.weight} for lora in request.loras]
         meta = {
             "title": f"Upscale {request.scale:g}x → {out_width}×{out_height}",

@@ -26,9 +26,10 @@ from modal_services.jobs.requests import (
 from modal_services.library.entries import Library
 
 
-def api_safety(safety_check: bool) -> SafetyContext:
-    """An API caller's images are judged as for a channel that is not age-restricted, unless it opts out."""
-    return SafetyContext(policy="block" if safety_check else "off")
+def api_safety(safety_check: bool, real_photo: bool = False) -> SafetyContext:
+    """An API caller's images are judged as for a channel that is not age-restricted, unless it opts out;
+    `real_photo`: the job starts from an image the caller sent, which may show a real person."""
+    return SafetyContext(policy="block" if safety_check else "off", real_photo=real_photo)
 
 
 def _clean_png(data: bytes, max_pixels: int | None = None) -> tuple[bytes, tuple[int, int]]:
@@ -77,7 +78,7 @@ async def upscale_job_request(library: Library, request: UpscaleJob) -> UpscaleR
     choices = UpscaleChoices(
         image=png, scale=given.get("scale"), prompt=given.get("prompt"), negative=given.get("negative"),
         loras=tuple(LoraChoice(**lora.model_dump()) for lora in request.loras), creativity=given.get("creativity"),
-        seed=request.seed, safety=api_safety(request.safety_check),
+        seed=request.seed, safety=api_safety(request.safety_check, real_photo=True),
     )
     return (await build_upscale_request(library, choices)).request
 

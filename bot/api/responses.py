@@ -23,6 +23,7 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import Job
 from modal_services.jobs.validation import describe_problem
 from modal_services.safety.judge import Reason, SafetyReport
+from modal_services.safety.real_people import REAL_PERSON_WITHHELD
 
 STATUS_FOR_CODE = {
     ErrorCode.INVALID_INPUT: 400,
@@ -100,10 +101,12 @@ def _b64(data: bytes) -> str:
 def safety_body(report: SafetyReport) -> dict[str, Any]:
     """How the images were judged, with a note saying what was withheld and how to get it."""
     count, withheld = len(report.images), report.withheld_for(Reason.NSFW)
-    minors = report.withheld_for(Reason.DRAWN_MINOR)
+    minors, real = report.withheld_for(Reason.DRAWN_MINOR), report.withheld_for(Reason.REAL_PHOTO)
     if minors:
         note = (f"{len(minors)} of {count} image{'s' if count > 1 else ''} withheld: drawn minors in a sexual "
                 "context are withheld whatever safety_check says.")
+    elif real:
+        note = f"{len(real)} of {count} {REAL_PERSON_WITHHELD}"
     elif not report.checked:
         note = "Not checked: the request said safety_check: false."
     elif withheld:

@@ -122,19 +122,23 @@ async def run_with_bar(backend: Backend, request, title: str):
         return await follow_job(backend, job.id, show)
 
 
-def cli_safety(args: argparse.Namespace) -> SafetyContext:
-    """A terminal's images are judged as for a channel that is not age-restricted, unless it opts out."""
-    return SafetyContext(policy="off" if args.no_safety_check else "block")
+def cli_safety(args: argparse.Namespace, real_photo: bool = False) -> SafetyContext:
+    """A terminal's images are judged as for a channel that is not age-restricted, unless it opts out;
+    `real_photo`: the job starts from an image file, which may show a real person."""
+    return SafetyContext(policy="off" if args.no_safety_check else "block", real_photo=real_photo)
 
 
 def report_withheld(result: dict) -> None:
     """One line on stderr for each image the safety check withheld."""
     from modal_services.safety.judge import Reason, SafetyReport
+    from modal_services.safety.real_people import REAL_PERSON_WITHHELD
 
     report = SafetyReport.from_dict(result["safety"])
     for index in report.withheld_for(Reason.DRAWN_MINOR):
         print(f"image {index + 1} withheld: a drawn minor in a sexual context; not written, whatever the "
               "safety options.", file=sys.stderr)
+    for index in report.withheld_for(Reason.REAL_PHOTO):
+        print(f"image {index + 1} {REAL_PERSON_WITHHELD} Not written.", file=sys.stderr)
     for index in report.withheld_for(Reason.NSFW):
         image = report.images[index]
         print(f"image {index + 1} withheld: NSFW score {image.nsfw_score:.2f}"

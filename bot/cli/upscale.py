@@ -50,7 +50,7 @@ def _read_image(path: Path) -> tuple[bytes, tuple[int, int]]:
 def upscale_choices(args: argparse.Namespace, png: bytes) -> UpscaleChoices:
     """The terminal's options as an upscale of `png` (None for a default)."""
     return UpscaleChoices(image=png, scale=args.scale, prompt=args.prompt, negative=args.negative,
-                          creativity=args.creativity, seed=args.seed, safety=cli_safety(args),
+                          creativity=args.creativity, seed=args.seed, safety=cli_safety(args, real_photo=True),
                           loras=tuple(parse_lora_option(option) for option in args.lora))
 
 

@@ -40,7 +40,7 @@ from modal_services.imaging import decode_image, encode_png
 from modal_services.jobs.requests import FluxGenerateRequest
 from modal_services.jobs.records import ProgressFn
 from modal_services.layout import FLUX_DIR, LORAS_SUBDIR, Layout
-from modal_services.engines.sdxl.pipeline import LoraSpec, PreviewFn, job_adapters, latent_preview_jpeg, with_trigger_words
+from modal_services.engines.sdxl.pipeline import LoraSpec, PreviewFn, job_adapters, latent_preview_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class FluxEngine:
         if request.image is not None:
             start_image = decode_image(request.image, max_pixels=MAX_START_PIXELS, name="The start image").image
         seeds = [request.seed + index for index in range(request.count)]
-        prompt = with_trigger_words(request.prompt, specs)
+        prompt = request.encoder_prompt()
         if self.placement != self.device:
             progress(0.01, "moving the models to the GPU")
             self.place()

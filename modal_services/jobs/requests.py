@@ -21,8 +21,10 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import ConfigDict, Field, ValidationError, model_serializer, model_validator
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs.encoder_text import readings, with_trigger_words
 from modal_services.jobs.validation import Checked, invalid_input
 from modal_services.safety.prompt_screen import screen_prompt
+from modal_services.safety.real_people import REAL_PERSON_REFUSAL, is_sexual
 
 # ------------------------------------------------------------------ reusable field types
 
@@ -146,19 +148,24 @@ RefusedWords = Annotated[list[RefusedWord], Field(max_length=200, title="refused
 
 class SafetyContext(Checked):
     """What the worker needs to judge a job's images, from where they will be shown: the server's
-    policy for flagged images, whether the destination is age-restricted, the threshold, and the
-    server's refused words (the worker screens the prompt again)."""
+    policy for flagged images, whether the destination is age-restricted, the threshold, the
+    server's refused words (the worker screens the prompt again), and whether the job starts from
+    a photo of a real person (`modal_services.safety.real_people`)."""
 
     model_config = ConfigDict(title="A safety context")
     policy: SafetyPolicy = "block"
     age_restricted: bool = False
     threshold: NsfwThreshold = DEFAULT_NSFW_THRESHOLD
     refused_words: RefusedWords = []
+    # A face photo, or a source image someone uploaded: not one of the bot's own earlier results.
+    # The front end that received the image sets it; a face photo sets it whoever built the request.
+    real_photo: bool = False
 
     @property
     def classifies(self) -> bool:
-        """Whether the images are classified: not with the policy off, nor for an age-restricted channel."""
-        return self.policy != "off" and not self.age_restricted
+        """Whether the images are classified: always for a real person's photo; otherwise not with the
+        policy off, nor for an age-restricted channel."""
+        return self.real_photo or (self.policy != "off" and not self.age_restricted)
 
 
 class SafetyChecked(JobRequest):
@@ -169,14 +176,19 @@ class SafetyChecked(JobRequest):
     safety: SafetyContext = Field(default_factory=SafetyContext)
 
     def screened_prompts(self) -> tuple[list[str], list[str]]:
-        """(what the job asks for, what its negative prompt steers away from)."""
+        """(what the job asks for, what its negative prompt steers away from), exactly as the text
+        encoders will read them: trigger words joined as the engine joins them, region prompts included."""
         raise NotImplementedError
 
     @model_validator(mode="after")
     def _screened(self) -> "SafetyChecked":
-        positive, negative = self.screened_prompts()
-        # A ToolboxError (INVALID_PROMPT), which pydantic passes through as it is.
+        """Refused (INVALID_PROMPT, a ToolboxError pydantic passes through as it is) when the text the
+        encoders will read breaks the built-in rule or the server's words, read as written and without
+        weighting syntax; or when it is sexual and the job starts from a real person's photo."""
+        positive, negative = (readings(texts) for texts in self.screened_prompts())
         screen_prompt(positive, negative, self.safety.refused_words)
+        if self.safety.real_photo and is_sexual(", ".join(positive), ", ".join(negative)):
+            raise ToolboxError(ErrorCode.INVALID_PROMPT, REAL_PERSON_REFUSAL)
         return self
 
 
@@ -223,8 +235,13 @@ class UpscaleRequest(SafetyChecked):
     def _distinct_loras(self) -> "UpscaleRequest":
         return distinct_loras(self)
 
+    def encoder_prompt(self) -> str:
+        """The prompt every tile's text starts with: the prompt after the LoRAs' trigger words."""
+        return with_trigger_words(self.prompt.strip(), self.loras)
+
     def screened_prompts(self) -> tuple[list[str], list[str]]:
-        return [self.prompt, *(region.prompt for region in self.region_prompts)], [self.negative]
+        # Each tile reads the prompt and its region's words: all of them together cover every tile.
+        return [self.encoder_prompt(), *(region.prompt for region in self.region_prompts)], [self.negative.strip()]
 
     def with_region_prompts(self, regions: list[dict[str, Any]]) -> "UpscaleRequest":
         """This request with words for the tiles of each region ({box, prompt}), checked and screened as its own."""
@@ -263,8 +280,12 @@ class TextToImageRequest(SafetyChecked):
     def _distinct_loras(self) -> "TextToImageRequest":
         return distinct_loras(self)
 
+    def encoder_prompt(self) -> str:
+        """The prompt as the encoders read it: after the LoRAs' trigger words."""
+        return with_trigger_words(self.prompt, self.loras)
+
     def screened_prompts(self) -> tuple[list[str], list[str]]:
-        return [self.prompt], [self.negative_prompt]
+        return [self.encoder_prompt()], [self.negative_prompt]
 
     @classmethod
     def parse(cls, payload: dict[str, Any]) -> "TextToImageRequest":
@@ -301,6 +322,18 @@ class GenerateRequest(TextToImageRequest):
     identity_strength: IdentityStrength = 0.8
     controlnet_strength: ControlnetStrength = 0.8
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_face_is_a_real_person(cls, data: Any) -> Any:
+        """A face photo shows a real, identifiable person, whoever built the request: its safety says so."""
+        if isinstance(data, dict) and data.get("face_image") is not None:
+            safety = data.get("safety") or {}
+            safety = safety.model_dump() if isinstance(safety, SafetyContext) else safety
+            # A safety that is not a mapping is left for the field's own check to refuse.
+            if isinstance(safety, dict):
+                data = {**data, "safety": {**safety, "real_photo": True}}
+        return data
+
     @model_validator(mode="after")
     def _pose_needs_a_face(self) -> "GenerateRequest":
         if self.pose_image is not None and self.face_image is None:
@@ -333,7 +366,7 @@ class FluxGenerateRequest(TextToImageRequest):
         return self
 
     def screened_prompts(self) -> tuple[list[str], list[str]]:
-        return [self.prompt], []
+        return [self.encoder_prompt()], []
 
 
 class DownloadRequest(JobRequest):

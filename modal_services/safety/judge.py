@@ -13,6 +13,8 @@ images). `judge_image` combines them, first row that applies:
 | the tagger says                         | the classifier | where, and the policy            | decision            |
 |-----------------------------------------|----------------|----------------------------------|---------------------|
 | a minor tag, rated questionable/explicit | (any)          | anywhere, any policy, unchecked  | withheld, always    |
+| rated explicit, from a real person's photo | (any)        | anywhere, any policy             | withheld, always    |
+| (anything else), from a real person's photo | >= the lower of the server's and the default threshold | anywhere | withheld, always |
 | (anything else)                         | (any)          | policy off, or age-restricted    | posted as generated |
 | rated explicit                          | (any)          | elsewhere                        | flagged: the policy |
 | (anything else)                         | >= threshold   | elsewhere                        | flagged: the policy |
@@ -21,7 +23,8 @@ images). `judge_image` combines them, first row that applies:
 "Flagged: the policy" is a spoiler or withheld, as the server's policy says
 (`decide`). The first row never turns off: the tagger runs even where the
 classifier does not (`safety_check: false`, `policy: off`, age-restricted
-channels).
+channels). A job made from a real person's photo (a face reference, an
+uploaded source) is always classified, so its two rows apply everywhere too.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class Reason(str, Enum):
 
     NSFW = "nsfw"  # flagged (classifier or explicit rating), and the server's policy spoilers or withholds it
     DRAWN_MINOR = "drawn_minor"  # tagged as a minor and rated questionable or explicit: withheld whatever the policy
+    REAL_PHOTO = "real_photo"  # made from a real person's photo and flagged: withheld whatever the policy
 
 
 # The Danbooru tags that say the figure drawn is a child. Body types adults have too (`petite`, `flat_chest`,
@@ -87,6 +91,19 @@ def decide(score: float | None, age_restricted: bool, policy: str, threshold: fl
     return Decision.SPOILER if policy == "spoiler" else Decision.WITHHOLD
 
 
+# ------------------------------------------------------------------ real people's photos
+
+
+def real_photo_flagged(score: float | None, tags: Tags, context: SafetyContext) -> bool:
+    """Made from a real person's photo and flagged: scored at the server's threshold (never a laxer one than
+    the default: raising the threshold does not loosen this rule) or rated explicit."""
+    flagged = (score is not None and score >= min(context.threshold, DEFAULT_NSFW_THRESHOLD)) or tags.rating == "explicit"
+    return context.real_photo and flagged
+
+
+# ------------------------------------------------------------------ reports
+
+
 @dataclass(frozen=True)
 class JudgedImage:
     decision: Decision
@@ -99,6 +116,8 @@ def judge_image(score: float | None, tags: Tags, context: SafetyContext) -> Judg
     """One image's row of the table in this module's docstring."""
     if minor_tags(tags) and rated_sexual(tags):
         return JudgedImage(Decision.WITHHOLD, score, tags.rating, Reason.DRAWN_MINOR)
+    if real_photo_flagged(score, tags, context):
+        return JudgedImage(Decision.WITHHOLD, score, tags.rating, Reason.REAL_PHOTO)
     decision = decide(score, context.age_restricted, context.policy, context.threshold,
                       explicit=tags.rating == "explicit")
     return JudgedImage(decision, score, tags.rating, None if decision is Decision.POST else Reason.NSFW)
@@ -113,11 +132,13 @@ class SafetyReport:
     threshold: float
     images: list[JudgedImage] = field(default_factory=list)
     classify_seconds: float = 0.0  # tagging and classifying together
+    # Made from a real person's photo: classified always, and a flagged image withheld always.
+    real_photo: bool = False
 
     @property
     def checked(self) -> bool:
-        """Whether the server's NSFW policy was applied (the drawn-minor rule always is)."""
-        return self.policy != "off" and not self.age_restricted
+        """Whether the images were classified (the drawn-minor rule always applies)."""
+        return self.real_photo or (self.policy != "off" and not self.age_restricted)
 
     @property
     def withheld(self) -> list[int]:
@@ -134,6 +155,8 @@ class SafetyReport:
 
     def unchecked_reason(self) -> str | None:
         """Why the images were not classified, in words for the result, or None if they were."""
+        if self.checked:
+            return None
         if self.policy == "off":
             return "the safety check is off"
         if self.age_restricted:
@@ -153,7 +176,7 @@ class SafetyReport:
                               Reason(image["reason"]) if image.get("reason") else None)
                   for image in record.get("images", [])]
         return cls(record["policy"], record["age_restricted"], record["threshold"], images,
-                   record.get("classify_seconds", 0.0))
+                   record.get("classify_seconds", 0.0), record.get("real_photo", False))
 
 
 # Classifies encoded images in one batch: one NSFW probability each.
@@ -175,7 +198,7 @@ def judge(images: list[bytes], context: SafetyContext, classify: Classify | None
     judged = [judge_image(score, tags, context) for score, tags in zip(scores, tag(images), strict=True)]
     kept = [None if image.decision is Decision.WITHHOLD else data for image, data in zip(judged, images)]
     report = SafetyReport(context.policy, context.age_restricted, context.threshold, judged,
-                          round(time.monotonic() - started, 4))
+                          round(time.monotonic() - started, 4), context.real_photo)
     return kept, report
 
 

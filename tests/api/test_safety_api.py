@@ -103,7 +103,9 @@ async def test_an_upscale_job_is_judged_too(served, stand_in_engines, install_ns
     assert result["nsfw_score"] > 0.99 and result["safety"]["withheld"] == [0]
     assert not await backend.store.contains(preview_key(job_id))
 
+    # The image sent may show a real person: flagged, it is withheld even with safety_check: false.
     accepted = await client.post("/jobs", json={"kind": "upscale", "image_base64": source, "scale": 2,
                                                 "safety_check": False})
     result = (await wait_for_status(client, accepted.json()["job_id"], "done"))["result"]
-    assert decode_png(result["image_base64"]).size == (96, 64) and result["nsfw_score"] is None
+    assert result["image_base64"] is None and result["nsfw_score"] > 0.99
+    assert result["safety"]["checked"] and "real person" in result["safety"]["note"]

@@ -16,7 +16,6 @@ from modal_services.safety.nsfw_classifier import NsfwClassifier
 from modal_services.safety.tagger import Tagger
 from modal_services.services import SERVICES, build_engine, run_on_engine
 from modal_services.engines.sdxl.engine import SdxlEngine
-from modal_services.engines.sdxl.pipeline import LoraSpec, with_trigger_words
 from modal_services.jobs.requests import RegionPrompt, UpscaleRequest
 from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume
 
@@ -193,17 +192,6 @@ def test_library_files_are_found_on_the_lora_volume(volume, engine, picture, bas
         with pytest.raises(ToolboxError) as error:
             upscale(engine, picture, **JOB, **bad)
         assert error.value.code is ErrorCode.INVALID_INPUT
-
-
-def test_trigger_words_are_injected_once():
-    specs = [
-        LoraSpec("a", path=None, trigger_words=("shiny", "Cat Ears")),
-        LoraSpec("b", path=None, trigger_words=("shiny", "glow")),
-    ]
-    assert with_trigger_words("1girl, cat ears, smile", specs) == "shiny, glow, 1girl, cat ears, smile"
-    assert with_trigger_words("", specs) == "shiny, Cat Ears, glow"
-    # A word inside another word does not count as present.
-    assert with_trigger_words("glowing", specs[1:]) == "shiny, glow, glowing"
 
 
 @pytest.mark.slow

@@ -42,7 +42,6 @@ from modal_services.engines.sdxl.pipeline import (
     SdxlModels,
     latent_preview_jpeg,
     retry_smaller_on_oom,
-    with_trigger_words,
 )
 
 log = logging.getLogger(__name__)
@@ -158,7 +157,7 @@ class TextToImage:
             start_image = decode_image(request.image, max_pixels=MAX_START_PIXELS, name="The start image").image
         checkpoint_path = self.models.checkpoint_path(request.checkpoint)
         seeds = [request.seed + index for index in range(request.count)]
-        prompt = with_trigger_words(request.prompt, specs)
+        prompt = request.encoder_prompt()
         faces = None
         if request.face_image is not None:
             progress(0.01, "reading the face")

@@ -9,7 +9,8 @@ with SDXL's diffusers configs stored on the volume. When a job names
 another checkpoint, only the UNet and text encoders are reloaded, so the
 switch applies to every job kind at once.
 
-LoRAs arrive resolved (name, path, weight, trigger words): the library and
+LoRAs arrive resolved (name, path, weight; their trigger words are already in
+the request's `encoder_prompt`): the library and
 its names are not this module's business. Each job loads its LoRAs as
 named PEFT adapters and unloads every one of them when it ends, so a job
 without LoRAs runs on exactly the modules and weights of a fresh pipeline.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -72,7 +72,6 @@ class LoraSpec:
     name: str
     path: Path
     weight: float = 1.0
-    trigger_words: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, lora: ResolvedLora, lora_folder: Path | None = None) -> "LoraSpec":
@@ -84,8 +83,7 @@ class LoraSpec:
                 ErrorCode.INVALID_INPUT, f"LoRA {lora.name!r}: {lora.file!r} is not a library file name."
             ) from None
         weight = lora.weight if lora.weight is not None else 1.0
-        words = tuple(word.strip() for word in lora.trigger_words if word.strip())
-        return cls(name=lora.name, path=path, weight=weight, trigger_words=words)
+        return cls(name=lora.name, path=path, weight=weight)
 
 
 def file_in(folder: Path | None, file: str) -> Path:
@@ -94,18 +92,6 @@ def file_in(folder: Path | None, file: str) -> Path:
     if folder is None or not name or Path(name).name != name or name in (".", ".."):
         raise ValueError(f"not a file name: {name!r}")
     return folder / name
-
-
-def with_trigger_words(prompt: str, loras: list[LoraSpec]) -> str:
-    """Prepend each LoRA's trigger words once; words already in the prompt are not repeated."""
-    added: list[str] = []
-    for lora in loras:
-        for word in lora.trigger_words:
-            pattern = r"(?<![\w])" + re.escape(word) + r"(?![\w])"
-            if re.search(pattern, prompt, re.IGNORECASE) or any(word.lower() == seen.lower() for seen in added):
-                continue
-            added.append(word)
-    return ", ".join(added + ([prompt] if prompt else []))
 
 
 def latent_preview_jpeg(latents, max_side: int = PREVIEW_SIDE, quality: int = 70,

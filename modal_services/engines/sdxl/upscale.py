@@ -33,7 +33,6 @@ from modal_services.engines.sdxl.pipeline import (
     SdxlModels,
     latent_preview_jpeg,
     retry_smaller_on_oom,
-    with_trigger_words,
 )
 from modal_services.engines.sdxl.tiling import MAX_TILE, MIN_OVERLAP, TilePlan, TileBlender, pad_to_plan, plan_tiles
 
@@ -150,7 +149,7 @@ class TiledUpscaler:
         parsed the request; the sizes, the regions and the LoRA files are
         checked here, before any model work.
         """
-        prompt, negative = request.prompt.strip(), request.negative.strip()
+        negative = request.negative.strip()
         specs = self.models.lora_specs(request.loras)
         picture = decode_image(request.image, max_pixels=self.max_input_pixels, name="The image").image
         out_width, out_height = check_upscale_size(
@@ -158,7 +157,7 @@ class TiledUpscaler:
         )
         plan = self.plan(out_width, out_height)
         regions = check_regions(request.region_prompts, picture.width, picture.height)
-        prompt = with_trigger_words(prompt, specs)
+        prompt = request.encoder_prompt()
         tile_texts = [
             ", ".join(part for part in (prompt, region_prompt(regions, tile, request.scale)) if part)
             for tile in plan.tiles
