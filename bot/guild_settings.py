@@ -1,4 +1,5 @@
-"""Per-guild settings (`settings:<guild>` in the state store), changed by admins with /settings."""
+"""Per-guild settings (`settings:<guild>` in the state store), changed by admins with /settings (and
+`imports_allowed` by the bot's operators only)."""
 
 from __future__ import annotations
 
@@ -69,6 +70,9 @@ class GuildSettings(Checked):
     safety_off_by: int | None = None
     safety_off_at: float | None = None
     result_retention_days: ResultRetentionDays = 90
+    # Whether this server's admins may import and upload LoRAs and checkpoints (the library is every
+    # server's): the bot's operators alone set it.
+    imports_allowed: bool = False
 
     @model_validator(mode="after")
     def _caps_in_order(self) -> "GuildSettings":

@@ -6,7 +6,8 @@ record and the live store's memory. Each is kept stamped with when it was kept a
 made on, `{"params": ..., "kept_at": <epoch seconds>, "guild_id": <id or None>}`, so that:
 
 - a button pressed after the server's retention is answered, privately, that the result is too old
-  to reuse, naming the command that makes it again (`read_result_params`);
+  to reuse, naming the command that makes it again (`read_result_params`), and one pressed on
+  another server (a forged custom id) that its buttons work only where it was made;
 - `sweep_result_params` deletes the records past their server's retention (at the bot's start and
   from the daily reconcile).
 
@@ -65,13 +66,19 @@ async def keep_result_params(store: StateStore, key: str, params: Any, guild_id:
     await store.put(key, KeptParams(params, time.time(), guild_id).to_record())
 
 
-async def read_result_params(store: StateStore, key: str, retention_days: RetentionDays) -> Any:
-    """The parameters kept under `key`, or None if none are; INVALID_INPUT, with the command to run
-    again, when they are older than the retention of the server they were made on."""
+async def read_result_params(store: StateStore, key: str, guild_id: int | None, retention_days: RetentionDays) -> Any:
+    """The parameters kept under `key` for a button pressed in server `guild_id` (None: a DM), or None if
+    none are. PERMISSION_DENIED when the result was made elsewhere (a custom id forged with another
+    server's job id reuses nothing); INVALID_INPUT, with the command to run again, when they are older
+    than the retention of the server they were made on."""
     record = await store.get(key)
     if record is None:
         return None
     kept = KeptParams.from_record(record)
+    # An unstamped record's server is its job's, while that is kept (unknown after: no server's).
+    made_on = kept.guild_id if kept.kept_at is not None else await _guild_of_job(store, key.partition(":")[2])
+    if made_on != guild_id:
+        raise ToolboxError(ErrorCode.PERMISSION_DENIED, "That result's buttons work only where it was made.")
     if kept.kept_at is not None:
         days = await retention_days(store, kept.guild_id)
         if kept.expired(days, time.time()):

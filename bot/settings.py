@@ -26,12 +26,22 @@ def default_data_dir() -> Path:
     return Path(base) / "ai-toolbox"
 
 
+def _ids(value: str | None, problem: str) -> tuple[int, ...]:
+    """`1, 2,3` as (1, 2, 3); anything but digits between the commas: INVALID_INPUT saying `problem`."""
+    parts = [part.strip() for part in (value or "").split(",") if part.strip()]
+    if not all(part.isascii() and part.isdigit() for part in parts):
+        raise ToolboxError(ErrorCode.INVALID_INPUT, problem)
+    return tuple(int(part) for part in parts)
+
+
 @dataclass(frozen=True)
 class Settings:
     backend: str = "local"
     data_dir: Path = field(default_factory=default_data_dir)
     modal_app: str = "ai-toolbox"
     guild_ids: tuple[int, ...] = ()
+    # Discord user ids of the deployment's operators, besides the application's owner or team.
+    operator_ids: tuple[int, ...] = ()
     civitai_api_base: str = "https://civitai.com"
     discord_token: str | None = field(default=None, repr=False)
     # The HTTP API's bearer token (`toolbox serve`, the Modal endpoint, `toolbox generate --api`).
@@ -60,10 +70,9 @@ class Settings:
         backend = (get("TOOLBOX_BACKEND") or "local").lower()
         if backend not in BACKENDS:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"TOOLBOX_BACKEND must be one of {', '.join(BACKENDS)}, not {backend!r}.")
-        try:
-            guild_ids = tuple(int(part) for part in (get("TOOLBOX_GUILD_IDS") or "").split(",") if part.strip())
-        except ValueError:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "TOOLBOX_GUILD_IDS must be comma-separated numeric ids.") from None
+        guild_ids = _ids(get("TOOLBOX_GUILD_IDS"), "TOOLBOX_GUILD_IDS must be comma-separated numeric ids.")
+        operator_ids = _ids(get("TOOLBOX_OPERATOR_IDS"),
+                            "TOOLBOX_OPERATOR_IDS must be comma-separated numeric Discord user ids.")
         data_dir = get("TOOLBOX_DATA_DIR")
         try:
             api_concurrency = int(get("TOOLBOX_API_CONCURRENCY") or 4)
@@ -76,6 +85,7 @@ class Settings:
             data_dir=Path(data_dir).expanduser() if data_dir else default_data_dir(),
             modal_app=get("TOOLBOX_MODAL_APP") or "ai-toolbox",
             guild_ids=guild_ids,
+            operator_ids=operator_ids,
             civitai_api_base=(get("CIVITAI_API_BASE") or "https://civitai.com").rstrip("/"),
             discord_token=get("DISCORD_TOKEN"),
             api_token=get("TOOLBOX_API_TOKEN"),

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
 import discord
 
 from bot.guild_settings import GuildSettings, load_guild_settings
-from bot.permissions import is_admin
+from bot.permissions import is_admin, is_operator
 from bot.progress import MessageEdits, render_job
 from bot.core.following import follow_job
 from bot.core.generate_models import GENERATE_MODELS
@@ -365,8 +365,11 @@ class JobTracker:
         if job is None or job.status.finished:
             await interaction.response.send_message("That job has already finished (or there is no such job).", ephemeral=True)
             return
-        if job.owner.get("user_id") != interaction.user.id and not is_admin(interaction):
-            raise ToolboxError(ErrorCode.PERMISSION_DENIED, "Only the person who started this job (or an admin) can cancel it.")
+        # An admin stops their own server's jobs only: a custom id forged with another server's job id does nothing.
+        own_server_admin = is_admin(interaction) and interaction.guild_id == job.owner.get("guild_id")
+        if job.owner.get("user_id") != interaction.user.id and not own_server_admin and not await is_operator(interaction):
+            raise ToolboxError(ErrorCode.PERMISSION_DENIED,
+                               "Only the person who started this job (or this server's admins) can cancel it.")
         await self.bot.backend.cancel(job_id)  # first: it may withdraw a job that is still queued
         await request_cancel(self.store, job_id)
         target = self._following.get(job_id)

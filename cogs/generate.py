@@ -275,7 +275,7 @@ class Generate(commands.Cog):
 
     async def upscale_image(self, interaction: discord.Interaction, job_id: str, number: int) -> None:
         """U: image `number` of job `job_id`'s result, upscaled 2x by the upscale cog with the same prompt."""
-        params = await self._kept_settings(job_id)
+        params = await self._kept_settings(interaction.guild_id, job_id)
         attachment = posted_image(interaction.message, number)
         # The upscaler is SDXL: a Flux image's LoRAs do not apply to it.
         upscale = {"scale": 2.0, "prompt": params["prompt"], "negative": params.get("negative") or "",
@@ -286,33 +286,34 @@ class Generate(commands.Cog):
 
     async def vary_image(self, interaction: discord.Interaction, job_id: str, number: int) -> None:
         """V: job `job_id`'s settings with new seeds, image `number` of its result as the img2img start."""
-        params = await self._kept_settings(job_id)
-        photos = await self._kept_photos(job_id)
+        params = await self._kept_settings(interaction.guild_id, job_id)
+        photos = await self._kept_photos(interaction.guild_id, job_id)
         attachment = posted_image(interaction.message, number)
         await self.run_generate(interaction, {**params, "seed": None}, start=attachment, photos=photos)
 
     async def reroll(self, interaction: discord.Interaction, job_id: str) -> None:
         """Reroll: job `job_id`'s settings (and face photos) with new seeds."""
-        params = await self._kept_settings(job_id)
-        photos = await self._kept_photos(job_id)
+        params = await self._kept_settings(interaction.guild_id, job_id)
+        photos = await self._kept_photos(interaction.guild_id, job_id)
         await self.run_generate(interaction, {**params, "seed": None}, photos=photos)
 
-    async def _kept(self, key: str) -> Any:
-        """What a result's buttons reuse, or None; too old for this server's retention: refused."""
-        return await read_result_params(self.bot.backend.store, key, result_retention_days)
+    async def _kept(self, guild_id: int | None, key: str) -> Any:
+        """What a result's buttons reuse, or None; too old for this server's retention, or made on another
+        server than `guild_id` (where the button is pressed): refused."""
+        return await read_result_params(self.bot.backend.store, key, guild_id, result_retention_days)
 
-    async def _kept_settings(self, job_id: str) -> dict[str, Any]:
-        params = await self._kept(generate_params_key(job_id))
+    async def _kept_settings(self, guild_id: int | None, job_id: str) -> dict[str, Any]:
+        params = await self._kept(guild_id, generate_params_key(job_id))
         if params is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "The settings of that generation are no longer kept; run /generate again.")
         return params
 
-    async def _kept_photos(self, job_id: str) -> dict[str, bytes | None] | None:
-        kept_photos = await self._kept(generate_faces_key(job_id))
+    async def _kept_photos(self, guild_id: int | None, job_id: str) -> dict[str, bytes | None] | None:
+        kept_photos = await self._kept(guild_id, generate_faces_key(job_id))
         return decode_photos(kept_photos) if kept_photos else None
 
     async def generate_from_caption(self, interaction: discord.Interaction, caption_job_id: str) -> None:
-        prompt = await self._kept(caption_prompt_key(caption_job_id))
+        prompt = await self._kept(interaction.guild_id, caption_prompt_key(caption_job_id))
         if not prompt:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "That caption is no longer kept; caption the image again.")
         await self.run_generate(interaction, {"prompt": fit_prompt(prompt)})

@@ -1,10 +1,11 @@
 """/models: import LoRAs and checkpoints from CivitAI, browse and edit the library, switch the checkpoint.
 
-`list` and `info` (and showing the active checkpoint) are open to everyone;
-`import`, `edit`, `delete`, `upload`, `checkpoint <name>` and `scan` are for
-server administrators, checked in code (Discord's default permissions are a
-hint that does not reach subcommands). Library reads come from the state
-store only, so autocomplete answers in milliseconds; file work (downloads,
+`list` and `info` (and showing the active checkpoint) are open to everyone. The library is every
+server's, so changing it is for the bot's operators: `edit`, `delete`, `checkpoint <name>` and `scan`;
+`import` and `upload` are also for a server's admins where the operators allowed that server
+(`/settings imports`), and those admins may edit and delete what their server imported. All of it is
+checked in code (Discord's default permissions are a hint that does not reach subcommands). Library
+reads come from the state store only, so autocomplete answers in milliseconds; file work (downloads,
 deletes, uploads) runs as jobs on the workers, which see the volume.
 """
 
@@ -21,7 +22,8 @@ from discord.ext import commands
 
 from bot.content_safety import age_restricted
 from bot.library_options import bot_library
-from bot.permissions import require_admin
+from bot.guild_settings import load_guild_settings
+from bot.permissions import is_operator, require_admin, require_operator
 from bot.tracker import ReplyTarget
 from bot.ui import ConfirmView, OwnedView, option_range
 from bot.core.text import plural, size_text
@@ -106,7 +108,7 @@ def list_text(entries: list[LibraryEntry], page: int, heading: str) -> str:
         lines.append(f"• **{_escape(entry.name)}** ({entry.type}, {entry.base_model or '?'}, {size_text(entry.size_bytes)})"
                      f"{triggers}{flag}\n  {_code(entry.file)}")
     if not entries:
-        lines.append("Nothing here yet. Admins can add models with `/models import`.")
+        lines.append("Nothing here yet. The bot's operators can add models with `/models import`.")
     return "\n".join(lines)[:2000]
 
 
@@ -164,6 +166,29 @@ class Models(commands.Cog):
         # /setup's token, else CIVITAI_TOKEN from the environment (or .env).
         return CivitaiClient(self.bot.settings.civitai_api_base, await get_token(self.bot.backend.store, "civitai"))
 
+    async def importing_guild(self, interaction: discord.Interaction) -> int | None:
+        """The server an import or upload will belong to (None: shared, an operator's); refused, with the
+        role it needs, for anyone else than an operator or an admin of a server the operators allowed."""
+        if await is_operator(interaction):
+            return None
+        settings = await load_guild_settings(self.bot.backend.store, interaction.guild_id)
+        if interaction.guild_id is None or not settings.imports_allowed:
+            raise ToolboxError(ErrorCode.PERMISSION_DENIED, "Only the bot's operators can add models here: "
+                               "they have not let this server's admins import (/settings imports).")
+        require_admin(interaction, "add models")
+        return interaction.guild_id
+
+    async def require_entry_change(self, interaction: discord.Interaction, entry: LibraryEntry, verb: str) -> None:
+        """Operators change any entry; a server's admins only those their server imported."""
+        if await is_operator(interaction):
+            return
+        if entry.imported_by_guild is None:
+            raise ToolboxError(ErrorCode.PERMISSION_DENIED, f"Only the bot's operators can {verb} shared models.")
+        if entry.imported_by_guild != interaction.guild_id:
+            raise ToolboxError(ErrorCode.PERMISSION_DENIED, f"Only the bot's operators (or the admins of the server "
+                               f"that imported it) can {verb} {_escape(entry.name)}.")
+        require_admin(interaction, f"{verb} the models this server imported")
+
     async def run_job(self, interaction: discord.Interaction, request: JobRequest, meta: dict[str, Any]) -> None:
         """Submit a /models job and follow it in the interaction's message through the job tracker:
         live progress, a Cancel button, the bot token after 15 minutes, and resumption after a restart."""
@@ -191,10 +216,10 @@ class Models(commands.Cog):
 
     # ------------------------------------------------------------ import
 
-    @models.command(name="import", description="Import a LoRA or checkpoint from CivitAI (admins)")
+    @models.command(name="import", description="Import a LoRA or checkpoint from CivitAI (operators, allowed admins)")
     @app_commands.describe(source="A CivitAI link, model id, v:<version id>, download link or AIR URN")
     async def import_(self, interaction: discord.Interaction, source: SourceOption) -> None:
-        require_admin(interaction, "import models")
+        guild_id = await self.importing_guild(interaction)
         ref = parse_reference(source)
         await interaction.response.defer(thinking=True)
         client = await self.civitai_client()
@@ -210,7 +235,7 @@ class Models(commands.Cog):
 
         async def download(button_interaction: discord.Interaction) -> None:
             await self.run_job(button_interaction,
-                               ModelImportRequest.parse({"ref": f"v:{plan.version_id}",
+                               ModelImportRequest.parse({"ref": f"v:{plan.version_id}", "guild_id": guild_id,
                                                          "api_base": self.bot.settings.civitai_api_base}),
                                {"title": f"Importing {plan.name}", "age_ok": age_ok})
 
@@ -242,7 +267,7 @@ class Models(commands.Cog):
 
     # ------------------------------------------------------------ admin verbs
 
-    @models.command(name="edit", description="Rename a model, set its trigger words or default weight (admins)")
+    @models.command(name="edit", description="Rename a model, set its trigger words or default weight (operators)")
     @app_commands.describe(name="The model", display_name="New name", trigger_words="Comma-separated",
                            weight="Default LoRA weight")
     @app_commands.autocomplete(name=name_autocomplete)
@@ -250,16 +275,16 @@ class Models(commands.Cog):
                    display_name: DisplayNameOption | None = None,
                    trigger_words: TriggerWordsOption | None = None,
                    weight: LoraWeightOption | None = None) -> None:
-        require_admin(interaction, "edit models")
+        await self.require_entry_change(interaction, await self.library.find(name), "edit")
         entry = await self.library.edit(name, display_name, trigger_words, weight)
         await interaction.response.send_message("✅ Updated:", embed=entry_embed(entry, age_restricted(interaction)), ephemeral=True)
 
-    @models.command(name="delete", description="Delete a model and its file (admins)")
+    @models.command(name="delete", description="Delete a model and its file (operators)")
     @app_commands.describe(name="The model")
     @app_commands.autocomplete(name=name_autocomplete)
     async def delete(self, interaction: discord.Interaction, name: str) -> None:
-        require_admin(interaction, "delete models")
         entry = await self.library.find(name)
+        await self.require_entry_change(interaction, entry, "delete")
         active = await self.library.active_checkpoint()
         if active["file"] == entry.file:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"{entry.name} is the active checkpoint. Switch to another one first.")
@@ -272,7 +297,7 @@ class Models(commands.Cog):
         await interaction.response.send_message(f"Delete **{_escape(entry.name)}** and its file ({size_text(entry.size_bytes)})?",
                                                 embed=entry_embed(entry, age_restricted(interaction)), view=view)
 
-    @models.command(name="checkpoint", description="Show the active checkpoint, or switch to another (admins)")
+    @models.command(name="checkpoint", description="Show the active checkpoint, or switch every server's (operators)")
     @app_commands.describe(name="The checkpoint to use (leave empty to see the current one)")
     @app_commands.autocomplete(name=checkpoint_autocomplete)
     async def checkpoint(self, interaction: discord.Interaction, name: str | None = None) -> None:
@@ -280,19 +305,20 @@ class Models(commands.Cog):
             active = await self.library.active_checkpoint()
             await interaction.response.send_message(f"Active checkpoint: **{_escape(active['name'])}**", ephemeral=True)
             return
-        require_admin(interaction, "switch the checkpoint")
+        # One checkpoint for the whole deployment: switching it changes every server's images.
+        await require_operator(interaction, "switch the checkpoint (it is every server's)")
         active = await self.library.set_active_checkpoint(name)
         note = "" if active["key"] == DEFAULT_CHECKPOINT else " The upscaler loads it on its next job."
         await interaction.response.send_message(f"✅ Active checkpoint: **{_escape(active['name'])}**.{note}")
 
-    @models.command(name="upload", description="Add a .safetensors LoRA or checkpoint from an attachment (admins)")
+    @models.command(name="upload", description="Add a .safetensors LoRA or checkpoint (operators, allowed admins)")
     @app_commands.describe(file="A .safetensors file", type="What it is", name="Display name",
                            trigger_words="Comma-separated")
     @app_commands.choices(type=TYPE_CHOICES)
     async def upload(self, interaction: discord.Interaction, file: discord.Attachment, type: app_commands.Choice[str],
                      name: DisplayNameOption | None = None,
                      trigger_words: TriggerWordsOption | None = None) -> None:
-        require_admin(interaction, "upload models")
+        guild_id = await self.importing_guild(interaction)
         if PurePath(file.filename).suffix.lower() != ".safetensors":
             raise ToolboxError(ErrorCode.INVALID_INPUT, "Only .safetensors files can be added (.ckpt/.pt/.bin run code when loaded).")
         if not file.size:
@@ -300,14 +326,15 @@ class Models(commands.Cog):
         await interaction.response.defer(thinking=True)
         request = ModelUploadRequest.parse({
             "url": file.url, "filename": file.filename, "type": type.value, "size_bytes": file.size,
-            "name": name, "trigger_words": trigger_words, "api_base": self.bot.settings.civitai_api_base,
+            "name": name, "trigger_words": trigger_words, "guild_id": guild_id,
+            "api_base": self.bot.settings.civitai_api_base,
         })
         await self.run_job(interaction, request, {"title": f"Adding {file.filename}", "age_ok": age_restricted(interaction)})
 
-    @models.command(name="scan", description="Find files with no entry and entries with no file (admins)")
+    @models.command(name="scan", description="Find files with no entry and entries with no file (operators)")
     @app_commands.describe(adopt="Add the untracked files to the library")
     async def scan(self, interaction: discord.Interaction, adopt: bool = False) -> None:
-        require_admin(interaction, "scan the library")
+        await require_operator(interaction, "scan the library")
         await interaction.response.defer(thinking=True, ephemeral=True)
         await self.run_job(interaction, ModelScanRequest.parse({"adopt": adopt, "api_base": self.bot.settings.civitai_api_base}),
                            {"title": "Scanning the library"})

@@ -1,6 +1,7 @@
 """/settings: this server's defaults, caps, who may use the bot, content safety and how long results'
-buttons keep working (admins only). Each change is read, made and saved under the server's settings
-lock, so two admins changing settings at once both keep theirs."""
+buttons keep working (this server's admins), and whether its admins may add models to the library
+(the bot's operators). Each change is read, made and saved under the server's settings lock, so two
+admins changing settings at once both keep theirs."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from discord.ext import commands
 
 from bot.guild_settings import GuildSettings, load_guild_settings, update_guild_settings
 from bot.core.generate_models import GENERATE_MODELS
-from bot.permissions import require_admin
+from bot.permissions import require_admin, require_operator
 from bot.result_params import in_days
 from bot.ui import CAPTION_STYLE_CHOICES, option_range
 from modal_services.errors import ErrorCode, ToolboxError
@@ -57,6 +58,8 @@ def describe(settings: GuildSettings) -> str:
         f"Who: {roles} · Where: {channels}",
         settings.describe_safety(),
         f"Result buttons work for {in_days(settings.result_retention_days)} after the result",
+        f"This server's admins {'may' if settings.imports_allowed else 'may not'} import or upload models "
+        "(the bot's operators decide)",
     ])
 
 
@@ -212,6 +215,15 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
 
         settings = await self._update(interaction, change)
         await interaction.response.send_message(describe_safety(settings), ephemeral=True)
+
+    @app_commands.command(name="imports", description="Let this server's admins import and upload models, or not (operators)")
+    @app_commands.describe(allow="Whether this server's admins may add LoRAs and checkpoints to the shared library")
+    async def imports(self, interaction: discord.Interaction, allow: bool) -> None:
+        # The library is every server's: its operators decide, not the server's own admins.
+        await require_operator(interaction, "let a server's admins import models")
+        settings = await update_guild_settings(self.bot.backend.store, interaction.guild_id,
+                                               lambda settings: settings.changed(imports_allowed=allow))
+        await interaction.response.send_message(describe(settings), ephemeral=True)
 
 
 async def setup(bot: commands.Bot) -> None:

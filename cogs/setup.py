@@ -1,4 +1,4 @@
-"""/setup: base models, recommended LoRAs and tokens, for server admins.
+"""/setup: base models, recommended LoRAs and tokens, for the bot's operators (what every server shares).
 
 An ephemeral panel lists every base model (size and state), the recommended
 LoRAs (optional: what each is, its CivitAI page, whether it is installed) and
@@ -9,7 +9,8 @@ one Add button per recommended LoRA not yet installed (a CivitAI import, in a
 message of its own with live progress, like `/models import`), and an
 Enable/Disable button per optional model (its licence shown beside it: enabling
 records who accepted it, and Download missing then includes the model).
-A download already running is attached to, never started twice.
+A download already running is attached to, never started twice. A server's admins
+who are not operators see the panel read-only: no buttons, and the tokens only as set or not.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from discord.ext import commands
 
 from bot.content_safety import age_restricted
 from bot.library_options import bot_library
-from bot.permissions import is_admin
+from bot.permissions import is_admin, is_operator, require_operator
 from bot.progress import MessageEdits, progress_bar
 from bot.core.following import watch_job
 from bot.replies import as_toolbox_error, error_text, send_error
@@ -46,6 +47,9 @@ POLL_SECONDS = 1.0
 # Typed in a token field of the form: forget that token.
 CLEAR_WORD = "clear"
 MESSAGE_LIMIT = 2000  # Discord's limit on a message's text
+SET_TOKENS = "set the API tokens"
+READ_ONLY_NOTE = ("👀 Read-only: base models, tokens and optional models are every server's, "
+                  "and only the bot's operators can change them.")
 ICONS = {"present": "✅", "missing": "▫️", "downloading": "⬇️", "queued": "⏳", "failed": "❌"}
 
 
@@ -75,9 +79,10 @@ def render_optional(entry: ModelEntry, enabled: dict | None, state: ModelState |
 
 def render_panel(states: list[ModelState], tokens: list, note: str | None = None,
                  starters: list[tuple[StarterLora, LibraryEntry | None]] = (),
-                 optional: list[tuple[ModelEntry, dict | None]] = ()) -> str:
+                 optional: list[tuple[ModelEntry, dict | None]] = (), read_only: bool = False) -> str:
     """The panel's text; the note comes right under the title, so that it shows however long the rest is,
-    and the optional models' licences are left to their links when all of them would not fit."""
+    and the optional models' licences are left to their links when all of them would not fit. Read-only
+    (a server's admin), each token shows only whether it is set."""
     present = sum(state.state == "present" for state in states)
     total = sum(state.size_bytes for state in states)
     lines = [f"**AI Toolbox setup** · base models {present}/{len(states)} present · {human_bytes(total)} in all"]
@@ -90,9 +95,12 @@ def render_panel(states: list[ModelState], tokens: list, note: str | None = None
     for starter, installed in starters:
         state = f"installed as `{installed.file}`" if installed else f"~{human_bytes(starter.approx_bytes)} · not installed"
         lines.append(f"{'✅' if installed else '▫️'} **{starter.name}** · {starter.purpose} · <{starter.page_url}> · {state}")
-    lines.append("**Tokens** · " + " · ".join(token.describe() for token in tokens))
+    shown = [f"{LABELS[token.service]}: {'set' if token.is_set else 'not set'}" if read_only else token.describe()
+             for token in tokens]
+    lines.append("**Tokens** · " + " · ".join(shown))
     if optional:
-        lines.append("**Optional models** (an admin enables each, accepting its licence; Download missing then includes it)")
+        lines.append("**Optional models** (an operator enables each, accepting its licence; "
+                     "Download missing then includes it)")
         by_key = {state.key: state for state in states}
         full = [render_optional(entry, record, by_key.get(entry.key)) for entry, record in optional]
         if len("\n".join(lines + full)) > MESSAGE_LIMIT:
@@ -128,12 +136,14 @@ def render_progress(job: Job, states: list[ModelState]) -> str:
     return "\n".join(lines)[:MESSAGE_LIMIT]
 
 
-async def refuse_non_admin(interaction: discord.Interaction) -> bool:
-    """True (and an ephemeral refusal sent) when the user may not use /setup."""
-    if is_admin(interaction):
-        return False
-    await send_error(interaction, ToolboxError(ErrorCode.PERMISSION_DENIED, "Only server administrators can use /setup."))
-    return True
+async def refuse_non_operator(interaction: discord.Interaction, what: str) -> bool:
+    """True (and an ephemeral refusal sent, naming the role it needs) when the user may not do `what`."""
+    try:
+        await require_operator(interaction, what)
+    except ToolboxError as error:
+        await send_error(interaction, error)
+        return True
+    return False
 
 
 class TokensForm(discord.ui.Modal, title="API tokens"):
@@ -151,7 +161,7 @@ class TokensForm(discord.ui.Modal, title="API tokens"):
         self.cog = cog
 
     async def on_submit(self, interaction: discord.Interaction) -> None:
-        if await refuse_non_admin(interaction):
+        if await refuse_non_operator(interaction, SET_TOKENS):
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
         settings = self.cog.bot.settings
@@ -181,7 +191,7 @@ class AddStarterButton(discord.ui.Button):
         self.starter = starter
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        if await refuse_non_admin(interaction):
+        if await refuse_non_operator(interaction, "add the recommended LoRAs"):
             return
         # A message of its own (the panel stays), which the job tracker keeps up to date.
         await interaction.response.defer(thinking=True)
@@ -200,7 +210,7 @@ class ToggleOptionalButton(discord.ui.Button):
         self.enable = not enabled
 
     async def callback(self, interaction: discord.Interaction) -> None:
-        if await refuse_non_admin(interaction):
+        if await refuse_non_operator(interaction, "enable optional models and accept their licences"):
             return
         await interaction.response.defer()
         await interaction.edit_original_response(**await self.cog.toggle_optional(interaction, self.entry, self.enable))
@@ -218,13 +228,13 @@ class SetupPanel(discord.ui.View):
 
     @discord.ui.button(label="Set tokens", style=discord.ButtonStyle.secondary, emoji="🔑")
     async def set_tokens(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
-        if await refuse_non_admin(interaction):
+        if await refuse_non_operator(interaction, SET_TOKENS):
             return
         await interaction.response.send_modal(TokensForm(self.cog))
 
     @discord.ui.button(label="Download missing", style=discord.ButtonStyle.primary, emoji="⬇️")
     async def download(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
-        if await refuse_non_admin(interaction):
+        if await refuse_non_operator(interaction, "download base models"):
             return
         await interaction.response.defer()
         try:
@@ -234,7 +244,7 @@ class SetupPanel(discord.ui.View):
 
     @discord.ui.button(label="Verify", style=discord.ButtonStyle.secondary, emoji="🔍")
     async def verify(self, interaction: discord.Interaction, button: discord.ui.Button) -> None:
-        if await refuse_non_admin(interaction):
+        if await refuse_non_operator(interaction, "verify the base models"):
             return
         await interaction.response.defer()
         try:
@@ -255,8 +265,8 @@ class Setup(commands.Cog):
     def library(self) -> Library:
         return bot_library(self.bot)
 
-    async def panel(self, note: str | None = None) -> dict:
-        """The panel's message: its text and its buttons."""
+    async def panel(self, note: str | None = None, read_only: bool = False) -> dict:
+        """The panel's message: its text and its buttons (read-only: no buttons)."""
         entries = await setup_entries(self.store)
         states = await checked_states(self.bot.settings, self.store, entries)
         tokens = [await token_state(self.store, service) for service in SERVICES]
@@ -265,8 +275,8 @@ class Setup(commands.Cog):
         missing = [starter for starter, installed in starters if installed is None]
         optional = [(entry, await enabled_record(self.store, entry.key)) for entry in optional_entries()]
         toggles = [(entry, record is not None) for entry, record in optional]
-        return {"content": render_panel(states, tokens, note, starters, optional),
-                "view": SetupPanel(self, missing, toggles)}
+        return {"content": render_panel(states, tokens, note, starters, optional, read_only),
+                "view": None if read_only else SetupPanel(self, missing, toggles)}
 
     async def toggle_optional(self, interaction: discord.Interaction, entry: ModelEntry, enable: bool) -> dict:
         """Enable (the pressing admin accepts its terms) or disable an optional model; the panel again, with a note."""
@@ -292,13 +302,19 @@ class Setup(commands.Cog):
         job, target = await self.bot.tracker.start(interaction, request, meta)
         await self.bot.tracker.run(job, target)
 
-    @app_commands.command(name="setup", description="Base models, recommended LoRAs and API tokens (server admins)")
+    @app_commands.command(name="setup", description="Base models, recommended LoRAs and API tokens (operators)")
     @app_commands.default_permissions(administrator=True)
     @app_commands.guild_only()
     async def setup(self, interaction: discord.Interaction) -> None:
-        if await refuse_non_admin(interaction):
+        operator = await is_operator(interaction)
+        if not operator and not is_admin(interaction):
+            await send_error(interaction, ToolboxError(ErrorCode.PERMISSION_DENIED, "Only the bot's operators "
+                                                       "(and, to look, this server's admins) can use /setup."))
             return
         await interaction.response.defer(ephemeral=True, thinking=True)
+        if not operator:
+            await interaction.edit_original_response(**await self.panel(READ_ONLY_NOTE, read_only=True))
+            return
         job_id = await active_download(self.store)
         if job_id is not None:
             await self.follow(interaction, job_id)

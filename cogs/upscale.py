@@ -202,12 +202,12 @@ class Upscale(commands.Cog):
 
     async def upscale_again(self, interaction: discord.Interaction, job_id: str) -> None:
         """The result, upscaled 2x with job `job_id`'s settings."""
-        params = await self._kept_settings(job_id)
+        params = await self._kept_settings(interaction.guild_id, job_id)
         await self.run_upscale(interaction, posted_result(interaction.message), {**params, "scale": 2.0})
 
     async def vary_seed(self, interaction: discord.Interaction, job_id: str) -> None:
         """The source again, with job `job_id`'s settings and another seed."""
-        params = await self._kept_settings(job_id)
+        params = await self._kept_settings(interaction.guild_id, job_id)
         source = split_attachments(interaction.message)[1]
         if source is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "The source image is not attached to that message.")
@@ -218,10 +218,11 @@ class Upscale(commands.Cog):
         """The result, captioned by the caption cog in the server's default style."""
         await self.bot.captions.run_caption(interaction, [posted_result(interaction.message)], None, None)
 
-    async def _kept_settings(self, job_id: str) -> dict[str, Any]:
-        """Job `job_id`'s settings (none kept: the server's defaults); too old for the retention: refused."""
+    async def _kept_settings(self, guild_id: int | None, job_id: str) -> dict[str, Any]:
+        """Job `job_id`'s settings (none kept: the server's defaults); too old for the retention, or made on
+        another server than `guild_id` (where the button is pressed): refused."""
         store = self.bot.backend.store
-        return await read_result_params(store, upscale_params_key(job_id), result_retention_days) or {}
+        return await read_result_params(store, upscale_params_key(job_id), guild_id, result_retention_days) or {}
 
     # ------------------------------------------------------------ the job
 

@@ -239,10 +239,12 @@ def app_module(monkeypatch):
 async def make_toolbox_bot(stand_in_engines):
     """make_toolbox_bot(*extensions, backend=None): a ToolboxBot (not connected) on this test's settings,
     the backend from the settings unless given (a local one with this test's `stand_in_engines`), all cogs
-    unless named; closed after the test."""
+    unless named; closed after the test. Not logged in, it cannot ask Discord who owns the application:
+    its owner is `APPLICATION_OWNER_ID`, set as discord.py's `owner_id`."""
     from bot.backend import LocalBackend, make_backend
     from bot.client import EXTENSIONS, ToolboxBot
     from bot.settings import Settings
+    from tests.fakes.discord_fakes import APPLICATION_OWNER_ID
 
     made = []
 
@@ -252,6 +254,7 @@ async def make_toolbox_bot(stand_in_engines):
             local = settings.backend == "local"
             backend = LocalBackend(settings, engines=stand_in_engines) if local else make_backend(settings)
         toolbox_bot = ToolboxBot(settings, backend)
+        toolbox_bot.owner_id = APPLICATION_OWNER_ID
         for extension in extensions or EXTENSIONS:
             await toolbox_bot.load_extension(extension)
         made.append(toolbox_bot)

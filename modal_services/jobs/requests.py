@@ -389,6 +389,8 @@ class ModelImportRequest(JobRequest):
     kind: ClassVar[str] = "model_import"
     ref: Annotated[str, Field(min_length=1, max_length=500, title="The CivitAI reference")]
     api_base: str = CIVITAI_API_BASE
+    # The server whose admins add it (they may then edit and delete it); None: shared, the operators'.
+    guild_id: int | None = None
 
 
 class ModelUploadRequest(JobRequest):
@@ -401,6 +403,8 @@ class ModelUploadRequest(JobRequest):
     name: Annotated[str, Field(min_length=1, max_length=100, title="The display name")] | None = None
     trigger_words: Annotated[str, Field(max_length=1000, title="The trigger words")] | None = None
     api_base: str = CIVITAI_API_BASE
+    # As in ModelImportRequest.
+    guild_id: int | None = None
 
 
 class ModelDeleteRequest(JobRequest):

@@ -78,6 +78,9 @@ class LibraryEntry:
     missing: bool = False
     # The base-model family a LoRA works with: sdxl | flux (entries from before families read as sdxl).
     family: str = "sdxl"
+    # The server whose admins imported it, who may edit and delete it (every server may use it);
+    # None: shared, changed by the bot's operators only.
+    imported_by_guild: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -95,12 +95,12 @@ class ModelEngine:
 
     def import_model(self, request: ModelImportRequest, progress: ProgressFn) -> dict[str, Any]:
         """Import the CivitAI model `request.ref` names; returns {"entry", "already_installed", "format"}."""
-        return asyncio.run(self._import(parse_reference(request.ref), request.api_base, progress))
+        return asyncio.run(self._import(parse_reference(request.ref), request.api_base, progress, request.guild_id))
 
     def upload_model(self, request: ModelUploadRequest, progress: ProgressFn) -> dict[str, Any]:
         """Add a file from a URL (a Discord attachment); CivitAI's metadata is looked up by its sha256."""
         return asyncio.run(self._upload(request.url, request.filename, request.type, request.size_bytes, request.name,
-                                        request.trigger_words, request.api_base, progress))
+                                        request.trigger_words, request.api_base, progress, request.guild_id))
 
     def delete_model(self, request: ModelDeleteRequest, progress: ProgressFn) -> dict[str, Any]:
         return asyncio.run(self._delete(request.name, progress))
@@ -116,7 +116,7 @@ class ModelEngine:
 
         return CivitaiClient(api_base, await get_token(self.store, "civitai"))
 
-    async def _import(self, ref, api_base: str, progress: ProgressFn) -> dict[str, Any]:
+    async def _import(self, ref, api_base: str, progress: ProgressFn, guild_id: int | None = None) -> dict[str, Any]:
         progress(0.0, "reading CivitAI")
         client = await self._client(api_base)
         try:
@@ -129,7 +129,7 @@ class ModelEngine:
                 existing = await self.library.by_version(plan.version_id)
                 if existing is not None and not existing.missing:
                     return self._result(existing, already=True)
-                entry = await self._fetch_and_install(client, plan, existing, owner, progress)
+                entry = await self._fetch_and_install(client, plan, existing, owner, progress, guild_id)
         finally:
             client.close()
         return self._result(entry, already=False)
@@ -183,7 +183,7 @@ class ModelEngine:
             await refresh_lock(self.store, name, owner)
 
     async def _fetch_and_install(self, client: CivitaiClient, plan: ImportPlan, existing: LibraryEntry | None,
-                                 owner: str, progress: ProgressFn) -> LibraryEntry:
+                                 owner: str, progress: ProgressFn, guild_id: int | None) -> LibraryEntry:
         if existing is not None:
             file_name = existing.file  # re-import of an entry whose file went missing
         else:
@@ -212,10 +212,11 @@ class ModelEngine:
                 weight=1.0 if plan.type == "lora" else None, size_bytes=downloaded.size, sha256=downloaded.sha256,
                 source="civitai", civitai_model_id=plan.model_id, civitai_version_id=plan.version_id,
                 tags=plan.tags, nsfw=plan.nsfw, thumbnail_url=plan.thumbnail(age_restricted_channel=False),
-                family=plan.family,
+                family=plan.family, imported_by_guild=guild_id,
             )
-            if existing is not None:
+            if existing is not None:  # its file back: the entry stays whose it was
                 entry.trigger_words, entry.weight, entry.added_at = existing.trigger_words, existing.weight, existing.added_at
+                entry.imported_by_guild = existing.imported_by_guild
             return await self._install(incoming, entry, progress, owner, exact=existing is not None)
         finally:
             _discard_incoming(incoming)
@@ -273,7 +274,8 @@ class ModelEngine:
 
     # ------------------------------------------------------------ upload and adopt
 
-    async def _upload(self, url, filename, kind, size_bytes, name, trigger_words, api_base, progress) -> dict[str, Any]:
+    async def _upload(self, url, filename, kind, size_bytes, name, trigger_words, api_base, progress,
+                      guild_id: int | None = None) -> dict[str, Any]:
         self.library.folder(kind)  # validates the type before any transfer
         if not filename.lower().endswith(SUFFIX):
             raise ToolboxError(ErrorCode.INVALID_INPUT, "Only .safetensors files can be added (other formats run code when loaded).")
@@ -300,6 +302,7 @@ class ModelEngine:
                 entry.name = display
             if words is not None:
                 entry.trigger_words = words
+            entry.imported_by_guild = guild_id
             return self._result(await self._install(incoming, entry, progress, owner), already=False)
         finally:
             _discard_incoming(incoming)

@@ -152,10 +152,10 @@ async def test_panel_shows_the_terms_and_enabling_records_who(bot):
 
     stranger = fake_interaction(admin=False)
     await button.callback(stranger)
-    assert "administrators" in stranger.response.send_message.await_args.args[0]
+    assert "Only the bot's operators can" in stranger.response.send_message.await_args.args[0]
     assert await enabled_models(bot.backend.store) == set()
 
-    admin = fake_interaction(admin=True, user_id=4242)
+    admin = fake_interaction(admin=True, operator=True, user_id=4242)
     await button.callback(admin)
     after = admin.edit_original_response.await_args.kwargs
     assert "Enabled **Big Gated Model**, accepting its terms" in after["content"]
@@ -167,15 +167,15 @@ async def test_panel_shows_the_terms_and_enabling_records_who(bot):
 
 async def test_download_missing_includes_an_enabled_model_and_disable_leaves_files(bot):
     cog = Setup(bot)
-    await toggle((await cog.panel())["view"]).callback(fake_interaction(admin=True))
-    interaction = fake_interaction(admin=True)
+    await toggle((await cog.panel())["view"]).callback(fake_interaction(admin=True, operator=True))
+    interaction = fake_interaction(admin=True, operator=True)
     await asyncio.wait_for(SetupPanel(cog).download.callback(interaction), timeout=30)
     final = interaction.edit_original_response.await_args.kwargs["content"]
     count = len([entry for entry in BASE_MODELS.values() if entry.optional is None]) + 1  # the base set and GATED
     assert "All base models are ready" in final and f"{count}/{count} present" in final
     assert (await bot.backend.store.get(manifest_key(GATED.key)))["complete"]
 
-    disabler = fake_interaction(admin=True)
+    disabler = fake_interaction(admin=True, operator=True)
     await toggle((await cog.panel())["view"]).callback(disabler)
     assert "Disabled **Big Gated Model**" in disabler.edit_original_response.await_args.kwargs["content"]
     assert f"{count - 1}/{count - 1} present" in (await cog.panel())["content"]

@@ -19,7 +19,7 @@ from tests.fixtures import tiny_loras
 pytest.importorskip("torch")
 
 LORA = tiny_loras.to_bytes(tiny_loras.sdxl_kohya())
-ADMIN, OTHER = 1001, 2002
+OPERATOR, OTHER = 1001, 2002
 
 
 @pytest.fixture
@@ -44,8 +44,9 @@ def command(bot, name):
     return bot.tree.get_command("models").get_command(name)
 
 
-def interaction(user_id=ADMIN, admin=True, nsfw_channel=False):
-    inter = fake_interaction(user_id=user_id, admin=admin)
+def interaction(user_id=OPERATOR, operator=True, nsfw_channel=False):
+    """One of the bot's operators (and the server's admin), or with `operator=False` a member."""
+    inter = fake_interaction(user_id=user_id, admin=operator, operator=operator)
     inter.channel = MagicMock()
     inter.channel.is_nsfw = lambda: nsfw_channel
     return inter
@@ -142,13 +143,13 @@ async def test_cancel_and_already_installed(bot, civitai):
     assert last_edit(again)["content"] == "Already installed:" and "view" not in last_edit(again)
 
 
-async def test_admin_verbs_refuse_non_admins(bot):
+async def test_library_verbs_refuse_members(bot):
     await add_entry(bot)
     for name, kwargs in (("import", {"source": "1"}), ("edit", {"name": "a", "weight": 0.5}), ("delete", {"name": "a"}),
                          ("checkpoint", {"name": "illustrious-xl"}), ("scan", {})):
-        inter = interaction(admin=False)
+        inter = interaction(operator=False)
         await invoke(bot, command(bot, name), inter, **kwargs)
-        assert "administrators" in ephemeral_error(inter), name
+        assert "Only the bot's operators" in ephemeral_error(inter), name
         inter.response.defer.assert_not_awaited()
 
 
@@ -170,7 +171,7 @@ async def test_list_pages_and_filters(bot):
     for i in range(12):
         await add_entry(bot, f"m{i:02}.safetensors", name=f"Model {i:02}", trigger_words=["shiny"] if i == 3 else [])
     await add_entry(bot, "ck.safetensors", kind="checkpoint", name="Checkpoint")
-    inter = interaction(admin=False)
+    inter = interaction(operator=False)
     await invoke(bot, command(bot, "list"), inter)
     text = inter.response.send_message.await_args.args[0]
     view = inter.response.send_message.await_args.kwargs["view"]
@@ -180,10 +181,10 @@ async def test_list_pages_and_filters(bot):
     stranger.response.edit_message.assert_not_awaited()
     await press(view, view.next, inter)
     assert "page 2/2" in inter.response.edit_message.await_args.kwargs["content"]
-    search = interaction(admin=False)
+    search = interaction(operator=False)
     await invoke(bot, command(bot, "list"), search, query="shiny")
     assert "1 model · page 1/1" in search.response.send_message.await_args.args[0]
-    typed = interaction(admin=False)
+    typed = interaction(operator=False)
     choice = discord.app_commands.Choice(name="Checkpoint", value="checkpoint")
     await invoke(bot, command(bot, "list"), typed, type=choice)
     assert "Checkpoint" in typed.response.send_message.await_args.args[0]
@@ -201,13 +202,13 @@ async def test_autocomplete_is_bounded_and_fast(bot):
 async def test_info_edit_and_checkpoint(bot):
     await add_entry(bot, "ck.safetensors", kind="checkpoint", name="NoobAI")
     await add_entry(bot, "a.safetensors", name="Armor")
-    inter = interaction(admin=False)
+    inter = interaction(operator=False)
     await invoke(bot, command(bot, "info"), inter, name="Armor")
     assert inter.response.send_message.await_args.kwargs["embed"].title == "Armor"
     edit = interaction()
     await invoke(bot, command(bot, "edit"), edit, name="Armor", trigger_words="shiny, metal", weight=0.6)
     assert (await cog(bot).library.find("Armor")).trigger_words == ["shiny", "metal"]
-    show = interaction(admin=False)
+    show = interaction(operator=False)
     await invoke(bot, command(bot, "checkpoint"), show)
     assert "Illustrious-XL" in show.response.send_message.await_args.args[0]
     switch = interaction()
@@ -275,7 +276,7 @@ async def test_model_jobs_are_picked_up_again_after_a_restart(bot):
     from modal_services.jobs.records import JobStatus, create_job, load_job, update_job
 
     store = bot.backend.store
-    job = await create_job(store, "model_import", owner={"user_id": ADMIN, "channel_id": 5, "message_id": 6},
+    job = await create_job(store, "model_import", owner={"user_id": OPERATOR, "channel_id": 5, "message_id": 6},
                            meta={"title": "Importing Detail Tweaker XL"})
     await update_job(store, job.id, status=JobStatus.RUNNING)  # the bot went down mid-import
     channel, message = channel_spy(bot)

@@ -165,7 +165,7 @@ async def test_only_admins_set_the_retention_and_bad_values_are_refused(toolbox_
     store = toolbox_bot.backend.store
     member = fake_interaction(admin=False)
     await invoke(toolbox_bot, settings_command(toolbox_bot, "results"), member, 1)
-    assert "Only server administrators" in ephemeral_error(member)
+    assert "Only this server's admins" in ephemeral_error(member)
     for days in (0, -3, 3651):
         admin = fake_interaction(admin=True)
         await invoke(toolbox_bot, settings_command(toolbox_bot, "results"), admin, days)
@@ -242,7 +242,7 @@ async def test_the_sweep_deletes_records_past_their_servers_retention(toolbox_bo
     await forget_live_store(store)
     assert sorted(await store.keys("upscale:")) == [upscale_params_key("0a0a"), upscale_params_key("0d0d")]
     kept = [key for key in two_days_old if key.endswith("0a0a")]
-    assert [await read_result_params(store, key, result_retention_days) for key in kept] == list(RESULT_PARAMS_PREFIXES)
+    assert [await read_result_params(store, key, GUILD, result_retention_days) for key in kept] == list(RESULT_PARAMS_PREFIXES)
 
 
 async def test_params_kept_before_stamping_count_as_kept_now(toolbox_bot, clock):
@@ -255,8 +255,13 @@ async def test_params_kept_before_stamping_count_as_kept_now(toolbox_bot, clock)
         await store.put(key, value)  # as an earlier version wrote them: the bare parameters
 
     clock.days_later(1000)
+    # Made on the job's server while its record is kept; no server's (a DM's) once it is gone.
+    made_on = {generate_params_key(job.id): GUILD, generate_faces_key(job.id): GUILD}
     for key, value in legacy.items():
-        assert await read_result_params(store, key, result_retention_days) == value  # never too old at once
+        assert await read_result_params(store, key, made_on.get(key), result_retention_days) == value  # never too old at once
+    with pytest.raises(ToolboxError) as elsewhere:
+        await read_result_params(store, generate_params_key(job.id), OTHER_GUILD, result_retention_days)
+    assert elsewhere.value.code is ErrorCode.PERMISSION_DENIED
     assert await sweep_result_params(store, result_retention_days) == 0
     stamped = json.loads(_result_file(toolbox_bot, generate_params_key(job.id)).read_text())
     assert stamped["params"] == legacy[generate_params_key(job.id)] and stamped["guild_id"] == GUILD
@@ -265,7 +270,7 @@ async def test_params_kept_before_stamping_count_as_kept_now(toolbox_bot, clock)
     # From the sweep that stamped them, each counts its server's retention (the default where the job is gone).
     clock.days_later(1004)
     with pytest.raises(ToolboxError) as caught:
-        await read_result_params(store, generate_params_key(job.id), result_retention_days)
+        await read_result_params(store, generate_params_key(job.id), GUILD, result_retention_days)
     assert caught.value.code is ErrorCode.INVALID_INPUT and "kept 3 days" in caught.value.message
     assert await sweep_result_params(store, result_retention_days) == 2
     assert [await store.get(key) is None for key in legacy] == [True, True, False, False]

@@ -65,14 +65,14 @@ async def test_non_admin_is_refused(bot):
     interaction = fake_interaction(admin=False)
     await Setup.setup.callback(cog, interaction)
     text = interaction.response.send_message.await_args.args[0]
-    assert "administrators" in text and interaction.response.send_message.await_args.kwargs["ephemeral"]
+    assert "Only the bot's operators" in text and interaction.response.send_message.await_args.kwargs["ephemeral"]
     interaction.response.defer.assert_not_awaited()
 
 
 async def test_panel_lists_models_sizes_and_masked_tokens(bot, monkeypatch):
     monkeypatch.setenv("CIVITAI_TOKEN", CIVITAI_TOKEN)
     cog = Setup(bot)
-    interaction = fake_interaction(admin=True)
+    interaction = fake_interaction(admin=True, operator=True)
     await Setup.setup.callback(cog, interaction)
     interaction.response.defer.assert_awaited_once_with(ephemeral=True, thinking=True)
     text = last_content(interaction)
@@ -87,7 +87,7 @@ async def test_panel_lists_models_sizes_and_masked_tokens(bot, monkeypatch):
 async def test_download_button_runs_one_job_with_live_progress(bot, hub):
     cog = Setup(bot)
     panel = SetupPanel(cog)
-    interaction = fake_interaction(admin=True)
+    interaction = fake_interaction(admin=True, operator=True)
     await asyncio.wait_for(panel.download.callback(interaction), timeout=30)
     interaction.response.defer.assert_awaited_once()
     contents = all_contents(interaction)
@@ -101,7 +101,7 @@ async def test_download_button_runs_one_job_with_live_progress(bot, hub):
     assert (bot.settings.models_dir / "illustrious-xl" / "Illustrious-XL-v2.0.safetensors").is_file()
 
     # Pressing it again starts nothing: everything is there.
-    again = fake_interaction(admin=True)
+    again = fake_interaction(admin=True, operator=True)
     await panel.download.callback(again)
     assert "already downloaded" in last_content(again)
     assert len(await bot.backend.store.keys("job:")) == 1
@@ -110,14 +110,14 @@ async def test_download_button_runs_one_job_with_live_progress(bot, hub):
     weights = bot.settings.models_dir / "illustrious-xl" / "Illustrious-XL-v2.0.safetensors"
     weights.unlink()
     assert "7/8 present" in (await cog.panel())["content"]
-    third = fake_interaction(admin=True)
+    third = fake_interaction(admin=True, operator=True)
     await asyncio.wait_for(panel.download.callback(third), timeout=30)
     assert "All base models are ready" in last_content(third) and weights.is_file()
 
 
 async def test_two_admins_at_once_start_one_download(bot, hub):
     cog = Setup(bot)
-    first, second = fake_interaction(admin=True, user_id=1), fake_interaction(admin=True, user_id=2)
+    first, second = fake_interaction(admin=True, operator=True, user_id=1), fake_interaction(admin=True, operator=True, user_id=2)
     await asyncio.wait_for(asyncio.gather(
         SetupPanel(cog).download.callback(first), SetupPanel(cog).download.callback(second)), timeout=30)
     assert len(await bot.backend.store.keys("job:")) == 1
@@ -134,7 +134,7 @@ async def test_setup_attaches_to_a_running_download(bot):
         "status": "downloading", "bytes_done": 100_000_000, "bytes_total": 335_000_000, "rate": 25_000_000,
         "eta": 9.4, "updated_at": time.time()})
     cog = Setup(bot)
-    interaction = fake_interaction(admin=True)
+    interaction = fake_interaction(admin=True, operator=True)
 
     async def finish_later():
         await asyncio.sleep(0.3)
@@ -156,7 +156,7 @@ async def test_non_admin_buttons_are_refused(bot, button):
     panel = SetupPanel(Setup(bot))
     interaction = fake_interaction(admin=False)
     await getattr(panel, button).callback(interaction)
-    assert "administrators" in interaction.response.send_message.await_args.args[0]
+    assert "Only the bot's operators can" in interaction.response.send_message.await_args.args[0]
     interaction.response.send_modal.assert_not_awaited()
     interaction.response.defer.assert_not_awaited()
     assert await bot.backend.store.keys("job:") == []
@@ -165,14 +165,14 @@ async def test_non_admin_buttons_are_refused(bot, button):
 async def test_set_tokens_checks_each_and_keeps_only_good_ones(bot, caplog):
     caplog.set_level(logging.DEBUG)
     cog = Setup(bot)
-    opener = fake_interaction(admin=True)
+    opener = fake_interaction(admin=True, operator=True)
     await SetupPanel(cog).set_tokens.callback(opener)
     form = opener.response.send_modal.await_args.args[0]
     assert isinstance(form, TokensForm)
 
     form.civitai._refresh_state(None, {"value": f"  {CIVITAI_TOKEN} "})
     form.hf._refresh_state(None, {"value": "hf_revoked_token_000000"})
-    submit = fake_interaction(admin=True)
+    submit = fake_interaction(admin=True, operator=True)
     await form.on_submit(submit)
     reply = submit.followup.send.await_args.args[0]
     assert "CivitAI: ••••a1b2 (tester): checked and saved" in reply
@@ -184,7 +184,7 @@ async def test_set_tokens_checks_each_and_keeps_only_good_ones(bot, caplog):
     assert CIVITAI_TOKEN not in caplog.text and "hf_revoked_token_000000" not in caplog.text
 
     # The panel now shows the saved one, masked.
-    panel = fake_interaction(admin=True)
+    panel = fake_interaction(admin=True, operator=True)
     await Setup.setup.callback(cog, panel)
     assert "CivitAI: ••••a1b2 (tester)" in last_content(panel) and CIVITAI_TOKEN not in last_content(panel)
 
@@ -194,7 +194,7 @@ async def test_typing_clear_removes_a_token(bot):
     await store.put("secret:hf", {"token": HF_TOKEN, "user": "someone", "set_at": 0})
     form = TokensForm(Setup(bot))
     form.hf._refresh_state(None, {"value": " Clear "})
-    submit = fake_interaction(admin=True)
+    submit = fake_interaction(admin=True, operator=True)
     await form.on_submit(submit)
     assert "Hugging Face: removed" in submit.followup.send.await_args.args[0]
     assert await store.get("secret:hf") is None
@@ -211,12 +211,12 @@ async def test_token_form_refuses_non_admin(bot):
 @pytest.mark.slow
 async def test_verify_button_fixes_the_manifest(bot, hub):
     cog = Setup(bot)
-    await asyncio.wait_for(SetupPanel(cog).download.callback(fake_interaction(admin=True)), timeout=30)
+    await asyncio.wait_for(SetupPanel(cog).download.callback(fake_interaction(admin=True, operator=True)), timeout=30)
     damaged = bot.settings.models_dir / "sdxl-vae" / "diffusion_pytorch_model.safetensors"
     data = bytearray(damaged.read_bytes())
     data[0] ^= 1
     damaged.write_bytes(bytes(data))
-    interaction = fake_interaction(admin=True)
+    interaction = fake_interaction(admin=True, operator=True)
     await asyncio.wait_for(SetupPanel(cog).verify.callback(interaction), timeout=30)
     final = last_content(interaction)
     assert "Verified" in final and "7/8 present" in final and "CHECKSUM_MISMATCH" in final
@@ -225,7 +225,7 @@ async def test_verify_button_fixes_the_manifest(bot, hub):
 
 async def test_failed_download_shows_why(bot, hub):
     hub.fault("Illustrious-XL-v2.0.safetensors", "corrupt")
-    interaction = fake_interaction(admin=True)
+    interaction = fake_interaction(admin=True, operator=True)
     await asyncio.wait_for(SetupPanel(Setup(bot)).download.callback(interaction), timeout=30)
     final = last_content(interaction)
     assert "The download was corrupt" in final and "failed: CHECKSUM_MISMATCH" in final

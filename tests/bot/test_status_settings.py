@@ -98,7 +98,7 @@ async def test_cancel_latest_job_and_nothing_to_cancel(toolbox_bot, monkeypatch)
 async def test_settings_are_admin_only(toolbox_bot):
     interaction = fake_interaction(admin=False)
     await invoke(toolbox_bot, command(toolbox_bot, "settings defaults"), interaction, None, None, None, 5, None)
-    assert "Only server administrators" in ephemeral_error(interaction)
+    assert "Only this server's admins" in ephemeral_error(interaction)
     assert (await load_guild_settings(toolbox_bot.backend.store, 2002)).user_cap == 2
 
 

@@ -23,10 +23,17 @@ cdn: FakeCdn | None = None
 _ids = itertools.count(900_000_000_000_000_001)
 
 RESPONSE_METHODS = ("defer", "send_message", "send_modal", "edit_message")
+# The Discord application's owner, for a bot that is not logged in (the `make_toolbox_bot` fixture's).
+APPLICATION_OWNER_ID = 4242
 
 
-def fake_interaction(user_id: int = 1001, guild_id: int = 2002, channel_id: int = 3003, admin: bool = False):
+def fake_interaction(user_id: int = 1001, guild_id: int = 2002, channel_id: int = 3003, admin: bool = False,
+                     operator: bool = False):
+    """`admin`: the server's Administrator; `operator`: one of the bot's operators (the application's owner,
+    as the fake client's `is_owner` says; a test that sets `client` to a real bot names them there)."""
     interaction = MagicMock(spec=discord.Interaction)
+    interaction.client.settings.operator_ids = ()
+    interaction.client.is_owner = AsyncMock(return_value=operator)
     calls = MagicMock()
     interaction.calls = calls
     responded = {"done": False}

@@ -127,7 +127,8 @@ async def bot(civitai, make_toolbox_bot, fast_progress):
 
 
 def admin():
-    interaction = fake_interaction(admin=True)
+    """One of the bot's operators, who alone add the recommended LoRAs (and an admin of this server)."""
+    interaction = fake_interaction(admin=True, operator=True)
     interaction.channel = MagicMock()
     interaction.channel.is_nsfw = lambda: False
     return interaction
@@ -176,10 +177,11 @@ async def test_a_gated_starter_shows_the_token_hint_in_its_message(bot, civitai)
     assert "CivitAI API token with /setup" in text
 
 
-async def test_only_admins_can_add(bot, civitai):
+@pytest.mark.parametrize("server_admin", [False, True])
+async def test_only_operators_can_add(bot, civitai, server_admin):
     publish(civitai, AESTHETIC)
     button = add_buttons((await open_panel(bot))["view"])["lora-aesthetic-quality"]
-    stranger = fake_interaction(admin=False)
+    stranger = fake_interaction(admin=server_admin)
     await button.callback(stranger)
-    assert "administrators" in stranger.response.send_message.await_args.args[0]
+    assert "Only the bot's operators can" in stranger.response.send_message.await_args.args[0]
     assert not civitai.hits("/api/download/")
