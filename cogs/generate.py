@@ -281,7 +281,7 @@ class Generate(commands.Cog):
         upscale = {"scale": 2.0, "prompt": params["prompt"], "negative": params.get("negative") or "",
                    "loras": params["loras"] if params.get("model", "sdxl") == "sdxl" else [],
                    # The bot's own result, but one made with a face photo shows that real person.
-                   "real_photo": await self._kept_photos(job_id) is not None}
+                   "real_photo": await self._kept_photos(interaction.guild_id, job_id) is not None}
         await self.bot.upscales.run_upscale(interaction, attachment, upscale)
 
     async def vary_image(self, interaction: discord.Interaction, job_id: str, number: int) -> None:

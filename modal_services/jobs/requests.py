@@ -23,8 +23,8 @@ from pydantic import ConfigDict, Field, ValidationError, model_serializer, model
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.encoder_text import readings, with_trigger_words
 from modal_services.jobs.validation import Checked, invalid_input
-from modal_services.safety.prompt_screen import screen_prompt
-from modal_services.safety.real_people import REAL_PERSON_REFUSAL, is_sexual
+from modal_services.safety.prompt_screen import asks_for_sexual_content, screen_prompt
+from modal_services.safety.real_people import REAL_PERSON_REFUSAL
 
 # ------------------------------------------------------------------ reusable field types
 
@@ -187,7 +187,7 @@ class SafetyChecked(JobRequest):
         weighting syntax; or when it is sexual and the job starts from a real person's photo."""
         positive, negative = (readings(texts) for texts in self.screened_prompts())
         screen_prompt(positive, negative, self.safety.refused_words)
-        if self.safety.real_photo and is_sexual(", ".join(positive), ", ".join(negative)):
+        if self.safety.real_photo and asks_for_sexual_content(", ".join(positive), ", ".join(negative)):
             raise ToolboxError(ErrorCode.INVALID_PROMPT, REAL_PERSON_REFUSAL)
         return self
 

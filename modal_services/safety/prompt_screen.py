@@ -176,6 +176,13 @@ def _steers_away_from_clothing(negative: str) -> bool:
     return False
 
 
+def asks_for_sexual_content(positive: str, negative: str = "") -> bool:
+    """Sexual words in what a prompt asks for, or only a word for being dressed in what its negative prompt
+    steers away from (which asks for nudity as plainly)."""
+    asked = Reading(positive)
+    return bool(asked.sexual) or "minor_sexual" in asked.kinds or _steers_away_from_clothing(negative)
+
+
 def involves_minors_sexually(positive: str, negative: str = "") -> bool:
     """The built-in rule: what the prompt asks for, with what its negative prompt steers away from."""
     asked = Reading(positive)

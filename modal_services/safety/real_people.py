@@ -6,13 +6,11 @@ Such a job is refused when its prompt is sexual, and its images are withheld
 when the NSFW classifier flags them, whatever the server's policy, the channel
 or `safety_check` say. The bot's own earlier results are not uploaded photos.
 
-The sexual signal is the prompt screen's own word list, read the same way
-(folded, look-alikes and split words included): one list, one matcher.
+The sexual signal is the prompt screen's own (`asks_for_sexual_content`), read the
+same way (folded, look-alikes and split words included): one list, one matcher.
 """
 
 from __future__ import annotations
-
-from modal_services.safety.prompt_screen import CLOTHING, MINOR_SEXUAL, SEXUAL, FoldedText
 
 REAL_PERSON_REFUSAL = (
     "This prompt was refused: it asks for sexual content, and this job starts from a photo of a real person. "
@@ -23,9 +21,3 @@ REAL_PERSON_WITHHELD = (
     "person are never shown, whatever the server's policy, the channel or the safety check setting."
 )
 
-
-def is_sexual(positive: str, negative: str = "") -> bool:
-    """Whether a prompt asks for sexual content: sexual words in what it asks for, or clothing in what its
-    negative prompt steers away from (which asks for nudity as plainly)."""
-    asked = FoldedText(positive)
-    return SEXUAL.found_in(asked) or MINOR_SEXUAL.found_in(asked) or CLOTHING.found_in(FoldedText(negative))

@@ -78,7 +78,7 @@ async def test_panel_lists_models_sizes_and_masked_tokens(bot, monkeypatch):
     text = last_content(interaction)
     for entry in BASE_MODELS.values():
         assert entry.name in text
-    assert "0/8 present" in text and "6.9 GB" in text and "missing" in text
+    assert "0/9 present" in text and "6.9 GB" in text and "missing" in text
     assert "CivitAI: ••••a1b2 (from the environment)" in text and "Hugging Face: not set" in text
     assert CIVITAI_TOKEN not in text
     assert isinstance(interaction.edit_original_response.await_args.kwargs["view"], SetupPanel)
@@ -93,7 +93,7 @@ async def test_download_button_runs_one_job_with_live_progress(bot, hub):
     contents = all_contents(interaction)
     assert any("Overall" in text for text in contents[:-1])  # the live view before the final panel
     final = contents[-1]
-    assert "All base models are ready" in final and "8/8 present" in final
+    assert "All base models are ready" in final and "9/9 present" in final
     for key, entry in BASE_MODELS.items():
         manifest = await bot.backend.store.get(manifest_key(key))
         # Optional models (FLUX.1-dev, InstantID) stay out until an admin enables them.
@@ -109,7 +109,7 @@ async def test_download_button_runs_one_job_with_live_progress(bot, hub):
     # A file deleted from the disk is missing again, whatever the manifest says, and is fetched again.
     weights = bot.settings.models_dir / "illustrious-xl" / "Illustrious-XL-v2.0.safetensors"
     weights.unlink()
-    assert "7/8 present" in (await cog.panel())["content"]
+    assert "8/9 present" in (await cog.panel())["content"]
     third = fake_interaction(admin=True, operator=True)
     await asyncio.wait_for(panel.download.callback(third), timeout=30)
     assert "All base models are ready" in last_content(third) and weights.is_file()
@@ -219,7 +219,7 @@ async def test_verify_button_fixes_the_manifest(bot, hub):
     interaction = fake_interaction(admin=True, operator=True)
     await asyncio.wait_for(SetupPanel(cog).verify.callback(interaction), timeout=30)
     final = last_content(interaction)
-    assert "Verified" in final and "7/8 present" in final and "CHECKSUM_MISMATCH" in final
+    assert "Verified" in final and "8/9 present" in final and "CHECKSUM_MISMATCH" in final
     assert await bot.backend.store.get(manifest_key("sdxl-vae")) is None
 
 

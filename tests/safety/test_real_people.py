@@ -18,7 +18,9 @@ from modal_services.jobs.records import create_job
 from modal_services.jobs.requests import GenerateRequest, SafetyContext, UpscaleRequest
 from modal_services.library.entries import Library
 from modal_services.safety.judge import Decision, SafetyReport, judge
-from modal_services.safety.real_people import REAL_PERSON_REFUSAL, is_sexual
+from modal_services.safety.prompt_screen import asks_for_sexual_content as is_sexual
+from modal_services.safety.real_people import REAL_PERSON_REFUSAL
+from modal_services.safety.tagger import Tags
 from modal_services.services import SERVICES, run_service_job
 from modal_services.state.store import SqliteStore
 from tests.api.test_api import served  # noqa: F401 (a fixture)
@@ -158,20 +160,35 @@ async def test_the_bots_own_result_upscaled_is_judged_by_the_servers_policy(tool
 # ---------------------------------------------------------------- the output side
 
 
+def drawn_adult(images: list[bytes]) -> list[Tags]:
+    """The tagger's word on photographs of adults: nothing the drawn-minor rule acts on."""
+    return [Tags("general", {"general": 0.9, "sensitive": 0.1}, {"1girl": 0.9}) for _ in images]
+
+
+class StandInTagger:
+    loaded = True
+
+    def load(self):
+        pass
+
+    def tag(self, images):
+        return drawn_adult(images)
+
+
 @pytest.mark.parametrize("policy, age_restricted, threshold", [
     ("off", False, 0.7), ("block", True, 0.7), ("spoiler", False, 0.7), ("off", False, 0.99)])
 def test_a_flagged_image_from_a_real_photo_is_withheld_always(policy, age_restricted, threshold):
     images = [red_png(), png_bytes(16, 16)]
     scores = {images[0]: 0.9, images[1]: 0.1}
     context = SafetyContext(policy=policy, age_restricted=age_restricted, threshold=threshold, real_photo=True)
-    kept, report = judge(images, context, lambda batch: [scores[data] for data in batch])
+    kept, report = judge(images, context, lambda batch: [scores[data] for data in batch], drawn_adult)
     assert kept == [None, images[1]]
     assert [image.decision for image in report.images] == [Decision.WITHHOLD, Decision.POST]
     assert report.checked and report.real_photo and report.unchecked_reason() is None
     assert SafetyReport.from_dict(report.to_dict()) == report
     # Without a real photo the same context posts as before.
     plain = context.model_copy(update={"real_photo": False})
-    assert judge(images, plain, lambda batch: [scores[data] for data in batch])[0][0] is not None
+    assert judge(images, plain, lambda batch: [scores[data] for data in batch], drawn_adult)[0][0] is not None
 
 
 async def test_the_worker_withholds_an_uploaded_photos_flagged_upscale_with_the_policy_off(store):
@@ -188,6 +205,6 @@ async def test_the_worker_withholds_an_uploaded_photos_flagged_upscale_with_the_
     job = await create_job(store, "upscale")
     payload = {"image": PHOTO, "prompt": "a portrait", "safety": {"policy": "off", "real_photo": True}}
     result = await run_service_job(store, RedUpscaler(), SERVICES[UpscaleRequest], job.id, payload,
-                                   classifier=classifier)
+                                   classifier=classifier, tagger=StandInTagger())
     assert result["image"] is None and classifier.batches == [1]
     assert SafetyReport.from_dict(result["safety"]).real_photo
