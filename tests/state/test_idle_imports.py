@@ -155,7 +155,7 @@ async def test_a_checkpoint_chosen_in_discord_is_the_one_jobs_get_after_the_loss
     toolbox_bot = await make_toolbox_bot(*cogs)
     await put_model(library_for(toolbox_bot.settings, toolbox_bot.backend.store), CHECKPOINT_FILE, "checkpoint",
                     name="NoobAI XL", base_model="NoobAI")
-    switch = fake_interaction(admin=True)
+    switch = fake_interaction(admin=True, operator=True)
     await invoke(toolbox_bot, checkpoint_command(toolbox_bot), switch, "NoobAI XL")
     assert "Active checkpoint: **NoobAI XL**" in switch.calls.send_message.await_args.args[0]
     await toolbox_bot.backend.close()
