@@ -266,8 +266,10 @@ class ModalBackend(Backend):
         from modal_services.base_models.states import missing_models
         from modal_services.layout import NSFW_CLASSIFIER_DIR
         from modal_services.base_models.registry import BASE_MODELS, models_for
+        from modal_services.engines.caption import caption_purpose
+        from modal_services.jobs.requests import CaptionRequest
 
-        needed = models_for(request.kind)
+        needed = models_for(caption_purpose(request) if isinstance(request, CaptionRequest) else request.kind)
         if not getattr(getattr(request, "safety", None), "classifies", True):
             needed = [key for key in needed if BASE_MODELS[key].folder != NSFW_CLASSIFIER_DIR]
         missing = await missing_models(self.store, needed)

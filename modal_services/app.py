@@ -97,8 +97,12 @@ def _load_or_stay_up(name: str, load: Callable[[], None]) -> None:
         log.warning("%s not loaded: %s", name, error.code.value)
 
 
+# The caption image adds onnxruntime for the booru tagger (the `tags` style); the CPU build, as Flux's image has.
+caption_image = gpu_image.pip_install("onnxruntime>=1.20")
+
+
 @app.cls(
-    image=gpu_image,
+    image=caption_image,
     gpu=CAPTION_GPU,
     volumes={str(MODELS_MOUNT): models_volume},
     scaledown_window=SCALEDOWN_SECONDS,
@@ -109,20 +113,23 @@ def _load_or_stay_up(name: str, load: Callable[[], None]) -> None:
 class CaptionService:
     @modal.enter(snap=True)
     def load_weights(self) -> None:
-        """Runs once, before the snapshot: reading ~4 GB of weights is what cold starts then skip."""
+        """Runs once, before the snapshot: reading ~4 GB of VLM weights and the tagger's 1.3 GB is what cold
+        starts then skip."""
         self.store = _store()
         self.engine = CaptionEngine(_layout(self.store), dtype="float16" if CAPTION_GPU == "T4" else "bfloat16")
         _load_or_stay_up("caption engine", self.engine.load_weights)
 
     @modal.enter(snap=False)
     def move_to_gpu(self) -> None:
-        if self.engine.model is not None:
-            self.engine.move_to(best_device())
+        self.engine.move_to(best_device())
 
     @modal.method()
     async def caption(self, job_id: str, payload: dict) -> list[str]:
         if not self.engine.loaded:
-            await models_volume.reload.aio()
+            try:
+                await models_volume.reload.aio()  # a model /setup downloaded since this container started
+            except Exception:  # refused while the other model's files are open: a fresh container sees it
+                log.warning("models volume reload skipped", exc_info=True)
         return await run_service_job(self.store, self.engine, SERVICES[CaptionRequest], job_id, payload)
 
 

@@ -223,13 +223,14 @@ BASE_MODELS: dict[str, ModelEntry] = {
         ),
         ModelEntry(
             # EVA02-Large, ONNX, Apache-2.0: rates and tags every generated and upscaled image (drawn minors are
-            # withheld whatever the policy, so every judged job needs it), and gives the `tags` caption style its tags.
+            # withheld whatever the policy, so every judged job needs it), and writes the `tags` caption style
+            # (`tags_caption`: only those captions need it; every other caption reads only the VLM).
             key="wd-tagger",
             name="Booru tagger (SmilingWolf WD EVA02-Large v3)",
             source=HFSource("SmilingWolf/wd-eva02-large-tagger-v3", include=("model.onnx", "selected_tags.csv")),
             folder=TAGGER_DIR,
             approx_bytes=1_260_000_000,
-            needed_by=("upscale", "generate", "flux_generate"),
+            needed_by=("upscale", "generate", "flux_generate", "tags_caption"),
         ),
         ModelEntry(
             key="flux1-dev",
@@ -364,5 +365,6 @@ def optional_entries(registry: Mapping[str, ModelEntry] | None = None) -> list[M
 
 
 def models_for(purpose: str) -> list[str]:
-    """The keys a service needs (`caption`, `upscale`, `generate`): what the bot checks before spawning GPU work."""
+    """The keys a service needs (`caption`, `tags_caption`, `upscale`, `generate`): what the bot checks before
+    spawning GPU work."""
     return [entry.key for entry in BASE_MODELS.values() if purpose in entry.needed_by]

@@ -1,7 +1,10 @@
-"""The caption engine: Qwen3-VL-2B-Instruct through transformers.
+"""The caption engine: Qwen3-VL-2B-Instruct through transformers, and the booru tagger for the `tags` style.
 
-Loaded from the models volume (`models/qwen3-vl-2b/`, a Hugging Face snapshot),
-never from the hub. Several images are captioned in one `generate` call.
+Both are loaded from the models volume (`models/qwen3-vl-2b/`, a Hugging Face
+snapshot; the WD tagger's folder), never from the hub. The VLM writes every
+style but `tags`, several images in one `generate` call; `tags` is the
+tagger's, as LoRA trainers caption their datasets. Each style needs only its
+own model: a missing one fails the styles that read it.
 """
 
 from __future__ import annotations
@@ -15,17 +18,13 @@ from modal_services.imaging import decode_image
 from modal_services.jobs.requests import CaptionRequest
 from modal_services.jobs.records import ProgressFn
 from modal_services.layout import CAPTION_MODEL, Layout
+from modal_services.safety.tagger import Tagger, Tags
 
 
 STYLE_PROMPTS = {
     "descriptive": (
         "Describe this image in one detailed paragraph: the subject, what they are doing, the setting, "
         "composition, lighting, colours and artistic style. Start directly with the description."
-    ),
-    "tags": (
-        "List booru-style tags for this image as used in Stable Diffusion XL / Illustrious prompts: "
-        "lowercase, comma-separated, most important first (for example: 1girl, solo, long hair, smile, "
-        "outdoors, sunset). Output only the tags."
     ),
     "short": "Describe this image in one short sentence suitable as alt text.",
     # What /generate takes back: Illustrious-XL (the default checkpoint) is prompted in Danbooru tags.
@@ -36,9 +35,19 @@ STYLE_PROMPTS = {
         "then the setting, lighting, colours and art style. Output only the prompt."
     ),
 }
-MAX_NEW_TOKENS = {"descriptive": 256, "tags": 160, "short": 48, "prompt": 200, "question": 320}
-# Styles whose output is a comma-separated tag list (tidied: one tag once, lowercase).
-TAG_STYLES = ("tags", "prompt")
+MAX_NEW_TOKENS = {"descriptive": 256, "short": 48, "prompt": 200, "question": 320}
+
+# The style the booru tagger writes, as LoRA trainers' captioners do (kohya's tag_images_by_wd14_tagger with
+# --character_tags_first --use_rating_tags_as_last_tag --remove_underscore, SmilingWolf's own demo): character
+# tags first, then the general tags at or above GENERAL_THRESHOLD, likeliest first, then the rating's plain word.
+TAGGER_STYLE = "tags"
+# The WD taggers' usual default for general tags (character tags: the tagger's own CHARACTER_THRESHOLD).
+GENERAL_THRESHOLD = 0.35
+# Emoticon tags keep their underscores: `^ ^` is not the tag `^_^`. The list the WD tagger tools share.
+EMOTICON_TAGS = frozenset({"0_0", "(o)_(o)", "+_+", "+_-", "._.", "<o>_<o>", "<|>_<|>", "=_=", ">_<", "3_3", "6_9",
+                           ">_o", "@_@", "^_^", "o_o", "u_u", "x_x", "|_|", "||_||"})
+# What the models a caption needs are listed under in the base-model registry (`needed_by`).
+TAGS_CAPTION_PURPOSE = "tags_caption"
 
 # The files a snapshot must have before loading is worth trying.
 REQUIRED_FILES = ("config.json", "preprocessor_config.json", "tokenizer_config.json")
@@ -90,16 +99,24 @@ def dtype_for(device: str):
 class CaptionEngine:
     """Loading is two steps so that a Modal memory snapshot can capture the first:
     `load_weights()` reads the files into CPU memory, `move_to(device)` puts the
-    model on the GPU after the snapshot is restored. `load()` does both."""
+    models on the GPU after the snapshot is restored. `load()` does both, for
+    whichever of the two models is installed."""
 
     def __init__(self, layout: Layout, max_side: int = 1024, device: str | None = None, dtype: str | None = None):
         self.model_dir = layout.models_dir / CAPTION_MODEL
         self.max_side = max_side
         self.device = device
         self.dtype = dtype  # a torch dtype name; None: the best for the device
-        self.loaded = False
+        self.vlm_ready = False
         self.model = None
         self.processor = None
+        self.tagger = Tagger(layout.models_dir, device)
+
+    @property
+    def loaded(self) -> bool:
+        """Both models ready. Until then the worker calls `load` before each job, which picks up a model
+        /setup has downloaded since."""
+        return self.vlm_ready and self.tagger.loaded
 
     def missing_files(self) -> list[str]:
         if not self.model_dir.is_dir():
@@ -115,16 +132,17 @@ class CaptionEngine:
         self.move_to(device)
 
     def load_weights(self, device_to_come: str = "cpu") -> None:
-        """Read tokenizer, processor and weights into CPU memory (in the dtype `device_to_come` wants)."""
-        if self.model is not None:
-            return
-        missing = self.missing_files()
-        if missing:
-            raise ToolboxError(
-                ErrorCode.MODELS_MISSING,
-                "The caption model (Qwen3-VL-2B) is not installed. An admin can download it with "
-                "/setup (or `toolbox setup --only qwen3-vl-2b`). Missing: " + ", ".join(missing),
-            )
+        """Read the installed models into CPU memory (the VLM in the dtype `device_to_come` wants). A missing
+        one is skipped: the styles that read it report it; a broken one fails here."""
+        if self.model is None and not self.missing_files():
+            self._read_vlm(device_to_come)
+        try:
+            self.tagger.load(staging_device="cpu")
+        except ToolboxError as error:
+            if error.code is not ErrorCode.MODELS_MISSING:
+                raise
+
+    def _read_vlm(self, device_to_come: str) -> None:
         import torch
         from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
@@ -141,16 +159,31 @@ class CaptionEngine:
             self.model = AutoModelForImageTextToText.from_pretrained(self.model_dir, dtype=dtype).eval()
 
     def move_to(self, device: str) -> None:
-        self.model.to(device)
+        if self.model is not None:
+            self.model.to(device)
+            self.vlm_ready = True
+        self.tagger.place()
         self.device = device
-        self.loaded = True
 
     def caption(self, request: CaptionRequest, progress: ProgressFn) -> list[str]:
-        """One caption per image, all in one `generate` call."""
+        """One caption per image: the tagger's tags for a `tags` caption, else the VLM's text."""
+        if is_tagger_caption(request):
+            return self._tag(request.images, progress)
+        return self._describe(request, progress)
+
+    def _tag(self, images: list[bytes], progress: ProgressFn) -> list[str]:
+        for index, data in enumerate(images, start=1):
+            decode_image(data, name=f"Image {index}")  # a bad image named as the other styles name it
+        progress(0.0, "tagging")
+        return [booru_caption(tags) for tags in self.tagger.tag(images)]
+
+    def _describe(self, request: CaptionRequest, progress: ProgressFn) -> list[str]:
+        """All the images in one `generate` call."""
         import torch
 
         style, question = request.style, request.question
         pictures = [self._prepare(data, index) for index, data in enumerate(request.images, start=1)]
+        self._require_vlm()
         instruction = question.strip() if question else STYLE_PROMPTS[style]
         max_new_tokens = MAX_NEW_TOKENS["question" if question else style]
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
@@ -178,6 +211,16 @@ class CaptionEngine:
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.batch_decode(new_tokens, skip_special_tokens=True)
         return [tidy_caption(text, "question" if question else style) for text in texts]
+
+    def _require_vlm(self) -> None:
+        if not self.vlm_ready:
+            self.load()
+        if not self.vlm_ready:
+            raise ToolboxError(
+                ErrorCode.MODELS_MISSING,
+                "The caption model (Qwen3-VL-2B) is not installed. An admin can download it with "
+                "/setup (or `toolbox setup --only qwen3-vl-2b`). Missing: " + ", ".join(self.missing_files()),
+            )
 
     def _prepare(self, data: bytes, index: int):
         from PIL import Image
@@ -209,7 +252,7 @@ class _TokenProgress:
 
 def tidy_caption(text: str, style: str) -> str:
     text = "".join(ch for ch in text if ch.isprintable() or ch in "\n\t").strip()
-    if style in TAG_STYLES:
+    if style == "prompt":  # a comma-separated tag list: each tag once, lowercase
         seen: dict[str, None] = {}
         for tag in text.replace("\n", ",").split(","):
             tag = tag.strip().strip(".").lower()
@@ -217,3 +260,23 @@ def tidy_caption(text: str, style: str) -> str:
                 seen.setdefault(tag, None)
         return ", ".join(seen)
     return " ".join(text.split())
+
+
+def booru_caption(tags: Tags) -> str:
+    """One image's tags as a LoRA dataset's caption: its characters (the tagger reports those at its
+    CHARACTER_THRESHOLD or more), its general tags at or above GENERAL_THRESHOLD, each likeliest first,
+    then its rating; comma-separated, underscores read as spaces but in emoticons."""
+    characters = sorted(tags.characters, key=tags.characters.get, reverse=True)
+    names = [*characters, *tags.above(GENERAL_THRESHOLD), tags.rating]
+    return ", ".join(name if name in EMOTICON_TAGS else name.replace("_", " ") for name in names)
+
+
+def is_tagger_caption(request: CaptionRequest) -> bool:
+    """A `tags` caption is the tagger's; a question always goes to the VLM."""
+    return request.style == TAGGER_STYLE and not request.question
+
+
+def caption_purpose(request: CaptionRequest) -> str:
+    """What the models this caption needs are listed under (`needed_by`): a `tags` caption reads only the
+    tagger, every other caption only the VLM."""
+    return TAGS_CAPTION_PURPOSE if is_tagger_caption(request) else request.kind
