@@ -26,7 +26,7 @@ from modal_services.jobs.requests import CaptionRequest, GenerateRequest, Upscal
 from modal_services.library.entries import Library, LibraryEntry
 from tests.fakes.engines import SlowCaptionEngine, StandInImageEngine
 from tests.fixtures.tiny_instantid import enable_instantid
-from tests.images import png_bytes
+from tests.images import encode, png_bytes
 
 TOKEN = "api-test-token-5f1c9b"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -426,6 +426,16 @@ async def test_jobs_runs_a_caption_and_keeps_its_result(api, stand_in_engines):
     assert (await api.get(f"/jobs/{view['job_id']}")).json()["result"] == view["result"]  # asked again: still there
     assert engine.batches == [2]
 
+
+async def test_a_tags_caption_is_the_booru_taggers(api, install_tagger):
+    from PIL import Image
+
+    install_tagger("safe")  # and no caption model: the tags style reads only the tagger
+    image = base64.b64encode(encode(Image.new("RGB", (64, 64), (0, 0, 255)))).decode()
+    accepted = await api.post("/jobs", json={"kind": "caption", "images_base64": [image], "style": "tags"})
+    view = await wait_for_status(api, accepted.json()["job_id"], "done")
+    # The tiny "safe" tagger's character, general tags at 0.35 or more likeliest first, and rating.
+    assert view["result"] == {"captions": ["hatsune miku, 1girl, solo, long hair, ^_^, smile, general"]}
 
 async def test_jobs_runs_an_upscale(api, stand_in_engines):
     engine = StandInImageEngine()

@@ -63,10 +63,47 @@ def test_cli_caption_with_sidecars(installed_caption_model, tmp_path, reference_
         path = tmp_path / f"img{index}.png"
         path.write_bytes(png_bytes(64, 48, seed=30 + index))
         paths.append(path)
-    assert toolbox(["caption", *map(str, paths), "--style", "tags", "--sidecar", "--batch-size", "2"]) == 0
+    assert toolbox(["caption", *map(str, paths), "--style", "prompt", "--sidecar", "--batch-size", "2"]) == 0
     for path in paths:
-        expected = reference_engine.caption(CaptionRequest(images=[path.read_bytes()], style="tags"), lambda f, s: None)[0]
+        expected = reference_engine.caption(CaptionRequest(images=[path.read_bytes()], style="prompt"), lambda f, s: None)[0]
         assert path.with_suffix(".txt").read_text(encoding="utf-8") == expected + "\n"
+
+
+# ---- the `tags` style: the booru tagger's tags, with no caption model installed at all
+
+# The tiny "safe" tagger's tags for an image with no red in it (tests/engines/test_caption_tags.py says why).
+SAFE_TAGS = "hatsune miku, 1girl, solo, long hair, ^_^, smile, general"
+
+
+def blue_png() -> bytes:
+    from PIL import Image
+
+    return encode(Image.new("RGB", (96, 64), (0, 0, 255)))
+
+
+async def test_slash_caption_tags_come_from_the_tagger(install_tagger, fast_progress, make_toolbox_bot):
+    from discord import app_commands
+
+    install_tagger("safe")
+    toolbox_bot = await make_toolbox_bot("cogs.caption")
+    interaction = fake_interaction()
+    await invoke(toolbox_bot, toolbox_bot.tree.get_command("caption"), interaction, fake_attachment(blue_png()),
+                 app_commands.Choice(name="tags", value="tags"), None)
+    assert ephemeral_error(interaction) is None
+    reply = interaction.calls.edit_original_response.await_args.kwargs["content"]
+    assert "Caption (tags)" in reply and SAFE_TAGS in reply
+
+
+def test_cli_caption_tags_with_sidecars(install_tagger, tmp_path, capsys):
+    install_tagger("safe")
+    paths = [tmp_path / "one.png", tmp_path / "two.png"]
+    for path in paths:
+        path.write_bytes(blue_png())
+    assert toolbox(["caption", *map(str, paths), "--style", "tags", "--sidecar", "--batch-size", "1"]) == 0
+    assert [path.with_suffix(".txt").read_text(encoding="utf-8") for path in paths] == [SAFE_TAGS + "\n"] * 2
+    # The other styles need the caption model, which is not installed here.
+    assert toolbox(["caption", str(paths[0]), "--style", "descriptive"]) == 1
+    assert capsys.readouterr().err.startswith("error: MODELS_MISSING: ")
 
 
 def test_cli_caption_prints_and_fails_cleanly(installed_caption_model, tmp_path, capsys):

@@ -95,7 +95,7 @@ def test_caption_service_wiring(app_module):
 
     options = app_module.recorded_options["CaptionService"]
     assert options["gpu"] == "T4"  # a deploy-time setting
-    assert options["image"] is app_module.gpu_image
+    assert options["image"] is app_module.caption_image  # the GPU image with onnxruntime, for the booru tagger
     assert options["volumes"] == {str(MODELS_MOUNT): app_module.models_volume}
     assert options["scaledown_window"] >= 60 and options["max_containers"] >= 1
     spec = app_module.CaptionService._get_class_service_function()._spec_
@@ -130,19 +130,28 @@ def test_cpu_services_have_no_gpu(app_module):
         assert app_module.loras_volume in options["volumes"].values()
 
 
-async def test_caption_service_runs_a_job_locally(app_module, monkeypatch, tiny_qwen_dir):
+async def test_caption_service_runs_a_job_locally(app_module, monkeypatch, tiny_qwen_dir, tiny_tagger_dirs, tmp_path):
+    from modal_services.layout import CAPTION_MODEL, TAGGER_DIR
+
     state = FakeModalDict()
     monkeypatch.setattr(app_module, "state_dict", state)
-    monkeypatch.setattr(app_module, "MODELS_MOUNT", Path(tiny_qwen_dir).parent)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / CAPTION_MODEL).symlink_to(tiny_qwen_dir, target_is_directory=True)
+    (models / TAGGER_DIR).symlink_to(tiny_tagger_dirs["safe"], target_is_directory=True)
+    monkeypatch.setattr(app_module, "MODELS_MOUNT", models)
     store = ModalDictStore(state)
     from modal_services.jobs.records import create_job
 
-    job = await create_job(store, "caption")
     service = app_module.CaptionService()
     service._enter()  # modal's .local() skips sync @enter hooks before async methods
-    captions = await service.caption.local(job.id, {"images": [png_bytes()], "style": "tags", "question": None})
-    assert len(captions) == 1 and captions[0]
-    assert (await load_job(store, job.id)).status is JobStatus.DONE
+    assert service.engine.loaded  # both models, loaded with the container
+    for style in ("short", "tags"):
+        job = await create_job(store, "caption")
+        captions = await service.caption.local(job.id, {"images": [png_bytes()], "style": style, "question": None})
+        assert len(captions) == 1 and captions[0]
+        assert (await load_job(store, job.id)).status is JobStatus.DONE
+    assert captions[0].endswith(", general")  # the tagger's rating closes a tags caption
 
 
 async def test_the_nsfw_classifier_is_required_only_when_images_are_classified(deployment):
@@ -158,3 +167,17 @@ async def test_the_nsfw_classifier_is_required_only_when_images_are_classified(d
     for safety in ({"policy": "off"}, {"age_restricted": True}):
         await backend.submit(GenerateRequest.parse({"prompt": "a cat", "safety": safety}))
     assert [method for _, method, _ in deployment.spawned] == ["SdxlService.generate"] * 2
+
+
+async def test_only_tags_captions_need_the_tagger(deployment):
+    from modal_services.base_models.downloads import manifest_key
+
+    deployment.store._dict.pop(manifest_key("wd-tagger"))
+    backend = make_backend(Settings.load())
+    with pytest.raises(ToolboxError) as caught:
+        await backend.submit(CaptionRequest.parse({"images": [b"x"], "style": "tags"}))
+    assert caught.value.code is ErrorCode.MODELS_MISSING and "Booru tagger" in caught.value.message
+    assert deployment.spawned == []
+    await backend.submit(CaptionRequest.parse({"images": [b"x"], "style": "descriptive"}))
+    await backend.submit(CaptionRequest.parse({"images": [b"x"], "style": "tags", "question": "What is it?"}))
+    assert [method for _, method, _ in deployment.spawned] == ["CaptionService.caption"] * 2
