@@ -27,7 +27,9 @@ STYLE_PROMPTS = {
         "composition, lighting, colours and artistic style. Start directly with the description."
     ),
     "short": "Describe this image in one short sentence suitable as alt text.",
-    # What /generate takes back: Illustrious-XL (the default checkpoint) is prompted in Danbooru tags.
+    # What /generate takes back: Illustrious-XL (the default checkpoint) is prompted in Danbooru tags. The VLM
+    # writes it, not the tagger: it reads photos as well as drawings, and orders the prompt (quality tags, the
+    # subject count, the character, then the scene) where the tagger gives a dataset's tags and a rating.
     "prompt": (
         "Write a prompt for the Illustrious-XL image model that would recreate this image, as Danbooru tags: "
         "lowercase, comma-separated, starting with masterpiece, best quality, then the subject count "
