@@ -18,6 +18,7 @@ from modal_services.imaging import decode_image
 from modal_services.jobs.requests import CaptionRequest
 from modal_services.jobs.records import ProgressFn
 from modal_services.layout import CAPTION_MODEL, Layout
+from modal_services.safety.judge import minor_tags, rated_sexual
 from modal_services.safety.tagger import Tagger, Tags
 
 
@@ -177,7 +178,13 @@ class CaptionEngine:
         for index, data in enumerate(images, start=1):
             decode_image(data, name=f"Image {index}")  # a bad image named as the other styles name it
         progress(0.0, "tagging")
-        return [booru_caption(tags) for tags in self.tagger.tag(images)]
+        read = self.tagger.tag(images)
+        for index, tags in enumerate(read, start=1):
+            if minor_tags(tags) and rated_sexual(tags):
+                # The drawn-minor rule of the image check: such an image is never described, not even as tags.
+                raise ToolboxError(ErrorCode.INVALID_INPUT, f"Image {index} reads as a drawing of a minor in a sexual "
+                                   "context; it is not captioned.")
+        return [booru_caption(tags) for tags in read]
 
     def _describe(self, request: CaptionRequest, progress: ProgressFn) -> list[str]:
         """All the images in one `generate` call."""

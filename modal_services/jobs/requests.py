@@ -40,7 +40,7 @@ IpAdapterScale = Annotated[float, Field(ge=0.0, le=1.5, allow_inf_nan=False, tit
 # Each caption style and what it gives (shown as the Discord choice).
 CAPTION_STYLES = {
     "descriptive": "a detailed paragraph",
-    "tags": "booru-style tags for SDXL prompts",
+    "tags": "booru tags with their rating (the WD tagger), as LoRA trainers use them",
     "short": "one sentence, good alt text",
     "prompt": "a /generate prompt in booru tags (Illustrious)",
 }

@@ -57,9 +57,19 @@ def test_tags_are_the_taggers_in_score_order_with_the_rating(tagger_only):
     assert stages == ["tagging"] and not tagger_only.vlm_ready
 
 
-def test_the_rating_and_minor_tags_are_written_as_read(tmp_path, tiny_tagger_dirs):
+def test_a_drawn_minor_in_a_sexual_context_is_not_captioned(tmp_path, tiny_tagger_dirs):
     engine = CaptionEngine(Layout(models_dir(tmp_path, tagger=tiny_tagger_dirs["minor_explicit"])))
-    assert caption(engine, [one_colour_png((0, 0, 255))], style="tags") == ["1girl, loli, explicit"]
+    with pytest.raises(ToolboxError) as refused:
+        caption(engine, [one_colour_png((0, 0, 255))], style="tags")
+    assert refused.value.code is ErrorCode.INVALID_INPUT and "Image 1 reads as a drawing of a minor" in refused.value.message
+
+
+@pytest.mark.parametrize("verdict, expected", [("minor_general", "1girl, child, general"),
+                                               ("adult_explicit", "1girl, mature female, explicit")])
+def test_a_minor_rated_general_and_an_adult_rated_explicit_are_written_as_read(tmp_path, tiny_tagger_dirs,
+                                                                              verdict, expected):
+    engine = CaptionEngine(Layout(models_dir(tmp_path, tagger=tiny_tagger_dirs[verdict])))
+    assert caption(engine, [one_colour_png((0, 0, 255))], style="tags") == [expected]
 
 
 def test_thresholds_order_and_underscores():

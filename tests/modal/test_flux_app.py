@@ -10,7 +10,7 @@ from PIL import Image
 from modal_services.engines.flux import precision_for_gpu
 from modal_services.jobs.records import JobStatus, create_job, load_job
 from modal_services.jobs.requests import FluxGenerateRequest
-from modal_services.layout import LORAS_MOUNT, MODELS_MOUNT, NSFW_CLASSIFIER_DIR
+from modal_services.layout import LORAS_MOUNT, MODELS_MOUNT, NSFW_CLASSIFIER_DIR, TAGGER_DIR
 from modal_services.services import SERVICES
 from modal_services.engines.sdxl.previews import preview_key
 from modal_services.state.store import ModalDictStore
@@ -44,9 +44,10 @@ def test_quantisers_are_installed_only_where_the_precision_needs_them(app_module
 
 @pytest.mark.slow
 async def test_one_flux_container_stages_in_host_memory_then_runs_a_judged_job(app_module, monkeypatch, tmp_path,
-                                                                               tiny_nsfw_dirs):
+                                                                               tiny_nsfw_dirs, tiny_tagger_dirs):
     volume = build_tiny_flux_volume(tmp_path)
     (volume.models_dir / NSFW_CLASSIFIER_DIR).symlink_to(tiny_nsfw_dirs["passes"], target_is_directory=True)
+    (volume.models_dir / TAGGER_DIR).symlink_to(tiny_tagger_dirs["safe"], target_is_directory=True)
     state = FakeModalDict()
     monkeypatch.setattr(app_module, "state_dict", state)
     monkeypatch.setattr(app_module, "MODELS_MOUNT", volume.models_dir)
@@ -56,7 +57,7 @@ async def test_one_flux_container_stages_in_host_memory_then_runs_a_judged_job(a
     service = app_module.FluxService()
     service._enter()  # modal's .local() skips sync @enter hooks before async methods: both phases run here
     assert service.engine.loaded and service.engine.placement == "cpu" and service.engine.precision == "bf16"
-    assert service.classifier.loaded  # Flux's images are judged in its own container
+    assert service.classifier.loaded and service.tagger.loaded  # Flux's images are judged in its own container
     job = await create_job(store, "flux_generate")
     result = await service.generate.local(job.id, {"prompt": "a cat", "width": 512, "height": 512, "steps": 20,
                                                    "seed": 3, "timeout": 300})
