@@ -24,7 +24,6 @@ from modal_services.jobs.requests import (
 from modal_services.library.entries import Library, LibraryEntry, entry_key
 from modal_services.safety.prompt_screen import MINOR_REFUSAL
 from modal_services.services import SERVICES, run_service_job
-from modal_services.state.store import SqliteStore
 from tests.api.test_api import served  # noqa: F401 (a fixture)
 from tests.bot.test_generate_cog import engine  # noqa: F401 (a fixture)
 from tests.bot.test_upscale_cog import FakeUpscaleEngine
@@ -42,13 +41,6 @@ MINOR_SEXUAL = ToolboxError(ErrorCode.INVALID_PROMPT, MINOR_REFUSAL)
 async def stock(store) -> None:
     for entry in (MINOR_TRIGGER, ADULT_TRIGGER):
         await store.put(entry_key(entry.file), entry.to_dict())
-
-
-@pytest.fixture
-async def store(tmp_path):
-    store = SqliteStore(tmp_path / "state.sqlite3")
-    yield store
-    await store.close()
 
 
 @pytest.fixture

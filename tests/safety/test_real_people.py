@@ -22,7 +22,6 @@ from modal_services.safety.prompt_screen import asks_for_sexual_content as is_se
 from modal_services.safety.real_people import REAL_PERSON_REFUSAL
 from modal_services.safety.tagger import Tags
 from modal_services.services import SERVICES, run_service_job
-from modal_services.state.store import SqliteStore
 from tests.api.test_api import served  # noqa: F401 (a fixture)
 from tests.bot.test_safety_cogs import (  # noqa: F401 (engine, toolbox_bot: fixtures)
     engine,
@@ -48,13 +47,6 @@ def red_png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (16, 16), (255, 0, 0)).save(buffer, "PNG")
     return buffer.getvalue()
-
-
-@pytest.fixture
-async def store(tmp_path):
-    store = SqliteStore(tmp_path / "state.sqlite3")
-    yield store
-    await store.close()
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from modal_services.safety.tagger import Tags
 from modal_services.safety.judge import GENERATED_IMAGES, UPSCALED_IMAGE, Decision, SafetyReport, decide
 from modal_services.engines.sdxl.previews import decode_preview
 from modal_services.services import SERVICES, ServiceSpec, run_service_job
-from modal_services.state.store import SqliteStore
 from tests.fixtures.tiny_nsfw import FLAGS, write_tiny_nsfw_classifier
 from tests.images import encode, png_bytes
 
@@ -161,13 +160,6 @@ class FourImages:
     def generate(self, request, progress, preview=None):
         preview(self.images[0])
         return {"images": list(self.images), "seeds": [1, 2, 3, 4]}
-
-
-@pytest.fixture
-async def store(tmp_path):
-    store = SqliteStore(tmp_path / "state.sqlite3")
-    yield store
-    await store.close()
 
 
 async def everything_stored(store) -> str:

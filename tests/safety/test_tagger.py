@@ -18,7 +18,6 @@ from modal_services.safety.judge import Decision, Reason, SafetyReport, judge_im
 from modal_services.safety.nsfw_classifier import NsfwClassifier
 from modal_services.safety.tagger import Tagger, Tags, prepare
 from modal_services.services import SERVICES, run_service_job
-from modal_services.state.store import SqliteStore
 from tests.fixtures.tiny_tagger import INPUT_SIZE, VERDICTS, write_tiny_tagger
 from tests.images import encode
 
@@ -174,13 +173,6 @@ class FourDrawings:
 
     def generate(self, request, progress, preview=None):
         return {"images": list(self.images), "seeds": [1, 2, 3, 4]}
-
-
-@pytest.fixture
-async def store(tmp_path):
-    store = SqliteStore(tmp_path / "state.sqlite3")
-    yield store
-    await store.close()
 
 
 async def judged(store, models_dir, safety: SafetyContext) -> dict:
