@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from bot.cli.common import opened_backend, read_input
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.requests import CAPTION_STYLES, CaptionRequest
+from modal_services.jobs.limits import CAPTION_STYLES, DEFAULT_CAPTION_STYLE, MAX_CAPTION_IMAGES
 
 if TYPE_CHECKING:
     from tqdm import tqdm
@@ -22,10 +22,13 @@ CAPTION_BATCH = 8
 def register(commands) -> None:
     caption = commands.add_parser("caption", help="caption images")
     caption.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    caption.add_argument("--style", choices=tuple(CAPTION_STYLES), default=CaptionRequest.model_fields["style"].default)
+    caption.add_argument("--style", choices=tuple(CAPTION_STYLES), default=DEFAULT_CAPTION_STYLE,
+                         help=f"default {DEFAULT_CAPTION_STYLE}; "
+                              + "; ".join(f"{style}: {meaning}" for style, meaning in CAPTION_STYLES.items()))
     caption.add_argument("--question", help="ask a question about each image instead")
     caption.add_argument("--sidecar", action="store_true", help="write <image>.txt next to each image")
-    caption.add_argument("--batch-size", type=int, default=CAPTION_BATCH, help="images per model call")
+    caption.add_argument("--batch-size", type=int, default=CAPTION_BATCH,
+                         help=f"images per model call, 1-{MAX_CAPTION_IMAGES} (default {CAPTION_BATCH})")
     caption.set_defaults(run=caption_files)
 
 
@@ -40,8 +43,8 @@ async def caption_files(settings: Settings, args: argparse.Namespace) -> None:
 
     from tqdm import tqdm
 
-    if args.batch_size < 1:
-        raise ToolboxError(ErrorCode.INVALID_INPUT, "--batch-size must be at least 1.")
+    if not 1 <= args.batch_size <= MAX_CAPTION_IMAGES:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"--batch-size must be from 1 to {MAX_CAPTION_IMAGES}.")
     # Every file is checked before any work starts: a bad one in the middle of a batch wastes nothing.
     images = [await asyncio.to_thread(_read_for_caption, path) for path in args.images]
     async with opened_backend(settings) as backend:
@@ -59,6 +62,7 @@ async def caption_files(settings: Settings, args: argparse.Namespace) -> None:
 
 async def _caption_batch(backend: Backend, batch: list[bytes], args, bar: tqdm, done_before: int) -> list[str]:
     from bot.core.following import follow_job
+    from modal_services.jobs.requests import CaptionRequest
 
     job = await backend.submit(CaptionRequest.parse({"images": batch, "style": args.style, "question": args.question}))
 

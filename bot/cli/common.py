@@ -1,5 +1,8 @@
 """What several `toolbox` commands share: the exit status, the backend and library, reading and writing
 files, asking for confirmation, a job's progress bar, the NSFW check's option.
+
+Every command module imports this one to build the parser, so it imports only what `toolbox --help`
+needs; the rest (the request models, the backend) is imported by the functions that use it.
 """
 
 from __future__ import annotations
@@ -12,21 +15,24 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
-from bot.core.choices import LoraChoice
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.requests import SafetyContext
+from modal_services.jobs.limits import LORA_WEIGHT, SEED
 
 if TYPE_CHECKING:
     import argparse
 
     from bot.backend import Backend
+    from bot.core.choices import LoraChoice
     from bot.settings import Settings
+    from modal_services.jobs.requests import SafetyContext
 
 # After Ctrl-C the engines are told to stop; one still inside a library call that
 # cannot be interrupted (a Hugging Face transfer between chunks) is not waited for.
 STOP_GRACE_SECONDS = 1.5
 
 SAFETY_HELP = "keep images the NSFW classifier would flag (by default they are withheld, not written)"
+LORA_HELP = f"a library LoRA, WEIGHT {LORA_WEIGHT.describe()} (default: its library weight); repeatable"
+SEED_HELP = f"{SEED.describe()} (default: random, printed)"
 
 
 def exit_status(command: Callable[[], None]) -> int:
@@ -125,6 +131,8 @@ async def run_with_bar(backend: Backend, request, title: str):
 def cli_safety(args: argparse.Namespace, real_photo: bool = False) -> SafetyContext:
     """A terminal's images are judged as for a channel that is not age-restricted, unless it opts out;
     `real_photo`: the job starts from an image file, which may show a real person."""
+    from modal_services.jobs.requests import SafetyContext
+
     return SafetyContext(policy="off" if args.no_safety_check else "block", real_photo=real_photo)
 
 
@@ -148,6 +156,8 @@ def report_withheld(result: dict) -> None:
 
 def parse_lora_option(value: str) -> LoraChoice:
     """`NAME` or `NAME:WEIGHT` (the --lora option) as the LoRA it names."""
+    from bot.core.choices import LoraChoice
+
     name, separator, weight = value.rpartition(":")
     if not separator:
         return LoraChoice(value.strip())

@@ -9,56 +9,77 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.cli.common import (
-    SAFETY_HELP, cli_safety, job_bar, opened_backend, parse_lora_option, read_input, report_withheld,
-    run_with_bar, writable_output,
+    LORA_HELP, SAFETY_HELP, SEED_HELP, cli_safety, job_bar, opened_backend, parse_lora_option, read_input,
+    report_withheld, run_with_bar, writable_output,
 )
 from bot.core.library import library_for
-from bot.core.choices import GenerateChoices
-from bot.core.generate_models import MODEL_ALIASES, SDXL, aspect_sizes, generate_model
-from modal_services.jobs.requests import GenerateRequest
-from modal_services.jobs.validation import field_bounds
+from bot.core.model_names import DEFAULT_MODEL, MODEL_ALIASES
+from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs.limits import (
+    CFG, CONTROLNET_STRENGTH, FLUX_ASPECT_BUCKETS, FLUX_SIDE, GENERATION_STEPS, GUIDANCE, IDENTITY_STRENGTH,
+    IMAGE_COUNT, MAX_TIMEOUT_SECONDS, SDXL_SIDE, SIDE_MULTIPLE,
+)
 
 if TYPE_CHECKING:
     from bot.core.build import CheckedGenerate
+    from bot.core.choices import GenerateChoices
     from bot.settings import Settings
 
 # The HTTP API's names for the request's photos.
 API_PHOTO_FIELDS = {"face_image": "reference_image_base64", "pose_image": "pose_image_base64"}
 
 
+SIDE_HELP = (f"SDXL {SDXL_SIDE.low}-{SDXL_SIDE.high}, Flux {FLUX_SIDE.low}-{FLUX_SIDE.high}, a multiple of "
+             f"{SIDE_MULTIPLE} (default: from --aspect; with the other side, instead of --aspect)")
+
+
 def register(commands) -> None:
-    fields = GenerateRequest.model_fields
     generate = commands.add_parser("generate", help="make images from a prompt with SDXL or FLUX.1-dev")
     generate.add_argument("prompt", metavar="PROMPT")
     # The values are checked by the shared core, in the words every front end uses.
-    generate.add_argument("--model", default=SDXL.key, metavar="{" + ",".join(MODEL_ALIASES) + "}",
-                          help="flux: FLUX.1-dev (once enabled in setup): guidance as --cfg (3.5), no --negative")
-    generate.add_argument("--negative", default="")
-    generate.add_argument("--aspect", default="1:1", metavar="{" + ",".join(aspect_sizes()) + "}",
-                          help="a size bucket (the 2MP ones are Flux's)")
-    lowest, highest = field_bounds(GenerateRequest, "width")
-    generate.add_argument("--width", type=int, help=f"{lowest}-{highest}, a multiple of 64 (with --height, instead of --aspect)")
-    generate.add_argument("--height", type=int)
-    lowest, highest = field_bounds(GenerateRequest, "count")
-    generate.add_argument("--count", type=int, help=f"{lowest}-{highest} images in one batch (default {fields['count'].default})")
-    generate.add_argument("--steps", type=int, help=f"default: {fields['steps'].default}")
-    generate.add_argument("--cfg", type=float, help=f"default: {fields['cfg'].default:g}")
-    generate.add_argument("--seed", type=int, help="default: random (printed); image n gets seed + n - 1")
-    generate.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="a library LoRA (repeatable)")
+    generate.add_argument("--model", default=DEFAULT_MODEL, metavar="{" + ",".join(MODEL_ALIASES) + "}",
+                          help=f"default {DEFAULT_MODEL}; flux: FLUX.1-dev (once enabled in setup): guidance as "
+                               "--cfg, no --negative")
+    generate.add_argument("--negative", default="", help="what to steer away from (SDXL only)")
+    generate.add_argument("--aspect", default="1:1", metavar="{" + ",".join(FLUX_ASPECT_BUCKETS) + "}",
+                          help="a size bucket, default 1:1 (the 2MP ones are Flux's)")
+    generate.add_argument("--width", type=int, help=SIDE_HELP)
+    generate.add_argument("--height", type=int, help=SIDE_HELP)
+    generate.add_argument("--count", type=int, help=f"images in one batch, {IMAGE_COUNT.describe()}")
+    generate.add_argument("--steps", type=int, help=GENERATION_STEPS.describe())
+    generate.add_argument("--cfg", type=float, help=f"how closely to follow the prompt: SDXL's CFG {CFG.describe()}, "
+                                                    f"Flux's guidance {GUIDANCE.describe()}")
+    generate.add_argument("--seed", type=int, help=f"{SEED_HELP}; image n gets seed + n - 1")
+    generate.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help=LORA_HELP)
     generate.add_argument("--face", type=Path, metavar="PHOTO", help="InstantID: every image keeps this person's face")
     generate.add_argument("--pose", type=Path, metavar="PHOTO", help="with --face: the face in this photo sets the pose")
-    lowest, highest = field_bounds(GenerateRequest, "identity_strength")
     generate.add_argument("--identity-strength", type=float,
-                          help=f"{lowest:g}-{highest:g}, how strongly the face is kept (default {fields['identity_strength'].default:g})")
+                          help=f"how strongly the face is kept, {IDENTITY_STRENGTH.describe()}")
     generate.add_argument("--controlnet-strength", type=float,
-                          help=f"{lowest:g}-{highest:g}, how closely the pose is followed (default {fields['controlnet_strength'].default:g})")
-    generate.add_argument("--timeout", type=float, default=field_bounds(GenerateRequest, "timeout")[1],
-                          help="seconds before the job is stopped (default: the most allowed)")
+                          help=f"how closely the pose is followed, {CONTROLNET_STRENGTH.describe()}")
+    generate.add_argument("--timeout", type=float, default=MAX_TIMEOUT_SECONDS,
+                          help=f"seconds before the job is stopped, more than 0 up to {MAX_TIMEOUT_SECONDS:g} "
+                               f"(default {MAX_TIMEOUT_SECONDS:g})")
     generate.add_argument("-o", "--output", type=Path,
                           help="default: generated_<seed>.png; with --count, <stem>_<n> for each image")
     generate.add_argument("--api", metavar="URL", help="call this HTTP API (token from TOOLBOX_API_TOKEN) instead")
     generate.add_argument("--no-safety-check", action="store_true", help=SAFETY_HELP)
     generate.set_defaults(run=generate_files)
+
+
+def api_url(url: str) -> str:
+    """The --api URL, if it can be one: an http(s) address with a host; INVALID_INPUT before any connection."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        parts.port  # a port that is not a number raises here
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ToolboxError(ErrorCode.INVALID_INPUT,
+                           f"--api {url[:100]!r} is not an API address: give one like http://127.0.0.1:8000.")
+    return url
 
 
 def output_paths(output: Path | None, first_seed: int, count: int) -> list[Path]:
@@ -81,6 +102,9 @@ async def generate_choices(args: argparse.Namespace) -> GenerateChoices:
     """The terminal's options as a text-to-image request (None for a default), the photos read."""
     import asyncio
 
+    from bot.core.choices import GenerateChoices
+    from bot.core.generate_models import generate_model
+
     takes_faces = generate_model(args.model).takes_faces
     # A model that takes no face refuses a photo unread: empty bytes say one was given.
     photos = {field: None if path is None else await asyncio.to_thread(_read_photo, path) if takes_faces else b""
@@ -100,6 +124,8 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
 
     from bot.core.build import build_generate_request, check_generate_choices
 
+    if args.api:
+        api_url(args.api)
     choices = await generate_choices(args)
     # Every value and rule is checked before anything starts (the backend, the API call).
     checked = check_generate_choices(choices)

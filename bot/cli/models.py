@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 from bot.cli.common import confirm, opened_backend, run_with_bar
 from bot.core.library import library_for
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.requests import ModelDeleteRequest, ModelImportRequest, ModelScanRequest
+from modal_services.jobs.limits import LORA_WEIGHT
 
 if TYPE_CHECKING:
     from bot.backend import Backend
@@ -40,7 +40,8 @@ def register(commands) -> None:
     edit.add_argument("name", metavar="NAME")
     edit.add_argument("--name", dest="display_name", metavar="N")
     edit.add_argument("--triggers", metavar='"a, b"')
-    edit.add_argument("--weight", type=float, metavar="W")
+    edit.add_argument("--weight", type=float, metavar="W",
+                      help=f"the weight a LoRA gets when none is asked for, {LORA_WEIGHT.describe()}")
     edit.set_defaults(run=edit_model)
     delete = verbs.add_parser("delete", help="delete a model and its file")
     delete.add_argument("name", metavar="NAME")
@@ -81,6 +82,7 @@ async def import_model(settings: Settings, args: argparse.Namespace) -> None:
     from modal_services.base_models.tokens import get_token
     from modal_services.library.civitai import CivitaiClient, parse_reference
     from modal_services.library.civitai_plans import plan_import
+    from modal_services.jobs.requests import ModelImportRequest
 
     ref = parse_reference(args.ref)  # bad input fails before anything starts
     async with _opened_library(settings) as (backend, library):
@@ -132,6 +134,8 @@ async def edit_model(settings: Settings, args: argparse.Namespace) -> None:
 
 async def delete_model(settings: Settings, args: argparse.Namespace) -> None:
     """Any model but the active checkpoint, after confirmation."""
+    from modal_services.jobs.requests import ModelDeleteRequest
+
     async with _opened_library(settings) as (backend, library):
         entry = await library.find(args.name)
         if (await library.active_checkpoint())["file"] == entry.file:
@@ -149,6 +153,8 @@ async def use_checkpoint(settings: Settings, args: argparse.Namespace) -> None:
 
 async def scan_models(settings: Settings, args: argparse.Namespace) -> None:
     """Untracked files and entries whose file is missing; with --adopt the untracked files join the library."""
+    from modal_services.jobs.requests import ModelScanRequest
+
     async with opened_backend(settings) as backend:
         request = ModelScanRequest.parse({"adopt": args.adopt, "api_base": settings.civitai_api_base})
         report = await run_with_bar(backend, request, "scanning")

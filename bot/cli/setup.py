@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 from bot.cli.common import opened_backend, run_with_bar
 from bot.core.library import library_for
 from modal_services.errors import ToolboxError
-from modal_services.jobs.requests import DownloadRequest, ModelImportRequest
 
 if TYPE_CHECKING:
     from bot.backend import Backend
@@ -68,6 +67,7 @@ async def _download_base_models(settings: Settings, backend: Backend, keys: list
     from modal_services.base_models.states import model_states
     from modal_services.base_models.optional_models import enabled_models
     from modal_services.base_models.registry import resolve_keys
+    from modal_services.jobs.requests import DownloadRequest
 
     entries = resolve_keys(keys, enabled=await enabled_models(backend.store))
     states = await checked_states(settings, backend.store, entries, hashes=True)
@@ -112,6 +112,8 @@ async def _download_base_models(settings: Settings, backend: Backend, keys: list
 
 async def _import_starter_loras(settings: Settings, backend: Backend, library: Library, starters: list) -> None:
     """Each recommended LoRA not in the library yet, through the CivitAI importer's job; failures reported together."""
+    from modal_services.jobs.requests import ModelImportRequest
+
     failures: list[tuple[str, ToolboxError]] = []
     for starter in starters:
         installed = await library.by_model(starter.civitai_model_id)

@@ -7,30 +7,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bot.cli.common import (
-    SAFETY_HELP, cli_safety, job_bar, opened_backend, parse_lora_option, read_input, report_withheld,
-    run_with_bar, writable_output,
+    LORA_HELP, SAFETY_HELP, SEED_HELP, cli_safety, job_bar, opened_backend, parse_lora_option, read_input,
+    report_withheld, run_with_bar, writable_output,
 )
 from bot.core.library import library_for
-from bot.core.choices import UpscaleChoices
-from modal_services.jobs.requests import UpscaleRequest
-from modal_services.jobs.validation import field_bounds
+from modal_services.jobs.limits import CREATIVITY, SCALE
 
 if TYPE_CHECKING:
+    from bot.core.choices import UpscaleChoices
     from bot.settings import Settings
 
 
 def register(commands) -> None:
-    lowest, highest = field_bounds(UpscaleRequest, "scale")
-    upscale = commands.add_parser("upscale", help=f"upscale an image with SDXL ({lowest:g}x-{highest:g}x)")
+    upscale = commands.add_parser("upscale", help=f"upscale an image with SDXL ({SCALE.low:g}x-{SCALE.high:g}x)")
     upscale.add_argument("image", type=Path, metavar="IMAGE")
-    upscale.add_argument("--scale", type=float, help=f"default: {UpscaleRequest.model_fields['scale'].default:g}")
-    upscale.add_argument("--prompt")
-    upscale.add_argument("--negative")
-    upscale.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="a library LoRA (repeatable)")
-    lowest, highest = field_bounds(UpscaleRequest, "creativity")
-    upscale.add_argument("--creativity", type=float, help=f"{lowest:g} (faithful) to {highest:g} (repaint); "
-                         f"default: {UpscaleRequest.model_fields['creativity'].default:g}")
-    upscale.add_argument("--seed", type=int, help="default: random")
+    upscale.add_argument("--scale", type=float, help=SCALE.describe())
+    upscale.add_argument("--prompt", help="words every tile's prompt starts with (default: none)")
+    upscale.add_argument("--negative", help="what to steer away from (default: none)")
+    upscale.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help=LORA_HELP)
+    upscale.add_argument("--creativity", type=float,
+                         help=f"{CREATIVITY.low:g} (faithful) to {CREATIVITY.high:g} (repaint), {CREATIVITY.describe()}")
+    upscale.add_argument("--seed", type=int, help=SEED_HELP)
     upscale.add_argument("-o", "--output", type=Path, help="default: IMAGE_x<scale>.png beside the input")
     upscale.add_argument("--no-safety-check", action="store_true", help=SAFETY_HELP)
     upscale.add_argument("--tile-captions", action="store_true",
@@ -49,6 +46,8 @@ def _read_image(path: Path) -> tuple[bytes, tuple[int, int]]:
 
 def upscale_choices(args: argparse.Namespace, png: bytes) -> UpscaleChoices:
     """The terminal's options as an upscale of `png` (None for a default)."""
+    from bot.core.choices import UpscaleChoices
+
     return UpscaleChoices(image=png, scale=args.scale, prompt=args.prompt, negative=args.negative,
                           creativity=args.creativity, seed=args.seed, safety=cli_safety(args, real_photo=True),
                           loras=tuple(parse_lora_option(option) for option in args.lora))
@@ -62,7 +61,7 @@ async def upscale_file(settings: Settings, args: argparse.Namespace) -> None:
     # Everything is checked before the job starts: the file, the output, the values, the LoRA names, the sizes.
     png, size = await asyncio.to_thread(_read_image, args.image)
     choices = upscale_choices(args, png)
-    scale = args.scale or UpscaleRequest.model_fields["scale"].default
+    scale = args.scale or SCALE.default
     output = args.output or args.image.with_name(f"{args.image.stem}_x{scale:g}.png")
     await asyncio.to_thread(writable_output, output)
     async with opened_backend(settings) as backend:

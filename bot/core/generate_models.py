@@ -1,7 +1,7 @@
 """The text-to-image models the front ends offer (SDXL, FLUX.1-dev): one row each, and their names.
 
 A new text-to-image family is one more `TextToImageModel` in `GENERATE_MODELS`
-(and its aliases in `MODEL_ALIASES`): its request class says which choices it
+(and its aliases in `bot.core.model_names`): its request class says which choices it
 takes (a face photo, a LoRA link), and the builder's rules follow from that.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bot.core.model_names import DEFAULT_MODEL, MODEL_ALIASES
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
     ASPECT_BUCKETS,
@@ -55,7 +56,7 @@ class TextToImageModel:
 
 
 SDXL = TextToImageModel(
-    key="sdxl", name="SDXL", title="SDXL (the server's checkpoint)", request=GenerateRequest,
+    key=DEFAULT_MODEL, name="SDXL", title="SDXL (the server's checkpoint)", request=GenerateRequest,
     aspects=ASPECT_BUCKETS, cfg_field="cfg", cfg_label="CFG", lora_family="sdxl",
 )
 FLUX = TextToImageModel(
@@ -64,8 +65,6 @@ FLUX = TextToImageModel(
     checkpoint={"key": "flux1-dev", "name": "FLUX.1-dev", "file": None},
 )
 GENERATE_MODELS = {model.key: model for model in (SDXL, FLUX)}
-# Every name a person, a terminal or an API client may call a model by.
-MODEL_ALIASES = {"sdxl": "sdxl", "flux": "flux", "flux-dev": "flux", "flux1-dev": "flux"}
 # How messages name a LoRA family.
 FAMILY_NAMES = {model.lora_family: model.name for model in GENERATE_MODELS.values()}
 

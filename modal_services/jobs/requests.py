@@ -1,4 +1,5 @@
-"""One typed request per job kind: its fields, defaults, limits and messages, defined once.
+"""One typed request per job kind: its fields, defaults, limits and messages, defined once (the numbers
+and names in `modal_services.jobs.limits`, which the CLI's help reads without pydantic).
 
 Every front end (the cogs, the CLI, the API, the `/settings` defaults) builds
 one of these before a job exists, and the worker parses the payload again with
@@ -22,65 +23,44 @@ from pydantic import ConfigDict, Field, ValidationError, model_serializer, model
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.encoder_text import readings, with_trigger_words
+from modal_services.jobs.limits import (
+    ASPECT_BUCKETS, CAPTION_STYLES, CFG, CONTROLNET_STRENGTH, CREATIVITY, DEFAULT_CAPTION_STYLE, DEFAULT_TIMEOUT_SECONDS,
+    FLUX_ASPECT_BUCKETS, FLUX_MAX_PIXELS, FLUX_SIDE, GENERATION_STEPS, GUIDANCE, IDENTITY_STRENGTH, IMAGE_COUNT,
+    LORA_WEIGHT, MAX_CAPTION_IMAGES, MAX_SEED, MAX_TIMEOUT_SECONDS, SCALE, SDXL_SIDE, SIDE_MULTIPLE,
+)
 from modal_services.jobs.validation import Checked, invalid_input
 from modal_services.safety.prompt_screen import asks_for_sexual_content, screen_prompt
 from modal_services.safety.real_people import REAL_PERSON_REFUSAL
 
 # ------------------------------------------------------------------ reusable field types
 
-MAX_SEED = 2**32 - 1
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, title="The seed")]
 Prompt = Annotated[str, Field(max_length=1000, title="The prompt")]
-LoraWeight = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False, title="A LoRA weight")]
-Scale = Annotated[float, Field(ge=1.5, le=4.0, allow_inf_nan=False, title="Scale")]
-Creativity = Annotated[float, Field(ge=0.05, le=1.0, allow_inf_nan=False, title="Creativity")]
+LoraWeight = Annotated[float, Field(ge=LORA_WEIGHT.low, le=LORA_WEIGHT.high, allow_inf_nan=False, title="A LoRA weight")]
+Scale = Annotated[float, Field(ge=SCALE.low, le=SCALE.high, allow_inf_nan=False, title="Scale")]
+Creativity = Annotated[float, Field(ge=CREATIVITY.low, le=CREATIVITY.high, allow_inf_nan=False, title="Creativity")]
 Steps = Annotated[int, Field(ge=1, le=60, title="Steps")]
 IpAdapterScale = Annotated[float, Field(ge=0.0, le=1.5, allow_inf_nan=False, title="The IP-Adapter scale")]
 
-# Each caption style and what it gives (shown as the Discord choice).
-CAPTION_STYLES = {
-    "descriptive": "a detailed paragraph",
-    "tags": "booru tags with their rating (the WD tagger), as LoRA trainers use them",
-    "short": "one sentence, good alt text",
-    "prompt": "a /generate prompt in booru tags (Illustrious)",
-}
 CaptionStyle = Annotated[Literal[tuple(CAPTION_STYLES)], Field(title="The caption style")]
 Question = Annotated[str, Field(min_length=1, max_length=500, title="The question")]
 
-# SDXL's training buckets (width, height), about one megapixel each: the sizes it composes best at.
-ASPECT_BUCKETS = {
-    "1:1": (1024, 1024),
-    "4:5": (896, 1152),
-    "5:4": (1152, 896),
-    "2:3": (832, 1216),
-    "3:2": (1216, 832),
-    "9:16": (768, 1344),
-    "16:9": (1344, 768),
-    "9:21": (640, 1536),
-    "21:9": (1536, 640),
-}
 Aspect = Annotated[Literal[tuple(ASPECT_BUCKETS)], Field(title="The aspect")]
 GenerationPrompt = Annotated[str, Field(min_length=1, max_length=1000, title="The prompt")]
-Side = Annotated[int, Field(ge=512, le=1536, multiple_of=64)]
-GenerationSteps = Annotated[int, Field(ge=20, le=50, title="Steps")]
-Cfg = Annotated[float, Field(ge=1.0, le=20.0, allow_inf_nan=False, title="CFG")]
-ImageCount = Annotated[int, Field(ge=1, le=4, title="The image count")]
-Timeout = Annotated[float, Field(gt=0, le=300, allow_inf_nan=False, title="The timeout")]
+Side = Annotated[int, Field(ge=SDXL_SIDE.low, le=SDXL_SIDE.high, multiple_of=SIDE_MULTIPLE)]
+GenerationSteps = Annotated[int, Field(ge=GENERATION_STEPS.low, le=GENERATION_STEPS.high, title="Steps")]
+Cfg = Annotated[float, Field(ge=CFG.low, le=CFG.high, allow_inf_nan=False, title="CFG")]
+ImageCount = Annotated[int, Field(ge=IMAGE_COUNT.low, le=IMAGE_COUNT.high, title="The image count")]
+Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_SECONDS, allow_inf_nan=False, title="The timeout")]
 Strength = Annotated[float, Field(ge=0.05, le=1.0, allow_inf_nan=False, title="The variation strength")]
-# FLUX.1-dev's sizes: SDXL's buckets at about one megapixel, and larger ones up to about two.
-FLUX_ASPECT_BUCKETS = {
-    **ASPECT_BUCKETS,
-    "1:1 2MP": (1408, 1408),
-    "16:9 2MP": (1920, 1088),
-    "9:16 2MP": (1088, 1920),
-}
-FLUX_MAX_PIXELS = 1920 * 1088
-FluxSide = Annotated[int, Field(ge=512, le=2048, multiple_of=64)]
-Guidance = Annotated[float, Field(ge=1.0, le=10.0, allow_inf_nan=False, title="The guidance")]
+FluxSide = Annotated[int, Field(ge=FLUX_SIDE.low, le=FLUX_SIDE.high, multiple_of=SIDE_MULTIPLE)]
+Guidance = Annotated[float, Field(ge=GUIDANCE.low, le=GUIDANCE.high, allow_inf_nan=False, title="The guidance")]
 # The front ends shrink a face or pose photo to this before it is sent: face analysis needs no more.
 REFERENCE_MAX_SIDE = 1536
-IdentityStrength = Annotated[float, Field(ge=0.0, le=1.5, allow_inf_nan=False, title="The identity strength")]
-ControlnetStrength = Annotated[float, Field(ge=0.0, le=1.5, allow_inf_nan=False, title="The ControlNet strength")]
+IdentityStrength = Annotated[float, Field(ge=IDENTITY_STRENGTH.low, le=IDENTITY_STRENGTH.high, allow_inf_nan=False,
+                                          title="The identity strength")]
+ControlnetStrength = Annotated[float, Field(ge=CONTROLNET_STRENGTH.low, le=CONTROLNET_STRENGTH.high,
+                                            allow_inf_nan=False, title="The ControlNet strength")]
 
 LibraryType = Annotated[Literal["lora", "checkpoint"], Field(title="The model type")]
 CIVITAI_API_BASE = "https://civitai.com"
@@ -198,8 +178,8 @@ class SafetyChecked(JobRequest):
 class CaptionRequest(JobRequest):
     model_config = ConfigDict(title="A caption job")
     kind: ClassVar[str] = "caption"
-    images: Annotated[list[bytes], Field(min_length=1, max_length=64, title="images")]
-    style: CaptionStyle = "descriptive"
+    images: Annotated[list[bytes], Field(min_length=1, max_length=MAX_CAPTION_IMAGES, title="images")]
+    style: CaptionStyle = DEFAULT_CAPTION_STYLE
     question: Question | None = None
 
 
@@ -215,11 +195,11 @@ class UpscaleRequest(SafetyChecked):
     model_config = ConfigDict(title="An upscale job")
     kind: ClassVar[str] = "upscale"
     image: Annotated[bytes, Field(title="image")]
-    scale: Scale = 2.0
+    scale: Scale = SCALE.default
     prompt: Prompt = ""
     negative: Prompt = Field("", title="The negative prompt")
     loras: Annotated[list[ResolvedLora], Field(max_length=5, title="LoRAs per job")] = []
-    creativity: Creativity = 0.35
+    creativity: Creativity = CREATIVITY.default
     # Picked here when a request leaves it out, so the result can say which seed it used.
     seed: Seed = Field(default_factory=random_seed)
     # A library file name (or the base checkpoint's key); None: the base checkpoint.
@@ -265,13 +245,13 @@ class TextToImageRequest(SafetyChecked):
     prompt_fields: ClassVar[tuple[str, ...]] = ("prompt", "negative_prompt")
     prompt: GenerationPrompt
     negative_prompt: Prompt = Field("", title="The negative prompt")
-    steps: GenerationSteps = 28
+    steps: GenerationSteps = GENERATION_STEPS.default
     # Image n of the request gets seed + n - 1; picked here when left out, and reported with the result.
     seed: Seed = Field(default_factory=random_seed)
-    count: ImageCount = 1
+    count: ImageCount = IMAGE_COUNT.default
     loras: Annotated[list[ResolvedLora], Field(max_length=3, title="LoRAs per job")] = []
-    # Seconds from the job's start; the bot and the CLI give the most, 300.
-    timeout: Timeout = 60.0
+    # Seconds from the job's start; the bot and the CLI give the most.
+    timeout: Timeout = DEFAULT_TIMEOUT_SECONDS
     # A variation's start image (encoded bytes), resized to width x height.
     image: bytes | None = None
     strength: Strength = 0.35
@@ -305,9 +285,9 @@ class GenerateRequest(TextToImageRequest):
 
     model_config = ConfigDict(title="A generate job")
     kind: ClassVar[str] = "generate"
-    width: Side = Field(1024, title="The width")
-    height: Side = Field(1024, title="The height")
-    cfg: Cfg = 5.5
+    width: Side = Field(SDXL_SIDE.default, title="The width")
+    height: Side = Field(SDXL_SIDE.default, title="The height")
+    cfg: Cfg = CFG.default
     # A library file name (or the base checkpoint's key); None: the base checkpoint.
     checkpoint: str | None = None
     # A LoRA of the request's own: an https link (presigned or not) to a .safetensors file, at
@@ -319,8 +299,8 @@ class GenerateRequest(TextToImageRequest):
     # as the largest face in `pose_image` when given; the face adapter's and IdentityNet's weights.
     face_image: bytes | None = None
     pose_image: bytes | None = None
-    identity_strength: IdentityStrength = 0.8
-    controlnet_strength: ControlnetStrength = 0.8
+    identity_strength: IdentityStrength = IDENTITY_STRENGTH.default
+    controlnet_strength: ControlnetStrength = CONTROLNET_STRENGTH.default
 
     @model_validator(mode="before")
     @classmethod
@@ -351,9 +331,9 @@ class FluxGenerateRequest(TextToImageRequest):
     model_config = ConfigDict(title="A Flux generate job")
     kind: ClassVar[str] = "flux_generate"
     prompt_fields: ClassVar[tuple[str, ...]] = ("prompt",)
-    width: FluxSide = Field(1024, title="The width")
-    height: FluxSide = Field(1024, title="The height")
-    guidance: Guidance = 3.5
+    width: FluxSide = Field(FLUX_SIDE.default, title="The width")
+    height: FluxSide = Field(FLUX_SIDE.default, title="The height")
+    guidance: Guidance = GUIDANCE.default
 
     @model_validator(mode="after")
     def _checked(self) -> "FluxGenerateRequest":

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
+from modal_services.env_numbers import env_number
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.requests import UpscaleRequest
-from modal_services.jobs.validation import field_bounds
+from modal_services.jobs.limits import SCALE
 
 # "16 MP" (16 x 2^20: a 1024² image upscaled 4x, 4096², must fit). A deployment
 # with a bigger GPU can raise it with TOOLBOX_UPSCALE_MAX_MP, read by the bot
 # and the worker alike so that both refuse the same requests.
-DEFAULT_MAX_OUTPUT_PIXELS = int(float(os.environ.get("TOOLBOX_UPSCALE_MAX_MP", "16")) * 2**20)
+UPSCALE_MAX_MP_SETTING = "TOOLBOX_UPSCALE_MAX_MP"
+DEFAULT_MAX_OUTPUT_PIXELS = int(env_number(UPSCALE_MAX_MP_SETTING, 16, minimum=1, maximum=1024) * 2**20)
 # Anything larger cannot be upscaled even 1.5x within the output limit.
 DEFAULT_MAX_INPUT_PIXELS = 8_000_000
 MIN_INPUT_SIDE = 16
@@ -42,8 +41,7 @@ def check_upscale_size(
     out_width, out_height = output_size(width, height, scale)
     if out_width * out_height > max_output_pixels:
         largest = (max_output_pixels / (width * height)) ** 0.5
-        smallest_scale, _ = field_bounds(UpscaleRequest, "scale")
-        hint = f" The largest scale for this image is {int(largest * 100) / 100:g}x." if largest >= smallest_scale else ""
+        hint = f" The largest scale for this image is {int(largest * 100) / 100:g}x." if largest >= SCALE.low else ""
         raise ToolboxError(
             ErrorCode.INVALID_INPUT,
             f"{width}×{height} at {scale:g}x would be {out_width}×{out_height} "
