@@ -32,8 +32,8 @@ from modal_services.state.locks import holder_record
 from modal_services.layout import Layout
 from modal_services.safety.nsfw_classifier import NsfwClassifier
 from modal_services.safety.tagger import Tagger
-from modal_services.services import (SERVICES, Engine, EngineFactory, ServiceSpec, build_engine, run_service_job,
-                                     service_for)
+from modal_services.services import (NO_ENGINES_MESSAGE, SERVICES, Engine, EngineFactory, ServiceSpec, build_engine,
+                                     missing_engine_libraries, run_service_job, service_for)
 from modal_services.state.durable import DurableStore, local_homes, volume_homes
 from modal_services.state.reconcile import reconcile_at_start
 from modal_services.state.store import ModalDictStore, SqliteStore
@@ -73,10 +73,18 @@ class Backend(ABC):
         """The job's record; one whose runner died is failed on the spot (`found_job`)."""
         return await found_job(self.store, job_id)
 
+    async def check(self) -> None:
+        """Raise a ToolboxError saying why this backend cannot work at all (a refused credential, an unreachable
+        service); `toolbox bot` asks before it connects to Discord."""
+
+    def engine_problem(self) -> str | None:
+        """Why the jobs that run models cannot run here (the local backend on a base install), or None."""
+        return None
+
     async def start(self) -> None:
-        """Check that the backend can work at all (credentials, reachability) before anyone uses it;
-        on the first start after an upgrade, give every durable record still only in the live store
-        its file."""
+        """Check that the backend can work at all (`check`) before anyone uses it; on the first start after
+        an upgrade, give every durable record still only in the live store its file."""
+        await self.check()
         copied = await self.store.copy_cached_records()
         if copied:
             log.info("durable records given their files on this first start: %s", ", ".join(copied))
@@ -85,7 +93,7 @@ class Backend(ABC):
         """Backend-specific help in stopping a job; the cooperative cancel flag is set by the caller."""
 
     async def recover(self) -> None:
-        """At start-up: settle jobs that can no longer finish (every dead one is failed)."""
+        """At the start of the bot or the API: settle jobs that can no longer finish (every dead one is failed)."""
         await found_jobs(self.store)
 
     @abstractmethod
@@ -102,6 +110,8 @@ class LocalBackend(Backend):
         self.store = DurableStore(SqliteStore(settings.state_path), local_homes(settings.data_dir))
         self.layout = Layout(settings.models_dir, settings.loras_dir, self.store)
         self.build_engine = engines
+        # The real engines import the ML stack; a factory of its own (a test's stand-ins) may not need it.
+        self.missing_libraries = missing_engine_libraries() if engines is build_engine else []
         # One for every service that judges images, loaded when the first job needs it.
         self.classifier = NsfwClassifier(settings.models_dir)
         self.tagger = Tagger(settings.models_dir)
@@ -109,6 +119,9 @@ class LocalBackend(Backend):
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._turns: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+
+    def engine_problem(self) -> str | None:
+        return NO_ENGINES_MESSAGE if self.missing_libraries else None
 
     async def start(self) -> None:
         await super().start()
@@ -123,6 +136,9 @@ class LocalBackend(Backend):
         job_id: str | None = None,
     ) -> Job:
         spec = service_for(request)
+        if spec.needs_engine_libraries and self.missing_libraries:
+            # Refused before a job exists: there is nothing it could run on.
+            raise ToolboxError(ErrorCode.BACKEND_UNAVAILABLE, NO_ENGINES_MESSAGE)
         # Named as its runner from the start: queued here, it dies with this process.
         job = await create_job(self.store, request.kind, owner, meta, job_id, runner=holder_record())
         task = asyncio.create_task(self._run(spec, job.id, request.to_payload()), name=f"job-{job.id}")
@@ -163,6 +179,8 @@ class LocalBackend(Backend):
         }
 
     async def recover(self) -> None:
+        if self.missing_libraries:
+            log.warning("%s; missing: %s", NO_ENGINES_MESSAGE, ", ".join(self.missing_libraries))
         for job in await found_jobs(self.store):
             if not job.status.finished and job.runner is None:
                 # Every job this backend queues names its process; one naming none was left by an older version.
@@ -189,7 +207,7 @@ class ModalBackend(Backend):
         self.app_name = settings.modal_app
         self.store = DurableStore(ModalDictStore.from_name(settings.state_dict), volume_homes())
 
-    async def start(self) -> None:
+    async def check(self) -> None:
         import modal
 
         try:
@@ -209,7 +227,6 @@ class ModalBackend(Backend):
                 f"Modal could not be reached within {MODAL_CONNECT_TIMEOUT:.0f} s ({type(exc).__name__}); "
                 "check the network, or use TOOLBOX_BACKEND=local.",
             ) from None
-        await super().start()
 
     async def submit(
         self,

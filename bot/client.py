@@ -37,6 +37,9 @@ class ToolboxTree(app_commands.CommandTree):
 
 class ToolboxBot(commands.Bot):
     def __init__(self, settings: Settings, backend: Backend):
+        # The bot never joins voice: discord.py's start-up warnings that its voice libraries (PyNaCl, davey) are
+        # missing say nothing useful here. Its own switches turn just those two off.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
         # Slash commands and context menus need no privileged intents: the
         # message a context menu targets arrives with the interaction.
         super().__init__(command_prefix=commands.when_mentioned, intents=discord.Intents.default(), tree_cls=ToolboxTree)

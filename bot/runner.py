@@ -112,6 +112,18 @@ class BotSupervisor:
             await asyncio.sleep(min(STOP_POLL_SECONDS, max(deadline - time.monotonic(), 0.0)))
 
 
+async def check_backend(settings: Settings) -> None:
+    """A ToolboxError if the settings' backend cannot work at all (a Modal token missing or refused): asked
+    before Discord is, so that `toolbox bot` stops at once, in one line, instead of retrying Discord first."""
+    from bot.backend import make_backend
+
+    backend = make_backend(settings)
+    try:
+        await backend.check()
+    finally:
+        await backend.close()
+
+
 def bot_supervisor(settings: Settings) -> BotSupervisor:
     """The supervisor of a ToolboxBot for these settings (a fresh bot and backend per session)."""
     from bot.backend import make_backend

@@ -11,10 +11,12 @@ the engine method and "find usages" of an engine method leads back here.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
     CaptionRequest,
     DownloadRequest,
@@ -59,6 +61,17 @@ EngineFactory = Callable[[EngineClass, Layout], Engine]
 def build_engine(engine_class: EngineClass, layout: Layout) -> Engine:
     """The real engine of `engine_class` on `layout`: the local backend's engine factory unless told otherwise."""
     return engine_class()(layout)
+
+
+# What the real engines run on: the `engines` extra. A base install (`pip install -e .`) has none of them.
+ENGINE_LIBRARIES = ("numpy", "torch", "transformers", "diffusers", "peft", "accelerate", "safetensors", "onnxruntime")
+NO_ENGINES_MESSAGE = ("the local backend has no engines: pip install -e '.[engines]' (or set TOOLBOX_BACKEND=modal "
+                      "to use a Modal deployment)")
+
+
+def missing_engine_libraries() -> list[str]:
+    """The engine libraries this Python cannot import, found without importing any of them."""
+    return [name for name in ENGINE_LIBRARIES if importlib.util.find_spec(name) is None]
 
 
 # ------------------------------------------------------------------ one loader per engine class
@@ -107,6 +120,9 @@ class ServiceSpec:
     # Where the result holds its images, for kinds whose images the worker judges (prompt screened, images
     # classified, withheld ones dropped) before anything leaves it; the request is then a `SafetyChecked`.
     judged_images: ResultImages | None = None
+    # Its engine method runs models or reads weights (torch and the rest of `ENGINE_LIBRARIES`); the
+    # downloads and the library's bookkeeping run on the base install.
+    needs_engine_libraries: bool = True
 
     @property
     def kind(self) -> str:
@@ -124,8 +140,10 @@ SERVICES: dict[type[JobRequest], ServiceSpec] = {
     spec.request: spec
     for spec in (
         ServiceSpec(CaptionRequest, "CaptionService", _caption, lambda: _caption().caption),
-        ServiceSpec(DownloadRequest, "DownloadService", _downloads, lambda: _downloads().download),
-        ServiceSpec(VerifyRequest, "DownloadService", _downloads, lambda: _downloads().verify),
+        ServiceSpec(DownloadRequest, "DownloadService", _downloads, lambda: _downloads().download,
+                    needs_engine_libraries=False),
+        ServiceSpec(VerifyRequest, "DownloadService", _downloads, lambda: _downloads().verify,
+                    needs_engine_libraries=False),
         # One GPU class and one engine for every SDXL job: they share the loaded models.
         ServiceSpec(UpscaleRequest, "SdxlService", _sdxl, lambda: _sdxl().upscale, previews=True,
                     judged_images=UPSCALED_IMAGE),
@@ -138,8 +156,10 @@ SERVICES: dict[type[JobRequest], ServiceSpec] = {
         # The model library's file work (/models): CivitAI imports, uploads, deletes, scans.
         ServiceSpec(ModelImportRequest, "ModelService", _models, lambda: _models().import_model),
         ServiceSpec(ModelUploadRequest, "ModelService", _models, lambda: _models().upload_model),
-        ServiceSpec(ModelDeleteRequest, "ModelService", _models, lambda: _models().delete_model),
-        ServiceSpec(ModelScanRequest, "ModelService", _models, lambda: _models().scan_library),
+        ServiceSpec(ModelDeleteRequest, "ModelService", _models, lambda: _models().delete_model,
+                    needs_engine_libraries=False),
+        ServiceSpec(ModelScanRequest, "ModelService", _models, lambda: _models().scan_library,
+                    needs_engine_libraries=False),
     )
 }
 
@@ -159,11 +179,13 @@ def run_on_engine(
     classifier: "NsfwClassifier | None" = None, tagger: "Tagger | None" = None, **extras: Any,
 ) -> Any:
     """Blocking: parse the request (the one check in the worker, before any model loads; a judged kind's
-    prompts are screened then), load the engine if needed (a missing model fails the job, not the worker),
-    then run; a judged kind's images are then tagged (always) and classified (as the context asks) in one
+    prompts are screened then), check that every model the job needs is installed (all the missing ones
+    named in one MODELS_MISSING, which fails the job, not the worker), load the engine if needed, then
+    run; a judged kind's images are then tagged (always) and classified (as the context asks) in one
     batch each, and the withheld ones dropped."""
     request = spec.request.parse(payload)
     context = request.safety if spec.judged_images is not None else None
+    _require_models(engine, request, context, classifier, tagger)
     if context is not None:
         _load_safety_models(spec, context, classifier, tagger, progress)
     if not engine.loaded:
@@ -176,6 +198,24 @@ def run_on_engine(
     progress(1.0, "safety check")
     images, report = judge(spec.judged_images.take(result), context, classifier and classifier.scores, tagger.tag)
     return spec.judged_images.give(result, images, report.to_dict())
+
+
+def _require_models(engine: Engine, request: JobRequest, context: SafetyContext | None,
+                    classifier: "NsfwClassifier | None", tagger: "Tagger | None") -> None:
+    """MODELS_MISSING naming everything the job needs and the volume lacks (the engine's models for this
+    request, the tagger, the classifier where it classifies), before anything loads."""
+    # Engines without models of their own (downloads, the library's file work) have no `missing_models`.
+    missing = list(getattr(engine, "missing_models", lambda _: [])(request))
+    if context is not None:
+        judges = [("wd-tagger", tagger)] + ([("nsfw-classifier", classifier)] if context.classifies else [])
+        for key, model in judges:
+            absent = [] if model is None or model.loaded else model.missing_files()
+            if absent:
+                missing.append(f"{key} ({', '.join(absent)})")
+    if missing:
+        raise ToolboxError(ErrorCode.MODELS_MISSING,
+                           f"Not installed yet: {'; '.join(missing)}. An admin can download them with /setup "
+                           "(or `toolbox setup`).")
 
 
 def _load_safety_models(spec: ServiceSpec, context: SafetyContext, classifier: "NsfwClassifier | None",

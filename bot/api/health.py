@@ -25,8 +25,11 @@ HEALTH_TTL_SECONDS = 2.0
 
 async def health_document(backend: Backend) -> dict[str, Any]:
     states = await model_states(backend.store, BASE_MODELS.values())
+    problem = backend.engine_problem()
     return {
-        "status": "ok",
+        # "degraded": the API answers, but its jobs cannot run; `problems` says why and what to do.
+        "status": "degraded" if problem else "ok",
+        "problems": [problem] if problem else [],
         "api_version": API_VERSION,
         "versions": {name: metadata.version(name) for name in ("ai-toolbox", "fastapi", "pydantic")},
         "backend": type(backend).__name__,

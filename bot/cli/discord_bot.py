@@ -14,16 +14,19 @@ def register(commands) -> None:
 
 
 def run_bot(settings: Settings, args: argparse.Namespace) -> None:
-    """Until SIGTERM or Ctrl-C, which close the bot gracefully; a second Ctrl-C leaves at once."""
+    """Until SIGTERM or Ctrl-C, which close the bot gracefully; a second Ctrl-C leaves at once. The token
+    and the backend are checked first: a missing token or a refused Modal token is one line, at once."""
+    import asyncio
     import logging
     import signal
     import threading
 
     import discord
 
-    from bot.runner import bot_supervisor
+    from bot.runner import bot_supervisor, check_backend
 
     supervisor = bot_supervisor(settings)
+    asyncio.run(check_backend(settings))
     discord.utils.setup_logging(level=logging.INFO)
     stop = threading.Event()
 

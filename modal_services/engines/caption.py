@@ -129,6 +129,15 @@ class CaptionEngine:
             missing.append("*.safetensors (the weights)")
         return missing
 
+    def missing_models(self, request: CaptionRequest) -> list[str]:
+        """What `request` needs that the volume lacks: the tagger for a `tags` caption, the VLM for the others.
+        Checked before `load`, which would import torch first."""
+        if is_tagger_caption(request):
+            absent = [] if self.tagger.loaded else self.tagger.missing_files()
+            return [f"wd-tagger ({', '.join(absent)})"] if absent else []
+        absent = [] if self.vlm_ready else self.missing_files()
+        return [f"qwen3-vl-2b ({', '.join(absent)})"] if absent else []
+
     def load(self) -> None:
         device = self.device or best_device()
         self.load_weights(device)

@@ -167,6 +167,11 @@ class FluxEngine:
     def missing_files(self) -> list[str]:
         return [pattern for pattern in FLUX_REQUIRED_FILES if not any(self.model_dir.glob(pattern))]
 
+    def missing_models(self, request: FluxGenerateRequest) -> list[str]:
+        """What a job needs that the volume lacks: FLUX.1-dev's files until it is loaded."""
+        missing = [] if self.loaded else self.missing_files()
+        return [f"flux1-dev, an optional model an admin enables ({', '.join(missing)})"] if missing else []
+
     def resolve_precision(self) -> str:
         import torch
 

@@ -39,12 +39,17 @@ class NsfwClassifier:
     def loaded(self) -> bool:
         return self.model is not None
 
+    def missing_files(self) -> list[str]:
+        """The files `load` needs that are not on the volume."""
+        missing = [] if (self.folder / "config.json").is_file() else ["config.json"]
+        return missing + ([] if any(self.folder.glob("*.safetensors")) else ["*.safetensors"])
+
     def load(self, staging_device: str | None = None) -> None:
         """Load once (thread-safe); MODELS_MISSING if its files are not on the volume."""
         with self._loading:
             if self.loaded:
                 return
-            if not (self.folder / "config.json").is_file() or not any(self.folder.glob("*.safetensors")):
+            if self.missing_files():
                 raise ToolboxError(ErrorCode.MODELS_MISSING, MISSING_MESSAGE)
             import torch
             from transformers import AutoImageProcessor, AutoModelForImageClassification

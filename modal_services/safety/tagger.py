@@ -114,13 +114,17 @@ class Tagger:
     def loaded(self) -> bool:
         return self.session is not None or self._staged is not None
 
+    def missing_files(self) -> list[str]:
+        """The files `load` needs that are not on the volume."""
+        return [name for name in (MODEL_FILE, TAGS_FILE) if not (self.folder / name).is_file()]
+
     def load(self, staging_device: str | None = None) -> None:
         """Load once (thread-safe); MODELS_MISSING if its files are not on the volume. With `staging_device`
         "cpu" the model is only read into memory, and `place` puts it on its device."""
         with self._loading:
             if self.loaded:
                 return
-            if not (self.folder / MODEL_FILE).is_file() or not (self.folder / TAGS_FILE).is_file():
+            if self.missing_files():
                 raise ToolboxError(ErrorCode.MODELS_MISSING, MISSING_MESSAGE)
             with loading("the booru tagger", self.folder):
                 tag_list = TagList.read(self.folder / TAGS_FILE)

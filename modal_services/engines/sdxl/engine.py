@@ -52,6 +52,19 @@ class SdxlEngine:
     def load(self, staging_device: str | None = None) -> None:
         self.models.load(staging_device)
 
+    def missing_models(self, request: GenerateRequest | UpscaleRequest) -> list[str]:
+        """What `request` needs that the volume lacks, each with its files: the SDXL base models until they are
+        loaded; for a face photo, InstantID's models and the face-analysis models too."""
+        missing = [] if self.loaded else self.models.missing_files()
+        if getattr(request, "face_image", None) is not None:
+            if self.instant_id.identitynet is None and (absent := self.instant_id.missing_files()):
+                missing.append(f"instantid ({', '.join(absent)})")
+            # A face reader of another kind (a test's) brings no files of its own.
+            analyser_missing = getattr(self.instant_id.analyser, "missing_files", list)()
+            if analyser_missing:
+                missing.append(f"antelopev2 ({', '.join(analyser_missing)})")
+        return missing
+
     def place(self) -> None:
         self.models.place()
 
