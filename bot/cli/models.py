@@ -155,12 +155,15 @@ async def scan_models(settings: Settings, args: argparse.Namespace) -> None:
     """Untracked files and entries whose file is missing; with --adopt the untracked files join the library."""
     from modal_services.jobs.requests import ModelScanRequest
 
-    async with opened_backend(settings) as backend:
+    async with _opened_library(settings) as (backend, library):
         request = ModelScanRequest.parse({"adopt": args.adopt, "api_base": settings.civitai_api_base})
         report = await run_with_bar(backend, request, "scanning")
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return
+        if args.json:
+            print(json.dumps(report, indent=2))
+            return
+        if not any(report[found] for found in ("untracked", "missing", "failed", "restored")):
+            print(_all_present_line(await library.entries()))
+            return
     for item in report["untracked"]:
         print(f"untracked {item['type']:10} {item['file']}")
     for file in report["missing"]:
@@ -169,3 +172,12 @@ async def scan_models(settings: Settings, args: argparse.Namespace) -> None:
         print(f"restored {report['restored']} entries from their sidecars")
     for failed in report["failed"]:
         print(f"not adopted {failed['file']}: {failed['code']}: {failed['message']}")
+
+
+def _all_present_line(entries: list) -> str:
+    """What a scan that found nothing to report says: how much it checked."""
+    from bot.core.text import plural
+
+    loras = sum(entry.type == "lora" for entry in entries)
+    return (f"{plural(loras, 'LoRA')} and {plural(len(entries) - loras, 'checkpoint')} checked: "
+            "every file present, none untracked.")

@@ -123,7 +123,7 @@ class CaptionEngine:
 
     def missing_files(self) -> list[str]:
         if not self.model_dir.is_dir():
-            return [str(self.model_dir)]
+            return [f"{CAPTION_MODEL}/"]
         missing = [name for name in REQUIRED_FILES if not (self.model_dir / name).is_file()]
         if not any(self.model_dir.glob("*.safetensors")):
             missing.append("*.safetensors (the weights)")

@@ -375,6 +375,7 @@ class Library:
     async def set_active_checkpoint(self, name: str | None) -> dict[str, Any]:
         wanted = (name or "").strip()
         if not wanted or wanted.lower() in (DEFAULT_CHECKPOINT, "default", DEFAULT_CHECKPOINT_NAME.lower()):
+            await self._require_default_checkpoint()
             await self.store.put(ACTIVE_CHECKPOINT_KEY, DEFAULT_CHECKPOINT)
             return await self.active_checkpoint()
         entry = await self.find(wanted, kind="checkpoint")
@@ -382,6 +383,18 @@ class Library:
             raise ToolboxError(ErrorCode.MODELS_MISSING, f"The file of {entry.name} ({entry.file}) is missing; re-import it first.")
         await self.store.put(ACTIVE_CHECKPOINT_KEY, entry.file)
         return await self.active_checkpoint()
+
+    async def _require_default_checkpoint(self) -> None:
+        """MODELS_MISSING unless the base checkpoint is installed: its file where it is seen, else its manifest."""
+        from modal_services.base_models.states import missing_models
+
+        if self.files_visible:
+            installed = await asyncio.to_thread(self.default_checkpoint_path().is_file)
+        else:
+            installed = not await missing_models(self.store, [DEFAULT_CHECKPOINT])
+        if not installed:
+            raise ToolboxError(ErrorCode.MODELS_MISSING, f"{DEFAULT_CHECKPOINT_NAME} is not installed: an admin downloads "
+                               f"it with /setup (or `toolbox setup --only {DEFAULT_CHECKPOINT}`).")
 
     async def checkpoint_choices(self, current: str) -> list[tuple[str, str]]:
         default = (DEFAULT_CHECKPOINT_NAME, DEFAULT_CHECKPOINT)

@@ -191,7 +191,7 @@ class SdxlModels:
         """The base-model files `load()` needs that are not on the volume, by registry key."""
         needed = {
             "illustrious-xl": [ILLUSTRIOUS_CHECKPOINT],
-            "sdxl-base (configs)": [f"{SDXL_CONFIG_DIR}/model_index.json"],
+            "sdxl-base": [f"{SDXL_CONFIG_DIR}/model_index.json"],
             "controlnet-tile": [f"{CONTROLNET_TILE_DIR}/config.json", f"{CONTROLNET_TILE_DIR}/*.safetensors"],
             "sdxl-vae": [f"{SDXL_VAE_DIR}/config.json", f"{SDXL_VAE_DIR}/*.safetensors"],
             "ip-adapter": [IP_ADAPTER_FILE],
