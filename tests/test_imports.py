@@ -73,3 +73,14 @@ def test_every_module_of_bot_and_cogs_is_probed():
                if path.stem != "__main__"}
     assert found == on_disk
     assert {"bot.core.following", "bot.cli", "bot.api", "cogs.generate"} <= found
+
+
+def test_the_cli_s_help_pulls_in_neither_discord_pydantic_nor_the_ml_stack():
+    """`toolbox --help` and each command's help build the whole parser: it stays light, so they return at once."""
+    probe = ("import json, sys; from bot.cli.parser import build_parser; build_parser().format_help(); "
+             "print(json.dumps(sorted(name for name in ('discord', 'pydantic', 'fastapi', 'PIL', *json.loads(sys.argv[1])) "
+             "if name in sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe, json.dumps(ML_STACK)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == []

@@ -16,7 +16,7 @@ LOOPBACK = "127.0.0.1"
 def register(commands) -> None:
     serve = commands.add_parser("serve", help="run the HTTP API on the local backend")
     serve.add_argument("--host", default=LOOPBACK, help=f"address to listen on (default {LOOPBACK})")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="1-65535 (default 8000)")
     serve.add_argument("--no-auth", action="store_true", help=f"no token (only with --host {LOOPBACK})")
     serve.set_defaults(run=serve_api)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -119,3 +120,74 @@ def test_stop_ends_a_running_session():
     thread.join(5)
     assert not thread.is_alive()
     assert log[-1] == ("close",) and supervisor.sessions == 1
+
+
+# ------------------------------------------------------------------ start-up
+
+
+def test_a_refused_modal_token_stops_the_bot_before_discord(monkeypatch, capsys):
+    from bot.backend import ModalBackend
+    from bot.cli import main
+
+    async def refused(self):
+        raise ToolboxError(ErrorCode.PERMISSION_DENIED, "Modal has no valid token for this machine.")
+
+    async def discord_contacted(self, *args, **kwargs):
+        raise AssertionError("Discord was contacted before the backend was checked")
+
+    monkeypatch.setattr(ModalBackend, "check", refused)
+    monkeypatch.setattr(discord.Client, "start", discord_contacted)
+    monkeypatch.setenv("TOOLBOX_BACKEND", "modal")
+    monkeypatch.setenv("DISCORD_TOKEN", "token-123")
+    code = main(["bot"])
+    out, err = capsys.readouterr()
+    assert (code, out, err) == (1, "", "error: PERMISSION_DENIED: Modal has no valid token for this machine.\n")
+
+
+def test_the_bot_starts_without_discord_s_voice_warnings_and_keeps_its_others(monkeypatch, caplog):
+    from unittest.mock import MagicMock
+
+    from bot.client import ToolboxBot
+    from bot.settings import Settings
+
+    monkeypatch.setattr(discord.VoiceClient, "warn_nacl", True)
+    monkeypatch.setattr(discord.VoiceClient, "warn_dave", True)
+    with caplog.at_level(logging.WARNING, logger="discord"):
+        ToolboxBot(Settings.load(), MagicMock())
+        logging.getLogger("discord.client").warning("another discord warning")
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any("voice will NOT be supported" in message for message in messages), messages
+    assert "another discord warning" in messages
+    # What a plain discord.py client says in its place, so the check above can see it.
+    monkeypatch.setattr(discord.VoiceClient, "warn_nacl", True)
+    with caplog.at_level(logging.WARNING, logger="discord"):
+        discord.Client(intents=discord.Intents.none())
+    assert any("PyNaCl is not installed" in record.getMessage() for record in caplog.records)
+
+
+async def test_a_local_backend_without_engines_says_so_everywhere(monkeypatch, caplog):
+    """The base install: jobs that run models are refused before a job exists (the API answers 503, not 500),
+    /health is degraded with the reason, the bot's and the API's start-up log it; the rest still works."""
+    from bot import backend as backend_module
+    from bot.api.health import health_document
+    from bot.settings import Settings
+    from modal_services.jobs.records import found_jobs
+    from modal_services.jobs.requests import GenerateRequest, ModelScanRequest
+    from modal_services.services import NO_ENGINES_MESSAGE
+
+    monkeypatch.setattr(backend_module, "missing_engine_libraries", lambda: ["numpy", "torch"])
+    backend = backend_module.LocalBackend(Settings.load())
+    try:
+        with pytest.raises(ToolboxError) as refused:
+            await backend.submit(GenerateRequest.parse({"prompt": "a cat"}))
+        assert (refused.value.code, refused.value.message) == (ErrorCode.BACKEND_UNAVAILABLE, NO_ENGINES_MESSAGE)
+        assert await found_jobs(backend.store) == []
+        health = await health_document(backend)
+        assert health["status"] == "degraded" and health["problems"] == [NO_ENGINES_MESSAGE]
+        with caplog.at_level(logging.WARNING, logger="bot.backend"):
+            await backend.recover()
+        assert [record.getMessage() for record in caplog.records] == [f"{NO_ENGINES_MESSAGE}; missing: numpy, torch"]
+        scan = await backend.submit(ModelScanRequest.parse({}))
+        assert (await backend.result(scan.id))["missing"] == []
+    finally:
+        await backend.close()

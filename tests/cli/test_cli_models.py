@@ -57,6 +57,9 @@ def test_import_list_info_edit_use_delete(civitai, capsys, tmp_path):
     assert run(capsys, "models", "use", "NoobAI XL")[0] == 0
     code, _, err = run(capsys, "models", "delete", "NoobAI XL", "--yes")
     assert code == 2 and err.startswith("error: INVALID_INPUT:") and "active checkpoint" in err
+    base_checkpoint = tmp_path / "data" / "models" / "illustrious-xl" / "Illustrious-XL-v2.0.safetensors"
+    base_checkpoint.parent.mkdir(parents=True)
+    base_checkpoint.write_bytes(b"weights")  # switching back needs it installed
     assert run(capsys, "models", "use", "illustrious-xl")[0] == 0
     code, out, _ = run(capsys, "models", "delete", "NoobAI XL", "--yes")
     assert code == 0 and not (tmp_path / "data" / "loras" / "checkpoints" / "noobai.safetensors").exists()

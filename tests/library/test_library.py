@@ -172,6 +172,12 @@ async def test_active_checkpoint_default_switch_and_back(library, tmp_path):
     assert await library.store.get(ACTIVE_CHECKPOINT_KEY) == "noob.safetensors"
     with pytest.raises(ToolboxError):
         await library.set_active_checkpoint("a-lora-is-not-a-checkpoint")
+    with pytest.raises(ToolboxError) as refused:  # the base checkpoint's file is not there yet
+        await library.set_active_checkpoint("illustrious-xl")
+    assert refused.value.code is ErrorCode.MODELS_MISSING
+    assert await library.store.get(ACTIVE_CHECKPOINT_KEY) == "noob.safetensors"
+    (tmp_path / "models" / ILLUSTRIOUS_CHECKPOINT).parent.mkdir(parents=True)
+    (tmp_path / "models" / ILLUSTRIOUS_CHECKPOINT).write_bytes(b"weights")
     assert (await library.set_active_checkpoint("illustrious-xl"))["default"]
 
 
@@ -218,3 +224,18 @@ async def test_choices_are_bounded_and_from_the_store(library):
     assert [value for _, value in await library.choices("model 1")][:2] == ["m10.safetensors", "m11.safetensors"]
     checkpoints = await library.checkpoint_choices("")
     assert checkpoints[0][1] == DEFAULT_CHECKPOINT
+
+
+async def test_the_base_checkpoint_on_modal_is_installed_by_its_manifest(tmp_path):
+    from modal_services.state.keys import manifest_key
+
+    store = SqliteStore(tmp_path / "state.sqlite3")
+    library = Library(store, tmp_path / "loras", tmp_path / "models", files_visible=False)
+    try:
+        with pytest.raises(ToolboxError) as refused:
+            await library.set_active_checkpoint("illustrious-xl")
+        assert refused.value.code is ErrorCode.MODELS_MISSING
+        await store.put(manifest_key(DEFAULT_CHECKPOINT), {"complete": True})
+        assert (await library.set_active_checkpoint("illustrious-xl"))["default"]
+    finally:
+        await store.close()
