@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 from bot.cli.common import confirm, opened_backend, run_with_bar
 from bot.core.library import library_for
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.remedies import FrontEnd, render
 from modal_services.jobs.requests import ModelDeleteRequest, ModelImportRequest, ModelScanRequest
 
 if TYPE_CHECKING:
@@ -162,4 +163,4 @@ async def scan_models(settings: Settings, args: argparse.Namespace) -> None:
     if report.get("restored"):
         print(f"restored {report['restored']} entries from their sidecars")
     for failed in report["failed"]:
-        print(f"not adopted {failed['file']}: {failed['code']}: {failed['message']}")
+        print(f"not adopted {failed['file']}: {failed['code']}: {render(failed['message'], FrontEnd.CLI)}")

@@ -27,6 +27,7 @@ import os
 import time
 
 from modal_services.engines.loading import loading
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.engines.sdxl.generate import (
     MAX_START_PIXELS,
@@ -186,8 +187,8 @@ class FluxEngine:
         if missing:
             raise ToolboxError(
                 ErrorCode.MODELS_MISSING,
-                f"FLUX.1-dev is not installed (missing in {FLUX_DIR}/: {', '.join(missing)}). "
-                "An admin enables and downloads it in /setup.",
+                f"FLUX.1-dev is not installed (missing in {FLUX_DIR}/: {', '.join(missing)}): "
+                f"{remedies.enable('flux1-dev')}.",
             )
         import torch
         from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel

@@ -42,7 +42,7 @@ CAPTION_STYLES = {
     "descriptive": "a detailed paragraph",
     "tags": "booru tags with their rating (the WD tagger), as LoRA trainers use them",
     "short": "one sentence, good alt text",
-    "prompt": "a /generate prompt in booru tags (Illustrious)",
+    "prompt": "a generation prompt in booru tags (Illustrious)",
 }
 CaptionStyle = Annotated[Literal[tuple(CAPTION_STYLES)], Field(title="The caption style")]
 Question = Annotated[str, Field(min_length=1, max_length=500, title="The question")]
