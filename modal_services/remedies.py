@@ -109,4 +109,12 @@ def _mark(action: str, *arguments: str) -> str:
 
 def render(text: str, front_end: FrontEnd) -> str:
     """`text` with each mark in `front_end`'s words (text without marks is returned as it is)."""
-    return _MARK.sub(lambda match: _PHRASES[match[1]](front_end, *match[2].split()), text)
+    return _MARK.sub(lambda match: _phrase(match, front_end), text)
+
+
+def _phrase(match: re.Match, front_end: FrontEnd) -> str:
+    try:
+        return _PHRASES[match[1]](front_end, *match[2].split())
+    except (TypeError, KeyError):
+        # Not a mark of ours but look-alike text quoted in a message (a model name someone typed): kept as it is.
+        return match[0]

@@ -120,6 +120,15 @@ def test_text_without_a_known_mark_is_left_as_it_is():
         assert render(text, FrontEnd.CLI) == text
 
 
+def test_a_look_alike_mark_someone_typed_is_shown_as_typed_not_an_error():
+    """A model name is quoted in its refusal: one that looks like a mark with the wrong arguments stays text."""
+    for typed in ("[[enable]]", "[[verify now]]", "[[token github]]", "[[checkpoint a b]]"):
+        text = f"No LoRA named {typed!r} in the library ({remedies.list_library()})."
+        for front_end in FrontEnd:
+            rendered = render(text, front_end)
+            assert typed in rendered and rendered.endswith(render(remedies.list_library(), front_end) + ").")
+
+
 def test_a_token_mark_for_an_unknown_service_is_refused_where_it_is_written():
     with pytest.raises(ValueError):
         remedies.set_token("github")
