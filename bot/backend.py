@@ -23,6 +23,7 @@ from typing import Any
 
 from bot.settings import Settings
 from bot.core.text import plural
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import JobRequest
 from modal_services.jobs.records import (Job, JobStatus, create_job, found_job, found_jobs, load_job, mark_dead,
@@ -294,7 +295,7 @@ class ModalBackend(Backend):
             names = ", ".join(BASE_MODELS[key].name for key in missing)
             raise ToolboxError(
                 ErrorCode.MODELS_MISSING,
-                f"Not installed yet: {names}. An admin can download them with /setup (or `toolbox setup`).",
+                f"Not installed yet: {names}. To install them, {remedies.download(*missing)}.",
             )
 
     async def cancel(self, job_id: str) -> None:

@@ -12,6 +12,7 @@ import logging
 import discord
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.remedies import FrontEnd, render
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ ERROR_TITLES = {
 
 
 def error_text(error: ToolboxError) -> str:
-    return f"❌ **{ERROR_TITLES.get(error.code, error.code.value)}** · {error.message}"
+    return f"❌ **{ERROR_TITLES.get(error.code, error.code.value)}** · {render(error.message, FrontEnd.DISCORD)}"
 
 
 def as_toolbox_error(error: BaseException) -> ToolboxError:

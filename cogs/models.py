@@ -40,6 +40,7 @@ from modal_services.jobs.requests import (
 )
 from modal_services.jobs.records import Job
 from modal_services.library.entries import DEFAULT_CHECKPOINT, LibraryEntry
+from modal_services.remedies import FrontEnd, render
 
 PAGE_SIZE = 8
 LoraWeightOption = option_range(LoraRef, "weight")
@@ -351,7 +352,7 @@ def scan_text(report: dict[str, Any]) -> str:
     if report.get("adopted"):
         lines.append("Adopted: " + ", ".join(_code(e['file']) for e in report["adopted"][:15]))
     if report.get("failed"):
-        lines.append("Not adopted: " + "; ".join(f"{_code(f['file'])}: {f['message']}" for f in report["failed"][:10]))
+        lines.append("Not adopted: " + "; ".join(f"{_code(f['file'])}: {render(f['message'], FrontEnd.DISCORD)}" for f in report["failed"][:10]))
     if report["untracked"] and not report.get("adopted") and not report.get("failed"):
         lines.append("Run `/models scan adopt:True` to add the untracked files.")
     return "\n".join(lines)[:2000]

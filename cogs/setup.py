@@ -37,6 +37,7 @@ from modal_services.library.entries import Library, LibraryEntry
 from modal_services.base_models.optional_models import enabled_record, set_enabled, setup_entries
 from modal_services.base_models.registry import STARTER_LORAS, ModelEntry, StarterLora, optional_entries
 from modal_services.base_models.tokens import LABELS, SERVICES, clear_token, set_token, token_state
+from modal_services.remedies import FrontEnd
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ ICONS = {"present": "✅", "missing": "▫️", "downloading": "⬇️", "queued
 
 
 def describe(state: ModelState) -> str:
+    state = state.worded_for(FrontEnd.DISCORD)
     if state.state == "downloading":
         fraction = state.bytes_done / state.size_bytes if state.size_bytes else 0
         return f"downloading {fraction * 100:.0f}%"

@@ -165,7 +165,7 @@ def _reload_volumes() -> None:
     image=download_image,
     volumes=MODEL_VOLUMES,
     scaledown_window=60,
-    timeout=3 * 3600,  # ~17 GB of base models, with room for a slow source
+    timeout=3 * 3600,  # ~20 GB of base models, with room for a slow source
     secrets=[bot_secret],
 )
 class DownloadService:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
     CaptionRequest,
@@ -214,8 +215,7 @@ def _require_models(engine: Engine, request: JobRequest, context: SafetyContext 
                 missing.append(f"{key} ({', '.join(absent)})")
     if missing:
         raise ToolboxError(ErrorCode.MODELS_MISSING,
-                           f"Not installed yet: {'; '.join(missing)}. An admin can download them with /setup "
-                           "(or `toolbox setup`).")
+                           f"Not installed yet: {'; '.join(missing)}. To install them, {remedies.download()}.")
 
 
 def _load_safety_models(spec: ServiceSpec, context: SafetyContext, classifier: "NsfwClassifier | None",

@@ -22,6 +22,7 @@ from bot.api.schema import JOB_BODIES, ErrorResponse, GenerateImageRequest
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import Job
 from modal_services.jobs.validation import describe_problem
+from modal_services.remedies import FrontEnd, render
 from modal_services.safety.judge import Reason, SafetyReport
 from modal_services.safety.real_people import REAL_PERSON_WITHHELD
 
@@ -53,13 +54,13 @@ class ApiError(ToolboxError):
 
 def error_body(error: ToolboxError) -> ErrorResponse:
     """An error as a job view shows it: message and code only."""
-    return ErrorResponse(error=error.message, error_code=error.code.value)
+    return ErrorResponse(error=render(error.message, FrontEnd.API), error_code=error.code.value)
 
 
 def error_response(error: ToolboxError, status: int | None = None) -> JSONResponse:
     """The error as an HTTP answer: the status its code maps to (unless given), `Retry-After` and
     `WWW-Authenticate` where they apply."""
-    body = ErrorResponse(error=error.message, error_code=error.code.value,
+    body = ErrorResponse(error=render(error.message, FrontEnd.API), error_code=error.code.value,
                          details=getattr(error, "details", None), retry_after=getattr(error, "retry_after", None))
     headers = {}
     if body.retry_after is not None:

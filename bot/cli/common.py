@@ -41,7 +41,9 @@ def exit_status(command: Callable[[], None]) -> int:
     try:
         command()
     except ToolboxError as error:
-        print(f"error: {error.code.value}: {error.message}", file=sys.stderr)
+        from modal_services.remedies import FrontEnd, render
+
+        print(f"error: {error.code.value}: {render(error.message, FrontEnd.CLI)}", file=sys.stderr)
         return 2 if error.code in (ErrorCode.INVALID_INPUT, ErrorCode.INVALID_PROMPT) else 1
     except KeyboardInterrupt:
         print("Stopped. A download picks up where it left off the next time.", file=sys.stderr)

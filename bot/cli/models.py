@@ -12,6 +12,7 @@ from bot.cli.common import confirm, opened_backend, run_with_bar
 from bot.core.library import library_for
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.limits import LORA_WEIGHT
+from modal_services.remedies import FrontEnd, render
 
 if TYPE_CHECKING:
     from bot.backend import Backend
@@ -171,7 +172,7 @@ async def scan_models(settings: Settings, args: argparse.Namespace) -> None:
     if report.get("restored"):
         print(f"restored {report['restored']} entries from their sidecars")
     for failed in report["failed"]:
-        print(f"not adopted {failed['file']}: {failed['code']}: {failed['message']}")
+        print(f"not adopted {failed['file']}: {failed['code']}: {render(failed['message'], FrontEnd.CLI)}")
 
 
 def _all_present_line(entries: list) -> str:

@@ -39,11 +39,12 @@ async def _gather_status(settings: Settings) -> tuple[dict, list, list]:
     from modal_services.base_models.optional_models import enabled_record, setup_entries
     from modal_services.base_models.registry import STARTER_LORAS, optional_entries
     from modal_services.base_models.tokens import SERVICES, token_state
+    from modal_services.remedies import FrontEnd
     from modal_services.state.keys import ACTIVE_CHECKPOINT_KEY
 
     async with opened_backend(settings) as backend:
         store = backend.store
-        states = await checked_states(settings, store, await setup_entries(store))
+        states = [state.worded_for(FrontEnd.CLI) for state in await checked_states(settings, store, await setup_entries(store))]
         optional = {entry.key: {"name": entry.name, "terms": entry.optional.summary, "url": entry.optional.url,
                                 "enabled": await enabled_record(store, entry.key)} for entry in optional_entries()}
         tokens = [await token_state(store, service) for service in SERVICES]

@@ -18,6 +18,7 @@ from typing import Callable
 from modal_services.base_models.manifests import check_files, convert_pickles, file_problems, verified_manifest
 from modal_services.base_models.optional_models import enabled_models, gated_refusal, setup_entries
 from modal_services.base_models.states import ACTIVE_STATES, describe_state
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import ProgressFn
 from modal_services.jobs.requests import DownloadRequest, VerifyRequest
@@ -204,8 +205,8 @@ class DownloadEngine:
         for entry in entries:
             if entry.optional is not None and entry.key not in enabled:
                 raise ToolboxError(ErrorCode.INVALID_INPUT, (
-                    f"{entry.name} is optional and not enabled: an admin enables it in /setup "
-                    f"(or `toolbox setup --enable {entry.key}`), accepting its terms, before it is downloaded."))
+                    f"{entry.name} is optional and not enabled, so it is not downloaded: "
+                    f"{remedies.enable(entry.key)}."))
         owner = f"{os.uname().nodename}:{os.getpid()}:{time.time_ns()}"
         await self._hook(self.reload_hook)
         ctx = await fetch_context(self.store)

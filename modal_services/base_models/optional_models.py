@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from typing import Mapping
 
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.state.keys import manifest_key, optional_model_key
 from modal_services.base_models.registry import ModelEntry, get_entry, optional_entries, resolve_keys
@@ -55,11 +56,11 @@ async def require_enabled(store: StateStore, key: str, registry: Mapping[str, Mo
     entry = optional_entry(key, registry)
     if not await store.get(optional_model_key(key)):
         raise ToolboxError(ErrorCode.MODELS_MISSING,
-                           f"{entry.name} is not enabled on this bot: an admin enables it in /setup.")
+                           f"{entry.name} is not enabled: {remedies.enable(key)}.")
     manifest = await store.get(manifest_key(key))
     if not (manifest and manifest.get("complete")):
         raise ToolboxError(ErrorCode.MODELS_MISSING,
-                           f"{entry.name} is enabled but not downloaded yet: an admin runs /setup → Download missing.")
+                           f"{entry.name} is enabled but not downloaded yet: {remedies.download(key)}.")
 
 
 def gated_refusal(entry: ModelEntry, token_set: bool) -> ToolboxError:
@@ -68,10 +69,11 @@ def gated_refusal(entry: ModelEntry, token_set: bool) -> ToolboxError:
     if not token_set:
         return ToolboxError(ErrorCode.DOWNLOAD_FAILED, (
             f"{entry.name} is gated on Hugging Face and no Hugging Face token is set: accept its licence at <{url}> "
-            "with your account, then set that account's token in /setup."))
+            f"with your account, then give that account's token ({remedies.set_token('hf')})."))
     return ToolboxError(ErrorCode.DOWNLOAD_FAILED, (
-        f"{entry.name} is gated on Hugging Face and the hub refused the token set in /setup: accept its licence "
-        f"at <{url}> with the account whose token is set (or set a valid token), then download again."))
+        f"{entry.name} is gated on Hugging Face and the hub refused the token that is set: accept its licence "
+        f"at <{url}> with the account whose token is set (or give a valid token: {remedies.set_token('hf')}), "
+        "then download again."))
 
 
 async def setup_entries(store: StateStore, registry: Mapping[str, ModelEntry] | None = None) -> list[ModelEntry]:

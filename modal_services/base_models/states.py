@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+from modal_services.remedies import FrontEnd, render
 from modal_services.state.keys import download_key, manifest_key
 from modal_services.state.locks import holder_alive
 from modal_services.state.store import StateStore
@@ -26,6 +27,10 @@ class ModelState:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+    def worded_for(self, front_end: FrontEnd) -> ModelState:
+        """This state with its detail (a download's error) in `front_end`'s words."""
+        return replace(self, detail=render(self.detail, front_end)) if self.detail else self
 
 
 ACTIVE_STATES = ("queued", "waiting", "starting", "downloading", "verifying", "converting")

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from modal_services.engines.loading import loading
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image
 from modal_services.jobs.requests import CaptionRequest
@@ -122,6 +123,7 @@ class CaptionEngine:
         return self.vlm_ready and self.tagger.loaded
 
     def missing_files(self) -> list[str]:
+        """Inside the model's folder (named relative to it: a message must not show where the data dir is)."""
         if not self.model_dir.is_dir():
             return [f"{CAPTION_MODEL}/"]
         missing = [name for name in REQUIRED_FILES if not (self.model_dir / name).is_file()]
@@ -236,8 +238,8 @@ class CaptionEngine:
         if not self.vlm_ready:
             raise ToolboxError(
                 ErrorCode.MODELS_MISSING,
-                "The caption model (Qwen3-VL-2B) is not installed. An admin can download it with "
-                "/setup (or `toolbox setup --only qwen3-vl-2b`). Missing: " + ", ".join(self.missing_files()),
+                f"The caption model (Qwen3-VL-2B) is not installed (missing in {CAPTION_MODEL}/: "
+                f"{', '.join(self.missing_files())}): {remedies.download('qwen3-vl-2b')}.",
             )
 
     def _prepare(self, data: bytes, index: int):

@@ -27,6 +27,7 @@ import os
 import time
 
 from modal_services.engines.loading import loading
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.engines.sdxl.generate import (
     MAX_START_PIXELS,
@@ -170,7 +171,7 @@ class FluxEngine:
     def missing_models(self, request: FluxGenerateRequest) -> list[str]:
         """What a job needs that the volume lacks: FLUX.1-dev's files until it is loaded."""
         missing = [] if self.loaded else self.missing_files()
-        return [f"flux1-dev, an optional model an admin enables ({', '.join(missing)})"] if missing else []
+        return [f"flux1-dev, an optional model ({', '.join(missing)}; {remedies.enable('flux1-dev')})"] if missing else []
 
     def resolve_precision(self) -> str:
         import torch
@@ -191,8 +192,8 @@ class FluxEngine:
         if missing:
             raise ToolboxError(
                 ErrorCode.MODELS_MISSING,
-                f"FLUX.1-dev is not installed (missing in {FLUX_DIR}/: {', '.join(missing)}). "
-                "An admin enables and downloads it in /setup.",
+                f"FLUX.1-dev is not installed (missing in {FLUX_DIR}/: {', '.join(missing)}): "
+                f"{remedies.enable('flux1-dev')}.",
             )
         import torch
         from diffusers import FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel

@@ -11,11 +11,12 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 
 log = logging.getLogger(__name__)
 
-VERIFY_HINT = "Try /setup → Verify."
+VERIFY_HINT = f"Its files may be damaged: {remedies.verify()}."
 
 
 @contextlib.contextmanager

@@ -80,7 +80,7 @@ CAPTION_STYLES = {
     "descriptive": "a detailed paragraph",
     "tags": "booru tags with their rating (the WD tagger), as LoRA trainers use them",
     "short": "one sentence, good alt text",
-    "prompt": "a /generate prompt in booru tags (Illustrious)",
+    "prompt": "a generation prompt in booru tags (Illustrious)",
 }
 DEFAULT_CAPTION_STYLE = "descriptive"
 MAX_CAPTION_IMAGES = 64

@@ -25,6 +25,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit, urlunsplit
 import urllib3
 
 from modal_services.net.egress import REDIRECT_STATUSES, Credentials, Origin, Purpose, Response, open_url
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.net.transfer.responses import retry_after_seconds
 from modal_services.net.transfer.retrying import backoff_delay
@@ -282,12 +283,11 @@ class CivitaiClient:
             return ToolboxError(
                 ErrorCode.CIVITAI_AUTH_REQUIRED,
                 f"CivitAI refused the token for {what}: it may be revoked, or the model needs access the account "
-                "does not have (early access, age verification). An admin can set a new token with /setup.",
+                f"does not have (early access, age verification). For a new token, {remedies.set_token('civitai')}.",
             )
         return ToolboxError(
             ErrorCode.CIVITAI_AUTH_REQUIRED,
-            f"CivitAI requires a logged-in account for {what}. An admin can set a CivitAI API token with /setup "
-            "(or CIVITAI_TOKEN for the CLI).",
+            f"CivitAI requires a logged-in account for {what}: {remedies.set_token('civitai')}.",
         )
 
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.library.civitai import CivitaiClient, CivitaiRef
 
@@ -142,7 +143,7 @@ def plan_from_metadata(version: dict[str, Any], model: dict[str, Any]) -> Import
     if family == "flux" and kind == "checkpoint":
         raise ToolboxError(
             ErrorCode.INCOMPATIBLE_MODEL,
-            f"{name} is a Flux checkpoint; only Flux LoRAs can be imported (FLUX.1-dev itself is enabled in /setup).",
+            f"{name} is a Flux checkpoint; only Flux LoRAs can be imported. For FLUX.1-dev itself, {remedies.enable('flux1-dev')}.",
         )
     variant = _text(version.get("baseModelType")).lower()
     if kind == "checkpoint" and variant in UNSUPPORTED_CHECKPOINT_VARIANTS:

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import LoraRef
 from modal_services.state.keys import ACTIVE_CHECKPOINT_KEY, ENTRY_PREFIX, entry_key, file_lock_name
@@ -226,7 +227,7 @@ class Library:
         """By file name, else by display name or file stem (case-insensitive); INVALID_INPUT if ambiguous."""
         wanted = (name or "").strip()
         if not wanted:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "Name a model (see /models list, or `toolbox models list` in a terminal).")
+            raise ToolboxError(ErrorCode.INVALID_INPUT, f"Name a model ({remedies.list_library()}).")
         exact = await self.get(wanted)
         if exact is not None and (kind is None or exact.type == kind):
             return exact
@@ -244,7 +245,7 @@ class Library:
                 files = ", ".join(entry.file for entry in matches[:10])
                 raise ToolboxError(ErrorCode.INVALID_INPUT, f"Several models are called {wanted!r}: use the file name ({files}).")
         what = f"{kind} " if kind else "model "
-        raise ToolboxError(ErrorCode.INVALID_INPUT, f"No {what}named {wanted!r} in the library (see /models list, or `toolbox models list` in a terminal).")
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"No {what}named {wanted!r} in the library ({remedies.list_library()}).")
 
     async def search(self, query: str | None = None, kind: str | None = None) -> list[LibraryEntry]:
         """Entries whose name, file, tags, trigger words or base model contain `query`; name matches first."""
@@ -393,8 +394,8 @@ class Library:
         else:
             installed = not await missing_models(self.store, [DEFAULT_CHECKPOINT])
         if not installed:
-            raise ToolboxError(ErrorCode.MODELS_MISSING, f"{DEFAULT_CHECKPOINT_NAME} is not installed: an admin downloads "
-                               f"it with /setup (or `toolbox setup --only {DEFAULT_CHECKPOINT}`).")
+            raise ToolboxError(ErrorCode.MODELS_MISSING, f"{DEFAULT_CHECKPOINT_NAME} is not installed: "
+                               f"{remedies.download(DEFAULT_CHECKPOINT)}.")
 
     async def checkpoint_choices(self, current: str) -> list[tuple[str, str]]:
         default = (DEFAULT_CHECKPOINT_NAME, DEFAULT_CHECKPOINT)
@@ -416,7 +417,7 @@ class Library:
         if entry.type == "checkpoint" and active["file"] == entry.file:
             raise ToolboxError(
                 ErrorCode.INVALID_INPUT,
-                f"{entry.name} is the active checkpoint. Switch to another one first (/models checkpoint).",
+                f"{entry.name} is the active checkpoint: {remedies.switch_checkpoint()} first.",
             )
         await self.store.pop(entry_key(entry.file))
         paths = [self.path_of(entry), self.original_path(entry)]

@@ -39,6 +39,7 @@ from typing import Any, Callable
 from modal_services.library.civitai import CivitaiClient, parse_reference
 from modal_services.library.civitai_plans import ImportPlan, plan_from_metadata, plan_import
 from modal_services.net.egress import Purpose
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
     ModelDeleteRequest,
@@ -395,7 +396,7 @@ def _civitai_error(error: DownloadError, plan: ImportPlan) -> ToolboxError:
     if isinstance(error, DownloadHTTPError) and error.status in (401, 403):
         return ToolboxError(ErrorCode.CIVITAI_AUTH_REQUIRED,
                             f"CivitAI's storage refused the download of {plan.name} (HTTP {error.status}). "
-                            "If the model needs an account, an admin can set a CivitAI token with /setup; then retry.")
+                            f"If the model needs an account, {remedies.set_token('civitai')}; then retry.")
     if isinstance(error, DownloadHTTPError) and error.status in (404, 410):
         return ToolboxError(ErrorCode.CIVITAI_NOT_FOUND, f"The file of {plan.name} is gone from CivitAI's storage.")
     if error.code in (ErrorCode.CHECKSUM_MISMATCH, ErrorCode.STORAGE_FULL, ErrorCode.TIMEOUT):

@@ -396,7 +396,7 @@ class Migration:
         folder = self.models_dir / entry.folder
         if not await asyncio.to_thread(lambda: folder.is_dir() and any(folder.iterdir())):
             return self.report.add("manifest", key, "skipped", f"{where} claims it complete, but its files are not "
-                                   "on the volume: /setup (or `toolbox setup`) downloads it")
+                                   f"on the volume: `toolbox setup --only {key}` downloads it")
         if self.dry_run:
             return self.report.add("manifest", key, "recorded", "once its files check out against the source")
         self.on_step(f"checking {entry.name} against its source")
@@ -408,7 +408,7 @@ class Migration:
         manifest, wrong = await asyncio.to_thread(planned_manifest, entry, plan, folder)
         if wrong:
             return self.report.add("manifest", key, "skipped", "missing or not matching the source: "
-                                   f"{', '.join(wrong[:5])}; /setup (or `toolbox setup`) fetches them again")
+                                   f"{', '.join(wrong[:5])}; `toolbox setup --only {key}` fetches them again")
         await self.store.put(manifest_key(key), {**manifest, "migrated_from": where})
         return self.report.add("manifest", key, "recorded", "its files match the source")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.net.transfer.download import download_file
 from modal_services.net.transfer.errors import DownloadHTTPError, TransientFailure, is_disk_full, storage_full
@@ -124,13 +125,13 @@ def _hf_failure(exc: BaseException, repo_id: str) -> Exception:
         return ToolboxError(ErrorCode.DOWNLOAD_FAILED, "HF_HUB_OFFLINE is set, so nothing can be downloaded from Hugging Face.")
     if isinstance(exc, GatedRepoError):
         return DownloadHTTPError(
-            f"{repo_id} is gated on Hugging Face: accept its terms on the model page with your account, "
-            "then set that account's token in /setup.", 403)
+            f"{repo_id} is gated on Hugging Face: accept its terms on the model page with the account whose "
+            f"token is set ({remedies.set_token('hf')}).", 403)
     status = exc.response.status_code if isinstance(exc, HfHubHTTPError) and exc.response is not None else None
     if isinstance(exc, RepositoryNotFoundError):
         return DownloadHTTPError(
             f"Hugging Face did not give access to {repo_id} (HTTP {status}): it does not exist or needs a token "
-            "(set one in /setup).", status)
+            f"({remedies.set_token('hf')}).", status)
     if isinstance(exc, (RevisionNotFoundError, RemoteEntryNotFoundError)):
         return DownloadHTTPError(f"A file or revision of {repo_id} was not found on Hugging Face (HTTP {status}).", status or 404)
     if isinstance(exc, HfHubHTTPError):
@@ -140,7 +141,8 @@ def _hf_failure(exc: BaseException, repo_id: str) -> Exception:
             transient.retry_after = retry_after_seconds(exc.response.headers.get("Retry-After"))
             return transient
         if status in (401, 403):
-            return DownloadHTTPError(f"Hugging Face refused access to {repo_id} (HTTP {status}): set a valid token in /setup.", status)
+            return DownloadHTTPError(f"Hugging Face refused access to {repo_id} (HTTP {status}): the token may be "
+                                     f"wrong; {remedies.set_token('hf')}.", status)
         return DownloadHTTPError(f"Hugging Face answered HTTP {status} for {repo_id}.", status)
     if isinstance(exc, (LocalEntryNotFoundError, httpx2.TransportError)):
         return TransientFailure(type(exc).__name__)

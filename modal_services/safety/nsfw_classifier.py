@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from modal_services.engines.loading import loading
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image
 from modal_services.layout import NSFW_CLASSIFIER_DIR
@@ -20,10 +21,7 @@ from modal_services.layout import NSFW_CLASSIFIER_DIR
 NSFW_LABEL = "nsfw"
 # A result the classifier reads is at most an upscale's largest output, with room to spare.
 MAX_CLASSIFIED_PIXELS = 80_000_000
-MISSING_MESSAGE = (
-    "The NSFW classifier that checks images on this server is not installed: an admin downloads it with "
-    "/setup → Download missing (or `toolbox setup --only nsfw-classifier`)."
-)
+MISSING_MESSAGE = f"The NSFW classifier that checks images is not installed: {remedies.download('nsfw-classifier')}."
 
 
 class NsfwClassifier:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modal_services.engines.loading import loading
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.imaging import decode_image
 from modal_services.layout import TAGGER_DIR
@@ -35,10 +36,7 @@ REPORTED_FLOOR = 0.2
 CHARACTER_THRESHOLD = 0.85
 # onnxruntime's providers per device; CUDA falls back to the CPU where it cannot start.
 PROVIDERS = {"cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
-MISSING_MESSAGE = (
-    "The booru tagger that checks images on this server is not installed: an admin downloads it with "
-    "/setup → Download missing (or `toolbox setup --only wd-tagger`)."
-)
+MISSING_MESSAGE = f"The booru tagger that checks images is not installed: {remedies.download('wd-tagger')}."
 
 
 @dataclass(frozen=True)

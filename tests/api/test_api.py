@@ -139,7 +139,8 @@ async def test_a_reference_image_and_its_strengths_reach_the_worker_and_come_bac
     reference, pose = png_bytes(3000, 1500, seed=1), png_bytes(64, 64, seed=2)
     refused = await api.post("/generate-image", json={"prompt": "a portrait",
                                                       "reference_image_base64": base64.b64encode(pose).decode()})
-    assert "is not enabled on this bot" in assert_error(refused, 503, "MODELS_MISSING")["error"]
+    assert ("is not enabled: ask the operator to run `toolbox setup --enable instantid`"
+            in assert_error(refused, 503, "MODELS_MISSING")["error"])
     assert generate_engine.generated == []
     await enable_instantid(backend.store)
     body = (await api.post("/generate-image", json={

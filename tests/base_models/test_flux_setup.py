@@ -44,7 +44,7 @@ async def test_download_missing_leaves_flux_out_until_an_admin_enables_it(store)
 
 @pytest.mark.parametrize("token, status, words", [
     (None, 401, "no Hugging Face token is set"),
-    (HF_TOKEN, 403, "refused the token set in /setup"),
+    (HF_TOKEN, 403, "refused the token that is set"),
 ])
 async def test_a_gated_refusal_says_to_accept_the_flux_licence(hub, tmp_path, store, token, status, words):
     if token:

@@ -16,6 +16,7 @@ from cogs.setup import Setup, SetupPanel, ToggleOptionalButton
 from modal_services.base_models import downloads
 from modal_services.net.transfer import retrying
 from modal_services.base_models.downloads import DownloadEngine
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.state.keys import manifest_key
 from modal_services.jobs.requests import DownloadRequest
@@ -111,7 +112,7 @@ async def test_require_enabled_names_the_admin_step(hub, store):
     with pytest.raises(ToolboxError) as caught:
         await require_enabled(store, GATED.key)
     assert caught.value.code is ErrorCode.MODELS_MISSING
-    assert caught.value.message == "Big Gated Model is not enabled on this bot: an admin enables it in /setup."
+    assert caught.value.message == f"Big Gated Model is not enabled: {remedies.enable(GATED.key)}."
 
 
 @pytest.mark.parametrize("token, status", [(None, 401), (HF_TOKEN, 403)])

@@ -159,7 +159,7 @@ async def test_missing_model_points_admins_at_setup(toolbox_bot, fast_progress):
     interaction = fake_interaction()
     await invoke(toolbox_bot, caption_command(toolbox_bot), interaction, fake_attachment(png_bytes()), None, None)
     error = ephemeral_error(interaction)
-    assert "not installed" in error and "/setup" in error
+    assert "not installed" in error and "the bot's operator runs /setup → Download missing" in error
 
 
 async def test_unexpected_failure_is_generic_and_logged(toolbox_bot, stand_in_engines):

@@ -103,7 +103,7 @@ async def test_flux_not_enabled_or_not_downloaded_says_what_the_admin_does(toolb
     await set_enabled(store, "flux1-dev", False, by="Ada (1)")
     interaction = fake_interaction()
     await generate(toolbox_bot, interaction, "a fox", model=FLUX)
-    assert "FLUX.1-dev is not enabled on this bot: an admin enables it in /setup" in ephemeral_error(interaction)
+    assert "FLUX.1-dev is not enabled: the bot's operator enables it in /setup" in ephemeral_error(interaction)
     assert flux.generated == [] and await store.keys("job:") == []
 
 

@@ -235,7 +235,7 @@ async def test_a_face_photo_reaches_the_worker_and_v_and_reroll_keep_it(toolbox_
 async def test_bad_face_photos_are_refused_before_a_job(toolbox_bot, engine, fast_progress):
     interaction = fake_interaction()
     await generate(toolbox_bot, interaction, "portrait", face=fake_attachment(png_bytes(64, 64), "me.png"))
-    assert "InstantID (IdentityNet and face adapter) is not enabled on this bot" in ephemeral_error(interaction)
+    assert "InstantID (IdentityNet and face adapter) is not enabled: the bot's operator enables it in /setup" in ephemeral_error(interaction)
     await enable_instantid(toolbox_bot.backend.store)
     interaction = fake_interaction()
     await generate(toolbox_bot, interaction, "portrait", pose=fake_attachment(png_bytes(64, 64), "pose.png"))

@@ -76,7 +76,8 @@ def test_errors_have_codes_and_exit_status(civitai, capsys):
     civitai.add_model(2, 21, LORA, gated=True)
     code, _, err = run(capsys, "models", "import", "2", "--yes")
     last = err.strip().splitlines()[-1]  # after the preview
-    assert code == 1 and last.startswith("error: CIVITAI_AUTH_REQUIRED:") and "/setup" in last
+    assert code == 1 and last.startswith("error: CIVITAI_AUTH_REQUIRED:") and last.endswith(
+        "set CIVITAI_TOKEN in the environment or the `.env` file.")
     code, _, err = run(capsys, "models", "info", "nothing")
     assert code == 2 and "No model named" in err
 

@@ -13,6 +13,7 @@ from bot.core.build import (
 )
 from bot.core.choices import GenerateChoices, LoraChoice, UpscaleChoices
 from bot.core.generate_models import FLUX, SDXL
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
     MAX_SEED,
@@ -175,8 +176,8 @@ async def test_each_generate_rule_has_one_code_and_one_message(library, store, a
 
 
 @pytest.mark.parametrize("asked, words", [
-    (dict(model="flux"), "FLUX.1-dev is not enabled on this bot"),
-    (dict(face_image=PHOTO), "InstantID (IdentityNet and face adapter) is not enabled on this bot"),
+    (dict(model="flux"), f"FLUX.1-dev is not enabled: {remedies.enable('flux1-dev')}."),
+    (dict(face_image=PHOTO), f"InstantID (IdentityNet and face adapter) is not enabled: {remedies.enable('instantid')}."),
 ])
 async def test_an_optional_model_an_admin_has_not_enabled_is_models_missing(library, asked, words):
     error = await refusal(build_generate_request, library, GenerateChoices(prompt="a fox", **asked))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from modal_services.engines.caption import CaptionEngine, tidy_caption
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import Layout
 from modal_services.jobs.requests import CaptionRequest
@@ -86,7 +87,9 @@ def test_missing_model_points_at_setup(tmp_path):
     with pytest.raises(ToolboxError) as caught:
         caption(engine, [png_bytes()], style="descriptive")
     assert caught.value.code is ErrorCode.MODELS_MISSING
-    assert "/setup" in caught.value.message and "toolbox setup --only qwen3-vl-2b" in caught.value.message
+    assert remedies.download("qwen3-vl-2b") in caught.value.message
+    # The files are named inside the model's folder: the message never shows where the data dir is.
+    assert "missing in qwen3-vl-2b/: config.json" in caught.value.message and str(tmp_path) not in caught.value.message
     assert not engine.loaded and not engine.vlm_ready
 
 

@@ -7,6 +7,7 @@ import pytest
 
 from modal_services.base_models.registry import models_for
 from modal_services.engines.caption import GENERAL_THRESHOLD, CaptionEngine, booru_caption, caption_purpose
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import CaptionRequest
 from modal_services.layout import CAPTION_MODEL, TAGGER_DIR, Layout
@@ -103,7 +104,7 @@ def test_missing_tagger_fails_tags_only(tmp_path, tiny_qwen_dir):
     engine.load()
     with pytest.raises(ToolboxError) as caught:
         caption(engine, [png_bytes()], style="tags")
-    assert caught.value.code is ErrorCode.MODELS_MISSING and "toolbox setup --only wd-tagger" in caught.value.message
+    assert caught.value.code is ErrorCode.MODELS_MISSING and remedies.download("wd-tagger") in caught.value.message
     [description] = caption(engine, [png_bytes()], style="descriptive")
     assert description
     # A question with the tags style is the VLM's: it needs no tagger.

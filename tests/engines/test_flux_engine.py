@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.engines.flux import FluxEngine, choose_precision, flux_preview_jpeg
 from modal_services.layout import FLUX_DIR, Layout
@@ -190,7 +191,7 @@ def test_missing_files_are_models_missing_with_the_way_to_get_them(tmp_path):
     engine = FluxEngine(Layout(tmp_path / "models"), device="cpu")
     with pytest.raises(ToolboxError) as caught:
         engine.load()
-    assert caught.value.code is ErrorCode.MODELS_MISSING and "/setup" in caught.value.message
+    assert caught.value.code is ErrorCode.MODELS_MISSING and remedies.enable("flux1-dev") in caught.value.message
     assert "transformer/*.safetensors" in caught.value.message and not engine.loaded
 
 

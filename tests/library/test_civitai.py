@@ -6,6 +6,7 @@ import pytest
 
 from modal_services.library.civitai import CivitaiClient, CivitaiRef, parse_reference
 from modal_services.library.civitai_plans import clean_words, is_sdxl_family, plan_import
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from tests.fakes.civitai_server import FakeCivitai
 
@@ -102,7 +103,7 @@ def test_401_403_ask_for_a_token_in_setup(civitai, status):
     with pytest.raises(ToolboxError) as caught:
         client(civitai).version(11)
     assert caught.value.code is ErrorCode.CIVITAI_AUTH_REQUIRED
-    assert "/setup" in caught.value.message
+    assert remedies.set_token("civitai") in caught.value.message
 
 
 def test_rejected_token_message_never_contains_the_token(civitai):
@@ -175,7 +176,7 @@ def test_gated_download_without_token_asks_for_one(civitai):
     civitai.add_model(1, 11, DATA, gated=True)
     with pytest.raises(ToolboxError) as caught:
         client(civitai).resolve_download("/api/download/models/11", "Detail Tweaker XL")
-    assert caught.value.code is ErrorCode.CIVITAI_AUTH_REQUIRED and "/setup" in caught.value.message
+    assert caught.value.code is ErrorCode.CIVITAI_AUTH_REQUIRED and remedies.set_token("civitai") in caught.value.message
 
 
 def test_login_page_instead_of_401_is_auth_required(civitai):

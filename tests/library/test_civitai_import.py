@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from modal_services.net.transfer import retrying
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import Layout
 from modal_services.library.imports import ModelEngine
@@ -161,7 +162,7 @@ def test_gated_model_needs_a_token(engine, civitai, monkeypatch):
     civitai.add_model(1, 11, LORA, gated=True)
     with pytest.raises(ToolboxError) as caught:
         do_import(engine, civitai)
-    assert caught.value.code is ErrorCode.CIVITAI_AUTH_REQUIRED and "/setup" in caught.value.message
+    assert caught.value.code is ErrorCode.CIVITAI_AUTH_REQUIRED and remedies.set_token("civitai") in caught.value.message
     assert civitai.token not in caught.value.message
     monkeypatch.setenv("CIVITAI_TOKEN", civitai.token)  # the fallback of the /setup token
     assert do_import(engine, civitai)["entry"]["civitai_version_id"] == 11

@@ -83,7 +83,7 @@ def test_a_gated_starter_says_it_needs_a_token_then_imports_with_one(civitai, ca
     publish(civitai, DETAILER, gated=True)
     assert main(["setup", "--only", "lora-detailer-il"]) == 1
     err = capsys.readouterr().err
-    assert "error: CIVITAI_AUTH_REQUIRED:" in err and "CivitAI API token with /setup" in err
+    assert "error: CIVITAI_AUTH_REQUIRED:" in err and "set CIVITAI_TOKEN in the environment" in err and "/setup" not in err
     assert library(capsys) == {}
     set_civitai_token(tmp_path, civitai.token)
     assert main(["setup", "--only", "lora-detailer-il"]) == 0
@@ -174,7 +174,7 @@ async def test_a_gated_starter_shows_the_token_hint_in_its_message(bot, civitai)
     button = add_buttons((await open_panel(bot))["view"])["lora-detailer-il"]
     await asyncio.wait_for(button.callback(clicker), timeout=30)
     text = clicker.edit_original_response.await_args.kwargs["content"]
-    assert "CivitAI API token with /setup" in text
+    assert "the bot's operator sets a CivitAI token in /setup → Set tokens" in text and "[[" not in text
 
 
 @pytest.mark.parametrize("server_admin", [False, True])

@@ -13,6 +13,7 @@ import pytest
 
 from bot.backend import ModalBackend, call_key, make_backend
 from bot.settings import Settings
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import CaptionRequest
 from modal_services.jobs.records import JobStatus, load_job
@@ -65,7 +66,7 @@ async def test_missing_models_are_refused_before_any_gpu_work(deployment):
     with pytest.raises(ToolboxError) as caught:
         await backend.submit(CaptionRequest.parse({"images": [b"x"], "style": "short", "question": None}))
     assert caught.value.code is ErrorCode.MODELS_MISSING
-    assert "Qwen3-VL" in caught.value.message and "/setup" in caught.value.message
+    assert "Qwen3-VL" in caught.value.message and remedies.download("qwen3-vl-2b") in caught.value.message
     assert deployment.spawned == [] and await backend.store.keys("job:") == []
 
 

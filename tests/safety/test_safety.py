@@ -9,6 +9,7 @@ import json
 import pytest
 from PIL import Image
 
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import create_job, load_job
 from modal_services.jobs.requests import CaptionRequest, FluxGenerateRequest, GenerateRequest, UpscaleRequest
@@ -95,7 +96,7 @@ def test_a_classifier_without_an_nsfw_label_is_refused(tmp_path):
 def test_a_missing_classifier_is_models_missing(tmp_path):
     with pytest.raises(ToolboxError) as caught:
         NsfwClassifier(tmp_path).load()
-    assert caught.value.code is ErrorCode.MODELS_MISSING and "/setup" in caught.value.message
+    assert caught.value.code is ErrorCode.MODELS_MISSING and remedies.download("nsfw-classifier") in caught.value.message
 
 
 def test_a_corrupt_classifier_is_model_load_failed(tiny_nsfw_dirs, tmp_path):

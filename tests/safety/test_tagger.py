@@ -11,6 +11,7 @@ from PIL import Image
 from bot.api.payloads import api_safety
 from bot.api.responses import safety_body
 from bot.content_safety import public_lines, withheld_notice
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import create_job
 from modal_services.jobs.requests import GenerateRequest, SafetyContext
@@ -91,7 +92,7 @@ def test_a_missing_tagger_is_models_missing(tmp_path):
     (tmp_path / "wd-tagger" / "selected_tags.csv").write_text("tag_id,name,category,count\n")
     with pytest.raises(ToolboxError) as caught:
         Tagger(tmp_path).load()
-    assert caught.value.code is ErrorCode.MODELS_MISSING and "/setup" in caught.value.message
+    assert caught.value.code is ErrorCode.MODELS_MISSING and remedies.download("wd-tagger") in caught.value.message
 
 
 def test_a_tag_list_without_minor_tags_is_refused_rather_than_never_firing(tmp_path):

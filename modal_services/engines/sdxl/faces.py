@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from modal_services.engines.loading import loading
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.base_models.registry import FACE_DETECTOR_FILE, FACE_RECOGNISER_FILE
 
@@ -140,7 +141,7 @@ class InsightFaceAnalyser:
                     raise ToolboxError(
                         ErrorCode.MODELS_MISSING,
                         f"The face-analysis models (antelopev2) are not installed ({', '.join(missing)}): "
-                        "an admin downloads them in /setup.",
+                        f"{remedies.download('antelopev2')}.",
                     )
                 self._app = self._load()
             return self._app

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 from PIL import Image
 
 from modal_services.engines.loading import loading
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.engines.sdxl.faces import FaceAnalyser, FaceReading, draw_keypoints, keypoints_on_canvas, read_face
 from modal_services.imaging import decode_image
@@ -121,7 +122,7 @@ class InstantId:
             if missing:
                 raise ToolboxError(
                     ErrorCode.MODELS_MISSING,
-                    "InstantID's models are not installed (" + ", ".join(missing) + "): an admin downloads them in /setup.",
+                    f"InstantID's models are not installed ({', '.join(missing)}): {remedies.download('instantid')}.",
                 )
             from diffusers import ControlNetModel
             from diffusers.models.embeddings import MultiIPAdapterImageProjection

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from modal_services.engines.loading import loading
+from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import ProgressFn
 from modal_services.jobs.requests import ResolvedLora
@@ -228,8 +229,8 @@ class SdxlModels:
         if missing:
             raise ToolboxError(
                 ErrorCode.MODELS_MISSING,
-                "The SDXL base models are not all installed. An admin can download them with /setup "
-                "(or `toolbox setup`). Missing: " + "; ".join(missing),
+                f"The SDXL base models are not all installed (missing: {'; '.join(missing)}): "
+                f"{remedies.download()}.",
             )
         import torch
         from diffusers import AutoencoderKL, ControlNetModel
