@@ -263,12 +263,17 @@ class Response:
         return self.raw.read1(amount, decode_content=False)
 
     def read_capped(self, limit: int, deadline_at: float | None = None) -> bytes:
-        """The whole body, refused (DOWNLOAD_FAILED) when larger than `limit` bytes or still coming at `deadline_at`."""
+        """The whole body, refused (DOWNLOAD_FAILED) when it declares or brings more than `limit` bytes
+        (a declared size is refused before the body is read), or is still coming at `deadline_at`."""
+        too_large = ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{_describe_host(self.url)} sent more than {limit} bytes.")
+        declared = self.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
         body = bytearray()
         while chunk := self.raw.read1(64 * 1024, decode_content=True):
             body += chunk
             if len(body) > limit:
-                raise ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{_describe_host(self.url)} sent more than {limit} bytes.")
+                raise too_large
             if deadline_at is not None and time.monotonic() > deadline_at:
                 raise ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{_describe_host(self.url)} took too long to answer.")
         return bytes(body)

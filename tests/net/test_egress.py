@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 
@@ -182,6 +183,17 @@ def test_redirects_within_the_limit_are_followed(hub):
     hub.fault("/files/f", "status", times=2, status=307, headers={"Location": "/files/f"})
     with open_url(f"{hub.url}/files/f", Purpose.URL) as response:
         assert response.status == 200 and response.read_capped(1 << 20) == DATA
+
+
+def test_a_small_body_declared_over_its_limit_is_refused_before_it_is_read(hub):
+    hub.add_plain("large", os.urandom(8 << 20))
+    hub.pace = 1 << 20  # reading it would take eight seconds
+    with open_url(f"{hub.url}/files/large", Purpose.URL) as response:
+        started = time.monotonic()
+        with pytest.raises(ToolboxError) as caught:
+            response.read_capped(1 << 20)
+    assert caught.value.code is ErrorCode.DOWNLOAD_FAILED and "more than 1048576 bytes" in caught.value.message
+    assert time.monotonic() - started < 1
 
 
 @pytest.fixture

@@ -39,8 +39,10 @@ def download_file(
       attempt that brings the file clearly further than ever before
       (by `STALL_MIN_BYTES`) earns a fresh budget.
     - The file has an overall deadline (`file_deadline`): TIMEOUT past it.
-    - A body longer than declared, or than `max_bytes` when nothing is
-      declared, is cut and refused.
+    - `max_bytes` (the cap for this kind of file) bounds every transfer: a
+      server declaring more is refused before the body is read; a body
+      declaring nothing is cut and refused past it. A body longer than its
+      declared size is cut there, and judged by size and sha256 as ever.
     - 401/403/404/410 and other refusals raise `DownloadHTTPError` (with `.status`).
     - Wrong size or sha256: CHECKSUM_MISMATCH; a full disk: STORAGE_FULL.
       Both remove the partial; `dest` is never touched.
@@ -59,7 +61,7 @@ def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     opening = {"purpose": purpose, "credentials": credentials, "trusted": trusted, "timeout": (CONNECT_TIMEOUT, stall)}
     finished = download_in_ranges(url, dest, opening, report, stall, deadline_at, retries, expected_size=expected_size,
-                                  size_hint=size_hint, expected_sha256=expected_sha256)
+                                  size_hint=size_hint, expected_sha256=expected_sha256, max_bytes=max_bytes)
     if finished is not None:
         return finished
     return SingleConnectionDownload(url, dest, opening, report, stall, deadline_at, expected_size=expected_size,
