@@ -75,7 +75,6 @@ DNS = fake_dns({
     ("https://rebind.example/x", Purpose.URL, "loopback"),
     ("https://v6-mapped.example/x", Purpose.URL, "embeds"),
     ("https://metadata.example/latest", Purpose.URL, "link-local"),
-    ("https://unknown.example/x", Purpose.URL, "does not resolve"),
     ("https://example.com/x.png", Purpose.ATTACHMENT, "Discord's CDN"),
     ("https://cdn.discordapp.com.evil.example/x", Purpose.ATTACHMENT, "Discord's CDN"),
     ("https://example.com:99999/x", Purpose.URL, "port"),
@@ -84,6 +83,44 @@ def test_refused_urls(url, purpose, why):
     with pytest.raises(ToolboxError) as caught:
         check(url, purpose, resolve=DNS)
     assert caught.value.code is ErrorCode.INVALID_INPUT and why in caught.value.message
+
+
+@pytest.mark.parametrize("url, purpose, code, hint", [
+    ("https://unknown.example/x", Purpose.URL, ErrorCode.DOWNLOAD_FAILED, "check the link and the network"),
+    ("https://unknown.example/api/v1/models/1", Purpose.CIVITAI, ErrorCode.CIVITAI_UNAVAILABLE, "CIVITAI_API_BASE"),
+])
+def test_a_name_that_does_not_resolve_is_a_network_failure_not_bad_input(url, purpose, code, hint):
+    with pytest.raises(egress.HostUnreachable) as caught:
+        check(url, purpose, resolve=DNS)
+    assert caught.value.code is code and "`unknown.example` does not resolve" in caught.value.message
+    assert hint in caught.value.message
+
+
+def test_an_unreachable_civitai_is_unavailable_at_once():
+    """What `toolbox models import` met: CIVITAI_UNAVAILABLE (exit 1) on the first try, not INVALID_INPUT (exit 2)."""
+    started = time.monotonic()
+    with pytest.raises(ToolboxError) as caught:
+        CivitaiClient("https://civitai.invalid", None).resolve_download("https://civitai.com/api/download/models/1", "x")
+    assert caught.value.code is ErrorCode.CIVITAI_UNAVAILABLE and "does not resolve" in caught.value.message
+    assert time.monotonic() - started < 2  # no retries of a name that does not resolve
+
+
+def test_a_label_keeps_the_url_out_of_refusals():
+    for url in ("http://secret.example/x", "https://internal.example/secret", "https://u:secret@example.com/x",
+                "https://secret.unknown/x"):
+        with pytest.raises(ToolboxError) as caught:
+            check(url, Purpose.URL, resolve=DNS, label="the link")
+        assert "the link" in caught.value.message
+        assert "secret" not in caught.value.message and "10.0.0.5" not in caught.value.message, caught.value.message
+
+
+def test_plain_http_is_allowed_to_listed_hosts_only(monkeypatch):
+    environ = {"TOOLBOX_ALLOWED_HOSTS": "minio.lan:9000, nas.lan"}
+    assert egress.plain_http_allowed("http://minio.lan:9000/bucket/x.safetensors", environ)
+    assert egress.plain_http_allowed("http://nas.lan:8080/x", environ)
+    for url in ("http://minio.lan:9001/x", "http://example.com/x", "http://minio.lan.evil.example:9000/x",
+                "http://nas.lan:bad/x", "http:///x"):
+        assert not egress.plain_http_allowed(url, environ), url
 
 
 @pytest.mark.parametrize("url", [

@@ -98,7 +98,7 @@ class RangedDownload:
         self.url, self.dest, self.opening = url, dest, opening
         self.partial = partial_path(dest)
         self.ledger = self.partial.with_name(self.partial.name + RANGES_SUFFIX)
-        self.where = safe_url(url)
+        self.where = opening["label"] or safe_url(url)
         self.report, self.stall, self.deadline_at = report, stall, deadline_at
         self.retries, self.connections = retries, connections
         self.ranges: list[_Range] = []

@@ -42,7 +42,7 @@ class SingleConnectionDownload:
                  retries: int):
         self.url, self.dest, self.opening = url, dest, opening
         self.partial = partial_path(dest)
-        self.where = safe_url(url)
+        self.where = opening["label"] or safe_url(url)
         self.report, self.stall, self.deadline_at = report, stall, deadline_at
         self.expected_size, self.expected_sha256, self.max_bytes = expected_size, expected_sha256, max_bytes
         self.budget = retrying.RetryBudget(self.where, retries, deadline_at, furthest=self._on_disk())
