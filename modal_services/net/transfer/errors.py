@@ -42,6 +42,10 @@ class TransientFailure(Exception):
 
     status: int | None = None
     retry_after: float | None = None
+    # For a failure unlikely to pass soon (a refused connection): fewer retries than the caller allows,
+    # and the error to end with once they are spent.
+    max_retries: int | None = None
+    give_up: ToolboxError | None = None
 
 
 def failure_reason(exc: BaseException) -> str:
