@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import ipaddress
 import json
 import logging
 import os
@@ -44,6 +43,7 @@ from typing import Any, Iterable, Mapping
 from urllib.parse import urljoin, urlsplit
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.net.addresses import address_problem, is_ip_literal
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
@@ -120,17 +120,9 @@ def _describe_host(url: str) -> str:
 def _normal_host(host: str) -> str:
     host = host.strip().lower().rstrip(".")
     try:
-        return host.encode("idna").decode("ascii") if host and not _is_ip_literal(host) else host
+        return host.encode("idna").decode("ascii") if host and not is_ip_literal(host) else host
     except UnicodeError:
         return host
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _host_port_entries(value: str | None) -> set[tuple[str, int | None]]:
@@ -166,31 +158,6 @@ def _is_allowed(origin: Origin, extra: Iterable[str], environ: Mapping[str, str]
         trusted = Origin.of(base)
         hosts.add((trusted.host, trusted.port))
     return any(origin.host == host and port in (None, origin.port) for host, port in hosts)
-
-
-def address_problem(address: str) -> str | None:
-    """Why an address is not a public one (None: it is)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and ip in ipaddress.ip_network("64:ff9b::/96"):
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is None and ip in ipaddress.ip_network("::/96"):
-            return f"{ip} is an IPv4-compatible address (deprecated, not public)"
-        if embedded is not None:
-            inner = address_problem(str(embedded))
-            return f"{ip} embeds {inner}" if inner else None
-    for test, label in (
-        ("is_unspecified", "unspecified"), ("is_loopback", "loopback"), ("is_link_local", "link-local"),
-        ("is_multicast", "multicast"), ("is_private", "private"), ("is_reserved", "reserved"),
-    ):
-        if getattr(ip, test):
-            return f"{ip} is a {label} address"
-    if ip.version == 4 and ip in ipaddress.ip_network("100.64.0.0/10"):
-        return f"{ip} is a carrier-grade NAT address"
-    if not ip.is_global:
-        return f"{ip} is not a public address"
-    return None
 
 
 def plain_http_allowed(url: str, environ: Mapping[str, str] | None = None) -> bool:

@@ -10,7 +10,8 @@ import pytest
 
 from modal_services.net import egress
 from modal_services.library.civitai import CivitaiClient
-from modal_services.net.egress import Credentials, Purpose, address_problem, check, open_url, open_url_async
+from modal_services.net.addresses import address_problem
+from modal_services.net.egress import Credentials, Purpose, check, open_url, open_url_async
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.net.transfer.download import download_file
 from tests.fakes.hf_server import FakeHub
