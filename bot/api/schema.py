@@ -37,6 +37,7 @@ from modal_services.jobs.requests import (
     UpscaleRequest,
 )
 from modal_services.jobs.validation import field_bounds
+from modal_services.net.egress import plain_http_allowed
 
 # The contract's version, published in /health and /openapi.json.
 API_VERSION = "1"
@@ -53,8 +54,9 @@ def _within_image_limit(data: bytes) -> bytes:
 
 
 def _https_only(url: HttpUrl) -> HttpUrl:
-    if url.scheme != "https":
-        raise ValueError("lora_url must be an https URL")
+    """https, or plain http to a host the deployment allows (TOOLBOX_ALLOWED_HOSTS: storage on its LAN)."""
+    if url.scheme != "https" and not plain_http_allowed(str(url)):
+        raise ValueError("lora_url must be an https URL (plain http only to a host in TOOLBOX_ALLOWED_HOSTS)")
     return url
 
 

@@ -23,6 +23,7 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.records import ProgressFn
 from modal_services.jobs.requests import DownloadRequest, VerifyRequest
 from modal_services.layout import Layout
+from modal_services.net.egress import HostUnreachable
 from modal_services.net.fetchers import FetchContext, fetcher_for
 from modal_services.net.transfer.errors import DownloadHTTPError, is_disk_full, storage_full
 from modal_services.state.keys import download_key, manifest_key
@@ -230,7 +231,7 @@ class DownloadEngine:
                         await release_lock(self.store, download_key(live.entry.key), owner)
                 except ToolboxError as error:
                     results[live.entry.key] = "failed"
-                    if error.code in (ErrorCode.STORAGE_FULL, ErrorCode.CANCELLED):
+                    if error.code in (ErrorCode.STORAGE_FULL, ErrorCode.CANCELLED) or isinstance(error, HostUnreachable):
                         raise  # every later model would fail the same way, or was not wanted any more
         finally:
             ticker.cancel()
@@ -275,7 +276,7 @@ class DownloadEngine:
             if isinstance(error, DownloadHTTPError) and error.status in (401, 403) and entry.optional and entry.optional.gated:
                 error = gated_refusal(entry, token_set=ctx.hf_token is not None)
             live.status, live.error = "failed", error
-            log.warning("download of %s failed: %s", entry.key, error.code.value)
+            log.warning("download of %s failed: %s: %s", entry.key, error.code.value, error.message)
             raise error
         except OSError as exc:
             error = storage_full(entry.name) if is_disk_full(exc) else ToolboxError(

@@ -22,23 +22,28 @@ Exceptions are explicit settings: the configured `CIVITAI_API_BASE` and
 `host[:port]`, for self-hosted storage on a LAN), which may be plain http and
 private. Discord attachments come only from Discord's CDN hosts (or the
 allowed hosts). A refusal is INVALID_INPUT naming the host and why; nothing
-is fetched.
+is fetched. A host whose name does not resolve is no refusal but a network
+failure (`HostUnreachable`: CIVITAI_UNAVAILABLE for CivitAI, DOWNLOAD_FAILED
+otherwise), not worth retrying. A caller whose URL must not be shown (a
+signed link) gives a `label` to name it by in every message instead.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
-import ipaddress
 import json
+import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 from urllib.parse import urljoin, urlsplit
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.net.addresses import address_problem, is_ip_literal
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
@@ -87,8 +92,21 @@ class Target:
         return host if self.origin.port == default else f"{host}:{self.origin.port}"
 
 
-def refused(url: str, why: str) -> ToolboxError:
-    return ToolboxError(ErrorCode.INVALID_INPUT, f"Refused to fetch from {_describe_host(url)}: {why}.")
+class HostUnreachable(ToolboxError):
+    """A host that cannot be reached at all (its name does not resolve): a network failure, not bad input, and
+    retrying it at once would fail the same way."""
+
+
+def refused(url: str, why: str, label: str | None = None) -> ToolboxError:
+    return ToolboxError(ErrorCode.INVALID_INPUT, f"Refused to fetch from {label or _describe_host(url)}: {why}.")
+
+
+def _unresolved(url: str, purpose: Purpose, label: str | None) -> HostUnreachable:
+    if purpose is Purpose.CIVITAI:
+        return HostUnreachable(ErrorCode.CIVITAI_UNAVAILABLE,
+                               f"{label or _describe_host(url)} does not resolve (check the network or CIVITAI_API_BASE).")
+    return HostUnreachable(ErrorCode.DOWNLOAD_FAILED,
+                           f"{label or _describe_host(url)} does not resolve (check the link and the network).")
 
 
 def _describe_host(url: str) -> str:
@@ -102,17 +120,9 @@ def _describe_host(url: str) -> str:
 def _normal_host(host: str) -> str:
     host = host.strip().lower().rstrip(".")
     try:
-        return host.encode("idna").decode("ascii") if host and not _is_ip_literal(host) else host
+        return host.encode("idna").decode("ascii") if host and not is_ip_literal(host) else host
     except UnicodeError:
         return host
-
-
-def _is_ip_literal(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _host_port_entries(value: str | None) -> set[tuple[str, int | None]]:
@@ -150,64 +160,54 @@ def _is_allowed(origin: Origin, extra: Iterable[str], environ: Mapping[str, str]
     return any(origin.host == host and port in (None, origin.port) for host, port in hosts)
 
 
-def address_problem(address: str) -> str | None:
-    """Why an address is not a public one (None: it is)."""
-    ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
-        if embedded is None and ip in ipaddress.ip_network("64:ff9b::/96"):
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is None and ip in ipaddress.ip_network("::/96"):
-            return f"{ip} is an IPv4-compatible address (deprecated, not public)"
-        if embedded is not None:
-            inner = address_problem(str(embedded))
-            return f"{ip} embeds {inner}" if inner else None
-    for test, label in (
-        ("is_unspecified", "unspecified"), ("is_loopback", "loopback"), ("is_link_local", "link-local"),
-        ("is_multicast", "multicast"), ("is_private", "private"), ("is_reserved", "reserved"),
-    ):
-        if getattr(ip, test):
-            return f"{ip} is a {label} address"
-    if ip.version == 4 and ip in ipaddress.ip_network("100.64.0.0/10"):
-        return f"{ip} is a carrier-grade NAT address"
-    if not ip.is_global:
-        return f"{ip} is not a public address"
-    return None
+def plain_http_allowed(url: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether `url`'s host and port are an explicit exception (TOOLBOX_ALLOWED_HOSTS or a configured base),
+    which may be fetched over plain http."""
+    try:
+        origin = Origin.of(url)
+    except ToolboxError:
+        return False
+    return bool(origin.host) and _is_allowed(origin, (), environ)
 
 
 def check(url: str, purpose: Purpose, trusted: Iterable[str] = (), environ: Mapping[str, str] | None = None,
-          resolve=socket.getaddrinfo) -> Target:
-    """One hop against the policy: the checked address to connect to, or INVALID_INPUT saying why not."""
+          resolve=socket.getaddrinfo, label: str | None = None) -> Target:
+    """One hop against the policy: the checked address to connect to, INVALID_INPUT saying why not, or
+    `HostUnreachable`. With `label`, messages name the URL by it, and name no address it resolves to."""
     try:
         parts = urlsplit(url)
     except ValueError:
-        raise refused(url, "it is not a valid URL") from None
+        raise refused(url, "it is not a valid URL", label) from None
     scheme = (parts.scheme or "").lower()
     if scheme not in ("http", "https"):
-        raise refused(url, f"only https links are fetched, not {scheme or 'scheme-less'} ones")
+        raise refused(url, f"only https links are fetched, not {scheme or 'scheme-less'} ones", label)
     if "@" in parts.netloc or parts.username is not None:
-        raise refused(url, "the link carries a user name or password")
-    origin = Origin.of(url)
+        raise refused(url, "the link carries a user name or password", label)
+    try:
+        origin = Origin.of(url)
+    except ToolboxError:
+        raise refused(url, "its port is not a number", label) from None
     if not origin.host:
-        raise refused(url, "the link has no host")
+        raise refused(url, "the link has no host", label)
     allowed = _is_allowed(origin, trusted, environ)
     if not allowed:
         if scheme != "https":
-            raise refused(url, "only https links are fetched (add the host to TOOLBOX_ALLOWED_HOSTS for plain http)")
+            raise refused(url, "only https links are fetched (add the host to TOOLBOX_ALLOWED_HOSTS for plain http)", label)
         if purpose is Purpose.ATTACHMENT and origin.host not in DISCORD_CDN_HOSTS:
-            raise refused(url, "attachments are fetched from Discord's CDN only")
+            raise refused(url, "attachments are fetched from Discord's CDN only", label)
     try:
         infos = resolve(origin.host, origin.port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, OSError):
-        raise refused(url, "the host name does not resolve") from None
+        raise _unresolved(url, purpose, label) from None
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     if not addresses:
-        raise refused(url, "the host name does not resolve")
+        raise _unresolved(url, purpose, label)
     if not allowed:
         for address in addresses:
             problem = address_problem(address)
             if problem:
-                raise refused(url, f"it resolves to {problem} (add it to TOOLBOX_ALLOWED_HOSTS if it is yours)")
+                named = "an address that is not public" if label else problem
+                raise refused(url, f"it resolves to {named} (add it to TOOLBOX_ALLOWED_HOSTS if it is yours)", label)
     request_path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     return Target(origin, addresses[0], request_path)
 
@@ -237,15 +237,29 @@ def _hop_headers(target: Target, headers: Mapping[str, str] | None, credentials:
     return sent
 
 
-def _next_hop(url: str, location: str | None, hops: int) -> str:
+def _next_hop(url: str, location: str | None, hops: int, label: str | None = None) -> str:
     if not location:
-        raise ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{_describe_host(url)} answered a redirect without a target.")
+        raise ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{label or _describe_host(url)} answered a redirect without a target.")
     if hops >= MAX_REDIRECTS:
-        raise refused(url, f"more than {MAX_REDIRECTS} redirects")
+        raise refused(url, f"more than {MAX_REDIRECTS} redirects", label)
     return urljoin(url, location)
 
 
 # ---------------------------------------------------------------- blocking
+
+
+class _UnlabelledOnly(logging.Filter):
+    """urllib3 logs each request's host and full URL (its query too) at DEBUG: dropped for a labelled
+    fetch, whose URL must not be shown anywhere."""
+
+    requesting = threading.local()  # `.label`: the label of the request this thread is making
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(self.requesting, "label", None) is None
+
+
+_URLLIB3_FILTER = _UnlabelledOnly()
+logging.getLogger("urllib3.connectionpool").addFilter(_URLLIB3_FILTER)
 
 
 class Response:
@@ -263,12 +277,17 @@ class Response:
         return self.raw.read1(amount, decode_content=False)
 
     def read_capped(self, limit: int, deadline_at: float | None = None) -> bytes:
-        """The whole body, refused (DOWNLOAD_FAILED) when larger than `limit` bytes or still coming at `deadline_at`."""
+        """The whole body, refused (DOWNLOAD_FAILED) when it declares or brings more than `limit` bytes
+        (a declared size is refused before the body is read), or is still coming at `deadline_at`."""
+        too_large = ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{_describe_host(self.url)} sent more than {limit} bytes.")
+        declared = self.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
         body = bytearray()
         while chunk := self.raw.read1(64 * 1024, decode_content=True):
             body += chunk
             if len(body) > limit:
-                raise ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{_describe_host(self.url)} sent more than {limit} bytes.")
+                raise too_large
             if deadline_at is not None and time.monotonic() > deadline_at:
                 raise ToolboxError(ErrorCode.DOWNLOAD_FAILED, f"{_describe_host(self.url)} took too long to answer.")
         return bytes(body)
@@ -299,33 +318,38 @@ class Response:
 def open_url(url: str, purpose: Purpose, *, headers: Mapping[str, str] | None = None,
              credentials: Credentials | None = None, trusted: Iterable[str] = (),
              timeout: tuple[float, float] = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
-             follow_redirects: bool = True) -> Response:
+             follow_redirects: bool = True, label: str | None = None) -> Response:
     """GET `url` under the policy, following redirects here; a streamed `Response` of the last hop.
 
     `trusted`: base URLs the caller was configured with (CIVITAI_API_BASE) that
     count as allowed hosts. `follow_redirects=False` returns a redirect as it
-    came (its target is for the caller to check and open). Connection
-    failures raise urllib3's errors.
+    came (its target is for the caller to check and open). `label`: what
+    messages call a URL that must not be shown. Connection failures raise
+    urllib3's errors.
     """
     import urllib3
 
     trusted = tuple(trusted)
-    first = Origin.of(url)
     for hops in range(MAX_REDIRECTS + 1):
-        target = check(url, purpose, trusted)
+        target = check(url, purpose, trusted, label=label)
+        if hops == 0:
+            first = target.origin
         pool = _pool_for(target, urllib3.Timeout(connect=timeout[0], read=timeout[1]))
+        _URLLIB3_FILTER.requesting.label = label
         try:
             raw = pool.urlopen("GET", target.request_path, headers=_hop_headers(target, headers, credentials, first),
                                redirect=False, retries=False, preload_content=False, assert_same_host=False)
         except BaseException:
             pool.close()
             raise
+        finally:
+            _URLLIB3_FILTER.requesting.label = None
         response = Response(raw, pool, url)
         if response.status not in REDIRECT_STATUSES or not follow_redirects:
             return response
         location = response.headers.get("Location")
         response.close()
-        url = _next_hop(url, location, hops)
+        url = _next_hop(url, location, hops, label)
     raise AssertionError("unreachable: the loop returns or raises")
 
 

@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.net.egress import HostUnreachable
 from modal_services.net.transfer.download import download_file
 from modal_services.net.transfer.errors import DownloadHTTPError, TransientFailure, is_disk_full, storage_full
 from modal_services.net.transfer.files import CHUNK_SIZE
 from modal_services.net.transfer.responses import retry_after_seconds
 from modal_services.net.transfer.retrying import with_retries
 
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+# A hub that refuses connections may be restarting: one short retry, not the full budget.
+REFUSED_CONNECTION_RETRIES = 1
 
 
 @dataclass(frozen=True)
@@ -108,7 +114,33 @@ def _byte_counter(on_bytes: Callable[[int], None]) -> type:
     return type("ByteCounter", (_ByteCounter,), {"on_bytes": staticmethod(on_bytes)})
 
 
-def _hf_failure(exc: BaseException, repo_id: str) -> Exception:
+def _cause(exc: BaseException | None, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of `kind` in `exc`'s chain of causes (huggingface_hub wraps httpx, which wraps the socket's)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _unreachable_hub(exc: BaseException, endpoint: str | None) -> Exception | None:
+    """A hub whose name does not resolve (`HostUnreachable`: no retry), or one refusing connections (a
+    `TransientFailure` worth one short retry, then unreachable); None for any other failure."""
+    host = urlsplit(endpoint or DEFAULT_HF_ENDPOINT).hostname or "the hub"
+    if _cause(exc, socket.gaierror) is not None:
+        return HostUnreachable(ErrorCode.DOWNLOAD_FAILED, f"`{host}` does not resolve (check the network or HF_ENDPOINT).")
+    if _cause(exc, ConnectionRefusedError) is not None:
+        refused = TransientFailure("connection refused")
+        refused.max_retries = REFUSED_CONNECTION_RETRIES
+        refused.give_up = HostUnreachable(
+            ErrorCode.DOWNLOAD_FAILED, f"`{host}` refused the connection (check the network or HF_ENDPOINT).")
+        return refused
+    return None
+
+
+def _hf_failure(exc: BaseException, repo_id: str, endpoint: str | None) -> Exception:
     """Turn a huggingface_hub error into ours: a refusal, a retryable `TransientFailure`, or a clear failure."""
     import httpx2
     from huggingface_hub.errors import (
@@ -121,6 +153,9 @@ def _hf_failure(exc: BaseException, repo_id: str) -> Exception:
         RevisionNotFoundError,
     )
 
+    unreachable = _unreachable_hub(exc, endpoint)
+    if unreachable is not None:
+        return unreachable
     if isinstance(exc, OfflineModeIsEnabled):
         return ToolboxError(ErrorCode.DOWNLOAD_FAILED, "HF_HUB_OFFLINE is set, so nothing can be downloaded from Hugging Face.")
     if isinstance(exc, GatedRepoError):
@@ -169,7 +204,7 @@ class HFFetcher:
                 api = HfApi(endpoint=ctx.hf_endpoint, token=ctx.hf_token)
                 return api.model_info(source.repo_id, revision=source.revision, files_metadata=True)
             except Exception as exc:
-                raise _hf_failure(exc, source.repo_id) from None
+                raise _hf_failure(exc, source.repo_id, ctx.hf_endpoint) from None
 
         info = with_retries(list_files, f"listing {source.repo_id}")
         siblings = info.siblings or []
@@ -205,7 +240,7 @@ class HFFetcher:
                     endpoint=ctx.hf_endpoint, token=ctx.hf_token, tqdm_class=_byte_counter(on_bytes),
                 )
             except Exception as exc:
-                raise _hf_failure(exc, entry.source.repo_id) from None
+                raise _hf_failure(exc, entry.source.repo_id, ctx.hf_endpoint) from None
 
         path = Path(with_retries(one_try, f"{entry.source.repo_id}/{file.source}"))
         target = folder / file.dest

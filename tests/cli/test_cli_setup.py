@@ -163,3 +163,32 @@ def test_ctrl_c_stops_setup_quickly_and_the_next_setup_resumes(hub, capsys, tmp_
     assert main(["setup", "--only", "sdxl-vae"]) == 0
     out, err = capsys.readouterr()
     assert "already running" not in err and "Downloaded: sdxl-vae." in out
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_an_unreachable_hub_fails_fast_with_its_cause_on_the_line(capsys, caplog, monkeypatch):
+    """A name that does not resolve is not retried; a refused connection gets one short retry. Either way the
+    run stops at the first model (every other one is on the same hub) and says why, in seconds."""
+    import time
+
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for endpoint, cause in (("http://nonexistent.invalid", "`nonexistent.invalid` does not resolve"),
+                            (f"http://127.0.0.1:{closed_port()}", "`127.0.0.1` refused the connection")):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        caplog.clear()
+        started = time.monotonic()
+        assert main(["setup"]) == 1
+        assert time.monotonic() - started < 6
+        err = capsys.readouterr().err
+        assert f"error: DOWNLOAD_FAILED: {cause} (check the network or HF_ENDPOINT)." in err
+        failed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("download of")]
+        assert failed == [f"download of illustrious-xl failed: DOWNLOAD_FAILED: {cause} (check the network or HF_ENDPOINT)."]

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 
 from modal_services.net import egress
 from modal_services.library.civitai import CivitaiClient
-from modal_services.net.egress import Credentials, Purpose, address_problem, check, open_url, open_url_async
+from modal_services.net.addresses import address_problem
+from modal_services.net.egress import Credentials, Purpose, check, open_url, open_url_async
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.net.transfer.download import download_file
 from tests.fakes.hf_server import FakeHub
@@ -74,7 +76,6 @@ DNS = fake_dns({
     ("https://rebind.example/x", Purpose.URL, "loopback"),
     ("https://v6-mapped.example/x", Purpose.URL, "embeds"),
     ("https://metadata.example/latest", Purpose.URL, "link-local"),
-    ("https://unknown.example/x", Purpose.URL, "does not resolve"),
     ("https://example.com/x.png", Purpose.ATTACHMENT, "Discord's CDN"),
     ("https://cdn.discordapp.com.evil.example/x", Purpose.ATTACHMENT, "Discord's CDN"),
     ("https://example.com:99999/x", Purpose.URL, "port"),
@@ -83,6 +84,44 @@ def test_refused_urls(url, purpose, why):
     with pytest.raises(ToolboxError) as caught:
         check(url, purpose, resolve=DNS)
     assert caught.value.code is ErrorCode.INVALID_INPUT and why in caught.value.message
+
+
+@pytest.mark.parametrize("url, purpose, code, hint", [
+    ("https://unknown.example/x", Purpose.URL, ErrorCode.DOWNLOAD_FAILED, "check the link and the network"),
+    ("https://unknown.example/api/v1/models/1", Purpose.CIVITAI, ErrorCode.CIVITAI_UNAVAILABLE, "CIVITAI_API_BASE"),
+])
+def test_a_name_that_does_not_resolve_is_a_network_failure_not_bad_input(url, purpose, code, hint):
+    with pytest.raises(egress.HostUnreachable) as caught:
+        check(url, purpose, resolve=DNS)
+    assert caught.value.code is code and "`unknown.example` does not resolve" in caught.value.message
+    assert hint in caught.value.message
+
+
+def test_an_unreachable_civitai_is_unavailable_at_once():
+    """What `toolbox models import` met: CIVITAI_UNAVAILABLE (exit 1) on the first try, not INVALID_INPUT (exit 2)."""
+    started = time.monotonic()
+    with pytest.raises(ToolboxError) as caught:
+        CivitaiClient("https://civitai.invalid", None).resolve_download("https://civitai.com/api/download/models/1", "x")
+    assert caught.value.code is ErrorCode.CIVITAI_UNAVAILABLE and "does not resolve" in caught.value.message
+    assert time.monotonic() - started < 2  # no retries of a name that does not resolve
+
+
+def test_a_label_keeps_the_url_out_of_refusals():
+    for url in ("http://secret.example/x", "https://internal.example/secret", "https://u:secret@example.com/x",
+                "https://secret.unknown/x"):
+        with pytest.raises(ToolboxError) as caught:
+            check(url, Purpose.URL, resolve=DNS, label="the link")
+        assert "the link" in caught.value.message
+        assert "secret" not in caught.value.message and "10.0.0.5" not in caught.value.message, caught.value.message
+
+
+def test_plain_http_is_allowed_to_listed_hosts_only(monkeypatch):
+    environ = {"TOOLBOX_ALLOWED_HOSTS": "minio.lan:9000, nas.lan"}
+    assert egress.plain_http_allowed("http://minio.lan:9000/bucket/x.safetensors", environ)
+    assert egress.plain_http_allowed("http://nas.lan:8080/x", environ)
+    for url in ("http://minio.lan:9001/x", "http://example.com/x", "http://minio.lan.evil.example:9000/x",
+                "http://nas.lan:bad/x", "http:///x"):
+        assert not egress.plain_http_allowed(url, environ), url
 
 
 @pytest.mark.parametrize("url", [
@@ -182,6 +221,17 @@ def test_redirects_within_the_limit_are_followed(hub):
     hub.fault("/files/f", "status", times=2, status=307, headers={"Location": "/files/f"})
     with open_url(f"{hub.url}/files/f", Purpose.URL) as response:
         assert response.status == 200 and response.read_capped(1 << 20) == DATA
+
+
+def test_a_small_body_declared_over_its_limit_is_refused_before_it_is_read(hub):
+    hub.add_plain("large", os.urandom(8 << 20))
+    hub.pace = 1 << 20  # reading it would take eight seconds
+    with open_url(f"{hub.url}/files/large", Purpose.URL) as response:
+        started = time.monotonic()
+        with pytest.raises(ToolboxError) as caught:
+            response.read_capped(1 << 20)
+    assert caught.value.code is ErrorCode.DOWNLOAD_FAILED and "more than 1048576 bytes" in caught.value.message
+    assert time.monotonic() - started < 1
 
 
 @pytest.fixture

@@ -132,6 +132,69 @@ def test_a_body_without_a_size_is_capped(hub, tmp_path):
     assert not (tmp_path / "f").exists() and not partial_path(tmp_path / "f").exists()
 
 
+def test_a_declared_size_over_the_cap_is_refused_before_the_body_is_read(hub, tmp_path):
+    hub.add_plain("large", os.urandom(8 << 20))
+    hub.pace = 1 << 20  # reading the body would take eight seconds
+    error, took = timed(lambda: download_file(f"{hub.url}/files/large", tmp_path / "f", max_bytes=1 << 20))
+    assert isinstance(error, DownloadError) and "offers 8.0 MiB, more than the 1.0 MiB allowed" in error.message
+    assert took < 2 and len(hub.body_requests("/files/large")) == 1  # a refusal, not retried
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_resumed_file_larger_than_the_cap_is_refused(hub, tmp_path):
+    partial_path(tmp_path / "f").write_bytes(DATA[:1000])  # the 206's Content-Range declares the whole size
+    error, _ = timed(lambda: download_file(f"{hub.url}/files/f", tmp_path / "f", max_bytes=1 << 20))
+    assert isinstance(error, DownloadError) and "more than the 1.0 MiB allowed" in error.message
+    assert hub.body_requests("/files/f")[0]["headers"]["Range"] == "bytes=1000-"
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_undeclared_body_longer_than_expected_is_refused(hub, tmp_path):
+    hub.fault("/files/f", "no_length")
+    error, _ = timed(lambda: download_file(f"{hub.url}/files/f", tmp_path / "f", expected_size=len(DATA) - 10))
+    assert error.code is ErrorCode.CHECKSUM_MISMATCH and "more than the" in error.message
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def overlong():
+    """A server whose body runs past its declared Content-Length (chunked, so the client sees it all)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(DATA)))
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for piece in (DATA, os.urandom(len(DATA))):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            self.wfile.write(b"0\r\n\r\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/f"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_body_longer_than_declared_is_cut_there_and_judged_by_its_checksum(overlong, tmp_path):
+    import hashlib
+
+    got = download_file(overlong, tmp_path / "f", expected_sha256=hashlib.sha256(DATA).hexdigest())
+    assert got.size == len(DATA) and (tmp_path / "f").read_bytes() == DATA
+    error, _ = timed(lambda: download_file(overlong, tmp_path / "g", expected_sha256="0" * 64))
+    assert error.code is ErrorCode.CHECKSUM_MISMATCH and not (tmp_path / "g").exists()
+    assert download_file(overlong, tmp_path / "h").size == len(DATA)  # no checksum: the declared bytes only
+
+
 def test_a_body_without_a_size_under_the_cap_is_accepted(hub, tmp_path):
     hub.fault("/files/f", "no_length")
     got = download_file(f"{hub.url}/files/f", tmp_path / "f")
@@ -214,6 +277,13 @@ def test_a_cancelled_parallel_download_resumes_every_range(ranged, tmp_path):
     assert 1 <= len(later) <= 4 and "bytes=0-0" not in later  # no new probe: the ledger is trusted
     assert all(int(value.split("=")[1].split("-")[0]) % size != 0 for value in later)  # each from where it got to
     assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_a_large_file_over_the_cap_is_refused_after_the_probe(ranged, tmp_path):
+    error, _ = timed(lambda: download_file(f"{ranged.url}/files/big", tmp_path / "big", size_hint=len(BIG),
+                                           max_bytes=2 << 20))
+    assert isinstance(error, DownloadError) and "offers 4.0 MiB, more than the 2.0 MiB allowed" in error.message
+    assert ranges_asked(ranged) == ["bytes=0-0"] and not list(tmp_path.iterdir())
 
 
 def test_a_server_that_ignores_ranges_gets_one_connection(ranged, tmp_path):

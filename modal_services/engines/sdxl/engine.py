@@ -7,8 +7,6 @@ encoders and VAE, and a checkpoint switch applies to both.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from modal_services.engines.sdxl.generate import PREVIEW_INTERVAL as GENERATE_PREVIEW_INTERVAL
@@ -37,8 +35,8 @@ class SdxlEngine:
         """`upscale_options` are TiledUpscaler's (tile sizes, limits, tile batch, guidance); faces are
         read with insightface on the models folder's antelopev2 unless `face_analyser` says otherwise."""
         self.models = SdxlModels(layout, device)
-        # Per-request LoRAs are kept for the worker's life in a scratch folder of its own.
-        request_loras = RequestLoras(Path(tempfile.mkdtemp(prefix="request-loras-")))
+        # Per-request LoRAs are kept for the worker's life in a scratch folder of its own, made at the first one.
+        request_loras = RequestLoras()
         analyser = face_analyser or InsightFaceAnalyser(layout.models_dir / ANTELOPEV2_DIR, face_provider())
         self.instant_id = InstantId(self.models, analyser)
         self.text_to_image = TextToImage(self.models, request_loras, self.instant_id,

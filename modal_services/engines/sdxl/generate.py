@@ -168,12 +168,16 @@ class TextToImage:
         if faces is not None:
             progress(0.02, "loading InstantID")
             self.instant_id.load()
+        deadline = started + request.timeout
         if request.lora_url is not None:
             progress(0.02, "fetching the LoRA")
-            path = self.request_loras.fetch(request.lora_url, request.lora_sha256, self.models.model_layout())
+            # The job's Cancel and what is left of its timeout end the fetch too.
+            path = self.request_loras.fetch(
+                request.lora_url, request.lora_sha256, self.models.model_layout(), deadline_at=deadline,
+                progress=lambda done, total: progress(0.02, f"fetching the LoRA · {done / 2**20:.0f} MiB"),
+            )
             specs.append(LoraSpec(URL_LORA_NAME, path, weight=request.lora_scale))
         with self.models.loras(specs, progress):
-            deadline = started + request.timeout
             images = generated_images(
                 lambda batch: self._run(request, prompt, seeds, start_image, faces, batch, deadline, progress, preview),
                 len(seeds), request.width, request.height, progress,

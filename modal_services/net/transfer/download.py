@@ -28,6 +28,8 @@ def download_file(
     size_hint: int | None = None,
     progress: Callable[[int, int | None], None] | None = None,
     retries: int = 5,
+    deadline_at: float | None = None,
+    label: str | None = None,
 ) -> DownloadedFile:
     """Download `url` to `dest` (blocking) under the egress policy, verified, via `<dest>.partial` and an atomic rename.
 
@@ -38,9 +40,12 @@ def download_file(
       bodies, a wrong `Content-Range`, a server ignoring `Range`); only an
       attempt that brings the file clearly further than ever before
       (by `STALL_MIN_BYTES`) earns a fresh budget.
-    - The file has an overall deadline (`file_deadline`): TIMEOUT past it.
-    - A body longer than declared, or than `max_bytes` when nothing is
-      declared, is cut and refused.
+    - The file has an overall deadline (`file_deadline`, or the caller's
+      `deadline_at` on the monotonic clock when sooner): TIMEOUT past it.
+    - `max_bytes` (the cap for this kind of file) bounds every transfer: a
+      server declaring more is refused before the body is read; a body
+      declaring nothing is cut and refused past it. A body longer than its
+      declared size is cut there, and judged by size and sha256 as ever.
     - 401/403/404/410 and other refusals raise `DownloadHTTPError` (with `.status`).
     - Wrong size or sha256: CHECKSUM_MISMATCH; a full disk: STORAGE_FULL.
       Both remove the partial; `dest` is never touched.
@@ -50,16 +55,21 @@ def download_file(
       approximate size, from `PARALLEL_MIN_BYTES`) comes over
       `TOOLBOX_DOWNLOAD_CONNECTIONS` connections when the server serves ranges
       (`parallel`), over one otherwise.
+    - `label` names the source in every message and log line instead of the
+      URL (a signed link must never be shown); by default the URL without
+      its query.
     """
     dest = Path(dest)
     expected_sha256 = expected_sha256.lower() if expected_sha256 else None
     report = deadlines.ThrottledProgress(progress)
     stall = deadlines.stall_seconds()
-    deadline_at = time.monotonic() + deadlines.file_deadline(expected_size or max_bytes, stall)
+    file_deadline_at = time.monotonic() + deadlines.file_deadline(expected_size or max_bytes, stall)
+    deadline_at = file_deadline_at if deadline_at is None else min(deadline_at, file_deadline_at)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    opening = {"purpose": purpose, "credentials": credentials, "trusted": trusted, "timeout": (CONNECT_TIMEOUT, stall)}
+    opening = {"purpose": purpose, "credentials": credentials, "trusted": trusted, "timeout": (CONNECT_TIMEOUT, stall),
+               "label": label}
     finished = download_in_ranges(url, dest, opening, report, stall, deadline_at, retries, expected_size=expected_size,
-                                  size_hint=size_hint, expected_sha256=expected_sha256)
+                                  size_hint=size_hint, expected_sha256=expected_sha256, max_bytes=max_bytes)
     if finished is not None:
         return finished
     return SingleConnectionDownload(url, dest, opening, report, stall, deadline_at, expected_size=expected_size,

@@ -26,11 +26,26 @@ class DownloadHTTPError(DownloadError):
     """
 
 
+def size_text(n: int) -> str:
+    """A byte count for a message: MiB below one GiB, GiB from there."""
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
+
+
+def over_cap(where: str, size: int, cap: int) -> DownloadError:
+    """A server offering more than this kind of file may weigh: refused before its body is read."""
+    return DownloadError(f"{where} offers {size_text(size)}, more than the {size_text(cap)} allowed for this kind "
+                         "of file; the download was refused.")
+
+
 class TransientFailure(Exception):
     """A failure worth retrying (server busy, connection cut)."""
 
     status: int | None = None
     retry_after: float | None = None
+    # For a failure unlikely to pass soon (a refused connection): fewer retries than the caller allows,
+    # and the error to end with once they are spent.
+    max_retries: int | None = None
+    give_up: ToolboxError | None = None
 
 
 def failure_reason(exc: BaseException) -> str:

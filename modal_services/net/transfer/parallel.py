@@ -31,6 +31,7 @@ from modal_services.net.transfer.errors import (
     TransientFailure,
     failure_reason,
     is_disk_full,
+    over_cap,
     storage_full,
 )
 from modal_services.net.transfer.files import CHUNK_SIZE, DownloadedFile, partial_path
@@ -59,14 +60,15 @@ def download_connections(environ: Mapping[str, str] | None = None) -> int:
 
 def download_in_ranges(url: str, dest: Path, opening: dict, report: ThrottledProgress, stall: float,
                        deadline_at: float, retries: int, *, expected_size: int | None, size_hint: int | None,
-                       expected_sha256: str | None) -> DownloadedFile | None:
+                       expected_sha256: str | None, max_bytes: int) -> DownloadedFile | None:
     """The file over `TOOLBOX_DOWNLOAD_CONNECTIONS` connections when it is large (`expected_size`, or else
-    the source's approximate `size_hint`) and the server serves ranges; None leaves it to one connection."""
+    the source's approximate `size_hint`) and the server serves ranges; None leaves it to one connection.
+    A file the server offers larger than `max_bytes` is refused before any range is fetched."""
     connections = download_connections()
     if connections <= 1 or (expected_size or size_hint or 0) < PARALLEL_MIN_BYTES:
         return None
     ranged = RangedDownload(url, dest, opening, report, stall, deadline_at, retries, connections)
-    return ranged.run(expected_size, expected_sha256)
+    return ranged.run(expected_size, expected_sha256, max_bytes)
 
 
 @dataclass
@@ -96,7 +98,7 @@ class RangedDownload:
         self.url, self.dest, self.opening = url, dest, opening
         self.partial = partial_path(dest)
         self.ledger = self.partial.with_name(self.partial.name + RANGES_SUFFIX)
-        self.where = safe_url(url)
+        self.where = opening["label"] or safe_url(url)
         self.report, self.stall, self.deadline_at = report, stall, deadline_at
         self.retries, self.connections = retries, connections
         self.ranges: list[_Range] = []
@@ -105,11 +107,11 @@ class RangedDownload:
         self.watch: TransferWatch | None = None
 
     # -- plan -------------------------------------------------------------------
-    def run(self, expected_size: int | None, expected_sha256: str | None) -> DownloadedFile | None:
+    def run(self, expected_size: int | None, expected_sha256: str | None, max_bytes: int) -> DownloadedFile | None:
         """The verified file in place, or None when the server (or an earlier one-connection partial)
         leaves it to one connection."""
         filename = None
-        if self._resume() and expected_size is not None and self.total != expected_size:
+        if self._resume() and ((expected_size is not None and self.total != expected_size) or self.total > max_bytes):
             self._discard()  # an earlier run of another file under this name
         if not self.ledger.exists():
             if self.partial.exists():
@@ -121,6 +123,8 @@ class RangedDownload:
             if expected_size is not None and self.total != expected_size:
                 raise ToolboxError(ErrorCode.CHECKSUM_MISMATCH,
                                    f"{self.dest.name}: the server offers {self.total} bytes, {expected_size} were expected.")
+            if self.total > max_bytes:
+                raise over_cap(self.where, self.total, max_bytes)
             self._allocate()
         try:
             sha256 = self._transfer()

@@ -84,7 +84,8 @@ class RetryBudget:
 
 
 def with_retries(call: Callable[[], T], describe: str, retries: int = 5) -> T:
-    """Run `call`, retrying `TransientFailure`s with backoff (and the server's Retry-After)."""
+    """Run `call`, retrying `TransientFailure`s with backoff (and the server's Retry-After), at most `retries`
+    times (or the failure's own `max_retries`, then its `give_up` error)."""
     failures = 0
     while True:
         try:
@@ -92,9 +93,12 @@ def with_retries(call: Callable[[], T], describe: str, retries: int = 5) -> T:
         except TransientFailure as exc:
             failures += 1
             status = getattr(exc, "status", None)
-            if failures > retries:
+            allowed = retries if exc.max_retries is None else min(retries, exc.max_retries)
+            if failures > allowed:
+                if exc.give_up is not None:
+                    raise exc.give_up from None
                 code = ErrorCode.RATE_LIMITED if status == 429 else ErrorCode.DOWNLOAD_FAILED
-                raise DownloadError(f"{describe} kept failing ({exc}) after {retries} retries.", status, code) from None
+                raise DownloadError(f"{describe} kept failing ({exc}) after {allowed} retries.", status, code) from None
             delay = getattr(exc, "retry_after", None)
             if delay is not None and delay > MAX_RETRY_AFTER:
                 raise DownloadError(f"{describe}: the server asked to wait {delay:.0f} s.", status, ErrorCode.RATE_LIMITED) from None

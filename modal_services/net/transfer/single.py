@@ -16,6 +16,8 @@ from modal_services.net.transfer.errors import (
     TransientFailure,
     failure_reason,
     is_disk_full,
+    over_cap,
+    size_text,
     storage_full,
 )
 from modal_services.net.transfer.files import CHUNK_SIZE, BackgroundSha256, DownloadedFile, partial_path, sha256_prefix
@@ -29,8 +31,10 @@ class SingleConnectionDownload:
 
     Every failed attempt counts against one `RetryBudget`; a wrong size or
     sha256 (CHECKSUM_MISMATCH) or a full disk (STORAGE_FULL) removes the
-    partial; a body longer than declared, or than `max_bytes` when nothing is
-    declared, is cut and refused.
+    partial. `max_bytes` bounds every transfer: a declared size over it is
+    refused before the body is read, a body without one is cut and refused
+    past it, and a body longer than its declared size is cut there (the
+    declared bytes are then judged by size and sha256 like any others).
     """
 
     def __init__(self, url: str, dest: Path, opening: dict, report: ThrottledProgress, stall: float,
@@ -38,7 +42,7 @@ class SingleConnectionDownload:
                  retries: int):
         self.url, self.dest, self.opening = url, dest, opening
         self.partial = partial_path(dest)
-        self.where = safe_url(url)
+        self.where = opening["label"] or safe_url(url)
         self.report, self.stall, self.deadline_at = report, stall, deadline_at
         self.expected_size, self.expected_sha256, self.max_bytes = expected_size, expected_sha256, max_bytes
         self.budget = retrying.RetryBudget(self.where, retries, deadline_at, furthest=self._on_disk())
@@ -96,8 +100,8 @@ class SingleConnectionDownload:
             retrying.raise_if_busy(status, response.headers, self.where)
             if status not in (200, 206):
                 raise DownloadHTTPError(f"{self.where} answered HTTP {status}.", status)
-            mode = self._write_mode(response, watch)
-            self._stream(response, mode, watch)
+            mode, declared = self._write_mode(response, watch)
+            self._stream(response, mode, declared, watch)
             if self.total is not None and self.done != self.total:
                 raise TransientFailure("short body")
 
@@ -109,8 +113,9 @@ class SingleConnectionDownload:
             raise TransientFailure("HTTP 416 for a partial that is not the file's prefix")
         self.total = self.done
 
-    def _write_mode(self, response, watch: TransferWatch) -> str:
-        """"ab" to continue the partial (206), "wb" to start over (200), once the offered size is checked."""
+    def _write_mode(self, response, watch: TransferWatch) -> tuple[str, int | None]:
+        """("ab" to continue the partial (206) or "wb" to start over (200), the size the server declares),
+        once the declared size is checked against the expected one and the cap."""
         if response.status == 206:
             first, server_total = content_range(response.headers.get("Content-Range"))
             if first != self.done:
@@ -125,13 +130,16 @@ class SingleConnectionDownload:
         if server_total is not None:
             if self.expected_size is not None and server_total != self.expected_size:
                 raise self._mismatch(f"the server offers {server_total} bytes, {self.expected_size} were expected.")
+            if server_total > self.max_bytes:
+                self._discard()
+                raise over_cap(self.where, server_total, self.max_bytes)
             self.total = watch.total = server_total
         self.filename = self.filename or filename_from_disposition(response.headers.get("Content-Disposition"))
-        return mode
+        return mode, server_total
 
-    def _stream(self, response, mode: str, watch: TransferWatch) -> None:
-        """The body into the partial, hashed as it goes, cut at the size limit; fsynced when whole."""
-        limit = self.total if self.total is not None else self.max_bytes
+    def _stream(self, response, mode: str, declared: int | None, watch: TransferWatch) -> None:
+        """The body into the partial, hashed as it goes, never past the `declared` size (nor, undeclared, past
+        the expected size or the cap); fsynced when whole."""
         if mode == "wb" or self.hashed != self.done:
             self.digest.close()
             self.digest = BackgroundSha256(sha256_prefix(self.partial) if mode == "ab" else None)
@@ -139,9 +147,11 @@ class SingleConnectionDownload:
         try:
             with open(self.partial, mode) as out:
                 self.report(self.done, self.total, flush=True)
-                while chunk := response.read1(CHUNK_SIZE):
-                    if self.done + len(chunk) > limit:
-                        raise self._too_long(limit, declared=self.total is not None)
+                while (declared is None or self.done < declared) and (chunk := response.read1(CHUNK_SIZE)):
+                    if declared is not None:
+                        chunk = chunk[: declared - self.done]  # what follows the declared size is not the file's
+                    elif self.done + len(chunk) > min(self.max_bytes, self.total or self.max_bytes):
+                        raise self._too_long()
                     self.digest.update(chunk)
                     out.write(chunk)
                     self.hashed += len(chunk)
@@ -158,10 +168,13 @@ class SingleConnectionDownload:
                 raise storage_full(self.dest.name) from None
             raise
 
-    def _too_long(self, limit: int, declared: bool) -> DownloadError:
+    def _too_long(self) -> ToolboxError:
+        """An undeclared body past the expected size (CHECKSUM_MISMATCH) or the cap: refused, its partial removed."""
+        if self.total is not None and self.total < self.max_bytes:
+            return self._mismatch(f"the server sent more than the {self.total} bytes expected.")
         self._discard()
-        what = "more than it declared" if declared else f"more than the {limit / 2**30:.0f} GiB allowed for this kind of file"
-        return DownloadError(f"{self.where} sent {what}; the download was refused.")
+        return DownloadError(f"{self.where} sent more than the {size_text(self.max_bytes)} allowed for this kind of "
+                             "file; the download was refused.")
 
     def _wait_before_retry(self, reason: str, delay: float | None) -> None:
         code = ErrorCode.RATE_LIMITED if self.last_status == 429 else ErrorCode.DOWNLOAD_FAILED
