@@ -19,12 +19,11 @@ def run_bot(settings: Settings, args: argparse.Namespace) -> None:
     import signal
     import threading
 
-    import discord
-
+    from bot.logs import setup_logging
     from bot.runner import bot_supervisor
 
     supervisor = bot_supervisor(settings)
-    discord.utils.setup_logging(level=logging.INFO)
+    setup_logging()
     stop = threading.Event()
 
     def request_stop(signum, frame) -> None:
