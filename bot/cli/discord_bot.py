@@ -19,6 +19,7 @@ def run_bot(settings: Settings, args: argparse.Namespace) -> None:
     import signal
     import threading
 
+    from bot.cli.common import leave_busy_engines
     from bot.logs import setup_logging
     from bot.runner import bot_supervisor
 
@@ -34,3 +35,4 @@ def run_bot(settings: Settings, args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     supervisor.run(stop)
+    leave_busy_engines(0)  # a model still loading is not waited for: the stop was asked for

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import bot.cli.common
 import bot.runner
 from bot.cli import main
 from bot.logs import setup_logging
@@ -63,6 +64,8 @@ def test_toolbox_bot_logs_plain_lines_into_a_pipe(monkeypatch, capsys):
             logging.getLogger("bot").info("the bot would run here")
 
     monkeypatch.setattr(bot.runner, "bot_supervisor", lambda settings: Supervisor())
+    # Other tests' engine threads may still be winding down in this process: never exit it for them.
+    monkeypatch.setattr(bot.cli.common, "leave_busy_engines", lambda status: None)
     monkeypatch.setenv("DISCORD_TOKEN", "fake-token")
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
