@@ -40,7 +40,8 @@ class ColourFormatter(logging.Formatter):
         super().__init__(LINE_FORMAT, TIME_FORMAT, style="{")
         self._by_level = {
             level: logging.Formatter(
-                f"{TIME_COLOUR}{{asctime}}{RESET} {colour}{{levelname:<8}}{RESET} {NAME_COLOUR}{{name}}{RESET} {{message}}",
+                f"{TIME_COLOUR}{{asctime}}{RESET} {colour}{{levelname:<8}}{RESET} "
+                f"{NAME_COLOUR}{{name}}{RESET} {{message}}",
                 TIME_FORMAT, style="{")
             for level, colour in LEVEL_COLOURS.items()
         }

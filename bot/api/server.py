@@ -196,7 +196,8 @@ def _bind_error(host: str, port: int, exc: OSError) -> ToolboxError:
         return ToolboxError(ErrorCode.BACKEND_UNAVAILABLE, f"{address} is in use; choose another with --port.")
     if exc.errno == errno.EACCES:
         return ToolboxError(ErrorCode.PERMISSION_DENIED,
-                            f"Listening on {address} needs more rights (ports below 1024 do); choose another with --port.")
+                            f"Listening on {address} needs more rights (ports below 1024 do); "
+                            "choose another with --port.")
     if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
         return ToolboxError(ErrorCode.INVALID_INPUT,
                             f"--host {host}: not an address of this machine (127.0.0.1, 0.0.0.0 or one of its own).")

@@ -134,7 +134,8 @@ def test_serve_hands_the_api_to_uvicorn_with_the_limits(monkeypatch):
     import bot.api.server
 
     started = []
-    monkeypatch.setattr(bot.api.server, "run_api", lambda app, sock, limits: started.append((app, sock.getsockname(), limits)))
+    monkeypatch.setattr(bot.api.server, "run_api",
+                        lambda app, sock, limits: started.append((app, sock.getsockname(), limits)))
     monkeypatch.setenv("TOOLBOX_API_TOKEN", TOKEN)
     monkeypatch.setenv("TOOLBOX_API_CONNECTIONS_PER_CLIENT", "7")
     with socket.socket() as sock:
