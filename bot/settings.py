@@ -15,6 +15,7 @@ from typing import Mapping
 
 from dotenv import dotenv_values, load_dotenv
 
+from modal_services.env_numbers import env_number
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.layout import local_loras_dir, local_models_dir, local_state_path, state_dict_name
 
@@ -48,6 +49,12 @@ class Settings:
     api_token: str | None = field(default=None, repr=False)
     # Jobs one API token may have queued or running at once.
     api_concurrency: int = 4
+    # How `toolbox serve` treats slow or greedy clients (bot/api/server.py): a request's headers must be
+    # complete within this many seconds, its body must arrive at this many KB/s on average (after a grace),
+    # and one client address may hold this many connections open at once.
+    api_header_timeout: float = 30.0
+    api_min_body_rate: float = 8.0
+    api_connections_per_client: int = 32
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, env_file: str | Path = ".env") -> "Settings":
@@ -80,6 +87,7 @@ class Settings:
             api_concurrency = 0
         if api_concurrency < 1:
             raise ToolboxError(ErrorCode.INVALID_INPUT, "TOOLBOX_API_CONCURRENCY must be a whole number, at least 1.")
+        numbers = {name: value or "" for name, value in values.items()}  # `.env`'s bare `NAME` reads as None
         return cls(
             backend=backend,
             data_dir=Path(data_dir).expanduser() if data_dir else default_data_dir(),
@@ -90,6 +98,11 @@ class Settings:
             discord_token=get("DISCORD_TOKEN"),
             api_token=get("TOOLBOX_API_TOKEN"),
             api_concurrency=api_concurrency,
+            api_header_timeout=env_number("TOOLBOX_API_HEADER_TIMEOUT", 30.0, minimum=1, maximum=600, environ=numbers),
+            api_min_body_rate=env_number("TOOLBOX_API_MIN_BODY_RATE", 8.0, minimum=0.1, maximum=100_000,
+                                         environ=numbers),
+            api_connections_per_client=env_number("TOOLBOX_API_CONNECTIONS_PER_CLIENT", 32, minimum=1,
+                                                  maximum=100_000, whole=True, environ=numbers),
         )
 
     @property

@@ -20,9 +20,15 @@ def running_uvicorn(app, max_seconds: float = 60.0) -> Iterator[str]:
     The server stops when the block ends, or by itself after `max_seconds`
     whatever the test does, so a hung test cannot leave it listening.
     """
+    with running_server(uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on")), max_seconds) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_server(server: uvicorn.Server, max_seconds: float = 60.0) -> Iterator[str]:
+    """`running_uvicorn` for a server configured by the caller."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind((LOOPBACK, 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     deadline = threading.Timer(max_seconds, lambda: setattr(server, "should_exit", True))
     thread.start()

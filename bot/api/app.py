@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from bot.api.body_limit import BodyLimit
 from bot.api.caller_jobs import ApiJobs, ConcurrencyCap
 from bot.api.dependencies import ApiContext
+from bot.api.docs import add_docs
 from bot.api.health import HealthCache
 from bot.api.responses import ERROR_STATUSES, error_response, validation_error
 from bot.api.routes import health, images, jobs
@@ -39,7 +40,7 @@ def create_app(
     `token=None` turns auth off (the caller checks that is allowed: `toolbox serve
     --no-auth` on 127.0.0.1 only). `sync_limit_seconds` bounds how long
     /generate-image may wait (the host's HTTP limit); longer requests are sent to /jobs."""
-    app = FastAPI(title="AI Toolbox", version=API_VERSION, lifespan=_lifespan,
+    app = FastAPI(title="AI Toolbox", version=API_VERSION, lifespan=_lifespan, docs_url=None, redoc_url=None,
                   responses={status: {"model": ErrorResponse} for status in ERROR_STATUSES})
     app.state.api = ApiContext(jobs=ApiJobs(backend, ConcurrencyCap(concurrency)), library=library,
                                health=HealthCache(backend), token=token.encode() if token else None,
@@ -51,6 +52,7 @@ def create_app(
     app.add_exception_handler(Exception, _on_unexpected)
     for routes in (health, images, jobs):
         app.include_router(routes.router)
+    add_docs(app)
     return app
 
 

@@ -8,6 +8,7 @@ needs; the rest (the request models, the backend) is imported by the functions t
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 import threading
@@ -47,22 +48,32 @@ def exit_status(command: Callable[[], None]) -> int:
         return 2 if error.code in (ErrorCode.INVALID_INPUT, ErrorCode.INVALID_PROMPT) else 1
     except KeyboardInterrupt:
         print("Stopped. A download picks up where it left off the next time.", file=sys.stderr)
-        _stop_engines_soon()
+        leave_busy_engines(1)
         return 1
     return 0
 
 
-def _stop_engines_soon() -> None:
-    """Give the engine threads (told to stop by the backend's shutdown) a moment, then exit without them."""
+def leave_busy_engines(status: int) -> None:
+    """Give the engine threads (told to stop when the backend closed) a moment; if one is still busy, say so in
+    one line and exit at once with `status`.
+
+    A thread still busy then is inside a library call that cannot be interrupted (a model load, a Hugging Face
+    transfer between chunks). Returning instead would start the interpreter's shutdown beside it, which waits
+    for it and meanwhile refuses new thread-pool work: a loader using a pool (transformers' does) then fails
+    with an ERROR and a traceback, for a stop that was expected."""
     from bot.backend import ENGINE_THREAD_PREFIX
 
     deadline = time.monotonic() + STOP_GRACE_SECONDS
-    for thread in threading.enumerate():
-        if thread.name.startswith(ENGINE_THREAD_PREFIX):
-            thread.join(max(0.0, deadline - time.monotonic()))
-    if any(thread.name.startswith(ENGINE_THREAD_PREFIX) and thread.is_alive() for thread in threading.enumerate()):
+    engines = [thread for thread in threading.enumerate() if thread.name.startswith(ENGINE_THREAD_PREFIX)]
+    for thread in engines:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    busy = sorted({thread.name.removeprefix(ENGINE_THREAD_PREFIX).rsplit("_", 1)[0]
+                   for thread in engines if thread.is_alive()})
+    if busy:
+        logging.getLogger("bot").info("stopped without waiting for %s: a model load or download in progress "
+                                      "cannot be interrupted", ", ".join(busy))
         sys.stderr.flush()
-        os._exit(1)
+        os._exit(status)
 
 
 @contextlib.asynccontextmanager

@@ -21,13 +21,13 @@ def run_bot(settings: Settings, args: argparse.Namespace) -> None:
     import signal
     import threading
 
-    import discord
-
+    from bot.cli.common import leave_busy_engines
+    from bot.logs import setup_logging
     from bot.runner import bot_supervisor, check_backend
 
     supervisor = bot_supervisor(settings)
     asyncio.run(check_backend(settings))
-    discord.utils.setup_logging(level=logging.INFO)
+    setup_logging()
     stop = threading.Event()
 
     def request_stop(signum, frame) -> None:
@@ -38,3 +38,4 @@ def run_bot(settings: Settings, args: argparse.Namespace) -> None:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     supervisor.run(stop)
+    leave_busy_engines(0)  # a model still loading is not waited for: the stop was asked for

@@ -123,22 +123,28 @@ def test_toolbox_generate_api_unreachable_is_backend_unavailable(capsys):
     (["serve", "--host", "0.0.0.0", "--no-auth"], "--no-auth is only allowed with --host 127.0.0.1"),
 ])
 def test_serve_refuses_to_start_unprotected(argv, words, capsys, monkeypatch):
-    import uvicorn
+    import bot.api.server
 
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("the server started"))
+    monkeypatch.setattr(bot.api.server, "run_api", lambda *args, **kwargs: pytest.fail("the server started"))
     assert main(argv) == 2
     assert words in capsys.readouterr().err
 
 
-def test_serve_hands_the_api_to_uvicorn(monkeypatch):
-    import uvicorn
+def test_serve_hands_the_api_to_uvicorn_with_the_limits(monkeypatch):
+    import bot.api.server
 
     started = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.append((app, kwargs)))
+    monkeypatch.setattr(bot.api.server, "run_api",
+                        lambda app, sock, limits: started.append((app, sock.getsockname(), limits)))
     monkeypatch.setenv("TOOLBOX_API_TOKEN", TOKEN)
-    assert main(["serve", "--host", "0.0.0.0", "--port", "8123"]) == 0
-    [(app, options)] = started
-    assert (options["host"], options["port"]) == ("0.0.0.0", 8123) and app.title == "AI Toolbox"
+    monkeypatch.setenv("TOOLBOX_API_CONNECTIONS_PER_CLIENT", "7")
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        port = sock.getsockname()[1]
+    assert main(["serve", "--host", "0.0.0.0", "--port", str(port)]) == 0
+    [(app, address, limits)] = started
+    assert address == ("0.0.0.0", port) and app.title == "AI Toolbox"
+    assert (limits.connections_per_client, limits.header_timeout, limits.min_body_rate) == (7, 30, 8 * 1024)
 
 
 def test_toolbox_serve_no_auth_runs_on_loopback(tmp_path):
