@@ -107,6 +107,11 @@ def _mark(action: str, *arguments: str) -> str:
     return f"[[{' '.join((action, *arguments))}]]"
 
 
+def has_mark(text: str) -> bool:
+    """Whether `text` already says a way out."""
+    return _MARK.search(text) is not None
+
+
 def render(text: str, front_end: FrontEnd) -> str:
     """`text` with each mark in `front_end`'s words (text without marks is returned as it is)."""
     return _MARK.sub(lambda match: _phrase(match, front_end), text)

@@ -214,8 +214,14 @@ def _require_models(engine: Engine, request: JobRequest, context: SafetyContext 
             if absent:
                 missing.append(f"{key} ({', '.join(absent)})")
     if missing:
-        raise ToolboxError(ErrorCode.MODELS_MISSING,
-                           f"Not installed yet: {'; '.join(missing)}. To install them, {remedies.download()}.")
+        raise ToolboxError(ErrorCode.MODELS_MISSING, f"Not installed yet: {'; '.join(missing)}.{_download_hint(missing)}")
+
+
+def _download_hint(missing: list[str]) -> str:
+    """The download to run for the missing models named "<registry key> (<files>)"; one whose entry already
+    says its own way out (an optional model to enable) is not repeated."""
+    keys = [entry.split(" ", 1)[0].rstrip(",") for entry in missing if not remedies.has_mark(entry)]
+    return f" To install them, {remedies.download(*keys)}." if keys else ""
 
 
 def _load_safety_models(spec: ServiceSpec, context: SafetyContext, classifier: "NsfwClassifier | None",
