@@ -19,7 +19,7 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, ClassVar
 
 from bot.settings import Settings
 from bot.core.text import plural
@@ -49,6 +49,8 @@ ENGINE_THREAD_PREFIX = "engine-"
 
 
 class Backend(ABC):
+    # The backend as TOOLBOX_BACKEND names it ("local", "modal"): the one name /health and `toolbox status` show.
+    name: ClassVar[str]
     # Live keys in the Dict (SQLite locally); durable records in their files, cached there.
     store: DurableStore
 
@@ -97,6 +99,8 @@ class Backend(ABC):
 
 
 class LocalBackend(Backend):
+    name = "local"
+
     def __init__(self, settings: Settings, engines: EngineFactory = build_engine):
         """`engines` builds each service's engine, from its engine class and this backend's layout."""
         self.store = DurableStore(SqliteStore(settings.state_path), local_homes(settings.data_dir))
@@ -185,6 +189,8 @@ class LocalBackend(Backend):
 
 
 class ModalBackend(Backend):
+    name = "modal"
+
     def __init__(self, settings: Settings):
         self.app_name = settings.modal_app
         self.store = DurableStore(ModalDictStore.from_name(settings.state_dict), volume_homes())
