@@ -13,9 +13,9 @@ limit is refused with 400 before any job exists.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
 from bot.core.generate_models import MODEL_ALIASES, SDXL
 from modal_services.jobs.requests import (
@@ -67,6 +67,12 @@ def _default(request: type[BaseModel], name: str):
     return request.model_fields[name].default
 
 
+def _titled_default(request: type[BaseModel], name: str):
+    """A request field's default and its own title (a message's words: "The negative prompt", not the type's
+    "The prompt")."""
+    return Field(_default(request, name), title=request.model_fields[name].title)
+
+
 def _field_type(request: type[BaseModel], name: str):
     """A request field's type with its limits, for a wire field that mirrors it."""
     field = request.model_fields[name]
@@ -83,16 +89,27 @@ class Strict(BaseModel):
     # A misspelt field is an error, not a silently ignored default.
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        """A field sent as null is a field not sent: its default applies (the contract's clients send
+        `"negative_prompt": null` for "none"); a required one is then named as missing."""
+        if isinstance(data, dict):
+            return {name: value for name, value in data.items() if value is not None}
+        return data
+
 
 class GenerateImageRequest(Strict):
     """The SDXL worker contract's request: GenerateRequest's fields, limits and defaults, with library
     `loras` by name."""
 
+    # Messages name the job as the request classes do ("A generate job needs a prompt.").
+    model_config = ConfigDict(title=GenerateRequest.model_config["title"])
     prompt: GenerationPrompt
     model: Literal[tuple(MODEL_ALIASES)] = Field(
         SDXL.key, title="The model", description="flux-dev: FLUX.1-dev (if the bot's admin enabled it): guidance `cfg` 1-10 (3.5 when "
         "omitted), no negative prompt, sizes up to about 2 MP (2048 a side), library Flux LoRAs only")
-    negative_prompt: Prompt = _default(GenerateRequest, "negative_prompt")
+    negative_prompt: Prompt = _titled_default(GenerateRequest, "negative_prompt")
     width: FluxSide = Field(_default(GenerateRequest, "width"), description="SDXL: 512-1536; Flux: up to 2048")
     height: FluxSide = Field(_default(GenerateRequest, "height"), description="SDXL: 512-1536; Flux: up to 2048")
     steps: GenerationSteps = _default(GenerateRequest, "steps")
@@ -124,6 +141,8 @@ class GenerateJob(GenerateImageRequest):
 class CaptionJob(Strict):
     """A caption job: its fields, limits and defaults are CaptionRequest's, the images base64."""
 
+    model_config = ConfigDict(title=CaptionRequest.model_config["title"])
+
     kind: Literal["caption"]
     images_base64: list[ImageBase64] = Field(min_length=1, max_length=field_bounds(CaptionRequest, "images")[1])
     style: CaptionStyle = _default(CaptionRequest, "style")
@@ -133,11 +152,13 @@ class CaptionJob(Strict):
 class UpscaleJob(Strict):
     """An upscale job: UpscaleRequest's fields, limits and defaults, the image base64 and LoRAs by library name."""
 
+    model_config = ConfigDict(title=UpscaleRequest.model_config["title"])
+
     kind: Literal["upscale"]
     image_base64: ImageBase64
     scale: Scale = _default(UpscaleRequest, "scale")
     prompt: Prompt = _default(UpscaleRequest, "prompt")
-    negative: Prompt = _default(UpscaleRequest, "negative")
+    negative: Prompt = _titled_default(UpscaleRequest, "negative")
     loras: list[LoraRef] = Field(default_factory=list, max_length=field_bounds(UpscaleRequest, "loras")[1])
     creativity: Creativity = _default(UpscaleRequest, "creativity")
     seed: Seed | None = Field(None, description="random when omitted")
@@ -157,7 +178,7 @@ class ModelInfo(BaseModel):
 
 
 class GenerationMetadata(BaseModel):
-    seed_used: int
+    seed_used: int = Field(description="image_base64's seed")
     actual_steps: int
     actual_cfg: float
     seeds_used: list[int] = Field(description="one per image")
@@ -179,13 +200,14 @@ class FaceInfo(BaseModel):
 
 
 class GenerateImageResponse(BaseModel):
-    image_base64: str | None = Field(description="null when the first image was withheld")
+    image_base64: str = Field(description="the first image the safety check kept (when it kept none, the answer is "
+                                          "422 CONTENT_WITHHELD instead)")
     images_base64: list[str | None] | None = Field(None, description="every image, when count > 1 (null where withheld)")
     image_size: tuple[int, int]
     generation_time_seconds: float
     model_info: ModelInfo
     metadata: GenerationMetadata
-    nsfw_score: float | None = Field(None, description="the first image's NSFW score (null when not checked)")
+    nsfw_score: float | None = Field(None, description="image_base64's NSFW score (null when not checked)")
     safety: SafetyInfo
     face: FaceInfo | None = Field(None, description="with a reference image: what was read from it")
 

@@ -16,9 +16,11 @@ the label its messages use. A new text-to-image model family subclasses
 from __future__ import annotations
 
 import random
+import unicodedata
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.encoder_text import readings, with_trigger_words
@@ -28,9 +30,25 @@ from modal_services.safety.real_people import REAL_PERSON_REFUSAL
 
 # ------------------------------------------------------------------ reusable field types
 
+# Line breaks and tabs are how people lay out a long prompt; every other control character (NUL, escape
+# sequences, C1 codes) is no part of a prompt, and would reach logs, terminals and the text encoders.
+ALLOWED_CONTROL_CHARACTERS = "\t\n\r"
+
+
+def typed_text(text: str) -> str:
+    """`text`, refused (the `control_character` error, told in the field's words) when it holds a control
+    character other than a line break or a tab."""
+    for position, character in enumerate(text):
+        if unicodedata.category(character) == "Cc" and character not in ALLOWED_CONTROL_CHARACTERS:
+            raise PydanticCustomError("control_character", "contains the control character {code} at position "
+                                      "{position}", {"code": f"U+{ord(character):04X}", "position": position})
+    return text
+
+
+TypedText = AfterValidator(typed_text)
 MAX_SEED = 2**32 - 1
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, title="The seed")]
-Prompt = Annotated[str, Field(max_length=1000, title="The prompt")]
+Prompt = Annotated[str, Field(max_length=1000, title="The prompt"), TypedText]
 LoraWeight = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False, title="A LoRA weight")]
 Scale = Annotated[float, Field(ge=1.5, le=4.0, allow_inf_nan=False, title="Scale")]
 Creativity = Annotated[float, Field(ge=0.05, le=1.0, allow_inf_nan=False, title="Creativity")]
@@ -45,7 +63,7 @@ CAPTION_STYLES = {
     "prompt": "a /generate prompt in booru tags (Illustrious)",
 }
 CaptionStyle = Annotated[Literal[tuple(CAPTION_STYLES)], Field(title="The caption style")]
-Question = Annotated[str, Field(min_length=1, max_length=500, title="The question")]
+Question = Annotated[str, Field(min_length=1, max_length=500, title="The question"), TypedText]
 
 # SDXL's training buckets (width, height), about one megapixel each: the sizes it composes best at.
 ASPECT_BUCKETS = {
@@ -60,7 +78,7 @@ ASPECT_BUCKETS = {
     "21:9": (1536, 640),
 }
 Aspect = Annotated[Literal[tuple(ASPECT_BUCKETS)], Field(title="The aspect")]
-GenerationPrompt = Annotated[str, Field(min_length=1, max_length=1000, title="The prompt")]
+GenerationPrompt = Annotated[str, Field(min_length=1, max_length=1000, title="The prompt"), TypedText]
 Side = Annotated[int, Field(ge=512, le=1536, multiple_of=64)]
 GenerationSteps = Annotated[int, Field(ge=20, le=50, title="Steps")]
 Cfg = Annotated[float, Field(ge=1.0, le=20.0, allow_inf_nan=False, title="CFG")]
@@ -132,7 +150,7 @@ class RegionPrompt(Checked):
 
     model_config = ConfigDict(title="A region prompt")
     box: Annotated[list[int], Field(min_length=4, max_length=4, title="box")]
-    prompt: Annotated[str, Field(max_length=400, title="A region prompt")]
+    prompt: Annotated[str, Field(max_length=400, title="A region prompt"), TypedText]
 
 
 # ------------------------------------------------------------------ content safety

@@ -157,6 +157,11 @@ GENERATE_REFUSALS = [
     (dict(loras=(LoraChoice("Detail"), LoraChoice("detail.safetensors"))), ErrorCode.INVALID_INPUT,
      "The same LoRA is listed twice."),
     (dict(prompt="   "), ErrorCode.INVALID_PROMPT, "The prompt cannot be empty."),
+    # Control characters (an escape sequence, a bell) are no part of a prompt; line breaks and tabs are.
+    (dict(prompt="a fox\x1b[2J"), ErrorCode.INVALID_PROMPT,
+     "The prompt contains a control character (U+001B, at position 5): only text, line breaks and tabs are allowed."),
+    (dict(negative="blurry\x07"), ErrorCode.INVALID_PROMPT, "The negative prompt contains a control character "
+     "(U+0007, at position 6): only text, line breaks and tabs are allowed."),
     # The library: a LoRA of the other family, either way.
     (dict(model="flux", loras=(LoraChoice("Detail"),)), ErrorCode.INCOMPATIBLE_MODEL,
      "The LoRA 'Detail' is made for SDXL; it cannot be used with Flux. Pick a Flux LoRA."),
