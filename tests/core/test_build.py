@@ -240,7 +240,7 @@ UPSCALE_REFUSALS = [
     (dict(image=png_bytes(2048, 2048), scale=4.0), ErrorCode.INVALID_INPUT,
      "2048×2048 at 4x would be 8192×8192 (67.1 MP); the limit is 16 MP. The largest scale for this image is 2x."),
     (dict(image=b"not an image"), ErrorCode.INVALID_INPUT,
-     "The image is not one I can read (PNG, JPEG, WebP, GIF or BMP)."),
+     "The file to upscale is not an image I can read (PNG, JPEG, WebP, GIF or BMP)."),
     (dict(loras=(LoraChoice("Flux Detail"),)), ErrorCode.INCOMPATIBLE_MODEL,
      "The LoRA 'Flux Detail' is made for Flux; it cannot be used with SDXL. Pick a SDXL LoRA."),
     (dict(loras=(LoraChoice("Detail"), LoraChoice("Detail"))), ErrorCode.INVALID_INPUT, "The same LoRA is listed twice."),

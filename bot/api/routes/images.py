@@ -40,7 +40,7 @@ def _wait_seconds(body: GenerateImageRequest, sync_limit_seconds: float | None) 
 async def generate_image(body: GenerateImageRequest, caller: Caller, jobs: JobsDep, library: LibraryDep,
                          sync_limit_seconds: SyncLimitDep) -> dict[str, Any]:
     wait = _wait_seconds(body, sync_limit_seconds)
-    job = await jobs.start(caller, await generate_job_request(library, body), generate_meta(body))
+    job = await jobs.start(caller, lambda: generate_job_request(library, body), generate_meta(body))
     try:
         result = await asyncio.wait_for(asyncio.shield(jobs.outcome(job.id)), wait)
     except asyncio.TimeoutError:
