@@ -41,8 +41,26 @@ STATUS_FOR_CODE = {
     ErrorCode.BACKEND_UNAVAILABLE: 503,
     ErrorCode.TIMEOUT: 504,
 }
-# The statuses every endpoint may answer with an ErrorResponse (published in /openapi.json).
-ERROR_STATUSES = (400, 401, 404, 413, 429, 500, 503, 504)
+# The statuses every endpoint may answer with an ErrorResponse, as /openapi.json describes them.
+ERROR_STATUSES = {
+    400: "INVALID_INPUT, INVALID_PROMPT or INCOMPATIBLE_MODEL: the body breaks a limit or a rule (a body the schema "
+         "refuses is answered here too, never with 422), before any job exists",
+    401: "PERMISSION_DENIED: no token, or the wrong one",
+    404: "NOT_FOUND: no such job of yours, or no such path",
+    413: "INVALID_INPUT: the body is larger than the limit",
+    429: "RATE_LIMITED: you already have your cap of jobs in flight; Retry-After says when to try again",
+    500: "The job failed (GENERATION_FAILED, CUDA_OOM, LORA_DOWNLOAD_FAILED, ...) or something went wrong",
+    503: "MODELS_MISSING or BACKEND_UNAVAILABLE",
+    504: "TIMEOUT",
+}
+# Only where a finished job's images are answered (POST /generate-image).
+WITHHELD_STATUS = {422: "CONTENT_WITHHELD: the safety check withheld every image; `error` says why and how to get "
+                        "them where one can, `details` the seeds and scores"}
+
+
+def error_responses(statuses: dict[int, str]) -> dict[int, dict[str, Any]]:
+    """Statuses answered with an ErrorResponse, as FastAPI's `responses=` publishes them in /openapi.json."""
+    return {status: {"model": ErrorResponse, "description": description} for status, description in statuses.items()}
 
 
 class ApiError(ToolboxError):

@@ -13,15 +13,15 @@ limit is refused with 400 before any job exists.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
+from annotated_types import MultipleOf
 from pydantic import AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
-from bot.core.generate_models import MODEL_ALIASES, SDXL
+from bot.core.generate_models import GENERATE_MODELS, MODEL_ALIASES, SDXL, TextToImageModel
 from modal_services.jobs.requests import (
     CaptionRequest,
     CaptionStyle,
-    Cfg,
     Creativity,
     GenerateRequest,
     GenerationPrompt,
@@ -32,11 +32,10 @@ from modal_services.jobs.requests import (
     Question,
     Scale,
     Seed,
-    FluxSide,
     Timeout,
     UpscaleRequest,
 )
-from modal_services.jobs.validation import field_bounds
+from modal_services.jobs.validation import constraint_bounds, field_bounds
 
 # The contract's version, published in /health and /openapi.json.
 API_VERSION = "1"
@@ -85,6 +84,52 @@ IdentityStrength = _field_type(GenerateRequest, "identity_strength")
 ControlnetStrength = _field_type(GenerateRequest, "controlnet_strength")
 
 
+# ------------------------------------------------------------------ what differs by model
+
+# The request field a generate body's field sets, for each model: `cfg` is Flux's `guidance`.
+ModelField = Callable[[TextToImageModel], str]
+
+
+def _model_limits(model: TextToImageModel, name: str) -> str:
+    """One model's range and default for a request field, in words: `SDXL: 512-1536 in steps of 64 (1024)`."""
+    field = model.request.model_fields[name]
+    low, high = constraint_bounds(field)
+    step = next((rule.multiple_of for rule in field.metadata if isinstance(rule, MultipleOf)), None)
+    steps = f" in steps of {step}" if step else ""
+    whole = f" and at most {model.request.max_pixels / 1e6:.1f} MP (width × height)" if name in ("width", "height") and \
+        model.request.max_pixels else ""
+    return f"{model.name} (`{model.key}`): {low:g}-{high:g}{steps}{whole}, {field.default:g} when omitted"
+
+
+def _each_model(field_of: ModelField, what: str) -> str:
+    """A body field's description: what it is, then each model's own limits (checked when the request is built)."""
+    return f"{what}. " + "; ".join(_model_limits(model, field_of(model)) for model in GENERATE_MODELS.values())
+
+
+def _any_model(field_of: ModelField) -> Any:
+    """A body field's type: every value some model takes (the lowest minimum to the highest maximum); the
+    model's own range is checked when the request is built, with its message."""
+    fields = [model.request.model_fields[field_of(model)] for model in GENERATE_MODELS.values()]
+    lows, highs = zip(*(constraint_bounds(field) for field in fields))
+    steps = {rule.multiple_of for field in fields for rule in field.metadata if isinstance(rule, MultipleOf)}
+    number = fields[0].annotation
+    limits = {"ge": min(lows), "le": max(highs), **({"allow_inf_nan": False} if number is float else {}),
+              **({"multiple_of": steps.pop()} if len(steps) == 1 else {})}
+    return Annotated[number, Field(**limits)]
+
+
+def _same(name: str) -> ModelField:
+    return lambda model: name
+
+
+def _cfg(model: TextToImageModel) -> str:
+    return model.cfg_field
+
+
+Side = _any_model(_same("width"))
+AnyCfg = _any_model(_cfg)
+
+
 class Strict(BaseModel):
     # A misspelt field is an error, not a silently ignored default.
     model_config = ConfigDict(extra="forbid")
@@ -107,13 +152,17 @@ class GenerateImageRequest(Strict):
     model_config = ConfigDict(title=GenerateRequest.model_config["title"])
     prompt: GenerationPrompt
     model: Literal[tuple(MODEL_ALIASES)] = Field(
-        SDXL.key, title="The model", description="flux-dev: FLUX.1-dev (if the bot's admin enabled it): guidance `cfg` 1-10 (3.5 when "
-        "omitted), no negative prompt, sizes up to about 2 MP (2048 a side), library Flux LoRAs only")
+        SDXL.key, title="The model", description="`flux-dev` (also `flux`, `flux1-dev`): FLUX.1-dev, if the bot's "
+        "admin enabled it: no negative_prompt, no lora_url, library Flux LoRAs only. width, height and cfg give each "
+        "model's limits")
     negative_prompt: Prompt = _titled_default(GenerateRequest, "negative_prompt")
-    width: FluxSide = Field(_default(GenerateRequest, "width"), description="SDXL: 512-1536; Flux: up to 2048")
-    height: FluxSide = Field(_default(GenerateRequest, "height"), description="SDXL: 512-1536; Flux: up to 2048")
+    width: Side = Field(_default(GenerateRequest, "width"), title="The width",
+                        description=_each_model(_same("width"), "Pixels"))
+    height: Side = Field(_default(GenerateRequest, "height"), title="The height",
+                         description=_each_model(_same("height"), "Pixels"))
     steps: GenerationSteps = _default(GenerateRequest, "steps")
-    cfg: Cfg = _default(GenerateRequest, "cfg")
+    cfg: AnyCfg | None = Field(None, title="CFG", description=_each_model(
+        _cfg, "How closely to follow the prompt: SDXL's CFG, Flux's guidance; the model's default when omitted"))
     seed: Seed | None = Field(None, description="random when omitted; always reported in metadata.seed_used")
     count: ImageCount = Field(_default(GenerateRequest, "count"),
                               description="images in one batched call, seeds seed, seed+1, ...")

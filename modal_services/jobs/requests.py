@@ -281,6 +281,8 @@ class TextToImageRequest(SafetyChecked):
     model_config = ConfigDict(str_strip_whitespace=True)
     # Problems with these fields are INVALID_PROMPT, the rest INVALID_INPUT.
     prompt_fields: ClassVar[tuple[str, ...]] = ("prompt", "negative_prompt")
+    # Width × height at most, beyond each side's own range; None: the sides' ranges are the only limit.
+    max_pixels: ClassVar[int | None] = None
     prompt: GenerationPrompt
     negative_prompt: Prompt = Field("", title="The negative prompt")
     steps: GenerationSteps = 28
@@ -369,6 +371,7 @@ class FluxGenerateRequest(TextToImageRequest):
     model_config = ConfigDict(title="A Flux generate job")
     kind: ClassVar[str] = "flux_generate"
     prompt_fields: ClassVar[tuple[str, ...]] = ("prompt",)
+    max_pixels: ClassVar[int | None] = FLUX_MAX_PIXELS
     width: FluxSide = Field(1024, title="The width")
     height: FluxSide = Field(1024, title="The height")
     guidance: Guidance = 3.5
@@ -377,9 +380,9 @@ class FluxGenerateRequest(TextToImageRequest):
     def _checked(self) -> "FluxGenerateRequest":
         if self.negative_prompt:
             raise ValueError("Flux has no negative prompt: leave it out and describe what you want instead.")
-        if self.width * self.height > FLUX_MAX_PIXELS:
+        if self.width * self.height > self.max_pixels:
             raise ValueError(
-                f"{self.width}×{self.height} is more than Flux's {FLUX_MAX_PIXELS / 1e6:.1f} megapixels: choose a smaller size."
+                f"{self.width}×{self.height} is more than Flux's {self.max_pixels / 1e6:.1f} megapixels: choose a smaller size."
             )
         return self
 
