@@ -16,8 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 from bot.api.schema import CaptionJob, GenerateImageRequest, JobBody, UpscaleJob
+from bot.backend import Backend
 from bot.core.build import build_generate_request, build_upscale_request
 from bot.core.choices import GenerateChoices, LoraChoice, UpscaleChoices
+from bot.tile_prompts import tile_prompts
 from modal_services.engines.sdxl.limits import DEFAULT_MAX_INPUT_PIXELS
 from modal_services.imaging import DEFAULT_MAX_PIXELS, clean_png, decoded_off_loop, image_size
 from modal_services.jobs.requests import (
@@ -28,6 +30,7 @@ from modal_services.jobs.requests import (
     TextToImageRequest,
     UpscaleRequest,
 )
+from modal_services.jobs.records import Job
 from modal_services.library.entries import Library
 
 
@@ -84,24 +87,34 @@ async def caption_job_request(request: CaptionJob) -> CaptionRequest:
     return CaptionRequest.parse({"images": list(images.values()), "style": request.style, "question": request.question})
 
 
-async def upscale_job_request(library: Library, request: UpscaleJob) -> UpscaleRequest:
+async def upscale_job_request(library: Library, request: UpscaleJob, backend: Backend,
+                              owner: dict[str, Any]) -> UpscaleRequest:
     """The upscale request of an `upscale` job, refused here when its output would be too large (its size read
-    from the image's header)."""
+    from the image's header); with `tile_captions`, each tile's tags (a caption job of `owner`'s on `backend`,
+    awaited) become its region's prompt, as /upscale and `toolbox upscale --tile-captions` do."""
     given = request.model_dump(exclude_unset=True)
     choices = UpscaleChoices(
         image=request.image_base64, scale=given.get("scale"), prompt=given.get("prompt"), negative=given.get("negative"),
         loras=tuple(LoraChoice(**lora.model_dump()) for lora in request.loras), creativity=given.get("creativity"),
         seed=request.seed, safety=api_safety(request.safety_check, real_photo=True),
     )
-    built = (await build_upscale_request(library, choices)).request
-    clean = await _decoded({"image_base64": request.image_base64}, DEFAULT_MAX_INPUT_PIXELS)
-    return built.model_copy(update={"image": clean["image_base64"]})
+    built = await build_upscale_request(library, choices)
+    png = (await _decoded({"image_base64": request.image_base64}, DEFAULT_MAX_INPUT_PIXELS))["image_base64"]
+    upscale = built.request.model_copy(update={"image": png})
+    if not request.tile_captions:
+        return upscale
+    regions = await tile_prompts(backend, png, image_size(png), built.output_size, _unwatched, owner)
+    return upscale.with_region_prompts(regions)
 
 
-async def job_request(library: Library, body: JobBody) -> JobRequest:
-    """The job request of a POST /jobs body, by its kind."""
+async def _unwatched(_: Job) -> None:
+    """No one watches a step an API job takes before it exists: its caller follows the job itself."""
+
+
+async def job_request(library: Library, body: JobBody, backend: Backend, owner: dict[str, Any]) -> JobRequest:
+    """The job request of a POST /jobs body, by its kind (`backend` and `owner` for an upscale's tile captions)."""
     if body.kind == "generate":
         return await generate_job_request(library, body)
     if body.kind == "caption":
         return await caption_job_request(body)
-    return await upscale_job_request(library, body)
+    return await upscale_job_request(library, body, backend, owner)

@@ -27,6 +27,7 @@ from modal_services.jobs.requests import (
     GenerationPrompt,
     GenerationSteps,
     ImageCount,
+    LORAS_PER_JOB,
     LoraRef,
     Prompt,
     Question,
@@ -166,7 +167,7 @@ class GenerateImageRequest(Strict):
     seed: Seed | None = Field(None, description="random when omitted; always reported in metadata.seed_used")
     count: ImageCount = Field(_default(GenerateRequest, "count"),
                               description="images in one batched call, seeds seed, seed+1, ...")
-    loras: list[LoraRef] = Field(default_factory=list, max_length=field_bounds(GenerateRequest, "loras")[1])
+    loras: Annotated[list[LoraRef], LORAS_PER_JOB] = Field(default_factory=list)
     lora_url: LoraUrl | None = None
     lora_scale: LoraScale = _default(GenerateRequest, "lora_scale")
     lora_sha256: LoraSha256 = Field(None, description="lets a repeat skip the download")
@@ -208,9 +209,12 @@ class UpscaleJob(Strict):
     scale: Scale = _default(UpscaleRequest, "scale")
     prompt: Prompt = _default(UpscaleRequest, "prompt")
     negative: Prompt = _titled_default(UpscaleRequest, "negative")
-    loras: list[LoraRef] = Field(default_factory=list, max_length=field_bounds(UpscaleRequest, "loras")[1])
+    loras: Annotated[list[LoraRef], LORAS_PER_JOB] = Field(default_factory=list)
     creativity: Creativity = _default(UpscaleRequest, "creativity")
     seed: Seed | None = Field(None, description="random when omitted")
+    tile_captions: bool = Field(False, description="tag each tile the upscaler will denoise (a caption job, run first: "
+                                                   "POST /jobs answers once it is done) and add its tags to that tile's "
+                                                   "prompt: slower, more fitting detail")
     safety_check: bool = Field(True, description="classify the result and withhold it if flagged NSFW")
 
 

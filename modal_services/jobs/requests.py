@@ -145,6 +145,13 @@ class ResolvedLora(LoraRef):
         return {name: value for name, value in serialize(self).items() if value is not None or name not in ("file", "path")}
 
 
+# LoRAs one job applies, whatever its kind and front end (Discord offers this many slots).
+MAX_LORAS_PER_JOB = 3
+# The limit and the words of a job's LoRA list, for the lists of names the front ends take too.
+LORAS_PER_JOB = Field(max_length=MAX_LORAS_PER_JOB, title="LoRAs per job")
+LorasPerJob = Annotated[list[ResolvedLora], LORAS_PER_JOB]
+
+
 class RegionPrompt(Checked):
     """Words for the tiles whose centre lies in `box` (left, top, right, bottom, in input pixels)."""
 
@@ -236,7 +243,7 @@ class UpscaleRequest(SafetyChecked):
     scale: Scale = 2.0
     prompt: Prompt = ""
     negative: Prompt = Field("", title="The negative prompt")
-    loras: Annotated[list[ResolvedLora], Field(max_length=5, title="LoRAs per job")] = []
+    loras: LorasPerJob = []
     creativity: Creativity = 0.35
     # Picked here when a request leaves it out, so the result can say which seed it used.
     seed: Seed = Field(default_factory=random_seed)
@@ -289,7 +296,7 @@ class TextToImageRequest(SafetyChecked):
     # Image n of the request gets seed + n - 1; picked here when left out, and reported with the result.
     seed: Seed = Field(default_factory=random_seed)
     count: ImageCount = 1
-    loras: Annotated[list[ResolvedLora], Field(max_length=3, title="LoRAs per job")] = []
+    loras: LorasPerJob = []
     # Seconds from the job's start; the bot and the CLI give the most, 300.
     timeout: Timeout = 60.0
     # A variation's start image (encoded bytes), resized to width x height.

@@ -138,4 +138,6 @@ def _filled(value, huge: str, small: str):
     """A body value with its placeholders filled: None is the huge PNG, "small" a small one."""
     if isinstance(value, list):
         return [_filled(item, huge, small) for item in value]
-    return {None: huge, "small": small}.get(value, value) if value in (None, "small") else value
+    if value is None:
+        return huge
+    return small if value == "small" else value
