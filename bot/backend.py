@@ -19,16 +19,16 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, ClassVar
 
 from bot.settings import Settings
 from bot.core.text import plural
 from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import JobRequest
-from modal_services.jobs.records import (Job, JobStatus, create_job, found_job, found_jobs, load_job, mark_dead,
-                                         update_job)
-from modal_services.state.keys import call_key
+from modal_services.jobs.records import (Job, JobStatus, create_job, found_job, found_jobs, job_retention_seconds,
+                                         load_job, mark_dead, sweep_finished_jobs)
+from modal_services.state.keys import call_key, forget_job
 from modal_services.state.locks import holder_record
 from modal_services.layout import Layout
 from modal_services.safety.nsfw_classifier import NsfwClassifier
@@ -46,10 +46,14 @@ MODAL_CONNECT_TIMEOUT = 10.0
 # A local job's result waits this long for someone to collect it (/setup follows
 # downloads by their records and never does), then it is let go.
 RESULT_KEEP_SECONDS = 600
+# How often a long-running local backend (the bot, `toolbox serve`) removes finished jobs past their retention.
+JOB_SWEEP_INTERVAL_SECONDS = 3600
 ENGINE_THREAD_PREFIX = "engine-"
 
 
 class Backend(ABC):
+    # The backend as TOOLBOX_BACKEND names it ("local", "modal"): the one name /health and `toolbox status` show.
+    name: ClassVar[str]
     # Live keys in the Dict (SQLite locally); durable records in their files, cached there.
     store: DurableStore
 
@@ -94,7 +98,9 @@ class Backend(ABC):
         """Backend-specific help in stopping a job; the cooperative cancel flag is set by the caller."""
 
     async def recover(self) -> None:
-        """At the start of the bot or the API: settle jobs that can no longer finish (every dead one is failed)."""
+        """At the start of a long-running front end (the bot, `toolbox serve`): settle jobs that can no longer
+        finish (every dead one is failed). The local backend then removes finished jobs past their retention
+        until it closes; on Modal the Dict forgets an entry idle for 7 days, the default retention."""
         await found_jobs(self.store)
 
     @abstractmethod
@@ -106,6 +112,8 @@ class Backend(ABC):
 
 
 class LocalBackend(Backend):
+    name = "local"
+
     def __init__(self, settings: Settings, engines: EngineFactory = build_engine):
         """`engines` builds each service's engine, from its engine class and this backend's layout."""
         self.store = DurableStore(SqliteStore(settings.state_path), local_homes(settings.data_dir))
@@ -120,6 +128,9 @@ class LocalBackend(Backend):
         self._executors: dict[str, ThreadPoolExecutor] = {}
         self._turns: dict[str, asyncio.Lock] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        # Read here, so that a bad value stops the start-up with one line naming it.
+        self.job_retention_seconds = job_retention_seconds()
+        self._sweeper: asyncio.Task | None = None
 
     def engine_problem(self) -> str | None:
         return NO_ENGINES_MESSAGE if self.missing_libraries else None
@@ -186,8 +197,29 @@ class LocalBackend(Backend):
             if not job.status.finished and job.runner is None:
                 # Every job this backend queues names its process; one naming none was left by an older version.
                 await mark_dead(self.store, job)
+        if self._sweeper is None:  # the bot recovers again after each reconnect
+            await self._sweep_old_jobs()
+            self._sweeper = asyncio.create_task(self._keep_sweeping(), name="job-retention")
+
+    async def _sweep_old_jobs(self) -> None:
+        """Finished jobs past their retention removed, with what they keep."""
+        try:
+            removed = await sweep_finished_jobs(self.store, self.job_retention_seconds)
+        except Exception:  # the store busy or failing now: the next round tries again
+            log.warning("could not remove old jobs", exc_info=True)
+            return
+        if removed:
+            log.info("removed %s finished past their retention", plural(removed, "job"))
+
+    async def _keep_sweeping(self) -> None:
+        while True:
+            await asyncio.sleep(JOB_SWEEP_INTERVAL_SECONDS)
+            await self._sweep_old_jobs()
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         for task in self._tasks.values():
             task.cancel()
         # Their last record writes land before the store closes, never over what a next run writes.
@@ -204,6 +236,8 @@ class LocalBackend(Backend):
 
 
 class ModalBackend(Backend):
+    name = "modal"
+
     def __init__(self, settings: Settings):
         self.app_name = settings.modal_app
         self.store = DurableStore(ModalDictStore.from_name(settings.state_dict), volume_homes())
@@ -246,16 +280,13 @@ class ModalBackend(Backend):
             call = await getattr(service, spec.method_name).spawn.aio(job.id, request.to_payload())
         except modal.exception.Error as exc:
             log.warning("spawning %s.%s failed: %s", spec.modal_class, spec.method_name, type(exc).__name__)
-            error = ToolboxError(
+            # Refused: nothing was started, so nothing of it is kept.
+            await forget_job(self.store, job.id)
+            raise ToolboxError(
                 ErrorCode.BACKEND_UNAVAILABLE,
                 f"The Modal app {self.app_name!r} could not be reached. Is it deployed "
                 "(`modal deploy -m modal_services.app`)?",
-            )
-            await update_job(
-                self.store, job.id, status=JobStatus.ERROR, stage="error",
-                error_code=error.code.value, error_message=error.message,
-            )
-            raise error from exc
+            ) from exc
         # Kept even if this submit is cancelled now: the call runs anyway, and resuming needs its id.
         await asyncio.shield(self.store.put(call_key(job.id), call.object_id))
         return job

@@ -33,6 +33,9 @@ class ErrorCode(str, Enum):
     # A base-model download failed for a reason the other codes do not name
     # (the source kept answering 5xx, refused access, or does not exist).
     DOWNLOAD_FAILED = "DOWNLOAD_FAILED"
+    # Every image of a finished job was withheld by the safety check: there is no image to give
+    # (a request with several images, some kept, answers with those instead).
+    CONTENT_WITHHELD = "CONTENT_WITHHELD"
     # No such thing for this caller (an HTTP API job id, an unknown path).
     NOT_FOUND = "NOT_FOUND"
     INTERNAL = "INTERNAL"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -15,9 +17,9 @@ from bot.api.caller_jobs import ApiJobs, ConcurrencyCap
 from bot.api.dependencies import ApiContext
 from bot.api.docs import add_docs
 from bot.api.health import HealthCache
-from bot.api.responses import ERROR_STATUSES, error_response, validation_error
+from bot.api.responses import ERROR_STATUSES, error_response, error_responses, validation_error
 from bot.api.routes import health, images, jobs
-from bot.api.schema import API_VERSION, MAX_BODY_BYTES, ErrorResponse
+from bot.api.schema import API_VERSION, MAX_BODY_BYTES
 from bot import backend as backends
 from bot.backend import Backend
 from bot.core.library import library_for
@@ -41,7 +43,7 @@ def create_app(
     --no-auth` on 127.0.0.1 only). `sync_limit_seconds` bounds how long
     /generate-image may wait (the host's HTTP limit); longer requests are sent to /jobs."""
     app = FastAPI(title="AI Toolbox", version=API_VERSION, lifespan=_lifespan, docs_url=None, redoc_url=None,
-                  responses={status: {"model": ErrorResponse} for status in ERROR_STATUSES})
+                  responses=error_responses(ERROR_STATUSES))
     app.state.api = ApiContext(jobs=ApiJobs(backend, ConcurrencyCap(concurrency)), library=library,
                                health=HealthCache(backend), token=token.encode() if token else None,
                                sync_limit_seconds=sync_limit_seconds)
@@ -52,8 +54,22 @@ def create_app(
     app.add_exception_handler(Exception, _on_unexpected)
     for routes in (health, images, jobs):
         app.include_router(routes.router)
+    app.openapi = lambda: _published_schema(app)
     add_docs(app)
     return app
+
+
+def _published_schema(app: FastAPI) -> dict[str, Any]:
+    """/openapi.json as the API answers: without the 422 "Validation Error" FastAPI documents for every
+    route with a body or a path parameter (a body the schema refuses is answered 400 here)."""
+    schema = FastAPI.openapi(app)  # built once, then kept by FastAPI
+    for operation in (operation for path in schema["paths"].values() for operation in path.values()):
+        answer = operation["responses"].get("422", {})
+        if "HTTPValidationError" in json.dumps(answer):
+            del operation["responses"]["422"]
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return schema
 
 
 def api_for_settings(settings: Settings, token: str | None, sync_limit_seconds: float | None = None) -> FastAPI:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from bot.api.responses import ApiError
 from bot.backend import RESULT_KEEP_SECONDS, Backend
@@ -59,10 +59,12 @@ class ApiJobs:
         self.cap = cap
         self._outcomes: dict[str, asyncio.Task] = {}
 
-    async def start(self, caller: str, request: JobRequest, meta: dict[str, Any]) -> Job:
+    async def start(self, caller: str, prepare: Callable[[], Awaitable[JobRequest]], meta: dict[str, Any]) -> Job:
+        """A job of the request `prepare()` builds, started for `caller`. The caller's slot is taken first:
+        a caller at its cap is refused before anything of its request is looked at (no image is read)."""
         self.cap.reserve(caller)
         try:
-            job = await self.backend.submit(request, owner={"api_caller": caller}, meta=meta)
+            job = await self.backend.submit(await prepare(), owner={"api_caller": caller}, meta=meta)
         except BaseException:
             self.cap.release(caller)
             raise

@@ -32,7 +32,7 @@ async def health_document(backend: Backend) -> dict[str, Any]:
         "problems": [problem] if problem else [],
         "api_version": API_VERSION,
         "versions": {name: metadata.version(name) for name in ("ai-toolbox", "fastapi", "pydantic")},
-        "backend": type(backend).__name__,
+        "backend": backend.name,
         "models": {state.key: {"name": state.name, "installed": state.state == "present", "state": state.state}
                    for state in states},
         "services": await backend.service_status(),

@@ -1,20 +1,27 @@
-"""From API request bodies to checked job requests: images decoded, library names resolved.
+"""From API request bodies to checked job requests: library names resolved, images decoded.
 
 Generate and upscale requests are built by the same functions the bot's
 commands use, so a request means the same whichever front end sent it.
+
+The images are decoded last, after every cheaper check (the caller's cap,
+taken before `ApiJobs.start` calls in here; the values, the optional models
+the request needs and its LoRAs; then each image's header, for its pixel
+limit): a request refused for any of those never costs a decode. They are
+checked and built with the bytes as sent (no rule reads them), which the
+decoded, re-encoded images then replace.
 """
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from bot.api.schema import CaptionJob, GenerateImageRequest, JobBody, UpscaleJob
+from bot.backend import Backend
 from bot.core.build import build_generate_request, build_upscale_request
 from bot.core.choices import GenerateChoices, LoraChoice, UpscaleChoices
-from bot.core.generate_models import generate_model
+from bot.tile_prompts import tile_prompts
 from modal_services.engines.sdxl.limits import DEFAULT_MAX_INPUT_PIXELS
-from modal_services.imaging import decode_image, encode_png, shrunk_png
+from modal_services.imaging import DEFAULT_MAX_PIXELS, clean_png, decoded_off_loop, image_size
 from modal_services.jobs.requests import (
     REFERENCE_MAX_SIDE,
     CaptionRequest,
@@ -23,7 +30,12 @@ from modal_services.jobs.requests import (
     TextToImageRequest,
     UpscaleRequest,
 )
+from modal_services.jobs.records import Job
 from modal_services.library.entries import Library
+
+
+# The request's photo fields and the API fields they come in.
+PHOTO_FIELDS = {"face_image": "reference_image_base64", "pose_image": "pose_image_base64"}
 
 
 def api_safety(safety_check: bool, real_photo: bool = False) -> SafetyContext:
@@ -32,31 +44,34 @@ def api_safety(safety_check: bool, real_photo: bool = False) -> SafetyContext:
     return SafetyContext(policy="block" if safety_check else "off", real_photo=real_photo)
 
 
-def _clean_png(data: bytes, max_pixels: int | None = None) -> tuple[bytes, tuple[int, int]]:
-    """An uploaded image decoded (bad files refused) and re-encoded as a plain PNG, as the bot does with attachments."""
-    image = decode_image(data, **({"max_pixels": max_pixels} if max_pixels else {})).image
-    return encode_png(image), image.size
+async def _decoded(uploads: dict[str, bytes], max_pixels: int, max_side: int | None = None) -> dict[str, bytes]:
+    """Each upload (by the field it came in) as `clean_png` makes it, decoded off the event loop once every
+    one's header has shown it within `max_pixels`: an image over the limit is refused before any is decoded."""
+    for field, data in uploads.items():
+        image_size(data, max_pixels, field)
+    return {field: await decoded_off_loop(clean_png, data, field, max_pixels, max_side)
+            for field, data in uploads.items()}
 
 
 async def generate_job_request(library: Library, request: GenerateImageRequest) -> TextToImageRequest:
-    """The text-to-image request of /generate-image or a `generate` job, on the model it names."""
+    """The text-to-image request of /generate-image or a `generate` job, on the model it names; its photos
+    are read only once the rest of it (InstantID enabled included) is known to be good."""
     given = request.model_dump(exclude_unset=True)
-    photos = {"face_image": request.reference_image_base64, "pose_image": request.pose_image_base64}
-    if generate_model(request.model).takes_faces:
-        # Decoded (and shrunk) only for a model that uses them: any other refuses them unread.
-        photos = {field: await asyncio.to_thread(shrunk_png, photo, REFERENCE_MAX_SIDE, name)
-                  for (field, photo), name in zip(photos.items(), ("reference_image_base64", "pose_image_base64"))
-                  if photo is not None}
+    photos = {field: getattr(request, api_field) for field, api_field in PHOTO_FIELDS.items()}
     choices = GenerateChoices(
         prompt=request.prompt, model=request.model, negative=given.get("negative_prompt"),
         width=request.width, height=request.height, count=given.get("count"), steps=given.get("steps"),
         cfg=given.get("cfg"), seed=request.seed, loras=tuple(LoraChoice(**lora.model_dump()) for lora in request.loras),
         lora_url=None if request.lora_url is None else str(request.lora_url), lora_scale=given.get("lora_scale"),
-        lora_sha256=request.lora_sha256, face_image=photos.get("face_image"), pose_image=photos.get("pose_image"),
-        identity_strength=given.get("identity_strength"), controlnet_strength=given.get("controlnet_strength"),
-        timeout=given.get("timeout"), safety=api_safety(request.safety_check),
+        lora_sha256=request.lora_sha256, identity_strength=given.get("identity_strength"),
+        controlnet_strength=given.get("controlnet_strength"), timeout=given.get("timeout"),
+        safety=api_safety(request.safety_check), **photos,
     )
-    return (await build_generate_request(library, choices)).request
+    built = (await build_generate_request(library, choices)).request
+    shrunk = await _decoded({PHOTO_FIELDS[field]: data for field, data in photos.items() if data is not None},
+                            DEFAULT_MAX_PIXELS, REFERENCE_MAX_SIDE)
+    return built.model_copy(update={field: shrunk[api_field] for field, api_field in PHOTO_FIELDS.items()
+                                    if api_field in shrunk})
 
 
 def generate_meta(request: GenerateImageRequest) -> dict[str, Any]:
@@ -67,26 +82,39 @@ def generate_meta(request: GenerateImageRequest) -> dict[str, Any]:
 
 
 async def caption_job_request(request: CaptionJob) -> CaptionRequest:
-    images = [(await asyncio.to_thread(_clean_png, data))[0] for data in request.images_base64]
-    return CaptionRequest.parse({"images": images, "style": request.style, "question": request.question})
+    sent = {f"images_base64.{index}": data for index, data in enumerate(request.images_base64)}
+    images = await _decoded(sent, DEFAULT_MAX_PIXELS)
+    return CaptionRequest.parse({"images": list(images.values()), "style": request.style, "question": request.question})
 
 
-async def upscale_job_request(library: Library, request: UpscaleJob) -> UpscaleRequest:
-    """The upscale request of an `upscale` job, refused here when its output would be too large."""
-    png, _ = await asyncio.to_thread(_clean_png, request.image_base64, DEFAULT_MAX_INPUT_PIXELS)
+async def upscale_job_request(library: Library, request: UpscaleJob, backend: Backend,
+                              owner: dict[str, Any]) -> UpscaleRequest:
+    """The upscale request of an `upscale` job, refused here when its output would be too large (its size read
+    from the image's header); with `tile_captions`, each tile's tags (a caption job of `owner`'s on `backend`,
+    awaited) become its region's prompt, as /upscale and `toolbox upscale --tile-captions` do."""
     given = request.model_dump(exclude_unset=True)
     choices = UpscaleChoices(
-        image=png, scale=given.get("scale"), prompt=given.get("prompt"), negative=given.get("negative"),
+        image=request.image_base64, scale=given.get("scale"), prompt=given.get("prompt"), negative=given.get("negative"),
         loras=tuple(LoraChoice(**lora.model_dump()) for lora in request.loras), creativity=given.get("creativity"),
         seed=request.seed, safety=api_safety(request.safety_check, real_photo=True),
     )
-    return (await build_upscale_request(library, choices)).request
+    built = await build_upscale_request(library, choices)
+    png = (await _decoded({"image_base64": request.image_base64}, DEFAULT_MAX_INPUT_PIXELS))["image_base64"]
+    upscale = built.request.model_copy(update={"image": png})
+    if not request.tile_captions:
+        return upscale
+    regions = await tile_prompts(backend, png, image_size(png), built.output_size, _unwatched, owner)
+    return upscale.with_region_prompts(regions)
 
 
-async def job_request(library: Library, body: JobBody) -> JobRequest:
-    """The job request of a POST /jobs body, by its kind."""
+async def _unwatched(_: Job) -> None:
+    """No one watches a step an API job takes before it exists: its caller follows the job itself."""
+
+
+async def job_request(library: Library, body: JobBody, backend: Backend, owner: dict[str, Any]) -> JobRequest:
+    """The job request of a POST /jobs body, by its kind (`backend` and `owner` for an upscale's tile captions)."""
     if body.kind == "generate":
         return await generate_job_request(library, body)
     if body.kind == "caption":
         return await caption_job_request(body)
-    return await upscale_job_request(library, body)
+    return await upscale_job_request(library, body, backend, owner)

@@ -2,8 +2,9 @@
 
 Errors are `{error, error_code, details?, retry_after?}`: 400 invalid input,
 401 missing or wrong token, 404 unknown job, 409 cancelled, 413 body too
-large, 429 (with `Retry-After`) when the caller already has its cap of jobs in
-flight, 503 models missing or backend down, 504 timeout, 500 otherwise.
+large, 422 every image withheld by the safety check, 429 (with `Retry-After`)
+when the caller already has its cap of jobs in flight, 503 models missing or
+backend down, 504 timeout, 500 otherwise.
 """
 
 from __future__ import annotations
@@ -34,13 +35,33 @@ STATUS_FOR_CODE = {
     ErrorCode.PERMISSION_DENIED: 401,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.CANCELLED: 409,
+    # Understood and run, but nothing may be given back: not the request's form (400) nor the server's fault (5xx).
+    ErrorCode.CONTENT_WITHHELD: 422,
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.MODELS_MISSING: 503,
     ErrorCode.BACKEND_UNAVAILABLE: 503,
     ErrorCode.TIMEOUT: 504,
 }
-# The statuses every endpoint may answer with an ErrorResponse (published in /openapi.json).
-ERROR_STATUSES = (400, 401, 404, 413, 429, 500, 503, 504)
+# The statuses every endpoint may answer with an ErrorResponse, as /openapi.json describes them.
+ERROR_STATUSES = {
+    400: "INVALID_INPUT, INVALID_PROMPT or INCOMPATIBLE_MODEL: the body breaks a limit or a rule (a body the schema "
+         "refuses is answered here too, never with 422), before any job exists",
+    401: "PERMISSION_DENIED: no token, or the wrong one",
+    404: "NOT_FOUND: no such job of yours, or no such path",
+    413: "INVALID_INPUT: the body is larger than the limit",
+    429: "RATE_LIMITED: you already have your cap of jobs in flight; Retry-After says when to try again",
+    500: "The job failed (GENERATION_FAILED, CUDA_OOM, LORA_DOWNLOAD_FAILED, ...) or something went wrong",
+    503: "MODELS_MISSING or BACKEND_UNAVAILABLE",
+    504: "TIMEOUT",
+}
+# Only where a finished job's images are answered (POST /generate-image).
+WITHHELD_STATUS = {422: "CONTENT_WITHHELD: the safety check withheld every image; `error` says why and how to get "
+                        "them where one can, `details` the seeds and scores"}
+
+
+def error_responses(statuses: dict[int, str]) -> dict[int, dict[str, Any]]:
+    """Statuses answered with an ErrorResponse, as FastAPI's `responses=` publishes them in /openapi.json."""
+    return {status: {"model": ErrorResponse, "description": description} for status, description in statuses.items()}
 
 
 class ApiError(ToolboxError):
@@ -53,8 +74,9 @@ class ApiError(ToolboxError):
 
 
 def error_body(error: ToolboxError) -> ErrorResponse:
-    """An error as a job view shows it: message and code only."""
-    return ErrorResponse(error=render(error.message, FrontEnd.API), error_code=error.code.value)
+    """An error as a job view shows it: message, code and details (no HTTP status, no retry)."""
+    return ErrorResponse(error=render(error.message, FrontEnd.API), error_code=error.code.value,
+                         details=getattr(error, "details", None))
 
 
 def error_response(error: ToolboxError, status: int | None = None) -> JSONResponse:
@@ -90,7 +112,9 @@ def validation_error(exc: RequestValidationError) -> ApiError:
     located = [_located(problem["loc"]) for problem in exc.errors()]
     problems = [_problem_at(path, describe_problem({**problem, "loc": path}, model))
                 for (model, path), problem in zip(located, exc.errors())]
-    about_prompt = any(path[:1] in (("prompt",), ("negative_prompt",)) for _, path in located)
+    # As the request classes tell them: a generate request's prompts are INVALID_PROMPT, an upscale's words INVALID_INPUT.
+    about_prompt = any(issubclass(model, GenerateImageRequest) and path[:1] in (("prompt",), ("negative_prompt",))
+                       for model, path in located)
     code = ErrorCode.INVALID_PROMPT if about_prompt else ErrorCode.INVALID_INPUT
     return ApiError(code, problems[0], details=" ".join(problems) if len(problems) > 1 else None)
 
@@ -119,13 +143,27 @@ def safety_body(report: SafetyReport) -> dict[str, Any]:
             "withheld": report.withheld, "threshold": report.threshold, "note": note}
 
 
+def all_withheld(report: SafetyReport, seeds: list[int] = ()) -> ApiError:
+    """CONTENT_WITHHELD for a result with no image left: the note says why and how to get them (where one
+    can), the details what was judged, with the seeds (of generated images) to make them again."""
+    scores = ", ".join("unchecked" if image.nsfw_score is None else f"{image.nsfw_score:.3f}" for image in report.images)
+    details = f"nsfw_scores: {scores}; threshold: {report.threshold:g}"
+    if seeds:
+        details = f"seeds_used: {', '.join(map(str, seeds))}; {details}"
+    return ApiError(ErrorCode.CONTENT_WITHHELD, safety_body(report)["note"], details=details)
+
+
 def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[str, Any]:
     """The generate job's result as the worker contract's response body (`images_base64` only when several),
-    with each image's NSFW score; a withheld image is null."""
+    with each image's NSFW score; a withheld image is null in `images_base64`. `image_base64` is the first
+    image kept, and `seed_used` and `nsfw_score` are that image's; with none kept, CONTENT_WITHHELD."""
     report = SafetyReport.from_dict(result["safety"])
     images = [None if png is None else _b64(png) for png in result["images"]]
+    shown = next((index for index, image in enumerate(images) if image is not None), None)
+    if shown is None:
+        raise all_withheld(report, result["seeds"])
     body = {
-        "image_base64": images[0],
+        "image_base64": images[shown],
         "image_size": [result["width"], result["height"]],
         "generation_time_seconds": round(result["generation_time_seconds"], 3),
         "model_info": {"base_model": result["checkpoint"],
@@ -134,9 +172,9 @@ def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[
                        "lora_scale": lora_scale if lora_scale is not None else
                        (result["loras"][0]["weight"] if result["loras"] else None),
                        "loras": result["loras"]},
-        "metadata": {"seed_used": result["seeds"][0], "actual_steps": result["steps"], "actual_cfg": result["cfg"],
-                     "seeds_used": result["seeds"]},
-        "nsfw_score": report.images[0].nsfw_score,
+        "metadata": {"seed_used": result["seeds"][shown], "actual_steps": result["steps"],
+                     "actual_cfg": result["cfg"], "seeds_used": result["seeds"]},
+        "nsfw_score": report.images[shown].nsfw_score,
         "safety": safety_body(report),
     }
     if len(images) > 1:
@@ -159,7 +197,8 @@ async def render_result(job: Job, result: Any) -> dict[str, Any]:
         return {"captions": result}
     if job.kind == "upscale":
         report, png = SafetyReport.from_dict(result["safety"]), result["image"]
-        return {"image_base64": None if png is None else await asyncio.to_thread(_b64, png),
-                "image_size": None if png is None else await asyncio.to_thread(_png_size, png),
+        if png is None:
+            raise all_withheld(report)
+        return {"image_base64": await asyncio.to_thread(_b64, png), "image_size": await asyncio.to_thread(_png_size, png),
                 "nsfw_score": report.images[0].nsfw_score, "safety": safety_body(report)}
     return result

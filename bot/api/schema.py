@@ -13,30 +13,30 @@ limit is refused with 400 before any job exists.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Callable, Literal
 
-from pydantic import AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl
+from annotated_types import MultipleOf
+from pydantic import AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl, model_validator
 
-from bot.core.generate_models import MODEL_ALIASES, SDXL
+from bot.core.generate_models import GENERATE_MODELS, MODEL_ALIASES, SDXL, TextToImageModel
 from modal_services.jobs.requests import (
     CaptionRequest,
     CaptionStyle,
-    Cfg,
     Creativity,
     GenerateRequest,
     GenerationPrompt,
     GenerationSteps,
     ImageCount,
+    LORAS_PER_JOB,
     LoraRef,
     Prompt,
     Question,
     Scale,
     Seed,
-    FluxSide,
     Timeout,
     UpscaleRequest,
 )
-from modal_services.jobs.validation import field_bounds
+from modal_services.jobs.validation import constraint_bounds, field_bounds
 from modal_services.net.egress import plain_http_allowed
 
 # The contract's version, published in /health and /openapi.json.
@@ -69,6 +69,12 @@ def _default(request: type[BaseModel], name: str):
     return request.model_fields[name].default
 
 
+def _titled_default(request: type[BaseModel], name: str):
+    """A request field's default and its own title (a message's words: "The negative prompt", not the type's
+    "The prompt")."""
+    return Field(_default(request, name), title=request.model_fields[name].title)
+
+
 def _field_type(request: type[BaseModel], name: str):
     """A request field's type with its limits, for a wire field that mirrors it."""
     field = request.model_fields[name]
@@ -81,28 +87,89 @@ IdentityStrength = _field_type(GenerateRequest, "identity_strength")
 ControlnetStrength = _field_type(GenerateRequest, "controlnet_strength")
 
 
+# ------------------------------------------------------------------ what differs by model
+
+# The request field a generate body's field sets, for each model: `cfg` is Flux's `guidance`.
+ModelField = Callable[[TextToImageModel], str]
+
+
+def _model_limits(model: TextToImageModel, name: str) -> str:
+    """One model's range and default for a request field, in words: `SDXL: 512-1536 in steps of 64 (1024)`."""
+    field = model.request.model_fields[name]
+    low, high = constraint_bounds(field)
+    step = next((rule.multiple_of for rule in field.metadata if isinstance(rule, MultipleOf)), None)
+    steps = f" in steps of {step}" if step else ""
+    whole = f" and at most {model.request.max_pixels / 1e6:.1f} MP (width × height)" if name in ("width", "height") and \
+        model.request.max_pixels else ""
+    return f"{model.name} (`{model.key}`): {low:g}-{high:g}{steps}{whole}, {field.default:g} when omitted"
+
+
+def _each_model(field_of: ModelField, what: str) -> str:
+    """A body field's description: what it is, then each model's own limits (checked when the request is built)."""
+    return f"{what}. " + "; ".join(_model_limits(model, field_of(model)) for model in GENERATE_MODELS.values())
+
+
+def _any_model(field_of: ModelField) -> Any:
+    """A body field's type: every value some model takes (the lowest minimum to the highest maximum); the
+    model's own range is checked when the request is built, with its message."""
+    fields = [model.request.model_fields[field_of(model)] for model in GENERATE_MODELS.values()]
+    lows, highs = zip(*(constraint_bounds(field) for field in fields))
+    steps = {rule.multiple_of for field in fields for rule in field.metadata if isinstance(rule, MultipleOf)}
+    number = fields[0].annotation
+    limits = {"ge": min(lows), "le": max(highs), **({"allow_inf_nan": False} if number is float else {}),
+              **({"multiple_of": steps.pop()} if len(steps) == 1 else {})}
+    return Annotated[number, Field(**limits)]
+
+
+def _same(name: str) -> ModelField:
+    return lambda model: name
+
+
+def _cfg(model: TextToImageModel) -> str:
+    return model.cfg_field
+
+
+Side = _any_model(_same("width"))
+AnyCfg = _any_model(_cfg)
+
+
 class Strict(BaseModel):
     # A misspelt field is an error, not a silently ignored default.
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_not_given(cls, data: Any) -> Any:
+        """A field sent as null is a field not sent: its default applies (the contract's clients send
+        `"negative_prompt": null` for "none"); a required one is then named as missing."""
+        if isinstance(data, dict):
+            return {name: value for name, value in data.items() if value is not None}
+        return data
 
 
 class GenerateImageRequest(Strict):
     """The SDXL worker contract's request: GenerateRequest's fields, limits and defaults, with library
     `loras` by name."""
 
+    # Messages name the job as the request classes do ("A generate job needs a prompt.").
+    model_config = ConfigDict(title=GenerateRequest.model_config["title"])
     prompt: GenerationPrompt
     model: Literal[tuple(MODEL_ALIASES)] = Field(
-        SDXL.key, title="The model", description="flux-dev: FLUX.1-dev (if the bot's admin enabled it): guidance `cfg` 1-10 (3.5 when "
-        "omitted), no negative prompt, sizes up to about 2 MP (2048 a side), library Flux LoRAs only")
-    negative_prompt: Prompt = _default(GenerateRequest, "negative_prompt")
-    width: FluxSide = Field(_default(GenerateRequest, "width"), description="SDXL: 512-1536; Flux: up to 2048")
-    height: FluxSide = Field(_default(GenerateRequest, "height"), description="SDXL: 512-1536; Flux: up to 2048")
+        SDXL.key, title="The model", description="`flux-dev` (also `flux`, `flux1-dev`): FLUX.1-dev, if the bot's "
+        "admin enabled it: no negative_prompt, no lora_url, library Flux LoRAs only. width, height and cfg give each "
+        "model's limits")
+    negative_prompt: Prompt = _titled_default(GenerateRequest, "negative_prompt")
+    width: Side = Field(_default(GenerateRequest, "width"), title="The width",
+                        description=_each_model(_same("width"), "Pixels"))
+    height: Side = Field(_default(GenerateRequest, "height"), title="The height",
+                         description=_each_model(_same("height"), "Pixels"))
     steps: GenerationSteps = _default(GenerateRequest, "steps")
-    cfg: Cfg = _default(GenerateRequest, "cfg")
+    cfg: AnyCfg | None = Field(None, title="CFG", description=_each_model(
+        _cfg, "How closely to follow the prompt: SDXL's CFG, Flux's guidance; the model's default when omitted"))
     seed: Seed | None = Field(None, description="random when omitted; always reported in metadata.seed_used")
     count: ImageCount = Field(_default(GenerateRequest, "count"),
                               description="images in one batched call, seeds seed, seed+1, ...")
-    loras: list[LoraRef] = Field(default_factory=list, max_length=field_bounds(GenerateRequest, "loras")[1])
+    loras: Annotated[list[LoraRef], LORAS_PER_JOB] = Field(default_factory=list)
     lora_url: LoraUrl | None = None
     lora_scale: LoraScale = _default(GenerateRequest, "lora_scale")
     lora_sha256: LoraSha256 = Field(None, description="lets a repeat skip the download")
@@ -126,6 +193,8 @@ class GenerateJob(GenerateImageRequest):
 class CaptionJob(Strict):
     """A caption job: its fields, limits and defaults are CaptionRequest's, the images base64."""
 
+    model_config = ConfigDict(title=CaptionRequest.model_config["title"])
+
     kind: Literal["caption"]
     images_base64: list[ImageBase64] = Field(min_length=1, max_length=field_bounds(CaptionRequest, "images")[1])
     style: CaptionStyle = _default(CaptionRequest, "style")
@@ -135,14 +204,19 @@ class CaptionJob(Strict):
 class UpscaleJob(Strict):
     """An upscale job: UpscaleRequest's fields, limits and defaults, the image base64 and LoRAs by library name."""
 
+    model_config = ConfigDict(title=UpscaleRequest.model_config["title"])
+
     kind: Literal["upscale"]
     image_base64: ImageBase64
     scale: Scale = _default(UpscaleRequest, "scale")
     prompt: Prompt = _default(UpscaleRequest, "prompt")
-    negative: Prompt = _default(UpscaleRequest, "negative")
-    loras: list[LoraRef] = Field(default_factory=list, max_length=field_bounds(UpscaleRequest, "loras")[1])
+    negative: Prompt = _titled_default(UpscaleRequest, "negative")
+    loras: Annotated[list[LoraRef], LORAS_PER_JOB] = Field(default_factory=list)
     creativity: Creativity = _default(UpscaleRequest, "creativity")
     seed: Seed | None = Field(None, description="random when omitted")
+    tile_captions: bool = Field(False, description="tag each tile the upscaler will denoise (a caption job, run first: "
+                                                   "POST /jobs answers once it is done) and add its tags to that tile's "
+                                                   "prompt: slower, more fitting detail")
     safety_check: bool = Field(True, description="classify the result and withhold it if flagged NSFW")
 
 
@@ -159,7 +233,7 @@ class ModelInfo(BaseModel):
 
 
 class GenerationMetadata(BaseModel):
-    seed_used: int
+    seed_used: int = Field(description="image_base64's seed")
     actual_steps: int
     actual_cfg: float
     seeds_used: list[int] = Field(description="one per image")
@@ -181,13 +255,14 @@ class FaceInfo(BaseModel):
 
 
 class GenerateImageResponse(BaseModel):
-    image_base64: str | None = Field(description="null when the first image was withheld")
+    image_base64: str = Field(description="the first image the safety check kept (when it kept none, the answer is "
+                                          "422 CONTENT_WITHHELD instead)")
     images_base64: list[str | None] | None = Field(None, description="every image, when count > 1 (null where withheld)")
     image_size: tuple[int, int]
     generation_time_seconds: float
     model_info: ModelInfo
     metadata: GenerationMetadata
-    nsfw_score: float | None = Field(None, description="the first image's NSFW score (null when not checked)")
+    nsfw_score: float | None = Field(None, description="image_base64's NSFW score (null when not checked)")
     safety: SafetyInfo
     face: FaceInfo | None = Field(None, description="with a reference image: what was read from it")
 

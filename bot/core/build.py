@@ -17,11 +17,8 @@ optional models), so this works alike on the local and the Modal backend.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
-
-from PIL import Image, UnidentifiedImageError
 
 from bot.core.choices import GenerateChoices, UpscaleChoices
 from bot.core.generate_models import (
@@ -36,7 +33,7 @@ from modal_services.base_models.optional_models import require_enabled
 from modal_services.base_models.registry import INSTANTID_MODELS
 from modal_services.engines.sdxl.limits import check_upscale_size
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.imaging import ACCEPTED_FORMATS
+from modal_services.imaging import image_size
 from modal_services.jobs.requests import LoraRef, TextToImageRequest, UpscaleRequest
 from modal_services.library.entries import Library
 
@@ -179,7 +176,7 @@ async def build_upscale_request(library: Library, choices: UpscaleChoices) -> Bu
     # 1. Every value, and the image's size at that scale, with no library lookup.
     request = UpscaleRequest.parse(_upscale_fields(choices))
     refs = [LoraRef.parse({"name": lora.name, "weight": lora.weight}) for lora in choices.loras]
-    output_size = check_upscale_size(*_encoded_size(choices.image), request.scale)
+    output_size = check_upscale_size(*image_size(choices.image, name="The file to upscale"), request.scale)
     # 2. Its LoRAs, from the library: the upscaler is SDXL.
     loras = [await resolve_lora(library, lora, SDXL.lora_family) for lora in refs]
     # 3. The library's active checkpoint.
@@ -197,15 +194,6 @@ def _upscale_fields(choices: UpscaleChoices) -> dict[str, Any]:
         "safety": choices.safety,
     }
     return {name: value for name, value in fields.items() if value is not None}
-
-
-def _encoded_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of an encoded image, from its header alone."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError):
-        raise ToolboxError(ErrorCode.INVALID_INPUT, f"The image is not one I can read ({ACCEPTED_FORMATS}).") from None
 
 
 # ------------------------------------------------------------------ LoRAs

@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any, Callable, TypeVar
 
+from modal_services.env_numbers import env_number
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.state.keys import JOB_PREFIX, cancel_key, job_key
+from modal_services.state.keys import JOB_PREFIX, cancel_key, forget_job, job_key
 from modal_services.state.locks import holder_alive, holder_record
 from modal_services.state.store import StateStore
 
@@ -37,6 +38,10 @@ PROGRESS_WRITE_INTERVAL = 0.5
 # (a model loading, a long step), so a silent record means a dead worker.
 HEARTBEAT_INTERVAL = 10.0
 STALE_AFTER = 90.0
+# Finished jobs are removed this long after they end, with every key that belongs to them
+# (TOOLBOX_JOB_RETENTION_HOURS): 7 days by default, as long as Modal's Dict keeps an idle entry.
+JOB_RETENTION_SETTING = "TOOLBOX_JOB_RETENTION_HOURS"
+DEFAULT_JOB_RETENTION_HOURS = 168
 # What a job whose runner died reads as, wherever it is found.
 DEAD_JOB_MESSAGE = "The process running this job stopped (killed, crashed or restarted); run it again."
 
@@ -161,6 +166,23 @@ async def found_job(store: StateStore, job_id: str) -> Job | None:
 async def found_jobs(store: StateStore) -> list[Job]:
     """Every job record, each as `found_job` gives it: no dead job is ever counted as queued or running."""
     return [await fail_if_dead(store, Job.from_dict(record)) for record in (await store.items(JOB_PREFIX)).values()]
+
+
+def job_retention_seconds() -> float:
+    """How long a finished job is kept: TOOLBOX_JOB_RETENTION_HOURS, at least an hour (a result waits ten minutes
+    to be collected) and at most a year; a bad value is INVALID_INPUT naming the setting."""
+    return env_number(JOB_RETENTION_SETTING, DEFAULT_JOB_RETENTION_HOURS, minimum=1, maximum=24 * 366) * 3600
+
+
+async def sweep_finished_jobs(store: StateStore, retention_seconds: float, now: float | None = None) -> int:
+    """Remove every job that finished more than `retention_seconds` ago (a dead one counts as finished when it
+    is found), with the keys that belong to it; returns how many went. Unfinished jobs are never touched."""
+    horizon = (now or time.time()) - retention_seconds
+    old = [job for job in await found_jobs(store)
+           if job.status.finished and (job.finished_at or job.updated_at or job.created_at) < horizon]
+    for job in old:
+        await forget_job(store, job.id)
+    return len(old)
 
 
 async def update_job(store: StateStore, job_id: str, **fields: Any) -> Job:

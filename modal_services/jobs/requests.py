@@ -17,9 +17,11 @@ the label its messages use. A new text-to-image model family subclasses
 from __future__ import annotations
 
 import random
+import unicodedata
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.encoder_text import readings, with_trigger_words
@@ -34,8 +36,24 @@ from modal_services.safety.real_people import REAL_PERSON_REFUSAL
 
 # ------------------------------------------------------------------ reusable field types
 
+# Line breaks and tabs are how people lay out a long prompt; every other control character (NUL, escape
+# sequences, C1 codes) is no part of a prompt, and would reach logs, terminals and the text encoders.
+ALLOWED_CONTROL_CHARACTERS = "\t\n\r"
+
+
+def typed_text(text: str) -> str:
+    """`text`, refused (the `control_character` error, told in the field's words) when it holds a control
+    character other than a line break or a tab."""
+    for position, character in enumerate(text):
+        if unicodedata.category(character) == "Cc" and character not in ALLOWED_CONTROL_CHARACTERS:
+            raise PydanticCustomError("control_character", "contains the control character {code} at position "
+                                      "{position}", {"code": f"U+{ord(character):04X}", "position": position})
+    return text
+
+
+TypedText = AfterValidator(typed_text)
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, title="The seed")]
-Prompt = Annotated[str, Field(max_length=1000, title="The prompt")]
+Prompt = Annotated[str, Field(max_length=1000, title="The prompt"), TypedText]
 LoraWeight = Annotated[float, Field(ge=LORA_WEIGHT.low, le=LORA_WEIGHT.high, allow_inf_nan=False, title="A LoRA weight")]
 Scale = Annotated[float, Field(ge=SCALE.low, le=SCALE.high, allow_inf_nan=False, title="Scale")]
 Creativity = Annotated[float, Field(ge=CREATIVITY.low, le=CREATIVITY.high, allow_inf_nan=False, title="Creativity")]
@@ -43,10 +61,10 @@ Steps = Annotated[int, Field(ge=1, le=60, title="Steps")]
 IpAdapterScale = Annotated[float, Field(ge=0.0, le=1.5, allow_inf_nan=False, title="The IP-Adapter scale")]
 
 CaptionStyle = Annotated[Literal[tuple(CAPTION_STYLES)], Field(title="The caption style")]
-Question = Annotated[str, Field(min_length=1, max_length=500, title="The question")]
+Question = Annotated[str, Field(min_length=1, max_length=500, title="The question"), TypedText]
 
 Aspect = Annotated[Literal[tuple(ASPECT_BUCKETS)], Field(title="The aspect")]
-GenerationPrompt = Annotated[str, Field(min_length=1, max_length=1000, title="The prompt")]
+GenerationPrompt = Annotated[str, Field(min_length=1, max_length=1000, title="The prompt"), TypedText]
 Side = Annotated[int, Field(ge=SDXL_SIDE.low, le=SDXL_SIDE.high, multiple_of=SIDE_MULTIPLE)]
 GenerationSteps = Annotated[int, Field(ge=GENERATION_STEPS.low, le=GENERATION_STEPS.high, title="Steps")]
 Cfg = Annotated[float, Field(ge=CFG.low, le=CFG.high, allow_inf_nan=False, title="CFG")]
@@ -107,12 +125,19 @@ class ResolvedLora(LoraRef):
         return {name: value for name, value in serialize(self).items() if value is not None or name not in ("file", "path")}
 
 
+# LoRAs one job applies, whatever its kind and front end (Discord offers this many slots).
+MAX_LORAS_PER_JOB = 3
+# The limit and the words of a job's LoRA list, for the lists of names the front ends take too.
+LORAS_PER_JOB = Field(max_length=MAX_LORAS_PER_JOB, title="LoRAs per job")
+LorasPerJob = Annotated[list[ResolvedLora], LORAS_PER_JOB]
+
+
 class RegionPrompt(Checked):
     """Words for the tiles whose centre lies in `box` (left, top, right, bottom, in input pixels)."""
 
     model_config = ConfigDict(title="A region prompt")
     box: Annotated[list[int], Field(min_length=4, max_length=4, title="box")]
-    prompt: Annotated[str, Field(max_length=400, title="A region prompt")]
+    prompt: Annotated[str, Field(max_length=400, title="A region prompt"), TypedText]
 
 
 # ------------------------------------------------------------------ content safety
@@ -198,7 +223,7 @@ class UpscaleRequest(SafetyChecked):
     scale: Scale = SCALE.default
     prompt: Prompt = ""
     negative: Prompt = Field("", title="The negative prompt")
-    loras: Annotated[list[ResolvedLora], Field(max_length=5, title="LoRAs per job")] = []
+    loras: LorasPerJob = []
     creativity: Creativity = CREATIVITY.default
     # Picked here when a request leaves it out, so the result can say which seed it used.
     seed: Seed = Field(default_factory=random_seed)
@@ -243,13 +268,15 @@ class TextToImageRequest(SafetyChecked):
     model_config = ConfigDict(str_strip_whitespace=True)
     # Problems with these fields are INVALID_PROMPT, the rest INVALID_INPUT.
     prompt_fields: ClassVar[tuple[str, ...]] = ("prompt", "negative_prompt")
+    # Width × height at most, beyond each side's own range; None: the sides' ranges are the only limit.
+    max_pixels: ClassVar[int | None] = None
     prompt: GenerationPrompt
     negative_prompt: Prompt = Field("", title="The negative prompt")
     steps: GenerationSteps = GENERATION_STEPS.default
     # Image n of the request gets seed + n - 1; picked here when left out, and reported with the result.
     seed: Seed = Field(default_factory=random_seed)
     count: ImageCount = IMAGE_COUNT.default
-    loras: Annotated[list[ResolvedLora], Field(max_length=3, title="LoRAs per job")] = []
+    loras: LorasPerJob = []
     # Seconds from the job's start; the bot and the CLI give the most.
     timeout: Timeout = DEFAULT_TIMEOUT_SECONDS
     # A variation's start image (encoded bytes), resized to width x height.
@@ -331,6 +358,7 @@ class FluxGenerateRequest(TextToImageRequest):
     model_config = ConfigDict(title="A Flux generate job")
     kind: ClassVar[str] = "flux_generate"
     prompt_fields: ClassVar[tuple[str, ...]] = ("prompt",)
+    max_pixels: ClassVar[int | None] = FLUX_MAX_PIXELS
     width: FluxSide = Field(FLUX_SIDE.default, title="The width")
     height: FluxSide = Field(FLUX_SIDE.default, title="The height")
     guidance: Guidance = GUIDANCE.default
@@ -339,9 +367,9 @@ class FluxGenerateRequest(TextToImageRequest):
     def _checked(self) -> "FluxGenerateRequest":
         if self.negative_prompt:
             raise ValueError("Flux has no negative prompt: leave it out and describe what you want instead.")
-        if self.width * self.height > FLUX_MAX_PIXELS:
+        if self.width * self.height > self.max_pixels:
             raise ValueError(
-                f"{self.width}×{self.height} is more than Flux's {FLUX_MAX_PIXELS / 1e6:.1f} megapixels: choose a smaller size."
+                f"{self.width}×{self.height} is more than Flux's {self.max_pixels / 1e6:.1f} megapixels: choose a smaller size."
             )
         return self
 

@@ -100,6 +100,9 @@ def _message(error: dict, owner: type[BaseModel], label: str, field: FieldInfo |
         return f"{title} needs {_article(noun)} {noun}."
     if kind == "value_error":
         return str(ctx["error"])
+    if kind == "control_character":
+        return (f"{label} contains a control character ({ctx['code']}, at position {ctx['position']}): only "
+                "text, line breaks and tabs are allowed.")
     if kind == "extra_forbidden":
         return f"{title} has no field {error['loc'][-1]!r}."
     if kind.startswith(("int_", "float_")) or kind in ("finite_number", "bool_parsing", "bool_type"):

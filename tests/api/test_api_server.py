@@ -164,7 +164,7 @@ def test_toolbox_serve_no_auth_runs_on_loopback(tmp_path):
             except httpx.TransportError:
                 assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()
                 time.sleep(0.1)
-        assert health.status_code == 200 and health.json()["backend"] == "LocalBackend"
+        assert health.status_code == 200 and health.json()["backend"] == "local"
         assert httpx.post(f"http://{LOOPBACK}:{port}/jobs", json={"kind": "caption"}, timeout=5).status_code == 400
     finally:
         server.terminate()

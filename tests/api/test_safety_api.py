@@ -10,7 +10,9 @@ import base64
 
 import pytest
 
+from bot.api.responses import generate_response
 from bot.settings import Settings
+from modal_services.safety.judge import Decision, JudgedImage, SafetyReport
 from modal_services.state.keys import preview_key
 from modal_services.layout import NSFW_CLASSIFIER_DIR
 from modal_services.jobs.requests import GenerateRequest, UpscaleRequest
@@ -26,21 +28,45 @@ def generate_engine(stand_in_engines):
     return engine
 
 
-async def test_flagged_images_are_withheld_and_the_response_says_so(served, generate_engine, install_nsfw_classifier):
+async def test_a_request_whose_every_image_is_withheld_is_422_content_withheld(served, generate_engine,
+                                                                               install_nsfw_classifier):
+    # A contract client decodes `image_base64`: a 200 with null there would crash it.
     install_nsfw_classifier("flags")
     client, backend = await served()
-    response = await client.post("/generate-image", json={"prompt": "a beach", "count": 2, "seed": 9})
-    assert response.status_code == 200, response.text
-    body = response.json()
-    assert body["image_base64"] is None and body["images_base64"] == [None, None]
-    assert body["nsfw_score"] > 0.99
-    safety = body["safety"]
-    assert safety["checked"] and safety["withheld"] == [0, 1] and len(safety["nsfw_scores"]) == 2
-    assert "withheld" in safety["note"] and "safety_check: false" in safety["note"]
-    # The seeds are still reported: the caller can make one again with the check off.
-    assert body["metadata"]["seeds_used"] == [9, 10]
+    body = assert_error(await client.post("/generate-image", json={"prompt": "a beach", "count": 2, "seed": 9}),
+                        422, "CONTENT_WITHHELD")
+    assert "2 of 2 images withheld" in body["error"] and "safety_check: false" in body["error"]
+    # The seeds and scores are still reported: the caller can make them again with the check off.
+    assert body["details"].startswith("seeds_used: 9, 10; nsfw_scores: 0.9") and "threshold: 0.7" in body["details"]
     job = next(iter((await backend.store.items("job:")).values()))
     assert [image["decision"] for image in job["safety"]["images"]] == ["withhold", "withhold"]
+
+
+async def test_a_job_whose_every_image_is_withheld_reads_as_content_withheld(served, generate_engine,
+                                                                             install_nsfw_classifier):
+    install_nsfw_classifier("flags")
+    client, _ = await served()
+    accepted = await client.post("/jobs", json={"kind": "generate", "prompt": "a beach", "seed": 3})
+    view = await wait_for_status(client, accepted.json()["job_id"], "done")
+    assert "result" not in view
+    assert view["error"]["error_code"] == "CONTENT_WITHHELD" and "seeds_used: 3" in view["error"]["details"]
+
+
+def _judged(*decisions: str) -> dict:
+    images = [JudgedImage(Decision(decision), 0.9 if decision == "withhold" else 0.1) for decision in decisions]
+    return SafetyReport("block", False, 0.7, images).to_dict()
+
+
+def test_with_some_images_withheld_image_base64_is_a_kept_one_with_its_seed_and_score():
+    kept = png_bytes(8, 8)
+    result = {"images": [None, kept, None], "safety": _judged("withhold", "post", "withhold"), "width": 8,
+              "height": 8, "generation_time_seconds": 1.0, "checkpoint": "c", "loras": [], "seeds": [5, 6, 7],
+              "steps": 28, "cfg": 5.5}
+    body = generate_response(result, None)
+    assert base64.b64decode(body["image_base64"]) == kept
+    assert body["images_base64"] == [None, body["image_base64"], None]
+    assert (body["metadata"]["seed_used"], body["nsfw_score"]) == (6, 0.1)
+    assert body["metadata"]["seeds_used"] == [5, 6, 7] and body["safety"]["withheld"] == [0, 2]
 
 
 async def test_safety_check_false_returns_the_images_unchecked(served, generate_engine, install_nsfw_classifier):
@@ -98,14 +124,13 @@ async def test_an_upscale_job_is_judged_too(served, stand_in_engines, install_ns
     accepted = await client.post("/jobs", json={"kind": "upscale", "image_base64": source, "scale": 2})
     job_id = accepted.json()["job_id"]
     view = await wait_for_status(client, job_id, "done")
-    result = view["result"]
-    assert result["image_base64"] is None and result["image_size"] is None
-    assert result["nsfw_score"] > 0.99 and result["safety"]["withheld"] == [0]
+    assert "result" not in view
+    assert view["error"]["error_code"] == "CONTENT_WITHHELD" and "1 of 1 withheld" in view["error"]["error"]
+    assert "nsfw_scores: 0.9" in view["error"]["details"]
     assert not await backend.store.contains(preview_key(job_id))
 
     # The image sent may show a real person: flagged, it is withheld even with safety_check: false.
     accepted = await client.post("/jobs", json={"kind": "upscale", "image_base64": source, "scale": 2,
                                                 "safety_check": False})
-    result = (await wait_for_status(client, accepted.json()["job_id"], "done"))["result"]
-    assert result["image_base64"] is None and result["nsfw_score"] > 0.99
-    assert result["safety"]["checked"] and "real person" in result["safety"]["note"]
+    error = (await wait_for_status(client, accepted.json()["job_id"], "done"))["error"]
+    assert error["error_code"] == "CONTENT_WITHHELD" and "real person" in error["error"]

@@ -158,6 +158,11 @@ GENERATE_REFUSALS = [
     (dict(loras=(LoraChoice("Detail"), LoraChoice("detail.safetensors"))), ErrorCode.INVALID_INPUT,
      "The same LoRA is listed twice."),
     (dict(prompt="   "), ErrorCode.INVALID_PROMPT, "The prompt cannot be empty."),
+    # Control characters (an escape sequence, a bell) are no part of a prompt; line breaks and tabs are.
+    (dict(prompt="a fox\x1b[2J"), ErrorCode.INVALID_PROMPT,
+     "The prompt contains a control character (U+001B, at position 5): only text, line breaks and tabs are allowed."),
+    (dict(negative="blurry\x07"), ErrorCode.INVALID_PROMPT, "The negative prompt contains a control character "
+     "(U+0007, at position 6): only text, line breaks and tabs are allowed."),
     # The library: a LoRA of the other family, either way.
     (dict(model="flux", loras=(LoraChoice("Detail"),)), ErrorCode.INCOMPATIBLE_MODEL,
      "The LoRA 'Detail' is made for SDXL; it cannot be used with Flux. Pick a Flux LoRA."),
@@ -236,7 +241,7 @@ UPSCALE_REFUSALS = [
     (dict(image=png_bytes(2048, 2048), scale=4.0), ErrorCode.INVALID_INPUT,
      "2048×2048 at 4x would be 8192×8192 (67.1 MP); the limit is 16 MP. The largest scale for this image is 2x."),
     (dict(image=b"not an image"), ErrorCode.INVALID_INPUT,
-     "The image is not one I can read (PNG, JPEG, WebP, GIF or BMP)."),
+     "The file to upscale is not an image I can read (PNG, JPEG, WebP, GIF or BMP)."),
     (dict(loras=(LoraChoice("Flux Detail"),)), ErrorCode.INCOMPATIBLE_MODEL,
      "The LoRA 'Flux Detail' is made for Flux; it cannot be used with SDXL. Pick a SDXL LoRA."),
     (dict(loras=(LoraChoice("Detail"), LoraChoice("Detail"))), ErrorCode.INVALID_INPUT, "The same LoRA is listed twice."),

@@ -233,3 +233,19 @@ async def test_the_api_refuses_as_the_core_does(served, engine, flux, asked, cod
     # A problem the body's schema finds names the field it is about first (`cfg: ...`); the words are the core's.
     assert body["error"] == message or body["error"].endswith(f": {message}"), body["error"]
     assert await backend.store.keys("job:") == [] and engine.generated == flux.generated == []
+
+
+# ---------------------------------------------------------------- upscale: one set of options
+
+
+def test_upscale_offers_the_same_set_on_discord_and_the_api():
+    from bot.api.schema import UpscaleJob
+    from cogs.upscale import Upscale
+    from modal_services.jobs.requests import MAX_LORAS_PER_JOB, UpscaleRequest
+    from modal_services.jobs.validation import field_bounds
+
+    options = [parameter.name for parameter in Upscale.upscale.parameters]
+    discord_slots = [name for name in options if name.startswith("lora") and not name.endswith("_weight")]
+    api_loras = UpscaleJob.model_json_schema()["properties"]["loras"]["maxItems"]
+    assert len(discord_slots) == api_loras == field_bounds(UpscaleRequest, "loras")[1] == MAX_LORAS_PER_JOB
+    assert "tile_captions" in options and "tile_captions" in UpscaleJob.model_fields

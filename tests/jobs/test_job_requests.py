@@ -210,3 +210,22 @@ async def test_the_worker_refuses_a_bad_payload_before_loading_anything(tmp_path
     record = await load_job(store, job.id)
     assert record.status is JobStatus.ERROR and "Creativity" in record.error_message
     await store.close()
+
+
+@pytest.mark.parametrize("request_class, payload, code", [
+    (GenerateRequest, {"prompt": "a fox\x00"}, ErrorCode.INVALID_PROMPT),
+    (FluxGenerateRequest, {"prompt": "a fox\x9b"}, ErrorCode.INVALID_PROMPT),
+    (UpscaleRequest, {"image": b"png", "negative": "\x1bblur"}, ErrorCode.INVALID_INPUT),
+    (UpscaleRequest, {"image": b"png", "region_prompts": [{"box": [0, 0, 8, 8], "prompt": "eye\x08"}]},
+     ErrorCode.INVALID_INPUT),
+    (CaptionRequest, {"images": [b"png"], "question": "who\x7f"}, ErrorCode.INVALID_INPUT),
+])
+def test_control_characters_are_refused_by_the_request_itself(request_class, payload, code):
+    # The worker parses every payload again: a front end that let one through is still refused there.
+    with pytest.raises(ToolboxError) as refused:
+        request_class.parse(payload)
+    assert refused.value.code is code and "contains a control character (U+" in refused.value.message
+
+
+def test_line_breaks_and_tabs_are_prompt_text():
+    assert GenerateRequest.parse({"prompt": "a fox,\n\tin snow\r\n"}).prompt == "a fox,\n\tin snow"

@@ -21,7 +21,7 @@ router = APIRouter()
 @router.post("/jobs", status_code=202, response_model=JobAccepted)
 async def start_job(body: JobBody, caller: Caller, jobs: JobsDep, library: LibraryDep) -> JobAccepted:
     meta = generate_meta(body) if body.kind == "generate" else {}
-    job = await jobs.start(caller, await job_request(library, body), meta)
+    job = await jobs.start(caller, lambda: job_request(library, body, jobs.backend, {"api_caller": caller}), meta)
     return JobAccepted(job_id=job.id)
 
 
