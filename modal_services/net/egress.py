@@ -15,7 +15,10 @@ On every hop:
   the host name;
 - redirects are followed here, at most `MAX_REDIRECTS`, each hop checked;
   credentials go only to the origin they belong to, matched on the parsed
-  URL, and never follow a redirect to another origin.
+  URL, and never follow a redirect to another origin;
+- (blocking side) the answer, TLS handshake to headers, comes within the read
+  timeout of connecting, and the caller's `watch` can cut the connection from
+  the moment it connects (`connections`).
 
 Exceptions are explicit settings: the configured `CIVITAI_API_BASE` and
 `HF_ENDPOINT` hosts and `TOOLBOX_ALLOWED_HOSTS` (comma-separated
@@ -39,11 +42,14 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 from urllib.parse import urljoin, urlsplit
 
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.net.addresses import address_problem, is_ip_literal
+
+if TYPE_CHECKING:
+    from modal_services.net.connections import ConnectionWatch
 
 MAX_REDIRECTS = 5
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
@@ -295,13 +301,6 @@ class Response:
     def json(self, limit: int, deadline_at: float | None = None) -> Any:
         return json.loads(self.read_capped(limit, deadline_at))
 
-    def abort(self) -> None:
-        """Cut the connection now (from any thread): a blocked read returns at once."""
-        with contextlib.suppress(Exception):
-            sock = getattr(self.raw.connection, "sock", None) if self.raw.connection else None
-            if sock is not None:
-                sock.shutdown(socket.SHUT_RDWR)
-
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.raw.release_conn()
@@ -318,23 +317,26 @@ class Response:
 def open_url(url: str, purpose: Purpose, *, headers: Mapping[str, str] | None = None,
              credentials: Credentials | None = None, trusted: Iterable[str] = (),
              timeout: tuple[float, float] = (DEFAULT_CONNECT_TIMEOUT, DEFAULT_READ_TIMEOUT),
-             follow_redirects: bool = True, label: str | None = None) -> Response:
+             follow_redirects: bool = True, label: str | None = None,
+             watch: ConnectionWatch | None = None) -> Response:
     """GET `url` under the policy, following redirects here; a streamed `Response` of the last hop.
 
     `trusted`: base URLs the caller was configured with (CIVITAI_API_BASE) that
     count as allowed hosts. `follow_redirects=False` returns a redirect as it
     came (its target is for the caller to check and open). `label`: what
-    messages call a URL that must not be shown. Connection failures raise
-    urllib3's errors.
+    messages call a URL that must not be shown. `timeout`: (connect, read)
+    seconds; the read timeout bounds each read and, from connecting, the whole
+    answer up to its headers. `watch` gets each hop's connection as soon as it
+    connects, to cut it when the request must end, until the hop is closed.
+    Connection failures raise urllib3's errors (`ReadTimeoutError` for an answer
+    that came too slowly).
     """
-    import urllib3
-
     trusted = tuple(trusted)
     for hops in range(MAX_REDIRECTS + 1):
         target = check(url, purpose, trusted, label=label)
         if hops == 0:
             first = target.origin
-        pool = _pool_for(target, urllib3.Timeout(connect=timeout[0], read=timeout[1]))
+        pool = _pool_for(target, timeout, watch)
         _URLLIB3_FILTER.requesting.label = label
         try:
             raw = pool.urlopen("GET", target.request_path, headers=_hop_headers(target, headers, credentials, first),
@@ -353,19 +355,23 @@ def open_url(url: str, purpose: Purpose, *, headers: Mapping[str, str] | None = 
     raise AssertionError("unreachable: the loop returns or raises")
 
 
-def _pool_for(target: Target, timeout):
+def _pool_for(target: Target, timeout: tuple[float, float], watch: ConnectionWatch | None):
+    """A pool for one request to the checked address, its connections watched from the moment they connect."""
     import urllib3
 
+    from modal_services.net.connections import WatchedHTTPPool, WatchedHTTPSPool
+
+    limits = {"timeout": urllib3.Timeout(connect=timeout[0], read=timeout[1]), "maxsize": 1, "retries": False,
+              "watch": watch, "answer_within": timeout[1]}
     if target.origin.scheme == "https":
         import certifi
 
         # Connected to the checked address; TLS still verified against the host name (SNI and certificate).
-        return urllib3.HTTPSConnectionPool(
-            target.address, target.origin.port, timeout=timeout, maxsize=1, retries=False,
-            server_hostname=target.origin.host, assert_hostname=target.origin.host,
-            cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(),
+        return WatchedHTTPSPool(
+            target.address, target.origin.port, server_hostname=target.origin.host,
+            assert_hostname=target.origin.host, cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(), **limits,
         )
-    return urllib3.HTTPConnectionPool(target.address, target.origin.port, timeout=timeout, maxsize=1, retries=False)
+    return WatchedHTTPPool(target.address, target.origin.port, **limits)
 
 
 # ---------------------------------------------------------------- async

@@ -482,6 +482,29 @@ async def test_url_source_with_published_hash(hf_hub, tmp_path, store, sleeps):
     assert caught.value.code is ErrorCode.CHECKSUM_MISMATCH and not (tmp_path / "models/direct/e.bin").exists()
 
 
+async def test_a_url_model_whose_server_never_finishes_its_headers_fails_at_the_header_deadline(
+        tmp_path, store, sleeps, monkeypatch):
+    """No Cancel, no job deadline: the stall time bounds each attempt's wait for the headers, and the retries end."""
+    from modal_services.net.transfer import deadlines
+    from tests.fakes.slow_answers import SlowAnswers
+
+    monkeypatch.setenv("TOOLBOX_STALL_SECONDS", "0.3")
+    monkeypatch.setattr(deadlines, "WATCH_INTERVAL", 0.05)
+    with SlowAnswers(interval=0.05) as server:
+        registry = {"direct": ModelEntry("direct", "Direct", URLSource(f"{server.url}/files/d.bin", "d.bin"), "direct",
+                                         approx_bytes=10)}
+        started = time.monotonic()
+        with pytest.raises(ToolboxError) as caught:
+            await asyncio.to_thread(run, make_engine(tmp_path, store, registry=registry))
+        took = time.monotonic() - started
+        assert server.wait_for_hang_ups(6)
+    error = caught.value
+    assert error.code is ErrorCode.DOWNLOAD_FAILED and "kept failing" in error.message and "after 5 retries" in error.message
+    assert "stalled" in error.message or "timed out" in error.message, error.message
+    assert server.accepted == 6 and len(sleeps) == 5 and took < 3.5, took  # the first try and five retries
+    assert not list((tmp_path / "models").rglob("d.bin*"))
+
+
 async def test_unknown_key_is_invalid_input(tmp_path, store):
     with pytest.raises(ToolboxError) as caught:
         await asyncio.to_thread(run, make_engine(tmp_path, store), keys=["nope"])

@@ -21,6 +21,7 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import GenerateRequest
 from modal_services.net.transfer import retrying
 from tests.fakes.hf_server import FakeHub
+from tests.fakes.slow_answers import SlowAnswers
 
 BODY = os.urandom(256 * 1024)
 SECRET_PATH = "/files/secret-name"
@@ -89,6 +90,26 @@ def test_the_request_timeout_ends_a_trickling_lora_fetch(hub, tmp_path):
     error, took = generate_with_lora(f"{hub.url}{SECRET_PATH}", lambda fraction, stage: None, timeout=1.0,
                                      folder=tmp_path)
     assert error.code is ErrorCode.TIMEOUT and "timeout" in error.message and took < 3
+
+
+@pytest.fixture
+def slow_answers():
+    """A LoRA server that accepts, then trickles its status line and headers a byte at a time, never ending them."""
+    with SlowAnswers(interval=0.05) as server:
+        yield server
+
+
+def test_cancel_ends_a_lora_fetch_whose_server_trickles_its_headers(slow_answers, tmp_path):
+    error, took = generate_with_lora(f"{slow_answers.url}{SECRET_PATH}", cancel_after(0.3), folder=tmp_path)
+    assert error.code is ErrorCode.CANCELLED and took < 1.3, (error, took)
+    assert slow_answers.wait_for_hang_ups(1)  # the connection is cut, not left to the server
+
+
+def test_the_request_timeout_ends_a_lora_fetch_whose_headers_never_finish(slow_answers, tmp_path):
+    error, took = generate_with_lora(f"{slow_answers.url}{SECRET_PATH}", lambda fraction, stage: None, timeout=1.0,
+                                     folder=tmp_path)
+    assert error.code is ErrorCode.TIMEOUT and "timeout" in error.message and took < 2, (error, took)
+    assert slow_answers.accepted == 1
 
 
 def test_the_fetch_reports_progress_to_the_job(hub, tmp_path):

@@ -9,7 +9,8 @@ file with finite weights, and is format-normalised as library imports are
 
 The fetch is the job's: it ends at the request's deadline (TIMEOUT) and on
 Cancel (the job's progress callback raises CANCELLED; the transfer's watch
-calls it several times a second). Messages and log lines call the link only
+calls it several times a second, and cuts the connection even before the
+server has sent its headers). Messages and log lines call the link only
 "the LoRA URL": signed URLs carry credentials in their path or query, and
 even the host is not shown.
 

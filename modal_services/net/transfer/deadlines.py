@@ -3,7 +3,9 @@
 The watch thread checks, every `WATCH_INTERVAL`, the file's deadline, the
 stall rule and the caller's progress callback (which raises CANCELLED on a
 cancel request), and cuts the connection on any of them so that a blocked read
-returns at once.
+returns at once. It holds each connection from the moment it connects (the
+requests are opened with `watch=`), so a server still trickling its headers is
+cut as surely as one trickling its body.
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ class TransferWatch:
     Every `WATCH_INTERVAL` it checks the file's deadline, the stall rule (fewer
     than `STALL_MIN_BYTES` in `stall` seconds: silence or a trickle) and the
     caller's progress callback (which raises CANCELLED on a cancel request);
-    on any of them it cuts the connection, so a blocked read returns at once.
+    on any of them it cuts the connections it holds, so a blocked read returns
+    at once. The stall rule counts from the attempt's start: an answer whose
+    headers take longer than `stall` is a stall too.
     """
 
     def __init__(self, report: ThrottledProgress, stall: float, deadline_at: float, done: int, total: int | None,
@@ -76,22 +80,23 @@ class TransferWatch:
         self.done, self.total = done, total
         self.mark = (time.monotonic(), done)
         self.reason: BaseException | None = None
-        self._responses: set = set()
+        self._lines: set = set()  # the connections to cut (`connections.CutLine`)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="transfer-watch", daemon=True)
         self._thread.start()
 
-    def attach(self, response) -> None:
-        """A response to cut when the transfer must end (and at once if it already must)."""
+    def attach(self, line) -> None:
+        """A connection, just connected, to cut when the transfer must end (and at once if it already must)."""
         with self._lock:
-            self._responses.add(response)
+            self._lines.add(line)
         if self.reason is not None:
-            response.abort()
+            line.abort()
 
-    def detach(self, response) -> None:
+    def detach(self, line) -> None:
+        """A connection whose request is closed."""
         with self._lock:
-            self._responses.discard(response)
+            self._lines.discard(line)
 
     def advanced(self, done: int) -> None:
         self.done = done
@@ -99,7 +104,7 @@ class TransferWatch:
             self.mark = (time.monotonic(), done)
 
     def end(self, reason: BaseException) -> None:
-        """End the transfer for `reason`: every attached response is cut."""
+        """End the transfer for `reason`: every attached connection is cut."""
         if self.reason is None:
             self.reason = reason
         self._cut()
@@ -128,9 +133,9 @@ class TransferWatch:
 
     def _cut(self) -> None:
         with self._lock:
-            responses = list(self._responses)
-        for response in responses:
-            response.abort()
+            lines = list(self._lines)
+        for line in lines:
+            line.abort()
 
     def check(self) -> None:
         if self.reason is not None:

@@ -182,11 +182,14 @@ class RangedDownload:
         self.ledger.unlink(missing_ok=True)
 
     def _probe(self) -> tuple[int, str | None] | None:
-        """(total, file name) when the server serves ranges; None sends the caller to one connection."""
+        """(total, file name) when the server serves ranges; None sends the caller to one connection.
+        Cancel and the file's deadline end the probe too."""
         import urllib3
 
+        watch = TransferWatch(self.report, self.stall, self.deadline_at, 0, None)
+        headers = {"Accept-Encoding": "identity", "Range": "bytes=0-0"}
         try:
-            with open_url(self.url, headers={"Accept-Encoding": "identity", "Range": "bytes=0-0"}, **self.opening) as response:
+            with open_url(self.url, headers=headers, watch=watch, **self.opening) as response:
                 if response.status != 206:
                     return None
                 first, total = content_range(response.headers.get("Content-Range"))
@@ -194,7 +197,11 @@ class RangedDownload:
                     return None
                 return total, filename_from_disposition(response.headers.get("Content-Disposition"))
         except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError):
+            if watch.reason is not None and not isinstance(watch.reason, TransientFailure):
+                raise watch.reason from None
             return None  # the one-connection path retries, with its budget
+        finally:
+            watch.stop()
 
     # -- transfer ---------------------------------------------------------------
     def _done(self) -> int:
@@ -280,17 +287,13 @@ class RangedDownload:
         """One request for what the range still lacks, written at its offset."""
         watch = self.watch
         headers = {"Accept-Encoding": "identity", "Range": f"bytes={r.next}-{r.end - 1}"}
-        with open_url(self.url, headers=headers, **self.opening) as response:
-            watch.attach(response)
-            try:
-                self._check(response, r)
-                while not r.finished and (chunk := response.read1(CHUNK_SIZE)):
-                    piece = chunk[: r.end - r.next]  # never past the range asked for
-                    os.pwrite(out.fileno(), piece, r.next)
-                    r.done += len(piece)
-                    watch.advanced(self._done())
-            finally:
-                watch.detach(response)
+        with open_url(self.url, headers=headers, watch=watch, **self.opening) as response:
+            self._check(response, r)
+            while not r.finished and (chunk := response.read1(CHUNK_SIZE)):
+                piece = chunk[: r.end - r.next]  # never past the range asked for
+                os.pwrite(out.fileno(), piece, r.next)
+                r.done += len(piece)
+                watch.advanced(self._done())
         if not r.finished:
             raise TransientFailure("short body")
 

@@ -91,8 +91,7 @@ class SingleConnectionDownload:
         headers = {"Accept-Encoding": "identity"}
         if self.done:
             headers["Range"] = f"bytes={self.done}-"
-        with open_url(self.url, headers=headers, **self.opening) as response:
-            watch.attach(response)
+        with open_url(self.url, headers=headers, watch=watch, **self.opening) as response:
             status = self.last_status = response.status
             if status == 416 and self.done:
                 self._accept_whole_partial(response)
