@@ -34,7 +34,7 @@ from modal_services.layout import Layout
 from modal_services.safety.nsfw_classifier import NsfwClassifier
 from modal_services.safety.tagger import Tagger
 from modal_services.services import (NO_ENGINES_MESSAGE, SERVICES, Engine, EngineFactory, ServiceSpec, build_engine,
-                                     missing_engine_libraries, run_service_job, service_for)
+                                     missing_engine_libraries, require_models, run_service_job, service_for)
 from modal_services.state.durable import DurableStore, local_homes, volume_homes
 from modal_services.state.reconcile import reconcile_at_start
 from modal_services.state.store import ModalDictStore, SqliteStore
@@ -151,6 +151,8 @@ class LocalBackend(Backend):
         if spec.needs_engine_libraries and self.missing_libraries:
             # Refused before a job exists: there is nothing it could run on.
             raise ToolboxError(ErrorCode.BACKEND_UNAVAILABLE, NO_ENGINES_MESSAGE)
+        # A job that could only fail for want of models is refused before it exists, naming them all.
+        await asyncio.to_thread(require_models, spec, self._engine_for(spec), request, self.classifier, self.tagger)
         # Named as its runner from the start: queued here, it dies with this process.
         job = await create_job(self.store, request.kind, owner, meta, job_id, runner=holder_record())
         task = asyncio.create_task(self._run(spec, job.id, request.to_payload()), name=f"job-{job.id}")
@@ -159,17 +161,22 @@ class LocalBackend(Backend):
         task.add_done_callback(lambda _: loop.call_later(RESULT_KEEP_SECONDS, self._tasks.pop, job.id, None))
         return job
 
-    async def _run(self, spec: ServiceSpec, job_id: str, payload: dict[str, Any]) -> Any:
-        # One engine per service, as one Modal container serves all of its class's methods.
+    def _engine_for(self, spec: ServiceSpec) -> Engine:
+        """The service's engine (built, not loaded, on first use), with its one worker thread and its turn lock:
+        one engine per service, as one Modal container serves all of its class's methods."""
         service = spec.modal_class
         if service not in self._engines:
             self._engines[service] = self.build_engine(spec.engine, self.layout)
             self._executors[service] = ThreadPoolExecutor(1, thread_name_prefix=f"{ENGINE_THREAD_PREFIX}{service}")
             self._turns[service] = asyncio.Lock()
+        return self._engines[service]
+
+    async def _run(self, spec: ServiceSpec, job_id: str, payload: dict[str, Any]) -> Any:
+        engine, service = self._engine_for(spec), spec.modal_class
         # The job stays "queued" until its engine is free.
         async with self._turns[service]:
-            return await run_service_job(self.store, self._engines[service], spec, job_id, payload,
-                                         self._executors[service], classifier=self.classifier, tagger=self.tagger)
+            return await run_service_job(self.store, engine, spec, job_id, payload, self._executors[service],
+                                         classifier=self.classifier, tagger=self.tagger)
 
     async def result(self, job_id: str) -> Any:
         task = self._tasks.get(job_id)

@@ -38,7 +38,8 @@ from bot.core.text import plural
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import CaptionRequest, JobRequest, UpscaleRequest
 from modal_services.services import service_of_kind
-from modal_services.jobs.records import Job, JobStatus, found_jobs, new_job_id, request_cancel, update_job
+from modal_services.jobs.records import (Job, JobStatus, found_jobs, job_retention_seconds, new_job_id, request_cancel,
+                                         update_job)
 from modal_services.state.keys import JOB_PREFIX, forget_job
 from modal_services.jobs.slots import UNSTARTED_CLAIM_TIMEOUT, Scope, SlotTable
 
@@ -50,8 +51,6 @@ log = logging.getLogger(__name__)
 # Interaction tokens die after 15 minutes; switch to the bot token with a margin.
 INTERACTION_TOKEN_LIFETIME = 14 * 60
 SNAPSHOT_MAX_AGE = 2.0
-# Finished job records are kept this long (Modal's Dict drops entries unused for 7 days anyway).
-JOB_RETENTION = 7 * 24 * 3600
 # Job kinds people start from commands (every text-to-image model's too); admin work (downloads) is not capped.
 CAPPED_KINDS = (CaptionRequest.kind, UpscaleRequest.kind, *(model.request.kind for model in GENERATE_MODELS.values()))
 # A result's upload limit when neither the interaction nor the guild says (Discord's default).
@@ -236,7 +235,7 @@ class JobTracker:
 
     async def _forget_old(self, jobs: list[Job]) -> None:
         """Drop long-finished job records, so that reading the queue stays cheap."""
-        horizon = time.time() - JOB_RETENTION
+        horizon = time.time() - job_retention_seconds()
         for job in jobs:
             if job.status.finished and (job.finished_at or job.created_at) < horizon:
                 await forget_job(self.store, job.id)

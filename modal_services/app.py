@@ -434,11 +434,12 @@ bot_image = (
 def reconcile_records() -> dict:
     """Daily: every durable record read from its file, the Dict's cache re-warmed, drift (an entry without
     a file, a file without an entry) logged and kept for /status, and result buttons' records past their
-    server's retention removed. Nothing waits on it: the files are the truth."""
+    server's retention removed, and finished jobs past TOOLBOX_JOB_RETENTION_HOURS. Nothing waits on it: the files are the truth."""
     import asyncio
 
     from bot.guild_settings import result_retention_days
     from bot.result_params import sweep_result_params
+    from modal_services.jobs.records import job_retention_seconds, sweep_finished_jobs
     from modal_services.state.reconcile import reconcile
 
     _reload_volumes()  # see what other containers committed
@@ -448,6 +449,7 @@ def reconcile_records() -> dict:
         await store.copy_cached_records()
         report = await reconcile(store)
         await sweep_result_params(store, result_retention_days)
+        await sweep_finished_jobs(store, job_retention_seconds())
         return report
 
     report = asyncio.run(run())

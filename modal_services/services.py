@@ -186,7 +186,7 @@ def run_on_engine(
     batch each, and the withheld ones dropped."""
     request = spec.request.parse(payload)
     context = request.safety if spec.judged_images is not None else None
-    _require_models(engine, request, context, classifier, tagger)
+    require_models(spec, engine, request, classifier, tagger)
     if context is not None:
         _load_safety_models(spec, context, classifier, tagger, progress)
     if not engine.loaded:
@@ -201,10 +201,12 @@ def run_on_engine(
     return spec.judged_images.give(result, images, report.to_dict())
 
 
-def _require_models(engine: Engine, request: JobRequest, context: SafetyContext | None,
-                    classifier: "NsfwClassifier | None", tagger: "Tagger | None") -> None:
+def require_models(spec: ServiceSpec, engine: Engine, request: JobRequest, classifier: "NsfwClassifier | None",
+                   tagger: "Tagger | None") -> None:
     """MODELS_MISSING naming everything the job needs and the volume lacks (the engine's models for this
-    request, the tagger, the classifier where it classifies), before anything loads."""
+    request, the tagger, the classifier where it classifies), before anything loads. Blocking (it looks at
+    the files)."""
+    context = request.safety if spec.judged_images is not None else None
     # Engines without models of their own (downloads, the library's file work) have no `missing_models`.
     missing = list(getattr(engine, "missing_models", lambda _: [])(request))
     if context is not None:

@@ -272,12 +272,12 @@ async def test_local_jobs_cut_by_a_restart_are_reported_as_such(stand_in_engines
 
 
 async def test_long_finished_jobs_are_forgotten(toolbox_bot):
-    from bot.tracker import JOB_RETENTION
+    from modal_services.jobs.records import job_retention_seconds
     from modal_services.state import keys
 
     store = toolbox_bot.backend.store
     old = await create_job(store, "caption")
-    await update_job(store, old.id, status=JobStatus.DONE, finished_at=time.time() - JOB_RETENTION - 60)
+    await update_job(store, old.id, status=JobStatus.DONE, finished_at=time.time() - job_retention_seconds() - 60)
     recent = await create_job(store, "caption")
     await update_job(store, recent.id, status=JobStatus.DONE, finished_at=time.time() - 60)
     per_job = (keys.call_key, keys.cancel_key, keys.preview_key, keys.upscale_params_key)

@@ -93,3 +93,19 @@ async def test_the_local_backend_sweeps_when_it_starts_serving_and_then_periodic
     finally:
         await backend.close()
     assert backend._sweeper.done()
+
+
+async def test_a_job_that_could_only_fail_for_want_of_models_leaves_no_row():
+    from modal_services.jobs.records import found_jobs
+    from modal_services.jobs.requests import CaptionRequest
+    from tests.images import png_bytes
+
+    backend = LocalBackend(Settings.load())  # the real engines, on a data dir with no models
+    try:
+        request = CaptionRequest.parse({"images": [png_bytes()], "style": "descriptive"})
+        with pytest.raises(ToolboxError) as refused:
+            await backend.submit(request)
+        assert refused.value.code is ErrorCode.MODELS_MISSING and "qwen3-vl-2b" in refused.value.message
+        assert await found_jobs(backend.store) == []
+    finally:
+        await backend.close()

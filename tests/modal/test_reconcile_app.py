@@ -65,6 +65,10 @@ def test_the_scheduled_reconcile_warms_the_dict_and_reports_drift(app_module, mo
         kept = {"params": {"prompt": name}, "kept_at": time.time() - age_days * 86_400, "guild_id": None}
         records[f"results/generate/{name}.json"] = json.dumps(kept).encode()
 
+    for name, age_hours in (("old-job", 169), ("recent-job", 1)):  # past and within the default job retention
+        state.put(f"job:{name}", {"id": name, "kind": "caption", "status": "done", "created_at": time.time() - age_hours * 3600,
+                                  "finished_at": time.time() - age_hours * 3600})
+
     report = app_module.reconcile_records.local()
 
     assert all(volume.reloads == 1 for volume in mounted) and mounted[1].commits >= 1  # the leftover's removal
@@ -76,3 +80,4 @@ def test_the_scheduled_reconcile_warms_the_dict_and_reports_drift(app_module, mo
     assert state.get("secret:hf") == token and token["token"] not in json.dumps(report)
     assert state.get(RECONCILE_KEY) == report
     assert "results/generate/old.json" not in records and "results/generate/fresh.json" in records
+    assert state.get("job:old-job") is None and state.get("job:recent-job") is not None
