@@ -124,8 +124,6 @@ class CaptionEngine:
 
     def missing_files(self) -> list[str]:
         """Inside the model's folder (named relative to it: a message must not show where the data dir is)."""
-        if not self.model_dir.is_dir():
-            return [f"{CAPTION_MODEL}/"]
         missing = [name for name in REQUIRED_FILES if not (self.model_dir / name).is_file()]
         if not any(self.model_dir.glob("*.safetensors")):
             missing.append("*.safetensors (the weights)")

@@ -239,14 +239,12 @@ def test_a_missing_library_model_names_the_cli_listing(capsys):
 
 @pytest.mark.slow  # the tiny classifier the API's fixture installs, and torch, take seconds to build and import
 async def test_a_caption_jobs_error_names_files_inside_the_models_folder(served, tmp_path):
-    """The real caption engine, its model absent: GET /jobs/{id} says what is missing without the data dir."""
+    """The real caption engine, its model absent: the refusal says what is missing without the data dir."""
     client, _ = await served()
     image = base64.b64encode(png_bytes()).decode()
-    accepted = await client.post("/jobs", json={"kind": "caption", "style": "descriptive", "images_base64": [image]})
-    assert accepted.status_code == 202, accepted.text
-    view = await wait_for_status(client, accepted.json()["job_id"], "error")
-    error = view["error"]["error"]
-    assert view["error"]["error_code"] == "MODELS_MISSING"
+    refused = await client.post("/jobs", json={"kind": "caption", "style": "descriptive", "images_base64": [image]})
+    assert refused.status_code == 503 and refused.json()["error_code"] == "MODELS_MISSING"
+    error = refused.json()["error"]
     assert str(tmp_path) not in error and "/data/" not in error
-    assert error.startswith("The caption model (Qwen3-VL-2B) is not installed (missing in qwen3-vl-2b/: config.json")
+    assert error.startswith("Not installed yet: qwen3-vl-2b (config.json")
     assert error.endswith("ask the operator to run `toolbox setup --only qwen3-vl-2b`.")
