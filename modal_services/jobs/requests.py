@@ -27,7 +27,7 @@ from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.encoder_text import readings, with_trigger_words
 from modal_services.jobs.limits import (
     ASPECT_BUCKETS, CAPTION_STYLES, CFG, CONTROLNET_STRENGTH, CREATIVITY, DEFAULT_CAPTION_STYLE, DEFAULT_TIMEOUT_SECONDS,
-    FLUX_ASPECT_BUCKETS, FLUX_MAX_PIXELS, FLUX_SIDE, GENERATION_STEPS, GUIDANCE, IDENTITY_STRENGTH, IMAGE_COUNT,
+    FLUX_MAX_PIXELS, FLUX_SIDE, GENERATION_STEPS, GUIDANCE, IDENTITY_STRENGTH, IMAGE_COUNT,
     LORA_WEIGHT, MAX_CAPTION_IMAGES, MAX_SEED, MAX_TIMEOUT_SECONDS, SCALE, SDXL_SIDE, SIDE_MULTIPLE,
 )
 from modal_services.jobs.validation import Checked, invalid_input

@@ -6,7 +6,8 @@ import pytest
 
 from bot.core.generate_models import FAMILY_NAMES, FLUX, GENERATE_MODELS, SDXL, generate_model
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.requests import ASPECT_BUCKETS, FLUX_ASPECT_BUCKETS, FluxGenerateRequest, GenerateRequest
+from modal_services.jobs.limits import ASPECT_BUCKETS, FLUX_ASPECT_BUCKETS
+from modal_services.jobs.requests import FluxGenerateRequest, GenerateRequest
 
 
 @pytest.mark.parametrize("name, model", [
