@@ -83,20 +83,25 @@ def tiny_nsfw_dirs(tmp_path_factory):
             "flags": write_tiny_nsfw_classifier(root / "flags", FLAGS)}
 
 
+def _installer(built_dirs: dict, folder):
+    """install(verdict): the tiny model built for `verdict` linked at `folder` (where the local backend looks)."""
+    def install(verdict: str):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.is_symlink():
+            folder.unlink()
+        folder.symlink_to(built_dirs[verdict], target_is_directory=True)
+        return folder
+
+    return install
+
+
 @pytest.fixture
 def install_nsfw_classifier(tiny_nsfw_dirs, tmp_path):
     """install_nsfw_classifier("passes" | "flags"): that tiny classifier where the local backend looks for it."""
     from modal_services.layout import NSFW_CLASSIFIER_DIR
 
-    def install(verdict: str = "passes"):
-        folder = tmp_path / "data" / "models" / NSFW_CLASSIFIER_DIR
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        if folder.is_symlink():
-            folder.unlink()
-        folder.symlink_to(tiny_nsfw_dirs[verdict], target_is_directory=True)
-        return folder
-
-    return install
+    install = _installer(tiny_nsfw_dirs, tmp_path / "data" / "models" / NSFW_CLASSIFIER_DIR)
+    return lambda verdict="passes": install(verdict)
 
 
 @pytest.fixture(scope="session")
@@ -114,15 +119,8 @@ def install_tagger(tiny_tagger_dirs, tmp_path):
     """install_tagger("safe" | "minor_explicit" | ...): that tiny tagger where the local backend looks for it."""
     from modal_services.layout import TAGGER_DIR
 
-    def install(verdict: str = "safe"):
-        folder = tmp_path / "data" / "models" / TAGGER_DIR
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        if folder.is_symlink():
-            folder.unlink()
-        folder.symlink_to(tiny_tagger_dirs[verdict], target_is_directory=True)
-        return folder
-
-    return install
+    install = _installer(tiny_tagger_dirs, tmp_path / "data" / "models" / TAGGER_DIR)
+    return lambda verdict="safe": install(verdict)
 
 
 @pytest.fixture

@@ -12,13 +12,8 @@ from typing import Any
 
 from bot.core.model_names import DEFAULT_MODEL, MODEL_ALIASES
 from modal_services.errors import ErrorCode, ToolboxError
-from modal_services.jobs.requests import (
-    ASPECT_BUCKETS,
-    FLUX_ASPECT_BUCKETS,
-    FluxGenerateRequest,
-    GenerateRequest,
-    TextToImageRequest,
-)
+from modal_services.jobs.limits import ASPECT_BUCKETS, FLUX_ASPECT_BUCKETS
+from modal_services.jobs.requests import FluxGenerateRequest, GenerateRequest, TextToImageRequest
 
 
 @dataclass(frozen=True, eq=False)

@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from modal_services.jobs.requests import GenerateRequest
 from modal_services.net.transfer import retrying
 from tests.fakes.hf_server import FakeHub
 from tests.fakes.slow_answers import SlowAnswers
+from tests.fakes.cancelling import cancelled_after
 
 BODY = os.urandom(256 * 1024)
 SECRET_PATH = "/files/secret-name"
@@ -64,24 +64,12 @@ def generate_with_lora(url: str, progress, timeout: float = 60.0, folder: Path |
     return caught.value, time.monotonic() - started
 
 
-def cancel_after(seconds: float):
-    """The job's progress callback as its reporter behaves once Cancel (or DELETE /jobs/{id}) is asked for."""
-    asked = threading.Event()
-    threading.Timer(seconds, asked.set).start()
-
-    def progress(fraction, stage):
-        if asked.is_set():
-            raise ToolboxError(ErrorCode.CANCELLED, "Stopped on request.")
-
-    return progress
-
-
 # ---------------------------------------------------------------- bounded by the job
 
 
 def test_cancel_ends_a_trickling_lora_fetch_within_seconds(hub, tmp_path):
     hub.fault(SECRET_PATH, "trickle", times=10, at=1000, interval=0.3)
-    error, took = generate_with_lora(f"{hub.url}{SECRET_PATH}", cancel_after(0.5), folder=tmp_path)
+    error, took = generate_with_lora(f"{hub.url}{SECRET_PATH}", cancelled_after(0.5), folder=tmp_path)
     assert error.code is ErrorCode.CANCELLED and took < 3
 
 
@@ -100,7 +88,7 @@ def slow_answers():
 
 
 def test_cancel_ends_a_lora_fetch_whose_server_trickles_its_headers(slow_answers, tmp_path):
-    error, took = generate_with_lora(f"{slow_answers.url}{SECRET_PATH}", cancel_after(0.3), folder=tmp_path)
+    error, took = generate_with_lora(f"{slow_answers.url}{SECRET_PATH}", cancelled_after(0.3), folder=tmp_path)
     assert error.code is ErrorCode.CANCELLED and took < 1.3, (error, took)
     assert slow_answers.wait_for_hang_ups(1)  # the connection is cut, not left to the server
 

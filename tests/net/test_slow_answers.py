@@ -18,6 +18,7 @@ from modal_services.net.transfer.download import download_file
 from modal_services.net.transfer.files import partial_path
 from tests.fakes.hf_server import FakeHub
 from tests.fakes.slow_answers import SlowAnswers
+from tests.fakes.cancelling import cancelled_after
 
 
 @pytest.fixture
@@ -38,18 +39,6 @@ def timed(call, error=ToolboxError):
     with pytest.raises(error) as caught:
         call()
     return caught.value, time.monotonic() - started
-
-
-def cancelled_after(seconds: float):
-    """A progress callback that raises CANCELLED from `seconds` on, as a job's reporter does after a Cancel."""
-    stop = threading.Event()
-    threading.Timer(seconds, stop.set).start()
-
-    def progress(done, total):
-        if stop.is_set():
-            raise ToolboxError(ErrorCode.CANCELLED, "Stopped on request.")
-
-    return progress
 
 
 def open_fds() -> int:

@@ -14,6 +14,7 @@ from modal_services.net.transfer.download import download_file
 from modal_services.net.transfer.errors import DownloadError
 from modal_services.net.transfer.files import partial_path
 from tests.fakes.hf_server import FakeHub
+from tests.fakes.cancelling import cancelled_after
 
 DATA = os.urandom(2 * (1 << 20) + 77)
 REAL_SLEEP = retrying.wait_before_retry  # before the fixture below replaces it
@@ -61,18 +62,6 @@ def test_a_trickle_recovers_when_the_server_does(hub, tmp_path):
     got = download_file(f"{hub.url}/files/f", tmp_path / "f")
     assert (tmp_path / "f").read_bytes() == DATA and got.size == len(DATA)
     assert hub.body_requests("/files/f")[1]["headers"]["Range"].startswith("bytes=300")  # resumed
-
-
-def cancelled_after(seconds: float):
-    """A progress callback that raises CANCELLED from `seconds` on, as a job's reporter does after a Cancel."""
-    stop = threading.Event()
-    threading.Timer(seconds, stop.set).start()
-
-    def progress(done, total):
-        if stop.is_set():
-            raise ToolboxError(ErrorCode.CANCELLED, "Stopped on request.")
-
-    return progress
 
 
 def test_cancel_stops_a_blocked_read_at_once(hub, tmp_path):
