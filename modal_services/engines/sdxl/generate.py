@@ -2,7 +2,9 @@
 
 diffusers' own SDXL pipelines do the work (`StableDiffusionXLPipeline`, and
 `StableDiffusionXLImg2ImgPipeline` for variations), built with `from_pipe`
-over the loaded components, so no weight is held twice. A request for N
+over the loaded components, so no weight is held twice; prompts reach them
+encoded as A1111 encodes them (any length, weights, BREAK: `prompt_encoding.py`).
+A request for N
 images is one batched call with one generator per image (image i gets seed
 + i): the same images as N calls one by one. The step callback reports
 progress, sends small previews, and is where Cancel and the timeout stop
@@ -43,6 +45,7 @@ from modal_services.engines.sdxl.pipeline import (
     latent_preview_jpeg,
     retry_smaller_on_oom,
 )
+from modal_services.engines.sdxl.prompt_encoding import SdxlPromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -229,14 +232,15 @@ class TextToImage:
                 request.controlnet_strength, variation=start_image is not None,
             )
 
+        with torch.inference_mode():
+            text = SdxlPromptEncoder(pipe).conditioning([prompt], request.negative_prompt, guided)[0]
         steps = StepReports(request, len(seeds), deadline, progress, preview, self.preview_interval)
         images: list[bytes] = []
         for chunk in chunks:
             on_step = steps.callback(first_image=chunk[0] - seeds[0], images=len(chunk))
             with conditioning(len(chunk)) as condition, torch.inference_mode():
                 output = pipe(
-                    prompt=prompt, negative_prompt=request.negative_prompt or None,
-                    num_inference_steps=request.steps, guidance_scale=request.cfg,
+                    **text.pipeline_arguments(), num_inference_steps=request.steps, guidance_scale=request.cfg,
                     num_images_per_prompt=len(chunk),
                     generator=[torch.Generator("cpu").manual_seed(seed) for seed in chunk],
                     callback_on_step_end=on_step, **inputs, **condition,
