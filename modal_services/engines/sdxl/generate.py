@@ -16,6 +16,7 @@ The result, for every front end (the bot, the CLI, the HTTP API):
      "steps": int, "cfg": float, "prompt": str (as run: trigger words added),
      "negative_prompt": str, "checkpoint": str (file stem), "loras": [{"name", "weight"}],
      "strength": float | None (variations), "generation_time_seconds": float,
+     "notes": [str, ...] (what the reply says about how the prompt was read: Flux's),
      "face": None, or with a face image {"faces_found": int, "pose_faces_found": int | None,
               "identity_strength": float, "controlnet_strength": float}}
 
@@ -123,11 +124,11 @@ def generated_images(run: Callable[[int], list[bytes]], count: int, width: int, 
 
 
 def generation_result(request, images: list[bytes], seeds: list[int], prompt: str, specs: list[LoraSpec],
-                      varied: bool, started: float, **model_fields: Any) -> dict:
+                      varied: bool, started: float, notes: list[str] = (), **model_fields: Any) -> dict:
     """The result described above, for `request` (SDXL's or Flux's); `model_fields`: cfg, negative_prompt, checkpoint."""
     return {
         "images": images, "seeds": seeds, "width": request.width, "height": request.height, "steps": request.steps,
-        "prompt": prompt, "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
+        "prompt": prompt, "notes": list(notes), "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
         "strength": request.strength if varied else None,
         "generation_time_seconds": round(time.monotonic() - started, 3), **model_fields,
     }

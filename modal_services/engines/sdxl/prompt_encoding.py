@@ -9,9 +9,9 @@ A1111's `sd_hijack_clip.py` does:
   chunk fills up and its last comma is at most 20 tokens back (A1111's "prompt
   word wrap length limit"), the words after that comma move to the next chunk;
   `BREAK` closes a chunk early;
-- every chunk is wrapped in the start and end tokens and padded to 77, all
-  chunks go through the encoder as one batch, and their penultimate hidden
-  states (what SDXL reads) are joined along the sequence: 77 tokens per chunk;
+- every chunk is wrapped in the start and end tokens, padded to 77 and
+  encoded on its own, and the chunks' penultimate hidden states (what SDXL
+  reads) are joined along the sequence: 77 tokens per chunk;
 - each token's hidden state is multiplied by its weight, and the chunk then
   scaled back to its unweighted mean (A1111's "Original" emphasis);
 - the pooled embedding is the second encoder's, of the first chunk.
@@ -91,27 +91,33 @@ def token_chunks(prompt: str, tokenizer) -> list[TokenChunk]:
 
 
 def weighted(hidden, weights):
-    """(chunks, 77, width) hidden states times (chunks, 77) weights, each chunk scaled back to its own mean
+    """(1, 77, width) hidden states times their 77 weights, scaled back to the chunk's unweighted mean
     (computed in float32, whatever the encoders' dtype)."""
     states = hidden.float()
-    original_mean = states.mean(dim=(1, 2), keepdim=True)
-    states = states * weights[:, :, None]
-    states = states * (original_mean / states.mean(dim=(1, 2), keepdim=True))
+    original_mean = states.mean()
+    states = states * weights[None, :, None]
+    states = states * (original_mean / states.mean())
     return states.to(hidden.dtype)
 
 
 def encode_chunks(chunks: list[TokenChunk], tokenizer, text_encoder):
-    """(the chunks' penultimate hidden states joined, (1, 77 × chunks, width); the encoder's output)."""
+    """(the chunks' penultimate hidden states joined, (1, 77 × chunks, width); the first chunk's encoder output).
+
+    One encoder call per chunk, as A1111 makes them: a chunk's encoding does not depend on the others, so a
+    prompt's first 75 tokens give the same embeddings however long it is."""
     import torch
 
     device = text_encoder.device
-    ids = torch.tensor([chunk.encoder_ids(tokenizer) for chunk in chunks], device=device)
-    output = text_encoder(ids, output_hidden_states=True)
-    hidden = output.hidden_states[-2]
-    weights = [chunk.encoder_weights() for chunk in chunks]
-    if any(weight != 1.0 for row in weights for weight in row):
-        hidden = weighted(hidden, torch.tensor(weights, device=device))
-    return hidden.reshape(1, -1, hidden.shape[-1]), output
+    states, first_output = [], None
+    for chunk in chunks:
+        output = text_encoder(torch.tensor([chunk.encoder_ids(tokenizer)], device=device), output_hidden_states=True)
+        hidden = output.hidden_states[-2]
+        weights = chunk.encoder_weights()
+        if any(weight != 1.0 for weight in weights):
+            hidden = weighted(hidden, torch.tensor(weights, device=device))
+        states.append(hidden)
+        first_output = first_output or output
+    return torch.cat(states, dim=1), first_output
 
 
 class PromptEmbeds(NamedTuple):
