@@ -266,10 +266,10 @@ def test_a_prompt_past_t5s_512_tokens_says_where_it_was_cut():
 
 
 def test_flux_generates_from_the_plain_words_and_the_result_says_so(tmp_path):
-    volume = build_tiny_flux_volume(tmp_path)
-    engine = FluxEngine(Layout(volume.models_dir, volume.loras_dir))
-    engine.load()
-    results = [engine.generate(FluxGenerateRequest.parse({**FAST, "prompt": prompt}), lambda fraction, stage: None)
+    flux_volume = build_tiny_flux_volume(tmp_path)
+    flux = FluxEngine(Layout(flux_volume.models_dir, flux_volume.loras_dir))
+    flux.load()
+    results = [flux.generate(FluxGenerateRequest.parse({**FAST, "prompt": prompt}), lambda fraction, stage: None)
                for prompt in ("(a cat:1.2) BREAK [red]", "a cat red")]
     assert results[0]["prompt"] == "a cat red" and len(results[0]["notes"]) == 1 and results[1]["notes"] == []
     assert (pixels(results[0]["images"][0]) == pixels(results[1]["images"][0])).all()

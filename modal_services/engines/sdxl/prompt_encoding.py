@@ -26,6 +26,7 @@ an empty negative prompt stays zeros, as diffusers gives it under SDXL's
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -60,9 +61,15 @@ class TokenChunk:
         return [1.0, *self.weights] + [1.0] * (CHUNK_LENGTH - 1 - len(self.weights))
 
 
+@functools.lru_cache(maxsize=8)
+def comma_id(tokenizer) -> int | None:
+    """The id of a comma ending a word (looked up once per tokenizer: a CLIP vocabulary has 49,408 entries)."""
+    return tokenizer.get_vocab().get(",</w>")
+
+
 def token_chunks(prompt: str, tokenizer) -> list[TokenChunk]:
     """The prompt in chunks of at most CHUNK_TOKENS weighted tokens (at least one chunk)."""
-    comma = tokenizer.get_vocab().get(",</w>")
+    comma = comma_id(tokenizer)
     chunks: list[TokenChunk] = []
     chunk = TokenChunk()
     last_comma = -1
@@ -103,8 +110,8 @@ def weighted(hidden, weights):
 def encode_chunks(chunks: list[TokenChunk], tokenizer, text_encoder):
     """(the chunks' penultimate hidden states joined, (1, 77 × chunks, width); the first chunk's encoder output).
 
-    One encoder call per chunk, as A1111 makes them: a chunk's encoding does not depend on the others, so a
-    prompt's first 75 tokens give the same embeddings however long it is."""
+    One encoder call per chunk, as A1111 makes them: a chunk's embeddings are the same whatever chunks come
+    with it."""
     import torch
 
     device = text_encoder.device
@@ -116,7 +123,8 @@ def encode_chunks(chunks: list[TokenChunk], tokenizer, text_encoder):
         if any(weight != 1.0 for weight in weights):
             hidden = weighted(hidden, torch.tensor(weights, device=device))
         states.append(hidden)
-        first_output = first_output or output
+        if first_output is None:
+            first_output = output
     return torch.cat(states, dim=1), first_output
 
 
