@@ -41,7 +41,7 @@ from bot.ui import PersistentButton, option_range
 from bot.core.build import build_generate_request
 from bot.core.choices import GenerateChoices, LoraChoice
 from bot.core.generate_models import GENERATE_MODELS, SDXL, aspect_sizes, generate_model, model_of_kind, names_of
-from bot.core.results import face_notes
+from bot.core.results import job_notes
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
     REFERENCE_MAX_SIDE,
@@ -403,7 +403,7 @@ class Generate(commands.Cog):
         prompt = discord.utils.escape_markdown(job.meta.get("prompt") or result["prompt"])
         lines = [f"✅ **{job.meta.get('title', 'Generate')}**", f"> {prompt}", summary]
         notes = {image.note for image in fitted if image.note}
-        lines += [f"-# {note}" for note in face_notes(result.get("face")) + sorted(notes)] + public_lines(report)
+        lines += [f"-# {note}" for note in job_notes(result) + sorted(notes)] + public_lines(report)
         await target.edit(content="\n".join(lines), attachments=files,
                           view=result_view(job.id, [index for index, _ in shown]))
         notice = report and withheld_notice(report)

@@ -181,6 +181,8 @@ def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[
         body["images_base64"] = images
     if result.get("face"):
         body["face"] = result["face"]
+    if result.get("notes"):
+        body["notes"] = result["notes"]
     return body
 
 

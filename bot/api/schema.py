@@ -265,6 +265,8 @@ class GenerateImageResponse(BaseModel):
     nsfw_score: float | None = Field(None, description="image_base64's NSFW score (null when not checked)")
     safety: SafetyInfo
     face: FaceInfo | None = Field(None, description="with a reference image: what was read from it")
+    notes: list[str] = Field([], description="how the model read the prompt, when it is worth saying "
+                                             "(Flux: weights removed, where a long prompt was cut)")
 
 
 class ErrorResponse(BaseModel):

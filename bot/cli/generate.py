@@ -144,13 +144,13 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
         if png is not None:
             await asyncio.to_thread(path.write_bytes, png)
             print(f"{path} ({result['width']}×{result['height']}, seed {image_seed}, {built.checkpoint['name']})")
-    _print_face_notes(result)
+    _print_job_notes(result)
 
 
-def _print_face_notes(result: dict) -> None:
-    from bot.core.results import face_notes
+def _print_job_notes(result: dict) -> None:
+    from bot.core.results import job_notes
 
-    for note in face_notes(result.get("face")):
+    for note in job_notes(result):
         print(note)
 
 
@@ -188,4 +188,4 @@ async def generate_through_api(settings: Settings, args: argparse.Namespace, cho
         if image is not None:
             await asyncio.to_thread(path.write_bytes, base64.b64decode(image))
             print(f"{path} ({width}×{height}, seed {image_seed}, {result['model_info']['base_model']})")
-    _print_face_notes(result)
+    _print_job_notes(result)

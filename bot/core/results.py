@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def job_notes(result: dict) -> list[str]:
+    """What a reply says beside a generate job's images: about its face photos, then about how the model read
+    the prompt (the engine's `notes`: what Flux removed, where a prompt was cut)."""
+    return face_notes(result.get("face")) + list(result.get("notes") or [])
+
+
 def face_notes(face: dict | None) -> list[str]:
     """What a reply says about a face generation's photos: which face was used when there were several."""
     if not face:

@@ -16,6 +16,12 @@ weight-only (torchao) on GPUs of compute capability 8.9 or more, NF4
 (bitsandbytes) on older 24 GB cards. diffusers cannot reliably add LoRA layers
 to a quantised transformer, so LoRAs are refused there with the reason.
 
+Prompts: T5 reads up to MAX_SEQUENCE_LENGTH (512) tokens, the most FLUX.1-dev
+was trained with (and what this engine has always asked for); CLIP's pooled
+embedding reads the first 77, as in every Flux front end. Flux has no use for
+A1111's weights or BREAK, so they are removed (`plain_text`) and the reply
+says so; a prompt still longer than T5's tokens says where it was cut.
+
 The result has the SDXL generate result's shape (`modal_services.engines.sdxl.generate`),
 with `cfg` the guidance, `negative_prompt` empty and `checkpoint` "flux1-dev".
 """
@@ -38,6 +44,7 @@ from modal_services.engines.sdxl.generate import (
     latent_grid,
 )
 from modal_services.imaging import decode_image, encode_png
+from modal_services.jobs.prompt_syntax import plain_text
 from modal_services.jobs.requests import FluxGenerateRequest
 from modal_services.jobs.records import ProgressFn
 from modal_services.layout import FLUX_DIR, LORAS_SUBDIR, Layout
@@ -54,6 +61,8 @@ BF16_MIN_GPU_GB = 40
 FP8_MIN_CAPABILITY = (8, 9)
 # FLUX.1-dev was trained with T5 prompts of up to 512 tokens.
 MAX_SEQUENCE_LENGTH = 512
+# How much of the prompt a note about a cut quotes on each side of it.
+QUOTED_CHARACTERS = 40
 MODEL_NAME = "flux1-dev"
 
 # ComfyUI's linear map from Flux's 16 latent channels to RGB: a thumbnail without the VAE.
@@ -144,6 +153,24 @@ def flux_preview_jpeg(latents, height: int, width: int, vae_scale_factor: int) -
         # A VAE of another width (a distilled or a test model): grey from the channels' mean.
         factors, bias = [[1.0 / channels] * 3] * channels, [0.0, 0.0, 0.0]
     return latent_preview_jpeg(latent_grid(unpacked), factors=factors, bias=bias)
+
+
+def flux_prompt(prompt: str, t5_tokenizer) -> tuple[str, list[str]]:
+    """(the text Flux reads for `prompt`, what the reply says about it): A1111's weights and BREAK removed
+    with a note; a note saying where T5 stops reading a prompt longer than MAX_SEQUENCE_LENGTH tokens."""
+    text = plain_text(prompt)
+    notes = []
+    if text != prompt:
+        notes.append("Flux does not use prompt weights or BREAK: the prompt was read without them "
+                     "(write \\( and \\) for a bracket Flux should see).")
+    tokens = t5_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    read = MAX_SEQUENCE_LENGTH - 1  # the end token takes the last place
+    if len(tokens.input_ids) > read:
+        cut = tokens.offset_mapping[read][0]
+        notes.append(f"The prompt is longer than the {MAX_SEQUENCE_LENGTH} tokens Flux reads: it was read up to "
+                     f"“…{text[:cut][-QUOTED_CHARACTERS:].lstrip()}”, and from "
+                     f"“{text[cut:][:QUOTED_CHARACTERS].rstrip()}…” on it was left out.")
+    return text, notes
 
 
 class FluxEngine:
@@ -242,7 +269,7 @@ class FluxEngine:
         if request.image is not None:
             start_image = decode_image(request.image, max_pixels=MAX_START_PIXELS, name="The start image").image
         seeds = [request.seed + index for index in range(request.count)]
-        prompt = request.encoder_prompt()
+        prompt, notes = flux_prompt(request.encoder_prompt(), self.pipe.tokenizer_2)
         if self.placement != self.device:
             progress(0.01, "moving the models to the GPU")
             self.place()
@@ -253,7 +280,7 @@ class FluxEngine:
                 len(seeds), request.width, request.height, progress,
             )
         return generation_result(request, images, seeds, prompt, specs, start_image is not None, started,
-                                 cfg=request.guidance, negative_prompt="", checkpoint=MODEL_NAME)
+                                 notes=notes, cfg=request.guidance, negative_prompt="", checkpoint=MODEL_NAME)
 
     def loras(self, specs: list[LoraSpec], progress: ProgressFn):
         """The job's LoRAs active inside the block; all unloaded when it ends, however it ends."""

@@ -4,18 +4,21 @@ The engines prepend each LoRA's trigger words to the prompt (`with_trigger_words
 and the request's screening reads that same joined text, so a trigger word
 counts exactly as a word typed into the prompt.
 
-This project passes prompts to the encoders as they are: it parses no weighting
-syntax. People still write A1111's forms (`(word:1.2)`, `[word]`,
-`<lora:name:0.8>`), and the brackets and numbers they add split the words the
-screen matches (`(chi:1.1)ld`, `(nude)(kid)`). `readings` gives a prompt as
-written and, where it differs, with those forms removed (the pieces joined, and
-apart), so a pairing visible in any of them is found.
+The SDXL engine reads A1111's weighting syntax and BREAK (`prompt_syntax.py`):
+`(word:1.2)` reaches the encoders as `word`, weighted, and Flux reads the same
+words without weights. So the screen reads a prompt as the model will (the
+syntax removed, BREAK's chunks joined), and as written, and with every other
+form people write removed too (`<lora:name:0.8>`, `{word}`): the brackets and
+numbers split the words the screen matches (`(chi:1.1)ld`, `(nude)(kid)`).
+`readings` gives each of them, so a pairing visible in any of them is found.
 """
 
 from __future__ import annotations
 
 import re
 from typing import Iterable, Protocol
+
+from modal_services.jobs.prompt_syntax import plain_text
 
 
 class HasTriggerWords(Protocol):
@@ -51,8 +54,9 @@ def without_weighting(text: str, between: str = "") -> str:
 
 
 def readings(texts: Iterable[str]) -> list[str]:
-    """Each text as written and, where they differ, without its weighting syntax (pieces joined, and apart)."""
+    """Each text as written, as the model reads it, and without any weighting form (pieces joined, and apart),
+    each once."""
     read: list[str] = []
     for text in texts:
-        read += dict.fromkeys([text, without_weighting(text), without_weighting(text, " ")])
+        read += dict.fromkeys([text, plain_text(text), without_weighting(text), without_weighting(text, " ")])
     return read

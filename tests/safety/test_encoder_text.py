@@ -1,5 +1,6 @@
 """What is screened is what the text encoders read: the prompt after the LoRAs' trigger words, the region
-prompts (tile captions), the negative prompt, read as written and without weighting syntax; refused in
+prompts (tile captions), the negative prompt, read as written, as the model reads it (weights removed, BREAK's
+chunks joined) and without any weighting form; refused in
 the front ends before any job, and again in the worker for a payload that never went through one."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from modal_services.jobs.requests import (
     UpscaleRequest,
 )
 from modal_services.library.entries import Library, LibraryEntry, entry_key
-from modal_services.safety.prompt_screen import MINOR_REFUSAL
+from modal_services.safety.prompt_screen import MINOR_REFUSAL, SERVER_REFUSAL
 from modal_services.services import SERVICES, run_service_job
 from tests.api.test_api import served  # noqa: F401 (a fixture)
 from tests.bot.test_generate_cog import engine  # noqa: F401 (a fixture)
@@ -112,16 +113,30 @@ def test_a_region_prompt_or_tile_caption_is_screened_with_the_prompt():
     "n(u)d(e) (c)(hi)(ld)",
     "[[shota]], (naked:1.4)",
     "<lora:kid:0.8> nude",
+    # BREAK, read as the model reads it: its chunks joined.
+    "nude, chi BREAK ld",
+    "lo BREAK li, nude",
+    "(lo BREAK li:1.2), nude",
+    "nu BREAK de, kid",
 ])
 def test_weighting_syntax_does_not_hide_a_pairing(prompt):
     assert refused(GenerateRequest.parse, {"prompt": prompt}).message == MINOR_REFUSAL
 
 
+def test_a_servers_phrase_split_by_break_is_still_refused():
+    safety = {"refused_words": ["blood bath"]}
+    assert refused(GenerateRequest.parse, {"prompt": "a (blood:1.3) BREAK bath", "safety": safety}).message == (
+        SERVER_REFUSAL)
+    GenerateRequest.parse({"prompt": "a blood moon BREAK a bath", "safety": safety})
+
+
 def test_weighting_syntax_alone_refuses_nothing():
-    for prompt in ("(masterpiece:1.2), [blurry], a fox", "(nude:1.2), (adult woman:1.1)", "<lora:detail:0.8> a fox"):
+    for prompt in ("(masterpiece:1.2), [blurry], a fox", "(nude:1.2), (adult woman:1.1)", "<lora:detail:0.8> a fox",
+                   "1girl, school uniform BREAK nude statue in a museum, (adult:1.2)"):
         GenerateRequest.parse({"prompt": prompt})
     assert without_weighting("(masterpiece:1.2), [a fox]") == "masterpiece, a fox"
     assert readings(["a fox"]) == ["a fox"]
+    assert readings(["(a:1.1) BREAK fox"]) == ["(a:1.1) BREAK fox", "a fox", "a BREAK fox", " a  BREAK fox"]
 
 
 # ---------------------------------------------------------------- the front ends, before any job

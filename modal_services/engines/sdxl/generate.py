@@ -2,7 +2,9 @@
 
 diffusers' own SDXL pipelines do the work (`StableDiffusionXLPipeline`, and
 `StableDiffusionXLImg2ImgPipeline` for variations), built with `from_pipe`
-over the loaded components, so no weight is held twice. A request for N
+over the loaded components, so no weight is held twice; prompts reach them
+encoded as A1111 encodes them (any length, weights, BREAK: `prompt_encoding.py`).
+A request for N
 images is one batched call with one generator per image (image i gets seed
 + i): the same images as N calls one by one. The step callback reports
 progress, sends small previews, and is where Cancel and the timeout stop
@@ -14,6 +16,7 @@ The result, for every front end (the bot, the CLI, the HTTP API):
      "steps": int, "cfg": float, "prompt": str (as run: trigger words added),
      "negative_prompt": str, "checkpoint": str (file stem), "loras": [{"name", "weight"}],
      "strength": float | None (variations), "generation_time_seconds": float,
+     "notes": [str, ...] (what the reply says about how the prompt was read: Flux's),
      "face": None, or with a face image {"faces_found": int, "pose_faces_found": int | None,
               "identity_strength": float, "controlnet_strength": float}}
 
@@ -43,6 +46,7 @@ from modal_services.engines.sdxl.pipeline import (
     latent_preview_jpeg,
     retry_smaller_on_oom,
 )
+from modal_services.engines.sdxl.prompt_encoding import SdxlPromptEncoder
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +124,11 @@ def generated_images(run: Callable[[int], list[bytes]], count: int, width: int, 
 
 
 def generation_result(request, images: list[bytes], seeds: list[int], prompt: str, specs: list[LoraSpec],
-                      varied: bool, started: float, **model_fields: Any) -> dict:
+                      varied: bool, started: float, notes: list[str] = (), **model_fields: Any) -> dict:
     """The result described above, for `request` (SDXL's or Flux's); `model_fields`: cfg, negative_prompt, checkpoint."""
     return {
         "images": images, "seeds": seeds, "width": request.width, "height": request.height, "steps": request.steps,
-        "prompt": prompt, "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
+        "prompt": prompt, "notes": list(notes), "loras": [{"name": spec.name, "weight": spec.weight} for spec in specs],
         "strength": request.strength if varied else None,
         "generation_time_seconds": round(time.monotonic() - started, 3), **model_fields,
     }
@@ -233,14 +237,15 @@ class TextToImage:
                 request.controlnet_strength, variation=start_image is not None,
             )
 
+        with torch.inference_mode():
+            text = SdxlPromptEncoder(pipe).conditioning([prompt], request.negative_prompt, guided)[0]
         steps = StepReports(request, len(seeds), deadline, progress, preview, self.preview_interval)
         images: list[bytes] = []
         for chunk in chunks:
             on_step = steps.callback(first_image=chunk[0] - seeds[0], images=len(chunk))
             with conditioning(len(chunk)) as condition, torch.inference_mode():
                 output = pipe(
-                    prompt=prompt, negative_prompt=request.negative_prompt or None,
-                    num_inference_steps=request.steps, guidance_scale=request.cfg,
+                    **text.pipeline_arguments(), num_inference_steps=request.steps, guidance_scale=request.cfg,
                     num_images_per_prompt=len(chunk),
                     generator=[torch.Generator("cpu").manual_seed(seed) for seed in chunk],
                     callback_on_step_end=on_step, **inputs, **condition,

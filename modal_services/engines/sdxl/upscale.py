@@ -34,6 +34,7 @@ from modal_services.engines.sdxl.pipeline import (
     latent_preview_jpeg,
     retry_smaller_on_oom,
 )
+from modal_services.engines.sdxl.prompt_encoding import SdxlPromptEncoder
 from modal_services.engines.sdxl.tiling import MAX_TILE, MIN_OVERLAP, TilePlan, TileBlender, pad_to_plan, plan_tiles
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class _TileInputs:
     tiles: list  # in latents
     pixel_tiles: list  # in output pixels
     weights: list  # each tile's blending weights, in latents
-    texts: list  # each tile's (embeds, negative embeds, pooled, negative pooled)
+    texts: list  # each tile's TextConditioning
     time_ids: list  # each tile's micro-conditioning
     control: Any  # the canvas as ControlNet Tile's control image, uint8 (1, 3, H, W)
     image_embeds: Any  # IP-Adapter's, shared by every tile
@@ -251,20 +252,15 @@ class TiledUpscaler:
 
         pipe, device, dtype = self.pipe, self.device, self.dtype
         latent_plan = plan.scaled(pipe.vae_scale_factor)
-        # Text: one encoding per distinct prompt (the user's, plus each tile's own words).
-        encoded = {}
-        for text in dict.fromkeys(tile_texts):
-            encoded[text] = pipe.encode_prompt(
-                prompt=text, device=device, num_images_per_prompt=1,
-                do_classifier_free_guidance=self.guidance_scale > 1.0, negative_prompt=negative or None,
-            )
+        # Text: one encoding per distinct prompt (the user's, plus each tile's own words), all of one length.
+        encoded = SdxlPromptEncoder(pipe).conditioning(tile_texts, negative, guided=self.guidance_scale > 1.0)
         # IP-Adapter: one embedding of the whole picture, shared by every tile.
         pipe.set_ip_adapter_scale(ip_scale)
         image_embeds, negative_image_embeds = self._image_embeds(picture, ip_scale)
         return _TileInputs(
             latent_plan=latent_plan, tiles=latent_plan.tiles, pixel_tiles=plan.tiles,
             weights=[torch.from_numpy(w).to(device, torch.float32) for w in latent_plan.weights()],
-            texts=[encoded[text] for text in tile_texts],
+            texts=encoded,
             # Micro-conditioning per tile: original size = the whole image, crop = where the tile sits,
             # target size = the tile.
             time_ids=[
@@ -304,15 +300,15 @@ class TiledUpscaler:
             [inputs.control[:, :, pixel_tiles[i].slices[0], pixel_tiles[i].slices[1]] for i in members]
         ).to(dtype) / 255.0
         texts = [inputs.texts[i] for i in members]
-        embeds = torch.cat([e[0] for e in texts])
-        pooled = torch.cat([e[2] for e in texts])
+        embeds = torch.cat([text.embeds for text in texts])
+        pooled = torch.cat([text.pooled for text in texts])
         ids = torch.cat([inputs.time_ids[i] for i in members])
         ip_embeds = inputs.image_embeds.expand(len(members), -1, -1, -1)
         model_input = tile_latents
         do_cfg = self.guidance_scale > 1.0
         if do_cfg:
-            embeds = torch.cat([torch.cat([e[1] for e in texts]), embeds])
-            pooled = torch.cat([torch.cat([e[3] for e in texts]), pooled])
+            embeds = torch.cat([torch.cat([text.negative_embeds for text in texts]), embeds])
+            pooled = torch.cat([torch.cat([text.negative_pooled for text in texts]), pooled])
             ids = torch.cat([ids, ids])
             ip_embeds = torch.cat([inputs.negative_image_embeds.expand(len(members), -1, -1, -1), ip_embeds])
             model_input = torch.cat([tile_latents, tile_latents])
