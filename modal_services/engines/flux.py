@@ -36,6 +36,7 @@ from modal_services.engines.sdxl.generate import (
     generation_result,
     latent_grid,
 )
+from modal_services.image_info.writing import with_generation_data
 from modal_services.imaging import decode_image, encode_png
 from modal_services.jobs.requests import FluxGenerateRequest
 from modal_services.jobs.records import ProgressFn
@@ -246,8 +247,9 @@ class FluxEngine:
                 lambda batch: self._run(request, prompt, seeds, start_image, batch, deadline, progress, preview),
                 len(seeds), request.width, request.height, progress,
             )
-        return generation_result(request, images, seeds, prompt, specs, start_image is not None, started,
-                                 cfg=request.guidance, negative_prompt="", checkpoint=MODEL_NAME)
+        result = generation_result(request, images, seeds, prompt, specs, start_image is not None, started,
+                                   cfg=request.guidance, negative_prompt="", checkpoint=MODEL_NAME)
+        return with_generation_data(result, self.pipe.scheduler, specs)
 
     def loras(self, specs: list[LoraSpec], progress: ProgressFn):
         """The job's LoRAs active inside the block; all unloaded when it ends, however it ends."""
