@@ -8,7 +8,6 @@ import json
 
 import discord
 import pytest
-from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from cogs.image_info import GenerateWithSettingsButton
