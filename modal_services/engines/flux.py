@@ -249,7 +249,7 @@ class FluxEngine:
             )
         result = generation_result(request, images, seeds, prompt, specs, start_image is not None, started,
                                    cfg=request.guidance, negative_prompt="", checkpoint=MODEL_NAME)
-        return with_generation_data(result, self.pipe.scheduler, specs)
+        return with_generation_data(result, self.pipe.scheduler, specs, distilled_guidance=True)
 
     def loras(self, specs: list[LoraSpec], progress: ProgressFn):
         """The job's LoRAs active inside the block; all unloaded when it ends, however it ends."""

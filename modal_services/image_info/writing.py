@@ -11,6 +11,8 @@ pixel is encoded again.
 
 The sampler is the result's own `sampler` when it names one, else what the
 pipeline's scheduler is called in A1111 ("Euler" for EulerDiscreteScheduler).
+A guidance-distilled model (Flux) is written as Forge writes it: `CFG scale: 1`
+and its guidance as `Distilled CFG Scale`.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ class MadeWith:
     checkpoint_file: Path | None = None
     models_dir: Path | None = None
     denoising_strength: float | None = None
+    # `cfg` is a distilled model's guidance, not classifier-free guidance.
+    distilled_guidance: bool = False
 
     def text(self, seed: int) -> str:
         """The `parameters` text of the image made from `seed`."""
@@ -70,10 +74,12 @@ class MadeWith:
         lora_hashes = ", ".join(f"{lora_alias(name)}: {short}" for name, short in hashes if short)
         sampler, schedule = self.sampler
         prompt = " ".join(part for part in (self.prompt, lora_tags([(l.name, l.weight) for l in self.loras])) if part)
+        cfg, distilled = (1, self.cfg) if self.distilled_guidance else (self.cfg, None)
         return infotext(prompt, self.negative_prompt, {
-            "Steps": self.steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": f"{self.cfg:g}",
+            "Steps": self.steps, "Sampler": sampler, "Schedule type": schedule, "CFG scale": f"{cfg:g}",
             "Seed": seed, "Size": f"{self.width}x{self.height}", "Model hash": autov2(checkpoint_sha256),
-            "Model": self.model, "Denoising strength": self.denoising_strength, "Lora hashes": lora_hashes or None,
+            "Model": self.model, "Denoising strength": self.denoising_strength,
+            "Distilled CFG Scale": None if distilled is None else f"{distilled:g}", "Lora hashes": lora_hashes or None,
             "Version": VERSION,
         })
 
@@ -98,12 +104,14 @@ def sampler_of(scheduler: Any, named: str | None = None) -> tuple[str, str | Non
 
 
 def with_generation_data(result: dict, scheduler: Any, loras: Sequence[UsedLora], checkpoint_file: Path | None = None,
-                         models_dir: Path | None = None) -> dict:
-    """A text-to-image result (`engines.sdxl.generate`'s shape) whose every image carries its `parameters`."""
+                         models_dir: Path | None = None, distilled_guidance: bool = False) -> dict:
+    """A text-to-image result (`engines.sdxl.generate`'s shape) whose every image carries its `parameters`;
+    `distilled_guidance`: the result's `cfg` is a guidance-distilled model's guidance (Flux)."""
     made = MadeWith(
         prompt=result["prompt"], negative_prompt=result.get("negative_prompt") or "", steps=result["steps"],
         cfg=result["cfg"], width=result["width"], height=result["height"],
         sampler=sampler_of(scheduler, result.get("sampler")), model=result["checkpoint"], loras=loras,
         checkpoint_file=checkpoint_file, models_dir=models_dir, denoising_strength=result.get("strength"),
+        distilled_guidance=distilled_guidance,
     )
     return {**result, "images": [made.tagged(png, seed) for png, seed in zip(result["images"], result["seeds"])]}

@@ -470,3 +470,58 @@ def test_a_jpeg_says_when_the_generation_data_did_not_fit(monkeypatch):
     fitted = fit_to_limit(long, len(long) // 2, "image1")
     assert "its generation data is too long for a JPEG and was left out" in fitted.note
     assert read_generation_settings(fitted.data) is None
+
+
+# ---------------------------------------------------------------- Flux, and what Generate with these settings makes
+
+
+def test_flux_guidance_is_written_as_forge_writes_it_and_planned_back_as_guidance(tmp_path):
+    text = made_with(tmp_path, model="flux1-dev", cfg=3.5, negative_prompt="", loras=[], checkpoint_file=None,
+                     distilled_guidance=True).text(seed=2)
+    read = a1111_parse(text)
+    assert (read["CFG scale"], read["Distilled CFG Scale"], read["Model"]) == ("1", "3.5", "flux1-dev")
+
+
+async def test_a_flux_image_plans_a_flux_generate_with_its_guidance(library):
+    from bot.core.image_settings import plan_generate
+    from modal_services.image_info.infotext import parse_infotext
+
+    settings = parse_infotext("a lighthouse, <lora:Flux Detail:0.9>\nNegative prompt: fog\n"
+                              "Steps: 20, Sampler: Euler, Schedule type: Simple, CFG scale: 1, Distilled CFG Scale: 3.5, "
+                              "Seed: 11, Size: 1024x1024, Model: flux1-dev-bnb-nf4")
+    remake = await plan_generate(settings, library)
+    assert remake.problem is None
+    assert remake.params == {"prompt": "a lighthouse", "negative": None, "model": "flux", "width": 1024, "height": 1024,
+                             "steps": 20, "cfg": 3.5, "seed": 11,
+                             "loras": [{"name": "flux_detail.safetensors", "weight": 0.9}]}
+    assert "Flux takes no negative prompt: the image's is left out." in remake.notes
+
+
+async def test_loras_are_found_by_autov2_or_full_sha256_never_by_another_hash(library, store):
+    from bot.core.image_settings import lora_by_hash
+    from modal_services.library.entries import LibraryEntry
+
+    entry = LibraryEntry(name="Detail", file="detail.safetensors", type="lora", sha256=LORA_SHA256)
+    assert lora_by_hash([entry], LORA_SHA256[:10]) is entry
+    assert lora_by_hash([entry], LORA_SHA256.upper()) is entry
+    assert lora_by_hash([entry], "sha256:" + LORA_SHA256) is entry
+    assert lora_by_hash([entry], LORA_SHA256[:12]) is None  # A1111's own 12-digit hash is not the file's sha256
+    assert lora_by_hash([entry], "blake3:" + LORA_SHA256) is None and lora_by_hash([entry], None) is None
+
+
+async def test_values_out_of_range_are_brought_in_and_a_seed_too_large_is_redrawn(library):
+    from bot.core.image_settings import plan_generate
+    from modal_services.image_info.settings import GenerationSettings
+
+    settings = GenerationSettings(source="ComfyUI", prompt="a cat", steps=8, cfg=30, seed=2**40, width=3000,
+                                  height=300, loras=[LoraUse("Detail", 5.0), LoraUse("nowhere", 1.0)])
+    remake = await plan_generate(settings, library)
+    params = remake.params
+    assert (params["steps"], params["cfg"], params["seed"], params["width"], params["height"]) == (20, 20, None, 1536, 512)
+    assert params["loras"] == [{"name": "detail.safetensors", "weight": 2.0}]
+    assert [lora.name for lora in remake.missing] == ["nowhere"]
+    assert remake.notes == [
+        "Size 3000×300 is not one SDXL makes: 1536×512 is used.", "Steps 8 is outside 20-50 here: 20 is used.",
+        "CFG 30 is outside 1-20 here: 20 is used.", f"Seed {2**40} is outside 0-4294967295: a random seed is used.",
+        "LoRA Detail at 5 is outside -2-2: 2 is used.",
+    ]
