@@ -85,7 +85,8 @@ class ImageInfo(commands.Cog):
         self.bot.remove_dynamic_items(GenerateWithSettingsButton)
 
     async def image_info(self, interaction: discord.Interaction, message: discord.Message) -> None:
-        attachments = image_attachments(message)[:MAX_IMAGES]
+        every_image = image_attachments(message)
+        attachments = every_image[:MAX_IMAGES]
         for attachment in attachments:
             check_attachment(attachment, max_bytes=MAX_IMAGE_BYTES, max_pixels=ANY_PIXEL_COUNT)
         await interaction.response.defer(ephemeral=True, thinking=True)
@@ -102,6 +103,8 @@ class ImageInfo(commands.Cog):
                 label = "Generate with these settings" if len(readings) == 1 else f"Generate with image {number}'s settings"
                 view.add_item(GenerateWithSettingsButton(reading_id, label))
             sections.append(describe_image(attachment.filename, settings, remake, is_admin(interaction), budget))
+        if len(every_image) > MAX_IMAGES:
+            sections.append(f"-# Only the first {MAX_IMAGES} of the message's {len(every_image)} images are read.")
         await interaction.edit_original_response(content="\n".join(sections),
                                                  view=view if view.children else None, allowed_mentions=NO_MENTIONS)
 
