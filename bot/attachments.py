@@ -87,6 +87,11 @@ async def read_image(
     )
 
 
+async def read_bytes(attachment: discord.Attachment) -> bytes:
+    """The attachment's bytes as they are (to read its metadata), downloaded as `read_image` does."""
+    return await _download(attachment, f"`{discord.utils.escape_markdown(attachment.filename)}`")
+
+
 async def _download(attachment: discord.Attachment, name: str) -> bytes:
     """The attachment's bytes from Discord's CDN: INVALID_INPUT naming the file when they cannot be had,
     or when there are more (the transfer is cut) or fewer than Discord declared."""

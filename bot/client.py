@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 EXTENSIONS = (
     "cogs.caption", "cogs.setup", "cogs.models", "cogs.jobs", "cogs.settings", "cogs.upscale", "cogs.generate",
+    "cogs.image_info",
 )
 # While closing, running jobs' replies are told of the restart for at most this long.
 SHUTDOWN_NOTICE_SECONDS = 5.0

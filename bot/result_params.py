@@ -1,7 +1,7 @@
 """What a finished job's result buttons reuse, kept as durable records with a retention each server sets.
 
 A result's parameters (`generate:<job id>`, `upscale:<job id>`, `generate-faces:<job id>`,
-`caption-prompt:<job id>`) are files on the records home (see `durable.py`): they outlive the job
+`caption-prompt:<job id>`, and `image-info:<id>` for settings Image info read) are files on the records home (see `durable.py`): they outlive the job
 record and the live store's memory. Each is kept stamped with when it was kept and the server it was
 made on, `{"params": ..., "kept_at": <epoch seconds>, "guild_id": <id or None>}`, so that:
 
@@ -36,7 +36,7 @@ DAY_SECONDS = 86_400
 RetentionDays = Callable[[StateStore, int | None], Awaitable[int]]
 # The command that makes a result of each kind again, named when its buttons can no longer.
 RERUN_COMMANDS = {"generate:": "/generate", "generate-faces:": "/generate", "upscale:": "/upscale",
-                  "caption-prompt:": "/caption"}
+                  "caption-prompt:": "/caption", "image-info:": "Image info"}
 _STAMPED_FIELDS = {"params", "kept_at", "guild_id"}
 
 

@@ -4,3 +4,6 @@ library, safety), with the worker's job table (`services`) and the Modal app (`a
 Importing this package and its light modules (errors, layout, jobs, state, services) never imports
 torch; the engines import it inside `load()`.
 """
+
+# The toolbox's version, written into every result's generation data (pyproject.toml reads it from here).
+__version__ = "0.1.0"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from bot.cli import caption, discord_bot, generate, migrate, models, serve, setup, status, upscale
+from bot.cli import caption, discord_bot, generate, info, migrate, models, serve, setup, status, upscale
 
-COMMAND_GROUPS = (discord_bot, caption, setup, status, models, migrate, upscale, generate, serve)
+COMMAND_GROUPS = (discord_bot, caption, setup, status, models, migrate, upscale, generate, info, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

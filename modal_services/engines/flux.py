@@ -43,6 +43,7 @@ from modal_services.engines.sdxl.generate import (
     generation_result,
     latent_grid,
 )
+from modal_services.image_info.writing import with_generation_data
 from modal_services.imaging import decode_image, encode_png
 from modal_services.jobs.prompt_syntax import plain_text
 from modal_services.jobs.requests import FluxGenerateRequest
@@ -279,8 +280,9 @@ class FluxEngine:
                 lambda batch: self._run(request, prompt, seeds, start_image, batch, deadline, progress, preview),
                 len(seeds), request.width, request.height, progress,
             )
-        return generation_result(request, images, seeds, prompt, specs, start_image is not None, started,
-                                 notes=notes, cfg=request.guidance, negative_prompt="", checkpoint=MODEL_NAME)
+        result = generation_result(request, images, seeds, prompt, specs, start_image is not None, started,
+                                   notes=notes, cfg=request.guidance, negative_prompt="", checkpoint=MODEL_NAME)
+        return with_generation_data(result, self.pipe.scheduler, specs, distilled_guidance=True)
 
     def loras(self, specs: list[LoraSpec], progress: ProgressFn):
         """The job's LoRAs active inside the block; all unloaded when it ends, however it ends."""

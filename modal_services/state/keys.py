@@ -18,7 +18,8 @@ Durable records (each a file, the store only caches it; `durable.py` says where)
   `active_checkpoint`, `settings:<guild>`, `secret:<service>` a token; what
   result buttons reuse: `upscale:<id>` and `generate:<id>` a job's parameters,
   `generate-faces:<id>` a face generation's photos (for V and Reroll),
-  `caption-prompt:<id>` a prompt-style caption for its Generate button.
+  `caption-prompt:<id>` a prompt-style caption for its Generate button, `image-info:<id>` the settings
+  Image info read from an image, for its Generate with these settings button.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ ACTIVE_CHECKPOINT_KEY = "active_checkpoint"
 PER_JOB_PREFIXES = (JOB_PREFIX, "call:", "cancel:", "preview:")
 # What a finished job's result buttons reuse, each `<prefix><job id>`: durable records with a
 # retention of their own (`bot/result_params.py`), outliving the job record.
-RESULT_PARAMS_PREFIXES = ("upscale:", "generate:", "generate-faces:", "caption-prompt:")
+RESULT_PARAMS_PREFIXES = ("upscale:", "generate:", "generate-faces:", "caption-prompt:", "image-info:")
 
 
 # The last reconcile of the durable records with their files: when it ran, what it found.
@@ -78,6 +79,11 @@ def generate_faces_key(job_id: str) -> str:
 def caption_prompt_key(job_id: str) -> str:
     """A `prompt`-style caption, for its Generate from this button."""
     return f"caption-prompt:{job_id}"
+
+
+def image_info_key(reading_id: str) -> str:
+    """The settings Image info read from an image, for its Generate with these settings button."""
+    return f"image-info:{reading_id}"
 
 
 def download_key(model: str) -> str:

@@ -7,9 +7,10 @@ import discord
 
 from bot.tracker import CancelJobButton
 from cogs.generate import BUTTONS as GENERATE_BUTTONS
+from cogs.image_info import GenerateWithSettingsButton
 from cogs.upscale import BUTTONS as UPSCALE_BUTTONS
 
-PERSISTENT_BUTTONS = (CancelJobButton, *GENERATE_BUTTONS, *UPSCALE_BUTTONS)
+PERSISTENT_BUTTONS = (CancelJobButton, *GENERATE_BUTTONS, *UPSCALE_BUTTONS, GenerateWithSettingsButton)
 
 
 async def rebuilt(custom_id: str) -> discord.ui.DynamicItem:

@@ -12,7 +12,8 @@ the job between steps.
 
 The result, for every front end (the bot, the CLI, the HTTP API):
 
-    {"images": [PNG bytes, ...], "seeds": [int, ...], "width": int, "height": int,
+    {"images": [PNG bytes, ...] (each with its generation data, `modal_services.image_info.writing`),
+     "seeds": [int, ...], "width": int, "height": int,
      "steps": int, "cfg": float, "prompt": str (as run: trigger words added),
      "negative_prompt": str, "checkpoint": str (file stem), "loras": [{"name", "weight"}],
      "strength": float | None (variations), "generation_time_seconds": float,
@@ -34,6 +35,7 @@ import time
 from typing import Any, Callable
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.image_info.writing import with_generation_data
 from modal_services.imaging import decode_image, encode_png
 from modal_services.jobs.requests import GenerateRequest
 from modal_services.engines.sdxl.instantid import FaceInputs, InstantId
@@ -190,9 +192,10 @@ class TextToImage:
             **faces.summary(), "identity_strength": request.identity_strength,
             "controlnet_strength": request.controlnet_strength,
         }
-        return generation_result(request, images, seeds, prompt, specs, start_image is not None, started,
-                                 cfg=request.cfg, negative_prompt=request.negative_prompt, checkpoint=checkpoint_path.stem,
-                                 face=face)
+        result = generation_result(request, images, seeds, prompt, specs, start_image is not None, started,
+                                   cfg=request.cfg, negative_prompt=request.negative_prompt,
+                                   checkpoint=checkpoint_path.stem, face=face)
+        return with_generation_data(result, self.models.pipe.scheduler, specs, checkpoint_path, self.models.models_dir)
 
     def _pipelines(self):
         """Text-to-image and img2img pipelines over the loaded components (rebuilt after a checkpoint switch)."""

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.image_info.writing import MadeWith, sampler_of
 from modal_services.imaging import decode_image, encode_png
 from modal_services.jobs.requests import RegionPrompt, UpscaleRequest
 from modal_services.jobs.records import ProgressFn
@@ -142,7 +143,7 @@ class TiledUpscaler:
     # ------------------------------------------------------------------ the job
 
     def upscale(self, request: UpscaleRequest, progress: ProgressFn, preview: PreviewFn | None = None) -> bytes:
-        """Upscale `request.image` (encoded bytes) by `request.scale`; returns PNG bytes.
+        """Upscale `request.image` (encoded bytes) by `request.scale`; returns PNG bytes with their generation data.
 
         `request.region_prompts` (boxes in input pixels, e.g. per-tile
         captions) add words to the prompt of each tile whose centre lies in
@@ -168,7 +169,11 @@ class TiledUpscaler:
         # --- models for this job
         self.models.use_checkpoint(checkpoint_path, progress)
         with self.models.loras(specs, progress):
-            return self._run(picture, plan, tile_texts, negative, request, progress, preview)
+            png = self._run(picture, plan, tile_texts, negative, request, progress, preview)
+        return MadeWith(prompt=prompt, negative_prompt=negative, steps=request.steps, cfg=self.guidance_scale,
+                        width=out_width, height=out_height, sampler=sampler_of(self.pipe.scheduler),
+                        model=checkpoint_path.stem, loras=specs, checkpoint_file=checkpoint_path,
+                        models_dir=self.models.models_dir, denoising_strength=request.creativity).tagged(png, request.seed)
 
     # ------------------------------------------------------------------ denoising
 
