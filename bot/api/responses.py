@@ -153,10 +153,11 @@ def all_withheld(report: SafetyReport, seeds: list[int] = ()) -> ApiError:
     return ApiError(ErrorCode.CONTENT_WITHHELD, safety_body(report)["note"], details=details)
 
 
-def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[str, Any]:
+def generate_response(result: dict[str, Any], lora_scale: float | None, notes: list[str] = ()) -> dict[str, Any]:
     """The generate job's result as the worker contract's response body (`images_base64` only when several),
     with each image's NSFW score; a withheld image is null in `images_base64`. `image_base64` is the first
-    image kept, and `seed_used` and `nsfw_score` are that image's; with none kept, CONTENT_WITHHELD."""
+    image kept, and `seed_used` and `nsfw_score` are that image's; with none kept, CONTENT_WITHHELD. `notes`:
+    the job's own (a remix's differences), before the result's."""
     report = SafetyReport.from_dict(result["safety"])
     images = [None if png is None else _b64(png) for png in result["images"]]
     shown = next((index for index, image in enumerate(images) if image is not None), None)
@@ -181,8 +182,8 @@ def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[
         body["images_base64"] = images
     if result.get("face"):
         body["face"] = result["face"]
-    if result.get("notes"):
-        body["notes"] = result["notes"]
+    if notes or result.get("notes"):
+        body["notes"] = [*notes, *(result.get("notes") or [])]
     return body
 
 
@@ -194,7 +195,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 async def render_result(job: Job, result: Any) -> dict[str, Any]:
     """A finished job's result as JSON; image encoding runs in a thread (an upscale is tens of MB)."""
     if job.kind in ("generate", "flux_generate"):
-        return await asyncio.to_thread(generate_response, result, job.meta.get("lora_scale"))
+        return await asyncio.to_thread(generate_response, result, job.meta.get("lora_scale"), job.meta.get("notes") or [])
     if job.kind == "caption":
         return {"captions": result}
     if job.kind == "upscale":

@@ -89,7 +89,7 @@ def _prompt_problem(settings: GenerationSettings, model: TextToImageModel) -> st
     for name, text in texts:
         longest = field_bounds(model.request, name)[1]
         if len(text) > longest:
-            return f"The image's {name.replace('_', ' ')} is {len(text)} characters; /generate takes at most {longest}."
+            return f"The image's {name.replace('_', ' ')} is {len(text)} characters; a generate request takes at most {longest}."
     return None
 
 

@@ -15,9 +15,10 @@ Discord-free: the generate cog, the CLI and the HTTP API use it alike.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from bot.core.choices import GenerateChoices, LoraChoice
 from bot.core.generate_models import SDXL, generate_model
 from bot.core.image_settings import Remake, plan_generate
 from modal_services.errors import ErrorCode, ToolboxError
@@ -77,12 +78,21 @@ async def plan_remix(reference: str, client: CivitaiClient, library: Library) ->
 
 
 def remix_params(remix: Remix, given: dict[str, Any]) -> dict[str, Any]:
-    """The remix's /generate parameters with each choice the person gave (not None) in place of the image's:
-    an aspect replaces the image's size, LoRAs replace its LoRAs, a model other than SDXL drops its checkpoint."""
-    chosen = {name: value for name, value in given.items() if value is not None and value != []}
+    """The remix's /generate parameters (as the generate cog keeps a result's) with each choice the person
+    gave (not None, not empty) in place of the image's: an aspect replaces the image's size, LoRAs replace its
+    LoRAs, a model other than SDXL drops its checkpoint."""
+    chosen = {name: value for name, value in given.items() if value is not None and value != [] and value != ()}
     params = dict(remix.remake.params)
     if "aspect" in chosen:
         params = {name: value for name, value in params.items() if name not in SIZE_CHOICES}
     if "model" in chosen and generate_model(chosen["model"]) is not SDXL:
         params.pop("checkpoint", None)
     return params | chosen
+
+
+def remixed_choices(remix: Remix, choices: GenerateChoices, given: set[str]) -> GenerateChoices:
+    """`choices` (a front end's, the CLI's or the API's) with the remix's value for each choice not `given`."""
+    params = remix_params(remix, {name: getattr(choices, name) for name in given})
+    loras = tuple(lora if isinstance(lora, LoraChoice) else LoraChoice(**lora) for lora in params.pop("loras", ()))
+    known = {name: value for name, value in params.items() if name in GenerateChoices.__dataclass_fields__}
+    return replace(choices, **known, loras=loras)
