@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Callable, Literal
 
 from annotated_types import MultipleOf
-from pydantic import (AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl, field_validator,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from bot.core.generate_models import GENERATE_MODELS, MODEL_ALIASES, SDXL, TextToImageModel
@@ -64,6 +64,8 @@ def _https_only(url: HttpUrl) -> HttpUrl:
 
 
 RemixReference = Annotated[str, Field(min_length=1, max_length=300)]
+# What a generate body without a prompt or a remix has as its prompt while it is validated.
+PROMPT_NOT_GIVEN = object()
 ImageBase64 = Annotated[Base64Bytes, AfterValidator(_within_image_limit)]
 LoraUrl = Annotated[HttpUrl, AfterValidator(_https_only),
                     Field(description="a .safetensors LoRA to apply to this request only (a presigned URL works)")]
@@ -157,12 +159,11 @@ class GenerateImageRequest(Strict):
 
     # Messages name the job as the request classes do ("A generate job needs a prompt.").
     model_config = ConfigDict(title=GenerateRequest.model_config["title"])
-    # Before `prompt`, whose check reads it.
     remix: RemixReference | None = Field(
         None, description="A CivitAI image (https://civitai.com/images/<id>, or its id): its published prompt, "
         "negative prompt, size, steps, CFG, seed, checkpoint and LoRAs (the library's matches) are used for every "
         "field this body does not give; what differs from the original is listed in the result's `notes`")
-    prompt: GenerationPrompt | None = Field(None, validate_default=True, description="required without `remix`")
+    prompt: GenerationPrompt | None = Field(None, description="required without `remix`")
     model: Literal[tuple(MODEL_ALIASES)] = Field(
         SDXL.key, title="The model", description="`flux-dev` (also `flux`, `flux1-dev`): FLUX.1-dev, if the bot's "
         "admin enabled it: no negative_prompt, no lora_url, library Flux LoRAs only. width, height and cfg give each "
@@ -195,11 +196,19 @@ class GenerateImageRequest(Strict):
                                                     description="how closely the pose is followed")
 
 
-    @field_validator("prompt")
+    @model_validator(mode="before")
     @classmethod
-    def _prompt_or_remix(cls, prompt: str | None, info: ValidationInfo) -> str | None:
-        """A prompt is required, unless a remixed image gives one (a missing one is named as any missing field)."""
-        if prompt is None and info.data.get("remix") is None:
+    def _prompt_unless_remix(cls, data: Any) -> Any:
+        """A body with neither a prompt nor a remix: its prompt marked as not given, for `_given` to name."""
+        if isinstance(data, dict) and data.get("prompt") is None and data.get("remix") is None:
+            return {**data, "prompt": PROMPT_NOT_GIVEN}
+        return data
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _given(cls, prompt: Any) -> Any:
+        """A prompt is required, unless a remix gives one: named as any missing field is."""
+        if prompt is PROMPT_NOT_GIVEN:
             raise PydanticCustomError("missing", "Field required")
         return prompt
 
