@@ -91,6 +91,16 @@ async def test_a_remix_reproduces_the_published_settings_with_the_librarys_model
     assert "-# Sampler Euler a: not applied" in text
     assert private_offers(interaction) == []  # nothing is missing
 
+    # Reroll keeps the image's checkpoint and LoRA, with a new seed.
+    view = interaction.calls.edit_original_response.await_args.kwargs["view"]
+    [reroll] = [child.custom_id for child in view.children if ":reroll:" in child.custom_id]
+    click = fake_interaction()
+    click.client = toolbox_bot
+    await press(reroll, click)
+    again = engine.generated[1]
+    assert again["checkpoint"] == "wai_v14.safetensors" and again["loras"] == request["loras"]
+    assert again["prompt"] == request["prompt"] and again["seed"] != request["seed"]
+
 
 async def test_what_differs_is_said_and_an_operator_gets_import_missing(toolbox_bot, civitai, engine, fast_progress):
     civitai.add_image(IMAGE, GENERATOR_META)
