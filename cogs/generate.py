@@ -23,7 +23,7 @@ import asyncio
 import base64
 import io
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import discord
 from discord import app_commands
@@ -45,6 +45,7 @@ from bot.core.choices import GenerateChoices, LoraChoice
 from bot.core.generate_models import GENERATE_MODELS, SDXL, aspect_sizes, generate_model, model_of_kind, names_of
 from bot.core.results import job_notes
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs.limits import MAX_REMIX_REFERENCE_CHARS
 from modal_services.library.civitai import parse_image_reference
 from modal_services.jobs.requests import (
     REFERENCE_MAX_SIDE,
@@ -70,7 +71,7 @@ CfgOption = option_range(GenerateRequest, "cfg")
 SeedOption = option_range(GenerateRequest, "seed")
 LoraWeightOption = option_range(LoraRef, "weight")
 IdentityStrengthOption = option_range(GenerateRequest, "identity_strength")
-RemixOption = app_commands.Range[str, 1, 300]
+RemixOption = app_commands.Range[str, 1, MAX_REMIX_REFERENCE_CHARS]
 MAX_PROMPT_CHARS = field_bounds(GenerateRequest, "prompt")[1]
 # A member watches with a Cancel button: the longest timeout the request allows.
 DISCORD_TIMEOUT = field_bounds(GenerateRequest, "timeout")[1]
@@ -371,7 +372,7 @@ class Generate(commands.Cog):
 
     async def _generate(self, interaction: discord.Interaction, params: dict[str, Any],
                         start: discord.Attachment | None, photos: dict[str, bytes | None] | None,
-                        admission: Admission, notes: list[str] = ()) -> None:
+                        admission: Admission, notes: Sequence[str] = ()) -> None:
         settings = admission.settings
         model = params.get("model") or settings.default_model
         # The server's defaults are SDXL's: another model keeps its own (Flux has no negative prompt at all).

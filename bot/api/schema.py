@@ -39,6 +39,7 @@ from modal_services.jobs.requests import (
     Timeout,
     UpscaleRequest,
 )
+from modal_services.jobs.limits import MAX_REMIX_REFERENCE_CHARS
 from modal_services.jobs.validation import constraint_bounds, field_bounds
 from modal_services.net.egress import plain_http_allowed
 
@@ -63,7 +64,7 @@ def _https_only(url: HttpUrl) -> HttpUrl:
     return url
 
 
-RemixReference = Annotated[str, Field(min_length=1, max_length=300)]
+RemixReference = Annotated[str, Field(min_length=1, max_length=MAX_REMIX_REFERENCE_CHARS)]
 # What a generate body without a prompt or a remix has as its prompt while it is validated.
 PROMPT_NOT_GIVEN = object()
 ImageBase64 = Annotated[Base64Bytes, AfterValidator(_within_image_limit)]
