@@ -54,6 +54,13 @@ def as_toolbox_error(error: BaseException) -> ToolboxError:
     return ToolboxError(ErrorCode.INTERNAL, "An unexpected error happened; it has been logged.")
 
 
+def safe_inline(text: str, limit: int) -> str:
+    """Text from a stranger (an image's metadata, CivitAI), on one line, cut to `limit`, with no markdown or
+    mention Discord would act on."""
+    text = discord.utils.escape_mentions(discord.utils.escape_markdown(" ".join(str(text).split())))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 async def taking_interactions(interaction: discord.Interaction) -> bool:
     """False (having told the user privately) while the bot is closing: nothing new starts then."""
     if not interaction.client.stopping:

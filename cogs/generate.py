@@ -23,7 +23,7 @@ import asyncio
 import base64
 import io
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import discord
 from discord import app_commands
@@ -34,15 +34,19 @@ from bot.content_safety import age_restricted, public_lines, withheld_notice
 from bot.guild_settings import result_retention_days
 from bot.library_options import bot_library, lora_slots, model_lora_autocomplete
 from bot.live_previews import LivePreviews
+from bot.remix_replies import MODELS_COG, private_offer, public_differences
 from bot.result_images import fit_to_limit
 from bot.result_params import keep_result_params, read_result_params
 from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget
 from bot.ui import PersistentButton, option_range
 from bot.core.build import build_generate_request
+from bot.core.remix import civitai_client, plan_remix, remix_params
 from bot.core.choices import GenerateChoices, LoraChoice
 from bot.core.generate_models import GENERATE_MODELS, SDXL, aspect_sizes, generate_model, model_of_kind, names_of
 from bot.core.results import job_notes
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs.limits import MAX_REMIX_REFERENCE_CHARS
+from modal_services.library.civitai import parse_image_reference
 from modal_services.jobs.requests import (
     REFERENCE_MAX_SIDE,
     GenerateRequest,
@@ -67,6 +71,7 @@ CfgOption = option_range(GenerateRequest, "cfg")
 SeedOption = option_range(GenerateRequest, "seed")
 LoraWeightOption = option_range(LoraRef, "weight")
 IdentityStrengthOption = option_range(GenerateRequest, "identity_strength")
+RemixOption = app_commands.Range[str, 1, MAX_REMIX_REFERENCE_CHARS]
 MAX_PROMPT_CHARS = field_bounds(GenerateRequest, "prompt")[1]
 # A member watches with a Cancel button: the longest timeout the request allows.
 DISCORD_TIMEOUT = field_bounds(GenerateRequest, "timeout")[1]
@@ -239,13 +244,14 @@ class Generate(commands.Cog):
         identity_strength="How strongly the face is kept, 0-1.5 (default 0.8)",
         pose="A photo whose face sets the head's place and angle (default: the face photo's)",
         model="SDXL or FLUX.1-dev (default: the server's, usually SDXL)",
+        remix="A CivitAI image's link or id: its published prompt and settings (what you also give wins)",
     )
     @app_commands.choices(aspect=ASPECT_CHOICES, model=MODEL_CHOICES)
     @app_commands.autocomplete(lora1=model_lora_autocomplete, lora2=model_lora_autocomplete, lora3=model_lora_autocomplete)
     async def generate(
         self,
         interaction: discord.Interaction,
-        prompt: PromptOption,
+        prompt: PromptOption | None = None,
         negative: NegativeOption | None = None,
         aspect: app_commands.Choice[str] | None = None,
         count: CountOption | None = None,
@@ -262,14 +268,17 @@ class Generate(commands.Cog):
         identity_strength: IdentityStrengthOption | None = None,
         pose: discord.Attachment | None = None,
         model: app_commands.Choice[str] | None = None,
+        remix: RemixOption | None = None,
     ) -> None:
+        if prompt is None and remix is None:
+            raise ToolboxError(ErrorCode.INVALID_PROMPT, "Give a prompt, or a CivitAI image to remix.")
         params = {
             "prompt": prompt, "model": model.value if model else None, "negative": negative,
             "aspect": aspect.value if aspect else None, "count": count, "steps": steps, "cfg": cfg, "seed": seed,
             "identity_strength": identity_strength,
             "loras": lora_slots((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight)),
         }
-        await self.run_generate(interaction, params, face=face, pose=pose)
+        await self.run_generate(interaction, params, face=face, pose=pose, remix=remix)
 
     # ------------------------------------------------------------ the buttons under a result
 
@@ -323,14 +332,17 @@ class Generate(commands.Cog):
     async def run_generate(
         self, interaction: discord.Interaction, params: dict[str, Any], start: discord.Attachment | None = None,
         face: discord.Attachment | None = None, pose: discord.Attachment | None = None,
-        photos: dict[str, bytes | None] | None = None,
+        photos: dict[str, bytes | None] | None = None, remix: str | None = None,
     ) -> None:
         """Check, defer, resolve the defaults and LoRAs, then follow the job to its result.
 
-        The face and pose come as attachments (a new /generate) or as the photos a result kept (its buttons)."""
+        The face and pose come as attachments (a new /generate) or as the photos a result kept (its buttons);
+        `remix`, a CivitAI image whose published settings `params` (those given) override."""
         for attachment in (start, face, pose):
             if attachment is not None:
                 check_attachment(attachment)
+        if remix is not None:
+            parse_image_reference(remix)  # refused before anything is fetched
         await interaction.response.defer(thinking=True)
         async with self.bot.tracker.admission(interaction) as admission:
             if face is not None or pose is not None:
@@ -338,11 +350,29 @@ class Generate(commands.Cog):
                 # face for a model that takes none) in the words every front end uses.
                 photos = {"face": (await read_image(face, max_side=REFERENCE_MAX_SIDE)).png if face else None,
                           "pose": (await read_image(pose, max_side=REFERENCE_MAX_SIDE)).png if pose else None}
-            await self._generate(interaction, params, start, photos, admission)
+            notes: list[str] = []
+            if remix is not None:
+                params, notes = await self._remixed(interaction, remix, params)
+            await self._generate(interaction, params, start, photos, admission, notes)
+
+    async def _remixed(self, interaction: discord.Interaction, reference: str,
+                       given: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The CivitAI image's /generate params with what was `given` in their place, and the differences the
+        result shows; whoever asked is told privately what is missing (with Import missing if they may)."""
+        client = await civitai_client(self.bot.settings.civitai_api_base, self.bot.backend.store)
+        remix = await plan_remix(reference, client, self.library)
+        notes = public_differences(remix)
+        await interaction.edit_original_response(content="🔁 " + " · ".join(notes))
+        models = self.bot.get_cog(MODELS_COG)
+        offer = private_offer(remix, models is not None and await models.may_import(interaction))
+        if offer is not None:
+            text, view = offer
+            await interaction.followup.send(text, view=view or discord.utils.MISSING, ephemeral=True)
+        return remix_params(remix, given), notes
 
     async def _generate(self, interaction: discord.Interaction, params: dict[str, Any],
                         start: discord.Attachment | None, photos: dict[str, bytes | None] | None,
-                        admission: Admission) -> None:
+                        admission: Admission, notes: Sequence[str] = ()) -> None:
         settings = admission.settings
         model = params.get("model") or settings.default_model
         # The server's defaults are SDXL's: another model keeps its own (Flux has no negative prompt at all).
@@ -353,7 +383,7 @@ class Generate(commands.Cog):
             steps=params.get("steps") or settings.default_steps, seed=params.get("seed"), timeout=DISCORD_TIMEOUT,
             cfg=params.get("cfg") or (settings.default_cfg if sdxl_defaults else None),
             negative=params.get("negative") or (settings.default_negative if sdxl_defaults else None),
-            loras=tuple(LoraChoice(**lora) for lora in params.get("loras") or ()),
+            loras=tuple(LoraChoice(**lora) for lora in params.get("loras") or ()), checkpoint=params.get("checkpoint"),
             variation_image=(await read_image(start, max_pixels=MAX_START_PIXELS)).png if start is not None else None,
             face_image=photos["face"] if photos else None, pose_image=photos["pose"] if photos else None,
             identity_strength=params.get("identity_strength"),
@@ -367,13 +397,15 @@ class Generate(commands.Cog):
         kept |= {"negative": request.negative_prompt, "aspect": choices.aspect, "model": built.model.key,
                  "cfg": getattr(request, built.model.cfg_field),
                  "identity_strength": getattr(request, "identity_strength", None),
-                 "loras": [{"name": lora.file, "weight": lora.weight} for lora in request.loras]}
+                 "loras": [{"name": lora.file, "weight": lora.weight} for lora in request.loras],
+                 "checkpoint": built.checkpoint["file"] if choices.checkpoint else None}
         title = ("Variations" if start is not None else "Generate") + (" with a face" if photos else "")
         meta = {
             "title": title + ("" if built.model is SDXL else f" · {built.model.name}") + f" · {request.count} × {width}×{height}",
             "prompt": request.prompt[:300],
             "lora_names": [lora.name for lora in request.loras],
             "checkpoint_name": built.checkpoint["name"],
+            "notes": list(notes),
         }
         job, target = await self.bot.tracker.start(interaction, request, meta, admission)
         store = self.bot.backend.store
@@ -403,7 +435,8 @@ class Generate(commands.Cog):
         prompt = discord.utils.escape_markdown(job.meta.get("prompt") or result["prompt"])
         lines = [f"✅ **{job.meta.get('title', 'Generate')}**", f"> {prompt}", summary]
         notes = {image.note for image in fitted if image.note}
-        lines += [f"-# {note}" for note in job_notes(result) + sorted(notes)] + public_lines(report)
+        lines += [f"-# {note}" for note in job.meta.get("notes", []) + job_notes(result) + sorted(notes)]
+        lines += public_lines(report)
         await target.edit(content="\n".join(lines), attachments=files,
                           view=result_view(job.id, [index for index, _ in shown]))
         notice = report and withheld_notice(report)

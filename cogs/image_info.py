@@ -34,6 +34,7 @@ from bot.core.image_settings import Remake, plan_generate, setting_pairs
 from bot.guild_settings import result_retention_days
 from bot.library_options import bot_library
 from bot.permissions import is_admin
+from bot.replies import safe_inline
 from bot.result_params import keep_result_params, read_result_params
 from bot.ui import PersistentButton
 from modal_services.errors import ErrorCode, ToolboxError
@@ -159,12 +160,6 @@ def _remake_lines(remake: Remake, admin: bool) -> list[str]:
                 else " A server admin can add them.")
         lines.append(f"-# Not in the library, left out of Generate: {names}.{hint}")
     return lines
-
-
-def safe_inline(text: str, limit: int) -> str:
-    """Text from an image, on one line, cut to `limit`, with no markdown or mention Discord would act on."""
-    text = discord.utils.escape_mentions(discord.utils.escape_markdown(" ".join(str(text).split())))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def code_block(text: str, limit: int) -> str:

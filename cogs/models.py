@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from functools import partial
 from pathlib import PurePath
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import discord
 from discord import app_commands
@@ -25,9 +25,12 @@ from bot.library_options import bot_library
 from bot.guild_settings import load_guild_settings
 from bot.permissions import is_operator, require_admin, require_operator
 from bot.tracker import ReplyTarget
+from bot.remix_replies import ImportMissingButton
 from bot.ui import ConfirmView, OwnedView, option_range
+from bot.core.remix import civitai_client
 from bot.core.text import plural, size_text
-from modal_services.library.civitai import CivitaiClient, parse_reference
+from bot.replies import error_text
+from modal_services.library.civitai import CivitaiRef, parse_reference
 from modal_services.library.civitai_plans import ImportPlan, plan_import
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import (
@@ -154,18 +157,14 @@ class Models(commands.Cog):
             ModelScanRequest: self.present_scan,
         }
         bot.tracker.presenters.update(self.presenters)
+        bot.add_dynamic_items(ImportMissingButton)
 
     async def cog_unload(self) -> None:
         for request in self.presenters:
             self.bot.tracker.presenters.pop(request, None)
+        self.bot.remove_dynamic_items(ImportMissingButton)
 
     # ------------------------------------------------------------ helpers
-
-    async def civitai_client(self) -> CivitaiClient:
-        from modal_services.base_models.tokens import get_token
-
-        # /setup's token, else CIVITAI_TOKEN from the environment (or .env).
-        return CivitaiClient(self.bot.settings.civitai_api_base, await get_token(self.bot.backend.store, "civitai"))
 
     async def importing_guild(self, interaction: discord.Interaction) -> int | None:
         """The server an import or upload will belong to (None: shared, an operator's); refused, with the
@@ -223,7 +222,13 @@ class Models(commands.Cog):
         guild_id = await self.importing_guild(interaction)
         ref = parse_reference(source)
         await interaction.response.defer(thinking=True)
-        client = await self.civitai_client()
+        await self.preview_import(interaction, ref, guild_id, interaction.edit_original_response)
+
+    async def preview_import(self, interaction: discord.Interaction, ref: CivitaiRef, guild_id: int | None,
+                             show: Callable[..., Awaitable[Any]]) -> None:
+        """The import's preview, shown with `show(content=, embed=, view=)`: the model's card and a Download
+        button for whoever asked (or that it is already installed)."""
+        client = await civitai_client(self.bot.settings.civitai_api_base, self.bot.backend.store)
         try:
             plan = await asyncio.to_thread(plan_import, client, ref)
         finally:
@@ -231,7 +236,7 @@ class Models(commands.Cog):
         age_ok = age_restricted(interaction)
         installed = await self.library.by_version(plan.version_id)
         if installed is not None and not installed.missing:
-            await interaction.edit_original_response(content="Already installed:", embed=entry_embed(installed, age_ok))
+            await show(content="Already installed:", embed=entry_embed(installed, age_ok))
             return
 
         async def download(button_interaction: discord.Interaction) -> None:
@@ -241,8 +246,28 @@ class Models(commands.Cog):
                                {"title": f"Importing {plan.name}", "age_ok": age_ok})
 
         view = ConfirmView(interaction.user.id, "Download", discord.ButtonStyle.success, download)
-        await interaction.edit_original_response(content=f"Import this {plan.type} ({size_text(plan.size_bytes)})?",
-                                                 embed=plan_embed(plan, age_ok), view=view)
+        await show(content=f"Import this {plan.type} ({size_text(plan.size_bytes)})?", embed=plan_embed(plan, age_ok),
+                   view=view)
+
+    async def may_import(self, interaction: discord.Interaction) -> bool:
+        """Whether whoever asked may add models here (what `importing_guild` checks), without telling them."""
+        try:
+            await self.importing_guild(interaction)
+        except ToolboxError:
+            return False
+        return True
+
+    async def import_missing(self, interaction: discord.Interaction, version_ids: list[int]) -> None:
+        """Import missing: each version's preview, as `/models import v:<id>` shows it, in a message of its own
+        (one that cannot be previewed says why, and the others still are)."""
+        guild_id = await self.importing_guild(interaction)
+        await interaction.response.defer(thinking=True)
+        for number, version_id in enumerate(version_ids):
+            show = interaction.edit_original_response if number == 0 else interaction.followup.send
+            try:
+                await self.preview_import(interaction, CivitaiRef(version_id=version_id), guild_id, show)
+            except ToolboxError as error:
+                await show(content=f"Model version {version_id}: {error_text(error)}")
 
     # ------------------------------------------------------------ browsing
 

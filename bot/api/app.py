@@ -36,17 +36,19 @@ def create_app(
     token: str | None,
     concurrency: int,
     sync_limit_seconds: float | None = None,
+    civitai_api_base: str = "https://civitai.com",
 ) -> FastAPI:
     """The API over `backend`, with `concurrency` jobs in flight per token.
 
     `token=None` turns auth off (the caller checks that is allowed: `toolbox serve
     --no-auth` on 127.0.0.1 only). `sync_limit_seconds` bounds how long
-    /generate-image may wait (the host's HTTP limit); longer requests are sent to /jobs."""
+    /generate-image may wait (the host's HTTP limit); longer requests are sent to /jobs. `civitai_api_base`:
+    where remixed images are read."""
     app = FastAPI(title="AI Toolbox", version=API_VERSION, lifespan=_lifespan, docs_url=None, redoc_url=None,
                   responses=error_responses(ERROR_STATUSES))
     app.state.api = ApiContext(jobs=ApiJobs(backend, ConcurrencyCap(concurrency)), library=library,
                                health=HealthCache(backend), token=token.encode() if token else None,
-                               sync_limit_seconds=sync_limit_seconds)
+                               sync_limit_seconds=sync_limit_seconds, civitai_api_base=civitai_api_base)
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     app.add_exception_handler(ToolboxError, _on_toolbox_error)
     app.add_exception_handler(RequestValidationError, _on_invalid)
@@ -76,7 +78,7 @@ def api_for_settings(settings: Settings, token: str | None, sync_limit_seconds: 
     """The API on the backend and library the settings name (the local backend for `toolbox serve`, Modal's there)."""
     backend = backends.make_backend(settings)
     library = library_for(settings, backend.store)
-    return create_app(backend, library, token, settings.api_concurrency, sync_limit_seconds)
+    return create_app(backend, library, token, settings.api_concurrency, sync_limit_seconds, settings.civitai_api_base)
 
 
 @asynccontextmanager

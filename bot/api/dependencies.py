@@ -37,6 +37,8 @@ class ApiContext:
     token: bytes | None = field(repr=False)
     # How long /generate-image may wait (the host's HTTP limit); None: as long as the request's timeout.
     sync_limit_seconds: float | None
+    # Where a remixed image's generation data is read (CIVITAI_API_BASE).
+    civitai_api_base: str = "https://civitai.com"
 
 
 def get_context(request: Request) -> ApiContext:
@@ -74,6 +76,10 @@ def get_library(context: Context) -> Library:
     return context.library
 
 
+def get_civitai_api_base(context: Context) -> str:
+    return context.civitai_api_base
+
+
 def get_health_cache(context: Context) -> HealthCache:
     return context.health
 
@@ -89,3 +95,4 @@ JobsDep = Annotated[ApiJobs, Depends(get_jobs)]
 LibraryDep = Annotated[Library, Depends(get_library)]
 HealthDep = Annotated[HealthCache, Depends(get_health_cache)]
 SyncLimitDep = Annotated[float | None, Depends(get_sync_limit_seconds)]
+CivitaiBaseDep = Annotated[str, Depends(get_civitai_api_base)]

@@ -19,6 +19,7 @@ from bot.api.schema import CaptionJob, GenerateImageRequest, JobBody, UpscaleJob
 from bot.backend import Backend
 from bot.core.build import build_generate_request, build_upscale_request
 from bot.core.choices import GenerateChoices, LoraChoice, UpscaleChoices
+from bot.core.remix import civitai_client, plan_remix, remixed_choices
 from bot.tile_prompts import tile_prompts
 from modal_services.engines.sdxl.limits import DEFAULT_MAX_INPUT_PIXELS
 from modal_services.imaging import DEFAULT_MAX_PIXELS, clean_png, decoded_off_loop, image_size
@@ -34,6 +35,8 @@ from modal_services.jobs.records import Job
 from modal_services.library.entries import Library
 
 
+# The body's fields whose choice has another name.
+API_CHOICES = {"negative_prompt": "negative"}
 # The request's photo fields and the API fields they come in.
 PHOTO_FIELDS = {"face_image": "reference_image_base64", "pose_image": "pose_image_base64"}
 
@@ -53,9 +56,11 @@ async def _decoded(uploads: dict[str, bytes], max_pixels: int, max_side: int | N
             for field, data in uploads.items()}
 
 
-async def generate_job_request(library: Library, request: GenerateImageRequest) -> TextToImageRequest:
+async def generate_job_request(library: Library, request: GenerateImageRequest, civitai_api_base: str,
+                               meta: dict[str, Any]) -> TextToImageRequest:
     """The text-to-image request of /generate-image or a `generate` job, on the model it names; its photos
-    are read only once the rest of it (InstantID enabled included) is known to be good."""
+    are read only once the rest of it (InstantID enabled included) is known to be good. With `remix`, the
+    image's settings fill the fields not given, and `meta` keeps what differs as the result's `notes`."""
     given = request.model_dump(exclude_unset=True)
     photos = {field: getattr(request, api_field) for field, api_field in PHOTO_FIELDS.items()}
     choices = GenerateChoices(
@@ -67,11 +72,23 @@ async def generate_job_request(library: Library, request: GenerateImageRequest) 
         controlnet_strength=given.get("controlnet_strength"), timeout=given.get("timeout"),
         safety=api_safety(request.safety_check), **photos,
     )
+    if request.remix is not None:
+        choices = await _remixed(library, request.remix, choices, given, civitai_api_base, meta)
     built = (await build_generate_request(library, choices)).request
     shrunk = await _decoded({PHOTO_FIELDS[field]: data for field, data in photos.items() if data is not None},
                             DEFAULT_MAX_PIXELS, REFERENCE_MAX_SIDE)
     return built.model_copy(update={field: shrunk[api_field] for field, api_field in PHOTO_FIELDS.items()
                                     if api_field in shrunk})
+
+
+async def _remixed(library: Library, reference: str, choices: GenerateChoices, given: dict[str, Any],
+                   civitai_api_base: str, meta: dict[str, Any]) -> GenerateChoices:
+    """`choices` with the remixed image's settings for the fields the body did not give."""
+    client = await civitai_client(civitai_api_base, library.store)
+    remix = await plan_remix(reference, client, library)
+    meta["notes"] = [f"Remix of CivitAI image {remix.image_id}", *remix.differences()]
+    chosen = {API_CHOICES.get(name, name) for name in given} & set(GenerateChoices.__dataclass_fields__)
+    return remixed_choices(remix, choices, chosen)
 
 
 def generate_meta(request: GenerateImageRequest) -> dict[str, Any]:
@@ -111,10 +128,12 @@ async def _unwatched(_: Job) -> None:
     """No one watches a step an API job takes before it exists: its caller follows the job itself."""
 
 
-async def job_request(library: Library, body: JobBody, backend: Backend, owner: dict[str, Any]) -> JobRequest:
-    """The job request of a POST /jobs body, by its kind (`backend` and `owner` for an upscale's tile captions)."""
+async def job_request(library: Library, body: JobBody, backend: Backend, owner: dict[str, Any],
+                      civitai_api_base: str, meta: dict[str, Any]) -> JobRequest:
+    """The job request of a POST /jobs body, by its kind (`backend` and `owner` for an upscale's tile captions;
+    `civitai_api_base` and `meta` for a generate's remix)."""
     if body.kind == "generate":
-        return await generate_job_request(library, body)
+        return await generate_job_request(library, body, civitai_api_base, meta)
     if body.kind == "caption":
         return await caption_job_request(body)
     return await upscale_job_request(library, body, backend, owner)

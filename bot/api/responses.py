@@ -32,6 +32,8 @@ STATUS_FOR_CODE = {
     ErrorCode.INVALID_PROMPT: 400,
     # A LoRA of the other model's family: the request's mistake.
     ErrorCode.INCOMPATIBLE_MODEL: 400,
+    # A remix of an image CivitAI does not show: the body names it.
+    ErrorCode.CIVITAI_NOT_FOUND: 400,
     ErrorCode.PERMISSION_DENIED: 401,
     ErrorCode.NOT_FOUND: 404,
     ErrorCode.CANCELLED: 409,
@@ -40,18 +42,23 @@ STATUS_FOR_CODE = {
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.MODELS_MISSING: 503,
     ErrorCode.BACKEND_UNAVAILABLE: 503,
+    # A remix's image could not be read: CivitAI is down, or refuses the deployment's token.
+    ErrorCode.CIVITAI_UNAVAILABLE: 503,
+    ErrorCode.CIVITAI_AUTH_REQUIRED: 503,
     ErrorCode.TIMEOUT: 504,
 }
 # The statuses every endpoint may answer with an ErrorResponse, as /openapi.json describes them.
 ERROR_STATUSES = {
     400: "INVALID_INPUT, INVALID_PROMPT or INCOMPATIBLE_MODEL: the body breaks a limit or a rule (a body the schema "
-         "refuses is answered here too, never with 422), before any job exists",
+         "refuses is answered here too, never with 422), before any job exists; CIVITAI_NOT_FOUND: no such image "
+         "to remix",
     401: "PERMISSION_DENIED: no token, or the wrong one",
     404: "NOT_FOUND: no such job of yours, or no such path",
     413: "INVALID_INPUT: the body is larger than the limit",
     429: "RATE_LIMITED: you already have your cap of jobs in flight; Retry-After says when to try again",
     500: "The job failed (GENERATION_FAILED, CUDA_OOM, LORA_DOWNLOAD_FAILED, ...) or something went wrong",
-    503: "MODELS_MISSING or BACKEND_UNAVAILABLE",
+    503: "MODELS_MISSING or BACKEND_UNAVAILABLE; CIVITAI_UNAVAILABLE or CIVITAI_AUTH_REQUIRED: a remix's image "
+         "could not be read from CivitAI",
     504: "TIMEOUT",
 }
 # Only where a finished job's images are answered (POST /generate-image).
@@ -153,10 +160,11 @@ def all_withheld(report: SafetyReport, seeds: list[int] = ()) -> ApiError:
     return ApiError(ErrorCode.CONTENT_WITHHELD, safety_body(report)["note"], details=details)
 
 
-def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[str, Any]:
+def generate_response(result: dict[str, Any], lora_scale: float | None, notes: list[str] = ()) -> dict[str, Any]:
     """The generate job's result as the worker contract's response body (`images_base64` only when several),
     with each image's NSFW score; a withheld image is null in `images_base64`. `image_base64` is the first
-    image kept, and `seed_used` and `nsfw_score` are that image's; with none kept, CONTENT_WITHHELD."""
+    image kept, and `seed_used` and `nsfw_score` are that image's; with none kept, CONTENT_WITHHELD. `notes`:
+    the job's own (a remix's differences), before the result's."""
     report = SafetyReport.from_dict(result["safety"])
     images = [None if png is None else _b64(png) for png in result["images"]]
     shown = next((index for index, image in enumerate(images) if image is not None), None)
@@ -181,8 +189,8 @@ def generate_response(result: dict[str, Any], lora_scale: float | None) -> dict[
         body["images_base64"] = images
     if result.get("face"):
         body["face"] = result["face"]
-    if result.get("notes"):
-        body["notes"] = result["notes"]
+    if notes or result.get("notes"):
+        body["notes"] = [*notes, *(result.get("notes") or [])]
     return body
 
 
@@ -194,7 +202,7 @@ def _png_size(png: bytes) -> tuple[int, int]:
 async def render_result(job: Job, result: Any) -> dict[str, Any]:
     """A finished job's result as JSON; image encoding runs in a thread (an upscale is tens of MB)."""
     if job.kind in ("generate", "flux_generate"):
-        return await asyncio.to_thread(generate_response, result, job.meta.get("lora_scale"))
+        return await asyncio.to_thread(generate_response, result, job.meta.get("lora_scale"), job.meta.get("notes") or [])
     if job.kind == "caption":
         return {"captions": result}
     if job.kind == "upscale":

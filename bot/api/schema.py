@@ -5,8 +5,9 @@ field (`prompt`, `negative_prompt`, `lora_url`, `lora_scale`, `width`,
 `height`, `steps`, `cfg`, `seed`, `timeout`), plus what the bot also offers:
 `count` images in one call, library LoRAs by name, and InstantID's
 `reference_image_base64` (a face to keep), `pose_image_base64`,
-`identity_strength` and `controlnet_strength`. A request that breaks a
-limit is refused with 400 before any job exists.
+`identity_strength` and `controlnet_strength`; and `remix`, a CivitAI image
+whose published settings fill what the body leaves out. A request that
+breaks a limit is refused with 400 before any job exists.
 
 `POST /jobs` takes a `JobBody`: one of the `*Job` models, told apart by `kind`.
 """
@@ -16,7 +17,9 @@ from __future__ import annotations
 from typing import Annotated, Any, Callable, Literal
 
 from annotated_types import MultipleOf
-from pydantic import AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl, model_validator
+from pydantic import (AfterValidator, Base64Bytes, BaseModel, ConfigDict, Field, HttpUrl, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
 from bot.core.generate_models import GENERATE_MODELS, MODEL_ALIASES, SDXL, TextToImageModel
 from modal_services.jobs.requests import (
@@ -36,6 +39,7 @@ from modal_services.jobs.requests import (
     Timeout,
     UpscaleRequest,
 )
+from modal_services.jobs.limits import MAX_REMIX_REFERENCE_CHARS
 from modal_services.jobs.validation import constraint_bounds, field_bounds
 from modal_services.net.egress import plain_http_allowed
 
@@ -60,6 +64,9 @@ def _https_only(url: HttpUrl) -> HttpUrl:
     return url
 
 
+RemixReference = Annotated[str, Field(min_length=1, max_length=MAX_REMIX_REFERENCE_CHARS)]
+# What a generate body without a prompt or a remix has as its prompt while it is validated.
+PROMPT_NOT_GIVEN = object()
 ImageBase64 = Annotated[Base64Bytes, AfterValidator(_within_image_limit)]
 LoraUrl = Annotated[HttpUrl, AfterValidator(_https_only),
                     Field(description="a .safetensors LoRA to apply to this request only (a presigned URL works)")]
@@ -153,7 +160,11 @@ class GenerateImageRequest(Strict):
 
     # Messages name the job as the request classes do ("A generate job needs a prompt.").
     model_config = ConfigDict(title=GenerateRequest.model_config["title"])
-    prompt: GenerationPrompt
+    remix: RemixReference | None = Field(
+        None, description="A CivitAI image (https://civitai.com/images/<id>, or its id): its published prompt, "
+        "negative prompt, size, steps, CFG, seed, checkpoint and LoRAs (the library's matches) are used for every "
+        "field this body does not give; what differs from the original is listed in the result's `notes`")
+    prompt: GenerationPrompt | None = Field(None, description="required without `remix`")
     model: Literal[tuple(MODEL_ALIASES)] = Field(
         SDXL.key, title="The model", description="`flux-dev` (also `flux`, `flux1-dev`): FLUX.1-dev, if the bot's "
         "admin enabled it: no negative_prompt, no lora_url, library Flux LoRAs only. width, height and cfg give each "
@@ -184,6 +195,23 @@ class GenerateImageRequest(Strict):
                                                 description="how strongly the face is kept")
     controlnet_strength: ControlnetStrength = Field(_default(GenerateRequest, "controlnet_strength"),
                                                     description="how closely the pose is followed")
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _prompt_unless_remix(cls, data: Any) -> Any:
+        """A body with neither a prompt nor a remix: its prompt marked as not given, for `_given` to name."""
+        if isinstance(data, dict) and data.get("prompt") is None and data.get("remix") is None:
+            return {**data, "prompt": PROMPT_NOT_GIVEN}
+        return data
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _given(cls, prompt: Any) -> Any:
+        """A prompt is required, unless a remix gives one: named as any missing field is."""
+        if prompt is PROMPT_NOT_GIVEN:
+            raise PydanticCustomError("missing", "Field required")
+        return prompt
 
 
 class GenerateJob(GenerateImageRequest):

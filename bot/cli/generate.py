@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 # The HTTP API's names for the request's photos.
 API_PHOTO_FIELDS = {"face_image": "reference_image_base64", "pose_image": "pose_image_base64"}
+DEFAULT_ASPECT = "1:1"
 
 
 SIDE_HELP = (f"SDXL {SDXL_SIDE.low}-{SDXL_SIDE.high}, Flux {FLUX_SIDE.low}-{FLUX_SIDE.high}, a multiple of "
@@ -35,13 +36,16 @@ SIDE_HELP = (f"SDXL {SDXL_SIDE.low}-{SDXL_SIDE.high}, Flux {FLUX_SIDE.low}-{FLUX
 
 def register(commands) -> None:
     generate = commands.add_parser("generate", help="make images from a prompt with SDXL or FLUX.1-dev")
-    generate.add_argument("prompt", metavar="PROMPT")
+    generate.add_argument("prompt", metavar="PROMPT", nargs="?", help="what to draw (optional with --remix)")
+    generate.add_argument("--remix", metavar="URL_OR_ID",
+                          help="a CivitAI image (https://civitai.com/images/<id>, or its id): its published prompt and "
+                               "settings, with the library's checkpoint and LoRAs, for every option not given")
     # The values are checked by the shared core, in the words every front end uses.
-    generate.add_argument("--model", default=DEFAULT_MODEL, metavar="{" + ",".join(MODEL_ALIASES) + "}",
+    generate.add_argument("--model", metavar="{" + ",".join(MODEL_ALIASES) + "}",
                           help=f"default {DEFAULT_MODEL}; flux: FLUX.1-dev (once enabled in setup): guidance as "
                                "--cfg, no --negative")
     generate.add_argument("--negative", default="", help="what to steer away from (SDXL only)")
-    generate.add_argument("--aspect", default="1:1", metavar="{" + ",".join(FLUX_ASPECT_BUCKETS) + "}",
+    generate.add_argument("--aspect", metavar="{" + ",".join(FLUX_ASPECT_BUCKETS) + "}",
                           help="a size bucket, default 1:1 (the 2MP ones are Flux's)")
     generate.add_argument("--width", type=int, help=SIDE_HELP)
     generate.add_argument("--height", type=int, help=SIDE_HELP)
@@ -98,13 +102,26 @@ def _read_photo(path: Path) -> bytes:
     return shrunk_png(read_input(path), REFERENCE_MAX_SIDE, name=str(path))
 
 
+def given_options(args: argparse.Namespace) -> set[str]:
+    """The choices the terminal's options give (those a remix's settings do not replace)."""
+    from bot.core.choices import GenerateChoices
+
+    return {name for name in GenerateChoices.__dataclass_fields__
+            if getattr(args, name, None) not in (None, "", [])} | ({"loras"} if args.lora else set())
+
+
 async def generate_choices(args: argparse.Namespace) -> GenerateChoices:
-    """The terminal's options as a text-to-image request (None for a default), the photos read."""
+    """The terminal's options as a text-to-image request (None for a default), the photos read; without
+    --remix, the model and aspect have their defaults."""
     import asyncio
 
     from bot.core.choices import GenerateChoices
     from bot.core.generate_models import generate_model
 
+    if args.remix is None:
+        if args.prompt is None:
+            raise ToolboxError(ErrorCode.INVALID_PROMPT, "Give a prompt, or a CivitAI image to remix (--remix).")
+        args.model, args.aspect = args.model or DEFAULT_MODEL, args.aspect or DEFAULT_ASPECT
     takes_faces = generate_model(args.model).takes_faces
     # A model that takes no face refuses a photo unread: empty bytes say one was given.
     photos = {field: None if path is None else await asyncio.to_thread(_read_photo, path) if takes_faces else b""
@@ -119,7 +136,8 @@ async def generate_choices(args: argparse.Namespace) -> GenerateChoices:
 
 
 async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
-    """On the local backend, or through the HTTP API at --api; the images written, each with its seed printed."""
+    """On the local backend, or through the HTTP API at --api; the images written, each with its seed printed.
+    With --remix, the CivitAI image's settings fill every option not given (the API reads the image itself)."""
     import asyncio
 
     from bot.core.build import build_generate_request, check_generate_choices
@@ -127,13 +145,16 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
     if args.api:
         api_url(args.api)
     choices = await generate_choices(args)
-    # Every value and rule is checked before anything starts (the backend, the API call).
-    checked = check_generate_choices(choices)
+    # Every value and rule is checked before anything starts (the backend, the API call); a remix's once read.
+    checked = check_generate_choices(choices) if args.remix is None else None
     if args.api:
         await generate_through_api(settings, args, choices, checked)
         return
     async with opened_backend(settings) as backend:
-        built = await build_generate_request(library_for(settings, backend.store), choices)
+        library = library_for(settings, backend.store)
+        if args.remix is not None:
+            choices = await _remixed(settings, args, library, choices)
+        built = await build_generate_request(library, choices)
         request = built.request
         paths = output_paths(args.output, request.seed, request.count)
         for path in paths:
@@ -147,6 +168,16 @@ async def generate_files(settings: Settings, args: argparse.Namespace) -> None:
     _print_job_notes(result)
 
 
+async def _remixed(settings: Settings, args: argparse.Namespace, library, choices: GenerateChoices) -> GenerateChoices:
+    """`choices` with the remixed image's settings for the options not given; what differs is printed."""
+    from bot.core.remix import civitai_client, plan_remix, remixed_choices
+
+    remix = await plan_remix(args.remix, await civitai_client(settings.civitai_api_base, library.store), library)
+    for line in [f"Remix of CivitAI image {remix.image_id} ({remix.page})", *remix.differences()]:
+        print(line, file=sys.stderr)
+    return remixed_choices(remix, choices, given_options(args))
+
+
 def _print_job_notes(result: dict) -> None:
     from bot.core.results import job_notes
 
@@ -154,37 +185,53 @@ def _print_job_notes(result: dict) -> None:
         print(note)
 
 
+def _api_body(args: argparse.Namespace, choices: GenerateChoices, checked: CheckedGenerate | None) -> dict:
+    """The job body: every choice, the seed drawn and the model's size; with --remix, only those given."""
+    import base64
+
+    photos = {API_PHOTO_FIELDS[field]: base64.b64encode(photo).decode("ascii")
+              for field in API_PHOTO_FIELDS if (photo := getattr(choices, field)) is not None}
+    body = {
+        "kind": "generate", "remix": args.remix, "prompt": choices.prompt, "model": choices.model,
+        "negative_prompt": choices.negative, "width": choices.width, "height": choices.height, "count": choices.count,
+        "steps": choices.steps, "cfg": choices.cfg, "seed": choices.seed, "timeout": choices.timeout, **photos,
+        "identity_strength": choices.identity_strength, "controlnet_strength": choices.controlnet_strength,
+        "loras": [{"name": lora.name, "weight": lora.weight} for lora in choices.loras] or None,
+        "safety_check": not args.no_safety_check,
+    }
+    if checked is not None:
+        request = checked.request
+        body |= {"model": checked.model.key, "width": request.width, "height": request.height, "seed": request.seed}
+    return {name: value for name, value in body.items() if value is not None}
+
+
 async def generate_through_api(settings: Settings, args: argparse.Namespace, choices: GenerateChoices,
-                               checked: CheckedGenerate) -> None:
+                               checked: CheckedGenerate | None) -> None:
     """`toolbox generate --api URL`: the same request through the HTTP API's job endpoints, as a remote client
-    would; `checked` (the seed drawn) names the files, known writable before the call."""
+    would; `checked` (the seed drawn) names the files, known writable before the call. A remix (no `checked`)
+    is read by the API; its files are named by the seed it used."""
     import asyncio
     import base64
 
     from bot.api import ApiClient
 
-    request = checked.request
-    paths = output_paths(args.output, request.seed, request.count)
-    for path in paths:
-        await asyncio.to_thread(writable_output, path)
-    photos = {API_PHOTO_FIELDS[field]: base64.b64encode(photo).decode("ascii")
-              for field in API_PHOTO_FIELDS if (photo := getattr(choices, field)) is not None}
-    body = {
-        "kind": "generate", "prompt": choices.prompt, "model": checked.model.key, "negative_prompt": choices.negative,
-        "width": request.width, "height": request.height, "count": choices.count, "steps": choices.steps,
-        "cfg": choices.cfg, "seed": request.seed, "timeout": choices.timeout, **photos,
-        "identity_strength": choices.identity_strength, "controlnet_strength": choices.controlnet_strength,
-        "loras": [{"name": lora.name, "weight": lora.weight} for lora in choices.loras],
-        "safety_check": not args.no_safety_check,
-    }
+    paths = None
+    if checked is not None:
+        paths = output_paths(args.output, checked.request.seed, checked.request.count)
+        for path in paths:
+            await asyncio.to_thread(writable_output, path)
+    what = f"remix of {args.remix}" if checked is None else \
+        f"{checked.request.count} × {checked.request.width}×{checked.request.height}"
     async with ApiClient(args.api, settings.api_token) as client:
-        with job_bar(f"generate {request.count} × {request.width}×{request.height} via {args.api}") as show:
-            result = await client.run({name: value for name, value in body.items() if value is not None}, show)
+        with job_bar(f"generate {what} via {args.api}") as show:
+            result = await client.run(_api_body(args, choices, checked), show)
     width, height = result["image_size"]
     images = result.get("images_base64") or [result["image_base64"]]
+    seeds = result["metadata"]["seeds_used"]
+    paths = paths or [await asyncio.to_thread(writable_output, path) for path in output_paths(args.output, seeds[0], len(seeds))]
     if result["safety"]["withheld"]:
         print(result["safety"]["note"], file=sys.stderr)
-    for path, image, image_seed in zip(paths, images, result["metadata"]["seeds_used"]):
+    for path, image, image_seed in zip(paths, images, seeds):
         if image is not None:
             await asyncio.to_thread(path.write_bytes, base64.b64decode(image))
             print(f"{path} ({width}×{height}, seed {image_seed}, {result['model_info']['base_model']})")

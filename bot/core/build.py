@@ -88,8 +88,8 @@ async def build_generate_request(library: Library, choices: GenerateChoices) -> 
         await require_enabled(library.store, key)
     # 3. Its LoRAs, from the library, made for this model.
     loras = [await resolve_lora(library, lora, model.lora_family) for lora in checked.loras]
-    # 4. The weights its images come from: the model's own, else the library's active checkpoint.
-    checkpoint = model.checkpoint or await library.active_checkpoint()
+    # 4. The weights its images come from: the model's own, else the library checkpoint asked for, else the active one.
+    checkpoint = model.checkpoint or await _library_checkpoint(library, choices.checkpoint)
     # 5. The request, with what the library gave.
     payload = {**request.to_payload(), "loras": loras}
     if model.checkpoint is None:
@@ -113,6 +113,9 @@ def _refuse_what_the_model_lacks(model: TextToImageModel, choices: GenerateChoic
         raise ToolboxError(ErrorCode.INVALID_INPUT, _face_refused(model))
     if not model.takes_lora_url and choices.lora_url is not None:
         raise ToolboxError(ErrorCode.INVALID_INPUT, _lora_url_refused(model))
+    if model.checkpoint is not None and choices.checkpoint is not None:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, f"{model.name} runs on its own weights: a library checkpoint "
+                           f"works with {SDXL.name} only.")
 
 
 def _request_fields(model: TextToImageModel, choices: GenerateChoices) -> dict[str, Any]:
@@ -143,6 +146,17 @@ def _requested_size(model: TextToImageModel, choices: GenerateChoices) -> tuple[
     if choices.aspect not in model.aspects:
         raise ToolboxError(ErrorCode.INVALID_INPUT, _aspect_refused(choices.aspect))
     return model.aspects[choices.aspect]
+
+
+async def _library_checkpoint(library: Library, name: str | None) -> dict[str, Any]:
+    """The checkpoint named (its file there) as `Library.active_checkpoint` describes one; None: the active one."""
+    if name is None:
+        return await library.active_checkpoint()
+    entry = await library.find(name, kind="checkpoint")
+    if entry.missing:
+        raise ToolboxError(ErrorCode.MODELS_MISSING, f"The file of the checkpoint {entry.name} is missing; "
+                           "an operator can import it again.")
+    return library.checkpoint_record(entry)
 
 
 def _face_refused(model: TextToImageModel) -> str:

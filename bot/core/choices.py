@@ -45,6 +45,8 @@ class GenerateChoices:
     # The first image's seed (image n gets seed + n - 1); None: one is drawn, and reported.
     seed: int | None = None
     loras: tuple[LoraChoice, ...] = ()
+    # A library checkpoint by name or file (SDXL: what a remixed image was made with); None: the active one.
+    checkpoint: str | None = None
     # A LoRA of this request's own, by https link (SDXL), at `lora_scale`; its sha256 lets a repeat skip the download.
     lora_url: str | None = None
     lora_scale: float | None = None

@@ -1,9 +1,12 @@
 """From the settings an image carries to a /generate on this bot: what Image info's button submits.
 
-The image's LoRAs are looked up in the library by hash (CivitAI's AutoV2, or
-a full sha256) and else by name; those not found are named. Values outside
-what a generate request takes are brought within it, each change said in a
-note; what this bot cannot apply (a sampler, another checkpoint) is said too.
+The image's checkpoint and LoRAs are looked up in the library by CivitAI
+model version id (where the image and the entry both have one), else by hash
+(CivitAI's AutoV2, or a full sha256), else by name: a checkpoint found is
+generated with, LoRAs found are applied, and those not found are named (with
+their version ids, for an import). Values outside what a generate request
+takes are brought within it, each change said in a note; what this bot cannot
+apply (a sampler, a checkpoint it lacks) is said too.
 A prompt too long for a request cannot be remade: `problem` says so. The
 result is the parameters the front ends give the one request builder
 (`bot.core.build`), which checks them as it checks any /generate.
@@ -34,14 +37,24 @@ FLUX_GUIDANCE_FIELD = "Distilled CFG Scale"
 @dataclass
 class Remake:
     """The /generate an image's settings make here: `params` as the generate cog keeps a result's (prompt,
-    negative, width, height, steps, cfg, seed, model, loras as [{name: library file, weight}]), the image's
-    LoRAs found in the library and those missing, and notes on what changed; `problem` when none can be made."""
+    negative, width, height, steps, cfg, seed, model, loras as [{name: library file, weight}], and checkpoint:
+    the library file of the image's, when found), the image's LoRAs found in the library and those missing,
+    and notes on what changed; `problem` when none can be made."""
 
     params: dict[str, Any] = field(default_factory=dict)
     found: list[tuple[LoraUse, LibraryEntry]] = field(default_factory=list)
     missing: list[LoraUse] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     problem: str | None = None
+    # The image's checkpoint when the library lacks it (its name), and CivitAI's version id for it.
+    missing_checkpoint: str | None = None
+    missing_checkpoint_version: int | None = None
+
+    def importable(self) -> list[tuple[str, int]]:
+        """(name, CivitAI model version id) of each missing resource an import could add."""
+        checkpoint = [(self.missing_checkpoint or "", self.missing_checkpoint_version)]
+        return [(name, version) for name, version in checkpoint + [(lora.name, lora.version_id) for lora in self.missing]
+                if version is not None]
 
 
 async def plan_generate(settings: GenerationSettings, library: Library) -> Remake:
@@ -64,8 +77,8 @@ async def plan_generate(settings: GenerationSettings, library: Library) -> Remak
                               for lora, entry in remake.found]
     if settings.sampler:
         remake.notes.append(f"Sampler {settings.sampler}: not applied, {model.name} runs on its checkpoint's own scheduler.")
-    if model is SDXL and settings.model:
-        await _note_checkpoint(settings, library, remake.notes)
+    if model is SDXL and (settings.model or settings.model_hash or settings.model_version_id):
+        await _match_checkpoint(settings, library, remake)
     return remake
 
 
@@ -76,7 +89,7 @@ def _prompt_problem(settings: GenerationSettings, model: TextToImageModel) -> st
     for name, text in texts:
         longest = field_bounds(model.request, name)[1]
         if len(text) > longest:
-            return f"The image's {name.replace('_', ' ')} is {len(text)} characters; /generate takes at most {longest}."
+            return f"The image's {name.replace('_', ' ')} is {len(text)} characters; a generate request takes at most {longest}."
     return None
 
 
@@ -136,7 +149,8 @@ async def _match_loras(loras: list[LoraUse], library: Library, model: TextToImag
     entries = [entry for entry in await library.entries("lora") if not entry.missing]
     most = field_bounds(model.request, "loras")[1]
     for lora in loras:
-        entry = lora_by_hash(entries, lora.hash) or await _lora_by_name(library, lora.name)
+        entry = (by_version(entries, lora.version_id) or lora_by_hash(entries, lora.hash)
+                 or await _lora_by_name(library, lora.name))
         if entry is None:
             remake.missing.append(lora)
         elif len(remake.found) >= most:
@@ -161,15 +175,34 @@ async def _lora_by_name(library: Library, name: str) -> LibraryEntry | None:
     return None if entry.missing else entry
 
 
-async def _note_checkpoint(settings: GenerationSettings, library: Library, notes: list[str]) -> None:
-    """A note when the image names another checkpoint than the one this server generates with."""
+def by_version(entries: list[LibraryEntry], version_id: int | None) -> LibraryEntry | None:
+    """The entry imported from CivitAI model version `version_id`."""
+    return next((entry for entry in entries if version_id and entry.civitai_version_id == version_id), None)
+
+
+async def _match_checkpoint(settings: GenerationSettings, library: Library, remake: Remake) -> None:
+    """The image's checkpoint from the library (by version id, hash, name) into the params; when it is
+    this server's active one, or missing, the active one is used (a missing one is named)."""
     active = await library.active_checkpoint()
-    entry = await library.get(active["file"]) if active["file"] else None
-    same_hash = bool(entry and entry.sha256 and settings.model_hash
-                     and entry.sha256.lower().startswith(settings.model_hash.removeprefix("sha256:")))
-    names = {active["name"].lower(), Path(active["path"]).stem.lower()}
-    if not same_hash and settings.model.lower() not in names:
-        notes.append(f"Made with the checkpoint {settings.model}; this server generates with {active['name']}.")
+    entries = [entry for entry in await library.entries("checkpoint") if not entry.missing]
+    entry = (by_version(entries, settings.model_version_id) or lora_by_hash(entries, settings.model_hash)
+             or _checkpoint_by_name(entries, settings.model))
+    if entry is not None:
+        if entry.file != active["file"]:
+            remake.params["checkpoint"] = entry.file
+        return
+    name = settings.model or (f"CivitAI model version {settings.model_version_id}" if settings.model_version_id
+                              else settings.model_hash)
+    if settings.model and settings.model.lower() in {active["name"].lower(), Path(active["path"]).stem.lower()}:
+        return
+    remake.missing_checkpoint, remake.missing_checkpoint_version = name, settings.model_version_id
+    remake.notes.append(f"Made with the checkpoint {name}, which is not in the library: {active['name']} is used.")
+
+
+def _checkpoint_by_name(entries: list[LibraryEntry], name: str | None) -> LibraryEntry | None:
+    wanted = (name or "").lower()
+    return next((entry for entry in entries if wanted and wanted in (entry.name.lower(), Path(entry.file).stem.lower())),
+                None)
 
 
 def setting_pairs(settings: GenerationSettings) -> list[tuple[str, str]]:

@@ -94,8 +94,8 @@ def parse_infotext(text: str, source: str = "A1111/Forge") -> GenerationSettings
         last = ""
     prompt, negative = _prompts(lines)
     pairs = _pairs(last)
-    prompt, tagged = _without_lora_tags(prompt)
-    width, height = _size(pairs.get("Size", ""))
+    prompt, tagged = without_lora_tags(prompt)
+    width, height = size_of(pairs.get("Size", ""))
     return GenerationSettings(
         source=source, prompt=prompt, negative_prompt=negative, steps=pairs.get("Steps"),
         sampler=joined_sampler(pairs.get("Sampler"), pairs.get("Schedule type")), cfg=pairs.get("CFG scale"),
@@ -134,7 +134,7 @@ def _pairs(line: str) -> dict[str, str]:
     return pairs
 
 
-def _size(text: str) -> tuple[str | None, str | None]:
+def size_of(text: str) -> tuple[str | None, str | None]:
     match = SIZE.match(text)
     return (match.group(1), match.group(2)) if match else (None, None)
 
@@ -149,7 +149,7 @@ def _lora_hashes(text: str) -> dict[str, str]:
     return hashes
 
 
-def _without_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float | None]]]:
+def without_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float | None]]]:
     """The prompt without its `<lora:...>` tags (the separators they leave tidied), and (name, weight) of each."""
     matches = list(LORA_TAG.finditer(prompt))
     if not matches:

@@ -57,18 +57,27 @@ def as_float(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def as_id(value: Any) -> int | None:
+    """A CivitAI id (a positive integer JavaScript can hold), else None."""
+    number = as_int(value)
+    return number if number is not None and 0 < number < 2**53 else None
+
+
 @dataclass
 class LoraUse:
-    """A LoRA an image names: its name there, weight and hash (AutoV2, A1111's own, or a full sha256)."""
+    """A LoRA an image names: its name there, weight, hash (AutoV2, A1111's own, or a full sha256) and
+    CivitAI model version id (where CivitAI published one)."""
 
     name: str
     weight: float | None = None
     hash: str | None = None
+    version_id: int | None = None
 
     def __post_init__(self) -> None:
         self.name = clean_text(self.name, 200)
         self.weight = as_float(self.weight)
         self.hash = clean_text(self.hash, 80).lower() or None
+        self.version_id = as_id(self.version_id)
 
 
 @dataclass
@@ -87,6 +96,8 @@ class GenerationSettings:
     height: int | None = None
     model: str | None = None
     model_hash: str | None = None
+    # The checkpoint's CivitAI model version id, where CivitAI published one.
+    model_version_id: int | None = None
     loras: list[LoraUse] = field(default_factory=list)
     denoising_strength: float | None = None
     other: dict[str, str] = field(default_factory=dict)
@@ -101,6 +112,7 @@ class GenerationSettings:
         self.sampler = clean_text(self.sampler) or None
         self.model = clean_text(self.model) or None
         self.model_hash = clean_text(self.model_hash, 80).lower() or None
+        self.model_version_id = as_id(self.model_version_id)
         self.loras = [lora if isinstance(lora, LoraUse) else LoraUse(**lora) for lora in self.loras[:MAX_LORAS]]
         self.other = {clean_text(key, 80): clean_text(value) for key, value in list(self.other.items())[:MAX_OTHER_FIELDS]}
 

@@ -53,6 +53,8 @@ CONTROLNET_STRENGTH = Bounds(0.0, 1.5, 0.8)
 # the bot and the CLI give the most.
 MAX_TIMEOUT_SECONDS = 300.0
 DEFAULT_TIMEOUT_SECONDS = 60.0
+# A CivitAI image to remix, as pasted: a link with its query fits in far fewer characters.
+MAX_REMIX_REFERENCE_CHARS = 300
 
 # SDXL's training buckets (width, height), about one megapixel each: the sizes it composes best at.
 ASPECT_BUCKETS = {

@@ -2,7 +2,8 @@
 
 - `parse_reference` turns every form a model gets pasted in (page URLs with or
   without slug and `?modelVersionId=`, download links, AIR URNs, bare ids,
-  `v:<id>`, the civitai.green / civitai.red mirrors) into ids.
+  `v:<id>`, the civitai.green / civitai.red mirrors) into ids;
+  `parse_image_reference` does the same for an image (`/images/<id>`, or its id).
 - `CivitaiClient` is a small blocking client over the egress policy
   (`egress.open_url`) for the v1 API and the download redirect. The token goes
   in `Authorization: Bearer`, never in a URL, and only to the configured API
@@ -115,6 +116,26 @@ def _parse_url(cleaned: str, raw: str) -> CivitaiRef:
     )
 
 
+def parse_image_reference(text: str) -> int:
+    """The id of the CivitAI image a person pasted (`https://civitai.com/images/<id>`, on any CivitAI host,
+    with or without a query, or the bare id); INVALID_INPUT (quoting their text) otherwise."""
+    raw = (text or "").strip()
+    cleaned = raw.strip("<>\"'` \t\r\n")
+    if cleaned.isdigit():
+        return _positive(cleaned, raw)
+    url = cleaned if re.match(r"^[a-z][a-z0-9+.-]*://", cleaned, re.IGNORECASE) else "https://" + cleaned
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        parts = None
+    host = ((parts.hostname if parts else None) or "").lower().removeprefix("www.")
+    path = [segment for segment in parts.path.split("/") if segment] if parts else []
+    if host in CIVITAI_HOSTS and len(path) == 2 and path[0] == "images" and path[1].isdigit():
+        return _positive(path[1], raw)
+    raise ToolboxError(ErrorCode.INVALID_INPUT, f"`{_quote(raw)}` is not a CivitAI image. Paste an image's link "
+                       "(https://civitai.com/images/<id>) or its id.")
+
+
 def _positive(digits: str, raw: str) -> int:
     value = int(digits) if digits and digits.isdigit() else 0
     if value <= 0 or value >= 2**53:
@@ -179,6 +200,23 @@ class CivitaiClient:
             if error.code is ErrorCode.CIVITAI_NOT_FOUND:
                 return None
             raise
+
+    def image(self, image_id: int) -> dict[str, Any]:
+        """One image as the images endpoint lists it, with its published generation data (`meta`);
+        CIVITAI_NOT_FOUND when CivitAI lists no such image (removed, or hidden from this account)."""
+        what = f"image {image_id}"
+        body = self._get_json(f"/api/v1/images?imageId={image_id}&withMeta=true", what)
+        items = body.get("items")
+        # Only the image asked for: an answer listing others (a filter CivitAI ignored) does not stand in for it.
+        found = [item for item in items if isinstance(item, dict) and item.get("id") == image_id] \
+            if isinstance(items, list) else None
+        if found is None:
+            raise ToolboxError(ErrorCode.CIVITAI_UNAVAILABLE, f"CivitAI's answer for {what} lists no images.")
+        if not found:
+            raise ToolboxError(ErrorCode.CIVITAI_NOT_FOUND, f"CivitAI shows no {what}: it may have been removed, or "
+                               "be visible only to accounts allowed to see it (its owner's, or one with mature "
+                               f"content on). For this bot's account, {remedies.set_token('civitai')}.")
+        return found[0]
 
     def resolve_download(self, download_url: str, what: str) -> ResolvedDownload:
         """Follow CivitAI's download link to the storage URL it redirects to.

@@ -368,10 +368,13 @@ class Library:
         if key != DEFAULT_CHECKPOINT:
             value = await self.store.get(entry_key(key))
             if value is not None and value.get("type") == "checkpoint":
-                entry = LibraryEntry.from_dict(value)
-                return {"key": key, "name": entry.name, "file": entry.file, "path": str(self.path_of(entry)), "default": False}
+                return self.checkpoint_record(LibraryEntry.from_dict(value))
         return {"key": DEFAULT_CHECKPOINT, "name": DEFAULT_CHECKPOINT_NAME, "file": None,
                 "path": str(self.default_checkpoint_path()), "default": True}
+
+    def checkpoint_record(self, entry: LibraryEntry) -> dict[str, Any]:
+        """A library checkpoint as `active_checkpoint` describes one."""
+        return {"key": entry.file, "name": entry.name, "file": entry.file, "path": str(self.path_of(entry)), "default": False}
 
     async def set_active_checkpoint(self, name: str | None) -> dict[str, Any]:
         wanted = (name or "").strip()

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import discord
 
+from bot.remix_replies import ImportMissingButton
 from bot.tracker import CancelJobButton
 from cogs.generate import BUTTONS as GENERATE_BUTTONS
 from cogs.image_info import GenerateWithSettingsButton
 from cogs.upscale import BUTTONS as UPSCALE_BUTTONS
 
-PERSISTENT_BUTTONS = (CancelJobButton, *GENERATE_BUTTONS, *UPSCALE_BUTTONS, GenerateWithSettingsButton)
+PERSISTENT_BUTTONS = (CancelJobButton, *GENERATE_BUTTONS, *UPSCALE_BUTTONS, GenerateWithSettingsButton, ImportMissingButton)
 
 
 async def rebuilt(custom_id: str) -> discord.ui.DynamicItem:

@@ -65,13 +65,15 @@ async def test_command_options_come_from_the_request_model(toolbox_bot):
     options = {p.name: p for p in command.parameters}
     assert list(options) == ["prompt", "negative", "aspect", "count", "steps", "cfg", "seed", "lora1",
                              "lora1_weight", "lora2", "lora2_weight", "lora3", "lora3_weight", "face",
-                             "identity_strength", "pose", "model"]
+                             "identity_strength", "pose", "model", "remix"]
     assert (options["identity_strength"].min_value, options["identity_strength"].max_value) == (0.0, 1.5)
     assert options["face"].type is discord.AppCommandOptionType.attachment and not options["face"].required
     assert (options["steps"].min_value, options["steps"].max_value) == (20, 50)
     assert (options["cfg"].min_value, options["cfg"].max_value) == (1.0, 20.0)
     assert (options["count"].min_value, options["count"].max_value) == (1, 4)
-    assert options["prompt"].max_value == 1000 and options["prompt"].required
+    # A remix brings its own prompt: the command says when neither is given.
+    assert options["prompt"].max_value == 1000 and not options["prompt"].required
+    assert options["remix"].max_value == 300 and not options["remix"].required
     assert [choice.value for choice in options["aspect"].choices][:3] == ["1:1", "4:5", "5:4"]
     assert all(options[name].autocomplete for name in ("lora1", "lora2", "lora3"))
 

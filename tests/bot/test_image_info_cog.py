@@ -148,7 +148,7 @@ async def test_a_prompt_too_long_for_generate_is_shown_without_a_button(toolbox_
     long = "tag, " * 400 + "\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1"
     interaction = await image_info(toolbox_bot, fake_attachment(png_with({"parameters": long})))
     shown = reply(interaction)
-    assert "Cannot be generated here: The image's prompt is 1999 characters; /generate takes at most 1000." in shown["content"]
+    assert "Cannot be generated here: The image's prompt is 1999 characters; a generate request takes at most 1000." in shown["content"]
     assert shown["view"] is None and len(shown["content"]) <= 2000
 
 

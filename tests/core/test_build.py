@@ -57,6 +57,19 @@ async def test_an_sdxl_request_on_the_active_checkpoint_with_library_loras(libra
     assert request.checkpoint == "pony_mix.safetensors" and built.checkpoint["name"] == "Pony Mix"
 
 
+async def test_a_library_checkpoint_asked_for_is_generated_with(library, store):
+    """What a remix asks for: the image's checkpoint, by name or file; the active one stays as it is."""
+    built = await build_generate_request(library, GenerateChoices(prompt="a cat", checkpoint="Pony Mix"))
+    assert built.request.checkpoint == "pony_mix.safetensors" and built.checkpoint["name"] == "Pony Mix"
+    assert (await library.active_checkpoint())["file"] is None
+    missing = await refusal(build_generate_request, library, GenerateChoices(prompt="a cat", checkpoint="nowhere"))
+    assert missing.code is ErrorCode.INVALID_INPUT
+    await enable_flux(store)
+    flux = await refusal(build_generate_request, library,
+                         GenerateChoices(prompt="a cat", model="flux", checkpoint="Pony Mix"))
+    assert flux.code is ErrorCode.INVALID_INPUT and "a library checkpoint works with SDXL only" in flux.message
+
+
 async def test_nothing_given_is_the_requests_defaults_with_a_drawn_seed(library):
     built = await build_generate_request(library, GenerateChoices(prompt="a fox"))
     request = built.request

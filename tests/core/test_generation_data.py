@@ -525,3 +525,26 @@ async def test_values_out_of_range_are_brought_in_and_a_seed_too_large_is_redraw
         "CFG 30 is outside 1-20 here: 20 is used.", f"Seed {2**40} is outside 0-4294967295: a random seed is used.",
         "LoRA Detail at 5 is outside -2-2: 2 is used.",
     ]
+
+
+async def test_the_images_checkpoint_is_generated_with_when_the_library_has_it(library, store):
+    """By version id, by AutoV2 hash, by name; the active one needs no choice; one the library lacks is named."""
+    from bot.core.image_settings import plan_generate
+    from modal_services.image_info.settings import GenerationSettings
+    from modal_services.library.entries import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
+
+    wai = LibraryEntry(name="WAI", file="wai_v14.safetensors", type="checkpoint", sha256="bdb59bac77" + "0" * 54,
+                       civitai_version_id=1183765)
+    await store.put(entry_key(wai.file), wai.to_dict())
+    for found in (dict(model_version_id=1183765), dict(model_hash="BDB59BAC77"), dict(model="wai_v14"),
+                  dict(model="Pony Mix", model_version_id=5)):
+        remake = await plan_generate(GenerationSettings(source="CivitAI", prompt="a cat", **found), library)
+        expected = "pony_mix.safetensors" if found.get("model") == "Pony Mix" else "wai_v14.safetensors"
+        assert remake.params["checkpoint"] == expected and remake.missing_checkpoint is None, found
+    await store.put(ACTIVE_CHECKPOINT_KEY, wai.file)
+    remake = await plan_generate(GenerationSettings(source="CivitAI", prompt="a cat", model_version_id=1183765), library)
+    assert "checkpoint" not in remake.params and remake.notes == []
+    remake = await plan_generate(GenerationSettings(source="CivitAI", prompt="a cat", model="Other", model_version_id=9),
+                                 library)
+    assert "checkpoint" not in remake.params and remake.importable() == [("Other", 9)]
+    assert remake.notes == ["Made with the checkpoint Other, which is not in the library: WAI is used."]

@@ -6,6 +6,12 @@
   (`modelId`, `baseModel`, `baseModelType`, `trainedWords`, `air`, `model{}`,
   `files[]` with `sizeKB`, `metadata.format`, `hashes.SHA256`, `downloadUrl`,
   `primary`; `images[]` with `nsfwLevel`).
+- `GET /api/v1/images?imageId={id}&withMeta=true`: `{"items": [...], "metadata": {...}}`,
+  each image with `url`, `nsfw`, `nsfwLevel` ("None"/"Soft"/"Mature"/"X"), `browsingLevel`,
+  `baseModel`, `modelVersionIds` and its published generation data, `meta` (`prompt`,
+  `negativePrompt`, `steps`, `sampler`, `cfgScale`, `seed`, `Size`, `Model`, `Model hash`,
+  `resources`, `civitaiResources`); an unknown id lists no items (CivitAI answers 200). A test
+  may set an image to any body at all (`raw_images`), or a redirect (`image_redirects`).
 - `GET /api/download/models/{versionId}`: 307 to a "presigned" storage URL;
   401 JSON for gated versions without the right `Authorization: Bearer`.
 - `GET /storage/{key}?X-Amz-Signature=…`: the bytes, with `Content-Disposition`,
@@ -55,6 +61,9 @@ class FakeCivitai:
         self.files: dict[str, bytes] = {}  # /files/<name>
         self.version_blobs: dict[int, str] = {}  # version id -> storage key
         self.gated: set[int] = set()
+        self.images: dict[int, dict] = {}
+        self.raw_images: dict[int, bytes] = {}  # image id -> the whole answer, as sent
+        self.image_redirects: dict[int, str] = {}  # image id -> Location
         self.token = "civitai-secret-token"
         self.requests: list[Recorded] = []
         self._faults: list[Fault] = []
@@ -157,6 +166,23 @@ class FakeCivitai:
         self.version_blobs[version_id] = key
         return version
 
+    def add_image(self, image_id: int, meta: dict | None, *, nsfw_level: str = "None", base_model: str = "Illustrious",
+                  version_ids: list[int] | None = None) -> dict:
+        """One published image (`meta` None: its maker hid the generation data); returns its item."""
+        levels = {"None": 1, "Soft": 2, "Mature": 4, "X": 8}
+        item = {
+            "id": image_id, "url": f"https://image.civitai.com/x/{image_id}/original=true/{image_id}.jpeg",
+            "hash": "U00000", "width": 832, "height": 1216, "type": "image", "nsfw": nsfw_level != "None",
+            "nsfwLevel": nsfw_level, "browsingLevel": levels[nsfw_level], "createdAt": "2025-04-17T21:28:57.225Z",
+            "postId": image_id // 10, "username": "someone", "baseModel": base_model,
+            "modelVersionIds": version_ids or [],
+            "stats": {"cryCount": 0, "laughCount": 0, "likeCount": 12, "dislikeCount": 0, "heartCount": 3,
+                      "commentCount": 0},
+            "meta": meta,
+        }
+        self.images[image_id] = item
+        return item
+
     def fault(self, match: str, kind: str = "status", **kwargs) -> None:
         with self._lock:
             self._faults.append(Fault(match, kind, **kwargs))
@@ -189,6 +215,8 @@ def _handler(fake: FakeCivitai):
             if fault and fault.kind == "html":
                 return self._send(200, b"<html><body>Please log in</body></html>", {"Content-Type": "text/html"})
             path = parts.path
+            if path == "/api/v1/images":
+                return self._images(parse_qs(parts.query))
             if m := re.fullmatch(r"/api/v1/models/(\d+)", path):
                 model = fake.models.get(int(m.group(1)))
                 return self._json(200, model) if model else self._json(404, {"error": "No model with id"})
@@ -223,6 +251,17 @@ def _handler(fake: FakeCivitai):
                     return self._send(404, b"not found", {})
                 return self._file(data, m.group(1), fault)
             return self._json(404, {"error": "no route"})
+
+        def _images(self, query: dict[str, list[str]]):
+            wanted = int((query.get("imageId") or ["0"])[0] or 0)
+            if wanted in fake.image_redirects:
+                return self._send(302, b"", {"Location": fake.image_redirects[wanted]})
+            if wanted in fake.raw_images:
+                return self._send(200, fake.raw_images[wanted], {"Content-Type": "application/json"})
+            with_meta = (query.get("withMeta") or ["false"])[0] == "true"
+            items = [item if with_meta else {k: v for k, v in item.items() if k != "meta"}
+                     for item in [fake.images.get(wanted)] if item is not None]
+            return self._json(200, {"items": items, "metadata": {"pageSize": 100, "currentPage": 1}})
 
         def _file(self, data: bytes, name: str, fault: Fault | None):
             if fault and fault.kind == "corrupt":

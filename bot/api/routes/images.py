@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from bot.api.dependencies import Caller, JobsDep, LibraryDep, SyncLimitDep
+from bot.api.dependencies import Caller, CivitaiBaseDep, JobsDep, LibraryDep, SyncLimitDep
 from bot.api.payloads import generate_job_request, generate_meta
 from bot.api.responses import WITHHELD_STATUS, ApiError, error_responses, render_result
 from bot.api.schema import GenerateImageRequest, GenerateImageResponse
@@ -39,9 +39,10 @@ def _wait_seconds(body: GenerateImageRequest, sync_limit_seconds: float | None) 
 @router.post("/generate-image", response_model=GenerateImageResponse, response_model_exclude_unset=True,
              responses=error_responses(WITHHELD_STATUS))
 async def generate_image(body: GenerateImageRequest, caller: Caller, jobs: JobsDep, library: LibraryDep,
-                         sync_limit_seconds: SyncLimitDep) -> dict[str, Any]:
+                         sync_limit_seconds: SyncLimitDep, civitai_api_base: CivitaiBaseDep) -> dict[str, Any]:
     wait = _wait_seconds(body, sync_limit_seconds)
-    job = await jobs.start(caller, lambda: generate_job_request(library, body), generate_meta(body))
+    meta = generate_meta(body)
+    job = await jobs.start(caller, lambda: generate_job_request(library, body, civitai_api_base, meta), meta)
     try:
         result = await asyncio.wait_for(asyncio.shield(jobs.outcome(job.id)), wait)
     except asyncio.TimeoutError:

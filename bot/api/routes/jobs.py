@@ -8,7 +8,7 @@ import asyncio
 from fastapi import APIRouter
 
 from bot.api.caller_jobs import ApiJobs
-from bot.api.dependencies import Caller, JobsDep, LibraryDep
+from bot.api.dependencies import Caller, CivitaiBaseDep, JobsDep, LibraryDep
 from bot.api.payloads import generate_meta, job_request
 from bot.api.responses import error_body, render_result
 from bot.api.schema import JobAccepted, JobBody, JobView
@@ -19,9 +19,11 @@ router = APIRouter()
 
 
 @router.post("/jobs", status_code=202, response_model=JobAccepted)
-async def start_job(body: JobBody, caller: Caller, jobs: JobsDep, library: LibraryDep) -> JobAccepted:
+async def start_job(body: JobBody, caller: Caller, jobs: JobsDep, library: LibraryDep,
+                    civitai_api_base: CivitaiBaseDep) -> JobAccepted:
     meta = generate_meta(body) if body.kind == "generate" else {}
-    job = await jobs.start(caller, lambda: job_request(library, body, jobs.backend, {"api_caller": caller}), meta)
+    job = await jobs.start(caller, lambda: job_request(library, body, jobs.backend, {"api_caller": caller},
+                                                       civitai_api_base, meta), meta)
     return JobAccepted(job_id=job.id)
 
 
