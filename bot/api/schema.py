@@ -245,7 +245,7 @@ class GenerationMetadata(BaseModel):
     seed_used: int = Field(description="image_base64's seed")
     actual_steps: int
     actual_cfg: float
-    sampler: str | None = Field(None, description="the sampler the images were made with (SDXL), as A1111 names it")
+    sampler: str | None = Field(None, description="SDXL: the sampler the images were made with, as A1111 names it; absent for Flux")
     seeds_used: list[int] = Field(description="one per image")
 
 
