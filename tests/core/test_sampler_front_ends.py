@@ -10,10 +10,13 @@ import base64
 import pytest
 from discord import app_commands
 
-from bot.cli import main
-from bot.guild_settings import load_guild_settings
+from bot.api.schema import GenerateImageRequest, UpscaleJob
+from bot.cli.generate import generate_choices
+from bot.cli.parser import build_parser
+from bot.core.build import check_generate_choices
+from bot.guild_settings import GuildSettings, load_guild_settings
 from modal_services.jobs.requests import UpscaleRequest
-from modal_services.jobs.samplers import NO_SAMPLER, unknown_sampler
+from modal_services.jobs.samplers import NO_SAMPLER, SAMPLER_NAMES, unknown_sampler
 from modal_services.library.entries import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
 from tests.api.test_api import served  # noqa: F401 (a fixture)
 from tests.bot.test_generate_cog import engine  # noqa: F401 (a fixture)
@@ -41,6 +44,23 @@ async def toolbox_bot(make_toolbox_bot):
     bot = await make_toolbox_bot("cogs.upscale", "cogs.generate", "cogs.settings", "cogs.models")
     bot.generations.previews.interval = 0.02
     return bot
+
+
+# ---------------------------------------------------------------- every name, everywhere it is written
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES)
+def test_every_name_round_trips_through_the_settings_the_api_bodies_and_the_cli(name):
+    kept = GuildSettings().changed(default_sampler=name.upper()).to_dict()
+    assert GuildSettings.from_dict(kept).default_sampler == name
+    assert GenerateImageRequest.model_validate({"prompt": "a fox", "sampler": name.lower()}).sampler == name
+    assert UpscaleJob.model_validate({"kind": "upscale", "image_base64": "aW1n", "sampler": name}).sampler == name
+    args = build_parser().parse_args(["generate", "a fox", "--sampler", name])
+    assert check_generate_choices(asyncio.run(generate_choices(args))).request.sampler == name
+
+
+def test_a_stored_server_default_that_is_no_longer_a_sampler_falls_back_to_the_checkpoint_s():
+    assert GuildSettings.from_dict({"default_sampler": "Heun", "default_steps": 30}).default_sampler is None
 
 
 # ---------------------------------------------------------------- Discord
