@@ -30,8 +30,8 @@ CfgOption = option_range(GuildSettings, "default_cfg")
 NegativeOption = option_range(GuildSettings, "default_negative")
 ASPECT_CHOICES = [app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_BUCKETS]
 MODEL_CHOICES = [app_commands.Choice(name=model.title, value=key) for key, model in GENERATE_MODELS.items()]
-# A sampler, or (the empty value) none of the server's: each checkpoint's own.
-CHECKPOINT_SAMPLER = app_commands.Choice(name="the checkpoint's own", value="")
+# A sampler, or none of the server's: each checkpoint's own.
+CHECKPOINT_SAMPLER = app_commands.Choice(name="the checkpoint's own", value="checkpoint")
 ThresholdOption = option_range(GuildSettings, "nsfw_threshold")
 RetentionOption = option_range(GuildSettings, "result_retention_days")
 WordOption = app_commands.Range[str, 1, REFUSED_WORD_MAX_CHARS]
@@ -160,7 +160,8 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
             if sampler is None:
                 return changed
             # Set as chosen, the checkpoint's own (None) included, which `changed` would read as "unchanged".
-            return GuildSettings.parse({**changed.to_dict(), "default_sampler": sampler.value or None})
+            chosen = None if sampler.value == CHECKPOINT_SAMPLER.value else sampler.value
+            return GuildSettings.parse({**changed.to_dict(), "default_sampler": chosen})
 
         settings = await self._update(interaction, change)
         await interaction.response.send_message(describe(settings), ephemeral=True)

@@ -15,6 +15,7 @@ from bot.cli.generate import generate_choices
 from bot.cli.parser import build_parser
 from bot.core.build import check_generate_choices
 from bot.guild_settings import GuildSettings, load_guild_settings
+from cogs.settings import CHECKPOINT_SAMPLER
 from modal_services.jobs.requests import UpscaleRequest
 from modal_services.jobs.samplers import NO_SAMPLER, SAMPLER_NAMES, unknown_sampler
 from modal_services.library.entries import ACTIVE_CHECKPOINT_KEY, LibraryEntry, entry_key
@@ -29,7 +30,7 @@ CHECKPOINT = LibraryEntry(name="Anime XL", file="anime.safetensors", type="check
 
 
 def choice(name: str) -> app_commands.Choice[str]:
-    return app_commands.Choice(name=name or "the checkpoint's own", value=name)
+    return app_commands.Choice(name=name, value=name)
 
 
 def command(bot, *path):
@@ -89,7 +90,7 @@ async def test_discord_generate_takes_the_asked_then_the_server_s_then_the_check
     assert await generate(sampler=choice("UniPC")) == "UniPC"  # the member's
     # Back to each checkpoint's own.
     await invoke(toolbox_bot, command(toolbox_bot, "settings", "defaults"), fake_interaction(admin=True),
-                 sampler=choice(""))
+                 sampler=CHECKPOINT_SAMPLER)
     assert (await load_guild_settings(store, GUILD)).default_sampler is None
     assert await generate() == "DDIM"
 
