@@ -22,6 +22,7 @@ from modal_services.jobs.requests import (
     Prompt,
     RefusedWords,
     SafetyContext,
+    SamplerName,
     SafetyPolicy,
     Scale,
     UpscaleRequest,
@@ -56,6 +57,8 @@ class GuildSettings(Checked):
     default_steps: GenerationSteps = _default(GenerateRequest, "steps")
     default_cfg: Cfg = _default(GenerateRequest, "cfg")
     default_negative: Prompt = Field("", title="The default negative prompt")
+    # None: the checkpoint's own (its library entry's, else the base checkpoint's).
+    default_sampler: SamplerName | None = None
     # The /generate model for requests that name none: sdxl | flux.
     default_model: GenerateModel = "sdxl"
     user_cap: UserCap = 2

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from bot.replies import as_toolbox_error, error_text, send_error, taking_interactions
 from modal_services.errors import ToolboxError
 from modal_services.jobs.requests import CAPTION_STYLES
+from modal_services.jobs.samplers import SAMPLER_NAMES
 from modal_services.jobs.validation import field_bounds
 
 VIEW_TIMEOUT = 300.0
@@ -39,6 +40,7 @@ def _scalar_type(annotation) -> type:
 CAPTION_STYLE_CHOICES = [
     app_commands.Choice(name=f"{style}: {meaning}", value=style) for style, meaning in CAPTION_STYLES.items()
 ]
+SAMPLER_CHOICES = [app_commands.Choice(name=name, value=name) for name in SAMPLER_NAMES]
 
 
 # ------------------------------------------------------------------ views

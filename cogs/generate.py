@@ -38,7 +38,7 @@ from bot.remix_replies import MODELS_COG, private_offer, public_differences
 from bot.result_images import fit_to_limit
 from bot.result_params import keep_result_params, read_result_params
 from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget
-from bot.ui import PersistentButton, option_range
+from bot.ui import SAMPLER_CHOICES, PersistentButton, option_range
 from bot.core.build import build_generate_request
 from bot.core.remix import civitai_client, plan_remix, remix_params
 from bot.core.choices import GenerateChoices, LoraChoice
@@ -191,8 +191,8 @@ def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str, see
              guidance: str = "CFG") -> str:
     seeds = seeds or [params["seed"]]
     seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {', '.join(map(str, seeds))}"
-    parts = [f"{params['width']}×{params['height']}", f"{params['steps']} steps", f"{guidance} {params['cfg']:g}", seed_text,
-             checkpoint]
+    parts = [f"{params['width']}×{params['height']}", f"{params['steps']} steps", f"{guidance} {params['cfg']:g}",
+             *([params["sampler"]] if params.get("sampler") else []), seed_text, checkpoint]
     parts += [f"{name} ({lora['weight']:g})" for name, lora in zip(lora_names, params["loras"])]
     if params.get("strength") is not None:
         parts.append(f"variation at {params['strength']:g}")
@@ -245,8 +245,9 @@ class Generate(commands.Cog):
         pose="A photo whose face sets the head's place and angle (default: the face photo's)",
         model="SDXL or FLUX.1-dev (default: the server's, usually SDXL)",
         remix="A CivitAI image's link or id: its published prompt and settings (what you also give wins)",
+        sampler="The sampler, as A1111 names it (default: the server's, else the checkpoint's; SDXL only)",
     )
-    @app_commands.choices(aspect=ASPECT_CHOICES, model=MODEL_CHOICES)
+    @app_commands.choices(aspect=ASPECT_CHOICES, model=MODEL_CHOICES, sampler=SAMPLER_CHOICES)
     @app_commands.autocomplete(lora1=model_lora_autocomplete, lora2=model_lora_autocomplete, lora3=model_lora_autocomplete)
     async def generate(
         self,
@@ -269,11 +270,13 @@ class Generate(commands.Cog):
         pose: discord.Attachment | None = None,
         model: app_commands.Choice[str] | None = None,
         remix: RemixOption | None = None,
+        sampler: app_commands.Choice[str] | None = None,
     ) -> None:
         if prompt is None and remix is None:
             raise ToolboxError(ErrorCode.INVALID_PROMPT, "Give a prompt, or a CivitAI image to remix.")
         params = {
             "prompt": prompt, "model": model.value if model else None, "negative": negative,
+            "sampler": sampler.value if sampler else None,
             "aspect": aspect.value if aspect else None, "count": count, "steps": steps, "cfg": cfg, "seed": seed,
             "identity_strength": identity_strength,
             "loras": lora_slots((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight)),
@@ -382,6 +385,7 @@ class Generate(commands.Cog):
             width=params.get("width"), height=params.get("height"), count=params.get("count"),
             steps=params.get("steps") or settings.default_steps, seed=params.get("seed"), timeout=DISCORD_TIMEOUT,
             cfg=params.get("cfg") or (settings.default_cfg if sdxl_defaults else None),
+            sampler=params.get("sampler") or (settings.default_sampler if sdxl_defaults else None),
             negative=params.get("negative") or (settings.default_negative if sdxl_defaults else None),
             loras=tuple(LoraChoice(**lora) for lora in params.get("loras") or ()), checkpoint=params.get("checkpoint"),
             variation_image=(await read_image(start, max_pixels=MAX_START_PIXELS)).png if start is not None else None,
@@ -397,6 +401,7 @@ class Generate(commands.Cog):
         kept |= {"negative": request.negative_prompt, "aspect": choices.aspect, "model": built.model.key,
                  "cfg": getattr(request, built.model.cfg_field),
                  "identity_strength": getattr(request, "identity_strength", None),
+                 "sampler": getattr(request, "sampler", None),
                  "loras": [{"name": lora.file, "weight": lora.weight} for lora in request.loras],
                  "checkpoint": built.checkpoint["file"] if choices.checkpoint else None}
         title = ("Variations" if start is not None else "Generate") + (" with a face" if photos else "")

@@ -26,7 +26,7 @@ from bot.guild_settings import load_guild_settings
 from bot.permissions import is_operator, require_admin, require_operator
 from bot.tracker import ReplyTarget
 from bot.remix_replies import ImportMissingButton
-from bot.ui import ConfirmView, OwnedView, option_range
+from bot.ui import SAMPLER_CHOICES, ConfirmView, OwnedView, option_range
 from bot.core.remix import civitai_client
 from bot.core.text import plural, size_text
 from bot.replies import error_text
@@ -42,6 +42,7 @@ from modal_services.jobs.requests import (
     ModelUploadRequest,
 )
 from modal_services.jobs.records import Job
+from modal_services.jobs.samplers import NO_SAMPLER
 from modal_services.library.entries import DEFAULT_CHECKPOINT, LibraryEntry
 from modal_services.remedies import FrontEnd, render
 
@@ -88,6 +89,8 @@ def entry_embed(entry: LibraryEntry | dict, age_ok: bool, title_prefix: str = ""
     embed.add_field(name="File", value=_code(entry.file)[:1024])
     if entry.type == "lora":
         embed.add_field(name="Weight", value=f"{entry.weight if entry.weight is not None else 1.0:g}")
+    else:
+        embed.add_field(name="Sampler", value=entry.sampler or "the base checkpoint's")
     embed.add_field(name="Source", value=entry.source + (
         f" · [CivitAI](https://civitai.com/models/{entry.civitai_model_id}?modelVersionId={entry.civitai_version_id})"
         if entry.civitai_model_id else ""))
@@ -293,16 +296,20 @@ class Models(commands.Cog):
 
     # ------------------------------------------------------------ admin verbs
 
-    @models.command(name="edit", description="Rename a model, set its trigger words or default weight (operators)")
+    @models.command(name="edit", description="Rename a model, set its trigger words, default weight or sampler (operators)")
     @app_commands.describe(name="The model", display_name="New name", trigger_words="Comma-separated",
-                           weight="Default LoRA weight")
+                           weight="Default LoRA weight",
+                           sampler="A checkpoint's sampler for jobs that name none (none: the base checkpoint's)")
+    @app_commands.choices(sampler=[app_commands.Choice(name="none: the base checkpoint's", value=NO_SAMPLER),
+                                   *SAMPLER_CHOICES])
     @app_commands.autocomplete(name=name_autocomplete)
     async def edit(self, interaction: discord.Interaction, name: str,
                    display_name: DisplayNameOption | None = None,
                    trigger_words: TriggerWordsOption | None = None,
-                   weight: LoraWeightOption | None = None) -> None:
+                   weight: LoraWeightOption | None = None,
+                   sampler: app_commands.Choice[str] | None = None) -> None:
         await self.require_entry_change(interaction, await self.library.find(name), "edit")
-        entry = await self.library.edit(name, display_name, trigger_words, weight)
+        entry = await self.library.edit(name, display_name, trigger_words, weight, sampler and sampler.value)
         await interaction.response.send_message("✅ Updated:", embed=entry_embed(entry, age_restricted(interaction)), ephemeral=True)
 
     @models.command(name="delete", description="Delete a model and its file (operators)")

@@ -16,7 +16,7 @@ from bot.guild_settings import GuildSettings, load_guild_settings, update_guild_
 from bot.core.generate_models import GENERATE_MODELS
 from bot.permissions import require_admin, require_operator
 from bot.result_params import in_days
-from bot.ui import CAPTION_STYLE_CHOICES, option_range
+from bot.ui import CAPTION_STYLE_CHOICES, SAMPLER_CHOICES, option_range
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import ASPECT_BUCKETS, REFUSED_WORD_MAX_CHARS
 from modal_services.jobs.validation import field_choices
@@ -30,6 +30,8 @@ CfgOption = option_range(GuildSettings, "default_cfg")
 NegativeOption = option_range(GuildSettings, "default_negative")
 ASPECT_CHOICES = [app_commands.Choice(name=ratio, value=ratio) for ratio in ASPECT_BUCKETS]
 MODEL_CHOICES = [app_commands.Choice(name=model.title, value=key) for key, model in GENERATE_MODELS.items()]
+# A sampler, or none of the server's: each checkpoint's own.
+CHECKPOINT_SAMPLER = app_commands.Choice(name="the checkpoint's own", value="checkpoint")
 ThresholdOption = option_range(GuildSettings, "nsfw_threshold")
 RetentionOption = option_range(GuildSettings, "result_retention_days")
 WordOption = app_commands.Range[str, 1, REFUSED_WORD_MAX_CHARS]
@@ -53,6 +55,7 @@ def describe(settings: GuildSettings) -> str:
         f"Upscale: {settings.default_upscale_scale:g}x, creativity {settings.default_creativity:g}",
         f"Generate: {settings.default_aspect}, {settings.default_steps} steps, CFG {settings.default_cfg:g}"
         + (f", negative “{settings.default_negative[:80]}”" if settings.default_negative else "")
+        + f", sampler {settings.default_sampler or CHECKPOINT_SAMPLER.name}"
         + f", model {GENERATE_MODELS[settings.default_model].title}",
         f"Jobs at once: {settings.user_cap} per member, {settings.guild_cap} for the server",
         f"Who: {roles} · Where: {channels}",
@@ -125,8 +128,10 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
         cfg="Default /generate CFG",
         negative="Default /generate negative prompt (\"none\" to clear it)",
         model="Default /generate model",
+        sampler="Default /generate sampler for SDXL (the checkpoint's own: its library entry's)",
     )
-    @app_commands.choices(caption_style=CAPTION_STYLE_CHOICES, aspect=ASPECT_CHOICES, model=MODEL_CHOICES)
+    @app_commands.choices(caption_style=CAPTION_STYLE_CHOICES, aspect=ASPECT_CHOICES, model=MODEL_CHOICES,
+                          sampler=[CHECKPOINT_SAMPLER, *SAMPLER_CHOICES])
     async def defaults(
         self,
         interaction: discord.Interaction,
@@ -140,15 +145,25 @@ class ServerSettings(commands.GroupCog, group_name="settings", group_description
         cfg: CfgOption | None = None,
         negative: NegativeOption | None = None,
         model: app_commands.Choice[str] | None = None,
+        sampler: app_commands.Choice[str] | None = None,
     ) -> None:
         if negative is not None and negative.strip().lower() == "none":
             negative = ""
-        settings = await self._update(interaction, lambda settings: settings.changed(
-            default_caption_style=caption_style and caption_style.value, default_upscale_scale=upscale_scale,
-            default_creativity=creativity, user_cap=user_cap, guild_cap=guild_cap,
-            default_aspect=aspect and aspect.value, default_steps=steps, default_cfg=cfg, default_negative=negative,
-            default_model=model and model.value,
-        ))
+
+        def change(settings: GuildSettings) -> GuildSettings:
+            changed = settings.changed(
+                default_caption_style=caption_style and caption_style.value, default_upscale_scale=upscale_scale,
+                default_creativity=creativity, user_cap=user_cap, guild_cap=guild_cap,
+                default_aspect=aspect and aspect.value, default_steps=steps, default_cfg=cfg,
+                default_negative=negative, default_model=model and model.value,
+            )
+            if sampler is None:
+                return changed
+            # Set as chosen, the checkpoint's own (None) included, which `changed` would read as "unchanged".
+            chosen = None if sampler.value == CHECKPOINT_SAMPLER.value else sampler.value
+            return GuildSettings.parse({**changed.to_dict(), "default_sampler": chosen})
+
+        settings = await self._update(interaction, change)
         await interaction.response.send_message(describe(settings), ephemeral=True)
 
     @app_commands.command(name="access", description="Keep the bot to some roles or channels (none set: everyone, everywhere)")

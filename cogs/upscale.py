@@ -35,7 +35,7 @@ from bot.tile_prompts import tile_prompts
 from bot.tracker import MAX_REQUEST_BYTES, Admission, ReplyTarget, cancel_view
 from bot.core.build import build_upscale_request
 from bot.core.choices import LoraChoice, UpscaleChoices
-from bot.ui import PersistentButton, option_range
+from bot.ui import SAMPLER_CHOICES, PersistentButton, option_range
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.requests import LoraRef, UpscaleRequest
 from modal_services.jobs.validation import field_bounds
@@ -55,7 +55,7 @@ LoraWeightOption = option_range(LoraRef, "weight")
 CreativityOption = option_range(UpscaleRequest, "creativity")
 SeedOption = option_range(UpscaleRequest, "seed")
 # What a job keeps under `upscale:<id>` for the buttons under its result.
-KEPT_CHOICES = ("scale", "prompt", "negative", "creativity", "seed")
+KEPT_CHOICES = ("scale", "prompt", "negative", "creativity", "seed", "sampler")
 SOURCE_STEM = "source"
 
 
@@ -169,7 +169,9 @@ class Upscale(commands.Cog):
             *field_bounds(UpscaleRequest, "creativity"), UpscaleRequest.model_fields["creativity"].default),
         seed="For repeatable results (default: random)",
         tile_captions="Caption each tile (tags) and add that to its prompt: slower, more fitting detail",
+        sampler="The sampler, as A1111 names it (default: the checkpoint config's, Euler)",
     )
+    @app_commands.choices(sampler=SAMPLER_CHOICES)
     @app_commands.autocomplete(lora1=lora_autocomplete, lora2=lora_autocomplete, lora3=lora_autocomplete)
     async def upscale(
         self,
@@ -187,10 +189,12 @@ class Upscale(commands.Cog):
         creativity: CreativityOption | None = None,
         seed: SeedOption | None = None,
         tile_captions: bool = False,
+        sampler: app_commands.Choice[str] | None = None,
     ) -> None:
         loras = lora_slots((lora1, lora1_weight), (lora2, lora2_weight), (lora3, lora3_weight))
         params = {"scale": scale, "prompt": prompt or "", "negative": negative or "", "loras": loras,
-                  "creativity": creativity, "seed": seed, "tile_captions": tile_captions, "real_photo": True}
+                  "creativity": creativity, "seed": seed, "tile_captions": tile_captions, "real_photo": True,
+                  "sampler": sampler.value if sampler else None}
         await self.run_upscale(interaction, image, params)
 
     async def upscale_message(self, interaction: discord.Interaction, message: discord.Message) -> None:
@@ -240,6 +244,7 @@ class Upscale(commands.Cog):
             image=received.png, scale=params.get("scale") or settings.default_upscale_scale,
             prompt=params.get("prompt"), negative=params.get("negative"),
             creativity=params.get("creativity") or settings.default_creativity, seed=params.get("seed"),
+            sampler=params.get("sampler"),
             loras=tuple(LoraChoice(**lora) for lora in params.get("loras") or ()),
             # Judged for the channel this was asked in (a button's too): recomputed, never kept with the params;
             # whether the source is a real person's photo is kept, for the result's buttons.
@@ -313,7 +318,8 @@ class Upscale(commands.Cog):
 
 
 def describe(params: dict[str, Any], lora_names: list[str], checkpoint: str) -> str:
-    parts = [f"creativity {params['creativity']:g}", f"seed {params['seed']}", checkpoint]
+    parts = [f"creativity {params['creativity']:g}", *([params["sampler"]] if params.get("sampler") else []),
+             f"seed {params['seed']}", checkpoint]
     if params.get("tile_captions"):
         parts.append("tile captions")
     parts += [f"{name} ({lora['weight']:g})" for name, lora in zip(lora_names, params["loras"])]

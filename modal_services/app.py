@@ -281,7 +281,7 @@ FACE_PACKAGES = ("insightface==2.1", "onnx>=1.16", "opencv-python>=4.8", "scipy>
                  "onnxruntime-gpu>=1.20" if FACE_PROVIDER == "cuda" else "onnxruntime>=1.20")
 sdxl_image = (
     gpu_image.apt_install("libgl1", "libglib2.0-0")
-    .pip_install("diffusers>=0.35", "peft>=0.17", *FACE_PACKAGES)
+    .pip_install("diffusers>=0.35", "peft>=0.17", "torchsde==0.2.6", *FACE_PACKAGES)
     .run_commands("pip uninstall -y onnxruntime" if FACE_PROVIDER == "cuda" else "true")
     .env({
         # The output limit the bot checks too (sdxl_limits): the worker gets the deploy-time value.

@@ -66,7 +66,7 @@ async def generate_job_request(library: Library, request: GenerateImageRequest, 
     choices = GenerateChoices(
         prompt=request.prompt, model=request.model, negative=given.get("negative_prompt"),
         width=request.width, height=request.height, count=given.get("count"), steps=given.get("steps"),
-        cfg=given.get("cfg"), seed=request.seed, loras=tuple(LoraChoice(**lora.model_dump()) for lora in request.loras),
+        cfg=given.get("cfg"), sampler=request.sampler, seed=request.seed, loras=tuple(LoraChoice(**lora.model_dump()) for lora in request.loras),
         lora_url=None if request.lora_url is None else str(request.lora_url), lora_scale=given.get("lora_scale"),
         lora_sha256=request.lora_sha256, identity_strength=given.get("identity_strength"),
         controlnet_strength=given.get("controlnet_strength"), timeout=given.get("timeout"),
@@ -113,7 +113,7 @@ async def upscale_job_request(library: Library, request: UpscaleJob, backend: Ba
     choices = UpscaleChoices(
         image=request.image_base64, scale=given.get("scale"), prompt=given.get("prompt"), negative=given.get("negative"),
         loras=tuple(LoraChoice(**lora.model_dump()) for lora in request.loras), creativity=given.get("creativity"),
-        seed=request.seed, safety=api_safety(request.safety_check, real_photo=True),
+        seed=request.seed, sampler=request.sampler, safety=api_safety(request.safety_check, real_photo=True),
     )
     built = await build_upscale_request(library, choices)
     png = (await _decoded({"image_base64": request.image_base64}, DEFAULT_MAX_INPUT_PIXELS))["image_base64"]

@@ -181,7 +181,9 @@ def generate_response(result: dict[str, Any], lora_scale: float | None, notes: l
                        (result["loras"][0]["weight"] if result["loras"] else None),
                        "loras": result["loras"]},
         "metadata": {"seed_used": result["seeds"][shown], "actual_steps": result["steps"],
-                     "actual_cfg": result["cfg"], "seeds_used": result["seeds"]},
+                     "actual_cfg": result["cfg"], "seeds_used": result["seeds"],
+                     # SDXL's: Flux has no sampler choice.
+                     **({"sampler": result["sampler"]} if "sampler" in result else {})},
         "nsfw_score": report.images[shown].nsfw_score,
         "safety": safety_body(report),
     }

@@ -34,12 +34,14 @@ from modal_services.jobs.requests import (
     LoraRef,
     Prompt,
     Question,
+    SamplerName,
     Scale,
     Seed,
     Timeout,
     UpscaleRequest,
 )
 from modal_services.jobs.limits import MAX_REMIX_REFERENCE_CHARS
+from modal_services.jobs.samplers import SAMPLER_NAMES
 from modal_services.jobs.validation import constraint_bounds, field_bounds
 from modal_services.net.egress import plain_http_allowed
 
@@ -128,6 +130,11 @@ def _any_model(field_of: ModelField) -> Any:
     return Annotated[number, Field(**limits)]
 
 
+def _sampler_field(default: str) -> Any:
+    return Field(None, title="The sampler", description=f"SDXL's sampler, as A1111 names it: {', '.join(SAMPLER_NAMES)} "
+                 f"(any case; A1111's k_ names too); {default} when omitted")
+
+
 def _same(name: str) -> ModelField:
     return lambda model: name
 
@@ -177,6 +184,7 @@ class GenerateImageRequest(Strict):
     steps: GenerationSteps = _default(GenerateRequest, "steps")
     cfg: AnyCfg | None = Field(None, title="CFG", description=_each_model(
         _cfg, "How closely to follow the prompt: SDXL's CFG, Flux's guidance; the model's default when omitted"))
+    sampler: SamplerName | None = _sampler_field("the checkpoint's (its library entry's, else the base checkpoint's)")
     seed: Seed | None = Field(None, description="random when omitted; always reported in metadata.seed_used")
     count: ImageCount = Field(_default(GenerateRequest, "count"),
                               description="images in one batched call, seeds seed, seed+1, ...")
@@ -241,6 +249,7 @@ class UpscaleJob(Strict):
     negative: Prompt = _titled_default(UpscaleRequest, "negative")
     loras: Annotated[list[LoraRef], LORAS_PER_JOB] = Field(default_factory=list)
     creativity: Creativity = _default(UpscaleRequest, "creativity")
+    sampler: SamplerName | None = _sampler_field("the checkpoint config's scheduler (Euler)")
     seed: Seed | None = Field(None, description="random when omitted")
     tile_captions: bool = Field(False, description="tag each tile the upscaler will denoise (a caption job, run first: "
                                                    "POST /jobs answers once it is done) and add its tags to that tile's "
@@ -264,6 +273,7 @@ class GenerationMetadata(BaseModel):
     seed_used: int = Field(description="image_base64's seed")
     actual_steps: int
     actual_cfg: float
+    sampler: str | None = Field(None, description="SDXL: the sampler the images were made with, as A1111 names it; absent for Flux")
     seeds_used: list[int] = Field(description="one per image")
 
 

@@ -15,6 +15,7 @@ from bot.cli.common import (
 from bot.core.library import library_for
 from bot.core.model_names import DEFAULT_MODEL, MODEL_ALIASES
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.jobs.samplers import SAMPLER_NAMES
 from modal_services.jobs.limits import (
     CFG, CONTROLNET_STRENGTH, FLUX_ASPECT_BUCKETS, FLUX_SIDE, GENERATION_STEPS, GUIDANCE, IDENTITY_STRENGTH,
     IMAGE_COUNT, MAX_TIMEOUT_SECONDS, SDXL_SIDE, SIDE_MULTIPLE,
@@ -53,6 +54,8 @@ def register(commands) -> None:
     generate.add_argument("--steps", type=int, help=GENERATION_STEPS.describe())
     generate.add_argument("--cfg", type=float, help=f"how closely to follow the prompt: SDXL's CFG {CFG.describe()}, "
                                                     f"Flux's guidance {GUIDANCE.describe()}")
+    generate.add_argument("--sampler", metavar="NAME",
+                          help=f"SDXL's sampler, one of {', '.join(SAMPLER_NAMES)} (default: the checkpoint's)")
     generate.add_argument("--seed", type=int, help=f"{SEED_HELP}; image n gets seed + n - 1")
     generate.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help=LORA_HELP)
     generate.add_argument("--face", type=Path, metavar="PHOTO", help="InstantID: every image keeps this person's face")
@@ -129,6 +132,7 @@ async def generate_choices(args: argparse.Namespace) -> GenerateChoices:
     return GenerateChoices(
         prompt=args.prompt, model=args.model, negative=args.negative or None, aspect=args.aspect,
         width=args.width, height=args.height, count=args.count, steps=args.steps, cfg=args.cfg, seed=args.seed,
+        sampler=args.sampler,
         loras=tuple(parse_lora_option(option) for option in args.lora), **photos,
         identity_strength=args.identity_strength, controlnet_strength=args.controlnet_strength,
         timeout=args.timeout, safety=cli_safety(args),
@@ -194,7 +198,8 @@ def _api_body(args: argparse.Namespace, choices: GenerateChoices, checked: Check
     body = {
         "kind": "generate", "remix": args.remix, "prompt": choices.prompt, "model": choices.model,
         "negative_prompt": choices.negative, "width": choices.width, "height": choices.height, "count": choices.count,
-        "steps": choices.steps, "cfg": choices.cfg, "seed": choices.seed, "timeout": choices.timeout, **photos,
+        "steps": choices.steps, "cfg": choices.cfg, "sampler": choices.sampler, "seed": choices.seed,
+        "timeout": choices.timeout, **photos,
         "identity_strength": choices.identity_strength, "controlnet_strength": choices.controlnet_strength,
         "loras": [{"name": lora.name, "weight": lora.weight} for lora in choices.loras] or None,
         "safety_check": not args.no_safety_check,

@@ -12,6 +12,7 @@ from bot.cli.common import confirm, opened_backend, run_with_bar
 from bot.core.library import library_for
 from modal_services.errors import ErrorCode, ToolboxError
 from modal_services.jobs.limits import LORA_WEIGHT
+from modal_services.jobs.samplers import NO_SAMPLER, SAMPLER_NAMES
 from modal_services.remedies import FrontEnd, render
 
 if TYPE_CHECKING:
@@ -37,12 +38,15 @@ def register(commands) -> None:
     info.add_argument("name", metavar="NAME")
     info.add_argument("--json", action="store_true")
     info.set_defaults(run=show_model)
-    edit = verbs.add_parser("edit", help="rename, set trigger words or default weight")
+    edit = verbs.add_parser("edit", help="rename, set trigger words, default weight or sampler")
     edit.add_argument("name", metavar="NAME")
     edit.add_argument("--name", dest="display_name", metavar="N")
     edit.add_argument("--triggers", metavar='"a, b"')
     edit.add_argument("--weight", type=float, metavar="W",
                       help=f"the weight a LoRA gets when none is asked for, {LORA_WEIGHT.describe()}")
+    edit.add_argument("--sampler", metavar="NAME",
+                      help=f"a checkpoint's sampler for jobs that name none: {', '.join(SAMPLER_NAMES)}, "
+                           f"or {NO_SAMPLER} for the base checkpoint's")
     edit.set_defaults(run=edit_model)
     delete = verbs.add_parser("delete", help="delete a model and its file")
     delete.add_argument("name", metavar="NAME")
@@ -66,6 +70,7 @@ async def _opened_library(settings: Settings) -> AsyncIterator[tuple[Backend, Li
 def _entry_lines(document: dict) -> str:
     words = ", ".join(document["trigger_words"]) or "none"
     weight = f", weight {document['weight']:g}" if document.get("weight") is not None else ""
+    weight += f", sampler {document['sampler']}" if document.get("sampler") else ""
     missing = "  [file missing]" if document.get("missing") else ""
     return (f"{document['name']}  ({document['type']}, {document.get('base_model') or '?'}{weight}){missing}\n"
             f"  file: {document['path']}\n  triggers: {words}\n  size: {document['size_bytes'] / 2**20:.1f} MiB"
@@ -129,7 +134,7 @@ async def show_model(settings: Settings, args: argparse.Namespace) -> None:
 
 async def edit_model(settings: Settings, args: argparse.Namespace) -> None:
     async with _opened_library(settings) as (_, library):
-        entry = await library.edit(args.name, args.display_name, args.triggers, args.weight)
+        entry = await library.edit(args.name, args.display_name, args.triggers, args.weight, args.sampler)
         print(_entry_lines(library.to_json(entry)))
 
 

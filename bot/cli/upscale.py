@@ -12,6 +12,7 @@ from bot.cli.common import (
 )
 from bot.core.library import library_for
 from modal_services.jobs.limits import CREATIVITY, SCALE
+from modal_services.jobs.samplers import SAMPLER_NAMES
 
 if TYPE_CHECKING:
     from bot.core.choices import UpscaleChoices
@@ -28,6 +29,8 @@ def register(commands) -> None:
     upscale.add_argument("--creativity", type=float,
                          help=f"{CREATIVITY.low:g} (faithful) to {CREATIVITY.high:g} (repaint), {CREATIVITY.describe()}")
     upscale.add_argument("--seed", type=int, help=SEED_HELP)
+    upscale.add_argument("--sampler", metavar="NAME",
+                         help=f"one of {', '.join(SAMPLER_NAMES)} (default: the checkpoint config's, Euler)")
     upscale.add_argument("-o", "--output", type=Path, help="default: IMAGE_x<scale>.png beside the input")
     upscale.add_argument("--no-safety-check", action="store_true", help=SAFETY_HELP)
     upscale.add_argument("--tile-captions", action="store_true",
@@ -49,7 +52,8 @@ def upscale_choices(args: argparse.Namespace, png: bytes) -> UpscaleChoices:
     from bot.core.choices import UpscaleChoices
 
     return UpscaleChoices(image=png, scale=args.scale, prompt=args.prompt, negative=args.negative,
-                          creativity=args.creativity, seed=args.seed, safety=cli_safety(args, real_photo=True),
+                          creativity=args.creativity, seed=args.seed, sampler=args.sampler,
+                          safety=cli_safety(args, real_photo=True),
                           loras=tuple(parse_lora_option(option) for option in args.lora))
 
 

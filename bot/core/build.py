@@ -90,10 +90,11 @@ async def build_generate_request(library: Library, choices: GenerateChoices) -> 
     loras = [await resolve_lora(library, lora, model.lora_family) for lora in checked.loras]
     # 4. The weights its images come from: the model's own, else the library checkpoint asked for, else the active one.
     checkpoint = model.checkpoint or await _library_checkpoint(library, choices.checkpoint)
-    # 5. The request, with what the library gave.
+    # 5. The request, with what the library gave: the checkpoint, and its sampler unless one was asked for.
     payload = {**request.to_payload(), "loras": loras}
     if model.checkpoint is None:
         payload["checkpoint"] = checkpoint["file"]
+        payload["sampler"] = payload["sampler"] or checkpoint["sampler"]
     return BuiltRequest(model.request.parse(payload), model, checkpoint)
 
 
@@ -116,6 +117,8 @@ def _refuse_what_the_model_lacks(model: TextToImageModel, choices: GenerateChoic
     if model.checkpoint is not None and choices.checkpoint is not None:
         raise ToolboxError(ErrorCode.INVALID_INPUT, f"{model.name} runs on its own weights: a library checkpoint "
                            f"works with {SDXL.name} only.")
+    if not model.takes_sampler and choices.sampler is not None:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, _sampler_refused(model))
 
 
 def _request_fields(model: TextToImageModel, choices: GenerateChoices) -> dict[str, Any]:
@@ -129,6 +132,8 @@ def _request_fields(model: TextToImageModel, choices: GenerateChoices) -> dict[s
     }
     if model.takes_faces:
         fields |= {name: getattr(choices, name) for name in FACE_CHOICES}
+    if model.takes_sampler:
+        fields["sampler"] = choices.sampler
     # The scale and the sha256 only qualify a LoRA link: without one there is nothing to apply them to.
     if choices.lora_url is not None:
         fields |= {"lora_url": choices.lora_url, "lora_scale": choices.lora_scale, "lora_sha256": choices.lora_sha256}
@@ -170,6 +175,11 @@ def _lora_url_refused(model: TextToImageModel) -> str:
     return f"A LoRA URL works with {takers} only: {model.name} takes LoRAs from the library."
 
 
+def _sampler_refused(model: TextToImageModel) -> str:
+    takers = names_of([other for other in GENERATE_MODELS.values() if other.takes_sampler])
+    return f"A sampler is chosen for {takers} only: {model.name} runs on its own scheduler."
+
+
 def _aspect_refused(aspect: str) -> str:
     """An aspect the chosen model does not make: which models make it, or which aspects there are."""
     makers = [model for model in GENERATE_MODELS.values() if aspect in model.aspects]
@@ -203,7 +213,7 @@ async def build_upscale_request(library: Library, choices: UpscaleChoices) -> Bu
 def _upscale_fields(choices: UpscaleChoices) -> dict[str, Any]:
     fields = {
         "image": choices.image, "scale": choices.scale, "prompt": choices.prompt, "negative": choices.negative,
-        "creativity": choices.creativity, "seed": choices.seed, "steps": choices.steps,
+        "creativity": choices.creativity, "seed": choices.seed, "steps": choices.steps, "sampler": choices.sampler,
         "ip_adapter_scale": choices.ip_adapter_scale, "region_prompts": list(choices.region_prompts) or None,
         "safety": choices.safety,
     }

@@ -42,6 +42,8 @@ class GenerateChoices:
     steps: int | None = None
     # How closely to follow the prompt: SDXL's CFG, Flux's guidance.
     cfg: float | None = None
+    # A sampler's name (`modal_services.jobs.samplers`, SDXL); None: the checkpoint's.
+    sampler: str | None = None
     # The first image's seed (image n gets seed + n - 1); None: one is drawn, and reported.
     seed: int | None = None
     loras: tuple[LoraChoice, ...] = ()
@@ -80,6 +82,8 @@ class UpscaleChoices:
     creativity: float | None = None
     seed: int | None = None
     steps: int | None = None
+    # None: the scheduler of the checkpoint's config, which the upscaler is tuned on.
+    sampler: str | None = None
     ip_adapter_scale: float | None = None
     # Words for the tiles whose centre lies in a box: {"box": [left, top, right, bottom], "prompt": ...}.
     region_prompts: tuple[dict[str, Any], ...] = ()

@@ -45,6 +45,11 @@ class TextToImageModel:
         return "face_image" in self.request.model_fields
 
     @property
+    def takes_sampler(self) -> bool:
+        """Whether a request may choose its sampler."""
+        return "sampler" in self.request.model_fields
+
+    @property
     def takes_lora_url(self) -> bool:
         """Whether a request may bring a LoRA of its own, by link."""
         return "lora_url" in self.request.model_fields

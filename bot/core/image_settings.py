@@ -6,7 +6,7 @@ model version id (where the image and the entry both have one), else by hash
 generated with, LoRAs found are applied, and those not found are named (with
 their version ids, for an import). Values outside what a generate request
 takes are brought within it, each change said in a note; what this bot cannot
-apply (a sampler, a checkpoint it lacks) is said too.
+apply (a sampler it does not have, a checkpoint it lacks) is said too.
 A prompt too long for a request cannot be remade: `problem` says so. The
 result is the parameters the front ends give the one request builder
 (`bot.core.build`), which checks them as it checks any /generate.
@@ -25,6 +25,7 @@ from modal_services.errors import ToolboxError
 from modal_services.image_info.model_hashes import AUTOV2_DIGITS
 from modal_services.image_info.settings import GenerationSettings, LoraUse, as_float
 from modal_services.jobs.requests import MAX_SEED, LoraRef
+from modal_services.jobs.samplers import sampler_named
 from modal_services.jobs.validation import field_bounds
 from modal_services.library.entries import Library, LibraryEntry
 
@@ -37,9 +38,9 @@ FLUX_GUIDANCE_FIELD = "Distilled CFG Scale"
 @dataclass
 class Remake:
     """The /generate an image's settings make here: `params` as the generate cog keeps a result's (prompt,
-    negative, width, height, steps, cfg, seed, model, loras as [{name: library file, weight}], and checkpoint:
-    the library file of the image's, when found), the image's LoRAs found in the library and those missing,
-    and notes on what changed; `problem` when none can be made."""
+    negative, width, height, steps, cfg, sampler, seed, model, loras as [{name: library file, weight}], and
+    checkpoint: the library file of the image's, when found), the image's LoRAs found in the library and those
+    missing, and notes on what changed; `problem` when none can be made."""
 
     params: dict[str, Any] = field(default_factory=dict)
     found: list[tuple[LoraUse, LibraryEntry]] = field(default_factory=list)
@@ -75,11 +76,23 @@ async def plan_generate(settings: GenerationSettings, library: Library) -> Remak
     await _match_loras(settings.loras, library, model, remake)
     remake.params["loras"] = [{"name": entry.file, "weight": _lora_weight(lora, remake.notes)}
                               for lora, entry in remake.found]
-    if settings.sampler:
-        remake.notes.append(f"Sampler {settings.sampler}: not applied, {model.name} runs on its checkpoint's own scheduler.")
+    remake.params |= _sampler(settings.sampler, model, remake.notes)
     if model is SDXL and (settings.model or settings.model_hash or settings.model_version_id):
         await _match_checkpoint(settings, library, remake)
     return remake
+
+
+def _sampler(written: str | None, model: TextToImageModel, notes: list[str]) -> dict[str, str | None]:
+    """{"sampler": the image's when this bot has it, else None: the checkpoint's} for a model that takes one,
+    else {}; a sampler not applied is said in a note."""
+    if not model.takes_sampler:
+        if written:
+            notes.append(f"Sampler {written}: not applied, {model.name} runs on its own scheduler.")
+        return {}
+    name = sampler_named(written)
+    if written and name is None:
+        notes.append(f"Sampler {written}: not one this bot has, the checkpoint's sampler is used.")
+    return {"sampler": name}
 
 
 def _prompt_problem(settings: GenerationSettings, model: TextToImageModel) -> str | None:

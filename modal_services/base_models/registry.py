@@ -115,6 +115,8 @@ class ModelEntry:
     # Pickled weights the source publishes → the safetensors file each becomes once downloaded
     # (`modal_services.base_models.pickle_weights`); only the converted file is kept.
     converted: Mapping[str, str] = field(default_factory=dict)
+    # A checkpoint's sampler for jobs that name none (`modal_services.jobs.samplers`): its model card's advice.
+    sampler: str | None = None
 
     def dest_for(self, repo_path: str) -> str:
         """Where a source file lands, relative to `folder`."""
@@ -154,6 +156,7 @@ BASE_MODELS: dict[str, ModelEntry] = {
             folder=_folder_of(ILLUSTRIOUS_CHECKPOINT),
             approx_bytes=6_938_000_000,
             needed_by=("upscale", "generate"),
+            sampler="Euler a",
         ),
         ModelEntry(
             key="controlnet-tile",

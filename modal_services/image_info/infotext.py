@@ -30,6 +30,10 @@ LORA_TAG = re.compile(r"<(?:lora|lyco):([^:<>]+)(?::([^:<>]*))?(?::[^<>]*)?>", r
 SCHEDULE_TYPES = ("Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal", "Align Your Steps",
                   "Simple", "Normal", "Uniform", "Beta")
 AUTOMATIC_SCHEDULE = "Automatic"
+# The schedule A1111 (1.9 on) runs a sampler with when its Schedule type is "Automatic"; a sampler not named
+# here runs on its plain one.
+AUTOMATIC_SCHEDULES = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2S a": "Karras",
+                       "DPM++ 2M SDE": "Exponential", "DPM++ 3M SDE": "Exponential"}
 # A settings line longer than this is not A1111's (its real lines are a few kilobytes at most).
 MAX_SETTINGS_LINE = 64 * 1024
 # The fields that become the settings' own; every other pair is kept in `other`.
@@ -54,10 +58,13 @@ def split_sampler(name: str) -> tuple[str, str | None]:
 
 
 def joined_sampler(sampler: str | None, schedule: str | None) -> str | None:
-    """The sampler's name with its schedule type, as people name it ("DPM++ 2M Karras")."""
+    """The sampler's name with its schedule type, as people name it ("DPM++ 2M Karras"); "Automatic" is the
+    schedule A1111 picks for that sampler."""
     if not sampler:
         return None
-    if not schedule or schedule == AUTOMATIC_SCHEDULE:
+    if schedule == AUTOMATIC_SCHEDULE:
+        schedule = AUTOMATIC_SCHEDULES.get(sampler)
+    if not schedule:
         return sampler
     return f"{sampler} {schedule}"
 

@@ -9,8 +9,9 @@ A1111's order. A hash is written only where the toolbox recorded the file's
 sha256 (`model_hashes`). The chunk is added to the encoded PNG as it is: no
 pixel is encoded again.
 
-The sampler is the result's own `sampler` when it names one, else what the
-pipeline's scheduler is called in A1111 ("Euler" for EulerDiscreteScheduler).
+The sampler is the result's own `sampler` when it names one, written as the
+sampler table says A1111 writes it (`modal_services.jobs.samplers`), else
+what the pipeline's scheduler is called in A1111 ("Euler" for EulerDiscreteScheduler).
 A guidance-distilled model (Flux) is written as Forge writes it: `CFG scale: 1`
 and its guidance as `Distilled CFG Scale`.
 """
@@ -26,6 +27,7 @@ from modal_services.image_info.containers import with_png_text
 from modal_services.image_info.infotext import infotext, lora_alias, lora_tags, split_sampler
 from modal_services.image_info.model_hashes import autov2, recorded_sha256
 from modal_services.image_info.reading import PARAMETERS_KEY
+from modal_services.jobs.samplers import SAMPLERS
 
 VERSION = f"AI Toolbox {__version__}"
 # diffusers' schedulers by A1111's names; DPMSolverMultistepScheduler's depends on its configuration.
@@ -90,7 +92,7 @@ class MadeWith:
 def sampler_of(scheduler: Any, named: str | None = None) -> tuple[str, str | None]:
     """(sampler, schedule type) in A1111's names: `named` when the job named one, else the scheduler's."""
     if named:
-        return split_sampler(named)
+        return SAMPLERS[named].infotext if named in SAMPLERS else split_sampler(named)
     config = getattr(scheduler, "config", {}) or {}
     kind = type(scheduler).__name__
     if kind == "DPMSolverMultistepScheduler":

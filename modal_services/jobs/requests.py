@@ -30,6 +30,7 @@ from modal_services.jobs.limits import (
     FLUX_MAX_PIXELS, FLUX_SIDE, GENERATION_STEPS, GUIDANCE, IDENTITY_STRENGTH, IMAGE_COUNT,
     LORA_WEIGHT, MAX_CAPTION_IMAGES, MAX_SEED, MAX_TIMEOUT_SECONDS, SCALE, SDXL_SIDE, SIDE_MULTIPLE,
 )
+from modal_services.jobs.samplers import sampler_named, unknown_sampler
 from modal_services.jobs.validation import Checked, invalid_input
 from modal_services.safety.prompt_screen import asks_for_sexual_content, screen_prompt
 from modal_services.safety.real_people import REAL_PERSON_REFUSAL
@@ -58,6 +59,18 @@ LoraWeight = Annotated[float, Field(ge=LORA_WEIGHT.low, le=LORA_WEIGHT.high, all
 Scale = Annotated[float, Field(ge=SCALE.low, le=SCALE.high, allow_inf_nan=False, title="Scale")]
 Creativity = Annotated[float, Field(ge=CREATIVITY.low, le=CREATIVITY.high, allow_inf_nan=False, title="Creativity")]
 Steps = Annotated[int, Field(ge=1, le=60, title="Steps")]
+
+
+def known_sampler(text: str) -> str:
+    """The sampler table's own name for `text`; any other is refused with every name there is."""
+    name = sampler_named(text)
+    if name is None:
+        raise ValueError(unknown_sampler(text))
+    return name
+
+
+# An SDXL job's sampler (`modal_services.jobs.samplers`); None: the scheduler the checkpoint's config names.
+SamplerName = Annotated[str, AfterValidator(known_sampler), Field(title="The sampler")]
 IpAdapterScale = Annotated[float, Field(ge=0.0, le=1.5, allow_inf_nan=False, title="The IP-Adapter scale")]
 
 CaptionStyle = Annotated[Literal[tuple(CAPTION_STYLES)], Field(title="The caption style")]
@@ -230,6 +243,7 @@ class UpscaleRequest(SafetyChecked):
     # A library file name (or the base checkpoint's key); None: the base checkpoint.
     checkpoint: str | None = None
     steps: Steps = 30
+    sampler: SamplerName | None = None
     # Off by default: at the default creativity ControlNet Tile already holds the
     # content, and a whole-image reference pulls the whole composition into each
     # tile as creativity rises. Jobs can turn it up.
@@ -315,6 +329,7 @@ class GenerateRequest(TextToImageRequest):
     width: Side = Field(SDXL_SIDE.default, title="The width")
     height: Side = Field(SDXL_SIDE.default, title="The height")
     cfg: Cfg = CFG.default
+    sampler: SamplerName | None = None
     # A library file name (or the base checkpoint's key); None: the base checkpoint.
     checkpoint: str | None = None
     # A LoRA of the request's own: an https link (presigned or not) to a .safetensors file, at

@@ -18,18 +18,19 @@ entries only and trusts the `missing` flags the workers keep.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modal_services import remedies
 from modal_services.errors import ErrorCode, ToolboxError
+from modal_services.base_models.registry import BASE_MODELS
 from modal_services.jobs.requests import LoraRef
+from modal_services.jobs.samplers import NO_SAMPLER, sampler_named, unknown_sampler
 from modal_services.state.keys import ACTIVE_CHECKPOINT_KEY, ENTRY_PREFIX, entry_key, file_lock_name
 from modal_services.state.locks import holding
+from modal_services.library.file_names import SUFFIX
 from modal_services.layout import CHECKPOINTS_SUBDIR, ILLUSTRIOUS_CHECKPOINT, LORAS_MOUNT, LORAS_SUBDIR, MODELS_MOUNT
 from modal_services.state.durable import DurableStore, record_kind
 from modal_services.state.reconcile import refreshed_records
@@ -39,9 +40,6 @@ DEFAULT_CHECKPOINT = "illustrious-xl"
 DEFAULT_CHECKPOINT_NAME = "Illustrious-XL v2.0 (default)"
 TYPES = ("lora", "checkpoint")
 SOURCES = ("civitai", "upload", "huggingface", "adopted")
-SUFFIX = ".safetensors"
-# In UTF-8 bytes (what file systems count): room left under 255 for `-NNNN`, `.partial`, `.converted`.
-MAX_FILE_NAME_BYTES = 200
 MAX_NAME = 100
 MAX_TRIGGER_WORDS = 50
 MAX_TRIGGER_CHARS = 200
@@ -82,6 +80,8 @@ class LibraryEntry:
     # The server whose admins imported it, who may edit and delete it (every server may use it);
     # None: shared, changed by the bot's operators only.
     imported_by_guild: int | None = None
+    # A checkpoint's sampler for jobs that name none (`modal_services.jobs.samplers`); None: the base checkpoint's.
+    sampler: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,38 +103,6 @@ class ScanReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def safe_file_name(name: str, fallback: str = "model") -> str:
-    """A name that is one plain file in one folder: no separators, no `..`, no control characters, bounded."""
-    name = unicodedata.normalize("NFC", name or "")
-    name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join("_" if (unicodedata.category(ch)[0] == "C" or ch in '<>:"|?*') else ch for ch in name)
-    name = re.sub(r"\s+", " ", name).strip(" .")
-    stem = name[: -len(SUFFIX)] if name.lower().endswith(SUFFIX) else name
-    stem = stem.strip(" .").replace("..", "_")
-    if not stem:
-        stem = fallback
-    return _clip_utf8(stem, MAX_FILE_NAME_BYTES - len(SUFFIX)).rstrip(" .") + SUFFIX
-
-
-def _clip_utf8(text: str, max_bytes: int) -> str:
-    """At most `max_bytes` of UTF-8, never cutting a character in two."""
-    return text.encode("utf-8")[:max_bytes].decode("utf-8", "ignore")
-
-
-def unique_file_name(name: str, taken: set[str]) -> str:
-    """`name`, or `name-2`, `name-3`… when a file or entry already has it (compared case-insensitively)."""
-    lowered = {item.lower() for item in taken}
-    if name.lower() not in lowered:
-        return name
-    stem = name[: -len(SUFFIX)]
-    for number in range(2, 10_000):
-        tail = f"-{number}"
-        candidate = _clip_utf8(stem, MAX_FILE_NAME_BYTES - len(SUFFIX) - len(tail)) + tail + SUFFIX
-        if candidate.lower() not in lowered:
-            return candidate
-    raise ToolboxError(ErrorCode.INVALID_INPUT, f"Too many files named like {name}.")
 
 
 def clean_name(value: str) -> str:
@@ -165,6 +133,17 @@ def parse_trigger_words(value: str | list[str]) -> list[str]:
 def lora_weight(name: str, value: Any) -> float:
     """A recommended weight within the range every LoRA reference allows (INVALID_INPUT otherwise)."""
     return round(LoraRef.parse({"name": name, "weight": value}).weight, 3)
+
+
+def checkpoint_sampler(value: str) -> str | None:
+    """A checkpoint's sampler as an edit gives it: a sampler's name (INVALID_INPUT for any other), or
+    `NO_SAMPLER` for None."""
+    if value.strip().lower() == NO_SAMPLER:
+        return None
+    name = sampler_named(value)
+    if name is None:
+        raise ToolboxError(ErrorCode.INVALID_INPUT, unknown_sampler(value))
+    return name
 
 
 class Library:
@@ -332,16 +311,17 @@ class Library:
         display_name: str | None = None,
         trigger_words: str | list[str] | None = None,
         weight: float | None = None,
+        sampler: str | None = None,
     ) -> LibraryEntry:
-        """Change what is given; the entry is read and written holding its file's lock, so two admins
+        """Change what is given (a checkpoint's `sampler`: a name, or `NO_SAMPLER`); the entry is read and written holding its file's lock, so two admins
         editing one model at once (or an edit during its re-import) keep both changes."""
         found = await self.find(name)
         busy = f"{found.name} is being changed by someone else (an edit or an import); try again in a moment."
         async with holding(self.store, file_lock_name(found.file), busy, EDIT_LOCK_WAIT_SECONDS):
-            return await self._edit(found.file, display_name, trigger_words, weight)
+            return await self._edit(found.file, display_name, trigger_words, weight, sampler)
 
     async def _edit(self, file: str, display_name: str | None, trigger_words: str | list[str] | None,
-                    weight: float | None) -> LibraryEntry:
+                    weight: float | None, sampler: str | None) -> LibraryEntry:
         entry = await self.get(file)
         if entry is None:
             raise ToolboxError(ErrorCode.INVALID_INPUT, f"{file} was removed from the library meanwhile.")
@@ -354,27 +334,36 @@ class Library:
                 raise ToolboxError(ErrorCode.INVALID_INPUT, "Only LoRAs have a weight.")
             # Within the range every job accepts, checked as a job would check it.
             new_weight = lora_weight(entry.name, weight)
-        if display_name is None and trigger_words is None and weight is None:
-            raise ToolboxError(ErrorCode.INVALID_INPUT, "Nothing to change: give a new name, trigger words or weight.")
-        entry.name, entry.trigger_words, entry.weight = new_name, new_words, new_weight
+        new_sampler = entry.sampler
+        if sampler is not None:
+            if entry.type != "checkpoint":
+                raise ToolboxError(ErrorCode.INVALID_INPUT, "Only checkpoints have a sampler.")
+            new_sampler = checkpoint_sampler(sampler)
+        if display_name is None and trigger_words is None and weight is None and sampler is None:
+            raise ToolboxError(ErrorCode.INVALID_INPUT,
+                               "Nothing to change: give a new name, trigger words, weight or sampler.")
+        entry.name, entry.trigger_words, entry.weight, entry.sampler = new_name, new_words, new_weight, new_sampler
         await self.store.put(entry_key(entry.file), entry.to_dict())
         return entry
 
     # ------------------------------------------------------------ the active checkpoint
 
     async def active_checkpoint(self) -> dict[str, Any]:
-        """{"key", "name", "file", "path", "default"}: the stored choice, or Illustrious-XL."""
+        """{"key", "name", "file", "path", "default", "sampler"}: the stored choice, or Illustrious-XL; its
+        sampler for jobs that name none is its own, else the base checkpoint's (the registry's)."""
         key = await self.store.get(ACTIVE_CHECKPOINT_KEY) or DEFAULT_CHECKPOINT
+        base_sampler = BASE_MODELS[DEFAULT_CHECKPOINT].sampler
         if key != DEFAULT_CHECKPOINT:
             value = await self.store.get(entry_key(key))
             if value is not None and value.get("type") == "checkpoint":
                 return self.checkpoint_record(LibraryEntry.from_dict(value))
         return {"key": DEFAULT_CHECKPOINT, "name": DEFAULT_CHECKPOINT_NAME, "file": None,
-                "path": str(self.default_checkpoint_path()), "default": True}
+                "path": str(self.default_checkpoint_path()), "default": True, "sampler": base_sampler}
 
     def checkpoint_record(self, entry: LibraryEntry) -> dict[str, Any]:
-        """A library checkpoint as `active_checkpoint` describes one."""
-        return {"key": entry.file, "name": entry.name, "file": entry.file, "path": str(self.path_of(entry)), "default": False}
+        """A library checkpoint as `active_checkpoint` describes one; its sampler its own, else the base's."""
+        return {"key": entry.file, "name": entry.name, "file": entry.file, "path": str(self.path_of(entry)),
+                "default": False, "sampler": entry.sampler or BASE_MODELS[DEFAULT_CHECKPOINT].sampler}
 
     async def set_active_checkpoint(self, name: str | None) -> dict[str, Any]:
         wanted = (name or "").strip()

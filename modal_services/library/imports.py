@@ -57,9 +57,8 @@ from modal_services.library.entries import (
     LibraryEntry,
     clean_name,
     parse_trigger_words,
-    safe_file_name,
-    unique_file_name,
 )
+from modal_services.library.file_names import safe_file_name, unique_file_name
 from modal_services.library.file_checks import check_checkpoint, check_finite, check_lora
 from modal_services.state.locks import HEARTBEAT_SECONDS, refresh_lock, release_lock, try_lock
 from modal_services.net.transfer.download import download_file

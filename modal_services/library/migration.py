@@ -51,9 +51,8 @@ from modal_services.library.entries import (
     SUFFIX,
     TYPES,
     LibraryEntry,
-    safe_file_name,
-    unique_file_name,
 )
+from modal_services.library.file_names import safe_file_name, unique_file_name
 from modal_services.library.imports import ModelEngine
 from modal_services.library.migration_report import Item, MigrationReport
 from modal_services.library.old_toolbox import (

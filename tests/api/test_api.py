@@ -100,7 +100,9 @@ async def test_generate_image_answers_the_contract_field_by_field(api, generate_
     assert isinstance(body["generation_time_seconds"], float) and body["generation_time_seconds"] >= 0
     assert body["model_info"] == {"base_model": "Illustrious-XL-v2.0", "lora_applied": False, "lora_scale": None,
                                   "loras": []}
-    assert body["metadata"] == {"seed_used": 42, "actual_steps": 30, "actual_cfg": 6.5, "seeds_used": [42]}
+    # The base checkpoint's sampler: the request named none.
+    assert body["metadata"] == {"seed_used": 42, "actual_steps": 30, "actual_cfg": 6.5, "seeds_used": [42],
+                                "sampler": "Euler a"}
     [fields] = generate_engine.generated
     assert {key: fields[key] for key in ("prompt", "negative_prompt", "width", "height", "steps", "cfg", "seed")} == {
         "prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "width": 832, "height": 1216,

@@ -65,7 +65,7 @@ async def test_command_options_come_from_the_request_model(toolbox_bot):
     options = {p.name: p for p in command.parameters}
     assert list(options) == ["prompt", "negative", "aspect", "count", "steps", "cfg", "seed", "lora1",
                              "lora1_weight", "lora2", "lora2_weight", "lora3", "lora3_weight", "face",
-                             "identity_strength", "pose", "model", "remix"]
+                             "identity_strength", "pose", "model", "remix", "sampler"]
     assert (options["identity_strength"].min_value, options["identity_strength"].max_value) == (0.0, 1.5)
     assert options["face"].type is discord.AppCommandOptionType.attachment and not options["face"].required
     assert (options["steps"].min_value, options["steps"].max_value) == (20, 50)

@@ -111,6 +111,8 @@ async def test_the_button_generates_with_the_read_settings_after_a_restart(toolb
     assert request["prompt"] == "masterpiece, 1girl, night sky" and request["negative_prompt"] == "lowres, @everyone"
     assert (request["steps"], request["cfg"], request["seed"]) == (50, 7.0, 123)
     assert (request["width"], request["height"], request["count"]) == (832, 1216, 1)
+    # The image's sampler, which this bot has.
+    assert request["sampler"] == "Euler a"
     assert request["loras"] == [{"name": "Detail Tweaker", "file": "detail_tweaker.safetensors", "weight": 0.5,
                                  "trigger_words": []}]
     # The result is the normal /generate reply, with its own buttons.

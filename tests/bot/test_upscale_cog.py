@@ -102,7 +102,7 @@ async def test_command_options_and_menu(toolbox_bot):
     command = upscale_command(toolbox_bot)
     assert [p.name for p in command.parameters] == [
         "image", "scale", "prompt", "negative", "lora1", "lora1_weight", "lora2", "lora2_weight",
-        "lora3", "lora3_weight", "creativity", "seed", "tile_captions",
+        "lora3", "lora3_weight", "creativity", "seed", "tile_captions", "sampler",
     ]
     scale = command.parameters[1]
     assert (scale.min_value, scale.max_value) == (1.5, 4.0)

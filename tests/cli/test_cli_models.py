@@ -53,6 +53,14 @@ def test_import_list_info_edit_use_delete(civitai, capsys, tmp_path):
     assert run(capsys, "models", "edit", "Detail Tweaker XL", "--name", "Detailer", "--triggers", "a, b", "--weight", "0.7")[0] == 0
     code, out, _ = run(capsys, "models", "info", "detailer", "--json")
     assert (json.loads(out)["name"], json.loads(out)["trigger_words"], json.loads(out)["weight"]) == ("Detailer", ["a", "b"], 0.7)
+    # A checkpoint's sampler, for jobs that name none.
+    code, out, _ = run(capsys, "models", "edit", "NoobAI XL", "--sampler", "dpm++ 2m karras")
+    assert code == 0 and "sampler DPM++ 2M Karras" in out
+    assert json.loads(run(capsys, "models", "info", "NoobAI XL", "--json")[1])["sampler"] == "DPM++ 2M Karras"
+    for name, sampler, words in (("NoobAI XL", "Heun", "The sampler must be one of Euler a, "),
+                                 ("Detailer", "Euler a", "Only checkpoints have a sampler.")):
+        code, _, err = run(capsys, "models", "edit", name, "--sampler", sampler)
+        assert code == 2 and err.startswith(f"error: INVALID_INPUT: {words}")
 
     assert run(capsys, "models", "use", "NoobAI XL")[0] == 0
     code, _, err = run(capsys, "models", "delete", "NoobAI XL", "--yes")

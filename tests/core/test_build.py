@@ -151,6 +151,14 @@ GENERATE_REFUSALS = [
     # A LoRA of the request's own, by link, with a model that takes LoRAs from the library only.
     (dict(model="flux", lora_url="https://example.com/x.safetensors"), ErrorCode.INVALID_INPUT,
      "A LoRA URL works with SDXL only: Flux takes LoRAs from the library."),
+    # A sampler: one of the table's, for a model that takes one.
+    (dict(sampler="Heun"), ErrorCode.INVALID_INPUT, "The sampler must be one of Euler a, Euler, DPM++ 2M, "
+     "DPM++ 2M Karras, DPM++ 2M SDE, DPM++ 2M SDE Karras, DPM++ SDE, DPM++ SDE Karras, UniPC, DDIM (got 'Heun')."),
+    (dict(sampler="Euler a'); DROP TABLE" + "x" * 100), ErrorCode.INVALID_INPUT, "The sampler must be one of Euler a, "
+     "Euler, DPM++ 2M, DPM++ 2M Karras, DPM++ 2M SDE, DPM++ 2M SDE Karras, DPM++ SDE, DPM++ SDE Karras, UniPC, DDIM "
+     "(got \"Euler a'); DROP TABLExxxxxxxxxxxxxxxxxxx…\")."),
+    (dict(model="flux", sampler="Euler a"), ErrorCode.INVALID_INPUT,
+     "A sampler is chosen for SDXL only: Flux runs on its own scheduler."),
     # Sizes.
     (dict(aspect="1:1 2MP"), ErrorCode.INVALID_INPUT,
      "The 1:1 2MP size is made by Flux only: pick Flux as the model, or another aspect."),

@@ -71,7 +71,7 @@ def refusal_rows(front_end: str, cannot_express) -> list:
 DISCORD_OPTIONS = {
     "prompt": "prompt", "model": "model", "negative": "negative", "aspect": "aspect", "cfg": "cfg",
     "loras": "lora1", "face_image": "face", "pose_image": "pose", "identity_strength": "identity_strength",
-    "width": None, "height": None, "lora_url": None, "controlnet_strength": None,
+    "width": None, "height": None, "lora_url": None, "controlnet_strength": None, "sampler": "sampler",
 }
 GENERATE_OPTIONS = {parameter.name: parameter for parameter in Generate.generate.parameters}
 
@@ -108,7 +108,7 @@ def discord_options(asked: dict) -> dict:
                 options[f"lora{number}"], options[f"lora{number}_weight"] = lora.name, lora.weight
         elif field in ("face_image", "pose_image"):
             options[DISCORD_OPTIONS[field]] = fake_attachment(value, f"{field}.png")
-        elif field in ("model", "aspect"):
+        elif field in ("model", "aspect", "sampler"):
             option = GENERATE_OPTIONS[field]
             options[field] = next(choice for choice in option.choices if choice.value == value)
         else:
@@ -136,6 +136,7 @@ CLI_OPTIONS = {
     "prompt": "PROMPT", "model": "--model", "negative": "--negative", "aspect": "--aspect", "width": "--width",
     "height": "--height", "cfg": "--cfg", "loras": "--lora", "face_image": "--face", "pose_image": "--pose",
     "identity_strength": "--identity-strength", "controlnet_strength": "--controlnet-strength", "lora_url": None,
+    "sampler": "--sampler",
 }
 
 
@@ -198,7 +199,7 @@ API_FIELDS = {
     "prompt": "prompt", "model": "model", "negative": "negative_prompt", "width": "width", "height": "height",
     "cfg": "cfg", "loras": "loras", "lora_url": "lora_url", "face_image": "reference_image_base64",
     "pose_image": "pose_image_base64", "identity_strength": "identity_strength",
-    "controlnet_strength": "controlnet_strength", "aspect": None,
+    "controlnet_strength": "controlnet_strength", "aspect": None, "sampler": "sampler",
 }
 
 

@@ -94,6 +94,8 @@ class StandInImageEngine:
             "images": [flat_png(size, seed) for seed in seeds], "seeds": seeds,
             "width": request.width, "height": request.height, "steps": request.steps,
             "cfg": request.guidance if flux else request.cfg, "prompt": request.prompt,
+            # As the SDXL engine reports it (Flux has no sampler choice): the request's, else the config's Euler.
+            **({} if flux else {"sampler": request.sampler or "Euler"}),
             "negative_prompt": request.negative_prompt,
             "checkpoint": "flux1-dev" if flux else request.checkpoint or "Illustrious-XL-v2.0",
             "loras": [{"name": lora["name"], "weight": lora["weight"]} for lora in fields["loras"]]

@@ -143,7 +143,7 @@ OWN_FIELDS = {
                       ("checkpoint", None, (None, None)), ("lora_url", None, (8, 4000)), ("lora_scale", 1.0, (0.0, 1.0)),
                       ("lora_sha256", None, (None, None)), ("face_image", None, (None, None)),
                       ("pose_image", None, (None, None)), ("identity_strength", 0.8, (0.0, 1.5)),
-                      ("controlnet_strength", 0.8, (0.0, 1.5))],
+                      ("controlnet_strength", 0.8, (0.0, 1.5)), ("sampler", None, (None, None))],
     FluxGenerateRequest: [("width", 1024, (512, 2048)), ("height", 1024, (512, 2048)), ("guidance", 3.5, (1.0, 10.0))],
 }
 

@@ -15,9 +15,8 @@ from modal_services.library.entries import (
     LibraryEntry,
     entry_key,
     parse_trigger_words,
-    safe_file_name,
-    unique_file_name,
 )
+from modal_services.library.file_names import safe_file_name, unique_file_name
 from modal_services.library import entries as entries_module
 from modal_services.state.keys import file_lock_name
 from modal_services.state.locks import try_lock

@@ -14,7 +14,8 @@ The result, for every front end (the bot, the CLI, the HTTP API):
 
     {"images": [PNG bytes, ...] (each with its generation data, `modal_services.image_info.writing`),
      "seeds": [int, ...], "width": int, "height": int,
-     "steps": int, "cfg": float, "prompt": str (as run: trigger words added),
+     "steps": int, "cfg": float, "sampler": str (A1111's name: "Euler a", "DPM++ 2M Karras"),
+     "prompt": str (as run: trigger words added),
      "negative_prompt": str, "checkpoint": str (file stem), "loras": [{"name", "weight"}],
      "strength": float | None (variations), "generation_time_seconds": float,
      "notes": [str, ...] (what the reply says about how the prompt was read: Flux's),
@@ -49,6 +50,7 @@ from modal_services.engines.sdxl.pipeline import (
     retry_smaller_on_oom,
 )
 from modal_services.engines.sdxl.prompt_encoding import SdxlPromptEncoder
+from modal_services.engines.sdxl.samplers import job_scheduler, stepping_with, used_sampler
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +196,7 @@ class TextToImage:
         }
         result = generation_result(request, images, seeds, prompt, specs, start_image is not None, started,
                                    cfg=request.cfg, negative_prompt=request.negative_prompt,
+                                   sampler=used_sampler(request.sampler, self.models.pipe.scheduler),
                                    checkpoint=checkpoint_path.stem, face=face)
         return with_generation_data(result, self.models.pipe.scheduler, specs, checkpoint_path, self.models.models_dir)
 
@@ -246,7 +249,9 @@ class TextToImage:
         images: list[bytes] = []
         for chunk in chunks:
             on_step = steps.callback(first_image=chunk[0] - seeds[0], images=len(chunk))
-            with conditioning(len(chunk)) as condition, torch.inference_mode():
+            # Each call steps a scheduler of its own: nothing of another call's carries into it.
+            scheduler = job_scheduler(request.sampler, self.models.pipe.scheduler, chunk)
+            with conditioning(len(chunk)) as condition, stepping_with(pipe, scheduler), torch.inference_mode():
                 output = pipe(
                     **text.pipeline_arguments(), num_inference_steps=request.steps, guidance_scale=request.cfg,
                     num_images_per_prompt=len(chunk),

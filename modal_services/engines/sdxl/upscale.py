@@ -36,6 +36,7 @@ from modal_services.engines.sdxl.pipeline import (
     retry_smaller_on_oom,
 )
 from modal_services.engines.sdxl.prompt_encoding import SdxlPromptEncoder
+from modal_services.engines.sdxl.samplers import job_scheduler, step_noise
 from modal_services.engines.sdxl.tiling import MAX_TILE, MIN_OVERLAP, TilePlan, TileBlender, pad_to_plan, plan_tiles
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class TiledUpscaler:
         with self.models.loras(specs, progress):
             png = self._run(picture, plan, tile_texts, negative, request, progress, preview)
         return MadeWith(prompt=prompt, negative_prompt=negative, steps=request.steps, cfg=self.guidance_scale,
-                        width=out_width, height=out_height, sampler=sampler_of(self.pipe.scheduler),
+                        width=out_width, height=out_height, sampler=sampler_of(self.pipe.scheduler, request.sampler),
                         model=checkpoint_path.stem, loras=specs, checkpoint_file=checkpoint_path,
                         models_dir=self.models.models_dir, denoising_strength=request.creativity).tagged(png, request.seed)
 
@@ -222,14 +223,17 @@ class TiledUpscaler:
         tiles = inputs.tiles
         progress(0.04, "encoding the image")
         latents = self._tiled_encode(canvas, plan).to(device, dtype)
-        timesteps, latents = self._noised(latents, request.steps, request.creativity, request.seed)
+        # A scheduler of this run's own, and one seeded generator for the start noise and each step's.
+        scheduler = job_scheduler(request.sampler, pipe.scheduler, [request.seed])
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        timesteps, latents = self._noised(scheduler, latents, request.steps, request.creativity, generator)
 
         batches = [list(range(i, min(i + batch, len(tiles)))) for i in range(0, len(tiles), batch)]
         last_preview = time.monotonic()
         for step, t in enumerate(timesteps):
             noise_pred = torch.zeros(latents.shape, device=device, dtype=torch.float32)
             for members in batches:
-                prediction = self._predict_tiles(inputs, members, latents, t)
+                prediction = self._predict_tiles(inputs, members, latents, t, scheduler)
                 # Mixture of Diffusers: each tile's prediction, weighted, into the whole latent's.
                 for k, i in enumerate(members):
                     rows, columns = tiles[i].slices
@@ -239,7 +243,8 @@ class TiledUpscaler:
                     0.06 + 0.86 * done / (len(timesteps) * len(tiles)),
                     f"tile {members[-1] + 1}/{len(tiles)} · step {step + 1}/{len(timesteps)}",
                 )
-            latents = pipe.scheduler.step(noise_pred.to(dtype), t, latents, return_dict=False)[0]
+            latents = scheduler.step(noise_pred.to(dtype), t, latents, **step_noise(scheduler, generator),
+                                     return_dict=False)[0]
             if preview is not None and time.monotonic() - last_preview >= self.preview_interval:
                 latent_plan = inputs.latent_plan
                 preview(latent_preview_jpeg(latents[:, :, : latent_plan.height, : latent_plan.width]))
@@ -276,23 +281,21 @@ class TiledUpscaler:
             image_embeds=image_embeds, negative_image_embeds=negative_image_embeds,
         )
 
-    def _noised(self, latents, steps: int, creativity: float, seed: int):
-        """(the img2img timesteps: the last `creativity` share of the schedule, at least one step; the
-        latents noised to the first of them, from the seed)."""
+    def _noised(self, scheduler, latents, steps: int, creativity: float, generator):
+        """(the img2img timesteps of `scheduler`: the last `creativity` share of the schedule, at least one step;
+        the latents noised to the first of them, from `generator`)."""
         import torch
 
-        scheduler = self.pipe.scheduler
         scheduler.set_timesteps(steps, device=self.device)
         denoise_steps = max(1, int(steps * creativity))
         start = (steps - denoise_steps) * scheduler.order
         timesteps = scheduler.timesteps[start:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
-        generator = torch.Generator("cpu").manual_seed(seed)
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
         return timesteps, scheduler.add_noise(latents, noise, timesteps[:1])
 
-    def _predict_tiles(self, inputs: "_TileInputs", members: list[int], latents, t):
+    def _predict_tiles(self, inputs: "_TileInputs", members: list[int], latents, t, scheduler):
         """UNet + ControlNet Tile on the tiles `members` at timestep `t`: their noise predictions (float32,
         guidance applied), one per tile."""
         import torch
@@ -318,7 +321,7 @@ class TiledUpscaler:
             ip_embeds = torch.cat([inputs.negative_image_embeds.expand(len(members), -1, -1, -1), ip_embeds])
             model_input = torch.cat([tile_latents, tile_latents])
             tile_control = torch.cat([tile_control, tile_control])
-        model_input = pipe.scheduler.scale_model_input(model_input, t)
+        model_input = scheduler.scale_model_input(model_input, t)
         conditions = {"text_embeds": pooled, "time_ids": ids}
         down_residuals, mid_residual = pipe.controlnet(
             model_input, t, encoder_hidden_states=embeds, controlnet_cond=tile_control,
