@@ -15,7 +15,7 @@ import pytest
 from modal_services.base_models.registry import BASE_MODELS
 from modal_services.base_models.tokens import SERVICES
 from modal_services.jobs.records import new_job_id
-from modal_services.library.entries import safe_file_name
+from modal_services.library.file_names import safe_file_name
 from modal_services.state.durable import (
     ABSENT,
     HOMES,
