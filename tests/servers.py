@@ -1,4 +1,5 @@
-"""A real uvicorn server on 127.0.0.1 in a thread, for end-to-end tests and benchmarks."""
+"""Real servers on 127.0.0.1 in a thread: uvicorn for end-to-end tests and benchmarks, a bare HTTP handler
+for transfer tests that need an answer no framework would send."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import socket
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
 import uvicorn
@@ -46,3 +48,20 @@ def running_server(server: uvicorn.Server, max_seconds: float = 60.0) -> Iterato
         deadline.cancel()
         thread.join(timeout=10)
         sock.close()
+
+
+@contextlib.contextmanager
+def running_handler(handler: type[BaseHTTPRequestHandler], max_seconds: float = 60.0) -> Iterator[str]:
+    """Serve `handler` on an ephemeral loopback port; yields its base URL. Stops when the block ends, or by
+    itself after `max_seconds`."""
+    server = ThreadingHTTPServer((LOOPBACK, 0), handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    deadline = threading.Timer(max_seconds, server.shutdown)
+    thread.start()
+    deadline.start()
+    try:
+        yield f"http://{LOOPBACK}:{server.server_address[1]}"
+    finally:
+        deadline.cancel()
+        server.shutdown()
+        server.server_close()

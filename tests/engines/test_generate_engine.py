@@ -14,6 +14,7 @@ from modal_services.layout import Layout
 from modal_services.engines.sdxl.engine import SdxlEngine
 from modal_services.jobs.requests import GenerateRequest
 from tests.fixtures.tiny_sdxl_checkpoint import build_tiny_volume, kohya_lora
+from tests.servers import running_handler
 
 # The smallest request the contract allows: 512², 20 steps (the longest timeout: CI machines are slow).
 REQUEST = dict(prompt="a cat", width=512, height=512, steps=20, seed=5, timeout=300)
@@ -301,8 +302,7 @@ def test_a_request_without_a_prompt_is_refused(volume):
 @pytest.fixture
 def lora_server(volume, monkeypatch):
     """A loopback server with the detail LoRA at /lora.safetensors and an expired presigned link."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     body = volume.loras["detail"].read_bytes()
     hits = []
@@ -323,14 +323,9 @@ def lora_server(volume, monkeypatch):
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    host, port = server.server_address
-    monkeypatch.setenv("TOOLBOX_ALLOWED_HOSTS", f"{host}:{port}")
-    yield f"http://{host}:{port}", hits, body
-    server.shutdown()
-    server.server_close()
+    with running_handler(Handler) as url:
+        monkeypatch.setenv("TOOLBOX_ALLOWED_HOSTS", url.removeprefix("http://"))
+        yield url, hits, body
 
 
 @pytest.mark.slow

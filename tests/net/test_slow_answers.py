@@ -5,7 +5,6 @@ reach such a request, and cut its connection for real."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
@@ -19,6 +18,7 @@ from modal_services.net.transfer.files import partial_path
 from tests.fakes.hf_server import FakeHub
 from tests.fakes.slow_answers import SlowAnswers
 from tests.fakes.cancelling import cancelled_after
+from tests.servers import running_handler
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_cancel_ends_the_range_probe_of_a_large_file(slow, tmp_path, monkeypatch
 def closing_then_silent():
     """A server whose answer says `Connection: close` (the client's HTTP layer lets go of the socket at once),
     then sends part of the body and falls silent."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -146,12 +146,8 @@ def closing_then_silent():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/f"
-    server.shutdown()
-    server.server_close()
+    with running_handler(Handler) as url:
+        yield f"{url}/f"
 
 
 def test_cancel_cuts_a_body_whose_answer_closes_the_connection(closing_then_silent, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from modal_services.net.transfer.errors import DownloadError
 from modal_services.net.transfer.files import partial_path
 from tests.fakes.hf_server import FakeHub
 from tests.fakes.cancelling import cancelled_after
+from tests.servers import running_handler
 
 DATA = os.urandom(2 * (1 << 20) + 77)
 REAL_SLEEP = retrying.wait_before_retry  # before the fixture below replaces it
@@ -148,7 +149,7 @@ def test_an_undeclared_body_longer_than_expected_is_refused(hub, tmp_path):
 @pytest.fixture
 def overlong():
     """A server whose body runs past its declared Content-Length (chunked, so the client sees it all)."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -166,12 +167,8 @@ def overlong():
         def log_message(self, *args):
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/f"
-    server.shutdown()
-    server.server_close()
+    with running_handler(Handler) as url:
+        yield f"{url}/f"
 
 
 def test_a_body_longer_than_declared_is_cut_there_and_judged_by_its_checksum(overlong, tmp_path):
